@@ -1,0 +1,35 @@
+# `make demo` and `make test` do all the set-up themselves (through `make install`).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build by default; a GPU user installs their CUDA build of torch into the venv first
+# (see README), and `make install` keeps it.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test lint demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+demo: install
+	$(VENV)/bin/prefixgen build examples/stories.jsonl --config configs/demo.toml --out demo-store --overwrite
+	$(VENV)/bin/prefixgen ls demo-store
+	$(VENV)/bin/prefixgen verify demo-store
+
+bench: install
+	$(PY) benchmarks/build_throughput.py --model configs/models/stories260K.json --records 400
+	$(PY) benchmarks/index_scale.py --blocks 10000000
+
+clean:
+	rm -rf demo-store .pytest_cache build *.egg-info

@@ -1,0 +1,179 @@
+"""The ``prefixgen`` command: parse, call one library function, turn known errors into a message
+and an exit code."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from prefixgen.errors import PrefixgenError
+
+app = typer.Typer(
+    help="Precompute prefix KV caches for LLM serving.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _user_errors(fn):
+    """Print a PrefixgenError as one line on stderr and exit with its code; no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PrefixgenError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+Opt = typer.Option
+
+
+@app.command()
+@_user_errors
+def build(
+    dataset: Annotated[
+        Optional[str], typer.Argument(help="A .jsonl/.json/.parquet/.csv/.txt file, a folder of them, or a Hub dataset id.")
+    ] = None,
+    model: Annotated[Optional[str], Opt("--model", "-m", help="A local model folder or a Hub model id.")] = None,
+    out: Annotated[
+        Optional[str], Opt("--out", "-o", help="The store folder (new or empty, unless --append/--resume/--overwrite).")
+    ] = None,
+    config: Annotated[Optional[Path], Opt("--config", "-c", help="A TOML file of options; flags win.")] = None,
+    split: Annotated[Optional[str], Opt(help="Dataset split (Hub datasets).")] = None,
+    subset: Annotated[Optional[str], Opt(help="Dataset subset/config name (Hub datasets).")] = None,
+    text_field: Annotated[Optional[str], Opt(help="Field holding the text. [default: text]")] = None,
+    messages_field: Annotated[Optional[str], Opt(help="Field holding chats, rendered with the chat template.")] = None,
+    system_prompt: Annotated[Optional[str], Opt(help="System prompt added to every chat (prepended to text records).")] = None,
+    chat_template: Annotated[Optional[str], Opt(help="A Jinja chat template file, for tokenizers without one.")] = None,
+    limit: Annotated[Optional[int], Opt(help="Read at most N records.")] = None,
+    max_tokens: Annotated[Optional[int], Opt(help="Truncate records to N tokens.")] = None,
+    block_size: Annotated[Optional[int], Opt(help="Tokens per block. [default: 16]")] = None,
+    batch_tokens: Annotated[Optional[int], Opt(help="Token budget of one forward pass. [default: 8192]")] = None,
+    dtype: Annotated[Optional[str], Opt(help="auto, bfloat16, float16 or float32. [default: auto]")] = None,
+    kv_dtype: Annotated[Optional[str], Opt(help="auto (the model's dtype) or fp8. [default: auto]")] = None,
+    device: Annotated[Optional[str], Opt(help="auto, cpu, cuda or cuda:N. [default: auto]")] = None,
+    shard_bytes: Annotated[Optional[int], Opt(help="Bytes per shard file.")] = None,
+    write_threads: Annotated[Optional[int], Opt(help="Background threads writing shards.")] = None,
+    fsync: Annotated[Optional[bool], Opt("--fsync/--no-fsync", help="Make every shard durable before indexing it.")] = None,
+    resume: Annotated[Optional[bool], Opt("--resume", help="Finish an interrupted build of this dataset.")] = None,
+    append: Annotated[Optional[bool], Opt("--append", help="Add this dataset to an existing store of the same model.")] = None,
+    overwrite: Annotated[Optional[bool], Opt("--overwrite", help="Replace an existing store.")] = None,
+    trust_remote_code: Annotated[Optional[bool], Opt("--trust-remote-code", help="Allow the model's own code to run.")] = None,
+    quiet: Annotated[Optional[bool], Opt("--quiet", "-q", help="No progress bar or summary.")] = None,
+) -> None:
+    """Stream DATASET through MODEL and store the KV of every block-aligned prefix in STORE."""
+    flags = dict(locals())
+    flags.pop("config")
+    from prefixgen.build import build as run_build
+    from prefixgen.config import BuildConfig
+
+    cfg = BuildConfig.from_file(config, **flags) if config else BuildConfig().merged(**flags)
+    record = run_build(cfg)
+    if not cfg.quiet:
+        _print_build(record)
+
+
+def _print_build(r) -> None:
+    seconds = max(r.seconds, 1e-9)
+    dedup = 1 - r.prefilled_tokens / r.dataset_tokens if r.dataset_tokens else 0.0
+    padding = r.padding_tokens / max(r.prefilled_tokens + r.padding_tokens, 1)
+    rows = [
+        ("status", r.status),
+        ("records", f"{r.records:,} ({r.skipped_records:,} skipped, {r.truncated_records:,} truncated)"),
+        ("dataset tokens", f"{r.dataset_tokens:,}"),
+        ("prefilled tokens", f"{r.prefilled_tokens:,} ({dedup:.1%} of the dataset's tokens deduplicated)"),
+        ("padding tokens", f"{r.padding_tokens:,} ({padding:.1%} of the batch slots)"),
+        ("stored tokens", f"{r.stored_tokens:,}"),
+        ("bytes written", f"{r.bytes_written / 1e6:,.1f} MB"),
+        ("time", f"{r.seconds:,.1f} s ({r.prefilled_tokens / seconds:,.0f} prefilled tokens/s)"),
+    ]
+    for name, value in rows:
+        typer.echo(f"{name:>18}  {value}")
+
+
+@app.command("ls")
+@_user_errors
+def ls(
+    store: Annotated[Path, typer.Argument(help="The store folder.")],
+    as_json: Annotated[bool, Opt("--json", help="Print one JSON object.")] = False,
+    top: Annotated[int, Opt(help="How many shared prefixes to show.")] = 5,
+) -> None:
+    """Summarize a store: model, sizes, shards, builds and the most-shared prefixes."""
+    from prefixgen.report import store_summary
+    from prefixgen.store import PrefixStore
+
+    summary = store_summary(PrefixStore.open(store), top=top)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    m = summary["model"]
+    typer.echo(f"store        {summary['path']} (format {summary['format_version']})")
+    typer.echo(
+        f"model        {m['name']} ({m['architecture']}, {m['num_layers']} layers, {m['num_kv_heads']} KV heads x {m['head_dim']})"
+    )
+    kv = summary["kv"]
+    typer.echo(f"kv           {kv['dtype']}{' as fp8' if kv['storage'] == 'fp8' else ''}, block size {summary['block_size']}")
+    typer.echo(f"blocks       {summary['blocks']:,} ({summary['stored_tokens']:,} tokens)")
+    typer.echo(
+        f"on disk      {summary['bytes'] / 1e6:,.2f} MB in {len(summary['shards'])} shards, {summary['bytes_per_token']:,} bytes per token"
+    )
+    if summary["shards"]:
+        typer.echo("\nshards")
+        typer.echo(f"  {'name':<48} {'blocks':>8} {'MB':>10}")
+        for s in summary["shards"]:
+            typer.echo(f"  {s['name']:<48} {s['blocks']:>8,} {s['bytes'] / 1e6:>10,.2f}")
+    if summary["builds"]:
+        typer.echo("\nbuilds")
+        typer.echo(
+            f"  {'started':<26} {'status':<12} {'records':>9} {'dataset tok':>12} {'prefilled':>10} {'padding':>8} {'seconds':>8}"
+        )
+        for b in summary["builds"]:
+            typer.echo(
+                f"  {b['started_at']:<26} {b['status']:<12} {b['records']:>9,} {b['dataset_tokens']:>12,} "
+                f"{b['prefilled_tokens']:>10,} {b['padding_tokens']:>8,} {b['seconds']:>8,.1f}"
+            )
+    if summary["top_prefixes"]:
+        typer.echo("\nmost-shared prefixes")
+        for p in summary["top_prefixes"]:
+            preview = p.get("preview")
+            typer.echo(
+                f"  {p['records']:>6,} records  {p['tokens']:>6,} tokens  {json.dumps(preview) if preview else p['key'][:16]}"
+            )
+
+
+@app.command()
+@_user_errors
+def verify(store: Annotated[Path, typer.Argument(help="The store folder.")]) -> None:
+    """Check every shard's checksum and every index reference; exit 1 on any fault."""
+    from prefixgen.verify import verify_store
+
+    report = verify_store(store, progress=sys.stderr.isatty())
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    for fault in report.faults:
+        typer.echo(f"FAULT: {fault}", err=True)
+    if not report.ok:
+        typer.echo(f"{store}: {len(report.faults)} fault(s) found", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{store}: ok ({report.shards} shards, {report.blocks:,} blocks checked)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

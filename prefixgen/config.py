@@ -1,0 +1,133 @@
+"""Every option of ``prefixgen build`` and its default, in one dataclass.
+
+A TOML file (``--config configs/NAME.toml``) sets any field by name; flags on the command line win.
+
+Example:
+    >>> cfg = BuildConfig(dataset="data.jsonl", model="models/tiny", out="store")
+    >>> cfg.block_size
+    16
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from prefixgen.errors import ConfigError
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+KV_DTYPES = ("auto", "fp8")
+
+
+@dataclass(slots=True)
+class BuildConfig:
+    """Options of one build run. ``validate()`` checks them all and says what to fix."""
+
+    dataset: str = ""
+    model: str = ""
+    out: str = ""
+    # dataset
+    split: str = "train"
+    subset: str | None = None
+    text_field: str = "text"
+    messages_field: str | None = None  # records are chats, rendered with the model's chat template
+    system_prompt: str | None = None
+    chat_template: str | None = None  # a Jinja file, for tokenizers that have no chat template
+    limit: int | None = None  # records
+    max_tokens: int | None = None  # per record; the model's max positions always apply
+    # store
+    block_size: int = 16  # vLLM's block size
+    kv_dtype: str = "auto"  # "auto": the model's dtype; "fp8": float8 e4m3 with per-block scales
+    shard_bytes: int = 256 << 20
+    write_threads: int = 2
+    fsync: bool = True  # durable shards; off writes into the page cache only
+    resume: bool = False
+    append: bool = False
+    overwrite: bool = False
+    # compute
+    batch_tokens: int = 8192  # token budget of one forward (new tokens, padding included)
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    prefix_cache_bytes: int = 1 << 30  # device memory for KV of recent blocks reused as past
+    sort_window: int = 32  # batches' worth of records sorted by length together
+    trust_remote_code: bool = False
+    quiet: bool = False
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> BuildConfig:
+        """Read a TOML file of fields (``-`` or ``_`` in names), then apply ``overrides``
+        (``None`` values are ignored, so unset CLI flags do not override the file).
+
+        Example:
+            >>> BuildConfig.from_file("configs/demo.toml", limit=10).limit  # doctest: +SKIP
+            10
+        """
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        values = {k.replace("-", "_"): v for k, v in data.items()}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls().merged(**values).merged(**overrides)
+
+    def merged(self, **overrides: Any) -> BuildConfig:
+        """A copy with the non-None ``overrides`` applied (each checked against its field's type)."""
+        values = {k: v for k, v in overrides.items() if v is not None}
+        for name, value in values.items():
+            kind = _FIELD_TYPES.get(name)
+            if kind is None:
+                raise ConfigError(f"unknown option {name!r}")
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ConfigError(f"option {name} must be {kind.__name__}, got {value!r}")
+        return dataclasses.replace(self, **values)
+
+    @property
+    def write_mode(self) -> str:
+        return "resume" if self.resume else "append" if self.append else "overwrite" if self.overwrite else "new"
+
+    def validate(self) -> BuildConfig:
+        """Raise ConfigError naming the first bad value and what to do; return self."""
+        if not self.dataset:
+            raise ConfigError("no dataset given: pass DATASET (a file, a folder or a Hugging Face dataset id)")
+        if not self.model:
+            raise ConfigError("no model given: pass --model (a local folder or a Hugging Face model id)")
+        if not self.out:
+            raise ConfigError("no store given: pass --out STORE (a new or empty folder)")
+        if sum((self.resume, self.append, self.overwrite)) > 1:
+            raise ConfigError("--resume, --append and --overwrite exclude each other: pass at most one")
+        for name in ("block_size", "batch_tokens", "shard_bytes", "write_threads", "sort_window"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("limit", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.batch_tokens < self.block_size:
+            raise ConfigError(f"--batch-tokens ({self.batch_tokens}) must be at least --block-size ({self.block_size})")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ConfigError(f"--kv-dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"--device {self.device!r} is not auto, cpu, cuda or cuda:N")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The options recorded in the store's build record."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("out", "quiet")}
+
+
+# Field name -> the type its (non-None) values must have.
+_FIELD_TYPES: dict[str, type] = {
+    f.name: next(t for t in (bool, int, str) if t.__name__ in str(f.type).split(" | ")) for f in fields(BuildConfig)
+}

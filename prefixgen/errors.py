@@ -1,0 +1,46 @@
+"""Errors a user can act on. The CLI prints their message and exits with their ``exit_code``;
+anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+
+class PrefixgenError(Exception):
+    """Base of every error with a message meant for the user (what is wrong, what to do)."""
+
+    exit_code = 1
+
+
+class ConfigError(PrefixgenError, ValueError):
+    """A bad option, flag or config file value."""
+
+    exit_code = 2
+
+
+class DatasetError(PrefixgenError):
+    """The dataset is missing, unreadable, or lacks the field asked for."""
+
+    exit_code = 3
+
+
+class ModelError(PrefixgenError):
+    """The model cannot be loaded, is not a causal LM, or its cache is not a plain KV cache."""
+
+    exit_code = 4
+
+
+class StoreError(PrefixgenError):
+    """The store cannot be opened or written as asked."""
+
+    exit_code = 5
+
+
+class CorruptStoreError(StoreError):
+    """A store file is damaged: bad JSON, truncated file, checksum mismatch."""
+
+
+class NewerFormatError(StoreError):
+    """The store was written by a newer prefixgen."""
+
+
+class IncompatibleStoreError(StoreError):
+    """The store was built for another model (or tokenizer, or block size)."""

@@ -1,0 +1,133 @@
+"""Step 4 of the build: load the model and run batches of PrefillTasks through it.
+
+Padding scheme: each row holds one task's new tokens, right-padded; the past KV of row i
+(``cached_i`` tokens) sits at the start of a past of ``P = max(cached)`` slots, the rest masked.
+Explicit ``position_ids`` (``cached_i + j``) give every real token the RoPE position it has alone,
+and the mask lets it see exactly its own past and the row's earlier tokens, so the KV of real
+positions equals single-sequence prefill (tests/test_build.py proves it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from prefixgen.compat import cache_kwargs, make_cache, output_cache
+from prefixgen.config import BuildConfig
+from prefixgen.errors import ModelError
+from prefixgen.format import BlockHash
+from prefixgen.plan import Batch
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(cfg: BuildConfig) -> tuple[torch.nn.Module, Any, torch.device]:
+    """Model (eval mode, on its device) and tokenizer named by ``cfg.model``; clear errors for a
+    missing model, a model that is not a causal LM, or one that needs remote code.
+
+    Example:
+        >>> model, tokenizer, device = load_model(BuildConfig(model="models/tiny"))  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"cannot load a tokenizer from {cfg.model}: {_first_line(exc)}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"{cfg.model} needs its own code: if you trust it, pass --trust-remote-code") from None
+        raise ModelError(f"{cfg.model} is not a causal language model that transformers can load: {_first_line(exc)}") from None
+    except Exception as exc:
+        raise ModelError(f"cannot load model {cfg.model}: {_first_line(exc)}") from None
+    if cfg.chat_template:
+        try:
+            with open(cfg.chat_template) as f:
+                tokenizer.chat_template = f.read()
+        except OSError as exc:
+            raise ModelError(f"cannot read --chat-template {cfg.chat_template}: {exc.strerror}") from None
+    return model.to(device).eval(), tokenizer, device
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class Prefiller:
+    """Runs batches: returns, per task, the KV of its new tokens ``[new, L, 2, H, D]`` on the device.
+
+    ``past(keys)`` returns the KV of stored or earlier-computed blocks, ``[len(keys)*B, L, 2, H, D]``.
+
+    Example:
+        >>> prefiller = Prefiller(model, device, past=source.get)  # doctest: +SKIP
+        >>> kvs = prefiller.run(batch)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, past: Callable[[Sequence[BlockHash]], torch.Tensor]):
+        self.model = model
+        self.device = device
+        self.past = past
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> list[torch.Tensor]:
+        tasks, dev = batch.tasks, self.device
+        rows, n_max, p_max = len(tasks), batch.new_len, batch.past_len
+        ids = torch.zeros(rows, n_max, dtype=torch.long)
+        pos = torch.zeros(rows, n_max, dtype=torch.long)
+        mask = torch.zeros(rows, p_max + n_max, dtype=torch.long)
+        for i, t in enumerate(tasks):
+            n = t.new_tokens
+            ids[i, :n] = torch.tensor(t.tokens[t.cached :])
+            # Padding continues the positions; it is masked, and its KV is thrown away.
+            pos[i] = torch.arange(t.cached, t.cached + n_max)
+            mask[i, : t.cached] = 1
+            mask[i, p_max : p_max + n] = 1
+        if self.max_positions:
+            pos.clamp_(max=self.max_positions - 1)
+        past = self._past(tasks, p_max) if p_max else None
+        kwargs: dict[str, Any] = {"input_ids": ids.to(dev, non_blocking=True), "use_cache": True, "logits_to_keep": 1}
+        if past is not None or batch.padding_tokens:
+            kwargs["attention_mask"] = mask.to(dev, non_blocking=True)
+            kwargs["position_ids"] = pos.to(dev, non_blocking=True)
+        out = self.model(**kwargs, **cache_kwargs(self.model, past))
+        layers = output_cache(out).layers
+        # [L, 2, rows, H, P+N, D] -> new tokens only -> [rows, N, L, 2, H, D]
+        kv = torch.stack([torch.stack((layer.keys[:, :, p_max:], layer.values[:, :, p_max:])) for layer in layers])
+        kv = kv.permute(2, 4, 0, 1, 3, 5).contiguous()
+        return [kv[i, : t.new_tokens] for i, t in enumerate(tasks)]
+
+    def _past(self, tasks: list, p_max: int):
+        """A DynamicCache [rows, H, p_max, D] per layer; row i holds its own past at the start."""
+        rows = len(tasks)
+        buf = None
+        for i, t in enumerate(tasks):
+            if not t.cached:
+                continue
+            kv = self.past(t.keys[: t.cached // t.block_size]).to(self.device)  # [cached, L, 2, H, D]
+            if buf is None:
+                _, layers, _, heads, dim = kv.shape
+                buf = torch.zeros(layers, 2, rows, heads, p_max, dim, dtype=kv.dtype, device=self.device)
+            buf[:, :, i, :, : t.cached] = kv.permute(1, 2, 3, 0, 4)
+        return make_cache([(buf[layer, 0], buf[layer, 1]) for layer in range(buf.shape[0])])

@@ -1,0 +1,129 @@
+"""``prefixgen ls``: what a store holds, as a dict (printed as tables or JSON by the CLI)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prefixgen.format import SHARDS_DIR
+from prefixgen.store import PrefixStore
+
+
+def store_summary(store: PrefixStore, top: int = 5, decode: bool = True) -> dict[str, Any]:
+    """Summary of a store: model, sizes, shards, builds and the most-shared prefixes.
+
+    Example:
+        >>> store_summary(PrefixStore.open("store"))["blocks"]  # doctest: +SKIP
+        1234
+    """
+    m = store.manifest
+    segments = store.index.segments
+    unique = int(len(np.unique(np.concatenate([s.cols["key64"] for s in segments])))) if segments else 0
+    total_bytes = sum(p.stat().st_size for p in Path(store.path).rglob("*") if p.is_file())
+    stored_tokens = unique * m.block_size
+    shards = []
+    for seg in segments:
+        shard_path = store.path / SHARDS_DIR / seg.shard
+        shards.append(
+            {
+                "name": seg.shard,
+                "blocks": seg.n,
+                "tokens": seg.n * m.block_size,
+                "bytes": shard_path.stat().st_size if shard_path.exists() else 0,
+                "writer": seg.metadata.get("writer", ""),
+                "build": seg.metadata.get("build", ""),
+            }
+        )
+    kv_bytes = sum(s["bytes"] for s in shards)
+    return {
+        "format_version": m.format_version,
+        "path": str(store.path),
+        "model": m.model.to_dict(),
+        "block_size": m.block_size,
+        "kv": {
+            "layers": m.kv.num_layers,
+            "kv_heads": m.kv.num_kv_heads,
+            "head_dim": m.kv.head_dim,
+            "dtype": m.kv.dtype,
+            "storage": m.kv.storage,
+        },
+        "blocks": unique,
+        "stored_tokens": stored_tokens,
+        "bytes": total_bytes,
+        "bytes_per_token": round(kv_bytes / stored_tokens, 2) if stored_tokens else 0,
+        "shards": shards,
+        "builds": [b.to_dict() for b in store.builds()],
+        "top_prefixes": top_prefixes(store, top, decode),
+    }
+
+
+def top_prefixes(store: PrefixStore, top: int, decode: bool) -> list[dict[str, Any]]:
+    """The longest prefixes shared by the most records: blocks whose record count is at least 2
+    and higher than any child's (so a shared system prompt shows once, at its full length)."""
+    counts = store.record_counts()
+    if not counts or top <= 0:
+        return []
+    best_child: dict[bytes, int] = {}
+    for seg in store.index.segments:
+        keys, parents = seg.cols["key"], seg.cols["parent"]
+        for row in range(seg.n):
+            c = counts.get(keys[row].tobytes(), 0)
+            p = parents[row].tobytes()
+            if c > best_child.get(p, 0):
+                best_child[p] = c
+    candidates = [(c, k) for k, c in counts.items() if c >= 2 and best_child.get(k, 0) < c]
+    rows = []
+    for c, key in sorted(candidates, key=lambda ck: -ck[0]):
+        tokens = _prefix_tokens(store, key)
+        if tokens is None:
+            continue
+        rows.append({"tokens": len(tokens), "records": c, "key": key.hex(), "token_ids": tokens})
+        if len(rows) == top:
+            break
+    tokenizer = _tokenizer(store) if decode else None
+    for row in rows:
+        ids = row.pop("token_ids")
+        if tokenizer is not None:
+            text = tokenizer.decode(ids)
+            row["preview"] = text if len(text) <= 120 else text[:57] + " ... " + text[-58:]
+    return rows
+
+
+def _prefix_tokens(store: PrefixStore, key: bytes) -> list[int] | None:
+    """Token ids of the whole prefix ending at block ``key``, by walking parents."""
+    chain = []
+    root = store.manifest.root_key
+    while key != root:
+        found = store.index.find_rows([key])[0]
+        if found is None:
+            return None
+        seg = store.index.segments[found[0]]
+        chain.append((seg.shard, int(seg.cols["slot"][found[1]])))
+        key = seg.cols["parent"][found[1]].tobytes()
+    tokens: list[int] = []
+    for shard, slot in reversed(chain):
+        tokens.extend(_block_tokens(store, shard, slot))
+    return tokens
+
+
+def _block_tokens(store: PrefixStore, shard: str, slot: int) -> list[int]:
+    header = store._header(shard)
+    bs = store.block_size
+    with open(store.path / SHARDS_DIR / shard, "rb") as f:
+        f.seek(header.offset("tokens") + slot * bs * 4)
+        return np.frombuffer(f.read(bs * 4), dtype="<u4").tolist()
+
+
+def _tokenizer(store: PrefixStore):
+    name = store.manifest.model.name
+    if not name:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name, local_files_only=not os.environ.get("PREFIXGEN_ALLOW_HUB"))
+    except Exception:  # a preview is a nicety: no tokenizer, no preview
+        return None

@@ -1,0 +1,305 @@
+"""The read side's public API: open a store, match a prompt, load its KV as a transformers cache.
+
+Example:
+    >>> from prefixgen import PrefixStore
+    >>> store = PrefixStore.open("store")  # doctest: +SKIP
+    >>> n = store.match(prompt_ids)  # doctest: +SKIP
+    >>> cache = store.load(prompt_ids[: n - 1 if n == len(prompt_ids) else n])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from prefixgen.compat import make_cache
+from prefixgen.errors import CorruptStoreError, IncompatibleStoreError, StoreError
+from prefixgen.format import (
+    BUILDS_DIR,
+    COUNTS_DIR,
+    MANIFEST_FILE,
+    SHARDS_DIR,
+    TORCH_DTYPES,
+    BlockHash,
+    BuildRecord,
+    Manifest,
+    SafetensorsHeader,
+    block_keys,
+    dequantize_fp8,
+    read_safetensors_header,
+)
+from prefixgen.index import BlockLocation, StoreIndex
+
+
+@dataclass(slots=True)
+class _Run:
+    """Consecutive slots of one shard: read with one request."""
+
+    shard: str
+    first_slot: int
+    blocks: int
+    out_block: int  # where the run goes in the result, in blocks
+    crcs: list[int]
+
+
+class PrefixStore:
+    """A prefix store opened for reading. Cheap to open: the index is memory-mapped.
+
+    Example:
+        >>> store = PrefixStore.open("store")  # doctest: +SKIP
+        >>> store.block_size
+        16
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, index: StoreIndex):
+        self.path = path
+        self.manifest = manifest
+        self.index = index
+        self._headers: dict[str, SafetensorsHeader] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> PrefixStore:
+        """Open the store at ``path``; a missing, corrupt or newer-format manifest is a clear error.
+
+        Example:
+            >>> PrefixStore.open("no/such/store")
+            Traceback (most recent call last):
+            prefixgen.errors.StoreError: no/such/store is not a prefixgen store: it has no manifest.json (build one with `prefixgen build`)
+        """
+        path = Path(path)
+        mpath = path / MANIFEST_FILE
+        if not mpath.is_file():
+            raise StoreError(f"{path} is not a prefixgen store: it has no {MANIFEST_FILE} (build one with `prefixgen build`)")
+        try:
+            text = mpath.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CorruptStoreError(f"cannot read {mpath}: {exc}") from None
+        manifest = Manifest.from_json(text, mpath)
+        return cls(path, manifest, StoreIndex.open(path))
+
+    # ------------------------------------------------------------------ matching
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per block."""
+        return self.manifest.block_size
+
+    def keys(self, token_ids: Sequence[int]) -> list[BlockHash]:
+        """Block keys of ``token_ids`` under this store's model (full blocks only)."""
+        return block_keys(_as_list(token_ids), self.block_size, self.manifest.root_key)
+
+    def match(self, token_ids: Sequence[int]) -> int:
+        """Tokens covered by the longest stored prefix of ``token_ids`` (a multiple of
+        ``block_size``; 0 if none).
+
+        Example:
+            >>> store.match(tokenizer("You are a helpful assistant. Hi!").input_ids)  # doctest: +SKIP
+            16
+        """
+        return self.index.prefix_len(self.keys(token_ids)) * self.block_size
+
+    # ------------------------------------------------------------------ loading
+
+    def load(
+        self,
+        token_ids: Sequence[int],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        verify: bool = True,
+    ) -> DynamicCache:
+        """A DynamicCache (batch 1) holding the KV of the longest stored prefix of ``token_ids``.
+
+        Reads only the bytes of the returned blocks, checks each block's CRC (``verify``), and
+        returns keys and values as ``[1, kv_heads, n, head_dim]`` per layer in the model's dtype
+        (or ``dtype``). An empty cache if nothing matches.
+
+        ``generate`` needs at least one prompt token that is not in the cache: when the whole
+        prompt is stored, load ``token_ids[:-1]`` rounded down to a block (see README).
+
+        Example:
+            >>> ids = tokenizer(prompt).input_ids  # doctest: +SKIP
+            >>> cache = store.load(ids[:-1], device="cuda")  # doctest: +SKIP
+            >>> model.generate(torch.tensor([ids]), cache=cache)  # doctest: +SKIP
+        """
+        keys = self.keys(token_ids)
+        rows = self.index.find_rows(keys)
+        n = next((i for i, r in enumerate(rows) if r is None), len(rows))
+        locations = [self.index.location(*r) for r in rows[:n]]
+        kv = self.read_locations(locations, device=device, dtype=dtype, verify=verify)  # [T, L, 2, H, D]
+        return kv_to_cache(kv)
+
+    def read_blocks(
+        self, keys: Sequence[BlockHash], device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """KV of the given blocks, back to back: ``[len(keys) * B, L, 2, H, D]``. Every key must be stored."""
+        locations = self.index.find(keys)
+        if any(loc is None for loc in locations):
+            raise StoreError(f"{self.path}: {sum(loc is None for loc in locations)} of the asked blocks are not stored")
+        return self.read_locations(locations, device=device, dtype=dtype)  # type: ignore[arg-type]
+
+    def read_locations(
+        self,
+        locations: Sequence[BlockLocation],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        verify: bool = True,
+    ) -> torch.Tensor:
+        """KV at ``locations``, back to back: ``[blocks * B, L, 2, H, D]`` on ``device``."""
+        layout, bs = self.manifest.kv, self.block_size
+        device = torch.device(device)
+        out_dtype = dtype or TORCH_DTYPES[layout.dtype]
+        per_token = (layout.num_layers, 2, layout.num_kv_heads, layout.head_dim)
+        n = len(locations)
+        stored = TORCH_DTYPES[layout.stored_dtype]
+        pinned = device.type == "cuda"
+        host = torch.empty((n * bs, *per_token), dtype=stored, pin_memory=pinned)
+        scales = (
+            torch.empty((n, layout.num_layers, 2, layout.num_kv_heads), pin_memory=pinned) if layout.storage == "fp8" else None
+        )
+        runs = _runs(locations)
+        if device.type == "cuda":
+            result = torch.empty((n * bs, *per_token), dtype=stored, device=device)
+            # Overlap: each run is read (and checked) by a thread, then copied up while others read.
+            with ThreadPoolExecutor(max_workers=min(8, max(1, len(runs)))) as pool:
+                for run in pool.map(lambda r: self._read_run(r, host, scales, verify), runs):
+                    t0, t1 = run.out_block * bs, (run.out_block + run.blocks) * bs
+                    result[t0:t1].copy_(host[t0:t1], non_blocking=True)
+            if scales is not None:
+                scales = scales.to(device, non_blocking=True)
+        else:
+            with ThreadPoolExecutor(max_workers=min(4, max(1, len(runs)))) as pool:
+                list(pool.map(lambda r: self._read_run(r, host, scales, verify), runs))
+            result = host
+        if scales is not None:
+            return dequantize_fp8(result, scales, bs, out_dtype)
+        return result.to(out_dtype)
+
+    def _header(self, shard: str) -> SafetensorsHeader:
+        header = self._headers.get(shard)
+        if header is None:
+            path = self.path / SHARDS_DIR / shard
+            try:
+                with open(path, "rb") as f:
+                    header = read_safetensors_header(f, path)
+            except FileNotFoundError:
+                raise CorruptStoreError(f"{path} is missing but the index refers to it; run `prefixgen verify`") from None
+            self._headers[shard] = header
+        return header
+
+    def _read_run(self, run: _Run, host: torch.Tensor, scales: torch.Tensor | None, verify: bool) -> _Run:
+        layout, bs = self.manifest.kv, self.block_size
+        block_bytes = layout.bytes_per_token * bs
+        header = self._header(run.shard)
+        path = self.path / SHARDS_DIR / run.shard
+        t0 = run.out_block * bs
+        dest = host[t0 : t0 + run.blocks * bs].view(torch.uint8).numpy().reshape(-1)
+        scale_dest = None
+        with open(path, "rb", buffering=0) as f:
+            got = os.preadv(f.fileno(), [dest], header.offset("kv") + run.first_slot * block_bytes)
+            if scales is not None:
+                per_block = layout.scale_bytes_per_block()
+                scale_dest = scales[run.out_block : run.out_block + run.blocks].view(torch.uint8).numpy().reshape(-1)
+                got_s = os.preadv(f.fileno(), [scale_dest], header.offset("kv_scale") + run.first_slot * per_block)
+                if got_s != scale_dest.nbytes:
+                    got = -1
+        if got != dest.nbytes:
+            raise CorruptStoreError(f"{path} is truncated; run `prefixgen verify`")
+        if verify:
+            for i, want in enumerate(run.crcs):
+                crc = zlib.crc32(dest[i * block_bytes : (i + 1) * block_bytes])
+                if scale_dest is not None:
+                    per_block = layout.scale_bytes_per_block()
+                    crc = zlib.crc32(scale_dest[i * per_block : (i + 1) * per_block], crc)
+                if crc != want:
+                    raise CorruptStoreError(
+                        f"{path}: block at slot {run.first_slot + i} fails its checksum; the store is damaged "
+                        "(run `prefixgen verify`, then rebuild the damaged part with `prefixgen build --resume`)"
+                    )
+        return run
+
+    # ------------------------------------------------------------------ compatibility
+
+    def check_compatible(self, model: torch.nn.Module, tokenizer: Any = None) -> None:
+        """Raise IncompatibleStoreError naming each identity field (weights digest, architecture,
+        KV shape, RoPE, positions, and the tokenizer if given) that differs from ``model``.
+
+        Example:
+            >>> store.check_compatible(model, tokenizer)  # doctest: +SKIP
+        """
+        from prefixgen.fingerprint import fingerprint, probe_kv_layout
+
+        theirs = fingerprint(model, tokenizer, probe_kv_layout(model))
+        problems = self.manifest.model.differences(theirs, check_tokenizer=tokenizer is not None)
+        if problems:
+            raise IncompatibleStoreError(
+                f"{self.path} was built for another model ({self.manifest.model.name}):\n  " + "\n  ".join(problems)
+            )
+
+    # ------------------------------------------------------------------ inspection
+
+    def builds(self) -> list[BuildRecord]:
+        """Every build run recorded in the store, oldest first."""
+        records = []
+        for p in sorted((self.path / BUILDS_DIR).glob("*.json")):
+            try:
+                records.append(BuildRecord.from_dict(json.loads(p.read_text())))
+            except (json.JSONDecodeError, TypeError, OSError) as exc:
+                raise CorruptStoreError(f"{p} is damaged ({exc})") from None
+        return sorted(records, key=lambda r: r.started_at)
+
+    def record_counts(self) -> dict[bytes, int]:
+        """How many dataset records contained each block, summed over builds."""
+        from prefixgen.format import COUNT_COLUMNS, ST_DTYPES
+
+        total: dict[bytes, int] = {}
+        for p in sorted((self.path / COUNTS_DIR).glob("*.safetensors")):
+            with open(p, "rb") as f:
+                header = read_safetensors_header(f, p)
+                data = f.read()
+            cols = {}
+            for name, (dt, _) in COUNT_COLUMNS.items():
+                info = header.tensors.get(name)
+                if info is None or info["dtype"] != ST_DTYPES[dt]:
+                    raise CorruptStoreError(f"{p}: missing or mistyped column {name!r}")
+                a, b = info["data_offsets"]
+                cols[name] = np.frombuffer(data[a:b], dtype=np.dtype(dt).newbyteorder("<"))
+            keys = cols["key"].reshape(-1, 32)
+            for key, count in zip(keys, cols["records"].tolist()):
+                k = key.tobytes()
+                total[k] = total.get(k, 0) + count
+        return total
+
+
+def kv_to_cache(kv: torch.Tensor) -> DynamicCache:
+    """[T, L, 2, H, D] token-major KV -> DynamicCache with per-layer [1, H, T, D] keys and values."""
+    per_layer = kv.permute(1, 2, 3, 0, 4)  # [L, 2, H, T, D]
+    layers = [(per_layer[i, 0].unsqueeze(0).contiguous(), per_layer[i, 1].unsqueeze(0).contiguous()) for i in range(kv.shape[1])]
+    return make_cache(layers)
+
+
+def _runs(locations: Sequence[BlockLocation]) -> list[_Run]:
+    runs: list[_Run] = []
+    for i, loc in enumerate(locations):
+        last = runs[-1] if runs else None
+        if last is not None and last.shard == loc.shard and last.first_slot + last.blocks == loc.slot:
+            last.blocks += 1
+            last.crcs.append(loc.crc)
+        else:
+            runs.append(_Run(loc.shard, loc.slot, 1, i, [loc.crc]))
+    return runs
+
+
+def _as_list(token_ids: Sequence[int] | torch.Tensor) -> list[int]:
+    if isinstance(token_ids, torch.Tensor):
+        return token_ids.reshape(-1).tolist()
+    return list(token_ids)

@@ -1,0 +1,133 @@
+"""Step 2 of the build: records to token ids, exactly as a server will tokenize the same request.
+
+* Text records: ``tokenizer(text).input_ids``, the tokenizer's defaults (special tokens included).
+* Chat records: ``tokenizer.apply_chat_template(messages, tokenize=False,
+  add_generation_prompt=<last message is the user's>)`` then ``tokenizer(rendered,
+  add_special_tokens=False)``: what vLLM and transformers' ``serve`` do for a chat request.
+
+Empty or non-text records are skipped; records longer than the limit are truncated. Both are
+counted in the build record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+from prefixgen.errors import ConfigError
+from prefixgen.format import BuildRecord
+from prefixgen.source import Record
+
+CHUNK = 256  # records tokenized per call: fast tokenizers batch in Rust
+
+
+@dataclass(slots=True)
+class TokenizedRecord:
+    index: int
+    ids: list[int]
+
+
+def normalize_messages(value: Any, system_prompt: str | None) -> list[dict[str, str]] | None:
+    """A chat as ``[{"role", "content"}, ...]``, or None if ``value`` is not a chat.
+
+    A list of plain strings is read as alternating user and assistant turns, user first.
+
+    Example:
+        >>> normalize_messages(["Hi", "Hello!"], "Be brief.")
+        [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello!'}]
+    """
+    if not isinstance(value, list) or not value:
+        return None
+    if all(isinstance(m, str) for m in value):
+        messages = [{"role": ("user", "assistant")[i % 2], "content": m} for i, m in enumerate(value)]
+    elif all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+        messages = [{"role": m["role"], "content": m["content"]} for m in value]
+    else:
+        return None
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+class RecordTokenizer:
+    """Turns a stream of Records into TokenizedRecords, counting into a BuildRecord.
+
+    Example:
+        >>> tok = RecordTokenizer(tokenizer, stats, max_tokens=512)  # doctest: +SKIP
+        >>> next(tok(records)).ids[:4]  # doctest: +SKIP
+        [403, 407, 261, 378]
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        stats: BuildRecord,
+        max_tokens: int,
+        chat: bool = False,
+        system_prompt: str | None = None,
+        warn: Callable[[str], None] = print,
+    ):
+        if chat and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                "--messages-field needs a chat template, and this model's tokenizer has none: "
+                "pass --chat-template FILE (a Jinja template)"
+            )
+        self.tokenizer = tokenizer
+        self.stats = stats
+        self.max_tokens = max_tokens
+        self.chat = chat
+        self.system_prompt = system_prompt
+        self.warn = warn
+        self._warned: set[str] = set()
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            self.warn(message)
+
+    def _text(self, value: Any) -> str | None:
+        if self.chat:
+            messages = normalize_messages(value, self.system_prompt)
+            if messages is None:
+                return None
+            try:
+                return self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=messages[-1]["role"] == "user"
+                )
+            except Exception as exc:  # a template may reject a role order; skip that record
+                self._warn_once("template", f"warning: the chat template rejected a record ({exc}); skipping such records")
+                return None
+        if not isinstance(value, str) or not value.strip():
+            return None
+        return f"{self.system_prompt}{value}" if self.system_prompt else value
+
+    def __call__(self, records: Iterator[Record]) -> Iterator[TokenizedRecord]:
+        while chunk := list(islice(records, CHUNK)):
+            texts, indices = [], []
+            for record in chunk:
+                text = self._text(record.value)
+                if text is None:
+                    self.stats.skipped_records += 1
+                    self._warn_once(
+                        "skip", f"warning: record {record.index} is empty or not text; skipping such records (counted)"
+                    )
+                    continue
+                texts.append(text)
+                indices.append(record.index)
+            if not texts:
+                continue
+            ids_list = self.tokenizer(texts, add_special_tokens=not self.chat)["input_ids"]
+            for index, ids in zip(indices, ids_list):
+                self.stats.records += 1
+                if len(ids) > self.max_tokens:
+                    self.stats.truncated_records += 1
+                    self._warn_once(
+                        "truncate",
+                        f"warning: record {index} has {len(ids)} tokens, more than the limit of {self.max_tokens}; "
+                        "truncating such records (counted)",
+                    )
+                    ids = ids[: self.max_tokens]
+                self.stats.dataset_tokens += len(ids)
+                yield TokenizedRecord(index, ids)
