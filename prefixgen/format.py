@@ -63,7 +63,7 @@ def root_key(weights_digest: str) -> BlockHash:
 
     Example:
         >>> root_key("ab" * 32).hex()[:8]
-        '0c1cbd1e'
+        'a6380d81'
     """
     return BlockHash(hashlib.sha256(ROOT_DOMAIN + bytes.fromhex(weights_digest)).digest())
 
@@ -73,7 +73,7 @@ def hash_block(parent: BlockHash, tokens: Sequence[int]) -> BlockHash:
 
     Example:
         >>> hash_block(BlockHash(bytes(32)), [1, 2, 3]).hex()[:8]
-        '2e2a0f2e'
+        '3db346a4'
     """
     data = np.asarray(tokens, dtype="<u4").tobytes()
     return BlockHash(hashlib.sha256(parent + data).digest())

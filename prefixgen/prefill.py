@@ -45,7 +45,9 @@ def load_model(cfg: BuildConfig) -> tuple[torch.nn.Module, Any, torch.device]:
         >>> model, tokenizer, device = load_model(BuildConfig(model="models/tiny"))  # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own bar is the one to watch
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     try:

@@ -13,6 +13,7 @@ commit: readers only see blocks through segments, and a segment only names a com
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import queue
@@ -392,9 +393,9 @@ class StoreWriter:
 
 
 def _store_write_error(path: Path, exc: BaseException) -> StoreError:
-    if isinstance(exc, OSError) and exc.errno == 28:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return StoreError(
-            f"the disk holding {path} is full: free some space, then rerun the same command with --resume "
+            f"the disk holding {path} is full ({exc.strerror}): free some space, then rerun the same command with --resume "
             "(everything written so far is kept)"
         )
     return StoreError(f"writing to {path} failed: {exc}")

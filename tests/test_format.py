@@ -1,0 +1,169 @@
+"""The store format, byte for byte: hash vectors, safetensors headers, manifests, KV round trips."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from prefixgen import CorruptStoreError, NewerFormatError, PrefixStore, StoreError
+from prefixgen.format import (
+    MANIFEST_FILE,
+    BlockHash,
+    KVLayout,
+    Manifest,
+    ModelFingerprint,
+    TensorSpec,
+    block_keys,
+    encode_safetensors_header,
+    hash_block,
+    root_key,
+)
+from prefixgen.writer import StoreWriter, prepare_store
+
+# The vectors in FORMAT.md.
+ROOT_00 = "e1a67008bd76859838dff8215b0834be48415ac49091a2fdfbd3d4fefe23c2ab"
+KEYS_0_TO_39 = [
+    "75f75b8227d7c16d4e4ac6369b4d663689b62a2790434fbcd751cac19f267ae4",
+    "f97c2e4e72a5d9add3f9ba57612aa59d7a615ce34831dcef798588ebe1fae5b2",
+]
+
+
+def test_hash_vectors_match_format_md():
+    root = root_key("00" * 32)
+    assert root.hex() == ROOT_00
+    assert root == hashlib.sha256(b"prefixgen-root-v1\x00" + bytes(32)).digest()
+    keys = block_keys(list(range(40)), 16, root)
+    assert [k.hex() for k in keys] == KEYS_0_TO_39  # 40 tokens: 2 full blocks, the partial one has no key
+    # Spelled out: SHA-256(parent || uint32 LE tokens).
+    first = hashlib.sha256(root + struct.pack("<16I", *range(16))).digest()
+    assert keys[0] == first
+    assert keys[1] == hashlib.sha256(first + struct.pack("<16I", *range(16, 32))).digest()
+
+
+def test_hash_chains_over_the_whole_prefix():
+    root = root_key("ab" * 32)
+    a = block_keys([1] * 16 + [2] * 16, 16, root)
+    b = block_keys([3] * 16 + [2] * 16, 16, root)
+    assert a[1] != b[1]  # same second block, different first block: different keys
+    assert block_keys([1] * 16, 16, root)[0] == a[0]  # a prefix has the same keys
+    assert root_key("cd" * 32) != root  # another model: other keys
+    assert hash_block(BlockHash(bytes(32)), [1, 2, 3]).hex().startswith("3db346a4")
+
+
+def test_safetensors_header_is_read_by_safetensors(tmp_path):
+    specs = [TensorSpec("kv", "bfloat16", (4, 2, 2, 1, 3)), TensorSpec("tokens", "uint32", (1, 4))]
+    header = encode_safetensors_header(specs, {"writer": "w"})
+    assert len(header) % 8 == 0  # tensors 8-byte aligned for memory maps
+    kv = torch.randn(4, 2, 2, 1, 3).to(torch.bfloat16)
+    tokens = np.arange(4, dtype="<u4").reshape(1, 4)
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(header + kv.view(torch.uint8).numpy().tobytes() + tokens.tobytes())
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"writer": "w"}
+        assert torch.equal(f.get_tensor("kv"), kv)
+        assert f.get_tensor("tokens").tolist() == [[0, 1, 2, 3]]
+
+
+def test_safetensors_header_exact_bytes():
+    header = encode_safetensors_header([TensorSpec("tokens", "uint32", (1, 2))], {"a": "b"})
+    body = b'{"__metadata__":{"a":"b"},"tokens":{"dtype":"U32","shape":[1,2],"data_offsets":[0,8]}}'
+    body += b" " * (-len(body) % 8)
+    assert header == struct.pack("<Q", len(body)) + body
+
+
+def _manifest(layout: KVLayout, digest: str = "11" * 32) -> Manifest:
+    fp = ModelFingerprint(
+        name="m",
+        architecture="A",
+        model_type="a",
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        weights_digest=digest,
+        tokenizer_digest="22" * 32,
+    )
+    return Manifest(block_size=4, model=fp, kv=layout, root=root_key(digest).hex())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_random_kv_round_trip_is_byte_exact(tmp_path, dtype):
+    layout = KVLayout(num_layers=3, num_kv_heads=2, head_dim=5, dtype=dtype)
+    manifest = prepare_store(tmp_path / "s", _manifest(layout), "new")
+    torch_dtype = getattr(torch, dtype)
+    seqs = [list(range(100 + 17 * i, 100 + 17 * i + 4 * (i + 2))) for i in range(5)]
+    kvs = [torch.randn(len(s), 3, 2, 2, 5).to(torch_dtype) for s in seqs]
+    # Small shards: sequences straddle shard boundaries.
+    with StoreWriter(tmp_path / "s", manifest, "b", shard_bytes=3 * 4 * layout.bytes_per_token, write_threads=2) as w:
+        for s, kv in zip(seqs, kvs):
+            keys = block_keys(s, 4, manifest.root_key)
+            tokens = np.asarray(s, dtype=np.uint32).reshape(-1, 4)
+            w.add(keys, [manifest.root_key] + keys[:-1], list(range(len(keys))), tokens, kv)
+    store = PrefixStore.open(tmp_path / "s")
+    assert len(store.index.segments) > 2
+    for s, kv in zip(seqs, kvs):
+        assert store.match(s + [1, 2, 3]) == len(s)
+        got = store.read_blocks(store.keys(s))
+        assert got.dtype == torch_dtype
+        assert got.view(torch.uint8).numpy().tobytes() == kv.view(torch.uint8).numpy().tobytes()
+        cache = store.load(s)
+        assert cache.layers[1].keys.shape == (1, 2, len(s), 5)
+        assert torch.equal(cache.layers[1].keys[0], kv[:, 1, 0].permute(1, 0, 2))
+        assert torch.equal(cache.layers[2].values[0], kv[:, 2, 1].permute(1, 0, 2))
+    assert store.match([999] * 8) == 0
+
+
+def test_fp8_round_trip_error_is_small(tmp_path):
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", storage="fp8")
+    manifest = prepare_store(tmp_path / "s", _manifest(layout), "new")
+    seq = list(range(16))
+    kv = torch.randn(16, 2, 2, 2, 8)
+    with StoreWriter(tmp_path / "s", manifest, "b") as w:
+        keys = block_keys(seq, 4, manifest.root_key)
+        w.add(keys, [manifest.root_key] + keys[:-1], [0, 1, 2, 3], np.asarray(seq, np.uint32).reshape(4, 4), kv)
+    store = PrefixStore.open(tmp_path / "s")
+    got = store.read_blocks(store.keys(seq))
+    assert got.dtype == torch.float32
+    rel = (got - kv).abs().max() / kv.abs().max()
+    assert 0 < rel < 0.07  # e4m3 has a 3-bit mantissa
+    assert (tmp_path / "s" / "shards").stat()  # written as fp8: a quarter of float32's bytes
+    shard = next((tmp_path / "s" / "shards").iterdir())
+    assert shard.stat().st_size < 16 * layout.values_per_token + 2000
+
+
+def test_missing_truncated_garbage_and_newer_manifests(tmp_path):
+    with pytest.raises(StoreError, match="no manifest.json"):
+        PrefixStore.open(tmp_path / "nothing")
+    layout = KVLayout(1, 1, 2, "float32")
+    prepare_store(tmp_path / "s", _manifest(layout), "new")
+    mpath = tmp_path / "s" / MANIFEST_FILE
+    good = mpath.read_text()
+    mpath.write_text(good[: len(good) // 2])
+    with pytest.raises(CorruptStoreError, match="not valid JSON"):
+        PrefixStore.open(tmp_path / "s")
+    mpath.write_bytes(b"\x00\xff garbage")
+    with pytest.raises(CorruptStoreError):
+        PrefixStore.open(tmp_path / "s")
+    mpath.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(CorruptStoreError, match="not a prefixgen manifest"):
+        PrefixStore.open(tmp_path / "s")
+    data = json.loads(good)
+    data["format_version"] = 99
+    mpath.write_text(json.dumps(data))
+    with pytest.raises(NewerFormatError, match="upgrade prefixgen"):
+        PrefixStore.open(tmp_path / "s")
+    del data["kv"]
+    data["format_version"] = 1
+    mpath.write_text(json.dumps(data))
+    with pytest.raises(CorruptStoreError, match="missing or has a bad field"):
+        PrefixStore.open(tmp_path / "s")
+
+
+def test_manifest_round_trip():
+    m = _manifest(KVLayout(2, 2, 4, "bfloat16", "fp8"))
+    assert Manifest.from_json(m.to_json()) == m
