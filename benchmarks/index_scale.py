@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -112,7 +111,9 @@ def main() -> None:
     on_disk = sum(p.stat().st_size for p in (args.dir / INDEX_DIR).iterdir())
     print(f"index on disk: {on_disk / 2**20:,.0f} MiB")
     for run in ("first (page cache warm from writing)", "second"):
-        out = subprocess.run([sys.executable, __file__, "--dir", str(args.dir), "--measure-only"], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--dir", str(args.dir), "--measure-only"], capture_output=True, text=True, check=True
+        )
         print(run, out.stdout.strip())
 
 

@@ -41,8 +41,9 @@ __all__ = [
 ]
 
 
-def build(config: BuildConfig):
-    """Run ``prefixgen build`` from Python; see :func:`prefixgen.build.build`."""
+def build(config: BuildConfig, model=None, tokenizer=None):
+    """Run ``prefixgen build`` from Python (optionally with a loaded model and tokenizer);
+    see :func:`prefixgen.build.build`."""
     from prefixgen.build import build as _build
 
-    return _build(config)
+    return _build(config, model=model, tokenizer=tokenizer)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ from prefixgen.config import BuildConfig
 from prefixgen.errors import PrefixgenError, StoreError
 from prefixgen.fingerprint import fingerprint, probe_kv_layout
 from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, root_key
-from prefixgen.plan import Planner, batch_tasks
+from prefixgen.plan import Batch, Budget, Planner, PrefillTask, batch_tasks, split_batch
 from prefixgen.prefill import Prefiller, load_model
 from prefixgen.source import read_records
 from prefixgen.store import PrefixStore
@@ -28,6 +30,48 @@ from prefixgen.tokenize import RecordTokenizer
 from prefixgen.writer import StoreWriter, new_id, prepare_store, remove_temp_files, utc_now
 
 CHECKPOINT_SECONDS = 30.0
+T = TypeVar("T")
+
+
+class StageTimer:
+    """Wall time per pipeline stage. ``wrap`` times the ``next()`` calls of a chained iterator;
+    since each stage pulls from the one before, a stage's own time is its total minus the
+    total of the stage it wraps."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = {}
+        self._chain: list[str] = []
+
+    def wrap(self, name: str, iterator: Iterator[T]) -> Iterator[T]:
+        self._chain.append(name)  # now, not when the generator starts: the outer stage starts first
+        self.total[name] = 0.0
+        return self._timed(name, iterator)
+
+    def _timed(self, name: str, iterator: Iterator[T]) -> Iterator[T]:
+        while True:
+            t = time.perf_counter()
+            item = next(iterator, _END)
+            self.total[name] += time.perf_counter() - t
+            if item is _END:
+                return
+            yield item
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.total[name] = self.total.get(name, 0.0) + time.perf_counter() - t
+
+    def seconds(self) -> dict[str, float]:
+        own = dict(self.total)
+        for inner, outer in zip(self._chain, self._chain[1:]):
+            own[outer] = self.total[outer] - self.total[inner]
+        return {k: round(v, 3) for k, v in own.items()}
+
+
+_END = object()
 
 
 class BuildInterrupted(PrefixgenError):
@@ -100,11 +144,13 @@ def _build_record(store: PrefixStore, cfg: BuildConfig) -> BuildRecord:
     return BuildRecord(build_id=new_id(), dataset=cfg.dataset, started_at=utc_now(), options=cfg.options())
 
 
-def build(cfg: BuildConfig) -> BuildRecord:
+def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any = None) -> BuildRecord:
     """Fill the store ``cfg.out`` with the KV of every block-aligned prefix of ``cfg.dataset``.
 
-    Returns the build record (also written to the store). Raises a PrefixgenError subclass with
-    a message for the user on bad input; on Ctrl-C, BuildInterrupted after storing what was done.
+    ``model`` and ``tokenizer`` may be given already loaded (on their device); else they are
+    loaded from ``cfg.model``. Returns the build record (also written to the store). Raises a
+    PrefixgenError subclass with a message for the user on bad input; on Ctrl-C,
+    BuildInterrupted after storing what was done.
 
     Example:
         >>> rec = build(BuildConfig(dataset="data.jsonl", model="models/tiny", out="store"))  # doctest: +SKIP
@@ -113,9 +159,13 @@ def build(cfg: BuildConfig) -> BuildRecord:
     """
     cfg.validate()
     out = Path(cfg.out)
-    model, tokenizer, device = load_model(cfg)
+    if model is None:
+        model, tokenizer, device = load_model(cfg)
+    else:
+        device = next(model.parameters()).device
     manifest = prepare_store(out, _manifest(cfg, model, tokenizer), cfg.write_mode)
-    remove_temp_files(out) if cfg.resume else None
+    if cfg.resume:
+        remove_temp_files(out)
     store = PrefixStore.open(out)
     record = _build_record(store, cfg)
     if cfg.resume and record.build_id not in {b.build_id for b in store.builds()}:
@@ -126,54 +176,91 @@ def build(cfg: BuildConfig) -> BuildRecord:
     writer = StoreWriter(out, manifest, record.build_id, cfg.shard_bytes, cfg.write_threads, cfg.fsync, device=device)
     record.writers.append(writer.writer_id)
     max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 1 << 62
-    max_tokens = min(cfg.max_tokens or max_positions, max_positions)
     bar = tqdm(total=cfg.limit, unit="rec", disable=cfg.quiet, dynamic_ncols=True, desc="build")
-    tokenizer_step = RecordTokenizer(
-        tokenizer, record, max_tokens, chat=cfg.messages_field is not None, system_prompt=cfg.system_prompt, warn=bar.write
+    tokenize = RecordTokenizer(
+        tokenizer,
+        record,
+        min(cfg.max_tokens or max_positions, max_positions),
+        chat=cfg.messages_field is not None,
+        system_prompt=cfg.system_prompt,
+        warn=bar.write,
     )
     planner = Planner(manifest.root_key, manifest.block_size, cfg.batch_tokens, store.index.contains, record)
     source = PastSource(writer, store, device, model.dtype, cfg.prefix_cache_bytes)
     prefiller = Prefiller(model, device, source.get)
+    budget = Budget(cfg.batch_tokens)
 
-    field = cfg.messages_field or cfg.text_field
-    records = read_records(cfg.dataset, field, cfg.split, cfg.subset, cfg.limit)
-    batches = batch_tasks(planner(tokenizer_step(records)), cfg.batch_tokens, cfg.sort_window)
+    def store_task(task: PrefillTask, kv: torch.Tensor) -> None:
+        with timer("copy"):
+            _store_task(writer, source, manifest, task, kv)
 
-    started = time.perf_counter()
-    last_checkpoint = started
+    # The pipeline: each step pulls from the one before.
+    timer = StageTimer()
+    records = timer.wrap(
+        "read", read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
+    )
+    tokenized = timer.wrap("tokenize", tokenize(records))
+    tasks = timer.wrap("plan", planner(tokenized))
+    batches = timer.wrap("batch", batch_tasks(tasks, budget, cfg.sort_window))
+
+    started = last_checkpoint = time.perf_counter()
     writer.write_build(record)
     try:
         for batch in batches:
-            for task, kv in zip(batch.tasks, prefiller.run(batch)):
-                keys = task.new_keys
-                bs = manifest.block_size
-                tokens = np.asarray(task.tokens[task.cached :], dtype=np.uint32).reshape(-1, bs)
-                first = task.cached // bs
-                parents = [task.keys[first - 1] if first else manifest.root_key] + keys[:-1]
-                writer.add(keys, parents, list(range(first, first + len(keys))), tokens, kv)
-                source.put(keys, kv)
+            _prefill(prefiller, batch, budget, timer, bar, store_task)
             record.prefilled_tokens += batch.real_tokens
             record.padding_tokens += batch.padding_tokens
             now = time.perf_counter()
             _progress(bar, record, writer, now - started)
             if now - last_checkpoint > CHECKPOINT_SECONDS:
                 last_checkpoint = now
-                _checkpoint(writer, record, planner, now - started)
+                _checkpoint(writer, record, planner, now - started, timer)
         writer.close()
         record.status = "complete"
     except KeyboardInterrupt:
         record.status = "interrupted"
-        _finish(writer, record, planner, started, bar)
+        _finish(writer, record, planner, started, bar, timer)
         raise BuildInterrupted(
-            f"interrupted: {record.stored_tokens:,} tokens of KV stored so far are usable; "
+            f"interrupted: {writer.blocks_written * manifest.block_size:,} tokens of KV stored so far are usable; "
             "rerun the same command with --resume to finish"
         ) from None
     except BaseException:
         record.status = "failed"
-        _finish(writer, record, planner, started, bar)
+        _finish(writer, record, planner, started, bar, timer)
         raise
-    _finish(writer, record, planner, started, bar)
+    _finish(writer, record, planner, started, bar, timer)
     return record
+
+
+def _prefill(prefiller: Prefiller, batch: Batch, budget: Budget, timer: StageTimer, bar: tqdm, done: Callable) -> None:
+    """Run ``batch`` and call ``done(task, kv)`` for each task. An out-of-memory batch is split in
+    two and retried (each half stored before the next runs, since it may be the other's past),
+    and later batches get a smaller budget."""
+    try:
+        with timer("prefill"):
+            results = prefiller.run(batch)
+    except torch.OutOfMemoryError:
+        if len(batch.tasks) == 1 and batch.tasks[0].new_tokens <= batch.tasks[0].block_size:
+            raise
+        torch.cuda.empty_cache()
+        budget.tokens = max(batch.tasks[0].block_size, min(budget.tokens, batch.new_len * len(batch.tasks)) // 2)
+        bar.write(f"out of device memory: splitting the batch; the budget is now {budget.tokens} tokens")
+        for half in split_batch(batch):
+            _prefill(prefiller, half, budget, timer, bar, done)
+        return
+    for task, kv in zip(batch.tasks, results):
+        done(task, kv)
+
+
+def _store_task(writer: StoreWriter, source: PastSource, manifest: Manifest, task: PrefillTask, kv: torch.Tensor) -> None:
+    """Queue a task's new blocks for writing and keep them as past for later tasks."""
+    bs = manifest.block_size
+    keys = task.new_keys
+    first = task.cached // bs
+    tokens = np.asarray(task.tokens[task.cached :], dtype=np.uint32).reshape(-1, bs)
+    parents = [task.keys[first - 1] if first else manifest.root_key] + keys[:-1]
+    writer.add(keys, parents, list(range(first, first + len(keys))), tokens, kv)
+    source.put(keys, kv)
 
 
 def _progress(bar: tqdm, record: BuildRecord, writer: StoreWriter, seconds: float) -> None:
@@ -194,14 +281,19 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def _checkpoint(writer: StoreWriter, record: BuildRecord, planner: Planner, seconds: float) -> None:
+def _checkpoint(writer: StoreWriter, record: BuildRecord, planner: Planner, seconds: float, timer: StageTimer) -> None:
     record.seconds = round(seconds, 3)
     record.bytes_written = writer.bytes_written
+    record.stage_seconds = {
+        **timer.seconds(),
+        "write": round(writer.write_seconds, 3),
+        "write_wait": round(writer.wait_seconds, 3),
+    }
     writer.write_counts(planner.counts)
     writer.write_build(record)
 
 
-def _finish(writer: StoreWriter, record: BuildRecord, planner: Planner, started: float, bar: tqdm) -> None:
+def _finish(writer: StoreWriter, record: BuildRecord, planner: Planner, started: float, bar: tqdm, timer: StageTimer) -> None:
     """Flush what was computed and record the run; after a failure, do what the disk still allows."""
     try:
         writer.close()
@@ -216,7 +308,7 @@ def _finish(writer: StoreWriter, record: BuildRecord, planner: Planner, started:
     if record.status != "complete":
         record.stored_tokens = writer.blocks_written * writer.manifest.block_size
     try:
-        _checkpoint(writer, record, planner, time.perf_counter() - started)
+        _checkpoint(writer, record, planner, time.perf_counter() - started, timer)
     except OSError:
         if record.status == "complete":
             raise

@@ -524,6 +524,9 @@ class BuildRecord:
     prefilled_tokens: int = 0
     padding_tokens: int = 0
     bytes_written: int = 0
+    # Where the time went: read, tokenize, plan (hash + dedup), batch, prefill, copy (device to
+    # host), write (background threads, summed) and write_wait (the pipeline waiting on the disk).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -119,9 +119,38 @@ class Planner:
                 depends = keys[stop // bs - 1]
 
 
-def batch_tasks(tasks: Iterator[PrefillTask], batch_tokens: int, window: int) -> Iterator[Batch]:
-    """Group tasks into batches of at most ``batch_tokens`` padded new tokens, sorting a window
-    of ``window * batch_tokens`` tokens by (new, past) length so that padding stays small.
+class Budget:
+    """The token budget of one forward pass: mutable, so the build can lower it after running
+    out of device memory and later batches follow."""
+
+    __slots__ = ("tokens",)
+
+    def __init__(self, tokens: int):
+        self.tokens = tokens
+
+
+def split_batch(batch: Batch) -> list[Batch]:
+    """Two smaller batches doing the same work: the tasks in halves, or one task cut at a block
+    boundary into a first chunk and a second whose past is the first.
+
+    Example:
+        >>> [len(b.tasks) for b in split_batch(Batch(tasks=[t1, t2, t3]))]  # doctest: +SKIP
+        [1, 2]
+    """
+    tasks = batch.tasks
+    if len(tasks) > 1:
+        return [Batch(tasks[: len(tasks) // 2]), Batch(tasks[len(tasks) // 2 :])]
+    (t,) = tasks
+    bs = t.block_size
+    mid = t.cached + t.new_tokens // bs // 2 * bs
+    first = PrefillTask(t.record, t.tokens[:mid], t.cached, t.keys[: mid // bs], bs, t.depends)
+    second = PrefillTask(t.record, t.tokens, mid, t.keys, bs, t.keys[mid // bs - 1])
+    return [Batch([first]), Batch([second])]
+
+
+def batch_tasks(tasks: Iterator[PrefillTask], budget: Budget | int, window: int) -> Iterator[Batch]:
+    """Group tasks into batches of at most ``budget`` padded new tokens, sorting a window of
+    ``window * budget`` tokens by (new, past) length so that padding stays small.
 
     A task is batched only after the batch holding its ``depends`` block was yielded: the caller
     runs each batch before asking for the next, so the past is computed by then.
@@ -130,13 +159,14 @@ def batch_tasks(tasks: Iterator[PrefillTask], batch_tokens: int, window: int) ->
         >>> [len(b.tasks) for b in batch_tasks(iter(tasks), 4096, 8)]  # doctest: +SKIP
         [12, 7]
     """
+    budget = budget if isinstance(budget, Budget) else Budget(budget)
     pending: list[PrefillTask] = []
     pending_tokens = 0
     waiting: set[BlockHash] = set()  # blocks of tasks not yet yielded
-    limit = window * batch_tokens
     exhausted = False
     while True:
-        while not exhausted and pending_tokens < limit:
+        batch_tokens = budget.tokens
+        while not exhausted and pending_tokens < window * batch_tokens:
             task = next(tasks, None)
             if task is None:
                 exhausted = True

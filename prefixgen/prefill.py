@@ -94,7 +94,7 @@ class Prefiller:
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> list[torch.Tensor]:
-        tasks, dev = batch.tasks, self.device
+        tasks = batch.tasks
         rows, n_max, p_max = len(tasks), batch.new_len, batch.past_len
         ids = torch.zeros(rows, n_max, dtype=torch.long)
         pos = torch.zeros(rows, n_max, dtype=torch.long)
@@ -109,16 +109,23 @@ class Prefiller:
         if self.max_positions:
             pos.clamp_(max=self.max_positions - 1)
         past = self._past(tasks, p_max) if p_max else None
-        kwargs: dict[str, Any] = {"input_ids": ids.to(dev, non_blocking=True), "use_cache": True, "logits_to_keep": 1}
+        kwargs: dict[str, Any] = {"input_ids": self._up(ids), "use_cache": True, "logits_to_keep": 1}
         if past is not None or batch.padding_tokens:
-            kwargs["attention_mask"] = mask.to(dev, non_blocking=True)
-            kwargs["position_ids"] = pos.to(dev, non_blocking=True)
+            kwargs["attention_mask"] = self._up(mask)
+            kwargs["position_ids"] = self._up(pos)
         out = self.model(**kwargs, **cache_kwargs(self.model, past))
         layers = output_cache(out).layers
         # [L, 2, rows, H, P+N, D] -> new tokens only -> [rows, N, L, 2, H, D]
         kv = torch.stack([torch.stack((layer.keys[:, :, p_max:], layer.values[:, :, p_max:])) for layer in layers])
         kv = kv.permute(2, 4, 0, 1, 3, 5).contiguous()
         return [kv[i, : t.new_tokens] for i, t in enumerate(tasks)]
+
+    def _up(self, t: torch.Tensor) -> torch.Tensor:
+        """Host to device without a stream sync: a copy from pageable memory would wait for the
+        GPU to finish all queued work, stalling the pipeline every batch."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
 
     def _past(self, tasks: list, p_max: int):
         """A DynamicCache [rows, H, p_max, D] per layer; row i holds its own past at the start."""

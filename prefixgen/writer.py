@@ -20,6 +20,7 @@ import queue
 import secrets
 import shutil
 import threading
+import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -178,6 +179,8 @@ class StoreWriter:
         self.bytes_written = 0
         self.shards_written = 0
         self.blocks_written = 0
+        self.write_seconds = 0.0  # summed over the write threads
+        self.wait_seconds = 0.0  # the caller blocked, waiting for a free shard buffer
         # Segments commit in shard order, so a block's parent is always committed before it.
         self._last_commit = threading.Event()
         self._last_commit.set()
@@ -264,7 +267,9 @@ class StoreWriter:
             self._buffers += 1
             shard = self._allocate()
         else:
+            t = time.perf_counter()
             shard = self._free.get()  # back-pressure: wait for a write to finish
+            self.wait_seconds += time.perf_counter() - t
             self._check_failures()
         self._live = {s: v for s, v in self._live.items() if v is not shard}
         shard.seq, shard.event = self._seq, None
@@ -296,7 +301,10 @@ class StoreWriter:
         try:
             if shard.event is not None:
                 shard.event.synchronize()
+            t = time.perf_counter()
             self._write_files(shard, previous)
+            with self._lock:
+                self.write_seconds += time.perf_counter() - t
         except BaseException:
             self._commit_failed = True
             raise
