@@ -8,7 +8,6 @@ Each step is an iterator over the one before, so records stream through in bound
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from prefixgen.blockcache import BlockCache
 from prefixgen.config import BuildConfig
 from prefixgen.errors import PrefixgenError, StoreError
 from prefixgen.fingerprint import fingerprint, probe_kv_layout
@@ -85,44 +85,35 @@ class PastSource:
     else from this run's writer, else from the store as it was when the run began.
 
     Example:
-        >>> source = PastSource(writer, store, device, budget=1 << 30)  # doctest: +SKIP
+        >>> source = PastSource(writer, store, device, torch.float32, budget=1 << 30)  # doctest: +SKIP
         >>> source.get(keys).shape  # doctest: +SKIP
         torch.Size([32, 5, 2, 4, 8])
     """
 
     def __init__(self, writer: StoreWriter, store: PrefixStore, device: torch.device, dtype: torch.dtype, budget: int):
         self.writer, self.store, self.device, self.dtype = writer, store, device, dtype
-        self.budget = budget
-        self._lru: OrderedDict[BlockHash, torch.Tensor] = OrderedDict()
-        self._bytes = 0
+        self.recent = BlockCache(budget)
 
     def put(self, keys: Sequence[BlockHash], kv: torch.Tensor) -> None:
         """Remember the KV [len(keys)*B, L, 2, H, D] of freshly computed blocks."""
-        if not keys:
-            return
-        blocks = kv.view(len(keys), -1, *kv.shape[1:]).clone()  # own memory: the batch output can go
-        for key, block in zip(keys, blocks.unbind(0)):
-            self._lru[key] = block
-            self._bytes += block.nbytes
-        while self._bytes > self.budget and self._lru:
-            _, old = self._lru.popitem(last=False)
-            self._bytes -= old.nbytes
+        self.recent.put_run(list(keys), kv)
 
     def get(self, keys: Sequence[BlockHash]) -> torch.Tensor:
-        parts, missing = [], []
+        """KV of ``keys`` back to back: [len(keys)*B, L, 2, H, D] on the device."""
+        parts: list[torch.Tensor | None] = []
+        missing = []
         for key in keys:
-            block = self._lru.get(key)
-            if block is not None:
-                self._lru.move_to_end(key)
-            elif key in self.writer:
+            block = self.recent.get(key)
+            if block is None and key in self.writer:
                 block = self.writer.read_block(key).to(self.device, self.dtype)
-            else:
+            if block is None:
                 missing.append(len(parts))
             parts.append(block)
         if missing:
+            bs = self.store.block_size
             loaded = self.store.read_blocks([keys[i] for i in missing], device=self.device, dtype=self.dtype)
             for j, i in enumerate(missing):
-                parts[i] = loaded[j * self.store.block_size : (j + 1) * self.store.block_size]
+                parts[i] = loaded[j * bs : (j + 1) * bs]
         return torch.cat(parts)
 
 

@@ -171,6 +171,30 @@ def verify(store: Annotated[Path, typer.Argument(help="The store folder.")]) -> 
     typer.echo(f"{store}: ok ({report.shards} shards, {report.blocks:,} blocks checked)")
 
 
+@app.command()
+@_user_errors
+def serve(
+    store: Annotated[str, typer.Argument(help="The store folder.")],
+    model: Annotated[str, Opt("--model", "-m", help="The model the store was built with.")],
+    host: Annotated[str, Opt(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, Opt(help="Port to listen on.")] = 8000,
+    device: Annotated[Optional[str], Opt(help="auto, cpu, cuda or cuda:N.")] = None,
+    dtype: Annotated[Optional[str], Opt(help="auto, bfloat16, float16 or float32.")] = None,
+    gpu_cache_bytes: Annotated[Optional[int], Opt(help="Device memory for hot prefixes (LRU).")] = None,
+    served_model_name: Annotated[Optional[str], Opt(help="The model name clients use (default: --model).")] = None,
+    no_store: Annotated[bool, Opt("--no-store", help="Ignore the store: prefill every prompt in full.")] = False,
+    trust_remote_code: Annotated[bool, Opt("--trust-remote-code", help="Allow the model's own code to run.")] = False,
+) -> None:
+    """Serve MODEL over an OpenAI-compatible HTTP API, loading prompt prefixes from STORE."""
+    import dataclasses
+
+    from prefixgen.serve import ServeConfig
+    from prefixgen.serve import serve as run_serve
+
+    given = {k: v for k, v in locals().items() if k in {f.name for f in dataclasses.fields(ServeConfig)} and v is not None}
+    run_serve(ServeConfig(**given))
+
+
 def main() -> None:
     app()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ from prefixgen.format import (
 )
 from prefixgen.index import BlockLocation, StoreIndex
 
+PIECE_BYTES = 16 << 20  # one read request (and one staging slot)
+STAGING_SLOTS = 4
+READ_THREADS = 4
+
 
 @dataclass(slots=True)
 class _Run:
@@ -66,6 +71,7 @@ class PrefixStore:
         self.manifest = manifest
         self.index = index
         self._headers: dict[str, SafetensorsHeader] = {}
+        self._staging: list[tuple[torch.Tensor, torch.cuda.Event]] | None = None  # pinned ring, CUDA only
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> PrefixStore:
@@ -154,35 +160,64 @@ class PrefixStore:
         dtype: torch.dtype | None = None,
         verify: bool = True,
     ) -> torch.Tensor:
-        """KV at ``locations``, back to back: ``[blocks * B, L, 2, H, D]`` on ``device``."""
+        """KV at ``locations``, back to back: ``[blocks * B, L, 2, H, D]`` on ``device``.
+
+        Consecutive slots of a shard are read with one request, cut into pieces of at most
+        ``PIECE_BYTES`` read (and CRC-checked) by threads. On CUDA the pieces land in a ring of
+        pinned staging buffers and go up with non-blocking copies while the next pieces are read.
+        """
         layout, bs = self.manifest.kv, self.block_size
         device = torch.device(device)
-        out_dtype = dtype or TORCH_DTYPES[layout.dtype]
         per_token = (layout.num_layers, 2, layout.num_kv_heads, layout.head_dim)
         n = len(locations)
         stored = TORCH_DTYPES[layout.stored_dtype]
-        pinned = device.type == "cuda"
-        host = torch.empty((n * bs, *per_token), dtype=stored, pin_memory=pinned)
-        scales = (
-            torch.empty((n, layout.num_layers, 2, layout.num_kv_heads), pin_memory=pinned) if layout.storage == "fp8" else None
-        )
-        runs = _runs(locations)
+        scales = torch.empty((n, layout.num_layers, 2, layout.num_kv_heads)) if layout.storage == "fp8" else None
+        pieces = _pieces(_runs(locations), max(1, PIECE_BYTES // (layout.bytes_per_token * bs)))
         if device.type == "cuda":
             result = torch.empty((n * bs, *per_token), dtype=stored, device=device)
-            # Overlap: each run is read (and checked) by a thread, then copied up while others read.
-            with ThreadPoolExecutor(max_workers=min(8, max(1, len(runs)))) as pool:
-                for run in pool.map(lambda r: self._read_run(r, host, scales, verify), runs):
-                    t0, t1 = run.out_block * bs, (run.out_block + run.blocks) * bs
-                    result[t0:t1].copy_(host[t0:t1], non_blocking=True)
-            if scales is not None:
-                scales = scales.to(device, non_blocking=True)
+            self._read_to_device(pieces, result, scales, verify)
         else:
-            with ThreadPoolExecutor(max_workers=min(4, max(1, len(runs)))) as pool:
-                list(pool.map(lambda r: self._read_run(r, host, scales, verify), runs))
-            result = host
+            result = torch.empty((n * bs, *per_token), dtype=stored)
+            flat = result.view(torch.uint8).view(-1).numpy()
+            block_bytes = layout.bytes_per_token * bs
+
+            def read(piece: _Run) -> None:
+                a = piece.out_block * block_bytes
+                self._read_run(piece, flat[a : a + piece.blocks * block_bytes], scales, verify)
+
+            with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(pieces)) or 1) as pool:
+                list(pool.map(read, pieces))
         if scales is not None:
-            return dequantize_fp8(result, scales, bs, out_dtype)
-        return result.to(out_dtype)
+            return dequantize_fp8(result, scales.to(device), bs, dtype or TORCH_DTYPES[layout.dtype])
+        return result.to(dtype or TORCH_DTYPES[layout.dtype])
+
+    def _read_to_device(self, pieces: list[_Run], result: torch.Tensor, scales: torch.Tensor | None, verify: bool) -> None:
+        block_bytes = self.manifest.kv.bytes_per_token * self.block_size
+        if self._staging is None:
+            self._staging = [
+                (torch.empty(PIECE_BYTES, dtype=torch.uint8, pin_memory=True), torch.cuda.Event()) for _ in range(STAGING_SLOTS)
+            ]
+        ring = self._staging
+        flat = result.view(torch.uint8).view(-1)
+
+        def read(j: int) -> _Run:
+            buf, event = ring[j % len(ring)]
+            event.synchronize()  # the copy out of this slot (piece j - slots) is done
+            piece = pieces[j]
+            self._read_run(piece, buf[: piece.blocks * block_bytes].numpy(), scales, verify)
+            return piece
+
+        with ThreadPoolExecutor(max_workers=len(ring)) as pool:
+            futures = deque(pool.submit(read, j) for j in range(min(len(ring), len(pieces))))
+            for j in range(len(pieces)):
+                piece = futures.popleft().result()
+                buf, event = ring[j % len(ring)]
+                a, size = piece.out_block * block_bytes, piece.blocks * block_bytes
+                flat[a : a + size].copy_(buf[:size], non_blocking=True)
+                event.record()
+                if j + len(ring) < len(pieces):
+                    futures.append(pool.submit(read, j + len(ring)))
+        torch.cuda.current_stream().synchronize()
 
     def _header(self, shard: str) -> SafetensorsHeader:
         header = self._headers.get(shard)
@@ -196,36 +231,34 @@ class PrefixStore:
             self._headers[shard] = header
         return header
 
-    def _read_run(self, run: _Run, host: torch.Tensor, scales: torch.Tensor | None, verify: bool) -> _Run:
+    def _read_run(self, run: _Run, dest: np.ndarray, scales: torch.Tensor | None, verify: bool) -> None:
+        """Read ``run``'s KV bytes into ``dest`` (and its fp8 scales into ``scales``), checking CRCs."""
         layout, bs = self.manifest.kv, self.block_size
         block_bytes = layout.bytes_per_token * bs
         header = self._header(run.shard)
         path = self.path / SHARDS_DIR / run.shard
-        t0 = run.out_block * bs
-        dest = host[t0 : t0 + run.blocks * bs].view(torch.uint8).numpy().reshape(-1)
         scale_dest = None
         with open(path, "rb", buffering=0) as f:
-            got = os.preadv(f.fileno(), [dest], header.offset("kv") + run.first_slot * block_bytes)
+            ok = os.preadv(f.fileno(), [dest], header.offset("kv") + run.first_slot * block_bytes) == dest.nbytes
             if scales is not None:
                 per_block = layout.scale_bytes_per_block()
                 scale_dest = scales[run.out_block : run.out_block + run.blocks].view(torch.uint8).numpy().reshape(-1)
-                got_s = os.preadv(f.fileno(), [scale_dest], header.offset("kv_scale") + run.first_slot * per_block)
-                if got_s != scale_dest.nbytes:
-                    got = -1
-        if got != dest.nbytes:
+                got = os.preadv(f.fileno(), [scale_dest], header.offset("kv_scale") + run.first_slot * per_block)
+                ok = ok and got == scale_dest.nbytes
+        if not ok:
             raise CorruptStoreError(f"{path} is truncated; run `prefixgen verify`")
-        if verify:
-            for i, want in enumerate(run.crcs):
-                crc = zlib.crc32(dest[i * block_bytes : (i + 1) * block_bytes])
-                if scale_dest is not None:
-                    per_block = layout.scale_bytes_per_block()
-                    crc = zlib.crc32(scale_dest[i * per_block : (i + 1) * per_block], crc)
-                if crc != want:
-                    raise CorruptStoreError(
-                        f"{path}: block at slot {run.first_slot + i} fails its checksum; the store is damaged "
-                        "(run `prefixgen verify`, then rebuild the damaged part with `prefixgen build --resume`)"
-                    )
-        return run
+        if not verify:
+            return
+        for i, want in enumerate(run.crcs):
+            crc = zlib.crc32(dest[i * block_bytes : (i + 1) * block_bytes])
+            if scale_dest is not None:
+                per_block = layout.scale_bytes_per_block()
+                crc = zlib.crc32(scale_dest[i * per_block : (i + 1) * per_block], crc)
+            if crc != want:
+                raise CorruptStoreError(
+                    f"{path}: block at slot {run.first_slot + i} fails its checksum; the store is damaged "
+                    "(run `prefixgen verify`, then rebuild the damaged part with `prefixgen build --resume`)"
+                )
 
     # ------------------------------------------------------------------ compatibility
 
@@ -297,6 +330,16 @@ def _runs(locations: Sequence[BlockLocation]) -> list[_Run]:
         else:
             runs.append(_Run(loc.shard, loc.slot, 1, i, [loc.crc]))
     return runs
+
+
+def _pieces(runs: list[_Run], max_blocks: int) -> list[_Run]:
+    """Runs cut into pieces of at most ``max_blocks``, so threads share a long run's reading."""
+    out = []
+    for run in runs:
+        for i in range(0, run.blocks, max_blocks):
+            k = min(max_blocks, run.blocks - i)
+            out.append(_Run(run.shard, run.first_slot + i, k, run.out_block + i, run.crcs[i : i + k]))
+    return out
 
 
 def _as_list(token_ids: Sequence[int] | torch.Tensor) -> list[int]:

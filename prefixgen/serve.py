@@ -1,0 +1,515 @@
+"""``prefixgen serve``: an OpenAI-compatible HTTP server that answers from a prefix store.
+
+For each request it tokenizes the prompt as the build did, takes the KV of the longest stored
+prefix (from device memory if hot, else from the store), prefills only the rest and generates
+with transformers. ``usage.prompt_tokens_details.cached_tokens`` reports the hit.
+
+Requests are served one at a time (a lock): others wait their turn. Generation runs in a worker
+thread, so ``/health`` and ``/metrics`` answer while a request generates.
+
+Needs the ``serve`` extra: ``pip install 'prefixgen[serve]'`` (FastAPI and uvicorn).
+"""
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from prefixgen.blockcache import BlockCache
+from prefixgen.compat import cache_kwargs
+from prefixgen.config import BuildConfig
+from prefixgen.errors import ConfigError, CorruptStoreError, PrefixgenError
+from prefixgen.prefill import load_model
+from prefixgen.store import PrefixStore, kv_to_cache
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass(slots=True)
+class ServeConfig:
+    """Options of ``prefixgen serve``."""
+
+    store: str = ""
+    model: str = ""
+    host: str = "127.0.0.1"  # loopback: expose on purpose, with --host 0.0.0.0
+    port: int = 8000
+    device: str = "auto"
+    dtype: str = "auto"
+    gpu_cache_bytes: int = 2 << 30  # hot prefixes kept on the device
+    served_model_name: str | None = None  # the `model` clients ask for; default: --model
+    no_store: bool = False  # serve without the store (for comparisons)
+    default_max_tokens: int = 256
+    trust_remote_code: bool = False
+
+
+class RequestError(Exception):
+    """An error answered to the client as OpenAI does: ``{"error": {...}}`` with a status."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.code}}
+
+
+@dataclass(slots=True)
+class Generation:
+    """One finished (or streamed) generation."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+    ttft: float = 0.0
+
+
+@dataclass(slots=True)
+class Metrics:
+    requests: dict[tuple[str, int], int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    disk_tokens: int = 0
+    generated_tokens: int = 0
+    load_errors: int = 0
+    ttft_buckets: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+
+    def observe_ttft(self, seconds: float) -> None:
+        self.ttft_sum += seconds
+        self.ttft_count += 1
+        for i, bound in enumerate(TTFT_BUCKETS):
+            if seconds <= bound:
+                self.ttft_buckets[i] += 1
+
+    def render(self, cache: BlockCache | None) -> str:
+        """Prometheus text format."""
+        lines = [
+            "# HELP prefixgen_requests_total Requests answered, by endpoint and HTTP status.",
+            "# TYPE prefixgen_requests_total counter",
+        ]
+        for (endpoint, status), n in sorted(self.requests.items()):
+            lines.append(f'prefixgen_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
+        for name, help_, value in (
+            ("prompt_tokens_total", "Prompt tokens received.", self.prompt_tokens),
+            ("prefix_cache_hit_tokens_total", "Prompt tokens whose KV came from the prefix store.", self.cached_tokens),
+            (
+                "prefix_cache_disk_tokens_total",
+                "Of those, tokens read from disk (the rest were hot on the device).",
+                self.disk_tokens,
+            ),
+            ("generation_tokens_total", "Tokens generated.", self.generated_tokens),
+            ("prefix_load_errors_total", "Stored prefixes that failed their checksum (served without them).", self.load_errors),
+        ):
+            lines += [f"# HELP prefixgen_{name} {help_}", f"# TYPE prefixgen_{name} counter", f"prefixgen_{name} {value}"]
+        lines += [
+            "# HELP prefixgen_time_to_first_token_seconds Time from request to first generated token.",
+            "# TYPE prefixgen_time_to_first_token_seconds histogram",
+        ]
+        for bound, n in zip(TTFT_BUCKETS, self.ttft_buckets):
+            lines.append(f'prefixgen_time_to_first_token_seconds_bucket{{le="{bound}"}} {n}')
+        lines.append(f'prefixgen_time_to_first_token_seconds_bucket{{le="+Inf"}} {self.ttft_count}')
+        lines.append(f"prefixgen_time_to_first_token_seconds_sum {self.ttft_sum}")
+        lines.append(f"prefixgen_time_to_first_token_seconds_count {self.ttft_count}")
+        lines += [
+            "# HELP prefixgen_device_cache_bytes Bytes of hot prefix KV held on the device.",
+            "# TYPE prefixgen_device_cache_bytes gauge",
+            f"prefixgen_device_cache_bytes {cache.bytes if cache else 0}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+class Engine:
+    """Model, tokenizer, store and hot-prefix cache; turns token ids into generations.
+
+    Example:
+        >>> engine = Engine(ServeConfig(store="store", model="models/stories260K", device="cpu"))  # doctest: +SKIP
+        >>> engine.generate(engine.tokenize_text("Once upon a time"), {"max_tokens": 8}).text  # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.model, self.tokenizer, self.device = load_model(
+            BuildConfig(model=cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        )
+        self.name = cfg.served_model_name or cfg.model
+        self.store: PrefixStore | None = None
+        self.hot: BlockCache | None = None
+        if not cfg.no_store:
+            self.store = PrefixStore.open(cfg.store)
+            self.store.check_compatible(self.model, self.tokenizer)
+            self.hot = BlockCache(cfg.gpu_cache_bytes)
+        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or 1 << 62
+        self.metrics = Metrics()
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------ tokenizing (as the build does)
+
+    def tokenize_text(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt).input_ids
+
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError(400, f"model {self.name} has no chat template; use /v1/completions")
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(rendered, add_special_tokens=False).input_ids
+
+    # ------------------------------------------------------------------ the prefix
+
+    def prefix_cache(self, ids: list[int]):
+        """(DynamicCache or None, tokens covered): the longest stored prefix of ``ids[:-1]`` (one
+        prompt token always stays uncached, since generate must prefill at least one)."""
+        if self.store is None or self.hot is None:
+            return None, 0
+        keys = self.store.keys(ids[:-1])
+        parts, i = [], 0
+        while i < len(keys) and (block := self.hot.get(keys[i])) is not None:
+            parts.append(block)
+            i += 1
+        rows = self.store.index.find_rows(keys[i:])
+        n_disk = next((j for j, r in enumerate(rows) if r is None), len(rows))
+        if n_disk:
+            locations = [self.store.index.location(*r) for r in rows[:n_disk]]
+            try:
+                loaded = self.store.read_locations(locations, device=self.device, dtype=self.model.dtype)
+            except CorruptStoreError:
+                self.metrics.load_errors += 1  # serve correctly without the damaged part
+                loaded = None
+            if loaded is not None:
+                self.hot.put_run(keys[i : i + n_disk], loaded)
+                parts.append(loaded)
+                self.metrics.disk_tokens += loaded.shape[0]
+        if not parts:
+            return None, 0
+        kv = torch.cat(parts)  # [n, L, 2, H, D]
+        return kv_to_cache(kv), kv.shape[0]
+
+    # ------------------------------------------------------------------ generating
+
+    @torch.inference_mode()
+    def generate(self, ids: list[int], params: dict[str, Any], on_text: Callable[[str], None] | None = None) -> Generation:
+        """Generate for prompt ``ids``. ``on_text`` gets each new piece of text as it is made."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        started = time.perf_counter()
+        max_tokens = params.get("max_tokens") or self.cfg.default_max_tokens
+        if len(ids) + max_tokens > self.max_positions:
+            raise RequestError(
+                400,
+                f"This model's maximum context length is {self.max_positions} tokens; the prompt has {len(ids)} "
+                f"and {max_tokens} more were asked for. Shorten the prompt or lower max_tokens.",
+                code="context_length_exceeded",
+            )
+        cache, cached = self.prefix_cache(ids)
+        gen = Generation(prompt_tokens=len(ids), cached_tokens=cached)
+        stops = params.get("stop") or []
+        engine = self
+
+        class Collector(BaseStreamer):
+            """Receives token ids from generate: decodes, checks stop strings, streams text."""
+
+            prompt_seen = False
+            done = False
+            sent = 0
+
+            def put(self, value: torch.Tensor) -> None:
+                if not self.prompt_seen:  # generate passes the prompt first
+                    self.prompt_seen = True
+                    return
+                if self.done:
+                    return
+                if not gen.tokens:
+                    gen.ttft = time.perf_counter() - started
+                gen.tokens.extend(value.reshape(-1).tolist())
+                text = engine.tokenizer.decode(gen.tokens, skip_special_tokens=True)
+                for stop in stops:
+                    at = text.find(stop)
+                    if at >= 0:
+                        text, self.done, gen.finish_reason = text[:at], True, "stop"
+                if text.endswith("\ufffd") and not self.done:
+                    return  # a multi-byte character is not complete yet
+                if on_text is not None and len(text) > self.sent:
+                    on_text(text[self.sent :])
+                self.sent = max(self.sent, len(text))
+                gen.text = text
+
+            def end(self) -> None:
+                pass
+
+        collector = Collector()
+
+        class StopOnString(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+                return torch.full((input_ids.shape[0],), collector.done, dtype=torch.bool, device=input_ids.device)
+
+        sample = (params.get("temperature") if params.get("temperature") is not None else 1.0) > 0
+        kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_tokens}
+        if sample:
+            kwargs["temperature"] = params.get("temperature") or 1.0
+            kwargs["top_p"] = params.get("top_p") if params.get("top_p") is not None else 1.0
+            if params.get("seed") is not None:
+                torch.manual_seed(int(params["seed"]))
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        input_ids = torch.tensor([ids], device=self.device)
+        out = self.model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            streamer=collector,
+            stopping_criteria=StoppingCriteriaList([StopOnString()]),
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id,
+            **kwargs,
+            **cache_kwargs(self.model, cache),
+        )
+        new = out[0, len(ids) :].tolist()
+        if gen.finish_reason != "stop":
+            eos = self.model.generation_config.eos_token_id
+            eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+            gen.finish_reason = "stop" if new and new[-1] in eos_ids else "length"
+            gen.text = self.tokenizer.decode(new, skip_special_tokens=True)
+            if on_text is not None and len(gen.text) > collector.sent:
+                on_text(gen.text[collector.sent :])
+        gen.tokens = new
+        m = self.metrics
+        m.prompt_tokens += len(ids)
+        m.cached_tokens += cached
+        m.generated_tokens += len(new)
+        m.observe_ttft(gen.ttft or time.perf_counter() - started)
+        return gen
+
+
+# ---------------------------------------------------------------------- request parsing
+
+
+def _int(body: dict, name: str, default: int | None = None, low: int = 0) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise RequestError(400, f"'{name}' must be an integer >= {low}, got {value!r}", code="invalid_value")
+    return value
+
+
+def _float(body: dict, name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise RequestError(400, f"'{name}' must be a number from {low} to {high}, got {value!r}", code="invalid_value")
+    return float(value)
+
+
+def parse_params(body: dict, chat: bool) -> dict[str, Any]:
+    """Sampling parameters of a request, validated."""
+    if _int(body, "n", 1, 1) != 1:
+        raise RequestError(400, "only n=1 is supported", code="invalid_value")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise RequestError(400, "'stop' must be a string or a list of strings", code="invalid_value")
+    max_tokens = _int(body, "max_completion_tokens", None, 1) if chat else None
+    return {
+        "max_tokens": max_tokens or _int(body, "max_tokens", None, 1),
+        "temperature": _float(body, "temperature", 0.0, 2.0),
+        "top_p": _float(body, "top_p", 0.0, 1.0),
+        "seed": _int(body, "seed", None, 0),
+        "stop": stop,
+        "stream": bool(body.get("stream", False)),
+        "include_usage": bool((body.get("stream_options") or {}).get("include_usage", False)),
+    }
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' must be a non-empty list", code="invalid_value")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise RequestError(400, "each message needs a 'role' and a 'content'", code="invalid_value")
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(content, str):
+            raise RequestError(400, "message 'content' must be a string or a list of text parts", code="invalid_value")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _prompt_ids(engine: Engine, body: dict) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = engine.tokenize_text(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        ids = list(prompt)
+    else:
+        raise RequestError(400, "'prompt' must be a string or a list of token ids (one prompt per request)", code="invalid_value")
+    if not ids:
+        raise RequestError(400, "the prompt is empty", code="invalid_value")
+    return ids
+
+
+def _usage(gen: Generation) -> dict[str, Any]:
+    return {
+        "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": len(gen.tokens),
+        "total_tokens": gen.prompt_tokens + len(gen.tokens),
+        "prompt_tokens_details": {"cached_tokens": gen.cached_tokens},
+    }
+
+
+# ---------------------------------------------------------------------- the app
+
+
+def create_app(engine: Engine):
+    """The FastAPI app serving ``engine``.
+
+    Example:
+        >>> app = create_app(Engine(ServeConfig(store="store", model="models/stories260K")))  # doctest: +SKIP
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    app = FastAPI(title="prefixgen", docs_url=None, redoc_url=None)
+    lock = asyncio.Lock()
+
+    def count(endpoint: str, status: int) -> None:
+        key = (endpoint, status)
+        engine.metrics.requests[key] = engine.metrics.requests.get(key, 0) + 1
+
+    async def body_of(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RequestError(400, f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object")
+        model = body.get("model")
+        if model != engine.name:
+            raise RequestError(
+                404, f"The model `{model}` does not exist; this server serves `{engine.name}`", code="model_not_found"
+            )
+        return body
+
+    async def handle(request: Request, chat: bool):
+        endpoint = request.url.path
+        try:
+            body = await body_of(request)
+            params = parse_params(body, chat)
+            ids = engine.tokenize_chat(_messages(body)) if chat else _prompt_ids(engine, body)
+            if params["stream"]:
+                return StreamingResponse(stream(ids, params, chat, endpoint), media_type="text/event-stream")
+            async with lock:
+                gen = await asyncio.to_thread(engine.generate, ids, params)
+        except RequestError as exc:
+            count(endpoint, exc.status)
+            return JSONResponse(exc.body(), status_code=exc.status)
+        except Exception as exc:  # the server never dies from a request
+            count(endpoint, 500)
+            return JSONResponse(RequestError(500, f"generation failed: {exc}", "server_error").body(), status_code=500)
+        count(endpoint, 200)
+        return JSONResponse(_response(gen, chat))
+
+    def _response(gen: Generation, chat: bool) -> dict:
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        base = {"id": rid, "created": int(time.time()), "model": engine.name, "usage": _usage(gen)}
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": gen.text}, "finish_reason": gen.finish_reason}
+            return {**base, "object": "chat.completion", "choices": [choice]}
+        choice = {"index": 0, "text": gen.text, "logprobs": None, "finish_reason": gen.finish_reason}
+        return {**base, "object": "text_completion", "choices": [choice]}
+
+    async def stream(ids: list[int], params: dict, chat: bool, endpoint: str) -> AsyncIterator[str]:
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def chunk(text: str | None, finish: str | None, usage: dict | None = None, role: bool = False) -> str:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+            else:
+                choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
+            data = {"id": rid, "object": obj, "created": int(time.time()), "model": engine.name, "choices": choices}
+            if usage is not None:
+                data = {**data, "choices": [], "usage": usage}
+            return f"data: {json.dumps(data)}\n\n"
+
+        async with lock:
+            if chat:
+                yield chunk(None, None, role=True)
+            worker = loop.run_in_executor(
+                None, lambda: engine.generate(ids, params, on_text=lambda t: loop.call_soon_threadsafe(queue.put_nowait, t))
+            )
+            worker.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
+            while (piece := await queue.get()) is not None:
+                yield chunk(piece, None)
+            try:
+                gen = await worker
+            except RequestError as exc:
+                count(endpoint, exc.status)
+                yield f"data: {json.dumps(exc.body())}\n\n"
+                return
+            except Exception as exc:
+                count(endpoint, 500)
+                yield f"data: {json.dumps(RequestError(500, f'generation failed: {exc}', 'server_error').body())}\n\n"
+                return
+        count(endpoint, 200)
+        yield chunk(None, gen.finish_reason)
+        if params["include_usage"]:
+            yield chunk(None, None, usage=_usage(gen))
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": engine.name, "object": "model", "created": engine.created, "owned_by": "prefixgen"}],
+        }
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "store": None if engine.store is None else str(engine.store.path)}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(engine.metrics.render(engine.hot), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Load everything (refusing a store built for another model), then serve until stopped."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise ConfigError("prefixgen serve needs FastAPI and uvicorn: pip install 'prefixgen[serve]'") from None
+    if not cfg.model:
+        raise ConfigError("pass --model (the model the store was built with)")
+    engine = Engine(cfg)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {cfg.host}: anyone who can reach this address can use the server")
+    uvicorn.run(create_app(engine), host=cfg.host, port=cfg.port, log_level="info")
+
+
+__all__ = ["Engine", "PrefixgenError", "RequestError", "ServeConfig", "create_app", "serve"]
