@@ -28,7 +28,9 @@ demo: install
 	$(VENV)/bin/prefixgen verify demo-store
 
 bench: install
-	$(PY) benchmarks/build_throughput.py --model configs/models/stories260K.json --records 400
+	$(PY) benchmarks/build_throughput.py --model configs/models/small-llama.json --records 300
+	$(PY) benchmarks/serve_ttft.py --model configs/models/small-llama.json --prefix 1024 3968
+	$(PY) benchmarks/fp8_error.py
 	$(PY) benchmarks/index_scale.py --blocks 10000000
 
 clean:

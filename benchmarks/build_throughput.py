@@ -74,8 +74,8 @@ def main() -> None:
     ap.add_argument("--min-words", type=int, default=20)
     ap.add_argument("--max-words", type=int, default=300)
     ap.add_argument("--shared-words", type=int, default=0, help="a prefix of this many words shared by every record")
-    ap.add_argument("--batch-tokens", type=int, default=None, help="default: 16384 on CUDA, 4096 on CPU")
-    ap.add_argument("--seq", type=int, default=None, help="row length of the bare forward (default: batch/16)")
+    ap.add_argument("--batch-tokens", type=int, default=None, help="default: 32768 on CUDA, 4096 on CPU")
+    ap.add_argument("--seq", type=int, default=None, help="row length of the bare forward (default: 2048 on CUDA, 512 on CPU)")
     ap.add_argument("--fsync", action="store_true", help="durable shard writes (default: page cache)")
     ap.add_argument("--kv-dtype", default="auto")
     ap.add_argument("--write-threads", type=int, default=4)
@@ -85,13 +85,13 @@ def main() -> None:
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    batch_tokens = args.batch_tokens or (16384 if device.type == "cuda" else 4096)
+    batch_tokens = args.batch_tokens or (32768 if device.type == "cuda" else 4096)
     model, tokenizer, name = load_model(args.model, device, dtype)
     texts = make_texts(args.records, args.min_words, args.max_words, args.shared_words)
     data = write_jsonl(args.out / "data.jsonl", texts)
     ids = tokenizer(texts)["input_ids"]
     dataset_tokens = sum(map(len, ids))
-    seq = args.seq or min(2048, batch_tokens // 16 if device.type == "cuda" else 512)
+    seq = args.seq or (2048 if device.type == "cuda" else 512)
 
     # Warm up kernels and allocator.
     bare_forward(model, ids[:8], batch_tokens, seq, device)

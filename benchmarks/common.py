@@ -28,6 +28,8 @@ def load_model(config_path: str | Path, device: str, dtype: torch.dtype, seed: i
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config_path = Path(config_path)
+    if not config_path.exists() and (ROOT / config_path).exists():
+        config_path = ROOT / config_path  # paths may be given from the repo root
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.unk_token  # the plain loop pads batches
     if (config_path.parent / "model.safetensors").exists():

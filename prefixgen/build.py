@@ -23,7 +23,7 @@ from prefixgen.errors import PrefixgenError, StoreError
 from prefixgen.fingerprint import fingerprint, probe_kv_layout
 from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, root_key
 from prefixgen.plan import Batch, Budget, Planner, PrefillTask, batch_tasks, split_batch
-from prefixgen.prefill import Prefiller, load_model
+from prefixgen.prefill import Prefiller, fit_batch_tokens, load_model
 from prefixgen.source import read_records
 from prefixgen.store import PrefixStore
 from prefixgen.tokenize import RecordTokenizer
@@ -176,10 +176,12 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
         system_prompt=cfg.system_prompt,
         warn=bar.write,
     )
-    planner = Planner(manifest.root_key, manifest.block_size, cfg.batch_tokens, store.index.contains, record)
+    budget = Budget(fit_batch_tokens(model, manifest.kv.values_per_token * model.dtype.itemsize, cfg.batch_tokens, device))
+    if budget.tokens < cfg.batch_tokens:
+        bar.write(f"device memory allows {budget.tokens} tokens per batch (asked for {cfg.batch_tokens})")
+    planner = Planner(manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record)
     source = PastSource(writer, store, device, model.dtype, cfg.prefix_cache_bytes)
     prefiller = Prefiller(model, device, source.get)
-    budget = Budget(cfg.batch_tokens)
 
     def store_task(task: PrefillTask, kv: torch.Tensor) -> None:
         with timer("copy"):

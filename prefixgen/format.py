@@ -103,6 +103,16 @@ def key64(key: bytes) -> int:
 # --------------------------------------------------------------------------- manifest
 
 
+def _fields_dict(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``data`` that are fields of ``cls``: newer writers may add fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
 @dataclass(slots=True, frozen=True)
 class ModelFingerprint:
     """What identifies the model a store was built with. ``IDENTITY_FIELDS`` must match for a
@@ -145,12 +155,11 @@ class ModelFingerprint:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return _fields_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelFingerprint:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**_known_fields(cls, data))
 
 
 @dataclass(slots=True, frozen=True)
@@ -529,12 +538,11 @@ class BuildRecord:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return _fields_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildRecord:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**_known_fields(cls, data))
 
 
 # counts/<build_id>.safetensors: how many of that build's records contained each block.

@@ -71,6 +71,24 @@ def load_model(cfg: BuildConfig) -> tuple[torch.nn.Module, Any, torch.device]:
     return model.to(device).eval(), tokenizer, device
 
 
+def fit_batch_tokens(model: torch.nn.Module, kv_bytes_per_token: int, requested: int, device: torch.device) -> int:
+    """The token budget of one forward: ``requested``, lowered on CUDA so that a batch's
+    activations and KV copies fit in half of the free device memory (out-of-memory batches are
+    still split and retried, this only makes them rare).
+
+    Per token: the KV four times over (the model's cache, the stacked copy, its token-major
+    copy, the reuse cache) plus one layer's activations (hidden x 6 + intermediate x 3 values).
+    """
+    if device.type != "cuda":
+        return requested
+    free, _ = torch.cuda.mem_get_info(device)
+    config = model.config
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    inter = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
+    per_token = 4 * kv_bytes_per_token + (6 * hidden + 3 * inter) * model.dtype.itemsize
+    return max(16, min(requested, int(free * 0.5 / max(per_token, 1))))
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

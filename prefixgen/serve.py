@@ -134,11 +134,15 @@ class Engine:
         >>> engine.generate(engine.tokenize_text("Once upon a time"), {"max_tokens": 8}).text  # doctest: +SKIP
     """
 
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, cfg: ServeConfig, model: torch.nn.Module | None = None, tokenizer: Any = None):
         self.cfg = cfg
-        self.model, self.tokenizer, self.device = load_model(
-            BuildConfig(model=cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-        )
+        if model is None:
+            model, tokenizer, device = load_model(
+                BuildConfig(model=cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+            )
+        else:
+            device = next(model.parameters()).device
+        self.model, self.tokenizer, self.device = model, tokenizer, device
         self.name = cfg.served_model_name or cfg.model
         self.store: PrefixStore | None = None
         self.hot: BlockCache | None = None

@@ -307,3 +307,37 @@ def test_records_are_read_as_a_stream(tmp_path, stories):
     assert [r.value for r in first] == ["record 0", "record 1", "record 2"]
     assert np.all([r.index for r in first] == np.arange(3))
     assert os.path.getsize(data) > 100_000
+
+
+@torch.inference_mode()
+def test_a_split_batch_computes_the_same_kv(stories):
+    """The out-of-memory path: halves of a batch, and a task cut in two, give the batch's KV."""
+    from prefixgen.format import BuildRecord, root_key
+    from prefixgen.plan import Batch, Planner, split_batch
+    from prefixgen.prefill import Prefiller
+    from prefixgen.tokenize import TokenizedRecord
+
+    model = AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(stories)
+    records = [TokenizedRecord(i, tok(t).input_ids) for i, t in enumerate(_random_records(3, seed=9))]
+    planner = Planner(root_key("00" * 32), 16, 4096, lambda keys: [False] * len(keys), BuildRecord("b", "d"))
+    batch = Batch(list(planner(iter(records))))
+    known: dict[bytes, torch.Tensor] = {}
+
+    def past(keys):
+        return torch.cat([known[k] for k in keys])
+
+    prefiller = Prefiller(model, torch.device("cpu"), past)
+    whole = prefiller.run(batch)
+    halves = split_batch(batch)
+    assert [len(b.tasks) for b in halves] == [1, 2]
+    parts = [kv for half in halves for kv in prefiller.run(half)]
+    for a, b in zip(whole, parts):
+        assert (a - b).abs().max() < 1e-5
+    first, second = split_batch(Batch([batch.tasks[0]]))
+    kv1 = prefiller.run(first)[0]
+    for i, key in enumerate(first.tasks[0].new_keys):
+        known[key] = kv1[i * 16 : (i + 1) * 16]
+    kv2 = prefiller.run(second)[0]
+    assert second.tasks[0].cached > 0
+    assert (torch.cat([kv1, kv2]) - whole[0]).abs().max() < 1e-5

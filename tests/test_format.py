@@ -24,6 +24,7 @@ from prefixgen.format import (
     hash_block,
     root_key,
 )
+from prefixgen.verify import verify_store
 from prefixgen.writer import StoreWriter, prepare_store
 
 # The vectors in FORMAT.md.
@@ -131,9 +132,15 @@ def test_fp8_round_trip_error_is_small(tmp_path):
     assert got.dtype == torch.float32
     rel = (got - kv).abs().max() / kv.abs().max()
     assert 0 < rel < 0.07  # e4m3 has a 3-bit mantissa
-    assert (tmp_path / "s" / "shards").stat()  # written as fp8: a quarter of float32's bytes
     shard = next((tmp_path / "s" / "shards").iterdir())
-    assert shard.stat().st_size < 16 * layout.values_per_token + 2000
+    assert shard.stat().st_size < 16 * layout.values_per_token + 2000  # one byte a value, plus scales
+    assert verify_store(tmp_path / "s").ok
+    data = bytearray(shard.read_bytes())
+    data[-16 * 4 - 8] ^= 0x10  # a byte of the scales (just before the tokens)
+    shard.write_bytes(bytes(data))
+    assert not verify_store(tmp_path / "s").ok
+    with pytest.raises(CorruptStoreError):
+        PrefixStore.open(tmp_path / "s").read_blocks(store.keys(seq))
 
 
 def test_missing_truncated_garbage_and_newer_manifests(tmp_path):

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every GPU measurement of BENCHMARKS.md in one run (about 6-8 minutes on an H100).
+# On the device machine, from the repo root, with .whl carried (benchmarks/fetch_gpu_wheels.sh):
+#   bash benchmarks/gpu.sh        # results go to $OUT (or bench-out/gpu) as JSON lines
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR=${OUT:-bench-out/gpu}
+mkdir -p "$OUTDIR"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUTDIR/gpu.txt"
+python3 -c "import torch, transformers, datasets; print(torch.__version__, transformers.__version__, datasets.__version__)" | tee -a "$OUTDIR/gpu.txt"
+df -h . | tee -a "$OUTDIR/gpu.txt"
+run() { echo "== $*"; timeout "${T:-120}" python3 "$@" 2>"$OUTDIR/last_err.txt" | tee -a "$OUTDIR/results.jsonl" || tail -5 "$OUTDIR/last_err.txt"; }
+cd benchmarks
+# Disk: durable write bandwidth (1 GiB, fsync) on the disk the stores go to.
+python3 - <<'PY' | tee -a "$OUTDIR/results.jsonl"
+import json, os, time
+buf = os.urandom(64 << 20); t = time.perf_counter()
+with open("../bench-out/disk.bin", "wb") as f:
+    for _ in range(16): f.write(buf)
+    f.flush(); os.fsync(f.fileno())
+dt = time.perf_counter() - t; os.remove("../bench-out/disk.bin")
+print(json.dumps({"disk_fsync_write_GB_s": round((16 << 26) / dt / 1e9, 2)}))
+PY
+# 1. Throughput: plain loop vs bare forward vs prefixgen (mixed lengths), page cache and durable.
+T=150 run build_throughput.py --model configs/models/qwen2.5-1.5b.json --records 1500 --min-words 60 --max-words 1200
+T=120 run build_throughput.py --model configs/models/qwen2.5-1.5b.json --records 1500 --min-words 60 --max-words 1200 --fsync --skip-plain
+T=120 run build_throughput.py --model configs/models/qwen2.5-0.5b.json --records 2000 --min-words 60 --max-words 1200 --skip-plain
+T=150 run build_throughput.py --model configs/models/llama-3.1-8b.json --records 300 --min-words 60 --max-words 1200 --skip-plain
+# 2. Dedup pays in time: most tokens are one shared prefix.
+T=90 run build_throughput.py --model configs/models/qwen2.5-1.5b.json --records 1000 --shared-words 1500 --min-words 20 --max-words 200
+# 3. fp8 storage: bytes and continuation-logit error against the bf16 store.
+T=90 run fp8_error.py --model configs/models/qwen2.5-0.5b.json --records 64
+T=120 run build_throughput.py --model configs/models/qwen2.5-0.5b.json --records 2000 --min-words 60 --max-words 1200 --skip-plain --kv-dtype fp8
+# 4. Serving: TTFT with and without the store; load bandwidth of a 4,096-token 8B prefix (537 MB).
+T=150 run serve_ttft.py --model configs/models/qwen2.5-1.5b.json --prefix 1024 4096 16384
+T=150 run serve_ttft.py --model configs/models/llama-3.1-8b.json --prefix 1024 4096 16384
+echo "done"
