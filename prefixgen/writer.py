@@ -232,6 +232,8 @@ class StoreWriter:
         if shard is not None:
             if shard.event is not None:
                 shard.event.synchronize()
+            elif self._pin:
+                torch.cuda.current_stream().synchronize()  # its non-blocking copies may be in flight
             kv = shard.kv[t0 : t0 + self._bs]
             scale = shard.scale[slot : slot + 1] if shard.scale is not None else None
         else:
