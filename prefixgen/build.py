@@ -154,6 +154,16 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
         model, tokenizer, device = load_model(cfg)
     else:
         device = next(model.parameters()).device
+    # Check the dataset and the chat template first: bad input must not leave a new, empty store behind.
+    max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 1 << 62
+    tokenize = RecordTokenizer(
+        tokenizer,
+        BuildRecord("", ""),
+        min(cfg.max_tokens or max_positions, max_positions),
+        chat=cfg.messages_field is not None,
+        system_prompt=cfg.system_prompt,
+    )
+    records = read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
     manifest = prepare_store(out, _manifest(cfg, model, tokenizer), cfg.write_mode)
     if cfg.resume:
         remove_temp_files(out)
@@ -166,16 +176,8 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
             return done[-1]
     writer = StoreWriter(out, manifest, record.build_id, cfg.shard_bytes, cfg.write_threads, cfg.fsync, device=device)
     record.writers.append(writer.writer_id)
-    max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 1 << 62
     bar = tqdm(total=cfg.limit, unit="rec", disable=cfg.quiet, dynamic_ncols=True, desc="build")
-    tokenize = RecordTokenizer(
-        tokenizer,
-        record,
-        min(cfg.max_tokens or max_positions, max_positions),
-        chat=cfg.messages_field is not None,
-        system_prompt=cfg.system_prompt,
-        warn=bar.write,
-    )
+    tokenize.stats, tokenize.warn = record, bar.write
     budget = Budget(fit_batch_tokens(model, manifest.kv.values_per_token * model.dtype.itemsize, cfg.batch_tokens, device))
     if budget.tokens < cfg.batch_tokens:
         bar.write(f"device memory allows {budget.tokens} tokens per batch (asked for {cfg.batch_tokens})")
@@ -189,9 +191,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
 
     # The pipeline: each step pulls from the one before.
     timer = StageTimer()
-    records = timer.wrap(
-        "read", read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
-    )
+    records = timer.wrap("read", records)
     tokenized = timer.wrap("tokenize", tokenize(records))
     tasks = timer.wrap("plan", planner(tokenized))
     batches = timer.wrap("batch", batch_tasks(tasks, budget, cfg.sort_window))

@@ -197,6 +197,14 @@ class Engine:
 
     # ------------------------------------------------------------------ generating
 
+    def detokenize(self, prompt: list[int], new: list[int]) -> str:
+        """Text of ``new`` as it continues ``prompt``: decoded after a few prompt tokens, so a
+        leading space that SentencePiece-style tokenizers drop at the start of a decode is kept."""
+        context = prompt[-4:]
+        base = self.tokenizer.decode(context, skip_special_tokens=True)
+        full = self.tokenizer.decode(context + new, skip_special_tokens=True)
+        return full[len(base) :] if full.startswith(base) else self.tokenizer.decode(new, skip_special_tokens=True)
+
     @torch.inference_mode()
     def generate(self, ids: list[int], params: dict[str, Any], on_text: Callable[[str], None] | None = None) -> Generation:
         """Generate for prompt ``ids``. ``on_text`` gets each new piece of text as it is made."""
@@ -233,7 +241,7 @@ class Engine:
                 if not gen.tokens:
                     gen.ttft = time.perf_counter() - started
                 gen.tokens.extend(value.reshape(-1).tolist())
-                text = engine.tokenizer.decode(gen.tokens, skip_special_tokens=True)
+                text = engine.detokenize(ids, gen.tokens)
                 for stop in stops:
                     at = text.find(stop)
                     if at >= 0:
@@ -278,7 +286,7 @@ class Engine:
             eos = self.model.generation_config.eos_token_id
             eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
             gen.finish_reason = "stop" if new and new[-1] in eos_ids else "length"
-            gen.text = self.tokenizer.decode(new, skip_special_tokens=True)
+            gen.text = self.detokenize(ids, new)
             if on_text is not None and len(gen.text) > collector.sent:
                 on_text(gen.text[collector.sent :])
         gen.tokens = new

@@ -73,8 +73,9 @@ def open_dataset(dataset: str, split: str = "train", subset: str | None = None):
 def read_records(
     dataset: str, field: str, split: str = "train", subset: str | None = None, limit: int | None = None
 ) -> Iterator[Record]:
-    """Stream ``Record``s holding ``field`` of each row; a missing field is an error listing the
-    fields that exist.
+    """Stream ``Record``s holding ``field`` of each row. The dataset is opened and its first row
+    read now, so a missing dataset or field fails here, before any work (the error lists the
+    fields that exist); the rest streams.
 
     Example:
         >>> next(read_records("data.jsonl", "text")).value  # doctest: +SKIP
@@ -86,7 +87,7 @@ def read_records(
     except Exception as exc:
         raise DatasetError(f"cannot read dataset {dataset}: {exc}") from None
     if first is None:
-        return
+        return iter(())
     if field not in first:
         raise DatasetError(
             f"dataset {dataset} has no field {field!r}; its fields are: {', '.join(sorted(first))} "
@@ -95,12 +96,14 @@ def read_records(
     stream = itertools.chain([first], rows)
     if limit is not None:
         stream = itertools.islice(stream, limit)
+    return _records(dataset, field, stream)
+
+
+def _records(dataset: str, field: str, rows: Iterator[dict]) -> Iterator[Record]:
     index = 0
     try:
-        for row in stream:
+        for row in rows:
             yield Record(index, row.get(field))
             index += 1
-    except DatasetError:
-        raise
     except Exception as exc:
         raise DatasetError(f"reading dataset {dataset} failed at record {index}: {exc}") from None

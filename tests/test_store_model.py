@@ -33,11 +33,11 @@ def _load(model_dir):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt_neox", "gemma"])
 def model_dir(request, tmp_path_factory, stories):
     if request.param == "llama":
         return stories  # the real trained Llama
-    return make_model(tmp_path_factory.mktemp("m") / "qwen2", "qwen2", seed=1)
+    return make_model(tmp_path_factory.mktemp("m") / request.param, request.param, seed=1)
 
 
 @torch.inference_mode()
