@@ -7,6 +7,8 @@ Each step is an iterator over the one before, so records stream through in bound
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,6 +32,7 @@ from prefixgen.tokenize import RecordTokenizer
 from prefixgen.writer import StoreWriter, new_id, prepare_store, remove_temp_files, utc_now
 
 CHECKPOINT_SECONDS = 30.0
+PREFETCH_BATCHES = 4
 T = TypeVar("T")
 
 
@@ -72,6 +75,44 @@ class StageTimer:
 
 
 _END = object()
+
+
+def prefetch(iterator: Iterator[T], depth: int, timer: StageTimer) -> Iterator[T]:
+    """Run ``iterator`` on a background thread, up to ``depth`` items ahead. Its exceptions are
+    raised here; closing this generator stops the thread. Time spent waiting for an item is
+    counted as ``input_wait``."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        items.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put((_END, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            items.put((_END, exc))
+
+    thread = threading.Thread(target=produce, name="prefixgen-input", daemon=True)
+    thread.start()
+    try:
+        while True:
+            with timer("input_wait"):
+                item, exc = items.get()
+            if exc is not None:
+                raise exc
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 class BuildInterrupted(PrefixgenError):
@@ -195,6 +236,9 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     tokenized = timer.wrap("tokenize", tokenize(records))
     tasks = timer.wrap("plan", planner(tokenized))
     batches = timer.wrap("batch", batch_tasks(tasks, budget, cfg.sort_window))
+    # Reading, tokenizing, hashing and batching run on a thread of their own, ahead of the
+    # prefill; batches still run in order, so each one's past was computed by an earlier one.
+    batches = prefetch(batches, PREFETCH_BATCHES, timer)
 
     started = last_checkpoint = time.perf_counter()
     writer.write_build(record)
@@ -211,6 +255,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
         writer.close()
         record.status = "complete"
     except KeyboardInterrupt:
+        batches.close()  # stop the input thread before recording what it counted
         record.status = "interrupted"
         _finish(writer, record, planner, started, bar, timer)
         raise BuildInterrupted(
@@ -218,6 +263,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
             "rerun the same command with --resume to finish"
         ) from None
     except BaseException:
+        batches.close()
         record.status = "failed"
         _finish(writer, record, planner, started, bar, timer)
         raise
@@ -282,7 +328,7 @@ def _checkpoint(writer: StoreWriter, record: BuildRecord, planner: Planner, seco
         "write": round(writer.write_seconds, 3),
         "write_wait": round(writer.wait_seconds, 3),
     }
-    writer.write_counts(planner.counts)
+    writer.write_counts(planner.counts.copy())  # a copy: the input thread may still be counting
     writer.write_build(record)
 
 
