@@ -11,11 +11,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from prefixgen.errors import ConfigError
 

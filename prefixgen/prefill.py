@@ -1,10 +1,11 @@
 """Step 4 of the build: load the model and run batches of PrefillTasks through it.
 
 Padding scheme: each row holds one task's new tokens, right-padded; the past KV of row i
-(``cached_i`` tokens) sits at the start of a past of ``P = max(cached)`` slots, the rest masked.
-Explicit ``position_ids`` (``cached_i + j``) give every real token the RoPE position it has alone,
-and the mask lets it see exactly its own past and the row's earlier tokens, so the KV of real
-positions equals single-sequence prefill (tests/test_build.py proves it).
+(``cached_i`` tokens) sits at the start of a past of ``P = max(cached)`` slots. Right padding needs
+no mask: under the causal mask a real token never sees the padding after it. When the pasts differ
+in length, the slots past ``cached_i`` are masked and explicit ``position_ids`` (``cached_i + j``)
+give every real token the RoPE position it has alone. Either way the KV of real positions equals
+single-sequence prefill (tests/test_build.py proves it).
 """
 
 from __future__ import annotations
@@ -128,7 +129,10 @@ class Prefiller:
             pos.clamp_(max=self.max_positions - 1)
         past = self._past(tasks, p_max) if p_max else None
         kwargs: dict[str, Any] = {"input_ids": self._up(ids), "use_cache": True, "logits_to_keep": 1}
-        if past is not None or batch.padding_tokens:
+        if any(t.cached != p_max for t in tasks):
+            # Pasts of different lengths leave holes: only then a mask and explicit positions.
+            # Right padding alone needs neither: under the causal mask a real token never sees
+            # the padding after it, and the fast causal attention kernels stay in use.
             kwargs["attention_mask"] = self._up(mask)
             kwargs["position_ids"] = self._up(pos)
         out = self.model(**kwargs, **cache_kwargs(self.model, past))

@@ -61,12 +61,12 @@ WRITE_MODES = ("new", "append", "resume", "overwrite")
 
 def new_id() -> str:
     """A writer or build id: UTC time, pid and random bits, so concurrent writers never collide."""
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    now = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     return f"{now}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def utc_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def prepare_store(path: Path, manifest: Manifest, mode: str) -> Manifest:
