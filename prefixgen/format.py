@@ -370,11 +370,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def block_crcs(data: memoryview | bytes, block_bytes: int) -> np.ndarray:
-    """CRC-32 (zlib) of each ``block_bytes`` run of ``data``. ``[blocks]`` uint32."""
+def block_crcs(data: Any, block_bytes: int, scales: Any = None, scale_bytes: int = 0) -> np.ndarray:
+    """CRC-32 (zlib) of each ``block_bytes`` run of ``data``, continued over the block's
+    ``scale_bytes`` run of ``scales`` when given (fp8). ``[blocks]`` uint32.
+
+    Example:
+        >>> block_crcs(bytes(8), 4).tolist()
+        [558161692, 558161692]
+    """
     view = memoryview(data).cast("B")
     n = len(view) // block_bytes
-    return np.fromiter((zlib.crc32(view[i * block_bytes : (i + 1) * block_bytes]) for i in range(n)), dtype=np.uint32, count=n)
+    crcs = (zlib.crc32(view[i * block_bytes : (i + 1) * block_bytes]) for i in range(n))
+    if scales is not None:
+        extra = memoryview(scales).cast("B")
+        crcs = (zlib.crc32(extra[i * scale_bytes : (i + 1) * scale_bytes], c) for i, c in enumerate(crcs))
+    return np.fromiter(crcs, dtype=np.uint32, count=n)
 
 
 def shard_checksum(header: bytes, crcs: np.ndarray) -> int:

@@ -197,18 +197,19 @@ def _pack(ready: list[PrefillTask], batch_tokens: int, max_padding: float = 0.1)
     memory too, so past + new tokens are capped at 4x the budget."""
     batches: list[Batch] = []
     batch = Batch()
-    real = 0
+    real = new_max = past_max = 0  # of the batch being filled, kept as it grows
     for task in ready:
         rows = len(batch.tasks) + 1
-        new_len = max(batch.new_len, task.new_tokens)
-        past_len = max(batch.past_len, task.cached)
+        new_len = max(new_max, task.new_tokens)
+        past_len = max(past_max, task.cached)
         slots = new_len * rows
         too_big = slots > batch_tokens or (past_len + new_len) * rows > 4 * batch_tokens
         if batch.tasks and (too_big or slots - real - task.new_tokens > max_padding * slots):
             batches.append(batch)
-            batch, real = Batch(), 0
+            batch, real, new_len, past_len = Batch(), 0, task.new_tokens, task.cached
         batch.tasks.append(task)
         real += task.new_tokens
+        new_max, past_max = new_len, past_len
     if batch.tasks:
         batches.append(batch)
     return batches

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,16 +24,20 @@ from transformers import DynamicCache
 
 from prefixgen.compat import make_cache
 from prefixgen.errors import CorruptStoreError, IncompatibleStoreError, StoreError
+from prefixgen.fingerprint import fingerprint, probe_kv_layout
 from prefixgen.format import (
     BUILDS_DIR,
+    COUNT_COLUMNS,
     COUNTS_DIR,
     MANIFEST_FILE,
     SHARDS_DIR,
+    ST_DTYPES,
     TORCH_DTYPES,
     BlockHash,
     BuildRecord,
     Manifest,
     SafetensorsHeader,
+    block_crcs,
     block_keys,
     dequantize_fp8,
     read_safetensors_header,
@@ -249,16 +252,13 @@ class PrefixStore:
             raise CorruptStoreError(f"{path} is truncated; run `prefixgen verify`")
         if not verify:
             return
-        for i, want in enumerate(run.crcs):
-            crc = zlib.crc32(dest[i * block_bytes : (i + 1) * block_bytes])
-            if scale_dest is not None:
-                per_block = layout.scale_bytes_per_block()
-                crc = zlib.crc32(scale_dest[i * per_block : (i + 1) * per_block], crc)
-            if crc != want:
-                raise CorruptStoreError(
-                    f"{path}: block at slot {run.first_slot + i} fails its checksum; the store is damaged "
-                    "(run `prefixgen verify`, then rebuild the damaged part with `prefixgen build --resume`)"
-                )
+        crcs = block_crcs(dest, block_bytes, scale_dest, layout.scale_bytes_per_block())
+        bad = np.flatnonzero(crcs != np.asarray(run.crcs, dtype=np.uint32))
+        if len(bad):
+            raise CorruptStoreError(
+                f"{path}: block at slot {run.first_slot + int(bad[0])} fails its checksum; the store is damaged "
+                "(run `prefixgen verify`, then rebuild the damaged part with `prefixgen build --resume`)"
+            )
 
     # ------------------------------------------------------------------ compatibility
 
@@ -269,8 +269,6 @@ class PrefixStore:
         Example:
             >>> store.check_compatible(model, tokenizer)  # doctest: +SKIP
         """
-        from prefixgen.fingerprint import fingerprint, probe_kv_layout
-
         theirs = fingerprint(model, tokenizer, probe_kv_layout(model))
         problems = self.manifest.model.differences(theirs, check_tokenizer=tokenizer is not None)
         if problems:
@@ -292,8 +290,6 @@ class PrefixStore:
 
     def record_counts(self) -> dict[bytes, int]:
         """How many dataset records contained each block, summed over builds."""
-        from prefixgen.format import COUNT_COLUMNS, ST_DTYPES
-
         total: dict[bytes, int] = {}
         for p in sorted((self.path / COUNTS_DIR).glob("*.safetensors")):
             with open(p, "rb") as f:

@@ -129,13 +129,8 @@ def _verify_segment(
         a, b = header.tensors[name]["data_offsets"]
         return memoryview(data)[a:b]
 
-    crcs = block_crcs(tensor("kv"), layout.bytes_per_token * bs)
-    if layout.storage == "fp8":
-        import zlib
-
-        per_block = layout.scale_bytes_per_block()
-        scales = tensor("kv_scale")
-        crcs = np.array([zlib.crc32(scales[i * per_block : (i + 1) * per_block], int(c)) for i, c in enumerate(crcs)], np.uint32)
+    scales = tensor("kv_scale") if layout.storage == "fp8" else None
+    crcs = block_crcs(tensor("kv"), layout.bytes_per_token * bs, scales, layout.scale_bytes_per_block())
     if shard_checksum(raw_header, crcs) != checksum:
         report.faults.append(f"{where}: checksum mismatch, the file is damaged")
     tokens = np.frombuffer(tensor("tokens"), dtype="<u4").reshape(blocks, bs)

@@ -21,7 +21,6 @@ import secrets
 import shutil
 import threading
 import time
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,13 +319,13 @@ class StoreWriter:
         meta = {"format_version": str(FORMAT_VERSION), "writer": self.writer_id, "build": self.build_id}
         header = encode_safetensors_header(shard_tensors(layout, self._bs, n), meta)
         kv_bytes = shard.kv[: n * self._bs].view(torch.uint8).numpy().reshape(-1)
-        crcs = block_crcs(kv_bytes, self._block_bytes)
         parts: list = [header, kv_bytes.data]
+        scale_bytes = None
         if shard.scale is not None:
-            scale_bytes = shard.scale[:n].numpy().astype("<f4").reshape(n, -1)
-            # An fp8 block's CRC covers its KV bytes then its scales.
-            crcs = np.array([zlib.crc32(scale_bytes[i].tobytes(), int(c)) for i, c in enumerate(crcs)], dtype=np.uint32)
-            parts.append(scale_bytes.tobytes())
+            scale_bytes = shard.scale[:n].numpy().astype("<f4").tobytes()
+            parts.append(scale_bytes)
+        # An fp8 block's CRC covers its KV bytes, then its scales.
+        crcs = block_crcs(kv_bytes, self._block_bytes, scale_bytes, self.manifest.kv.scale_bytes_per_block())
         parts.append(shard.tokens[:n].astype("<u4").tobytes())
         size = atomic_write(self.path / SHARDS_DIR / name, parts, self.fsync)
         columns = {
@@ -411,11 +410,11 @@ def _store_write_error(path: Path, exc: BaseException) -> StoreError:
     return StoreError(f"writing to {path} failed: {exc}")
 
 
-def remove_temp_files(path: Path, writer_prefix: str = "") -> int:
-    """Delete leftover ``*.tmp`` files (from a killed writer) whose name starts with ``writer_prefix``."""
+def remove_temp_files(path: Path) -> int:
+    """Delete leftover ``*.tmp`` files of killed writers (run only when no other writer is live)."""
     removed = 0
     for sub in (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR):
-        for p in (path / sub).glob(f"{writer_prefix}*{TMP_SUFFIX}"):
+        for p in (path / sub).glob(f"*{TMP_SUFFIX}"):
             p.unlink(missing_ok=True)
             removed += 1
     return removed
