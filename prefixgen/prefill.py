@@ -137,9 +137,12 @@ class Prefiller:
             kwargs["position_ids"] = self._up(pos)
         out = self.model(**kwargs, **cache_kwargs(self.model, past))
         layers = output_cache(out).layers
-        # [L, 2, rows, H, P+N, D] -> new tokens only -> [rows, N, L, 2, H, D]
-        kv = torch.stack([torch.stack((layer.keys[:, :, p_max:], layer.values[:, :, p_max:])) for layer in layers])
-        kv = kv.permute(2, 4, 0, 1, 3, 5).contiguous()
+        k0 = layers[0].keys  # [rows, H, P+N, D] per layer, K and V
+        # New tokens only, token-major in one copy: [rows, N, L, 2, H, D].
+        kv = torch.empty(rows, n_max, len(layers), 2, k0.shape[1], k0.shape[3], dtype=k0.dtype, device=k0.device)
+        for i, layer in enumerate(layers):
+            kv[:, :, i, 0] = layer.keys[:, :, p_max:].transpose(1, 2)
+            kv[:, :, i, 1] = layer.values[:, :, p_max:].transpose(1, 2)
         return [kv[i, : t.new_tokens] for i, t in enumerate(tasks)]
 
     def _up(self, t: torch.Tensor) -> torch.Tensor:

@@ -62,21 +62,31 @@ def store_summary(store: PrefixStore, top: int = 5, decode: bool = True) -> dict
 
 def top_prefixes(store: PrefixStore, top: int, decode: bool) -> list[dict[str, Any]]:
     """The longest prefixes shared by the most records: blocks whose record count is at least 2
-    and higher than any child's (so a shared system prompt shows once, at its full length)."""
-    counts = store.record_counts()
-    if not counts or top <= 0:
+    and higher than any child's (so a shared system prompt shows once, at its full length).
+    Vectorized over key64 (a 64-bit collision could only misplace a preview)."""
+    tables = store.count_arrays()
+    if not tables or top <= 0:
         return []
-    best_child: dict[bytes, int] = {}
+    keys = np.concatenate([k for k, _ in tables])
+    counts = np.concatenate([c for _, c in tables]).astype(np.uint64)
+    if not len(keys):
+        return []
+    k64 = _key64(keys)
+    order = np.argsort(k64, kind="stable")
+    k64, keys, counts = k64[order], keys[order], counts[order]
+    starts = np.flatnonzero(np.r_[True, k64[1:] != k64[:-1]])  # one row per block, counts summed over builds
+    k64, keys, counts = k64[starts], keys[starts], np.add.reduceat(counts, starts)
+    best_child = np.zeros(len(k64), dtype=np.uint64)
     for seg in store.index.segments:
-        keys, parents = seg.cols["key"], seg.cols["parent"]
-        for row in range(seg.n):
-            c = counts.get(keys[row].tobytes(), 0)
-            p = parents[row].tobytes()
-            if c > best_child.get(p, 0):
-                best_child[p] = c
-    candidates = [(c, k) for k, c in counts.items() if c >= 2 and best_child.get(k, 0) < c]
+        child = _lookup(k64, seg.cols["key64"])
+        parent = _lookup(k64, _key64(seg.cols["parent"]))
+        ok = (child >= 0) & (parent >= 0)
+        np.maximum.at(best_child, parent[ok], counts[child[ok]])
+    candidates = np.flatnonzero((counts >= 2) & (best_child < counts))
+    candidates = candidates[np.argsort(-counts[candidates].astype(np.int64), kind="stable")]
+    ranked = ((int(counts[i]), keys[i].tobytes()) for i in candidates)
     rows = []
-    for c, key in sorted(candidates, key=lambda ck: -ck[0]):
+    for c, key in ranked:
         tokens = _prefix_tokens(store, key)
         if tokens is None:
             continue
@@ -90,6 +100,18 @@ def top_prefixes(store: PrefixStore, top: int, decode: bool) -> list[dict[str, A
             text = tokenizer.decode(ids)
             row["preview"] = text if len(text) <= 120 else text[:57] + " ... " + text[-58:]
     return rows
+
+
+def _key64(keys: np.ndarray) -> np.ndarray:
+    """[n, 32] uint8 keys -> [n] uint64 of their first 8 bytes (little-endian)."""
+    return np.ascontiguousarray(keys[:, :8]).view("<u8").reshape(-1)
+
+
+def _lookup(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Index of each query in ``sorted_keys``, or -1."""
+    pos = np.searchsorted(sorted_keys, queries)
+    pos[pos >= len(sorted_keys)] = 0
+    return np.where(sorted_keys[pos] == queries, pos, -1)
 
 
 def _prefix_tokens(store: PrefixStore, key: bytes) -> list[int] | None:

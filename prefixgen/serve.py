@@ -23,7 +23,7 @@ import torch
 from prefixgen.blockcache import BlockCache
 from prefixgen.compat import cache_kwargs
 from prefixgen.config import BuildConfig
-from prefixgen.errors import ConfigError, CorruptStoreError, PrefixgenError
+from prefixgen.errors import ConfigError, CorruptStoreError
 from prefixgen.prefill import load_model
 from prefixgen.store import PrefixStore, kv_to_cache
 
@@ -524,4 +524,4 @@ def serve(cfg: ServeConfig) -> None:
     uvicorn.run(create_app(engine), host=cfg.host, port=cfg.port, log_level="info")
 
 
-__all__ = ["Engine", "PrefixgenError", "RequestError", "ServeConfig", "create_app", "serve"]
+__all__ = ["Engine", "RequestError", "ServeConfig", "create_app", "serve"]

@@ -291,6 +291,15 @@ class PrefixStore:
     def record_counts(self) -> dict[bytes, int]:
         """How many dataset records contained each block, summed over builds."""
         total: dict[bytes, int] = {}
+        for keys, counts in self.count_arrays():
+            for key, count in zip(keys, counts.tolist()):
+                k = key.tobytes()
+                total[k] = total.get(k, 0) + count
+        return total
+
+    def count_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per build: (keys [n, 32] uint8, records [n] uint64), as stored in ``counts/``."""
+        out = []
         for p in sorted((self.path / COUNTS_DIR).glob("*.safetensors")):
             with open(p, "rb") as f:
                 header = read_safetensors_header(f, p)
@@ -303,10 +312,10 @@ class PrefixStore:
                 a, b = info["data_offsets"]
                 cols[name] = np.frombuffer(data[a:b], dtype=np.dtype(dt).newbyteorder("<"))
             keys = cols["key"].reshape(-1, 32)
-            for key, count in zip(keys, cols["records"].tolist()):
-                k = key.tobytes()
-                total[k] = total.get(k, 0) + count
-        return total
+            if len(keys) != len(cols["records"]):
+                raise CorruptStoreError(f"{p}: columns have different lengths")
+            out.append((keys, cols["records"]))
+        return out
 
 
 def kv_to_cache(kv: torch.Tensor) -> DynamicCache:

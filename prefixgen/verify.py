@@ -85,7 +85,7 @@ def verify_store(path: str | os.PathLike, progress: bool = False) -> VerifyRepor
         except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
             report.faults.append(f"{p}: build record is damaged ({exc})")
     try:
-        store.record_counts()
+        store.count_arrays()
     except (PrefixgenError, OSError, ValueError) as exc:
         report.faults.append(f"record counts are damaged: {exc}")
     return report
