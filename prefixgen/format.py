@@ -410,6 +410,22 @@ def shard_tensors(layout: KVLayout, block_size: int, blocks: int) -> list[Tensor
     return specs
 
 
+def read_shard_blocks(
+    fd: int, header: SafetensorsHeader, layout: KVLayout, block_size: int, first_slot: int, kv: Any, scales: Any = None
+) -> bool:
+    """Read consecutive blocks from slot ``first_slot`` of an open shard: their ``kv`` bytes into
+    the writable buffer ``kv`` (its size says how many blocks) and, for fp8, their scale bytes into
+    ``scales``. One ``preadv`` each. Returns False if the file ended first (truncated)."""
+    block_bytes = layout.bytes_per_token * block_size
+    kv = memoryview(kv).cast("B")
+    ok = os.preadv(fd, [kv], header.offset("kv") + first_slot * block_bytes) == kv.nbytes
+    if scales is not None:
+        scales = memoryview(scales).cast("B")
+        offset = header.offset("kv_scale") + first_slot * layout.scale_bytes_per_block()
+        ok = ok and os.preadv(fd, [scales], offset) == scales.nbytes
+    return ok
+
+
 def shard_name(writer_id: str, seq: int) -> str:
     return f"{writer_id}-{seq:06d}.safetensors"
 

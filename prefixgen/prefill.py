@@ -77,8 +77,9 @@ def fit_batch_tokens(model: torch.nn.Module, kv_bytes_per_token: int, requested:
     activations and KV copies fit in half of the free device memory (out-of-memory batches are
     still split and retried, this only makes them rare).
 
-    Per token: the KV four times over (the model's cache, the stacked copy, its token-major
-    copy, the reuse cache) plus one layer's activations (hidden x 6 + intermediate x 3 values).
+    Per token: the KV four times over (the model's cache, its token-major copy, the reuse cache,
+    and a margin for the past of the next batch) plus one layer's activations (hidden x 6 +
+    intermediate x 3 values).
     """
     if device.type != "cuda":
         return requested
@@ -116,23 +117,15 @@ class Prefiller:
         tasks = batch.tasks
         rows, n_max, p_max = len(tasks), batch.new_len, batch.past_len
         ids = torch.zeros(rows, n_max, dtype=torch.long)
-        pos = torch.zeros(rows, n_max, dtype=torch.long)
-        mask = torch.zeros(rows, p_max + n_max, dtype=torch.long)
         for i, t in enumerate(tasks):
-            n = t.new_tokens
-            ids[i, :n] = torch.tensor(t.tokens[t.cached :])
-            # Padding continues the positions; it is masked, and its KV is thrown away.
-            pos[i] = torch.arange(t.cached, t.cached + n_max)
-            mask[i, : t.cached] = 1
-            mask[i, p_max : p_max + n] = 1
-        if self.max_positions:
-            pos.clamp_(max=self.max_positions - 1)
+            ids[i, : t.new_tokens] = torch.tensor(t.tokens[t.cached :])
         past = self._past(tasks, p_max) if p_max else None
         kwargs: dict[str, Any] = {"input_ids": self._up(ids), "use_cache": True, "logits_to_keep": 1}
         if any(t.cached != p_max for t in tasks):
             # Pasts of different lengths leave holes: only then a mask and explicit positions.
             # Right padding alone needs neither: under the causal mask a real token never sees
             # the padding after it, and the fast causal attention kernels stay in use.
+            mask, pos = self._holes(tasks, n_max, p_max)
             kwargs["attention_mask"] = self._up(mask)
             kwargs["position_ids"] = self._up(pos)
         out = self.model(**kwargs, **cache_kwargs(self.model, past))
@@ -144,6 +137,20 @@ class Prefiller:
             kv[:, :, i, 0] = layer.keys[:, :, p_max:].transpose(1, 2)
             kv[:, :, i, 1] = layer.values[:, :, p_max:].transpose(1, 2)
         return [kv[i, : t.new_tokens] for i, t in enumerate(tasks)]
+
+    def _holes(self, tasks: list, n_max: int, p_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention mask [rows, P+N] (row i sees its own past and its real tokens) and positions
+        [rows, N] (``cached_i + j``; padding continues them, masked, its KV thrown away)."""
+        rows = len(tasks)
+        pos = torch.zeros(rows, n_max, dtype=torch.long)
+        mask = torch.zeros(rows, p_max + n_max, dtype=torch.long)
+        for i, t in enumerate(tasks):
+            pos[i] = torch.arange(t.cached, t.cached + n_max)
+            mask[i, : t.cached] = 1
+            mask[i, p_max : p_max + t.new_tokens] = 1
+        if self.max_positions:
+            pos.clamp_(max=self.max_positions - 1)
+        return mask, pos
 
     def _up(self, t: torch.Tensor) -> torch.Tensor:
         """Host to device without a stream sync: a copy from pageable memory would wait for the

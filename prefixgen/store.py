@@ -41,6 +41,7 @@ from prefixgen.format import (
     block_keys,
     dequantize_fp8,
     read_safetensors_header,
+    read_shard_blocks,
 )
 from prefixgen.index import BlockLocation, StoreIndex
 
@@ -241,13 +242,10 @@ class PrefixStore:
         header = self._header(run.shard)
         path = self.path / SHARDS_DIR / run.shard
         scale_dest = None
+        if scales is not None:
+            scale_dest = scales[run.out_block : run.out_block + run.blocks].view(torch.uint8).numpy().reshape(-1)
         with open(path, "rb", buffering=0) as f:
-            ok = os.preadv(f.fileno(), [dest], header.offset("kv") + run.first_slot * block_bytes) == dest.nbytes
-            if scales is not None:
-                per_block = layout.scale_bytes_per_block()
-                scale_dest = scales[run.out_block : run.out_block + run.blocks].view(torch.uint8).numpy().reshape(-1)
-                got = os.preadv(f.fileno(), [scale_dest], header.offset("kv_scale") + run.first_slot * per_block)
-                ok = ok and got == scale_dest.nbytes
+            ok = read_shard_blocks(f.fileno(), header, layout, bs, run.first_slot, dest, scale_dest)
         if not ok:
             raise CorruptStoreError(f"{path} is truncated; run `prefixgen verify`")
         if not verify:
@@ -287,15 +285,6 @@ class PrefixStore:
             except (json.JSONDecodeError, TypeError, OSError) as exc:
                 raise CorruptStoreError(f"{p} is damaged ({exc})") from None
         return sorted(records, key=lambda r: r.started_at)
-
-    def record_counts(self) -> dict[bytes, int]:
-        """How many dataset records contained each block, summed over builds."""
-        total: dict[bytes, int] = {}
-        for keys, counts in self.count_arrays():
-            for key, count in zip(keys, counts.tolist()):
-                k = key.tobytes()
-                total[k] = total.get(k, 0) + count
-        return total
 
     def count_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per build: (keys [n, 32] uint8, records [n] uint64), as stored in ``counts/``."""

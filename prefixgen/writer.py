@@ -50,6 +50,7 @@ from prefixgen.format import (
     encode_segment,
     quantize_fp8,
     read_safetensors_header,
+    read_shard_blocks,
     shard_checksum,
     shard_name,
     shard_tensors,
@@ -244,20 +245,15 @@ class StoreWriter:
     def _read_from_file(self, seq: int, slot: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         layout = self.manifest.kv
         path = self.path / SHARDS_DIR / shard_name(self.writer_id, seq)
-        with open(path, "rb") as f:
+        kv = torch.empty(
+            (self._bs, layout.num_layers, 2, layout.num_kv_heads, layout.head_dim), dtype=TORCH_DTYPES[layout.stored_dtype]
+        )
+        scale = torch.empty((1, layout.num_layers, 2, layout.num_kv_heads)) if self._fp8 else None
+        with open(path, "rb", buffering=0) as f:
             header = read_safetensors_header(f, path)
-            f.seek(header.offset("kv") + slot * self._block_bytes)
-            raw = bytearray(f.read(self._block_bytes))
-            kv = torch.frombuffer(raw, dtype=TORCH_DTYPES[layout.stored_dtype]).view(
-                self._bs, layout.num_layers, 2, layout.num_kv_heads, layout.head_dim
-            )
-            scale = None
-            if self._fp8:
-                per_block = layout.scale_bytes_per_block()
-                f.seek(header.offset("kv_scale") + slot * per_block)
-                scale = torch.frombuffer(bytearray(f.read(per_block)), dtype=torch.float32).view(
-                    1, layout.num_layers, 2, layout.num_kv_heads
-                )
+            scale_bytes = scale.view(torch.uint8).numpy() if scale is not None else None
+            if not read_shard_blocks(f.fileno(), header, layout, self._bs, slot, kv.view(torch.uint8).numpy(), scale_bytes):
+                raise StoreError(f"{path} is truncated: another process changed this writer's shard")
         return kv, scale
 
     # ------------------------------------------------------------------ shards
