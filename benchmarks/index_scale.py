@@ -33,7 +33,7 @@ from prefixgen.format import (  # noqa: E402
     encode_segment,
     root_key,
 )
-from prefixgen.writer import StoreWriter, prepare_store  # noqa: E402
+from prefixgen.store.writer import StoreWriter, prepare_store  # noqa: E402
 
 PER_SEGMENT = 100_000
 PROMPT = 4096

@@ -3,7 +3,7 @@
     python benchmarks/serve_ttft.py --model configs/models/llama-3.1-8b.json --device cuda --prefix 1024 4096 16384
 
 For each prefix length P: builds a store holding a P-token shared prefix, then times the
-server's engine (prefixgen.serve.Engine, no HTTP) on prompts made of that prefix plus a new
+server's engine (prefixgen.integrations.serve.Engine, no HTTP) on prompts made of that prefix plus a new
 question: TTFT without the store (full prefill), with the store read from disk (page cache
 warm and, where the OS allows dropping it, cold), and with the prefix hot on the device.
 Also times PrefixStore.read_locations of the whole prefix to the device (GB/s).
@@ -23,7 +23,7 @@ import torch
 from common import ROOT, Timer, card, load_model, make_texts, sync, write_jsonl
 
 from prefixgen import BuildConfig, PrefixStore, build
-from prefixgen.serve import Engine, ServeConfig
+from prefixgen.integrations.serve import Engine, ServeConfig
 
 
 def drop_page_cache() -> bool:

@@ -18,7 +18,7 @@ from prefixgen.errors import (
     StoreError,
 )
 from prefixgen.format import BlockHash, block_keys, hash_block, root_key
-from prefixgen.store import PrefixStore
+from prefixgen.store.reader import PrefixStore
 
 __version__ = "0.1.0"
 
@@ -43,7 +43,7 @@ __all__ = [
 
 def build(config: BuildConfig, model=None, tokenizer=None):
     """Run ``prefixgen build`` from Python (optionally with a loaded model and tokenizer);
-    see :func:`prefixgen.build.build`."""
-    from prefixgen.build import build as _build
+    see :func:`prefixgen.builder.pipeline.build`."""
+    from prefixgen.builder.pipeline import build as _build
 
     return _build(config, model=model, tokenizer=tokenizer)

@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from prefixgen.config import parse_size
 from prefixgen.errors import PrefixgenError
 
 app = typer.Typer(
@@ -41,43 +42,72 @@ def _user_errors(fn):
 Opt = typer.Option
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except PrefixgenError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+# The dataset and tokenization options, declared once: build, analyze and simulate read a dataset
+# exactly alike, so they take the same flags. Defaults live in BuildConfig (None here means unset).
+DatasetArg = Annotated[
+    Optional[str], typer.Argument(help="A .jsonl/.json/.parquet/.csv/.txt file, a folder of them, or a Hub dataset id.")
+]
+ModelOpt = Annotated[Optional[str], Opt("--model", "-m", help="A local model folder or a Hub model id.")]
+ConfigOpt = Annotated[Optional[Path], Opt("--config", "-c", help="A TOML file of options; flags win.")]
+SplitOpt = Annotated[Optional[str], Opt("--split", help="Dataset split (Hub datasets). [default: train]")]
+SubsetOpt = Annotated[Optional[str], Opt("--subset", help="Dataset subset/config name (Hub datasets).")]
+TextFieldOpt = Annotated[Optional[str], Opt("--text-field", help="Field holding the text. [default: text]")]
+MessagesFieldOpt = Annotated[Optional[str], Opt("--messages-field", help="Field holding chats, rendered with the chat template.")]
+SystemPromptOpt = Annotated[
+    Optional[str], Opt("--system-prompt", help="System prompt added to every chat (prepended to text records).")
+]
+ChatTemplateOpt = Annotated[Optional[str], Opt("--chat-template", help="A Jinja chat template file, for tokenizers without one.")]
+LimitOpt = Annotated[Optional[int], Opt("--limit", help="Read at most N records.")]
+MaxTokensOpt = Annotated[Optional[int], Opt("--max-tokens", help="Truncate records to N tokens.")]
+BlockSizeOpt = Annotated[Optional[int], Opt("--block-size", help="Tokens per block. [default: 16]")]
+KvDtypeOpt = Annotated[Optional[str], Opt("--kv-dtype", help="auto (the model's dtype) or fp8. [default: auto]")]
+TrustRemoteCodeOpt = Annotated[Optional[bool], Opt("--trust-remote-code", help="Allow the model's own code to run.")]
+
+
 @app.command()
 @_user_errors
 def build(
-    dataset: Annotated[
-        Optional[str], typer.Argument(help="A .jsonl/.json/.parquet/.csv/.txt file, a folder of them, or a Hub dataset id.")
-    ] = None,
-    model: Annotated[Optional[str], Opt("--model", "-m", help="A local model folder or a Hub model id.")] = None,
+    dataset: DatasetArg = None,
+    model: ModelOpt = None,
     out: Annotated[
         Optional[str], Opt("--out", "-o", help="The store folder (new or empty, unless --append/--resume/--overwrite).")
     ] = None,
-    config: Annotated[Optional[Path], Opt("--config", "-c", help="A TOML file of options; flags win.")] = None,
-    split: Annotated[Optional[str], Opt(help="Dataset split (Hub datasets).")] = None,
-    subset: Annotated[Optional[str], Opt(help="Dataset subset/config name (Hub datasets).")] = None,
-    text_field: Annotated[Optional[str], Opt(help="Field holding the text. [default: text]")] = None,
-    messages_field: Annotated[Optional[str], Opt(help="Field holding chats, rendered with the chat template.")] = None,
-    system_prompt: Annotated[Optional[str], Opt(help="System prompt added to every chat (prepended to text records).")] = None,
-    chat_template: Annotated[Optional[str], Opt(help="A Jinja chat template file, for tokenizers without one.")] = None,
-    limit: Annotated[Optional[int], Opt(help="Read at most N records.")] = None,
-    max_tokens: Annotated[Optional[int], Opt(help="Truncate records to N tokens.")] = None,
-    block_size: Annotated[Optional[int], Opt(help="Tokens per block. [default: 16]")] = None,
+    config: ConfigOpt = None,
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    text_field: TextFieldOpt = None,
+    messages_field: MessagesFieldOpt = None,
+    system_prompt: SystemPromptOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    limit: LimitOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    block_size: BlockSizeOpt = None,
     batch_tokens: Annotated[Optional[int], Opt(help="Token budget of one forward pass. [default: 8192]")] = None,
     dtype: Annotated[Optional[str], Opt(help="auto, bfloat16, float16 or float32. [default: auto]")] = None,
-    kv_dtype: Annotated[Optional[str], Opt(help="auto (the model's dtype) or fp8. [default: auto]")] = None,
+    kv_dtype: KvDtypeOpt = None,
     device: Annotated[Optional[str], Opt(help="auto, cpu, cuda or cuda:N. [default: auto]")] = None,
-    shard_bytes: Annotated[Optional[int], Opt(help="Bytes per shard file.")] = None,
-    write_threads: Annotated[Optional[int], Opt(help="Background threads writing shards.")] = None,
+    shard_bytes: Annotated[
+        Optional[int], Opt(parser=_size, metavar="SIZE", help="Bytes per shard file, e.g. 512MiB. [default: 256MiB]")
+    ] = None,
+    write_threads: Annotated[Optional[int], Opt(help="Background threads writing shards. [default: 2]")] = None,
     fsync: Annotated[Optional[bool], Opt("--fsync/--no-fsync", help="Make every shard durable before indexing it.")] = None,
     resume: Annotated[Optional[bool], Opt("--resume", help="Finish an interrupted build of this dataset.")] = None,
     append: Annotated[Optional[bool], Opt("--append", help="Add this dataset to an existing store of the same model.")] = None,
     overwrite: Annotated[Optional[bool], Opt("--overwrite", help="Replace an existing store.")] = None,
-    trust_remote_code: Annotated[Optional[bool], Opt("--trust-remote-code", help="Allow the model's own code to run.")] = None,
+    trust_remote_code: TrustRemoteCodeOpt = None,
     quiet: Annotated[Optional[bool], Opt("--quiet", "-q", help="No progress bar or summary.")] = None,
 ) -> None:
     """Stream DATASET through MODEL and store the KV of every block-aligned prefix in STORE."""
     flags = dict(locals())
     flags.pop("config")
-    from prefixgen.build import build as run_build
+    from prefixgen.builder.pipeline import build as run_build
     from prefixgen.config import BuildConfig
 
     cfg = BuildConfig.from_file(config, **flags) if config else BuildConfig().merged(**flags)
@@ -113,7 +143,7 @@ def ls(
 ) -> None:
     """Summarize a store: model, sizes, shards, builds and the most-shared prefixes."""
     from prefixgen.report import store_summary
-    from prefixgen.store import PrefixStore
+    from prefixgen.store.reader import PrefixStore
 
     summary = store_summary(PrefixStore.open(store), top=top)
     if as_json:
@@ -158,7 +188,7 @@ def ls(
 @_user_errors
 def verify(store: Annotated[Path, typer.Argument(help="The store folder.")]) -> None:
     """Check every shard's checksum and every index reference; exit 1 on any fault."""
-    from prefixgen.verify import verify_store
+    from prefixgen.maintain.verify import verify_store
 
     report = verify_store(store, progress=sys.stderr.isatty())
     for note in report.notes:
@@ -188,8 +218,8 @@ def serve(
     """Serve MODEL over an OpenAI-compatible HTTP API, loading prompt prefixes from STORE."""
     import dataclasses
 
-    from prefixgen.serve import ServeConfig
-    from prefixgen.serve import serve as run_serve
+    from prefixgen.integrations.serve import ServeConfig
+    from prefixgen.integrations.serve import serve as run_serve
 
     given = {k: v for k, v in locals().items() if k in {f.name for f in dataclasses.fields(ServeConfig)} and v is not None}
     run_serve(ServeConfig(**given))

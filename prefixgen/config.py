@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -19,6 +20,42 @@ from typing import Any
 from prefixgen.errors import ConfigError
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# Decimal (kB, MB, GB, TB) and binary (KiB, MiB, GiB, TiB) units; "B" or no unit is bytes.
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from a size with an optional unit: decimal ``kB MB GB TB`` or binary ``KiB MiB GiB TiB``
+    (case-insensitive), fractions allowed.
+
+    Example:
+        >>> parse_size("512MiB"), parse_size("1.5GB"), parse_size("4096"), parse_size(7)
+        (536870912, 1500000000, 4096, 7)
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ConfigError(f"{text!r} is not a size: write bytes with an optional unit, e.g. 4096, 512MiB, 8GiB or 2TB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
 KV_DTYPES = ("auto", "fp8")
 
 
@@ -82,6 +119,8 @@ class BuildConfig:
     def merged(self, **overrides: Any) -> BuildConfig:
         """A copy with the non-None ``overrides`` applied (each checked against its field's type)."""
         values = {k: v for k, v in overrides.items() if v is not None}
+        for name in SIZE_FIELDS & values.keys():
+            values[name] = parse_size(values[name])  # TOML may say "512MiB"
         for name, value in values.items():
             kind = _FIELD_TYPES.get(name)
             if kind is None:
@@ -125,6 +164,9 @@ class BuildConfig:
         """The options recorded in the store's build record."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("out", "quiet")}
 
+
+# Fields that are byte sizes: they accept units on the command line and in TOML.
+SIZE_FIELDS = frozenset({"shard_bytes", "prefix_cache_bytes"})
 
 # Field name -> the type its (non-None) values must have.
 _FIELD_TYPES: dict[str, type] = {

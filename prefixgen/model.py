@@ -1,4 +1,5 @@
-"""What a model is, for the manifest: its fingerprint (identity) and the shape of its KV cache.
+"""Loading a model and tokenizer, what the model is for the manifest (its fingerprint) and the shape of its
+KV cache: the one place the build and the servers get a model from.
 
 Both the build (to write the manifest) and the loader (``check_compatible``) use this, so a store
 is refused for any model whose fingerprint differs in an identity field.
@@ -118,3 +119,65 @@ def fingerprint(model: torch.nn.Module, tokenizer: Any, layout: KVLayout, name: 
         transformers_version=transformers.__version__,
         torch_version=torch.__version__,
     )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(
+    model: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    chat_template: str | None = None,
+) -> tuple[torch.nn.Module, Any, torch.device]:
+    """Model (eval mode, on its device) and tokenizer named by ``model`` (a folder or Hub id); clear errors for a
+    missing model, a model that is not a causal LM, or one that needs remote code.
+
+    Example:
+        >>> model, tokenizer, device = load_model("models/tiny")  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bar is the one to watch
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"cannot load a tokenizer from {model}: {_first_line(exc)}") from None
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"{model} needs its own code: if you trust it, pass --trust-remote-code") from None
+        raise ModelError(f"{model} is not a causal language model that transformers can load: {_first_line(exc)}") from None
+    except Exception as exc:
+        raise ModelError(f"cannot load model {model}: {_first_line(exc)}") from None
+    if chat_template:
+        try:
+            with open(chat_template) as f:
+                tokenizer.chat_template = f.read()
+        except OSError as exc:
+            raise ModelError(f"cannot read --chat-template {chat_template}: {exc.strerror}") from None
+    return lm.to(torch_device).eval(), tokenizer, torch_device
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

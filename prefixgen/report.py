@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from prefixgen.format import SHARDS_DIR
-from prefixgen.store import PrefixStore
+from prefixgen.store.reader import PrefixStore
 
 
 def store_summary(store: PrefixStore, top: int = 5, decode: bool = True) -> dict[str, Any]:

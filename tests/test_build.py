@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefixgen import PrefixStore
 from prefixgen.format import INDEX_DIR, block_keys
-from prefixgen.verify import verify_store
+from prefixgen.maintain.verify import verify_store
 
 from .conftest import MT_BENCH, SYSTEM, make_model, write_jsonl
 
@@ -299,7 +299,7 @@ def test_multiple_writers_fill_one_store(tmp_path, stories):
 
 def test_records_are_read_as_a_stream(tmp_path, stories):
     """A dataset is never loaded whole: the tokenized stream is consumed lazily."""
-    from prefixgen.source import read_records
+    from prefixgen.data.source import read_records
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"record {i}"} for i in range(10_000)])
     stream = read_records(str(data), "text")
@@ -312,10 +312,10 @@ def test_records_are_read_as_a_stream(tmp_path, stories):
 @torch.inference_mode()
 def test_a_split_batch_computes_the_same_kv(stories):
     """The out-of-memory path: halves of a batch, and a task cut in two, give the batch's KV."""
+    from prefixgen.builder.plan import Batch, Planner, split_batch
+    from prefixgen.builder.prefill import Prefiller
+    from prefixgen.data.records import TokenizedRecord
     from prefixgen.format import BuildRecord, root_key
-    from prefixgen.plan import Batch, Planner, split_batch
-    from prefixgen.prefill import Prefiller
-    from prefixgen.tokenize import TokenizedRecord
 
     model = AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(stories)

@@ -24,8 +24,8 @@ from prefixgen.format import (
     hash_block,
     root_key,
 )
-from prefixgen.verify import verify_store
-from prefixgen.writer import StoreWriter, prepare_store
+from prefixgen.maintain.verify import verify_store
+from prefixgen.store.writer import StoreWriter, prepare_store
 
 # The vectors in FORMAT.md.
 ROOT_00 = "e1a67008bd76859838dff8215b0834be48415ac49091a2fdfbd3d4fefe23c2ab"

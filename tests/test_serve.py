@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 
 from prefixgen import BuildConfig, IncompatibleStoreError, build
-from prefixgen.serve import Engine, ServeConfig, create_app
+from prefixgen.integrations.serve import Engine, ServeConfig, create_app
 
 from .conftest import SYSTEM, write_jsonl
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from prefixgen import BuildConfig, CorruptStoreError, IncompatibleStoreError, PrefixStore, build
 from prefixgen.compat import cache_kwargs
 from prefixgen.format import SHARDS_DIR
-from prefixgen.verify import verify_store
+from prefixgen.maintain.verify import verify_store
 
 from .conftest import make_model, write_jsonl
 
@@ -53,7 +53,8 @@ def test_loaded_kv_gives_the_logits_of_a_full_forward(tmp_path, model_dir):
         assert cache.get_seq_length() == n
         full = model(torch.tensor([ids])).logits[0, n:]
         rest = model(torch.tensor([ids[n:]]), **cache_kwargs(model, cache)).logits[0]
-        assert (rest - full).abs().max().item() < 1e-5
+        # float32 rounding grows with the logits' magnitude; 1e-5 of it is far above rounding, far below a wrong key
+        assert (rest - full).abs().max().item() < 1e-5 * full.abs().max().item()
 
 
 @torch.inference_mode()

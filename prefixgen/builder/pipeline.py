@@ -19,17 +19,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from prefixgen.blockcache import BlockCache
+from prefixgen.builder.plan import Batch, Budget, Planner, PrefillTask, batch_tasks, split_batch
+from prefixgen.builder.prefill import Prefiller, fit_batch_tokens
 from prefixgen.config import BuildConfig
+from prefixgen.data.records import RecordTokenizer
+from prefixgen.data.source import read_records
 from prefixgen.errors import PrefixgenError, StoreError
-from prefixgen.fingerprint import fingerprint, probe_kv_layout
 from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, root_key
-from prefixgen.plan import Batch, Budget, Planner, PrefillTask, batch_tasks, split_batch
-from prefixgen.prefill import Prefiller, fit_batch_tokens, load_model
-from prefixgen.source import read_records
-from prefixgen.store import PrefixStore
-from prefixgen.tokenize import RecordTokenizer
-from prefixgen.writer import StoreWriter, new_id, prepare_store, remove_temp_files, utc_now
+from prefixgen.model import fingerprint, load_model, probe_kv_layout
+from prefixgen.store.blockcache import BlockCache
+from prefixgen.store.reader import PrefixStore
+from prefixgen.store.writer import StoreWriter, new_id, prepare_store, remove_temp_files, utc_now
 
 CHECKPOINT_SECONDS = 30.0
 PREFETCH_BATCHES = 4
@@ -192,7 +192,13 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     cfg.validate()
     out = Path(cfg.out)
     if model is None:
-        model, tokenizer, device = load_model(cfg)
+        model, tokenizer, device = load_model(
+            cfg.model,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            chat_template=cfg.chat_template,
+        )
     else:
         device = next(model.parameters()).device
     # Check the dataset and the chat template first: bad input must not leave a new, empty store behind.

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from prefixgen.data.records import TokenizedRecord
 from prefixgen.format import BlockHash, BuildRecord, block_keys
-from prefixgen.tokenize import TokenizedRecord
 
 
 @dataclass(slots=True)

@@ -1,4 +1,4 @@
-"""Step 4 of the build: load the model and run batches of PrefillTasks through it.
+"""Step 4 of the build: run batches of PrefillTasks through it.
 
 Padding scheme: each row holds one task's new tokens, right-padded; the past KV of row i
 (``cached_i`` tokens) sits at the start of a past of ``P = max(cached)`` slots. Right padding needs
@@ -15,61 +15,9 @@ from typing import Any
 
 import torch
 
+from prefixgen.builder.plan import Batch
 from prefixgen.compat import cache_kwargs, make_cache, output_cache
-from prefixgen.config import BuildConfig
-from prefixgen.errors import ModelError
 from prefixgen.format import BlockHash
-from prefixgen.plan import Batch
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bfloat16 on CUDA, float32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def load_model(cfg: BuildConfig) -> tuple[torch.nn.Module, Any, torch.device]:
-    """Model (eval mode, on its device) and tokenizer named by ``cfg.model``; clear errors for a
-    missing model, a model that is not a causal LM, or one that needs remote code.
-
-    Example:
-        >>> model, tokenizer, device = load_model(BuildConfig(model="models/tiny"))  # doctest: +SKIP
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own bar is the one to watch
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    except Exception as exc:
-        raise ModelError(f"cannot load a tokenizer from {cfg.model}: {_first_line(exc)}") from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise ModelError(f"{cfg.model} needs its own code: if you trust it, pass --trust-remote-code") from None
-        raise ModelError(f"{cfg.model} is not a causal language model that transformers can load: {_first_line(exc)}") from None
-    except Exception as exc:
-        raise ModelError(f"cannot load model {cfg.model}: {_first_line(exc)}") from None
-    if cfg.chat_template:
-        try:
-            with open(cfg.chat_template) as f:
-                tokenizer.chat_template = f.read()
-        except OSError as exc:
-            raise ModelError(f"cannot read --chat-template {cfg.chat_template}: {exc.strerror}") from None
-    return model.to(device).eval(), tokenizer, device
 
 
 def fit_batch_tokens(model: torch.nn.Module, kv_bytes_per_token: int, requested: int, device: torch.device) -> int:
@@ -89,11 +37,6 @@ def fit_batch_tokens(model: torch.nn.Module, kv_bytes_per_token: int, requested:
     inter = int(getattr(config, "intermediate_size", 0) or 4 * hidden)
     per_token = 4 * kv_bytes_per_token + (6 * hidden + 3 * inter) * model.dtype.itemsize
     return max(16, min(requested, int(free * 0.5 / max(per_token, 1))))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Prefiller:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
+from prefixgen.data.source import Record
 from prefixgen.errors import ConfigError
 from prefixgen.format import BuildRecord
-from prefixgen.source import Record
 
 CHUNK = 256  # records tokenized per call: fast tokenizers batch in Rust
 

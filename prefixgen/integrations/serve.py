@@ -20,12 +20,11 @@ from typing import Any
 
 import torch
 
-from prefixgen.blockcache import BlockCache
 from prefixgen.compat import cache_kwargs
-from prefixgen.config import BuildConfig
 from prefixgen.errors import ConfigError, CorruptStoreError
-from prefixgen.prefill import load_model
-from prefixgen.store import PrefixStore, kv_to_cache
+from prefixgen.model import load_model
+from prefixgen.store.blockcache import BlockCache
+from prefixgen.store.reader import PrefixStore, kv_to_cache
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -138,7 +137,7 @@ class Engine:
         self.cfg = cfg
         if model is None:
             model, tokenizer, device = load_model(
-                BuildConfig(model=cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+                cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
             )
         else:
             device = next(model.parameters()).device

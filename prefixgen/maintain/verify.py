@@ -29,7 +29,7 @@ from prefixgen.format import (
     shard_checksum,
     shard_tensors,
 )
-from prefixgen.store import PrefixStore
+from prefixgen.store.reader import PrefixStore
 
 
 @dataclass(slots=True)

@@ -24,7 +24,6 @@ from transformers import DynamicCache
 
 from prefixgen.compat import make_cache
 from prefixgen.errors import CorruptStoreError, IncompatibleStoreError, StoreError
-from prefixgen.fingerprint import fingerprint, probe_kv_layout
 from prefixgen.format import (
     BUILDS_DIR,
     COUNT_COLUMNS,
@@ -43,7 +42,8 @@ from prefixgen.format import (
     read_safetensors_header,
     read_shard_blocks,
 )
-from prefixgen.index import BlockLocation, StoreIndex
+from prefixgen.model import fingerprint, probe_kv_layout
+from prefixgen.store.index import BlockLocation, StoreIndex
 
 PIECE_BYTES = 16 << 20  # one read request (and one staging slot)
 STAGING_SLOTS = 4

@@ -1,0 +1,1 @@
+"""The build: planning (dedup, chunking, batching), prefill, and the pipeline that chains them."""

@@ -1,0 +1,1 @@
+"""Servers that read a store: the reference OpenAI-compatible server, and connectors for serving engines."""

@@ -1,0 +1,1 @@
+"""Store maintenance: verify (and later compact, prune, gc)."""
