@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from prefixgen.config import parse_size
-from prefixgen.errors import PrefixgenError
+from prefixgen.errors import ConfigError, PrefixgenError
 
 app = typer.Typer(
     help="Precompute prefix KV caches for LLM serving.",
@@ -69,6 +69,12 @@ MaxTokensOpt = Annotated[Optional[int], Opt("--max-tokens", help="Truncate recor
 BlockSizeOpt = Annotated[Optional[int], Opt("--block-size", help="Tokens per block. [default: 16]")]
 KvDtypeOpt = Annotated[Optional[str], Opt("--kv-dtype", help="auto (the model's dtype) or fp8. [default: auto]")]
 TrustRemoteCodeOpt = Annotated[Optional[bool], Opt("--trust-remote-code", help="Allow the model's own code to run.")]
+DtypeOpt = Annotated[Optional[str], Opt(help="auto, bfloat16, float16 or float32. [default: auto]")]
+MinRecordsOpt = Annotated[Optional[int], Opt("--min-records", help="Store only blocks contained in at least K records.")]
+MaxBytesOpt = Annotated[
+    Optional[int],
+    Opt("--max-bytes", parser=_size, metavar="SIZE", help="Store the most shared blocks whose KV fits in SIZE, e.g. 500GB."),
+]
 
 
 @app.command()
@@ -90,8 +96,10 @@ def build(
     max_tokens: MaxTokensOpt = None,
     block_size: BlockSizeOpt = None,
     batch_tokens: Annotated[Optional[int], Opt(help="Token budget of one forward pass. [default: 8192]")] = None,
-    dtype: Annotated[Optional[str], Opt(help="auto, bfloat16, float16 or float32. [default: auto]")] = None,
+    dtype: DtypeOpt = None,
     kv_dtype: KvDtypeOpt = None,
+    min_records: MinRecordsOpt = None,
+    max_bytes: MaxBytesOpt = None,
     device: Annotated[Optional[str], Opt(help="auto, cpu, cuda or cuda:N. [default: auto]")] = None,
     shard_bytes: Annotated[
         Optional[int], Opt(parser=_size, metavar="SIZE", help="Bytes per shard file, e.g. 512MiB. [default: 256MiB]")
@@ -114,6 +122,87 @@ def build(
     record = run_build(cfg)
     if not cfg.quiet:
         _print_build(record)
+
+
+@app.command()
+@_user_errors
+def analyze(
+    dataset: DatasetArg = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    text_field: TextFieldOpt = None,
+    messages_field: MessagesFieldOpt = None,
+    system_prompt: SystemPromptOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    limit: LimitOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    block_size: BlockSizeOpt = None,
+    dtype: DtypeOpt = None,
+    kv_dtype: KvDtypeOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = None,
+    holdout: Annotated[float, Opt(help="Share of records left out of the store and matched against it (0: off).")] = 0.1,
+    as_json: Annotated[bool, Opt("--json", help="Print one JSON object.")] = False,
+    plot: Annotated[
+        Optional[Path], Opt("--plot", metavar="FILE.png", help="Draw hit rate against store size (needs prefixgen[plot]).")
+    ] = None,
+    quiet: Annotated[Optional[bool], Opt("--quiet", "-q", help="No progress bar.")] = None,
+) -> None:
+    """Count DATASET's blocks as build would (tokenizer and config only, no weights) and show what each store size buys."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "holdout", "as_json", "plot")}
+    from prefixgen.analysis.analyze import analyze as run_analyze
+    from prefixgen.config import BuildConfig
+
+    if plot is not None:
+        from prefixgen.analysis.plot import check_matplotlib
+
+        check_matplotlib()
+        if not holdout:
+            raise ConfigError("--plot draws the hit rate on held-out records: pass --holdout above 0, e.g. 0.1")
+    cfg = BuildConfig.from_file(config, **flags) if config else BuildConfig().merged(**flags)
+    result = run_analyze(cfg, holdout=holdout, progress=not cfg.quiet and sys.stderr.isatty())
+    if plot is not None:
+        from prefixgen.analysis.plot import plot_analysis
+
+        plot_analysis(result, plot)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_analysis(result, plot)
+
+
+def _size_text(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _print_analysis(a, plot: Optional[Path]) -> None:
+    share = f" ({a.holdout_records:,} more held out, {a.holdout_tokens:,} tokens)" if a.holdout_records else ""
+    typer.echo(f"records          {a.records:,}{share}")
+    typer.echo(f"dataset tokens   {a.dataset_tokens:,}")
+    typer.echo(f"unique blocks    {a.unique_blocks:,} ({a.unique_tokens:,} tokens, block size {a.block_size})")
+    typer.echo(f"KV per token     {a.kv_bytes_per_token:,} bytes ({a.kv_dtype})")
+    typer.echo("\nsharing: blocks by the number of records that contain them")
+    typer.echo(f"  {'records':>13} {'blocks':>12} {'tokens':>14}")
+    for row in a.sharing:
+        lo, hi = row["min_records"], row["max_records"]
+        typer.echo(f"  {lo if lo == hi else f'{lo}-{hi}':>13} {row['blocks']:>12,} {row['tokens']:>14,}")
+    typer.echo("\nchoices (build --min-records K / --max-bytes SIZE)")
+    hit = "held-out hit" if a.holdout_records else ""
+    typer.echo(f"  {'K':>5} {'SIZE':>10} {'stored tokens':>14} {'prefill tok':>12} {'bytes':>11} {'bytes fp8':>11} {hit:>13}")
+    for c in a.choices:
+        size = _size_text(c.max_bytes) if c.max_bytes is not None else ""
+        rate = f"{c.holdout_hit_rate:.1%}" if c.holdout_hit_rate is not None else ""
+        typer.echo(
+            f"  {c.min_records:>5} {size:>10} {c.stored_tokens:>14,} {c.prefill_tokens:>12,} "
+            f"{_size_text(c.bytes):>11} {_size_text(c.bytes_fp8):>11} {rate:>13}"
+        )
+    if plot is not None:
+        typer.echo(f"\nplot written to {plot}")
 
 
 def _print_build(r) -> None:
@@ -175,6 +264,16 @@ def ls(
                 f"  {b['started_at']:<26} {b['status']:<12} {b['records']:>9,} {b['dataset_tokens']:>12,} "
                 f"{b['prefilled_tokens']:>10,} {b['padding_tokens']:>8,} {b['seconds']:>8,.1f}"
             )
+            sel = b.get("selection")
+            if sel:
+                rule = ", ".join(
+                    f"--{k.replace('_', '-')} {v:,}"
+                    for k, v in (("min_records", sel["min_records"]), ("max_bytes", sel["max_bytes"]))
+                    if v is not None
+                )
+                typer.echo(
+                    f"  {'':<26} selection: {rule}: stored {sel['selected_blocks']:,} of {sel['candidate_blocks']:,} blocks"
+                )
     if summary["top_prefixes"]:
         typer.echo("\nmost-shared prefixes")
         for p in summary["top_prefixes"]:

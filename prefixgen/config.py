@@ -78,6 +78,8 @@ class BuildConfig:
     # store
     block_size: int = 16  # vLLM's block size
     kv_dtype: str = "auto"  # "auto": the model's dtype; "fp8": float8 e4m3 with per-block scales
+    min_records: int | None = None  # store only blocks contained in at least this many records
+    max_bytes: int | None = None  # store the most shared blocks whose KV fits in this many bytes
     shard_bytes: int = 256 << 20
     write_threads: int = 2
     fsync: bool = True  # durable shards; off writes into the page cache only
@@ -133,12 +135,37 @@ class BuildConfig:
     def write_mode(self) -> str:
         return "resume" if self.resume else "append" if self.append else "overwrite" if self.overwrite else "new"
 
-    def validate(self) -> BuildConfig:
-        """Raise ConfigError naming the first bad value and what to do; return self."""
+    @property
+    def selects(self) -> bool:
+        """Whether the build stores a chosen part of the blocks (and so reads the dataset twice)."""
+        return self.min_records is not None or self.max_bytes is not None
+
+    def validate_input(self) -> BuildConfig:
+        """Check the options that say what is read and how it is tokenized and stored (shared by
+        ``build`` and ``analyze``); raise ConfigError naming the first bad value; return self."""
         if not self.dataset:
             raise ConfigError("no dataset given: pass DATASET (a file, a folder or a Hugging Face dataset id)")
         if not self.model:
             raise ConfigError("no model given: pass --model (a local folder or a Hugging Face model id)")
+        if self.block_size <= 0:
+            raise ConfigError(f"block-size must be positive, got {self.block_size}")
+        for name in ("limit", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ConfigError(f"--kv-dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+        if self.min_records is not None and self.min_records < 1:
+            raise ConfigError(f"--min-records must be at least 1 (1 stores every block), got {self.min_records}")
+        if self.max_bytes is not None and self.max_bytes <= 0:
+            raise ConfigError(f"--max-bytes must be positive, e.g. 500GB or 2TiB, got {self.max_bytes}")
+        return self
+
+    def validate(self) -> BuildConfig:
+        """Raise ConfigError naming the first bad value and what to do; return self."""
+        self.validate_input()
         if not self.out:
             raise ConfigError("no store given: pass --out STORE (a new or empty folder)")
         if sum((self.resume, self.append, self.overwrite)) > 1:
@@ -146,16 +173,8 @@ class BuildConfig:
         for name in ("block_size", "batch_tokens", "shard_bytes", "write_threads", "sort_window"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("limit", "max_tokens"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.batch_tokens < self.block_size:
             raise ConfigError(f"--batch-tokens ({self.batch_tokens}) must be at least --block-size ({self.block_size})")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.kv_dtype not in KV_DTYPES:
-            raise ConfigError(f"--kv-dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"--device {self.device!r} is not auto, cpu, cuda or cuda:N")
         return self
@@ -166,7 +185,7 @@ class BuildConfig:
 
 
 # Fields that are byte sizes: they accept units on the command line and in TOML.
-SIZE_FIELDS = frozenset({"shard_bytes", "prefix_cache_bytes"})
+SIZE_FIELDS = frozenset({"shard_bytes", "prefix_cache_bytes", "max_bytes"})
 
 # Field name -> the type its (non-None) values must have.
 _FIELD_TYPES: dict[str, type] = {

@@ -188,6 +188,15 @@ class KVLayout:
     def scale_bytes_per_block(self) -> int:
         return self.num_layers * 2 * self.num_kv_heads * 4 if self.storage == "fp8" else 0
 
+    def block_bytes(self, block_size: int) -> int:
+        """Bytes of KV of one stored block: its ``kv`` rows plus, for fp8, its ``kv_scale`` row.
+
+        Example:
+            >>> KVLayout(5, 4, 8, "float32").block_bytes(16), KVLayout(5, 4, 8, "float32", "fp8").block_bytes(16)
+            (20480, 5280)
+        """
+        return self.bytes_per_token * block_size + self.scale_bytes_per_block()
+
 
 @dataclass(slots=True, frozen=True)
 class Manifest:
@@ -562,6 +571,9 @@ class BuildRecord:
     # Where the time went: read, tokenize, plan (hash + dedup), batch, prefill, copy (device to
     # host), write (background threads, summed) and write_wait (the pipeline waiting on the disk).
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # With --min-records/--max-bytes: min_records, max_bytes, selected_blocks (chosen to store) and
+    # candidate_blocks (distinct blocks of the dataset); None when every block is stored.
+    selection: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _fields_dict(self)

@@ -137,6 +137,67 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def load_tokenizer(model: str, *, trust_remote_code: bool = False, chat_template: str | None = None) -> Any:
+    """The tokenizer of ``model`` (a folder or Hub id), with the chat template of the file ``chat_template``
+    if given: what build, analyze and serve tokenize with.
+
+    Example:
+        >>> load_tokenizer("models/stories260K").vocab_size  # doctest: +SKIP
+        512
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"cannot load a tokenizer from {model}: {_first_line(exc)}") from None
+    if chat_template:
+        try:
+            with open(chat_template) as f:
+                tokenizer.chat_template = f.read()
+        except OSError as exc:
+            raise ModelError(f"cannot read --chat-template {chat_template}: {exc.strerror}") from None
+    return tokenizer
+
+
+def load_config(model: str, *, trust_remote_code: bool = False) -> Any:
+    """The transformers config of ``model`` (no weights are read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"{model} needs its own code: if you trust it, pass --trust-remote-code") from None
+        raise ModelError(f"cannot read the config of model {model}: {_first_line(exc)}") from None
+    except Exception as exc:
+        raise ModelError(f"cannot read the config of model {model}: {_first_line(exc)}") from None
+
+
+def config_kv_layout(config: Any, dtype: str = "auto", kv_dtype: str = "auto") -> KVLayout:
+    """The KV layout a build of this model would write, from its config alone (no weights, no forward):
+    layers x 2 x kv_heads x head_dim values per token, in the dtype ``dtype`` resolves to on this
+    machine (as build's ``--dtype``), stored as fp8 with per-block scales if ``kv_dtype`` is ``fp8``.
+    Equals :func:`probe_kv_layout` of the loaded model for full-attention models.
+
+    Example:
+        >>> config_kv_layout(load_config("models/stories260K"), "float32").bytes_per_token  # doctest: +SKIP
+        1280
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    torch_dtype = resolve_dtype(dtype, resolve_device("auto"))
+    return KVLayout(
+        num_layers=int(text.num_hidden_layers),
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        storage="fp8" if kv_dtype == "fp8" else "native",
+    )
+
+
 def load_model(
     model: str,
     *,
@@ -151,16 +212,13 @@ def load_model(
     Example:
         >>> model, tokenizer, device = load_model("models/tiny")  # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bar is the one to watch
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise ModelError(f"cannot load a tokenizer from {model}: {_first_line(exc)}") from None
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code, chat_template=chat_template)
     try:
         lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except ValueError as exc:
@@ -169,12 +227,6 @@ def load_model(
         raise ModelError(f"{model} is not a causal language model that transformers can load: {_first_line(exc)}") from None
     except Exception as exc:
         raise ModelError(f"cannot load model {model}: {_first_line(exc)}") from None
-    if chat_template:
-        try:
-            with open(chat_template) as f:
-                tokenizer.chat_template = f.read()
-        except OSError as exc:
-            raise ModelError(f"cannot read --chat-template {chat_template}: {exc.strerror}") from None
     return lm.to(torch_device).eval(), tokenizer, torch_device
 
 

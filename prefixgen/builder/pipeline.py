@@ -1,12 +1,16 @@
 """``prefixgen build``: the whole pipeline, written in one place.
 
-    records -> tokenize -> plan (dedup) -> batch (by length) -> prefill -> write
+    records -> tokenize [-> select] -> plan (dedup) -> batch (by length) -> prefill -> write
+
+With --min-records/--max-bytes a count pass reads the dataset first and chooses the blocks to store
+(builder/select.py); the select step then cuts each record to its chosen blocks.
 
 Each step is an iterator over the one before, so records stream through in bounded memory.
 """
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 import time
@@ -21,6 +25,7 @@ from tqdm import tqdm
 
 from prefixgen.builder.plan import Batch, Budget, Planner, PrefillTask, batch_tasks, split_batch
 from prefixgen.builder.prefill import Prefiller, fit_batch_tokens
+from prefixgen.builder.select import Selection, choose_blocks, cut_to_selection, max_blocks
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer
 from prefixgen.data.source import read_records
@@ -166,6 +171,16 @@ def _manifest(cfg: BuildConfig, model: torch.nn.Module, tokenizer) -> Manifest:
     return Manifest(block_size=cfg.block_size, model=fp, kv=layout, root=root_key(fp.weights_digest).hex(), created_at=utc_now())
 
 
+def _count_pass(cfg: BuildConfig, tokenize: RecordTokenizer, manifest: Manifest) -> Selection:
+    """Read and tokenize the dataset once more, as the build will, and choose the blocks to store."""
+    max_blocks(cfg, manifest.kv)  # refuse a budget under one block before the pass
+    counting = copy.copy(tokenize)  # same tokenization; its own statistics; warnings come in the build pass
+    counting.stats, counting.warn = BuildRecord("", ""), lambda _: None
+    records = read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
+    with tqdm(total=cfg.limit, unit="rec", disable=cfg.quiet, dynamic_ncols=True, desc="count") as bar:
+        return choose_blocks(counting(records), manifest.root_key, cfg, manifest.kv, tick=bar.update)
+
+
 def _build_record(store: PrefixStore, cfg: BuildConfig) -> BuildRecord:
     """A new build record, or for --resume the unfinished one of the same dataset (reused, so
     its counts are replaced rather than counted twice)."""
@@ -211,11 +226,15 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
         system_prompt=cfg.system_prompt,
     )
     records = read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
-    manifest = prepare_store(out, _manifest(cfg, model, tokenizer), cfg.write_mode)
+    manifest = _manifest(cfg, model, tokenizer)
+    # --min-records/--max-bytes: the count pass, before anything is written.
+    selection = _count_pass(cfg, tokenize, manifest) if cfg.selects else None
+    manifest = prepare_store(out, manifest, cfg.write_mode)
     if cfg.resume:
         remove_temp_files(out)
     store = PrefixStore.open(out)
     record = _build_record(store, cfg)
+    record.selection = selection.record() if selection else None
     if cfg.resume and record.build_id not in {b.build_id for b in store.builds()}:
         # Nothing unfinished: resuming a finished build is a no-op (so scripts can always pass --resume).
         done = [b for b in store.builds() if b.dataset == cfg.dataset]
@@ -240,6 +259,8 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     timer = StageTimer()
     records = timer.wrap("read", records)
     tokenized = timer.wrap("tokenize", tokenize(records))
+    if selection is not None:
+        tokenized = timer.wrap("select", cut_to_selection(tokenized, selection, manifest.root_key, manifest.block_size))
     tasks = timer.wrap("plan", planner(tokenized))
     batches = timer.wrap("batch", batch_tasks(tasks, budget, cfg.sort_window))
     # Reading, tokenizing, hashing and batching run on a thread of their own, ahead of the
