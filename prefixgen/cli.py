@@ -193,13 +193,15 @@ def _print_analysis(a, plot: Optional[Path]) -> None:
         typer.echo(f"  {lo if lo == hi else f'{lo}-{hi}':>13} {row['blocks']:>12,} {row['tokens']:>14,}")
     typer.echo("\nchoices (build --min-records K / --max-bytes SIZE)")
     hit = "held-out hit" if a.holdout_records else ""
-    typer.echo(f"  {'K':>5} {'SIZE':>10} {'stored tokens':>14} {'prefill tok':>12} {'bytes':>11} {'bytes fp8':>11} {hit:>13}")
+    typer.echo(
+        f"  {'K':>5} {'SIZE':>10} {'stored tokens':>14} {'prefill tok':>12} {'bytes':>11} {'bytes fp8':>11} {hit:>13}".rstrip()
+    )
     for c in a.choices:
         size = _size_text(c.max_bytes) if c.max_bytes is not None else ""
         rate = f"{c.holdout_hit_rate:.1%}" if c.holdout_hit_rate is not None else ""
         typer.echo(
             f"  {c.min_records:>5} {size:>10} {c.stored_tokens:>14,} {c.prefill_tokens:>12,} "
-            f"{_size_text(c.bytes):>11} {_size_text(c.bytes_fp8):>11} {rate:>13}"
+            f"{_size_text(c.bytes):>11} {_size_text(c.bytes_fp8):>11} {rate:>13}".rstrip()
         )
     if plot is not None:
         typer.echo(f"\nplot written to {plot}")
