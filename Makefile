@@ -32,6 +32,7 @@ bench: install
 	$(PY) benchmarks/serve_ttft.py --model configs/models/small-llama.json --prefix 1024 3968
 	$(PY) benchmarks/fp8_error.py
 	$(PY) benchmarks/index_scale.py --blocks 10000000
+	$(PY) benchmarks/count_scale.py --blocks 10000000 --rank
 
 clean:
 	rm -rf demo-store .pytest_cache build *.egg-info

@@ -5,7 +5,9 @@
 Records of random token ids (no tokenizer) are hashed exactly as ``analyze`` and ``build`` hash them
 (``prefixgen.format.block_keys``) and counted by ``BlockCounter``. Every record starts with one of a few
 shared prefixes (``--shared`` of its tokens), the rest is unique, so almost every block is distinct.
-Prints one JSON line: blocks, distinct blocks, seconds, blocks/s (hash + count, and count alone), peak RSS.
+Prints one JSON line: blocks, distinct blocks, seconds, blocks/s (hash + count, and count alone), peak RSS
+(of the whole process, torch included, as ``analyze`` runs); with ``--rank`` also the time and peak RSS of
+ranking every block (``BlockCounts.select()``, the worst case: no --min-records filter).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--shared", type=float, default=0.05, help="share of each record taken by a common prefix")
     ap.add_argument("--chunk", type=int, default=1 << 22, help="BlockCounter chunk (blocks buffered per merge)")
+    ap.add_argument("--rank", action="store_true", help="then rank every block (counts.select(), as analyze does)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     bs, n_tok = args.block_size, args.record_tokens
@@ -76,6 +79,14 @@ def main() -> None:
         "peak_rss_mib": round(rss_mib()),
         "rss_before_counting_mib": round(start_rss),
     }
+    if args.rank:
+        count_peak = rss_mib()
+        t = time.perf_counter()
+        order = counts.select()
+        row["rank_seconds"] = round(time.perf_counter() - t, 1)
+        row["rank_peak_rss_mib"] = round(rss_mib())
+        row["peak_rss_mib"] = round(count_peak)
+        del order
     print(json.dumps(row))
 
 

@@ -3,7 +3,7 @@
     records -> tokenize [-> select] -> plan (dedup) -> batch (by length) -> prefill -> write
 
 With --min-records/--max-bytes a count pass reads the dataset first and chooses the blocks to store
-(builder/select.py); the select step then cuts each record to its chosen blocks.
+(builder/selection.py); the select step then cuts each record to its chosen blocks.
 
 Each step is an iterator over the one before, so records stream through in bounded memory.
 """
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from prefixgen.builder.plan import Batch, Budget, Planner, PrefillTask, batch_tasks, split_batch
 from prefixgen.builder.prefill import Prefiller, fit_batch_tokens
-from prefixgen.builder.select import Selection, choose_blocks, cut_to_selection, max_blocks
+from prefixgen.builder.selection import Selection, choose_blocks, cut_to_selection, max_blocks
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer
 from prefixgen.data.source import read_records
