@@ -1,4 +1,5 @@
-"""Every option of ``prefixgen build`` and its default, in one dataclass.
+"""Every option of ``prefixgen build`` (BuildConfig) and ``prefixgen serve`` (ServeConfig) and its
+default: the one place defaults live (the CLI passes None for a flag not given).
 
 A TOML file (``--config configs/NAME.toml``) sets any field by name; flags on the command line win.
 

@@ -66,7 +66,8 @@ class BlockCache:
 
         ``prefix`` are the chain's blocks before ``keys`` that are already here: they are touched too.
         The chain ends up most recent with its first block the most recent of all, and eviction
-        runs after that, so it takes other chains' ends, or this chain's end, first.
+        runs after that, so it takes other chains' ends, or this chain's end, first (until then the
+        new blocks are held beside the old: the budget may be passed by one run for a moment).
         """
         if keys:
             blocks = kv.reshape(len(keys), -1, *kv.shape[1:])  # [n, B, L, 2, H, D]
