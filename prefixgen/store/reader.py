@@ -80,6 +80,9 @@ class PrefixMatch:
 class PrefixStore:
     """A prefix store opened for reading. Cheap to open: the index is memory-mapped.
 
+    Safe to read from several threads: CUDA reads take turns on the one ring of pinned staging
+    buffers (a lock); CPU reads share no buffers.
+
     Example:
         >>> store = PrefixStore.open("store")  # doctest: +SKIP
         >>> store.block_size
