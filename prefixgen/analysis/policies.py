@@ -257,9 +257,9 @@ class S3FIFO(Policy):
 
 
 class Belady(Policy):
-    """Belady's MIN: evicts the block whose next use is furthest in the future (never used again
-    first); among equal next uses, the deepest block, so the tier stays prefix-closed and every
-    hit block counts. With the whole future known it is the most hit blocks any policy can get:
+    """Belady's MIN: evicts the block whose next use is furthest in the future (those never used
+    again first, in any order); among equal next uses, the deepest block, so the blocks that will
+    be looked up stay prefix-closed and every one of them that is resident is hit. With the whole future known it is the most hit blocks any policy can get:
     the upper bound the others are measured against.
 
     ``simulate`` encodes the priority of each touch as ``(next_use * depths + depth) * n_ids + block``.
@@ -298,11 +298,9 @@ class Belady(Policy):
         excess = len(resident) - self.capacity
         if excess <= 0:
             return
-        # Blocks no request uses again go first: they can never be hit, so which of them go (the
-        # deepest first, as below) changes no hit; the stack saves them the heap.
+        # Blocks no request uses again go first, in any order: none of them can be hit again, so
+        # which of them go changes no hit; a stack saves them the heap.
         if dead:
-            if excess < len(dead):
-                dead.sort()
             while excess > 0 and dead:
                 del resident[dead.pop() % self.n_ids]
                 excess -= 1

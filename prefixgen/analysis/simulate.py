@@ -305,6 +305,7 @@ class PolicyResult:
     block_hit_rate: float  # mean over requests with blocks of hit blocks / blocks
     hit_tokens: int  # = prefill tokens saved
     hit_blocks: int
+    dynamic_hit_blocks: int  # of hit_blocks, those after the leading run of static blocks
     static_hit_tokens: int  # of hit_tokens, those in the request's leading run of static blocks
     dynamic_hit_tokens: int  # the rest, served by the dynamic tier
     tier_bytes_read: int | None  # KV bytes of the blocks hit in the dynamic tier (None: no model known)
@@ -379,7 +380,7 @@ def parse_capacities(text: str, kv_bytes_per_block: int | None, distinct_blocks:
     return out
 
 
-def kv_bytes_per_block(cfg: SimulateConfig, data: BuildConfig, block_tokens: int, store=None) -> int | None:
+def kv_bytes_per_block(data: BuildConfig, block_tokens: int, store=None) -> int | None:
     """KV bytes of one block: from the store's manifest, else the model's config, else unknown."""
     if store is not None:
         kv = store.manifest.kv
@@ -439,7 +440,7 @@ def simulate(cfg: SimulateConfig, data: BuildConfig | None = None, progress: boo
         if store is not None and block_size != store.block_size:
             raise ConfigError(f"--block-size {block_size} differs from the store's block size {store.block_size}: leave it out")
         trace = read_dataset(data, block_size, store, progress)
-    bytes_per_block = kv_bytes_per_block(cfg, data, trace.block_tokens, store)
+    bytes_per_block = kv_bytes_per_block(data, trace.block_tokens, store)
 
     warmup_requests = 0
     static = trace.static
@@ -489,6 +490,7 @@ def simulate(cfg: SimulateConfig, data: BuildConfig | None = None, progress: boo
                 block_hit_rate=block_rate,
                 hit_tokens=hit_tokens,
                 hit_blocks=hit_blocks,
+                dynamic_hit_blocks=hit_blocks - static_blocks_hit,
                 static_hit_tokens=static_hit,
                 dynamic_hit_tokens=hit_tokens - static_hit,
                 tier_bytes_read=(hit_blocks - static_blocks_hit) * bytes_per_block if bytes_per_block else None,
@@ -542,7 +544,7 @@ def format_table(r: SimulationResult) -> str:
         cap = "inf" if x.capacity_blocks is None else f"{x.capacity_blocks:,}"
         if x.capacity_blocks is not None and r.kv_bytes_per_block:
             cap += f" ({_fmt_bytes(x.capacity_blocks * r.kv_bytes_per_block)})"
-        tier = _fmt_bytes(x.tier_bytes_read) if x.tier_bytes_read is not None else f"{x.hit_blocks:,} blocks"
+        tier = _fmt_bytes(x.tier_bytes_read) if x.tier_bytes_read is not None else f"{x.dynamic_hit_blocks:,} blocks"
         row = [x.policy, cap, f"{x.token_hit_rate:.1%}", f"{x.block_hit_rate:.1%}", f"{x.hit_tokens:,}", tier]
         if with_static:
             row += [f"{r.static_token_hit_rate:.1%}", f"{x.dynamic_only_token_hit_rate:.1%}"]
