@@ -226,8 +226,9 @@ class S3FIFO(Policy):
         c = self.capacity
         if c is None:
             return
-        small_target, main_share = self.small_target, c - self.small_target
-        while len(freq) > c:
+        small_target, main_share, ghost_size = self.small_target, c - self.small_target, self.ghost_size
+        excess = len(freq) - c
+        while excess > 0:
             if small and (len(small) >= small_target or not main):
                 # Small's oldest: to main if touched again, else out (its id to the ghost).
                 while small:
@@ -239,8 +240,9 @@ class S3FIFO(Policy):
                             break  # main is over its share: evict from it next
                     else:
                         del freq[y]
+                        excess -= 1
                         ghost[y] = None
-                        if len(ghost) > self.ghost_size:
+                        if len(ghost) > ghost_size:
                             ghost.popitem(last=False)
                         break
             else:
@@ -253,6 +255,7 @@ class S3FIFO(Policy):
                         main[y] = None
                     else:
                         del freq[y]
+                        excess -= 1
                         break
 
 
