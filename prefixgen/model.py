@@ -160,7 +160,7 @@ def load_tokenizer(model: str, *, trust_remote_code: bool = False, chat_template
     return tokenizer
 
 
-def load_config(model: str, *, trust_remote_code: bool = False) -> Any:
+def load_config(model: str, trust_remote_code: bool = False) -> Any:
     """The transformers config of ``model`` (no weights are read)."""
     from transformers import AutoConfig
 
@@ -228,6 +228,20 @@ def load_model(
     except Exception as exc:
         raise ModelError(f"cannot load model {model}: {_first_line(exc)}") from None
     return lm.to(torch_device).eval(), tokenizer, torch_device
+
+
+def kv_layout_from_config(model: str, kv_dtype: str = "auto", trust_remote_code: bool = False) -> KVLayout:
+    """The KV layout of ``model`` read from its config alone (no weights), in the config's dtype
+    (bfloat16 when it names none or names another): for planning a GPU build without weights.
+    :func:`config_kv_layout` takes the dtype as build's ``--dtype`` would resolve it here.
+
+    Example:
+        >>> kv_layout_from_config("models/stories260K").bytes_per_token
+        1280
+    """
+    text = load_config(model, trust_remote_code=trust_remote_code).get_text_config()
+    dtype = str(getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or "bfloat16").removeprefix("torch.")
+    return config_kv_layout(text, dtype if dtype in ("float32", "bfloat16", "float16") else "bfloat16", kv_dtype)
 
 
 def _first_line(exc: BaseException) -> str:
