@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from prefixgen.compat import make_cache
-from prefixgen.errors import CorruptStoreError, IncompatibleStoreError, StoreError
+from prefixgen.errors import CorruptBlockError, CorruptStoreError, IncompatibleStoreError, StoreError
 from prefixgen.format import (
     BUILDS_DIR,
     COUNT_COLUMNS,
@@ -141,12 +141,19 @@ class PrefixStore:
             >>> cache = store.load(ids[:-1], device="cuda")  # doctest: +SKIP
             >>> model.generate(torch.tensor([ids]), cache=cache)  # doctest: +SKIP
         """
-        keys = self.keys(token_ids)
-        rows = self.index.find_rows(keys)
-        n = next((i for i, r in enumerate(rows) if r is None), len(rows))
-        locations = [self.index.location(*r) for r in rows[:n]]
-        kv = self.read_locations(locations, device=device, dtype=dtype, verify=verify)  # [T, L, 2, H, D]
+        kv = self.read_locations(self.locate(token_ids), device=device, dtype=dtype, verify=verify)  # [T, L, 2, H, D]
         return kv_to_cache(kv)
+
+    def locate(self, token_ids: Sequence[int]) -> list[BlockLocation]:
+        """Where the blocks of the longest stored prefix of ``token_ids`` are, in order: what
+        ``load`` reads. ``len(store.locate(ids)) * store.block_size == store.match(ids)``.
+
+        Example:
+            >>> kv = store.read_locations(store.locate(ids[:-1]))  # doctest: +SKIP
+        """
+        found = self.index.find(self.keys(token_ids))
+        n = next((i for i, loc in enumerate(found) if loc is None), len(found))
+        return found[:n]  # type: ignore[return-value]
 
     def read_blocks(
         self, keys: Sequence[BlockHash], device: str | torch.device = "cpu", dtype: torch.dtype | None = None
@@ -165,6 +172,8 @@ class PrefixStore:
         verify: bool = True,
     ) -> torch.Tensor:
         """KV at ``locations``, back to back: ``[blocks * B, L, 2, H, D]`` on ``device``.
+
+        A block that fails its CRC (``verify``) raises :class:`CorruptBlockError` saying which.
 
         Consecutive slots of a shard are read with one request, cut into pieces of at most
         ``PIECE_BYTES`` read (and CRC-checked) by threads. On CUDA the pieces land in a ring of
@@ -253,9 +262,10 @@ class PrefixStore:
         crcs = block_crcs(dest, block_bytes, scale_dest, layout.scale_bytes_per_block())
         bad = np.flatnonzero(crcs != np.asarray(run.crcs, dtype=np.uint32))
         if len(bad):
-            raise CorruptStoreError(
+            raise CorruptBlockError(
                 f"{path}: block at slot {run.first_slot + int(bad[0])} fails its checksum; the store is damaged "
-                "(run `prefixgen verify`, then rebuild the damaged part with `prefixgen build --resume`)"
+                "(run `prefixgen verify`, then rebuild the damaged part with `prefixgen build --resume`)",
+                block=run.out_block + int(bad[0]),
             )
 
     # ------------------------------------------------------------------ compatibility
