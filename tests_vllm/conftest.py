@@ -63,9 +63,11 @@ class Run:
     stats: object | None  # the worker connector's LoadStats
 
 
-def run_vllm(model: Path, prompts: Sequence[str], chats: Sequence[list[dict]] = (), store: Path | None = None) -> Run:
-    """Start an engine (with the connector on ``store`` if given, vLLM's prefix caching off), greedy-generate
-    12 tokens for each prompt and each chat, shut the engine down."""
+def run_vllm(
+    model: Path, prompts: Sequence[str], chats: Sequence[list[dict]] = (), store: Path | None = None, prefix_caching: bool = False
+) -> Run:
+    """Start an engine (with the connector on ``store`` if given; vLLM's own prefix caching off unless asked),
+    greedy-generate 12 tokens for each prompt and then each chat, one call each, shut the engine down."""
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
@@ -89,7 +91,7 @@ def run_vllm(model: Path, prompts: Sequence[str], chats: Sequence[list[dict]] = 
     )
     try:
         params = SamplingParams(max_tokens=12, temperature=0)
-        results = llm.generate(list(prompts), params, use_tqdm=False) if prompts else []
+        results = [llm.generate(prompt, params, use_tqdm=False)[0] for prompt in prompts]
         results += [llm.chat(messages, params, use_tqdm=False)[0] for messages in chats]
         stats = get_kv_transfer_group().stats if has_kv_transfer_group() else None
         return Run(

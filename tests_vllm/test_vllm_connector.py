@@ -94,6 +94,17 @@ def test_chat_hits_its_stored_conversation(baseline, with_store, store):
         assert with_store.cached[i] >= stored_prefix(store, baseline.prompt_ids[i])
 
 
+def test_vllm_prefix_cache_hits_come_first(model, store, baseline):
+    """With vLLM's own prefix caching on, a repeated prompt is served from vLLM's cache first and the connector
+    loads only the stored tokens beyond vLLM's block-aligned hit (128-token blocks on CPU); same tokens."""
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[2]]
+    run = run_vllm(model, prompts, store=store, prefix_caching=True)
+    assert run.outputs == [baseline.outputs[0], baseline.outputs[0], baseline.outputs[2]]
+    first, again, other = (stored_prefix(store, ids) for ids in run.prompt_ids)
+    assert run.cached[0] >= first and run.cached[1] >= first and run.cached[2] >= other
+    assert run.stats.tokens <= first + (again - again // 128 * 128) + other < first + again + other
+
+
 def test_kv_is_used_not_recomputed(tmp_path, model, store, baseline):
     """Negative control: the same keys holding other KV (checksums valid) change the output."""
     other = copy_store(store, tmp_path / "other")
