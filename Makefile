@@ -35,7 +35,7 @@ test-vllm: vllm-venv
 	$(VLLM_VENV)/bin/python -m pytest tests_vllm
 
 bench-vllm: vllm-venv
-	$(VLLM_VENV)/bin/python benchmarks/vllm_ttft.py --prefix 1024 4096
+	$(VLLM_VENV)/bin/python benchmarks/vllm_ttft.py --prefix 1024 4096 --eager
 
 lint: install
 	$(VENV)/bin/ruff check .

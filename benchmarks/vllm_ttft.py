@@ -52,7 +52,7 @@ def save_checkpoint(config_path: str, out: Path, dtype: torch.dtype, positions: 
     return out
 
 
-def engine(model: Path, dtype: str, max_len: int, store: Path | None):
+def engine(model: Path, dtype: str, max_len: int, store: Path | None, eager: bool):
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -64,7 +64,7 @@ def engine(model: Path, dtype: str, max_len: int, store: Path | None):
             kv_role="kv_consumer",
             kv_connector_extra_config={"store": str(store)},
         )
-    return LLM(str(model), dtype=dtype, enable_prefix_caching=False, max_model_len=max_len, kv_transfer_config=kv, seed=0)
+    return LLM(str(model), dtype=dtype, enable_prefix_caching=False, max_model_len=max_len, kv_transfer_config=kv, seed=0, enforce_eager=eager)
 
 
 def ttft(llm, prompt_ids: list[int]) -> tuple[float, int]:
@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--model", default="configs/models/small-llama.json")
     ap.add_argument("--prefix", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--eager", action="store_true", help="no torch.compile (vLLM's enforce_eager): starts in seconds")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "vllm-ttft")
     args = ap.parse_args()
     from transformers import AutoTokenizer
@@ -107,7 +108,7 @@ def main() -> None:
         prompts = [tokenizer(prefix_text + q).input_ids for q in questions]
         cases.append((p, store, prompts))
     # Without the connector: vLLM computes every prefix.
-    plain = engine(model, str(dtype).removeprefix("torch."), max_len, None)
+    plain = engine(model, str(dtype).removeprefix("torch."), max_len, None, args.eager)
     no_store = {}
     for p, _, prompts in cases:
         ttft(plain, prompts[0])
@@ -115,7 +116,7 @@ def main() -> None:
     shutdown(plain)
     del plain
     for p, store_dir, prompts in cases:
-        llm = engine(model, str(dtype).removeprefix("torch."), max_len, store_dir)
+        llm = engine(model, str(dtype).removeprefix("torch."), max_len, store_dir, args.eager)
         ttft(llm, prompts[0])
         stats = get_kv_transfer_group().stats
         bytes0, seconds0 = stats.bytes, stats.seconds
@@ -147,6 +148,7 @@ def main() -> None:
                     "load_GB_s": round(load_rate, 2),
                     "match_ms": round(match_ms, 3),
                     "vllm": __import__("vllm").__version__,
+                    "eager": args.eager,
                 }
             ),
             flush=True,

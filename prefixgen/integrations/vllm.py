@@ -46,7 +46,7 @@ from vllm.logger import init_logger
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from prefixgen.errors import ConfigError, CorruptBlockError, IncompatibleStoreError
-from prefixgen.format import KVLayout
+from prefixgen.format import KVLayout, ModelFingerprint
 from prefixgen.model import checkpoint_weights_digest, config_fingerprint
 from prefixgen.store.index import BlockLocation
 from prefixgen.store.reader import PrefixStore
@@ -151,9 +151,14 @@ def model_folder(vllm_config: VllmConfig) -> Path:
     )
 
 
-def engine_fingerprint(vllm_config: VllmConfig, chat_template: str | None = None):
+def engine_fingerprint(vllm_config: VllmConfig, chat_template: str | None = None) -> ModelFingerprint:
     """The prefixgen fingerprint of the model vLLM serves, from its checkpoint files, config and
-    tokenizer: what ``prefixgen build`` writes into the manifest for the same model."""
+    tokenizer: what ``prefixgen build`` writes into the manifest for the same model.
+
+    Example:
+        >>> store.manifest.model.differences(engine_fingerprint(vllm_config))  # doctest: +SKIP
+        []
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     mc = vllm_config.model_config
@@ -316,6 +321,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
     def _load(self, load: LoadSpec, forward_context: ForwardContext) -> None:
         t0 = time.perf_counter()
         bs = self.store.block_size
+        if not self._layers:
+            raise RuntimeError("PrefixgenConnector: vLLM did not register its KV caches with the connector")
         layers = [(forward_context.no_compile_layers[name], index) for name, index in self._layers]
         device = layers[0][0].kv_cache.device
         kv, good = self._read(load.locations, device)  # [good * bs, L, 2, H, D]
