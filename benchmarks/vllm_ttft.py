@@ -64,7 +64,15 @@ def engine(model: Path, dtype: str, max_len: int, store: Path | None, eager: boo
             kv_role="kv_consumer",
             kv_connector_extra_config={"store": str(store)},
         )
-    return LLM(str(model), dtype=dtype, enable_prefix_caching=False, max_model_len=max_len, kv_transfer_config=kv, seed=0, enforce_eager=eager)
+    return LLM(
+        str(model),
+        dtype=dtype,
+        enable_prefix_caching=False,
+        max_model_len=max_len,
+        kv_transfer_config=kv,
+        seed=0,
+        enforce_eager=eager,
+    )
 
 
 def ttft(llm, prompt_ids: list[int]) -> tuple[float, int]:

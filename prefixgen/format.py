@@ -86,7 +86,9 @@ def block_keys(tokens: Sequence[int], block_size: int, root: BlockHash) -> list[
         >>> len(block_keys(list(range(40)), 16, root_key("00" * 32)))
         2
     """
-    data = np.asarray(tokens, dtype="<u4").tobytes()  # slicing bytes is cheaper than slicing the array: a server hashes per request
+    data = np.asarray(
+        tokens, dtype="<u4"
+    ).tobytes()  # slicing bytes is cheaper than slicing the array: a server hashes per request
     step = block_size * 4
     keys: list[BlockHash] = []
     parent = root

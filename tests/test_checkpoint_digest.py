@@ -15,7 +15,12 @@ from .conftest import make_model
 
 @pytest.mark.parametrize(
     ("arch", "tied", "saved_dtype"),
-    [("qwen2", False, torch.float32), ("llama", True, torch.float32), ("qwen2", True, torch.bfloat16), ("gemma", True, torch.float32)],
+    [
+        ("qwen2", False, torch.float32),
+        ("llama", True, torch.float32),
+        ("qwen2", True, torch.bfloat16),
+        ("gemma", True, torch.float32),
+    ],
 )
 def test_checkpoint_digest_is_the_loaded_models_digest(tmp_path, arch, tied, saved_dtype):
     folder = make_model(tmp_path / arch, arch, seed=3, tie_word_embeddings=tied, dtype=saved_dtype)
