@@ -83,7 +83,7 @@ def run_vllm(
     llm = LLM(
         str(model),
         dtype="float32",
-        enable_prefix_caching=False,
+        enable_prefix_caching=prefix_caching,
         max_model_len=2048,
         seed=0,
         enforce_eager=True,
