@@ -9,7 +9,7 @@ prefix. Then, in one vLLM engine with the connector and one without (vLLM's own 
 in both, so every request either loads or computes the prefix): TTFT = wall time of
 ``LLM.generate(prompt, max_tokens=1)`` for prompts made of the prefix plus a new question (median
 of --repeats, after one warm-up), the connector's load bandwidth (store read + CRC + cache write, per
-the worker's LoadStats), and the scheduler-side match time of the whole prompt (``PrefixStore.locate``).
+the worker's LoadStats), and the scheduler-side match time of the whole prompt (``PrefixStore.find_prefix``).
 """
 
 from __future__ import annotations
@@ -134,10 +134,10 @@ def main() -> None:
         del llm
         store = PrefixStore.open(store_dir)
         ids = prompts[1][:-1]
-        store.locate(ids)
+        store.find_prefix(store.keys(ids))
         t = time.perf_counter()
         for _ in range(100):
-            store.locate(ids)
+            store.find_prefix(store.keys(ids))
         match_ms = (time.perf_counter() - t) / 100 * 1e3
         with_store = statistics.median(r[0] for r in runs)
         print(

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from prefixgen.config import parse_size
+from prefixgen.config import ServeConfig, format_size, parse_size
 from prefixgen.errors import PrefixgenError
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: 16]" must show, not be read as markup
 )
 
 
@@ -201,28 +202,125 @@ def verify(store: Annotated[Path, typer.Argument(help="The store folder.")]) -> 
     typer.echo(f"{store}: ok ({report.shards} shards, {report.blocks:,} blocks checked)")
 
 
+_SERVE = ServeConfig()  # serve's defaults, shown in the help (None below means unset: ServeConfig fills it in)
+
+
 @app.command()
 @_user_errors
 def serve(
-    store: Annotated[str, typer.Argument(help="The store folder.")],
-    model: Annotated[str, Opt("--model", "-m", help="The model the store was built with.")],
-    host: Annotated[str, Opt(help="Address to listen on (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, Opt(help="Port to listen on.")] = 8000,
-    device: Annotated[Optional[str], Opt(help="auto, cpu, cuda or cuda:N.")] = None,
-    dtype: Annotated[Optional[str], Opt(help="auto, bfloat16, float16 or float32.")] = None,
-    gpu_cache_bytes: Annotated[Optional[int], Opt(help="Device memory for hot prefixes (LRU).")] = None,
-    served_model_name: Annotated[Optional[str], Opt(help="The model name clients use (default: --model).")] = None,
-    no_store: Annotated[bool, Opt("--no-store", help="Ignore the store: prefill every prompt in full.")] = False,
-    trust_remote_code: Annotated[bool, Opt("--trust-remote-code", help="Allow the model's own code to run.")] = False,
+    store: Annotated[Optional[str], typer.Argument(help="The store folder (not needed with --no-store).")] = None,
+    model: Annotated[Optional[str], Opt("--model", "-m", help="The model the store was built with.")] = None,
+    host: Annotated[Optional[str], Opt(help=f"Address to listen on. [default: {_SERVE.host}]")] = None,
+    port: Annotated[Optional[int], Opt(help=f"Port to listen on. [default: {_SERVE.port}]")] = None,
+    device: Annotated[Optional[str], Opt(help=f"auto, cpu, cuda or cuda:N. [default: {_SERVE.device}]")] = None,
+    dtype: Annotated[Optional[str], Opt(help=f"auto, bfloat16, float16 or float32. [default: {_SERVE.dtype}]")] = None,
+    gpu_cache_bytes: Annotated[
+        Optional[int],
+        Opt(
+            parser=_size,
+            metavar="SIZE",
+            help=f"Device memory for hot prefixes (LRU), e.g. 8GiB. [default: {format_size(_SERVE.gpu_cache_bytes)}]",
+        ),
+    ] = None,
+    served_model_name: Annotated[Optional[str], Opt(help="The model name clients use. [default: --model]")] = None,
+    chat_template: Annotated[
+        Optional[str], Opt("--chat-template", help="The Jinja chat template file the store was built with, if any.")
+    ] = None,
+    default_max_tokens: Annotated[
+        Optional[int], Opt(help=f"max_tokens of requests that do not say. [default: {_SERVE.default_max_tokens}]")
+    ] = None,
+    no_store: Annotated[Optional[bool], Opt("--no-store", help="Ignore the store: prefill every prompt in full.")] = None,
+    trust_remote_code: TrustRemoteCodeOpt = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API, loading prompt prefixes from STORE."""
-    import dataclasses
-
-    from prefixgen.integrations.serve import ServeConfig
+    cfg = _SERVE.merged(**locals()).validate()
     from prefixgen.integrations.serve import serve as run_serve
 
-    given = {k: v for k, v in locals().items() if k in {f.name for f in dataclasses.fields(ServeConfig)} and v is not None}
-    run_serve(ServeConfig(**given))
+    run_serve(cfg)
+
+
+@app.command()
+@_user_errors
+def simulate(
+    source: Annotated[
+        Optional[str], typer.Argument(help="A dataset (as build reads it), or a trace file with --trace-format mooncake.")
+    ] = None,
+    model: ModelOpt = None,
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    text_field: TextFieldOpt = None,
+    messages_field: MessagesFieldOpt = None,
+    system_prompt: SystemPromptOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    limit: LimitOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    block_size: BlockSizeOpt = None,
+    kv_dtype: KvDtypeOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = None,
+    trace_format: Annotated[Optional[str], Opt(help="dataset (tokenized as build does) or mooncake. [default: dataset]")] = None,
+    trace_block_tokens: Annotated[Optional[int], Opt(help="Tokens per hash id of a Mooncake trace. [default: 512]")] = None,
+    store: Annotated[Optional[str], Opt(help="A built store: the static tier (its blocks always hit).")] = None,
+    warmup: Annotated[
+        Optional[float], Opt(help="The first FRACTION of requests choose a static tier as build would; the rest are scored.")
+    ] = None,
+    min_records: Annotated[Optional[int], Opt(help="--warmup: keep blocks in at least K warm-up requests. [default: 1]")] = None,
+    max_bytes: Annotated[
+        Optional[int], Opt(parser=_size, metavar="SIZE", help="--warmup: the static tier's KV bytes at most, e.g. 500GB.")
+    ] = None,
+    max_blocks: Annotated[Optional[int], Opt(help="--warmup: the static tier's blocks at most.")] = None,
+    capacity: Annotated[
+        Optional[str],
+        Opt(
+            help="Dynamic tier sizes, comma-separated: blocks, bytes (20GB), % of distinct blocks, or inf. [default: 1%,3%,10%,30%,inf]"
+        ),
+    ] = None,
+    policy: Annotated[Optional[str], Opt(help="Policies, comma-separated. [default: lru,lfu,arc,s3fifo,belady]")] = None,
+    as_json: Annotated[bool, Opt("--json", help="Print one JSON object.")] = False,
+    plot: Annotated[Optional[Path], Opt(help="Write a PNG of token hit rate against capacity (needs matplotlib).")] = None,
+    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Replay requests against a static tier and a dynamic tier under eviction policies; report the hits."""
+    from prefixgen.analysis.simulate import format_table
+    from prefixgen.analysis.simulate import plot as write_plot
+    from prefixgen.analysis.simulate import simulate as run_simulate
+    from prefixgen.config import BuildConfig, SimulateConfig
+
+    data = BuildConfig().merged(
+        model=model,
+        split=split,
+        subset=subset,
+        text_field=text_field,
+        messages_field=messages_field,
+        system_prompt=system_prompt,
+        chat_template=chat_template,
+        limit=limit,
+        max_tokens=max_tokens,
+        kv_dtype=kv_dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    given = dict(
+        source=source,
+        trace_format=trace_format,
+        trace_block_tokens=trace_block_tokens,
+        block_size=block_size,
+        store=store,
+        warmup=warmup,
+        min_records=min_records,
+        max_bytes=max_bytes,
+        max_blocks=max_blocks,
+        capacity=capacity,
+        policies=policy,
+    )
+    cfg = SimulateConfig(**{k: v for k, v in given.items() if v is not None})
+    result = run_simulate(cfg, data, progress=not quiet and sys.stderr.isatty())
+    if plot is not None:
+        write_plot(result, plot)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        typer.echo(format_table(result))
+        if plot is not None:
+            typer.echo(f"\nplot: {plot}")
 
 
 def main() -> None:

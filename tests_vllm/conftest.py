@@ -144,7 +144,7 @@ def _header_bytes(path: Path, n: int) -> bytes:
 def corrupt_block(store: Path, token_ids: Sequence[int], block: int) -> None:
     """Flip bytes inside stored block ``block`` of the prefix of ``token_ids`` (its CRC no longer matches)."""
     s = PrefixStore.open(store)
-    loc = s.locate(token_ids)[block]
+    loc = s.find_prefix(s.keys(token_ids)).locations[block]
     shard = store / SHARDS_DIR / loc.shard
     with open(shard, "rb") as f:
         header = read_safetensors_header(f, shard)

@@ -46,8 +46,8 @@ from vllm.logger import init_logger
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from prefixgen.errors import ConfigError, CorruptBlockError, IncompatibleStoreError
-from prefixgen.format import KVLayout, ModelFingerprint
-from prefixgen.model import checkpoint_weights_digest, config_fingerprint
+from prefixgen.format import ModelFingerprint
+from prefixgen.model import checkpoint_weights_digest, config_fingerprint, kv_layout_from_config, load_config, load_tokenizer
 from prefixgen.store.index import BlockLocation
 from prefixgen.store.reader import PrefixStore
 
@@ -159,24 +159,12 @@ def engine_fingerprint(vllm_config: VllmConfig, chat_template: str | None = None
         >>> store.manifest.model.differences(engine_fingerprint(vllm_config))  # doctest: +SKIP
         []
     """
-    from transformers import AutoConfig, AutoTokenizer
-
     mc = vllm_config.model_config
     folder = model_folder(vllm_config)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=mc.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(
-        mc.tokenizer, revision=mc.tokenizer_revision, trust_remote_code=mc.trust_remote_code
-    )
-    if chat_template:
-        tokenizer.chat_template = Path(chat_template).read_text()
+    config = load_config(str(folder), trust_remote_code=mc.trust_remote_code)
+    tokenizer = load_tokenizer(mc.tokenizer, trust_remote_code=mc.trust_remote_code, chat_template=chat_template)
+    layout = kv_layout_from_config(str(folder), trust_remote_code=mc.trust_remote_code)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    layout = KVLayout(
-        num_layers=text.num_hidden_layers,
-        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-        dtype=str(mc.dtype).removeprefix("torch."),
-    )
     weights = checkpoint_weights_digest(folder, bool(getattr(text, "tie_word_embeddings", False)))
     return config_fingerprint(config, tokenizer, layout, weights, name=mc.model)
 
@@ -284,7 +272,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
         match = self._matches.get(request.request_id)
         if match is None:
             ids = request.prompt_token_ids or []
-            locations = self.store.locate(ids[:-1])
+            locations = self.store.find_prefix(self.store.keys(ids[:-1])).locations
             match = _Match(len(locations) * self.store.block_size, locations)
             self._matches[request.request_id] = match
         return max(0, match.end - num_computed_tokens), False
