@@ -114,6 +114,19 @@ def test_kv_is_used_not_recomputed(tmp_path, model, store, baseline):
     assert run.outputs[0] != baseline.outputs[0]
 
 
+def test_fp8_store_is_dequantized_into_the_cache(tmp_path, model, baseline):
+    """An fp8 store (`--kv-dtype fp8`) loads: its KV goes into vLLM's float32 cache, scaled back."""
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": SYSTEM + s} for s in STORIES])
+    out = tmp_path / "fp8"
+    build(BuildConfig(dataset=str(data), model=str(model), out=str(out), device="cpu", quiet=True, kv_dtype="fp8"))
+    assert PrefixStore.open(out).manifest.kv.storage == "fp8"
+    run = run_vllm(model, PROMPTS[:1], store=out)
+    stored = stored_prefix(out, baseline.prompt_ids[0])
+    assert run.cached[0] >= stored > 0 and run.stats.tokens == stored
+    kv = PrefixStore.open(out).manifest.kv
+    assert run.stats.bytes == stored * kv.num_layers * 2 * kv.num_kv_heads * kv.head_dim * 4  # float32 written
+
+
 def test_corrupt_block_is_recomputed(tmp_path, model, store, baseline, caplog):
     bad = copy_store(store, tmp_path / "bad")
     ids = baseline.prompt_ids[0]
