@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 
 from prefixgen.compat import cache_kwargs, output_cache
 from prefixgen.errors import ModelError
-from prefixgen.format import KVLayout, ModelFingerprint
+from prefixgen.format import KVLayout, ModelFingerprint, read_safetensors_header
 
 # Samples per parameter for the weights digest: enough to see any fine-tune, cheap for 70B.
 _SAMPLES = 1 << 16
@@ -33,11 +35,68 @@ def weights_digest(model: torch.nn.Module) -> str:
     """
     h = hashlib.sha256()
     for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        flat = param.detach().reshape(-1)
-        step = max(1, flat.numel() // _SAMPLES)
-        sample = flat[::step][:_SAMPLES].to(torch.bfloat16).view(torch.int16).cpu().numpy()
-        h.update(f"{name}:{tuple(param.shape)}\n".encode())
-        h.update(sample.astype("<i2").tobytes())
+        _digest_tensor(h, name, tuple(param.shape), param.detach().reshape(-1))
+    return h.hexdigest()
+
+
+def _digest_tensor(h: Any, name: str, shape: tuple[int, ...], flat: torch.Tensor | np.ndarray) -> None:
+    """Feed one parameter into the weights digest: its name and shape, then its strided sample as bfloat16."""
+    step = max(1, flat.shape[0] // _SAMPLES)
+    sample = flat[::step][:_SAMPLES]
+    if isinstance(sample, np.ndarray):
+        sample = torch.from_numpy(np.ascontiguousarray(sample))
+    h.update(f"{name}:{shape}\n".encode())
+    h.update(sample.to(torch.bfloat16).view(torch.int16).cpu().numpy().astype("<i2").tobytes())
+
+
+# safetensors dtypes a checkpoint may hold -> (numpy dtype to read the bytes, torch dtype they mean)
+_CHECKPOINT_DTYPES = {
+    "F32": (np.float32, torch.float32),
+    "F16": (np.float16, torch.float16),
+    "BF16": (np.int16, torch.bfloat16),
+    "F64": (np.float64, torch.float64),
+}
+
+
+def checkpoint_weights_digest(folder: str | Path, tie_word_embeddings: bool = False) -> str:
+    """The :func:`weights_digest` of the model transformers loads from the ``*.safetensors`` files in
+    ``folder``, computed from the files alone (memory-mapped; only the sampled elements are read).
+
+    For servers whose modules differ from transformers' (vLLM fuses ``qkv_proj``): the checkpoint's
+    tensor names are transformers' parameter names. A tied ``lm_head.weight`` is not a parameter of
+    its own (transformers lists the shared tensor once, as the embedding), nor are buffers saved in
+    old checkpoints (``rotary_emb.inv_freq``).
+
+    Example:
+        >>> checkpoint_weights_digest("models/stories260K") == weights_digest(model)  # doctest: +SKIP
+        True
+    """
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{folder} has no .safetensors files: the weights digest needs the checkpoint in safetensors")
+    tensors: dict[str, tuple[Path, dict[str, Any], int]] = {}
+    for path in files:
+        with open(path, "rb") as f:
+            header = read_safetensors_header(f, path)
+        for name, info in header.tensors.items():
+            tensors[name] = (path, info, header.data_start)
+    h = hashlib.sha256()
+    maps: dict[Path, np.memmap] = {}
+    for name in sorted(tensors):
+        if name.endswith("rotary_emb.inv_freq") or (tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        path, info, data_start = tensors[name]
+        if info["dtype"] not in _CHECKPOINT_DTYPES:
+            raise ModelError(f"{path}: tensor {name} has dtype {info['dtype']}, which the weights digest cannot read")
+        np_dtype, torch_dtype = _CHECKPOINT_DTYPES[info["dtype"]]
+        if path not in maps:
+            maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+        a, b = (data_start + o for o in info["data_offsets"])
+        flat = maps[path][a:b].view(np.dtype(np_dtype).newbyteorder("<"))
+        step = max(1, flat.shape[0] // _SAMPLES)
+        sample = torch.from_numpy(np.ascontiguousarray(flat[::step][:_SAMPLES]).astype(np_dtype)).view(torch_dtype)
+        _digest_tensor(h, name, tuple(info["shape"]), sample)  # already strided: sampling again keeps it whole
     return h.hexdigest()
 
 
@@ -102,16 +161,27 @@ def fingerprint(model: torch.nn.Module, tokenizer: Any, layout: KVLayout, name: 
     Example:
         >>> fp = fingerprint(model, tokenizer, probe_kv_layout(model), "stories260K")  # doctest: +SKIP
     """
-    config = model.config
-    archs = getattr(config, "architectures", None) or [type(model).__name__]
+    archs = getattr(model.config, "architectures", None) or [type(model).__name__]
+    return config_fingerprint(model.config, tokenizer, layout, weights_digest(model), name, architecture=str(archs[0]))
+
+
+def config_fingerprint(
+    config: Any, tokenizer: Any, layout: KVLayout, weights: str, name: str = "", architecture: str = ""
+) -> ModelFingerprint:
+    """The fingerprint of a model known by its config, KV layout and weights digest (a server that
+    does not run the transformers model, such as vLLM, gets ``weights`` from :func:`checkpoint_weights_digest`).
+
+    Example:
+        >>> fp = config_fingerprint(AutoConfig.from_pretrained(d), tok, layout, checkpoint_weights_digest(d))  # doctest: +SKIP
+    """
     return ModelFingerprint(
         name=name or str(getattr(config, "_name_or_path", "")),
-        architecture=str(archs[0]),
+        architecture=architecture or str((getattr(config, "architectures", None) or [""])[0]),
         model_type=str(getattr(config, "model_type", "")),
         num_layers=layout.num_layers,
         num_kv_heads=layout.num_kv_heads,
         head_dim=layout.head_dim,
-        weights_digest=weights_digest(model),
+        weights_digest=weights,
         tokenizer_digest=tokenizer_digest(tokenizer) if tokenizer is not None else "",
         rope=_rope(config),
         max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
