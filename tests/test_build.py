@@ -208,6 +208,8 @@ def test_full_disk_is_a_clear_error_and_the_store_stays_valid(tmp_path, stories)
         ("missing_model", "cannot load"),
         ("not_causal", "not a causal language model"),
         ("sliding_window", "sliding"),
+        ("dynamic_rope", "rope_type 'dynamic'"),
+        ("longrope", "rope_type 'longrope'"),
         ("bad_dtype", "--dtype"),
         ("exclusive_flags", "exclude each other"),
         ("bad_config", "unknown option"),
@@ -229,6 +231,12 @@ def test_bad_input_gets_one_clear_message(tmp_path, cli, stories, text_dataset, 
         (model / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32}))
     elif case == "sliding_window":
         model = make_model(tmp_path / "mistral", "mistral", sliding_window=8)
+    elif case == "dynamic_rope":
+        rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+        model = make_model(tmp_path / "dynamic", "llama", rope_parameters=rope)
+    elif case == "longrope":
+        rope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "factor": 4.0}
+        model = make_model(tmp_path / "longrope", "llama", rope_parameters={**rope, "rope_theta": 10000.0})
     elif case == "bad_dtype":
         extra = ["--dtype", "int4"]
     elif case == "exclusive_flags":

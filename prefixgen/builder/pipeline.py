@@ -25,7 +25,7 @@ from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer
 from prefixgen.data.source import read_records
 from prefixgen.errors import PrefixgenError, StoreError
-from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, root_key
+from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, dequantize_fp8, quantize_fp8, root_key
 from prefixgen.model import fingerprint, load_model, probe_kv_layout
 from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.reader import PrefixStore
@@ -125,18 +125,29 @@ class PastSource:
     """KV of blocks to use as past: recent blocks from device memory (LRU, ``budget`` bytes),
     else from this run's writer, else from the store as it was when the run began.
 
+    For an fp8 store the past is always the dequantized fp8 KV, what a server will load: recent
+    blocks are kept quantized and dequantized, so a suffix's KV does not depend on whether its
+    past was still in device memory (FORMAT.md, "fp8 storage").
+
     Example:
         >>> source = PastSource(writer, store, device, torch.float32, budget=1 << 30)  # doctest: +SKIP
         >>> source.get(keys).shape  # doctest: +SKIP
         torch.Size([32, 5, 2, 4, 8])
     """
 
-    def __init__(self, writer: StoreWriter, store: PrefixStore, device: torch.device, dtype: torch.dtype, budget: int):
-        self.writer, self.store, self.device, self.dtype = writer, store, device, dtype
+    def __init__(
+        self, writer: StoreWriter, store: PrefixStore, device: torch.device, dtype: torch.dtype, budget: int, fp8: bool = False
+    ):
+        self.writer, self.store, self.device, self.dtype, self.fp8 = writer, store, device, dtype, fp8
         self.recent = BlockCache(budget)
 
     def put(self, keys: Sequence[BlockHash], kv: torch.Tensor) -> None:
-        """Remember the KV [len(keys)*B, L, 2, H, D] of freshly computed blocks."""
+        """Remember the KV [len(keys)*B, L, 2, H, D] of freshly computed blocks (as stored)."""
+        if not keys or self.recent.budget < kv.nbytes // len(keys):
+            return  # nothing would be kept: skip the fp8 round trip too
+        if self.fp8:
+            bs = kv.shape[0] // len(keys)
+            kv = dequantize_fp8(*quantize_fp8(kv, bs), bs, kv.dtype)
         self.recent.put_run(list(keys), kv)
 
     def get(self, keys: Sequence[BlockHash]) -> torch.Tensor:
@@ -229,7 +240,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     if budget.tokens < cfg.batch_tokens:
         bar.write(f"device memory allows {budget.tokens} tokens per batch (asked for {cfg.batch_tokens})")
     planner = Planner(manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record)
-    source = PastSource(writer, store, device, model.dtype, cfg.prefix_cache_bytes)
+    source = PastSource(writer, store, device, model.dtype, cfg.prefix_cache_bytes, fp8=manifest.kv.storage == "fp8")
     prefiller = Prefiller(model, device, source.get)
 
     def store_task(task: PrefillTask, kv: torch.Tensor) -> None:
