@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import resource
 import signal
 import subprocess
@@ -166,9 +167,14 @@ def test_resume_after_kill_9_stores_the_same_blocks(tmp_path, cli, stories):
     assert report.ok, report.faults
     builds = ls_json(cli, out)["builds"]
     assert len(builds) == 1 and builds[0]["status"] == "complete" and builds[0]["records"] == 500
-    # Resuming a finished build does nothing.
-    again = cli(*args, "--resume")
-    assert again.exit_code == 0 and stored_keys(out) == want
+    # The resumed run prefilled only the blocks the killed one had not stored.
+    assert builds[0]["prefilled_tokens"] == builds[0]["stored_tokens"] == (len(want) - len(killed)) * 16
+    # Resuming a finished build does nothing: nothing prefilled, not a byte of the store changed.
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = cli(*[a for a in args if a != "--quiet"], "--resume")
+    assert again.exit_code == 0, again.output
+    assert re.search(r"prefilled tokens  0 ", again.stdout) and re.search(r"records  0 ", again.stdout)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
 
 
 def test_ctrl_c_stops_cleanly_and_keeps_what_was_stored(tmp_path, stories):

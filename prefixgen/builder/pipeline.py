@@ -230,8 +230,8 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     if cfg.resume and record.build_id not in {b.build_id for b in store.builds()}:
         # Nothing unfinished: resuming a finished build is a no-op (so scripts can always pass --resume).
         done = [b for b in store.builds() if b.dataset == cfg.dataset]
-        if done:
-            return done[-1]
+        if done:  # this run's record: it computed and wrote nothing
+            return BuildRecord(done[-1].build_id, cfg.dataset, "complete", record.started_at, utc_now(), options=cfg.options())
     writer = StoreWriter(out, manifest, record.build_id, cfg.shard_bytes, cfg.write_threads, cfg.fsync, device=device)
     record.writers.append(writer.writer_id)
     bar = tqdm(total=cfg.limit, unit="rec", disable=cfg.quiet, dynamic_ncols=True, desc="build")
