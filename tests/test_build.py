@@ -299,6 +299,11 @@ def test_config_file_sets_options_and_flags_win(tmp_path, cli, stories, text_dat
     assert cli("build", text_dataset, "--config", cfg, "--out", out, "--limit", "5", "--quiet").exit_code == 0
     summary = ls_json(cli, out)
     assert summary["block_size"] == 8 and summary["builds"][0]["records"] == 5
+    # Every option is a flag too; sizes take units.
+    flags = ["--prefix-cache-bytes", "64MiB", "--sort-window", "2"]
+    assert cli("build", text_dataset, "--config", cfg, "--out", out, "--overwrite", "--quiet", *flags).exit_code == 0
+    (b,) = PrefixStore.open(out).builds()
+    assert (b.options["prefix_cache_bytes"], b.options["sort_window"]) == (64 << 20, 2)
 
 
 def test_multiple_writers_fill_one_store(tmp_path, stories):
