@@ -81,8 +81,11 @@ class Planner:
         max_chunk: int,
         stored: Callable[[Sequence[BlockHash]], list[bool]],
         stats: BuildRecord,
+        on_record: Callable[[BlockHash | None, int, int], None] | None = None,
     ):
         self.root = root
+        # Told of each record: (its last block if this run computes it, tokens, tokens it prefills).
+        self.on_record = on_record or (lambda last_key, tokens, new_tokens: None)
         self.block_size = block_size
         self.max_chunk = max(block_size, max_chunk // block_size * block_size)
         self.stored = stored
@@ -97,6 +100,7 @@ class Planner:
             for key in keys:
                 self.counts[key] = self.counts.get(key, 0) + 1
             if not keys:
+                self.on_record(None, len(record.ids), 0)
                 continue
             # First block that is neither scheduled in this run nor in the store.
             first = 0
@@ -107,7 +111,9 @@ class Planner:
                 while first < len(keys) and in_store[first - (len(keys) - len(in_store))]:
                     first += 1
             if first == len(keys):
+                self.on_record(keys[-1] if keys[-1] in self.scheduled else None, len(record.ids), 0)
                 continue
+            self.on_record(keys[-1], len(record.ids), (len(keys) - first) * bs)
             self.scheduled.update(keys[first:])
             self.stats.stored_tokens += (len(keys) - first) * bs
             end = len(keys) * bs
