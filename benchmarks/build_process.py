@@ -15,6 +15,10 @@ interpreter start, imports, model load, reading and tokenizing count:
 
 Prints one JSON object: seconds of each run, seconds per 1,000 prefilled tokens, the ratio of
 prefixgen's to bare's (goal: at most 1.3), and the build's own stage seconds.
+
+``--input-only``: no model, no forward; time the build's input steps alone (read, tokenize, plan,
+batch: what runs before the first prefill and beside the later ones) in a fresh process per
+``--code``: seconds until the first batch is ready, until the last, and CPU seconds (all threads).
 """
 
 from __future__ import annotations
@@ -82,9 +86,41 @@ def bare_worker(model_dir: str, ids_file: str, batch_tokens: int) -> None:
             i += rows
 
 
-def timed(cmd: list[str], env: dict | None = None) -> float:
+INPUT_ONLY = """
+import json, sys, time
+from transformers import AutoTokenizer
+from prefixgen.builder.plan import Planner, batch_tasks
+from prefixgen.data.records import RecordTokenizer
+from prefixgen.data.source import read_records
+from prefixgen.format import BuildRecord, root_key
+data, model, max_tokens, batch_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+tok = AutoTokenizer.from_pretrained(model)
+stats = BuildRecord("", "")
+t, cpu = time.perf_counter(), time.process_time()
+tokenized = RecordTokenizer(tok, stats, max_tokens)(read_records(data, "text"))
+planner = Planner(root_key("00" * 32), 16, batch_tokens, lambda keys: [False] * len(keys), stats)
+batches = batch_tasks(planner(tokenized), batch_tokens, 32)
+next(batches)
+first = time.perf_counter() - t
+n = 1 + sum(1 for _ in batches)
+print(json.dumps({"first_batch_s": round(first, 3), "all_batches_s": round(time.perf_counter() - t, 3),
+                  "cpu_s": round(time.process_time() - cpu, 3), "batches": n, "dataset_tokens": stats.dataset_tokens}))
+"""
+
+
+def input_only(code: Path, data: Path, model: Path, max_tokens: int, batch_tokens: int) -> dict:
+    """The build's input steps alone, in a fresh process running prefixgen from ``code``."""
+    env = {**os.environ, "PYTHONPATH": str(code.resolve())}
+    cmd = [sys.executable, "-c", INPUT_ONLY, str(data), str(model), str(max_tokens), str(batch_tokens)]
+    out = subprocess.run(cmd, check=True, env=env, cwd=code, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])  # after the tokenizer's warnings
+
+
+def timed(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> float:
+    """Wall seconds of ``cmd``. Python puts the working folder first on the import path, so each
+    prefixgen run starts in the checkout it times."""
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, env=env, cwd=cwd, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t
 
 
@@ -99,6 +135,7 @@ def main() -> None:
     ap.add_argument("--code", type=Path, nargs="*", default=[ROOT], help="prefixgen checkouts to time")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "process")
+    ap.add_argument("--input-only", action="store_true", help="time the input steps alone (no model)")
     ap.add_argument("--bare-worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare_worker:
@@ -111,6 +148,13 @@ def main() -> None:
     ids = make_dataset(data, args.records, args.tokens, args.max_tokens)
     (args.out / "ids.json").write_text(json.dumps(ids))
     prefilled = sum(len(r) // 16 * 16 for r in ids)  # what the build prefills: full blocks
+    if args.input_only:
+        runs = {
+            str(c): [input_only(c, data, model, args.max_tokens, args.batch_tokens) for _ in range(args.repeats)]
+            for c in args.code
+        }
+        print(json.dumps({"card": card("cpu"), "records": args.records, "tokens_per_record": args.tokens, "runs": runs}))
+        return
     bare_cmd = [sys.executable, __file__, "--bare-worker", str(model), str(args.out / "ids.json"), str(args.batch_tokens)]
     runs: dict[str, list[float]] = {"bare": []}
     stages: dict[str, dict] = {}
@@ -122,7 +166,7 @@ def main() -> None:
             cmd += ["--overwrite", "--quiet", "--no-fsync", "--device", "cpu", "--dtype", "float32"]
             cmd += ["--max-tokens", str(args.max_tokens), "--batch-tokens", str(args.batch_tokens)]
             env = {**os.environ, "PYTHONPATH": str(code.resolve())}
-            runs.setdefault(str(code), []).append(timed(cmd, env))
+            runs.setdefault(str(code), []).append(timed(cmd, env, code))
             (record,) = [json.loads(p.read_text()) for p in (store / "builds").glob("*.json")]
             assert record["prefilled_tokens"] == prefilled, (record["prefilled_tokens"], prefilled)
             stages[str(code)] = {"seconds": record["seconds"], **record["stage_seconds"]}
