@@ -48,6 +48,7 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/build_throughput.py --model configs/models/small-llama.json --records 300
+	$(PY) benchmarks/build_process.py --records 150 --tokens 11500 --max-tokens 1024 --layers 4
 	$(PY) benchmarks/serve_ttft.py --model configs/models/small-llama.json --prefix 1024 3968
 	$(PY) benchmarks/fp8_error.py
 	$(PY) benchmarks/index_scale.py --blocks 10000000

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from prefixgen.config import ServeConfig, format_size, parse_size
+from prefixgen.config import SIZE_FIELDS, BuildConfig, ServeConfig, format_size, parse_size
 from prefixgen.errors import ConfigError, PrefixgenError
 
 app = typer.Typer(
@@ -50,6 +50,12 @@ def _size(text: str) -> int:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _default(name: str) -> str:
+    """``[default: X]`` for a build option's help, X read from BuildConfig: defaults live only there."""
+    value = getattr(BuildConfig(), name)
+    return f"[default: {format_size(value) if name in SIZE_FIELDS else value}]"
+
+
 # The dataset and tokenization options, declared once: build, analyze and simulate read a dataset
 # exactly alike, so they take the same flags. Defaults live in BuildConfig (None here means unset).
 DatasetArg = Annotated[
@@ -57,9 +63,9 @@ DatasetArg = Annotated[
 ]
 ModelOpt = Annotated[Optional[str], Opt("--model", "-m", help="A local model folder or a Hub model id.")]
 ConfigOpt = Annotated[Optional[Path], Opt("--config", "-c", help="A TOML file of options; flags win.")]
-SplitOpt = Annotated[Optional[str], Opt("--split", help="Dataset split (Hub datasets). [default: train]")]
+SplitOpt = Annotated[Optional[str], Opt("--split", help=f"Dataset split (Hub datasets). {_default('split')}")]
 SubsetOpt = Annotated[Optional[str], Opt("--subset", help="Dataset subset/config name (Hub datasets).")]
-TextFieldOpt = Annotated[Optional[str], Opt("--text-field", help="Field holding the text. [default: text]")]
+TextFieldOpt = Annotated[Optional[str], Opt("--text-field", help=f"Field holding the text. {_default('text_field')}")]
 MessagesFieldOpt = Annotated[Optional[str], Opt("--messages-field", help="Field holding chats, rendered with the chat template.")]
 SystemPromptOpt = Annotated[
     Optional[str], Opt("--system-prompt", help="System prompt added to every chat (prepended to text records).")
@@ -67,10 +73,10 @@ SystemPromptOpt = Annotated[
 ChatTemplateOpt = Annotated[Optional[str], Opt("--chat-template", help="A Jinja chat template file, for tokenizers without one.")]
 LimitOpt = Annotated[Optional[int], Opt("--limit", help="Read at most N records.")]
 MaxTokensOpt = Annotated[Optional[int], Opt("--max-tokens", help="Truncate records to N tokens.")]
-BlockSizeOpt = Annotated[Optional[int], Opt("--block-size", help="Tokens per block. [default: 16]")]
-KvDtypeOpt = Annotated[Optional[str], Opt("--kv-dtype", help="auto (the model's dtype) or fp8. [default: auto]")]
+BlockSizeOpt = Annotated[Optional[int], Opt("--block-size", help=f"Tokens per block. {_default('block_size')}")]
+KvDtypeOpt = Annotated[Optional[str], Opt("--kv-dtype", help=f"auto (the model's dtype) or fp8. {_default('kv_dtype')}")]
 TrustRemoteCodeOpt = Annotated[Optional[bool], Opt("--trust-remote-code", help="Allow the model's own code to run.")]
-DtypeOpt = Annotated[Optional[str], Opt(help="auto, bfloat16, float16 or float32. [default: auto]")]
+DtypeOpt = Annotated[Optional[str], Opt("--dtype", help=f"auto, bfloat16, float16 or float32. {_default('dtype')}")]
 MinRecordsOpt = Annotated[Optional[int], Opt("--min-records", help="Store only blocks contained in at least K records.")]
 MaxBytesOpt = Annotated[
     Optional[int],
@@ -96,17 +102,30 @@ def build(
     limit: LimitOpt = None,
     max_tokens: MaxTokensOpt = None,
     block_size: BlockSizeOpt = None,
-    batch_tokens: Annotated[Optional[int], Opt(help="Token budget of one forward pass. [default: 8192]")] = None,
+    batch_tokens: Annotated[Optional[int], Opt(help=f"Token budget of one forward pass. {_default('batch_tokens')}")] = None,
     dtype: DtypeOpt = None,
     kv_dtype: KvDtypeOpt = None,
     min_records: MinRecordsOpt = None,
     max_bytes: MaxBytesOpt = None,
-    device: Annotated[Optional[str], Opt(help="auto, cpu, cuda or cuda:N. [default: auto]")] = None,
+    device: Annotated[Optional[str], Opt(help=f"auto, cpu, cuda or cuda:N. {_default('device')}")] = None,
     shard_bytes: Annotated[
-        Optional[int], Opt(parser=_size, metavar="SIZE", help="Bytes per shard file, e.g. 512MiB. [default: 256MiB]")
+        Optional[int], Opt(parser=_size, metavar="SIZE", help=f"Bytes per shard file, e.g. 512MiB. {_default('shard_bytes')}")
     ] = None,
-    write_threads: Annotated[Optional[int], Opt(help="Background threads writing shards. [default: 2]")] = None,
-    fsync: Annotated[Optional[bool], Opt("--fsync/--no-fsync", help="Make every shard durable before indexing it.")] = None,
+    write_threads: Annotated[Optional[int], Opt(help=f"Background threads writing shards. {_default('write_threads')}")] = None,
+    prefix_cache_bytes: Annotated[
+        Optional[int],
+        Opt(
+            parser=_size,
+            metavar="SIZE",
+            help=f"Device memory for the KV of recent blocks, reused as past. {_default('prefix_cache_bytes')}",
+        ),
+    ] = None,
+    sort_window: Annotated[
+        Optional[int], Opt(help=f"Batches' worth of records sorted by length together. {_default('sort_window')}")
+    ] = None,
+    fsync: Annotated[
+        Optional[bool], Opt("--fsync/--no-fsync", help=f"Make every shard durable before indexing it. {_default('fsync')}")
+    ] = None,
     resume: Annotated[Optional[bool], Opt("--resume", help="Finish an interrupted build of this dataset.")] = None,
     append: Annotated[Optional[bool], Opt("--append", help="Add this dataset to an existing store of the same model.")] = None,
     overwrite: Annotated[Optional[bool], Opt("--overwrite", help="Replace an existing store.")] = None,

@@ -122,14 +122,55 @@ def _rope(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(rope, sort_keys=True, default=str))
 
 
+# RoPE variants whose frequencies depend on the position alone: in transformers 5.24 their init
+# functions (modeling_rope_utils.ROPE_INIT_FUNCTIONS) ignore ``seq_len`` and ``dynamic_rope_update``
+# leaves them alone, so a block's KV is the same whatever sequence or batch it was computed in.
+# "dynamic" (NTK) and "longrope" recompute the frequencies from the largest position in the batch
+# at every forward: a block's KV would depend on its record's length and on its batch neighbours.
+REUSABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
+
+
+def rope_types(config: Any) -> list[str]:
+    """The ``rope_type`` of every RoPE the config declares (per layer type where it has several);
+    empty for a model without RoPE parameters.
+
+    Example:
+        >>> rope_types(transformers.LlamaConfig(rope_parameters={"rope_type": "linear", "factor": 2.0}))
+        ['linear']
+    """
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return []
+    nested = [v for v in rope.values() if isinstance(v, dict)]
+    found = []
+    for params in nested or [rope]:
+        kind = params.get("rope_type", params.get("type"))
+        if kind is not None:
+            found.append(str(kind))
+    return found
+
+
+def check_rope(config: Any) -> None:
+    """Raise ModelError for a RoPE whose frequencies depend on the sequence length (see
+    REUSABLE_ROPE_TYPES): its KV is not reusable as a prefix of another sequence."""
+    bad = sorted({t for t in rope_types(config) if t not in REUSABLE_ROPE_TYPES})
+    if bad:
+        raise ModelError(
+            f"this model's RoPE (rope_type {', '.join(repr(t) for t in bad)}) changes its frequencies with the "
+            "sequence length, so a prefix's KV depends on what follows it and cannot be stored for reuse; "
+            f"prefixgen accepts rope_type {', '.join(REUSABLE_ROPE_TYPES)}"
+        )
+
+
 @torch.inference_mode()
 def probe_kv_layout(model: torch.nn.Module) -> KVLayout:
     """Run two tokens through ``model`` and read the shape of the cache it makes.
 
     Raises ModelError if the cache is not a plain full-attention KV cache (sliding-window,
-    linear-attention, state-space or compressed layers), since such KV cannot be reused as a
-    prefix of longer sequences.
+    linear-attention, state-space or compressed layers), or if its RoPE depends on the sequence
+    length (``check_rope``), since such KV cannot be reused as a prefix of longer sequences.
     """
+    check_rope(model.config)
     device = next(model.parameters()).device
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)
     try:

@@ -25,12 +25,13 @@ from tqdm import tqdm
 
 from prefixgen.builder.plan import Batch, Budget, Planner, PrefillTask, batch_tasks, split_batch
 from prefixgen.builder.prefill import Prefiller, fit_batch_tokens
+from prefixgen.builder.progress import Progress
 from prefixgen.builder.selection import Selection, choose_blocks, cut_to_selection, max_blocks
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer
-from prefixgen.data.source import read_records
+from prefixgen.data.source import count_records, read_records
 from prefixgen.errors import PrefixgenError, StoreError
-from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, root_key
+from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, dequantize_fp8, quantize_fp8, root_key
 from prefixgen.model import fingerprint, load_model, probe_kv_layout
 from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.reader import PrefixStore
@@ -130,18 +131,29 @@ class PastSource:
     """KV of blocks to use as past: recent blocks from device memory (LRU, ``budget`` bytes),
     else from this run's writer, else from the store as it was when the run began.
 
+    For an fp8 store the past is always the dequantized fp8 KV, what a server will load: recent
+    blocks are kept quantized and dequantized, so a suffix's KV does not depend on whether its
+    past was still in device memory (FORMAT.md, "fp8 storage").
+
     Example:
         >>> source = PastSource(writer, store, device, torch.float32, budget=1 << 30)  # doctest: +SKIP
         >>> source.get(keys).shape  # doctest: +SKIP
         torch.Size([32, 5, 2, 4, 8])
     """
 
-    def __init__(self, writer: StoreWriter, store: PrefixStore, device: torch.device, dtype: torch.dtype, budget: int):
-        self.writer, self.store, self.device, self.dtype = writer, store, device, dtype
+    def __init__(
+        self, writer: StoreWriter, store: PrefixStore, device: torch.device, dtype: torch.dtype, budget: int, fp8: bool = False
+    ):
+        self.writer, self.store, self.device, self.dtype, self.fp8 = writer, store, device, dtype, fp8
         self.recent = BlockCache(budget)
 
     def put(self, keys: Sequence[BlockHash], kv: torch.Tensor) -> None:
-        """Remember the KV [len(keys)*B, L, 2, H, D] of freshly computed blocks."""
+        """Remember the KV [len(keys)*B, L, 2, H, D] of freshly computed blocks (as stored)."""
+        if not keys or self.recent.budget < kv.nbytes // len(keys):
+            return  # nothing would be kept: skip the fp8 round trip too
+        if self.fp8:
+            bs = kv.shape[0] // len(keys)
+            kv = dequantize_fp8(*quantize_fp8(kv, bs), bs, kv.dtype)
         self.recent.put_run(list(keys), kv)
 
     def get(self, keys: Sequence[BlockHash]) -> torch.Tensor:
@@ -238,22 +250,24 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     if cfg.resume and record.build_id not in {b.build_id for b in store.builds()}:
         # Nothing unfinished: resuming a finished build is a no-op (so scripts can always pass --resume).
         done = [b for b in store.builds() if b.dataset == cfg.dataset]
-        if done:
-            return done[-1]
+        if done:  # this run's record: it computed and wrote nothing
+            return BuildRecord(done[-1].build_id, cfg.dataset, "complete", record.started_at, utc_now(), options=cfg.options())
     writer = StoreWriter(out, manifest, record.build_id, cfg.shard_bytes, cfg.write_threads, cfg.fsync, device=device)
     record.writers.append(writer.writer_id)
     bar = tqdm(total=cfg.limit, unit="rec", disable=cfg.quiet, dynamic_ncols=True, desc="build")
+    progress = Progress(bar, writer.__contains__, None if cfg.quiet else lambda: count_records(cfg.dataset, cfg.limit))
     tokenize.stats, tokenize.warn = record, bar.write
     budget = Budget(fit_batch_tokens(model, manifest.kv.values_per_token * model.dtype.itemsize, cfg.batch_tokens, device))
     if budget.tokens < cfg.batch_tokens:
         bar.write(f"device memory allows {budget.tokens} tokens per batch (asked for {cfg.batch_tokens})")
-    planner = Planner(manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record)
-    source = PastSource(writer, store, device, model.dtype, cfg.prefix_cache_bytes)
+    planner = Planner(manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record, progress.planned)
+    source = PastSource(writer, store, device, model.dtype, cfg.prefix_cache_bytes, fp8=manifest.kv.storage == "fp8")
     prefiller = Prefiller(model, device, source.get)
 
     def store_task(task: PrefillTask, kv: torch.Tensor) -> None:
         with timer("copy"):
             _store_task(writer, source, manifest, task, kv)
+        progress.computed(task.new_keys)
 
     # The pipeline: each step pulls from the one before.
     timer = StageTimer()
@@ -275,7 +289,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
             record.prefilled_tokens += batch.real_tokens
             record.padding_tokens += batch.padding_tokens
             now = time.perf_counter()
-            _progress(bar, record, writer, now - started)
+            _progress(progress, record, writer, now - started)
             if now - last_checkpoint > CHECKPOINT_SECONDS:
                 last_checkpoint = now
                 _checkpoint(writer, record, planner, now - started, timer)
@@ -329,18 +343,9 @@ def _store_task(writer: StoreWriter, source: PastSource, manifest: Manifest, tas
     source.put(keys, kv)
 
 
-def _progress(bar: tqdm, record: BuildRecord, writer: StoreWriter, seconds: float) -> None:
-    bar.n = record.records + record.skipped_records
-    dedup = 1 - record.prefilled_tokens / record.dataset_tokens if record.dataset_tokens else 0.0
-    bar.set_postfix(
-        {
-            "tok/s": f"{record.prefilled_tokens / max(seconds, 1e-9):,.0f}",
-            "dedup": f"{dedup:.0%}",
-            "written": _mb(writer.bytes_written),
-        },
-        refresh=False,
-    )
-    bar.refresh()
+def _progress(progress: Progress, record: BuildRecord, writer: StoreWriter, seconds: float) -> None:
+    tok_s = f"{record.prefilled_tokens / max(seconds, 1e-9):,.0f}"
+    progress.update(record.skipped_records, **{"tok/s": tok_s, "written": _mb(writer.bytes_written)})
 
 
 def _mb(n: int) -> str:
@@ -367,7 +372,8 @@ def _finish(writer: StoreWriter, record: BuildRecord, planner: Planner, started:
         if record.status == "complete":
             raise
     finally:
-        bar.n = record.records + record.skipped_records
+        if record.status == "complete":
+            bar.n = record.records + record.skipped_records
         bar.close()
     record.finished_at = utc_now()
     # Only blocks on disk count as stored after an interruption: recount from the writer.
