@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from prefixgen.builder.distributed import Ranks
 from prefixgen.builder.plan import Batch, Budget, Planner, PrefillTask, batch_tasks, split_batch
 from prefixgen.builder.prefill import Prefiller, fit_batch_tokens
 from prefixgen.config import BuildConfig
@@ -29,7 +30,7 @@ from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, root_ke
 from prefixgen.model import fingerprint, load_model, probe_kv_layout
 from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.reader import PrefixStore
-from prefixgen.store.writer import StoreWriter, new_id, prepare_store, remove_temp_files, utc_now
+from prefixgen.store.writer import StoreWriter, new_id, utc_now
 
 CHECKPOINT_SECONDS = 30.0
 PREFETCH_BATCHES = 4
@@ -166,9 +167,12 @@ def _manifest(cfg: BuildConfig, model: torch.nn.Module, tokenizer) -> Manifest:
     return Manifest(block_size=cfg.block_size, model=fp, kv=layout, root=root_key(fp.weights_digest).hex(), created_at=utc_now())
 
 
-def _build_record(store: PrefixStore, cfg: BuildConfig) -> BuildRecord:
+def _build_record(store: PrefixStore, cfg: BuildConfig, build_id: str | None = None) -> BuildRecord:
     """A new build record, or for --resume the unfinished one of the same dataset (reused, so
-    its counts are replaced rather than counted twice)."""
+    its counts are replaced rather than counted twice); ``build_id`` when the ranks of a
+    distributed build chose it."""
+    if build_id:
+        return BuildRecord(build_id=build_id, dataset=cfg.dataset, started_at=utc_now(), options=cfg.options())
     if cfg.resume:
         for old in reversed(store.builds()):
             if old.dataset == cfg.dataset and old.status != "complete":
@@ -191,10 +195,11 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     """
     cfg.validate()
     out = Path(cfg.out)
+    ranks = Ranks.from_config(cfg)  # one process: rank 0 of 1, and nothing distributed runs
     if model is None:
         model, tokenizer, device = load_model(
             cfg.model,
-            device=cfg.device,
+            device=ranks.device(cfg.device),
             dtype=cfg.dtype,
             trust_remote_code=cfg.trust_remote_code,
             chat_template=cfg.chat_template,
@@ -211,11 +216,9 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
         system_prompt=cfg.system_prompt,
     )
     records = read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
-    manifest = prepare_store(out, _manifest(cfg, model, tokenizer), cfg.write_mode)
-    if cfg.resume:
-        remove_temp_files(out)
+    manifest, build_id = ranks.prepare_store(out, _manifest(cfg, model, tokenizer), cfg, str(device))
     store = PrefixStore.open(out)
-    record = _build_record(store, cfg)
+    record = _build_record(store, cfg, build_id)
     if cfg.resume and record.build_id not in {b.build_id for b in store.builds()}:
         # Nothing unfinished: resuming a finished build is a no-op (so scripts can always pass --resume).
         done = [b for b in store.builds() if b.dataset == cfg.dataset]
@@ -223,23 +226,41 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
             return done[-1]
     writer = StoreWriter(out, manifest, record.build_id, cfg.shard_bytes, cfg.write_threads, cfg.fsync, device=device)
     record.writers.append(writer.writer_id)
+    if ranks.distributed:
+        ranks.attach(out, record, writer)
     bar = tqdm(total=cfg.limit, unit="rec", disable=cfg.quiet, dynamic_ncols=True, desc="build")
     tokenize.stats, tokenize.warn = record, bar.write
     budget = Budget(fit_batch_tokens(model, manifest.kv.values_per_token * model.dtype.itemsize, cfg.batch_tokens, device))
     if budget.tokens < cfg.batch_tokens:
         bar.write(f"device memory allows {budget.tokens} tokens per batch (asked for {cfg.batch_tokens})")
-    planner = Planner(manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record)
     source = PastSource(writer, store, device, model.dtype, cfg.prefix_cache_bytes)
     prefiller = Prefiller(model, device, source.get)
+    timer = StageTimer()
 
     def store_task(task: PrefillTask, kv: torch.Tensor) -> None:
         with timer("copy"):
             _store_task(writer, source, manifest, task, kv)
 
+    def run_tasks(tasks: list[PrefillTask], past_store: PrefixStore) -> None:
+        source.store = past_store
+        for batch in batch_tasks(iter(tasks), budget, cfg.sort_window):
+            _prefill(prefiller, batch, budget, timer, bar, store_task)
+            record.prefilled_tokens += batch.real_tokens
+            record.padding_tokens += batch.padding_tokens
+
+    if ranks.distributed:  # shared prefixes first, once over all ranks, then only this rank's records
+        tokenize.stats = ranks.scratch
+
+        def reread() -> Iterator:
+            return tokenize(read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit))
+
+        with timer("heads"):
+            store = source.store = ranks.prefill_heads(out, manifest, reread, run_tasks, writer, record, budget.tokens)
+    planner = Planner(manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record)
+
     # The pipeline: each step pulls from the one before.
-    timer = StageTimer()
     records = timer.wrap("read", records)
-    tokenized = timer.wrap("tokenize", tokenize(records))
+    tokenized = timer.wrap("tokenize", ranks.route(tokenize(records), record, manifest.root_key, manifest.block_size))
     tasks = timer.wrap("plan", planner(tokenized))
     batches = timer.wrap("batch", batch_tasks(tasks, budget, cfg.sort_window))
     # Reading, tokenizing, hashing and batching run on a thread of their own, ahead of the
@@ -274,7 +295,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
         _finish(writer, record, planner, started, bar, timer)
         raise
     _finish(writer, record, planner, started, bar, timer)
-    return record
+    return ranks.finish(out, record)
 
 
 def _prefill(prefiller: Prefiller, batch: Batch, budget: Budget, timer: StageTimer, bar: tqdm, done: Callable) -> None:
