@@ -9,29 +9,29 @@ plain build: none of this runs.
 How the work is split, on every rank alike:
 
 1. **Count pass.** Every rank reads and tokenizes the whole dataset and counts the records holding
-   each of the first ``HEAD_BLOCKS`` blocks of every record. The shared *heads* are the blocks in two
-   or more records (``analysis.count.select_blocks``); they are prefix-closed, a trie.
+   each block with ``analysis.count.BlockCounter`` (24 bytes per distinct block). The shared
+   *heads* are the blocks in two or more records (``BlockCounts.select(min_records=2)``); they are
+   prefix-closed, a trie. A short second pass picks up their tokens (it stops once it has them all).
 2. **Head phase.** The heads' trie is cut into segments (runs of blocks without a branch) and
    computed level by level. A rank takes a segment by creating ``claims/<build>/<key>`` with
-   O_EXCL in the store (the first rank to ask gets it, so fast ranks take more), prefills it with
-   its parent segment's KV from the store as past, and publishes it (shard + index segment) before
-   the next level. A system prompt or a RAG document shared by many records is thus prefilled
-   once, early, and every rank loads it as past.
+   O_EXCL in the store (about a fair share per rank at a time; ranks that come first take more),
+   prefills it with its parent segment's KV from the store as past, and publishes it (shard +
+   index segment) before the next level. A system prompt or a RAG document shared by many records
+   is thus prefilled once, early, and every rank loads it as past.
 3. **Routing.** Each record goes to one rank by its first block that is not a head: that block is
-   in no other record (within the counted depth), so records are dealt greedily, in dataset
-   order, to the rank with the fewest tokens so far (counting the head tokens each rank did, which
-   the ranks exchange under torchrun). The same deterministic rule runs on every rank, so they
-   agree without talking. Records longer than the counted depth in common go by the hash of their
-   block at that depth, so records sharing such a block meet on one rank, whose planner dedups them.
+   in no other record, so whoever takes it computes blocks nobody else needs. Records are dealt,
+   in dataset order, to the rank with the fewest tokens so far (starting from the head tokens each
+   rank did, which the ranks exchange under torchrun). The same deterministic rule runs on every
+   rank over the same stream, so they agree without talking.
 
-Reading the dataset: every rank reads and tokenizes all of it twice (count pass and build pass) but
-hashes and prefills only its share. Tokenizing runs at roughly 1M tokens/s per core with fast
-tokenizers, far above one GPU's prefill (about 10-50k tokens/s for 8B models); at 64 ranks the
-aggregate prefill (0.6-3M tokens/s) approaches what each rank's tokenizer can read, so beyond a few
-dozen ranks the input thread, not the GPU, can become the limit (see README).
-
-The count pass is a minimal one, kept in memory, to be replaced by ``analysis.count``'s bounded
-counter once it lands (TODO(analysis.count)).
+Reading the dataset: every rank reads and tokenizes all of it twice (count pass and build pass,
+plus the short heads pass) and hashes it once (SHA-256 runs at tens of millions of tokens/s), but
+plans and prefills only its share.
+Fast tokenizers turn about 1M tokens/s per core, far above one GPU's prefill (about 10-50k tokens/s
+for 8B models, less for 70B); at 64 ranks of an 8B model the aggregate prefill (0.6-3M tokens/s)
+reaches what each rank's input thread can tokenize twice over, so beyond a few dozen ranks the
+input, not the GPU, becomes the limit. Reading only a share would need the ranks to exchange token
+ids (an all-to-all), which ``--rank/--world-size`` ranks cannot do.
 """
 
 from __future__ import annotations
@@ -53,17 +53,16 @@ from typing import Any
 
 import numpy as np
 
-from prefixgen.analysis.count import select_blocks
+from prefixgen.analysis.count import BlockCounter, key_columns
 from prefixgen.builder.plan import PrefillTask
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import TokenizedRecord
 from prefixgen.errors import ConfigError, StoreError
-from prefixgen.format import BUILDS_DIR, CLAIMS_DIR, COUNTS_DIR, BlockHash, BuildRecord, Manifest, block_keys
+from prefixgen.format import BUILDS_DIR, CLAIMS_DIR, COUNTS_DIR, BlockHash, BuildRecord, Manifest, block_keys, hash_block
 from prefixgen.store.index import StoreIndex
 from prefixgen.store.reader import PrefixStore
 from prefixgen.store.writer import prepare_store, remove_temp_files, utc_now
 
-HEAD_BLOCKS = 64  # depth (in blocks) the count pass looks at: shared prefixes up to 1024 tokens at block size 16
 CLAIM_STALE_SECONDS = 120.0  # a claim whose segment is still missing after this long is taken over
 POLL_SECONDS = 0.05
 # Options that may differ between the ranks (or between a run and its --resume) of one build.
@@ -72,13 +71,12 @@ _RUN_OPTIONS = ("rank", "world_size", "resume", "append", "overwrite", "device",
 
 @dataclass(slots=True)
 class Heads:
-    """The shared blocks of the dataset's first ``depth`` blocks: key -> (parent, depth, tokens).
+    """The blocks two or more records hold: key -> (parent, depth, tokens), prefix-closed.
 
     ``tokens`` are the block's own token ids; a chain's tokens are its ancestors' joined.
     """
 
     blocks: dict[BlockHash, tuple[BlockHash, int, tuple[int, ...]]] = field(default_factory=dict)
-    depth: int = HEAD_BLOCKS
 
     def chain(self, key: BlockHash) -> tuple[list[BlockHash], list[int]]:
         """Keys and tokens from the first block down to ``key``."""
@@ -123,32 +121,36 @@ class Heads:
         return levels
 
 
-def count_heads(tokenized: Iterator[TokenizedRecord], root: BlockHash, block_size: int, depth: int = HEAD_BLOCKS) -> Heads:
-    """The blocks among each record's first ``depth`` that two or more records hold.
+def count_heads(passes: Callable[[], Iterator[TokenizedRecord]], root: BlockHash, block_size: int) -> Heads:
+    """Every block that two or more records hold, with its parent and tokens.
 
-    TODO(analysis.count): a minimal in-memory count (a dict entry per distinct head block), to be
-    replaced by the bounded-memory counter of ``prefixgen.analysis.count``.
+    ``passes()`` starts a fresh pass over the tokenized dataset. The first pass counts records per
+    block with ``analysis.count.BlockCounter`` (24 bytes per distinct block); the heads are its
+    ``select(min_records=2)``, prefix-closed. A second pass collects their tokens and stops as soon
+    as it has them all (after the first record, for a system prompt).
 
     Example:
-        >>> heads = count_heads(tokenize(read_records("data.jsonl", "text")), root, 16)  # doctest: +SKIP
+        >>> heads = count_heads(lambda: tokenize(read_records("data.jsonl", "text")), root, 16)  # doctest: +SKIP
         >>> len(heads.blocks)  # doctest: +SKIP
         12
     """
-    counts: dict[BlockHash, int] = {}
-    seen: dict[BlockHash, tuple[BlockHash, int, tuple[int, ...]]] = {}
-    for record in tokenized:
-        ids = record.ids[: depth * block_size]
-        keys = block_keys(ids, block_size, root)
-        for i, key in enumerate(keys):
-            n = counts.get(key, 0) + 1
-            counts[key] = n
-            if n == 2:  # keep a block's tokens only once it is shared
-                seen[key] = (keys[i - 1] if i else root, i, tuple(ids[i * block_size : (i + 1) * block_size]))
-    keys = list(seen)
-    chosen = select_blocks(
-        np.array([counts[k] for k in keys]), np.array([seen[k][1] for k in keys]), min_records=2
-    )  # every shared block, prefix-closed
-    return Heads({keys[i]: seen[keys[i]] for i in chosen.tolist()}, depth)
+    counter = BlockCounter()
+    for record in passes():
+        counter.add(block_keys(record.ids, block_size, root))
+    counts = counter.result()
+    shared = counts.subset(counts.select(min_records=2))
+    heads = Heads()
+    if not len(shared):
+        return heads
+    for record in passes():
+        keys = block_keys(record.ids, block_size, root)
+        held = int(np.argmin(np.r_[shared.find(key_columns(keys)) >= 0, False])) if keys else 0  # leading shared run
+        for i in range(held):
+            if keys[i] not in heads.blocks:
+                heads.blocks[keys[i]] = (keys[i - 1] if i else root, i, tuple(record.ids[i * block_size : (i + 1) * block_size]))
+        if len(heads.blocks) == len(shared):
+            break
+    return heads
 
 
 class Ranks:
@@ -328,7 +330,7 @@ class Ranks:
         ``run(tasks, store)`` prefills and queues tasks as the build's own pipeline does, loading
         pasts from ``store``; ``writer.flush()`` publishes them.
         """
-        self.heads = count_heads(tokenized(), manifest.root_key, manifest.block_size)
+        self.heads = count_heads(tokenized, manifest.root_key, manifest.block_size)
         claims = out / CLAIMS_DIR / record.build_id
         claims.mkdir(parents=True, exist_ok=True)
         bs = manifest.block_size
@@ -382,19 +384,18 @@ class Ranks:
             yield from tokenized
             return
         heads, loads, world = self.heads.blocks, self.loads, self.world_size
-        depth = self.heads.depth
         for rec in tokenized:
             full = len(rec.ids) // block_size
-            keys = block_keys(rec.ids[: min(full, depth + 1) * block_size], block_size, root)
-            shared = 0
-            while shared < len(keys) and keys[shared] in heads:
-                shared += 1
-            if shared == full:  # all shared: its blocks are heads, computed already
-                owner = rec.index % world
-            elif shared < depth:  # its first unshared block is its own: to the least loaded rank
-                owner = min(range(world), key=loads.__getitem__)
-            else:  # shares more than the counted depth: by hash, so its kin meet on one rank
-                owner = int.from_bytes(keys[shared][:8], "little") % world
+            shared = 0  # leading blocks that are heads, hashed one at a time: most records stop early
+            parent = root
+            while shared < full:
+                key = hash_block(parent, rec.ids[shared * block_size : (shared + 1) * block_size])
+                if key not in heads:
+                    break
+                shared, parent = shared + 1, key
+            # Its first unshared block is in no other record: any rank may take it. Deal it to the
+            # least loaded (all heads: no work left, spread by position).
+            owner = rec.index % world if shared == full else min(range(world), key=loads.__getitem__)
             loads[owner] += (full - shared) * block_size
             if owner == self.rank:
                 record.records += 1
