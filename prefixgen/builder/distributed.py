@@ -323,14 +323,23 @@ class Ranks:
         writer: Any,
         record: BuildRecord,
         batch_tokens: int,
+        timer: Callable[[str], Any],
     ) -> PrefixStore:
         """Count the shared heads, prefill the segments this rank claims, level by level, and wait
         until every head is in the store. Returns the store reopened (it now holds every head).
 
         ``run(tasks, store)`` prefills and queues tasks as the build's own pipeline does, loading
-        pasts from ``store``; ``writer.flush()`` publishes them.
+        pasts from ``store``; ``writer.flush()`` publishes them. ``timer(name)`` times the count
+        pass (``dist_count``) and the head phase (``dist_heads``, waits for other ranks included).
         """
-        self.heads = count_heads(tokenized, manifest.root_key, manifest.block_size)
+        with timer("dist_count"):
+            self.heads = count_heads(tokenized, manifest.root_key, manifest.block_size)
+        with timer("dist_heads"):
+            return self._prefill_heads(out, manifest, run, writer, record, batch_tokens)
+
+    def _prefill_heads(
+        self, out: Path, manifest: Manifest, run: Callable, writer: Any, record: BuildRecord, batch_tokens: int
+    ) -> PrefixStore:
         claims = out / CLAIMS_DIR / record.build_id
         claims.mkdir(parents=True, exist_ok=True)
         bs = manifest.block_size

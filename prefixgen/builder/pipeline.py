@@ -254,8 +254,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
         def reread() -> Iterator:
             return tokenize(read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit))
 
-        with timer("heads"):
-            store = source.store = ranks.prefill_heads(out, manifest, reread, run_tasks, writer, record, budget.tokens)
+        store = source.store = ranks.prefill_heads(out, manifest, reread, run_tasks, writer, record, budget.tokens, timer)
     planner = Planner(manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record)
 
     # The pipeline: each step pulls from the one before.
