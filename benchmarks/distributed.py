@@ -13,8 +13,9 @@ Per run: wall seconds of the whole command (process start, imports and model loa
 *build* seconds (the slowest rank, from its count pass to its last write); tokens/s of both over
 the stored (= prefilled) tokens; per rank the prefilled tokens, the count pass (``dist_count``),
 the head phase (``dist_heads``, waits for other ranks included) and the input stages (read +
-tokenize + route: each rank tokenizes every record to route it). On CPU, each rank gets
-``cores // N`` threads so N ranks never ask for more cores than there are.
+tokenize + route: each rank tokenizes every record to route it). On CPU, each rank runs
+``--threads`` threads (default 1, so that 1 and N ranks compare per process; ``split`` gives each
+rank ``cores // N``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def model_dir(config: str, dtype: torch.dtype, work: Path) -> Path:
 def run(ranks: int, data: Path, model: Path, store: Path, args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     if args.device == "cpu":
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
+        threads = max(1, (os.cpu_count() or 1) // ranks) if args.threads == "split" else int(args.threads)
+        env["OMP_NUM_THREADS"] = str(threads)
     launcher = [sys.executable, "-m", "prefixgen"]
     if ranks > 1:
         launcher = [
@@ -135,6 +137,7 @@ def main() -> None:
     p.add_argument("--min-words", type=int, default=40)
     p.add_argument("--max-words", type=int, default=400)
     p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--threads", default="1", help="CPU threads per rank: a number, or 'split' (cores // ranks)")
     args = p.parse_args()
     if args.device.startswith("cuda") and max(args.ranks) > torch.cuda.device_count():
         print(
@@ -161,6 +164,7 @@ def main() -> None:
                     "device": card(args.device),
                     "date": dt.date.today().isoformat(),
                     "records": args.records,
+                    "threads_per_rank": args.threads if args.device == "cpu" else None,
                     "rows": rows,
                 }
             )

@@ -39,4 +39,12 @@ T=120 run build_throughput.py --model configs/models/qwen2.5-0.5b.json --records
 # 4. Serving: TTFT with and without the store; load bandwidth of a 4,096-token 8B prefix (537 MB).
 T=150 run serve_ttft.py --model configs/models/qwen2.5-1.5b.json --prefix 1024 4096 16384
 T=150 run serve_ttft.py --model configs/models/llama-3.1-8b.json --prefix 1024 4096 16384
+# 5. Distributed builds: 1 to N GPUs on the 1.5B shape (target: N GPUs >= 0.9 N x one GPU's tokens/s).
+NGPU=$(nvidia-smi -L | wc -l)
+if [ "$NGPU" -gt 1 ]; then
+  T=600 run distributed.py --model configs/models/qwen2.5-1.5b.json --device cuda --dtype bfloat16 --ranks 1 "$NGPU" \
+    --records 4000 --min-words 60 --max-words 1200 --batch-tokens 16384
+else
+  echo '{"bench": "distributed", "skipped": "this machine has one GPU; the scaling rows need several"}' | tee -a "$OUTDIR/results.jsonl"
+fi
 echo "done"

@@ -39,7 +39,8 @@ def groups_dataset(path: Path, n: int = 160, groups: int = 8, seed: int = 1) -> 
     """A system prompt, then one of ``groups`` documents (RAG-style), then a question of its own."""
     rng = random.Random(seed)
     docs = [_words(rng, 40, 80) for _ in range(groups)]
-    return write_jsonl(path, [{"text": SYSTEM + docs[i % groups] + " Q: " + _words(rng, 10, 30)} for i in range(n)])
+    rows = [{"text": SYSTEM + docs[i % groups] + " Q: " + _words(rng, 10, 30)} for i in range(n)]
+    return write_jsonl(path, [*rows, {"text": ""}])  # one empty record: skipped, and counted once
 
 
 def torchrun(n: int, *args, **popen_kw) -> subprocess.Popen:
@@ -69,7 +70,8 @@ def assert_one_distributed_build(cli, out: Path, world: int, single: dict, balan
     (b,) = ls_json(cli, out)["builds"]
     assert b["status"] == "complete" and b["world_size"] == world
     assert len(b["ranks"]) == world and len(b["writers"]) == world
-    assert b["records"] == single["records"] and b["dataset_tokens"] == single["dataset_tokens"]
+    for key in ("records", "skipped_records", "truncated_records", "dataset_tokens"):
+        assert b[key] == single[key], key
     # No block computed twice: the ranks prefilled exactly what is stored, as one process does.
     assert b["prefilled_tokens"] == b["stored_tokens"] == single["stored_tokens"]
     loads = [r["prefilled_tokens"] for r in b["ranks"]]
@@ -217,3 +219,41 @@ def test_rank_flags_are_checked(tmp_path, cli, stories):
     for flags, message in [(["--rank", "0"], "go together"), (["--rank", "2", "--world-size", "2"], "must be in 0..1")]:
         result = cli("build", data, "--model", stories, "--out", out, *CPU, *flags)
         assert result.exit_code != 0 and message in result.stderr
+
+
+def test_heads_are_cut_into_branch_free_runs_by_level():
+    from prefixgen.builder.distributed import Heads
+    from prefixgen.format import hash_block
+
+    root = bytes(32)
+    blocks, keys = {}, {}
+
+    def add(name, parent_name, depth):
+        parent = keys[parent_name] if parent_name else root
+        keys[name] = hash_block(parent, [depth, len(keys)])
+        blocks[keys[name]] = (parent, depth, (depth, len(keys)))
+
+    # system prompt s0-s1, then documents a (a0-a1, then a branch into a2x / a2y) and b (b0)
+    for name, parent, depth in [("s0", None, 0), ("s1", "s0", 1), ("a0", "s1", 2), ("a1", "a0", 3), ("b0", "s1", 2)]:
+        add(name, parent, depth)
+    add("a2x", "a1", 4)
+    add("a2y", "a1", 4)
+    levels = Heads(blocks).segments()
+    named = [sorted(tuple(next(n for n, k in keys.items() if k == key) for key in run) for run in level) for level in levels]
+    assert named == [[("s0", "s1")], [("a0", "a1"), ("b0",)], [("a2x",), ("a2y",)]]
+    chain_keys, tokens = Heads(blocks).chain(keys["a2y"])
+    assert chain_keys == [keys[n] for n in ("s0", "s1", "a0", "a1", "a2y")] and len(tokens) == 10
+
+
+def test_rank_parts_merge_into_one_build():
+    from prefixgen.format import BuildRecord, merge_rank_parts
+
+    base = BuildRecord("b", "d", world_size=3)
+    parts = [BuildRecord("b", "d", status="complete", world_size=3, rank=r, records=r + 1, writers=[f"w{r}"]) for r in (2, 0)]
+    half = merge_rank_parts(base, parts)
+    assert half.status == "running" and half.records == 4 and half.writers == ["w0", "w2"]  # rank 1 has not finished
+    parts.append(BuildRecord("b", "d", status="complete", world_size=3, rank=1, records=2, writers=["w1"]))
+    done = merge_rank_parts(base, parts)
+    assert done.status == "complete" and done.records == 6 and [r["rank"] for r in done.ranks] == [0, 1, 2]
+    parts[0].status = "failed"
+    assert merge_rank_parts(base, parts).status == "failed"

@@ -194,6 +194,8 @@ class Ranks:
         """``cuda:LOCAL_RANK`` for torchrun ranks asking for auto or cuda; else ``requested``."""
         import torch
 
+        if self.collective and requested.startswith("cuda:"):
+            raise ConfigError(f"under torchrun each rank uses cuda:LOCAL_RANK: pass --device cuda (or auto), not {requested}")
         if self.collective and requested in ("auto", "cuda") and torch.cuda.is_available():
             torch.cuda.set_device(self.local_rank)
             return f"cuda:{self.local_rank}"
@@ -393,6 +395,7 @@ class Ranks:
             yield from tokenized
             return
         heads, loads, world = self.heads.blocks, self.loads, self.world_size
+        skipped, truncated = self.scratch.skipped_records, self.scratch.truncated_records  # counted by earlier passes
         for rec in tokenized:
             full = len(rec.ids) // block_size
             shared = 0  # leading blocks that are heads, hashed one at a time: most records stop early
@@ -410,9 +413,9 @@ class Ranks:
                 record.records += 1
                 record.dataset_tokens += len(rec.ids)
                 yield rec
-        if self.rank == 0:  # records nobody tokenized to a result: counted once
-            record.skipped_records += self.scratch.skipped_records
-            record.truncated_records += self.scratch.truncated_records
+        if self.rank == 0:  # records every rank skipped or truncated: counted once, by rank 0
+            record.skipped_records += self.scratch.skipped_records - skipped
+            record.truncated_records += self.scratch.truncated_records - truncated
 
     def finish(self, out: Path, record: BuildRecord) -> BuildRecord:
         """Under torchrun, wait for every rank and return the merged record of the build."""
