@@ -97,23 +97,19 @@ class Heads:
             >>> heads.segments()  # doctest: +SKIP
             [[[system0, system1, system2]], [[docA0, docA1], [docB0]]]
         """
+        blocks = self.blocks
         children: dict[BlockHash, list[BlockHash]] = {}
-        for key, (parent, _, _) in self.blocks.items():
+        for key, (parent, _, _) in blocks.items():
             children.setdefault(parent, []).append(key)
-        starts = [k for k, (p, _, _) in self.blocks.items() if p not in self.blocks or len(children[p]) > 1]
+        starts = [k for k, (p, _, _) in blocks.items() if p not in blocks or len(children[p]) > 1]
         levels: list[list[list[BlockHash]]] = []
-        frontier = sorted(starts, key=lambda k: (self.blocks[k][1], k))
-        level_of: dict[BlockHash, int] = {}
-        runs = []
-        for start in frontier:
+        level_of: dict[BlockHash, int] = {}  # level of the run that ends at a key
+        for start in sorted(starts, key=lambda k: (blocks[k][1], k)):  # shallower first: parent runs are placed
             run = [start]
             while len(children.get(run[-1], ())) == 1:
                 run.append(children[run[-1]][0])
-            runs.append(run)
-        by_end = {run[-1]: run for run in runs}
-        for run in sorted(runs, key=lambda r: self.blocks[r[0]][1]):  # parents are shallower
-            parent = self.blocks[run[0]][0]
-            level = level_of[parent] + 1 if parent in by_end else 0
+            parent = blocks[start][0]
+            level = level_of[parent] + 1 if parent in level_of else 0
             level_of[run[-1]] = level
             while len(levels) <= level:
                 levels.append([])
