@@ -58,7 +58,17 @@ from prefixgen.builder.plan import PrefillTask
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import TokenizedRecord
 from prefixgen.errors import ConfigError, StoreError
-from prefixgen.format import BUILDS_DIR, CLAIMS_DIR, COUNTS_DIR, BlockHash, BuildRecord, Manifest, block_keys, hash_block
+from prefixgen.format import (
+    BUILDS_DIR,
+    CLAIMS_DIR,
+    COUNTS_DIR,
+    MANIFEST_FILE,
+    BlockHash,
+    BuildRecord,
+    Manifest,
+    block_keys,
+    hash_block,
+)
 from prefixgen.store.index import StoreIndex
 from prefixgen.store.reader import PrefixStore
 from prefixgen.store.writer import prepare_store, remove_temp_files, utc_now
@@ -237,18 +247,18 @@ class Ranks:
 
     def _join(self, out: Path, manifest: Manifest, cfg: BuildConfig) -> Manifest:
         """A rank without collectives: create the store, or join it when it holds this build only."""
-        mode = cfg.write_mode
-        if mode == "new" and (out / "manifest.json").exists():
-            mine = _options_id(cfg)
-            others = [p.stem for p in (out / BUILDS_DIR).glob("*.json") if p.stem != mine]
-            mode = "append" if not others else mode
-        try:
-            return prepare_store(out, manifest, mode)
-        except (StoreError, OSError):
-            if mode != "new" or not (out / "manifest.json").exists():
-                raise
-            time.sleep(0.5)  # another rank made the store between our look and our write: join it
-            return self._join(out, manifest, cfg)
+        for attempt in range(2):
+            mode = cfg.write_mode
+            if mode == "new" and (out / MANIFEST_FILE).exists():
+                others = [p for p in (out / BUILDS_DIR).glob("*.json") if p.stem != _options_id(cfg)]
+                mode = "new" if others else "append"  # only this build's ranks were here: join them
+            try:
+                return prepare_store(out, manifest, mode)
+            except (StoreError, OSError):
+                if attempt or mode != "new" or not (out / MANIFEST_FILE).exists():
+                    raise
+                time.sleep(0.5)  # another rank made the store between our look and our write: look again
+        raise AssertionError("unreachable")
 
     def _prepare_together(self, out: Path, manifest: Manifest, cfg: BuildConfig, device: str) -> tuple[Manifest, str | None]:
         self._init(device)
@@ -283,7 +293,7 @@ class Ranks:
         errors = [e for e in self.gather(error) if e]
         if errors:
             raise StoreError("; ".join(errors))
-        return Manifest.from_json(first["manifest"], out / "manifest.json"), first["build_id"]
+        return Manifest.from_json(first["manifest"], out / MANIFEST_FILE), first["build_id"]
 
     def _build_id(self, out: Path, cfg: BuildConfig) -> str:
         """The same id on every rank without talking: the unfinished build of this dataset for
