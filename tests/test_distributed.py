@@ -219,6 +219,12 @@ def test_rank_flags_are_checked(tmp_path, cli, stories):
     for flags, message in [(["--rank", "0"], "go together"), (["--rank", "2", "--world-size", "2"], "must be in 0..1")]:
         result = cli("build", data, "--model", stories, "--out", out, *CPU, *flags)
         assert result.exit_code != 0 and message in result.stderr
+    assert cli("build", data, "--model", stories, "--out", out, *CPU).exit_code == 0
+    # A rank joins a store only when it holds nothing but its own build, and never erases it.
+    other = system_prompt_dataset(tmp_path / "other.jsonl", n=4, seed=5)
+    for flags, message in [([], "already holds a store"), (["--overwrite"], "remove the store first")]:
+        result = cli("build", other, "--model", stories, "--out", out, *CPU, "--rank", "0", "--world-size", "2", *flags)
+        assert result.exit_code != 0 and message in result.stderr, result.output
 
 
 def test_heads_are_cut_into_branch_free_runs_by_level():
