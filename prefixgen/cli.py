@@ -241,6 +241,90 @@ def serve(
     run_serve(cfg)
 
 
+@app.command()
+@_user_errors
+def simulate(
+    source: Annotated[
+        Optional[str], typer.Argument(help="A dataset (as build reads it), or a trace file with --trace-format mooncake.")
+    ] = None,
+    model: ModelOpt = None,
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    text_field: TextFieldOpt = None,
+    messages_field: MessagesFieldOpt = None,
+    system_prompt: SystemPromptOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    limit: LimitOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    block_size: BlockSizeOpt = None,
+    kv_dtype: KvDtypeOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = None,
+    trace_format: Annotated[Optional[str], Opt(help="dataset (tokenized as build does) or mooncake. [default: dataset]")] = None,
+    trace_block_tokens: Annotated[Optional[int], Opt(help="Tokens per hash id of a Mooncake trace. [default: 512]")] = None,
+    store: Annotated[Optional[str], Opt(help="A built store: the static tier (its blocks always hit).")] = None,
+    warmup: Annotated[
+        Optional[float], Opt(help="The first FRACTION of requests choose a static tier as build would; the rest are scored.")
+    ] = None,
+    min_records: Annotated[Optional[int], Opt(help="--warmup: keep blocks in at least K warm-up requests. [default: 1]")] = None,
+    max_bytes: Annotated[
+        Optional[int], Opt(parser=_size, metavar="SIZE", help="--warmup: the static tier's KV bytes at most, e.g. 500GB.")
+    ] = None,
+    max_blocks: Annotated[Optional[int], Opt(help="--warmup: the static tier's blocks at most.")] = None,
+    capacity: Annotated[
+        Optional[str],
+        Opt(
+            help="Dynamic tier sizes, comma-separated: blocks, bytes (20GB), % of distinct blocks, or inf. [default: 1%,3%,10%,30%,inf]"
+        ),
+    ] = None,
+    policy: Annotated[Optional[str], Opt(help="Policies, comma-separated. [default: lru,lfu,arc,s3fifo,belady]")] = None,
+    as_json: Annotated[bool, Opt("--json", help="Print one JSON object.")] = False,
+    plot: Annotated[Optional[Path], Opt(help="Write a PNG of token hit rate against capacity (needs matplotlib).")] = None,
+    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Replay requests against a static tier and a dynamic tier under eviction policies; report the hits."""
+    from prefixgen.analysis.simulate import format_table
+    from prefixgen.analysis.simulate import plot as write_plot
+    from prefixgen.analysis.simulate import simulate as run_simulate
+    from prefixgen.config import BuildConfig, SimulateConfig
+
+    data = BuildConfig().merged(
+        model=model,
+        split=split,
+        subset=subset,
+        text_field=text_field,
+        messages_field=messages_field,
+        system_prompt=system_prompt,
+        chat_template=chat_template,
+        limit=limit,
+        max_tokens=max_tokens,
+        kv_dtype=kv_dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    given = dict(
+        source=source,
+        trace_format=trace_format,
+        trace_block_tokens=trace_block_tokens,
+        block_size=block_size,
+        store=store,
+        warmup=warmup,
+        min_records=min_records,
+        max_bytes=max_bytes,
+        max_blocks=max_blocks,
+        capacity=capacity,
+        policies=policy,
+    )
+    cfg = SimulateConfig(**{k: v for k, v in given.items() if v is not None})
+    result = run_simulate(cfg, data, progress=not quiet and sys.stderr.isatty())
+    if plot is not None:
+        write_plot(result, plot)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        typer.echo(format_table(result))
+        if plot is not None:
+            typer.echo(f"\nplot: {plot}")
+
+
 def main() -> None:
     app()
 

@@ -176,6 +176,62 @@ class BuildConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("out", "quiet")}
 
 
+TRACE_FORMATS = ("dataset", "mooncake")
+
+
+@dataclass(slots=True)
+class SimulateConfig:
+    """Options of ``prefixgen simulate`` beyond the dataset ones (those are ``BuildConfig``'s).
+
+    Example:
+        >>> SimulateConfig(source="trace.jsonl", trace_format="mooncake").trace_block_tokens
+        512
+    """
+
+    source: str = ""  # a dataset (as build reads it) or a trace file
+    trace_format: str = "dataset"  # "dataset": tokenized as build does; "mooncake": block-hash JSON lines
+    trace_block_tokens: int = 512  # tokens per hash id in a Mooncake trace (512 in the published ones)
+    block_size: int | None = None  # datasets: tokens per block; None: the store's, else BuildConfig's 16
+    store: str | None = None  # a built store: the static tier
+    warmup: float | None = None  # the first FRACTION of requests choose the static tier and are not scored
+    min_records: int = 1  # --warmup: store blocks in at least this many warm-up requests (as build)
+    max_bytes: int | None = None  # --warmup: the static tier's KV bytes at most (as build)
+    max_blocks: int | None = None  # --warmup: the static tier's blocks at most
+    capacity: str = "1%,3%,10%,30%,inf"  # dynamic tier sizes: blocks, bytes (20GB), % of distinct blocks, inf
+    policies: str = "lru,lfu,arc,s3fifo,belady"
+
+    @property
+    def policy_names(self) -> list[str]:
+        return [p.strip().lower() for p in self.policies.split(",") if p.strip()]
+
+    def validate(self) -> SimulateConfig:
+        """Raise ConfigError naming the first bad value and what to do; return self."""
+        from prefixgen.analysis.policies import POLICIES
+
+        if not self.source:
+            raise ConfigError("nothing to simulate: pass a dataset or a trace file (with --trace-format mooncake)")
+        if self.trace_format not in TRACE_FORMATS:
+            raise ConfigError(f"--trace-format {self.trace_format!r} is not one of {', '.join(TRACE_FORMATS)}")
+        unknown = [p for p in self.policy_names if p not in POLICIES]
+        if unknown or not self.policy_names:
+            raise ConfigError(f"--policy {', '.join(unknown) or self.policies!r}: choose from {', '.join(POLICIES)}")
+        for name in ("trace_block_tokens", "block_size", "max_blocks"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.max_bytes is not None and self.max_bytes <= 0:
+            raise ConfigError(f"--max-bytes must be positive, got {self.max_bytes}")
+        if self.min_records < 1:
+            raise ConfigError(f"--min-records must be at least 1, got {self.min_records}")
+        if self.warmup is not None and not 0 < self.warmup < 1:
+            raise ConfigError(f"--warmup must be a fraction between 0 and 1, got {self.warmup}")
+        if self.warmup is not None and self.store:
+            raise ConfigError("--store and --warmup both give a static tier: pass one of them")
+        if self.warmup is None and (self.min_records != 1 or self.max_bytes is not None or self.max_blocks is not None):
+            raise ConfigError("--min-records, --max-bytes and --max-blocks choose the static tier of --warmup: pass --warmup too")
+        return self
+
+
 # Fields that are byte sizes: they accept units on the command line and in TOML.
 SIZE_FIELDS = frozenset({"shard_bytes", "prefix_cache_bytes"})
 

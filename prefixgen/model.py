@@ -151,16 +151,13 @@ def load_model(
     Example:
         >>> model, tokenizer, device = load_model("models/tiny")  # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bar is the one to watch
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise ModelError(f"cannot load a tokenizer from {model}: {_first_line(exc)}") from None
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code, chat_template=chat_template)
     try:
         lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except ValueError as exc:
@@ -169,13 +166,59 @@ def load_model(
         raise ModelError(f"{model} is not a causal language model that transformers can load: {_first_line(exc)}") from None
     except Exception as exc:
         raise ModelError(f"cannot load model {model}: {_first_line(exc)}") from None
+    return lm.to(torch_device).eval(), tokenizer, torch_device
+
+
+def load_tokenizer(model: str, *, trust_remote_code: bool = False, chat_template: str | None = None) -> Any:
+    """The tokenizer of ``model`` (no weights loaded), with the Jinja ``chat_template`` file if given.
+
+    Example:
+        >>> load_tokenizer("models/stories260K")("Once upon a time").input_ids[:2]  # doctest: +SKIP
+        [1, 403]
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"cannot load a tokenizer from {model}: {_first_line(exc)}") from None
     if chat_template:
         try:
             with open(chat_template) as f:
                 tokenizer.chat_template = f.read()
         except OSError as exc:
             raise ModelError(f"cannot read --chat-template {chat_template}: {exc.strerror}") from None
-    return lm.to(torch_device).eval(), tokenizer, torch_device
+    return tokenizer
+
+
+def load_config(model: str, trust_remote_code: bool = False) -> Any:
+    """The transformers config of ``model`` (no weights loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"cannot load a model config from {model}: {_first_line(exc)}") from None
+
+
+def kv_layout_from_config(model: str, kv_dtype: str = "auto", trust_remote_code: bool = False) -> KVLayout:
+    """The KV layout of ``model`` read from its config alone (no weights): layers, KV heads, head
+    size and the config's dtype (bfloat16 when it names none), stored as fp8 if ``kv_dtype`` says so.
+    ``probe_kv_layout`` on the loaded model is the authority; this is for planning without weights.
+
+    Example:
+        >>> kv_layout_from_config("models/stories260K").bytes_per_token
+        1280
+    """
+    config = load_config(model, trust_remote_code)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    dtype = str(getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or "bfloat16").removeprefix("torch.")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        dtype = "bfloat16"
+    return KVLayout(int(text.num_hidden_layers), kv_heads, head_dim, dtype, storage="fp8" if kv_dtype == "fp8" else "native")
 
 
 def _first_line(exc: BaseException) -> str:
