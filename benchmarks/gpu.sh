@@ -45,4 +45,12 @@ if python3 -c "import vllm" 2>/dev/null; then
 else
   echo "vllm is not importable on this machine: skipping vllm_ttft.py (install vllm==0.32.0 to run it)" | tee -a "$OUTDIR/gpu.txt"
 fi
+# 6. Distributed builds: 1 to N GPUs on the 1.5B shape (target: N GPUs >= 0.9 N x one GPU's tokens/s).
+NGPU=$(nvidia-smi -L | wc -l)
+if [ "$NGPU" -gt 1 ]; then
+  T=600 run distributed.py --model configs/models/qwen2.5-1.5b.json --device cuda --dtype bfloat16 --ranks 1 "$NGPU" \
+    --records 4000 --min-words 60 --max-words 1200 --batch-tokens 16384
+else
+  echo '{"bench": "distributed", "skipped": "this machine has one GPU; the scaling rows need several"}' | tee -a "$OUTDIR/results.jsonl"
+fi
 echo "done"

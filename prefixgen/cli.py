@@ -131,6 +131,8 @@ def build(
     overwrite: Annotated[Optional[bool], Opt("--overwrite", help="Replace an existing store.")] = None,
     trust_remote_code: TrustRemoteCodeOpt = None,
     quiet: Annotated[Optional[bool], Opt("--quiet", "-q", help="No progress bar or summary.")] = None,
+    rank: Annotated[Optional[int], Opt(help="This process's rank, for launchers without torchrun (with --world-size).")] = None,
+    world_size: Annotated[Optional[int], Opt(help="How many processes build the store together (with --rank).")] = None,
 ) -> None:
     """Stream DATASET through MODEL and store the KV of every block-aligned prefix in STORE."""
     flags = dict(locals())

@@ -95,6 +95,10 @@ class BuildConfig:
     sort_window: int = 32  # batches' worth of records sorted by length together
     trust_remote_code: bool = False
     quiet: bool = False
+    # distributed (builder/distributed.py): torchrun sets RANK/WORLD_SIZE; these are for launchers without it
+    rank: int | None = None
+    world_size: int | None = None
+    dist_timeout: int = 600  # seconds any collective, or a wait on another rank's blocks, may take
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> BuildConfig:
@@ -178,6 +182,12 @@ class BuildConfig:
             raise ConfigError(f"--batch-tokens ({self.batch_tokens}) must be at least --block-size ({self.block_size})")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"--device {self.device!r} is not auto, cpu, cuda or cuda:N")
+        if (self.rank is None) != (self.world_size is None):
+            raise ConfigError("--rank and --world-size go together: pass both (e.g. --rank 0 --world-size 4) or neither")
+        if self.world_size is not None and not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"--rank must be in 0..{self.world_size - 1} for --world-size {self.world_size}, got {self.rank}")
+        if self.dist_timeout <= 0:
+            raise ConfigError(f"dist-timeout must be positive, got {self.dist_timeout}")
         return self
 
     def options(self) -> dict[str, Any]:

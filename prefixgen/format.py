@@ -43,6 +43,7 @@ SHARDS_DIR = "shards"
 INDEX_DIR = "index"
 BUILDS_DIR = "builds"
 COUNTS_DIR = "counts"
+CLAIMS_DIR = "claims"  # distributed builds: which rank computes which shared prefix (builder/distributed.py)
 TMP_SUFFIX = ".tmp"
 
 # Token-major so that consecutive blocks of one sequence are one contiguous byte range.
@@ -577,6 +578,12 @@ class BuildRecord:
     # With --min-records/--max-bytes: min_records, max_bytes, selected_blocks (chosen to store) and
     # candidate_blocks (distinct blocks of the dataset); None when every block is stored.
     selection: dict[str, Any] | None = None
+    # Distributed builds: ranks of the run; a rank's own part (``builds/<id>.ranks/``) has ``rank``
+    # and ``head_tokens`` (shared-prefix tokens it prefilled first); the merged record has ``ranks``.
+    world_size: int = 1
+    rank: int = 0
+    head_tokens: int = 0
+    ranks: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return _fields_dict(self)
@@ -584,6 +591,54 @@ class BuildRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildRecord:
         return cls(**_known_fields(cls, data))
+
+
+RANK_PARTS_SUFFIX = ".ranks"  # builds/<build_id>.ranks/w<N>-r<R>.json: one rank's part of a distributed build
+_SUMMED = (
+    "records",
+    "skipped_records",
+    "truncated_records",
+    "dataset_tokens",
+    "stored_tokens",
+    "prefilled_tokens",
+    "padding_tokens",
+    "bytes_written",
+    "head_tokens",
+)
+_PER_RANK = ("rank", "status", "writers", *_SUMMED, "seconds", "stage_seconds")
+
+
+def merge_rank_parts(base: BuildRecord, parts: Sequence[BuildRecord]) -> BuildRecord:
+    """One record for a distributed build: ``base`` (``builds/<id>.json``) with its ranks' parts
+    summed, every writer id, per-rank statistics in ``ranks``, and a status that is ``complete``
+    only when every rank of the run is.
+
+    Example:
+        >>> parts = [BuildRecord("b", "d", status="complete", world_size=2, rank=r, records=3) for r in (0, 1)]
+        >>> m = merge_rank_parts(BuildRecord("b", "d", world_size=2), parts)
+        >>> m.status, m.records, len(m.ranks)
+        ('complete', 6, 2)
+    """
+    merged = BuildRecord.from_dict(base.to_dict())
+    parts = sorted(parts, key=lambda p: p.rank)
+    for name in _SUMMED:
+        setattr(merged, name, sum(getattr(p, name) for p in parts))
+    merged.writers = [w for p in parts for w in p.writers]
+    merged.seconds = max((p.seconds for p in parts), default=0.0)
+    merged.finished_at = max((p.finished_at for p in parts), default="")
+    merged.ranks = [{k: getattr(p, k) for k in _PER_RANK} for p in parts]
+    statuses = {p.status for p in parts}
+    world = parts[0].world_size if parts else merged.world_size
+    merged.world_size = world
+    if "failed" in statuses:
+        merged.status = "failed"
+    elif "interrupted" in statuses:
+        merged.status = "interrupted"
+    elif statuses == {"complete"} and {p.rank for p in parts} == set(range(world)):
+        merged.status = "complete"
+    else:
+        merged.status = "running"
+    return merged
 
 
 # counts/<build_id>.safetensors: how many of that build's records contained each block.

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from prefixgen.builder.distributed import Ranks
 from prefixgen.builder.plan import Batch, Budget, Planner, PrefillTask, batch_tasks, split_batch
 from prefixgen.builder.prefill import Prefiller, fit_batch_tokens
 from prefixgen.builder.progress import Progress
@@ -30,12 +31,12 @@ from prefixgen.builder.selection import Selection, choose_blocks, cut_to_selecti
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer
 from prefixgen.data.source import count_records, read_records
-from prefixgen.errors import PrefixgenError, StoreError
+from prefixgen.errors import ConfigError, PrefixgenError, StoreError
 from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, dequantize_fp8, quantize_fp8, root_key
 from prefixgen.model import fingerprint, load_model, probe_kv_layout
 from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.reader import PrefixStore
-from prefixgen.store.writer import StoreWriter, new_id, prepare_store, remove_temp_files, utc_now
+from prefixgen.store.writer import StoreWriter, new_id, utc_now
 
 CHECKPOINT_SECONDS = 30.0
 PREFETCH_BATCHES = 4
@@ -193,9 +194,12 @@ def _count_pass(cfg: BuildConfig, tokenize: RecordTokenizer, manifest: Manifest)
         return choose_blocks(counting(records), manifest.root_key, cfg, manifest.kv, tick=bar.update)
 
 
-def _build_record(store: PrefixStore, cfg: BuildConfig) -> BuildRecord:
+def _build_record(store: PrefixStore, cfg: BuildConfig, build_id: str | None = None) -> BuildRecord:
     """A new build record, or for --resume the unfinished one of the same dataset (reused, so
-    its counts are replaced rather than counted twice)."""
+    its counts are replaced rather than counted twice); ``build_id`` when the ranks of a
+    distributed build chose it."""
+    if build_id:
+        return BuildRecord(build_id=build_id, dataset=cfg.dataset, started_at=utc_now(), options=cfg.options())
     if cfg.resume:
         for old in reversed(store.builds()):
             if old.dataset == cfg.dataset and old.status != "complete":
@@ -218,10 +222,13 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     """
     cfg.validate()
     out = Path(cfg.out)
+    ranks = Ranks.from_config(cfg)  # one process: rank 0 of 1, and nothing distributed runs
+    if ranks.distributed and cfg.selects:
+        raise ConfigError("--min-records/--max-bytes are not supported in a distributed build yet: build on one process")
     if model is None:
         model, tokenizer, device = load_model(
             cfg.model,
-            device=cfg.device,
+            device=ranks.device(cfg.device),
             dtype=cfg.dtype,
             trust_remote_code=cfg.trust_remote_code,
             chat_template=cfg.chat_template,
@@ -241,11 +248,9 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     manifest = _manifest(cfg, model, tokenizer)
     # --min-records/--max-bytes: the count pass, before anything is written.
     selection = _count_pass(cfg, tokenize, manifest) if cfg.selects else None
-    manifest = prepare_store(out, manifest, cfg.write_mode)
-    if cfg.resume:
-        remove_temp_files(out)
+    manifest, build_id = ranks.prepare_store(out, manifest, cfg, str(device))
     store = PrefixStore.open(out)
-    record = _build_record(store, cfg)
+    record = _build_record(store, cfg, build_id)
     record.selection = selection.record() if selection else None
     if cfg.resume and record.build_id not in {b.build_id for b in store.builds()}:
         # Nothing unfinished: resuming a finished build is a no-op (so scripts can always pass --resume).
@@ -254,25 +259,43 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
             return BuildRecord(done[-1].build_id, cfg.dataset, "complete", record.started_at, utc_now(), options=cfg.options())
     writer = StoreWriter(out, manifest, record.build_id, cfg.shard_bytes, cfg.write_threads, cfg.fsync, device=device)
     record.writers.append(writer.writer_id)
-    bar = tqdm(total=cfg.limit, unit="rec", disable=cfg.quiet, dynamic_ncols=True, desc="build")
-    progress = Progress(bar, writer.__contains__, None if cfg.quiet else lambda: count_records(cfg.dataset, cfg.limit))
+    if ranks.distributed:
+        ranks.attach(out, record, writer)
+    quiet = cfg.quiet or (ranks.collective and ranks.rank > 0)  # torchrun: one bar, rank 0's
+    bar = tqdm(total=cfg.limit, unit="rec", disable=quiet, dynamic_ncols=True, desc="build")
+    progress = Progress(bar, writer.__contains__, None if quiet else lambda: count_records(cfg.dataset, cfg.limit))
     tokenize.stats, tokenize.warn = record, bar.write
     budget = Budget(fit_batch_tokens(model, manifest.kv.values_per_token * model.dtype.itemsize, cfg.batch_tokens, device))
     if budget.tokens < cfg.batch_tokens:
         bar.write(f"device memory allows {budget.tokens} tokens per batch (asked for {cfg.batch_tokens})")
-    planner = Planner(manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record, progress.planned)
     source = PastSource(writer, store, device, model.dtype, cfg.prefix_cache_bytes, fp8=manifest.kv.storage == "fp8")
     prefiller = Prefiller(model, device, source.get)
+    timer = StageTimer()
 
     def store_task(task: PrefillTask, kv: torch.Tensor) -> None:
         with timer("copy"):
             _store_task(writer, source, manifest, task, kv)
         progress.computed(task.new_keys)
 
+    def run_tasks(tasks: list[PrefillTask], past_store: PrefixStore) -> None:
+        source.store = past_store
+        for batch in batch_tasks(iter(tasks), budget, cfg.sort_window):
+            _prefill(prefiller, batch, budget, timer, bar, store_task)
+            record.prefilled_tokens += batch.real_tokens
+            record.padding_tokens += batch.padding_tokens
+
+    if ranks.distributed:  # shared prefixes first, once over all ranks, then only this rank's records
+        tokenize.stats = ranks.scratch
+
+        def reread() -> Iterator:
+            return tokenize(read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit))
+
+        store = source.store = ranks.prefill_heads(out, manifest, reread, run_tasks, writer, record, budget.tokens, timer)
+    planner = Planner(manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record, progress.planned)
+
     # The pipeline: each step pulls from the one before.
-    timer = StageTimer()
     records = timer.wrap("read", records)
-    tokenized = timer.wrap("tokenize", tokenize(records))
+    tokenized = timer.wrap("tokenize", ranks.route(tokenize(records), record, manifest.root_key, manifest.block_size))
     if selection is not None:
         tokenized = timer.wrap("select", cut_to_selection(tokenized, selection, manifest.root_key, manifest.block_size))
     tasks = timer.wrap("plan", planner(tokenized))
@@ -309,7 +332,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
         _finish(writer, record, planner, started, bar, timer)
         raise
     _finish(writer, record, planner, started, bar, timer)
-    return record
+    return ranks.finish(out, record)
 
 
 def _prefill(prefiller: Prefiller, batch: Batch, budget: Budget, timer: StageTimer, bar: tqdm, done: Callable) -> None:

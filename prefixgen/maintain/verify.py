@@ -79,7 +79,7 @@ def verify_store(path: str | os.PathLike, progress: bool = False) -> VerifyRepor
             report.notes.append(
                 f"{SHARDS_DIR}/{name}: shard with no index segment, from an interrupted writer (ignored by readers)"
             )
-    for p in sorted((path / BUILDS_DIR).glob("*.json")):
+    for p in sorted((path / BUILDS_DIR).glob("*.json")) + sorted((path / BUILDS_DIR).glob("*/*.json")):
         try:
             json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:

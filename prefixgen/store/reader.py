@@ -30,6 +30,7 @@ from prefixgen.format import (
     COUNT_COLUMNS,
     COUNTS_DIR,
     MANIFEST_FILE,
+    RANK_PARTS_SUFFIX,
     SHARDS_DIR,
     ST_DTYPES,
     TORCH_DTYPES,
@@ -40,6 +41,7 @@ from prefixgen.format import (
     block_crcs,
     block_keys,
     dequantize_fp8,
+    merge_rank_parts,
     read_safetensors_header,
     read_shard_blocks,
 )
@@ -318,10 +320,11 @@ class PrefixStore:
         """Every build run recorded in the store, oldest first."""
         records = []
         for p in sorted((self.path / BUILDS_DIR).glob("*.json")):
-            try:
-                records.append(BuildRecord.from_dict(json.loads(p.read_text())))
-            except (json.JSONDecodeError, TypeError, OSError) as exc:
-                raise CorruptStoreError(f"{p} is damaged ({exc})") from None
+            record = _read_build(p)
+            parts_dir = p.with_name(p.stem + RANK_PARTS_SUFFIX)
+            if parts_dir.is_dir():  # a distributed build: one record, its ranks' parts merged
+                record = merge_rank_parts(record, [_read_build(q) for q in sorted(parts_dir.glob("*.json"))])
+            records.append(record)
         return sorted(records, key=lambda r: r.started_at)
 
     def count_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -343,6 +346,13 @@ class PrefixStore:
                 raise CorruptStoreError(f"{p}: columns have different lengths")
             out.append((keys, cols["records"]))
         return out
+
+
+def _read_build(p: Path) -> BuildRecord:
+    try:
+        return BuildRecord.from_dict(json.loads(p.read_text()))
+    except (json.JSONDecodeError, TypeError, OSError) as exc:
+        raise CorruptStoreError(f"{p} is damaged ({exc})") from None
 
 
 def kv_to_cache(kv: torch.Tensor) -> DynamicCache:

@@ -36,6 +36,7 @@ from prefixgen.format import (
     FORMAT_VERSION,
     INDEX_DIR,
     MANIFEST_FILE,
+    RANK_PARTS_SUFFIX,
     SHARDS_DIR,
     TMP_SUFFIX,
     TORCH_DTYPES,
@@ -159,6 +160,7 @@ class StoreWriter:
         self.manifest = manifest
         self.build_id = build_id
         self.writer_id = new_id()
+        self.part: str | None = None  # a rank of a distributed build: its own build and counts files
         self.fsync = fsync
         layout = manifest.kv
         self._bs = manifest.block_size
@@ -381,19 +383,26 @@ class StoreWriter:
     # ------------------------------------------------------------------ build records
 
     def write_build(self, record: BuildRecord) -> None:
-        """Atomically (re)write ``builds/<build_id>.json``."""
+        """Atomically (re)write ``builds/<build_id>.json`` (a rank's: ``builds/<build_id>.ranks/<part>.json``)."""
         data = json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n"
-        atomic_write(self.path / BUILDS_DIR / f"{record.build_id}.json", [data.encode()], self.fsync)
+        path = self.path / BUILDS_DIR / f"{record.build_id}.json"
+        if self.part:
+            path = path.with_name(record.build_id + RANK_PARTS_SUFFIX) / f"{self.part}.json"
+            path.parent.mkdir(exist_ok=True)
+        atomic_write(path, [data.encode()], self.fsync)
 
     def write_counts(self, counts: dict[bytes, int]) -> None:
-        """Atomically (re)write ``counts/<build_id>.safetensors``: records per block for this build."""
+        """Atomically (re)write ``counts/<build_id>.safetensors`` (a rank's: ``<build_id>.<part>.safetensors``):
+        records per block for this build."""
         n = len(counts)
         keys = np.frombuffer(b"".join(counts.keys()), dtype=np.uint8).reshape(n, 32)
         values = np.fromiter(counts.values(), dtype="<u8", count=n)
         specs = [TensorSpec(name, dt_, (n, w) if w > 1 else (n,)) for name, (dt_, w) in COUNT_COLUMNS.items()]
         header = encode_safetensors_header(specs, {"build": self.build_id, "format_version": str(FORMAT_VERSION)})
         atomic_write(
-            self.path / COUNTS_DIR / f"{self.build_id}.safetensors", [header, keys.tobytes(), values.tobytes()], self.fsync
+            self.path / COUNTS_DIR / f"{self.build_id}{'.' + self.part if self.part else ''}.safetensors",
+            [header, keys.tobytes(), values.tobytes()],
+            self.fsync,
         )
 
 

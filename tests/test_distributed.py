@@ -1,0 +1,267 @@
+"""Distributed builds on CPU (gloo): torchrun ranks and --rank/--world-size ranks fill one store with
+exactly the blocks of a one-process build, each computed once, the work balanced."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from prefixgen import PrefixStore
+from prefixgen.maintain.verify import verify_store
+
+from .conftest import REPO, SYSTEM, write_jsonl
+from .test_build import _wait_for_segments, ls_json, stored_keys
+
+CPU = ["--device", "cpu", "--dtype", "float32", "--quiet", "--no-fsync"]  # a killed process loses no page cache
+WORDS = "the a cat dog sun tree big small happy sad ran jumped played saw red blue girl boy ball park home friend".split()
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def _words(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def system_prompt_dataset(path: Path, n: int = 120, seed: int = 0) -> Path:
+    """Every record starts with the same system prompt (a universal prefix)."""
+    rng = random.Random(seed)
+    return write_jsonl(path, [{"text": SYSTEM + _words(rng, 20, 60)} for _ in range(n)])
+
+
+def groups_dataset(path: Path, n: int = 160, groups: int = 8, seed: int = 1) -> Path:
+    """A system prompt, then one of ``groups`` documents (RAG-style), then a question of its own."""
+    rng = random.Random(seed)
+    docs = [_words(rng, 40, 80) for _ in range(groups)]
+    rows = [{"text": SYSTEM + docs[i % groups] + " Q: " + _words(rng, 10, 30)} for i in range(n)]
+    return write_jsonl(path, [*rows, {"text": ""}])  # one empty record: skipped, and counted once
+
+
+def torchrun(n: int, *args, **popen_kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m", "prefixgen"]
+    return subprocess.Popen(
+        [*cmd, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO, **popen_kw
+    )
+
+
+def rank_process(rank: int, world: int, *args) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "prefixgen", *map(str, args), "--rank", str(rank), "--world-size", str(world)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out + err
+    return out + err
+
+
+def index_entries(store_path: Path) -> int:
+    return PrefixStore.open(store_path).index.entries
+
+
+def assert_one_distributed_build(cli, out: Path, world: int, single: dict, balanced: bool = True) -> dict:
+    """One complete build with every rank's writer; blocks computed once and balanced."""
+    (b,) = ls_json(cli, out)["builds"]
+    assert b["status"] == "complete" and b["world_size"] == world
+    assert len(b["ranks"]) == world and len(b["writers"]) == world
+    for key in ("records", "skipped_records", "truncated_records", "dataset_tokens"):
+        assert b[key] == single[key], key
+    # No block computed twice: the ranks prefilled exactly what is stored, as one process does.
+    assert b["prefilled_tokens"] == b["stored_tokens"] == single["stored_tokens"]
+    loads = [r["prefilled_tokens"] for r in b["ranks"]]
+    assert not balanced or max(loads) <= 1.2 * sum(loads) / world, loads
+    assert index_entries(out) * 16 == b["stored_tokens"]  # every block present once
+    report = verify_store(out)
+    assert report.ok, report.faults
+    return b
+
+
+@torch.inference_mode()
+def assert_same_kv(a: Path, b: Path) -> None:
+    """Same blocks, and the same KV within the batch-equivalence tolerance (float32)."""
+    keys = sorted(stored_keys(a))
+    assert set(keys) == stored_keys(b)
+    kv_a, kv_b = PrefixStore.open(a).read_blocks(keys), PrefixStore.open(b).read_blocks(keys)
+    assert (kv_a - kv_b).abs().max() <= 1e-5 * max(1.0, kv_a.abs().max().item())
+
+
+@pytest.mark.parametrize("world, make_dataset", [(2, system_prompt_dataset), (3, groups_dataset)], ids=["2-system", "3-groups"])
+def test_torchrun_build_equals_one_process_build(tmp_path, cli, stories, world, make_dataset):
+    data = make_dataset(tmp_path / "d.jsonl")
+    one, many = tmp_path / "one", tmp_path / "many"
+    assert cli("build", data, "--model", stories, "--out", one, *CPU).exit_code == 0
+    (single,) = ls_json(cli, one)["builds"]
+    finish(torchrun(world, "build", data, "--model", stories, "--out", many, "--batch-tokens", "1024", *CPU))
+    b = assert_one_distributed_build(cli, many, world, single)
+    assert_same_kv(one, many)
+    # The shared prefix was prefilled once, in the head phase, and every rank used it as past.
+    system_blocks = len(AutoTokenizer.from_pretrained(stories)(SYSTEM).input_ids) // 16
+    assert system_blocks >= 1 and b["head_tokens"] >= system_blocks * 16
+    assert all(r["records"] > 0 for r in b["ranks"])
+
+
+def test_rank_flags_without_torchrun_one_after_another_and_at_once(tmp_path, cli, stories):
+    data = groups_dataset(tmp_path / "d.jsonl", n=90, groups=6)
+    one, seq, par = tmp_path / "one", tmp_path / "seq", tmp_path / "par"
+    assert cli("build", data, "--model", stories, "--out", one, *CPU).exit_code == 0
+    (single,) = ls_json(cli, one)["builds"]
+    args = ["build", data, "--model", stories, "--out", seq, *CPU]
+    assert cli(*args, "--rank", "1", "--world-size", "2").exit_code == 0  # any order
+    (half,) = ls_json(cli, seq)["builds"]
+    assert half["status"] == "running" and len(half["ranks"]) == 1  # rank 0 has not run yet
+    assert cli(*args, "--rank", "0", "--world-size", "2").exit_code == 0
+    # One after another, the rank that runs first computes every shared prefix: no balance asked.
+    assert_one_distributed_build(cli, seq, 2, single, balanced=False)
+    assert_same_kv(one, seq)
+    # At the same time: the ranks race for the shared prefixes through claims in the store.
+    procs = [rank_process(r, 2, "build", data, "--model", stories, "--out", par, *CPU) for r in range(2)]
+    for p in procs:
+        finish(p)
+    assert_one_distributed_build(cli, par, 2, single)
+    assert_same_kv(one, par)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _rank_pid(agent: int, rank: int) -> int:
+    for pid in _children(agent):
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return pid
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_rank_then_resume_on_another_number_of_ranks(tmp_path, cli, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=300, seed=3)
+    one, out = tmp_path / "one", tmp_path / "store"
+    assert cli("build", data, "--model", stories, "--out", one, *CPU).exit_code == 0
+    (single,) = ls_json(cli, one)["builds"]
+    # Small shards and batches, so that the kill lands mid-build.
+    args = ["build", data, "--model", stories, "--out", out, "--shard-bytes", "100000", "--batch-tokens", "256", *CPU]
+    proc = torchrun(2, *args)
+    _wait_for_segments(out, 6, proc, timeout=180)
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert verify_store(out).ok  # the killed rank left a store that opens and verifies
+    assert 0 < index_entries(out) * 16 < single["stored_tokens"]
+    # Resume on three ranks, launched without torchrun, at the same time.
+    procs = [rank_process(r, 3, *args, "--resume") for r in range(3)]
+    for p in procs:
+        finish(p)
+    assert stored_keys(out) == stored_keys(one)
+    assert index_entries(out) * 16 == single["stored_tokens"]  # every block present once
+    (b,) = ls_json(cli, out)["builds"]
+    assert b["status"] == "complete" and b["world_size"] == 3 and len(b["ranks"]) == 3
+    report = verify_store(out)
+    assert report.ok, report.faults
+    assert_same_kv(one, out)
+
+
+WRAPPER = """
+import os, sys
+from prefixgen.cli import main
+sys.argv = ["prefixgen", *sys.argv[1:]]
+rank = os.environ["RANK"]
+sys.argv = [a.replace("RANK", rank) for a in sys.argv]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_store_not_shared_by_every_rank_fails_fast_on_every_rank(tmp_path, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=10)
+    script = tmp_path / "per_rank_out.py"
+    script.write_text(WRAPPER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    start = time.monotonic()
+    # Each rank gets its own --out (as when the path is on a node-local disk): none may go on.
+    proc = subprocess.run(
+        [*cmd, "build", str(data), "--model", str(stories), "--out", str(tmp_path / "store-RANK"), *CPU],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.count("does not see the store rank 0 prepared") >= 2, proc.stderr  # said by every rank
+    assert "/prefixgen/" not in proc.stderr  # no traceback from the ranks (torchrun prints its own summary)
+    # A store no rank can write: every rank fails with rank 0's message.
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    proc = subprocess.run(
+        [*cmd, "build", str(data), "--model", str(stories), "--out", str(blocked), *CPU],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and proc.stderr.count("rank 0 on") >= 2, proc.stderr
+    assert time.monotonic() - start < 110
+
+
+def test_rank_flags_are_checked(tmp_path, cli, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=4)
+    out = tmp_path / "s"
+    for flags, message in [(["--rank", "0"], "go together"), (["--rank", "2", "--world-size", "2"], "must be in 0..1")]:
+        result = cli("build", data, "--model", stories, "--out", out, *CPU, *flags)
+        assert result.exit_code != 0 and message in result.stderr
+    assert cli("build", data, "--model", stories, "--out", out, *CPU).exit_code == 0
+    # A rank joins a store only when it holds nothing but its own build, and never erases it.
+    other = system_prompt_dataset(tmp_path / "other.jsonl", n=4, seed=5)
+    for flags, message in [([], "already holds a store"), (["--overwrite"], "remove the store first")]:
+        result = cli("build", other, "--model", stories, "--out", out, *CPU, "--rank", "0", "--world-size", "2", *flags)
+        assert result.exit_code != 0 and message in result.stderr, result.output
+
+
+def test_heads_are_cut_into_branch_free_runs_by_level():
+    from prefixgen.builder.distributed import Heads
+    from prefixgen.format import hash_block
+
+    root = bytes(32)
+    blocks, keys = {}, {}
+
+    def add(name, parent_name, depth):
+        parent = keys[parent_name] if parent_name else root
+        keys[name] = hash_block(parent, [depth, len(keys)])
+        blocks[keys[name]] = (parent, depth, (depth, len(keys)))
+
+    # system prompt s0-s1, then documents a (a0-a1, then a branch into a2x / a2y) and b (b0)
+    for name, parent, depth in [("s0", None, 0), ("s1", "s0", 1), ("a0", "s1", 2), ("a1", "a0", 3), ("b0", "s1", 2)]:
+        add(name, parent, depth)
+    add("a2x", "a1", 4)
+    add("a2y", "a1", 4)
+    levels = Heads(blocks).segments()
+    named = [sorted(tuple(next(n for n, k in keys.items() if k == key) for key in run) for run in level) for level in levels]
+    assert named == [[("s0", "s1")], [("a0", "a1"), ("b0",)], [("a2x",), ("a2y",)]]
+    chain_keys, tokens = Heads(blocks).chain(keys["a2y"])
+    assert chain_keys == [keys[n] for n in ("s0", "s1", "a0", "a1", "a2y")] and len(tokens) == 10
+
+
+def test_rank_parts_merge_into_one_build():
+    from prefixgen.format import BuildRecord, merge_rank_parts
+
+    base = BuildRecord("b", "d", world_size=3)
+    parts = [BuildRecord("b", "d", status="complete", world_size=3, rank=r, records=r + 1, writers=[f"w{r}"]) for r in (2, 0)]
+    half = merge_rank_parts(base, parts)
+    assert half.status == "running" and half.records == 4 and half.writers == ["w0", "w2"]  # rank 1 has not finished
+    parts.append(BuildRecord("b", "d", status="complete", world_size=3, rank=1, records=2, writers=["w1"]))
+    done = merge_rank_parts(base, parts)
+    assert done.status == "complete" and done.records == 6 and [r["rank"] for r in done.ranks] == [0, 1, 2]
+    parts[0].status = "failed"
+    assert merge_rank_parts(base, parts).status == "failed"
