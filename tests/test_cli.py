@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from prefixgen.format import INDEX_DIR, SHARDS_DIR
+from prefixgen.format import FORMAT_VERSION, INDEX_DIR, SHARDS_DIR
 
 
 def _build(cli, stories, text_dataset, out):
@@ -46,7 +46,7 @@ def test_ls_json_and_table(tmp_path, cli, stories, text_dataset):
     out = tmp_path / "store"
     _build(cli, stories, text_dataset, out)
     summary = json.loads(cli("ls", out, "--json").stdout)
-    assert summary["format_version"] == 1 and summary["block_size"] == 16
+    assert summary["format_version"] == FORMAT_VERSION and summary["block_size"] == 16
     assert summary["model"]["architecture"] == "LlamaForCausalLM"
     assert len(summary["shards"]) > 1 and sum(s["blocks"] for s in summary["shards"]) == summary["blocks"]
     assert summary["bytes"] > sum(s["bytes"] for s in summary["shards"]) > 0
