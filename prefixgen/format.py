@@ -426,6 +426,23 @@ def read_shard_blocks(
     return ok
 
 
+def encode_shard(
+    layout: KVLayout, block_size: int, kv: Any, scales: Any, tokens: np.ndarray, metadata: dict[str, str]
+) -> tuple[list, np.ndarray, int]:
+    """A shard's bytes from its stored KV bytes (``kv``, and ``scales`` for fp8) and ``tokens``
+    [blocks, B]: (file parts, block CRCs [blocks] uint32, shard checksum).
+
+    Example:
+        >>> parts, crcs, checksum = encode_shard(layout, 16, kv_bytes, None, tokens, {})  # doctest: +SKIP
+    """
+    blocks = len(tokens)
+    header = encode_safetensors_header(shard_tensors(layout, block_size, blocks), metadata)
+    crcs = block_crcs(kv, layout.bytes_per_token * block_size, scales, layout.scale_bytes_per_block())
+    data = [memoryview(kv).cast("B")] + ([memoryview(scales).cast("B")] if scales is not None else [])
+    parts = [header, *data, np.ascontiguousarray(tokens, dtype="<u4").tobytes()]
+    return parts, crcs, shard_checksum(header, crcs)
+
+
 def shard_name(writer_id: str, seq: int) -> str:
     return f"{writer_id}-{seq:06d}.safetensors"
 
@@ -446,6 +463,7 @@ OPTIONAL_COLUMNS = frozenset({"shard"})
 # Segments at least this large are memory-mapped; smaller ones are read when needed, so a store of
 # 100,000 small segments never meets the kernel's limit on memory maps (vm.max_map_count, 65,530).
 MAP_BYTES = 1 << 20
+_ROW_BYTES = {name: np.dtype(dt).itemsize * width for name, (dt, width) in SEGMENT_COLUMNS.items()}
 
 
 @dataclass(slots=True, frozen=True)
@@ -614,10 +632,7 @@ def _segment_spans(header: SafetensorsHeader, size: int, path: Path) -> dict[str
 
 
 def _column_rows(spans: dict[str, tuple[int, int]], path: Path) -> int:
-    rows = {
-        (end - start) // (np.dtype(SEGMENT_COLUMNS[name][0]).itemsize * SEGMENT_COLUMNS[name][1])
-        for name, (start, end) in spans.items()
-    }
+    rows = {(end - start) // _ROW_BYTES[name] for name, (start, end) in spans.items()}
     if len(rows) != 1:
         raise CorruptStoreError(f"{path}: index segment columns have different lengths")
     return rows.pop()

@@ -26,6 +26,7 @@ from prefixgen.data.records import RecordTokenizer
 from prefixgen.data.source import read_records
 from prefixgen.errors import PrefixgenError, StoreError
 from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, root_key
+from prefixgen.maintain.compact import compact_store
 from prefixgen.model import fingerprint, load_model, probe_kv_layout
 from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.reader import PrefixStore
@@ -274,6 +275,9 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
         _finish(writer, record, planner, started, bar, timer)
         raise
     _finish(writer, record, planner, started, bar, timer)
+    # One segment for the whole build instead of one per shard: lookups stay fast as stores grow.
+    mine = writer.writer_id + "-"
+    compact_store(out, select=lambda name: name.startswith(mine), fsync=cfg.fsync)
     return record
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from prefixgen.errors import CorruptStoreError
-from prefixgen.format import INDEX_DIR, Segment
+from prefixgen.format import INDEX_DIR, Segment, ShardRef
 
 CACHE_BYTES = 64 << 20  # columns of recently used small segments kept in memory
 OPEN_RETRIES = 5  # a segment may vanish while we list the folder (compaction removes merged ones)
@@ -183,9 +183,30 @@ class StoreIndex:
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         return [r is not None for r in self.find_rows(keys)]
 
-    def key64_arrays(self) -> list[np.ndarray]:
-        """Every segment's key64 column (a small segment's is read from its file): for whole-store scans."""
-        return [s.key64 if s.key64 is not None else s.cols["key64"] for s in self.segments]
+    def key_and_parent64(self) -> tuple[np.ndarray, np.ndarray]:
+        """[entries] uint64 key64 of every row and of its parent, over all segments (one pass; small
+        segments are read from their files): for whole-store scans such as ``ls``."""
+        keys, parents = [], []
+        for seg in self.segments:
+            cols = seg.cols
+            keys.append(cols["key64"])
+            parents.append(np.ascontiguousarray(cols["parent"][:, :8]).view("<u8").reshape(-1))
+        if not keys:
+            return np.empty(0, np.uint64), np.empty(0, np.uint64)
+        return np.concatenate(keys), np.concatenate(parents)
+
+    def shard_blocks(self) -> list[tuple[ShardRef, int]]:
+        """Every shard the index names, with how many index rows point into it."""
+        out: dict[str, tuple[ShardRef, int]] = {}
+        for seg in self.segments:
+            if seg.compacted:
+                rows = np.bincount(seg.cols["shard"], minlength=len(seg.shards))
+            else:
+                rows = [seg.n]
+            for ref, n in zip(seg.shards, rows):
+                prev = out.get(ref.name)
+                out[ref.name] = (ref, int(n) + (prev[1] if prev else 0))
+        return list(out.values())
 
 
 def _open_segment(path: Path) -> Segment:
