@@ -39,8 +39,53 @@ class BlockLocation:
     depth: int
 
 
+@dataclass(slots=True)
+class _Tables:
+    """The searchable form of one set of segments (replaced whole when the index reopens)."""
+
+    segments: list[Segment]
+    mapped: list[int]  # numbers of the memory-mapped segments
+    small: np.ndarray  # [s] numbers of the small segments, in table order
+    starts: np.ndarray  # [s + 1] global row number of each small segment's row 0
+    mask: np.uint64  # low bits of a table entry: its global row number
+    table: np.ndarray  # [rows of small segments] uint64: key64's high bits | global row, sorted
+
+    @classmethod
+    def build(cls, segments: list[Segment]) -> _Tables:
+        mapped = [i for i, s in enumerate(segments) if s.mapped]
+        small = [i for i, s in enumerate(segments) if not s.mapped]
+        starts = np.zeros(len(small) + 1, dtype=np.int64)
+        np.cumsum([segments[i].n for i in small], out=starts[1:])
+        total = int(starts[-1])
+        mask = np.uint64((1 << max(1, total.bit_length())) - 1)
+        table = np.empty(0, np.uint64)
+        if small:
+            k64 = np.concatenate([segments[i].key64 for i in small])
+            for i in small:
+                segments[i].key64 = None  # merged into the table; the segment's copy is not needed
+            table = (k64 & ~mask) | np.arange(total, dtype=np.uint64)
+            table.sort()
+        return cls(segments, mapped, np.asarray(small, dtype=np.int64), starts, mask, table)
+
+    def candidates(self, q: np.ndarray) -> list[tuple[int, int, int]]:
+        """(query, segment, row) of every row whose key64 may equal a query's: vectorized over
+        queries, one search of the small-segment table and one per mapped segment."""
+        parts = []
+        if len(self.table):
+            high = q & ~self.mask
+            qi, pos = _expand(np.searchsorted(self.table, high, "left"), np.searchsorted(self.table, high | self.mask, "right"))
+            g = (self.table[pos] & self.mask).astype(np.int64)  # global rows
+            local = np.searchsorted(self.starts, g, "right") - 1
+            parts.append((qi, self.small[local], g - self.starts[local]))
+        for si in self.mapped:
+            col = self.segments[si].key64
+            qi, pos = _expand(np.searchsorted(col, q, "left"), np.searchsorted(col, q, "right"))
+            parts.append((qi, np.full(len(qi), si), pos))
+        return [(int(a), int(b), int(c)) for qi, seg, row in parts for a, b, c in zip(qi, seg, row)]
+
+
 class StoreIndex:
-    """All index segments of a store.
+    """All index segments of a store. Safe to use from several threads.
 
     Example:
         >>> index = StoreIndex.open(Path("store"))  # doctest: +SKIP
@@ -50,40 +95,20 @@ class StoreIndex:
 
     def __init__(self, segments: list[Segment], path: Path | None = None):
         self.path = path
-        self.segments = segments
+        self._tables = _Tables.build(segments)
         self._lock = threading.Lock()
-        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[Segment, dict[str, np.ndarray]]] = OrderedDict()  # id(segment) -> columns
         self._cache_bytes = 0
-        self._mapped = [i for i, s in enumerate(segments) if s.mapped]
-        small = [i for i, s in enumerate(segments) if not s.mapped]
-        self._small = np.asarray(small, dtype=np.int64)
-        self._starts = np.zeros(len(small) + 1, dtype=np.int64)  # global row number of each small segment's row 0
-        np.cumsum([segments[i].n for i in small], out=self._starts[1:])
-        total = int(self._starts[-1])
-        self._bits = max(1, total.bit_length())  # low bits of a table entry: its global row number
-        self._mask = np.uint64((1 << self._bits) - 1)
-        if small:
-            k64 = np.concatenate([segments[i].key64 for i in small])
-            for i in small:
-                segments[i].key64 = None  # merged into the table; the segment's copy is not needed
-            table = (k64 & ~self._mask) | np.arange(total, dtype=np.uint64)
-            table.sort()
-            self._table = table  # [total] uint64: key64's high bits | global row, sorted
-        else:
-            self._table = np.empty(0, np.uint64)
 
     @classmethod
     def open(cls, path: Path) -> StoreIndex:
         """Open every committed segment in ``path/index``. A segment that vanishes while the folder
         is read (merged by a compaction, whose result is then in the folder) restarts the listing."""
-        folder = path / INDEX_DIR
-        for _ in range(OPEN_RETRIES):
-            names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".safetensors")) if folder.is_dir() else []
-            try:
-                return cls([_open_segment(folder / name) for name in names], path)
-            except FileNotFoundError:
-                continue
-        raise CorruptStoreError(f"{folder}: index segments keep vanishing while being opened; try again")
+        return cls(_open_segments(path), path)
+
+    @property
+    def segments(self) -> list[Segment]:
+        return self._tables.segments
 
     @property
     def entries(self) -> int:
@@ -92,78 +117,67 @@ class StoreIndex:
 
     def columns(self, segment: int) -> dict[str, np.ndarray]:
         """Every column of segment number ``segment`` (small segments are read and kept in a small LRU)."""
-        seg = self.segments[segment]
+        return self._columns(self.segments[segment])
+
+    def _columns(self, seg: Segment) -> dict[str, np.ndarray]:
         if seg.mapped:
             return seg.cols
         with self._lock:
-            cols = self._cache.get(segment)
-            if cols is not None:
-                self._cache.move_to_end(segment)
-                return cols
+            hit = self._cache.get(id(seg))
+            if hit is not None and hit[0] is seg:
+                self._cache.move_to_end(id(seg))
+                return hit[1]
         cols = seg.cols
-        size = sum(c.nbytes for c in cols.values())
         with self._lock:
-            self._cache[segment] = cols
-            self._cache_bytes += size
+            self._cache[id(seg)] = (seg, cols)
+            self._cache_bytes += sum(c.nbytes for c in cols.values())
             while self._cache_bytes > CACHE_BYTES and len(self._cache) > 1:
-                _, old = self._cache.popitem(last=False)
+                _, (_, old) = self._cache.popitem(last=False)
                 self._cache_bytes -= sum(c.nbytes for c in old.values())
         return cols
 
     def find_rows(self, keys: Sequence[bytes]) -> list[tuple[int, int] | None]:
-        """(segment number, row) of each key, or None where no segment has it."""
+        """(segment number, row) of each key, or None where no segment has it. Prefer :meth:`find`,
+        which cannot be split by a reopen between the lookup and the location."""
+        return self._retry(lambda t: self._find_rows(t, keys))
+
+    def find(self, keys: Sequence[bytes]) -> list[BlockLocation | None]:
+        """Location of each key's block, or None where the store lacks it."""
+
+        def run(t: _Tables) -> list[BlockLocation | None]:
+            return [None if r is None else self._location(t.segments[r[0]], r[1]) for r in self._find_rows(t, keys)]
+
+        return self._retry(run)
+
+    def _retry(self, run):
+        tables = self._tables
         try:
-            return self._find_rows(keys)
+            return run(tables)
         except FileNotFoundError:
             if self.path is None:
                 raise
             # A compaction merged a small segment we had not read yet: its rows are in the new segment.
-            self._reopen()
-            return self._find_rows(keys)
+            fresh = _Tables.build(_open_segments(self.path))
+            with self._lock:
+                if self._tables is tables:
+                    self._tables = fresh
+            return run(self._tables)
 
-    def _find_rows(self, keys: Sequence[bytes]) -> list[tuple[int, int] | None]:
+    def _find_rows(self, tables: _Tables, keys: Sequence[bytes]) -> list[tuple[int, int] | None]:
         found: list[tuple[int, int] | None] = [None] * len(keys)
         if not keys:
             return found
         q = np.frombuffer(b"".join(k[:8] for k in keys), dtype="<u8")
-        for qi, seg, row in self._candidates(q):
-            if found[qi] is None and self.columns(seg)["key"][row].tobytes() == keys[qi]:
+        for qi, seg, row in tables.candidates(q):
+            if found[qi] is None and self._columns(tables.segments[seg])["key"][row].tobytes() == keys[qi]:
                 found[qi] = (seg, row)
         return found
 
-    def _candidates(self, q: np.ndarray) -> list[tuple[int, int, int]]:
-        """(query, segment, row) of every row whose key64 may equal a query's: vectorized over
-        queries, one search of the small-segment table and one per mapped segment."""
-        parts = []
-        if len(self._table):
-            high = q & ~self._mask
-            lo = np.searchsorted(self._table, high, "left")
-            hi = np.searchsorted(self._table, high | self._mask, "right")
-            qi, pos = _expand(lo, hi)
-            g = (self._table[pos] & self._mask).astype(np.int64)  # global rows
-            local = np.searchsorted(self._starts, g, "right") - 1
-            parts.append((qi, self._small[local], g - self._starts[local]))
-        for si in self._mapped:
-            col = self.segments[si].key64
-            qi, pos = _expand(np.searchsorted(col, q, "left"), np.searchsorted(col, q, "right"))
-            parts.append((qi, np.full(len(qi), si), pos))
-        return [(int(a), int(b), int(c)) for qi, seg, row in parts for a, b, c in zip(qi, seg, row)]
-
-    def _reopen(self) -> None:
-        fresh = StoreIndex.open(self.path)
-        with self._lock:
-            self.segments, self._mapped, self._small = fresh.segments, fresh._mapped, fresh._small
-            self._starts, self._bits, self._mask, self._table = fresh._starts, fresh._bits, fresh._mask, fresh._table
-            self._cache.clear()
-            self._cache_bytes = 0
-
-    def find(self, keys: Sequence[bytes]) -> list[BlockLocation | None]:
-        """Location of each key's block, or None where the store lacks it."""
-        return [None if r is None else self.location(*r) for r in self.find_rows(keys)]
-
     def location(self, segment: int, row: int) -> BlockLocation:
-        seg = self.segments[segment]
-        cols = self.columns(segment)
+        return self._location(self.segments[segment], row)
+
+    def _location(self, seg: Segment, row: int) -> BlockLocation:
+        cols = self._columns(seg)
         shard = seg.shards[int(cols["shard"][row])] if "shard" in cols else seg.shards[0]
         return BlockLocation(
             shard=shard.name, slot=int(cols["slot"][row]), crc=int(cols["crc"][row]), depth=int(cols["depth"][row])
@@ -207,6 +221,17 @@ class StoreIndex:
                 prev = out.get(ref.name)
                 out[ref.name] = (ref, int(n) + (prev[1] if prev else 0))
         return list(out.values())
+
+
+def _open_segments(path: Path) -> list[Segment]:
+    folder = path / INDEX_DIR
+    for _ in range(OPEN_RETRIES):
+        names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".safetensors")) if folder.is_dir() else []
+        try:
+            return [_open_segment(folder / name) for name in names]
+        except FileNotFoundError:
+            continue
+    raise CorruptStoreError(f"{folder}: index segments keep vanishing while being opened; try again")
 
 
 def _open_segment(path: Path) -> Segment:
