@@ -100,7 +100,7 @@ def make_store(path: Path, blocks: int, per_segment: int, model: bool) -> list[i
 def measure(path: Path, prompt: list[int]) -> dict:
     from prefixgen import PrefixStore
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = _peak_rss_kib()
     t0 = time.perf_counter()
     store = PrefixStore.open(path)
     t1 = time.perf_counter()
@@ -116,7 +116,7 @@ def measure(path: Path, prompt: list[int]) -> dict:
     t5 = time.perf_counter()
     stored = sum(sum(store.index.contains(keys)) for keys in records)
     t6 = time.perf_counter()
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss1 = _peak_rss_kib()
     return {
         "entries": store.index.entries,
         "segments": len(store.index.segments),
@@ -133,6 +133,14 @@ def measure(path: Path, prompt: list[int]) -> dict:
         "peak_rss_mib": round(rss1 / 1024, 1),
         "rss_added_mib": round((rss1 - rss0) / 1024, 1),
     }
+
+
+def _peak_rss_kib() -> int:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss it does not inherit the parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _cli(*args, capture: bool = True) -> tuple[float, str]:

@@ -76,13 +76,19 @@ def verify_store(path: str | os.PathLike, progress: bool = False, quick: bool = 
     keys64: list[np.ndarray] = []
     parents64: list[np.ndarray] = []
     referenced: set[str] = set()
-    for name in tqdm(names, desc="verify", unit="seg", disable=not progress):
+    segments = []
+    for name in names:
         if name.endswith(TMP_SUFFIX):
             report.notes.append(f"{INDEX_DIR}/{name}: temporary file of an interrupted writer (ignored by readers)")
-            continue
-        if not name.endswith(".safetensors"):
-            continue
-        _verify_segment(path, manifest, path / INDEX_DIR / name, report, keys64, parents64, referenced, quick)
+        elif name.endswith(".safetensors"):
+            try:
+                segments.append(Segment(path / INDEX_DIR / name))
+            except (PrefixgenError, OSError) as exc:
+                report.faults.append(f"{INDEX_DIR}/{name}: {exc}")
+    total = sum(len(seg.shards) for seg in segments)
+    with tqdm(total=total, desc="verify", unit="shard", disable=not progress) as bar:
+        for seg in segments:
+            _verify_segment(path, manifest, seg, report, keys64, parents64, referenced, quick, bar)
     _check_parents(manifest, keys64, parents64, report)
     for name in sorted(os.listdir(path / SHARDS_DIR)) if (path / SHARDS_DIR).is_dir() else []:
         if name.endswith(TMP_SUFFIX):
@@ -107,16 +113,16 @@ def verify_store(path: str | os.PathLike, progress: bool = False, quick: bool = 
 def _verify_segment(
     path: Path,
     manifest: Manifest,
-    seg_path: Path,
+    seg: Segment,
     report: VerifyReport,
     keys64: list[np.ndarray],
     parents64: list[np.ndarray],
     referenced: set[str],
     quick: bool,
+    bar: tqdm,
 ) -> None:
-    where = f"{INDEX_DIR}/{seg_path.name}"
+    where = f"{INDEX_DIR}/{seg.path.name}"
     try:
-        seg = Segment(seg_path)
         bad = seg.verify_checksums()
         if bad:
             report.faults.append(f"{where}: index segment fails its checksum (columns {', '.join(bad)}): it is damaged")
@@ -145,6 +151,7 @@ def _verify_segment(
             referenced.add(ref.name)
             report.shards += 1
         _verify_shard(path, manifest, ref, {name: col[rows] for name, col in cols.items()}, report, quick)
+        bar.update(1)
     report.blocks += seg.n
 
 
