@@ -178,10 +178,8 @@ class StoreIndex:
 
     def _location(self, seg: Segment, row: int) -> BlockLocation:
         cols = self._columns(seg)
-        shard = seg.shards[int(cols["shard"][row])] if "shard" in cols else seg.shards[0]
-        return BlockLocation(
-            shard=shard.name, slot=int(cols["slot"][row]), crc=int(cols["crc"][row]), depth=int(cols["depth"][row])
-        )
+        shard = seg.shard_name(int(cols["shard"][row]) if "shard" in cols else 0)
+        return BlockLocation(shard=shard, slot=int(cols["slot"][row]), crc=int(cols["crc"][row]), depth=int(cols["depth"][row]))
 
     def parent(self, segment: int, row: int) -> bytes:
         """The parent key of a row."""
