@@ -81,8 +81,11 @@ class Planner:
         max_chunk: int,
         stored: Callable[[Sequence[BlockHash]], list[bool]],
         stats: BuildRecord,
+        on_record: Callable[[BlockHash | None, int, int], None] | None = None,
     ):
         self.root = root
+        # Told of each record: (its last block if this run computes it, tokens, tokens it prefills).
+        self.on_record = on_record or (lambda last_key, tokens, new_tokens: None)
         self.block_size = block_size
         self.max_chunk = max(block_size, max_chunk // block_size * block_size)
         self.stored = stored
@@ -97,6 +100,7 @@ class Planner:
             for key in keys:
                 self.counts[key] = self.counts.get(key, 0) + 1
             if not keys:
+                self.on_record(None, len(record.ids), 0)
                 continue
             # First block that is neither scheduled in this run nor in the store.
             first = 0
@@ -107,7 +111,9 @@ class Planner:
                 while first < len(keys) and in_store[first - (len(keys) - len(in_store))]:
                     first += 1
             if first == len(keys):
+                self.on_record(keys[-1] if keys[-1] in self.scheduled else None, len(record.ids), 0)
                 continue
+            self.on_record(keys[-1], len(record.ids), (len(keys) - first) * bs)
             self.scheduled.update(keys[first:])
             self.stats.stored_tokens += (len(keys) - first) * bs
             end = len(keys) * bs
@@ -150,7 +156,9 @@ def split_batch(batch: Batch) -> list[Batch]:
 
 def batch_tasks(tasks: Iterator[PrefillTask], budget: Budget | int, window: int) -> Iterator[Batch]:
     """Group tasks into batches of at most ``budget`` padded new tokens, sorting a window of
-    ``window * budget`` tokens by (new, past) length so that padding stays small.
+    ``window * budget`` tokens by (new, past) length so that padding stays small. The window starts
+    at one batch and doubles each round up to ``window``: the first batch is ready as soon as one
+    batch's worth of tasks is, and the window fills while the device works.
 
     A task is batched only after the batch holding its ``depends`` block was yielded: the caller
     runs each batch before asking for the next, so the past is computed by then.
@@ -164,9 +172,10 @@ def batch_tasks(tasks: Iterator[PrefillTask], budget: Budget | int, window: int)
     pending_tokens = 0
     waiting: set[BlockHash] = set()  # blocks of tasks not yet yielded
     exhausted = False
+    fill = 1  # batches' worth of tasks to gather this round: 1, 2, 4, ... window
     while True:
         batch_tokens = budget.tokens
-        while not exhausted and pending_tokens < window * batch_tokens:
+        while not exhausted and pending_tokens < fill * batch_tokens:
             task = next(tasks, None)
             if task is None:
                 exhausted = True
@@ -176,6 +185,7 @@ def batch_tasks(tasks: Iterator[PrefillTask], budget: Budget | int, window: int)
             waiting.update(task.new_keys)
         if not pending:
             return
+        fill = min(window, fill * 2)
         ready = [t for t in pending if t.depends is None or t.depends not in waiting]
         ready.sort(key=lambda t: (t.new_tokens, t.cached), reverse=True)
         batches = _pack(ready, batch_tokens)
