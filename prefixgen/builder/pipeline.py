@@ -312,7 +312,10 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     _finish(writer, record, planner, started, bar, timer)
     # One segment for the whole build instead of one per shard: lookups stay fast as stores grow.
     mine = writer.writer_id + "-"
-    compact_store(out, select=lambda name: name.startswith(mine), fsync=cfg.fsync)
+    try:
+        compact_store(out, select=lambda name: name.startswith(mine), fsync=cfg.fsync)
+    except OSError:
+        pass  # e.g. a full disk: the store is valid uncompacted, and `prefixgen compact` can do it later
     return record
 
 
