@@ -309,11 +309,15 @@ def ls(
 
 @app.command()
 @_user_errors
-def verify(store: Annotated[Path, typer.Argument(help="The store folder.")]) -> None:
+def verify(
+    store: Annotated[Path, typer.Argument(help="The store folder.")],
+    quick: Annotated[bool, Opt("--quick", help="Check structure and index only, without reading every KV byte.")] = False,
+    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
     """Check every shard's checksum and every index reference; exit 1 on any fault."""
     from prefixgen.maintain.verify import verify_store
 
-    report = verify_store(store, progress=sys.stderr.isatty())
+    report = verify_store(store, progress=not quiet and sys.stderr.isatty(), quick=quick)
     for note in report.notes:
         typer.echo(f"note: {note}")
     for fault in report.faults:
@@ -321,7 +325,46 @@ def verify(store: Annotated[Path, typer.Argument(help="The store folder.")]) -> 
     if not report.ok:
         typer.echo(f"{store}: {len(report.faults)} fault(s) found", err=True)
         raise typer.Exit(1)
-    typer.echo(f"{store}: ok ({report.shards} shards, {report.blocks:,} blocks checked)")
+    what = "structure and index" if quick else "checked"
+    typer.echo(f"{store}: ok ({report.shards} shards, {report.blocks:,} blocks {what})")
+
+
+@app.command()
+@_user_errors
+def compact(
+    store: Annotated[Path, typer.Argument(help="The store folder.")],
+    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Merge the store's index segments into one, so lookups stay fast (safe beside running builds)."""
+    from prefixgen.maintain.compact import compact_store
+    from prefixgen.store.reader import PrefixStore
+
+    PrefixStore.open(store)  # a clear error if it is not a store
+    r = compact_store(store, progress=not quiet and sys.stderr.isatty())
+    if not r.segment:
+        typer.echo(f"{store}: nothing to compact")
+        return
+    typer.echo(f"{store}: merged {r.segments_merged:,} segments ({r.rows_in:,} rows, {r.rows_out:,} unique) into {r.segment}")
+
+
+@app.command()
+@_user_errors
+def prune(
+    store: Annotated[Path, typer.Argument(help="The store folder.")],
+    max_bytes: Annotated[
+        Optional[int], Opt(parser=_size, metavar="SIZE", help="Keep the most valuable blocks that fit in SIZE, e.g. 8GiB.")
+    ] = None,
+    min_records: Annotated[Optional[int], Opt(help="Keep only blocks contained in at least K records.", metavar="K")] = None,
+    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Keep the blocks shared by the most records (prefix-closed) and delete the rest. Run it while no build writes."""
+    from prefixgen.maintain.prune import prune_store
+
+    r = prune_store(store, max_bytes=max_bytes, min_records=min_records, progress=not quiet and sys.stderr.isatty())
+    typer.echo(
+        f"{store}: kept {r.blocks_kept:,} of {r.blocks_before:,} blocks; shards {r.bytes_before / 1e6:,.1f} MB -> "
+        f"{r.bytes_after / 1e6:,.1f} MB ({r.shards_written} written, {r.shards_removed} removed)"
+    )
 
 
 _SERVE = ServeConfig()  # serve's defaults, shown in the help (None below means unset: ServeConfig fills it in)

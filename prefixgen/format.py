@@ -34,7 +34,7 @@ import torch
 
 from prefixgen.errors import CorruptStoreError, NewerFormatError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: compacted index segments (rows of many shards); readers read 1 and 2
 HASH_ALGORITHM = "sha256-chain-v1"
 ROOT_DOMAIN = b"prefixgen-root-v1\x00"
 
@@ -439,6 +439,23 @@ def read_shard_blocks(
     return ok
 
 
+def encode_shard(
+    layout: KVLayout, block_size: int, kv: Any, scales: Any, tokens: np.ndarray, metadata: dict[str, str]
+) -> tuple[list, np.ndarray, int]:
+    """A shard's bytes from its stored KV bytes (``kv``, and ``scales`` for fp8) and ``tokens``
+    [blocks, B]: (file parts, block CRCs [blocks] uint32, shard checksum).
+
+    Example:
+        >>> parts, crcs, checksum = encode_shard(layout, 16, kv_bytes, None, tokens, {})  # doctest: +SKIP
+    """
+    blocks = len(tokens)
+    header = encode_safetensors_header(shard_tensors(layout, block_size, blocks), metadata)
+    crcs = block_crcs(kv, layout.bytes_per_token * block_size, scales, layout.scale_bytes_per_block())
+    data = [memoryview(kv).cast("B")] + ([memoryview(scales).cast("B")] if scales is not None else [])
+    parts = [header, *data, np.ascontiguousarray(tokens, dtype="<u4").tobytes()]
+    return parts, crcs, shard_checksum(header, crcs)
+
+
 def shard_name(writer_id: str, seq: int) -> str:
     return f"{writer_id}-{seq:06d}.safetensors"
 
@@ -450,67 +467,248 @@ SEGMENT_COLUMNS: dict[str, tuple[str, int]] = {
     "key64": ("uint64", 1),
     "key": ("uint8", 32),
     "parent": ("uint8", 32),
-    "slot": ("uint32", 1),  # block position in the shard: its tokens are [slot*B, (slot+1)*B)
+    "slot": ("uint32", 1),  # block position in its shard: its tokens are [slot*B, (slot+1)*B)
     "depth": ("uint32", 1),  # block number in its sequence: the prefix ends at (depth+1)*B tokens
     "crc": ("uint32", 1),  # CRC-32 of the block's bytes in `kv` (then `kv_scale` for fp8)
+    "shard": ("uint32", 1),  # compacted segments only: the row's shard, an index into metadata `shards`
 }
+OPTIONAL_COLUMNS = frozenset({"shard"})
+# Segments at least this large are memory-mapped; smaller ones are read when needed, so a store of
+# 100,000 small segments never meets the kernel's limit on memory maps (vm.max_map_count, 65,530).
+MAP_BYTES = 1 << 20
+_ROW_BYTES = {name: np.dtype(dt).itemsize * width for name, (dt, width) in SEGMENT_COLUMNS.items()}
 
 
-def segment_tensors(n: int) -> list[TensorSpec]:
-    return [TensorSpec(name, dt, (n, w) if w > 1 else (n,)) for name, (dt, w) in SEGMENT_COLUMNS.items()]
+@dataclass(slots=True, frozen=True)
+class ShardRef:
+    """A shard as an index segment records it: the blocks, size and checksum it was written with."""
+
+    name: str
+    blocks: int
+    bytes: int
+    crc32: int
+    writer: str = ""
+    build: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _fields_dict(self)
 
 
-def encode_segment(columns: dict[str, np.ndarray], metadata: dict[str, str]) -> list[bytes]:
-    """Bytes of an index segment: entries sorted by key64, columns in SEGMENT_COLUMNS order."""
+def segment_tensors(n: int, compacted: bool = False) -> list[TensorSpec]:
+    return [
+        TensorSpec(name, dt, (n, w) if w > 1 else (n,))
+        for name, (dt, w) in SEGMENT_COLUMNS.items()
+        if compacted or name not in OPTIONAL_COLUMNS
+    ]
+
+
+def encode_segment(columns: dict[str, np.ndarray], metadata: dict[str, str], shards: Sequence[ShardRef] = ()) -> list[bytes]:
+    """Bytes of an index segment: entries sorted by key64, columns in SEGMENT_COLUMNS order, and a
+    CRC-32 of each column in the metadata (``column_crc32``).
+
+    A segment of one shard names it in ``metadata`` (``shard``, ``blocks``, ``shard_bytes``,
+    ``shard_crc32``); a compacted segment gives ``shards`` and a ``shard`` column indexing them.
+    """
     keys = np.ascontiguousarray(columns["key"], dtype=np.uint8)
     k64 = keys[:, :8].copy().view("<u8").reshape(-1)
     # Readers binary-search key64 and compare whole keys among equal key64s (a tie is ~2**-64 likely).
     order = np.argsort(k64, kind="stable")
-    cols = {"key64": k64, **columns}
+    cols = {**columns, "key64": k64}
     n = len(keys)
-    parts = [encode_safetensors_header(segment_tensors(n), metadata)]
-    for name, (dtype, _) in SEGMENT_COLUMNS.items():
-        parts.append(np.ascontiguousarray(np.asarray(cols[name])[order], dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
-    return parts
+    compacted = "shard" in columns
+    data, crcs = [], {}
+    for spec in segment_tensors(n, compacted):
+        raw = np.ascontiguousarray(np.asarray(cols[spec.name])[order], dtype=np.dtype(spec.dtype).newbyteorder("<")).tobytes()
+        crcs[spec.name] = zlib.crc32(raw)
+        data.append(raw)
+    meta = {**metadata, "column_crc32": json.dumps(crcs, separators=(",", ":"))}
+    if compacted:
+        table = {name: [getattr(s, name) for s in shards] for name in SHARD_FIELDS}
+        meta["shards"] = json.dumps(table, separators=(",", ":"))
+    return [encode_safetensors_header(segment_tensors(n, compacted), meta), *data]
 
 
 class Segment:
-    """A memory-mapped index segment: nothing is read until a column is touched."""
+    """An index segment. Opening reads its header and ``key64`` column (checked against its CRC);
+    ``cols`` gives every column: views of a memory map for a large segment, read from the file on
+    each access (and checked) for a small one.
 
-    __slots__ = ("path", "metadata", "n", "cols", "_mm")
+    ``shards`` lists the shards its rows live in; ``shard_ids()`` gives each row's index into it.
+    """
+
+    __slots__ = ("path", "metadata", "n", "key64", "mapped", "_spans", "_checksums", "_mm", "_cols", "_shard_table", "_shards")
 
     def __init__(self, path: Path):
         self.path = path
+        self._mm = None
+        self._cols: dict[str, np.ndarray] | None = None
         with open(path, "rb") as f:
             header = read_safetensors_header(f, path)
             size = os.fstat(f.fileno()).st_size
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        self.metadata = header.metadata
-        self.cols: dict[str, np.ndarray] = {}
-        buf = np.frombuffer(self._mm, dtype=np.uint8) if self._mm is not None else np.empty(0, np.uint8)
-        n = None
-        for name, (dtype, width) in SEGMENT_COLUMNS.items():
-            info = header.tensors.get(name)
-            if info is None:
-                raise CorruptStoreError(f"{path}: index segment has no column {name!r}")
-            start, end = (header.data_start + o for o in info["data_offsets"])
-            if end > size or info["dtype"] != ST_DTYPES[dtype]:
-                raise CorruptStoreError(f"{path}: index segment column {name!r} is truncated or mistyped")
-            if name == "key64" and self._mm is not None and end > start:
+            self.metadata = header.metadata
+            self._spans = _segment_spans(header, size, path)
+            self.n = _column_rows(self._spans, path)
+            self._checksums = _column_checksums(header.metadata, path)
+            self._shard_table = _shard_table(header.metadata, "shard" in self._spans, path)
+            self._shards: list[ShardRef] | None = None
+            self.mapped = size >= MAP_BYTES
+            if self.mapped:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                start, end = self._spans["key64"]
                 # Every lookup binary-searches this column: ask the kernel to read it ahead in one
                 # sequential sweep instead of faulting its pages in one by one (cold cache: 10x).
                 page = mmap.ALLOCATIONGRANULARITY
-                self._mm.madvise(mmap.MADV_WILLNEED, start // page * page, end - start // page * page)
-            col = buf[start:end].view(np.dtype(dtype).newbyteorder("<"))
-            self.cols[name] = col.reshape(-1, width) if width > 1 else col
-            n = len(self.cols[name]) if n is None else n
-            if len(self.cols[name]) != n:
-                raise CorruptStoreError(f"{path}: index segment columns have different lengths")
-        self.n = n or 0
+                if end > start:
+                    self._mm.madvise(mmap.MADV_WILLNEED, start // page * page, end - start // page * page)
+                self._cols = self._columns(memoryview(self._mm))
+                self.key64 = self._cols["key64"]
+                self._check("key64", self.key64)
+            else:
+                start, end = self._spans["key64"]
+                f.seek(start)
+                raw = f.read(end - start)
+                self.key64 = np.frombuffer(raw, dtype="<u8")
+                self._check("key64", self.key64)
 
     @property
     def shard(self) -> str:
+        """The shard of a one-shard segment ("" for a compacted segment)."""
         return self.metadata.get("shard", "")
+
+    @property
+    def shards(self) -> list[ShardRef]:
+        """The shards this segment's rows live in (one for a segment written by a build)."""
+        if self._shards is None:
+            t = self._shard_table
+            self._shards = [
+                ShardRef(str(name), _number(blocks), _number(size), _number(crc), str(writer), str(build))
+                for name, blocks, size, crc, writer, build in zip(*(t[f] for f in SHARD_FIELDS))
+            ]
+        return self._shards
+
+    def shard_name(self, i: int) -> str:
+        """File name of shard number ``i`` of this segment."""
+        return str(self._shard_table["name"][i])
+
+    @property
+    def compacted(self) -> bool:
+        return "shard" in self._spans
+
+    @property
+    def cols(self) -> dict[str, np.ndarray]:
+        """Every column by name (``shard`` only in a compacted segment). A small segment is read
+        again on each access: keep the dict while you use it."""
+        if self._cols is not None:
+            return self._cols
+        with open(self.path, "rb") as f:
+            data = f.read()
+        cols = self._columns(memoryview(data))
+        for name, col in cols.items():
+            self._check(name, col)
+        return cols
+
+    def shard_ids(self, cols: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """[n] each row's index into ``shards`` (all 0 for a one-shard segment)."""
+        cols = self.cols if cols is None else cols
+        return cols["shard"] if "shard" in cols else np.zeros(self.n, np.uint32)
+
+    def _columns(self, data: memoryview) -> dict[str, np.ndarray]:
+        buf = np.frombuffer(data, dtype=np.uint8)
+        cols = {}
+        for name, (start, end) in self._spans.items():
+            dtype, width = SEGMENT_COLUMNS[name]
+            col = buf[start:end].view(np.dtype(dtype).newbyteorder("<"))
+            cols[name] = col.reshape(-1, width) if width > 1 else col
+        return cols
+
+    def _check(self, name: str, col: np.ndarray) -> None:
+        if self._checksums is None or name not in self._checksums:
+            return  # written before segments had checksums
+        if zlib.crc32(np.ascontiguousarray(col).view(np.uint8)) != self._checksums[name]:
+            store = self.path.parent.parent
+            raise CorruptStoreError(
+                f"{self.path}: index segment fails its checksum (column {name!r}); "
+                f"the store is damaged: run `prefixgen verify {store}`"
+            )
+
+    def verify_checksums(self) -> list[str]:
+        """Names of the columns whose CRC-32 does not match the metadata (empty if none is recorded)."""
+        if self._checksums is None:
+            return []
+        with open(self.path, "rb") as f:
+            data = f.read()
+        cols = self._columns(memoryview(data))
+        return [
+            name
+            for name, col in cols.items()
+            if name in self._checksums and zlib.crc32(np.ascontiguousarray(col).view(np.uint8)) != self._checksums[name]
+        ]
+
+
+def _segment_spans(header: SafetensorsHeader, size: int, path: Path) -> dict[str, tuple[int, int]]:
+    """File byte range of each column, checked against the file's size and the column's dtype."""
+    spans = {}
+    for name, (dtype, _) in SEGMENT_COLUMNS.items():
+        info = header.tensors.get(name)
+        if info is None:
+            if name in OPTIONAL_COLUMNS:
+                continue
+            raise CorruptStoreError(f"{path}: index segment has no column {name!r}")
+        start, end = (header.data_start + o for o in info["data_offsets"])
+        if end > size or end < start or info["dtype"] != ST_DTYPES[dtype]:
+            raise CorruptStoreError(f"{path}: index segment column {name!r} is truncated or mistyped")
+        spans[name] = (start, end)
+    return spans
+
+
+def _column_rows(spans: dict[str, tuple[int, int]], path: Path) -> int:
+    rows = {(end - start) // _ROW_BYTES[name] for name, (start, end) in spans.items()}
+    if len(rows) != 1:
+        raise CorruptStoreError(f"{path}: index segment columns have different lengths")
+    return rows.pop()
+
+
+def _column_checksums(metadata: dict[str, str], path: Path) -> dict[str, int] | None:
+    text = metadata.get("column_crc32")
+    if text is None:
+        return None
+    try:
+        return {str(k): int(v) for k, v in json.loads(text).items()}
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        raise CorruptStoreError(f"{path}: index segment metadata column_crc32 is damaged; run `prefixgen verify`") from None
+
+
+SHARD_FIELDS = ("name", "blocks", "bytes", "crc32", "writer", "build")
+
+
+def _shard_table(metadata: dict[str, str], compacted: bool, path: Path) -> dict[str, list]:
+    """The shards a segment's rows live in, as columns (``SHARD_FIELDS``): parsed quickly even for
+    the ~78,000 shards of a compacted 10-million-block index."""
+    if not compacted:
+        m = metadata
+        one = (
+            m.get("shard", ""),
+            m.get("blocks"),
+            m.get("shard_bytes"),
+            m.get("shard_crc32"),
+            m.get("writer", ""),
+            m.get("build", ""),
+        )
+        return {name: [value] for name, value in zip(SHARD_FIELDS, one)}
+    try:
+        table = json.loads(metadata["shards"])
+        if len({len(table[name]) for name in SHARD_FIELDS}) != 1:
+            raise ValueError("columns of different lengths")
+        return table
+    except (KeyError, json.JSONDecodeError, TypeError, AttributeError, ValueError):
+        raise CorruptStoreError(f"{path}: compacted index segment has no readable shard list; run `prefixgen verify`") from None
+
+
+def _number(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1  # reported by verify; readers need only the name
 
 
 # --------------------------------------------------------------------------- fp8 storage

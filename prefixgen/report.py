@@ -20,23 +20,21 @@ def store_summary(store: PrefixStore, top: int = 5, decode: bool = True) -> dict
         1234
     """
     m = store.manifest
-    segments = store.index.segments
-    unique = int(len(np.unique(np.concatenate([s.cols["key64"] for s in segments])))) if segments else 0
+    key64, parent64 = store.index.key_and_parent64()
+    unique = _count_unique(key64)
     total_bytes = sum(p.stat().st_size for p in Path(store.path).rglob("*") if p.is_file())
     stored_tokens = unique * m.block_size
-    shards = []
-    for seg in segments:
-        shard_path = store.path / SHARDS_DIR / seg.shard
-        shards.append(
-            {
-                "name": seg.shard,
-                "blocks": seg.n,
-                "tokens": seg.n * m.block_size,
-                "bytes": shard_path.stat().st_size if shard_path.exists() else 0,
-                "writer": seg.metadata.get("writer", ""),
-                "build": seg.metadata.get("build", ""),
-            }
-        )
+    shards = [
+        {
+            "name": ref.name,
+            "blocks": blocks,
+            "tokens": blocks * m.block_size,
+            "bytes": max(ref.bytes, 0),
+            "writer": ref.writer,
+            "build": ref.build,
+        }
+        for ref, blocks in store.index.shard_blocks()
+    ]
     kv_bytes = sum(s["bytes"] for s in shards)
     return {
         "format_version": m.format_version,
@@ -56,14 +54,17 @@ def store_summary(store: PrefixStore, top: int = 5, decode: bool = True) -> dict
         "bytes_per_token": round(kv_bytes / stored_tokens, 2) if stored_tokens else 0,
         "shards": shards,
         "builds": [b.to_dict() for b in store.builds()],
-        "top_prefixes": top_prefixes(store, top, decode),
+        "top_prefixes": top_prefixes(store, top, decode, (key64, parent64)),
     }
 
 
-def top_prefixes(store: PrefixStore, top: int, decode: bool) -> list[dict[str, Any]]:
+def top_prefixes(
+    store: PrefixStore, top: int, decode: bool, edges: tuple[np.ndarray, np.ndarray] | None = None
+) -> list[dict[str, Any]]:
     """The longest prefixes shared by the most records: blocks whose record count is at least 2
     and higher than any child's (so a shared system prompt shows once, at its full length).
-    Vectorized over key64 (a 64-bit collision could only misplace a preview)."""
+    Vectorized over key64 (a 64-bit collision could only misplace a preview). ``edges``: the
+    index's ``key_and_parent64()`` if the caller has it."""
     tables = store.count_arrays()
     if not tables or top <= 0:
         return []
@@ -77,11 +78,10 @@ def top_prefixes(store: PrefixStore, top: int, decode: bool) -> list[dict[str, A
     starts = np.flatnonzero(np.r_[True, k64[1:] != k64[:-1]])  # one row per block, counts summed over builds
     k64, keys, counts = k64[starts], keys[starts], np.add.reduceat(counts, starts)
     best_child = np.zeros(len(k64), dtype=np.uint64)
-    for seg in store.index.segments:
-        child = _lookup(k64, seg.cols["key64"])
-        parent = _lookup(k64, _key64(seg.cols["parent"]))
-        ok = (child >= 0) & (parent >= 0)
-        np.maximum.at(best_child, parent[ok], counts[child[ok]])
+    child64, parent64 = edges or store.index.key_and_parent64()  # every stored block's key and parent
+    child, parent = _lookup(k64, child64), _lookup(k64, parent64)
+    ok = (child >= 0) & (parent >= 0)
+    np.maximum.at(best_child, parent[ok], counts[child[ok]])
     candidates = np.flatnonzero((counts >= 2) & (best_child < counts))
     candidates = candidates[np.argsort(-counts[candidates].astype(np.int64), kind="stable")]
     ranked = ((int(counts[i]), keys[i].tobytes()) for i in candidates)
@@ -107,9 +107,25 @@ def _key64(keys: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(keys[:, :8]).view("<u8").reshape(-1)
 
 
+def _count_unique(values: np.ndarray) -> int:
+    """Distinct values (a sort: on 10 million keys several times faster than np.unique's hashing)."""
+    if not len(values):
+        return 0
+    v = np.sort(values)
+    return 1 + int(np.count_nonzero(v[1:] != v[:-1]))
+
+
 def _lookup(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Index of each query in ``sorted_keys``, or -1."""
-    pos = np.searchsorted(sorted_keys, queries)
+    """Index of each query in ``sorted_keys``, or -1. Queries are searched in sorted order: for
+    millions of them that walks ``sorted_keys`` once instead of jumping around it (10x faster)."""
+    if not len(sorted_keys):
+        return np.full(len(queries), -1)
+    if len(queries) > 1 and bool(np.any(queries[1:] < queries[:-1])):
+        order = np.argsort(queries)
+        pos = np.empty(len(queries), dtype=np.int64)
+        pos[order] = np.searchsorted(sorted_keys, queries[order])
+    else:
+        pos = np.searchsorted(sorted_keys, queries)
     pos[pos >= len(sorted_keys)] = 0
     return np.where(sorted_keys[pos] == queries, pos, -1)
 
@@ -122,9 +138,9 @@ def _prefix_tokens(store: PrefixStore, key: bytes) -> list[int] | None:
         found = store.index.find_rows([key])[0]
         if found is None:
             return None
-        seg = store.index.segments[found[0]]
-        chain.append((seg.shard, int(seg.cols["slot"][found[1]])))
-        key = seg.cols["parent"][found[1]].tobytes()
+        loc = store.index.location(*found)
+        chain.append((loc.shard, loc.slot))
+        key = store.index.parent(*found)
     tokens: list[int] = []
     for shard, slot in reversed(chain):
         tokens.extend(_block_tokens(store, shard, slot))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from prefixgen.format import INDEX_DIR, SHARDS_DIR, read_safetensors_header
+from prefixgen.format import FORMAT_VERSION, SHARDS_DIR, read_safetensors_header
 
 
 def _build(cli, stories, text_dataset, out):
@@ -33,12 +33,9 @@ def test_verify_reports_damage_and_exits_1_without_changing_the_store(tmp_path, 
     data[tokens_at] ^= 0x01
     shard.write_bytes(bytes(data))
     assert cli("verify", out).exit_code == 0
-    # A lost segment: the blocks of later shards whose prefix it held are orphans (the only fault).
-    (out / INDEX_DIR / shards[0].name).unlink()
-    orphans = cli("verify", out)
-    faults = [line for line in orphans.stderr.splitlines() if line.startswith("FAULT")]
-    assert orphans.exit_code == 1 and len(faults) == 1 and "blocks have a parent that is not stored" in faults[0]
-    shard.write_bytes(bytes(data[:100]))  # and a truncated shard
+    # A lost segment (orphaned blocks) is tested in test_maintain.py on per-shard segments: a finished
+    # build compacts its segments into one, so here losing it would lose every block.
+    shard.write_bytes(bytes(data[:100]))  # a truncated shard
     worse = cli("verify", out)
     assert worse.exit_code == 1 and "bytes, the index recorded" in worse.stderr
 
@@ -57,7 +54,7 @@ def test_ls_json_and_table(tmp_path, cli, stories, text_dataset):
     out = tmp_path / "store"
     _build(cli, stories, text_dataset, out)
     summary = json.loads(cli("ls", out, "--json").stdout)
-    assert summary["format_version"] == 1 and summary["block_size"] == 16
+    assert summary["format_version"] == FORMAT_VERSION and summary["block_size"] == 16
     assert summary["model"]["architecture"] == "LlamaForCausalLM"
     assert len(summary["shards"]) > 1 and sum(s["blocks"] for s in summary["shards"]) == summary["blocks"]
     assert summary["bytes"] > sum(s["bytes"] for s in summary["shards"]) > 0

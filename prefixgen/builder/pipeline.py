@@ -33,6 +33,7 @@ from prefixgen.data.records import RecordTokenizer
 from prefixgen.data.source import count_records, read_records
 from prefixgen.errors import ConfigError, PrefixgenError, StoreError
 from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, dequantize_fp8, quantize_fp8, root_key
+from prefixgen.maintain.compact import compact_store
 from prefixgen.model import fingerprint, load_model, probe_kv_layout
 from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.reader import PrefixStore
@@ -332,6 +333,12 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
         _finish(writer, record, planner, started, bar, timer)
         raise
     _finish(writer, record, planner, started, bar, timer)
+    # One segment for the whole build instead of one per shard: lookups stay fast as stores grow.
+    mine = writer.writer_id + "-"
+    try:
+        compact_store(out, select=lambda name: name.startswith(mine), fsync=cfg.fsync)
+    except OSError:
+        pass  # e.g. a full disk: the store is valid uncompacted, and `prefixgen compact` can do it later
     return ranks.finish(out, record)
 
 

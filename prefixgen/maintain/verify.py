@@ -1,8 +1,10 @@
 """``prefixgen verify``: check every byte a reader relies on, and change nothing.
 
-Checked: the manifest; each index segment; that its shard exists with the recorded size and
-checksum; every block's CRC; that every key is the hash of its parent and tokens; that each
-parent is stored (or is the root); build and count files parse.
+Checked: the manifest; each index segment (its column checksums, that ``key64`` is the first
+8 bytes of ``key`` and sorted, that every row points into its shard); that each shard exists with
+the recorded size; that each parent is stored (or is the root); build and count files parse.
+Unless ``quick``: each shard's checksum, every block's CRC, and that every key is the hash of its
+parent and tokens (this reads every KV byte).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from tqdm import tqdm
 from prefixgen.errors import PrefixgenError
 from prefixgen.format import (
     BUILDS_DIR,
+    INDEX_DIR,
+    MANIFEST_FILE,
     SHARDS_DIR,
     ST_DTYPES,
     TMP_SUFFIX,
     Manifest,
     Segment,
+    ShardRef,
     block_crcs,
     hash_block,
     read_safetensors_header,
@@ -46,8 +51,9 @@ class VerifyReport:
         return not self.faults
 
 
-def verify_store(path: str | os.PathLike, progress: bool = False) -> VerifyReport:
-    """Check the store at ``path``; never modifies it.
+def verify_store(path: str | os.PathLike, progress: bool = False, quick: bool = False) -> VerifyReport:
+    """Check the store at ``path``; never modifies it. ``quick`` checks structure and index
+    without reading the KV bytes.
 
     Example:
         >>> report = verify_store("store")  # doctest: +SKIP
@@ -58,20 +64,32 @@ def verify_store(path: str | os.PathLike, progress: bool = False) -> VerifyRepor
     path = Path(path)
     try:
         store = PrefixStore.open(path)
+        manifest = store.manifest
     except PrefixgenError as exc:
         report.faults.append(str(exc))
-        return report
-    manifest = store.manifest
-    all_keys: set[bytes] = set()
-    parents: list[tuple[str, bytes]] = []
+        try:  # a damaged index segment: check the rest anyway
+            manifest = Manifest.from_json((path / MANIFEST_FILE).read_text(), path / MANIFEST_FILE)
+            store = None
+        except (PrefixgenError, OSError):
+            return report
+    names = sorted(os.listdir(path / INDEX_DIR)) if (path / INDEX_DIR).is_dir() else []
+    keys64: list[np.ndarray] = []
+    parents64: list[np.ndarray] = []
     referenced: set[str] = set()
-    for seg in tqdm(store.index.segments, desc="verify", unit="shard", disable=not progress):
-        _verify_segment(path, manifest, seg, report, all_keys, parents)
-        referenced.add(seg.shard)
-    root = manifest.root_key
-    unreachable = sum(1 for _, parent in parents if parent != root and parent not in all_keys)
-    if unreachable:
-        report.faults.append(f"{unreachable} blocks have a parent that is not stored (a segment or shard was removed)")
+    segments = []
+    for name in names:
+        if name.endswith(TMP_SUFFIX):
+            report.notes.append(f"{INDEX_DIR}/{name}: temporary file of an interrupted writer (ignored by readers)")
+        elif name.endswith(".safetensors"):
+            try:
+                segments.append(Segment(path / INDEX_DIR / name))
+            except (PrefixgenError, OSError) as exc:
+                report.faults.append(f"{INDEX_DIR}/{name}: {exc}")
+    total = sum(len(seg.shards) for seg in segments)
+    with tqdm(total=total, desc="verify", unit="shard", disable=not progress) as bar:
+        for seg in segments:
+            _verify_segment(path, manifest, seg, report, keys64, parents64, referenced, quick, bar)
+    _check_parents(manifest, keys64, parents64, report)
     for name in sorted(os.listdir(path / SHARDS_DIR)) if (path / SHARDS_DIR).is_dir() else []:
         if name.endswith(TMP_SUFFIX):
             report.notes.append(f"{SHARDS_DIR}/{name}: temporary file of an interrupted writer (ignored by readers)")
@@ -84,46 +102,90 @@ def verify_store(path: str | os.PathLike, progress: bool = False) -> VerifyRepor
             json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
             report.faults.append(f"{p}: build record is damaged ({exc})")
-    try:
-        store.count_arrays()
-    except (PrefixgenError, OSError, ValueError) as exc:
-        report.faults.append(f"record counts are damaged: {exc}")
+    if store is not None:
+        try:
+            store.count_arrays()
+        except (PrefixgenError, OSError, ValueError) as exc:
+            report.faults.append(f"record counts are damaged: {exc}")
     return report
 
 
 def _verify_segment(
-    path: Path, manifest: Manifest, seg: Segment, report: VerifyReport, all_keys: set[bytes], parents: list
+    path: Path,
+    manifest: Manifest,
+    seg: Segment,
+    report: VerifyReport,
+    keys64: list[np.ndarray],
+    parents64: list[np.ndarray],
+    referenced: set[str],
+    quick: bool,
+    bar: tqdm,
 ) -> None:
-    layout, bs = manifest.kv, manifest.block_size
-    meta = seg.metadata
-    shard = path / SHARDS_DIR / seg.shard
-    where = f"{SHARDS_DIR}/{seg.shard}"
+    where = f"{INDEX_DIR}/{seg.path.name}"
     try:
-        blocks = int(meta["blocks"])
-        size = int(meta["shard_bytes"])
-        checksum = int(meta["shard_crc32"])
-    except (KeyError, ValueError):
-        report.faults.append(f"{seg.path}: index segment metadata is missing or damaged")
+        bad = seg.verify_checksums()
+        if bad:
+            report.faults.append(f"{where}: index segment fails its checksum (columns {', '.join(bad)}): it is damaged")
+            return
+        cols = seg.cols
+    except (PrefixgenError, OSError) as exc:
+        report.faults.append(f"{where}: {exc}")
+        return
+    k64 = cols["key64"]
+    first8 = np.ascontiguousarray(cols["key"][:, :8]).view("<u8").reshape(-1)
+    if (mismatch := int(np.count_nonzero(k64 != first8))) > 0:
+        report.faults.append(f"{where}: {mismatch} rows have a key64 that is not the first 8 bytes of their key")
+    if seg.n > 1 and bool(np.any(k64[1:] < k64[:-1])):
+        report.faults.append(f"{where}: key64 is not sorted, so lookups miss blocks")
+    keys64.append(first8)
+    parents64.append(np.ascontiguousarray(cols["parent"][:, :8]).view("<u8").reshape(-1))
+    ids = seg.shard_ids(cols)
+    if seg.n and int(ids.max()) >= len(seg.shards):
+        report.faults.append(f"{where}: rows name shards beyond its list of {len(seg.shards)}")
+        return
+    order = np.argsort(ids, kind="stable")
+    bounds = np.searchsorted(ids[order], np.arange(len(seg.shards) + 1))
+    for i, ref in enumerate(seg.shards):
+        rows = order[bounds[i] : bounds[i + 1]]
+        if ref.name not in referenced:
+            referenced.add(ref.name)
+            report.shards += 1
+        _verify_shard(path, manifest, ref, {name: col[rows] for name, col in cols.items()}, report, quick)
+        bar.update(1)
+    report.blocks += seg.n
+
+
+def _verify_shard(path: Path, manifest: Manifest, ref: ShardRef, rows: dict, report: VerifyReport, quick: bool) -> None:
+    """Check one shard and the index rows ``rows`` (columns) that point into it."""
+    layout, bs = manifest.kv, manifest.block_size
+    shard = path / SHARDS_DIR / ref.name
+    where = f"{SHARDS_DIR}/{ref.name}"
+    if min(ref.blocks, ref.bytes) < 0 or not ref.name:
+        report.faults.append(f"{where}: index segment metadata is missing or damaged")
         return
     if not shard.is_file():
-        report.faults.append(f"{where}: missing, but {blocks} indexed blocks live in it")
+        report.faults.append(f"{where}: missing, but {len(rows['slot'])} indexed blocks live in it")
         return
-    if shard.stat().st_size != size:
-        report.faults.append(f"{where}: {shard.stat().st_size} bytes, the index recorded {size}")
+    if shard.stat().st_size != ref.bytes:
+        report.faults.append(f"{where}: {shard.stat().st_size} bytes, the index recorded {ref.bytes}")
+        return
+    if (past := int(np.count_nonzero(rows["slot"] >= ref.blocks))) > 0:
+        report.faults.append(f"{where}: {past} blocks point past the end of the shard")
         return
     try:
         with open(shard, "rb") as f:
             header = read_safetensors_header(f, shard)
-            data = f.read()
+            data = b"" if quick else f.read()
     except (PrefixgenError, OSError) as exc:
         report.faults.append(f"{where}: {exc}")
         return
-    expected = {t.name: (ST_DTYPES[t.dtype], list(t.shape)) for t in shard_tensors(layout, bs, blocks)}
+    expected = {t.name: (ST_DTYPES[t.dtype], list(t.shape)) for t in shard_tensors(layout, bs, ref.blocks)}
     actual = {k: (v.get("dtype"), v.get("shape")) for k, v in header.tensors.items()}
     if actual != expected:
         report.faults.append(f"{where}: tensors {actual} do not match the manifest's layout {expected}")
         return
-    raw_header = _raw_header(shard, header.data_start)
+    if quick:
+        return
 
     def tensor(name: str) -> memoryview:
         a, b = header.tensors[name]["data_offsets"]
@@ -131,32 +193,34 @@ def _verify_segment(
 
     scales = tensor("kv_scale") if layout.storage == "fp8" else None
     crcs = block_crcs(tensor("kv"), layout.bytes_per_token * bs, scales, layout.scale_bytes_per_block())
-    if shard_checksum(raw_header, crcs) != checksum:
+    if shard_checksum(_raw_header(shard, header.data_start), crcs) != ref.crc32:
         report.faults.append(f"{where}: checksum mismatch, the file is damaged")
-    tokens = np.frombuffer(tensor("tokens"), dtype="<u4").reshape(blocks, bs)
-    cols = seg.cols
-    bad_crc = bad_key = bad_slot = 0
-    for row in range(seg.n):
-        slot = int(cols["slot"][row])
-        if slot >= blocks:
-            bad_slot += 1
-            continue
-        key, parent = cols["key"][row].tobytes(), cols["parent"][row].tobytes()
-        if crcs[slot] != cols["crc"][row]:
-            bad_crc += 1
-        if hash_block(parent, tokens[slot]) != key:
-            bad_key += 1
-        all_keys.add(key)
-        parents.append((key, parent))
+    tokens = np.frombuffer(tensor("tokens"), dtype="<u4").reshape(ref.blocks, bs)
+    slots = rows["slot"].astype(np.int64)
+    bad_crc = int(np.count_nonzero(crcs[slots] != rows["crc"]))
+    bad_key = sum(
+        hash_block(parent.tobytes(), tokens[slot]) != key.tobytes()
+        for key, parent, slot in zip(rows["key"], rows["parent"], slots)
+    )
     for count, what in (
         (bad_crc, "fail their CRC (damaged KV)"),
         (bad_key, "have a key that is not the hash of parent and tokens"),
-        (bad_slot, "point past the end of the shard"),
     ):
         if count:
             report.faults.append(f"{where}: {count} blocks {what}")
-    report.shards += 1
-    report.blocks += seg.n
+
+
+def _check_parents(manifest: Manifest, keys64: list[np.ndarray], parents64: list[np.ndarray], report: VerifyReport) -> None:
+    """Every parent is stored or is the root (compared by key64: a false match is ~2**-64 likely)."""
+    if not keys64:
+        return
+    stored = np.unique(np.concatenate(keys64))
+    parents = np.concatenate(parents64)
+    root = np.frombuffer(manifest.root_key[:8], dtype="<u8")[0]
+    pos = np.minimum(np.searchsorted(stored, parents), len(stored) - 1)
+    orphans = int(np.count_nonzero((stored[pos] != parents) & (parents != root)))
+    if orphans:
+        report.faults.append(f"{orphans} blocks have a parent that is not stored (a segment or shard was removed)")
 
 
 def _raw_header(path: Path, data_start: int) -> bytes:

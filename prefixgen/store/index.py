@@ -1,12 +1,21 @@
-"""The read side's index: the union of every writer's index segments, memory-mapped.
+"""The read side's index: the union of every index segment of a store.
 
-Opening reads only segment headers; a lookup binary-searches each segment's sorted ``key64``
-column and compares whole keys, so a store of 10 million blocks opens and matches a prompt
-in well under a second without loading the index into memory.
+A lookup costs O(log n) in the number of blocks and does not loop over segments in Python:
+
+* large segments (compacted ones) are memory-mapped and binary-searched, one vectorized
+  ``searchsorted`` per segment for all queries (compaction keeps them few);
+* small segments (one per shard, written by builds) are not mapped (a store can hold more of
+  them than the kernel allows memory maps): opening reads their ``key64`` columns into one sorted
+  table of ``key64`` prefixes packed with a global row number, 8 bytes per block, searched once
+  for all queries. Their other columns are read from the file when a row is needed.
+
+Either way a candidate row is confirmed by comparing the whole 32-byte key.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from prefixgen.errors import CorruptStoreError
-from prefixgen.format import INDEX_DIR, Segment
+from prefixgen.format import INDEX_DIR, Segment, ShardRef
+
+CACHE_BYTES = 64 << 20  # columns of recently used small segments kept in memory
+OPEN_RETRIES = 5  # a segment may vanish while we list the folder (compaction removes merged ones)
 
 
 @dataclass(slots=True, frozen=True)
@@ -27,8 +39,53 @@ class BlockLocation:
     depth: int
 
 
+@dataclass(slots=True)
+class _Tables:
+    """The searchable form of one set of segments (replaced whole when the index reopens)."""
+
+    segments: list[Segment]
+    mapped: list[int]  # numbers of the memory-mapped segments
+    small: np.ndarray  # [s] numbers of the small segments, in table order
+    starts: np.ndarray  # [s + 1] global row number of each small segment's row 0
+    mask: np.uint64  # low bits of a table entry: its global row number
+    table: np.ndarray  # [rows of small segments] uint64: key64's high bits | global row, sorted
+
+    @classmethod
+    def build(cls, segments: list[Segment]) -> _Tables:
+        mapped = [i for i, s in enumerate(segments) if s.mapped]
+        small = [i for i, s in enumerate(segments) if not s.mapped]
+        starts = np.zeros(len(small) + 1, dtype=np.int64)
+        np.cumsum([segments[i].n for i in small], out=starts[1:])
+        total = int(starts[-1])
+        mask = np.uint64((1 << max(1, total.bit_length())) - 1)
+        table = np.empty(0, np.uint64)
+        if small:
+            k64 = np.concatenate([segments[i].key64 for i in small])
+            for i in small:
+                segments[i].key64 = None  # merged into the table; the segment's copy is not needed
+            table = (k64 & ~mask) | np.arange(total, dtype=np.uint64)
+            table.sort()
+        return cls(segments, mapped, np.asarray(small, dtype=np.int64), starts, mask, table)
+
+    def candidates(self, q: np.ndarray) -> list[tuple[int, int, int]]:
+        """(query, segment, row) of every row whose key64 may equal a query's: vectorized over
+        queries, one search of the small-segment table and one per mapped segment."""
+        parts = []
+        if len(self.table):
+            high = q & ~self.mask
+            qi, pos = _expand(np.searchsorted(self.table, high, "left"), np.searchsorted(self.table, high | self.mask, "right"))
+            g = (self.table[pos] & self.mask).astype(np.int64)  # global rows
+            local = np.searchsorted(self.starts, g, "right") - 1
+            parts.append((qi, self.small[local], g - self.starts[local]))
+        for si in self.mapped:
+            col = self.segments[si].key64
+            qi, pos = _expand(np.searchsorted(col, q, "left"), np.searchsorted(col, q, "right"))
+            parts.append((qi, np.full(len(qi), si), pos))
+        return [(int(a), int(b), int(c)) for qi, seg, row in parts for a, b, c in zip(qi, seg, row)]
+
+
 class StoreIndex:
-    """All index segments of a store.
+    """All index segments of a store. Safe to use from several threads.
 
     Example:
         >>> index = StoreIndex.open(Path("store"))  # doctest: +SKIP
@@ -36,59 +93,97 @@ class StoreIndex:
         [BlockLocation(shard='...', slot=0, crc=..., depth=0)]
     """
 
-    def __init__(self, segments: list[Segment]):
-        self.segments = segments
+    def __init__(self, segments: list[Segment], path: Path | None = None):
+        self.path = path
+        self._tables = _Tables.build(segments)
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[int, tuple[Segment, dict[str, np.ndarray]]] = OrderedDict()  # id(segment) -> columns
+        self._cache_bytes = 0
 
     @classmethod
     def open(cls, path: Path) -> StoreIndex:
-        folder = path / INDEX_DIR
-        names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".safetensors")) if folder.is_dir() else []
-        segments = []
-        for name in names:
-            try:
-                segments.append(Segment(folder / name))
-            except OSError as exc:
-                raise CorruptStoreError(f"cannot read index segment {folder / name}: {exc}") from None
-        return cls(segments)
+        """Open every committed segment in ``path/index``. A segment that vanishes while the folder
+        is read (merged by a compaction, whose result is then in the folder) restarts the listing."""
+        return cls(_open_segments(path), path)
+
+    @property
+    def segments(self) -> list[Segment]:
+        return self._tables.segments
 
     @property
     def entries(self) -> int:
         """Index entries (a block written by two concurrent writers counts twice)."""
         return sum(s.n for s in self.segments)
 
+    def columns(self, segment: int) -> dict[str, np.ndarray]:
+        """Every column of segment number ``segment`` (small segments are read and kept in a small LRU)."""
+        return self._columns(self.segments[segment])
+
+    def _columns(self, seg: Segment) -> dict[str, np.ndarray]:
+        if seg.mapped:
+            return seg.cols
+        with self._lock:
+            hit = self._cache.get(id(seg))
+            if hit is not None and hit[0] is seg:
+                self._cache.move_to_end(id(seg))
+                return hit[1]
+        cols = seg.cols
+        with self._lock:
+            self._cache[id(seg)] = (seg, cols)
+            self._cache_bytes += sum(c.nbytes for c in cols.values())
+            while self._cache_bytes > CACHE_BYTES and len(self._cache) > 1:
+                _, (_, old) = self._cache.popitem(last=False)
+                self._cache_bytes -= sum(c.nbytes for c in old.values())
+        return cols
+
     def find_rows(self, keys: Sequence[bytes]) -> list[tuple[int, int] | None]:
-        """(segment number, row) of each key, or None where no segment has it."""
+        """(segment number, row) of each key, or None where no segment has it. Prefer :meth:`find`,
+        which cannot be split by a reopen between the lookup and the location."""
+        return self._retry(lambda t: self._find_rows(t, keys))
+
+    def find(self, keys: Sequence[bytes]) -> list[BlockLocation | None]:
+        """Location of each key's block, or None where the store lacks it."""
+
+        def run(t: _Tables) -> list[BlockLocation | None]:
+            return [None if r is None else self._location(t.segments[r[0]], r[1]) for r in self._find_rows(t, keys)]
+
+        return self._retry(run)
+
+    def _retry(self, run):
+        tables = self._tables
+        try:
+            return run(tables)
+        except FileNotFoundError:
+            if self.path is None:
+                raise
+            # A compaction merged a small segment we had not read yet: its rows are in the new segment.
+            fresh = _Tables.build(_open_segments(self.path))
+            with self._lock:
+                if self._tables is tables:
+                    self._tables = fresh
+            return run(self._tables)
+
+    def _find_rows(self, tables: _Tables, keys: Sequence[bytes]) -> list[tuple[int, int] | None]:
         found: list[tuple[int, int] | None] = [None] * len(keys)
         if not keys:
             return found
         q = np.frombuffer(b"".join(k[:8] for k in keys), dtype="<u8")
-        for si, seg in enumerate(self.segments):
-            if seg.n == 0:
-                continue
-            col = seg.cols["key64"]
-            pos = np.searchsorted(col, q)
-            hit = pos < seg.n
-            hit[hit] &= col[pos[hit]] == q[hit]
-            for qi in np.flatnonzero(hit):
-                if found[qi] is not None:
-                    continue
-                row = int(pos[qi])
-                while row < seg.n and col[row] == q[qi]:
-                    if seg.cols["key"][row].tobytes() == keys[qi]:
-                        found[qi] = (si, row)
-                        break
-                    row += 1
+        for qi, seg, row in tables.candidates(q):
+            if found[qi] is None and self._columns(tables.segments[seg])["key"][row].tobytes() == keys[qi]:
+                found[qi] = (seg, row)
         return found
 
-    def find(self, keys: Sequence[bytes]) -> list[BlockLocation | None]:
-        """Location of each key's block, or None where the store lacks it."""
-        return [None if r is None else self.location(*r) for r in self.find_rows(keys)]
-
     def location(self, segment: int, row: int) -> BlockLocation:
-        seg = self.segments[segment]
-        return BlockLocation(
-            shard=seg.shard, slot=int(seg.cols["slot"][row]), crc=int(seg.cols["crc"][row]), depth=int(seg.cols["depth"][row])
-        )
+        return self._location(self.segments[segment], row)
+
+    def _location(self, seg: Segment, row: int) -> BlockLocation:
+        cols = self._columns(seg)
+        shard = seg.shard_name(int(cols["shard"][row]) if "shard" in cols else 0)
+        return BlockLocation(shard=shard, slot=int(cols["slot"][row]), crc=int(cols["crc"][row]), depth=int(cols["depth"][row]))
+
+    def parent(self, segment: int, row: int) -> bytes:
+        """The parent key of a row."""
+        return self.columns(segment)["parent"][row].tobytes()
 
     def prefix_len(self, keys: Sequence[bytes]) -> int:
         """How many leading keys the store holds (stops at the first missing block)."""
@@ -99,3 +194,56 @@ class StoreIndex:
 
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         return [r is not None for r in self.find_rows(keys)]
+
+    def key_and_parent64(self) -> tuple[np.ndarray, np.ndarray]:
+        """[entries] uint64 key64 of every row and of its parent, over all segments (one pass; small
+        segments are read from their files): for whole-store scans such as ``ls``."""
+        keys, parents = [], []
+        for seg in self.segments:
+            cols = seg.cols
+            keys.append(cols["key64"])
+            parents.append(np.ascontiguousarray(cols["parent"][:, :8]).view("<u8").reshape(-1))
+        if not keys:
+            return np.empty(0, np.uint64), np.empty(0, np.uint64)
+        return np.concatenate(keys), np.concatenate(parents)
+
+    def shard_blocks(self) -> list[tuple[ShardRef, int]]:
+        """Every shard the index names, with how many index rows point into it."""
+        out: dict[str, tuple[ShardRef, int]] = {}
+        for seg in self.segments:
+            if seg.compacted:
+                rows = np.bincount(seg.cols["shard"], minlength=len(seg.shards))
+            else:
+                rows = [seg.n]
+            for ref, n in zip(seg.shards, rows):
+                prev = out.get(ref.name)
+                out[ref.name] = (ref, int(n) + (prev[1] if prev else 0))
+        return list(out.values())
+
+
+def _open_segments(path: Path) -> list[Segment]:
+    folder = path / INDEX_DIR
+    for _ in range(OPEN_RETRIES):
+        names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".safetensors")) if folder.is_dir() else []
+        try:
+            return [_open_segment(folder / name) for name in names]
+        except FileNotFoundError:
+            continue
+    raise CorruptStoreError(f"{folder}: index segments keep vanishing while being opened; try again")
+
+
+def _open_segment(path: Path) -> Segment:
+    try:
+        return Segment(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CorruptStoreError(f"cannot read index segment {path}: {exc}") from None
+
+
+def _expand(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each query i the positions lo[i] .. hi[i]-1, flattened: (query numbers, positions)."""
+    counts = hi - lo
+    qi = np.repeat(np.arange(len(lo)), counts)
+    first = np.repeat(lo - (np.cumsum(counts) - counts), counts)
+    return qi, first + np.arange(len(qi))

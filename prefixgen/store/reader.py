@@ -153,9 +153,9 @@ class PrefixStore:
         """
         n_hot = 0 if hot is None else next((i for i, key in enumerate(keys) if key not in hot), len(keys))
         rest = list(keys[n_hot:])
-        rows = self.index.find_rows(rest)
-        n = next((i for i, r in enumerate(rows) if r is None), len(rows))
-        return PrefixMatch(list(keys[:n_hot]), rest[:n], [self.index.location(*r) for r in rows[:n]])
+        found = self.index.find(rest)
+        n = next((i for i, loc in enumerate(found) if loc is None), len(found))
+        return PrefixMatch(list(keys[:n_hot]), rest[:n], found[:n])  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ loading
 
