@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -476,6 +477,9 @@ OPTIONAL_COLUMNS = frozenset({"shard"})
 # Segments at least this large are memory-mapped; smaller ones are read when needed, so a store of
 # 100,000 small segments never meets the kernel's limit on memory maps (vm.max_map_count, 65,530).
 MAP_BYTES = 1 << 20
+# key64 is also checksummed in chunks of this many rows (8 KiB), so a lookup in a large segment
+# checks only the chunks it searches instead of the whole column (80 MiB for 10 million rows).
+KEY64_CHUNK_ROWS = 1024
 _ROW_BYTES = {name: np.dtype(dt).itemsize * width for name, (dt, width) in SEGMENT_COLUMNS.items()}
 
 
@@ -522,6 +526,7 @@ def encode_segment(columns: dict[str, np.ndarray], metadata: dict[str, str], sha
         crcs[spec.name] = zlib.crc32(raw)
         data.append(raw)
     meta = {**metadata, "column_crc32": json.dumps(crcs, separators=(",", ":"))}
+    meta["key64_chunks"] = json.dumps(key64_chunks(k64[order]), separators=(",", ":"))
     if compacted:
         table = {name: [getattr(s, name) for s in shards] for name in SHARD_FIELDS}
         meta["shards"] = json.dumps(table, separators=(",", ":"))
@@ -536,7 +541,20 @@ class Segment:
     ``shards`` lists the shards its rows live in; ``shard_ids()`` gives each row's index into it.
     """
 
-    __slots__ = ("path", "metadata", "n", "key64", "mapped", "_spans", "_checksums", "_mm", "_cols", "_shard_table", "_shards")
+    __slots__ = (
+        "path",
+        "metadata",
+        "n",
+        "key64",
+        "mapped",
+        "_spans",
+        "_checksums",
+        "_chunks",
+        "_mm",
+        "_cols",
+        "_shard_table",
+        "_shards",
+    )
 
     def __init__(self, path: Path):
         self.path = path
@@ -552,23 +570,64 @@ class Segment:
             self._shard_table = _shard_table(header.metadata, "shard" in self._spans, path)
             self._shards: list[ShardRef] | None = None
             self.mapped = size >= MAP_BYTES
+            self._chunks = _Key64Chunks.parse(header.metadata, self.n, path) if self.mapped else None
             if self.mapped:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                start, end = self._spans["key64"]
-                # Every lookup binary-searches this column: ask the kernel to read it ahead in one
-                # sequential sweep instead of faulting its pages in one by one (cold cache: 10x).
-                page = mmap.ALLOCATIONGRANULARITY
-                if end > start:
-                    self._mm.madvise(mmap.MADV_WILLNEED, start // page * page, end - start // page * page)
                 self._cols = self._columns(memoryview(self._mm))
                 self.key64 = self._cols["key64"]
-                self._check("key64", self.key64)
+                if self._chunks is None:
+                    # An older segment: check the whole column now, reading it ahead in one
+                    # sequential sweep instead of faulting its pages in one by one (cold cache: 10x).
+                    start, end = self._spans["key64"]
+                    page = mmap.ALLOCATIONGRANULARITY
+                    if end > start:
+                        self._mm.madvise(mmap.MADV_WILLNEED, start // page * page, end - start // page * page)
+                    self._check("key64", self.key64)
             else:
                 start, end = self._spans["key64"]
                 f.seek(start)
                 raw = f.read(end - start)
                 self.key64 = np.frombuffer(raw, dtype="<u8")
                 self._check("key64", self.key64)
+
+    def search(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[len(q)] (lo, hi): the rows ``lo[i] .. hi[i]-1`` are those whose key64 equals ``q[i]``.
+
+        In a segment with ``key64_chunks``, each query is searched only inside the chunks that can
+        hold it (found from the chunks' first keys), and those chunks are checked against their
+        CRC-32 the first time they are searched: a damaged chunk is refused, never trusted.
+
+        Example:
+            >>> lo, hi = segment.search(np.asarray([k64], "<u8"))  # doctest: +SKIP
+        """
+        col, ch = self.key64, self._chunks
+        if ch is None or self.n == 0:
+            return np.searchsorted(col, q, "left"), np.searchsorted(col, q, "right")
+        # Rows equal to q lie in chunks c_lo .. c_hi-1: every earlier chunk ends at or below a first
+        # key64 < q, every later one starts above q.
+        c_hi = np.searchsorted(ch.first, q, "right")
+        c_lo = np.minimum(np.maximum(np.searchsorted(ch.first, q, "left") - 1, 0), c_hi)
+        self._check_chunks(c_lo, c_hi)
+        end = np.minimum(c_hi * ch.rows, self.n)
+        lo = _search_range(col, q, c_lo * ch.rows, end)
+        hi = lo.copy()
+        while True:  # rows equal to q after lo: one, or (a key64 tie, ~2**-64 likely) a few
+            eq = hi < end
+            eq[eq] = col[hi[eq]] == q[eq]
+            if not eq.any():
+                return lo, hi
+            hi += eq
+
+    def _check_chunks(self, c_lo: np.ndarray, c_hi: np.ndarray) -> None:
+        ch = self._chunks
+        counts = c_hi - c_lo
+        need = np.repeat(c_lo, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+        need = need[~ch.checked[need]]
+        for c in np.unique(need).tolist():
+            raw = self.key64[c * ch.rows : (c + 1) * ch.rows]
+            if zlib.crc32(raw) != int(ch.crcs[c]):
+                self._refuse(f"column 'key64', rows {c * ch.rows}-{c * ch.rows + len(raw) - 1}")
+            ch.checked[c] = True
 
     @property
     def shard(self) -> str:
@@ -625,11 +684,13 @@ class Segment:
         if self._checksums is None or name not in self._checksums:
             return  # written before segments had checksums
         if zlib.crc32(np.ascontiguousarray(col).view(np.uint8)) != self._checksums[name]:
-            store = self.path.parent.parent
-            raise CorruptStoreError(
-                f"{self.path}: index segment fails its checksum (column {name!r}); "
-                f"the store is damaged: run `prefixgen verify {store}`"
-            )
+            self._refuse(f"column {name!r}")
+
+    def _refuse(self, what: str) -> None:
+        store = self.path.parent.parent
+        raise CorruptStoreError(
+            f"{self.path}: index segment fails its checksum ({what}); the store is damaged: run `prefixgen verify {store}`"
+        )
 
     def verify_checksums(self) -> list[str]:
         """Names of the columns whose CRC-32 does not match the metadata (empty if none is recorded)."""
@@ -638,11 +699,20 @@ class Segment:
         with open(self.path, "rb") as f:
             data = f.read()
         cols = self._columns(memoryview(data))
-        return [
+        bad = [
             name
             for name, col in cols.items()
             if name in self._checksums and zlib.crc32(np.ascontiguousarray(col).view(np.uint8)) != self._checksums[name]
         ]
+        text = self.metadata.get("key64_chunks")
+        if text is not None:
+            try:
+                ok = json.loads(text) == key64_chunks(cols["key64"], int(json.loads(text)["rows"]))
+            except (ValueError, TypeError, KeyError, AttributeError):
+                ok = False
+            if not ok:
+                bad.append("key64_chunks")
+        return bad
 
 
 def _segment_spans(header: SafetensorsHeader, size: int, path: Path) -> dict[str, tuple[int, int]]:
@@ -666,6 +736,70 @@ def _column_rows(spans: dict[str, tuple[int, int]], path: Path) -> int:
     if len(rows) != 1:
         raise CorruptStoreError(f"{path}: index segment columns have different lengths")
     return rows.pop()
+
+
+def key64_chunks(k64: np.ndarray, rows: int = KEY64_CHUNK_ROWS) -> dict[str, Any]:
+    """The ``key64_chunks`` metadata of a sorted key64 column: chunk size, each chunk's first key64
+    and CRC-32 (both base64 of little-endian arrays), and a CRC-32 of those two arrays.
+
+    Example:
+        >>> key64_chunks(np.arange(3, dtype="<u8"), rows=2)["rows"]
+        2
+    """
+    raw = np.ascontiguousarray(k64, dtype="<u8")
+    first = raw[::rows].tobytes()
+    crcs = np.asarray([zlib.crc32(raw[i : i + rows]) for i in range(0, len(raw), rows)], "<u4").tobytes()
+    return {
+        "rows": rows,
+        "first": base64.b64encode(first).decode(),
+        "crc32": base64.b64encode(crcs).decode(),
+        "check": zlib.crc32(crcs, zlib.crc32(first)),
+    }
+
+
+@dataclass(slots=True)
+class _Key64Chunks:
+    """A large segment's key64 column checked chunk by chunk as lookups touch it."""
+
+    rows: int
+    first: np.ndarray  # [chunks] uint64 first key64 of each chunk
+    crcs: np.ndarray  # [chunks] uint32
+    checked: np.ndarray  # [chunks] bool: chunk already found intact
+
+    @classmethod
+    def parse(cls, metadata: dict[str, str], n: int, path: Path) -> _Key64Chunks | None:
+        text = metadata.get("key64_chunks")
+        if text is None:
+            return None  # written before chunked checksums: the whole column is checked at open
+        try:
+            d = json.loads(text)
+            rows = int(d["rows"])
+            first_raw, crc_raw = base64.b64decode(d["first"], validate=True), base64.b64decode(d["crc32"], validate=True)
+            ok = rows > 0 and zlib.crc32(crc_raw, zlib.crc32(first_raw)) == int(d["check"])
+            first, crcs = np.frombuffer(first_raw, "<u8"), np.frombuffer(crc_raw, "<u4")
+            ok = ok and len(first) == len(crcs) == -(-n // rows)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            ok = False
+        if not ok:
+            raise CorruptStoreError(
+                f"{path}: index segment metadata key64_chunks is damaged; the store is damaged: "
+                f"run `prefixgen verify {path.parent.parent}`"
+            )
+        return cls(rows, first, crcs, np.zeros(len(first), bool))
+
+
+def _search_range(col: np.ndarray, q: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """For each query the first position in ``col[lo:hi]`` whose value is >= it (``hi`` if none):
+    a vectorized binary search that reads only positions inside each query's range."""
+    lo, hi = lo.copy(), hi.copy()
+    while True:
+        active = lo < hi
+        if not active.any():
+            return lo
+        mid = (lo + hi) // 2
+        less = active & (col[np.where(active, mid, 0)] < q)
+        lo = np.where(less, mid + 1, lo)
+        hi = np.where(active & ~less, mid, hi)
 
 
 def _column_checksums(metadata: dict[str, str], path: Path) -> dict[str, int] | None:

@@ -19,6 +19,7 @@ from prefixgen import CorruptStoreError, PrefixStore
 from prefixgen.analysis.count import select_blocks
 from prefixgen.format import (
     INDEX_DIR,
+    KEY64_CHUNK_ROWS,
     SHARDS_DIR,
     KVLayout,
     Manifest,
@@ -35,6 +36,7 @@ from prefixgen.format import (
 from prefixgen.maintain.compact import compact_store
 from prefixgen.maintain.prune import block_cost, prune_store
 from prefixgen.maintain.verify import verify_store
+from prefixgen.store.index import StoreIndex
 from prefixgen.store.writer import StoreWriter, prepare_store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -187,6 +189,53 @@ def test_a_segment_with_a_flipped_byte_is_refused_and_verify_says_so(tmp_path):
         assert not report.ok and any(f"column {column!r}" in f or column in f for f in report.faults)
         seg_path.write_bytes(original)
     assert verify_store(tmp_path / "s").ok
+
+
+def _large_segment(folder: Path, rows: int = 20_000) -> Path:
+    """A memory-mapped (> 1 MiB) index segment of random keys, as compaction writes them."""
+    rng = np.random.default_rng(5)
+    cols = {
+        "key": rng.integers(0, 256, (rows, 32), dtype=np.uint8),
+        "parent": rng.integers(0, 256, (rows, 32), dtype=np.uint8),
+        "slot": np.arange(rows, dtype=np.uint32),
+        "depth": np.zeros(rows, np.uint32),
+        "crc": np.zeros(rows, np.uint32),
+    }
+    meta = {"shard": "x.safetensors", "blocks": str(rows), "shard_bytes": "0", "shard_crc32": "0", "format_version": "2"}
+    path = folder / INDEX_DIR / "x.safetensors"
+    path.parent.mkdir(parents=True)
+    atomic_write(path, encode_segment(cols, meta), fsync=False)
+    return path
+
+
+def test_a_large_segment_checks_only_the_key64_chunks_a_lookup_searches(tmp_path):
+    path = _large_segment(tmp_path)
+    seg = Segment(path)
+    assert seg.mapped and json.loads(seg.metadata["key64_chunks"])["rows"] == KEY64_CHUNK_ROWS
+    keys = [seg.cols["key"][r].tobytes() for r in range(seg.n)]
+    bad_chunk = 5
+    _flip(path, "key64", row=bad_chunk * KEY64_CHUNK_ROWS + 3, byte=7)
+    index = StoreIndex.open(tmp_path)  # opening no longer reads the whole column
+    good = [keys[r] for r in range(0, seg.n, 997) if r // KEY64_CHUNK_ROWS != bad_chunk]
+    assert all(row is not None for row in index.find_rows(good))
+    with pytest.raises(CorruptStoreError, match=r"fails its checksum \(column 'key64', rows 5120-6143\).*run `prefixgen verify"):
+        index.find_rows([keys[bad_chunk * KEY64_CHUNK_ROWS + 10]])
+    assert Segment(path).verify_checksums() == ["key64", "key64_chunks"]  # what `verify` reports
+
+
+def test_a_large_segment_without_chunk_checksums_is_checked_whole_on_open(tmp_path):
+    path = _large_segment(tmp_path)
+    seg = Segment(path)
+    meta = {k: v for k, v in seg.metadata.items() if k != "key64_chunks"}  # as written before chunks
+    specs = segment_tensors(seg.n, seg.compacted)
+    parts = [encode_safetensors_header(specs, meta)] + [np.ascontiguousarray(seg.cols[s.name]).tobytes() for s in specs]
+    del seg
+    atomic_write(path, parts, fsync=False)
+    key = Segment(path).cols["key"][7].tobytes()
+    assert StoreIndex.open(tmp_path).find_rows([key]) == [(0, 7)]
+    _flip(path, "key64", row=19_000)
+    with pytest.raises(CorruptStoreError, match="fails its checksum.*run `prefixgen verify"):
+        StoreIndex.open(tmp_path)
 
 
 def _strip_checksums(path: Path) -> None:

@@ -78,8 +78,7 @@ class _Tables:
             local = np.searchsorted(self.starts, g, "right") - 1
             parts.append((qi, self.small[local], g - self.starts[local]))
         for si in self.mapped:
-            col = self.segments[si].key64
-            qi, pos = _expand(np.searchsorted(col, q, "left"), np.searchsorted(col, q, "right"))
+            qi, pos = _expand(*self.segments[si].search(q))
             parts.append((qi, np.full(len(qi), si), pos))
         return [(int(a), int(b), int(c)) for qi, seg, row in parts for a, b, c in zip(qi, seg, row)]
 
