@@ -590,44 +590,80 @@ class Segment:
                 self.key64 = np.frombuffer(raw, dtype="<u8")
                 self._check("key64", self.key64)
 
-    def search(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[len(q)] (lo, hi): the rows ``lo[i] .. hi[i]-1`` are those whose key64 equals ``q[i]``.
+    def search(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        """[len(q)] (lo, hi) and ``first``: the rows ``lo[i] .. hi[i]-1`` are those whose key64
+        equals ``q[i]``; ``first`` is True when the search read key64 chunks for the first time
+        (their rows' other columns are then likely not in memory either: see ``prefetch``).
 
-        In a segment with ``key64_chunks``, each query is searched only inside the chunks that can
-        hold it (found from the chunks' first keys), and those chunks are checked against their
-        CRC-32 the first time they are searched: a damaged chunk is refused, never trusted.
+        In a segment with ``key64_chunks``, each query can only be in the chunks its key64 falls in
+        (found from the chunks' first keys); those chunks are checked against their CRC-32 the first
+        time, and the answer is accepted only if it is consistent with the checked chunks: damage
+        anywhere else cannot hide a row, damage in them is refused.
 
         Example:
-            >>> lo, hi = segment.search(np.asarray([k64], "<u8"))  # doctest: +SKIP
+            >>> lo, hi, _ = segment.search(np.asarray([k64], "<u8"))  # doctest: +SKIP
         """
         col, ch = self.key64, self._chunks
         if ch is None or self.n == 0:
-            return np.searchsorted(col, q, "left"), np.searchsorted(col, q, "right")
+            return np.searchsorted(col, q, "left"), np.searchsorted(col, q, "right"), False
         # Rows equal to q lie in chunks c_lo .. c_hi-1: every earlier chunk ends at or below a first
         # key64 < q, every later one starts above q.
         c_hi = np.searchsorted(ch.first, q, "right")
         c_lo = np.minimum(np.maximum(np.searchsorted(ch.first, q, "left") - 1, 0), c_hi)
-        self._check_chunks(c_lo, c_hi)
-        end = np.minimum(c_hi * ch.rows, self.n)
-        lo = _search_range(col, q, c_lo * ch.rows, end)
+        first = bool((c_hi - c_lo > 1).any()) or not ch.checked[c_lo[c_lo < c_hi]].all()
+        if first:
+            first = self._check_chunks(c_lo, c_hi)
+        start, end = c_lo * ch.rows, np.minimum(c_hi * ch.rows, self.n)
+        if first:  # binary-search inside the checked chunks only: no page faults elsewhere
+            lo = _search_range(col, q, start, end)
+        else:  # searching the whole column is faster in C; the bound is then checked (cheap)
+            lo = np.searchsorted(col, q, "left")
+            inside = (start <= lo) & (lo <= end)
+            at = np.where(inside, lo, start)
+            ok = inside & ((at == start) | (col[np.maximum(at - 1, 0)] < q)) & ((at == end) | (col[np.minimum(at, self.n - 1)] >= q))
+            if not ok.all():  # misled by a damaged key64 outside the checked chunks
+                lo = _search_range(col, q, start, end)
         hi = lo.copy()
-        while True:  # rows equal to q after lo: one, or (a key64 tie, ~2**-64 likely) a few
+        while True:  # rows equal to q from lo on: one, or (a key64 tie, ~2**-64 likely) a few
             eq = hi < end
             eq[eq] = col[hi[eq]] == q[eq]
             if not eq.any():
-                return lo, hi
+                return lo, hi, first
             hi += eq
 
-    def _check_chunks(self, c_lo: np.ndarray, c_hi: np.ndarray) -> None:
+    def _check_chunks(self, c_lo: np.ndarray, c_hi: np.ndarray) -> bool:
+        """Check every chunk c_lo[i] .. c_hi[i]-1 not checked yet; True if there was one."""
         ch = self._chunks
         counts = c_hi - c_lo
         need = np.repeat(c_lo, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
-        need = need[~ch.checked[need]]
-        for c in np.unique(need).tolist():
+        fresh = np.unique(need[~ch.checked[need]]).tolist()
+        base = self._spans["key64"][0]
+        for c in fresh:  # start every read first: the kernel then fetches the chunks in parallel
+            self._prefetch(base + c * ch.rows * 8, ch.rows * 8)
+        for c in fresh:
             raw = self.key64[c * ch.rows : (c + 1) * ch.rows]
             if zlib.crc32(raw) != int(ch.crcs[c]):
                 self._refuse(f"column 'key64', rows {c * ch.rows}-{c * ch.rows + len(raw) - 1}")
             ch.checked[c] = True
+        return bool(fresh)
+
+    def prefetch(self, rows: np.ndarray, columns: Iterable[str]) -> None:
+        """Ask the kernel to read ``rows`` of ``columns`` of a mapped segment, all at once (cold
+        cache: parallel reads instead of one page fault after another)."""
+        if self._mm is None:
+            return
+        for name in columns:
+            if name not in self._spans:
+                continue  # `shard` in a one-shard segment
+            start, _ = self._spans[name]
+            width = _ROW_BYTES[name]
+            for r in np.unique(rows).tolist():
+                self._prefetch(start + r * width, width)
+
+    def _prefetch(self, offset: int, length: int) -> None:
+        page = mmap.PAGESIZE
+        first = offset // page * page
+        self._mm.madvise(mmap.MADV_WILLNEED, first, offset + length - first)
 
     @property
     def shard(self) -> str:

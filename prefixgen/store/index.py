@@ -26,7 +26,8 @@ from prefixgen.errors import CorruptStoreError
 from prefixgen.format import INDEX_DIR, Segment, ShardRef
 
 CACHE_BYTES = 64 << 20  # columns of recently used small segments kept in memory
-OPEN_RETRIES = 5  # a segment may vanish while we list the folder (compaction removes merged ones)
+OPEN_RETRIES = 5
+LOCATION_COLUMNS = ("key", "shard", "slot", "crc", "depth")  # what a lookup reads of a row  # a segment may vanish while we list the folder (compaction removes merged ones)
 
 
 @dataclass(slots=True, frozen=True)
@@ -67,20 +68,29 @@ class _Tables:
             table.sort()
         return cls(segments, mapped, np.asarray(small, dtype=np.int64), starts, mask, table)
 
-    def candidates(self, q: np.ndarray) -> list[tuple[int, int, int]]:
-        """(query, segment, row) of every row whose key64 may equal a query's: vectorized over
-        queries, one search of the small-segment table and one per mapped segment."""
+    def candidates(self, q: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """(segment, queries, rows) for each segment with rows whose key64 may equal a query's:
+        vectorized over queries, one search of the small-segment table and one per mapped segment.
+        Rows found in key64 chunks read for the first time are prefetched (all columns at once)."""
         parts = []
         if len(self.table):
             high = q & ~self.mask
             qi, pos = _expand(np.searchsorted(self.table, high, "left"), np.searchsorted(self.table, high | self.mask, "right"))
             g = (self.table[pos] & self.mask).astype(np.int64)  # global rows
             local = np.searchsorted(self.starts, g, "right") - 1
-            parts.append((qi, self.small[local], g - self.starts[local]))
+            segs = self.small[local]
+            for si in np.unique(segs).tolist():
+                m = segs == si
+                parts.append((si, qi[m], (g - self.starts[local])[m]))
         for si in self.mapped:
-            qi, pos = _expand(*self.segments[si].search(q))
-            parts.append((qi, np.full(len(qi), si), pos))
-        return [(int(a), int(b), int(c)) for qi, seg, row in parts for a, b, c in zip(qi, seg, row)]
+            seg = self.segments[si]
+            lo, hi, first = seg.search(q)
+            qi, rows = _expand(lo, hi)
+            if len(rows):
+                if first:
+                    seg.prefetch(rows, LOCATION_COLUMNS)
+                parts.append((si, qi, rows))
+        return parts
 
 
 class StoreIndex:
@@ -144,7 +154,18 @@ class StoreIndex:
         """Location of each key's block, or None where the store lacks it."""
 
         def run(t: _Tables) -> list[BlockLocation | None]:
-            return [None if r is None else self._location(t.segments[r[0]], r[1]) for r in self._find_rows(t, keys)]
+            return self._locations(t, self._find_rows(t, keys))
+
+        return self._retry(run)
+
+    def find_prefix(self, keys: Sequence[bytes]) -> list[BlockLocation]:
+        """Locations of the longest leading run of ``keys`` that the store holds (locations are
+        built only for that run)."""
+
+        def run(t: _Tables) -> list[BlockLocation]:
+            rows = self._find_rows(t, keys)
+            n = next((i for i, r in enumerate(rows) if r is None), len(rows))
+            return self._locations(t, rows[:n])  # type: ignore[return-value]
 
         return self._retry(run)
 
@@ -166,11 +187,34 @@ class StoreIndex:
         found: list[tuple[int, int] | None] = [None] * len(keys)
         if not keys:
             return found
-        q = np.frombuffer(b"".join(k[:8] for k in keys), dtype="<u8")
-        for qi, seg, row in tables.candidates(q):
-            if found[qi] is None and self._columns(tables.segments[seg])["key"][row].tobytes() == keys[qi]:
-                found[qi] = (seg, row)
+        joined = b"".join(keys)
+        if len(joined) != 32 * len(keys):
+            raise ValueError("block keys are 32 bytes")
+        want = np.frombuffer(joined, np.uint8).reshape(-1, 32)  # [queries, 32]
+        q = np.ascontiguousarray(want[:, :8]).view("<u8").reshape(-1)
+        for si, qi, rows in tables.candidates(q):
+            same = (self._columns(tables.segments[si])["key"][rows] == want[qi]).all(axis=1)
+            for a, r in zip(qi[same].tolist(), rows[same].tolist()):
+                if found[a] is None:
+                    found[a] = (si, r)
         return found
+
+    def _locations(self, tables: _Tables, rows: list[tuple[int, int] | None]) -> list[BlockLocation | None]:
+        """The BlockLocation of each (segment, row): columns gathered per segment, not per row."""
+        out: list[BlockLocation | None] = [None] * len(rows)
+        by_seg: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            if r is not None:
+                by_seg.setdefault(r[0], []).append(i)
+        for si, idx in by_seg.items():
+            seg = tables.segments[si]
+            cols = self._columns(seg)
+            at = np.asarray([rows[i][1] for i in idx])  # type: ignore[index]
+            shard_ids = cols["shard"][at].tolist() if "shard" in cols else [0] * len(at)
+            names = {s: seg.shard_name(s) for s in set(shard_ids)}
+            for i, s, slot, crc, depth in zip(idx, shard_ids, cols["slot"][at].tolist(), cols["crc"][at].tolist(), cols["depth"][at].tolist()):
+                out[i] = BlockLocation(names[s], slot, crc, depth)
+        return out
 
     def location(self, segment: int, row: int) -> BlockLocation:
         return self._location(self.segments[segment], row)

@@ -153,9 +153,8 @@ class PrefixStore:
         """
         n_hot = 0 if hot is None else next((i for i, key in enumerate(keys) if key not in hot), len(keys))
         rest = list(keys[n_hot:])
-        found = self.index.find(rest)
-        n = next((i for i, loc in enumerate(found) if loc is None), len(found))
-        return PrefixMatch(list(keys[:n_hot]), rest[:n], found[:n])  # type: ignore[arg-type]
+        found = self.index.find_prefix(rest)
+        return PrefixMatch(list(keys[:n_hot]), rest[: len(found)], found)
 
     # ------------------------------------------------------------------ loading
 
