@@ -620,7 +620,11 @@ class Segment:
             lo = np.searchsorted(col, q, "left")
             inside = (start <= lo) & (lo <= end)
             at = np.where(inside, lo, start)
-            ok = inside & ((at == start) | (col[np.maximum(at - 1, 0)] < q)) & ((at == end) | (col[np.minimum(at, self.n - 1)] >= q))
+            ok = (
+                inside
+                & ((at == start) | (col[np.maximum(at - 1, 0)] < q))
+                & ((at == end) | (col[np.minimum(at, self.n - 1)] >= q))
+            )
             if not ok.all():  # misled by a damaged key64 outside the checked chunks
                 lo = _search_range(col, q, start, end)
         hi = lo.copy()

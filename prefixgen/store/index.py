@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,12 +28,19 @@ from prefixgen.format import INDEX_DIR, Segment, ShardRef
 
 CACHE_BYTES = 64 << 20  # columns of recently used small segments kept in memory
 OPEN_RETRIES = 5
-LOCATION_COLUMNS = ("key", "shard", "slot", "crc", "depth")  # what a lookup reads of a row  # a segment may vanish while we list the folder (compaction removes merged ones)
+LOCATION_COLUMNS = (
+    "key",
+    "shard",
+    "slot",
+    "crc",
+    "depth",
+)  # what a lookup reads of a row  # a segment may vanish while we list the folder (compaction removes merged ones)
 
 
-@dataclass(slots=True, frozen=True)
-class BlockLocation:
-    """Where one block's KV lives: shard file, slot (block position in the shard), and its CRC."""
+class BlockLocation(NamedTuple):
+    """Where one block's KV lives: shard file, slot (block position in the shard), and its CRC.
+    (A named tuple: a request's lookup builds hundreds, and a tuple is built ~5x faster than a
+    frozen dataclass.)"""
 
     shard: str
     slot: int
@@ -212,8 +220,15 @@ class StoreIndex:
             at = np.asarray([rows[i][1] for i in idx])  # type: ignore[index]
             shard_ids = cols["shard"][at].tolist() if "shard" in cols else [0] * len(at)
             names = {s: seg.shard_name(s) for s in set(shard_ids)}
-            for i, s, slot, crc, depth in zip(idx, shard_ids, cols["slot"][at].tolist(), cols["crc"][at].tolist(), cols["depth"][at].tolist()):
-                out[i] = BlockLocation(names[s], slot, crc, depth)
+            found = map(
+                BlockLocation,
+                map(names.__getitem__, shard_ids),
+                cols["slot"][at].tolist(),
+                cols["crc"][at].tolist(),
+                cols["depth"][at].tolist(),
+            )
+            for i, loc in zip(idx, found):
+                out[i] = loc
         return out
 
     def location(self, segment: int, row: int) -> BlockLocation:
