@@ -20,8 +20,7 @@ def store_summary(store: PrefixStore, top: int = 5, decode: bool = True) -> dict
         1234
     """
     m = store.manifest
-    key64, parent64 = store.index.key_and_parent64()
-    unique = _count_unique(key64)
+    unique = _count_blocks(store)
     total_bytes = sum(p.stat().st_size for p in Path(store.path).rglob("*") if p.is_file())
     stored_tokens = unique * m.block_size
     shards = [
@@ -54,52 +53,77 @@ def store_summary(store: PrefixStore, top: int = 5, decode: bool = True) -> dict
         "bytes_per_token": round(kv_bytes / stored_tokens, 2) if stored_tokens else 0,
         "shards": shards,
         "builds": [b.to_dict() for b in store.builds()],
-        "top_prefixes": top_prefixes(store, top, decode, (key64, parent64)),
+        "top_prefixes": top_prefixes(store, top, decode),
     }
 
 
-def top_prefixes(
-    store: PrefixStore, top: int, decode: bool, edges: tuple[np.ndarray, np.ndarray] | None = None
-) -> list[dict[str, Any]]:
+def top_prefixes(store: PrefixStore, top: int, decode: bool) -> list[dict[str, Any]]:
     """The longest prefixes shared by the most records: blocks whose record count is at least 2
     and higher than any child's (so a shared system prompt shows once, at its full length).
-    Vectorized over key64 (a 64-bit collision could only misplace a preview). ``edges``: the
-    index's ``key_and_parent64()`` if the caller has it."""
-    tables = store.count_arrays()
-    if not tables or top <= 0:
+
+    Only blocks that can count twice are looked at (a count of 2 or more in one build, or a key in
+    several builds' counts): selected with numpy from the count columns, without sorting the
+    store's millions of once-seen blocks. Their parents come from the index for those blocks only.
+    """
+    counts = _shared_counts(store.count_arrays())
+    if counts is None or top <= 0:
         return []
-    keys = np.concatenate([k for k, _ in tables])
-    counts = np.concatenate([c for _, c in tables]).astype(np.uint64)
-    if not len(keys):
-        return []
-    k64 = _key64(keys)
-    order = np.argsort(k64, kind="stable")
-    k64, keys, counts = k64[order], keys[order], counts[order]
-    starts = np.flatnonzero(np.r_[True, k64[1:] != k64[:-1]])  # one row per block, counts summed over builds
-    k64, keys, counts = k64[starts], keys[starts], np.add.reduceat(counts, starts)
-    best_child = np.zeros(len(k64), dtype=np.uint64)
-    child64, parent64 = edges or store.index.key_and_parent64()  # every stored block's key and parent
-    child, parent = _lookup(k64, child64), _lookup(k64, parent64)
-    ok = (child >= 0) & (parent >= 0)
-    np.maximum.at(best_child, parent[ok], counts[child[ok]])
-    candidates = np.flatnonzero((counts >= 2) & (best_child < counts))
-    candidates = candidates[np.argsort(-counts[candidates].astype(np.int64), kind="stable")]
-    ranked = ((int(counts[i]), keys[i].tobytes()) for i in candidates)
-    rows = []
-    for c, key in ranked:
-        tokens = _prefix_tokens(store, key)
+    keys, records = counts  # [m, 32] uint8 sorted by key64, [m] uint64: each block once, records >= 2
+    rows = store.index.find_rows([k.tobytes() for k in keys])
+    stored = np.asarray([r is not None for r in rows], dtype=bool)
+    parents = np.zeros((len(keys), 32), np.uint8)
+    for i in np.flatnonzero(stored).tolist():
+        parents[i] = np.frombuffer(store.index.parent(*rows[i]), np.uint8)
+    # best_child[p]: the highest count among the stored children of block p
+    parent_at = _lookup(_key64(keys), _key64(parents))
+    ok = stored & (parent_at >= 0)
+    best_child = np.zeros(len(keys), dtype=np.uint64)
+    np.maximum.at(best_child, parent_at[ok], records[ok])
+    candidates = np.flatnonzero(best_child < records)
+    candidates = candidates[np.argsort(-records[candidates].astype(np.int64), kind="stable")]
+    out = []
+    for i in candidates.tolist():
+        tokens = _prefix_tokens(store, keys[i].tobytes())
         if tokens is None:
             continue
-        rows.append({"tokens": len(tokens), "records": c, "key": key.hex(), "token_ids": tokens})
-        if len(rows) == top:
+        out.append({"tokens": len(tokens), "records": int(records[i]), "key": keys[i].tobytes().hex(), "token_ids": tokens})
+        if len(out) == top:
             break
     tokenizer = _tokenizer(store) if decode else None
-    for row in rows:
+    for row in out:
         ids = row.pop("token_ids")
         if tokenizer is not None:
             text = tokenizer.decode(ids)
             row["preview"] = text if len(text) <= 120 else text[:57] + " ... " + text[-58:]
-    return rows
+    return out
+
+
+def _shared_counts(tables: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Blocks counted in 2 or more records over all builds' ``counts/`` tables: (keys [m, 32]
+    uint8 sorted by key64, records [m] uint64), or None. The largest table's once-seen rows are
+    dropped unless another table has their key64; what is left is small and summed by key64
+    (a 64-bit collision could only misplace a preview)."""
+    tables = sorted((t for t in tables if len(t[0])), key=lambda t: -len(t[0]))
+    if not tables:
+        return None
+    (big_keys, big_counts), rest = tables[0], tables[1:]
+    keep = big_counts >= 2
+    if rest:
+        other64 = np.sort(np.concatenate([_key64(k) for k, _ in rest]))
+        big64 = _key64(big_keys)
+        at = np.minimum(np.searchsorted(other64, big64), len(other64) - 1)
+        keep |= other64[at] == big64
+    keys = np.concatenate([big_keys[keep]] + [k for k, _ in rest])
+    records = np.concatenate([big_counts[keep]] + [c for _, c in rest]).astype(np.uint64)
+    if not len(keys):
+        return None
+    k64 = _key64(keys)
+    order = np.argsort(k64, kind="stable")
+    k64, keys, records = k64[order], keys[order], records[order]
+    starts = np.flatnonzero(np.r_[True, k64[1:] != k64[:-1]])  # one row per block, counts summed over builds
+    keys, records = keys[starts], np.add.reduceat(records, starts)
+    shared = records >= 2
+    return (keys[shared], records[shared]) if shared.any() else None
 
 
 def _key64(keys: np.ndarray) -> np.ndarray:
@@ -107,12 +131,19 @@ def _key64(keys: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(keys[:, :8]).view("<u8").reshape(-1)
 
 
-def _count_unique(values: np.ndarray) -> int:
-    """Distinct values (a sort: on 10 million keys several times faster than np.unique's hashing)."""
-    if not len(values):
-        return 0
-    v = np.sort(values)
-    return 1 + int(np.count_nonzero(v[1:] != v[:-1]))
+def _count_blocks(store: PrefixStore) -> int:
+    """Distinct key64s in the index. A compacted segment holds each key once, sorted: the largest
+    one is counted as it is and only the other segments' keys are searched in it (no sort of
+    millions of keys for a compacted store)."""
+    segments = sorted(store.index.segments, key=lambda s: -s.n)
+    base = segments[0] if segments and segments[0].compacted else None
+    rest = segments[1:] if base is not None else segments
+    others = np.unique(np.concatenate([s.cols["key64"] for s in rest])) if rest else np.empty(0, np.uint64)
+    if base is None or not base.n:
+        return len(others)
+    col = base.cols["key64"]
+    at = np.minimum(np.searchsorted(col, others), len(col) - 1)
+    return base.n + int(np.count_nonzero(col[at] != others))
 
 
 def _lookup(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
