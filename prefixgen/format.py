@@ -606,27 +606,23 @@ class Segment:
         col, ch = self.key64, self._chunks
         if ch is None or self.n == 0:
             return np.searchsorted(col, q, "left"), np.searchsorted(col, q, "right"), False
+        if ch.checked[np.maximum(np.searchsorted(ch.first, q, "right") - 1, 0)].all():
+            # Warm: search the whole column in C, then accept the answer only if it is consistent
+            # with checked chunks (the rows around it are in them and bound it): else search again.
+            lo, hi = np.searchsorted(col, q, "left"), np.searchsorted(col, q, "right")
+            below, above = np.maximum(lo - 1, 0), np.minimum(hi, self.n - 1)
+            c_a, c_b = below // ch.rows, above // ch.rows
+            ok = ch.checked[c_a] & ch.checked[c_b] & (c_b - c_a <= 1) & (lo <= hi)
+            ok &= ((lo == 0) | (col[below] < q)) & ((hi == self.n) | (col[above] > q))
+            if ok.all():
+                return lo, hi, False
         # Rows equal to q lie in chunks c_lo .. c_hi-1: every earlier chunk ends at or below a first
-        # key64 < q, every later one starts above q.
+        # key64 < q, every later one starts above q. Check them, then search inside them only.
         c_hi = np.searchsorted(ch.first, q, "right")
         c_lo = np.minimum(np.maximum(np.searchsorted(ch.first, q, "left") - 1, 0), c_hi)
-        first = bool((c_hi - c_lo > 1).any()) or not ch.checked[c_lo[c_lo < c_hi]].all()
-        if first:
-            first = self._check_chunks(c_lo, c_hi)
-        start, end = c_lo * ch.rows, np.minimum(c_hi * ch.rows, self.n)
-        if first:  # binary-search inside the checked chunks only: no page faults elsewhere
-            lo = _search_range(col, q, start, end)
-        else:  # searching the whole column is faster in C; the bound is then checked (cheap)
-            lo = np.searchsorted(col, q, "left")
-            inside = (start <= lo) & (lo <= end)
-            at = np.where(inside, lo, start)
-            ok = (
-                inside
-                & ((at == start) | (col[np.maximum(at - 1, 0)] < q))
-                & ((at == end) | (col[np.minimum(at, self.n - 1)] >= q))
-            )
-            if not ok.all():  # misled by a damaged key64 outside the checked chunks
-                lo = _search_range(col, q, start, end)
+        first = self._check_chunks(c_lo, c_hi)
+        end = np.minimum(c_hi * ch.rows, self.n)
+        lo = _search_range(col, q, c_lo * ch.rows, end)
         hi = lo.copy()
         while True:  # rows equal to q from lo on: one, or (a key64 tie, ~2**-64 likely) a few
             eq = hi < end
