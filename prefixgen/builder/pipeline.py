@@ -29,7 +29,7 @@ from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, root_ke
 from prefixgen.model import fingerprint, load_model, probe_kv_layout
 from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.reader import PrefixStore
-from prefixgen.store.writer import StoreWriter, new_id, prepare_store, remove_temp_files, utc_now
+from prefixgen.store.writer import StoreWriter, new_id, prepare_store, remove_temp_files, utc_now, writer_is_live
 
 CHECKPOINT_SECONDS = 30.0
 PREFETCH_BATCHES = 4
@@ -172,6 +172,12 @@ def _build_record(store: PrefixStore, cfg: BuildConfig) -> BuildRecord:
     if cfg.resume:
         for old in reversed(store.builds()):
             if old.dataset == cfg.dataset and old.status != "complete":
+                live = [w for w in old.writers if writer_is_live(store.path, w)]
+                if live:
+                    raise StoreError(
+                        f"the build of {cfg.dataset} in {store.path} is still running (writer {live[0]}): "
+                        "wait for it to finish; --resume is for a build that stopped"
+                    )
                 return BuildRecord(build_id=old.build_id, dataset=cfg.dataset, started_at=utc_now(), options=cfg.options())
     return BuildRecord(build_id=new_id(), dataset=cfg.dataset, started_at=utc_now(), options=cfg.options())
 
@@ -255,7 +261,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
             record.padding_tokens += batch.padding_tokens
             now = time.perf_counter()
             _progress(bar, record, writer, now - started)
-            if now - last_checkpoint > CHECKPOINT_SECONDS:
+            if now - last_checkpoint > CHECKPOINT_SECONDS or planner.counts.full:
                 last_checkpoint = now
                 _checkpoint(writer, record, planner, now - started, timer)
         writer.close()
@@ -334,7 +340,7 @@ def _checkpoint(writer: StoreWriter, record: BuildRecord, planner: Planner, seco
         "write": round(writer.write_seconds, 3),
         "write_wait": round(writer.wait_seconds, 3),
     }
-    writer.write_counts(planner.counts.copy())  # a copy: the input thread may still be counting
+    writer.write_counts(*planner.counts.take())  # appends the counts since the last checkpoint
     writer.write_build(record)
 
 
@@ -357,3 +363,5 @@ def _finish(writer: StoreWriter, record: BuildRecord, planner: Planner, started:
     except OSError:
         if record.status == "complete":
             raise
+    finally:
+        writer.release()
