@@ -473,9 +473,7 @@ class StoreWriter:
             owner = p.name[len(self.build_id) + 1 :].split(".")[0]
             if ID_PATTERN.fullmatch(owner) and writer_is_live(self.path, owner):
                 self.release()
-                raise StoreError(
-                    f"build {self.build_id} is still running (writer {owner} is live): wait for it to finish"
-                )
+                raise StoreError(f"build {self.build_id} is still running (writer {owner} is live): wait for it to finish")
             p.unlink(missing_ok=True)
 
 
