@@ -12,11 +12,23 @@ import torch
 from transformers import AutoTokenizer
 
 from prefixgen import PrefixStore, StoreError
-from prefixgen.builder.plan import RecordCounts
-from prefixgen.format import COUNTS_DIR, INDEX_DIR, SHARDS_DIR, KVLayout, block_keys, shard_name, temp_path
+from prefixgen.builder.plan import Planner, RecordCounts
+from prefixgen.data.records import TokenizedRecord
+from prefixgen.format import (
+    COUNTS_DIR,
+    INDEX_DIR,
+    SHARDS_DIR,
+    BlockHash,
+    BuildRecord,
+    KVLayout,
+    block_keys,
+    shard_name,
+    temp_path,
+)
 from prefixgen.maintain.gc import collect_garbage
 from prefixgen.maintain.verify import verify_store
 from prefixgen.report import store_summary
+from prefixgen.store.keyset import KeySet
 from prefixgen.store.writer import StoreWriter, prepare_store, writer_is_live
 
 from .conftest import write_jsonl
@@ -189,3 +201,38 @@ def test_counts_are_appended_and_read_with_old_whole_files(tmp_path):
     assert _counts(out)[keys[0]] == 5
     top = store_summary(PrefixStore.open(out), top=1, decode=False)["top_prefixes"]
     assert top[0]["records"] == 5 and top[0]["tokens"] == 8
+
+
+def test_keyset_is_exact_across_runs_and_key64_ties():
+    rng = np.random.default_rng(0)
+    exact = KeySet(delta_keys=7, max_run=50)
+    where = KeySet(full_keys=False, value_dtype=np.uint64, delta_keys=5, max_run=40)
+    added: dict[bytes, int] = {}
+    for step in range(40):
+        keys = [rng.bytes(32) for _ in range(int(rng.integers(1, 12)))]
+        if added and step % 4 == 0:  # a key sharing key64 with a stored one
+            keys.append(next(iter(added))[:8] + rng.bytes(24))
+        values = rng.integers(0, 1 << 40, len(keys))
+        exact.add(keys)
+        where.add(keys, values)
+        added.update(zip(keys, values.tolist()))
+    assert len(exact._runs) > 3  # several runs, merged and not
+    strangers = [rng.bytes(32) for _ in range(20)] + [k[:8] + rng.bytes(24) for k in list(added)[:20]]
+    queries = list(added) + strangers
+    assert exact.contains(queries).tolist() == [True] * len(added) + [False] * len(strangers)
+    assert all(added[k] in where.candidates(k) for k in added)
+    assert len(exact) == len(added) and exact.nbytes <= 32 * len(added)
+
+
+def test_a_block_after_a_stored_one_is_scheduled_once():
+    """A record whose first block is stored and second scheduled earlier in the run must not
+    schedule the second again."""
+    root = BlockHash(bytes(32))
+    first, second = list(range(16)), list(range(100, 116))
+    stored_key = block_keys(first, 16, root)[0]
+    planner = Planner(root, 16, 4096, lambda keys: [k == stored_key for k in keys], BuildRecord("b", "d"))
+    records = [TokenizedRecord(0, first + second), TokenizedRecord(1, first + second + list(range(200, 216)))]
+    tasks = list(planner(iter(records)))
+    new = [k for t in tasks for k in t.new_keys]
+    assert len(new) == len(set(new)) == 2
+    assert tasks[1].depends == tasks[0].new_keys[-1]
