@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from prefixgen.config import parse_size
+from prefixgen.config import ServeConfig, format_size, parse_size
 from prefixgen.errors import PrefixgenError
 
 app = typer.Typer(
@@ -19,6 +19,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: 16]" must show, not be read as markup
 )
 
 
@@ -201,6 +202,9 @@ def verify(store: Annotated[Path, typer.Argument(help="The store folder.")]) -> 
     typer.echo(f"{store}: ok ({report.shards} shards, {report.blocks:,} blocks checked)")
 
 
+_SERVE = ServeConfig()  # serve's defaults, shown in the help (None below means unset: ServeConfig fills it in)
+
+
 @app.command()
 @_user_errors
 def gc(
@@ -223,25 +227,35 @@ def gc(
 @app.command()
 @_user_errors
 def serve(
-    store: Annotated[str, typer.Argument(help="The store folder.")],
-    model: Annotated[str, Opt("--model", "-m", help="The model the store was built with.")],
-    host: Annotated[str, Opt(help="Address to listen on (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, Opt(help="Port to listen on.")] = 8000,
-    device: Annotated[Optional[str], Opt(help="auto, cpu, cuda or cuda:N.")] = None,
-    dtype: Annotated[Optional[str], Opt(help="auto, bfloat16, float16 or float32.")] = None,
-    gpu_cache_bytes: Annotated[Optional[int], Opt(help="Device memory for hot prefixes (LRU).")] = None,
-    served_model_name: Annotated[Optional[str], Opt(help="The model name clients use (default: --model).")] = None,
-    no_store: Annotated[bool, Opt("--no-store", help="Ignore the store: prefill every prompt in full.")] = False,
-    trust_remote_code: Annotated[bool, Opt("--trust-remote-code", help="Allow the model's own code to run.")] = False,
+    store: Annotated[Optional[str], typer.Argument(help="The store folder (not needed with --no-store).")] = None,
+    model: Annotated[Optional[str], Opt("--model", "-m", help="The model the store was built with.")] = None,
+    host: Annotated[Optional[str], Opt(help=f"Address to listen on. [default: {_SERVE.host}]")] = None,
+    port: Annotated[Optional[int], Opt(help=f"Port to listen on. [default: {_SERVE.port}]")] = None,
+    device: Annotated[Optional[str], Opt(help=f"auto, cpu, cuda or cuda:N. [default: {_SERVE.device}]")] = None,
+    dtype: Annotated[Optional[str], Opt(help=f"auto, bfloat16, float16 or float32. [default: {_SERVE.dtype}]")] = None,
+    gpu_cache_bytes: Annotated[
+        Optional[int],
+        Opt(
+            parser=_size,
+            metavar="SIZE",
+            help=f"Device memory for hot prefixes (LRU), e.g. 8GiB. [default: {format_size(_SERVE.gpu_cache_bytes)}]",
+        ),
+    ] = None,
+    served_model_name: Annotated[Optional[str], Opt(help="The model name clients use. [default: --model]")] = None,
+    chat_template: Annotated[
+        Optional[str], Opt("--chat-template", help="The Jinja chat template file the store was built with, if any.")
+    ] = None,
+    default_max_tokens: Annotated[
+        Optional[int], Opt(help=f"max_tokens of requests that do not say. [default: {_SERVE.default_max_tokens}]")
+    ] = None,
+    no_store: Annotated[Optional[bool], Opt("--no-store", help="Ignore the store: prefill every prompt in full.")] = None,
+    trust_remote_code: TrustRemoteCodeOpt = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API, loading prompt prefixes from STORE."""
-    import dataclasses
-
-    from prefixgen.integrations.serve import ServeConfig
+    cfg = _SERVE.merged(**locals()).validate()
     from prefixgen.integrations.serve import serve as run_serve
 
-    given = {k: v for k, v in locals().items() if k in {f.name for f in dataclasses.fields(ServeConfig)} and v is not None}
-    run_serve(ServeConfig(**given))
+    run_serve(cfg)
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Every option of ``prefixgen build`` and its default, in one dataclass.
+"""Every option of ``prefixgen build`` (BuildConfig) and ``prefixgen serve`` (ServeConfig) and its
+default: the one place defaults live (the CLI passes None for a flag not given).
 
 A TOML file (``--config configs/NAME.toml``) sets any field by name; flags on the command line win.
 
@@ -172,3 +173,64 @@ SIZE_FIELDS = frozenset({"shard_bytes", "prefix_cache_bytes"})
 _FIELD_TYPES: dict[str, type] = {
     f.name: next(t for t in (bool, int, str) if t.__name__ in str(f.type).split(" | ")) for f in fields(BuildConfig)
 }
+
+
+def format_size(n: int) -> str:
+    """``n`` bytes in the largest binary unit that divides it, as ``parse_size`` reads it back.
+
+    Example:
+        >>> format_size(2 << 30), format_size(1536), format_size(100)
+        ('2GiB', '1536B', '100B')
+    """
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return f"{n}B"
+
+
+@dataclass(slots=True)
+class ServeConfig:
+    """Every option of ``prefixgen serve`` and its default (the only place serve's defaults live).
+
+    Example:
+        >>> ServeConfig(store="store", model="models/stories260K").merged(port=9000, host=None).port
+        9000
+    """
+
+    store: str = ""
+    model: str = ""
+    host: str = "127.0.0.1"  # loopback: expose on purpose, with --host 0.0.0.0
+    port: int = 8000
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
+    gpu_cache_bytes: int = 2 << 30  # hot prefixes kept on the device (LRU of blocks)
+    served_model_name: str | None = None  # the `model` clients ask for; default: --model
+    chat_template: str | None = None  # a Jinja file: the one the store was built with, for tokenizers without one
+    no_store: bool = False  # serve without the store (for comparisons)
+    default_max_tokens: int = 256  # for requests that do not say
+    trust_remote_code: bool = False
+
+    def merged(self, **overrides: Any) -> ServeConfig:
+        """A copy with the non-None ``overrides`` applied (sizes may carry units: ``"8GiB"``)."""
+        values = {k: v for k, v in overrides.items() if v is not None}
+        if "gpu_cache_bytes" in values:
+            values["gpu_cache_bytes"] = parse_size(values["gpu_cache_bytes"])
+        return dataclasses.replace(self, **values)
+
+    def validate(self) -> ServeConfig:
+        """Raise ConfigError naming the first bad value and what to do; return self."""
+        if not self.model:
+            raise ConfigError("pass --model (the model the store was built with)")
+        if not self.store and not self.no_store:
+            raise ConfigError("pass STORE (a folder made by `prefixgen build`), or --no-store to serve without one")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be from 0 to 65535, got {self.port}")
+        if self.gpu_cache_bytes < 0:
+            raise ConfigError(f"--gpu-cache-bytes must be 0 or more, got {self.gpu_cache_bytes}")
+        if self.default_max_tokens <= 0:
+            raise ConfigError(f"--default-max-tokens must be positive, got {self.default_max_tokens}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"--device {self.device!r} is not auto, cpu, cuda or cuda:N")
+        return self

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -13,10 +19,11 @@ import openai
 import pytest
 import uvicorn
 
-from prefixgen import BuildConfig, IncompatibleStoreError, build
+from prefixgen import BuildConfig, IncompatibleStoreError, PrefixStore, build
+from prefixgen.format import SHARDS_DIR, read_safetensors_header
 from prefixgen.integrations.serve import Engine, ServeConfig, create_app
 
-from .conftest import SYSTEM, write_jsonl
+from .conftest import CHAT_TEMPLATE, REPO, SYSTEM, write_jsonl
 
 LONG_SYSTEM = SYSTEM * 3
 
@@ -92,9 +99,27 @@ def servers(store, stories_chat):
     without.stop()
 
 
+def _messages(content: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": content}]
+
+
 def _chat(server, content: str, **kw):
-    messages = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": content}]
-    return server.client.chat.completions.create(model="stories", messages=messages, temperature=0, max_tokens=24, **kw)
+    kw = {"temperature": 0, "max_tokens": 24, **kw}
+    return server.client.chat.completions.create(model="stories", messages=_messages(content), **kw)
+
+
+def _metric(server, name: str) -> float:
+    status, text = server.raw("/metrics")
+    assert status == 200
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(f"prefixgen_{name} ")))
+
+
+def _stored_prefix(engine: Engine, ids: list[int]) -> int:
+    """Tokens of ``ids[:-1]`` the store must hit, from the tokenizer alone: the longest common
+    prefix with a stored chat (every block-aligned prefix of each is stored), in whole blocks."""
+    stored = [engine.tokenize_chat(_messages(f"Tell me a story about a {w}.")) for w in ("cat", "dog", "bird")]
+    common = max(next((i for i, (x, y) in enumerate(zip(ids[:-1], s)) if x != y), min(len(ids) - 1, len(s))) for s in stored)
+    return common // 16 * 16
 
 
 def test_greedy_answers_are_the_same_with_and_without_the_store(servers):
@@ -103,7 +128,8 @@ def test_greedy_answers_are_the_same_with_and_without_the_store(servers):
         a, b = _chat(hit, content), _chat(plain, content)
         assert a.choices[0].message.content == b.choices[0].message.content
         assert a.usage.completion_tokens == b.usage.completion_tokens > 0
-        assert a.usage.prompt_tokens_details.cached_tokens >= 48  # the system prompt at least
+        expected = _stored_prefix(hit.engine, hit.engine.tokenize_chat(_messages(content)))
+        assert a.usage.prompt_tokens_details.cached_tokens == expected >= 48  # the system prompt at least
         assert b.usage.prompt_tokens_details.cached_tokens == 0
     a = hit.client.completions.create(model="stories", prompt=LONG_SYSTEM + "Once upon a time", temperature=0, max_tokens=20)
     b = plain.client.completions.create(model="stories", prompt=LONG_SYSTEM + "Once upon a time", temperature=0, max_tokens=20)
@@ -181,3 +207,151 @@ def test_concurrent_requests_wait_their_turn(servers):
 def test_refuses_a_store_of_another_model(store, qwen2):
     with pytest.raises(IncompatibleStoreError):
         Engine(ServeConfig(store=str(store), model=str(qwen2), device="cpu"))
+
+
+def test_a_client_that_goes_away_never_makes_two_generations_run_at_once(servers):
+    """A stream closed after two chunks, then other requests at once: each answer is the
+    --no-store answer and the metrics never show two generations in flight."""
+    hit, plain = servers
+    cancelled = _metric(hit, "generations_cancelled_total")
+    stream = _chat(hit, "Tell me a story about a cat.", stream=True, max_tokens=240)
+    chunks = iter(stream)
+    next(chunks), next(chunks)
+    stream.close()  # the client goes away; generation has up to 238 tokens to go
+    asks = [
+        lambda s: _chat(s, "Tell me a story about a dog.").choices[0].message.content,
+        lambda s: _chat(s, "Tell me a story about a frog.").choices[0].message.content,
+        lambda s: "".join(c.choices[0].delta.content or "" for c in _chat(s, "Tell me a story about a cat.", stream=True)),
+        lambda s: (
+            s.client.completions.create(model="stories", prompt=LONG_SYSTEM + "Once upon a time", temperature=0, max_tokens=20)
+            .choices[0]
+            .text
+        ),
+    ]
+    answers, errors = {}, []
+
+    def ask(i):
+        try:
+            answers[i] = asks[i](hit)
+        except Exception as exc:  # collected, asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert [answers[i] for i in range(len(asks))] == [a(plain) for a in asks]
+    assert _metric(hit, "generations_in_flight_max") == 1
+    assert _metric(hit, "generations_in_flight") == 0
+    assert _metric(hit, "generations_cancelled_total") == cancelled + 1  # it stopped early, at its next token
+
+
+def test_a_block_that_fails_its_checksum_is_skipped_and_counted(servers, store, stories_chat, tmp_path):
+    _, plain = servers
+    damaged = tmp_path / "damaged"
+    shutil.copytree(store, damaged)
+    server = Server(
+        ServeConfig(store=str(damaged), model=str(stories_chat), device="cpu", dtype="float32", served_model_name="stories")
+    )
+    try:
+        st = server.engine.store
+        ids = server.engine.tokenize_chat(_messages("Tell me a story about a frog."))
+        loc = st.find_prefix(st.keys(ids[:-1])).locations[1]  # the second block of the system prompt
+        path = damaged / SHARDS_DIR / loc.shard
+        with open(path, "rb") as f:
+            at = read_safetensors_header(f, path).offset("kv") + loc.slot * st.manifest.kv.bytes_per_token * st.block_size
+        data = bytearray(path.read_bytes())
+        data[at + 100] ^= 0x10  # one bit of the block's KV
+        path.write_bytes(bytes(data))
+        a, b = _chat(server, "Tell me a story about a frog."), _chat(plain, "Tell me a story about a frog.")
+        assert a.choices[0].message.content == b.choices[0].message.content
+        assert a.usage.prompt_tokens_details.cached_tokens == 0  # served without the damaged prefix
+        assert _metric(server, "prefix_load_errors_total") == 1
+    finally:
+        server.stop()
+
+
+def test_fp8_store_is_served_with_hits(tmp_path, stories_chat):
+    rows = [{"text": LONG_SYSTEM + f"Once upon a time there was a {w}."} for w in ("cat", "dog")]
+    out = tmp_path / "fp8"
+    build(
+        BuildConfig(
+            dataset=str(write_jsonl(tmp_path / "t.jsonl", rows)),
+            model=str(stories_chat),
+            out=str(out),
+            kv_dtype="fp8",
+            device="cpu",
+            dtype="float32",
+            quiet=True,
+        )
+    )
+    assert PrefixStore.open(out).manifest.kv.storage == "fp8"
+    engine = Engine(ServeConfig(store=str(out), model=str(stories_chat), device="cpu", dtype="float32"))
+    ids = engine.tokenize_text(LONG_SYSTEM + "Once upon a time there was a frog.")
+    shared = next(i for i, (x, y) in enumerate(zip(ids, engine.tokenize_text(rows[0]["text"]))) if x != y)
+    for _ in range(2):  # from disk, then from the device cache
+        gen = engine.generate(ids, {"max_tokens": 12, "temperature": 0})
+        # fp8 KV is not exact, so the text may differ from --no-store's; generation must run, with the hit.
+        assert gen.cached_tokens == shared // 16 * 16 > 0
+        assert len(gen.tokens) > 0 and gen.text
+    assert engine.metrics.disk_tokens == shared // 16 * 16
+
+
+def test_a_store_built_with_a_chat_template_file_is_served_through_the_cli(tmp_path, cli, stories):
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    data = write_jsonl(
+        tmp_path / "chats.jsonl", [{"messages": _messages(f"Tell me a story about a {w}.")} for w in ("cat", "dog")]
+    )
+    out = tmp_path / "store"
+    flags = ["--messages-field", "messages", "--chat-template", template, "--device", "cpu", "--quiet"]
+    built = cli("build", data, "--model", stories, "--out", out, *flags)
+    assert built.exit_code == 0, built.output
+    with pytest.raises(IncompatibleStoreError, match="tokenizer"):  # without the template it is another tokenizer
+        Engine(ServeConfig(store=str(out), model=str(stories), device="cpu"))
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    command = [sys.executable, "-m", "prefixgen", "serve", str(out), "--model", str(stories), "--chat-template", str(template)]
+    command += ["--gpu-cache-bytes", "64KiB", "--port", str(port), "--device", "cpu", "--served-model-name", "stories"]
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.seek(0) or log.read()
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        answer = client.chat.completions.create(
+            model="stories", messages=_messages("Tell me a story about a dog."), temperature=0, max_tokens=8
+        )
+        prompt = answer.usage.prompt_tokens
+        assert answer.usage.prompt_tokens_details.cached_tokens == (prompt - 1) // 16 * 16 > 0  # the whole chat is stored
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+            held = next(
+                int(x.split()[1]) for x in r.read().decode().splitlines() if x.startswith("prefixgen_device_cache_bytes ")
+            )
+        assert 0 < held <= 64 << 10  # --gpu-cache-bytes 64KiB
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def test_every_serve_option_is_a_flag_whose_default_lives_only_in_ServeConfig():
+    from prefixgen import cli
+
+    params = inspect.signature(cli.serve).parameters
+    assert set(params) == {f.name for f in dataclasses.fields(ServeConfig)}
+    assert all(p.default is None for p in params.values())  # unset: ServeConfig fills it in
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Serve a store") :]
+    section = section[: section.index("\n## ", 1)]
+    for name in params:
+        if name != "store":
+            assert f"`--{name.replace('_', '-')}" in section, name

@@ -7,6 +7,9 @@ A block's value is the number of records that contain it: each of them saves the
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -46,3 +49,189 @@ def select_blocks(
     order = np.lexsort(keys)  # the last key is the primary one
     order = order[records[order] >= min_records]
     return order if max_blocks is None else order[:max_blocks]
+
+
+# --------------------------------------------------------------------------- counting in bounded memory
+
+# Counter rows are keyed on the first 16 bytes of the 32-byte SHA-256 key: ``key64`` (bytes 0..8, the
+# sort key, as in index segments) and ``check64`` (bytes 8..16), which tells apart the rare keys whose
+# key64 are equal. Two different blocks would have to share 128 bits of SHA-256 to be miscounted
+# (odds about n**2 / 2**129: 1e-23 for a billion blocks), so the counts are exact for any real dataset
+# at 24 bytes per distinct block (a dict of bytes would take ~150).
+ROW_BYTES = 24  # key64 8 + check64 8 + records 4 + depth 4
+
+
+@dataclass(slots=True)
+class BlockCounts:
+    """How many records contain each distinct block: one row per block, sorted by (key64, check64).
+
+    Example:
+        >>> counts = count_records([[b"a" * 32, b"b" * 32], [b"a" * 32]])
+        >>> counts.records.tolist(), counts.depth.tolist()
+        ([2, 1], [0, 1])
+    """
+
+    key64: np.ndarray  # [n] uint64: key bytes 0..8, little-endian
+    check64: np.ndarray  # [n] uint64: key bytes 8..16, little-endian
+    records: np.ndarray  # [n] uint32: records containing the block
+    depth: np.ndarray  # [n] uint32: the block's number in its chain (0 = a record's first block)
+
+    def __len__(self) -> int:
+        return len(self.key64)
+
+    @property
+    def nbytes(self) -> int:
+        return self.key64.nbytes + self.check64.nbytes + self.records.nbytes + self.depth.nbytes
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """Row of each key ([m, 32] or [m, 16] uint8), or -1 where it was not counted.
+
+        Example:
+            >>> count_records([[b"a" * 32]]).find(key_columns([b"a" * 32, b"z" * 32])).tolist()
+            [0, -1]
+        """
+        k64, c64 = _split(keys)
+        return _find(self.key64, self.check64, k64, c64)
+
+    def select(self, min_records: int = 1, max_blocks: int | None = None) -> np.ndarray:
+        """Rows to store, best first: :func:`select_blocks` with key64 as the last tiebreak, so that
+        ``analyze`` and ``build`` choose the very same blocks."""
+        return select_blocks(self.records, self.depth, min_records=min_records, max_blocks=max_blocks, tiebreak=self.key64)
+
+    def subset(self, rows: np.ndarray) -> BlockCounts:
+        """The given rows, back in key order (e.g. a selection, for fast membership tests)."""
+        rows = np.sort(rows)
+        return BlockCounts(self.key64[rows], self.check64[rows], self.records[rows], self.depth[rows])
+
+
+def key_columns(keys: Sequence[bytes]) -> np.ndarray:
+    """[n, 32] uint8 view of a list of 32-byte keys (one copy).
+
+    Example:
+        >>> key_columns([bytes(32), bytes(32)]).shape
+        (2, 32)
+    """
+    return np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32)
+
+
+def _split(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[n, >=16] uint8 keys -> (key64, check64), both [n] uint64."""
+    head = np.ascontiguousarray(keys[:, :16])
+    pair = head.view("<u8").reshape(-1, 2)
+    return pair[:, 0].astype(np.uint64), pair[:, 1].astype(np.uint64)
+
+
+def _find(k64: np.ndarray, c64: np.ndarray, q64: np.ndarray, qc: np.ndarray) -> np.ndarray:
+    """Rows of (q64, qc) in the table sorted by (k64, c64), or -1."""
+    pos = np.searchsorted(k64, q64)
+    at = np.minimum(pos, max(len(k64) - 1, 0))
+    if not len(k64):
+        return np.full(len(q64), -1, dtype=np.int64)
+    hit = (pos < len(k64)) & (k64[at] == q64)
+    out = np.where(hit & (c64[at] == qc), pos, -1).astype(np.int64)
+    # A key64 shared by different keys (a 2**-64 event per pair): look along the run of equal key64.
+    for i in np.flatnonzero(hit & (c64[at] != qc)):
+        j = int(pos[i])
+        while j < len(k64) and k64[j] == q64[i]:
+            if c64[j] == qc[i]:
+                out[i] = j
+                break
+            j += 1
+    return out
+
+
+class BlockCounter:
+    """Counts how many records contain each block, in memory that grows with the distinct blocks
+    (24 bytes each), not with the dataset.
+
+    Keys arrive per record; they are buffered (32 bytes each) up to ``chunk`` blocks, then sorted,
+    reduced and merged into the sorted table of :class:`BlockCounts`, one column at a time (so a merge
+    briefly needs one extra column, 8 bytes per distinct block). A record's keys are chained, so they
+    are all different: each record adds one to each of its blocks.
+
+    Example:
+        >>> counter = BlockCounter()
+        >>> counter.add([b"a" * 32, b"b" * 32]); counter.add([b"a" * 32])
+        >>> counts = counter.result()
+        >>> len(counts), counts.records.tolist()
+        (2, [2, 1])
+    """
+
+    def __init__(self, chunk: int = 1 << 22):
+        self.chunk = chunk
+        self.records = 0  # records added
+        self.blocks = 0  # blocks added (with repeats)
+        self._buf = bytearray()
+        self._lens: list[int] = []  # blocks per buffered record
+        self._table = BlockCounts(*(np.empty(0, np.uint64),) * 2, *(np.empty(0, np.uint32),) * 2)
+
+    def add(self, keys: Sequence[bytes]) -> None:
+        """Count one record whose blocks have these keys (in chain order, so key i is at depth i)."""
+        self.records += 1
+        if not keys:
+            return
+        self._buf += b"".join(keys)
+        self._lens.append(len(keys))
+        self.blocks += len(keys)
+        if len(self._buf) >= 32 * self.chunk:
+            self._flush()
+
+    def result(self) -> BlockCounts:
+        """The counts so far (merging what is buffered). The counter may go on counting afterwards."""
+        self._flush()
+        return self._table
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory held: the table and the buffer."""
+        return self._table.nbytes + len(self._buf) + 8 * len(self._lens)
+
+    def _flush(self) -> None:
+        if not self._lens:
+            return
+        lens = np.asarray(self._lens, dtype=np.int64)
+        keys = np.frombuffer(self._buf, dtype=np.uint8).reshape(-1, 32)
+        k64, c64 = _split(keys)
+        # depth: 0, 1, ... within each record
+        depth = (np.arange(len(k64), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)).astype(np.uint32)
+        self._buf, self._lens = bytearray(), []
+        del keys
+        order = np.lexsort((c64, k64))
+        k64, c64, depth = k64[order], c64[order], depth[order]
+        del order
+        starts = np.flatnonzero(np.r_[True, (k64[1:] != k64[:-1]) | (c64[1:] != c64[:-1])])
+        records = np.diff(np.r_[starts, len(k64)]).astype(np.uint32)
+        self._merge(BlockCounts(k64[starts], c64[starts], records, depth[starts]))
+
+    def _merge(self, new: BlockCounts) -> None:
+        """Add ``new`` (sorted, one row per key) into the table."""
+        t = self._table
+        if not len(t):
+            self._table = new
+            return
+        rows = _find(t.key64, t.check64, new.key64, new.check64)
+        seen = rows >= 0
+        t.records[rows[seen]] += new.records[seen]
+        fresh = np.flatnonzero(~seen)
+        if not len(fresh):
+            return
+        # Insertion points that keep the table sorted by (key64, check64).
+        at = np.searchsorted(t.key64, new.key64[fresh])
+        for j in np.flatnonzero(t.key64[np.minimum(at, len(t) - 1)] == new.key64[fresh]):  # equal key64: rare
+            while at[j] < len(t) and t.key64[at[j]] == new.key64[fresh[j]] and t.check64[at[j]] < new.check64[fresh[j]]:
+                at[j] += 1
+        for name in ("key64", "check64", "records", "depth"):
+            setattr(t, name, np.insert(getattr(t, name), at, getattr(new, name)[fresh]))
+
+
+def count_records(records: Iterable[Sequence[bytes]], chunk: int = 1 << 22) -> BlockCounts:
+    """Count the blocks of records given as lists of chained keys (see :class:`BlockCounter`).
+
+    Example:
+        >>> len(count_records([[b"a" * 32], [b"a" * 32]]))
+        1
+    """
+    counter = BlockCounter(chunk)
+    for keys in records:
+        counter.add(keys)
+    return counter.result()

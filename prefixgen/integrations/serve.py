@@ -4,46 +4,35 @@ For each request it tokenizes the prompt as the build did, takes the KV of the l
 prefix (from device memory if hot, else from the store), prefills only the rest and generates
 with transformers. ``usage.prompt_tokens_details.cached_tokens`` reports the hit.
 
-Requests are served one at a time (a lock): others wait their turn. Generation runs in a worker
-thread, so ``/health`` and ``/metrics`` answer while a request generates.
+Requests are served one at a time, in order: generations run on one worker thread (and
+``Engine.generate`` holds a lock), so ``/health`` and ``/metrics`` answer while a request
+generates, and a streaming client that goes away stops its generation at the next token; the
+next request starts only after that. ``/metrics`` shows the generations in flight (never more
+than one).
 
 Needs the ``serve`` extra: ``pip install 'prefixgen[serve]'`` (FastAPI and uvicorn).
 """
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from prefixgen.compat import cache_kwargs
+from prefixgen.config import ServeConfig
 from prefixgen.errors import ConfigError, CorruptStoreError
 from prefixgen.model import load_model
 from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.reader import PrefixStore, kv_to_cache
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-@dataclass(slots=True)
-class ServeConfig:
-    """Options of ``prefixgen serve``."""
-
-    store: str = ""
-    model: str = ""
-    host: str = "127.0.0.1"  # loopback: expose on purpose, with --host 0.0.0.0
-    port: int = 8000
-    device: str = "auto"
-    dtype: str = "auto"
-    gpu_cache_bytes: int = 2 << 30  # hot prefixes kept on the device
-    served_model_name: str | None = None  # the `model` clients ask for; default: --model
-    no_store: bool = False  # serve without the store (for comparisons)
-    default_max_tokens: int = 256
-    trust_remote_code: bool = False
 
 
 class RequestError(Exception):
@@ -77,6 +66,9 @@ class Metrics:
     disk_tokens: int = 0
     generated_tokens: int = 0
     load_errors: int = 0
+    cancelled: int = 0
+    in_flight: int = 0  # generations running now
+    max_in_flight: int = 0  # the most ever running at once (1 unless serialization is broken)
     ttft_buckets: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
     ttft_sum: float = 0.0
     ttft_count: int = 0
@@ -106,8 +98,14 @@ class Metrics:
             ),
             ("generation_tokens_total", "Tokens generated.", self.generated_tokens),
             ("prefix_load_errors_total", "Stored prefixes that failed their checksum (served without them).", self.load_errors),
+            ("generations_cancelled_total", "Streams whose client went away (generation stopped early).", self.cancelled),
         ):
             lines += [f"# HELP prefixgen_{name} {help_}", f"# TYPE prefixgen_{name} counter", f"prefixgen_{name} {value}"]
+        for name, help_, value in (
+            ("generations_in_flight", "Generations running now.", self.in_flight),
+            ("generations_in_flight_max", "The most generations ever running at once (1: one at a time).", self.max_in_flight),
+        ):
+            lines += [f"# HELP prefixgen_{name} {help_}", f"# TYPE prefixgen_{name} gauge", f"prefixgen_{name} {value}"]
         lines += [
             "# HELP prefixgen_time_to_first_token_seconds Time from request to first generated token.",
             "# TYPE prefixgen_time_to_first_token_seconds histogram",
@@ -137,7 +135,11 @@ class Engine:
         self.cfg = cfg
         if model is None:
             model, tokenizer, device = load_model(
-                cfg.model, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code
+                cfg.model,
+                device=cfg.device,
+                dtype=cfg.dtype,
+                trust_remote_code=cfg.trust_remote_code,
+                chat_template=cfg.chat_template,
             )
         else:
             device = next(model.parameters()).device
@@ -152,6 +154,8 @@ class Engine:
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or 1 << 62
         self.metrics = Metrics()
         self.created = int(time.time())
+        # One generation at a time: BlockCache is not thread-safe, and two generations would race for the device.
+        self._one_at_a_time = threading.Lock()
 
     # ------------------------------------------------------------------ tokenizing (as the build does)
 
@@ -171,24 +175,20 @@ class Engine:
         prompt token always stays uncached, since generate must prefill at least one)."""
         if self.store is None or self.hot is None:
             return None, 0
-        keys = self.store.keys(ids[:-1])
-        parts, i = [], 0
-        while i < len(keys) and (block := self.hot.get(keys[i])) is not None:
-            parts.append(block)
-            i += 1
-        rows = self.store.index.find_rows(keys[i:])
-        n_disk = next((j for j, r in enumerate(rows) if r is None), len(rows))
-        if n_disk:
-            locations = [self.store.index.location(*r) for r in rows[:n_disk]]
+        found = self.store.find_prefix(self.store.keys(ids[:-1]), hot=self.hot)
+        parts = [self.hot.peek(key) for key in found.hot]  # each [B, L, 2, H, D]
+        loaded = None
+        if found.keys:
             try:
-                loaded = self.store.read_locations(locations, device=self.device, dtype=self.model.dtype)
+                loaded = self.store.read_locations(found.locations, device=self.device, dtype=self.model.dtype)
             except CorruptStoreError:
                 self.metrics.load_errors += 1  # serve correctly without the damaged part
-                loaded = None
-            if loaded is not None:
-                self.hot.put_run(keys[i : i + n_disk], loaded)
-                parts.append(loaded)
-                self.metrics.disk_tokens += loaded.shape[0]
+        if loaded is not None:  # [n * B, L, 2, H, D]
+            parts.append(loaded)
+            self.metrics.disk_tokens += loaded.shape[0]
+            self.hot.put_run(found.keys, loaded, prefix=found.hot)  # the chain's first blocks are evicted last
+        else:
+            self.hot.touch_chain(found.hot)
         if not parts:
             return None, 0
         kv = torch.cat(parts)  # [n, L, 2, H, D]
@@ -204,9 +204,37 @@ class Engine:
         full = self.tokenizer.decode(context + new, skip_special_tokens=True)
         return full[len(base) :] if full.startswith(base) else self.tokenizer.decode(new, skip_special_tokens=True)
 
+    def generate(
+        self,
+        ids: list[int],
+        params: dict[str, Any],
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Generation:
+        """Generate for prompt ``ids``. ``on_text`` gets each new piece of text as it is made; when
+        ``cancel`` is set (the client went away) generation stops at the next token. Calls from
+        several threads run one at a time.
+
+        Example:
+            >>> engine.generate(engine.tokenize_text("Once upon a time"), {"max_tokens": 8}).text  # doctest: +SKIP
+            ' there was a little girl named Lily.'
+        """
+        with self._one_at_a_time:
+            m = self.metrics
+            m.in_flight += 1
+            m.max_in_flight = max(m.max_in_flight, m.in_flight)
+            try:
+                gen = self._generate(ids, params, on_text, cancel)
+            finally:
+                m.in_flight -= 1
+            if cancel is not None and cancel.is_set():
+                m.cancelled += 1
+            return gen
+
     @torch.inference_mode()
-    def generate(self, ids: list[int], params: dict[str, Any], on_text: Callable[[str], None] | None = None) -> Generation:
-        """Generate for prompt ``ids``. ``on_text`` gets each new piece of text as it is made."""
+    def _generate(
+        self, ids: list[int], params: dict[str, Any], on_text: Callable[[str], None] | None, cancel: threading.Event | None
+    ) -> Generation:
         from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
@@ -259,7 +287,8 @@ class Engine:
 
         class StopOnString(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-                return torch.full((input_ids.shape[0],), collector.done, dtype=torch.bool, device=input_ids.device)
+                stop = collector.done or (cancel is not None and cancel.is_set())
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
         sample = (params.get("temperature") if params.get("temperature") is not None else 1.0) > 0
         kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_tokens}
@@ -393,7 +422,9 @@ def create_app(engine: Engine):
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
     app = FastAPI(title="prefixgen", docs_url=None, redoc_url=None)
-    lock = asyncio.Lock()
+    # One worker thread: generations run one at a time, in the order they came, and a request
+    # waiting its turn holds no thread.
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefixgen-generate")
 
     def count(endpoint: str, status: int) -> None:
         key = (endpoint, status)
@@ -421,8 +452,7 @@ def create_app(engine: Engine):
             ids = engine.tokenize_chat(_messages(body)) if chat else _prompt_ids(engine, body)
             if params["stream"]:
                 return StreamingResponse(stream(ids, params, chat, endpoint), media_type="text/event-stream")
-            async with lock:
-                gen = await asyncio.to_thread(engine.generate, ids, params)
+            gen = await asyncio.wrap_future(worker.submit(engine.generate, ids, params))
         except RequestError as exc:
             count(endpoint, exc.status)
             return JSONResponse(exc.body(), status_code=exc.status)
@@ -458,25 +488,28 @@ def create_app(engine: Engine):
                 data = {**data, "choices": [], "usage": usage}
             return f"data: {json.dumps(data)}\n\n"
 
-        async with lock:
+        cancel = threading.Event()
+        job = worker.submit(engine.generate, ids, params, lambda t: loop.call_soon_threadsafe(queue.put_nowait, t), cancel)
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
+        try:
             if chat:
                 yield chunk(None, None, role=True)
-            worker = loop.run_in_executor(
-                None, lambda: engine.generate(ids, params, on_text=lambda t: loop.call_soon_threadsafe(queue.put_nowait, t))
-            )
-            worker.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
             while (piece := await queue.get()) is not None:
                 yield chunk(piece, None)
-            try:
-                gen = await worker
-            except RequestError as exc:
-                count(endpoint, exc.status)
-                yield f"data: {json.dumps(exc.body())}\n\n"
-                return
-            except Exception as exc:
-                count(endpoint, 500)
-                yield f"data: {json.dumps(RequestError(500, f'generation failed: {exc}', 'server_error').body())}\n\n"
-                return
+            gen = job.result()  # done: its end marker came last
+        except RequestError as exc:
+            count(endpoint, exc.status)
+            yield f"data: {json.dumps(exc.body())}\n\n"
+            return
+        except Exception as exc:
+            count(endpoint, 500)
+            yield f"data: {json.dumps(RequestError(500, f'generation failed: {exc}', 'server_error').body())}\n\n"
+            return
+        finally:
+            # The client went away (the stream was cancelled or closed): the worker stops at its
+            # next token. The next request runs only after it, on the same worker thread.
+            if not job.done():
+                cancel.set()
         count(endpoint, 200)
         yield chunk(None, gen.finish_reason)
         if params["include_usage"]:
@@ -515,9 +548,7 @@ def serve(cfg: ServeConfig) -> None:
         import uvicorn
     except ImportError:
         raise ConfigError("prefixgen serve needs FastAPI and uvicorn: pip install 'prefixgen[serve]'") from None
-    if not cfg.model:
-        raise ConfigError("pass --model (the model the store was built with)")
-    engine = Engine(cfg)
+    engine = Engine(cfg.validate())
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {cfg.host}: anyone who can reach this address can use the server")
     uvicorn.run(create_app(engine), host=cfg.host, port=cfg.port, log_level="info")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,7 @@ from prefixgen.format import (
     read_shard_blocks,
 )
 from prefixgen.model import fingerprint, probe_kv_layout
+from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.index import BlockLocation, StoreIndex
 
 PIECE_BYTES = 16 << 20  # one read request (and one staging slot)
@@ -61,8 +63,25 @@ class _Run:
     crcs: list[int]
 
 
+@dataclass(slots=True)
+class PrefixMatch:
+    """The longest held prefix of a chain of block keys: its first ``len(hot)`` blocks are in a
+    device cache, the next ``len(keys)`` in the store at ``locations``."""
+
+    hot: list[BlockHash]
+    keys: list[BlockHash]
+    locations: list[BlockLocation]
+
+    @property
+    def blocks(self) -> int:
+        return len(self.hot) + len(self.keys)
+
+
 class PrefixStore:
     """A prefix store opened for reading. Cheap to open: the index is memory-mapped.
+
+    Safe to read from several threads: CUDA reads take turns on the one ring of pinned staging
+    buffers (a lock); CPU reads share no buffers.
 
     Example:
         >>> store = PrefixStore.open("store")  # doctest: +SKIP
@@ -76,6 +95,7 @@ class PrefixStore:
         self.index = index
         self._headers: dict[str, SafetensorsHeader] = {}
         self._staging: list[tuple[torch.Tensor, torch.cuda.Event]] | None = None  # pinned ring, CUDA only
+        self._staging_lock = threading.Lock()  # one read at a time uses the ring
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> PrefixStore:
@@ -116,7 +136,24 @@ class PrefixStore:
             >>> store.match(tokenizer("You are a helpful assistant. Hi!").input_ids)  # doctest: +SKIP
             16
         """
-        return self.index.prefix_len(self.keys(token_ids)) * self.block_size
+        return self.find_prefix(self.keys(token_ids)).blocks * self.block_size
+
+    def find_prefix(self, keys: Sequence[BlockHash], hot: BlockCache | None = None) -> PrefixMatch:
+        """The longest prefix of the chained block ``keys`` that is held: first the leading blocks in
+        ``hot`` (a device cache; their recency is not touched), then the blocks after them that the
+        store holds. The walk stops at the first block missing from both, since a block's KV is
+        only valid after all of its parents'. The one longest-prefix walk of the read side.
+
+        Example:
+            >>> m = store.find_prefix(store.keys(ids), hot=device_cache)  # doctest: +SKIP
+            >>> m.blocks * store.block_size  # tokens covered  # doctest: +SKIP
+            48
+        """
+        n_hot = 0 if hot is None else next((i for i, key in enumerate(keys) if key not in hot), len(keys))
+        rest = list(keys[n_hot:])
+        rows = self.index.find_rows(rest)
+        n = next((i for i, r in enumerate(rows) if r is None), len(rows))
+        return PrefixMatch(list(keys[:n_hot]), rest[:n], [self.index.location(*r) for r in rows[:n]])
 
     # ------------------------------------------------------------------ loading
 
@@ -141,11 +178,8 @@ class PrefixStore:
             >>> cache = store.load(ids[:-1], device="cuda")  # doctest: +SKIP
             >>> model.generate(torch.tensor([ids]), cache=cache)  # doctest: +SKIP
         """
-        keys = self.keys(token_ids)
-        rows = self.index.find_rows(keys)
-        n = next((i for i, r in enumerate(rows) if r is None), len(rows))
-        locations = [self.index.location(*r) for r in rows[:n]]
-        kv = self.read_locations(locations, device=device, dtype=dtype, verify=verify)  # [T, L, 2, H, D]
+        found = self.find_prefix(self.keys(token_ids))
+        kv = self.read_locations(found.locations, device=device, dtype=dtype, verify=verify)  # [T, L, 2, H, D]
         return kv_to_cache(kv)
 
     def read_blocks(
@@ -179,7 +213,8 @@ class PrefixStore:
         pieces = _pieces(_runs(locations), max(1, PIECE_BYTES // (layout.bytes_per_token * bs)))
         if device.type == "cuda":
             result = torch.empty((n * bs, *per_token), dtype=stored, device=device)
-            self._read_to_device(pieces, result, scales, verify)
+            with self._staging_lock:  # another thread's read would overwrite a slot between its CRC check and its copy
+                self._read_to_device(pieces, result, scales, verify)
         else:
             result = torch.empty((n * bs, *per_token), dtype=stored)
             flat = result.view(torch.uint8).view(-1).numpy()
