@@ -10,6 +10,10 @@ here 1 x 1 x 1 float16, so the disk is not the bottleneck); the real ``StoreWrit
 index segments and (every ``--count-every`` blocks) a counts file, and for every task with a past it
 is asked for the past's last block as the build's past source does (a confirmed lookup).
 
+``--keys-only`` measures the two key sets alone at full scale (50 million blocks in minutes, where
+the whole path above needs hours on a 2-core machine): the planner's ``scheduled`` set and the
+writer's key -> slot map, fed random keys 64 at a time, with the planner's lookup before each add.
+
 Reports peak RSS, RSS per stored block above the start (after buffers are allocated), the bytes
 held by the planner's and writer's key sets, and blocks/s. Prints one JSON line.
 """
@@ -125,15 +129,61 @@ def run(out: Path, blocks: int, shard_blocks: int, count_every: int, sort_window
     }
 
 
+def run_keys_only(blocks: int) -> dict:
+    """The planner's and writer's KeySets alone, as the build uses them, for ``blocks`` keys."""
+    from prefixgen.store.keyset import KeySet
+
+    scheduled, where = KeySet(), KeySet(full_keys=False, value_dtype=np.uint64)
+    rng = np.random.default_rng(0)
+    start_rss = rss_mib()
+    t0 = time.perf_counter()
+    samples = []
+    for done in range(0, blocks, 64 * 4096):
+        chunk = rng.integers(0, 256, (min(64 * 4096, blocks - done), 32), dtype=np.uint8)
+        for i in range(0, len(chunk), 64):
+            keys = [k.tobytes() for k in chunk[i : i + 64]]
+            assert not scheduled.contains(keys).any()
+            scheduled.add(keys)
+            where.add(keys, np.arange(done + i, done + i + len(keys)))
+        if (done // (64 * 4096)) % 20 == 0:
+            samples.append(
+                {"blocks": done + len(chunk), "rss_mib": round(rss_mib(), 1), "seconds": round(time.perf_counter() - t0, 1)}
+            )
+    end_rss, seconds = rss_mib(), time.perf_counter() - t0
+    samples.append({"blocks": blocks, "rss_mib": round(end_rss, 1), "seconds": round(seconds, 1)})
+    return {
+        "mode": "keys-only",
+        "blocks": blocks,
+        "seconds": round(seconds, 1),
+        "blocks_per_s": round(blocks / seconds),
+        "start_rss_mib": round(start_rss, 1),
+        "end_rss_mib": round(end_rss, 1),
+        "peak_rss_mib": round(peak_mib(), 1),
+        "rss_bytes_per_block": round((end_rss - start_rss) * 2**20 / blocks, 1),
+        "peak_bytes_per_block": round((peak_mib() - start_rss) * 2**20 / blocks, 1),
+        "slope_bytes_per_block": _slope(samples),
+        "planner_keyset_bytes_per_block": round(scheduled.nbytes / blocks, 1),
+        "writer_keyset_bytes_per_block": round(where.nbytes / blocks, 1),
+        "samples": samples,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", type=int, default=1_000_000, help="blocks to store")
     ap.add_argument("--dir", type=Path, default=ROOT / "bench-out" / "buildmem")
     ap.add_argument("--shard-blocks", type=int, default=8192)
-    ap.add_argument("--count-every", type=int, default=1 << 22, help="write a counts file every N block occurrences")
+    ap.add_argument(
+        "--count-every", type=int, default=1 << 20, help="write a counts file every N block occurrences (as the build does)"
+    )
     ap.add_argument("--sort-window", type=int, default=8)
     ap.add_argument("--keep", action="store_true", help="keep the store afterwards")
+    ap.add_argument("--keys-only", action="store_true", help="only the planner's and writer's key sets")
     args = ap.parse_args()
+    if args.keys_only:
+        result = run_keys_only(args.blocks)
+        print(json.dumps({"benchmark": "build_memory", **result, "extrapolated_50m_gib": _extrapolate(result)}))
+        return
     try:
         result = run(args.dir, args.blocks, args.shard_blocks, args.count_every, args.sort_window)
     finally:

@@ -81,7 +81,7 @@ class RecordCounts:
         ([2, 1], 0)
     """
 
-    def __init__(self, flush_blocks: int = 1 << 22):
+    def __init__(self, flush_blocks: int = 1 << 20):
         self.flush_blocks = flush_blocks
         self._parts: list[np.ndarray] = []  # [n, 32] uint8 keys of one record each
         self._pending = 0

@@ -156,10 +156,20 @@ class KeySet:
 
 
 def _merge(a: _Run, b: _Run) -> _Run:
-    """One run holding the rows of two, sorted by key64. A stable sort of two sorted runs is a
-    linear merge (numpy's timsort finds the runs)."""
-    k64 = np.concatenate([a.key64, b.key64])
-    order = np.argsort(k64, kind="stable")
-    rest = np.concatenate([a.rest, b.rest])[order] if a.rest is not None else None
-    values = np.concatenate([a.values, b.values])[order] if a.values is not None else None
-    return _Run(k64[order], rest, values)
+    """One run holding the rows of two, sorted by key64 (``b``'s rows after ``a``'s equal ones).
+    Each row is placed once, straight into the new columns: the scratch is one index per row of
+    ``b`` and one flag per row."""
+    n = len(a) + len(b)
+    at = np.searchsorted(a.key64, b.key64, side="right") + np.arange(len(b))  # b's rows in the result
+    from_a = np.ones(n, dtype=bool)
+    from_a[at] = False
+
+    def put(x: np.ndarray | None, y: np.ndarray | None) -> np.ndarray | None:
+        if x is None:
+            return None
+        out = np.empty((n, *x.shape[1:]), dtype=x.dtype)
+        out[at] = y
+        out[from_a] = x
+        return out
+
+    return _Run(put(a.key64, b.key64), put(a.rest, b.rest), put(a.values, b.values))
