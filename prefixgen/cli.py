@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from prefixgen.config import ServeConfig, format_size, parse_size
-from prefixgen.errors import PrefixgenError
+from prefixgen.config import SIZE_FIELDS, BuildConfig, ServeConfig, format_size, parse_size
+from prefixgen.errors import ConfigError, PrefixgenError
 
 app = typer.Typer(
     help="Precompute prefix KV caches for LLM serving.",
@@ -50,6 +50,12 @@ def _size(text: str) -> int:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _default(name: str) -> str:
+    """``[default: X]`` for a build option's help, X read from BuildConfig: defaults live only there."""
+    value = getattr(BuildConfig(), name)
+    return f"[default: {format_size(value) if name in SIZE_FIELDS else value}]"
+
+
 # The dataset and tokenization options, declared once: build, analyze and simulate read a dataset
 # exactly alike, so they take the same flags. Defaults live in BuildConfig (None here means unset).
 DatasetArg = Annotated[
@@ -57,9 +63,9 @@ DatasetArg = Annotated[
 ]
 ModelOpt = Annotated[Optional[str], Opt("--model", "-m", help="A local model folder or a Hub model id.")]
 ConfigOpt = Annotated[Optional[Path], Opt("--config", "-c", help="A TOML file of options; flags win.")]
-SplitOpt = Annotated[Optional[str], Opt("--split", help="Dataset split (Hub datasets). [default: train]")]
+SplitOpt = Annotated[Optional[str], Opt("--split", help=f"Dataset split (Hub datasets). {_default('split')}")]
 SubsetOpt = Annotated[Optional[str], Opt("--subset", help="Dataset subset/config name (Hub datasets).")]
-TextFieldOpt = Annotated[Optional[str], Opt("--text-field", help="Field holding the text. [default: text]")]
+TextFieldOpt = Annotated[Optional[str], Opt("--text-field", help=f"Field holding the text. {_default('text_field')}")]
 MessagesFieldOpt = Annotated[Optional[str], Opt("--messages-field", help="Field holding chats, rendered with the chat template.")]
 SystemPromptOpt = Annotated[
     Optional[str], Opt("--system-prompt", help="System prompt added to every chat (prepended to text records).")
@@ -67,9 +73,15 @@ SystemPromptOpt = Annotated[
 ChatTemplateOpt = Annotated[Optional[str], Opt("--chat-template", help="A Jinja chat template file, for tokenizers without one.")]
 LimitOpt = Annotated[Optional[int], Opt("--limit", help="Read at most N records.")]
 MaxTokensOpt = Annotated[Optional[int], Opt("--max-tokens", help="Truncate records to N tokens.")]
-BlockSizeOpt = Annotated[Optional[int], Opt("--block-size", help="Tokens per block. [default: 16]")]
-KvDtypeOpt = Annotated[Optional[str], Opt("--kv-dtype", help="auto (the model's dtype) or fp8. [default: auto]")]
+BlockSizeOpt = Annotated[Optional[int], Opt("--block-size", help=f"Tokens per block. {_default('block_size')}")]
+KvDtypeOpt = Annotated[Optional[str], Opt("--kv-dtype", help=f"auto (the model's dtype) or fp8. {_default('kv_dtype')}")]
 TrustRemoteCodeOpt = Annotated[Optional[bool], Opt("--trust-remote-code", help="Allow the model's own code to run.")]
+DtypeOpt = Annotated[Optional[str], Opt("--dtype", help=f"auto, bfloat16, float16 or float32. {_default('dtype')}")]
+MinRecordsOpt = Annotated[Optional[int], Opt("--min-records", help="Store only blocks contained in at least K records.")]
+MaxBytesOpt = Annotated[
+    Optional[int],
+    Opt("--max-bytes", parser=_size, metavar="SIZE", help="Store the most shared blocks whose KV fits in SIZE, e.g. 500GB."),
+]
 
 
 @app.command()
@@ -90,15 +102,30 @@ def build(
     limit: LimitOpt = None,
     max_tokens: MaxTokensOpt = None,
     block_size: BlockSizeOpt = None,
-    batch_tokens: Annotated[Optional[int], Opt(help="Token budget of one forward pass. [default: 8192]")] = None,
-    dtype: Annotated[Optional[str], Opt(help="auto, bfloat16, float16 or float32. [default: auto]")] = None,
+    batch_tokens: Annotated[Optional[int], Opt(help=f"Token budget of one forward pass. {_default('batch_tokens')}")] = None,
+    dtype: DtypeOpt = None,
     kv_dtype: KvDtypeOpt = None,
-    device: Annotated[Optional[str], Opt(help="auto, cpu, cuda or cuda:N. [default: auto]")] = None,
+    min_records: MinRecordsOpt = None,
+    max_bytes: MaxBytesOpt = None,
+    device: Annotated[Optional[str], Opt(help=f"auto, cpu, cuda or cuda:N. {_default('device')}")] = None,
     shard_bytes: Annotated[
-        Optional[int], Opt(parser=_size, metavar="SIZE", help="Bytes per shard file, e.g. 512MiB. [default: 256MiB]")
+        Optional[int], Opt(parser=_size, metavar="SIZE", help=f"Bytes per shard file, e.g. 512MiB. {_default('shard_bytes')}")
     ] = None,
-    write_threads: Annotated[Optional[int], Opt(help="Background threads writing shards. [default: 2]")] = None,
-    fsync: Annotated[Optional[bool], Opt("--fsync/--no-fsync", help="Make every shard durable before indexing it.")] = None,
+    write_threads: Annotated[Optional[int], Opt(help=f"Background threads writing shards. {_default('write_threads')}")] = None,
+    prefix_cache_bytes: Annotated[
+        Optional[int],
+        Opt(
+            parser=_size,
+            metavar="SIZE",
+            help=f"Device memory for the KV of recent blocks, reused as past. {_default('prefix_cache_bytes')}",
+        ),
+    ] = None,
+    sort_window: Annotated[
+        Optional[int], Opt(help=f"Batches' worth of records sorted by length together. {_default('sort_window')}")
+    ] = None,
+    fsync: Annotated[
+        Optional[bool], Opt("--fsync/--no-fsync", help=f"Make every shard durable before indexing it. {_default('fsync')}")
+    ] = None,
     resume: Annotated[Optional[bool], Opt("--resume", help="Finish an interrupted build of this dataset.")] = None,
     append: Annotated[Optional[bool], Opt("--append", help="Add this dataset to an existing store of the same model.")] = None,
     overwrite: Annotated[Optional[bool], Opt("--overwrite", help="Replace an existing store.")] = None,
@@ -115,6 +142,89 @@ def build(
     record = run_build(cfg)
     if not cfg.quiet:
         _print_build(record)
+
+
+@app.command()
+@_user_errors
+def analyze(
+    dataset: DatasetArg = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    text_field: TextFieldOpt = None,
+    messages_field: MessagesFieldOpt = None,
+    system_prompt: SystemPromptOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    limit: LimitOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    block_size: BlockSizeOpt = None,
+    dtype: DtypeOpt = None,
+    kv_dtype: KvDtypeOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = None,
+    holdout: Annotated[float, Opt(help="Share of records left out of the store and matched against it (0: off).")] = 0.1,
+    as_json: Annotated[bool, Opt("--json", help="Print one JSON object.")] = False,
+    plot: Annotated[
+        Optional[Path], Opt("--plot", metavar="FILE.png", help="Draw hit rate against store size (needs prefixgen[plot]).")
+    ] = None,
+    quiet: Annotated[Optional[bool], Opt("--quiet", "-q", help="No progress bar.")] = None,
+) -> None:
+    """Count DATASET's blocks as build would (tokenizer and config only, no weights) and show what each store size buys."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "holdout", "as_json", "plot")}
+    from prefixgen.analysis.analyze import analyze as run_analyze
+    from prefixgen.config import BuildConfig
+
+    if plot is not None:
+        from prefixgen.analysis.plot import check_matplotlib
+
+        check_matplotlib()
+        if not holdout:
+            raise ConfigError("--plot draws the hit rate on held-out records: pass --holdout above 0, e.g. 0.1")
+    cfg = BuildConfig.from_file(config, **flags) if config else BuildConfig().merged(**flags)
+    result = run_analyze(cfg, holdout=holdout, progress=not cfg.quiet and sys.stderr.isatty())
+    if plot is not None:
+        from prefixgen.analysis.plot import plot_analysis
+
+        plot_analysis(result, plot)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_analysis(result, plot)
+
+
+def _size_text(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _print_analysis(a, plot: Optional[Path]) -> None:
+    share = f" ({a.holdout_records:,} more held out, {a.holdout_tokens:,} tokens)" if a.holdout_records else ""
+    typer.echo(f"records          {a.records:,}{share}")
+    typer.echo(f"dataset tokens   {a.dataset_tokens:,}")
+    typer.echo(f"unique blocks    {a.unique_blocks:,} ({a.unique_tokens:,} tokens, block size {a.block_size})")
+    typer.echo(f"KV per token     {a.kv_bytes_per_token:,} bytes ({a.kv_dtype})")
+    typer.echo("\nsharing: blocks by the number of records that contain them")
+    typer.echo(f"  {'records':>13} {'blocks':>12} {'tokens':>14}")
+    for row in a.sharing:
+        lo, hi = row["min_records"], row["max_records"]
+        typer.echo(f"  {lo if lo == hi else f'{lo}-{hi}':>13} {row['blocks']:>12,} {row['tokens']:>14,}")
+    typer.echo("\nchoices (build --min-records K / --max-bytes SIZE)")
+    hit = "held-out hit" if a.holdout_records else ""
+    typer.echo(
+        f"  {'K':>5} {'SIZE':>10} {'stored tokens':>14} {'prefill tok':>12} {'bytes':>11} {'bytes fp8':>11} {hit:>13}".rstrip()
+    )
+    for c in a.choices:
+        size = _size_text(c.max_bytes) if c.max_bytes is not None else ""
+        rate = f"{c.holdout_hit_rate:.1%}" if c.holdout_hit_rate is not None else ""
+        typer.echo(
+            f"  {c.min_records:>5} {size:>10} {c.stored_tokens:>14,} {c.prefill_tokens:>12,} "
+            f"{_size_text(c.bytes):>11} {_size_text(c.bytes_fp8):>11} {rate:>13}".rstrip()
+        )
+    if plot is not None:
+        typer.echo(f"\nplot written to {plot}")
 
 
 def _print_build(r) -> None:
@@ -176,6 +286,16 @@ def ls(
                 f"  {b['started_at']:<26} {b['status']:<12} {b['records']:>9,} {b['dataset_tokens']:>12,} "
                 f"{b['prefilled_tokens']:>10,} {b['padding_tokens']:>8,} {b['seconds']:>8,.1f}"
             )
+            sel = b.get("selection")
+            if sel:
+                rule = ", ".join(
+                    f"--{k.replace('_', '-')} {v:,}"
+                    for k, v in (("min_records", sel["min_records"]), ("max_bytes", sel["max_bytes"]))
+                    if v is not None
+                )
+                typer.echo(
+                    f"  {'':<26} selection: {rule}: stored {sel['selected_blocks']:,} of {sel['candidate_blocks']:,} blocks"
+                )
     if summary["top_prefixes"]:
         typer.echo("\nmost-shared prefixes")
         for p in summary["top_prefixes"]:
@@ -256,6 +376,90 @@ def serve(
     from prefixgen.integrations.serve import serve as run_serve
 
     run_serve(cfg)
+
+
+@app.command()
+@_user_errors
+def simulate(
+    source: Annotated[
+        Optional[str], typer.Argument(help="A dataset (as build reads it), or a trace file with --trace-format mooncake.")
+    ] = None,
+    model: ModelOpt = None,
+    split: SplitOpt = None,
+    subset: SubsetOpt = None,
+    text_field: TextFieldOpt = None,
+    messages_field: MessagesFieldOpt = None,
+    system_prompt: SystemPromptOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    limit: LimitOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    block_size: BlockSizeOpt = None,
+    kv_dtype: KvDtypeOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = None,
+    trace_format: Annotated[Optional[str], Opt(help="dataset (tokenized as build does) or mooncake. [default: dataset]")] = None,
+    trace_block_tokens: Annotated[Optional[int], Opt(help="Tokens per hash id of a Mooncake trace. [default: 512]")] = None,
+    store: Annotated[Optional[str], Opt(help="A built store: the static tier (its blocks always hit).")] = None,
+    warmup: Annotated[
+        Optional[float], Opt(help="The first FRACTION of requests choose a static tier as build would; the rest are scored.")
+    ] = None,
+    min_records: Annotated[Optional[int], Opt(help="--warmup: keep blocks in at least K warm-up requests. [default: 1]")] = None,
+    max_bytes: Annotated[
+        Optional[int], Opt(parser=_size, metavar="SIZE", help="--warmup: the static tier's KV bytes at most, e.g. 500GB.")
+    ] = None,
+    max_blocks: Annotated[Optional[int], Opt(help="--warmup: the static tier's blocks at most.")] = None,
+    capacity: Annotated[
+        Optional[str],
+        Opt(
+            help="Dynamic tier sizes, comma-separated: blocks, bytes (20GB), % of distinct blocks, or inf. [default: 1%,3%,10%,30%,inf]"
+        ),
+    ] = None,
+    policy: Annotated[Optional[str], Opt(help="Policies, comma-separated. [default: lru,lfu,arc,s3fifo,belady]")] = None,
+    as_json: Annotated[bool, Opt("--json", help="Print one JSON object.")] = False,
+    plot: Annotated[Optional[Path], Opt(help="Write a PNG of token hit rate against capacity (needs matplotlib).")] = None,
+    quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Replay requests against a static tier and a dynamic tier under eviction policies; report the hits."""
+    from prefixgen.analysis.simulate import format_table
+    from prefixgen.analysis.simulate import plot as write_plot
+    from prefixgen.analysis.simulate import simulate as run_simulate
+    from prefixgen.config import BuildConfig, SimulateConfig
+
+    data = BuildConfig().merged(
+        model=model,
+        split=split,
+        subset=subset,
+        text_field=text_field,
+        messages_field=messages_field,
+        system_prompt=system_prompt,
+        chat_template=chat_template,
+        limit=limit,
+        max_tokens=max_tokens,
+        kv_dtype=kv_dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    given = dict(
+        source=source,
+        trace_format=trace_format,
+        trace_block_tokens=trace_block_tokens,
+        block_size=block_size,
+        store=store,
+        warmup=warmup,
+        min_records=min_records,
+        max_bytes=max_bytes,
+        max_blocks=max_blocks,
+        capacity=capacity,
+        policies=policy,
+    )
+    cfg = SimulateConfig(**{k: v for k, v in given.items() if v is not None})
+    result = run_simulate(cfg, data, progress=not quiet and sys.stderr.isatty())
+    if plot is not None:
+        write_plot(result, plot)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        typer.echo(format_table(result))
+        if plot is not None:
+            typer.echo(f"\nplot: {plot}")
 
 
 def main() -> None:

@@ -79,6 +79,8 @@ class BuildConfig:
     # store
     block_size: int = 16  # vLLM's block size
     kv_dtype: str = "auto"  # "auto": the model's dtype; "fp8": float8 e4m3 with per-block scales
+    min_records: int | None = None  # store only blocks contained in at least this many records
+    max_bytes: int | None = None  # store the most shared blocks whose KV fits in this many bytes
     shard_bytes: int = 256 << 20
     write_threads: int = 2
     fsync: bool = True  # durable shards; off writes into the page cache only
@@ -134,12 +136,37 @@ class BuildConfig:
     def write_mode(self) -> str:
         return "resume" if self.resume else "append" if self.append else "overwrite" if self.overwrite else "new"
 
-    def validate(self) -> BuildConfig:
-        """Raise ConfigError naming the first bad value and what to do; return self."""
+    @property
+    def selects(self) -> bool:
+        """Whether the build stores a chosen part of the blocks (and so reads the dataset twice)."""
+        return self.min_records is not None or self.max_bytes is not None
+
+    def validate_input(self) -> BuildConfig:
+        """Check the options that say what is read and how it is tokenized and stored (shared by
+        ``build`` and ``analyze``); raise ConfigError naming the first bad value; return self."""
         if not self.dataset:
             raise ConfigError("no dataset given: pass DATASET (a file, a folder or a Hugging Face dataset id)")
         if not self.model:
             raise ConfigError("no model given: pass --model (a local folder or a Hugging Face model id)")
+        if self.block_size <= 0:
+            raise ConfigError(f"block-size must be positive, got {self.block_size}")
+        for name in ("limit", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ConfigError(f"--kv-dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+        if self.min_records is not None and self.min_records < 1:
+            raise ConfigError(f"--min-records must be at least 1 (1 stores every block), got {self.min_records}")
+        if self.max_bytes is not None and self.max_bytes <= 0:
+            raise ConfigError(f"--max-bytes must be positive, e.g. 500GB or 2TiB, got {self.max_bytes}")
+        return self
+
+    def validate(self) -> BuildConfig:
+        """Raise ConfigError naming the first bad value and what to do; return self."""
+        self.validate_input()
         if not self.out:
             raise ConfigError("no store given: pass --out STORE (a new or empty folder)")
         if sum((self.resume, self.append, self.overwrite)) > 1:
@@ -147,16 +174,8 @@ class BuildConfig:
         for name in ("block_size", "batch_tokens", "shard_bytes", "write_threads", "sort_window"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("limit", "max_tokens"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.batch_tokens < self.block_size:
             raise ConfigError(f"--batch-tokens ({self.batch_tokens}) must be at least --block-size ({self.block_size})")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.kv_dtype not in KV_DTYPES:
-            raise ConfigError(f"--kv-dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"--device {self.device!r} is not auto, cpu, cuda or cuda:N")
         return self
@@ -166,8 +185,64 @@ class BuildConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("out", "quiet")}
 
 
+TRACE_FORMATS = ("dataset", "mooncake")
+
+
+@dataclass(slots=True)
+class SimulateConfig:
+    """Options of ``prefixgen simulate`` beyond the dataset ones (those are ``BuildConfig``'s).
+
+    Example:
+        >>> SimulateConfig(source="trace.jsonl", trace_format="mooncake").trace_block_tokens
+        512
+    """
+
+    source: str = ""  # a dataset (as build reads it) or a trace file
+    trace_format: str = "dataset"  # "dataset": tokenized as build does; "mooncake": block-hash JSON lines
+    trace_block_tokens: int = 512  # tokens per hash id in a Mooncake trace (512 in the published ones)
+    block_size: int | None = None  # datasets: tokens per block; None: the store's, else BuildConfig's 16
+    store: str | None = None  # a built store: the static tier
+    warmup: float | None = None  # the first FRACTION of requests choose the static tier and are not scored
+    min_records: int = 1  # --warmup: store blocks in at least this many warm-up requests (as build)
+    max_bytes: int | None = None  # --warmup: the static tier's KV bytes at most (as build)
+    max_blocks: int | None = None  # --warmup: the static tier's blocks at most
+    capacity: str = "1%,3%,10%,30%,inf"  # dynamic tier sizes: blocks, bytes (20GB), % of distinct blocks, inf
+    policies: str = "lru,lfu,arc,s3fifo,belady"
+
+    @property
+    def policy_names(self) -> list[str]:
+        return [p.strip().lower() for p in self.policies.split(",") if p.strip()]
+
+    def validate(self) -> SimulateConfig:
+        """Raise ConfigError naming the first bad value and what to do; return self."""
+        from prefixgen.analysis.policies import POLICIES
+
+        if not self.source:
+            raise ConfigError("nothing to simulate: pass a dataset or a trace file (with --trace-format mooncake)")
+        if self.trace_format not in TRACE_FORMATS:
+            raise ConfigError(f"--trace-format {self.trace_format!r} is not one of {', '.join(TRACE_FORMATS)}")
+        unknown = [p for p in self.policy_names if p not in POLICIES]
+        if unknown or not self.policy_names:
+            raise ConfigError(f"--policy {', '.join(unknown) or self.policies!r}: choose from {', '.join(POLICIES)}")
+        for name in ("trace_block_tokens", "block_size", "max_blocks"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.max_bytes is not None and self.max_bytes <= 0:
+            raise ConfigError(f"--max-bytes must be positive, got {self.max_bytes}")
+        if self.min_records < 1:
+            raise ConfigError(f"--min-records must be at least 1, got {self.min_records}")
+        if self.warmup is not None and not 0 < self.warmup < 1:
+            raise ConfigError(f"--warmup must be a fraction between 0 and 1, got {self.warmup}")
+        if self.warmup is not None and self.store:
+            raise ConfigError("--store and --warmup both give a static tier: pass one of them")
+        if self.warmup is None and (self.min_records != 1 or self.max_bytes is not None or self.max_blocks is not None):
+            raise ConfigError("--min-records, --max-bytes and --max-blocks choose the static tier of --warmup: pass --warmup too")
+        return self
+
+
 # Fields that are byte sizes: they accept units on the command line and in TOML.
-SIZE_FIELDS = frozenset({"shard_bytes", "prefix_cache_bytes"})
+SIZE_FIELDS = frozenset({"shard_bytes", "prefix_cache_bytes", "max_bytes"})
 
 # Field name -> the type its (non-None) values must have.
 _FIELD_TYPES: dict[str, type] = {

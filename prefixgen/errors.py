@@ -38,6 +38,15 @@ class CorruptStoreError(StoreError):
     """A store file is damaged: bad JSON, truncated file, checksum mismatch."""
 
 
+class CorruptBlockError(CorruptStoreError):
+    """One stored block fails its checksum. ``block`` is its position in the locations asked for,
+    so a reader can still use the blocks before it."""
+
+    def __init__(self, message: str, block: int):
+        super().__init__(message)
+        self.block = block
+
+
 class NewerFormatError(StoreError):
     """The store was written by a newer prefixgen."""
 

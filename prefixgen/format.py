@@ -87,11 +87,14 @@ def block_keys(tokens: Sequence[int], block_size: int, root: BlockHash) -> list[
         >>> len(block_keys(list(range(40)), 16, root_key("00" * 32)))
         2
     """
-    arr = np.asarray(tokens, dtype="<u4")
+    data = np.asarray(
+        tokens, dtype="<u4"
+    ).tobytes()  # slicing bytes is cheaper than slicing the array: a server hashes per request
+    step = block_size * 4
     keys: list[BlockHash] = []
     parent = root
-    for start in range(0, len(arr) - block_size + 1, block_size):
-        parent = BlockHash(hashlib.sha256(parent + arr[start : start + block_size].tobytes()).digest())
+    for start in range(0, len(data) - step + 1, step):
+        parent = BlockHash(hashlib.sha256(parent + data[start : start + step]).digest())
         keys.append(parent)
     return keys
 
@@ -188,6 +191,15 @@ class KVLayout:
 
     def scale_bytes_per_block(self) -> int:
         return self.num_layers * 2 * self.num_kv_heads * 4 if self.storage == "fp8" else 0
+
+    def block_bytes(self, block_size: int) -> int:
+        """Bytes of KV of one stored block: its ``kv`` rows plus, for fp8, its ``kv_scale`` row.
+
+        Example:
+            >>> KVLayout(5, 4, 8, "float32").block_bytes(16), KVLayout(5, 4, 8, "float32", "fp8").block_bytes(16)
+            (20480, 5280)
+        """
+        return self.bytes_per_token * block_size + self.scale_bytes_per_block()
 
 
 @dataclass(slots=True, frozen=True)
@@ -574,6 +586,9 @@ class BuildRecord:
     # Where the time went: read, tokenize, plan (hash + dedup), batch, prefill, copy (device to
     # host), write (background threads, summed) and write_wait (the pipeline waiting on the disk).
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # With --min-records/--max-bytes: min_records, max_bytes, selected_blocks (chosen to store) and
+    # candidate_blocks (distinct blocks of the dataset); None when every block is stored.
+    selection: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return _fields_dict(self)

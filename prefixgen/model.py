@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 
 from prefixgen.compat import cache_kwargs, output_cache
 from prefixgen.errors import ModelError
-from prefixgen.format import KVLayout, ModelFingerprint
+from prefixgen.format import KVLayout, ModelFingerprint, read_safetensors_header
 
 # Samples per parameter for the weights digest: enough to see any fine-tune, cheap for 70B.
 _SAMPLES = 1 << 16
@@ -33,11 +35,68 @@ def weights_digest(model: torch.nn.Module) -> str:
     """
     h = hashlib.sha256()
     for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        flat = param.detach().reshape(-1)
-        step = max(1, flat.numel() // _SAMPLES)
-        sample = flat[::step][:_SAMPLES].to(torch.bfloat16).view(torch.int16).cpu().numpy()
-        h.update(f"{name}:{tuple(param.shape)}\n".encode())
-        h.update(sample.astype("<i2").tobytes())
+        _digest_tensor(h, name, tuple(param.shape), param.detach().reshape(-1))
+    return h.hexdigest()
+
+
+def _digest_tensor(h: Any, name: str, shape: tuple[int, ...], flat: torch.Tensor | np.ndarray) -> None:
+    """Feed one parameter into the weights digest: its name and shape, then its strided sample as bfloat16."""
+    step = max(1, flat.shape[0] // _SAMPLES)
+    sample = flat[::step][:_SAMPLES]
+    if isinstance(sample, np.ndarray):
+        sample = torch.from_numpy(np.ascontiguousarray(sample))
+    h.update(f"{name}:{shape}\n".encode())
+    h.update(sample.to(torch.bfloat16).view(torch.int16).cpu().numpy().astype("<i2").tobytes())
+
+
+# safetensors dtypes a checkpoint may hold -> (numpy dtype to read the bytes, torch dtype they mean)
+_CHECKPOINT_DTYPES = {
+    "F32": (np.float32, torch.float32),
+    "F16": (np.float16, torch.float16),
+    "BF16": (np.int16, torch.bfloat16),
+    "F64": (np.float64, torch.float64),
+}
+
+
+def checkpoint_weights_digest(folder: str | Path, tie_word_embeddings: bool = False) -> str:
+    """The :func:`weights_digest` of the model transformers loads from the ``*.safetensors`` files in
+    ``folder``, computed from the files alone (memory-mapped; only the sampled elements are read).
+
+    For servers whose modules differ from transformers' (vLLM fuses ``qkv_proj``): the checkpoint's
+    tensor names are transformers' parameter names. A tied ``lm_head.weight`` is not a parameter of
+    its own (transformers lists the shared tensor once, as the embedding), nor are buffers saved in
+    old checkpoints (``rotary_emb.inv_freq``).
+
+    Example:
+        >>> checkpoint_weights_digest("models/stories260K") == weights_digest(model)  # doctest: +SKIP
+        True
+    """
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{folder} has no .safetensors files: the weights digest needs the checkpoint in safetensors")
+    tensors: dict[str, tuple[Path, dict[str, Any], int]] = {}
+    for path in files:
+        with open(path, "rb") as f:
+            header = read_safetensors_header(f, path)
+        for name, info in header.tensors.items():
+            tensors[name] = (path, info, header.data_start)
+    h = hashlib.sha256()
+    maps: dict[Path, np.memmap] = {}
+    for name in sorted(tensors):
+        if name.endswith("rotary_emb.inv_freq") or (tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        path, info, data_start = tensors[name]
+        if info["dtype"] not in _CHECKPOINT_DTYPES:
+            raise ModelError(f"{path}: tensor {name} has dtype {info['dtype']}, which the weights digest cannot read")
+        np_dtype, torch_dtype = _CHECKPOINT_DTYPES[info["dtype"]]
+        if path not in maps:
+            maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+        a, b = (data_start + o for o in info["data_offsets"])
+        flat = maps[path][a:b].view(np.dtype(np_dtype).newbyteorder("<"))
+        step = max(1, flat.shape[0] // _SAMPLES)
+        sample = torch.from_numpy(np.ascontiguousarray(flat[::step][:_SAMPLES]).astype(np_dtype)).view(torch_dtype)
+        _digest_tensor(h, name, tuple(info["shape"]), sample)  # already strided: sampling again keeps it whole
     return h.hexdigest()
 
 
@@ -63,14 +122,55 @@ def _rope(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(rope, sort_keys=True, default=str))
 
 
+# RoPE variants whose frequencies depend on the position alone: in transformers 5.24 their init
+# functions (modeling_rope_utils.ROPE_INIT_FUNCTIONS) ignore ``seq_len`` and ``dynamic_rope_update``
+# leaves them alone, so a block's KV is the same whatever sequence or batch it was computed in.
+# "dynamic" (NTK) and "longrope" recompute the frequencies from the largest position in the batch
+# at every forward: a block's KV would depend on its record's length and on its batch neighbours.
+REUSABLE_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
+
+
+def rope_types(config: Any) -> list[str]:
+    """The ``rope_type`` of every RoPE the config declares (per layer type where it has several);
+    empty for a model without RoPE parameters.
+
+    Example:
+        >>> rope_types(transformers.LlamaConfig(rope_parameters={"rope_type": "linear", "factor": 2.0}))
+        ['linear']
+    """
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return []
+    nested = [v for v in rope.values() if isinstance(v, dict)]
+    found = []
+    for params in nested or [rope]:
+        kind = params.get("rope_type", params.get("type"))
+        if kind is not None:
+            found.append(str(kind))
+    return found
+
+
+def check_rope(config: Any) -> None:
+    """Raise ModelError for a RoPE whose frequencies depend on the sequence length (see
+    REUSABLE_ROPE_TYPES): its KV is not reusable as a prefix of another sequence."""
+    bad = sorted({t for t in rope_types(config) if t not in REUSABLE_ROPE_TYPES})
+    if bad:
+        raise ModelError(
+            f"this model's RoPE (rope_type {', '.join(repr(t) for t in bad)}) changes its frequencies with the "
+            "sequence length, so a prefix's KV depends on what follows it and cannot be stored for reuse; "
+            f"prefixgen accepts rope_type {', '.join(REUSABLE_ROPE_TYPES)}"
+        )
+
+
 @torch.inference_mode()
 def probe_kv_layout(model: torch.nn.Module) -> KVLayout:
     """Run two tokens through ``model`` and read the shape of the cache it makes.
 
     Raises ModelError if the cache is not a plain full-attention KV cache (sliding-window,
-    linear-attention, state-space or compressed layers), since such KV cannot be reused as a
-    prefix of longer sequences.
+    linear-attention, state-space or compressed layers), or if its RoPE depends on the sequence
+    length (``check_rope``), since such KV cannot be reused as a prefix of longer sequences.
     """
+    check_rope(model.config)
     device = next(model.parameters()).device
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)
     try:
@@ -102,16 +202,27 @@ def fingerprint(model: torch.nn.Module, tokenizer: Any, layout: KVLayout, name: 
     Example:
         >>> fp = fingerprint(model, tokenizer, probe_kv_layout(model), "stories260K")  # doctest: +SKIP
     """
-    config = model.config
-    archs = getattr(config, "architectures", None) or [type(model).__name__]
+    archs = getattr(model.config, "architectures", None) or [type(model).__name__]
+    return config_fingerprint(model.config, tokenizer, layout, weights_digest(model), name, architecture=str(archs[0]))
+
+
+def config_fingerprint(
+    config: Any, tokenizer: Any, layout: KVLayout, weights: str, name: str = "", architecture: str = ""
+) -> ModelFingerprint:
+    """The fingerprint of a model known by its config, KV layout and weights digest (a server that
+    does not run the transformers model, such as vLLM, gets ``weights`` from :func:`checkpoint_weights_digest`).
+
+    Example:
+        >>> fp = config_fingerprint(AutoConfig.from_pretrained(d), tok, layout, checkpoint_weights_digest(d))  # doctest: +SKIP
+    """
     return ModelFingerprint(
         name=name or str(getattr(config, "_name_or_path", "")),
-        architecture=str(archs[0]),
+        architecture=architecture or str((getattr(config, "architectures", None) or [""])[0]),
         model_type=str(getattr(config, "model_type", "")),
         num_layers=layout.num_layers,
         num_kv_heads=layout.num_kv_heads,
         head_dim=layout.head_dim,
-        weights_digest=weights_digest(model),
+        weights_digest=weights,
         tokenizer_digest=tokenizer_digest(tokenizer) if tokenizer is not None else "",
         rope=_rope(config),
         max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
@@ -137,6 +248,67 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def load_tokenizer(model: str, *, trust_remote_code: bool = False, chat_template: str | None = None) -> Any:
+    """The tokenizer of ``model`` (a folder or Hub id), with the chat template of the file ``chat_template``
+    if given: what build, analyze and serve tokenize with.
+
+    Example:
+        >>> load_tokenizer("models/stories260K").vocab_size  # doctest: +SKIP
+        512
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"cannot load a tokenizer from {model}: {_first_line(exc)}") from None
+    if chat_template:
+        try:
+            with open(chat_template) as f:
+                tokenizer.chat_template = f.read()
+        except OSError as exc:
+            raise ModelError(f"cannot read --chat-template {chat_template}: {exc.strerror}") from None
+    return tokenizer
+
+
+def load_config(model: str, trust_remote_code: bool = False) -> Any:
+    """The transformers config of ``model`` (no weights are read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"{model} needs its own code: if you trust it, pass --trust-remote-code") from None
+        raise ModelError(f"cannot read the config of model {model}: {_first_line(exc)}") from None
+    except Exception as exc:
+        raise ModelError(f"cannot read the config of model {model}: {_first_line(exc)}") from None
+
+
+def config_kv_layout(config: Any, dtype: str = "auto", kv_dtype: str = "auto") -> KVLayout:
+    """The KV layout a build of this model would write, from its config alone (no weights, no forward):
+    layers x 2 x kv_heads x head_dim values per token, in the dtype ``dtype`` resolves to on this
+    machine (as build's ``--dtype``), stored as fp8 with per-block scales if ``kv_dtype`` is ``fp8``.
+    Equals :func:`probe_kv_layout` of the loaded model for full-attention models.
+
+    Example:
+        >>> config_kv_layout(load_config("models/stories260K"), "float32").bytes_per_token  # doctest: +SKIP
+        1280
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    torch_dtype = resolve_dtype(dtype, resolve_device("auto"))
+    return KVLayout(
+        num_layers=int(text.num_hidden_layers),
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        storage="fp8" if kv_dtype == "fp8" else "native",
+    )
+
+
 def load_model(
     model: str,
     *,
@@ -151,16 +323,13 @@ def load_model(
     Example:
         >>> model, tokenizer, device = load_model("models/tiny")  # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bar is the one to watch
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise ModelError(f"cannot load a tokenizer from {model}: {_first_line(exc)}") from None
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code, chat_template=chat_template)
     try:
         lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except ValueError as exc:
@@ -169,13 +338,21 @@ def load_model(
         raise ModelError(f"{model} is not a causal language model that transformers can load: {_first_line(exc)}") from None
     except Exception as exc:
         raise ModelError(f"cannot load model {model}: {_first_line(exc)}") from None
-    if chat_template:
-        try:
-            with open(chat_template) as f:
-                tokenizer.chat_template = f.read()
-        except OSError as exc:
-            raise ModelError(f"cannot read --chat-template {chat_template}: {exc.strerror}") from None
     return lm.to(torch_device).eval(), tokenizer, torch_device
+
+
+def kv_layout_from_config(model: str, kv_dtype: str = "auto", trust_remote_code: bool = False) -> KVLayout:
+    """The KV layout of ``model`` read from its config alone (no weights), in the config's dtype
+    (bfloat16 when it names none or names another): for planning a GPU build without weights.
+    :func:`config_kv_layout` takes the dtype as build's ``--dtype`` would resolve it here.
+
+    Example:
+        >>> kv_layout_from_config("models/stories260K").bytes_per_token
+        1280
+    """
+    text = load_config(model, trust_remote_code=trust_remote_code).get_text_config()
+    dtype = str(getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or "bfloat16").removeprefix("torch.")
+    return config_kv_layout(text, dtype if dtype in ("float32", "bfloat16", "float16") else "bfloat16", kv_dtype)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -17,8 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 STORIES = REPO / "models" / "stories260K"
-SHARED = REPO.parent / "shared"
-MT_BENCH = SHARED / "datasets" / "mt_bench_question.jsonl"
+DATA = REPO / "tests" / "data"  # files the tests read, with their sources in SOURCES.md
+MT_BENCH = DATA / "mt_bench_question.jsonl"
 
 # A ChatML-style template, as Qwen models use.
 CHAT_TEMPLATE = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import resource
 import signal
 import subprocess
@@ -99,9 +100,13 @@ def test_chat_build_of_mt_bench_shares_the_system_prompt(tmp_path, cli, stories_
     (b,) = ls_json(cli, out)["builds"]
     assert b["records"] == 80 and b["skipped_records"] == 0
     tok = AutoTokenizer.from_pretrained(stories_chat)
-    system_tokens = len(tok.apply_chat_template([{"role": "system", "content": SYSTEM * 3}], tokenize=False))
-    # 79 of the 80 records reuse the system prompt's KV instead of prefilling it again.
-    assert b["dataset_tokens"] - b["prefilled_tokens"] > 79 * (system_tokens // 4) // 16 * 16
+    system = tok.apply_chat_template([{"role": "system", "content": SYSTEM * 3}], tokenize=False)
+    system_tokens = len(tok(system, add_special_tokens=False).input_ids)  # tokens, not characters
+    assert system_tokens > 64
+    # 79 of the 80 records reuse the system prompt's full blocks (all but the block where the
+    # user's turn begins) instead of prefilling them again.
+    shared = (system_tokens - 1) // 16 * 16
+    assert b["dataset_tokens"] - b["prefilled_tokens"] >= 79 * shared
     assert b["prefilled_tokens"] == b["stored_tokens"]
     # A server renders the same request, with the generation prompt, and hits the store.
     store = PrefixStore.open(out)
@@ -162,9 +167,14 @@ def test_resume_after_kill_9_stores_the_same_blocks(tmp_path, cli, stories):
     assert report.ok, report.faults
     builds = ls_json(cli, out)["builds"]
     assert len(builds) == 1 and builds[0]["status"] == "complete" and builds[0]["records"] == 500
-    # Resuming a finished build does nothing.
-    again = cli(*args, "--resume")
-    assert again.exit_code == 0 and stored_keys(out) == want
+    # The resumed run prefilled only the blocks the killed one had not stored.
+    assert builds[0]["prefilled_tokens"] == builds[0]["stored_tokens"] == (len(want) - len(killed)) * 16
+    # Resuming a finished build does nothing: nothing prefilled, not a byte of the store changed.
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = cli(*[a for a in args if a != "--quiet"], "--resume")
+    assert again.exit_code == 0, again.output
+    assert re.search(r"prefilled tokens  0 ", again.stdout) and re.search(r"records  0 ", again.stdout)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
 
 
 def test_ctrl_c_stops_cleanly_and_keeps_what_was_stored(tmp_path, stories):
@@ -204,6 +214,8 @@ def test_full_disk_is_a_clear_error_and_the_store_stays_valid(tmp_path, stories)
         ("missing_model", "cannot load"),
         ("not_causal", "not a causal language model"),
         ("sliding_window", "sliding"),
+        ("dynamic_rope", "rope_type 'dynamic'"),
+        ("longrope", "rope_type 'longrope'"),
         ("bad_dtype", "--dtype"),
         ("exclusive_flags", "exclude each other"),
         ("bad_config", "unknown option"),
@@ -225,6 +237,12 @@ def test_bad_input_gets_one_clear_message(tmp_path, cli, stories, text_dataset, 
         (model / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32}))
     elif case == "sliding_window":
         model = make_model(tmp_path / "mistral", "mistral", sliding_window=8)
+    elif case == "dynamic_rope":
+        rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+        model = make_model(tmp_path / "dynamic", "llama", rope_parameters=rope)
+    elif case == "longrope":
+        rope = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "factor": 4.0}
+        model = make_model(tmp_path / "longrope", "llama", rope_parameters={**rope, "rope_theta": 10000.0})
     elif case == "bad_dtype":
         extra = ["--dtype", "int4"]
     elif case == "exclusive_flags":
@@ -281,6 +299,11 @@ def test_config_file_sets_options_and_flags_win(tmp_path, cli, stories, text_dat
     assert cli("build", text_dataset, "--config", cfg, "--out", out, "--limit", "5", "--quiet").exit_code == 0
     summary = ls_json(cli, out)
     assert summary["block_size"] == 8 and summary["builds"][0]["records"] == 5
+    # Every option is a flag too; sizes take units.
+    flags = ["--prefix-cache-bytes", "64MiB", "--sort-window", "2"]
+    assert cli("build", text_dataset, "--config", cfg, "--out", out, "--overwrite", "--quiet", *flags).exit_code == 0
+    (b,) = PrefixStore.open(out).builds()
+    assert (b.options["prefix_cache_bytes"], b.options["sort_window"]) == (64 << 20, 2)
 
 
 def test_multiple_writers_fill_one_store(tmp_path, stories):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from prefixgen.format import INDEX_DIR, SHARDS_DIR
+from prefixgen.format import INDEX_DIR, SHARDS_DIR, read_safetensors_header
 
 
 def _build(cli, stories, text_dataset, out):
@@ -17,16 +17,27 @@ def test_verify_reports_damage_and_exits_1_without_changing_the_store(tmp_path, 
     _build(cli, stories, text_dataset, out)
     ok = cli("verify", out)
     assert ok.exit_code == 0 and "ok" in ok.stdout
-    shard = sorted((out / SHARDS_DIR).iterdir())[1]
+    shards = sorted((out / SHARDS_DIR).iterdir())  # one writer: in the order written
+    shard = shards[1]
+    with open(shard, "rb") as f:
+        tokens_at = read_safetensors_header(f, shard).offset("tokens")  # [blocks, B] uint32
     data = bytearray(shard.read_bytes())
-    data[-200] ^= 0xFF  # a token id: its block's key no longer matches
+    data[tokens_at] ^= 0x01  # the first token id of slot 0: its KV and CRC are intact, its key is not
     shard.write_bytes(bytes(data))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     bad = cli("verify", out)
     assert bad.exit_code == 1
-    assert "FAULT" in bad.stderr and shard.name in bad.stderr
+    assert f"{shard.name}: 1 blocks have a key that is not the hash of parent and tokens" in bad.stderr
+    assert "CRC" not in bad.stderr and "checksum" not in bad.stderr  # found by recomputing the key alone
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # verify never writes
-    next((out / INDEX_DIR).iterdir()).unlink()  # a lost segment: its blocks' children are orphans
+    data[tokens_at] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert cli("verify", out).exit_code == 0
+    # A lost segment: the blocks of later shards whose prefix it held are orphans (the only fault).
+    (out / INDEX_DIR / shards[0].name).unlink()
+    orphans = cli("verify", out)
+    faults = [line for line in orphans.stderr.splitlines() if line.startswith("FAULT")]
+    assert orphans.exit_code == 1 and len(faults) == 1 and "blocks have a parent that is not stored" in faults[0]
     shard.write_bytes(bytes(data[:100]))  # and a truncated shard
     worse = cli("verify", out)
     assert worse.exit_code == 1 and "bytes, the index recorded" in worse.stderr

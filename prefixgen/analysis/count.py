@@ -3,6 +3,15 @@
 A block's value is the number of records that contain it: each of them saves the block's prefill.
 ``select_blocks`` is the one selection rule, shared by ``build --min-records/--max-bytes``,
 ``analyze``, ``simulate --warmup``, ``prune`` and distributed routing.
+
+Counting (the API other modules use):
+
+* ``BlockCounter().add(keys)`` once per record (its chained block keys, in order), then
+  ``.result()`` -> :class:`BlockCounts`: sorted numpy columns ``key64``, ``check64``, ``records``,
+  ``depth``, 24 bytes per distinct block, whatever the dataset's size.
+* ``BlockCounts.find(key_columns(keys))`` -> rows (or -1); ``.select(min_records, max_blocks)`` ->
+  rows to store, best first (``select_blocks`` with key64 as the tiebreak, so every caller chooses
+  the same blocks); ``.subset(rows)`` -> a smaller table for membership tests.
 """
 
 from __future__ import annotations
@@ -45,10 +54,18 @@ def select_blocks(
         raise ValueError(f"min_records must be at least 1, got {min_records}")
     if max_blocks is not None and max_blocks < 0:
         raise ValueError(f"max_blocks must be non-negative, got {max_blocks}")
-    keys = (depth, -records.astype(np.int64)) if tiebreak is None else (tiebreak, depth, -records.astype(np.int64))
-    order = np.lexsort(keys)  # the last key is the primary one
-    order = order[records[order] >= min_records]
-    return order if max_blocks is None else order[:max_blocks]
+    # Filter first (most blocks of a real dataset are in one record), and negate counts in their own
+    # unsigned dtype: sorting 100 million blocks must not take gigabytes on top of the counts.
+    keep = np.flatnonzero(records >= min_records) if min_records > 1 else None
+    if keep is not None:
+        records, depth = records[keep], depth[keep]
+        tiebreak = None if tiebreak is None else np.asarray(tiebreak)[keep]
+    more_first = np.iinfo(records.dtype).max - records if records.dtype.kind == "u" else -records.astype(np.int64)
+    order = np.lexsort((depth, more_first) if tiebreak is None else (tiebreak, depth, more_first))  # last key first
+    del more_first
+    if max_blocks is not None:
+        order = order[:max_blocks]
+    return order if keep is None else keep[order]
 
 
 # --------------------------------------------------------------------------- counting in bounded memory
@@ -123,10 +140,10 @@ def _split(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _find(k64: np.ndarray, c64: np.ndarray, q64: np.ndarray, qc: np.ndarray) -> np.ndarray:
     """Rows of (q64, qc) in the table sorted by (k64, c64), or -1."""
-    pos = np.searchsorted(k64, q64)
-    at = np.minimum(pos, max(len(k64) - 1, 0))
     if not len(k64):
         return np.full(len(q64), -1, dtype=np.int64)
+    pos = np.searchsorted(k64, q64)
+    at = np.minimum(pos, len(k64) - 1)
     hit = (pos < len(k64)) & (k64[at] == q64)
     out = np.where(hit & (c64[at] == qc), pos, -1).astype(np.int64)
     # A key64 shared by different keys (a 2**-64 event per pair): look along the run of equal key64.

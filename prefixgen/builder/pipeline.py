@@ -1,12 +1,16 @@
 """``prefixgen build``: the whole pipeline, written in one place.
 
-    records -> tokenize -> plan (dedup) -> batch (by length) -> prefill -> write
+    records -> tokenize [-> select] -> plan (dedup) -> batch (by length) -> prefill -> write
+
+With --min-records/--max-bytes a count pass reads the dataset first and chooses the blocks to store
+(builder/selection.py); the select step then cuts each record to its chosen blocks.
 
 Each step is an iterator over the one before, so records stream through in bounded memory.
 """
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 import time
@@ -21,11 +25,13 @@ from tqdm import tqdm
 
 from prefixgen.builder.plan import Batch, Budget, Planner, PrefillTask, batch_tasks, split_batch
 from prefixgen.builder.prefill import Prefiller, fit_batch_tokens
+from prefixgen.builder.progress import Progress
+from prefixgen.builder.selection import Selection, choose_blocks, cut_to_selection, max_blocks
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer
-from prefixgen.data.source import read_records
+from prefixgen.data.source import count_records, read_records
 from prefixgen.errors import PrefixgenError, StoreError
-from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, root_key
+from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, dequantize_fp8, quantize_fp8, root_key
 from prefixgen.model import fingerprint, load_model, probe_kv_layout
 from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.reader import PrefixStore
@@ -125,18 +131,29 @@ class PastSource:
     """KV of blocks to use as past: recent blocks from device memory (LRU, ``budget`` bytes),
     else from this run's writer, else from the store as it was when the run began.
 
+    For an fp8 store the past is always the dequantized fp8 KV, what a server will load: recent
+    blocks are kept quantized and dequantized, so a suffix's KV does not depend on whether its
+    past was still in device memory (FORMAT.md, "fp8 storage").
+
     Example:
         >>> source = PastSource(writer, store, device, torch.float32, budget=1 << 30)  # doctest: +SKIP
         >>> source.get(keys).shape  # doctest: +SKIP
         torch.Size([32, 5, 2, 4, 8])
     """
 
-    def __init__(self, writer: StoreWriter, store: PrefixStore, device: torch.device, dtype: torch.dtype, budget: int):
-        self.writer, self.store, self.device, self.dtype = writer, store, device, dtype
+    def __init__(
+        self, writer: StoreWriter, store: PrefixStore, device: torch.device, dtype: torch.dtype, budget: int, fp8: bool = False
+    ):
+        self.writer, self.store, self.device, self.dtype, self.fp8 = writer, store, device, dtype, fp8
         self.recent = BlockCache(budget)
 
     def put(self, keys: Sequence[BlockHash], kv: torch.Tensor) -> None:
-        """Remember the KV [len(keys)*B, L, 2, H, D] of freshly computed blocks."""
+        """Remember the KV [len(keys)*B, L, 2, H, D] of freshly computed blocks (as stored)."""
+        if not keys or self.recent.budget < kv.nbytes // len(keys):
+            return  # nothing would be kept: skip the fp8 round trip too
+        if self.fp8:
+            bs = kv.shape[0] // len(keys)
+            kv = dequantize_fp8(*quantize_fp8(kv, bs), bs, kv.dtype)
         self.recent.put_run(list(keys), kv)
 
     def get(self, keys: Sequence[BlockHash]) -> torch.Tensor:
@@ -164,6 +181,16 @@ def _manifest(cfg: BuildConfig, model: torch.nn.Module, tokenizer) -> Manifest:
         layout = KVLayout(layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype, storage="fp8")
     fp = fingerprint(model, tokenizer, layout, name=cfg.model)
     return Manifest(block_size=cfg.block_size, model=fp, kv=layout, root=root_key(fp.weights_digest).hex(), created_at=utc_now())
+
+
+def _count_pass(cfg: BuildConfig, tokenize: RecordTokenizer, manifest: Manifest) -> Selection:
+    """Read and tokenize the dataset once more, as the build will, and choose the blocks to store."""
+    max_blocks(cfg, manifest.kv)  # refuse a budget under one block before the pass
+    counting = copy.copy(tokenize)  # same tokenization; its own statistics; warnings come in the build pass
+    counting.stats, counting.warn = BuildRecord("", ""), lambda _: None
+    records = read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
+    with tqdm(total=cfg.limit, unit="rec", disable=cfg.quiet, dynamic_ncols=True, desc="count") as bar:
+        return choose_blocks(counting(records), manifest.root_key, cfg, manifest.kv, tick=bar.update)
 
 
 def _build_record(store: PrefixStore, cfg: BuildConfig) -> BuildRecord:
@@ -217,35 +244,43 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
         system_prompt=cfg.system_prompt,
     )
     records = read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
-    manifest = prepare_store(out, _manifest(cfg, model, tokenizer), cfg.write_mode)
+    manifest = _manifest(cfg, model, tokenizer)
+    # --min-records/--max-bytes: the count pass, before anything is written.
+    selection = _count_pass(cfg, tokenize, manifest) if cfg.selects else None
+    manifest = prepare_store(out, manifest, cfg.write_mode)
     if cfg.resume:
         remove_temp_files(out)
     store = PrefixStore.open(out)
     record = _build_record(store, cfg)
+    record.selection = selection.record() if selection else None
     if cfg.resume and record.build_id not in {b.build_id for b in store.builds()}:
         # Nothing unfinished: resuming a finished build is a no-op (so scripts can always pass --resume).
         done = [b for b in store.builds() if b.dataset == cfg.dataset]
-        if done:
-            return done[-1]
+        if done:  # this run's record: it computed and wrote nothing
+            return BuildRecord(done[-1].build_id, cfg.dataset, "complete", record.started_at, utc_now(), options=cfg.options())
     writer = StoreWriter(out, manifest, record.build_id, cfg.shard_bytes, cfg.write_threads, cfg.fsync, device=device)
     record.writers.append(writer.writer_id)
     bar = tqdm(total=cfg.limit, unit="rec", disable=cfg.quiet, dynamic_ncols=True, desc="build")
+    progress = Progress(bar, writer.__contains__, None if cfg.quiet else lambda: count_records(cfg.dataset, cfg.limit))
     tokenize.stats, tokenize.warn = record, bar.write
     budget = Budget(fit_batch_tokens(model, manifest.kv.values_per_token * model.dtype.itemsize, cfg.batch_tokens, device))
     if budget.tokens < cfg.batch_tokens:
         bar.write(f"device memory allows {budget.tokens} tokens per batch (asked for {cfg.batch_tokens})")
-    planner = Planner(manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record)
-    source = PastSource(writer, store, device, model.dtype, cfg.prefix_cache_bytes)
+    planner = Planner(manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record, progress.planned)
+    source = PastSource(writer, store, device, model.dtype, cfg.prefix_cache_bytes, fp8=manifest.kv.storage == "fp8")
     prefiller = Prefiller(model, device, source.get)
 
     def store_task(task: PrefillTask, kv: torch.Tensor) -> None:
         with timer("copy"):
             _store_task(writer, source, manifest, task, kv)
+        progress.computed(task.new_keys)
 
     # The pipeline: each step pulls from the one before.
     timer = StageTimer()
     records = timer.wrap("read", records)
     tokenized = timer.wrap("tokenize", tokenize(records))
+    if selection is not None:
+        tokenized = timer.wrap("select", cut_to_selection(tokenized, selection, manifest.root_key, manifest.block_size))
     tasks = timer.wrap("plan", planner(tokenized))
     batches = timer.wrap("batch", batch_tasks(tasks, budget, cfg.sort_window))
     # Reading, tokenizing, hashing and batching run on a thread of their own, ahead of the
@@ -260,7 +295,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
             record.prefilled_tokens += batch.real_tokens
             record.padding_tokens += batch.padding_tokens
             now = time.perf_counter()
-            _progress(bar, record, writer, now - started)
+            _progress(progress, record, writer, now - started)
             if now - last_checkpoint > CHECKPOINT_SECONDS or planner.counts.full:
                 last_checkpoint = now
                 _checkpoint(writer, record, planner, now - started, timer)
@@ -314,18 +349,9 @@ def _store_task(writer: StoreWriter, source: PastSource, manifest: Manifest, tas
     source.put(keys, kv)
 
 
-def _progress(bar: tqdm, record: BuildRecord, writer: StoreWriter, seconds: float) -> None:
-    bar.n = record.records + record.skipped_records
-    dedup = 1 - record.prefilled_tokens / record.dataset_tokens if record.dataset_tokens else 0.0
-    bar.set_postfix(
-        {
-            "tok/s": f"{record.prefilled_tokens / max(seconds, 1e-9):,.0f}",
-            "dedup": f"{dedup:.0%}",
-            "written": _mb(writer.bytes_written),
-        },
-        refresh=False,
-    )
-    bar.refresh()
+def _progress(progress: Progress, record: BuildRecord, writer: StoreWriter, seconds: float) -> None:
+    tok_s = f"{record.prefilled_tokens / max(seconds, 1e-9):,.0f}"
+    progress.update(record.skipped_records, **{"tok/s": tok_s, "written": _mb(writer.bytes_written)})
 
 
 def _mb(n: int) -> str:
@@ -352,7 +378,8 @@ def _finish(writer: StoreWriter, record: BuildRecord, planner: Planner, started:
         if record.status == "complete":
             raise
     finally:
-        bar.n = record.records + record.skipped_records
+        if record.status == "complete":
+            bar.n = record.records + record.skipped_records
         bar.close()
     record.finished_at = utc_now()
     # Only blocks on disk count as stored after an interruption: recount from the writer.

@@ -138,8 +138,11 @@ class Planner:
         max_chunk: int,
         stored: Callable[[Sequence[BlockHash]], Sequence[bool]],
         stats: BuildRecord,
+        on_record: Callable[[BlockHash | None, int, int], None] | None = None,
     ):
         self.root = root
+        # Told of each record: (its last block if this run computes it, tokens, tokens it prefills).
+        self.on_record = on_record or (lambda last_key, tokens, new_tokens: None)
         self.block_size = block_size
         self.max_chunk = max(block_size, max_chunk // block_size * block_size)
         self.stored = stored
@@ -153,6 +156,7 @@ class Planner:
             keys = block_keys(record.ids, bs, self.root)
             self.counts.add(keys)
             if not keys:
+                self.on_record(None, len(record.ids), 0)
                 continue
             # First block that is neither scheduled in this run nor in the store. Both sets are
             # prefix-closed together, so the blocks before it are all known.
@@ -163,7 +167,9 @@ class Planner:
                 known[first:] |= np.asarray(self.stored(keys[first:]), dtype=bool)
                 first += int(np.argmin(known[first:])) if not known[first:].all() else len(keys) - first
             if first == len(keys):
+                self.on_record(keys[-1] if scheduled[-1] else None, len(record.ids), 0)
                 continue
+            self.on_record(keys[-1], len(record.ids), (len(keys) - first) * bs)
             self.scheduled.add(keys[first:])
             self.stats.stored_tokens += (len(keys) - first) * bs
             end = len(keys) * bs
@@ -206,7 +212,9 @@ def split_batch(batch: Batch) -> list[Batch]:
 
 def batch_tasks(tasks: Iterator[PrefillTask], budget: Budget | int, window: int) -> Iterator[Batch]:
     """Group tasks into batches of at most ``budget`` padded new tokens, sorting a window of
-    ``window * budget`` tokens by (new, past) length so that padding stays small.
+    ``window * budget`` tokens by (new, past) length so that padding stays small. The window starts
+    at one batch and doubles each round up to ``window``: the first batch is ready as soon as one
+    batch's worth of tasks is, and the window fills while the device works.
 
     A task is batched only after the batch holding its ``depends`` block was yielded: the caller
     runs each batch before asking for the next, so the past is computed by then.
@@ -220,9 +228,10 @@ def batch_tasks(tasks: Iterator[PrefillTask], budget: Budget | int, window: int)
     pending_tokens = 0
     waiting: set[BlockHash] = set()  # blocks of tasks not yet yielded
     exhausted = False
+    fill = 1  # batches' worth of tasks to gather this round: 1, 2, 4, ... window
     while True:
         batch_tokens = budget.tokens
-        while not exhausted and pending_tokens < window * batch_tokens:
+        while not exhausted and pending_tokens < fill * batch_tokens:
             task = next(tasks, None)
             if task is None:
                 exhausted = True
@@ -232,6 +241,7 @@ def batch_tasks(tasks: Iterator[PrefillTask], budget: Budget | int, window: int)
             waiting.update(task.new_keys)
         if not pending:
             return
+        fill = min(window, fill * 2)
         ready = [t for t in pending if t.depends is None or t.depends not in waiting]
         ready.sort(key=lambda t: (t.new_tokens, t.cached), reverse=True)
         batches = _pack(ready, batch_tokens)

@@ -7,6 +7,13 @@
 
 Empty or non-text records are skipped; records longer than the limit are truncated. Both are
 counted in the build record.
+
+Bounded tokenization: a record is cut to ``max_tokens`` tokens, so only a prefix of a long text is
+tokenized: about ``CHARS_PER_TOKEN`` characters per token allowed, grown until it gives at least
+``MARGIN`` tokens more than the limit (or is the whole text). The ids kept are those of tokenizing
+the whole text and cutting: a cut changes only the tokens at its end (pre-tokenizers split the
+text into words that are tokenized apart; BPE merges are local within one), and those are past the
+limit by ``MARGIN`` tokens. tests/test_records.py checks it on real tokenizers at every cut.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ from prefixgen.errors import ConfigError
 from prefixgen.format import BuildRecord
 
 CHUNK = 256  # records tokenized per call: fast tokenizers batch in Rust
+FIRST_CHUNK = 8  # the first calls take fewer, doubling up to CHUNK, so the first batch is ready soon
+CHARS_PER_TOKEN = 6  # text tokenized per token allowed, at first (most tokenizers average 2 to 5)
+MARGIN = 32  # tokens past the limit that a cut text must give, so the cut cannot reach the kept ids
 
 
 @dataclass(slots=True)
@@ -103,8 +113,32 @@ class RecordTokenizer:
             return None
         return f"{self.system_prompt}{value}" if self.system_prompt else value
 
+    def ids(self, texts: list[str]) -> list[tuple[list[int], bool]]:
+        """Token ids of each text cut to ``max_tokens``, and whether it was cut; equal to tokenizing
+        the whole text and cutting, but a long text is tokenized only as far as the limit needs.
+
+        Example:
+            >>> RecordTokenizer(tokenizer, stats, max_tokens=4).ids(["Once upon a time, there was"])  # doctest: +SKIP
+            [([403, 407, 261, 378], True)]
+        """
+        out: list[tuple[list[int], bool]] = [([], False)] * len(texts)
+        todo = list(range(len(texts)))
+        chars = self.max_tokens * CHARS_PER_TOKEN + 64
+        while todo:
+            pieces = [texts[i][:chars] for i in todo]
+            retry = []
+            for i, piece, ids in zip(todo, pieces, self.tokenizer(pieces, add_special_tokens=not self.chat)["input_ids"]):
+                if len(piece) == len(texts[i]) or len(ids) >= self.max_tokens + MARGIN:
+                    out[i] = (ids[: self.max_tokens], len(ids) > self.max_tokens)
+                else:  # the cut came too close to the limit: tokenize more of this text
+                    retry.append(i)
+            todo, chars = retry, chars * 2
+        return out
+
     def __call__(self, records: Iterator[Record]) -> Iterator[TokenizedRecord]:
-        while chunk := list(islice(records, CHUNK)):
+        size = FIRST_CHUNK
+        while chunk := list(islice(records, size)):
+            size = min(CHUNK, size * 2)
             texts, indices = [], []
             for record in chunk:
                 text = self._text(record.value)
@@ -118,16 +152,14 @@ class RecordTokenizer:
                 indices.append(record.index)
             if not texts:
                 continue
-            ids_list = self.tokenizer(texts, add_special_tokens=not self.chat)["input_ids"]
-            for index, ids in zip(indices, ids_list):
+            for index, (ids, cut) in zip(indices, self.ids(texts)):
                 self.stats.records += 1
-                if len(ids) > self.max_tokens:
+                if cut:
                     self.stats.truncated_records += 1
                     self._warn_once(
                         "truncate",
-                        f"warning: record {index} has {len(ids)} tokens, more than the limit of {self.max_tokens}; "
+                        f"warning: record {index} has more than the limit of {self.max_tokens} tokens; "
                         "truncating such records (counted)",
                     )
-                    ids = ids[: self.max_tokens]
                 self.stats.dataset_tokens += len(ids)
                 yield TokenizedRecord(index, ids)

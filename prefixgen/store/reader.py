@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from prefixgen.compat import make_cache
-from prefixgen.errors import CorruptStoreError, IncompatibleStoreError, StoreError
+from prefixgen.errors import CorruptBlockError, CorruptStoreError, IncompatibleStoreError, StoreError
 from prefixgen.format import (
     BUILDS_DIR,
     COUNT_COLUMNS,
@@ -200,6 +200,8 @@ class PrefixStore:
     ) -> torch.Tensor:
         """KV at ``locations``, back to back: ``[blocks * B, L, 2, H, D]`` on ``device``.
 
+        A block that fails its CRC (``verify``) raises :class:`CorruptBlockError` saying which.
+
         Consecutive slots of a shard are read with one request, cut into pieces of at most
         ``PIECE_BYTES`` read (and CRC-checked) by threads. On CUDA the pieces land in a ring of
         pinned staging buffers and go up with non-blocking copies while the next pieces are read.
@@ -288,9 +290,10 @@ class PrefixStore:
         crcs = block_crcs(dest, block_bytes, scale_dest, layout.scale_bytes_per_block())
         bad = np.flatnonzero(crcs != np.asarray(run.crcs, dtype=np.uint32))
         if len(bad):
-            raise CorruptStoreError(
+            raise CorruptBlockError(
                 f"{path}: block at slot {run.first_slot + int(bad[0])} fails its checksum; the store is damaged "
-                "(run `prefixgen verify`, then rebuild the damaged part with `prefixgen build --resume`)"
+                "(run `prefixgen verify`, then rebuild the damaged part with `prefixgen build --resume`)",
+                block=run.out_block + int(bad[0]),
             )
 
     # ------------------------------------------------------------------ compatibility

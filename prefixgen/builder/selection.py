@@ -1,0 +1,117 @@
+"""The selection step of ``build --min-records K --max-bytes SIZE``: store only the blocks worth storing.
+
+Two passes over the dataset. The count pass (CPU, :func:`choose_blocks`) counts how many records
+contain each block, with the same counter and the same rule as ``analyze``
+(:meth:`BlockCounts.select`). The build pass then cuts each tokenized record to its chosen blocks
+(:func:`cut_to_selection`) before the planner sees it, so a record's unchosen tail is never hashed
+into the plan, prefilled or written. The choice is prefix-closed (a block is never in more records
+than its parent, and ranks after it), so the chosen blocks of a record are always a prefix of it.
+
+    records -> tokenize -> cut_to_selection -> plan -> batch -> prefill -> write
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from prefixgen.analysis.count import BlockCounter, BlockCounts, key_columns
+from prefixgen.config import BuildConfig
+from prefixgen.data.records import TokenizedRecord
+from prefixgen.errors import ConfigError
+from prefixgen.format import BlockHash, KVLayout, block_keys
+
+
+@dataclass(slots=True)
+class Selection:
+    """The blocks chosen to store (rows of the count table, in key order) and why."""
+
+    chosen: BlockCounts
+    min_records: int | None
+    max_bytes: int | None
+    candidate_blocks: int  # distinct blocks of the dataset
+    count_seconds: float
+
+    def record(self) -> dict[str, Any]:
+        """The build record's ``selection``."""
+        return {
+            "min_records": self.min_records,
+            "max_bytes": self.max_bytes,
+            "selected_blocks": len(self.chosen),
+            "candidate_blocks": self.candidate_blocks,
+            "count_seconds": round(self.count_seconds, 3),
+        }
+
+    def chosen_prefix(self, keys: list[BlockHash]) -> int:
+        """How many leading blocks of a record (its chained keys) are chosen.
+
+        Example:
+            >>> selection.chosen_prefix(block_keys(ids, 16, root))  # doctest: +SKIP
+            6
+        """
+        if not keys:
+            return 0
+        missing = np.flatnonzero(self.chosen.find(key_columns(keys)) < 0)
+        return int(missing[0]) if len(missing) else len(keys)
+
+
+def max_blocks(cfg: BuildConfig, layout: KVLayout) -> int | None:
+    """``--max-bytes`` as a number of blocks of this store's layout (fp8 scales included); refuses a
+    budget smaller than one block.
+
+    Example:
+        >>> max_blocks(BuildConfig(max_bytes=50_000), KVLayout(5, 4, 8, "float32"))
+        2
+    """
+    if cfg.max_bytes is None:
+        return None
+    block = layout.block_bytes(cfg.block_size)
+    if cfg.max_bytes < block:
+        raise ConfigError(
+            f"--max-bytes {cfg.max_bytes:,} is smaller than one block: a block of {cfg.block_size} tokens holds "
+            f"{block:,} bytes of KV for this model ({layout.stored_dtype}); give at least {block:,} bytes"
+        )
+    return cfg.max_bytes // block
+
+
+def choose_blocks(
+    records: Iterable[TokenizedRecord],
+    root: BlockHash,
+    cfg: BuildConfig,
+    layout: KVLayout,
+    tick: Callable[[], None] = lambda: None,
+) -> Selection:
+    """The count pass: count every block of ``records`` (hashed under ``root``) and choose those to store.
+
+    Example:
+        >>> sel = choose_blocks(tokenize(read_records(...)), manifest.root_key, cfg, manifest.kv)  # doctest: +SKIP
+        >>> sel.record()["selected_blocks"]  # doctest: +SKIP
+        42
+    """
+    started = time.perf_counter()
+    limit = max_blocks(cfg, layout)
+    counter = BlockCounter()
+    for record in records:
+        counter.add(block_keys(record.ids, cfg.block_size, root))
+        tick()
+    counts = counter.result()
+    rows = counts.select(min_records=cfg.min_records or 1, max_blocks=limit)
+    return Selection(counts.subset(rows), cfg.min_records, cfg.max_bytes, len(counts), time.perf_counter() - started)
+
+
+def cut_to_selection(
+    records: Iterator[TokenizedRecord], selection: Selection, root: BlockHash, block_size: int
+) -> Iterator[TokenizedRecord]:
+    """Each record cut to its chosen blocks (possibly none): the build pass's view of the dataset.
+
+    Example:
+        >>> [len(r.ids) for r in cut_to_selection(iter(tokenized), selection, root, 16)]  # doctest: +SKIP
+        [64, 64, 0]
+    """
+    for record in records:
+        n = selection.chosen_prefix(block_keys(record.ids, block_size, root))
+        yield TokenizedRecord(record.index, record.ids[: n * block_size])

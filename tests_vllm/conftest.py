@@ -1,0 +1,156 @@
+"""The vLLM tests (`make test-vllm`, in the vLLM venv): real vLLM engines, in-process, on a tiny model.
+
+vLLM's CPU attention needs head_dim in {32, 64, ...}: the model is a tiny random Qwen2 with head_dim 64
+saved in tmp_path with the stories tokenizer (no downloads). Each engine runs once per configuration
+(with and without the connector, on each store) and the tests assert on what it returned.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: faster to start
+
+from prefixgen.format import (  # noqa: E402
+    INDEX_DIR,
+    SHARDS_DIR,
+    Segment,
+    atomic_write,
+    block_crcs,
+    encode_segment,
+    read_safetensors_header,
+    shard_checksum,
+)
+from prefixgen.store.reader import PrefixStore  # noqa: E402
+from tests.conftest import CHAT_TEMPLATE, make_model, write_jsonl  # noqa: E402, F401
+
+CONNECTOR = "PrefixgenConnector"
+MODULE = "prefixgen.integrations.vllm"
+
+
+def tiny_model(path: Path, seed: int = 0) -> Path:
+    """A random Qwen2 vLLM's CPU backend runs: 2 layers, 4 heads, 2 KV heads of head_dim 64, float32.
+    A large init range makes the next token depend on the context (a negative control can fail)."""
+    return make_model(
+        path,
+        "qwen2",
+        seed=seed,
+        chat_template=CHAT_TEMPLATE,
+        hidden_size=256,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        initializer_range=0.15,
+    )
+
+
+@dataclass
+class Run:
+    """What one engine returned: per prompt, generated ids, prompt ids and vLLM's num_cached_tokens."""
+
+    outputs: list[list[int]]
+    prompt_ids: list[list[int]]
+    cached: list[int]
+    stats: object | None  # the worker connector's LoadStats
+
+
+def run_vllm(
+    model: Path, prompts: Sequence[str], chats: Sequence[list[dict]] = (), store: Path | None = None, prefix_caching: bool = False
+) -> Run:
+    """Start an engine (with the connector on ``store`` if given; vLLM's own prefix caching off unless asked),
+    greedy-generate 12 tokens for each prompt and then each chat, one call each, shut the engine down."""
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    kv = None
+    if store is not None:
+        kv = KVTransferConfig(
+            kv_connector=CONNECTOR,
+            kv_connector_module_path=MODULE,
+            kv_role="kv_consumer",
+            kv_connector_extra_config={"store": str(store)},
+        )
+    llm = LLM(
+        str(model),
+        dtype="float32",
+        enable_prefix_caching=prefix_caching,
+        max_model_len=2048,
+        seed=0,
+        enforce_eager=True,
+        kv_transfer_config=kv,
+    )
+    try:
+        params = SamplingParams(max_tokens=12, temperature=0)
+        results = [llm.generate(prompt, params, use_tqdm=False)[0] for prompt in prompts]
+        results += [llm.chat(messages, params, use_tqdm=False)[0] for messages in chats]
+        stats = get_kv_transfer_group().stats if has_kv_transfer_group() else None
+        return Run(
+            outputs=[list(r.outputs[0].token_ids) for r in results],
+            prompt_ids=[list(r.prompt_token_ids) for r in results],
+            cached=[r.num_cached_tokens or 0 for r in results],
+            stats=stats,
+        )
+    finally:
+        llm.llm_engine.engine_core.shutdown()  # also drops the worker's connector (a process-wide global)
+        del llm
+        gc.collect()
+
+
+def copy_store(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_kv(store: Path, change) -> None:
+    """Replace every stored KV value ``x`` with ``change(x)`` and rewrite the checksums, so the store is
+    valid but holds other KV under the same keys."""
+    opened = PrefixStore.open(store)
+    assert opened.manifest.kv.stored_dtype == "float32"
+    block_bytes = opened.manifest.kv.bytes_per_token * opened.block_size
+    for seg_path in sorted((store / INDEX_DIR).glob("*.safetensors")):
+        seg = Segment(seg_path)
+        shard = store / SHARDS_DIR / seg.shard
+        with open(shard, "rb") as f:
+            header = read_safetensors_header(f, shard)
+            raw = bytearray(f.read())
+        a, b = header.tensors["kv"]["data_offsets"]  # into raw: the bytes after the header
+        kv = np.frombuffer(raw, dtype=np.float32, count=(b - a) // 4, offset=a).copy()
+        raw[a:b] = change(kv).astype(np.float32).tobytes()
+        head = _header_bytes(shard, header.data_start)
+        shard.write_bytes(head + bytes(raw))
+        crcs = block_crcs(bytes(raw[a:b]), block_bytes)  # in slot order
+        cols = {name: np.array(seg.cols[name]) for name in ("key", "parent", "slot", "depth", "crc")}
+        cols["crc"] = crcs[cols["slot"]]
+        meta = dict(seg.metadata, shard_crc32=str(shard_checksum(head, crcs)))
+        del seg
+        atomic_write(seg_path, encode_segment(cols, meta))
+
+
+def _header_bytes(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def corrupt_block(store: Path, token_ids: Sequence[int], block: int) -> None:
+    """Flip bytes inside stored block ``block`` of the prefix of ``token_ids`` (its CRC no longer matches)."""
+    s = PrefixStore.open(store)
+    loc = s.find_prefix(s.keys(token_ids)).locations[block]
+    shard = store / SHARDS_DIR / loc.shard
+    with open(shard, "rb") as f:
+        header = read_safetensors_header(f, shard)
+    offset = header.offset("kv") + loc.slot * s.manifest.kv.bytes_per_token * s.block_size + 100
+    with open(shard, "r+b") as f:
+        f.seek(offset)
+        data = f.read(8)
+        f.seek(offset)
+        f.write(bytes(x ^ 0x5A for x in data))
