@@ -372,6 +372,25 @@ _SERVE = ServeConfig()  # serve's defaults, shown in the help (None below means 
 
 @app.command()
 @_user_errors
+def gc(
+    store: Annotated[Path, typer.Argument(help="The store folder.")],
+    dry_run: Annotated[bool, Opt("--dry-run", help="List what would be removed; remove nothing.")] = False,
+) -> None:
+    """Remove leftovers of dead writers (temporary files, shards without a segment); live writers' files are kept."""
+    from prefixgen.maintain.gc import collect_garbage
+
+    report = collect_garbage(store, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for name in report.removed:
+        typer.echo(f"{verb} {name}")
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
+    live = f"; {len(report.live_writers)} live writer(s) left alone" if report.live_writers else ""
+    typer.echo(f"{store}: {verb} {len(report.removed)} file(s), {report.bytes_freed / 1e6:,.2f} MB{live}")
+
+
+@app.command()
+@_user_errors
 def serve(
     store: Annotated[Optional[str], typer.Argument(help="The store folder (not needed with --no-store).")] = None,
     model: Annotated[Optional[str], Opt("--model", "-m", help="The model the store was built with.")] = None,
