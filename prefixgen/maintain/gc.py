@@ -76,11 +76,7 @@ def _referenced_shards(path: Path, tries: int = 3) -> set[str] | None:
             index = StoreIndex.open(path)
             names: set[str] = set()
             for seg in index.segments:
-                refs = getattr(seg, "shards", None)  # compacted segments name many shards
-                if refs:
-                    names.update(r.name for r in refs)
-                else:
-                    names.add(seg.shard)
+                names.update(r.name for r in seg.shards)  # one for a build's segment, many for a compacted one
             return names
         except (CorruptStoreError, StoreError, OSError):
             time.sleep(0.1 * (attempt + 1))
