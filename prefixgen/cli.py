@@ -133,6 +133,9 @@ def build(
     quiet: Annotated[Optional[bool], Opt("--quiet", "-q", help="No progress bar or summary.")] = None,
     rank: Annotated[Optional[int], Opt(help="This process's rank, for launchers without torchrun (with --world-size).")] = None,
     world_size: Annotated[Optional[int], Opt(help="How many processes build the store together (with --rank).")] = None,
+    dist_timeout: Annotated[
+        Optional[int], Opt(help=f"Seconds a collective or a wait on another rank may take. {_default('dist_timeout')}")
+    ] = None,
 ) -> None:
     """Stream DATASET through MODEL and store the KV of every block-aligned prefix in STORE."""
     flags = dict(locals())
