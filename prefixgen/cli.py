@@ -133,6 +133,9 @@ def build(
     quiet: Annotated[Optional[bool], Opt("--quiet", "-q", help="No progress bar or summary.")] = None,
     rank: Annotated[Optional[int], Opt(help="This process's rank, for launchers without torchrun (with --world-size).")] = None,
     world_size: Annotated[Optional[int], Opt(help="How many processes build the store together (with --rank).")] = None,
+    dist_timeout: Annotated[
+        Optional[int], Opt(help=f"Seconds a collective or a wait on another rank may take. {_default('dist_timeout')}")
+    ] = None,
 ) -> None:
     """Stream DATASET through MODEL and store the KV of every block-aligned prefix in STORE."""
     flags = dict(locals())
@@ -368,6 +371,25 @@ def prune(
 
 
 _SERVE = ServeConfig()  # serve's defaults, shown in the help (None below means unset: ServeConfig fills it in)
+
+
+@app.command()
+@_user_errors
+def gc(
+    store: Annotated[Path, typer.Argument(help="The store folder.")],
+    dry_run: Annotated[bool, Opt("--dry-run", help="List what would be removed; remove nothing.")] = False,
+) -> None:
+    """Remove leftovers of dead writers (temporary files, shards without a segment); live writers' files are kept."""
+    from prefixgen.maintain.gc import collect_garbage
+
+    report = collect_garbage(store, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for name in report.removed:
+        typer.echo(f"{verb} {name}")
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
+    live = f"; {len(report.live_writers)} live writer(s) left alone" if report.live_writers else ""
+    typer.echo(f"{store}: {verb} {len(report.removed)} file(s), {report.bytes_freed / 1e6:,.2f} MB{live}")
 
 
 @app.command()

@@ -58,6 +58,8 @@ def parse_size(text: str | int) -> int:
 
 
 KV_DTYPES = ("auto", "fp8")
+# Eviction policies of `prefixgen simulate` (prefixgen/analysis/policies.py implements each; a test checks both agree).
+POLICY_NAMES = ("lru", "lfu", "arc", "s3fifo", "belady")
 
 
 @dataclass(slots=True)
@@ -217,7 +219,7 @@ class SimulateConfig:
     max_bytes: int | None = None  # --warmup: the static tier's KV bytes at most (as build)
     max_blocks: int | None = None  # --warmup: the static tier's blocks at most
     capacity: str = "1%,3%,10%,30%,inf"  # dynamic tier sizes: blocks, bytes (20GB), % of distinct blocks, inf
-    policies: str = "lru,lfu,arc,s3fifo,belady"
+    policies: str = ",".join(POLICY_NAMES)
 
     @property
     def policy_names(self) -> list[str]:
@@ -225,15 +227,13 @@ class SimulateConfig:
 
     def validate(self) -> SimulateConfig:
         """Raise ConfigError naming the first bad value and what to do; return self."""
-        from prefixgen.analysis.policies import POLICIES
-
         if not self.source:
             raise ConfigError("nothing to simulate: pass a dataset or a trace file (with --trace-format mooncake)")
         if self.trace_format not in TRACE_FORMATS:
             raise ConfigError(f"--trace-format {self.trace_format!r} is not one of {', '.join(TRACE_FORMATS)}")
-        unknown = [p for p in self.policy_names if p not in POLICIES]
+        unknown = [p for p in self.policy_names if p not in POLICY_NAMES]
         if unknown or not self.policy_names:
-            raise ConfigError(f"--policy {', '.join(unknown) or self.policies!r}: choose from {', '.join(POLICIES)}")
+            raise ConfigError(f"--policy {', '.join(unknown) or self.policies!r}: choose from {', '.join(POLICY_NAMES)}")
         for name in ("trace_block_tokens", "block_size", "max_blocks"):
             value = getattr(self, name)
             if value is not None and value <= 0:

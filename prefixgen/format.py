@@ -45,6 +45,7 @@ INDEX_DIR = "index"
 BUILDS_DIR = "builds"
 COUNTS_DIR = "counts"
 CLAIMS_DIR = "claims"  # distributed builds: which rank computes which shared prefix (builder/distributed.py)
+LOCKS_DIR = "locks"
 TMP_SUFFIX = ".tmp"
 
 # Token-major so that consecutive blocks of one sequence are one contiguous byte range.
@@ -357,10 +358,21 @@ def read_safetensors_header(f, where: Path | str) -> SafetensorsHeader:
 # --------------------------------------------------------------------------- files
 
 
-def atomic_write(path: Path, chunks: Iterable[bytes | memoryview], fsync: bool = True) -> int:
-    """Write ``chunks`` to ``path`` under a temporary name, fsync, then rename: readers see the
-    whole file or none of it. Returns the bytes written."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+def temp_path(path: Path, owner: str | None = None) -> Path:
+    """The temporary name ``path`` is written under: ``<name>.<owner>.tmp``, so that a cleaner can
+    tell whose it is (``<name>.tmp`` without an owner).
+
+    Example:
+        >>> temp_path(Path("builds/b.json"), "w1").name
+        'b.json.w1.tmp'
+    """
+    return path.with_name(f"{path.name}.{owner}{TMP_SUFFIX}" if owner else path.name + TMP_SUFFIX)
+
+
+def atomic_write(path: Path, chunks: Iterable[bytes | memoryview], fsync: bool = True, owner: str | None = None) -> int:
+    """Write ``chunks`` to ``path`` under a temporary name (:func:`temp_path`), fsync, then rename:
+    readers see the whole file or none of it. Returns the bytes written."""
+    tmp = temp_path(path, owner)
     written = 0
     with open(tmp, "wb") as f:
         for chunk in chunks:

@@ -301,3 +301,10 @@ def test_dense_ids_and_depths(tmp_path):
     trace = read_mooncake(mooncake(tmp_path, [{"input_length": 8, "hash_ids": [7, 9]}, {"input_length": 4, "hash_ids": [7]}]), 4)
     assert trace.ids.tolist() == [0, 1, 0] and trace.depth.tolist() == [0, 1]
     assert trace.offsets.tolist() == [0, 2, 3] and trace.input_lengths.tolist() == [8, 4]
+
+
+def test_the_policy_names_config_accepts_are_the_policies_there_are():
+    from prefixgen.analysis.policies import POLICIES
+    from prefixgen.config import POLICY_NAMES
+
+    assert tuple(POLICIES) == POLICY_NAMES

@@ -308,7 +308,7 @@ class Ranks:
         """Make ``writer`` write this rank's part of the build record, and the build's base record."""
         record.world_size, record.rank = self.world_size, self.rank
         writer.part = self.part
-        for p in (out / COUNTS_DIR).glob(f"{record.build_id}.w*-r*.safetensors"):
+        for p in (out / COUNTS_DIR).glob(f"{record.build_id}.w*-r*.*safetensors"):
             if not p.name.startswith(f"{record.build_id}.w{self.world_size}-"):
                 p.unlink(missing_ok=True)  # an earlier attempt with another world size: replaced by this one
         parts = out / BUILDS_DIR / f"{record.build_id}.ranks"

@@ -37,7 +37,7 @@ from prefixgen.maintain.compact import compact_store
 from prefixgen.model import fingerprint, load_model, probe_kv_layout
 from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.reader import PrefixStore
-from prefixgen.store.writer import StoreWriter, new_id, utc_now
+from prefixgen.store.writer import StoreWriter, new_id, utc_now, writer_is_live
 
 CHECKPOINT_SECONDS = 30.0
 PREFETCH_BATCHES = 4
@@ -204,6 +204,12 @@ def _build_record(store: PrefixStore, cfg: BuildConfig, build_id: str | None = N
     if cfg.resume:
         for old in reversed(store.builds()):
             if old.dataset == cfg.dataset and old.status != "complete":
+                live = [w for w in old.writers if writer_is_live(store.path, w)]
+                if live:
+                    raise StoreError(
+                        f"the build of {cfg.dataset} in {store.path} is still running (writer {live[0]}): "
+                        "wait for it to finish; --resume is for a build that stopped"
+                    )
                 return BuildRecord(build_id=old.build_id, dataset=cfg.dataset, started_at=utc_now(), options=cfg.options())
     return BuildRecord(build_id=new_id(), dataset=cfg.dataset, started_at=utc_now(), options=cfg.options())
 
@@ -262,6 +268,8 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     record.writers.append(writer.writer_id)
     if ranks.distributed:
         ranks.attach(out, record, writer)
+    if cfg.resume:
+        writer.drop_old_counts()  # the resumed build counts its (this rank's) records again from the start
     quiet = cfg.quiet or (ranks.collective and ranks.rank > 0)  # torchrun: one bar, rank 0's
     bar = tqdm(total=cfg.limit, unit="rec", disable=quiet, dynamic_ncols=True, desc="build")
     progress = Progress(bar, writer.__contains__, None if quiet else lambda: count_records(cfg.dataset, cfg.limit))
@@ -314,7 +322,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
             record.padding_tokens += batch.padding_tokens
             now = time.perf_counter()
             _progress(progress, record, writer, now - started)
-            if now - last_checkpoint > CHECKPOINT_SECONDS:
+            if now - last_checkpoint > CHECKPOINT_SECONDS or planner.counts.full:
                 last_checkpoint = now
                 _checkpoint(writer, record, planner, now - started, timer)
         writer.close()
@@ -390,7 +398,7 @@ def _checkpoint(writer: StoreWriter, record: BuildRecord, planner: Planner, seco
         "write": round(writer.write_seconds, 3),
         "write_wait": round(writer.wait_seconds, 3),
     }
-    writer.write_counts(planner.counts.copy())  # a copy: the input thread may still be counting
+    writer.write_counts(*planner.counts.take())  # appends the counts since the last checkpoint
     writer.write_build(record)
 
 
@@ -414,3 +422,5 @@ def _finish(writer: StoreWriter, record: BuildRecord, planner: Planner, started:
     except OSError:
         if record.status == "complete":
             raise
+    finally:
+        writer.release()

@@ -8,15 +8,22 @@ background threads, so the GPU never waits on the disk.
 Commit protocol, per shard: write ``shards/<id>-<n>.safetensors`` (temporary name, fsync,
 rename), then its index segment ``index/<id>-<n>.safetensors`` the same way. The segment is the
 commit: readers only see blocks through segments, and a segment only names a complete shard.
+
+Liveness: while a writer runs it holds ``locks/<id>.lock`` with ``flock`` (:class:`WriterLock`);
+the kernel drops the lock when the process ends, ``kill -9`` included. :func:`writer_is_live` is
+the one test of whether a writer may still create or rename files; ``--resume``, ``gc`` and
+compaction remove only what belongs to writers for which it is False.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import errno
+import fcntl
 import json
 import os
 import queue
+import re
 import secrets
 import shutil
 import threading
@@ -35,6 +42,7 @@ from prefixgen.format import (
     COUNTS_DIR,
     FORMAT_VERSION,
     INDEX_DIR,
+    LOCKS_DIR,
     MANIFEST_FILE,
     RANK_PARTS_SUFFIX,
     SHARDS_DIR,
@@ -43,6 +51,7 @@ from prefixgen.format import (
     BlockHash,
     BuildRecord,
     Manifest,
+    Segment,
     TensorSpec,
     atomic_write,
     block_crcs,
@@ -56,8 +65,10 @@ from prefixgen.format import (
     shard_name,
     shard_tensors,
 )
+from prefixgen.store.keyset import KeySet
 
 WRITE_MODES = ("new", "append", "resume", "overwrite")
+ID_PATTERN = re.compile(r"\d{8}T\d{6}-\d+-[0-9a-f]{6}")  # what new_id makes
 
 
 def new_id() -> str:
@@ -97,11 +108,17 @@ def prepare_store(path: Path, manifest: Manifest, mode: str) -> Manifest:
         )
     if has_manifest and mode == "overwrite":
         # Data first, manifest last: a crash part-way leaves a smaller store, never a broken one.
+        live = live_writers(path)
+        if live:
+            raise StoreError(
+                f"{path} is being written by {len(live)} running process(es) (writer {live[0]}); "
+                "wait for them to finish before --overwrite"
+            )
         for sub in (INDEX_DIR, COUNTS_DIR, BUILDS_DIR, SHARDS_DIR):
             shutil.rmtree(path / sub, ignore_errors=True)
         (path / MANIFEST_FILE).unlink()
         has_manifest = False
-    for sub in (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR):
+    for sub in (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR, LOCKS_DIR):
         (path / sub).mkdir(parents=True, exist_ok=True)
     if not has_manifest:
         atomic_write(path / MANIFEST_FILE, [manifest.to_json().encode()])
@@ -128,14 +145,21 @@ class _Shard:
     kv: torch.Tensor  # [capacity_tokens, L, 2, H, D] in the stored dtype (pinned on CUDA)
     scale: torch.Tensor | None  # [capacity_blocks, L, 2, H] float32, fp8 only
     tokens: np.ndarray  # [capacity_blocks, B] uint32
-    keys: list
-    parents: list
-    depths: list
+    keys: np.ndarray  # [capacity_blocks, 32] uint8
+    parents: np.ndarray  # [capacity_blocks, 32] uint8
+    depths: np.ndarray  # [capacity_blocks] uint32
+    blocks: int = 0  # filled so far
     event: torch.cuda.Event | None = None
 
-    @property
-    def blocks(self) -> int:
-        return len(self.keys)
+
+class _Commit:
+    """Whether a shard's segment was committed; set once its write thread is done either way."""
+
+    __slots__ = ("done", "ok")
+
+    def __init__(self, ok: bool = False):
+        self.done = threading.Event()
+        self.ok = ok
 
 
 class StoreWriter:
@@ -162,6 +186,8 @@ class StoreWriter:
         self.writer_id = new_id()
         self.part: str | None = None  # a rank of a distributed build: its own build and counts files
         self.fsync = fsync
+        self._lock_file = WriterLock(self.path, self.writer_id)
+        self._counts_seq = 0
         layout = manifest.kv
         self._bs = manifest.block_size
         self._block_bytes = layout.bytes_per_token * self._bs
@@ -177,16 +203,18 @@ class StoreWriter:
         self._seq = 0
         self._current: _Shard | None = None
         self._live: dict[int, _Shard] = {}  # shards whose host buffers still hold their blocks
-        self._where: dict[bytes, tuple[int, int]] = {}  # key -> (shard seq, slot), this writer's blocks
+        # This writer's blocks: key -> seq * capacity + slot, 16 bytes a block. It keeps only key64,
+        # so a hit is confirmed on the whole key (from the shard buffer or our index segment).
+        self._where = KeySet(full_keys=False, value_dtype=np.uint64)
+        self._segment_cache: tuple[int, Segment] | None = None
         self.bytes_written = 0
         self.shards_written = 0
         self.blocks_written = 0
         self.write_seconds = 0.0  # summed over the write threads
         self.wait_seconds = 0.0  # the caller blocked, waiting for a free shard buffer
         # Segments commit in shard order, so a block's parent is always committed before it.
-        self._last_commit = threading.Event()
-        self._last_commit.set()
-        self._commit_failed = False
+        self._last_commit = _Commit(ok=True)
+        self._last_commit.done.set()
 
     # ------------------------------------------------------------------ adding blocks
 
@@ -214,21 +242,48 @@ class StoreWriter:
             if scale is not None:
                 shard.scale[b0 : b0 + take].copy_(scale[done : done + take], non_blocking=True)
             shard.tokens[b0 : b0 + take] = tokens[done : done + take]
-            for i in range(done, done + take):
-                self._where[keys[i]] = (shard.seq, b0 + i - done)
-            shard.keys.extend(keys[done : done + take])
-            shard.parents.extend(parents[done : done + take])
-            shard.depths.extend(depths[done : done + take])
+            shard.keys[b0 : b0 + take] = np.frombuffer(b"".join(keys[done : done + take]), np.uint8).reshape(take, 32)
+            shard.parents[b0 : b0 + take] = np.frombuffer(b"".join(parents[done : done + take]), np.uint8).reshape(take, 32)
+            shard.depths[b0 : b0 + take] = depths[done : done + take]
+            self._where.add(keys[done : done + take], shard.seq * self._capacity + np.arange(b0, b0 + take))
+            shard.blocks += take
             done += take
             if shard.blocks == self._capacity:
                 self._submit(shard)
 
     def __contains__(self, key: bytes) -> bool:
-        return key in self._where
+        return self._locate(key) is not None
+
+    def _locate(self, key: bytes) -> tuple[int, int] | None:
+        """(shard seq, slot) of a block this writer holds, confirmed on the whole key."""
+        for where in self._where.candidates(key):
+            seq, slot = divmod(where, self._capacity)
+            if self._holds(seq, slot, key):
+                return seq, slot
+        return None
+
+    def _holds(self, seq: int, slot: int, key: bytes) -> bool:
+        """Whether slot ``slot`` of shard ``seq`` holds the block ``key``."""
+        shard = self._live.get(seq)
+        if shard is not None:
+            return slot < shard.blocks and shard.keys[slot].tobytes() == key
+        # Committed: the key is in our segment, whose rows are sorted by key64.
+        if self._segment_cache is None or self._segment_cache[0] != seq:
+            path = self.path / INDEX_DIR / shard_name(self.writer_id, seq)
+            if not path.exists():
+                return False  # its write failed
+            self._segment_cache = (seq, Segment(path))
+        cols = self._segment_cache[1].cols
+        q = np.uint64(int.from_bytes(key[:8], "little"))
+        rows = range(int(np.searchsorted(cols["key64"], q, "left")), int(np.searchsorted(cols["key64"], q, "right")))
+        return any(int(cols["slot"][r]) == slot and cols["key"][r].tobytes() == key for r in rows)
 
     def read_block(self, key: BlockHash) -> torch.Tensor:
         """KV of a block this writer holds, as stored: [B, L, 2, H, D] (dequantized for fp8)."""
-        seq, slot = self._where[key]
+        where = self._locate(key)
+        if where is None:
+            raise KeyError(f"block {key.hex()} is not one of this writer's")
+        seq, slot = where
         t0 = slot * self._bs
         shard = self._live.get(seq)
         if shard is not None:
@@ -271,8 +326,7 @@ class StoreWriter:
             self.wait_seconds += time.perf_counter() - t
             self._check_failures()
         self._live = {s: v for s, v in self._live.items() if v is not shard}
-        shard.seq, shard.event = self._seq, None
-        shard.keys, shard.parents, shard.depths = [], [], []
+        shard.seq, shard.event, shard.blocks = self._seq, None, 0
         self._seq += 1
         self._live[shard.seq] = shard
         self._current = shard
@@ -286,32 +340,32 @@ class StoreWriter:
         if self._fp8:
             scale = torch.empty((self._capacity, layout.num_layers, 2, layout.num_kv_heads), pin_memory=self._pin)
         tokens = np.zeros((self._capacity, self._bs), dtype=np.uint32)
-        return _Shard(seq=-1, kv=kv, scale=scale, tokens=tokens, keys=[], parents=[], depths=[])
+        keys = np.zeros((self._capacity, 32), dtype=np.uint8)
+        parents = np.zeros((self._capacity, 32), dtype=np.uint8)
+        depths = np.zeros(self._capacity, dtype=np.uint32)
+        return _Shard(seq=-1, kv=kv, scale=scale, tokens=tokens, keys=keys, parents=parents, depths=depths)
 
     def _submit(self, shard: _Shard) -> None:
         if self._pin:
             shard.event = torch.cuda.Event()
             shard.event.record()
         self._current = None
-        previous, self._last_commit = self._last_commit, threading.Event()
+        previous, self._last_commit = self._last_commit, _Commit()
         self._futures.append(self._pool.submit(self._write_shard, shard, previous, self._last_commit))
 
-    def _write_shard(self, shard: _Shard, previous: threading.Event, committed: threading.Event) -> None:
+    def _write_shard(self, shard: _Shard, previous: _Commit, mine: _Commit) -> None:
         try:
             if shard.event is not None:
                 shard.event.synchronize()
             t = time.perf_counter()
-            self._write_files(shard, previous)
+            self._write_files(shard, previous, mine)
             with self._lock:
                 self.write_seconds += time.perf_counter() - t
-        except BaseException:
-            self._commit_failed = True
-            raise
         finally:
-            committed.set()
+            mine.done.set()
             self._free.put(shard)
 
-    def _write_files(self, shard: _Shard, previous: threading.Event) -> None:
+    def _write_files(self, shard: _Shard, previous: _Commit, mine: _Commit) -> None:
         n, layout = shard.blocks, self.manifest.kv
         name = shard_name(self.writer_id, shard.seq)
         meta = {"format_version": str(FORMAT_VERSION), "writer": self.writer_id, "build": self.build_id}
@@ -325,12 +379,12 @@ class StoreWriter:
         # An fp8 block's CRC covers its KV bytes, then its scales.
         crcs = block_crcs(kv_bytes, self._block_bytes, scale_bytes, self.manifest.kv.scale_bytes_per_block())
         parts.append(shard.tokens[:n].astype("<u4").tobytes())
-        size = atomic_write(self.path / SHARDS_DIR / name, parts, self.fsync)
+        size = atomic_write(self.path / SHARDS_DIR / name, parts, self.fsync, owner=self.writer_id)
         columns = {
-            "key": np.frombuffer(b"".join(shard.keys), dtype=np.uint8).reshape(n, 32),
-            "parent": np.frombuffer(b"".join(shard.parents), dtype=np.uint8).reshape(n, 32),
+            "key": shard.keys[:n],
+            "parent": shard.parents[:n],
             "slot": np.arange(n, dtype=np.uint32),
-            "depth": np.asarray(shard.depths, dtype=np.uint32),
+            "depth": shard.depths[:n],
             "crc": crcs,
         }
         seg_meta = {
@@ -343,10 +397,13 @@ class StoreWriter:
             "build": self.build_id,
         }
         seg = encode_segment(columns, seg_meta)
-        previous.wait()
-        if self._commit_failed:
+        # Commit in order: a block's parent may be in the shard before. A later shard's failure
+        # does not matter here: this shard is whole, so it commits.
+        previous.done.wait()
+        if not previous.ok:
             return  # an earlier shard failed: committing this one could orphan its blocks
-        size += atomic_write(self.path / INDEX_DIR / name, seg, self.fsync)
+        size += atomic_write(self.path / INDEX_DIR / name, seg, self.fsync, owner=self.writer_id)
+        mine.ok = True
         with self._lock:
             self.bytes_written += size
             self.shards_written += 1
@@ -368,17 +425,25 @@ class StoreWriter:
         self._check_failures()
 
     def close(self) -> None:
-        """Flush and stop the write threads. Safe to call twice."""
+        """Flush and stop the write threads. Safe to call twice. The writer stays live (it may still
+        write its build record and counts) until :meth:`release`."""
         try:
             self.flush()
         finally:
             self._pool.shutdown(wait=True)
 
+    def release(self) -> None:
+        """Give up the writer's lock: it writes nothing more. Safe to call twice."""
+        self._lock_file.release()
+
     def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            self.release()
 
     # ------------------------------------------------------------------ build records
 
@@ -389,21 +454,37 @@ class StoreWriter:
         if self.part:
             path = path.with_name(record.build_id + RANK_PARTS_SUFFIX) / f"{self.part}.json"
             path.parent.mkdir(exist_ok=True)
-        atomic_write(path, [data.encode()], self.fsync)
+        atomic_write(path, [data.encode()], self.fsync, owner=self.writer_id)
 
-    def write_counts(self, counts: dict[bytes, int]) -> None:
-        """Atomically (re)write ``counts/<build_id>.safetensors`` (a rank's: ``<build_id>.<part>.safetensors``):
-        records per block for this build."""
-        n = len(counts)
-        keys = np.frombuffer(b"".join(counts.keys()), dtype=np.uint8).reshape(n, 32)
-        values = np.fromiter(counts.values(), dtype="<u8", count=n)
+    def write_counts(self, keys: np.ndarray, records: np.ndarray) -> None:
+        """Append the record counts of blocks counted since the last call, as a new file
+        ``counts/<build>.[<rank part>.]<writer>.<n>.safetensors`` (``keys`` [n, 32] uint8, ``records`` [n]).
+        A block's count is the sum over every file in ``counts/``, so nothing is ever rewritten."""
+        n = len(keys)
+        if not n:
+            return
         specs = [TensorSpec(name, dt_, (n, w) if w > 1 else (n,)) for name, (dt_, w) in COUNT_COLUMNS.items()]
-        header = encode_safetensors_header(specs, {"build": self.build_id, "format_version": str(FORMAT_VERSION)})
-        atomic_write(
-            self.path / COUNTS_DIR / f"{self.build_id}{'.' + self.part if self.part else ''}.safetensors",
-            [header, keys.tobytes(), values.tobytes()],
-            self.fsync,
-        )
+        meta = {"build": self.build_id, "writer": self.writer_id, "format_version": str(FORMAT_VERSION)}
+        name = f"{self._counts_prefix()}{self.writer_id}.{self._counts_seq:06d}.safetensors"
+        data = [encode_safetensors_header(specs, meta), np.ascontiguousarray(keys, np.uint8).tobytes()]
+        data.append(np.asarray(records, dtype="<u8").tobytes())
+        atomic_write(self.path / COUNTS_DIR / name, data, self.fsync, owner=self.writer_id)
+        self._counts_seq += 1
+
+    def _counts_prefix(self) -> str:
+        return f"{self.build_id}.{self.part + '.' if self.part else ''}"
+
+    def drop_old_counts(self) -> None:
+        """A resumed build counts its records again from the start: remove the counts of its
+        earlier (dead) writers, or refuse if one of them still runs. A rank of a distributed build
+        removes only its own rank's counts (the other ranks' writers may be running beside it)."""
+        prefix = self._counts_prefix()
+        for p in sorted((self.path / COUNTS_DIR).glob(f"{prefix}*safetensors")):
+            owner = p.name[len(prefix) :].split(".")[0]
+            if ID_PATTERN.fullmatch(owner) and owner != self.writer_id and writer_is_live(self.path, owner):
+                self.release()
+                raise StoreError(f"build {self.build_id} is still running (writer {owner} is live): wait for it to finish")
+            p.unlink(missing_ok=True)
 
 
 def _store_write_error(path: Path, exc: BaseException) -> StoreError:
@@ -415,11 +496,133 @@ def _store_write_error(path: Path, exc: BaseException) -> StoreError:
     return StoreError(f"writing to {path} failed: {exc}")
 
 
-def remove_temp_files(path: Path) -> int:
-    """Delete leftover ``*.tmp`` files of killed writers (run only when no other writer is live)."""
-    removed = 0
+# --------------------------------------------------------------------------- liveness
+
+
+class WriterLock:
+    """``locks/<owner>.lock``, held with an exclusive ``flock`` while its process may still create
+    files named for ``owner``. The kernel releases it when the process dies (``kill -9`` too); a
+    clean end removes the file.
+
+    Example:
+        >>> lock = WriterLock(Path("store"), new_id())  # doctest: +SKIP
+        >>> writer_is_live(Path("store"), lock.owner)  # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, store: Path, owner: str):
+        self.owner = owner
+        folder = Path(store) / LOCKS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{owner}.lock"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # a cleaner took the file for a dead one's between our open and flock: again
+        os.write(fd, f"pid {os.getpid()}\n".encode())  # for people; the lock is what counts
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+
+def writer_is_live(store: Path, owner: str) -> bool:
+    """Whether the writer (or maintenance job) ``owner`` may still create or rename files in
+    ``store``: its lock file exists and a process holds it. A writer that ended, was killed, or
+    came from a prefixgen without locks is not live, and its leftovers may be removed.
+
+    Example:
+        >>> writer_is_live(Path("store"), "20261127T093251-4242-abcdef")  # doctest: +SKIP
+        False
+    """
+    try:
+        fd = os.open(Path(store) / LOCKS_DIR / f"{owner}.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def live_writers(store: Path) -> list[str]:
+    """Owners whose lock is held now."""
+    folder = Path(store) / LOCKS_DIR
+    owners = sorted(p.name[: -len(".lock")] for p in folder.glob("*.lock")) if folder.is_dir() else []
+    return [o for o in owners if writer_is_live(store, o)]
+
+
+def temp_owner(name: str) -> str | None:
+    """The writer a temporary file belongs to: ``<name>.<owner>.tmp``, or for files of writers
+    before owners were named, the writer id that starts a shard or segment name.
+
+    Example:
+        >>> temp_owner("b.json.20261127T093251-4242-abcdef.tmp")
+        '20261127T093251-4242-abcdef'
+    """
+    if not name.endswith(TMP_SUFFIX):
+        return None
+    stem = name[: -len(TMP_SUFFIX)]
+    last = stem.rpartition(".")[2]
+    if ID_PATTERN.fullmatch(last):
+        return last
+    match = ID_PATTERN.match(stem)
+    return match.group(0) if match else None
+
+
+def remove_lock_if_dead(store: Path, owner: str) -> bool:
+    """Remove ``owner``'s lock file if no process holds it; True if it was removed."""
+    path = Path(store) / LOCKS_DIR / f"{owner}.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path.unlink(missing_ok=True)  # while holding it, so a starting owner sees it gone and retries
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_temp_files(path: Path, dry_run: bool = False) -> list[Path]:
+    """Delete the ``*.tmp`` files of writers that are not live, and their lock files; never touch
+    a live writer's. Returns what was (or, with ``dry_run``, would be) removed.
+
+    Example:
+        >>> remove_temp_files(Path("store"))  # doctest: +SKIP
+        [PosixPath('store/shards/2026...-000003.safetensors.2026....tmp')]
+    """
+    removed: list[Path] = []
+    live: dict[str, bool] = {}
     for sub in (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR):
-        for p in (path / sub).glob(f"*{TMP_SUFFIX}"):
-            p.unlink(missing_ok=True)
-            removed += 1
+        for p in sorted((path / sub).glob(f"*{TMP_SUFFIX}")):
+            owner = temp_owner(p.name)
+            if owner is not None and live.setdefault(owner, writer_is_live(path, owner)):
+                continue
+            if not dry_run:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    folder = path / LOCKS_DIR
+    for p in sorted(folder.glob("*.lock")) if folder.is_dir() else []:
+        owner = p.name[: -len(".lock")]
+        if dry_run:
+            if not writer_is_live(path, owner):
+                removed.append(p)
+        elif remove_lock_if_dead(path, owner):
+            removed.append(p)
     return removed
