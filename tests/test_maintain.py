@@ -322,7 +322,8 @@ def _with_counts(path: Path, seqs: list[list[int]], manifest: Manifest) -> dict[
         for k in block_keys(s, BS, manifest.root_key):
             counts[k] = counts.get(k, 0) + 1
     with StoreWriter(path, manifest, "b", fsync=False) as w:
-        w.write_counts(counts)
+        keys = np.frombuffer(b"".join(counts), np.uint8).reshape(-1, 32)
+        w.write_counts(keys, np.asarray(list(counts.values()), np.uint64))
     return counts
 
 
