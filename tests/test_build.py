@@ -145,6 +145,7 @@ def _wait_for_segments(out: Path, count: int, proc: subprocess.Popen, timeout: f
     raise AssertionError("no shards appeared")
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_stores_the_same_blocks(tmp_path, cli, stories):
     records = _random_records(500)
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": r} for r in records])
@@ -306,6 +307,7 @@ def test_config_file_sets_options_and_flags_win(tmp_path, cli, stories, text_dat
     assert (b.options["prefix_cache_bytes"], b.options["sort_window"]) == (64 << 20, 2)
 
 
+@pytest.mark.slow
 def test_multiple_writers_fill_one_store(tmp_path, stories):
     """Two build processes write into one store at once; readers see the union."""
     a = write_jsonl(tmp_path / "a.jsonl", [{"text": r} for r in _random_records(40, seed=5)])

@@ -92,6 +92,7 @@ def assert_same_kv(a: Path, b: Path) -> None:
     assert (kv_a - kv_b).abs().max() <= 1e-5 * max(1.0, kv_a.abs().max().item())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world, make_dataset", [(2, system_prompt_dataset), (3, groups_dataset)], ids=["2-system", "3-groups"])
 def test_torchrun_build_equals_one_process_build(tmp_path, cli, stories, world, make_dataset):
     data = make_dataset(tmp_path / "d.jsonl")
@@ -107,6 +108,7 @@ def test_torchrun_build_equals_one_process_build(tmp_path, cli, stories, world, 
     assert all(r["records"] > 0 for r in b["ranks"])
 
 
+@pytest.mark.slow
 def test_rank_flags_without_torchrun_one_after_another_and_at_once(tmp_path, cli, stories):
     data = groups_dataset(tmp_path / "d.jsonl", n=90, groups=6)
     one, seq, par = tmp_path / "one", tmp_path / "seq", tmp_path / "par"

@@ -322,8 +322,8 @@ def _with_counts(path: Path, seqs: list[list[int]], manifest: Manifest) -> dict[
         for k in block_keys(s, BS, manifest.root_key):
             counts[k] = counts.get(k, 0) + 1
     with StoreWriter(path, manifest, "b", fsync=False) as w:
-        keys = np.frombuffer(b"".join(counts), np.uint8).reshape(-1, 32)
-        w.write_counts(keys, np.asarray(list(counts.values()), np.uint64))
+        keys = np.frombuffer(b"".join(counts), dtype=np.uint8).reshape(len(counts), 32)
+        w.write_counts(keys, np.fromiter(counts.values(), dtype=np.uint64, count=len(counts)))
     return counts
 
 

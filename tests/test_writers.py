@@ -48,6 +48,7 @@ def _counts(out) -> dict[bytes, int]:
     return dict(total)
 
 
+@pytest.mark.slow
 def test_resume_beside_a_live_writer_removes_only_dead_writers_leftovers(tmp_path, cli, stories):
     out = tmp_path / "store"
     b_records = _random_records(150, seed=11)
