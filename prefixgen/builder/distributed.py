@@ -369,7 +369,7 @@ class Ranks:
                     if taken >= share or not _claim(claims / segment[0].hex(), writer.writer_id):
                         continue
                     keys, tokens = self.heads.chain(segment[-1])
-                    cached = index.prefix_len(keys) * bs
+                    cached = len(index.find_prefix(keys)) * bs
                     if cached < len(tokens):
                         tasks.append(PrefillTask(-1, tokens, cached, keys, bs))
                         taken += len(tokens) - cached

@@ -243,27 +243,8 @@ class StoreIndex:
         """The parent key of a row."""
         return self.columns(segment)["parent"][row].tobytes()
 
-    def prefix_len(self, keys: Sequence[bytes]) -> int:
-        """How many leading keys the store holds (stops at the first missing block)."""
-        for i, row in enumerate(self.find_rows(keys)):
-            if row is None:
-                return i
-        return len(keys)
-
     def contains(self, keys: Sequence[bytes]) -> list[bool]:
         return [r is not None for r in self.find_rows(keys)]
-
-    def key_and_parent64(self) -> tuple[np.ndarray, np.ndarray]:
-        """[entries] uint64 key64 of every row and of its parent, over all segments (one pass; small
-        segments are read from their files): for whole-store scans such as ``ls``."""
-        keys, parents = [], []
-        for seg in self.segments:
-            cols = seg.cols
-            keys.append(cols["key64"])
-            parents.append(np.ascontiguousarray(cols["parent"][:, :8]).view("<u8").reshape(-1))
-        if not keys:
-            return np.empty(0, np.uint64), np.empty(0, np.uint64)
-        return np.concatenate(keys), np.concatenate(parents)
 
     def shard_blocks(self) -> list[tuple[ShardRef, int]]:
         """Every shard the index names, with how many index rows point into it."""
