@@ -974,17 +974,7 @@ class BuildRecord:
 
 
 RANK_PARTS_SUFFIX = ".ranks"  # builds/<build_id>.ranks/w<N>-r<R>.json: one rank's part of a distributed build
-_SUMMED = (
-    "records",
-    "skipped_records",
-    "truncated_records",
-    "dataset_tokens",
-    "stored_tokens",
-    "prefilled_tokens",
-    "padding_tokens",
-    "bytes_written",
-    "head_tokens",
-)
+_SUMMED = (*BUILD_STAT_FIELDS, "head_tokens")
 _PER_RANK = ("rank", "status", "writers", *_SUMMED, "seconds", "stage_seconds")
 
 
