@@ -119,14 +119,7 @@ def analyze(cfg: BuildConfig, holdout: float = 0.1, progress: bool = False, warn
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template)
     layout = config_kv_layout(config, cfg.dtype, cfg.kv_dtype)
     stats = BuildRecord("", cfg.dataset)
-    max_positions = int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 0) or 1 << 62
-    tokenize = RecordTokenizer(
-        tokenizer,
-        stats,
-        min(cfg.max_tokens or max_positions, max_positions),
-        chat=cfg.messages_field is not None,
-        system_prompt=cfg.system_prompt,
-    )
+    tokenize = RecordTokenizer.for_options(tokenizer, config, cfg, stats)
     records = read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
     bs = cfg.block_size
     counter = BlockCounter()

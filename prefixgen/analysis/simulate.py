@@ -179,16 +179,9 @@ def read_dataset(data: BuildConfig, block_size: int, store=None, progress: bool 
                 f"{store.path} was built with another tokenizer than {data.model}'s (or another chat template): "
                 "pass the model the store was built with"
             )
-    max_positions = int(getattr(load_config(data.model, data.trust_remote_code), "max_position_embeddings", 0) or 0) or 1 << 62
     bar = tqdm(total=data.limit, unit="rec", disable=not progress, dynamic_ncols=True, desc="tokenize")
-    tokenize = RecordTokenizer(
-        tokenizer,
-        BuildRecord("", ""),
-        min(data.max_tokens or max_positions, max_positions),
-        chat=data.messages_field is not None,
-        system_prompt=data.system_prompt,
-        warn=bar.write,
-    )
+    config = load_config(data.model, data.trust_remote_code)
+    tokenize = RecordTokenizer.for_options(tokenizer, config, data, BuildRecord("", ""), warn=bar.write)
     records = read_records(data.dataset, data.messages_field or data.text_field, data.split, data.subset, data.limit)
     root = store.manifest.root_key if store is not None else root_key("00" * 32)
     dense: dict[bytes, int] = {}

@@ -243,14 +243,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     else:
         device = next(model.parameters()).device
     # Check the dataset and the chat template first: bad input must not leave a new, empty store behind.
-    max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 1 << 62
-    tokenize = RecordTokenizer(
-        tokenizer,
-        BuildRecord("", ""),
-        min(cfg.max_tokens or max_positions, max_positions),
-        chat=cfg.messages_field is not None,
-        system_prompt=cfg.system_prompt,
-    )
+    tokenize = RecordTokenizer.for_options(tokenizer, model.config, cfg, BuildRecord("", ""))
     records = read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
     manifest = _manifest(cfg, model, tokenizer)
     # --min-records/--max-bytes: the count pass, before anything is written.

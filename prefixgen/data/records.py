@@ -70,6 +70,28 @@ class RecordTokenizer:
         [403, 407, 261, 378]
     """
 
+    @classmethod
+    def for_options(
+        cls, tokenizer: Any, model_config: Any, cfg: Any, stats: BuildRecord, warn: Callable[[str], None] = print
+    ) -> RecordTokenizer:
+        """The tokenization ``prefixgen build`` does for ``cfg`` (a BuildConfig, or any object with its
+        dataset fields): records cut to ``--max-tokens`` and the model's max positions, chats rendered
+        with the system prompt. build, analyze and simulate all make theirs here, so they agree.
+
+        Example:
+            >>> tok = RecordTokenizer.for_options(tokenizer, model.config, cfg, stats)  # doctest: +SKIP
+        """
+        text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        max_positions = int(getattr(text_config, "max_position_embeddings", 0) or 0) or 1 << 62
+        return cls(
+            tokenizer,
+            stats,
+            min(cfg.max_tokens or max_positions, max_positions),
+            chat=cfg.messages_field is not None,
+            system_prompt=cfg.system_prompt,
+            warn=warn,
+        )
+
     def __init__(
         self,
         tokenizer: Any,
