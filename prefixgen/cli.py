@@ -78,9 +78,20 @@ KvDtypeOpt = Annotated[Optional[str], Opt("--kv-dtype", help=f"auto (the model's
 TrustRemoteCodeOpt = Annotated[Optional[bool], Opt("--trust-remote-code", help="Allow the model's own code to run.")]
 DtypeOpt = Annotated[Optional[str], Opt("--dtype", help=f"auto, bfloat16, float16 or float32. {_default('dtype')}")]
 MinRecordsOpt = Annotated[Optional[int], Opt("--min-records", help="Store only blocks contained in at least K records.")]
+# --max-bytes means one thing wherever it appears: the KV bytes of the blocks (fp8 scales included;
+# their tokens and index rows are not counted).
+MAX_BYTES_MEANS = "KV bytes, fp8 scales included; tokens and index not counted"
 MaxBytesOpt = Annotated[
     Optional[int],
-    Opt("--max-bytes", parser=_size, metavar="SIZE", help="Store the most shared blocks whose KV fits in SIZE, e.g. 500GB."),
+    Opt(
+        "--max-bytes",
+        parser=_size,
+        metavar="SIZE",
+        help=f"Store the most shared blocks whose KV fits in SIZE ({MAX_BYTES_MEANS}), e.g. 500GB.",
+    ),
+]
+ShardBytesOpt = Annotated[
+    Optional[int], Opt(parser=_size, metavar="SIZE", help=f"Bytes per shard file, e.g. 512MiB. {_default('shard_bytes')}")
 ]
 
 
@@ -108,9 +119,7 @@ def build(
     min_records: MinRecordsOpt = None,
     max_bytes: MaxBytesOpt = None,
     device: Annotated[Optional[str], Opt(help=f"auto, cpu, cuda or cuda:N. {_default('device')}")] = None,
-    shard_bytes: Annotated[
-        Optional[int], Opt(parser=_size, metavar="SIZE", help=f"Bytes per shard file, e.g. 512MiB. {_default('shard_bytes')}")
-    ] = None,
+    shard_bytes: ShardBytesOpt = None,
     write_threads: Annotated[Optional[int], Opt(help=f"Background threads writing shards. {_default('write_threads')}")] = None,
     prefix_cache_bytes: Annotated[
         Optional[int],
@@ -355,15 +364,22 @@ def compact(
 def prune(
     store: Annotated[Path, typer.Argument(help="The store folder.")],
     max_bytes: Annotated[
-        Optional[int], Opt(parser=_size, metavar="SIZE", help="Keep the most valuable blocks that fit in SIZE, e.g. 8GiB.")
+        Optional[int],
+        Opt(
+            parser=_size,
+            metavar="SIZE",
+            help=f"Keep the most valuable blocks whose KV fits in SIZE ({MAX_BYTES_MEANS}), e.g. 8GiB.",
+        ),
     ] = None,
     min_records: Annotated[Optional[int], Opt(help="Keep only blocks contained in at least K records.", metavar="K")] = None,
+    shard_bytes: ShardBytesOpt = None,
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Keep the blocks shared by the most records (prefix-closed) and delete the rest. Run it while no build writes."""
+    """Keep the blocks shared by the most records (prefix-closed) and delete the rest. Refused while a build or compaction runs."""
     from prefixgen.maintain.prune import prune_store
 
-    r = prune_store(store, max_bytes=max_bytes, min_records=min_records, progress=not quiet and sys.stderr.isatty())
+    progress = not quiet and sys.stderr.isatty()
+    r = prune_store(store, max_bytes=max_bytes, min_records=min_records, shard_bytes=shard_bytes, progress=progress)
     typer.echo(
         f"{store}: kept {r.blocks_kept:,} of {r.blocks_before:,} blocks; shards {r.bytes_before / 1e6:,.1f} MB -> "
         f"{r.bytes_after / 1e6:,.1f} MB ({r.shards_written} written, {r.shards_removed} removed)"

@@ -23,6 +23,7 @@ import hashlib
 import json
 import mmap
 import os
+import secrets
 import struct
 import zlib
 from collections.abc import Iterable, Sequence
@@ -385,6 +386,34 @@ def atomic_write(path: Path, chunks: Iterable[bytes | memoryview], fsync: bool =
     if fsync:
         fsync_dir(path.parent)
     return written
+
+
+def create_once(path: Path, chunks: Iterable[bytes], fsync: bool = True, owner: str | None = None) -> bool:
+    """Create ``path`` whole unless it exists, atomically among concurrent creators (NFS and Lustre
+    included): each writes its own temporary file (:func:`temp_path` with ``owner``, or a random
+    one) and hard-links it to ``path``; exactly one link succeeds. True if this call created it.
+
+    Example:
+        >>> create_once(Path("store/manifest.json"), [b"{}"])  # doctest: +SKIP
+        True
+    """
+    tmp = temp_path(path, owner or secrets.token_hex(4))
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    if fsync:
+        fsync_dir(path.parent)
+    return True
 
 
 def fsync_dir(path: Path) -> None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import atexit
 import datetime as dt
-import errno
 import hashlib
 import json
 import os
@@ -67,6 +66,7 @@ from prefixgen.format import (
     BuildRecord,
     Manifest,
     block_keys,
+    create_once,
     hash_block,
 )
 from prefixgen.store.index import StoreIndex
@@ -318,7 +318,8 @@ class Ranks:
         base = BuildRecord(record.build_id, record.dataset, started_at=record.started_at, options=record.options)
         base.world_size = self.world_size
         base.options = {k: v for k, v in record.options.items() if k not in ("rank", "world_size")}
-        _create_once(out / BUILDS_DIR / f"{record.build_id}.json", json.dumps(base.to_dict(), indent=2, sort_keys=True))
+        text = json.dumps(base.to_dict(), indent=2, sort_keys=True) + "\n"
+        create_once(out / BUILDS_DIR / f"{record.build_id}.json", [text.encode()], writer.fsync, owner=writer.writer_id)
 
     # ------------------------------------------------------------------ head phase
 
@@ -459,16 +460,3 @@ def _claim(path: Path, owner: str) -> bool:
             f.write(f"{owner} {utc_now()}\n")
         return True
     return False
-
-
-def _create_once(path: Path, text: str) -> None:
-    """Write ``path`` whole, unless it exists: the first rank's copy stays (hard link, atomic)."""
-    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(text + "\n")
-    try:
-        os.link(tmp, path)
-    except OSError as exc:
-        if exc.errno != errno.EEXIST:
-            raise
-    finally:
-        tmp.unlink(missing_ok=True)

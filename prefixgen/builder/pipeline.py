@@ -36,6 +36,7 @@ from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, dequant
 from prefixgen.maintain.compact import compact_store
 from prefixgen.model import fingerprint, load_model, probe_kv_layout
 from prefixgen.store.blockcache import BlockCache
+from prefixgen.store.index import StoreIndex
 from prefixgen.store.reader import PrefixStore
 from prefixgen.store.writer import StoreWriter, new_id, utc_now, writer_is_live
 
@@ -171,7 +172,12 @@ class PastSource:
             parts.append(block)
         if missing:
             bs = self.store.block_size
-            loaded = self.store.read_blocks([keys[i] for i in missing], device=self.device, dtype=self.dtype)
+            want = [keys[i] for i in missing]
+            if not all(self.store.index.contains(want)):
+                # Blocks of this run that a compaction merged into rows naming another writer's copy
+                # (two builds computed them): the index opened at the start lacks them; look again.
+                self.store.index = StoreIndex.open(self.store.path)
+            loaded = self.store.read_blocks(want, device=self.device, dtype=self.dtype)
             for j, i in enumerate(missing):
                 parts[i] = loaded[j * bs : (j + 1) * bs]
         return torch.cat(parts)
@@ -338,8 +344,8 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     mine = writer.writer_id + "-"
     try:
         compact_store(out, select=lambda name: name.startswith(mine), fsync=cfg.fsync)
-    except OSError:
-        pass  # e.g. a full disk: the store is valid uncompacted, and `prefixgen compact` can do it later
+    except (OSError, StoreError):
+        pass  # e.g. a full disk, or a prune began: the store is valid uncompacted, `prefixgen compact` can do it later
     return ranks.finish(out, record)
 
 

@@ -33,7 +33,7 @@ from prefixgen.format import (
     encode_segment,
     fsync_dir,
 )
-from prefixgen.store.writer import new_id
+from prefixgen.store.writer import maintenance_lock, new_id
 
 COMPACTED_PREFIX = "compacted-"
 
@@ -49,10 +49,20 @@ class CompactReport:
 
 
 def compact_store(
-    path: str | os.PathLike, select: Callable[[str], bool] | None = None, progress: bool = False, fsync: bool = True
+    path: str | os.PathLike,
+    select: Callable[[str], bool] | None = None,
+    progress: bool = False,
+    fsync: bool = True,
+    owner: str | None = None,
 ) -> CompactReport:
     """Merge the committed index segments of the store at ``path`` (those whose file name
     ``select`` accepts; all by default) into one. Fewer than two segments: nothing to do.
+
+    It runs under a writer lock of its own (refused while a prune runs), or under ``owner``'s, a
+    lock the caller holds (prune). The merged segment is made durable (fsync of the file and the
+    folder) before the segments it replaces are unlinked, whatever ``fsync`` says: ``fsync=False``
+    only skips the final fsync of the unlinks, so a power loss can bring back merged segments
+    (harmless duplicates), never lose the merged one.
 
     Example:
         >>> compact_store("store").segments_merged  # doctest: +SKIP
@@ -60,12 +70,15 @@ def compact_store(
         >>> compact_store("store", select=lambda name: name.startswith(writer_id + "-"))  # doctest: +SKIP
     """
     path = Path(path)
+    if owner is None:
+        with maintenance_lock(path, "compact") as owner:
+            return compact_store(path, select, progress, fsync, owner)
     folder = path / INDEX_DIR
     names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors") and (select is None or select(n)))
     report = CompactReport()
     if len(names) < 2:
         return report
-    ensure_format_version(path, fsync)
+    ensure_format_version(path, owner=owner)
     merged: list[Path] = []
     parts: list[dict[str, np.ndarray]] = []
     shards: dict[str, int] = {}
@@ -94,8 +107,8 @@ def compact_store(
     report.rows_out = int(len(keep))
     out = f"{COMPACTED_PREFIX}{new_id()}.safetensors"
     meta = {"format_version": str(FORMAT_VERSION), "blocks": str(report.rows_out), "compacted_from": str(len(merged))}
-    atomic_write(folder / out, encode_segment(cols, meta, refs), fsync)
-    # Only now, with the merged segment durable, remove what it replaces.
+    atomic_write(folder / out, encode_segment(cols, meta, refs), fsync=True, owner=owner)
+    # Only now, with the merged segment durable (even under --no-fsync), remove what it replaces.
     for p in merged:
         p.unlink(missing_ok=True)
     if fsync:
@@ -104,13 +117,14 @@ def compact_store(
     return report
 
 
-def ensure_format_version(path: Path, fsync: bool = True) -> None:
+def ensure_format_version(path: Path, fsync: bool = True, owner: str | None = None) -> None:
     """Mark a version-1 store as version 2 before it gets a compacted segment, so an older
-    prefixgen refuses it instead of misreading the segment's rows."""
+    prefixgen refuses it instead of misreading the segment's rows (``owner``: the lock holder,
+    whose name the temporary file carries)."""
     mpath = path / MANIFEST_FILE
     manifest = Manifest.from_json(mpath.read_text(), mpath)
     if manifest.format_version < FORMAT_VERSION:
-        atomic_write(mpath, [_with_version(manifest).to_json().encode()], fsync)
+        atomic_write(mpath, [_with_version(manifest).to_json().encode()], fsync, owner=owner)
 
 
 def _with_version(m: Manifest) -> Manifest:

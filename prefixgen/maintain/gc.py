@@ -19,7 +19,7 @@ from prefixgen.errors import CorruptStoreError, StoreError
 from prefixgen.format import SHARDS_DIR
 from prefixgen.store.index import StoreIndex
 from prefixgen.store.reader import PrefixStore
-from prefixgen.store.writer import ID_PATTERN, live_writers, remove_temp_files, writer_is_live
+from prefixgen.store.writer import ID_PATTERN, live_writers, maintenance_lock, remove_temp_files, writer_is_live
 
 
 @dataclass(slots=True)
@@ -42,7 +42,12 @@ def collect_garbage(path: str | os.PathLike, dry_run: bool = False) -> GcReport:
     """
     path = Path(path)
     PrefixStore.open(path)  # a store, of a format this version knows
-    report = GcReport(live_writers=live_writers(path))
+    with maintenance_lock(path, "gc") as me:  # like every process that changes the store
+        return _collect(path, me, dry_run)
+
+
+def _collect(path: Path, me: str, dry_run: bool) -> GcReport:
+    report = GcReport(live_writers=[w for w in live_writers(path) if w != me])
     # Whose shards are they? Decide liveness before reading the index: a writer found dead commits
     # nothing more, so a shard of it that no segment names now will never be named.
     shards = sorted(p for p in (path / SHARDS_DIR).glob("*.safetensors"))

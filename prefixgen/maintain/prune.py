@@ -11,7 +11,8 @@ Crash safety, step by step (the store is valid after each):
 3. write the new segment: the index now holds the old and the new blocks (the old store, with copies);
 4. remove the old segment, one unlink: the index is now exactly the new store;
 5. remove the old shards that the new index does not use (leftovers are harmless notes in verify).
-Run it while no build writes to the store: a running build's later blocks could lose their parents.
+It holds a writer lock (its new shards and temporary files carry its id, so gc keeps them) and
+refuses to start beside any other live writer but gc; builds and compactions refuse while it runs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from prefixgen.analysis.count import select_blocks
+from prefixgen.builder.selection import max_blocks
 from prefixgen.config import BuildConfig
 from prefixgen.errors import ConfigError, CorruptStoreError, StoreError
 from prefixgen.format import (
@@ -42,7 +44,7 @@ from prefixgen.format import (
 )
 from prefixgen.maintain.compact import COMPACTED_PREFIX, compact_store, ensure_format_version
 from prefixgen.store.reader import PrefixStore
-from prefixgen.store.writer import new_id
+from prefixgen.store.writer import live_writers, lock_role, maintenance_lock, new_id
 
 
 @dataclass(slots=True)
@@ -58,9 +60,9 @@ class PruneReport:
 
 
 def block_cost(manifest: Manifest) -> int:
-    """Bytes one kept block costs: its KV (and fp8 scales), its tokens and its index row."""
-    kv = manifest.kv
-    return kv.bytes_per_token * manifest.block_size + kv.scale_bytes_per_block() + 4 * manifest.block_size + 84
+    """Bytes one kept block costs against ``--max-bytes``: its KV (fp8 scales included), as in
+    ``build --max-bytes`` and ``analyze`` (tokens and index rows, 4 and 84 bytes a block, are not counted)."""
+    return manifest.kv.block_bytes(manifest.block_size)
 
 
 def prune_store(
@@ -72,8 +74,13 @@ def prune_store(
     fsync: bool = True,
 ) -> PruneReport:
     """Keep the blocks ``select_blocks`` ranks first: those in at least ``min_records`` records,
-    at most ``max_bytes`` of them (KV, tokens and index, headers aside). New shards hold at most
-    ``shard_bytes`` (default: build's).
+    at most ``max_bytes`` of KV (:func:`block_cost`). New shards hold at most ``shard_bytes``
+    (default: ``BuildConfig.shard_bytes``, as build).
+
+    It holds a writer lock while it runs (so ``gc`` keeps its new shards and temporary files) and
+    refuses to start while any other writer but a ``gc`` is live: a build could give its blocks
+    parents that the prune drops, or commit segments the prune would not see; a compaction could
+    merge segments the prune replaces. Builds and compactions in turn refuse while a prune runs.
 
     Example:
         >>> prune_store("store", max_bytes=8 << 30).blocks_kept  # doctest: +SKIP
@@ -83,12 +90,37 @@ def prune_store(
         raise ConfigError("prune needs --max-bytes SIZE or --min-records K (or both)")
     if min_records is not None and min_records < 1:
         raise ConfigError(f"--min-records must be at least 1, got {min_records}")
+    if shard_bytes is not None and shard_bytes <= 0:
+        raise ConfigError(f"--shard-bytes must be positive, e.g. 256MiB, got {shard_bytes}")
     path = Path(path)
     shard_bytes = shard_bytes or BuildConfig().shard_bytes
     store = PrefixStore.open(path)
     manifest = store.manifest
-    ensure_format_version(path, fsync)
-    compact_store(path, progress=progress, fsync=fsync)  # step 1: the whole old index in one segment
+    # Refuses a budget under one block, as build does.
+    limit = max_blocks(BuildConfig(max_bytes=max_bytes, block_size=manifest.block_size), manifest.kv)
+    with maintenance_lock(path, "prune") as owner:
+        others = [o for o in live_writers(path) if o != owner and lock_role(path, o) != "gc"]
+        if others:
+            raise StoreError(
+                f"{path} is being written by {len(others)} running process(es) ({lock_role(path, others[0])} {others[0]}): "
+                "prune would drop blocks they use as parents and miss what they commit; wait for them to finish, then retry"
+            )
+        return _prune(path, store, owner, limit, min_records, shard_bytes, progress, fsync)
+
+
+def _prune(
+    path: Path,
+    store: PrefixStore,
+    owner: str,
+    max_blocks: int | None,
+    min_records: int | None,
+    shard_bytes: int,
+    progress: bool,
+    fsync: bool,
+) -> PruneReport:
+    manifest = store.manifest
+    ensure_format_version(path, fsync, owner=owner)
+    compact_store(path, progress=progress, fsync=fsync, owner=owner)  # step 1: the whole old index in one segment
     names = [n for n in os.listdir(path / INDEX_DIR) if n.endswith(".safetensors")]
     report = PruneReport()
     if not names:
@@ -102,17 +134,16 @@ def prune_store(
     records = _record_counts(store, cols["key64"])
     if not records.any():
         raise StoreError(f"{path} has no record counts (counts/ is empty): nothing to rank blocks by")
-    max_blocks = None if max_bytes is None else max_bytes // block_cost(manifest)
     keep = select_blocks(records, cols["depth"], min_records=min_records or 1, max_blocks=max_blocks, tiebreak=cols["key64"])
     report.blocks_before, report.blocks_kept = old.n, len(keep)
     report.bytes_before = sum(max(r.bytes, 0) for r in old.shards)
     # Step 2: copy the survivors in their old shard and slot order, so chains stay contiguous.
     keep = keep[np.lexsort((cols["slot"][keep], ids[keep]))]
-    refs, new_cols = _write_survivors(path, manifest, old, cols, keep, shard_bytes, report, progress, fsync)
+    refs, new_cols = _write_survivors(path, manifest, old, cols, keep, shard_bytes, report, progress, fsync, owner)
     # Step 3, then 4: the new segment goes in before the old one goes out.
     name = f"{COMPACTED_PREFIX}{new_id()}.safetensors"
     meta = {"format_version": str(FORMAT_VERSION), "blocks": str(len(keep)), "pruned_from": str(old.n)}
-    atomic_write(path / INDEX_DIR / name, encode_segment(new_cols, meta, refs), fsync)
+    atomic_write(path / INDEX_DIR / name, encode_segment(new_cols, meta, refs), fsync, owner=owner)
     old_path.unlink()
     if fsync:
         fsync_dir(path / INDEX_DIR)
@@ -151,13 +182,13 @@ def _write_survivors(
     report: PruneReport,
     progress: bool,
     fsync: bool,
+    writer: str,
 ) -> tuple[list[ShardRef], dict[str, np.ndarray]]:
     """Copy the kept rows' blocks (stored bytes, fp8 scales, tokens) into new shards of at most
-    ``shard_bytes``; returns their refs and the new index columns."""
+    ``shard_bytes``, named for ``writer`` (the prune's lock); returns their refs and the new index columns."""
     layout, bs = manifest.kv, manifest.block_size
     block_bytes, scale_bytes = layout.bytes_per_token * bs, layout.scale_bytes_per_block()
     capacity = max(1, shard_bytes // (block_bytes + scale_bytes))
-    writer = new_id()
     ids = old.shard_ids(cols)
     refs: list[ShardRef] = []
     new_slot = np.zeros(len(keep), np.uint32)
@@ -177,7 +208,7 @@ def _write_survivors(
         rows = keep[filled:upto]
         if np.any(crcs != cols["crc"][rows]):
             raise CorruptStoreError(f"{path}: a kept block fails its CRC while being copied; run `prefixgen verify`")
-        size = atomic_write(path / SHARDS_DIR / name, parts, fsync)
+        size = atomic_write(path / SHARDS_DIR / name, parts, fsync, owner=writer)
         new_shard[filled:upto], new_slot[filled:upto], new_crc[filled:upto] = len(refs), np.arange(n), crcs
         refs.append(ShardRef(name, n, size, checksum, writer, "prune"))
         report.bytes_after += size

@@ -28,7 +28,9 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,7 @@ import torch
 from prefixgen.errors import IncompatibleStoreError, StoreError
 from prefixgen.format import (
     BUILDS_DIR,
+    CLAIMS_DIR,
     COUNT_COLUMNS,
     COUNTS_DIR,
     FORMAT_VERSION,
@@ -55,6 +58,7 @@ from prefixgen.format import (
     TensorSpec,
     atomic_write,
     block_crcs,
+    create_once,
     dequantize_fp8,
     encode_safetensors_header,
     encode_segment,
@@ -65,6 +69,7 @@ from prefixgen.format import (
     shard_name,
     shard_tensors,
 )
+from prefixgen.store.index import StoreIndex
 from prefixgen.store.keyset import KeySet
 
 WRITE_MODES = ("new", "append", "resume", "overwrite")
@@ -96,7 +101,7 @@ def prepare_store(path: Path, manifest: Manifest, mode: str) -> Manifest:
         raise StoreError(f"{path} is a file, not a store folder; choose another --out")
     entries = sorted(p.name for p in path.iterdir()) if path.exists() else []
     has_manifest = MANIFEST_FILE in entries
-    if entries and not has_manifest:
+    if entries and not has_manifest and not _being_created(entries):
         raise StoreError(
             f"{path} is not empty and holds no {MANIFEST_FILE}: it is not a prefixgen store; "
             "choose an empty or new folder for --out"
@@ -120,9 +125,12 @@ def prepare_store(path: Path, manifest: Manifest, mode: str) -> Manifest:
         has_manifest = False
     for sub in (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR, LOCKS_DIR):
         (path / sub).mkdir(parents=True, exist_ok=True)
-    if not has_manifest:
-        atomic_write(path / MANIFEST_FILE, [manifest.to_json().encode()])
+    # Exactly one of several processes starting on an empty folder at once creates the manifest
+    # (each from its own temporary file); the others go on as if they had found the store.
+    if not has_manifest and create_once(path / MANIFEST_FILE, [manifest.to_json().encode()]):
         return manifest
+    if not has_manifest and mode == "new":
+        raise StoreError(f"another process created a store in {path} at the same moment; pass --append to add to it")
     existing = Manifest.from_json((path / MANIFEST_FILE).read_text(), path / MANIFEST_FILE)
     problems = existing.model.differences(manifest.model)
     if existing.block_size != manifest.block_size:
@@ -135,6 +143,13 @@ def prepare_store(path: Path, manifest: Manifest, mode: str) -> Manifest:
             "use the same --model, --dtype, --kv-dtype and --block-size, or write to a new --out"
         )
     return existing
+
+
+def _being_created(entries: list[str]) -> bool:
+    """Whether a folder without a manifest holds only what another process starting the store at
+    this moment makes before its manifest: the store's subfolders and manifest temporary files."""
+    made = {SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR, LOCKS_DIR, CLAIMS_DIR}
+    return all(e in made or (e.startswith(MANIFEST_FILE + ".") and e.endswith(TMP_SUFFIX)) for e in entries)
 
 
 @dataclass(slots=True)
@@ -187,6 +202,11 @@ class StoreWriter:
         self.part: str | None = None  # a rank of a distributed build: its own build and counts files
         self.fsync = fsync
         self._lock_file = WriterLock(self.path, self.writer_id)
+        try:
+            refuse_beside_prune(self.path, self.writer_id)
+        except StoreError:
+            self._lock_file.release()
+            raise
         self._counts_seq = 0
         layout = manifest.kv
         self._bs = manifest.block_size
@@ -207,6 +227,7 @@ class StoreWriter:
         # so a hit is confirmed on the whole key (from the shard buffer or our index segment).
         self._where = KeySet(full_keys=False, value_dtype=np.uint64)
         self._segment_cache: tuple[int, Segment] | None = None
+        self._index: StoreIndex | None = None  # the store's index, once our own segments were merged away
         self.bytes_written = 0
         self.shards_written = 0
         self.blocks_written = 0
@@ -268,15 +289,29 @@ class StoreWriter:
         if shard is not None:
             return slot < shard.blocks and shard.keys[slot].tobytes() == key
         # Committed: the key is in our segment, whose rows are sorted by key64.
-        if self._segment_cache is None or self._segment_cache[0] != seq:
-            path = self.path / INDEX_DIR / shard_name(self.writer_id, seq)
-            if not path.exists():
-                return False  # its write failed
-            self._segment_cache = (seq, Segment(path))
-        cols = self._segment_cache[1].cols
+        try:
+            if self._segment_cache is None or self._segment_cache[0] != seq:
+                self._segment_cache = (seq, Segment(self.path / INDEX_DIR / shard_name(self.writer_id, seq)))
+            cols = self._segment_cache[1].cols
+        except FileNotFoundError:
+            # Never written (its write failed), or merged by a compaction (`prefixgen compact` beside
+            # this build): the merged segment holds its rows, naming our shard, which stays.
+            self._segment_cache = None
+            return self._indexed_at(key, shard_name(self.writer_id, seq), slot)
         q = np.uint64(int.from_bytes(key[:8], "little"))
         rows = range(int(np.searchsorted(cols["key64"], q, "left")), int(np.searchsorted(cols["key64"], q, "right")))
         return any(int(cols["slot"][r]) == slot and cols["key"][r].tobytes() == key for r in rows)
+
+    def _indexed_at(self, key: bytes, shard: str, slot: int) -> bool:
+        """Whether the store's index has ``key`` at ``shard``/``slot``. The index is opened when first
+        needed and again when it lacks the key (a later compaction may have merged it since)."""
+        for fresh in (False, True):
+            if fresh or self._index is None:
+                self._index = StoreIndex.open(self.path)
+            (loc,) = self._index.find([key])
+            if loc is not None:
+                return loc.shard == shard and loc.slot == slot
+        return False
 
     def read_block(self, key: BlockHash) -> torch.Tensor:
         """KV of a block this writer holds, as stored: [B, L, 2, H, D] (dequantized for fp8)."""
@@ -499,10 +534,18 @@ def _store_write_error(path: Path, exc: BaseException) -> StoreError:
 # --------------------------------------------------------------------------- liveness
 
 
+LOCK_ROLES = ("build", "compact", "prune", "gc")  # what a lock's holder does, written in its lock file
+_MOUNT_HINT = (
+    "keep the store on a local disk, on NFS mounted without local_lock=flock/all and nolock, "
+    "or on Lustre mounted with -o flock (README.md, 'Shared file systems')"
+)
+
+
 class WriterLock:
     """``locks/<owner>.lock``, held with an exclusive ``flock`` while its process may still create
     files named for ``owner``. The kernel releases it when the process dies (``kill -9`` too); a
-    clean end removes the file.
+    clean end removes the file. The file says ``pid <pid> <role>`` (``role`` one of LOCK_ROLES),
+    so that ``prune`` can tell builds from maintenance jobs.
 
     Example:
         >>> lock = WriterLock(Path("store"), new_id())  # doctest: +SKIP
@@ -510,14 +553,22 @@ class WriterLock:
         True
     """
 
-    def __init__(self, store: Path, owner: str):
-        self.owner = owner
+    def __init__(self, store: Path, owner: str, role: str = "build"):
+        assert role in LOCK_ROLES
+        check_file_system(Path(store))
+        self.owner, self.role = owner, role
         folder = Path(store) / LOCKS_DIR
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"{owner}.lock"
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                os.close(fd)
+                raise StoreError(
+                    f"cannot lock {self.path} ({exc.strerror}): this file system does not support flock; {_MOUNT_HINT}"
+                ) from None
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -525,7 +576,9 @@ class WriterLock:
             if same:
                 break
             os.close(fd)  # a cleaner took the file for a dead one's between our open and flock: again
-        os.write(fd, f"pid {os.getpid()}\n".encode())  # for people; the lock is what counts
+        # Written before the holder looks at other locks, so a prune and a build that start at once
+        # cannot both miss each other (each locks, then reads the other's lock and role).
+        os.write(fd, f"pid {os.getpid()} {role}\n".encode())
         self._fd: int | None = fd
 
     def release(self) -> None:
@@ -535,26 +588,129 @@ class WriterLock:
             self._fd = None
 
 
+@contextmanager
+def maintenance_lock(store: Path, role: str) -> Iterator[str]:
+    """Hold a writer lock under a fresh id while a maintenance job (``compact``, ``prune``, ``gc``)
+    runs, so that ``gc`` and ``--resume`` never take its files for a dead writer's; yields the id.
+    A compaction refuses to start while a prune runs (:func:`refuse_beside_prune`).
+
+    Example:
+        >>> with maintenance_lock(Path("store"), "compact") as owner:  # doctest: +SKIP
+        ...     atomic_write(path, data, owner=owner)
+    """
+    lock = WriterLock(Path(store), new_id(), role)
+    try:
+        if role == "compact":
+            refuse_beside_prune(Path(store), lock.owner)
+        yield lock.owner
+    finally:
+        lock.release()
+
+
+def lock_role(store: Path, owner: str) -> str:
+    """The role written in ``owner``'s lock file; ``build`` for files without one (older writers,
+    or a holder that has not written it yet: the cautious answer)."""
+    try:
+        words = (Path(store) / LOCKS_DIR / f"{owner}.lock").read_text().split()
+    except OSError:
+        return "build"
+    return words[2] if len(words) > 2 and words[2] in LOCK_ROLES else "build"
+
+
+def refuse_beside_prune(store: Path, me: str) -> None:
+    """Raise if a prune runs on ``store``: it deletes blocks a new writer could use as parents, and
+    segments a compaction could merge. Called by a writer once it holds its own lock."""
+    for owner in live_writers(store):
+        if owner != me and lock_role(store, owner) == "prune":
+            raise StoreError(f"{store} is being pruned (prune {owner} is running): wait for it to finish, then retry")
+
+
+def check_file_system(store: Path, mounts: str | None = None) -> None:
+    """Refuse a store on a file system where ``flock`` would not tell running writers from dead
+    ones across machines: NFS mounted with ``nolock`` or ``local_lock=flock|all``, Lustre without
+    ``-o flock`` (``localflock`` locks per node, ``noflock`` not at all). ``mounts`` is the text of
+    ``/proc/mounts`` (read when None; nothing is checked where it does not exist).
+
+    Example:
+        >>> check_file_system(Path("/shared/store"), "srv:/x /shared nfs4 rw,local_lock=flock 0 0\n")
+        Traceback (most recent call last):
+        prefixgen.errors.StoreError: /shared/store is on nfs4 mounted with local_lock=flock: ...
+    """
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return
+    where = os.path.realpath(store)
+    best = ("", "", set())
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = where == point or where.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):
+            best = (point, fields[2], set(fields[3].split(",")))
+    _, fstype, options = best
+    bad = None
+    if fstype.startswith("nfs"):
+        bad = next((o for o in ("nolock", "local_lock=flock", "local_lock=all") if o in options), None)
+    elif fstype == "lustre" and "flock" not in options:
+        bad = "localflock" if "localflock" in options else "noflock" if "noflock" in options else "no flock option"
+    if bad:
+        raise StoreError(
+            f"{store} is on {fstype} mounted with {bad}: a writer's lock would not be seen from other machines, "
+            f"so gc, --resume and prune could delete a running build's files; {_MOUNT_HINT}"
+        )
+
+
+def _probe(store: Path, owner: str, exclusive: bool = False) -> tuple[bool, int | None]:
+    """(held by a process, fd) for ``owner``'s lock file; fd is the lock file, open and locked by us,
+    when it is free (the caller closes it), None when held or missing ((False, None) when missing).
+
+    Opened read-write: NFS emulates flock with POSIX locks, which refuse an exclusive lock on a
+    read-only descriptor (EBADF). Any error other than "held" is "cannot tell", raised as a
+    StoreError that says so: never a guess, never a traceback."""
+    path = Path(store) / LOCKS_DIR / f"{owner}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False, None
+    except OSError as exc:
+        raise _cannot_tell(store, owner, path, "opening it read-write", exc) from None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return True, None
+    except OSError as exc:
+        os.close(fd)
+        raise _cannot_tell(store, owner, path, "locking it", exc) from None
+    return False, fd
+
+
+def _cannot_tell(store: Path, owner: str, path: Path, doing: str, exc: OSError) -> StoreError:
+    return StoreError(
+        f"cannot tell whether writer {owner} of {store} is still running: {doing} failed on its lock file {path} "
+        f"({exc.strerror or exc}); nothing of it was removed. The file must be readable and writable by this user, "
+        f"and the file system must support flock: {_MOUNT_HINT}"
+    )
+
+
 def writer_is_live(store: Path, owner: str) -> bool:
     """Whether the writer (or maintenance job) ``owner`` may still create or rename files in
     ``store``: its lock file exists and a process holds it. A writer that ended, was killed, or
-    came from a prefixgen without locks is not live, and its leftovers may be removed.
+    came from a prefixgen without locks is not live, and its leftovers may be removed. Raises
+    StoreError when it cannot tell (see :func:`_probe`).
 
     Example:
         >>> writer_is_live(Path("store"), "20261127T093251-4242-abcdef")  # doctest: +SKIP
         False
     """
-    try:
-        fd = os.open(Path(store) / LOCKS_DIR / f"{owner}.lock", os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
+    held, fd = _probe(store, owner)
+    if fd is not None:
         os.close(fd)
+    return held
 
 
 def live_writers(store: Path) -> list[str]:
@@ -583,20 +739,19 @@ def temp_owner(name: str) -> str | None:
 
 
 def remove_lock_if_dead(store: Path, owner: str) -> bool:
-    """Remove ``owner``'s lock file if no process holds it; True if it was removed."""
+    """Remove ``owner``'s lock file if no process holds it; True if it was removed. Raises
+    StoreError when it cannot tell (see :func:`_probe`)."""
+    _, fd = _probe(store, owner, exclusive=True)
+    if fd is None:
+        return False
     path = Path(store) / LOCKS_DIR / f"{owner}.lock"
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         path.unlink(missing_ok=True)  # while holding it, so a starting owner sees it gone and retries
-        return True
-    except BlockingIOError:
-        return False
+    except OSError as exc:
+        raise StoreError(f"cannot remove the lock file {path} of dead writer {owner}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
+    return True
 
 
 def remove_temp_files(path: Path, dry_run: bool = False) -> list[Path]:
