@@ -1,0 +1,199 @@
+"""Maintenance beside live work, and stores on shared file systems: every process that writes a
+store holds a writer lock, gc and prune never take a live writer's files, a build keeps reading its
+own blocks while compactions run, lock probes never crash, and concurrent starters make one store."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefixgen import PrefixStore, StoreError
+from prefixgen.format import INDEX_DIR, LOCKS_DIR, MANIFEST_FILE, SHARDS_DIR, shard_name, temp_path
+from prefixgen.maintain.compact import compact_store
+from prefixgen.maintain.gc import collect_garbage
+from prefixgen.maintain.prune import prune_store
+from prefixgen.maintain.verify import verify_store
+from prefixgen.store.writer import StoreWriter, check_file_system, maintenance_lock, prepare_store
+
+from .conftest import write_jsonl
+from .test_build import CPU, _cli_process, _random_records, expected_keys, stored_keys
+from .test_maintain import BLOCK_BYTES, BS, _block_kv, _kept, _manifest, _sequences, _tiny_store, _with_counts
+
+
+@pytest.mark.slow
+def test_a_build_reads_its_own_pasts_back_while_compactions_merge_its_segments(tmp_path, stories):
+    """Every record starts with the same 6-block head, computed first; with no device cache and one
+    write buffer in flight, every later batch reads the head back from the build's own committed
+    shard, whose segment a compaction loop keeps merging away."""
+    head = " ".join(["once upon a time a little cat found a red ball in the park"] * 4)
+    records = [f"{head} {r}" for r in _random_records(120, seed=3)]
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": r} for r in records])
+    out = tmp_path / "store"
+    args = ["--shard-bytes", "30000", "--batch-tokens", "256", "--write-threads", "1", "--prefix-cache-bytes", "0"]
+    build = _cli_process("build", data, "--model", stories, "--out", out, *args, "--no-fsync", *CPU)
+    merged = 0
+    while build.poll() is None:
+        if (out / MANIFEST_FILE).exists() and (out / INDEX_DIR).is_dir():
+            merged += compact_store(out).segments_merged
+    _, err = build.communicate()
+    assert build.returncode == 0, err
+    assert merged >= 20  # the loop did merge the build's segments while it ran
+    assert expected_keys(records, stories, out) <= stored_keys(out)
+    assert verify_store(out).ok
+
+
+def _prune_in_child(path: Path) -> int:
+    """Fork a child that prunes ``path`` to the blocks in 2+ records, one block per new shard."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            prune_store(path, min_records=2, shard_bytes=BLOCK_BYTES)
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+@pytest.mark.slow
+def test_gc_in_a_loop_beside_a_prune_loses_nothing_kept(tmp_path):
+    seqs = _sequences(160, seed=4)
+    manifest = _tiny_store(tmp_path / "s", seqs)
+    counts = _with_counts(tmp_path / "s", seqs, manifest)
+    want = {k for k in _kept(tmp_path / "s") if counts[k] >= 2}
+    pid = _prune_in_child(tmp_path / "s")
+    runs, status = 0, None
+    while status is None:
+        collect_garbage(tmp_path / "s")
+        runs += 1
+        done, st = os.waitpid(pid, os.WNOHANG)
+        status = st if done else None
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert runs >= 3
+    assert _kept(tmp_path / "s") == want
+    report = verify_store(tmp_path / "s")
+    assert report.ok, report.faults
+    store = PrefixStore.open(tmp_path / "s")
+    for s in seqs:
+        keys = store.keys(s)[: store.match(s) // BS]
+        assert torch.equal(
+            store.read_blocks(keys).reshape(-1), torch.cat([_block_kv(k) for k in keys] or [torch.empty(0)]).reshape(-1)
+        )
+
+
+def test_prune_refuses_beside_a_live_writer_and_writers_refuse_beside_a_prune(tmp_path):
+    seqs = _sequences(24)
+    manifest = _tiny_store(tmp_path / "s", seqs)
+    _with_counts(tmp_path / "s", seqs, manifest)
+    before = sorted(os.listdir(tmp_path / "s" / INDEX_DIR)) + sorted(os.listdir(tmp_path / "s" / SHARDS_DIR))
+    writer = StoreWriter(tmp_path / "s", manifest, "b", fsync=False)
+    try:
+        with pytest.raises(StoreError, match=f"being written by 1 running process.*build {writer.writer_id}"):
+            prune_store(tmp_path / "s", min_records=2)
+    finally:
+        writer.close()
+        writer.release()
+    assert sorted(os.listdir(tmp_path / "s" / INDEX_DIR)) + sorted(os.listdir(tmp_path / "s" / SHARDS_DIR)) == before
+    with maintenance_lock(tmp_path / "s", "prune") as pruner:
+        with pytest.raises(StoreError, match=f"being pruned \\(prune {pruner}"):
+            StoreWriter(tmp_path / "s", manifest, "c")
+        with pytest.raises(StoreError, match="being pruned"):
+            compact_store(tmp_path / "s")
+        with maintenance_lock(tmp_path / "s", "gc"):  # gc runs beside anything
+            pass
+    assert os.listdir(tmp_path / "s" / LOCKS_DIR) == []  # every refused one gave its lock back
+    assert prune_store(tmp_path / "s", min_records=2).blocks_kept > 0
+
+
+def test_a_lock_probe_that_cannot_tell_says_so_and_removes_nothing(tmp_path, cli):
+    """The lock "file" of a writer is a folder: opening it read-write fails (EISDIR), as opening a
+    lock file read-write fails on a store another user owns. gc must say it cannot tell whether the
+    writer runs, keep its files, and print no traceback."""
+    _tiny_store(tmp_path / "s", _sequences(6))
+    owner = "20261127T093251-4242-abcdef"
+    (tmp_path / "s" / LOCKS_DIR / f"{owner}.lock").mkdir()
+    tmp = temp_path(tmp_path / "s" / SHARDS_DIR / shard_name(owner, 0), owner)
+    tmp.write_bytes(b"half a shard")
+    result = cli("gc", tmp_path / "s")
+    assert result.exit_code == 5, result.output
+    assert f"cannot tell whether writer {owner}" in result.stderr and "Traceback" not in result.output
+    assert tmp.exists()
+
+
+def test_file_systems_where_flock_is_not_shared_are_refused_at_start():
+    mounts = (
+        "/dev/sda1 / ext4 rw,relatime 0 0\n"
+        "srv:/export /shared nfs4 rw,vers=4.2,local_lock=none,addr=10.0.0.1 0 0\n"
+        "srv:/scratch /scratch nfs rw,vers=3,nolock 0 0\n"
+        "mgs@tcp:/fs /lustre lustre rw,flock 0 0\n"
+        "mgs@tcp:/fs2 /lustre/local lustre rw,localflock 0 0\n"
+        "mgs@tcp:/fs3 /lustre3 lustre rw 0 0\n"
+    )
+    for ok in ("/home/me/store", "/shared/store", "/lustre/store", "/lustre/localx/s"):
+        check_file_system(Path(ok), mounts)
+    for bad, why in (
+        ("/scratch/store", "nfs mounted with nolock"),
+        ("/lustre/local/store", "lustre mounted with localflock"),
+        ("/lustre3/store", "lustre mounted with no flock option"),
+    ):
+        with pytest.raises(StoreError, match=why):
+            check_file_system(Path(bad), mounts)
+    with pytest.raises(StoreError, match="local_lock=flock"):
+        check_file_system(Path("/shared/s"), mounts.replace("local_lock=none", "local_lock=flock"))
+
+
+def _start_store(path: Path, barrier, results) -> None:
+    barrier.wait()
+    try:
+        results.put(prepare_store(path, _manifest(), "append").to_json())
+    except Exception as exc:  # reported to the test
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+@pytest.mark.slow
+def test_many_processes_starting_one_store_at_once_all_get_the_same_store(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    procs = 8
+    for round_ in range(12):
+        path = tmp_path / f"s{round_}"
+        barrier, results = ctx.Barrier(procs), ctx.Queue()
+        children = [ctx.Process(target=_start_store, args=(path, barrier, results)) for _ in range(procs)]
+        for c in children:
+            c.start()
+        got = [results.get(timeout=60) for _ in children]
+        for c in children:
+            c.join(60)
+        assert len(set(got)) == 1 and got[0].startswith("{"), got
+        assert PrefixStore.open(path).manifest.to_json() == got[0]
+        assert sorted(p.name for p in path.iterdir() if p.is_file()) == [MANIFEST_FILE]  # no temporary files left
+
+
+@pytest.mark.slow
+def test_no_fsync_compaction_makes_its_segment_durable_before_unlinking_the_merged_ones(tmp_path):
+    """Traced system calls (strace -y names each descriptor's file): under fsync=False, the merged
+    segment's file and the index folder are fsynced before the first merged segment is unlinked."""
+    if subprocess.run(["strace", "-V"], capture_output=True).returncode:
+        pytest.skip("strace is not installed")
+    _tiny_store(tmp_path / "s", _sequences(12))
+    merged = set(os.listdir(tmp_path / "s" / INDEX_DIR))
+    code = f"from prefixgen.maintain.compact import compact_store; compact_store({str(tmp_path / 's')!r}, fsync=False)"
+    trace = tmp_path / "trace"
+    calls = "fsync,fdatasync,rename,renameat,renameat2,unlink,unlinkat"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    subprocess.run(
+        ["strace", "-f", "-y", "-qq", "-o", trace, "-e", f"trace={calls}", sys.executable, "-c", code], check=True, env=env
+    )
+    lines = [line for line in trace.read_text().splitlines() if "/s/" in line]
+    unlinks = [i for i, line in enumerate(lines) if re.search(r"unlink(at)?\(", line) and any(n in line for n in merged)]
+    assert len(unlinks) == len(merged), lines
+    before = lines[: unlinks[0]]
+    assert any(re.search(r"fsync\(\d+</.*/index/compacted-[^>]*\.tmp>", line) for line in before), lines
+    assert any(re.search(r"fsync\(\d+</.*/s/index>", line) for line in before), lines
+    assert any(re.search(r"rename.*compacted-.*\.tmp", line) for line in before), lines
