@@ -197,3 +197,18 @@ def test_no_fsync_compaction_makes_its_segment_durable_before_unlinking_the_merg
     assert any(re.search(r"fsync\(\d+</.*/index/compacted-[^>]*\.tmp>", line) for line in before), lines
     assert any(re.search(r"fsync\(\d+</.*/s/index>", line) for line in before), lines
     assert any(re.search(r"rename.*compacted-.*\.tmp", line) for line in before), lines
+
+
+def test_prune_max_bytes_counts_kv_as_build_does_and_shard_bytes_sizes_its_shards(tmp_path, cli):
+    seqs = _sequences(24)
+    manifest = _tiny_store(tmp_path / "s", seqs)
+    _with_counts(tmp_path / "s", seqs, manifest)
+    kv_bytes = manifest.kv.block_bytes(manifest.block_size)  # what build --max-bytes counts per block
+    result = cli("prune", tmp_path / "s", "--max-bytes", str(20 * kv_bytes), "--shard-bytes", str(3 * BLOCK_BYTES))
+    assert result.exit_code == 0, result.output
+    assert len(_kept(tmp_path / "s")) == 20
+    blocks = [ref.blocks for seg in PrefixStore.open(tmp_path / "s").index.segments for ref in seg.shards]
+    assert blocks == [3] * 6 + [2]
+    assert verify_store(tmp_path / "s").ok
+    small = cli("prune", tmp_path / "s", "--max-bytes", str(kv_bytes - 1))
+    assert small.exit_code == 2 and "smaller than one block" in small.stderr, small.output
