@@ -212,3 +212,25 @@ def test_prune_max_bytes_counts_kv_as_build_does_and_shard_bytes_sizes_its_shard
     assert verify_store(tmp_path / "s").ok
     small = cli("prune", tmp_path / "s", "--max-bytes", str(kv_bytes - 1))
     assert small.exit_code == 2 and "smaller than one block" in small.stderr, small.output
+
+
+@pytest.mark.slow
+def test_the_base_record_of_a_distributed_build_and_the_manifest_are_fsynced_before_they_appear(tmp_path, stories):
+    """Traced system calls: each file made by a hard link (created once among concurrent ranks) is
+    fsynced under its temporary name before the link."""
+    if subprocess.run(["strace", "-V"], capture_output=True).returncode:
+        pytest.skip("strace is not installed")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": r} for r in _random_records(6, seed=2)])
+    out, trace = tmp_path / "store", tmp_path / "trace"
+    args = ["build", data, "--model", stories, "--out", out, "--rank", "0", "--world-size", "2", *CPU]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    strace = ["strace", "-f", "-y", "-qq", "--seccomp-bpf", "-o", trace, "-e", "trace=fsync,link,linkat"]
+    subprocess.run([*strace, sys.executable, "-m", "prefixgen.cli", *map(str, args)], check=True, env=env, capture_output=True)
+    lines = [line for line in trace.read_text().splitlines() if str(out) in line]
+    (build_id,) = [p.stem for p in (out / "builds").glob("*.json")]
+    for final in (out / MANIFEST_FILE, out / "builds" / f"{build_id}.json"):
+        link = next(i for i, line in enumerate(lines) if "link" in line and f'"{final}"' in line)
+        tmp = re.findall(r'"([^"]+)"', lines[link])[0]  # link(tmp, final) or linkat(dirfd, tmp, dirfd, final, 0)
+        assert tmp.endswith(".tmp") and any(
+            line.startswith(tuple("0123456789")) and "fsync(" in line and f"<{tmp}>" in line for line in lines[:link]
+        ), lines
