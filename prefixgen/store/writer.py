@@ -305,13 +305,14 @@ class StoreWriter:
     def _indexed_at(self, key: bytes, shard: str, slot: int) -> bool:
         """Whether the store's index has ``key`` at ``shard``/``slot``. The index is opened when first
         needed and again when it lacks the key (a later compaction may have merged it since)."""
-        for fresh in (False, True):
-            if fresh or self._index is None:
-                self._index = StoreIndex.open(self.path)
+        opened = self._index is None
+        if self._index is None:
+            self._index = StoreIndex.open(self.path)
+        (loc,) = self._index.find([key])
+        if loc is None and not opened:
+            self._index = StoreIndex.open(self.path)
             (loc,) = self._index.find([key])
-            if loc is not None:
-                return loc.shard == shard and loc.slot == slot
-        return False
+        return loc is not None and loc.shard == shard and loc.slot == slot
 
     def read_block(self, key: BlockHash) -> torch.Tensor:
         """KV of a block this writer holds, as stored: [B, L, 2, H, D] (dequantized for fp8)."""
