@@ -20,11 +20,11 @@ from prefixgen.maintain.compact import compact_store
 from prefixgen.maintain.gc import collect_garbage
 from prefixgen.maintain.prune import prune_store
 from prefixgen.maintain.verify import verify_store
-from prefixgen.store.writer import StoreWriter, check_file_system, maintenance_lock, prepare_store
+from prefixgen.store.writer import ID_PATTERN, StoreWriter, check_file_system, maintenance_lock, prepare_store, writer_is_live
 
 from .conftest import write_jsonl
 from .test_build import CPU, _cli_process, _random_records, expected_keys, stored_keys
-from .test_maintain import BLOCK_BYTES, BS, _block_kv, _kept, _manifest, _sequences, _tiny_store, _with_counts
+from .test_maintain import BLOCK_BYTES, BS, _block_kv, _kept, _manifest, _run_and_kill, _sequences, _tiny_store, _with_counts
 
 
 @pytest.mark.slow
@@ -235,3 +235,34 @@ def test_the_base_record_of_a_distributed_build_and_the_manifest_are_fsynced_bef
         assert tmp.endswith(".tmp") and any(
             line.startswith(tuple("0123456789")) and "fsync(" in line and f"<{tmp}>" in line for line in lines[:link]
         ), lines
+
+
+@pytest.mark.slow
+def test_a_prune_killed_with_kill_9_blocks_nothing_and_gc_clears_what_it_left(tmp_path):
+    """A prune killed mid-copy leaves its lock file (held by no one), new shards no segment names
+    and maybe a temporary file: builds and compactions start all the same, gc removes all of it,
+    and the next prune finishes the job."""
+    seqs = _sequences(300, seed=6)
+    manifest = _tiny_store(tmp_path / "s", seqs)
+    counts = _with_counts(tmp_path / "s", seqs, manifest)
+    compact_store(tmp_path / "s")  # so the prune soon gets to copying
+    old = _kept(tmp_path / "s")
+    shards = set(os.listdir(tmp_path / "s" / SHARDS_DIR))
+    for delay in (0.5, 1, 2, 4, 8):
+        if _run_and_kill(lambda: prune_store(tmp_path / "s", min_records=1, shard_bytes=BLOCK_BYTES), delay):
+            if set(os.listdir(tmp_path / "s" / SHARDS_DIR)) - shards:
+                break  # killed while copying: new shards, no segment for them yet
+    else:
+        pytest.fail("no kill landed in the copy phase")
+    (pruner,) = {ID_PATTERN.match(n).group(0) for n in set(os.listdir(tmp_path / "s" / SHARDS_DIR)) - shards}  # its id names them
+    assert (tmp_path / "s" / LOCKS_DIR / f"{pruner}.lock").exists() and not writer_is_live(tmp_path / "s", pruner)
+    assert _kept(tmp_path / "s") == old and verify_store(tmp_path / "s").ok
+    writer = StoreWriter(tmp_path / "s", manifest, "after", fsync=False)  # not refused by a dead prune
+    writer.close()
+    writer.release()
+    removed = collect_garbage(tmp_path / "s").removed
+    assert f"{LOCKS_DIR}/{pruner}.lock" in removed and any(r.startswith(f"{SHARDS_DIR}/{pruner}") for r in removed)
+    assert set(os.listdir(tmp_path / "s" / SHARDS_DIR)) == shards and os.listdir(tmp_path / "s" / LOCKS_DIR) == []
+    assert not verify_store(tmp_path / "s").notes
+    prune_store(tmp_path / "s", min_records=2)
+    assert _kept(tmp_path / "s") == {k for k in old if counts[k] >= 2}
