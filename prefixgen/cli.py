@@ -347,7 +347,7 @@ def compact(
     store: Annotated[Path, typer.Argument(help="The store folder.")],
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Merge the store's index segments into one, so lookups stay fast (safe beside running builds)."""
+    """Merge the store's index segments into one, so lookups stay fast (safe beside running builds; refused while a prune runs)."""
     from prefixgen.maintain.compact import compact_store
     from prefixgen.store.reader import PrefixStore
 
