@@ -150,29 +150,37 @@ def test_file_systems_where_flock_is_not_shared_are_refused_at_start():
         check_file_system(Path("/shared/s"), mounts.replace("local_lock=none", "local_lock=flock"))
 
 
-def _start_store(path: Path, barrier, results) -> None:
+def _start_store(path: Path, mode: str, barrier, results) -> None:
     barrier.wait()
     try:
-        results.put(prepare_store(path, _manifest(), "append").to_json())
+        results.put(prepare_store(path, _manifest(), mode).to_json())
     except Exception as exc:  # reported to the test
         results.put(f"{type(exc).__name__}: {exc}")
 
 
 @pytest.mark.slow
-def test_many_processes_starting_one_store_at_once_all_get_the_same_store(tmp_path):
+@pytest.mark.parametrize("mode", ["append", "new"])
+def test_many_processes_starting_one_store_at_once_make_exactly_one(tmp_path, mode):
+    """--append (as ranks joining a build do): every starter gets the one store. new: exactly one
+    starter makes it, the others are told another process did."""
     ctx = multiprocessing.get_context("fork")
     procs = 8
     for round_ in range(12):
         path = tmp_path / f"s{round_}"
         barrier, results = ctx.Barrier(procs), ctx.Queue()
-        children = [ctx.Process(target=_start_store, args=(path, barrier, results)) for _ in range(procs)]
+        children = [ctx.Process(target=_start_store, args=(path, mode, barrier, results)) for _ in range(procs)]
         for c in children:
             c.start()
         got = [results.get(timeout=60) for _ in children]
         for c in children:
             c.join(60)
-        assert len(set(got)) == 1 and got[0].startswith("{"), got
-        assert PrefixStore.open(path).manifest.to_json() == got[0]
+        made = [g for g in got if g.startswith("{")]
+        if mode == "append":
+            assert len(set(got)) == 1 and made, got
+        else:
+            assert len(made) == 1, got
+            assert all(re.search("another process created a store|already holds a store", g) for g in got if g not in made), got
+        assert PrefixStore.open(path).manifest.to_json() == made[0]
         assert sorted(p.name for p in path.iterdir() if p.is_file()) == [MANIFEST_FILE]  # no temporary files left
 
 
