@@ -20,6 +20,7 @@ from prefixgen.analysis.count import select_blocks
 from prefixgen.format import (
     INDEX_DIR,
     KEY64_CHUNK_ROWS,
+    SEGMENT_COLUMNS,
     SHARDS_DIR,
     KVLayout,
     Manifest,
@@ -132,6 +133,65 @@ def test_thousands_of_tiny_segments_then_compaction_answer_the_same(tmp_path, mo
     assert _answers(tmp_path / "s", seqs) == expected
     assert verify_store(tmp_path / "s").ok
     assert verify_store(tmp_path / "s", quick=True).ok
+
+
+def _sorted_all_at_once(folder: Path, names: list[str]) -> bytes:
+    """The compacted segment as compaction wrote it before it streamed: every row of every segment in
+    memory, one stable sort by key64, a row dropped when it repeats the row before it."""
+    parts, refs, numbers = [], [], {}
+    for name in names:
+        seg = Segment(folder / name)
+        cols = {k: np.array(v) for k, v in seg.cols.items()}
+        ids = []
+        for ref in seg.shards:
+            if ref.name not in numbers:
+                numbers[ref.name] = len(refs)
+                refs.append(ref)
+            ids.append(numbers[ref.name])
+        cols["shard"] = np.asarray(ids, dtype=np.uint32)[seg.shard_ids(cols)]
+        parts.append(cols)
+    cols = {name: np.concatenate([p[name] for p in parts]) for name in SEGMENT_COLUMNS}
+    order = np.argsort(cols["key64"], kind="stable")
+    k64, key = cols["key64"][order], cols["key"][order]
+    same = np.zeros(len(order), dtype=bool)
+    same[1:] = (k64[1:] == k64[:-1]) & (key[1:] == key[:-1]).all(axis=1)
+    keep = order[~same]
+    meta = {"format_version": "2", "blocks": str(len(keep)), "compacted_from": str(len(names))}
+    return b"".join(encode_segment({n: c[keep] for n, c in cols.items() if n != "key64"}, meta, refs))
+
+
+# Tiny runs, fan-in and read chunks force spilled runs, merges of merges and refills mid-tie; the
+# defaults hold everything in one in-memory run. Large segments are read in place (map_bytes 0).
+@pytest.mark.parametrize(
+    "run_rows, fan_in, chunk, map_bytes", [(5, 3, 2, 1 << 20), (5, 2, 1, 0), (64, 4, 3, 0), (1 << 21, 64, 1024, 1 << 20)]
+)
+def test_streaming_compaction_writes_what_sorting_all_rows_wrote(tmp_path, monkeypatch, run_rows, fan_in, chunk, map_bytes):
+    monkeypatch.setattr("prefixgen.maintain.merge.RUN_ROWS", run_rows)
+    monkeypatch.setattr("prefixgen.maintain.merge.FAN_IN", fan_in)
+    monkeypatch.setattr("prefixgen.maintain.merge.MIN_CHUNK_ROWS", chunk)
+    monkeypatch.setattr("prefixgen.maintain.merge.MERGE_BYTES", 0)
+    monkeypatch.setattr("prefixgen.format.MAP_BYTES", map_bytes)
+    seqs = _sequences(40)
+    manifest = _tiny_store(tmp_path / "s", seqs)  # one block per segment
+    # A second writer stores blocks again, in larger shards; its segments are compacted first, so the
+    # merge meets a compacted segment (with its own shard list) among one-shard ones.
+    _write(tmp_path / "s", manifest, seqs[:12], shard_bytes=7 * BLOCK_BYTES)
+    second = sorted(os.listdir(tmp_path / "s" / INDEX_DIR))[-1].rsplit("-", 1)[0]
+    assert compact_store(tmp_path / "s", select=lambda n: n.startswith(second)).segments_merged > 1
+    # Two keys with the same key64 (and one of them twice): ties are kept in input order.
+    a = hashlib.sha256(b"a").digest()
+    b = a[:8] + hashlib.sha256(b"b").digest()[8:]
+    for keys in ([a, b], [b, a]):
+        with StoreWriter(tmp_path / "s", manifest, "b", shard_bytes=2 * BLOCK_BYTES, fsync=False) as w:
+            w.add(keys, [manifest.root_key] * 2, [0, 0], np.zeros((2, BS), np.uint32), torch.cat([_block_kv(k) for k in keys]))
+    folder = tmp_path / "s" / INDEX_DIR
+    names = sorted(os.listdir(folder))
+    expected = _sorted_all_at_once(folder, names)
+    report = compact_store(tmp_path / "s")
+    assert report.segments_merged == len(names) and report.rows_out < report.rows_in
+    assert (folder / report.segment).read_bytes() == expected
+    assert Segment(folder / report.segment).verify_checksums() == []
+    assert _answers(tmp_path / "s", seqs) == _expected(seqs, manifest)
 
 
 def test_a_reader_opened_before_compaction_still_answers(tmp_path):
