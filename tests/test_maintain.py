@@ -428,6 +428,52 @@ def test_prune_keeps_exactly_the_top_ranked_prefix_closed_set(tmp_path, cli):
     assert cli("prune", tmp_path / "s").exit_code != 0  # neither option: a message, not a traceback
 
 
+@pytest.mark.parametrize("storage", ["native", "fp8"])
+def test_prune_reads_only_the_kept_blocks_of_each_shard(tmp_path, storage):
+    # Blocks of 16 KiB (fp8: 4 KiB and scales) in shards of 30: the KV dwarfs the index and counts.
+    layout = KVLayout(num_layers=4, num_kv_heads=2, head_dim=64, dtype="float32", storage=storage)
+    fp = ModelFingerprint("m", "A", "a", 4, 2, 64, "22" * 32, "33" * 32)
+    manifest = prepare_store(tmp_path / "s", Manifest(BS, fp, layout, root_key(fp.weights_digest).hex()), "new")
+    seqs = _sequences(60)
+    shape = (-1, layout.num_layers, 2, layout.num_kv_heads, layout.head_dim)
+    kv_of = {}
+    with StoreWriter(tmp_path / "s", manifest, "b", shard_bytes=30 * layout.block_bytes(BS), fsync=False) as w:
+        for s in seqs:
+            keys = block_keys(s, BS, manifest.root_key)
+            first = next((i for i, k in enumerate(keys) if k not in kv_of), len(keys))
+            if first < len(keys):
+                new = keys[first:]
+                kv = torch.randn(len(new) * BS, *shape[1:])
+                parents = [keys[first - 1] if first else manifest.root_key] + new[:-1]
+                tokens = np.asarray(s[first * BS : len(keys) * BS], np.uint32).reshape(-1, BS)
+                w.add(new, parents, list(range(first, len(keys))), tokens, kv)
+                kv_of.update(zip(new, torch.split(kv, BS)))
+    _with_counts(tmp_path / "s", seqs, manifest)
+    compact_store(tmp_path / "s")
+    store = PrefixStore.open(tmp_path / "s")
+    stored = {k: store.read_blocks([k]) for k in kv_of}  # as stored (fp8: dequantized)
+    shard_bytes = sum(p.stat().st_size for p in (tmp_path / "s" / SHARDS_DIR).iterdir())
+    other_bytes = sum(p.stat().st_size for sub in (INDEX_DIR, "counts") for p in (tmp_path / "s" / sub).iterdir())
+    budget = 12
+    before = _bytes_read()
+    report = prune_store(tmp_path / "s", max_bytes=budget * block_cost(manifest))
+    read = _bytes_read() - before
+    assert report.blocks_kept == budget and len(kv_of) > 200
+    # The kept blocks, with a header and a page of slack per old shard, and the index and counts (read
+    # a few times): not the whole shards.
+    assert read <= budget * (layout.block_bytes(BS) + 4096) + 3 * other_bytes < shard_bytes // 4
+    after = PrefixStore.open(tmp_path / "s")
+    kept = _kept(tmp_path / "s")
+    assert len(kept) == budget and all(torch.equal(after.read_blocks([k]), stored[k]) for k in kept)
+    assert verify_store(tmp_path / "s").ok
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read() calls so far (Linux: /proc/self/io ``rchar``)."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(fields["rchar"])
+
+
 def test_kill_9_during_prune_leaves_the_old_or_the_new_store(tmp_path):
     seqs = _sequences()
     manifest = _tiny_store(tmp_path / "s", seqs)
