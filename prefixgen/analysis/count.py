@@ -161,10 +161,13 @@ class BlockCounter:
     """Counts how many records contain each block, in memory that grows with the distinct blocks
     (24 bytes each), not with the dataset.
 
-    Keys arrive per record; they are buffered (32 bytes each) up to ``chunk`` blocks, then sorted,
-    reduced and merged into the sorted table of :class:`BlockCounts`, one column at a time (so a merge
-    briefly needs one extra column, 8 bytes per distinct block). A record's keys are chained, so they
-    are all different: each record adds one to each of its blocks.
+    Keys arrive per record; they are buffered (32 bytes each) up to ``chunk`` blocks, then sorted and
+    reduced into a sorted run (a :class:`BlockCounts`). Runs are merged log-structured: a new run is
+    merged into the one before it while that one is less than twice its size, so runs halve in size
+    from first to last, there are O(log n) of them, and each block is merged O(log n) times (merging
+    every chunk into one whole table made counting quadratic near a billion blocks). A merge rebuilds
+    one column at a time (briefly one extra column, 8 bytes per block). A record's keys are chained, so
+    they are all different: each record adds one to each of its blocks.
 
     Example:
         >>> counter = BlockCounter()
@@ -180,7 +183,7 @@ class BlockCounter:
         self.blocks = 0  # blocks added (with repeats)
         self._buf = bytearray()
         self._lens: list[int] = []  # blocks per buffered record
-        self._table = BlockCounts(*(np.empty(0, np.uint64),) * 2, *(np.empty(0, np.uint32),) * 2)
+        self._runs: list[BlockCounts] = []  # sorted runs, each one row per key, each < half the one before
 
     def add(self, keys: Sequence[bytes]) -> None:
         """Count one record whose blocks have these keys (in chain order, so key i is at depth i)."""
@@ -196,12 +199,14 @@ class BlockCounter:
     def result(self) -> BlockCounts:
         """The counts so far (merging what is buffered). The counter may go on counting afterwards."""
         self._flush()
-        return self._table
+        while len(self._runs) > 1:
+            self._merge_last()
+        return self._runs[0] if self._runs else _empty()
 
     @property
     def nbytes(self) -> int:
-        """Host memory held: the table and the buffer."""
-        return self._table.nbytes + len(self._buf) + 8 * len(self._lens)
+        """Host memory held: the runs and the buffer."""
+        return sum(r.nbytes for r in self._runs) + len(self._buf) + 8 * len(self._lens)
 
     def _flush(self) -> None:
         if not self._lens:
@@ -218,27 +223,37 @@ class BlockCounter:
         del order
         starts = np.flatnonzero(np.r_[True, (k64[1:] != k64[:-1]) | (c64[1:] != c64[:-1])])
         records = np.diff(np.r_[starts, len(k64)]).astype(np.uint32)
-        self._merge(BlockCounts(k64[starts], c64[starts], records, depth[starts]))
+        self._runs.append(BlockCounts(k64[starts], c64[starts], records, depth[starts]))
+        while len(self._runs) > 1 and len(self._runs[-2]) < 2 * len(self._runs[-1]):
+            self._merge_last()
 
-    def _merge(self, new: BlockCounts) -> None:
-        """Add ``new`` (sorted, one row per key) into the table."""
-        t = self._table
-        if not len(t):
-            self._table = new
-            return
-        rows = _find(t.key64, t.check64, new.key64, new.check64)
-        seen = rows >= 0
-        t.records[rows[seen]] += new.records[seen]
-        fresh = np.flatnonzero(~seen)
-        if not len(fresh):
-            return
-        # Insertion points that keep the table sorted by (key64, check64).
-        at = np.searchsorted(t.key64, new.key64[fresh])
-        for j in np.flatnonzero(t.key64[np.minimum(at, len(t) - 1)] == new.key64[fresh]):  # equal key64: rare
-            while at[j] < len(t) and t.key64[at[j]] == new.key64[fresh[j]] and t.check64[at[j]] < new.check64[fresh[j]]:
-                at[j] += 1
-        for name in ("key64", "check64", "records", "depth"):
-            setattr(t, name, np.insert(getattr(t, name), at, getattr(new, name)[fresh]))
+    def _merge_last(self) -> None:
+        new = self._runs.pop()
+        self._runs[-1] = _merge(self._runs[-1], new)
+
+
+def _empty() -> BlockCounts:
+    return BlockCounts(*(np.empty(0, np.uint64),) * 2, *(np.empty(0, np.uint32),) * 2)
+
+
+def _merge(t: BlockCounts, new: BlockCounts) -> BlockCounts:
+    """``new`` (sorted, one row per key) added into ``t`` (the same; its records updated in place)."""
+    if not len(t):
+        return new
+    rows = _find(t.key64, t.check64, new.key64, new.check64)
+    seen = rows >= 0
+    t.records[rows[seen]] += new.records[seen]
+    fresh = np.flatnonzero(~seen)
+    if not len(fresh):
+        return t
+    # Insertion points that keep the table sorted by (key64, check64).
+    at = np.searchsorted(t.key64, new.key64[fresh])
+    for j in np.flatnonzero(t.key64[np.minimum(at, len(t) - 1)] == new.key64[fresh]):  # equal key64: rare
+        while at[j] < len(t) and t.key64[at[j]] == new.key64[fresh[j]] and t.check64[at[j]] < new.check64[fresh[j]]:
+            at[j] += 1
+    for name in ("key64", "check64", "records", "depth"):
+        setattr(t, name, np.insert(getattr(t, name), at, getattr(new, name)[fresh]))
+    return t
 
 
 def count_records(records: Iterable[Sequence[bytes]], chunk: int = 1 << 22) -> BlockCounts:
