@@ -163,7 +163,7 @@ def _sorted_all_at_once(folder: Path, names: list[str]) -> bytes:
 # Tiny runs, fan-in and read chunks force spilled runs, merges of merges and refills mid-tie; the
 # defaults hold everything in one in-memory run. Large segments are read in place (map_bytes 0).
 @pytest.mark.parametrize(
-    "run_rows, fan_in, chunk, map_bytes", [(5, 3, 2, 1 << 20), (5, 2, 1, 0), (64, 4, 3, 0), (1 << 21, 64, 1024, 1 << 20)]
+    "run_rows, fan_in, chunk, map_bytes", [(5, 3, 2, 1 << 20), (5, 2, 1, 0), (64, 4, 3, 0), (1 << 20, 64, 1024, 1 << 20)]
 )
 def test_streaming_compaction_writes_what_sorting_all_rows_wrote(tmp_path, monkeypatch, run_rows, fan_in, chunk, map_bytes):
     monkeypatch.setattr("prefixgen.maintain.merge.RUN_ROWS", run_rows)

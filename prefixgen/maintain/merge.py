@@ -42,7 +42,7 @@ from prefixgen.format import (
 COLUMNS = tuple(SEGMENT_COLUMNS)  # a compacted segment's columns, in file order
 WIDTH = {name: np.dtype(dt).itemsize * w for name, (dt, w) in SEGMENT_COLUMNS.items()}  # bytes a row
 ROW_BYTES = sum(WIDTH.values())  # 88
-RUN_ROWS = 1 << 21  # rows of small segments sorted in memory at once (~180 MiB of columns)
+RUN_ROWS = 1 << 20  # rows of small segments sorted in memory at once (~90 MiB of columns)
 FAN_IN = 64  # sorted runs merged at once
 MERGE_BYTES = 128 << 20  # read-ahead of one merge, shared by its runs
 MIN_CHUNK_ROWS = 1024  # rows a run reads at a time, at least
