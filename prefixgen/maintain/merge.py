@@ -288,7 +288,7 @@ def _merge(runs: list[_Run], dedup: bool) -> Iterator[Columns]:
 
     while True:
         for i, run in enumerate(runs):
-            if pos[i] < run.n and (pend[i] is None or len(pend[i]["key64"]) < chunk // 2):
+            if pos[i] < run.n and (pend[i] is None or len(pend[i]["key64"]) < max(1, chunk // 2)):
                 fill(i)
         more = [i for i, run in enumerate(runs) if pos[i] < run.n]
         # Rows below `bound` are all read (every run still being read has buffered past them).
