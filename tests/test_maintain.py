@@ -285,6 +285,19 @@ def test_a_large_segment_checks_only_the_key64_chunks_a_lookup_searches(tmp_path
     assert Segment(path).verify_checksums() == ["key64", "key64_chunks"]  # what `verify` reports
 
 
+def test_compaction_refuses_a_large_segment_with_a_flipped_byte_and_leaves_the_index_as_it_was(tmp_path):
+    """A memory-mapped segment is read in place by the merge; each column is checked against its
+    CRC-32 as it is read, so damage is refused instead of copied into the compacted segment."""
+    _tiny_store(tmp_path / "s", _sequences(4))
+    path = tmp_path / "s" / INDEX_DIR / "x.safetensors"
+    os.replace(_large_segment(tmp_path / "big"), path)
+    _flip(path, "parent", row=19_000)
+    before = sorted(os.listdir(tmp_path / "s" / INDEX_DIR))
+    with pytest.raises(CorruptStoreError, match=r"x.safetensors: index segment fails its checksum \(column 'parent'\)"):
+        compact_store(tmp_path / "s")
+    assert sorted(os.listdir(tmp_path / "s" / INDEX_DIR)) == before
+
+
 def test_a_large_segment_without_chunk_checksums_is_checked_whole_on_open(tmp_path):
     path = _large_segment(tmp_path)
     seg = Segment(path)
