@@ -76,6 +76,7 @@ def select_blocks(
 # (odds about n**2 / 2**129: 1e-23 for a billion blocks), so the counts are exact for any real dataset
 # at 24 bytes per distinct block (a dict of bytes would take ~150).
 ROW_BYTES = 24  # key64 8 + check64 8 + records 4 + depth 4
+MERGE_SLICE = 1 << 20  # rows of a run looked up at once while merging it into another
 
 
 @dataclass(slots=True)
@@ -228,8 +229,7 @@ class BlockCounter:
             self._merge_last()
 
     def _merge_last(self) -> None:
-        new = self._runs.pop()
-        self._runs[-1] = _merge(self._runs[-1], new)
+        self._runs[-2:] = [_merge(self._runs[-2], self._runs[-1])]
 
 
 def _empty() -> BlockCounts:
@@ -237,22 +237,43 @@ def _empty() -> BlockCounts:
 
 
 def _merge(t: BlockCounts, new: BlockCounts) -> BlockCounts:
-    """``new`` (sorted, one row per key) added into ``t`` (the same; its records updated in place)."""
+    """``new`` (sorted, one row per key) added into ``t`` (the same; its records updated in place).
+
+    ``new`` is consumed (its columns are dropped as they are merged). Memory beyond the two runs: one
+    merged column at a time (8 bytes a row), two masks (1 byte a row each) and slices of ``new``, so
+    merging two halves of a table costs what inserting a small chunk into it did."""
     if not len(t):
         return new
-    rows = _find(t.key64, t.check64, new.key64, new.check64)
-    seen = rows >= 0
-    t.records[rows[seen]] += new.records[seen]
-    fresh = np.flatnonzero(~seen)
-    if not len(fresh):
+    fresh = np.empty(len(new), dtype=bool)
+    for a in range(0, len(new), MERGE_SLICE):
+        b = min(a + MERGE_SLICE, len(new))
+        rows = _find(t.key64, t.check64, new.key64[a:b], new.check64[a:b])
+        seen = rows >= 0
+        t.records[rows[seen]] += new.records[a:b][seen]
+        fresh[a:b] = ~seen
+    if not fresh.all():
+        new.key64, new.check64, new.records, new.depth = (c[fresh] for c in (new.key64, new.check64, new.records, new.depth))
+    del fresh
+    if not len(new):
         return t
-    # Insertion points that keep the table sorted by (key64, check64).
-    at = np.searchsorted(t.key64, new.key64[fresh])
-    for j in np.flatnonzero(t.key64[np.minimum(at, len(t) - 1)] == new.key64[fresh]):  # equal key64: rare
-        while at[j] < len(t) and t.key64[at[j]] == new.key64[fresh[j]] and t.check64[at[j]] < new.check64[fresh[j]]:
-            at[j] += 1
+    # from_t[i]: row i of the merged table comes from t (else from new). A new row goes before the
+    # first row of t that sorts after it by (key64, check64).
+    from_t = np.ones(len(t) + len(new), dtype=bool)
+    for a in range(0, len(new), MERGE_SLICE):
+        k64, c64 = new.key64[a : a + MERGE_SLICE], new.check64[a : a + MERGE_SLICE]
+        at = np.searchsorted(t.key64, k64)
+        for j in np.flatnonzero(t.key64[np.minimum(at, len(t) - 1)] == k64):  # equal key64: rare
+            while at[j] < len(t) and t.key64[at[j]] == k64[j] and t.check64[at[j]] < c64[j]:
+                at[j] += 1
+        from_t[at + np.arange(a, a + len(at))] = False
+    from_new = ~from_t
     for name in ("key64", "check64", "records", "depth"):
-        setattr(t, name, np.insert(getattr(t, name), at, getattr(new, name)[fresh]))
+        old, add = getattr(t, name), getattr(new, name)
+        col = np.empty(len(from_t), dtype=old.dtype)
+        col[from_t], col[from_new] = old, add
+        setattr(t, name, col)
+        del old, add
+        setattr(new, name, None)  # one column at a time: each run's copy goes as the merged one comes
     return t
 
 
