@@ -252,7 +252,8 @@ def _merge(t: BlockCounts, new: BlockCounts) -> BlockCounts:
         t.records[rows[seen]] += new.records[a:b][seen]
         fresh[a:b] = ~seen
     if not fresh.all():
-        new.key64, new.check64, new.records, new.depth = (c[fresh] for c in (new.key64, new.check64, new.records, new.depth))
+        for name in ("key64", "check64", "records", "depth"):  # a column at a time: one copy at once
+            setattr(new, name, getattr(new, name)[fresh])
     del fresh
     if not len(new):
         return t
