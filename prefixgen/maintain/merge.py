@@ -265,6 +265,9 @@ class MergedSegment:
         self._files.append(out.f)
         for batch in _merge(runs, dedup):
             out.append(batch)
+        for run in runs:  # merged: free their temporary space now (an input segment's file just closes)
+            if isinstance(run, _FileRun):
+                run.f.close()
         return out if dedup else out.run()
 
 
