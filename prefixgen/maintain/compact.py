@@ -4,8 +4,8 @@ A build writes one small segment per shard; a store of 10 million blocks in 256 
 8B model has ~78,000 of them. Compaction merges committed segments into one segment whose rows
 name their shard (FORMAT.md, "Compacted segments"), dropping rows that two writers both wrote.
 
-The merge itself (``prefixgen.maintain.merge``) is an external merge sort: its memory does not grow
-with the store.
+The merge itself (``prefixgen.maintain.merge``) is an external merge sort: its memory grows with the
+shards, not with the rows.
 
 Crash and concurrency safety: the merged segment is written under a temporary name, fsynced and
 renamed in before any merged segment is removed, so a reader (or a crash) at any moment sees every

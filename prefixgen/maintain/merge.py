@@ -1,4 +1,4 @@
-"""Merge sorted index segments into one compacted segment in memory that does not grow with the store.
+"""Merge sorted index segments into one compacted segment in memory that grows with the shards, not the rows.
 
 Compaction's engine (``prefixgen compact``, the end of every build, step 1 of ``prune``). Holding
 every row at once (88 bytes a row, several copies while sorting) would take 25-30 GB at 100 million
