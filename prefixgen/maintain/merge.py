@@ -208,10 +208,23 @@ class MergedSegment:
     # ------------------------------------------------------------------ steps
 
     def _sorted_runs(self, paths: list[Path], progress: bool) -> list[_Run]:
-        """Step 1: sorted runs of the input rows, in input order."""
-        runs: list[_Run] = []
+        """Step 1: sorted runs of the input rows, in input order. Runs are merged as they come, FAN_IN
+        at a time, into runs of the next level (a counter in base FAN_IN), so that a billion rows do
+        not keep a thousand temporary files (and file descriptors) open: levels[k] holds up to
+        FAN_IN - 1 runs of FAN_IN**k, all after those of levels[k + 1] in input order."""
+        levels: list[list[_Run]] = [[]]
         group: list[Columns] = []
         grouped = 0
+
+        def add(run: _Run, folder: Path) -> None:
+            levels[0].append(run)
+            for k in range(len(levels)):
+                if len(levels[k]) < FAN_IN:
+                    break
+                if k + 1 == len(levels):
+                    levels.append([])
+                levels[k + 1].append(self._spill(folder, levels[k], dedup=False))
+                levels[k] = []
 
         def flush(folder: Path | None = None) -> None:
             """Sort the group into a run: spilled into ``folder``, or (the last one) kept in memory."""
@@ -221,12 +234,12 @@ class MergedSegment:
                 group, grouped = [], 0
                 cols = _take(cols, np.argsort(cols["key64"], kind="stable"))
                 if folder is None:
-                    runs.append(_MemoryRun(cols))
+                    levels[0].append(_MemoryRun(cols))
                     return
                 spill = _Spill(folder, len(cols["key64"]))
                 self._files.append(spill.f)
                 spill.append(cols)
-                runs.append(spill.run())
+                add(spill.run(), folder)
 
         for path in tqdm(paths, desc="compact", unit="seg", disable=not progress):
             try:
@@ -243,7 +256,7 @@ class MergedSegment:
                 flush(path.parent)
                 starts = {name: span[0] for name in COLUMNS if (span := seg.column_span(name)) is not None}
                 sums = {name: seg.column_checksum(name) for name in COLUMNS}
-                runs.append(_FileRun(f, seg.n, starts, ids, sums, path))
+                add(_FileRun(f, seg.n, starts, ids, sums, path), path.parent)
                 continue
             cols["shard"] = ids[seg.shard_ids(cols)]
             group.append(cols)
@@ -251,7 +264,7 @@ class MergedSegment:
             if grouped >= RUN_ROWS:
                 flush(path.parent)
         flush()
-        return runs
+        return [run for level in reversed(levels) for run in level]
 
     def _shard_number(self, ref: ShardRef) -> int:
         if ref.name not in self._shards:
