@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tqdm import tqdm
 
 from prefixgen import CorruptStoreError, PrefixStore
 from prefixgen.analysis.count import select_blocks
@@ -364,6 +365,9 @@ def _run_and_kill(work, delay: float) -> bool:
     before it finished. (Forked, so that each try does not pay for importing torch again.)"""
     pid = os.fork()
     if pid == 0:  # the child: do the work, never return into pytest
+        # tqdm's lock is a multiprocessing semaphore shared with the parent: killed while holding it
+        # (a progress bar is made even when disabled), the child would leave the parent's bars hung.
+        tqdm.set_lock(threading.RLock())
         try:
             work()
         finally:
