@@ -5,7 +5,8 @@
 Records of random token ids (no tokenizer) are hashed exactly as ``analyze`` and ``build`` hash them
 (``prefixgen.format.block_keys``) and counted by ``BlockCounter``. Every record starts with one of a few
 shared prefixes (``--shared`` of its tokens), the rest is unique, so almost every block is distinct.
-Prints one JSON line: blocks, distinct blocks, seconds, blocks/s (hash + count, and count alone), peak RSS
+Prints one JSON line: blocks, distinct blocks, seconds, blocks/s (hash + count, and count alone), the
+counter's CPU seconds (a fairer comparison than wall time on a shared machine), peak RSS
 (of the whole process, torch included, as ``analyze`` runs); with ``--rank`` also the time and peak RSS of
 ranking every block (``BlockCounts.select()``, the worst case: no --min-records filter).
 """
@@ -50,23 +51,26 @@ def main() -> None:
     start_rss = rss_mib()
     t0 = time.perf_counter()
     count_seconds = 0.0
+    count_cpu = 0.0  # CPU seconds of this process in the counter: less skewed than wall time on a shared machine
     per_record = n_tok // bs
     records = -(-args.blocks // per_record)
     for i in range(records):
         body = rng.integers(0, 32000, n_tok - shared_tok, dtype=np.uint32)
         ids = np.concatenate([prefixes[i % len(prefixes)], body])
         keys = block_keys(ids, bs, root)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         counter.add(keys)
         count_seconds += time.perf_counter() - t
+        count_cpu += time.process_time() - c
         if i % 20000 == 0 and i:
             done = i * per_record
             print(
                 f"{done:,} blocks, {done / (time.perf_counter() - t0):,.0f} blocks/s, peak {rss_mib():,.0f} MiB", file=sys.stderr
             )
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     counts = counter.result()
     count_seconds += time.perf_counter() - t
+    count_cpu += time.process_time() - c
     seconds = time.perf_counter() - t0
     row = {
         "blocks": counter.blocks,
@@ -75,6 +79,7 @@ def main() -> None:
         "seconds": round(seconds, 1),
         "blocks_per_s": round(counter.blocks / seconds),
         "count_only_blocks_per_s": round(counter.blocks / count_seconds),
+        "count_cpu_seconds": round(count_cpu, 1),
         "table_mib": round(counts.nbytes / 2**20),
         "peak_rss_mib": round(rss_mib()),
         "rss_before_counting_mib": round(start_rss),

@@ -566,12 +566,25 @@ def encode_segment(columns: dict[str, np.ndarray], metadata: dict[str, str], sha
         raw = np.ascontiguousarray(np.asarray(cols[spec.name])[order], dtype=np.dtype(spec.dtype).newbyteorder("<")).tobytes()
         crcs[spec.name] = zlib.crc32(raw)
         data.append(raw)
-    meta = {**metadata, "column_crc32": json.dumps(crcs, separators=(",", ":"))}
-    meta["key64_chunks"] = json.dumps(key64_chunks(k64[order]), separators=(",", ":"))
-    if compacted:
+    return [segment_header(n, metadata, crcs, key64_chunks(k64[order]), shards if compacted else None), *data]
+
+
+def segment_header(
+    n: int, metadata: dict[str, str], crcs: dict[str, int], chunks: dict[str, Any], shards: Sequence[ShardRef] | None = None
+) -> bytes:
+    """The header of an index segment of ``n`` rows (compacted if ``shards`` is given), its columns
+    following in SEGMENT_COLUMNS order: ``metadata`` plus ``column_crc32`` (``crcs``, the CRC-32 of
+    each column's bytes), ``key64_chunks`` (``chunks``, from :func:`key64_chunks`) and ``shards``.
+    For writers that produce the columns piece by piece (a streaming compaction)."""
+    meta = {
+        **metadata,
+        "column_crc32": json.dumps({s.name: crcs[s.name] for s in segment_tensors(n, shards is not None)}, separators=(",", ":")),
+    }
+    meta["key64_chunks"] = json.dumps(chunks, separators=(",", ":"))
+    if shards is not None:
         table = {name: [getattr(s, name) for s in shards] for name in SHARD_FIELDS}
         meta["shards"] = json.dumps(table, separators=(",", ":"))
-    return [encode_safetensors_header(segment_tensors(n, compacted), meta), *data]
+    return encode_safetensors_header(segment_tensors(n, shards is not None), meta)
 
 
 class Segment:
@@ -730,6 +743,14 @@ class Segment:
     def compacted(self) -> bool:
         return "shard" in self._spans
 
+    def column_span(self, name: str) -> tuple[int, int] | None:
+        """File byte range of column ``name`` (None for ``shard`` in a one-shard segment)."""
+        return self._spans.get(name)
+
+    def column_checksum(self, name: str) -> int | None:
+        """The CRC-32 recorded for column ``name`` (None if the segment records none)."""
+        return None if self._checksums is None else self._checksums.get(name)
+
     @property
     def cols(self) -> dict[str, np.ndarray]:
         """Every column by name (``shard`` only in a compacted segment). A small segment is read
@@ -823,9 +844,19 @@ def key64_chunks(k64: np.ndarray, rows: int = KEY64_CHUNK_ROWS) -> dict[str, Any
         >>> key64_chunks(np.arange(3, dtype="<u8"), rows=2)["rows"]
         2
     """
-    raw = np.ascontiguousarray(k64, dtype="<u8")
-    first = raw[::rows].tobytes()
-    crcs = np.asarray([zlib.crc32(raw[i : i + rows]) for i in range(0, len(raw), rows)], "<u4").tobytes()
+    return key64_chunks_of([k64], rows)
+
+
+def key64_chunks_of(pieces: Iterable[np.ndarray], rows: int = KEY64_CHUNK_ROWS) -> dict[str, Any]:
+    """:func:`key64_chunks` of the column made of ``pieces`` back to back, read one at a time (each
+    piece but the last a multiple of ``rows`` long): for a column too large to hold."""
+    firsts, crc_list = [], []
+    for piece in pieces:
+        raw = np.ascontiguousarray(piece, dtype="<u8")
+        firsts.append(raw[::rows].tobytes())
+        crc_list += [zlib.crc32(raw[i : i + rows]) for i in range(0, len(raw), rows)]
+    first = b"".join(firsts)
+    crcs = np.asarray(crc_list, "<u4").tobytes()
     return {
         "rows": rows,
         "first": base64.b64encode(first).decode(),

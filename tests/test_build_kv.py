@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -34,10 +35,12 @@ def _shard_data(store: Path) -> list[bytes]:
     return parts
 
 
-def test_fp8_suffixes_are_computed_on_the_dequantized_past_whatever_the_cache(tmp_path, stories, text_dataset):
+@pytest.mark.parametrize("kv_dtype", ["fp8", "auto"])
+def test_fp8_suffixes_are_computed_on_the_dequantized_past_whatever_the_cache(tmp_path, stories, text_dataset, kv_dtype):
     """The past a suffix is computed on is the fp8 KV a server will load, whether the build finds it
-    in its recent-blocks cache or reads it back: builds with and without that cache store the same bytes."""
-    kw = dict(kv_dtype="fp8", batch_tokens=256, shard_bytes=40_000)
+    in its recent-blocks cache or reads it back (batched, a key run at a time): builds with and without
+    that cache store the same bytes (native KV too)."""
+    kw = dict(kv_dtype=kv_dtype, batch_tokens=256, shard_bytes=40_000)
     cached = _build(tmp_path, text_dataset, stories, "cached", **kw)  # recent blocks from device memory
     uncached = _build(tmp_path, text_dataset, stories, "uncached", prefix_cache_bytes=0, **kw)  # from the writer
     (b,) = PrefixStore.open(cached).builds()

@@ -50,6 +50,25 @@ def test_counts_equal_a_dict_of_full_keys(chunk):
     assert counts.find(key_columns([bytes(32)])).tolist() == [-1]
 
 
+def test_counting_goes_on_after_a_result_across_runs_of_every_size():
+    """Runs of many sizes are pending when result() is asked mid-way; counting then goes on."""
+    key_lists = [block_keys(ids, 16, ROOT) for ids in _records(400, seed=3)]
+    counter = BlockCounter(chunk=5)
+    for i, keys in enumerate(key_lists):
+        counter.add(keys)
+        if i in (0, 57, 250):
+            mid = counter.result()
+            want = _dict_counts(key_lists[: i + 1])
+            assert len(mid) == len(want) and mid.records[mid.find(key_columns(list(want)))].tolist() == [
+                r for r, _ in want.values()
+            ]
+    counts, want = counter.result(), _dict_counts(key_lists)
+    assert len(counts) == len(want) and counts.records[counts.find(key_columns(list(want)))].tolist() == [
+        r for r, _ in want.values()
+    ]
+    assert counts.depth[counts.find(key_columns(list(want)))].tolist() == [d for _, d in want.values()]
+
+
 def test_keys_with_equal_key64_are_told_apart():
     """Different keys whose first 8 bytes agree are counted apart, across merges, in either order."""
     same = bytes(range(8))

@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tqdm import tqdm
 
 from prefixgen import CorruptStoreError, PrefixStore
 from prefixgen.analysis.count import select_blocks
 from prefixgen.format import (
     INDEX_DIR,
     KEY64_CHUNK_ROWS,
+    SEGMENT_COLUMNS,
     SHARDS_DIR,
     KVLayout,
     Manifest,
@@ -134,6 +136,65 @@ def test_thousands_of_tiny_segments_then_compaction_answer_the_same(tmp_path, mo
     assert verify_store(tmp_path / "s", quick=True).ok
 
 
+def _sorted_all_at_once(folder: Path, names: list[str]) -> bytes:
+    """The compacted segment as compaction wrote it before it streamed: every row of every segment in
+    memory, one stable sort by key64, a row dropped when it repeats the row before it."""
+    parts, refs, numbers = [], [], {}
+    for name in names:
+        seg = Segment(folder / name)
+        cols = {k: np.array(v) for k, v in seg.cols.items()}
+        ids = []
+        for ref in seg.shards:
+            if ref.name not in numbers:
+                numbers[ref.name] = len(refs)
+                refs.append(ref)
+            ids.append(numbers[ref.name])
+        cols["shard"] = np.asarray(ids, dtype=np.uint32)[seg.shard_ids(cols)]
+        parts.append(cols)
+    cols = {name: np.concatenate([p[name] for p in parts]) for name in SEGMENT_COLUMNS}
+    order = np.argsort(cols["key64"], kind="stable")
+    k64, key = cols["key64"][order], cols["key"][order]
+    same = np.zeros(len(order), dtype=bool)
+    same[1:] = (k64[1:] == k64[:-1]) & (key[1:] == key[:-1]).all(axis=1)
+    keep = order[~same]
+    meta = {"format_version": "2", "blocks": str(len(keep)), "compacted_from": str(len(names))}
+    return b"".join(encode_segment({n: c[keep] for n, c in cols.items() if n != "key64"}, meta, refs))
+
+
+# Tiny runs, fan-in and read chunks force spilled runs, merges of merges and refills mid-tie; the
+# defaults hold everything in one in-memory run. Large segments are read in place (map_bytes 0).
+@pytest.mark.parametrize(
+    "run_rows, fan_in, chunk, map_bytes", [(5, 3, 2, 1 << 20), (5, 2, 1, 0), (64, 4, 3, 0), (1 << 20, 64, 1024, 1 << 20)]
+)
+def test_streaming_compaction_writes_what_sorting_all_rows_wrote(tmp_path, monkeypatch, run_rows, fan_in, chunk, map_bytes):
+    monkeypatch.setattr("prefixgen.maintain.merge.RUN_ROWS", run_rows)
+    monkeypatch.setattr("prefixgen.maintain.merge.FAN_IN", fan_in)
+    monkeypatch.setattr("prefixgen.maintain.merge.MIN_CHUNK_ROWS", chunk)
+    monkeypatch.setattr("prefixgen.maintain.merge.MERGE_BYTES", 0)
+    monkeypatch.setattr("prefixgen.format.MAP_BYTES", map_bytes)
+    seqs = _sequences(40)
+    manifest = _tiny_store(tmp_path / "s", seqs)  # one block per segment
+    # A second writer stores blocks again, in larger shards; its segments are compacted first, so the
+    # merge meets a compacted segment (with its own shard list) among one-shard ones.
+    _write(tmp_path / "s", manifest, seqs[:12], shard_bytes=7 * BLOCK_BYTES)
+    second = sorted(os.listdir(tmp_path / "s" / INDEX_DIR))[-1].rsplit("-", 1)[0]
+    assert compact_store(tmp_path / "s", select=lambda n: n.startswith(second)).segments_merged > 1
+    # Two keys with the same key64 (and one of them twice): ties are kept in input order.
+    a = hashlib.sha256(b"a").digest()
+    b = a[:8] + hashlib.sha256(b"b").digest()[8:]
+    for keys in ([a, b], [b, a]):
+        with StoreWriter(tmp_path / "s", manifest, "b", shard_bytes=2 * BLOCK_BYTES, fsync=False) as w:
+            w.add(keys, [manifest.root_key] * 2, [0, 0], np.zeros((2, BS), np.uint32), torch.cat([_block_kv(k) for k in keys]))
+    folder = tmp_path / "s" / INDEX_DIR
+    names = sorted(os.listdir(folder))
+    expected = _sorted_all_at_once(folder, names)
+    report = compact_store(tmp_path / "s")
+    assert report.segments_merged == len(names) and report.rows_out < report.rows_in
+    assert (folder / report.segment).read_bytes() == expected
+    assert Segment(folder / report.segment).verify_checksums() == []
+    assert _answers(tmp_path / "s", seqs) == _expected(seqs, manifest)
+
+
 def test_a_reader_opened_before_compaction_still_answers(tmp_path):
     seqs = _sequences(12)
     manifest = _tiny_store(tmp_path / "s", seqs)
@@ -225,6 +286,19 @@ def test_a_large_segment_checks_only_the_key64_chunks_a_lookup_searches(tmp_path
     assert Segment(path).verify_checksums() == ["key64", "key64_chunks"]  # what `verify` reports
 
 
+def test_compaction_refuses_a_large_segment_with_a_flipped_byte_and_leaves_the_index_as_it_was(tmp_path):
+    """A memory-mapped segment is read in place by the merge; each column is checked against its
+    CRC-32 as it is read, so damage is refused instead of copied into the compacted segment."""
+    _tiny_store(tmp_path / "s", _sequences(4))
+    path = tmp_path / "s" / INDEX_DIR / "x.safetensors"
+    os.replace(_large_segment(tmp_path / "big"), path)
+    _flip(path, "parent", row=19_000)
+    before = sorted(os.listdir(tmp_path / "s" / INDEX_DIR))
+    with pytest.raises(CorruptStoreError, match=r"x.safetensors: index segment fails its checksum \(column 'parent'\)"):
+        compact_store(tmp_path / "s")
+    assert sorted(os.listdir(tmp_path / "s" / INDEX_DIR)) == before
+
+
 def test_a_large_segment_without_chunk_checksums_is_checked_whole_on_open(tmp_path):
     path = _large_segment(tmp_path)
     seg = Segment(path)
@@ -291,6 +365,9 @@ def _run_and_kill(work, delay: float) -> bool:
     before it finished. (Forked, so that each try does not pay for importing torch again.)"""
     pid = os.fork()
     if pid == 0:  # the child: do the work, never return into pytest
+        # tqdm's lock is a multiprocessing semaphore shared with the parent: killed while holding it
+        # (a progress bar is made even when disabled), the child would leave the parent's bars hung.
+        tqdm.set_lock(threading.RLock())
         try:
             work()
         finally:
@@ -366,6 +443,52 @@ def test_prune_keeps_exactly_the_top_ranked_prefix_closed_set(tmp_path, cli):
     assert result.exit_code == 0, result.output
     assert _kept(tmp_path / "s") == {k for k in kept if counts[k] >= 3}
     assert cli("prune", tmp_path / "s").exit_code != 0  # neither option: a message, not a traceback
+
+
+@pytest.mark.parametrize("storage", ["native", "fp8"])
+def test_prune_reads_only_the_kept_blocks_of_each_shard(tmp_path, storage):
+    # Blocks of 16 KiB (fp8: 4 KiB and scales) in shards of 30: the KV dwarfs the index and counts.
+    layout = KVLayout(num_layers=4, num_kv_heads=2, head_dim=64, dtype="float32", storage=storage)
+    fp = ModelFingerprint("m", "A", "a", 4, 2, 64, "22" * 32, "33" * 32)
+    manifest = prepare_store(tmp_path / "s", Manifest(BS, fp, layout, root_key(fp.weights_digest).hex()), "new")
+    seqs = _sequences(60)
+    shape = (-1, layout.num_layers, 2, layout.num_kv_heads, layout.head_dim)
+    kv_of = {}
+    with StoreWriter(tmp_path / "s", manifest, "b", shard_bytes=30 * layout.block_bytes(BS), fsync=False) as w:
+        for s in seqs:
+            keys = block_keys(s, BS, manifest.root_key)
+            first = next((i for i, k in enumerate(keys) if k not in kv_of), len(keys))
+            if first < len(keys):
+                new = keys[first:]
+                kv = torch.randn(len(new) * BS, *shape[1:])
+                parents = [keys[first - 1] if first else manifest.root_key] + new[:-1]
+                tokens = np.asarray(s[first * BS : len(keys) * BS], np.uint32).reshape(-1, BS)
+                w.add(new, parents, list(range(first, len(keys))), tokens, kv)
+                kv_of.update(zip(new, torch.split(kv, BS)))
+    _with_counts(tmp_path / "s", seqs, manifest)
+    compact_store(tmp_path / "s")
+    store = PrefixStore.open(tmp_path / "s")
+    stored = {k: store.read_blocks([k]) for k in kv_of}  # as stored (fp8: dequantized)
+    shard_bytes = sum(p.stat().st_size for p in (tmp_path / "s" / SHARDS_DIR).iterdir())
+    other_bytes = sum(p.stat().st_size for sub in (INDEX_DIR, "counts") for p in (tmp_path / "s" / sub).iterdir())
+    budget = 12
+    before = _bytes_read()
+    report = prune_store(tmp_path / "s", max_bytes=budget * block_cost(manifest))
+    read = _bytes_read() - before
+    assert report.blocks_kept == budget and len(kv_of) > 200
+    # The kept blocks, with a header and a page of slack per old shard, and the index and counts (read
+    # a few times): not the whole shards.
+    assert read <= budget * (layout.block_bytes(BS) + 4096) + 3 * other_bytes < shard_bytes // 4
+    after = PrefixStore.open(tmp_path / "s")
+    kept = _kept(tmp_path / "s")
+    assert len(kept) == budget and all(torch.equal(after.read_blocks([k]), stored[k]) for k in kept)
+    assert verify_store(tmp_path / "s").ok
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read() calls so far (Linux: /proc/self/io ``rchar``)."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(fields["rchar"])
 
 
 def test_kill_9_during_prune_leaves_the_old_or_the_new_store(tmp_path):

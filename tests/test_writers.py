@@ -12,6 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from prefixgen import PrefixStore, StoreError
+from prefixgen.builder.pipeline import PastSource
 from prefixgen.builder.plan import Planner, RecordCounts
 from prefixgen.data.records import TokenizedRecord
 from prefixgen.format import (
@@ -33,6 +34,7 @@ from prefixgen.store.writer import StoreWriter, prepare_store, writer_is_live
 
 from .conftest import write_jsonl
 from .test_build import CPU, _cli_process, _random_records, _wait_for_segments, stored_keys
+from .test_build_kv import _bytes_read
 from .test_format import _manifest
 
 
@@ -125,6 +127,32 @@ def test_a_whole_shard_commits_though_the_next_one_fails(tmp_path):
     got = store.read_blocks(keys[:capacity])
     assert torch.equal(got, kv[: capacity * manifest.block_size])
     assert verify_store(out).ok
+
+
+@pytest.mark.parametrize("storage", ["native", "fp8"])
+def test_evicted_pasts_are_read_back_per_shard_not_per_block(tmp_path, storage):
+    """A build's pasts no longer in device memory (budget 0) come back from the writer: each segment
+    and shard read once for a key run, not once or twice per block, and the same KV as block by block."""
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32, dtype="float32", storage=storage)
+    out = tmp_path / "s"
+    manifest = prepare_store(out, _manifest(layout), "new")
+    bs, capacity = manifest.block_size, 32
+    tokens = list(range(8 * capacity * bs))
+    keys = block_keys(tokens, bs, manifest.root_key)
+    with StoreWriter(out, manifest, "b", shard_bytes=capacity * layout.block_bytes(bs), fsync=False) as writer:
+        ids = np.asarray(tokens, dtype=np.uint32).reshape(-1, bs)
+        writer.add(keys, [manifest.root_key] + keys[:-1], list(range(len(keys))), ids, torch.randn(len(tokens), 2, 2, 2, 32))
+        writer.flush()
+        source = PastSource(writer, PrefixStore.open(out), torch.device("cpu"), torch.float32, budget=0, fp8=storage == "fp8")
+        asked = keys[5:200] + keys[:3]  # a run over six committed shards, then back to the first
+        want = torch.cat([writer.read_block(k) for k in asked])
+        before = _bytes_read()
+        got = source.get(asked)
+        read = _bytes_read() - before
+    assert torch.equal(got, want)
+    segment = max(p.stat().st_size for p in (out / INDEX_DIR).iterdir())
+    committed = 6 * capacity - 5 + 3  # asked blocks in shards 0-5 (6 and 7 are still in host buffers)
+    assert read <= committed * layout.block_bytes(bs) + 6 * (2 * segment + 8192)
 
 
 def _write(writer: StoreWriter, manifest, tokens: list[int]) -> list[bytes]:

@@ -76,6 +76,7 @@ def select_blocks(
 # (odds about n**2 / 2**129: 1e-23 for a billion blocks), so the counts are exact for any real dataset
 # at 24 bytes per distinct block (a dict of bytes would take ~150).
 ROW_BYTES = 24  # key64 8 + check64 8 + records 4 + depth 4
+MERGE_SLICE = 1 << 20  # rows of a run looked up at once while merging it into another
 
 
 @dataclass(slots=True)
@@ -161,10 +162,13 @@ class BlockCounter:
     """Counts how many records contain each block, in memory that grows with the distinct blocks
     (24 bytes each), not with the dataset.
 
-    Keys arrive per record; they are buffered (32 bytes each) up to ``chunk`` blocks, then sorted,
-    reduced and merged into the sorted table of :class:`BlockCounts`, one column at a time (so a merge
-    briefly needs one extra column, 8 bytes per distinct block). A record's keys are chained, so they
-    are all different: each record adds one to each of its blocks.
+    Keys arrive per record; they are buffered (32 bytes each) up to ``chunk`` blocks, then sorted and
+    reduced into a sorted run (a :class:`BlockCounts`). Runs are merged log-structured: a new run is
+    merged into the one before it while that one is less than twice its size, so runs halve in size
+    from first to last, there are O(log n) of them, and each block is merged O(log n) times (merging
+    every chunk into one whole table made counting quadratic near a billion blocks). A merge rebuilds
+    one column at a time (briefly one extra column, 8 bytes per block). A record's keys are chained, so
+    they are all different: each record adds one to each of its blocks.
 
     Example:
         >>> counter = BlockCounter()
@@ -180,7 +184,7 @@ class BlockCounter:
         self.blocks = 0  # blocks added (with repeats)
         self._buf = bytearray()
         self._lens: list[int] = []  # blocks per buffered record
-        self._table = BlockCounts(*(np.empty(0, np.uint64),) * 2, *(np.empty(0, np.uint32),) * 2)
+        self._runs: list[BlockCounts] = []  # sorted runs, each one row per key, each < half the one before
 
     def add(self, keys: Sequence[bytes]) -> None:
         """Count one record whose blocks have these keys (in chain order, so key i is at depth i)."""
@@ -196,12 +200,14 @@ class BlockCounter:
     def result(self) -> BlockCounts:
         """The counts so far (merging what is buffered). The counter may go on counting afterwards."""
         self._flush()
-        return self._table
+        while len(self._runs) > 1:
+            self._merge_last()
+        return self._runs[0] if self._runs else _empty()
 
     @property
     def nbytes(self) -> int:
-        """Host memory held: the table and the buffer."""
-        return self._table.nbytes + len(self._buf) + 8 * len(self._lens)
+        """Host memory held: the runs and the buffer."""
+        return sum(r.nbytes for r in self._runs) + len(self._buf) + 8 * len(self._lens)
 
     def _flush(self) -> None:
         if not self._lens:
@@ -218,27 +224,58 @@ class BlockCounter:
         del order
         starts = np.flatnonzero(np.r_[True, (k64[1:] != k64[:-1]) | (c64[1:] != c64[:-1])])
         records = np.diff(np.r_[starts, len(k64)]).astype(np.uint32)
-        self._merge(BlockCounts(k64[starts], c64[starts], records, depth[starts]))
+        self._runs.append(BlockCounts(k64[starts], c64[starts], records, depth[starts]))
+        while len(self._runs) > 1 and len(self._runs[-2]) < 2 * len(self._runs[-1]):
+            self._merge_last()
 
-    def _merge(self, new: BlockCounts) -> None:
-        """Add ``new`` (sorted, one row per key) into the table."""
-        t = self._table
-        if not len(t):
-            self._table = new
-            return
-        rows = _find(t.key64, t.check64, new.key64, new.check64)
+    def _merge_last(self) -> None:
+        self._runs[-2:] = [_merge(self._runs[-2], self._runs[-1])]
+
+
+def _empty() -> BlockCounts:
+    return BlockCounts(*(np.empty(0, np.uint64),) * 2, *(np.empty(0, np.uint32),) * 2)
+
+
+def _merge(t: BlockCounts, new: BlockCounts) -> BlockCounts:
+    """``new`` (sorted, one row per key) added into ``t`` (the same; its records updated in place).
+
+    ``new`` is consumed (its columns are dropped as they are merged). Memory beyond the two runs: one
+    merged column at a time (8 bytes a row), two masks (1 byte a row each) and slices of ``new``, so
+    merging two halves of a table costs what inserting a small chunk into it did."""
+    if not len(t):
+        return new
+    fresh = np.empty(len(new), dtype=bool)
+    for a in range(0, len(new), MERGE_SLICE):
+        b = min(a + MERGE_SLICE, len(new))
+        rows = _find(t.key64, t.check64, new.key64[a:b], new.check64[a:b])
         seen = rows >= 0
-        t.records[rows[seen]] += new.records[seen]
-        fresh = np.flatnonzero(~seen)
-        if not len(fresh):
-            return
-        # Insertion points that keep the table sorted by (key64, check64).
-        at = np.searchsorted(t.key64, new.key64[fresh])
-        for j in np.flatnonzero(t.key64[np.minimum(at, len(t) - 1)] == new.key64[fresh]):  # equal key64: rare
-            while at[j] < len(t) and t.key64[at[j]] == new.key64[fresh[j]] and t.check64[at[j]] < new.check64[fresh[j]]:
+        t.records[rows[seen]] += new.records[a:b][seen]
+        fresh[a:b] = ~seen
+    if not fresh.all():
+        for name in ("key64", "check64", "records", "depth"):  # a column at a time: one copy at once
+            setattr(new, name, getattr(new, name)[fresh])
+    del fresh
+    if not len(new):
+        return t
+    # from_t[i]: row i of the merged table comes from t (else from new). A new row goes before the
+    # first row of t that sorts after it by (key64, check64).
+    from_t = np.ones(len(t) + len(new), dtype=bool)
+    for a in range(0, len(new), MERGE_SLICE):
+        k64, c64 = new.key64[a : a + MERGE_SLICE], new.check64[a : a + MERGE_SLICE]
+        at = np.searchsorted(t.key64, k64)
+        for j in np.flatnonzero(t.key64[np.minimum(at, len(t) - 1)] == k64):  # equal key64: rare
+            while at[j] < len(t) and t.key64[at[j]] == k64[j] and t.check64[at[j]] < c64[j]:
                 at[j] += 1
-        for name in ("key64", "check64", "records", "depth"):
-            setattr(t, name, np.insert(getattr(t, name), at, getattr(new, name)[fresh]))
+        from_t[at + np.arange(a, a + len(at))] = False
+    from_new = ~from_t
+    for name in ("key64", "check64", "records", "depth"):
+        old, add = getattr(t, name), getattr(new, name)
+        col = np.empty(len(from_t), dtype=old.dtype)
+        col[from_t], col[from_new] = old, add
+        setattr(t, name, col)
+        del old, add
+        setattr(new, name, None)  # one column at a time: each run's copy goes as the merged one comes
+    return t
 
 
 def count_records(records: Iterable[Sequence[bytes]], chunk: int = 1 << 22) -> BlockCounts:

@@ -161,15 +161,13 @@ class PastSource:
 
     def get(self, keys: Sequence[BlockHash]) -> torch.Tensor:
         """KV of ``keys`` back to back: [len(keys)*B, L, 2, H, D] on the device."""
-        parts: list[torch.Tensor | None] = []
-        missing = []
-        for key in keys:
-            block = self.recent.get(key)
-            if block is None and key in self.writer:
-                block = self.writer.read_block(key).to(self.device, self.dtype)
-            if block is None:
-                missing.append(len(parts))
-            parts.append(block)
+        parts: list[torch.Tensor | None] = [self.recent.get(key) for key in keys]
+        evicted = [i for i, block in enumerate(parts) if block is None]
+        if evicted:  # this run's blocks no longer in device memory: read back together
+            for i, block in zip(evicted, self.writer.read_blocks([keys[i] for i in evicted])):
+                if block is not None:
+                    parts[i] = block.to(self.device, self.dtype)
+        missing = [i for i, block in enumerate(parts) if block is None]
         if missing:
             bs = self.store.block_size
             want = [keys[i] for i in missing]

@@ -4,6 +4,9 @@ A build writes one small segment per shard; a store of 10 million blocks in 256 
 8B model has ~78,000 of them. Compaction merges committed segments into one segment whose rows
 name their shard (FORMAT.md, "Compacted segments"), dropping rows that two writers both wrote.
 
+The merge itself (``prefixgen.maintain.merge``) is an external merge sort: its memory grows with the
+shards, not with the rows.
+
 Crash and concurrency safety: the merged segment is written under a temporary name, fsynced and
 renamed in before any merged segment is removed, so a reader (or a crash) at any moment sees every
 block at least once. Only committed segments are merged and exactly those are removed: a live
@@ -18,21 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
 from prefixgen.format import (
     FORMAT_VERSION,
     INDEX_DIR,
     MANIFEST_FILE,
-    SEGMENT_COLUMNS,
     Manifest,
-    Segment,
-    ShardRef,
     atomic_write,
-    encode_segment,
     fsync_dir,
 )
+from prefixgen.maintain.merge import MergedSegment
 from prefixgen.store.writer import maintenance_lock, new_id
 
 COMPACTED_PREFIX = "compacted-"
@@ -79,35 +76,14 @@ def compact_store(
     if len(names) < 2:
         return report
     ensure_format_version(path, owner=owner)
-    merged: list[Path] = []
-    parts: list[dict[str, np.ndarray]] = []
-    shards: dict[str, int] = {}
-    refs: list[ShardRef] = []
-    for name in tqdm(names, desc="compact", unit="seg", disable=not progress):
-        try:
-            seg = Segment(folder / name)
-            cols = {k: np.array(v) for k, v in seg.cols.items()}  # own the data: the file goes away
-        except FileNotFoundError:
-            continue  # merged by a concurrent compaction: its rows are in that one's output
-        ids = []
-        for ref in seg.shards:
-            if ref.name not in shards:
-                shards[ref.name] = len(refs)
-                refs.append(ref)
-            ids.append(shards[ref.name])
-        cols["shard"] = np.asarray(ids, dtype=np.uint32)[seg.shard_ids(cols)]
-        parts.append(cols)
-        merged.append(folder / name)
-    if len(merged) < 2:
-        return report
-    cols = {name: np.concatenate([p[name] for p in parts]) for name in SEGMENT_COLUMNS}
-    report.rows_in = len(cols["key64"])
-    keep = _unique_rows(cols["key64"], cols["key"])
-    cols = {name: c[keep] for name, c in cols.items() if name != "key64"}
-    report.rows_out = int(len(keep))
-    out = f"{COMPACTED_PREFIX}{new_id()}.safetensors"
-    meta = {"format_version": str(FORMAT_VERSION), "blocks": str(report.rows_out), "compacted_from": str(len(merged))}
-    atomic_write(folder / out, encode_segment(cols, meta, refs), fsync=True, owner=owner)
+    with MergedSegment([folder / name for name in names], progress) as merge:
+        merged = merge.merged
+        if len(merged) < 2:
+            return report
+        report.rows_in, report.rows_out = merge.rows_in, merge.rows_out
+        out = f"{COMPACTED_PREFIX}{new_id()}.safetensors"
+        meta = {"format_version": str(FORMAT_VERSION), "blocks": str(report.rows_out), "compacted_from": str(len(merged))}
+        atomic_write(folder / out, merge.encode(meta), fsync=True, owner=owner)
     # Only now, with the merged segment durable (even under --no-fsync), remove what it replaces.
     for p in merged:
         p.unlink(missing_ok=True)
@@ -129,12 +105,3 @@ def ensure_format_version(path: Path, fsync: bool = True, owner: str | None = No
 
 def _with_version(m: Manifest) -> Manifest:
     return Manifest(m.block_size, m.model, m.kv, m.root, FORMAT_VERSION, m.hash_algorithm, m.created_at)
-
-
-def _unique_rows(key64: np.ndarray, key: np.ndarray) -> np.ndarray:
-    """Indices of one row per distinct key, sorted by key64 (rows [n], keys [n, 32] uint8)."""
-    order = np.argsort(key64, kind="stable")
-    k = key[order]
-    same = np.zeros(len(order), dtype=bool)
-    same[1:] = (key64[order][1:] == key64[order][:-1]) & (k[1:] == k[:-1]).all(axis=1)
-    return order[~same]

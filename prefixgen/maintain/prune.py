@@ -40,6 +40,7 @@ from prefixgen.format import (
     encode_shard,
     fsync_dir,
     read_safetensors_header,
+    read_shard_blocks,
     shard_name,
 )
 from prefixgen.maintain.compact import COMPACTED_PREFIX, compact_store, ensure_format_version
@@ -215,24 +216,30 @@ def _write_survivors(
         report.shards_written += 1
         kv_buf, scale_buf, tok_buf, filled = bytearray(), bytearray(), [], upto
 
-    # One old shard at a time: `keep` is sorted by (old shard, slot).
+    # One old shard at a time (`keep` is sorted by (old shard, slot)), reading only the kept blocks:
+    # one read per run of consecutive kept slots, never the whole shard (pruning 100 TB to 1 TB reads 1 TB).
+    slots = cols["slot"][keep].astype(np.int64)
     bounds = np.flatnonzero(np.r_[True, ids[keep][1:] != ids[keep][:-1], True]) if len(keep) else np.array([0])
     for a, b in tqdm(list(zip(bounds[:-1], bounds[1:])), desc="prune", unit="shard", disable=not progress):
         ref = old.shards[int(ids[keep[a]])]
-        with open(path / SHARDS_DIR / ref.name, "rb") as f:
+        shard = path / SHARDS_DIR / ref.name
+        with open(shard, "rb", buffering=0) as f:
             header = read_safetensors_header(f, ref.name)
-            data = memoryview(f.read())
-        kv0 = header.tensors["kv"]["data_offsets"][0]
-        tok0 = header.tensors["tokens"]["data_offsets"][0]
-        sc0 = header.tensors["kv_scale"]["data_offsets"][0] if scale_bytes else 0
-        for i in range(a, b):
-            slot = int(cols["slot"][keep[i]])
-            kv_buf += data[kv0 + slot * block_bytes : kv0 + (slot + 1) * block_bytes]
-            if scale_bytes:
-                scale_buf += data[sc0 + slot * scale_bytes : sc0 + (slot + 1) * scale_bytes]
-            tok_buf.append(np.frombuffer(data[tok0 + slot * bs * 4 : tok0 + (slot + 1) * bs * 4], dtype="<u4"))
-            if i + 1 - filled == capacity:
-                flush(i + 1)
+            runs = np.flatnonzero(np.r_[True, slots[a + 1 : b] != slots[a : b - 1] + 1, True]) + a
+            for r0, r1 in zip(runs[:-1].tolist(), runs[1:].tolist()):
+                first, m = int(slots[r0]), r1 - r0
+                kv, scales = bytearray(m * block_bytes), bytearray(m * scale_bytes) if scale_bytes else None
+                ok = read_shard_blocks(f.fileno(), header, layout, bs, first, kv, scales)
+                tokens = os.pread(f.fileno(), m * bs * 4, header.offset("tokens") + first * bs * 4)
+                if not ok or len(tokens) != m * bs * 4:
+                    raise CorruptStoreError(f"{shard} is truncated: a kept block is missing; run `prefixgen verify`")
+                for j in range(m):
+                    kv_buf += memoryview(kv)[j * block_bytes : (j + 1) * block_bytes]
+                    if scale_bytes:
+                        scale_buf += memoryview(scales)[j * scale_bytes : (j + 1) * scale_bytes]
+                    tok_buf.append(np.frombuffer(tokens, dtype="<u4", count=bs, offset=j * bs * 4))
+                    if r0 + j + 1 - filled == capacity:
+                        flush(r0 + j + 1)
     flush(len(keep))
     new_cols = {
         "key": cols["key"][keep],

@@ -17,6 +17,7 @@ compaction remove only what belongs to writers for which it is False.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import fcntl
@@ -28,7 +29,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ from prefixgen.format import (
     BlockHash,
     BuildRecord,
     Manifest,
+    SafetensorsHeader,
     Segment,
     TensorSpec,
     atomic_write,
@@ -298,9 +300,56 @@ class StoreWriter:
             # this build): the merged segment holds its rows, naming our shard, which stays.
             self._segment_cache = None
             return self._indexed_at(key, shard_name(self.writer_id, seq), slot)
-        q = np.uint64(int.from_bytes(key[:8], "little"))
-        rows = range(int(np.searchsorted(cols["key64"], q, "left")), int(np.searchsorted(cols["key64"], q, "right")))
-        return any(int(cols["slot"][r]) == slot and cols["key"][r].tobytes() == key for r in rows)
+        return _segment_holds(cols, slot, key)
+
+    def _locate_many(self, keys: Sequence[BlockHash]) -> list[tuple[int, int] | None]:
+        """:meth:`_locate` of each key, reading each committed segment once for all of them."""
+        found: list[tuple[int, int] | None] = [None] * len(keys)
+        committed: dict[int, list[tuple[int, int]]] = {}  # seq -> (key number, slot) to confirm in its segment
+        for i, key in enumerate(keys):
+            for where in self._where.candidates(key):
+                seq, slot = divmod(where, self._capacity)
+                if seq not in self._live:
+                    committed.setdefault(seq, []).append((i, slot))
+                elif self._holds(seq, slot, key):
+                    found[i] = (seq, slot)
+        for seq, asked in committed.items():
+            try:
+                cols = Segment(self.path / INDEX_DIR / shard_name(self.writer_id, seq)).cols
+            except FileNotFoundError:
+                cols = None  # not there: let _holds decide, key by key
+            for i, slot in asked:
+                if found[i] is None and (_segment_holds(cols, slot, keys[i]) if cols else self._holds(seq, slot, keys[i])):
+                    found[i] = (seq, slot)
+        return found
+
+    def read_blocks(self, keys: Sequence[BlockHash]) -> list[torch.Tensor | None]:
+        """:meth:`read_block` of each key, or None where this writer does not hold it: one look-up in
+        each segment and one open of each shard for all the keys, one read per run of consecutive
+        slots (a build's pasts evicted from the device cache come back a key run at a time)."""
+        out: list[torch.Tensor | None] = [None] * len(keys)
+        by_seq: dict[int, list[tuple[int, int]]] = {}
+        for i, where in enumerate(self._locate_many(keys)):
+            if where is not None:
+                by_seq.setdefault(where[0], []).append((where[1], i))
+        for seq, asked in by_seq.items():
+            if seq in self._live:
+                for _, i in asked:
+                    out[i] = self.read_block(keys[i])  # from the host buffer: no file
+                continue
+            asked.sort()
+            slots = np.asarray([slot for slot, _ in asked])
+            runs = np.flatnonzero(np.r_[True, slots[1:] > slots[:-1] + 1, True])  # a slot asked twice stays in its run
+            with self._open_shard(seq) as (fd, header):
+                for a, b in zip(runs[:-1].tolist(), runs[1:].tolist()):
+                    first = int(slots[a])
+                    kv, scale = self._read_run(fd, header, seq, first, int(slots[b - 1]) - first + 1)
+                    for slot, i in asked[a:b]:
+                        t0 = (slot - first) * self._bs
+                        out[i] = self._as_past(
+                            kv[t0 : t0 + self._bs], None if scale is None else scale[slot - first : slot - first + 1]
+                        )
+        return out
 
     def _indexed_at(self, key: bytes, shard: str, slot: int) -> bool:
         """Whether the store's index has ``key`` at ``shard``/``slot``. The index is opened when first
@@ -330,23 +379,35 @@ class StoreWriter:
             kv = shard.kv[t0 : t0 + self._bs]
             scale = shard.scale[slot : slot + 1] if shard.scale is not None else None
         else:
-            kv, scale = self._read_from_file(seq, slot)
+            with self._open_shard(seq) as (fd, header):
+                kv, scale = self._read_run(fd, header, seq, slot, 1)
+        return self._as_past(kv, scale)
+
+    def _as_past(self, kv: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """Stored KV as a past: dequantized for fp8 (with its [blocks, L, 2, H] scales)."""
         if scale is not None:
             return dequantize_fp8(kv, scale, self._bs, TORCH_DTYPES[self.manifest.kv.dtype])
         return kv
 
-    def _read_from_file(self, seq: int, slot: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        layout = self.manifest.kv
+    @contextlib.contextmanager
+    def _open_shard(self, seq: int) -> Iterator[tuple[int, SafetensorsHeader]]:
+        """(file descriptor, header) of this writer's committed shard ``seq``."""
         path = self.path / SHARDS_DIR / shard_name(self.writer_id, seq)
-        kv = torch.empty(
-            (self._bs, layout.num_layers, 2, layout.num_kv_heads, layout.head_dim), dtype=TORCH_DTYPES[layout.stored_dtype]
-        )
-        scale = torch.empty((1, layout.num_layers, 2, layout.num_kv_heads)) if self._fp8 else None
         with open(path, "rb", buffering=0) as f:
-            header = read_safetensors_header(f, path)
-            scale_bytes = scale.view(torch.uint8).numpy() if scale is not None else None
-            if not read_shard_blocks(f.fileno(), header, layout, self._bs, slot, kv.view(torch.uint8).numpy(), scale_bytes):
-                raise StoreError(f"{path} is truncated: another process changed this writer's shard")
+            yield f.fileno(), read_safetensors_header(f, path)
+
+    def _read_run(
+        self, fd: int, header: SafetensorsHeader, seq: int, slot: int, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stored KV [n*B, L, 2, H, D] (and fp8 scales [n, L, 2, H]) of slots ``slot`` .. ``slot+n-1``."""
+        layout = self.manifest.kv
+        kv = torch.empty(
+            (n * self._bs, layout.num_layers, 2, layout.num_kv_heads, layout.head_dim), dtype=TORCH_DTYPES[layout.stored_dtype]
+        )
+        scale = torch.empty((n, layout.num_layers, 2, layout.num_kv_heads)) if self._fp8 else None
+        scale_bytes = scale.view(torch.uint8).numpy() if scale is not None else None
+        if not read_shard_blocks(fd, header, layout, self._bs, slot, kv.view(torch.uint8).numpy(), scale_bytes):
+            raise StoreError(f"{shard_name(self.writer_id, seq)} is truncated: another process changed this writer's shard")
         return kv, scale
 
     # ------------------------------------------------------------------ shards
@@ -521,6 +582,13 @@ class StoreWriter:
                 self.release()
                 raise StoreError(f"build {self.build_id} is still running (writer {owner} is live): wait for it to finish")
             p.unlink(missing_ok=True)
+
+
+def _segment_holds(cols: dict[str, np.ndarray], slot: int, key: bytes) -> bool:
+    """Whether the segment columns ``cols`` (rows sorted by key64) hold ``key`` at ``slot``."""
+    q = np.uint64(int.from_bytes(key[:8], "little"))
+    rows = range(int(np.searchsorted(cols["key64"], q, "left")), int(np.searchsorted(cols["key64"], q, "right")))
+    return any(int(cols["slot"][r]) == slot and cols["key"][r].tobytes() == key for r in rows)
 
 
 def _store_write_error(path: Path, exc: BaseException) -> StoreError:
