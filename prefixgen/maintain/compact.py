@@ -13,6 +13,7 @@ compaction, whose output holds their rows), are left alone. Shards are never tou
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from prefixgen.format import (
-    FORMAT_VERSION,
+    COMPACTED_FORMAT_VERSION,
     INDEX_DIR,
     MANIFEST_FILE,
     SEGMENT_COLUMNS,
@@ -65,7 +66,7 @@ def compact_store(
     report = CompactReport()
     if len(names) < 2:
         return report
-    ensure_format_version(path, fsync)
+    manifest = ensure_format_version(path, fsync)
     merged: list[Path] = []
     parts: list[dict[str, np.ndarray]] = []
     shards: dict[str, int] = {}
@@ -93,7 +94,7 @@ def compact_store(
     cols = {name: c[keep] for name, c in cols.items() if name != "key64"}
     report.rows_out = int(len(keep))
     out = f"{COMPACTED_PREFIX}{new_id()}.safetensors"
-    meta = {"format_version": str(FORMAT_VERSION), "blocks": str(report.rows_out), "compacted_from": str(len(merged))}
+    meta = {"format_version": str(manifest.format_version), "blocks": str(report.rows_out), "compacted_from": str(len(merged))}
     atomic_write(folder / out, encode_segment(cols, meta, refs), fsync)
     # Only now, with the merged segment durable, remove what it replaces.
     for p in merged:
@@ -104,17 +105,16 @@ def compact_store(
     return report
 
 
-def ensure_format_version(path: Path, fsync: bool = True) -> None:
+def ensure_format_version(path: Path, fsync: bool = True) -> Manifest:
     """Mark a version-1 store as version 2 before it gets a compacted segment, so an older
-    prefixgen refuses it instead of misreading the segment's rows."""
+    prefixgen refuses it instead of misreading the segment's rows; returns the store's manifest.
+    (Not version 3: that is a store whose blocks have CRC32C checksums, which its blocks have not.)"""
     mpath = path / MANIFEST_FILE
     manifest = Manifest.from_json(mpath.read_text(), mpath)
-    if manifest.format_version < FORMAT_VERSION:
-        atomic_write(mpath, [_with_version(manifest).to_json().encode()], fsync)
-
-
-def _with_version(m: Manifest) -> Manifest:
-    return Manifest(m.block_size, m.model, m.kv, m.root, FORMAT_VERSION, m.hash_algorithm, m.created_at)
+    if manifest.format_version < COMPACTED_FORMAT_VERSION:
+        manifest = dataclasses.replace(manifest, format_version=COMPACTED_FORMAT_VERSION)
+        atomic_write(mpath, [manifest.to_json().encode()], fsync)
+    return manifest
 
 
 def _unique_rows(key64: np.ndarray, key: np.ndarray) -> np.ndarray:
