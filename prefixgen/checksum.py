@@ -2,7 +2,7 @@
 iSCSI CRC of RFC 3720; version 3).
 
 CRC32C is what a CPU computes in hardware (SSE4.2 ``crc32``, ARMv8 ``crc32c``): the ``crc32c``
-package does that at ~19 GB/s per core here against ~2.5 GB/s for ``zlib.crc32`` (BENCHMARKS.md),
+package does that at 19-24 GB/s per core here against 2.5-3.7 GB/s for ``zlib.crc32`` (BENCHMARKS.md),
 on any buffer without a copy and with the GIL released, so the reader's threads check pieces in
 parallel. Without the package, :func:`crc32c_rows` computes the same values with numpy (slower,
 but correct: tests compare both and the RFC 3720 check value).
