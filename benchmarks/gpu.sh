@@ -13,6 +13,7 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUTDIR/gpu.txt"
 python3 -c "import torch, transformers, datasets; print(torch.__version__, transformers.__version__, datasets.__version__)" | tee -a "$OUTDIR/gpu.txt"
+python3 -c "import crc32c; print('crc32c', crc32c.__version__, 'hardware', crc32c.hardware_based)" | tee -a "$OUTDIR/gpu.txt"
 df -h . | tee -a "$OUTDIR/gpu.txt"
 run() { echo "== $*"; timeout "${T:-120}" python3 "$@" 2>"$OUTDIR/last_err.txt" | tee -a "$OUTDIR/results.jsonl" || tail -5 "$OUTDIR/last_err.txt"; }
 cd benchmarks
@@ -39,9 +40,14 @@ T=120 run build_throughput.py --model configs/models/qwen2.5-0.5b.json --records
 # 4. Serving: TTFT with and without the store; load bandwidth of a 4,096-token 8B prefix (537 MB).
 T=150 run serve_ttft.py --model configs/models/qwen2.5-1.5b.json --prefix 1024 4096 16384
 T=150 run serve_ttft.py --model configs/models/llama-3.1-8b.json --prefix 1024 4096 16384
+# 4b. Block checksums (CRC-32 vs CRC32C, GB/s a core, GIL) and PrefixStore.load of a 4,096-token 8B-shape
+#     prefix (537 MB bf16) from stores of each checksum, no model run (target: >= 8 GB/s).
+T=150 run load_rate.py --model configs/models/llama-3.1-8b.json --tokens 4096 --device cuda
 # 5. vLLM with PrefixgenConnector: TTFT with the store vs without, load bandwidth (needs vLLM 0.32 in this image).
 if python3 -c "import vllm" 2>/dev/null; then
   T=500 run vllm_ttft.py --model configs/models/llama-3.1-8b.json --prefix 1024 4096 16384
+  # The connector's load rate against PrefixStore.load of the same 4,096-token prefix, one process (target >= 0.8x).
+  T=300 run load_rate.py --vllm --model configs/models/llama-3.1-8b.json --tokens 4096
 else
   echo "vllm is not importable on this machine: skipping vllm_ttft.py (install vllm==0.32.0 to run it)" | tee -a "$OUTDIR/gpu.txt"
 fi

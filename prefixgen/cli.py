@@ -275,7 +275,9 @@ def ls(
         typer.echo(json.dumps(summary, indent=2))
         return
     m = summary["model"]
-    typer.echo(f"store        {summary['path']} (format {summary['format_version']})")
+    typer.echo(
+        f"store        {summary['path']} (format {summary['format_version']}, {summary['block_checksum']} block checksums)"
+    )
     typer.echo(
         f"model        {m['name']} ({m['architecture']}, {m['num_layers']} layers, {m['num_kv_heads']} KV heads x {m['head_dim']})"
     )

@@ -34,9 +34,14 @@ from typing import Any, NewType
 import numpy as np
 import torch
 
+from prefixgen import checksum
+from prefixgen.checksum import BLOCK_CHECKSUMS, CRC32, CRC32C, checksum_function, crc32c_rows
 from prefixgen.errors import CorruptStoreError, NewerFormatError
 
-FORMAT_VERSION = 2  # 2: compacted index segments (rows of many shards); readers read 1 and 2
+# 2: compacted index segments (rows of many shards); 3: CRC32C block checksums (manifest
+# `block_checksum`). Readers read 1 to 3; versions 1 and 2 have zlib CRC-32 block checksums.
+FORMAT_VERSION = 3
+COMPACTED_FORMAT_VERSION = 2  # the version a store needs at least to hold a compacted segment
 HASH_ALGORITHM = "sha256-chain-v1"
 ROOT_DOMAIN = b"prefixgen-root-v1\x00"
 
@@ -216,6 +221,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     hash_algorithm: str = HASH_ALGORITHM
     created_at: str = ""
+    block_checksum: str = CRC32C  # of every block's bytes: "crc32c" (version 3) or "crc32" (1, 2)
 
     @property
     def root_key(self) -> BlockHash:
@@ -226,6 +232,7 @@ class Manifest:
             "format_version": self.format_version,
             "block_size": self.block_size,
             "hash": {"algorithm": self.hash_algorithm, "root": self.root},
+            "block_checksum": self.block_checksum,
             "kv": {**dataclasses.asdict(self.kv), "layout": KV_LAYOUT, "scale_layout": SCALE_LAYOUT},
             "model": self.model.to_dict(),
             "created_at": self.created_at,
@@ -265,11 +272,15 @@ class Manifest:
                 format_version=version,
                 hash_algorithm=str(data["hash"]["algorithm"]),
                 created_at=str(data.get("created_at", "")),
+                # Versions 1 and 2 had no field: their blocks have zlib CRC-32s.
+                block_checksum=str(data["block_checksum"] if version >= 3 else data.get("block_checksum", CRC32)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptStoreError(f"{where} is missing or has a bad field ({exc!r}); the store is damaged") from None
         if manifest.hash_algorithm != HASH_ALGORITHM:
             raise CorruptStoreError(f"{where}: unknown hash algorithm {manifest.hash_algorithm!r}")
+        if manifest.block_checksum not in BLOCK_CHECKSUMS:
+            raise CorruptStoreError(f"{where}: unknown block checksum {manifest.block_checksum!r}")
         if manifest.kv.stored_dtype not in DTYPE_SIZES or manifest.block_size <= 0:
             raise CorruptStoreError(f"{where}: bad kv dtype {manifest.kv.dtype!r} or block size")
         return manifest
@@ -425,26 +436,36 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def block_crcs(data: Any, block_bytes: int, scales: Any = None, scale_bytes: int = 0) -> np.ndarray:
-    """CRC-32 (zlib) of each ``block_bytes`` run of ``data``, continued over the block's
-    ``scale_bytes`` run of ``scales`` when given (fp8). ``[blocks]`` uint32.
+def block_crcs(data: Any, block_bytes: int, scales: Any = None, scale_bytes: int = 0, algorithm: str = CRC32C) -> np.ndarray:
+    """Checksum (``algorithm``: the manifest's ``block_checksum``) of each ``block_bytes`` run of
+    ``data``, continued over the block's ``scale_bytes`` run of ``scales`` when given (fp8).
+    ``[blocks]`` uint32.
 
     Example:
-        >>> block_crcs(bytes(8), 4).tolist()
-        [558161692, 558161692]
+        >>> block_crcs(bytes(8), 4).tolist(), block_crcs(bytes(8), 4, algorithm="crc32").tolist()
+        ([1214729159, 1214729159], [558161692, 558161692])
     """
     view = memoryview(data).cast("B")
     n = len(view) // block_bytes
-    crcs = (zlib.crc32(view[i * block_bytes : (i + 1) * block_bytes]) for i in range(n))
-    if scales is not None:
-        extra = memoryview(scales).cast("B")
-        crcs = (zlib.crc32(extra[i * scale_bytes : (i + 1) * scale_bytes], c) for i, c in enumerate(crcs))
+    extra = memoryview(scales).cast("B") if scales is not None else None
+    if algorithm == CRC32C and not checksum.HARDWARE:
+        # No crc32c package: every block at once with numpy (a block's scales follow its KV bytes).
+        rows = np.frombuffer(view, np.uint8, n * block_bytes).reshape(n, block_bytes)
+        if extra is not None:
+            rows = np.concatenate([rows, np.frombuffer(extra, np.uint8, n * scale_bytes).reshape(n, scale_bytes)], axis=1)
+        step = max(1, (16 << 20) // max(1, rows.shape[1]))  # bounded temporaries: a shard can be GBs
+        return np.concatenate([crc32c_rows(rows[i : i + step]) for i in range(0, n, step)] or [np.zeros(0, np.uint32)])
+    crc = checksum_function(algorithm)
+    crcs = (crc(view[i * block_bytes : (i + 1) * block_bytes], 0) for i in range(n))
+    if extra is not None:
+        crcs = (crc(extra[i * scale_bytes : (i + 1) * scale_bytes], c) for i, c in enumerate(crcs))
     return np.fromiter(crcs, dtype=np.uint32, count=n)
 
 
 def shard_checksum(header: bytes, crcs: np.ndarray) -> int:
-    """A shard's checksum: CRC-32 of its header bytes followed by its block CRCs (little-endian
-    uint32). It covers every byte of the file while costing one pass over the KV."""
+    """A shard's checksum: CRC-32 (zlib, whatever the block checksum) of its header bytes followed
+    by its block checksums (little-endian uint32). It covers every byte of the file while costing
+    one pass over the KV."""
     return zlib.crc32(crcs.astype("<u4").tobytes(), zlib.crc32(header))
 
 
@@ -482,17 +503,23 @@ def read_shard_blocks(
 
 
 def encode_shard(
-    layout: KVLayout, block_size: int, kv: Any, scales: Any, tokens: np.ndarray, metadata: dict[str, str]
+    layout: KVLayout,
+    block_size: int,
+    kv: Any,
+    scales: Any,
+    tokens: np.ndarray,
+    metadata: dict[str, str],
+    algorithm: str = CRC32C,
 ) -> tuple[list, np.ndarray, int]:
     """A shard's bytes from its stored KV bytes (``kv``, and ``scales`` for fp8) and ``tokens``
-    [blocks, B]: (file parts, block CRCs [blocks] uint32, shard checksum).
+    [blocks, B]: (file parts, block checksums (``algorithm``) [blocks] uint32, shard checksum).
 
     Example:
         >>> parts, crcs, checksum = encode_shard(layout, 16, kv_bytes, None, tokens, {})  # doctest: +SKIP
     """
     blocks = len(tokens)
     header = encode_safetensors_header(shard_tensors(layout, block_size, blocks), metadata)
-    crcs = block_crcs(kv, layout.bytes_per_token * block_size, scales, layout.scale_bytes_per_block())
+    crcs = block_crcs(kv, layout.bytes_per_token * block_size, scales, layout.scale_bytes_per_block(), algorithm)
     data = [memoryview(kv).cast("B")] + ([memoryview(scales).cast("B")] if scales is not None else [])
     parts = [header, *data, np.ascontiguousarray(tokens, dtype="<u4").tobytes()]
     return parts, crcs, shard_checksum(header, crcs)
@@ -511,7 +538,7 @@ SEGMENT_COLUMNS: dict[str, tuple[str, int]] = {
     "parent": ("uint8", 32),
     "slot": ("uint32", 1),  # block position in its shard: its tokens are [slot*B, (slot+1)*B)
     "depth": ("uint32", 1),  # block number in its sequence: the prefix ends at (depth+1)*B tokens
-    "crc": ("uint32", 1),  # CRC-32 of the block's bytes in `kv` (then `kv_scale` for fp8)
+    "crc": ("uint32", 1),  # checksum (manifest `block_checksum`) of the block's `kv` bytes, then `kv_scale` (fp8)
     "shard": ("uint32", 1),  # compacted segments only: the row's shard, an index into metadata `shards`
 }
 OPTIONAL_COLUMNS = frozenset({"shard"})

@@ -37,6 +37,7 @@ def store_summary(store: PrefixStore, top: int = 5, decode: bool = True) -> dict
     kv_bytes = sum(s["bytes"] for s in shards)
     return {
         "format_version": m.format_version,
+        "block_checksum": m.block_checksum,
         "path": str(store.path),
         "model": m.model.to_dict(),
         "block_size": m.block_size,

@@ -55,6 +55,7 @@ def test_ls_json_and_table(tmp_path, cli, stories, text_dataset):
     _build(cli, stories, text_dataset, out)
     summary = json.loads(cli("ls", out, "--json").stdout)
     assert summary["format_version"] == FORMAT_VERSION and summary["block_size"] == 16
+    assert summary["block_checksum"] == "crc32c"
     assert summary["model"]["architecture"] == "LlamaForCausalLM"
     assert len(summary["shards"]) > 1 and sum(s["blocks"] for s in summary["shards"]) == summary["blocks"]
     assert summary["bytes"] > sum(s["bytes"] for s in summary["shards"]) > 0

@@ -13,12 +13,15 @@ from safetensors import safe_open
 
 from prefixgen import CorruptStoreError, NewerFormatError, PrefixStore, StoreError
 from prefixgen.format import (
+    INDEX_DIR,
     MANIFEST_FILE,
     BlockHash,
     KVLayout,
     Manifest,
     ModelFingerprint,
+    Segment,
     TensorSpec,
+    block_crcs,
     block_keys,
     encode_safetensors_header,
     hash_block,
@@ -174,3 +177,31 @@ def test_missing_truncated_garbage_and_newer_manifests(tmp_path):
 def test_manifest_round_trip():
     m = _manifest(KVLayout(2, 2, 4, "bfloat16", "fp8"))
     assert Manifest.from_json(m.to_json()) == m
+
+
+def test_block_checksum_vector_and_manifest_version_3(tmp_path):
+    """FORMAT.md's block checksum vector: one block (B = 4) of float32 KV 0.0, 1.0, ..., 15.0 has
+    CRC32C 0x2b0cc36f in a version-3 store (zlib CRC-32, versions 1 and 2: 0x21c0b223)."""
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=2, dtype="float32")
+    manifest = prepare_store(tmp_path / "s", _manifest(layout), "new")
+    text = (tmp_path / "s" / MANIFEST_FILE).read_text()
+    assert '"block_checksum": "crc32c"' in text and '"format_version": 3' in text
+    kv = torch.arange(16, dtype=torch.float32).reshape(4, 1, 2, 1, 2)
+    assert kv.numpy().tobytes() == struct.pack("<16f", *range(16))
+    keys = block_keys([1, 2, 3, 4], 4, manifest.root_key)
+    with StoreWriter(tmp_path / "s", manifest, "b") as w:
+        w.add(keys, [manifest.root_key], [0], np.asarray([[1, 2, 3, 4]], np.uint32), kv)
+    seg = Segment(next((tmp_path / "s" / INDEX_DIR).iterdir()))
+    assert seg.cols["crc"].tolist() == [0x2B0CC36F]
+    assert block_crcs(kv.numpy(), 64, algorithm="crc32").tolist() == [0x21C0B223]
+    assert verify_store(tmp_path / "s").ok
+    data = json.loads(text)
+    del data["block_checksum"]  # version 3 must name its checksum
+    (tmp_path / "s" / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(CorruptStoreError, match="missing or has a bad field"):
+        PrefixStore.open(tmp_path / "s")
+    data["format_version"] = 2  # versions 1 and 2 have none: zlib CRC-32
+    assert Manifest.from_json(json.dumps(data)).block_checksum == "crc32"
+    data["block_checksum"] = "md5"
+    with pytest.raises(CorruptStoreError, match="unknown block checksum 'md5'"):
+        Manifest.from_json(json.dumps(data))

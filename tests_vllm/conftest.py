@@ -128,7 +128,7 @@ def rewrite_kv(store: Path, change) -> None:
         raw[a:b] = change(kv).astype(np.float32).tobytes()
         head = _header_bytes(shard, header.data_start)
         shard.write_bytes(head + bytes(raw))
-        crcs = block_crcs(bytes(raw[a:b]), block_bytes)  # in slot order
+        crcs = block_crcs(bytes(raw[a:b]), block_bytes, algorithm=opened.manifest.block_checksum)  # in slot order
         cols = {name: np.array(seg.cols[name]) for name in ("key", "parent", "slot", "depth", "crc")}
         cols["crc"] = crcs[cols["slot"]]
         meta = dict(seg.metadata, shard_crc32=str(shard_checksum(head, crcs)))

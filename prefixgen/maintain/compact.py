@@ -16,13 +16,14 @@ compaction, whose output holds their rows), are left alone. Shards are never tou
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefixgen.format import (
-    FORMAT_VERSION,
+    COMPACTED_FORMAT_VERSION,
     INDEX_DIR,
     MANIFEST_FILE,
     Manifest,
@@ -75,14 +76,14 @@ def compact_store(
     report = CompactReport()
     if len(names) < 2:
         return report
-    ensure_format_version(path, owner=owner)
+    manifest = ensure_format_version(path, owner=owner)
     with MergedSegment([folder / name for name in names], progress) as merge:
         merged = merge.merged
         if len(merged) < 2:
             return report
         report.rows_in, report.rows_out = merge.rows_in, merge.rows_out
         out = f"{COMPACTED_PREFIX}{new_id()}.safetensors"
-        meta = {"format_version": str(FORMAT_VERSION), "blocks": str(report.rows_out), "compacted_from": str(len(merged))}
+        meta = {"format_version": str(manifest.format_version), "blocks": str(report.rows_out), "compacted_from": str(len(merged))}
         atomic_write(folder / out, merge.encode(meta), fsync=True, owner=owner)
     # Only now, with the merged segment durable (even under --no-fsync), remove what it replaces.
     for p in merged:
@@ -93,15 +94,14 @@ def compact_store(
     return report
 
 
-def ensure_format_version(path: Path, fsync: bool = True, owner: str | None = None) -> None:
+def ensure_format_version(path: Path, fsync: bool = True, owner: str | None = None) -> Manifest:
     """Mark a version-1 store as version 2 before it gets a compacted segment, so an older
-    prefixgen refuses it instead of misreading the segment's rows (``owner``: the lock holder,
-    whose name the temporary file carries)."""
+    prefixgen refuses it instead of misreading the segment's rows; returns the store's manifest.
+    (Not version 3: that is a store whose blocks have CRC32C checksums, which its blocks have not.)
+    ``owner``: the lock holder, whose name the temporary file carries."""
     mpath = path / MANIFEST_FILE
     manifest = Manifest.from_json(mpath.read_text(), mpath)
-    if manifest.format_version < FORMAT_VERSION:
-        atomic_write(mpath, [_with_version(manifest).to_json().encode()], fsync, owner=owner)
-
-
-def _with_version(m: Manifest) -> Manifest:
-    return Manifest(m.block_size, m.model, m.kv, m.root, FORMAT_VERSION, m.hash_algorithm, m.created_at)
+    if manifest.format_version < COMPACTED_FORMAT_VERSION:
+        manifest = dataclasses.replace(manifest, format_version=COMPACTED_FORMAT_VERSION)
+        atomic_write(mpath, [manifest.to_json().encode()], fsync, owner=owner)
+    return manifest

@@ -29,7 +29,6 @@ from prefixgen.builder.selection import max_blocks
 from prefixgen.config import BuildConfig
 from prefixgen.errors import ConfigError, CorruptStoreError, StoreError
 from prefixgen.format import (
-    FORMAT_VERSION,
     INDEX_DIR,
     SHARDS_DIR,
     Manifest,
@@ -119,8 +118,7 @@ def _prune(
     progress: bool,
     fsync: bool,
 ) -> PruneReport:
-    manifest = store.manifest
-    ensure_format_version(path, fsync, owner=owner)
+    manifest = ensure_format_version(path, fsync, owner=owner)
     compact_store(path, progress=progress, fsync=fsync, owner=owner)  # step 1: the whole old index in one segment
     names = [n for n in os.listdir(path / INDEX_DIR) if n.endswith(".safetensors")]
     report = PruneReport()
@@ -143,7 +141,7 @@ def _prune(
     refs, new_cols = _write_survivors(path, manifest, old, cols, keep, shard_bytes, report, progress, fsync, owner)
     # Step 3, then 4: the new segment goes in before the old one goes out.
     name = f"{COMPACTED_PREFIX}{new_id()}.safetensors"
-    meta = {"format_version": str(FORMAT_VERSION), "blocks": str(len(keep)), "pruned_from": str(old.n)}
+    meta = {"format_version": str(manifest.format_version), "blocks": str(len(keep)), "pruned_from": str(old.n)}
     atomic_write(path / INDEX_DIR / name, encode_segment(new_cols, meta, refs), fsync, owner=owner)
     old_path.unlink()
     if fsync:
@@ -204,8 +202,10 @@ def _write_survivors(
         if n == 0:
             return
         name = shard_name(writer, len(refs))
-        meta = {"format_version": str(FORMAT_VERSION), "writer": writer, "build": "prune"}
-        parts, crcs, checksum = encode_shard(layout, bs, kv_buf, scale_buf if scale_bytes else None, np.stack(tok_buf), meta)
+        meta = {"format_version": str(manifest.format_version), "writer": writer, "build": "prune"}
+        scales = scale_buf if scale_bytes else None
+        # The store's own block checksum: the copies must match the index rows they replace.
+        parts, crcs, checksum = encode_shard(layout, bs, kv_buf, scales, np.stack(tok_buf), meta, manifest.block_checksum)
         rows = keep[filled:upto]
         if np.any(crcs != cols["crc"][rows]):
             raise CorruptStoreError(f"{path}: a kept block fails its CRC while being copied; run `prefixgen verify`")

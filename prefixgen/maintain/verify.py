@@ -192,7 +192,7 @@ def _verify_shard(path: Path, manifest: Manifest, ref: ShardRef, rows: dict, rep
         return memoryview(data)[a:b]
 
     scales = tensor("kv_scale") if layout.storage == "fp8" else None
-    crcs = block_crcs(tensor("kv"), layout.bytes_per_token * bs, scales, layout.scale_bytes_per_block())
+    crcs = block_crcs(tensor("kv"), layout.bytes_per_token * bs, scales, layout.scale_bytes_per_block(), manifest.block_checksum)
     if shard_checksum(_raw_header(shard, header.data_start), crcs) != ref.crc32:
         report.faults.append(f"{where}: checksum mismatch, the file is damaged")
     tokens = np.frombuffer(tensor("tokens"), dtype="<u4").reshape(ref.blocks, bs)

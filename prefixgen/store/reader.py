@@ -288,7 +288,7 @@ class PrefixStore:
             raise CorruptStoreError(f"{path} is truncated; run `prefixgen verify`")
         if not verify:
             return
-        crcs = block_crcs(dest, block_bytes, scale_dest, layout.scale_bytes_per_block())
+        crcs = block_crcs(dest, block_bytes, scale_dest, layout.scale_bytes_per_block(), self.manifest.block_checksum)
         bad = np.flatnonzero(crcs != np.asarray(run.crcs, dtype=np.uint32))
         if len(bad):
             raise CorruptBlockError(

@@ -44,7 +44,6 @@ from prefixgen.format import (
     CLAIMS_DIR,
     COUNT_COLUMNS,
     COUNTS_DIR,
-    FORMAT_VERSION,
     INDEX_DIR,
     LOCKS_DIR,
     MANIFEST_FILE,
@@ -465,7 +464,7 @@ class StoreWriter:
     def _write_files(self, shard: _Shard, previous: _Commit, mine: _Commit) -> None:
         n, layout = shard.blocks, self.manifest.kv
         name = shard_name(self.writer_id, shard.seq)
-        meta = {"format_version": str(FORMAT_VERSION), "writer": self.writer_id, "build": self.build_id}
+        meta = {"format_version": str(self.manifest.format_version), "writer": self.writer_id, "build": self.build_id}
         header = encode_safetensors_header(shard_tensors(layout, self._bs, n), meta)
         kv_bytes = shard.kv[: n * self._bs].view(torch.uint8).numpy().reshape(-1)
         parts: list = [header, kv_bytes.data]
@@ -474,7 +473,9 @@ class StoreWriter:
             scale_bytes = shard.scale[:n].numpy().astype("<f4").tobytes()
             parts.append(scale_bytes)
         # An fp8 block's CRC covers its KV bytes, then its scales.
-        crcs = block_crcs(kv_bytes, self._block_bytes, scale_bytes, self.manifest.kv.scale_bytes_per_block())
+        crcs = block_crcs(
+            kv_bytes, self._block_bytes, scale_bytes, self.manifest.kv.scale_bytes_per_block(), self.manifest.block_checksum
+        )
         parts.append(shard.tokens[:n].astype("<u4").tobytes())
         size = atomic_write(self.path / SHARDS_DIR / name, parts, self.fsync, owner=self.writer_id)
         columns = {
@@ -485,7 +486,7 @@ class StoreWriter:
             "crc": crcs,
         }
         seg_meta = {
-            "format_version": str(FORMAT_VERSION),
+            "format_version": str(self.manifest.format_version),
             "shard": name,
             "shard_bytes": str(size),
             "shard_crc32": str(shard_checksum(header, crcs)),
@@ -561,7 +562,7 @@ class StoreWriter:
         if not n:
             return
         specs = [TensorSpec(name, dt_, (n, w) if w > 1 else (n,)) for name, (dt_, w) in COUNT_COLUMNS.items()]
-        meta = {"build": self.build_id, "writer": self.writer_id, "format_version": str(FORMAT_VERSION)}
+        meta = {"build": self.build_id, "writer": self.writer_id, "format_version": str(self.manifest.format_version)}
         name = f"{self._counts_prefix()}{self.writer_id}.{self._counts_seq:06d}.safetensors"
         data = [encode_safetensors_header(specs, meta), np.ascontiguousarray(keys, np.uint8).tobytes()]
         data.append(np.asarray(records, dtype="<u8").tobytes())
