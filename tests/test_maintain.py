@@ -158,7 +158,8 @@ def _sorted_all_at_once(folder: Path, names: list[str]) -> bytes:
     same = np.zeros(len(order), dtype=bool)
     same[1:] = (k64[1:] == k64[:-1]) & (key[1:] == key[:-1]).all(axis=1)
     keep = order[~same]
-    meta = {"format_version": "2", "blocks": str(len(keep)), "compacted_from": str(len(names))}
+    version = json.loads((folder.parent / "manifest.json").read_text())["format_version"]
+    meta = {"format_version": str(version), "blocks": str(len(keep)), "compacted_from": str(len(names))}
     return b"".join(encode_segment({n: c[keep] for n, c in cols.items() if n != "key64"}, meta, refs))
 
 
