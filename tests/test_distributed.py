@@ -237,26 +237,36 @@ def test_rank_flags_are_checked(tmp_path, cli, stories):
 
 
 def test_heads_are_cut_into_branch_free_runs_by_level():
+    import numpy as np
+
     from prefixgen.builder.distributed import Heads
     from prefixgen.format import hash_block
 
     root = bytes(32)
-    blocks, keys = {}, {}
+    keys, rows = {}, []
 
     def add(name, parent_name, depth):
         parent = keys[parent_name] if parent_name else root
         keys[name] = hash_block(parent, [depth, len(keys)])
-        blocks[keys[name]] = (parent, depth, (depth, len(keys)))
+        rows.append((keys[name], parent, [depth, len(keys)]))
 
     # system prompt s0-s1, then documents a (a0-a1, then a branch into a2x / a2y) and b (b0)
     for name, parent, depth in [("s0", None, 0), ("s1", "s0", 1), ("a0", "s1", 2), ("a1", "a0", 3), ("b0", "s1", 2)]:
         add(name, parent, depth)
     add("a2x", "a1", 4)
     add("a2y", "a1", 4)
-    levels = Heads(blocks).segments()
-    named = [sorted(tuple(next(n for n, k in keys.items() if k == key) for key in run) for run in level) for level in levels]
+    rows += rows[:3]  # the same blocks seen again (in another record or share): one row each
+
+    def column(i):
+        return np.array([np.frombuffer(r[i], np.uint8) for r in rows])
+
+    heads = Heads.build(column(0), column(1), np.array([r[2] for r in rows], np.uint32), root)
+    assert len(heads) == 7
+    name_of = {k: n for n, k in keys.items()}
+    named = [sorted(tuple(name_of[heads.keys[r].tobytes()] for r in run) for run in level) for level in heads.segments()]
     assert named == [[("s0", "s1")], [("a0", "a1"), ("b0",)], [("a2x",), ("a2y",)]]
-    chain_keys, tokens = Heads(blocks).chain(keys["a2y"])
+    row = int(np.flatnonzero((heads.keys == np.frombuffer(keys["a2y"], np.uint8)).all(axis=1))[0])
+    chain_keys, tokens = heads.chain(row)
     assert chain_keys == [keys[n] for n in ("s0", "s1", "a0", "a1", "a2y")] and len(tokens) == 10
 
 
