@@ -236,7 +236,8 @@ def make_plan(folder: Path, world: int, root: BlockHash, block_size: int, stored
             rest = np.flatnonzero(~is_head)
             held = np.zeros(len(keys), bool)
             if len(rest):
-                held[rest] = stored([keys[i].tobytes() for i in rest])
+                for chunk in np.array_split(rest, -(-len(rest) // (1 << 20))):  # bounded lists of keys
+                    held[chunk] = stored([keys[i].tobytes() for i in chunk])
             done = np.bincount(owner_of, weights=held, minlength=len(full)).astype(np.int64)
             rec_work.append((full - lead - done) * bs)
             if is_head.any():  # the share's head blocks, with parents and token ids
