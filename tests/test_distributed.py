@@ -174,6 +174,7 @@ def test_kill_9_of_a_rank_then_resume_on_another_number_of_ranks(tmp_path, cli, 
     assert index_entries(out) * 16 == single["stored_tokens"]  # every block present once
     (b,) = ls_json(cli, out)["builds"]
     assert b["status"] == "complete" and b["world_size"] == 3 and len(b["ranks"]) == 3
+    assert summed_counts(out) == summed_counts(one)  # torchrun resumed under --rank: every record counted once
     report = verify_store(out)
     assert report.ok, report.faults
     assert_same_kv(one, out)
@@ -417,7 +418,7 @@ def test_heads_are_cut_into_branch_free_runs_by_level():
     def column(i):
         return np.array([np.frombuffer(r[i], np.uint8) for r in rows])
 
-    heads = Heads.build(column(0), column(1), np.array([r[2] for r in rows], np.uint32), root)
+    heads = Heads.build(column(0), column(1), np.array([r[2][0] for r in rows]), np.array([r[2] for r in rows], np.uint32))
     assert len(heads) == 7
     name_of = {k: n for n, k in keys.items()}
     named = [sorted(tuple(name_of[heads.keys[r].tobytes()] for r in run) for run in level) for level in heads.segments()]

@@ -91,28 +91,32 @@ _KEY = np.dtype((np.void, 32))
 
 @dataclass(slots=True)
 class Heads:
-    """The blocks two or more records hold, as arrays (no Python object per block): ``keys``
-    [h, 32] uint8 sorted, ``parent`` [h] row of each block's parent (-1: the root), ``tokens``
-    [h, B] uint32 (a block's own token ids; a chain's are its ancestors' joined)."""
+    """The blocks two or more records hold, as arrays (no Python object per block, 140 bytes
+    each at B=16): ``keys`` [h, 32] uint8 sorted, ``parent`` [h] row of each block's parent (-1:
+    the root), ``depth`` [h] its number in its chain, ``tokens`` [h, B] uint32 (a block's own
+    token ids; a chain's are its ancestors' joined)."""
 
     keys: np.ndarray
     parent: np.ndarray
+    depth: np.ndarray
     tokens: np.ndarray
 
     @classmethod
-    def build(cls, keys: np.ndarray, parents: np.ndarray, tokens: np.ndarray, root: BlockHash) -> Heads:
-        """Heads from blocks (``keys`` and ``parents`` [n, 32], ``tokens`` [n, B]), repeats allowed.
+    def build(cls, keys: np.ndarray, parents: np.ndarray, depth: np.ndarray, tokens: np.ndarray) -> Heads:
+        """Heads from blocks (``keys`` and ``parents`` [n, 32], ``depth`` [n], ``tokens`` [n, B]),
+        repeats allowed (the same block seen in several records or shares).
 
         Example:
-            >>> heads = Heads.build(keys, parents, tokens, root)  # doctest: +SKIP
-            >>> heads.chain(heads.row(key))  # doctest: +SKIP
+            >>> heads = Heads.build(keys, parents, depth, tokens)  # doctest: +SKIP
+            >>> [len(level) for level in heads.segments()]  # doctest: +SKIP
+            [1, 12]
         """
         _, first = np.unique(np.ascontiguousarray(keys).view(_KEY).ravel(), return_index=True)
-        keys, parents, tokens = keys[first], parents[first], tokens[first]  # sorted by key, one row each
+        keys, parents, depth, tokens = keys[first], parents[first], depth[first], tokens[first]  # by key, one row each
         row = np.searchsorted(keys.view(_KEY).ravel(), np.ascontiguousarray(parents).view(_KEY).ravel())
         row = np.minimum(row, max(len(keys) - 1, 0))
         found = (len(keys) > 0) & (keys[row] == parents).all(axis=1) if len(keys) else np.zeros(0, bool)
-        return cls(keys, np.where(found, row, -1).astype(np.int64), tokens)
+        return cls(keys, np.where(found, row, -1).astype(np.int64), depth.astype(np.int32), tokens)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -136,15 +140,9 @@ class Heads:
         single = has_parent & (children[np.maximum(self.parent, 0)] == 1)
         only_child[self.parent[single]] = np.flatnonzero(single)
         starts = np.flatnonzero(~single)
-        depth = np.zeros(n, np.int64)  # blocks above, to place parent runs first
-        for _ in range(n):
-            step = np.where(has_parent, depth[np.maximum(self.parent, 0)] + 1, 0)
-            if np.array_equal(step, depth):
-                break
-            depth = step
         level_of_end = np.full(n, -1, np.int64)
         levels: list[list[np.ndarray]] = []
-        for start in starts[np.lexsort((starts, depth[starts]))]:
+        for start in starts[np.lexsort((starts, self.depth[starts]))]:  # shallower first: parent runs are placed
             run = [int(start)]
             while only_child[run[-1]] >= 0:
                 run.append(int(only_child[run[-1]]))
@@ -158,7 +156,7 @@ class Heads:
 
 
 def _empty_heads(block_size: int) -> Heads:
-    return Heads(np.zeros((0, 32), np.uint8), np.zeros(0, np.int64), np.zeros((0, block_size), np.uint32))
+    return Heads(np.zeros((0, 32), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((0, block_size), np.uint32))
 
 
 # ---------------------------------------------------------------------------- shares and the plan
@@ -222,7 +220,7 @@ def make_plan(folder: Path, world: int, root: BlockHash, block_size: int, stored
     shares = [dict(np.load(folder / f"share-{s}.npz")) for s in range(world)]
     shared = _merged_heads_counts(shares)
     rec_share, rec_row, rec_index, rec_work = [], [], [], []
-    head_keys, head_parents, head_tokens = [], [], []
+    head_keys, head_parents, head_depth, head_tokens = [], [], [], []
     for s, meta in enumerate(shares):
         lengths = meta["lengths"]
         full = lengths // bs
@@ -249,12 +247,13 @@ def make_plan(folder: Path, world: int, root: BlockHash, block_size: int, stored
                 ids = np.memmap(folder / f"share-{s}.tokens", dtype="<u4", mode="r")
                 head_keys.append(keys[at])
                 head_parents.append(parents)
+                head_depth.append(at - first_block[at])
                 head_tokens.append(ids[token_at[:, None] + np.arange(bs)])
         rec_share.append(np.full(len(lengths), s, np.int32))
         rec_row.append(np.arange(len(lengths), dtype=np.int64))
         rec_index.append(meta["index"])
     if head_keys:
-        heads = Heads.build(np.concatenate(head_keys), np.concatenate(head_parents), np.concatenate(head_tokens), root)
+        heads = Heads.build(*(np.concatenate(c) for c in (head_keys, head_parents, head_depth, head_tokens)))
     else:
         heads = _empty_heads(bs)
     index, share, row, work = (np.concatenate(a) for a in (rec_index, rec_share, rec_row, rec_work))
@@ -278,7 +277,7 @@ def make_plan(folder: Path, world: int, root: BlockHash, block_size: int, stored
         heapq.heappush(heap, (load + int(work[i]), rank))
     return {
         "index": index, "share": share, "row": row, "work": work, "owner": owner,
-        "head_keys": heads.keys, "head_parent": heads.parent, "head_tokens": heads.tokens, "head_owner": head_owner,
+        "head_keys": heads.keys, "head_parent": heads.parent, "head_depth": heads.depth, "head_tokens": heads.tokens, "head_owner": head_owner,
     }  # fmt: skip
 
 
@@ -568,7 +567,7 @@ class Ranks:
             time.sleep(POLL_SECONDS)
         with np.load(path) as data:
             self.plan = {k: data[k] for k in data.files}
-        self.heads = Heads(self.plan["head_keys"], self.plan["head_parent"], self.plan["head_tokens"])
+        self.heads = Heads(*(self.plan[f"head_{k}"] for k in ("keys", "parent", "depth", "tokens")))
 
     def _prefill_heads(
         self, out: Path, manifest: Manifest, run: Callable, writer: Any, record: BuildRecord, batch_tokens: int
