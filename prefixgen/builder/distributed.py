@@ -588,9 +588,10 @@ class Ranks:
                 else:  # claim runs until about a fair share of the level's tokens
                     share = max(bs, min(batch_tokens, sum(len(r) for r in level) * bs // self.world_size))
                     mine, taken = [], 0
+                    now = _fs_now(claims, writer.writer_id)  # one probe of the file system's clock per round
                     for i in pending:
                         path = claims / self.heads.keys[level[i][0]].tobytes().hex()
-                        if taken < share and _claim(path, writer.writer_id):
+                        if taken < share and _claim(path, writer.writer_id, now=now):
                             mine.append(i)
                             held_claims.append(path)
                             taken += len(level[i]) * bs
@@ -724,11 +725,12 @@ def _fs_now(folder: Path, owner: str) -> float:
     return probe.stat().st_mtime
 
 
-def _claim(path: Path, owner: str, stale: float = CLAIM_STALE_SECONDS) -> bool:
+def _claim(path: Path, owner: str, stale: float = CLAIM_STALE_SECONDS, now: float | None = None) -> bool:
     """Take ``path`` (O_EXCL): True if ``owner`` now holds it. A claim whose lease (its mtime, renewed
     by a live holder) is older than ``stale`` by the file system's clock is taken over by exactly one
     rank: the one that creates ``<claim>.takeover-<holder>`` (O_EXCL), naming the holder it saw, so
-    that two takers cannot both win, nor a taker displace the new holder."""
+    that two takers cannot both win, nor a taker displace the new holder. ``now``: the file system's
+    time, if the caller has just read it (one probe for many claims)."""
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -739,7 +741,7 @@ def _claim(path: Path, owner: str, stale: float = CLAIM_STALE_SECONDS) -> bool:
             return False
         if holder == owner:
             return True
-        if _fs_now(path.parent, owner) - mtime < stale:
+        if (now if now is not None else _fs_now(path.parent, owner)) - mtime < stale:
             return False
         try:
             os.close(os.open(path.with_name(f"{path.name}.takeover-{holder}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
