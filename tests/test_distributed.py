@@ -190,25 +190,36 @@ def summed_counts(store: Path) -> dict[bytes, int]:
 
 
 @pytest.mark.slow
-def test_resume_across_launch_modes_counts_each_record_once(tmp_path, cli, stories):
+def test_one_process_build_stopped_then_resumed_under_torchrun(tmp_path, cli, stories):
     data = system_prompt_dataset(tmp_path / "d.jsonl", n=300, seed=4)
     one = tmp_path / "one"
     assert cli("build", data, "--model", stories, "--out", one, *CPU).exit_code == 0
     (single,) = ls_json(cli, one)["builds"]
     want = summed_counts(one)
     small = ["--shard-bytes", "100000", "--batch-tokens", "256"]
-    # One process, killed; resumed under torchrun: the killed run's counts must not stay beside the ranks'.
+    # One process, stopped (Ctrl-C: it records its counts so far); resumed under torchrun: the stopped
+    # run's counts must not stay beside the ranks'.
     a = tmp_path / "a"
     args = ["build", data, "--model", stories, "--out", a, *small, *CPU]
     proc = _cli_process(*args)
     _wait_for_segments(a, 4, proc, timeout=180)
-    proc.kill()
-    proc.wait()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    assert list((a / "counts").glob("*.safetensors"))  # the stopped run's counts are there
     finish(torchrun(2, *args, "--resume"))
     (b,) = ls_json(cli, a)["builds"]
     assert b["status"] == "complete" and b["world_size"] == 2 and b["records"] == single["records"]
     assert summed_counts(a) == want
     assert stored_keys(a) == stored_keys(one)
+
+
+@pytest.mark.slow
+def test_torchrun_build_killed_then_resumed_as_one_process(tmp_path, cli, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=300, seed=4)
+    one = tmp_path / "one"
+    assert cli("build", data, "--model", stories, "--out", one, *CPU).exit_code == 0
+    (single,) = ls_json(cli, one)["builds"]
+    small = ["--shard-bytes", "100000", "--batch-tokens", "256"]
     # torchrun, killed; resumed as one process: the rank parts must not keep the build "running".
     c = tmp_path / "c"
     args = ["build", data, "--model", stories, "--out", c, *small, *CPU]
@@ -220,7 +231,7 @@ def test_resume_across_launch_modes_counts_each_record_once(tmp_path, cli, stori
     assert result.exit_code == 0, result.output
     (b,) = ls_json(cli, c)["builds"]
     assert b["status"] == "complete" and b["world_size"] == 1 and not b["ranks"] and b["records"] == single["records"]
-    assert summed_counts(c) == want
+    assert summed_counts(c) == summed_counts(one)
     assert stored_keys(c) == stored_keys(one)
     assert verify_store(c).ok
 
