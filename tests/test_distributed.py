@@ -224,9 +224,14 @@ def test_torchrun_build_killed_then_resumed_as_one_process(tmp_path, cli, storie
     c = tmp_path / "c"
     args = ["build", data, "--model", stories, "--out", c, *small, *CPU]
     proc = torchrun(2, *args)
-    _wait_for_segments(c, 6, proc, timeout=180)
+    deadline = time.monotonic() + 180
+    while len(list(c.glob("builds/*.ranks/*.json"))) < 2:  # both ranks have their part: kill in the build proper
+        assert time.monotonic() < deadline and proc.poll() is None, "the ranks never wrote their parts"
+        time.sleep(0.05)
+    _wait_for_segments(c, len(list((c / "index").glob("*.safetensors"))) + 2, proc, timeout=180)
     os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
     proc.communicate(timeout=120)
+    assert [r["status"] for r in ls_json(cli, c)["builds"][0]["ranks"]] != ["complete"] * 2
     result = cli(*args, "--resume")
     assert result.exit_code == 0, result.output
     (b,) = ls_json(cli, c)["builds"]
