@@ -56,7 +56,7 @@ from prefixgen.builder.plan import PrefillTask, chunk_task
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer, TokenizedRecord
 from prefixgen.data.source import Record
-from prefixgen.errors import ConfigError, StoreError
+from prefixgen.errors import ConfigError, CorruptStoreError, StoreError
 from prefixgen.format import (
     BUILDS_DIR,
     CLAIMS_DIR,
@@ -73,7 +73,7 @@ from prefixgen.format import (
     temp_path,
 )
 from prefixgen.store.index import StoreIndex
-from prefixgen.store.reader import PrefixStore
+from prefixgen.store.reader import PrefixStore, read_builds
 from prefixgen.store.writer import new_id, prepare_store, remove_temp_files, utc_now, writer_is_live
 
 CLAIM_STALE_SECONDS = 120.0  # a claim whose lease was not renewed for this long (file system clock) is taken over
@@ -435,7 +435,7 @@ class Ranks:
         """The same id on every rank without talking: the unfinished build of this dataset for
         --resume, else one derived from the options that change the stored bytes."""
         if cfg.resume:
-            for old in reversed(PrefixStore.open(out).builds()):
+            for old in reversed(read_builds(out)):
                 if old.dataset == cfg.dataset and old.status != "complete":
                     return old.build_id
         return _options_id(cfg)
@@ -524,7 +524,7 @@ class Ranks:
             self._read_plan(folder, out, manifest, writer.writer_id)
         with timer("dist_heads"):
             self._prefill_heads(out, manifest, run, writer, record, batch_tokens)
-        return PrefixStore.open(out)
+        return _open_store(out)
 
     def _count(
         self, folder: Path, records: Callable, tokenize: RecordTokenizer, manifest: Manifest, owner: str, record: BuildRecord
@@ -605,7 +605,7 @@ class Ranks:
                     cached = len(index.find_prefix(keys)) * bs
                     tasks += list(chunk_task(-1, tokens, cached, keys, bs, batch_tokens))
                 with _Lease(held_claims):
-                    run(tasks, PrefixStore.open(out))
+                    run(tasks, _open_store(out))
                     new = sum(t.new_tokens for t in tasks)
                     record.head_tokens += new
                     record.stored_tokens += new
@@ -648,7 +648,7 @@ class Ranks:
             return record
         merged = record
         while True:
-            merged = next((b for b in PrefixStore.open(out).builds() if b.build_id == record.build_id), record)
+            merged = next((b for b in read_builds(out) if b.build_id == record.build_id), record)
             if not self.collective or self.rank != 0 or merged.status != "running":
                 break
             time.sleep(0.5)
@@ -709,6 +709,19 @@ class _Lease:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+
+
+def _open_store(out: Path, tries: int = 20) -> PrefixStore:
+    """The store, reopened while other ranks may be compacting their segments at the end of their
+    build: a listing that keeps changing under the index is tried again a little later."""
+    for attempt in range(tries):
+        try:
+            return PrefixStore.open(out)
+        except CorruptStoreError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
 
 
 def _options_id(cfg: BuildConfig) -> str:
