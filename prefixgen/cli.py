@@ -143,7 +143,10 @@ def build(
     rank: Annotated[Optional[int], Opt(help="This process's rank, for launchers without torchrun (with --world-size).")] = None,
     world_size: Annotated[Optional[int], Opt(help="How many processes build the store together (with --rank).")] = None,
     dist_timeout: Annotated[
-        Optional[int], Opt(help=f"Seconds a collective or a wait on another rank may take. {_default('dist_timeout')}")
+        Optional[int],
+        Opt(
+            help=f"Seconds the start-up collectives (torchrun) may take; waits for other ranks' work have none. {_default('dist_timeout')}"
+        ),
     ] = None,
 ) -> None:
     """Stream DATASET through MODEL and store the KV of every block-aligned prefix in STORE."""

@@ -100,7 +100,7 @@ class BuildConfig:
     # distributed (builder/distributed.py): torchrun sets RANK/WORLD_SIZE; these are for launchers without it
     rank: int | None = None
     world_size: int | None = None
-    dist_timeout: int = 600  # seconds any collective, or a wait on another rank's blocks, may take
+    dist_timeout: int = 600  # seconds the start-up collectives may take (waits on other ranks' work have no timeout)
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> BuildConfig:

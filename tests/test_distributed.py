@@ -20,7 +20,7 @@ from prefixgen import PrefixStore
 from prefixgen.maintain.verify import verify_store
 
 from .conftest import REPO, SYSTEM, write_jsonl
-from .test_build import _wait_for_segments, ls_json, stored_keys
+from .test_build import _cli_process, _wait_for_segments, ls_json, stored_keys
 
 PACKAGE_DIR = Path(prefixgen.__file__).parent
 
@@ -109,6 +109,9 @@ def test_torchrun_build_equals_one_process_build(tmp_path, cli, stories, world, 
     system_blocks = len(AutoTokenizer.from_pretrained(stories)(SYSTEM).input_ids) // 16
     assert system_blocks >= 1 and b["head_tokens"] >= system_blocks * 16
     assert all(r["records"] > 0 for r in b["ranks"])
+    # One plan, then shares: every record is tokenized once over all ranks (not 2-3 times per rank).
+    tokenized = [r["tokenized_tokens"] for r in ls_json(cli, many)["builds"][-1]["ranks"]]
+    assert all(t > 0 for t in tokenized) and sum(tokenized) <= 2 * single["dataset_tokens"], tokenized
 
 
 @pytest.mark.slow
@@ -171,9 +174,147 @@ def test_kill_9_of_a_rank_then_resume_on_another_number_of_ranks(tmp_path, cli, 
     assert index_entries(out) * 16 == single["stored_tokens"]  # every block present once
     (b,) = ls_json(cli, out)["builds"]
     assert b["status"] == "complete" and b["world_size"] == 3 and len(b["ranks"]) == 3
+    assert summed_counts(out) == summed_counts(one)  # torchrun resumed under --rank: every record counted once
     report = verify_store(out)
     assert report.ok, report.faults
     assert_same_kv(one, out)
+
+
+def summed_counts(store: Path) -> dict[bytes, int]:
+    """Records per block over every file in counts/ (what prune and ls rank blocks by)."""
+    total: dict[bytes, int] = {}
+    for keys, records in PrefixStore.open(store).count_arrays():
+        for key, n in zip(keys, records.tolist()):
+            total[key.tobytes()] = total.get(key.tobytes(), 0) + n
+    return total
+
+
+@pytest.mark.slow
+def test_one_process_build_stopped_then_resumed_under_torchrun(tmp_path, cli, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=300, seed=4)
+    one = tmp_path / "one"
+    assert cli("build", data, "--model", stories, "--out", one, *CPU).exit_code == 0
+    (single,) = ls_json(cli, one)["builds"]
+    want = summed_counts(one)
+    small = ["--shard-bytes", "100000", "--batch-tokens", "256"]
+    # One process, stopped (Ctrl-C: it records its counts so far); resumed under torchrun: the stopped
+    # run's counts must not stay beside the ranks'.
+    a = tmp_path / "a"
+    args = ["build", data, "--model", stories, "--out", a, *small, *CPU]
+    proc = _cli_process(*args)
+    _wait_for_segments(a, 4, proc, timeout=180)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    assert list((a / "counts").glob("*.safetensors"))  # the stopped run's counts are there
+    finish(torchrun(2, *args, "--resume"))
+    (b,) = ls_json(cli, a)["builds"]
+    assert b["status"] == "complete" and b["world_size"] == 2 and b["records"] == single["records"]
+    assert summed_counts(a) == want
+    assert stored_keys(a) == stored_keys(one)
+
+
+@pytest.mark.slow
+def test_torchrun_build_killed_then_resumed_as_one_process(tmp_path, cli, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=300, seed=4)
+    one = tmp_path / "one"
+    assert cli("build", data, "--model", stories, "--out", one, *CPU).exit_code == 0
+    (single,) = ls_json(cli, one)["builds"]
+    small = ["--shard-bytes", "100000", "--batch-tokens", "256"]
+    # torchrun, killed; resumed as one process: the rank parts must not keep the build "running".
+    c = tmp_path / "c"
+    args = ["build", data, "--model", stories, "--out", c, *small, *CPU]
+    proc = torchrun(2, *args)
+    deadline = time.monotonic() + 180
+    while len(list(c.glob("builds/*.ranks/*.json"))) < 2:  # both ranks have their part: kill in the build proper
+        assert time.monotonic() < deadline and proc.poll() is None, "the ranks never wrote their parts"
+        time.sleep(0.05)
+    _wait_for_segments(c, len(list((c / "index").glob("*.safetensors"))) + 2, proc, timeout=180)
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert [r["status"] for r in ls_json(cli, c)["builds"][0]["ranks"]] != ["complete"] * 2
+    result = cli(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    (b,) = ls_json(cli, c)["builds"]
+    assert b["status"] == "complete" and b["world_size"] == 1 and not b["ranks"] and b["records"] == single["records"]
+    assert summed_counts(c) == summed_counts(one)
+    assert stored_keys(c) == stored_keys(one)
+    assert verify_store(c).ok
+
+
+@pytest.mark.slow
+def test_resume_after_a_rank_is_killed_rebalances_the_work_left(tmp_path, cli, stories):
+    data = groups_dataset(tmp_path / "d.jsonl", n=160, groups=8)
+    one, out = tmp_path / "one", tmp_path / "store"
+    assert cli("build", data, "--model", stories, "--out", one, *CPU).exit_code == 0
+    (single,) = ls_json(cli, one)["builds"]
+    args = ["build", data, "--model", stories, "--out", out, *CPU]
+    killed = rank_process(1, 2, *args)
+    killed.kill()  # rank 1 dies before it does anything; rank 0 alone does its share and exits
+    killed.wait()
+    finish(rank_process(0, 2, *args))
+    before = index_entries(out) * 16
+    assert 0 < before < single["stored_tokens"]
+    # Resumed on two ranks: the work left (rank 1's share) is split between both, not redone by rank 1 alone.
+    finish(torchrun(2, *args, "--resume"))
+    (b,) = ls_json(cli, out)["builds"]
+    assert b["status"] == "complete" and index_entries(out) * 16 == single["stored_tokens"]
+    loads = [r["prefilled_tokens"] for r in b["ranks"]]
+    assert sum(loads) == single["stored_tokens"] - before  # nothing computed twice
+    assert max(loads) <= 1.3 * sum(loads) / 2, loads
+    assert_same_kv(one, out)
+
+
+SLOW_RANK = """
+import os, sys, time
+from prefixgen.builder import prefill
+from prefixgen.cli import main
+if os.environ["RANK"] == "1":  # forced skew: rank 1 takes ~1 s more per forward pass
+    run = prefill.Prefiller.run
+    prefill.Prefiller.run = lambda self, batch: (time.sleep(1.0), run(self, batch))[1]
+sys.argv = ["prefixgen", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_finishes_long_before_the_others_does_not_time_out(tmp_path, cli, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=60)
+    script = tmp_path / "slow_rank.py"
+    script.write_text(SLOW_RANK)
+    out = tmp_path / "store"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    args = ["build", str(data), "--model", str(stories), "--out", str(out), "--batch-tokens", "256", "--dist-timeout", "5", *CPU]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (b,) = ls_json(cli, out)["builds"]
+    assert b["status"] == "complete"
+    slow, fast = b["ranks"][1], b["ranks"][0]
+    assert slow["stage_seconds"]["prefill"] > fast["stage_seconds"]["prefill"] + 5  # the skew was longer than the timeout
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_waiting_for_another_rank_leaves_the_build_interrupted(tmp_path, cli, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=400, seed=6)
+    out = tmp_path / "store"
+    args = ["build", data, "--model", stories, "--out", out, *CPU]
+    other = rank_process(1, 2, *args)
+    deadline = time.monotonic() + 180
+    while not list(out.glob("builds/*.plan/w2/claims/share-1")):  # rank 1 holds its count share
+        assert time.monotonic() < deadline and other.poll() is None, "rank 1 never claimed its share"
+        time.sleep(0.05)
+    other.kill()  # its claim stays fresh for minutes: rank 0 waits for it (no timeout)
+    other.wait()
+    me = rank_process(0, 2, *args)
+    while not list(out.glob("builds/*.plan/w2/share-0.npz")):  # rank 0 counted its share, now waits
+        assert time.monotonic() < deadline and me.poll() is None, "rank 0 never counted its share"
+        time.sleep(0.05)
+    time.sleep(1)
+    assert me.poll() is None  # still waiting
+    me.send_signal(signal.SIGINT)
+    _, err = me.communicate(timeout=60)
+    assert me.returncode == 130 and "Traceback" not in err, err
+    (b,) = ls_json(cli, out)["builds"]
+    assert b["ranks"][0]["status"] == "interrupted" and b["status"] == "interrupted"  # not "running" forever
 
 
 WRAPPER = """
@@ -236,27 +377,70 @@ def test_rank_flags_are_checked(tmp_path, cli, stories):
         assert result.exit_code != 0 and message in result.stderr, result.output
 
 
+def test_rerunning_a_finished_rank_is_a_no_op_whatever_its_tuning_flags(tmp_path, cli, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=6)
+    out = tmp_path / "s"
+    args = ["build", data, "--model", stories, "--out", out, *CPU]
+    for rank in (1, 0):
+        assert cli(*args, "--rank", rank, "--world-size", "2", "--batch-tokens", 512).exit_code == 0
+    (done,) = ls_json(cli, out)["builds"]
+    assert done["status"] == "complete"
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # The same command again, or with other per-GPU tuning flags: the same build, already complete.
+    for flags in ([], ["--batch-tokens", "1024", "--write-threads", "1", "--sort-window", "4", "--prefix-cache-bytes", "1MB"]):
+        result = cli(*args, "--rank", "1", "--world-size", "2", *flags)
+        assert result.exit_code == 0, result.output
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    assert ls_json(cli, out)["builds"] == [done]
+
+
+def test_a_claim_is_taken_over_once_and_only_when_its_lease_is_stale(tmp_path):
+    from prefixgen.builder.distributed import _claim
+
+    claim = tmp_path / "segment"
+    assert _claim(claim, "a") and _claim(claim, "a")  # taken; its holder holds it still
+    assert not _claim(claim, "b")  # a fresh lease is not taken over
+    old = claim.stat().st_mtime - 1000
+    os.utime(claim, (old, old))  # "a" stopped renewing its lease
+    assert _claim(claim, "b")  # taken over...
+    assert not _claim(claim, "c")  # ...by one rank only: "b" holds a fresh lease now
+    assert claim.read_text().split()[0] == "b"
+    os.utime(claim, (old, old))
+    assert (claim.parent / "segment.takeover-a").exists()
+    assert _claim(claim, "c") and not _claim(claim, "b")  # "b" died in turn: one takeover of "b"
+
+
 def test_heads_are_cut_into_branch_free_runs_by_level():
+    import numpy as np
+
     from prefixgen.builder.distributed import Heads
     from prefixgen.format import hash_block
 
     root = bytes(32)
-    blocks, keys = {}, {}
+    keys, rows = {}, []
 
     def add(name, parent_name, depth):
         parent = keys[parent_name] if parent_name else root
         keys[name] = hash_block(parent, [depth, len(keys)])
-        blocks[keys[name]] = (parent, depth, (depth, len(keys)))
+        rows.append((keys[name], parent, [depth, len(keys)]))
 
     # system prompt s0-s1, then documents a (a0-a1, then a branch into a2x / a2y) and b (b0)
     for name, parent, depth in [("s0", None, 0), ("s1", "s0", 1), ("a0", "s1", 2), ("a1", "a0", 3), ("b0", "s1", 2)]:
         add(name, parent, depth)
     add("a2x", "a1", 4)
     add("a2y", "a1", 4)
-    levels = Heads(blocks).segments()
-    named = [sorted(tuple(next(n for n, k in keys.items() if k == key) for key in run) for run in level) for level in levels]
+    rows += rows[:3]  # the same blocks seen again (in another record or share): one row each
+
+    def column(i):
+        return np.array([np.frombuffer(r[i], np.uint8) for r in rows])
+
+    heads = Heads.build(column(0), column(1), np.array([r[2][0] for r in rows]), np.array([r[2] for r in rows], np.uint32))
+    assert len(heads) == 7
+    name_of = {k: n for n, k in keys.items()}
+    named = [sorted(tuple(name_of[heads.keys[r].tobytes()] for r in run) for run in level) for level in heads.segments()]
     assert named == [[("s0", "s1")], [("a0", "a1"), ("b0",)], [("a2x",), ("a2y",)]]
-    chain_keys, tokens = Heads(blocks).chain(keys["a2y"])
+    row = int(np.flatnonzero((heads.keys == np.frombuffer(keys["a2y"], np.uint8)).all(axis=1))[0])
+    chain_keys, tokens = heads.chain(row)
     assert chain_keys == [keys[n] for n in ("s0", "s1", "a0", "a1", "a2y")] and len(tokens) == 10
 
 

@@ -1,37 +1,32 @@
 """Distributed builds: many processes (GPUs, nodes) fill one store, and no block is computed twice.
 
 Launch with ``torchrun --nproc-per-node N -m prefixgen build ...`` (RANK, WORLD_SIZE and LOCAL_RANK
-from the environment; ``torch.distributed`` with NCCL on GPU, gloo on CPU, for a few small
-collectives, each with a timeout) or with ``--rank R --world-size N`` (Slurm arrays, any scheduler:
-ranks never talk, they coordinate through the dataset's order and the store). One process is the
-plain build: none of this runs.
+from the environment; ``torch.distributed`` only to agree on the store and the run at start) or with
+``--rank R --world-size N`` (Slurm arrays, any scheduler: ranks never talk, they coordinate through
+the store). One process is rank 0 of 1: it streams the dataset straight into the pipeline.
 
-How the work is split, on every rank alike:
+:class:`Ranks` is the one place the pipeline meets ranks: it prepares the store, plans, hands the
+pipeline this rank's records, and merges. For N > 1 ranks, one plan, then shares:
 
-1. **Count pass.** Every rank reads and tokenizes the whole dataset and counts the records holding
-   each block with ``analysis.count.BlockCounter`` (24 bytes per distinct block). The shared
-   *heads* are the blocks in two or more records (``BlockCounts.select(min_records=2)``); they are
-   prefix-closed, a trie. A short second pass picks up their tokens (it stops once it has them all).
-2. **Head phase.** The heads' trie is cut into segments (runs of blocks without a branch) and
-   computed level by level. A rank takes a segment by creating ``claims/<build>/<key>`` with
-   O_EXCL in the store (about a fair share per rank at a time; ranks that come first take more),
-   prefills it with its parent segment's KV from the store as past, and publishes it (shard +
-   index segment) before the next level. A system prompt or a RAG document shared by many records
-   is thus prefilled once, early, and every rank loads it as past.
-3. **Routing.** Each record goes to one rank by its first block that is not a head: that block is
-   in no other record, so whoever takes it computes blocks nobody else needs. Records are dealt,
-   in dataset order, to the rank with the fewest tokens so far (starting from the head tokens each
-   rank did, which the ranks exchange under torchrun). The same deterministic rule runs on every
-   rank over the same stream, so they agree without talking.
-
-Reading the dataset: every rank reads and tokenizes all of it twice (count pass and build pass,
-plus the short heads pass) and hashes it once (SHA-256 runs at tens of millions of tokens/s), but
-plans and prefills only its share.
-Fast tokenizers turn about 1M tokens/s per core, far above one GPU's prefill (about 10-50k tokens/s
-for 8B models, less for 70B); at 64 ranks of an 8B model the aggregate prefill (0.6-3M tokens/s)
-reaches what each rank's input thread can tokenize twice over, so beyond a few dozen ranks the
-input, not the GPU, becomes the limit. Reading only a share would need the ranks to exchange token
-ids (an all-to-all), which ``--rank/--world-size`` ranks cannot do.
+1. **Count, in shares.** Share ``s`` is the records with ``index % N == s``. Each rank reads the
+   dataset but tokenizes only its share, counts the records holding each block
+   (``analysis.count.BlockCounter``) and spills its share's token ids and block keys into
+   ``builds/<id>.plan/<run>/`` (6 bytes per token: 4 for the id, 32 per 16-token block for keys).
+   Every record is tokenized once over all ranks. Under ``--rank/--world-size`` shares are claimed
+   (a lone rank counts them all).
+2. **Plan.** The share counts are summed; the shared *heads* are the blocks in two or more records
+   (prefix-closed, a trie). A record's work is its blocks beyond its leading heads and beyond what
+   the store already holds (``--resume``: work left, not work done). Head segments (branch-free runs
+   of the trie) are dealt level by level, largest first, to the least loaded rank; then records,
+   largest work first, likewise. The plan (heads, and each record's rank) is one file, made once.
+3. **Heads.** Under torchrun each rank prefills the head segments the plan gives it, then waits
+   (through the store, without a timeout) until the level is stored. Under ``--rank`` ranks claim
+   segments; a claim is a lease the claimer renews, judged stale by the file system's clock, and
+   taken over by exactly one rank (owner-checked).
+4. **Build.** Each rank builds its records, reading their token ids back from the spill: it
+   tokenizes nothing more. Waiting for slower ranks is never bounded by ``--dist-timeout`` (that
+   bounds the start-up collectives only): a dead torchrun rank is torch elastic's to detect, a dead
+   ``--rank`` rank's claims go stale.
 """
 
 from __future__ import annotations
@@ -39,128 +34,263 @@ from __future__ import annotations
 import atexit
 import datetime as dt
 import hashlib
+import heapq
+import io
 import json
 import os
 import secrets
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from prefixgen.analysis.count import BlockCounter, key_columns
-from prefixgen.builder.plan import PrefillTask
+from prefixgen.analysis.count import BlockCounter, BlockCounts
+from prefixgen.builder.plan import PrefillTask, chunk_task
 from prefixgen.config import BuildConfig
-from prefixgen.data.records import TokenizedRecord
-from prefixgen.errors import ConfigError, StoreError
+from prefixgen.data.records import RecordTokenizer, TokenizedRecord
+from prefixgen.data.source import Record
+from prefixgen.errors import ConfigError, CorruptStoreError, StoreError
 from prefixgen.format import (
     BUILDS_DIR,
     CLAIMS_DIR,
     COUNTS_DIR,
+    INDEX_DIR,
     MANIFEST_FILE,
+    RANK_PARTS_SUFFIX,
     BlockHash,
     BuildRecord,
     Manifest,
+    Segment,
+    atomic_write,
     block_keys,
     create_once,
-    hash_block,
+    temp_path,
 )
 from prefixgen.store.index import StoreIndex
-from prefixgen.store.reader import PrefixStore
-from prefixgen.store.writer import prepare_store, remove_temp_files, utc_now
+from prefixgen.store.reader import PrefixStore, read_builds
+from prefixgen.store.writer import new_id, prepare_store, remove_temp_files, utc_now, writer_is_live
 
-CLAIM_STALE_SECONDS = 120.0  # a claim whose segment is still missing after this long is taken over
+CLAIM_STALE_SECONDS = 120.0  # a claim whose lease was not renewed for this long (file system clock) is taken over
+LEASE_SECONDS = CLAIM_STALE_SECONDS / 8  # how often a claimer renews its claims
 POLL_SECONDS = 0.05
-# Options that may differ between the ranks (or between a run and its --resume) of one build.
-_RUN_OPTIONS = ("rank", "world_size", "resume", "append", "overwrite", "device", "dist_timeout", "quiet", "out")
+PLAN_SUFFIX = ".plan"  # builds/<id>.plan/<run>/: count shares and the plan of a distributed run
+# Options that may differ between the ranks (or between a run and its --resume) of one build: they
+# change how the work runs, not the bytes stored.
+_RUN_OPTIONS = (
+    "rank", "world_size", "resume", "append", "overwrite", "device", "dist_timeout", "quiet", "out",
+    "batch_tokens", "write_threads", "sort_window", "prefix_cache_bytes", "fsync", "shard_bytes",
+)  # fmt: skip
+_KEY = np.dtype((np.void, 32))
 
 
 @dataclass(slots=True)
 class Heads:
-    """The blocks two or more records hold: key -> (parent, depth, tokens), prefix-closed.
+    """The blocks two or more records hold, as arrays (no Python object per block, 140 bytes
+    each at B=16): ``keys`` [h, 32] uint8 sorted, ``parent`` [h] row of each block's parent (-1:
+    the root), ``depth`` [h] its number in its chain, ``tokens`` [h, B] uint32 (a block's own
+    token ids; a chain's are its ancestors' joined)."""
 
-    ``tokens`` are the block's own token ids; a chain's tokens are its ancestors' joined.
-    """
+    keys: np.ndarray
+    parent: np.ndarray
+    depth: np.ndarray
+    tokens: np.ndarray
 
-    blocks: dict[BlockHash, tuple[BlockHash, int, tuple[int, ...]]] = field(default_factory=dict)
-
-    def chain(self, key: BlockHash) -> tuple[list[BlockHash], list[int]]:
-        """Keys and tokens from the first block down to ``key``."""
-        keys, parts = [], []
-        while key in self.blocks:
-            parent, _, tokens = self.blocks[key]
-            keys.append(key)
-            parts.append(tokens)
-            key = parent
-        keys.reverse()
-        parts.reverse()
-        return keys, [t for part in parts for t in part]
-
-    def segments(self) -> list[list[list[BlockHash]]]:
-        """The trie cut into branch-free runs, grouped by level (a run's parent run is one level up).
+    @classmethod
+    def build(cls, keys: np.ndarray, parents: np.ndarray, depth: np.ndarray, tokens: np.ndarray) -> Heads:
+        """Heads from blocks (``keys`` and ``parents`` [n, 32], ``depth`` [n], ``tokens`` [n, B]),
+        repeats allowed (the same block seen in several records or shares).
 
         Example:
-            >>> heads.segments()  # doctest: +SKIP
-            [[[system0, system1, system2]], [[docA0, docA1], [docB0]]]
+            >>> heads = Heads.build(keys, parents, depth, tokens)  # doctest: +SKIP
+            >>> [len(level) for level in heads.segments()]  # doctest: +SKIP
+            [1, 12]
         """
-        blocks = self.blocks
-        children: dict[BlockHash, list[BlockHash]] = {}
-        for key, (parent, _, _) in blocks.items():
-            children.setdefault(parent, []).append(key)
-        starts = [k for k, (p, _, _) in blocks.items() if p not in blocks or len(children[p]) > 1]
-        levels: list[list[list[BlockHash]]] = []
-        level_of: dict[BlockHash, int] = {}  # level of the run that ends at a key
-        for start in sorted(starts, key=lambda k: (blocks[k][1], k)):  # shallower first: parent runs are placed
-            run = [start]
-            while len(children.get(run[-1], ())) == 1:
-                run.append(children[run[-1]][0])
-            parent = blocks[start][0]
-            level = level_of[parent] + 1 if parent in level_of else 0
-            level_of[run[-1]] = level
+        _, first = np.unique(np.ascontiguousarray(keys).view(_KEY).ravel(), return_index=True)
+        keys, parents, depth, tokens = keys[first], parents[first], depth[first], tokens[first]  # by key, one row each
+        row = np.searchsorted(keys.view(_KEY).ravel(), np.ascontiguousarray(parents).view(_KEY).ravel())
+        row = np.minimum(row, max(len(keys) - 1, 0))
+        found = (len(keys) > 0) & (keys[row] == parents).all(axis=1) if len(keys) else np.zeros(0, bool)
+        return cls(keys, np.where(found, row, -1).astype(np.int64), depth.astype(np.int32), tokens)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def chain(self, row: int) -> tuple[list[BlockHash], list[int]]:
+        """Keys and tokens from the first block down to block ``row``."""
+        rows = []
+        while row >= 0:
+            rows.append(row)
+            row = int(self.parent[row])
+        rows.reverse()
+        return [BlockHash(self.keys[r].tobytes()) for r in rows], self.tokens[rows].ravel().tolist()
+
+    def segments(self) -> list[list[np.ndarray]]:
+        """The trie cut into branch-free runs (arrays of rows), grouped by level (a run's parent
+        run is one level up), each level's runs in key order of their first block."""
+        n = len(self)
+        has_parent = self.parent >= 0
+        children = np.bincount(self.parent[has_parent], minlength=n)
+        only_child = np.full(n, -1, np.int64)  # the one child of a block that has exactly one
+        single = has_parent & (children[np.maximum(self.parent, 0)] == 1)
+        only_child[self.parent[single]] = np.flatnonzero(single)
+        starts = np.flatnonzero(~single)
+        level_of_end = np.full(n, -1, np.int64)
+        levels: list[list[np.ndarray]] = []
+        for start in starts[np.lexsort((starts, self.depth[starts]))]:  # shallower first: parent runs are placed
+            run = [int(start)]
+            while only_child[run[-1]] >= 0:
+                run.append(int(only_child[run[-1]]))
+            parent = int(self.parent[start])
+            level = int(level_of_end[parent]) + 1 if parent >= 0 else 0
+            level_of_end[run[-1]] = level
             while len(levels) <= level:
                 levels.append([])
-            levels[level].append(run)
+            levels[level].append(np.asarray(run, np.int64))
         return levels
 
 
-def count_heads(passes: Callable[[], Iterator[TokenizedRecord]], root: BlockHash, block_size: int) -> Heads:
-    """Every block that two or more records hold, with its parent and tokens.
+def _empty_heads(block_size: int) -> Heads:
+    return Heads(np.zeros((0, 32), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((0, block_size), np.uint32))
 
-    ``passes()`` starts a fresh pass over the tokenized dataset. The first pass counts records per
-    block with ``analysis.count.BlockCounter`` (24 bytes per distinct block); the heads are its
-    ``select(min_records=2)``, prefix-closed. A second pass collects their tokens and stops as soon
-    as it has them all (after the first record, for a system prompt).
 
-    Example:
-        >>> heads = count_heads(lambda: tokenize(read_records("data.jsonl", "text")), root, 16)  # doctest: +SKIP
-        >>> len(heads.blocks)  # doctest: +SKIP
-        12
-    """
+# ---------------------------------------------------------------------------- shares and the plan
+
+
+def count_share(
+    records: Iterator[Record], tokenize: RecordTokenizer, folder: Path, share: int, world: int, root: BlockHash,
+    block_size: int, owner: str,
+) -> BuildRecord:  # fmt: skip
+    """Tokenize and count share ``share`` (records with ``index % world == share``) and spill it to
+    ``folder``: ``share-S.tokens`` (uint32 ids), ``share-S.keys`` ([blocks, 32]) and, last (it marks
+    the share done), ``share-S.npz`` (record indices and lengths, the share's block counts, its
+    tokenizer statistics). Returns the tokenizer statistics (``dataset_tokens``: tokens tokenized)."""
+    stats = BuildRecord("", "")
+    counting = tokenize.copy(stats)
+    counting.warn = tokenize.warn  # this is the only pass that tokenizes the share: it warns
     counter = BlockCounter()
-    for record in passes():
-        counter.add(block_keys(record.ids, block_size, root))
+    index, lengths = [], []
+    names = [folder / f"share-{share}.{ext}" for ext in ("tokens", "keys")]
+    tmps = [temp_path(p, owner) for p in names]
+    with open(tmps[0], "wb") as tokens_file, open(tmps[1], "wb") as keys_file:
+        for rec in counting(r for r in records if r.index % world == share):
+            ids = np.asarray(rec.ids, dtype="<u4")
+            keys = block_keys(rec.ids, block_size, root)
+            tokens_file.write(ids.tobytes())
+            keys_file.write(b"".join(keys))
+            counter.add(keys)
+            index.append(rec.index)
+            lengths.append(len(ids))
+    for tmp, name in zip(tmps, names):
+        os.replace(tmp, name)
     counts = counter.result()
-    shared = counts.subset(counts.select(min_records=2))
-    heads = Heads()
-    if not len(shared):
-        return heads
-    for record in passes():
-        keys = block_keys(record.ids, block_size, root)
-        held = int(np.argmin(np.r_[shared.find(key_columns(keys)) >= 0, False])) if keys else 0  # leading shared run
-        for i in range(held):
-            if keys[i] not in heads.blocks:
-                heads.blocks[keys[i]] = (keys[i - 1] if i else root, i, tuple(record.ids[i * block_size : (i + 1) * block_size]))
-        if len(heads.blocks) == len(shared):
+    meta = {"index": np.asarray(index, np.int64), "lengths": np.asarray(lengths, np.int64)}
+    meta |= {f"counts_{k}": getattr(counts, k) for k in ("key64", "check64", "records", "depth")}
+    meta["stats"] = np.asarray([stats.skipped_records, stats.truncated_records, stats.dataset_tokens], np.int64)
+    _save(folder / f"share-{share}.npz", meta, owner)
+    return stats
+
+
+def _save(path: Path, arrays: dict[str, np.ndarray], owner: str) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(path, [buf.getvalue()], fsync=False, owner=owner)
+
+
+def _merged_heads_counts(shares: list[Any]) -> BlockCounts:
+    """The blocks held by two or more records over every share (the share counts summed)."""
+    cols = {k: np.concatenate([s[f"counts_{k}"] for s in shares]) for k in ("key64", "check64", "records", "depth")}
+    order = np.lexsort((cols["check64"], cols["key64"]))
+    k64, c64 = cols["key64"][order], cols["check64"][order]
+    starts = np.flatnonzero(np.r_[True, (k64[1:] != k64[:-1]) | (c64[1:] != c64[:-1])])
+    records = np.add.reduceat(cols["records"][order].astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
+    keep = starts[records >= 2]
+    return BlockCounts(k64[keep], c64[keep], records[records >= 2].astype(np.uint32), cols["depth"][order][keep])
+
+
+def make_plan(folder: Path, world: int, root: BlockHash, block_size: int, stored: Callable[[list[bytes]], list[bool]]) -> dict:
+    """The plan of a run from its ``world`` count shares: the heads, each head segment's and each
+    record's rank. ``stored(keys)`` says which blocks the store already holds: they are no work."""
+    bs = block_size
+    shares = [dict(np.load(folder / f"share-{s}.npz")) for s in range(world)]
+    shared = _merged_heads_counts(shares)
+    rec_share, rec_row, rec_index, rec_work = [], [], [], []
+    head_keys, head_parents, head_depth, head_tokens = [], [], [], []
+    for s, meta in enumerate(shares):
+        lengths = meta["lengths"]
+        full = lengths // bs
+        if not full.sum():
+            rec_work.append(np.zeros(len(lengths), np.int64))
+        else:
+            keys = np.fromfile(folder / f"share-{s}.keys", dtype=np.uint8).reshape(-1, 32)
+            owner_of = np.repeat(np.arange(len(full)), full)  # record (row) of each block
+            is_head = shared.find(keys) >= 0 if len(shared) else np.zeros(len(keys), bool)
+            lead = np.bincount(owner_of, weights=is_head, minlength=len(full)).astype(np.int64)  # heads are prefix-closed
+            rest = np.flatnonzero(~is_head)
+            held = np.zeros(len(keys), bool)
+            if len(rest):
+                for chunk in np.array_split(rest, -(-len(rest) // (1 << 20))):  # bounded lists of keys
+                    held[chunk] = stored([keys[i].tobytes() for i in chunk])
+            done = np.bincount(owner_of, weights=held, minlength=len(full)).astype(np.int64)
+            rec_work.append((full - lead - done) * bs)
+            if is_head.any():  # the share's head blocks, with parents and token ids
+                at = np.flatnonzero(is_head)
+                first_block = np.repeat(np.cumsum(full) - full, full)
+                parents = np.where((at > first_block[at])[:, None], keys[np.maximum(at - 1, 0)], np.frombuffer(root, np.uint8))
+                starts = np.cumsum(lengths) - lengths
+                token_at = starts[owner_of[at]] + (at - first_block[at]) * bs
+                ids = np.memmap(folder / f"share-{s}.tokens", dtype="<u4", mode="r")
+                head_keys.append(keys[at])
+                head_parents.append(parents)
+                head_depth.append(at - first_block[at])
+                head_tokens.append(ids[token_at[:, None] + np.arange(bs)])
+        rec_share.append(np.full(len(lengths), s, np.int32))
+        rec_row.append(np.arange(len(lengths), dtype=np.int64))
+        rec_index.append(meta["index"])
+    if head_keys:
+        heads = Heads.build(*(np.concatenate(c) for c in (head_keys, head_parents, head_depth, head_tokens)))
+    else:
+        heads = _empty_heads(bs)
+    index, share, row, work = (np.concatenate(a) for a in (rec_index, rec_share, rec_row, rec_work))
+    order = np.argsort(index, kind="stable")
+    index, share, row, work = index[order], share[order], row[order], work[order]
+    loads = [0] * world
+    head_owner = np.full(len(heads), -1, np.int32)
+    for level in heads.segments():  # largest first, to the least loaded rank
+        for run in sorted(level, key=lambda r: (-len(r), heads.keys[r[0]].tobytes())):
+            rank = min(range(world), key=loads.__getitem__)
+            head_owner[run] = rank
+            loads[rank] += len(run) * bs
+    owner = (index % world).astype(np.int32)  # records with no work left: only counted
+    heap = [(load, rank) for rank, load in enumerate(loads)]
+    heapq.heapify(heap)
+    for i in np.lexsort((index, -work)):
+        if work[i] <= 0:
             break
-    return heads
+        load, rank = heapq.heappop(heap)
+        owner[i] = rank
+        heapq.heappush(heap, (load + int(work[i]), rank))
+    return {
+        "index": index, "share": share, "row": row, "work": work, "owner": owner,
+        "head_keys": heads.keys, "head_parent": heads.parent, "head_depth": heads.depth, "head_tokens": heads.tokens, "head_owner": head_owner,
+    }  # fmt: skip
+
+
+def _share_tokens(folder: Path, share: int, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.memmap(folder / f"share-{share}.tokens", dtype="<u4", mode="r") if lengths.sum() else np.zeros(0, "<u4")
+    return ids, np.cumsum(lengths) - lengths
 
 
 class Ranks:
-    """This process's place in a build: rank, world size, and how the ranks coordinate.
+    """This process's place in a build: rank, world size, how the ranks coordinate, and the plan.
+
+    A single process is rank 0 of 1: it prepares the store, streams every record and merges
+    nothing. The pipeline calls the same methods either way.
 
     Example:
         >>> ranks = Ranks.from_config(BuildConfig(dataset="d", model="m", out="s", rank=1, world_size=4))
@@ -171,10 +301,10 @@ class Ranks:
     def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, collective: bool = False, timeout: float = 600):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.collective = collective  # launched by torchrun: torch.distributed is there
-        self.timeout = timeout
-        self.loads = [0] * world_size  # head tokens per rank: routing starts from them
-        self.heads = Heads()
-        self.scratch = BuildRecord("", "")  # tokenizer counts of records this rank only reads
+        self.timeout = timeout  # start-up collectives only: waiting for other ranks' work has no timeout
+        self.run = f"w{world_size}"  # this run's folder under builds/<id>.plan/ (torchrun: rank 0 names it)
+        self.plan: dict[str, np.ndarray] = {}
+        self.heads = _empty_heads(1)
 
     @classmethod
     def from_config(cls, cfg: BuildConfig) -> Ranks:
@@ -207,7 +337,7 @@ class Ranks:
             return f"cuda:{self.local_rank}"
         return requested
 
-    # ------------------------------------------------------------------ collectives
+    # ------------------------------------------------------------------ collectives (start-up only)
 
     def _init(self, device: str) -> None:
         import torch.distributed as dist
@@ -219,7 +349,7 @@ class Ranks:
         atexit.register(dist.destroy_process_group)
 
     def gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj`` (torchrun only), within the timeout given at init."""
+        """Every rank's ``obj`` (torchrun only), within ``--dist-timeout``: used at start-up only."""
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.world_size
@@ -267,10 +397,13 @@ class Ranks:
         if self.rank == 0:
             try:
                 answer["manifest"] = prepare_store(out, manifest, cfg.write_mode).to_json()
-                if cfg.resume:  # no other writer is live: a killed run's leftovers go
+                # A run is its own build (ids identify runs); --resume continues the unfinished one.
+                answer["build_id"] = self._build_id(out, cfg) if cfg.resume else f"dist-{new_id()}"
+                if cfg.resume:  # no other writer is live: a killed run's leftovers go, its plan too
                     remove_temp_files(out)
                     shutil.rmtree(out / CLAIMS_DIR, ignore_errors=True)
-                answer["build_id"] = self._build_id(out, cfg)
+                    shutil.rmtree(out / BUILDS_DIR / f"{answer['build_id']}{PLAN_SUFFIX}", ignore_errors=True)
+                answer["run"] = f"t{secrets.token_hex(6)}"
                 answer["check"] = f"check-{secrets.token_hex(8)}"
                 (out / CLAIMS_DIR).mkdir(exist_ok=True)
                 (out / CLAIMS_DIR / answer["check"]).write_text(host)
@@ -293,25 +426,49 @@ class Ranks:
         errors = [e for e in self.gather(error) if e]
         if errors:
             raise StoreError("; ".join(errors))
+        self.run = first["run"]
+        if self.rank == 0:
+            (out / CLAIMS_DIR / first["check"]).unlink(missing_ok=True)  # every rank has looked
         return Manifest.from_json(first["manifest"], out / MANIFEST_FILE), first["build_id"]
 
     def _build_id(self, out: Path, cfg: BuildConfig) -> str:
         """The same id on every rank without talking: the unfinished build of this dataset for
-        --resume, else one derived from the options."""
+        --resume, else one derived from the options that change the stored bytes."""
         if cfg.resume:
-            for old in reversed(PrefixStore.open(out).builds()):
+            for old in reversed(read_builds(out)):
                 if old.dataset == cfg.dataset and old.status != "complete":
                     return old.build_id
         return _options_id(cfg)
 
-    def attach(self, out: Path, record: BuildRecord, writer: Any) -> None:
-        """Make ``writer`` write this rank's part of the build record, and the build's base record."""
+    def finished(self, store: PrefixStore, build_id: str, cfg: BuildConfig, started_at: str) -> BuildRecord | None:
+        """The record of a run that has nothing to do, or None: ``--resume`` with no unfinished
+        build of the dataset, or a ``--rank`` rank whose build is already complete (rerunning the
+        command of a finished build is a no-op: its ranks' parts are not rewritten)."""
+        builds = {b.build_id: b for b in store.builds()}
+        done = builds.get(build_id)
+        if done is not None and done.status == "complete" and (self.distributed or cfg.resume):
+            return done
+        if cfg.resume and build_id not in builds:
+            same = [b for b in builds.values() if b.dataset == cfg.dataset]
+            if same:  # this run's record: it computed and wrote nothing
+                return BuildRecord(same[-1].build_id, cfg.dataset, "complete", started_at, utc_now(), options=cfg.options())
+        return None
+
+    def attach(self, out: Path, record: BuildRecord, writer: Any, resume: bool) -> None:
+        """Make ``writer`` write this rank's part of the build record (and write the build's base
+        record). On ``--resume``, first remove what an earlier run of the build launched another way
+        left: a single-process run's counts (or, resumed as one process, a distributed run's rank
+        parts and plan), so that records are counted once and the status can complete."""
+        if resume:
+            self._drop_other_launches(out, record.build_id, record.writers[0])
+        if not self.distributed:
+            return
         record.world_size, record.rank = self.world_size, self.rank
         writer.part = self.part
         for p in (out / COUNTS_DIR).glob(f"{record.build_id}.w*-r*.*safetensors"):
             if not p.name.startswith(f"{record.build_id}.w{self.world_size}-"):
                 p.unlink(missing_ok=True)  # an earlier attempt with another world size: replaced by this one
-        parts = out / BUILDS_DIR / f"{record.build_id}.ranks"
+        parts = out / BUILDS_DIR / f"{record.build_id}{RANK_PARTS_SUFFIX}"
         for p in parts.glob("*.json"):
             if not p.name.startswith(f"w{self.world_size}-"):
                 p.unlink(missing_ok=True)
@@ -321,118 +478,251 @@ class Ranks:
         text = json.dumps(base.to_dict(), indent=2, sort_keys=True) + "\n"
         create_once(out / BUILDS_DIR / f"{record.build_id}.json", [text.encode()], writer.fsync, owner=writer.writer_id)
 
-    # ------------------------------------------------------------------ head phase
+    def _drop_other_launches(self, out: Path, build_id: str, me: str) -> None:
+        if self.distributed:  # counts of a single-process run: counts/<id>.<writer>.<n>.safetensors
+            prefix = f"{build_id}."
+            for p in (out / COUNTS_DIR).glob(f"{prefix}*safetensors"):
+                owner = p.name[len(prefix) :].split(".")[0]
+                if not owner.startswith("w") or "-r" not in owner:
+                    if owner != me and writer_is_live(out, owner):
+                        raise StoreError(f"build {build_id} is still running (writer {owner} is live): wait for it to finish")
+                    p.unlink(missing_ok=True)
+            return
+        # Resumed as one process: the rank parts would keep the build "running" forever, and the
+        # plan is no longer needed. (Rank parts' counts go with the build's own, in drop_old_counts.)
+        shutil.rmtree(out / BUILDS_DIR / f"{build_id}{RANK_PARTS_SUFFIX}", ignore_errors=True)
+        shutil.rmtree(out / BUILDS_DIR / f"{build_id}{PLAN_SUFFIX}", ignore_errors=True)
+        shutil.rmtree(out / CLAIMS_DIR / build_id, ignore_errors=True)
 
-    def prefill_heads(
+    # ------------------------------------------------------------------ plan and heads
+
+    def prepare_work(
         self,
         out: Path,
         manifest: Manifest,
-        tokenized: Callable[[], Iterator[TokenizedRecord]],
+        records: Callable[[], Iterator[Record]],
+        tokenize: RecordTokenizer,
         run: Callable[[list[PrefillTask], PrefixStore], None],
         writer: Any,
         record: BuildRecord,
         batch_tokens: int,
         timer: Callable[[str], Any],
-    ) -> PrefixStore:
-        """Count the shared heads, prefill the segments this rank claims, level by level, and wait
-        until every head is in the store. Returns the store reopened (it now holds every head).
+    ) -> PrefixStore | None:
+        """Count this rank's shares, make (or read) the plan, and prefill the heads this rank is
+        given or claims, level by level, until every head is stored. Returns the store reopened (it
+        holds every head), or None for a single process (nothing to do before its pipeline).
 
-        ``run(tasks, store)`` prefills and queues tasks as the build's own pipeline does, loading
-        pasts from ``store``; ``writer.flush()`` publishes them. ``timer(name)`` times the count
-        pass (``dist_count``) and the head phase (``dist_heads``, waits for other ranks included).
-        """
+        ``records()`` starts a fresh read of the dataset; ``run(tasks, store)`` prefills and queues
+        tasks as the pipeline does, loading pasts from ``store``; ``writer.flush()`` publishes them.
+        ``timer(name)`` times the count pass (``dist_count``, its wait for the other shares and the
+        plan included) and the head phase (``dist_heads``, waits for other ranks included)."""
+        if not self.distributed:
+            return None
+        folder = out / BUILDS_DIR / f"{record.build_id}{PLAN_SUFFIX}" / self.run
+        folder.mkdir(parents=True, exist_ok=True)
         with timer("dist_count"):
-            self.heads = count_heads(tokenized, manifest.root_key, manifest.block_size)
+            self._count(folder, records, tokenize, manifest, writer.writer_id, record)
+            self._read_plan(folder, out, manifest, writer.writer_id)
         with timer("dist_heads"):
-            return self._prefill_heads(out, manifest, run, writer, record, batch_tokens)
+            self._prefill_heads(out, manifest, run, writer, record, batch_tokens)
+        return _open_store(out)
+
+    def _count(
+        self, folder: Path, records: Callable, tokenize: RecordTokenizer, manifest: Manifest, owner: str, record: BuildRecord
+    ) -> None:
+        def count(share: int) -> None:
+            stats = count_share(
+                records(), tokenize, folder, share, self.world_size, manifest.root_key, manifest.block_size, owner
+            )
+            record.tokenized_tokens += stats.dataset_tokens
+            record.skipped_records += stats.skipped_records  # each share's are counted once, by its counter
+            record.truncated_records += stats.truncated_records
+
+        def done(share: int) -> bool:
+            return (folder / f"share-{share}.npz").exists()
+
+        claims = folder / "claims"
+        claims.mkdir(exist_ok=True)
+        shares = [(self.rank + i) % self.world_size for i in range(self.world_size)]  # own share first
+        if self.collective:  # every rank counts its own share
+            count(self.rank)
+        while not all(done(s) for s in shares):
+            if self.collective:
+                time.sleep(POLL_SECONDS)  # a rank that dies stops the whole run (torch elastic)
+                continue
+            for s in shares:  # without collectives: claim shares, own first; a lone rank counts them all
+                if not done(s) and _claim(claims / f"share-{s}", owner):
+                    with _Lease([claims / f"share-{s}"]):
+                        count(s)
+            time.sleep(POLL_SECONDS)
+
+    def _read_plan(self, folder: Path, out: Path, manifest: Manifest, owner: str) -> None:
+        path = folder / "plan.npz"
+        if not path.exists() and (self.rank == 0 or not self.collective):
+            index = StoreIndex.open(out)
+            plan = make_plan(folder, self.world_size, manifest.root_key, manifest.block_size, index.contains)
+            buf = io.BytesIO()
+            np.savez(buf, **plan)
+            create_once(path, [buf.getvalue()], fsync=False)  # --rank ranks all make it: the first one stays
+        while not path.exists():
+            time.sleep(POLL_SECONDS)
+        with np.load(path) as data:
+            self.plan = {k: data[k] for k in data.files}
+        self.heads = Heads(*(self.plan[f"head_{k}"] for k in ("keys", "parent", "depth", "tokens")))
 
     def _prefill_heads(
         self, out: Path, manifest: Manifest, run: Callable, writer: Any, record: BuildRecord, batch_tokens: int
-    ) -> PrefixStore:
+    ) -> None:
         claims = out / CLAIMS_DIR / record.build_id
         claims.mkdir(parents=True, exist_ok=True)
         bs = manifest.block_size
         for level in self.heads.segments():
-            pending = level
-            deadline = time.monotonic() + self.timeout
-            # Claim about a fair share at a time, so that every rank takes part in a big level.
-            share = max(bs, min(batch_tokens, sum(len(r) for r in level) * bs // self.world_size))
+            watch = _IndexWatch(out, [self.heads.keys[r[-1]].tobytes() for r in level])
+            done: set[int] = set()  # runs of this level this rank computed (published at once)
             while True:
-                index = StoreIndex.open(out)
-                still = [run_ for run_, held in zip(pending, index.contains([r[-1] for r in pending])) if not held]
-                if len(still) < len(pending):
-                    deadline = time.monotonic() + self.timeout  # progress: someone published
-                pending = still
+                pending = [i for i, held in enumerate(watch.held()) if not held and i not in done]
                 if not pending:
                     break
-                tasks, taken = [], 0
-                for segment in pending:
-                    if taken >= share or not _claim(claims / segment[0].hex(), writer.writer_id):
-                        continue
-                    keys, tokens = self.heads.chain(segment[-1])
+                held_claims: list[Path] = []
+                if self.collective:  # the plan's deterministic assignment: no claims
+                    mine = [i for i in pending if self.plan["head_owner"][level[i][0]] == self.rank]
+                else:  # claim runs until about a fair share of the level's tokens
+                    share = max(bs, min(batch_tokens, sum(len(r) for r in level) * bs // self.world_size))
+                    mine, taken = [], 0
+                    now = _fs_now(claims, writer.writer_id)  # one probe of the file system's clock per round
+                    for i in pending:
+                        path = claims / self.heads.keys[level[i][0]].tobytes().hex()
+                        if taken < share and _claim(path, writer.writer_id, now=now):
+                            mine.append(i)
+                            held_claims.append(path)
+                            taken += len(level[i]) * bs
+                if not mine:
+                    time.sleep(POLL_SECONDS)  # others compute the rest: no timeout (their claims go stale if they die)
+                    continue
+                index = StoreIndex.open(out)
+                tasks = []
+                for i in mine:
+                    keys, tokens = self.heads.chain(int(level[i][-1]))
                     cached = len(index.find_prefix(keys)) * bs
-                    if cached < len(tokens):
-                        tasks.append(PrefillTask(-1, tokens, cached, keys, bs))
-                        taken += len(tokens) - cached
-                if tasks:
-                    run(tasks, PrefixStore.open(out))
+                    tasks += list(chunk_task(-1, tokens, cached, keys, bs, batch_tokens))
+                with _Lease(held_claims):
+                    run(tasks, _open_store(out))
                     new = sum(t.new_tokens for t in tasks)
                     record.head_tokens += new
                     record.stored_tokens += new
                     writer.flush()  # publish: shard and index segment on disk for the other ranks
-                    continue
-                if time.monotonic() > deadline:
-                    raise StoreError(
-                        f"rank {self.rank}: {len(pending)} shared prefixes claimed by other ranks were not stored within "
-                        f"{self.timeout:.0f} s (a rank died or cannot write the store); rerun the same command with --resume"
-                    )
-                time.sleep(POLL_SECONDS)
-        if self.collective:  # after this every head is stored; routing starts from each rank's head tokens
-            self.loads = [int(n) for n in self.gather(record.head_tokens)]
-        return PrefixStore.open(out)
+                done.update(mine)
 
-    # ------------------------------------------------------------------ routing
+    # ------------------------------------------------------------------ routing and merging
 
-    def route(
-        self, tokenized: Iterator[TokenizedRecord], record: BuildRecord, root: BlockHash, block_size: int
+    def tokenized(
+        self, tokenize: RecordTokenizer, records: Iterator[Record], record: BuildRecord, out: Path
     ) -> Iterator[TokenizedRecord]:
-        """This rank's records, counted into ``record``; the rest of the stream is dropped. Every
-        rank runs the same rule over the same stream, so each record goes to exactly one rank."""
+        """This rank's records, tokenized: one process tokenizes the stream; a rank of many reads
+        its records' token ids back from the count shares (tokenizing nothing more)."""
         if not self.distributed:
-            yield from tokenized
-            return
-        heads, loads, world = self.heads.blocks, self.loads, self.world_size
-        skipped, truncated = self.scratch.skipped_records, self.scratch.truncated_records  # counted by earlier passes
-        for rec in tokenized:
-            full = len(rec.ids) // block_size
-            shared = 0  # leading blocks that are heads, hashed one at a time: most records stop early
-            parent = root
-            while shared < full:
-                key = hash_block(parent, rec.ids[shared * block_size : (shared + 1) * block_size])
-                if key not in heads:
-                    break
-                shared, parent = shared + 1, key
-            # Its first unshared block is in no other record: any rank may take it. Deal it to the
-            # least loaded (all heads: no work left, spread by position).
-            owner = rec.index % world if shared == full else min(range(world), key=loads.__getitem__)
-            loads[owner] += (full - shared) * block_size
-            if owner == self.rank:
-                record.records += 1
-                record.dataset_tokens += len(rec.ids)
+            for rec in tokenize(records):
+                record.tokenized_tokens += len(rec.ids)
                 yield rec
-        if self.rank == 0:  # records every rank skipped or truncated: counted once, by rank 0
-            record.skipped_records += self.scratch.skipped_records - skipped
-            record.truncated_records += self.scratch.truncated_records - truncated
+            return
+        folder = out / BUILDS_DIR / f"{record.build_id}{PLAN_SUFFIX}" / self.run
+        plan = self.plan
+        mine = np.flatnonzero(plan["owner"] == self.rank)
+        spills: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for s in np.unique(plan["share"][mine]).tolist():
+            with np.load(folder / f"share-{s}.npz") as meta:
+                lengths = meta["lengths"]
+            spills[s] = (*_share_tokens(folder, s, lengths), lengths)
+        for i in mine.tolist():
+            ids, starts, lengths = spills[int(plan["share"][i])]
+            row = int(plan["row"][i])
+            tokens = ids[starts[row] : starts[row] + lengths[row]].tolist()
+            record.records += 1
+            record.dataset_tokens += len(tokens)
+            yield TokenizedRecord(int(plan["index"][i]), tokens)
 
     def finish(self, out: Path, record: BuildRecord) -> BuildRecord:
-        """Under torchrun, wait for every rank and return the merged record of the build."""
-        if not self.collective:
+        """The merged record of the build. Under torchrun, rank 0 waits (through the store, without a
+        timeout: a rank that dies ends the run under torch elastic) for every rank to finish; the
+        rank that sees the build complete removes its plan."""
+        if not self.distributed:
             return record
-        self.gather(record.status)
-        if self.rank == 0:
-            for p in (out / CLAIMS_DIR).glob("check-*"):
-                p.unlink(missing_ok=True)
-        return next((b for b in PrefixStore.open(out).builds() if b.build_id == record.build_id), record)
+        merged = record
+        while True:
+            merged = next((b for b in read_builds(out) if b.build_id == record.build_id), record)
+            if not self.collective or self.rank != 0 or merged.status != "running":
+                break
+            time.sleep(0.5)
+        if merged.status == "complete":
+            shutil.rmtree(out / BUILDS_DIR / f"{record.build_id}{PLAN_SUFFIX}", ignore_errors=True)
+            shutil.rmtree(out / CLAIMS_DIR / record.build_id, ignore_errors=True)
+        return merged if self.collective else record
+
+
+class _IndexWatch:
+    """Which of some keys the store holds, polled: each poll reads only the index segments that
+    appeared since the last (a compaction's result is a new segment, read once too)."""
+
+    def __init__(self, out: Path, keys: list[bytes]):
+        self.folder = out / INDEX_DIR
+        self.keys = keys
+        self.seen = self._names()
+        index = StoreIndex.open(out)  # everything there now, once
+        self.found = {k for k, held in zip(keys, index.contains(keys)) if held}
+
+    def _names(self) -> set[str]:
+        return {n for n in os.listdir(self.folder) if n.endswith(".safetensors")} if self.folder.is_dir() else set()
+
+    def held(self) -> list[bool]:
+        """For each key, whether the store holds it now."""
+        for name in sorted(self._names() - self.seen):
+            try:
+                segment = StoreIndex([Segment(self.folder / name)], self.folder.parent)
+            except FileNotFoundError:
+                continue  # merged away by a compaction: its result is a new segment
+            self.seen.add(name)
+            wanted = [k for k in self.keys if k not in self.found]
+            self.found.update(k for k, held in zip(wanted, segment.contains(wanted)) if held)
+        return [k in self.found for k in self.keys]
+
+
+class _Lease:
+    """Renew claims (touch them) while their holder works, so that a slow live claimer is not taken over."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths, self._stop = paths, threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="prefixgen-lease", daemon=True)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LEASE_SECONDS):
+            for p in self.paths:
+                try:
+                    os.utime(p)
+                except FileNotFoundError:
+                    pass
+
+    def __enter__(self) -> _Lease:
+        if self.paths:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def _open_store(out: Path, tries: int = 20) -> PrefixStore:
+    """The store, reopened while other ranks may be compacting their segments at the end of their
+    build: a listing that keeps changing under the index is tried again a little later."""
+    for attempt in range(tries):
+        try:
+            return PrefixStore.open(out)
+        except CorruptStoreError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
 
 
 def _options_id(cfg: BuildConfig) -> str:
@@ -441,22 +731,38 @@ def _options_id(cfg: BuildConfig) -> str:
     return f"dist-{digest}"
 
 
-def _claim(path: Path, owner: str) -> bool:
-    """Take ``path`` (O_EXCL): True if this rank now holds it. A claim older than
-    CLAIM_STALE_SECONDS whose segment is still missing belongs to a dead rank: taken over."""
-    for _ in range(2):
+def _fs_now(folder: Path, owner: str) -> float:
+    """The file system's clock: the mtime of a file just written here (nodes' own clocks may differ)."""
+    probe = folder / f".clock-{owner}"
+    probe.write_bytes(b"")
+    os.utime(probe)
+    return probe.stat().st_mtime
+
+
+def _claim(path: Path, owner: str, stale: float = CLAIM_STALE_SECONDS, now: float | None = None) -> bool:
+    """Take ``path`` (O_EXCL): True if ``owner`` now holds it. A claim whose lease (its mtime, renewed
+    by a live holder) is older than ``stale`` by the file system's clock is taken over by exactly one
+    rank: the one that creates ``<claim>.takeover-<holder>`` (O_EXCL), naming the holder it saw, so
+    that two takers cannot both win, nor a taker displace the new holder. ``now``: the file system's
+    time, if the caller has just read it (one probe for many claims)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            mtime = path.stat().st_mtime
+            holder = (path.read_text().split() or [""])[0]
+        except FileNotFoundError:
+            return False
+        if holder == owner:
+            return True
+        if (now if now is not None else _fs_now(path.parent, owner)) - mtime < stale:
+            return False
+        try:
+            os.close(os.open(path.with_name(f"{path.name}.takeover-{holder}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except FileExistsError:
-            try:
-                age = time.time() - path.stat().st_mtime
-                if age < CLAIM_STALE_SECONDS:
-                    return False
-                os.rename(path, path.with_name(f"{path.name}.stale-{owner}"))  # one taker wins the rename
-            except FileNotFoundError:
-                return False
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{owner} {utc_now()}\n")
+            return False  # another rank took it over from this holder
+        atomic_write(path, [f"{owner} {utc_now()}\n".encode()], fsync=False, owner=owner)
         return True
-    return False
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{owner} {utc_now()}\n")
+    return True

@@ -10,7 +10,6 @@ Each step is an iterator over the one before, so records stream through in bound
 
 from __future__ import annotations
 
-import copy
 import queue
 import threading
 import time
@@ -192,11 +191,12 @@ def _manifest(cfg: BuildConfig, model: torch.nn.Module, tokenizer) -> Manifest:
 def _count_pass(cfg: BuildConfig, tokenize: RecordTokenizer, manifest: Manifest) -> Selection:
     """Read and tokenize the dataset once more, as the build will, and choose the blocks to store."""
     max_blocks(cfg, manifest.kv)  # refuse a budget under one block before the pass
-    counting = copy.copy(tokenize)  # same tokenization; its own statistics; warnings come in the build pass
-    counting.stats, counting.warn = BuildRecord("", ""), lambda _: None
+    counting = tokenize.copy(BuildRecord("", ""))  # its own statistics; warnings come in the build pass
     records = read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
     with tqdm(total=cfg.limit, unit="rec", disable=cfg.quiet, dynamic_ncols=True, desc="count") as bar:
-        return choose_blocks(counting(records), manifest.root_key, cfg, manifest.kv, tick=bar.update)
+        selection = choose_blocks(counting(records), manifest.root_key, cfg, manifest.kv, tick=bar.update)
+    selection.tokenized_tokens = counting.stats.dataset_tokens
+    return selection
 
 
 def _build_record(store: PrefixStore, cfg: BuildConfig, build_id: str | None = None) -> BuildRecord:
@@ -256,15 +256,15 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     store = PrefixStore.open(out)
     record = _build_record(store, cfg, build_id)
     record.selection = selection.record() if selection else None
-    if cfg.resume and record.build_id not in {b.build_id for b in store.builds()}:
-        # Nothing unfinished: resuming a finished build is a no-op (so scripts can always pass --resume).
-        done = [b for b in store.builds() if b.dataset == cfg.dataset]
-        if done:  # this run's record: it computed and wrote nothing
-            return BuildRecord(done[-1].build_id, cfg.dataset, "complete", record.started_at, utc_now(), options=cfg.options())
+    # Nothing to do (a no-op, so scripts can always pass --resume and rerun a rank's command).
+    done = ranks.finished(store, record.build_id, cfg, record.started_at)
+    if done is not None:
+        return done
     writer = StoreWriter(out, manifest, record.build_id, cfg.shard_bytes, cfg.write_threads, cfg.fsync, device=device)
     record.writers.append(writer.writer_id)
-    if ranks.distributed:
-        ranks.attach(out, record, writer)
+    if selection is not None:
+        record.tokenized_tokens += selection.tokenized_tokens
+    ranks.attach(out, record, writer, cfg.resume)
     if cfg.resume:
         writer.drop_old_counts()  # the resumed build counts its (this rank's) records again from the start
     quiet = cfg.quiet or (ranks.collective and ranks.rank > 0)  # torchrun: one bar, rank 0's
@@ -290,29 +290,29 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
             record.prefilled_tokens += batch.real_tokens
             record.padding_tokens += batch.padding_tokens
 
-    if ranks.distributed:  # shared prefixes first, once over all ranks, then only this rank's records
-        tokenize.stats = ranks.scratch
+    def reread() -> Iterator:
+        return read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
 
-        def reread() -> Iterator:
-            return tokenize(read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit))
-
-        store = source.store = ranks.prefill_heads(out, manifest, reread, run_tasks, writer, record, budget.tokens, timer)
     planner = Planner(manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record, progress.planned)
-
-    # The pipeline: each step pulls from the one before.
-    records = timer.wrap("read", records)
-    tokenized = timer.wrap("tokenize", ranks.route(tokenize(records), record, manifest.root_key, manifest.block_size))
-    if selection is not None:
-        tokenized = timer.wrap("select", cut_to_selection(tokenized, selection, manifest.root_key, manifest.block_size))
-    tasks = timer.wrap("plan", planner(tokenized))
-    batches = timer.wrap("batch", batch_tasks(tasks, budget, cfg.sort_window))
-    # Reading, tokenizing, hashing and batching run on a thread of their own, ahead of the
-    # prefill; batches still run in order, so each one's past was computed by an earlier one.
-    batches = prefetch(batches, PREFETCH_BATCHES, timer)
-
     started = last_checkpoint = time.perf_counter()
     writer.write_build(record)
+    batches: Any = iter(())
     try:
+        # Ranks of a distributed build: count in shares, plan, and prefill the shared prefixes first.
+        prepared = ranks.prepare_work(out, manifest, reread, tokenize, run_tasks, writer, record, budget.tokens, timer)
+        if prepared is not None:
+            store = source.store = prepared
+            planner.stored = store.index.contains
+        # The pipeline: each step pulls from the one before.
+        records = timer.wrap("read", records)
+        tokenized = timer.wrap("tokenize", ranks.tokenized(tokenize, records, record, out))
+        if selection is not None:
+            tokenized = timer.wrap("select", cut_to_selection(tokenized, selection, manifest.root_key, manifest.block_size))
+        tasks = timer.wrap("plan", planner(tokenized))
+        batches = timer.wrap("batch", batch_tasks(tasks, budget, cfg.sort_window))
+        # Reading, tokenizing, hashing and batching run on a thread of their own, ahead of the
+        # prefill; batches still run in order, so each one's past was computed by an earlier one.
+        batches = prefetch(batches, PREFETCH_BATCHES, timer)
         for batch in batches:
             _prefill(prefiller, batch, budget, timer, bar, store_task)
             record.prefilled_tokens += batch.real_tokens
@@ -325,7 +325,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
         writer.close()
         record.status = "complete"
     except KeyboardInterrupt:
-        batches.close()  # stop the input thread before recording what it counted
+        _close(batches)  # stop the input thread before recording what it counted
         record.status = "interrupted"
         _finish(writer, record, planner, started, bar, timer)
         raise BuildInterrupted(
@@ -333,7 +333,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
             "rerun the same command with --resume to finish"
         ) from None
     except BaseException:
-        batches.close()
+        _close(batches)
         record.status = "failed"
         _finish(writer, record, planner, started, bar, timer)
         raise
@@ -345,6 +345,11 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     except (OSError, StoreError):
         pass  # e.g. a full disk, or a prune began: the store is valid uncompacted, `prefixgen compact` can do it later
     return ranks.finish(out, record)
+
+
+def _close(batches: Any) -> None:
+    if hasattr(batches, "close"):
+        batches.close()
 
 
 def _prefill(prefiller: Prefiller, batch: Batch, budget: Budget, timer: StageTimer, bar: tqdm, done: Callable) -> None:

@@ -175,10 +175,32 @@ class Planner:
             end = len(keys) * bs
             tokens = record.ids[:end]
             depends = keys[first - 1] if first and scheduled[first - 1] else None
-            for start in range(first * bs, end, self.max_chunk):
-                stop = min(end, start + self.max_chunk)
-                yield PrefillTask(record.index, tokens[:stop], start, keys[: stop // bs], bs, depends)
-                depends = keys[stop // bs - 1]
+            yield from chunk_task(record.index, tokens, first * bs, keys, bs, self.max_chunk, depends)
+
+
+def chunk_task(
+    index: int,
+    tokens: Sequence[int],
+    cached: int,
+    keys: Sequence[BlockHash],
+    block_size: int,
+    max_chunk: int,
+    depends: BlockHash | None = None,
+) -> Iterator[PrefillTask]:
+    """The tasks that prefill ``tokens[cached:]`` (block-aligned) in chunks of at most ``max_chunk``
+    new tokens, each depending on the one before (chunked prefill).
+
+    Example:
+        >>> [t.new_tokens for t in chunk_task(0, list(range(48)), 16, keys, 16, 16)]  # doctest: +SKIP
+        [16, 16]
+    """
+    bs = block_size
+    step = max(bs, max_chunk // bs * bs)
+    end = len(tokens) // bs * bs
+    for start in range(cached, end, step):
+        stop = min(end, start + step)
+        yield PrefillTask(index, tokens[:stop], start, list(keys[: stop // bs]), bs, depends)
+        depends = keys[stop // bs - 1]
 
 
 class Budget:

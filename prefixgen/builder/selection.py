@@ -35,6 +35,7 @@ class Selection:
     max_bytes: int | None
     candidate_blocks: int  # distinct blocks of the dataset
     count_seconds: float
+    tokenized_tokens: int = 0  # tokens the count pass tokenized
 
     def record(self) -> dict[str, Any]:
         """The build record's ``selection``."""

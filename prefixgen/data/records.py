@@ -18,6 +18,7 @@ limit by ``MARGIN`` tokens. tests/test_records.py checks it on real tokenizers a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -156,6 +157,13 @@ class RecordTokenizer:
                     retry.append(i)
             todo, chars = retry, chars * 2
         return out
+
+    def copy(self, stats: BuildRecord) -> RecordTokenizer:
+        """The same tokenization, counting into ``stats``, without warnings (a pass that only
+        counts: the build pass warns)."""
+        other = copy.copy(self)
+        other.stats, other.warn, other._warned = stats, lambda _: None, set()
+        return other
 
     def __call__(self, records: Iterator[Record]) -> Iterator[TokenizedRecord]:
         size = FIRST_CHUNK

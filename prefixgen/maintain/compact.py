@@ -83,7 +83,11 @@ def compact_store(
             return report
         report.rows_in, report.rows_out = merge.rows_in, merge.rows_out
         out = f"{COMPACTED_PREFIX}{new_id()}.safetensors"
-        meta = {"format_version": str(manifest.format_version), "blocks": str(report.rows_out), "compacted_from": str(len(merged))}
+        meta = {
+            "format_version": str(manifest.format_version),
+            "blocks": str(report.rows_out),
+            "compacted_from": str(len(merged)),
+        }
         atomic_write(folder / out, merge.encode(meta), fsync=True, owner=owner)
     # Only now, with the merged segment durable (even under --no-fsync), remove what it replaces.
     for p in merged:

@@ -317,14 +317,7 @@ class PrefixStore:
 
     def builds(self) -> list[BuildRecord]:
         """Every build run recorded in the store, oldest first."""
-        records = []
-        for p in sorted((self.path / BUILDS_DIR).glob("*.json")):
-            record = _read_build(p)
-            parts_dir = p.with_name(p.stem + RANK_PARTS_SUFFIX)
-            if parts_dir.is_dir():  # a distributed build: one record, its ranks' parts merged
-                record = merge_rank_parts(record, [_read_build(q) for q in sorted(parts_dir.glob("*.json"))])
-            records.append(record)
-        return sorted(records, key=lambda r: r.started_at)
+        return read_builds(self.path)
 
     def count_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per build: (keys [n, 32] uint8, records [n] uint64), as stored in ``counts/``."""
@@ -345,6 +338,19 @@ class PrefixStore:
                 raise CorruptStoreError(f"{p}: columns have different lengths")
             out.append((keys, cols["records"]))
         return out
+
+
+def read_builds(path: Path) -> list[BuildRecord]:
+    """Every build run recorded in the store at ``path``, oldest first, without opening its index
+    (for a rank polling its build while other ranks compact theirs)."""
+    records = []
+    for p in sorted((path / BUILDS_DIR).glob("*.json")):
+        record = _read_build(p)
+        parts_dir = p.with_name(p.stem + RANK_PARTS_SUFFIX)
+        if parts_dir.is_dir():  # a distributed build: one record, its ranks' parts merged
+            record = merge_rank_parts(record, [_read_build(q) for q in sorted(parts_dir.glob("*.json"))])
+        records.append(record)
+    return sorted(records, key=lambda r: r.started_at)
 
 
 def _read_build(p: Path) -> BuildRecord:
