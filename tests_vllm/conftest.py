@@ -78,6 +78,7 @@ def run_vllm(
             kv_connector=CONNECTOR,
             kv_connector_module_path=MODULE,
             kv_role="kv_consumer",
+            kv_load_failure_policy="recompute",  # the connector refuses vLLM's default "fail"
             kv_connector_extra_config={"store": str(store)},
         )
     llm = LLM(
