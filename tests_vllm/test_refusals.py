@@ -129,7 +129,7 @@ def test_failure_policy_is_respected_not_overridden(model, store):
     assert config.kv_transfer_config.kv_load_failure_policy == "recompute"
 
 
-def test_requests_the_store_cannot_serve_load_nothing_and_are_counted(model, store):
+def test_requests_the_store_cannot_serve_load_nothing_and_are_counted(model, store, caplog):
     from vllm.lora.request import LoRARequest
     from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
 
@@ -151,6 +151,8 @@ def test_requests_the_store_cannot_serve_load_nothing_and_are_counted(model, sto
         assert sched.get_num_new_matched_tokens(req, 0) == (0, False)  # asked again: counted once
     counts = {"lora": 1, "multimodal": 1, "prompt_embeds": 1, "cache_salt": 2}
     assert {name: getattr(sched.skipped, name) for name in counts} == counts
+    said = [r.getMessage() for r in caplog.records if "loads nothing" in r.getMessage()]
+    assert len(said) == 4 and sum("cache salt" in m for m in said) == 1  # once per kind
     stats = sched.get_kv_connector_stats()  # what vLLM's stat loggers get (the counts since the last call)
     assert stats.reduce() == {f"skipped_{name}": n for name, n in counts.items()}
     assert sched.get_kv_connector_stats() is None  # nothing new since

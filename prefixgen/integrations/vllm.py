@@ -5,7 +5,7 @@ is needed::
 
     vllm serve MODEL --kv-transfer-config '{"kv_connector": "PrefixgenConnector",
         "kv_connector_module_path": "prefixgen.integrations.vllm", "kv_role": "kv_consumer",
-        "kv_connector_extra_config": {"store": "STORE"}}'
+        "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {"store": "STORE"}}'
 
 Written against the v1 connector API of vLLM 0.32.0 (the API is marked experimental; README
 says which versions are tested). vLLM builds one connector per process and role:
@@ -319,7 +319,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
         >>> from vllm.config import KVTransferConfig  # doctest: +SKIP
         >>> llm = LLM(model, kv_transfer_config=KVTransferConfig(kv_connector="PrefixgenConnector",
         ...     kv_connector_module_path="prefixgen.integrations.vllm", kv_role="kv_consumer",
-        ...     kv_connector_extra_config={"store": "store"}))  # doctest: +SKIP
+        ...     kv_load_failure_policy="recompute", kv_connector_extra_config={"store": "store"}))  # doctest: +SKIP
     """
 
     _cache_hit_source = CacheHitSource.DISK
@@ -418,8 +418,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
     def _skip(self, reason: str) -> None:
         n = getattr(self.skipped, reason) + 1
         setattr(self.skipped, reason, n)
-        if n == 1:
-            logger.info(
+        if n == 1:  # a warning: INFO of this (non-vLLM) logger is not shown by default
+            logger.warning(
                 "PrefixgenConnector: loads nothing for requests with %s (the store's keys hash the base model's "
                 "token ids only); vLLM computes them. Counted in the connector's stats as skipped_%s",
                 reason.replace("_", " "),
