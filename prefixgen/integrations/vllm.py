@@ -15,9 +15,8 @@ says which versions are tested). vLLM builds one connector per process and role:
   finds the longest stored prefix of all but the last prompt token, and claims the stored tokens
   beyond vLLM's own prefix-cache hit. Requests with a LoRA adapter, multimodal inputs, prompt
   embeddings or a cache_salt are skipped (nothing loaded, counted): the store's keys hash the base
-  model's token ids only. After vLLM allocated
-  the request's blocks, the load (block locations in the store, vLLM block ids) goes to the
-  workers in the step's :class:`PrefixgenConnectorMetadata`.
+  model's token ids only. After vLLM allocated the request's blocks, the load (block locations in
+  the store, vLLM block ids) goes to the workers in the step's :class:`PrefixgenConnectorMetadata`.
 * **worker** (:meth:`PrefixgenConnector.start_load_kv`): reads those blocks (only their bytes,
   CRC-checked, through :class:`~prefixgen.store.reader.PrefixStore`) and writes each attention
   layer's share of them into vLLM's paged cache with the layer's own cache-write op
@@ -38,7 +37,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -451,7 +450,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
         if self._role != KVConnectorRole.SCHEDULER:
             return None
         data = {}
-        for name in SkippedRequests.__slots__:
+        for name in (f.name for f in fields(SkippedRequests)):
             n = getattr(self.skipped, name) - getattr(self._reported, name)
             if n:
                 data[f"skipped_{name}"] = n
