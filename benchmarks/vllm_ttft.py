@@ -62,6 +62,7 @@ def engine(model: Path, dtype: str, max_len: int, store: Path | None, eager: boo
             kv_connector="PrefixgenConnector",
             kv_connector_module_path="prefixgen.integrations.vllm",
             kv_role="kv_consumer",
+            kv_load_failure_policy="recompute",
             kv_connector_extra_config={"store": str(store)},
         )
     return LLM(

@@ -55,19 +55,27 @@ def tiny_model(path: Path, seed: int = 0) -> Path:
 
 @dataclass
 class Run:
-    """What one engine returned: per prompt, generated ids, prompt ids and vLLM's num_cached_tokens."""
+    """What one engine returned: per prompt, generated ids, prompt ids, vLLM's num_cached_tokens and the
+    tokens the connector wrote for it."""
 
     outputs: list[list[int]]
     prompt_ids: list[list[int]]
     cached: list[int]
     stats: object | None  # the worker connector's LoadStats
+    loaded: list[int]
 
 
 def run_vllm(
-    model: Path, prompts: Sequence[str], chats: Sequence[list[dict]] = (), store: Path | None = None, prefix_caching: bool = False
+    model: Path,
+    prompts: Sequence[str | dict],
+    chats: Sequence[list[dict]] = (),
+    store: Path | None = None,
+    prefix_caching: bool = False,
+    **engine_args,
 ) -> Run:
-    """Start an engine (with the connector on ``store`` if given; vLLM's own prefix caching off unless asked),
-    greedy-generate 12 tokens for each prompt and then each chat, one call each, shut the engine down."""
+    """Start an engine (with the connector on ``store`` if given; vLLM's own prefix caching off unless asked;
+    ``engine_args`` such as ``block_size`` go to ``LLM``), greedy-generate 12 tokens for each prompt (text or
+    a vLLM prompt dict) and then each chat, one call each, shut the engine down."""
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
@@ -78,6 +86,7 @@ def run_vllm(
             kv_connector=CONNECTOR,
             kv_connector_module_path=MODULE,
             kv_role="kv_consumer",
+            kv_load_failure_policy="recompute",  # the connector refuses vLLM's default "fail"
             kv_connector_extra_config={"store": str(store)},
         )
     llm = LLM(
@@ -88,17 +97,22 @@ def run_vllm(
         seed=0,
         enforce_eager=True,
         kv_transfer_config=kv,
+        **engine_args,
     )
     try:
         params = SamplingParams(max_tokens=12, temperature=0)
-        results = [llm.generate(prompt, params, use_tqdm=False)[0] for prompt in prompts]
-        results += [llm.chat(messages, params, use_tqdm=False)[0] for messages in chats]
         stats = get_kv_transfer_group().stats if has_kv_transfer_group() else None
+        results, loaded = [], []
+        for call, prompt in [(llm.generate, p) for p in prompts] + [(llm.chat, m) for m in chats]:
+            before = stats.tokens if stats else 0
+            results.append(call(prompt, params, use_tqdm=False)[0])
+            loaded.append((stats.tokens if stats else 0) - before)
         return Run(
             outputs=[list(r.outputs[0].token_ids) for r in results],
             prompt_ids=[list(r.prompt_token_ids) for r in results],
             cached=[r.num_cached_tokens or 0 for r in results],
             stats=stats,
+            loaded=loaded,
         )
     finally:
         llm.llm_engine.engine_core.shutdown()  # also drops the worker's connector (a process-wide global)

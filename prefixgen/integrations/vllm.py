@@ -5,16 +5,18 @@ is needed::
 
     vllm serve MODEL --kv-transfer-config '{"kv_connector": "PrefixgenConnector",
         "kv_connector_module_path": "prefixgen.integrations.vllm", "kv_role": "kv_consumer",
-        "kv_connector_extra_config": {"store": "STORE"}}'
+        "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {"store": "STORE"}}'
 
 Written against the v1 connector API of vLLM 0.32.0 (the API is marked experimental; README
 says which versions are tested). vLLM builds one connector per process and role:
 
 * **scheduler** (:meth:`PrefixgenConnector.get_num_new_matched_tokens`): hashes the prompt with
-  the store's chained block keys, finds the longest stored prefix of all but the last prompt
-  token, and claims the stored tokens beyond vLLM's own prefix-cache hit. After vLLM allocated
-  the request's blocks, the load (block locations in the store, vLLM block ids) goes to the
-  workers in the step's :class:`PrefixgenConnectorMetadata`.
+  the store's chained block keys in growing runs (1, 2, 4, ... blocks, stopping at the first miss),
+  finds the longest stored prefix of all but the last prompt token, and claims the stored tokens
+  beyond vLLM's own prefix-cache hit. Requests with a LoRA adapter, multimodal inputs, prompt
+  embeddings or a cache_salt are skipped (nothing loaded, counted): the store's keys hash the base
+  model's token ids only. After vLLM allocated the request's blocks, the load (block locations in
+  the store, vLLM block ids) goes to the workers in the step's :class:`PrefixgenConnectorMetadata`.
 * **worker** (:meth:`PrefixgenConnector.start_load_kv`): reads those blocks (only their bytes,
   CRC-checked, through :class:`~prefixgen.store.reader.PrefixStore`) and writes each attention
   layer's share of them into vLLM's paged cache with the layer's own cache-write op
@@ -23,8 +25,11 @@ says which versions are tested). vLLM builds one connector per process and role:
   here. A block that fails its CRC is not written: its vLLM block is reported through
   :meth:`get_block_ids_with_load_errors` and vLLM recomputes it.
 
-Both sides refuse, at engine start, a store built for another model (weights, architecture, KV
-shape, RoPE, positions, tokenizer), naming each field that differs.
+Both sides refuse, at engine start, what the store cannot serve (:func:`unsupported_features`:
+context parallelism, speculative decoding, hybrid or sliding-window attention, a
+``kv_load_failure_policy`` other than ``recompute``); the scheduler refuses a store built for another
+model than vLLM's effective config (weights, architecture, KV shape, RoPE with ``hf_overrides``,
+positions, tokenizer), naming each field that differs.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,12 +47,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.logger import init_logger
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from prefixgen.errors import ConfigError, CorruptBlockError, IncompatibleStoreError
-from prefixgen.format import ModelFingerprint
-from prefixgen.model import checkpoint_weights_digest, config_fingerprint, kv_layout_from_config, load_config, load_tokenizer
+from prefixgen.format import ModelFingerprint, block_keys
+from prefixgen.model import checkpoint_weights_digest, config_fingerprint, config_kv_layout, load_tokenizer
 from prefixgen.store.index import BlockLocation
 from prefixgen.store.reader import PrefixStore
 
@@ -94,6 +100,36 @@ class LoadStats:
     bytes: int = 0  # KV bytes written (this rank's heads, vLLM's compute dtype)
     seconds: float = 0.0
     corrupt_blocks: int = 0
+
+
+@dataclass(slots=True)
+class SkippedRequests:
+    """Scheduler-side totals: requests the connector loaded nothing for, by reason (see :func:`skip_reason`).
+    vLLM computes them whole, as without the connector."""
+
+    lora: int = 0
+    multimodal: int = 0
+    prompt_embeds: int = 0
+    cache_salt: int = 0
+
+
+class PrefixgenStats(KVConnectorStats):
+    """The connector's counters in vLLM's metrics (``data``: name -> count since the last report), summed
+    over the scheduler and the workers; the log line of vLLM's stat logger shows them."""
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for name, n in other.data.items():
+            self.data[name] = self.data.get(name, 0) + n
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
 
 
 @dataclass(slots=True)
@@ -152,21 +188,119 @@ def model_folder(vllm_config: VllmConfig) -> Path:
 
 
 def engine_fingerprint(vllm_config: VllmConfig, chat_template: str | None = None) -> ModelFingerprint:
-    """The prefixgen fingerprint of the model vLLM serves, from its checkpoint files, config and
-    tokenizer: what ``prefixgen build`` writes into the manifest for the same model.
+    """The prefixgen fingerprint of the model vLLM serves: what ``prefixgen build`` writes into the
+    manifest for the same model. The config is vLLM's effective one (``model_config.hf_config``: the
+    checkpoint's with ``hf_overrides`` applied, e.g. a YaRN ``rope_parameters``), the weights digest
+    that of the checkpoint's files.
 
     Example:
         >>> store.manifest.model.differences(engine_fingerprint(vllm_config))  # doctest: +SKIP
         []
     """
     mc = vllm_config.model_config
-    folder = model_folder(vllm_config)
-    config = load_config(str(folder), trust_remote_code=mc.trust_remote_code)
+    text = mc.hf_text_config
     tokenizer = load_tokenizer(mc.tokenizer, trust_remote_code=mc.trust_remote_code, chat_template=chat_template)
-    layout = kv_layout_from_config(str(folder), trust_remote_code=mc.trust_remote_code)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    weights = checkpoint_weights_digest(folder, bool(getattr(text, "tie_word_embeddings", False)))
-    return config_fingerprint(config, tokenizer, layout, weights, name=mc.model)
+    layout = config_kv_layout(text, str(mc.dtype).removeprefix("torch."))
+    weights = checkpoint_weights_digest(model_folder(vllm_config), bool(getattr(text, "tie_word_embeddings", False)))
+    return config_fingerprint(mc.hf_config, tokenizer, layout, weights, name=mc.model)
+
+
+def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> list[str]:
+    """One line per engine feature the connector refuses at start, naming the feature and the setting
+    (empty when it can serve this engine).
+
+    Example:
+        >>> unsupported_features(vllm_config, kv_cache_config)  # doctest: +SKIP
+        ['speculative decoding (method eagle): ...']
+    """
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    problems = []
+    pc = vllm_config.parallel_config
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        if getattr(pc, name, 1) > 1:
+            problems.append(
+                f"context parallelism ({name}={getattr(pc, name)}): vLLM then spreads each block's tokens over "
+                "several ranks, which the connector does not write; run with context parallel size 1"
+            )
+    spec = vllm_config.speculative_config
+    if spec is not None:
+        problems.append(
+            f"speculative decoding (method {spec.method}): its draft layers have KV caches the store does not hold; "
+            "run without --speculative-config"
+        )
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) > 1:
+        problems.append(
+            f"hybrid attention ({len(groups)} KV cache groups): the connector serves models with one kind of "
+            "full-attention layer (one KV cache group), as prefixgen builds"
+        )
+    for group in groups:
+        s = group.kv_cache_spec
+        if not isinstance(s, FullAttentionSpec) or getattr(s, "sliding_window", None) or getattr(s, "attention_chunk_size", None):
+            problems.append(
+                f"sliding-window or chunked attention ({type(s).__name__}): its KV is not a full-attention prefix, "
+                "which is all a store holds"
+            )
+            break
+    policy = vllm_config.kv_transfer_config.kv_load_failure_policy
+    if policy != "recompute":
+        # vLLM's config keeps no record of which fields were set, so an explicit "fail" looks like the default:
+        # the connector cannot tell them apart and does not override either.
+        problems.append(
+            f"kv_load_failure_policy {policy!r}: a stored block that cannot be read is a cache miss vLLM must "
+            'recompute; add "kv_load_failure_policy": "recompute" to --kv-transfer-config (with "fail", vLLM fails '
+            "the request instead)"
+        )
+    return problems
+
+
+def skip_reason(request: Request) -> str | None:
+    """Why the store cannot serve ``request`` (vLLM's own block hashes include these, the store's keys hash
+    token ids of the base model only), or None. The reasons are the fields of :class:`SkippedRequests`.
+
+    Example:
+        >>> skip_reason(request_with_lora)  # doctest: +SKIP
+        'lora'
+    """
+    if request.lora_request is not None:
+        return "lora"  # prefixgen builds with the base model's weights only: no store is built for an adapter
+    if request.mm_features:
+        return "multimodal"
+    if request.prompt_embeds is not None or request.prompt_token_ids is None:
+        return "prompt_embeds"
+    if request.cache_salt:
+        return "cache_salt"
+    return None
+
+
+def stored_prefix(store: PrefixStore, token_ids: Sequence[int]) -> tuple[list[BlockLocation], int]:
+    """Locations of the longest stored prefix of ``token_ids`` (whole store blocks), and how many blocks
+    were hashed to find it.
+
+    The blocks are hashed and looked up in growing runs (1, 2, 4, ... blocks), each chained on the last key
+    of the run before: a prompt that misses early costs a few SHA-256s, not one per block of the prompt
+    (a cold 128k-token prompt: 1 instead of 8k), and a hit of ``n`` blocks costs fewer than ``2n + 1``.
+
+    Example:
+        >>> locations, hashed = stored_prefix(store, list(range(100)))  # doctest: +SKIP
+    """
+    bs = store.block_size
+    total = len(token_ids) // bs
+    locations: list[BlockLocation] = []
+    parent = store.manifest.root_key
+    run = hashed = 0
+    while len(locations) < total:
+        run = min(max(1, 2 * run), total - len(locations))
+        start = len(locations) * bs
+        keys = block_keys(token_ids[start : start + run * bs], bs, parent)
+        hashed += run
+        found = store.find_prefix(keys).locations
+        locations += found
+        if len(found) < run:
+            break
+        parent = keys[-1]
+    return locations, hashed
 
 
 class PrefixgenConnector(KVConnectorBase_V1):
@@ -184,7 +318,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
         >>> from vllm.config import KVTransferConfig  # doctest: +SKIP
         >>> llm = LLM(model, kv_transfer_config=KVTransferConfig(kv_connector="PrefixgenConnector",
         ...     kv_connector_module_path="prefixgen.integrations.vllm", kv_role="kv_consumer",
-        ...     kv_connector_extra_config={"store": "store"}))  # doctest: +SKIP
+        ...     kv_load_failure_policy="recompute", kv_connector_extra_config={"store": "store"}))  # doctest: +SKIP
     """
 
     _cache_hit_source = CacheHitSource.DISK
@@ -202,17 +336,15 @@ class PrefixgenConnector(KVConnectorBase_V1):
             raise ConfigError('PrefixgenConnector needs the store\'s path: kv_connector_extra_config = {"store": "PATH"}')
         self.store = PrefixStore.open(path)
         self.block_size = vllm_config.cache_config.block_size  # vLLM's block size, not the store's
-        if len(kv_cache_config.kv_cache_groups) > 1:
-            raise ConfigError(
-                "PrefixgenConnector supports models with one kind of attention layer (one KV cache group); "
-                f"this model has {len(kv_cache_config.kv_cache_groups)}"
-            )
+        problems = unsupported_features(vllm_config, kv_cache_config)
+        if problems:
+            raise ConfigError("PrefixgenConnector cannot serve this engine:\n  " + "\n  ".join(problems))
         if role == KVConnectorRole.SCHEDULER:
             self._check_model(vllm_config, ktc.get_from_extra_config("chat_template", None))
-            # A stored block is a cache entry: one that fails its checksum is recomputed, never fatal.
-            ktc.kv_load_failure_policy = "recompute"
             self._matches: dict[str, _Match] = {}
             self._pending: list[LoadSpec] = []
+            self.skipped = SkippedRequests()
+            self._reported = SkippedRequests()  # what get_kv_connector_stats has reported so far
         else:
             self._dtype = vllm_config.model_config.dtype
             self._layers: list[tuple[str, int]] = []  # (vLLM layer name, HF layer index)
@@ -267,15 +399,31 @@ class PrefixgenConnector(KVConnectorBase_V1):
         """Stored tokens of the prompt beyond ``num_computed_tokens`` (vLLM's own hits come first).
 
         The store covers the longest stored prefix of all but the last prompt token (vLLM needs one
-        token to compute), in whole store blocks; the count may end inside a vLLM block.
+        token to compute), in whole store blocks; the count may end inside a vLLM block. A request the
+        store cannot serve (:func:`skip_reason`) gets 0, counted in :attr:`skipped`.
         """
         match = self._matches.get(request.request_id)
         if match is None:
-            ids = request.prompt_token_ids or []
-            locations = self.store.find_prefix(self.store.keys(ids[:-1])).locations
+            reason = skip_reason(request)
+            if reason is None:
+                locations, _ = stored_prefix(self.store, (request.prompt_token_ids or [])[:-1])
+            else:
+                locations = []
+                self._skip(reason)
             match = _Match(len(locations) * self.store.block_size, locations)
             self._matches[request.request_id] = match
         return max(0, match.end - num_computed_tokens), False
+
+    def _skip(self, reason: str) -> None:
+        n = getattr(self.skipped, reason) + 1
+        setattr(self.skipped, reason, n)
+        if n == 1:  # a warning: INFO of this (non-vLLM) logger is not shown by default
+            logger.warning(
+                "PrefixgenConnector: loads nothing for requests with %s (the store's keys hash the base model's "
+                "token ids only); vLLM computes them. Counted in the connector's stats as skipped_%s",
+                reason.replace("_", " "),
+                reason,
+            )
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         match = self._matches.pop(request.request_id, None)
@@ -296,6 +444,22 @@ class PrefixgenConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._matches.pop(request.request_id, None)
         return False, None
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """The scheduler's skipped requests since the last call (vLLM calls it each step), as ``skipped_<reason>``."""
+        if self._role != KVConnectorRole.SCHEDULER:
+            return None
+        data = {}
+        for name in (f.name for f in fields(SkippedRequests)):
+            n = getattr(self.skipped, name) - getattr(self._reported, name)
+            if n:
+                data[f"skipped_{name}"] = n
+                setattr(self._reported, name, getattr(self.skipped, name))
+        return PrefixgenStats(data) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return PrefixgenStats(data or {})
 
     # ------------------------------------------------------------------ worker side
 

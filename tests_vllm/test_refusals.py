@@ -1,0 +1,157 @@
+"""What PrefixgenConnector refuses at engine start and the requests it loads nothing for (skipped and counted).
+
+The connector is built as vLLM builds it (``KVConnectorFactory.create_connector``) from the real ``VllmConfig``
+that ``EngineArgs`` makes for each setting, so every refusal is checked without starting an engine; the
+skipped requests are real vLLM ``Request`` objects asked of the real scheduler-side connector.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefixgen import BuildConfig, PrefixStore, build
+from prefixgen.errors import ConfigError, IncompatibleStoreError
+from prefixgen.model import load_tokenizer
+
+from .conftest import CONNECTOR, MODULE, tiny_model, write_jsonl
+
+SYSTEM = "You are a helpful storyteller. Answer kindly and simply, in short sentences a child can read. " * 5
+RECORD = SYSTEM + "Story 1: once upon a time, Tom found a cat in the park."
+YARN = {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048, "rope_theta": 10000.0}}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("models") / "qwen2")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, model):
+    tmp = tmp_path_factory.mktemp("store")
+    data = write_jsonl(tmp / "text.jsonl", [{"text": RECORD}])
+    build(BuildConfig(dataset=str(data), model=str(model), out=str(tmp / "store"), device="cpu", quiet=True))
+    return tmp / "store"
+
+
+def engine_config(model, store, policy: str = "recompute", **engine_args):
+    """The VllmConfig ``LLM(model, **engine_args)`` would run with the connector on ``store``."""
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    kv = KVTransferConfig(
+        kv_connector=CONNECTOR,
+        kv_connector_module_path=MODULE,
+        kv_role="kv_consumer",
+        kv_load_failure_policy=policy,
+        kv_connector_extra_config={"store": str(store)},
+    )
+    args = EngineArgs(
+        model=str(model), dtype="float32", max_model_len=2048, enforce_eager=True, kv_transfer_config=kv, **engine_args
+    )
+    return args.create_engine_config()
+
+
+def kv_cache_config(spec=None, groups: int = 1):
+    """The KV cache layout vLLM hands a connector: ``groups`` groups of the tiny model's 2 layers (full attention by default)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+
+    spec = spec or FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    names = [[f"model.layers.{2 * g + i}.self_attn.attn" for i in range(2)] for g in range(groups)]
+    return KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(n, spec) for n in names])
+
+
+def connector(config, kv=None, role: str = "SCHEDULER"):
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    return KVConnectorFactory.create_connector(config, KVConnectorRole[role], kv or kv_cache_config())
+
+
+def request(req_id: str, ids, **kw):
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    return Request(req_id, ids, SamplingParams(max_tokens=1), None, **kw)
+
+
+def test_hf_overrides_rope_is_refused_naming_the_field(model, store):
+    """vLLM's effective config counts: a YaRN override changes every key's RoPE, so the store built without it is refused."""
+    connector(engine_config(model, store))  # the same engine without the override is served
+    with pytest.raises(IncompatibleStoreError, match="rope: store has .*'default'.*, model has .*'yarn'") as info:
+        connector(engine_config(model, store, hf_overrides=YARN))
+    assert "weights_digest" not in str(info.value) and "tokenizer_digest" not in str(info.value)  # only what differs
+
+
+@pytest.mark.parametrize("role", ["SCHEDULER", "WORKER"])
+def test_context_parallelism_is_refused(model, store, role):
+    config = engine_config(model, store, tensor_parallel_size=4, decode_context_parallel_size=2)
+    with pytest.raises(ConfigError, match=r"context parallelism \(decode_context_parallel_size=2\)"):
+        connector(config, role=role)
+    config = engine_config(model, store)
+    config.parallel_config.prefill_context_parallel_size = 2  # vLLM's V1 runner refuses PCP itself on CPU
+    with pytest.raises(ConfigError, match=r"context parallelism \(prefill_context_parallel_size=2\)"):
+        connector(config, role=role)
+
+
+def test_speculative_decoding_is_refused(model, store):
+    config = engine_config(
+        model, store, speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}
+    )
+    with pytest.raises(ConfigError, match=r"speculative decoding \(method ngram\)"):
+        connector(config)
+
+
+def test_sliding_window_and_hybrid_attention_are_refused(model, store):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    config = engine_config(model, store)
+    window = SlidingWindowSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32, sliding_window=64)
+    with pytest.raises(ConfigError, match="sliding-window or chunked attention"):
+        connector(config, kv_cache_config(window))
+    # with vLLM's hybrid allocator off, sliding-window layers come as full attention with a window
+    windowed = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32, sliding_window=64)
+    with pytest.raises(ConfigError, match="sliding-window or chunked attention"):
+        connector(config, kv_cache_config(windowed))
+    with pytest.raises(ConfigError, match=r"hybrid attention \(2 KV cache groups\)"):
+        connector(config, kv_cache_config(groups=2))
+
+
+def test_failure_policy_is_respected_not_overridden(model, store):
+    """vLLM's default "fail" cannot be told from an explicit one: the connector refuses it, naming the setting,
+    rather than changing a user's choice; "recompute" is kept as given."""
+    config = engine_config(model, store, policy="fail")
+    with pytest.raises(ConfigError, match='kv_load_failure_policy \'fail\'.*"kv_load_failure_policy": "recompute"'):
+        connector(config)
+    assert config.kv_transfer_config.kv_load_failure_policy == "fail"
+    config = engine_config(model, store)
+    connector(config)
+    assert config.kv_transfer_config.kv_load_failure_policy == "recompute"
+
+
+def test_requests_the_store_cannot_serve_load_nothing_and_are_counted(model, store, caplog):
+    from vllm.lora.request import LoRARequest
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+
+    sched = connector(engine_config(model, store))
+    ids = load_tokenizer(str(model))(RECORD + " Then he").input_ids
+    stored = PrefixStore.open(store).match(ids[:-1])
+    assert stored >= 256
+    assert sched.get_num_new_matched_tokens(request("plain", ids), 0) == (stored, False)
+    image = MultiModalFeatureSpec(data=None, modality="image", identifier="img", mm_position=PlaceholderRange(offset=0, length=4))
+    skipped = [
+        request("lora", ids, lora_request=LoRARequest("adapter", 1, "/no/such/adapter")),
+        request("salt", ids, cache_salt="user-42"),
+        request("image", ids, mm_features=[image]),
+        request("embeds", None, prompt_embeds=torch.zeros(len(ids), 256)),
+        request("salt-2", ids, cache_salt="user-43"),
+    ]
+    for req in skipped:
+        assert sched.get_num_new_matched_tokens(req, 0) == (0, False), req.request_id
+        assert sched.get_num_new_matched_tokens(req, 0) == (0, False)  # asked again: counted once
+    counts = {"lora": 1, "multimodal": 1, "prompt_embeds": 1, "cache_salt": 2}
+    said = [r.getMessage() for r in caplog.records if "loads nothing" in r.getMessage()]
+    assert len(said) == 4 and sum("cache salt" in m for m in said) == 1  # once per kind
+    stats = sched.get_kv_connector_stats().reduce()  # what vLLM's stat loggers get (the counts since the last call)
+    assert {name: stats.get(f"skipped_{name}") for name in counts} == counts
+    assert sched.get_kv_connector_stats() is None  # nothing new since
