@@ -52,7 +52,7 @@ def save_checkpoint(config_path: str, out: Path, dtype: torch.dtype, positions: 
     return out
 
 
-def engine(model: Path, dtype: str, max_len: int, store: Path | None, eager: bool):
+def engine(model: Path, dtype: str, max_len: int, store: Path | None, eager: bool, staging: str | None = None):
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -62,7 +62,7 @@ def engine(model: Path, dtype: str, max_len: int, store: Path | None, eager: boo
             kv_connector="PrefixgenConnector",
             kv_connector_module_path="prefixgen.integrations.vllm",
             kv_role="kv_consumer",
-            kv_connector_extra_config={"store": str(store)},
+            kv_connector_extra_config={"store": str(store)} | ({"staging_bytes": staging} if staging else {}),
         )
     return LLM(
         str(model),
@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--eager", action="store_true", help="no torch.compile (vLLM's enforce_eager): starts in seconds")
+    ap.add_argument("--staging-bytes", default=None, help="the connector's staging_bytes (default: its own, 64MiB)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "vllm-ttft")
     args = ap.parse_args()
     from transformers import AutoTokenizer
@@ -124,7 +125,7 @@ def main() -> None:
     shutdown(plain)
     del plain
     for p, store_dir, prompts in cases:
-        llm = engine(model, str(dtype).removeprefix("torch."), max_len, store_dir, args.eager)
+        llm = engine(model, str(dtype).removeprefix("torch."), max_len, store_dir, args.eager, args.staging_bytes)
         ttft(llm, prompts[0])
         stats = get_kv_transfer_group().stats
         bytes0, seconds0 = stats.bytes, stats.seconds
@@ -154,6 +155,7 @@ def main() -> None:
                     "ttft_store_s": round(with_store, 4),
                     "speedup": round(no_store[p] / with_store, 2),
                     "load_GB_s": round(load_rate, 2),
+                    "staging_bytes": args.staging_bytes or "64MiB",
                     "match_ms": round(match_ms, 3),
                     "vllm": __import__("vllm").__version__,
                     "eager": args.eager,

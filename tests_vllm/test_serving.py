@@ -119,8 +119,9 @@ def baseline(model):
 
 @pytest.fixture(scope="module")
 def engine(model, store, baseline):
-    """The engine with the connector: 64-token steps (prefills are chunked), BLOCKS KV blocks (requests preempt)."""
-    llm = _llm(model, store, max_num_batched_tokens=64, max_num_seqs=8, num_gpu_blocks_override=BLOCKS)
+    """The engine with the connector: 64-token steps (prefills are chunked), BLOCKS KV blocks (requests preempt);
+    its stats on, so vLLM collects and logs the connector's counters too."""
+    llm = _llm(model, store, max_num_batched_tokens=64, max_num_seqs=8, num_gpu_blocks_override=BLOCKS, disable_log_stats=False)
     yield llm
     _shutdown(llm)
 

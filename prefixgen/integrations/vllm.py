@@ -39,6 +39,7 @@ shape, RoPE, positions, tokenizer), naming each field that differs.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import threading
 import time
@@ -55,6 +56,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.logger import init_logger
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
@@ -140,6 +142,34 @@ class ClaimStats:
     lookups: int = 0
     lookup_errors: int = 0
     skipped_bad_blocks: int = 0
+
+
+@dataclass
+class PrefixgenConnectorStats(KVConnectorStats):
+    """The counters of :class:`LoadStats` and :class:`ClaimStats` since the last report, summed over the
+    scheduler and the workers: vLLM logs them with its stats ("KV Transfer metrics: ...")."""
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for name, value in other.data.items():
+            self.data[name] = self.data.get(name, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+def _counters_since(stats: LoadStats | ClaimStats, last: dict[str, int | float]) -> PrefixgenConnectorStats | None:
+    """What ``stats`` counted since ``last`` (which becomes now); None when nothing changed."""
+    now = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats) if f.name != "max_piece_bytes"}
+    delta = {name: value - last.get(name, 0) for name, value in now.items()}
+    last.update(now)
+    return PrefixgenConnectorStats(delta) if any(delta.values()) else None
 
 
 @dataclass(slots=True)
@@ -262,6 +292,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
             self._bad = PrefixgenWorkerMetadata()  # what the workers reported: never claimed again
             self._logged: set[str] = set()
             self.claim_stats = ClaimStats()
+            self._reported: dict[str, int | float] = {}
         else:
             self._dtype = vllm_config.model_config.dtype
             self._layers: list[tuple[Any, int]] = []  # (vLLM attention layer, HF layer index)
@@ -274,6 +305,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
             self._logged: set[str] = set()
             self._stream = None  # CUDA: the side stream the loads write on
             self.stats = LoadStats()
+            self._reported = {}
         logger.info("PrefixgenConnector (%s): store %s, %s", role.name.lower(), path, self.store.manifest.model.name)
 
     # ------------------------------------------------------------------ start-up checks
@@ -417,6 +449,17 @@ class PrefixgenConnector(KVConnectorBase_V1):
                 return None
             reported, self._new_bad = self._new_bad, PrefixgenWorkerMetadata()
         return reported
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """This side's counters since the last call (vLLM asks every step and logs them)."""
+        if self.role == KVConnectorRole.SCHEDULER:
+            return _counters_since(self.claim_stats, self._reported)
+        with self._lock:
+            return _counters_since(self.stats, self._reported)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return PrefixgenConnectorStats(dict(data or {}))
 
     def shutdown(self) -> None:
         if self.role == KVConnectorRole.WORKER:
