@@ -501,7 +501,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
                 slots = slot_mapping(load.block_ids, self.block_size, written, end)
                 if cuda:
                     if inflight is not None:
-                        inflight.synchronize()  # the previous piece is written: its buffers may go (bounded memory)
+                        inflight.synchronize()  # the previous piece is written: its buffers go (one piece on the device)
+                        inflight = None
                     inflight = self._write_cuda(per_layer, slots, device)
                 else:
                     self._write(per_layer.contiguous(), slots)
