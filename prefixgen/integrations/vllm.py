@@ -484,8 +484,10 @@ class PrefixgenConnector(KVConnectorBase_V1):
         bs = self.store.block_size
         device = self._layers[0][0].kv_cache.device
         cuda = device.type == "cuda"
-        if cuda and self._stream is None:
-            self._stream = torch.cuda.Stream(device)
+        if cuda:
+            torch.cuda.set_device(device)  # this thread's: the rank's device, for the kernels it launches
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device)
         if after is not None:
             self._stream.wait_event(after)
         step = self._piece_blocks()
