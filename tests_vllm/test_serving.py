@@ -277,6 +277,7 @@ def test_shards_deleted_while_serving_are_misses(engine, store, baseline):
     outputs, cached = generate(engine, [k])
     assert outputs == [baseline["text"][k]]
     assert cached[0] == first_missing * 16  # claimed up to the first missing shard, no further
+    assert stats.failed_shards == before.failed_shards + 1  # found (and logged) once, not on every request
 
 
 def test_truncated_shard_is_a_miss(engine, store, baseline):

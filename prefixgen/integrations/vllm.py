@@ -17,8 +17,8 @@ says which versions are tested). vLLM builds one connector per process and role:
   workers in the step's :class:`PrefixgenConnectorMetadata`.
   The load is asynchronous (``load_async=True``): the request waits, holding its blocks, while
   the other requests keep running.
-* **worker** (:meth:`PrefixgenConnector.start_load_kv`): hands each load to a thread of its own,
-  which reads the blocks (only their bytes, CRC-checked, through
+* **worker** (:meth:`PrefixgenConnector.start_load_kv`): hands each load to a pool of load threads;
+  one reads the blocks (only their bytes, CRC-checked, through
   :class:`~prefixgen.store.reader.PrefixStore`) in pieces of at most ``staging_bytes``, keeps this
   rank's KV heads in host memory and writes each attention layer's share into vLLM's paged cache
   with the layer's own cache-write op (``impl.do_kv_cache_update``, i.e.
