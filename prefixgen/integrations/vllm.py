@@ -136,12 +136,11 @@ class LoadStats:
 
 @dataclass(slots=True)
 class ClaimStats:
-    """Scheduler-side totals: prompts looked up, lookups the store failed, blocks not claimed because a worker
-    had reported them bad."""
+    """Scheduler-side totals, for logs and tests."""
 
-    lookups: int = 0
-    lookup_errors: int = 0
-    skipped_bad_blocks: int = 0
+    lookups: int = 0  # prompts looked up in the store
+    lookup_errors: int = 0  # lookups the store could not answer (a damaged index): misses
+    skipped_bad_blocks: int = 0  # lookups cut short at a block (or shard) a worker had reported bad
 
 
 @dataclass
