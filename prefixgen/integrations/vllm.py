@@ -424,7 +424,10 @@ class PrefixgenConnector(KVConnectorBase_V1):
         if not self._layers:
             raise RuntimeError("PrefixgenConnector: vLLM did not register its KV caches with the connector")
         after = None
-        if self._layers[0][0].kv_cache.device.type == "cuda":
+        device = self._layers[0][0].kv_cache.device
+        if device.type == "cuda":
+            if self._stream is None:  # made here, on the engine's thread: the load threads share one
+                self._stream = torch.cuda.Stream(device)
             after = torch.cuda.Event()
             after.record()
         for load in meta.loads:
@@ -485,9 +488,6 @@ class PrefixgenConnector(KVConnectorBase_V1):
         cuda = device.type == "cuda"
         if cuda:
             torch.cuda.set_device(device)  # this thread's: the rank's device, for the kernels it launches
-            if self._stream is None:
-                self._stream = torch.cuda.Stream(device)
-        if after is not None:
             self._stream.wait_event(after)
         step = self._piece_blocks()
         written, inflight = load.start, None
