@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of BENCHMARKS.md in one run (about 6-8 minutes on an H100).
+# Every GPU measurement of BENCHMARKS.md in one run (about 6-8 minutes on an H100 before the 32k-token vLLM rows were added; not yet timed with them).
 # On the device machine, from the repo root, with .whl carried (benchmarks/fetch_gpu_wheels.sh):
 #   bash benchmarks/gpu.sh        # results go to $OUT (or bench-out/gpu) as JSON lines
 set -uo pipefail
@@ -48,6 +48,9 @@ if python3 -c "import vllm" 2>/dev/null; then
   T=500 run vllm_ttft.py --model configs/models/llama-3.1-8b.json --prefix 1024 4096 16384
   # The connector's load rate against PrefixStore.load of the same 4,096-token prefix, one process (target >= 0.8x).
   T=300 run load_rate.py --vllm --model configs/models/llama-3.1-8b.json --tokens 4096
+  # A 32k-token 8B prefix (4.3 GB of bf16 KV) streamed through the default 64 MiB staging budget, then 512 MiB.
+  T=400 run vllm_ttft.py --model configs/models/llama-3.1-8b.json --prefix 32768 --repeats 2
+  T=400 run vllm_ttft.py --model configs/models/llama-3.1-8b.json --prefix 32768 --repeats 2 --staging-bytes 512MiB
 else
   echo "vllm is not importable on this machine: skipping vllm_ttft.py (install vllm==0.32.0 to run it)" | tee -a "$OUTDIR/gpu.txt"
 fi

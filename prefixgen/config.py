@@ -319,3 +319,37 @@ class ServeConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"--device {self.device!r} is not auto, cpu, cuda or cuda:N")
         return self
+
+
+@dataclass(slots=True)
+class ConnectorConfig:
+    """The options of vLLM's ``PrefixgenConnector`` (its ``kv_connector_extra_config``) and their defaults.
+
+    Example:
+        >>> ConnectorConfig.from_extra({"store": "s", "staging_bytes": "32MiB"}).staging_bytes
+        33554432
+    """
+
+    store: str = ""
+    chat_template: str | None = None  # the Jinja file the store was built with, for tokenizers without one
+    # Bytes of stored KV (all heads, as stored; fp8 counted as the float32 it is dequantized in) one load
+    # reads, converts and uploads at a time: a load's transient memory is a few of these, whatever its length.
+    staging_bytes: int = 64 << 20
+    load_threads: int = 2  # requests loaded at the same time, each on its own thread
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> ConnectorConfig:
+        """The config from vLLM's ``kv_connector_extra_config`` (keys it does not know are left to the
+        caller); a missing store or a bad value is a ConfigError."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in extra.items() if k in known}
+        if "staging_bytes" in values:
+            values["staging_bytes"] = parse_size(values["staging_bytes"])
+        cfg = cls(**values)
+        if not cfg.store:
+            raise ConfigError('PrefixgenConnector needs the store\'s path: kv_connector_extra_config = {"store": "PATH"}')
+        if cfg.staging_bytes <= 0:
+            raise ConfigError(f"PrefixgenConnector: staging_bytes must be positive, got {cfg.staging_bytes}")
+        if not isinstance(cfg.load_threads, int) or cfg.load_threads < 1:
+            raise ConfigError(f"PrefixgenConnector: load_threads must be a positive integer, got {cfg.load_threads!r}")
+        return cfg

@@ -17,13 +17,21 @@ says which versions are tested). vLLM builds one connector per process and role:
   embeddings or a cache_salt are skipped (nothing loaded, counted): the store's keys hash the base
   model's token ids only. After vLLM allocated the request's blocks, the load (block locations in
   the store, vLLM block ids) goes to the workers in the step's :class:`PrefixgenConnectorMetadata`.
-* **worker** (:meth:`PrefixgenConnector.start_load_kv`): reads those blocks (only their bytes,
-  CRC-checked, through :class:`~prefixgen.store.reader.PrefixStore`) and writes each attention
-  layer's share of them into vLLM's paged cache with the layer's own cache-write op
-  (``impl.do_kv_cache_update``, i.e. ``cpu_attn_reshape_and_cache`` on CPU and
-  ``reshape_and_cache_flash`` on FlashAttention), so no backend's memory layout is hard-coded
-  here. A block that fails its CRC is not written: its vLLM block is reported through
-  :meth:`get_block_ids_with_load_errors` and vLLM recomputes it.
+* **worker** (:meth:`PrefixgenConnector.start_load_kv`): hands each load to a pool of load threads;
+  one reads the blocks (only their bytes, CRC-checked, through
+  :class:`~prefixgen.store.reader.PrefixStore`) in pieces of at most ``staging_bytes``, keeps this
+  rank's KV heads in host memory and writes each attention layer's share into vLLM's paged cache
+  with the layer's own cache-write op (``impl.do_kv_cache_update``, i.e.
+  ``cpu_attn_reshape_and_cache`` on CPU and ``reshape_and_cache_flash`` on FlashAttention; on
+  CUDA on a side stream), so no backend's memory layout is hard-coded here. A finished load is
+  reported through :meth:`get_finished`; vLLM then schedules the request.
+
+Store faults are cache misses: a block that fails its CRC, a missing, truncated or unreadable
+shard, a damaged index segment are logged once (per shard), counted (:class:`LoadStats`,
+:class:`ClaimStats`) and not loaded: the worker reports the vLLM block holding the first token it
+could not write (:meth:`get_block_ids_with_load_errors`) and vLLM recomputes from there. The
+worker also tells the scheduler which stored blocks and shards failed
+(:class:`PrefixgenWorkerMetadata`), and the scheduler no longer claims them.
 
 Both sides refuse, at engine start, what the store cannot serve (:func:`unsupported_features`:
 context parallelism, speculative decoding, hybrid or sliding-window attention, a
@@ -34,10 +42,13 @@ positions, tokenizer), naming each field that differs.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,14 +57,21 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 from vllm.logger import init_logger
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from prefixgen.errors import ConfigError, CorruptBlockError, IncompatibleStoreError
-from prefixgen.format import ModelFingerprint, block_keys
-from prefixgen.model import checkpoint_weights_digest, config_fingerprint, config_kv_layout, load_tokenizer
+from prefixgen.config import ConnectorConfig
+from prefixgen.errors import ConfigError, CorruptBlockError, IncompatibleStoreError, PrefixgenError
+from prefixgen.format import TORCH_DTYPES, ModelFingerprint, block_keys
+from prefixgen.model import (
+    checkpoint_weights_digest,
+    config_fingerprint,
+    config_kv_layout,
+    load_tokenizer,
+)
 from prefixgen.store.index import BlockLocation
 from prefixgen.store.reader import PrefixStore
 
@@ -64,11 +82,16 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = init_logger(__name__)
 
 SUPPORTED_VLLM = "0.32.0"
+
+# What reading a store can raise when the store is damaged, being pruned or on a failing disk (a
+# missing or truncated shard, a deleted file, an I/O error, a damaged index column): a cache miss.
+STORE_FAULTS = (PrefixgenError, OSError, ValueError, IndexError, KeyError)
 
 
 @dataclass(slots=True)
@@ -91,6 +114,19 @@ class PrefixgenConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
 
 
+@dataclass
+class PrefixgenWorkerMetadata(KVConnectorWorkerMetadata):
+    """What the workers tell the scheduler after a step: stored blocks that failed to load, so that
+    it stops claiming them (until the engine restarts)."""
+
+    bad_blocks: set[tuple[str, int]] = field(default_factory=set)  # (shard, slot) failing its checksum
+    bad_shards: set[str] = field(default_factory=set)  # shards missing, truncated or unreadable
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, PrefixgenWorkerMetadata)
+        return PrefixgenWorkerMetadata(self.bad_blocks | other.bad_blocks, self.bad_shards | other.bad_shards)
+
+
 @dataclass(slots=True)
 class LoadStats:
     """Worker-side totals, for benchmarks and logs: what was written into vLLM's cache and how long it took."""
@@ -98,31 +134,39 @@ class LoadStats:
     requests: int = 0
     tokens: int = 0
     bytes: int = 0  # KV bytes written (this rank's heads, vLLM's compute dtype)
-    seconds: float = 0.0
-    corrupt_blocks: int = 0
+    seconds: float = 0.0  # summed over loads (they overlap each other and the engine's steps)
+    corrupt_blocks: int = 0  # blocks that failed their checksum
+    failed_loads: int = 0  # loads that stopped early on a store fault (vLLM recomputed the rest)
+    failed_shards: int = 0  # shards found missing, truncated or unreadable
+    pieces: int = 0  # staging pieces read and written
+    max_piece_bytes: int = 0  # the largest piece read (all heads, as dequantized): at most staging_bytes
 
 
 @dataclass(slots=True)
-class SkippedRequests:
-    """Scheduler-side totals: requests the connector loaded nothing for, by reason (see :func:`skip_reason`).
-    vLLM computes them whole, as without the connector."""
+class ClaimStats:
+    """Scheduler-side totals, for logs and tests."""
 
-    lora: int = 0
-    multimodal: int = 0
-    prompt_embeds: int = 0
-    cache_salt: int = 0
+    lookups: int = 0  # prompts looked up in the store
+    lookup_errors: int = 0  # lookups the store could not answer (a damaged index): misses
+    skipped_bad_blocks: int = 0  # lookups cut short at a block (or shard) a worker had reported bad
+    # Requests loaded nothing for, by reason (see :func:`skip_reason`): vLLM computes them whole.
+    skipped_lora: int = 0
+    skipped_multimodal: int = 0
+    skipped_prompt_embeds: int = 0
+    skipped_cache_salt: int = 0
 
 
-class PrefixgenStats(KVConnectorStats):
-    """The connector's counters in vLLM's metrics (``data``: name -> count since the last report), summed
-    over the scheduler and the workers; the log line of vLLM's stat logger shows them."""
+@dataclass
+class PrefixgenConnectorStats(KVConnectorStats):
+    """The counters of :class:`LoadStats` and :class:`ClaimStats` since the last report, summed over the
+    scheduler and the workers: vLLM logs them with its stats ("KV Transfer metrics: ...")."""
 
     def reset(self) -> None:
         self.data = {}
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
-        for name, n in other.data.items():
-            self.data[name] = self.data.get(name, 0) + n
+        for name, value in other.data.items():
+            self.data[name] = self.data.get(name, 0) + value
         return self
 
     def reduce(self) -> dict[str, int | float]:
@@ -130,6 +174,14 @@ class PrefixgenStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         return not any(self.data.values())
+
+
+def _counters_since(stats: LoadStats | ClaimStats, last: dict[str, int | float]) -> PrefixgenConnectorStats | None:
+    """What ``stats`` counted since ``last`` (which becomes now); None when nothing changed."""
+    now = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats) if f.name != "max_piece_bytes"}
+    delta = {name: value - last.get(name, 0) for name, value in now.items()}
+    last.update(now)
+    return PrefixgenConnectorStats(delta) if any(delta.values()) else None
 
 
 @dataclass(slots=True)
@@ -257,7 +309,7 @@ def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
 
 def skip_reason(request: Request) -> str | None:
     """Why the store cannot serve ``request`` (vLLM's own block hashes include these, the store's keys hash
-    token ids of the base model only), or None. The reasons are the fields of :class:`SkippedRequests`.
+    token ids of the base model only), or None. The reasons are the ``skipped_<reason>`` fields of :class:`ClaimStats`.
 
     Example:
         >>> skip_reason(request_with_lora)  # doctest: +SKIP
@@ -312,6 +364,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
     * ``chat_template``: the Jinja file given to ``prefixgen build --chat-template`` (and to
       ``vllm serve --chat-template``), when the tokenizer has no template of its own; it is part
       of the tokenizer identity the store is checked against.
+    * ``staging_bytes``, ``load_threads``: see :class:`~prefixgen.config.ConnectorConfig`.
 
     Example:
         >>> from vllm import LLM  # doctest: +SKIP
@@ -331,27 +384,34 @@ class PrefixgenConnector(KVConnectorBase_V1):
                 f"PrefixgenConnector only loads stored prefixes: set kv_role to kv_consumer (got {ktc.kv_role!r}); "
                 "writing newly computed KV into a store is not supported"
             )
-        path = ktc.get_from_extra_config("store", None)
-        if not path:
-            raise ConfigError('PrefixgenConnector needs the store\'s path: kv_connector_extra_config = {"store": "PATH"}')
+        self.config = ConnectorConfig.from_extra(dict(ktc.kv_connector_extra_config or {}))
+        path = self.config.store
         self.store = PrefixStore.open(path)
         self.block_size = vllm_config.cache_config.block_size  # vLLM's block size, not the store's
         problems = unsupported_features(vllm_config, kv_cache_config)
         if problems:
             raise ConfigError("PrefixgenConnector cannot serve this engine:\n  " + "\n  ".join(problems))
         if role == KVConnectorRole.SCHEDULER:
-            self._check_model(vllm_config, ktc.get_from_extra_config("chat_template", None))
+            self._check_model(vllm_config, self.config.chat_template)
             self._matches: dict[str, _Match] = {}
             self._pending: list[LoadSpec] = []
-            self.skipped = SkippedRequests()
-            self._reported = SkippedRequests()  # what get_kv_connector_stats has reported so far
+            self._bad = PrefixgenWorkerMetadata()  # what the workers reported: never claimed again
+            self._logged: set[str] = set()
+            self.claim_stats = ClaimStats()
+            self._reported: dict[str, int | float] = {}
         else:
             self._dtype = vllm_config.model_config.dtype
-            self._layers: list[tuple[str, int]] = []  # (vLLM layer name, HF layer index)
+            self._layers: list[tuple[Any, int]] = []  # (vLLM attention layer, HF layer index)
             self._heads = range(self.store.manifest.kv.num_kv_heads)
+            self._pool = ThreadPoolExecutor(max_workers=self.config.load_threads, thread_name_prefix="prefixgen-load")
+            self._inflight: dict[str, Future] = {}
+            self._lock = threading.Lock()  # the load threads report through what it guards
             self._load_errors: set[int] = set()
-            self._logged_corrupt: set[tuple[str, int]] = set()
+            self._new_bad = PrefixgenWorkerMetadata()  # for the scheduler, since the last step
+            self._logged: set[str] = set()
+            self._stream = None  # CUDA: the side stream the loads write on
             self.stats = LoadStats()
+            self._reported = {}
         logger.info("PrefixgenConnector (%s): store %s, %s", role.name.lower(), path, self.store.manifest.model.name)
 
     # ------------------------------------------------------------------ start-up checks
@@ -391,32 +451,54 @@ class PrefixgenConnector(KVConnectorBase_V1):
                     f"does not match the store ({kv.num_layers} layers, {len(self._heads)} KV heads per rank, "
                     f"head_dim {kv.head_dim})"
                 )
-            self._layers.append((name, index))
+            self._layers.append((layer, index))
 
     # ------------------------------------------------------------------ scheduler side
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        """Stored tokens of the prompt beyond ``num_computed_tokens`` (vLLM's own hits come first).
+        """Stored tokens of the prompt beyond ``num_computed_tokens`` (vLLM's own hits come first),
+        loaded asynchronously.
 
         The store covers the longest stored prefix of all but the last prompt token (vLLM needs one
         token to compute), in whole store blocks; the count may end inside a vLLM block. A request the
-        store cannot serve (:func:`skip_reason`) gets 0, counted in :attr:`skipped`.
+        store cannot serve (:func:`skip_reason`) gets 0, counted in :attr:`claim_stats`; a store that
+        cannot be searched is a miss, and a claim stops at the first block a worker reported bad.
         """
         match = self._matches.get(request.request_id)
         if match is None:
             reason = skip_reason(request)
             if reason is None:
-                locations, _ = stored_prefix(self.store, (request.prompt_token_ids or [])[:-1])
+                locations = self._usable(self._lookup(request.prompt_token_ids or []))
             else:
                 locations = []
                 self._skip(reason)
             match = _Match(len(locations) * self.store.block_size, locations)
             self._matches[request.request_id] = match
-        return max(0, match.end - num_computed_tokens), False
+        tokens = max(0, match.end - num_computed_tokens)
+        return tokens, tokens > 0
+
+    def _lookup(self, ids: list[int]) -> list[BlockLocation]:
+        """Store locations of the longest stored prefix of ``ids[:-1]``; none when the index cannot be read."""
+        self.claim_stats.lookups += 1
+        try:
+            return stored_prefix(self.store, ids[:-1])[0]
+        except STORE_FAULTS as exc:
+            self.claim_stats.lookup_errors += 1
+            _warn_once(self._logged, str(exc), "PrefixgenConnector: cannot search the store (%s); vLLM computes the prompt", exc)
+            return []
+
+    def _usable(self, locations: list[BlockLocation]) -> list[BlockLocation]:
+        """The leading ``locations`` before the first one a worker reported bad (later blocks need its KV)."""
+        bad = self._bad
+        for i, loc in enumerate(locations):
+            if loc.shard in bad.bad_shards or (loc.shard, loc.slot) in bad.bad_blocks:
+                self.claim_stats.skipped_bad_blocks += 1
+                return locations[:i]
+        return locations
 
     def _skip(self, reason: str) -> None:
-        n = getattr(self.skipped, reason) + 1
-        setattr(self.skipped, reason, n)
+        n = getattr(self.claim_stats, f"skipped_{reason}") + 1
+        setattr(self.claim_stats, f"skipped_{reason}", n)
         if n == 1:  # a warning: INFO of this (non-vLLM) logger is not shown by default
             logger.warning(
                 "PrefixgenConnector: loads nothing for requests with %s (the store's keys hash the base model's "
@@ -441,83 +523,214 @@ class PrefixgenConnector(KVConnectorBase_V1):
         self._pending = []
         return meta
 
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """Remember the stored blocks and shards the workers could not load: they are not claimed again."""
+        reported = connector_output.kv_connector_worker_meta
+        if isinstance(reported, PrefixgenWorkerMetadata):
+            self._bad.bad_blocks |= reported.bad_blocks
+            self._bad.bad_shards |= reported.bad_shards
+
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._matches.pop(request.request_id, None)
         return False, None
 
-    def get_kv_connector_stats(self) -> KVConnectorStats | None:
-        """The scheduler's skipped requests since the last call (vLLM calls it each step), as ``skipped_<reason>``."""
-        if self._role != KVConnectorRole.SCHEDULER:
-            return None
-        data = {}
-        for name in (f.name for f in fields(SkippedRequests)):
-            n = getattr(self.skipped, name) - getattr(self._reported, name)
-            if n:
-                data[f"skipped_{name}"] = n
-                setattr(self._reported, name, getattr(self.skipped, name))
-        return PrefixgenStats(data) if data else None
-
-    @classmethod
-    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
-        return PrefixgenStats(data or {})
-
     # ------------------------------------------------------------------ worker side
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        """Write every load of this step into the paged caches before the forward runs (synchronously)."""
+        """Hand each load of this step to a load thread; :meth:`get_finished` reports it when done.
+
+        On CUDA the loads write on a side stream that first waits for the work queued so far on the
+        engine's stream (nothing the engine queued for those blocks can land after the load)."""
         meta = self._get_connector_metadata()
         assert isinstance(meta, PrefixgenConnectorMetadata)
-        for load in meta.loads:
-            self._load(load, forward_context)
-
-    def _load(self, load: LoadSpec, forward_context: ForwardContext) -> None:
-        t0 = time.perf_counter()
-        bs = self.store.block_size
+        if not meta.loads:
+            return
         if not self._layers:
             raise RuntimeError("PrefixgenConnector: vLLM did not register its KV caches with the connector")
-        layers = [(forward_context.no_compile_layers[name], index) for name, index in self._layers]
-        device = layers[0][0].kv_cache.device
-        kv, good = self._read(load.locations, device)  # [good * bs, L, 2, H, D]
-        end = min(load.end, (load.first_block + good) * bs)
-        if end < load.end:  # a corrupt block: vLLM recomputes from the vLLM block holding its first token
-            self._load_errors.add(load.block_ids[max(end, load.start) // self.block_size])
-        if end <= load.start:
-            return
-        offset = load.start - load.first_block * bs
-        # [L, 2, tokens, this rank's heads, D], each layer's K and V contiguous for the cache-write op
-        per_layer = kv[offset : offset + end - load.start, :, :, self._heads.start : self._heads.stop].permute(1, 2, 0, 3, 4)
-        per_layer = per_layer.contiguous()
-        slots = slot_mapping(load.block_ids, self.block_size, load.start, end).to(device)
-        for layer, index in layers:
-            layer.impl.do_kv_cache_update(layer, per_layer[index, 0], per_layer[index, 1], layer.kv_cache, slots)
-        self.stats.requests += 1
-        self.stats.tokens += end - load.start
-        self.stats.bytes += per_layer.numel() * per_layer.element_size()
-        self.stats.seconds += time.perf_counter() - t0
+        after = None
+        device = self._layers[0][0].kv_cache.device
+        if device.type == "cuda":
+            if self._stream is None:  # made here, on the engine's thread: the load threads share one
+                self._stream = torch.cuda.Stream(device)
+            after = torch.cuda.Event()
+            after.record()
+        for load in meta.loads:
+            self._inflight[load.req_id] = self._pool.submit(self._load_safely, load, after)
 
-    def _read(self, locations: list[BlockLocation], device: torch.device) -> tuple[torch.Tensor | None, int]:
-        """KV of the leading blocks of ``locations`` that pass their CRC, and how many they are."""
-        while locations:
-            try:
-                return self.store.read_locations(locations, device=device, dtype=self._dtype), len(locations)
-            except CorruptBlockError as exc:
-                bad = locations[exc.block]
-                self.stats.corrupt_blocks += 1
-                if (bad.shard, bad.slot) not in self._logged_corrupt:
-                    self._logged_corrupt.add((bad.shard, bad.slot))
-                    logger.warning("PrefixgenConnector: %s; vLLM recomputes it", exc)
-                locations = locations[: exc.block]
-        return None, 0
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Requests whose load is done (written, or stopped at a fault already reported as load errors)."""
+        done = {req_id for req_id, future in self._inflight.items() if future.done()}
+        for req_id in done:
+            del self._inflight[req_id]
+        return None, done or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        errors, self._load_errors = self._load_errors, set()
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
         return errors
 
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        with self._lock:
+            if not (self._new_bad.bad_blocks or self._new_bad.bad_shards):
+                return None
+            reported, self._new_bad = self._new_bad, PrefixgenWorkerMetadata()
+        return reported
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        """This side's counters since the last call (vLLM asks every step and logs them)."""
+        if self.role == KVConnectorRole.SCHEDULER:
+            return _counters_since(self.claim_stats, self._reported)
+        with self._lock:
+            return _counters_since(self.stats, self._reported)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return PrefixgenConnectorStats(dict(data or {}))
+
+    def shutdown(self) -> None:
+        if self.role == KVConnectorRole.WORKER:
+            self._pool.shutdown(wait=True)
+
+    def _load_safely(self, load: LoadSpec, after: torch.cuda.Event | None) -> None:
+        """:meth:`_load` on a load thread: whatever goes wrong, the engine recomputes from the first token not written."""
+        try:
+            written = self._load(load, after)
+        except Exception:  # a bug or a device error must not leave the request waiting forever
+            logger.exception("PrefixgenConnector: loading %s failed; vLLM recomputes it", load.req_id)
+            written = load.start
+        if written < load.end:  # vLLM recomputes from the vLLM block holding the first token not written
+            with self._lock:
+                self._load_errors.add(load.block_ids[written // self.block_size])
+                self.stats.failed_loads += 1
+
+    def _load(self, load: LoadSpec, after: torch.cuda.Event | None) -> int:
+        """Write tokens ``[load.start, load.end)`` into vLLM's caches, a piece of at most ``staging_bytes`` at a
+        time; return where the writing stopped (``load.end`` unless a store fault cut it short)."""
+        t0 = time.perf_counter()
+        bs = self.store.block_size
+        device = self._layers[0][0].kv_cache.device
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(device)  # this thread's: the rank's device, for the kernels it launches
+            self._stream.wait_event(after)
+        step = self._piece_blocks()
+        written, inflight = load.start, None
+        for i in range(0, len(load.locations), step):
+            piece = load.locations[i : i + step]
+            kv, good = self._read(piece)  # [good * bs, L, 2, this rank's heads, D] in host memory
+            first = (load.first_block + i) * bs  # the piece's first token
+            end = min(load.end, first + good * bs)
+            if end > written:
+                # [L, 2, tokens, heads, D], each layer's K and V contiguous for the cache-write op
+                per_layer = kv[written - first : end - first].permute(1, 2, 0, 3, 4)
+                slots = slot_mapping(load.block_ids, self.block_size, written, end)
+                if cuda:
+                    if inflight is not None:
+                        inflight.synchronize()  # the previous piece is written: its buffers go (one piece on the device)
+                        inflight = None
+                    inflight = self._write_cuda(per_layer, slots, device)
+                else:
+                    self._write(per_layer.contiguous(), slots)
+                with self._lock:
+                    self.stats.tokens += end - written
+                    self.stats.bytes += per_layer.numel() * per_layer.element_size()
+                written = end
+            if good < len(piece):
+                break
+        if inflight is not None:
+            inflight.synchronize()  # written before the request is reported finished (this thread waits, not the engine)
+        with self._lock:
+            self.stats.requests += 1
+            self.stats.seconds += time.perf_counter() - t0
+        return written
+
+    def _piece_blocks(self) -> int:
+        """Store blocks per piece: their KV as read fits in ``staging_bytes`` (one block at least)."""
+        return max(1, self.config.staging_bytes // self._block_read_bytes())
+
+    def _block_read_bytes(self) -> int:
+        """Host bytes of one store block as read: every head (the store keeps them side by side), fp8 as the
+        float32 it is dequantized in."""
+        kv = self.store.manifest.kv
+        item = 4 if kv.storage == "fp8" else TORCH_DTYPES[kv.stored_dtype].itemsize
+        return self.store.block_size * kv.num_layers * 2 * kv.num_kv_heads * kv.head_dim * item
+
+    def _write(self, per_layer: torch.Tensor, slots: torch.Tensor) -> None:
+        """Each layer's K and V (``per_layer``: [L, 2, tokens, heads, D] on the cache's device) into its cache at ``slots``."""
+        for layer, index in self._layers:
+            layer.impl.do_kv_cache_update(layer, per_layer[index, 0], per_layer[index, 1], layer.kv_cache, slots)
+
+    def _write_cuda(self, per_layer: torch.Tensor, slots: torch.Tensor, device: torch.device) -> torch.cuda.Event:
+        """Upload one piece through pinned memory and write it, all on the side stream; the event marks its end."""
+        staged = torch.empty(per_layer.shape, dtype=per_layer.dtype, pin_memory=True)
+        staged.copy_(per_layer)
+        with torch.cuda.stream(self._stream):
+            on_device = staged.to(device, non_blocking=True)
+            self._write(on_device, slots.pin_memory().to(device, non_blocking=True))
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        # the host and device buffers stay alive until the event is waited for (the caller keeps it)
+        done.buffers = (staged, on_device)  # type: ignore[attr-defined]
+        return done
+
+    def _read(self, locations: list[BlockLocation]) -> tuple[torch.Tensor | None, int]:
+        """This rank's KV heads, in host memory, of the leading blocks of ``locations`` that read cleanly, and how many
+        they are; each fault is logged once per shard and reported to the scheduler."""
+        while locations:
+            try:
+                kv = self.store.read_locations(locations, device="cpu", dtype=self._dtype, heads=self._heads)
+                with self._lock:
+                    self.stats.pieces += 1
+                    self.stats.max_piece_bytes = max(self.stats.max_piece_bytes, len(locations) * self._block_read_bytes())
+                return kv, len(locations)
+            except CorruptBlockError as exc:
+                bad = locations[exc.block]
+                with self._lock:
+                    self.stats.corrupt_blocks += 1
+                    self._new_bad.bad_blocks.add((bad.shard, bad.slot))
+                _warn_once(self._logged, bad.shard, "PrefixgenConnector: %s; vLLM recomputes it", exc)
+                locations = locations[: exc.block]
+            except STORE_FAULTS as exc:
+                locations = locations[: self._first_unreadable(locations, exc)]
+        return None, 0
+
+    def _first_unreadable(self, locations: list[BlockLocation], exc: Exception) -> int:
+        """Where in ``locations`` the shard that raised ``exc`` starts (read again one shard at a time, unchecked);
+        that shard is reported bad. 0 when every shard reads now (a passing fault): the load stops here."""
+        start = 0
+        while start < len(locations):
+            shard = locations[start].shard
+            end = next((i for i in range(start, len(locations)) if locations[i].shard != shard), len(locations))
+            try:
+                self.store.read_locations(locations[start:end], verify=False)
+            except STORE_FAULTS as again:
+                with self._lock:
+                    self._new_bad.bad_shards.add(shard)
+                if _warn_once(
+                    self._logged, shard, "PrefixgenConnector: %s; its blocks are not loaded, vLLM computes them", again
+                ):
+                    with self._lock:
+                        self.stats.failed_shards += 1
+                return start
+            start = end
+        _warn_once(self._logged, str(exc), "PrefixgenConnector: %s; vLLM computes the rest of the prefix", exc)
+        return 0
+
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are synchronous: done before the forward starts
+        return  # loads are asynchronous: vLLM schedules a request only after get_finished reported its load
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
         return  # kv_consumer: nothing is saved
 
     def wait_for_save(self) -> None:
         return
+
+
+def _warn_once(logged: set[str], key: str, message: str, *args: Any) -> bool:
+    """Log ``message`` the first time ``key`` (a shard, or an error's text) is seen (a fault would repeat on every
+    request); True then. Called from several load threads: a rare race logs twice, never loses a count."""
+    if key in logged:
+        return False
+    logged.add(key)
+    logger.warning(message, *args)
+    return True

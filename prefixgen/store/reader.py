@@ -198,10 +198,14 @@ class PrefixStore:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         verify: bool = True,
+        heads: range | None = None,
     ) -> torch.Tensor:
-        """KV at ``locations``, back to back: ``[blocks * B, L, 2, H, D]`` on ``device``.
+        """KV at ``locations``, back to back: ``[blocks * B, L, 2, H, D]`` on ``device``; only the KV
+        heads in ``heads`` if given (``H = len(heads)``, e.g. one tensor-parallel rank's).
 
         A block that fails its CRC (``verify``) raises :class:`CorruptBlockError` saying which.
+        The store keeps a token's heads side by side, so every head is read and checked; on CPU the
+        other heads are dropped in host memory before any conversion (on CUDA, after the upload).
 
         Consecutive slots of a shard are read with one request, cut into pieces of at most
         ``PIECE_BYTES`` read (and CRC-checked) by threads. On CUDA the pieces land in a ring of
@@ -229,6 +233,9 @@ class PrefixStore:
 
             with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(pieces)) or 1) as pool:
                 list(pool.map(read, pieces))
+        if heads is not None:  # [T, L, 2, len(heads), D]: a view, converted below
+            result = result[:, :, :, heads.start : heads.stop]
+            scales = None if scales is None else scales[..., heads.start : heads.stop]
         if scales is not None:
             return dequantize_fp8(result, scales.to(device), bs, dtype or TORCH_DTYPES[layout.dtype])
         return result.to(dtype or TORCH_DTYPES[layout.dtype])

@@ -1,0 +1,31 @@
+"""ConnectorConfig: the vLLM connector's kv_connector_extra_config, its defaults and its refusals (no vLLM needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from prefixgen.config import ConnectorConfig
+from prefixgen.errors import ConfigError
+
+
+def test_defaults_and_sizes_with_units():
+    cfg = ConnectorConfig.from_extra({"store": "s"})
+    assert (cfg.staging_bytes, cfg.load_threads, cfg.chat_template) == (64 << 20, 2, None)
+    assert ConnectorConfig.from_extra({"store": "s", "staging_bytes": "256MiB"}).staging_bytes == 256 << 20
+    assert ConnectorConfig.from_extra({"store": "s", "staging_bytes": 4096}).staging_bytes == 4096
+    assert ConnectorConfig.from_extra({"store": "s", "other": 1}).store == "s"  # keys it does not know: the caller's
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({}, "needs the store's path"),
+        ({"store": "s", "staging_bytes": "lots"}, "is not a size"),
+        ({"store": "s", "staging_bytes": 0}, "staging_bytes must be positive"),
+        ({"store": "s", "load_threads": 0}, "load_threads must be a positive integer"),
+        ({"store": "s", "load_threads": "2"}, "load_threads must be a positive integer"),
+    ],
+)
+def test_bad_values_are_refused_by_name(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        ConnectorConfig.from_extra(extra)

@@ -1,0 +1,336 @@
+"""PrefixgenConnector under serving conditions, in one long-lived engine: asynchronous loads beside running
+decodes, several loads in one step, chunked prefill, preemption, and store faults (shards deleted or truncated
+while the engine runs, a corrupt block, a damaged index segment) that must be cache misses: outputs equal plain
+vLLM's and the engine keeps serving.
+
+One plain engine gives the reference tokens (each prompt alone), one engine with the connector serves every
+test in this file (module-scoped: an engine start costs half a minute). The fault tests damage records of
+their own, so their order does not matter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+
+import pytest
+
+from prefixgen import BuildConfig, PrefixStore, build
+from prefixgen.format import INDEX_DIR, SHARDS_DIR, read_safetensors_header
+
+from .conftest import CONNECTOR, MODULE, corrupt_block, tiny_model, write_jsonl
+
+SYSTEM = "You are a helpful storyteller. Answer kindly and simply, in short sentences a child can read. " * 5
+NAMES = ["Lily", "Tom", "Mia", "Ben", "Zoe", "Max", "Ava", "Sam", "Eva", "Leo"]
+LONG = 8  # the record with a long new tail after it: chunked prefill
+INDEX_RECORD = 9  # the one record of the second build (its own index segment)
+
+
+def record(k: int) -> str:
+    """Record ``k``: its first block differs from every other record's, so a fault in one is in no other."""
+    return f"Book {k} of {NAMES[k]}. " + SYSTEM + f"Once upon a time, {NAMES[k]} found a ball in the park."
+
+
+def prompt(k: int) -> str:
+    tail = " And then the little dog ran after the red ball across the green grass." * (6 if k == LONG else 0)
+    return record(k) + tail + " Then she"
+
+
+PROMPTS = [prompt(k) for k in range(len(NAMES))]
+PARAMS = dict(max_tokens=16, temperature=0)
+BLOCKS = 11  # vLLM blocks of 128 tokens (10 usable): three ~320-token requests fill 9; growing ones preempt
+PREEMPT_LEN = 376  # prompt tokens of the preemption test: 3 blocks at admission, a 4th after 8 new tokens
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("serving-model") / "qwen2")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, model):
+    """Every record but one in a first build, small shards (a fault hits a few blocks); the last in a second."""
+    tmp = tmp_path_factory.mktemp("serving-store")
+    out = tmp / "store"
+    first = write_jsonl(tmp / "a.jsonl", [{"text": record(k)} for k in range(len(NAMES)) if k != INDEX_RECORD])
+    second = write_jsonl(tmp / "b.jsonl", [{"text": record(INDEX_RECORD)}])
+    common = dict(model=str(model), out=str(out), device="cpu", quiet=True, shard_bytes=64 << 10)
+    build(BuildConfig(dataset=str(first), **common))
+    build(BuildConfig(dataset=str(second), append=True, **common))
+    return out
+
+
+def _llm(model, store=None, **kwargs):
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    kv = None
+    if store is not None:
+        kv = KVTransferConfig(
+            kv_connector=CONNECTOR,
+            kv_connector_module_path=MODULE,
+            kv_role="kv_consumer",
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config={"store": str(store), "staging_bytes": 96 << 10},  # 3 blocks a piece
+        )
+    return LLM(
+        str(model),
+        dtype="float32",
+        enable_prefix_caching=False,
+        max_model_len=1024,
+        seed=0,
+        enforce_eager=True,
+        kv_transfer_config=kv,
+        **kwargs,
+    )
+
+
+def _shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def preempt_prompts(tokenizer) -> list[list[int]]:
+    """Token ids of records 0-3 padded with a tail to PREEMPT_LEN tokens."""
+    filler = tokenizer(" and the dog ran", add_special_tokens=False).input_ids
+    out = []
+    for k in range(4):
+        ids = tokenizer(record(k)).input_ids
+        out.append((ids + filler * PREEMPT_LEN)[:PREEMPT_LEN])
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline(model):
+    """Plain vLLM's greedy tokens for each prompt alone, and for the preemption prompts (by token ids)."""
+    from vllm import SamplingParams
+
+    llm = _llm(model)
+    try:
+        params = SamplingParams(**PARAMS)
+        texts = [list(llm.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids) for p in PROMPTS]
+        ids = preempt_prompts(llm.get_tokenizer())
+        long = SamplingParams(max_tokens=24, temperature=0)
+        padded = [list(llm.generate({"prompt_token_ids": p}, long, use_tqdm=False)[0].outputs[0].token_ids) for p in ids]
+        return {"text": texts, "padded": padded, "padded_ids": ids}
+    finally:
+        _shutdown(llm)
+
+
+@pytest.fixture(scope="module")
+def engine(model, store, baseline):
+    """The engine with the connector: 64-token steps (prefills are chunked), BLOCKS KV blocks (requests preempt);
+    its stats on, so vLLM collects and logs the connector's counters too."""
+    llm = _llm(model, store, max_num_batched_tokens=64, max_num_seqs=8, num_gpu_blocks_override=BLOCKS, disable_log_stats=False)
+    yield llm
+    _shutdown(llm)
+
+
+@pytest.fixture(autouse=True)
+def drained(engine):
+    """Each test leaves the engine idle (a failed one may leave requests behind)."""
+    yield
+    for _ in range(1000):
+        if not engine.llm_engine.has_unfinished_requests():
+            break
+        engine.llm_engine.step()
+
+
+def worker(llm):
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    return get_kv_transfer_group()
+
+
+def scheduler(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def generate(llm, indices, max_tokens=16):
+    """Greedy tokens and vLLM's cached-token counts of PROMPTS[i] for each i, all in one batch."""
+    from vllm import SamplingParams
+
+    outs = llm.generate([PROMPTS[i] for i in indices], SamplingParams(max_tokens=max_tokens, temperature=0), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs], [o.num_cached_tokens or 0 for o in outs]
+
+
+def stored(store, llm, i: int) -> int:
+    """Tokens of PROMPTS[i] the store can serve: its longest stored prefix of all but the last token."""
+    ids = llm.get_tokenizer()(PROMPTS[i]).input_ids
+    return PrefixStore.open(store).match(ids[:-1])
+
+
+def locations(store, llm, i: int):
+    ids = llm.get_tokenizer()(PROMPTS[i]).input_ids
+    s = PrefixStore.open(store)
+    return s.find_prefix(s.keys(ids[:-1])).locations
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def test_several_loads_in_one_step_wait_while_loading(engine, store, baseline):
+    """Three stored prompts added together: the first step starts all three loads (each request waits for its
+    KV, holding its blocks), and the outputs are plain vLLM's."""
+    from vllm import SamplingParams
+    from vllm.v1.request import RequestStatus
+
+    eng, sched = engine.llm_engine, scheduler(engine)
+    before = worker(engine).stats.requests
+    ids = [eng.add_request(f"several-{i}", PROMPTS[i], SamplingParams(**PARAMS)) for i in range(3)]
+    eng.step()
+    assert [sched.requests[r].status for r in ids] == [RequestStatus.WAITING_FOR_REMOTE_KVS] * 3
+    outputs = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                outputs[out.request_id] = (list(out.outputs[0].token_ids), out.num_cached_tokens)
+    for i in range(3):
+        tokens, cached = outputs[f"several-{i}"]
+        assert tokens == baseline["text"][i]
+        assert cached >= stored(store, engine, i) > 0
+    assert worker(engine).stats.requests == before + 3
+
+
+def test_decodes_keep_running_while_a_prefix_loads(engine, store, baseline):
+    """A request already decoding gets a token in the very step a stored prefix starts loading and in every
+    step while it loads (the load is not in front of the batch); both outputs are plain vLLM's."""
+    from vllm import SamplingParams
+    from vllm.v1.request import RequestStatus
+
+    eng, sched = engine.llm_engine, scheduler(engine)
+    eng.add_request("decoding", PROMPTS[3], SamplingParams(max_tokens=40, temperature=0))
+    produced = 0
+    while produced < 2:  # its prefix loaded, its prompt computed: decoding now
+        produced = max([len(o.outputs[0].token_ids) for o in eng.step() if o.request_id == "decoding"] + [produced])
+    loading = eng.add_request("loading", PROMPTS[LONG], SamplingParams(**PARAMS))
+    steps_while_loading, grew, results = 0, 0, {}
+    while eng.has_unfinished_requests():
+        outs = {o.request_id: o for o in eng.step()}
+        waiting = loading in sched.requests and sched.requests[loading].status == RequestStatus.WAITING_FOR_REMOTE_KVS
+        if steps_while_loading == 0 or waiting:
+            steps_while_loading += 1
+            assert waiting, "the loading request was scheduled in the step its load started: the load ran in front of the batch"
+            n = len(outs["decoding"].outputs[0].token_ids)
+            grew += n > produced
+            produced = n
+        for rid, o in outs.items():
+            if o.finished:
+                results[rid] = list(o.outputs[0].token_ids)
+    assert steps_while_loading >= 1 and grew == steps_while_loading  # a new token in every step of the load
+    assert results["loading"] == baseline["text"][LONG]
+    assert results["decoding"][:16] == baseline["text"][3]
+
+
+def test_chunked_prefill_after_a_load(engine, store, baseline):
+    """A long prompt in 64-token steps: the stored prefix is loaded, the rest computed in chunks."""
+    outputs, cached = generate(engine, [LONG])
+    assert len(engine.get_tokenizer()(PROMPTS[LONG]).input_ids) - stored(store, engine, LONG) > 3 * 64
+    assert outputs == [baseline["text"][LONG]]
+    assert cached[0] >= stored(store, engine, LONG) > 0
+
+
+def test_preempted_requests_reload(engine, store, baseline):
+    """Four requests on ten free blocks: growing ones are preempted, their blocks freed, and on resuming their
+    stored prefix is loaded again; every output is plain vLLM's."""
+    from vllm import SamplingParams
+
+    stats = worker(engine).stats
+    before = stats.requests
+    params = SamplingParams(max_tokens=24, temperature=0)
+    outs = engine.generate([{"prompt_token_ids": p} for p in baseline["padded_ids"]], params, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == baseline["padded"]
+    assert stats.requests - before > 4  # some request was loaded twice: it had been preempted
+
+
+def test_loads_are_streamed_in_staging_pieces(engine, store):
+    """staging_bytes = 96 KiB: three 32 KiB blocks a piece, however long the prefix (19 blocks here)."""
+    stats = worker(engine).stats
+    pieces, loads = stats.pieces, stats.requests
+    assert generate(engine, [7])[1][0] >= stored(store, engine, 7) == 19 * 16
+    kv = PrefixStore.open(store).manifest.kv
+    assert kv.bytes_per_token * 16 == 32 << 10
+    assert stats.requests == loads + 1 and stats.pieces - pieces == 7  # ceil(19 / 3)
+    assert 0 < stats.max_piece_bytes <= 96 << 10
+
+
+# ---------------------------------------------------------------------------------------------- faults
+
+
+def test_shards_deleted_while_serving_are_misses(engine, store, baseline):
+    """A prompt is served (its shards' headers are now cached); then every other shard it uses is deleted
+    (what `prefixgen prune` or a lost disk does): the next request computes what it cannot load, same tokens,
+    and the engine keeps serving; the scheduler no longer claims past the first missing shard."""
+    k = 4
+    assert generate(engine, [k])[0] == [baseline["text"][k]]
+    shards = list(dict.fromkeys(loc.shard for loc in locations(store, engine, k)))
+    assert len(shards) >= 4
+    for name in shards[1::2]:
+        (store / SHARDS_DIR / name).unlink()
+    stats = worker(engine).stats
+    before = dataclasses.replace(stats)
+    outputs, cached = generate(engine, [k, 0])  # a damaged prompt and a sound one, in one batch
+    assert outputs == [baseline["text"][k], baseline["text"][0]]
+    assert stats.failed_shards > before.failed_shards
+    assert cached[1] >= stored(store, engine, 0)  # the engine still loads what is there
+    first_missing = next(i for i, loc in enumerate(locations(store, engine, k)) if loc.shard == shards[1])
+    outputs, cached = generate(engine, [k])
+    assert outputs == [baseline["text"][k]]
+    assert cached[0] == first_missing * 16  # claimed up to the first missing shard, no further
+    assert stats.failed_shards == before.failed_shards + 1  # found (and logged) once, not on every request
+
+
+def test_truncated_shard_is_a_miss(engine, store, baseline):
+    k = 5
+    loc = locations(store, engine, k)[6]
+    path = store / SHARDS_DIR / loc.shard
+    with open(path, "rb") as f:
+        data_start = read_safetensors_header(f, path).data_start
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(data_start + (size - data_start) // 3)  # into the KV of the shard's blocks
+    stats = worker(engine).stats
+    before = dataclasses.replace(stats)
+    outputs, cached = generate(engine, [k, 1])
+    assert outputs == [baseline["text"][k], baseline["text"][1]]
+    assert stats.failed_loads > before.failed_loads
+    assert cached[1] >= stored(store, engine, 1)
+
+
+def test_corrupt_block_is_not_claimed_again(engine, store, baseline):
+    """A block failing its checksum is recomputed, and the next request for it is not offered it again
+    (before: re-read and rolled back on every request)."""
+    k = 6
+    ids = engine.get_tokenizer()(PROMPTS[k]).input_ids
+    corrupt_block(store, ids, 10)  # tokens 160-175
+    stats = worker(engine).stats
+    corrupt = stats.corrupt_blocks
+    outputs, _ = generate(engine, [k])
+    assert outputs == [baseline["text"][k]]
+    assert stats.corrupt_blocks == corrupt + 1
+    outputs, cached = generate(engine, [k])
+    assert outputs == [baseline["text"][k]]
+    assert stats.corrupt_blocks == corrupt + 1  # not read again
+    assert cached[0] == 10 * 16  # claimed up to the corrupt block
+
+
+def test_damaged_index_segment_is_a_miss(engine, store, baseline):
+    """The second build's index segment damaged while the engine runs: its prompt is computed (the scheduler's
+    lookup fails, once logged and counted), same tokens, and prompts indexed elsewhere still load."""
+    k = INDEX_RECORD
+    segments = sorted((store / INDEX_DIR).glob("*.safetensors"))
+    assert len(segments) == 2
+    seg = segments[-1]  # the second build's (segment names sort by time)
+    with open(seg, "rb") as f:
+        header = read_safetensors_header(f, seg)
+    a, b = header.tensors["slot"]["data_offsets"]
+    with open(seg, "r+b") as f:
+        f.seek(header.data_start + a)
+        raw = f.read(b - a)
+        f.seek(header.data_start + a)
+        f.write(bytes(x ^ 0xFF for x in raw))
+    outputs, cached = generate(engine, [k, 2])
+    assert outputs == [baseline["text"][k], baseline["text"][2]]
+    assert scheduler(engine).connector.claim_stats.lookup_errors == 1  # no other test damages the index
+    assert cached[0] == 0 and cached[1] >= stored(store, engine, 2) > 0
