@@ -99,7 +99,7 @@ def prune_store(
     old = Segment(old_path)
     cols = old.cols
     ids = old.shard_ids(cols)
-    records = _record_counts(store, cols["key64"])
+    records = record_counts(store, cols["key64"])
     if not records.any():
         raise StoreError(f"{path} has no record counts (counts/ is empty): nothing to rank blocks by")
     max_blocks = None if max_bytes is None else max_bytes // block_cost(manifest)
@@ -127,7 +127,7 @@ def prune_store(
     return report
 
 
-def _record_counts(store: PrefixStore, key64: np.ndarray) -> np.ndarray:
+def record_counts(store: PrefixStore, key64: np.ndarray) -> np.ndarray:
     """[n] records containing each index row's block, summed over builds (0 if never counted)."""
     tables = store.count_arrays()
     if not tables:
