@@ -64,11 +64,13 @@ class LMCacheTarget:
     and ``pre_caching_hash_algorithm``; ``tp_size`` vLLM's ``--tensor-parallel-size``. Any of them
     different on the server and the files are never found (a miss, never wrong KV).
 
+    ``check(info)`` comes first: ``names`` and ``files`` use the store's dtype and heads.
+
     Example:
-        >>> t = LMCacheTarget(model_name="org/m", hash_seed="0", chunk_size=4)
-        >>> key = t.next_key(t.first_key(), np.arange(4))
-        >>> t.names(key)  # after t.check(info) of a float32 store
-        ['org-SEP-m@1@0@...@float.data']
+        >>> t = LMCacheTarget(model_name="org/m", hash_seed=0, chunk_size=256)
+        >>> t.check(StoreInfo.from_manifest(store.manifest))  # a float32 store  # doctest: +SKIP
+        >>> t.names(t.next_key(t.first_key(), tokens[:256]))  # doctest: +SKIP
+        ['org-SEP-m@1@0@e293db1618fad666@float.data']
     """
 
     name: ClassVar[str] = "lmcache"
