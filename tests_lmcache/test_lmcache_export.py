@@ -16,9 +16,18 @@ import torch
 from lmcache.v1.memory_management import MemoryFormat
 from lmcache.v1.protocol import RemoteMetadata
 
+from prefixgen.export.lmcache import LMCACHE_VERSION, VLLM_VERSION
 from prefixgen.store.reader import PrefixStore
 
 from .conftest import MODEL_NAME, build_store, chunk_keys, cli_result, export, fs_connector, lmcache_engine, make_model
+
+
+def test_checked_against_the_pinned_versions():
+    """The hash, names and layout are pinned to what these tests check them against."""
+    import lmcache
+    import vllm
+
+    assert (lmcache.__version__, vllm.__version__) == (LMCACHE_VERSION, VLLM_VERSION)
 
 
 def stored_kv(store: PrefixStore, ids: list[int]) -> torch.Tensor:
