@@ -5,7 +5,8 @@ token, 2 MiB a 16-token block) in chains of 32 blocks is written with the real S
 (1) its shard files are copied with ``shutil.copyfile`` (+ fsync per file when fsync is on), and
 (2) it is exported to SGLang's layout (one 2 MiB file per page, TP 1) with ``export``. Both read the
 store from the page cache (it was just written) and write ``--gb`` of KV; the ratio is the export's
-cost over moving the bytes at all (target: >= 0.7x).
+cost over moving the bytes at all (target: >= 0.7x). CPU seconds per GB (this process, all threads)
+say what each costs whatever the machine's load.
 
     python benchmarks/export.py --gb 1
 """
@@ -13,6 +14,7 @@ cost over moving the bytes at all (target: >= 0.7x).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -42,7 +44,9 @@ def make_store(path: Path, gb: float) -> int:
     block_bytes = LAYOUT.bytes_per_token * BS
     chains = max(1, int(gb * 1e9 / block_bytes / CHAIN))
     rng = np.random.default_rng(0)
-    kv = torch.randint(-(2**15), 2**15, (CHAIN * BS, LAYOUT.num_layers, 2, LAYOUT.num_kv_heads, LAYOUT.head_dim), dtype=torch.int16)
+    kv = torch.randint(
+        -(2**15), 2**15, (CHAIN * BS, LAYOUT.num_layers, 2, LAYOUT.num_kv_heads, LAYOUT.head_dim), dtype=torch.int16
+    )
     kv = kv.view(torch.bfloat16)  # [T, L, 2, H, D]
     with StoreWriter(path, manifest, "bench", fsync=False) as writer:
         for _ in range(chains):
@@ -69,6 +73,8 @@ def plain_copy(store: Path, out: Path, fsync: bool) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=1.0, help="KV in the store, GB")
+    ap.add_argument("--json", action="store_true", help="one JSON line per row")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each row")
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary folder on this disk)")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="prefixgen-export-bench-", dir=args.dir or os.getcwd()))
@@ -76,16 +82,35 @@ def main() -> None:
         store = base / "store"
         blocks = make_store(store, args.gb)
         print(f"store: {blocks} blocks of {LAYOUT.bytes_per_token * BS / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.2f}")
-        print("| fsync | plain copy GB/s | export GB/s | export / copy |")
-        print("|---|---|---|---|")
+        print("| fsync | plain copy GB/s | export GB/s | export / copy | copy CPU s/GB | export CPU s/GB |")
+        print("|---|---|---|---|---|---|")
         for fsync in (True, False):
-            t = time.perf_counter()
-            copied = plain_copy(store, base / f"copy-{fsync}", fsync)
-            copy_gbs = copied / (time.perf_counter() - t) / 1e9
-            s = export(store, SGLangTarget(model_name="bench/synthetic-8b"), base / f"export-{fsync}", progress=False, fsync=fsync)
-            print(f"| {'on' if fsync else 'off'} | {copy_gbs:.2f} | {s.gb_per_s:.2f} | {s.gb_per_s / copy_gbs:.2f}x |")
-            shutil.rmtree(base / f"copy-{fsync}")
-            shutil.rmtree(base / f"export-{fsync}")
+            for _ in range(args.repeat):
+                t, c = time.perf_counter(), time.process_time()
+                copied = plain_copy(store, base / "copy", fsync)
+                copy_s, copy_cpu = time.perf_counter() - t, time.process_time() - c
+                c = time.process_time()
+                s = export(store, SGLangTarget(model_name="bench/synthetic-8b"), base / "export", progress=False, fsync=fsync)
+                export_cpu = time.process_time() - c
+                copy_gbs = copied / copy_s / 1e9
+                row = {
+                    "fsync": fsync,
+                    "copy_GB_s": round(copy_gbs, 3),
+                    "export_GB_s": round(s.gb_per_s, 3),
+                    "ratio": round(s.gb_per_s / copy_gbs, 2),
+                    "copy_cpu_s_per_GB": round(copy_cpu / (copied / 1e9), 2),
+                    "export_cpu_s_per_GB": round(export_cpu / (s.bytes / 1e9), 2),
+                    "load": round(os.getloadavg()[0], 2),
+                }
+                if args.json:
+                    print(json.dumps({"bench": "export", "GB": round(s.bytes / 1e9, 2), **row}))
+                else:
+                    print(
+                        f"| {'on' if fsync else 'off'} | {row['copy_GB_s']:.2f} | {row['export_GB_s']:.2f} | {row['ratio']:.2f}x "
+                        f"| {row['copy_cpu_s_per_GB']:.2f} | {row['export_cpu_s_per_GB']:.2f} |"
+                    )
+                shutil.rmtree(base / "copy")
+                shutil.rmtree(base / "export")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

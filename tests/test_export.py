@@ -178,3 +178,49 @@ def test_export_selection_is_builds(cli, stores, tmp_path):
     out2 = tmp_path / "hicache2"
     assert sglang(cli, stores["main"], out2, "--max-bytes", str(per_block)).exit_code == 0
     assert len(files(out2)) == 1 and set(files(out2)) <= want
+
+
+def synthetic_store(path: Path, chains: int, blocks: int = 30) -> Path:
+    """A store of random KV in stories260K's shape (5 layers, 4 KV heads of 8, float32), written by the real StoreWriter."""
+    from prefixgen.format import KVLayout, Manifest, ModelFingerprint, block_keys, root_key
+    from prefixgen.store.writer import StoreWriter, prepare_store
+
+    layout = KVLayout(num_layers=5, num_kv_heads=4, head_dim=8, dtype="float32")
+    fp = ModelFingerprint("synthetic", "LlamaForCausalLM", "llama", 5, 4, 8, "00" * 32, "00" * 32)
+    manifest = prepare_store(path, Manifest(16, fp, layout, root_key(fp.weights_digest).hex()), "new")
+    rng = np.random.default_rng(0)
+    with StoreWriter(path, manifest, "test", fsync=False) as writer:
+        for _ in range(chains):
+            ids = rng.integers(0, 32000, blocks * 16)
+            keys = block_keys(ids.tolist(), 16, manifest.root_key)
+            kv = torch.randn(blocks * 16, 5, 2, 4, 8)
+            writer.add(keys, [manifest.root_key, *keys[:-1]], list(range(blocks)), ids.astype(np.uint32).reshape(blocks, 16), kv)
+    return path
+
+
+@pytest.mark.slow
+def test_export_killed_with_sigkill_leaves_whole_files_and_resumes(cli, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store = synthetic_store(tmp_path / "store", chains=100)
+    out, clean = tmp_path / "hicache", tmp_path / "clean"
+    args = ["export", store, "--to", "sglang", "--out", out, "--model-name", "m", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "prefixgen.cli", *map(str, args)])
+    deadline = time.monotonic() + 300
+    while not (out.is_dir() and sum(1 for _ in out.glob("*.bin")) >= 100):
+        assert proc.poll() is None and time.monotonic() < deadline, "the export ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    page = 16 * 5 * 2 * 4 * 8 * 4
+    killed = files(out)
+    assert 100 <= len(killed) < 3000
+    assert all(len(data) == page for data in killed.values())  # a file is there whole or not at all
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert cli("export", store, "--to", "sglang", "--out", clean, "--model-name", "m", "--no-fsync", "-q").exit_code == 0
+    assert files(out) == files(clean) and len(files(clean)) == 3000
+    assert not list(out.glob(".*.tmp"))

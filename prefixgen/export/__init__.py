@@ -30,7 +30,7 @@ from prefixgen.config import ExportConfig
 from prefixgen.errors import ExportError
 from prefixgen.export.base import ExportSummary, ExportTarget, StoreInfo
 from prefixgen.export.outdir import ExportDir, ExportRecord
-from prefixgen.export.walk import Units, plan_units, read_blocks, read_tokens, select, unit_keys
+from prefixgen.export.walk import Blocks, Units, plan_units, read_blocks, read_tokens, select, unit_keys
 from prefixgen.store.reader import PrefixStore
 
 __all__ = ["ExportError", "ExportSummary", "ExportTarget", "StoreInfo", "export", "export_store", "target_for"]
@@ -108,16 +108,16 @@ def export(
         )
     target.check(info)
     k = target.unit_tokens // info.block_size
-    blocks = read_blocks(pstore)
-    if min_records is not None or max_bytes is not None:
-        max_blocks = None if max_bytes is None else max_bytes // (info.bytes_per_token * info.block_size)
-        blocks = select(pstore, blocks, min_records, max_blocks)
-    units = plan_units(blocks, pstore.manifest.root_key, k)
-    tokens = read_tokens(pstore, blocks, units.blocks.reshape(-1)).reshape(len(units), -1).astype(np.int64)
-    keys = unit_keys(units, tokens.__getitem__, target.first_key, target.next_key)
-    summary = ExportSummary(units=len(units), blocks=len(units) * k)
-    outdir = ExportDir(Path(out), ExportRecord.of(pstore, target), append=append, fsync=fsync)
+    outdir = ExportDir(Path(out), ExportRecord.of(pstore, target), append=append, fsync=fsync)  # refuses a wrong folder first
     try:
+        blocks = read_blocks(pstore)
+        if min_records is not None or max_bytes is not None:
+            max_blocks = None if max_bytes is None else max_bytes // (info.bytes_per_token * info.block_size)
+            blocks = select(pstore, blocks, min_records, max_blocks)
+        units = plan_units(blocks, pstore.manifest.root_key, k)
+        tokens = read_tokens(pstore, blocks, units.blocks.reshape(-1)).reshape(len(units), -1).astype(np.int64)  # [units, U]
+        keys = unit_keys(units, tokens.__getitem__, target.first_key, target.next_key)
+        summary = ExportSummary(units=len(units), blocks=len(units) * k)
         _write_units(pstore, blocks, units, keys, target, info, outdir, summary, progress)
     finally:
         outdir.close()
@@ -127,7 +127,7 @@ def export(
 
 def _write_units(
     store: PrefixStore,
-    blocks,
+    blocks: Blocks,
     units: Units,
     keys: list[Any],
     target: ExportTarget,

@@ -6,14 +6,16 @@ that unit (its file names) and which bytes it expects in them. A target is a dat
 fields are its parameters (they are recorded in the export's manifest, and an export into a folder
 whose manifest records other parameters is refused).
 
-Example:
+Example (a target writing each 16-token unit's KV as-is, named by a running SHA-256):
     >>> @dataclass
-    ... class Flat:  # one file per 16 tokens, named by a running hash: an ExportTarget
+    ... class Flat:
     ...     unit_tokens: int = 16
     ...     def check(self, info): pass
-    ...     def first_key(self): return hashlib.sha256()
-    ...     def next_key(self, parent, tokens): return ...
-    ...     def files(self, key, kv): yield f"{key}.bin", kv.numpy().tobytes()
+    ...     def first_key(self): return ""
+    ...     def next_key(self, parent, tokens):
+    ...         return hashlib.sha256(bytes.fromhex(parent) + tokens.astype("<u4").tobytes()).hexdigest()
+    ...     def files(self, key, kv): yield f"{key}.bin", kv.contiguous().view(torch.uint8).numpy()
+    >>> export("store", Flat(), "out")  # doctest: +SKIP
 """
 
 from __future__ import annotations

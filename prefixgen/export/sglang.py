@@ -82,14 +82,16 @@ class SGLangTarget:
 
     def files(self, key: str, kv: torch.Tensor) -> Iterator[tuple[str, memoryview]]:
         """One file per TP rank: that rank's heads of ``kv`` ([page, layers, 2, heads, dim]) in ``layout``."""
-        heads = _rank_heads(kv.shape[3], self.tp_size)
-        for name, rank_heads in zip(self.names(key), heads):
-            part = kv[:, :, :, rank_heads]  # [P, L, 2, h, D]
-            if self.layout == "page_first":
-                page = part.permute(2, 0, 1, 3, 4)  # [2, P, L, h, D]
-            else:  # layer_first, page_first_direct
-                page = part.permute(2, 1, 0, 3, 4)  # [2, L, P, h, D]
-            yield name, memoryview(page.contiguous().view(torch.uint8).numpy()).cast("B")
+        page, layers, _, heads, dim = kv.shape
+        raw = kv.contiguous().view(torch.uint8).numpy().reshape(page, layers, 2, -1)  # [P, L, 2, H * D bytes]
+        # The layouts only move whole runs of a rank's heads (h * D values, contiguous in the store and in
+        # the file): seen as one opaque item each, the transpose is a memcpy per run, not per value.
+        order = (2, 0, 1) if self.layout == "page_first" else (2, 1, 0)  # [2, P, L] or [2, L, P]
+        for name, rank_heads in zip(self.names(key), _rank_heads(heads, self.tp_size)):
+            n = rank_heads.stop - rank_heads.start
+            runs = raw.view(f"V{raw.shape[-1] * n // heads}")  # [P, L, 2, heads // n]: one item per n heads
+            part = runs[:, :, :, rank_heads.start // n].transpose(order)
+            yield name, memoryview(np.ascontiguousarray(part).view(np.uint8).reshape(-1))
 
 
 def _rank_heads(num_kv_heads: int, tp_size: int) -> list[slice]:

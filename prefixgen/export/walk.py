@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from prefixgen.analysis.count import select_blocks
-from prefixgen.errors import CorruptStoreError
+from prefixgen.errors import CorruptStoreError, ExportError
 from prefixgen.format import SHARDS_DIR, BlockHash, hash_block, read_safetensors_header
 from prefixgen.maintain.prune import record_counts
 from prefixgen.store.index import BlockLocation
@@ -91,6 +91,10 @@ def select(store: PrefixStore, blocks: Blocks, min_records: int | None, max_bloc
     store's record counts): prefix-closed, so whole chains' heads."""
     key64 = np.ascontiguousarray(blocks.key[:, :8]).view("<u8").reshape(-1)
     records = record_counts(store, key64)
+    if not records.any():
+        raise ExportError(
+            f"{store.path} has no record counts (counts/ is empty): --min-records/--max-bytes have nothing to rank blocks by"
+        )
     keep = select_blocks(records, blocks.depth, min_records=min_records or 1, max_blocks=max_blocks, tiebreak=key64)
     return blocks.take(keep)
 
