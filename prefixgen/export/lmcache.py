@@ -138,16 +138,19 @@ class LMCacheTarget:
     def files(self, key: int, kv: torch.Tensor) -> Iterable[tuple[str, memoryview]]:
         """Each rank's file of the chunk: ``RemoteMetadata`` header, then its heads' KV as
         ``[2, layers, chunk_size, heads * head_dim]``. ``kv`` is ``[chunk_size, L, 2, H, D]``."""
-        tokens, layers, _, _, head_dim = kv.shape
+        tokens, layers, _, heads, head_dim = kv.shape
         code = DTYPE_CODES[self._info.kv_dtype]
-        for name, heads in zip(self.names(key), self._heads):
-            part = kv[:, :, :, heads.start : heads.stop].permute(2, 1, 0, 3, 4)  # [2, L, T, h, D]
-            shape = (2, layers, tokens, len(heads) * head_dim)
-            payload = part.numel() * kv.element_size()
-            out = torch.empty(HEADER.size + payload, dtype=torch.uint8)
-            HEADER.pack_into(out.numpy(), 0, payload, KV_2LTD, code, *shape)
-            out[HEADER.size :].view(kv.dtype).view(shape).copy_(part.reshape(shape))  # header is 28 bytes: aligned
-            yield name, memoryview(out.numpy())
+        raw = kv.contiguous().view(torch.uint8).numpy().reshape(tokens, layers, 2, -1)  # [T, L, 2, H * D bytes]
+        for name, rank_heads in zip(self.names(key), self._heads):
+            n = len(rank_heads)
+            # A rank's heads are one contiguous run of n * D values in the store and in the file: seen as one
+            # opaque item each, the [T, L, 2] -> [2, L, T] transpose is a memcpy per run, not per value.
+            runs = raw.view(f"V{raw.shape[-1] * n // heads}")  # [T, L, 2, heads // n]
+            part = runs[:, :, :, rank_heads.start // n].transpose(2, 1, 0)  # [2, L, T]
+            out = np.empty(HEADER.size + part.size * part.itemsize, dtype=np.uint8)
+            HEADER.pack_into(out, 0, out.size - HEADER.size, KV_2LTD, code, 2, layers, tokens, n * head_dim)
+            out[HEADER.size :].view(part.dtype).reshape(part.shape)[...] = part
+            yield name, memoryview(out)
 
     def _hash(self, obj: Any) -> bytes:
         if self.hash_algorithm == "sha256_cbor":
