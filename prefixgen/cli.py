@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from prefixgen.config import SIZE_FIELDS, BuildConfig, ServeConfig, format_size, parse_size
+from prefixgen.config import SIZE_FIELDS, BuildConfig, ExportConfig, ServeConfig, format_size, parse_size
 from prefixgen.errors import ConfigError, PrefixgenError
 
 app = typer.Typer(
@@ -389,6 +389,51 @@ def prune(
         f"{store}: kept {r.blocks_kept:,} of {r.blocks_before:,} blocks; shards {r.bytes_before / 1e6:,.1f} MB -> "
         f"{r.bytes_after / 1e6:,.1f} MB ({r.shards_written} written, {r.shards_removed} removed)"
     )
+
+
+_EXPORT = ExportConfig()  # export's defaults, shown in the help (None below means unset: ExportConfig fills it in)
+
+
+@app.command()
+@_user_errors
+def export(
+    store: Annotated[Optional[str], typer.Argument(help="The store folder.")] = None,
+    to: Annotated[Optional[str], Opt("--to", help="The engine: sglang or lmcache.")] = None,
+    out: Annotated[Optional[str], Opt("--out", "-o", help="The folder the engine reads (new or empty, unless --append).")] = None,
+    model_name: Annotated[Optional[str], Opt(help="The model name the server serves (part of every file name).")] = None,
+    page_size: Annotated[Optional[int], Opt(help=f"sglang: the server's --page-size. [default: {_EXPORT.page_size}]")] = None,
+    tp_size: Annotated[Optional[int], Opt(help=f"The server's tensor-parallel size. [default: {_EXPORT.tp_size}]")] = None,
+    layout: Annotated[
+        Optional[str],
+        Opt(
+            help=f"sglang: the server's --hicache-mem-layout: page_first, page_first_direct or layer_first. [default: {_EXPORT.layout}]"
+        ),
+    ] = None,
+    hash_seed: Annotated[Optional[int], Opt(help="lmcache: the PYTHONHASHSEED the server runs with.", metavar="SEED")] = None,
+    chunk_size: Annotated[Optional[int], Opt(help=f"lmcache: the chunk_size. [default: {_EXPORT.chunk_size}]")] = None,
+    hash_algorithm: Annotated[
+        Optional[str], Opt("--hash", help=f"lmcache: the pre_caching_hash_algorithm. [default: {_EXPORT.hash_algorithm}]")
+    ] = None,
+    min_records: Annotated[Optional[int], Opt(help="Export only blocks contained in at least K records.", metavar="K")] = None,
+    max_bytes: Annotated[
+        Optional[int], Opt(parser=_size, metavar="SIZE", help="Export the most shared blocks whose KV fits in SIZE, e.g. 500GB.")
+    ] = None,
+    append: Annotated[Optional[bool], Opt("--append", help="Add this store to an existing export of the same model.")] = None,
+    fsync: Annotated[
+        Optional[bool], Opt("--fsync/--no-fsync", help=f"Make every file durable before its rename. [default: {_EXPORT.fsync}]")
+    ] = None,
+    quiet: Annotated[Optional[bool], Opt("--quiet", "-q", help="No progress bar or summary.")] = None,
+) -> None:
+    """Write STORE's prefixes in an engine's own cache layout (SGLang HiCache file, LMCache fs://), for the engine to serve."""
+    cfg = _EXPORT.merged(**locals()).validate()
+    from prefixgen.export import export_store
+
+    s = export_store(cfg.merged(quiet=cfg.quiet or not sys.stderr.isatty()))
+    if not cfg.quiet:
+        typer.echo(
+            f"{cfg.out}: wrote {s.files:,} files, {s.bytes / 1e9:,.3f} GB in {s.seconds:,.1f} s ({s.gb_per_s:.2f} GB/s); "
+            f"{s.skipped_existing:,} already there; {s.units:,} {cfg.to} units of {cfg.unit_tokens} tokens"
+        )
 
 
 _SERVE = ServeConfig()  # serve's defaults, shown in the help (None below means unset: ServeConfig fills it in)

@@ -353,3 +353,71 @@ class ConnectorConfig:
         if not isinstance(cfg.load_threads, int) or cfg.load_threads < 1:
             raise ConfigError(f"PrefixgenConnector: load_threads must be a positive integer, got {cfg.load_threads!r}")
         return cfg
+
+
+EXPORT_TARGETS = ("sglang", "lmcache")
+SGLANG_LAYOUTS = ("page_first", "page_first_direct", "layer_first")
+
+
+@dataclass(slots=True)
+class ExportConfig:
+    """Every option of ``prefixgen export`` and its default (the only place export's defaults live).
+
+    Example:
+        >>> ExportConfig(store="store", to="sglang", out="hicache", model_name="org/m").merged(tp_size=2).tp_size
+        2
+    """
+
+    store: str = ""
+    to: str = ""  # the engine whose layout the export takes: one of EXPORT_TARGETS
+    out: str = ""  # the folder the engine reads (SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR, LMCache's fs:// path)
+    model_name: str = ""  # the name the server serves the model under (it is part of every file name)
+    tp_size: int = 1  # tensor-parallel ranks of the server: each gets files with its own KV heads
+    # sglang
+    page_size: int = 16  # the server's --page-size: tokens per file
+    layout: str = "page_first"  # the server's --hicache-mem-layout
+    # lmcache
+    hash_seed: int | None = None  # the server's PYTHONHASHSEED (LMCache's first chunk hash depends on it)
+    chunk_size: int = 256  # LMCache's chunk_size: tokens per file
+    hash_algorithm: str = "sha256_cbor"  # LMCache's pre_caching_hash_algorithm
+    # what and how
+    min_records: int | None = None  # export only blocks contained in at least this many records
+    max_bytes: int | None = None  # export the most shared blocks whose KV fits in this many bytes
+    append: bool = False  # add this store's prefixes to an existing export of the same model and target
+    fsync: bool = True  # make each file durable before its rename (off: a power loss may leave empty files)
+    quiet: bool = False
+
+    def merged(self, **overrides: Any) -> ExportConfig:
+        """A copy with the non-None ``overrides`` applied (``max_bytes`` may carry a unit: ``"8GiB"``)."""
+        values = {k: v for k, v in overrides.items() if v is not None}
+        if "max_bytes" in values:
+            values["max_bytes"] = parse_size(values["max_bytes"])
+        return dataclasses.replace(self, **values)
+
+    @property
+    def unit_tokens(self) -> int:
+        """Tokens per exported file of the chosen target."""
+        return self.chunk_size if self.to == "lmcache" else self.page_size
+
+    def validate(self) -> ExportConfig:
+        """Raise ConfigError naming the first bad value and what to do; return self."""
+        if not self.store:
+            raise ConfigError("pass STORE (a folder made by `prefixgen build`)")
+        if self.to not in EXPORT_TARGETS:
+            raise ConfigError(f"--to {self.to!r}: choose one of {', '.join(EXPORT_TARGETS)}")
+        if not self.out:
+            raise ConfigError("pass --out DIR: the folder the engine reads the export from")
+        if not self.model_name:
+            raise ConfigError("pass --model-name NAME: the model name the server serves (it is part of every file name)")
+        for name in ("tp_size", "page_size", "chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.layout not in SGLANG_LAYOUTS:
+            raise ConfigError(f"--layout {self.layout!r} is not one of {', '.join(SGLANG_LAYOUTS)}")
+        if self.to == "lmcache" and self.hash_seed is None:
+            raise ConfigError("--to lmcache needs --hash-seed SEED: the PYTHONHASHSEED the vLLM + LMCache server runs with")
+        if self.min_records is not None and self.min_records < 1:
+            raise ConfigError(f"--min-records must be at least 1 (1 exports every block), got {self.min_records}")
+        if self.max_bytes is not None and self.max_bytes <= 0:
+            raise ConfigError(f"--max-bytes must be positive, e.g. 500GB or 2TiB, got {self.max_bytes}")
+        return self

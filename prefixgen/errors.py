@@ -53,3 +53,10 @@ class NewerFormatError(StoreError):
 
 class IncompatibleStoreError(StoreError):
     """The store was built for another model (or tokenizer, or block size)."""
+
+
+class ExportError(PrefixgenError):
+    """A store cannot be exported as asked: the target cannot represent it, or the output folder
+    holds another export."""
+
+    exit_code = 6

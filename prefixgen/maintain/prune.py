@@ -130,7 +130,7 @@ def _prune(
     old = Segment(old_path)
     cols = old.cols
     ids = old.shard_ids(cols)
-    records = _record_counts(store, cols["key64"])
+    records = record_counts(store, cols["key64"])
     if not records.any():
         raise StoreError(f"{path} has no record counts (counts/ is empty): nothing to rank blocks by")
     keep = select_blocks(records, cols["depth"], min_records=min_records or 1, max_blocks=max_blocks, tiebreak=cols["key64"])
@@ -157,7 +157,7 @@ def _prune(
     return report
 
 
-def _record_counts(store: PrefixStore, key64: np.ndarray) -> np.ndarray:
+def record_counts(store: PrefixStore, key64: np.ndarray) -> np.ndarray:
     """[n] records containing each index row's block, summed over builds (0 if never counted)."""
     tables = store.count_arrays()
     if not tables:

@@ -1,0 +1,189 @@
+"""``prefixgen export``: write a store's prefixes in the on-disk layout an engine's own cache reads,
+so that the unmodified engine serves them (SGLang's HiCache file backend, LMCache's ``fs://``).
+
+The framework is engine-agnostic: it walks every stored chain (bounded memory: the index, never
+the KV at once), cuts it into units of ``target.unit_tokens`` tokens (full units only), computes
+each unit's key in chain order with ``target.next_key``, reads the unit's KV through the store's
+reader (CRCs checked) in batches in shard order, and writes the target's files under a temporary
+name then a rename. A file that exists is skipped, so a killed export resumes where it stopped.
+
+Example:
+    >>> from prefixgen.export import export
+    >>> from prefixgen.export.sglang import SGLangTarget
+    >>> export("store", SGLangTarget(model_name="Qwen/Qwen3-8B"), "hicache").files  # doctest: +SKIP
+    1234
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from prefixgen.config import ExportConfig
+from prefixgen.errors import ExportError
+from prefixgen.export.base import ExportSummary, ExportTarget, StoreInfo
+from prefixgen.export.outdir import ExportDir, ExportRecord
+from prefixgen.export.walk import Blocks, Units, plan_units, read_blocks, read_tokens, select, unit_keys
+from prefixgen.store.reader import PrefixStore
+
+__all__ = ["ExportError", "ExportSummary", "ExportTarget", "StoreInfo", "export", "export_store", "target_for"]
+
+BATCH_BYTES = 64 << 20  # KV read at once (then cut into units): one large read per shard run
+WRITE_THREADS = 4  # files written (and fsynced) at once while the next batch is read
+
+
+def target_for(cfg: ExportConfig) -> ExportTarget:
+    """The target ``cfg.to`` names, with ``cfg``'s parameters."""
+    if cfg.to == "sglang":
+        from prefixgen.export.sglang import SGLangTarget
+
+        return SGLangTarget(model_name=cfg.model_name, page_size=cfg.page_size, tp_size=cfg.tp_size, layout=cfg.layout)
+    if cfg.to == "lmcache":
+        try:
+            from prefixgen.export.lmcache import LMCacheTarget
+        except ModuleNotFoundError as exc:
+            if exc.name != "prefixgen.export.lmcache":
+                raise
+            raise ExportError("--to lmcache is not available in this version of prefixgen") from None
+        return LMCacheTarget(
+            model_name=cfg.model_name,
+            hash_seed=cfg.hash_seed,
+            chunk_size=cfg.chunk_size,
+            hash_algorithm=cfg.hash_algorithm,
+            tp_size=cfg.tp_size,
+        )
+    raise ExportError(f"unknown export target {cfg.to!r}")
+
+
+def export_store(cfg: ExportConfig) -> ExportSummary:
+    """``prefixgen export``: validate ``cfg``, build its target and export (what the CLI calls)."""
+    cfg.validate()
+    return export(
+        cfg.store,
+        target_for(cfg),
+        cfg.out,
+        min_records=cfg.min_records,
+        max_bytes=cfg.max_bytes,
+        append=cfg.append,
+        progress=not cfg.quiet,
+        fsync=cfg.fsync,
+    )
+
+
+def export(
+    store: str | Path,
+    target: ExportTarget,
+    out: str | Path,
+    *,
+    min_records: int | None = None,
+    max_bytes: int | None = None,
+    append: bool = False,
+    progress: bool = True,
+    fsync: bool = True,
+) -> ExportSummary:
+    """Write every full unit of every stored chain of ``store`` as ``target``'s files in ``out``.
+
+    ``min_records``/``max_bytes`` export only the blocks ``build --min-records/--max-bytes`` would
+    have stored (``select_blocks`` over the store's record counts; ``max_bytes`` counts KV bytes in
+    the model's dtype). Files that exist are skipped (a resumed export); ``append`` adds this store
+    to a folder that holds another store's export of the same model and target parameters.
+
+    Raises ExportError when the target cannot represent the store, or ``out`` holds an export of
+    another model or other target parameters.
+    """
+    start = time.perf_counter()
+    pstore = PrefixStore.open(store)
+    info = StoreInfo.from_manifest(pstore.manifest)
+    if target.unit_tokens % info.block_size:
+        raise ExportError(
+            f"the store's block size ({info.block_size}) does not divide the target's {target.unit_tokens} tokens per file: "
+            "rebuild the store with a --block-size that divides it"
+        )
+    target.check(info)
+    k = target.unit_tokens // info.block_size
+    outdir = ExportDir(Path(out), ExportRecord.of(pstore, target), append=append, fsync=fsync)  # refuses a wrong folder first
+    try:
+        blocks = read_blocks(pstore)
+        if min_records is not None or max_bytes is not None:
+            max_blocks = None if max_bytes is None else max_bytes // (info.bytes_per_token * info.block_size)
+            blocks = select(pstore, blocks, min_records, max_blocks)
+        units = plan_units(blocks, pstore.manifest.root_key, k)
+        tokens = read_tokens(pstore, blocks, units.blocks.reshape(-1)).reshape(len(units), -1).astype(np.int64)  # [units, U]
+        keys = unit_keys(units, tokens.__getitem__, target.first_key, target.next_key)
+        summary = ExportSummary(units=len(units), blocks=len(units) * k)
+        _write_units(pstore, blocks, units, keys, target, info, outdir, summary, progress)
+    finally:
+        outdir.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _write_units(
+    store: PrefixStore,
+    blocks: Blocks,
+    units: Units,
+    keys: list[Any],
+    target: ExportTarget,
+    info: StoreInfo,
+    outdir: ExportDir,
+    summary: ExportSummary,
+    progress: bool,
+) -> None:
+    """Read the units' KV in batches (in shard and slot order: long contiguous reads) and write
+    their files on a few threads while the next batch is read."""
+    unit_bytes = target.unit_tokens * info.bytes_per_token
+    names = getattr(target, "names", None)
+    first = units.blocks[:, 0]
+    order = np.lexsort((blocks.slot[first], blocks.shard[first]))
+    per_batch = max(1, BATCH_BYTES // unit_bytes)
+    bar = tqdm(total=len(units) * unit_bytes, unit="B", unit_scale=True, desc="export", disable=not progress)
+    with bar, ThreadPoolExecutor(WRITE_THREADS) as pool:
+        pending: list = []
+        for batch in _batches(order, per_batch):
+            todo = batch
+            if names is not None:  # resume: units whose files all exist are not read
+                done = np.asarray([all(outdir.exists(n) for n in names(keys[u])) for u in batch.tolist()], bool)
+                summary.skipped_existing += sum(len(names(keys[u])) for u in batch[done].tolist())
+                bar.update(int(done.sum()) * unit_bytes)
+                todo = batch[~done]
+            if not len(todo):
+                continue
+            kv = store.read_locations(blocks.locations(units.blocks[todo].reshape(-1)))  # [units * U, L, 2, H, D]
+            kv = kv.view(len(todo), target.unit_tokens, *kv.shape[1:])
+            for f in pending:  # at most one batch's files in flight: bounded memory
+                _count(summary, f.result())
+            pending = [pool.submit(_write_unit, outdir, target, keys[u], kv[i]) for i, u in enumerate(todo.tolist())]
+            bar.update(len(todo) * unit_bytes)
+        for f in pending:
+            _count(summary, f.result())
+
+
+def _batches(order: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for i in range(0, len(order), size):
+        yield order[i : i + size]
+
+
+def _write_unit(outdir: ExportDir, target: ExportTarget, key: Any, kv: torch.Tensor) -> tuple[int, int, int]:
+    """(files written, bytes written, files skipped) of one unit."""
+    files = written = skipped = 0
+    for name, data in target.files(key, kv):
+        if outdir.exists(name):
+            skipped += 1
+            continue
+        written += outdir.write(name, data)
+        files += 1
+    return files, written, skipped
+
+
+def _count(summary: ExportSummary, result: tuple[int, int, int]) -> None:
+    files, written, skipped = result
+    summary.files += files
+    summary.bytes += written
+    summary.skipped_existing += skipped

@@ -1,0 +1,136 @@
+"""What an export target is: the engine-specific half of ``prefixgen export``.
+
+The framework (``prefixgen.export.export``) walks the store and hands each target a unit of KV
+(``unit_tokens`` tokens of one chain) with the unit's key; the target says what the engine calls
+that unit (its file names) and which bytes it expects in them. A target is a dataclass whose
+fields are its parameters (they are recorded in the export's manifest, and an export into a folder
+whose manifest records other parameters is refused).
+
+Example (a target writing each 16-token unit's KV as-is, named by a running SHA-256):
+    >>> @dataclass
+    ... class Flat:
+    ...     unit_tokens: int = 16
+    ...     def check(self, info): pass
+    ...     def first_key(self): return ""
+    ...     def next_key(self, parent, tokens):
+    ...         return hashlib.sha256(bytes.fromhex(parent) + tokens.astype("<u4").tobytes()).hexdigest()
+    ...     def files(self, key, kv): yield f"{key}.bin", kv.contiguous().view(torch.uint8).numpy()
+    >>> export("store", Flat(), "out")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from prefixgen.format import DTYPE_SIZES, Manifest
+
+
+@dataclass(slots=True, frozen=True)
+class StoreInfo:
+    """What a target may need to know of the store it exports (from its manifest).
+
+    Example:
+        >>> info = StoreInfo.from_manifest(store.manifest)  # doctest: +SKIP
+        >>> info.kv_dtype, info.storage
+        ('bfloat16', 'native')
+    """
+
+    block_size: int  # tokens per stored block
+    num_layers: int
+    num_kv_heads: int  # all of the model's KV heads (a target splits them across TP ranks)
+    head_dim: int
+    kv_dtype: str  # torch dtype name of the model's KV ("bfloat16", "float16", "float32"): the dtype of ``kv``
+    storage: str  # "native" or "fp8" (the store's own encoding; ``kv`` is dequantized to kv_dtype)
+    model_name: str  # the name the store's model was loaded under at build time
+    architecture: str  # e.g. "LlamaForCausalLM"
+    model_type: str  # e.g. "llama"
+    weights_digest: str  # hex: identifies the weights (see FORMAT.md)
+    tokenizer_digest: str  # hex: identifies the tokenizer and chat template
+
+    @classmethod
+    def from_manifest(cls, m: Manifest) -> StoreInfo:
+        return cls(
+            block_size=m.block_size,
+            num_layers=m.kv.num_layers,
+            num_kv_heads=m.kv.num_kv_heads,
+            head_dim=m.kv.head_dim,
+            kv_dtype=m.kv.dtype,
+            storage=m.kv.storage,
+            model_name=m.model.name,
+            architecture=m.model.architecture,
+            model_type=m.model.model_type,
+            weights_digest=m.model.weights_digest,
+            tokenizer_digest=m.model.tokenizer_digest,
+        )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.kv_dtype)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes of one token in ``kv_dtype``, all layers and heads."""
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * DTYPE_SIZES[self.kv_dtype]
+
+
+@runtime_checkable
+class ExportTarget(Protocol):
+    """An engine's on-disk layout of prefix KV.
+
+    Attributes and methods the framework calls:
+
+    * ``unit_tokens``: tokens per unit (SGLang's page, LMCache's chunk); a multiple of the store's
+      block size (``check`` refuses others). Only full units are exported.
+    * ``check(info)``: raise :class:`prefixgen.errors.ExportError` saying what of the store the target
+      cannot represent (block size, dtype, fp8 storage, head count and TP size, ...). The framework
+      always hands ``kv`` dequantized to ``info.kv_dtype``; a target that cannot take an fp8 store's
+      dequantized values refuses ``info.storage == "fp8"`` here.
+    * ``first_key()``: the key before a chain's first unit (a seed, or None).
+    * ``next_key(parent, tokens)``: the key of the unit of ``tokens`` (int64 ``[unit_tokens]``) that
+      follows the unit whose key is ``parent``. Called in chain order, parents first.
+    * ``files(key, kv)``: the unit's files as (name relative to the export folder, bytes); ``kv`` is
+      ``[unit_tokens, num_layers, 2, num_kv_heads, head_dim]`` in ``info.kv_dtype``, on the CPU.
+
+    Optional, used when present:
+
+    * ``name``: the target's name in the export manifest (default: the class name).
+    * ``names(key) -> list[str]``: the names ``files(key, kv)`` would give, so that a resumed export
+      skips a unit whose files all exist without reading its KV.
+    """
+
+    unit_tokens: int
+
+    def check(self, info: StoreInfo) -> None: ...
+
+    def first_key(self) -> Any: ...
+
+    def next_key(self, parent: Any, tokens: np.ndarray) -> Any: ...
+
+    def files(self, key: Any, kv: torch.Tensor) -> Iterable[tuple[str, bytes | memoryview]]: ...
+
+
+@dataclass(slots=True)
+class ExportSummary:
+    """What an export wrote.
+
+    Example:
+        >>> s = export("store", SGLangTarget(model_name="m"), "out")  # doctest: +SKIP
+        >>> s.files, s.bytes, s.skipped_existing
+        (120, 3932160, 0)
+    """
+
+    files: int = 0  # files written by this run
+    bytes: int = 0  # bytes written by this run
+    skipped_existing: int = 0  # files already there (a resumed or appended export)
+    seconds: float = 0.0
+    units: int = 0  # units (pages, chunks) exported or found already exported
+    blocks: int = 0  # store blocks the units cover
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
