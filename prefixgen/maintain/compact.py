@@ -31,7 +31,7 @@ from prefixgen.format import (
     fsync_dir,
 )
 from prefixgen.maintain.merge import MergedSegment
-from prefixgen.store.writer import maintenance_lock, new_id
+from prefixgen.store.writer import maintenance_lock, new_id, remove_temp_files
 
 COMPACTED_PREFIX = "compacted-"
 
@@ -72,6 +72,8 @@ def compact_store(
         with maintenance_lock(path, "compact") as owner:
             return compact_store(path, select, progress, fsync, owner)
     folder = path / INDEX_DIR
+    # A compaction killed mid-write left its partial segment: its writer is dead, so it goes.
+    remove_temp_files(path, dirs=(INDEX_DIR,), locks=False)
     names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors") and (select is None or select(n)))
     report = CompactReport()
     if len(names) < 2:

@@ -824,9 +824,11 @@ def remove_lock_if_dead(store: Path, owner: str) -> bool:
     return True
 
 
-def remove_temp_files(path: Path, dry_run: bool = False) -> list[Path]:
-    """Delete the ``*.tmp`` files of writers that are not live, and their lock files; never touch
-    a live writer's. Returns what was (or, with ``dry_run``, would be) removed.
+def remove_temp_files(
+    path: Path, dry_run: bool = False, dirs: tuple[str, ...] = (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR), locks: bool = True
+) -> list[Path]:
+    """Delete the ``*.tmp`` files (in ``dirs``) of writers that are not live, and (``locks``) their lock
+    files; never touch a live writer's. Returns what was (or, with ``dry_run``, would be) removed.
 
     Example:
         >>> remove_temp_files(Path("store"))  # doctest: +SKIP
@@ -834,7 +836,7 @@ def remove_temp_files(path: Path, dry_run: bool = False) -> list[Path]:
     """
     removed: list[Path] = []
     live: dict[str, bool] = {}
-    for sub in (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR):
+    for sub in dirs:
         for p in sorted((path / sub).glob(f"*{TMP_SUFFIX}")):
             owner = temp_owner(p.name)
             if owner is not None and live.setdefault(owner, writer_is_live(path, owner)):
@@ -843,7 +845,7 @@ def remove_temp_files(path: Path, dry_run: bool = False) -> list[Path]:
                 p.unlink(missing_ok=True)
             removed.append(p)
     folder = path / LOCKS_DIR
-    for p in sorted(folder.glob("*.lock")) if folder.is_dir() else []:
+    for p in sorted(folder.glob("*.lock")) if folder.is_dir() and locks else []:
         owner = p.name[: -len(".lock")]
         if dry_run:
             if not writer_is_live(path, owner):
