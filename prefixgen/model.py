@@ -358,3 +358,26 @@ def kv_layout_from_config(model: str, kv_dtype: str = "auto", trust_remote_code:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def tp_kv_heads(total_kv_heads: int, tp_size: int, tp_rank: int) -> range | None:
+    """The KV heads tensor-parallel rank ``tp_rank`` of ``tp_size`` holds, as vLLM's ``QKVParallelLinear``
+    (and SGLang's QKV projection) shard them: consecutive slices of ``total / tp`` heads, or, when there
+    are fewer heads than ranks, one head replicated over ``tp / total`` consecutive ranks. None when
+    the heads do not split over ``tp_size`` either way. The one split the connector and exports share.
+
+    Example:
+        >>> tp_kv_heads(8, 2, 1), tp_kv_heads(2, 4, 3), tp_kv_heads(4, 3, 0)
+        (range(4, 8), range(1, 2), None)
+    """
+    if tp_size <= 0:
+        return None
+    if tp_size >= total_kv_heads:
+        if tp_size % total_kv_heads:
+            return None
+        head = tp_rank // (tp_size // total_kv_heads)
+        return range(head, head + 1)
+    if total_kv_heads % tp_size:
+        return None
+    per_rank = total_kv_heads // tp_size
+    return range(tp_rank * per_rank, (tp_rank + 1) * per_rank)

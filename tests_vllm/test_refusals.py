@@ -137,7 +137,7 @@ def test_requests_the_store_cannot_serve_load_nothing_and_are_counted(model, sto
     ids = load_tokenizer(str(model))(RECORD + " Then he").input_ids
     stored = PrefixStore.open(store).match(ids[:-1])
     assert stored >= 256
-    assert sched.get_num_new_matched_tokens(request("plain", ids), 0) == (stored, False)
+    assert sched.get_num_new_matched_tokens(request("plain", ids), 0) == (stored, True)  # loaded asynchronously
     image = MultiModalFeatureSpec(data=None, modality="image", identifier="img", mm_position=PlaceholderRange(offset=0, length=4))
     skipped = [
         request("lora", ids, lora_request=LoRARequest("adapter", 1, "/no/such/adapter")),

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from prefixgen.errors import ExportError
+from prefixgen.model import tp_kv_heads
 
 if TYPE_CHECKING:
     from prefixgen.export.base import StoreInfo
@@ -179,13 +180,10 @@ def _seed_text(seed: str | int | None) -> str:
 def _head_range(total: int, tp_size: int, rank: int) -> range:
     """The KV heads vLLM gives TP rank ``rank``: consecutive slices of ``total / tp_size``, or one head
     replicated over ``tp_size / total`` ranks (``QKVParallelLinear``)."""
-    if tp_size <= 0 or (tp_size % total if tp_size >= total else total % tp_size):
+    heads = tp_kv_heads(total, tp_size, rank)
+    if heads is None:
         raise ExportError(f"the store's {total} KV heads do not split over tensor parallel size {tp_size}")
-    if tp_size >= total:
-        head = rank // (tp_size // total)
-        return range(head, head + 1)
-    per_rank = total // tp_size
-    return range(rank * per_rank, (rank + 1) * per_rank)
+    return heads
 
 
 def _cbor_head(major: int, n: int) -> bytes:

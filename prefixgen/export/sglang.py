@@ -30,6 +30,7 @@ import torch
 from prefixgen.config import SGLANG_LAYOUTS
 from prefixgen.errors import ExportError
 from prefixgen.export.base import StoreInfo
+from prefixgen.model import tp_kv_heads
 
 SGLANG_VERSION = "0.5.23"  # the version whose hash, names and layouts this target was checked against
 
@@ -98,10 +99,7 @@ def _rank_heads(num_kv_heads: int, tp_size: int) -> list[slice]:
     """The KV heads each TP rank holds, as SGLang's QKV projection splits them: consecutive groups of
     ``heads / tp`` when tp divides the heads; one head shared by ``tp / heads`` ranks when the heads
     divide tp."""
-    if num_kv_heads % tp_size == 0:
-        n = num_kv_heads // tp_size
-        return [slice(r * n, (r + 1) * n) for r in range(tp_size)]
-    if tp_size % num_kv_heads == 0:
-        replicas = tp_size // num_kv_heads
-        return [slice(r // replicas, r // replicas + 1) for r in range(tp_size)]
+    heads = [tp_kv_heads(num_kv_heads, tp_size, rank) for rank in range(tp_size)]
+    if None not in heads:
+        return [slice(h.start, h.stop) for h in heads]
     raise ExportError(f"--tp-size {tp_size} does not split the model's {num_kv_heads} KV heads: SGLang cannot serve it that way")

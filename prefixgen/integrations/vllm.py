@@ -71,6 +71,7 @@ from prefixgen.model import (
     config_fingerprint,
     config_kv_layout,
     load_tokenizer,
+    tp_kv_heads,
 )
 from prefixgen.store.index import BlockLocation
 from prefixgen.store.reader import PrefixStore
@@ -199,15 +200,10 @@ def kv_head_range(total_kv_heads: int, tp_size: int, tp_rank: int) -> range:
         >>> kv_head_range(8, 2, 1), kv_head_range(2, 4, 3)
         (range(4, 8), range(1, 2))
     """
-    if tp_size >= total_kv_heads:
-        if tp_size % total_kv_heads:
-            raise ConfigError(f"tensor parallel size {tp_size} is not a multiple of the {total_kv_heads} KV heads")
-        head = tp_rank // (tp_size // total_kv_heads)
-        return range(head, head + 1)
-    if total_kv_heads % tp_size:
-        raise ConfigError(f"{total_kv_heads} KV heads do not split evenly over tensor parallel size {tp_size}")
-    per_rank = total_kv_heads // tp_size
-    return range(tp_rank * per_rank, (tp_rank + 1) * per_rank)
+    heads = tp_kv_heads(total_kv_heads, tp_size, tp_rank)
+    if heads is None:
+        raise ConfigError(f"the {total_kv_heads} KV heads do not split over tensor parallel size {tp_size}")
+    return heads
 
 
 def slot_mapping(block_ids: Sequence[int], block_size: int, start: int, end: int) -> torch.Tensor:
