@@ -18,7 +18,7 @@ from pathlib import Path
 from prefixgen.errors import CorruptStoreError, StoreError
 from prefixgen.format import SHARDS_DIR
 from prefixgen.store.index import StoreIndex
-from prefixgen.store.reader import PrefixStore
+from prefixgen.store.reader import read_manifest
 from prefixgen.store.writer import ID_PATTERN, live_writers, maintenance_lock, remove_temp_files, writer_is_live
 
 
@@ -41,7 +41,9 @@ def collect_garbage(path: str | os.PathLike, dry_run: bool = False) -> GcReport:
         ['shards/20261127T093251-4242-abcdef-000007.safetensors']
     """
     path = Path(path)
-    PrefixStore.open(path)  # a store, of a format this version knows
+    # A store, of a format this version knows. Only its manifest: the index is read once, below, and
+    # opening all of it here would race a prune's or compaction's unlinks for nothing.
+    read_manifest(path)
     with maintenance_lock(path, "gc") as me:  # like every process that changes the store
         return _collect(path, me, dry_run)
 

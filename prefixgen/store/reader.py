@@ -109,15 +109,7 @@ class PrefixStore:
             prefixgen.errors.StoreError: no/such/store is not a prefixgen store: it has no manifest.json (build one with `prefixgen build`)
         """
         path = Path(path)
-        mpath = path / MANIFEST_FILE
-        if not mpath.is_file():
-            raise StoreError(f"{path} is not a prefixgen store: it has no {MANIFEST_FILE} (build one with `prefixgen build`)")
-        try:
-            text = mpath.read_bytes().decode("utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CorruptStoreError(f"cannot read {mpath}: {exc}") from None
-        manifest = Manifest.from_json(text, mpath)
-        return cls(path, manifest, StoreIndex.open(path))
+        return cls(path, read_manifest(path), StoreIndex.open(path))
 
     # ------------------------------------------------------------------ matching
 
@@ -358,6 +350,20 @@ def read_builds(path: Path) -> list[BuildRecord]:
             record = merge_rank_parts(record, [_read_build(q) for q in sorted(parts_dir.glob("*.json"))])
         records.append(record)
     return sorted(records, key=lambda r: r.started_at)
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """The manifest of the store at ``path``, without opening its index; a missing, corrupt or
+    newer-format manifest is a clear error."""
+    path = Path(path)
+    mpath = path / MANIFEST_FILE
+    if not mpath.is_file():
+        raise StoreError(f"{path} is not a prefixgen store: it has no {MANIFEST_FILE} (build one with `prefixgen build`)")
+    try:
+        text = mpath.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CorruptStoreError(f"cannot read {mpath}: {exc}") from None
+    return Manifest.from_json(text, mpath)
 
 
 def _read_build(p: Path) -> BuildRecord:
