@@ -336,6 +336,9 @@ class ConnectorConfig:
     # reads, converts and uploads at a time: a load's transient memory is a few of these, whatever its length.
     staging_bytes: int = 64 << 20
     load_threads: int = 2  # requests loaded at the same time, each on its own thread
+    # While loads run, each engine step waits up to this long for one to finish, so that the engine's busy
+    # step loop leaves the GIL to the load threads (0: never wait).
+    yield_seconds: float = 0.001
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> ConnectorConfig:
@@ -352,6 +355,8 @@ class ConnectorConfig:
             raise ConfigError(f"PrefixgenConnector: staging_bytes must be positive, got {cfg.staging_bytes}")
         if not isinstance(cfg.load_threads, int) or cfg.load_threads < 1:
             raise ConfigError(f"PrefixgenConnector: load_threads must be a positive integer, got {cfg.load_threads!r}")
+        if not isinstance(cfg.yield_seconds, int | float) or cfg.yield_seconds < 0:
+            raise ConfigError(f"PrefixgenConnector: yield_seconds must be a number of seconds >= 0, got {cfg.yield_seconds!r}")
         return cfg
 
 

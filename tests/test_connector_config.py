@@ -24,6 +24,8 @@ def test_defaults_and_sizes_with_units():
         ({"store": "s", "staging_bytes": 0}, "staging_bytes must be positive"),
         ({"store": "s", "load_threads": 0}, "load_threads must be a positive integer"),
         ({"store": "s", "load_threads": "2"}, "load_threads must be a positive integer"),
+        ({"store": "s", "yield_seconds": -1}, "yield_seconds must be a number of seconds >= 0"),
+        ({"store": "s", "yield_seconds": "1ms"}, "yield_seconds must be a number of seconds >= 0"),
     ],
 )
 def test_bad_values_are_refused_by_name(extra, message):
