@@ -337,8 +337,10 @@ class ConnectorConfig:
     staging_bytes: int = 64 << 20
     load_threads: int = 2  # requests loaded at the same time, each on its own thread
     # While loads run, each engine step waits up to this long for one to finish, so that the engine's busy
-    # step loop leaves the GIL to the load threads (0: never wait).
-    yield_seconds: float = 0.001
+    # step loop leaves the GIL to the load threads (0: never wait). 0.001 loads 9x faster on an idle CPU engine
+    # (BENCHMARKS.md); not the default yet: with it, tests_vllm's damaged-index test fails after the other
+    # modules have run in the same process, for a reason not yet found.
+    yield_seconds: float = 0.0
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> ConnectorConfig:
