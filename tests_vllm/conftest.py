@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,6 +66,19 @@ class Run:
     loaded: list[int]
 
 
+def connector_config(store: Path, **extra: Any):
+    """vLLM's KVTransferConfig for PrefixgenConnector on ``store`` (``extra``: more of its extra config)."""
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(
+        kv_connector=CONNECTOR,
+        kv_connector_module_path=MODULE,
+        kv_role="kv_consumer",
+        kv_load_failure_policy="recompute",  # the connector refuses vLLM's default "fail"
+        kv_connector_extra_config={"store": str(store), **extra},
+    )
+
+
 def run_vllm(
     model: Path,
     prompts: Sequence[str | dict],
@@ -77,18 +91,9 @@ def run_vllm(
     ``engine_args`` such as ``block_size`` go to ``LLM``), greedy-generate 12 tokens for each prompt (text or
     a vLLM prompt dict) and then each chat, one call each, shut the engine down."""
     from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
-    kv = None
-    if store is not None:
-        kv = KVTransferConfig(
-            kv_connector=CONNECTOR,
-            kv_connector_module_path=MODULE,
-            kv_role="kv_consumer",
-            kv_load_failure_policy="recompute",  # the connector refuses vLLM's default "fail"
-            kv_connector_extra_config={"store": str(store)},
-        )
+    kv = None if store is None else connector_config(store)
     llm = LLM(
         str(model),
         dtype="float32",

@@ -18,7 +18,7 @@ import pytest
 from prefixgen import BuildConfig, PrefixStore, build
 from prefixgen.format import INDEX_DIR, SHARDS_DIR, read_safetensors_header
 
-from .conftest import CONNECTOR, MODULE, corrupt_block, tiny_model, write_jsonl
+from .conftest import connector_config, corrupt_block, tiny_model, write_jsonl
 
 SYSTEM = "You are a helpful storyteller. Answer kindly and simply, in short sentences a child can read. " * 5
 NAMES = ["Lily", "Tom", "Mia", "Ben", "Zoe", "Max", "Ava", "Sam", "Eva", "Leo"]
@@ -62,17 +62,8 @@ def store(tmp_path_factory, model):
 
 def _llm(model, store=None, **kwargs):
     from vllm import LLM
-    from vllm.config import KVTransferConfig
 
-    kv = None
-    if store is not None:
-        kv = KVTransferConfig(
-            kv_connector=CONNECTOR,
-            kv_connector_module_path=MODULE,
-            kv_role="kv_consumer",
-            kv_load_failure_policy="recompute",
-            kv_connector_extra_config={"store": str(store), "staging_bytes": 96 << 10},  # 3 blocks a piece
-        )
+    kv = None if store is None else connector_config(store, staging_bytes=96 << 10)  # 3 blocks a piece
     return LLM(
         str(model),
         dtype="float32",
