@@ -338,8 +338,7 @@ class ConnectorConfig:
     load_threads: int = 2  # requests loaded at the same time, each on its own thread
     # While loads run, each engine step waits up to this long for one to finish, so that the engine's busy
     # step loop leaves the GIL to the load threads (0: never wait). 0.001 loads 9x faster on an idle CPU engine
-    # (BENCHMARKS.md); not the default yet: with it, tests_vllm's damaged-index test fails after the other
-    # modules have run in the same process, for a reason not yet found.
+    # (BENCHMARKS.md); not the default yet (to be revisited with the order-dependent damaged-index test).
     yield_seconds: float = 0.0
 
     @classmethod
