@@ -252,6 +252,37 @@ def test_loads_are_streamed_in_staging_pieces(engine, store):
     assert 0 < stats.max_piece_bytes <= 96 << 10
 
 
+def test_counters_reach_vllms_prometheus_metrics(engine, store):
+    """vLLM's Prometheus logger (on with the engine's stats) gets the connector's counters through its
+    build_prom_metrics: each ``vllm:prefixgen_*_total`` equals the connector's own count since the engine started
+    (scheduler and worker summed), skipped requests labelled by reason."""
+    from prometheus_client import REGISTRY
+    from vllm import SamplingParams
+
+    assert generate(engine, [7])[1][0] >= stored(store, engine, 7) > 0
+    salted = engine.generate({"prompt": PROMPTS[0], "cache_salt": "user-42"}, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert salted[0].num_cached_tokens == 0
+    labels = {"model_name": engine.llm_engine.vllm_config.model_config.served_model_name, "engine": "0"}
+
+    def prom(name: str, **extra: str) -> float | None:
+        return REGISTRY.get_sample_value(f"vllm:prefixgen_{name}_total", {**labels, **extra})
+
+    load, claims = worker(engine).stats, scheduler(engine).connector.claim_stats
+    assert prom("loads") == load.requests > 0
+    assert prom("loaded_tokens") == load.tokens > 0
+    assert prom("loaded_bytes") == load.bytes > 0
+    assert prom("load_pieces") == load.pieces > 0
+    assert prom("load_seconds") == pytest.approx(load.seconds) and load.seconds > 0
+    for name in ("corrupt_blocks", "failed_loads", "failed_shards"):
+        assert prom(name) == getattr(load, name)
+    assert prom("lookups") == claims.lookups > 0
+    assert prom("lookup_errors") == claims.lookup_errors
+    assert prom("skipped_bad_blocks") == claims.skipped_bad_blocks
+    assert prom("skipped_requests", reason="cache_salt") == claims.skipped_cache_salt >= 1
+    for reason in ("lora", "multimodal", "prompt_embeds"):
+        assert prom("skipped_requests", reason=reason) == getattr(claims, f"skipped_{reason}")
+
+
 # ---------------------------------------------------------------------------------------------- faults
 
 

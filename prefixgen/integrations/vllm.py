@@ -59,7 +59,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.logger import init_logger
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
@@ -177,9 +177,76 @@ class PrefixgenConnectorStats(KVConnectorStats):
         return not any(self.data.values())
 
 
+# The counters of LoadStats and ClaimStats on vLLM's Prometheus endpoint (/metrics): field -> (name without
+# "vllm:prefixgen_" and "_total", help). A field not named here gets a counter of its own name; ClaimStats'
+# skipped_<reason> fields are one counter, labelled by reason.
+PROM_COUNTERS: dict[str, tuple[str, str]] = {
+    "requests": ("loads", "Loads from the store done (written whole, or up to a store fault)"),
+    "tokens": ("loaded_tokens", "Prompt tokens whose KV was loaded from the store instead of computed"),
+    "bytes": ("loaded_bytes", "KV bytes written into vLLM's cache (each rank its heads, in vLLM's dtype)"),
+    "seconds": ("load_seconds", "Seconds spent loading, summed over loads (they overlap each other and the steps)"),
+    "pieces": ("load_pieces", "Staging pieces read and written by loads"),
+    "corrupt_blocks": ("corrupt_blocks", "Stored blocks that failed their checksum: not loaded, vLLM computed them"),
+    "failed_loads": ("failed_loads", "Loads cut short by a store fault: vLLM computed the rest"),
+    "failed_shards": ("failed_shards", "Shards found missing, truncated or unreadable: their blocks are not loaded"),
+    "lookups": ("lookups", "Prompts looked up in the store"),
+    "lookup_errors": ("lookup_errors", "Lookups the store could not answer (a damaged index): cache misses"),
+    "skipped_bad_blocks": ("skipped_bad_blocks", "Lookups cut short at a block or shard a worker had reported bad"),
+}
+SKIPPED = ("skipped_requests", "Requests loaded nothing for (vLLM computes them whole), by reason")
+
+
+class PrefixgenPromMetrics(KVConnectorPromMetrics):
+    """The connector's counters as Prometheus counters ``vllm:prefixgen_<name>_total`` (:data:`PROM_COUNTERS`) on
+    vLLM's ``/metrics``, summed over the scheduler and the workers (tensor-parallel ranks add up). vLLM builds it
+    with its Prometheus logger (stats on: not ``--disable-log-stats``) and feeds it each step's
+    :class:`PrefixgenConnectorStats`.
+
+    Example:
+        >>> REGISTRY.get_sample_value("vllm:prefixgen_loaded_tokens_total", {"model_name": "m", "engine": "0"})  # doctest: +SKIP
+        4096.0
+    """
+
+    def __init__(
+        self, vllm_config: VllmConfig, metric_types: dict, labelnames: list[str], per_engine_labelvalues: dict[int, list[object]]
+    ):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._metrics: dict[str, Any] = {}  # Prometheus name -> its counter
+        self._children: dict[tuple[int, str], Any] = {}  # (engine, stats field) -> the labelled counter
+        for name in _counter_names(LoadStats) + _counter_names(ClaimStats):  # every counter shows from the start, at 0
+            for engine_idx in per_engine_labelvalues:
+                self._child(name, engine_idx)
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for name, value in transfer_stats_data.items():
+            if value:
+                self._child(name, engine_idx).inc(value)
+
+    def _child(self, field_name: str, engine_idx: int) -> Any:
+        child = self._children.get((engine_idx, field_name))
+        if child is None:
+            labels = list(self.per_engine_labelvalues[engine_idx])
+            if field_name.startswith("skipped_") and field_name not in PROM_COUNTERS:
+                (name, doc), extra = SKIPPED, ["reason"]
+                labels.append(field_name.removeprefix("skipped_"))
+            else:
+                (name, doc), extra = PROM_COUNTERS.get(field_name, (field_name, field_name.replace("_", " "))), []
+            metric = self._metrics.get(name)
+            if metric is None:
+                metric = self._counter_cls(name=f"vllm:prefixgen_{name}", documentation=doc, labelnames=self._labelnames + extra)
+                self._metrics[name] = metric
+            child = self._children[(engine_idx, field_name)] = metric.labels(*labels)
+        return child
+
+
+def _counter_names(stats: type[LoadStats | ClaimStats]) -> list[str]:
+    """The fields of ``stats`` that count (vLLM collects and sums them): all but ``max_piece_bytes``, a maximum."""
+    return [f.name for f in dataclasses.fields(stats) if f.name != "max_piece_bytes"]
+
+
 def _counters_since(stats: LoadStats | ClaimStats, last: dict[str, int | float]) -> PrefixgenConnectorStats | None:
     """What ``stats`` counted since ``last`` (which becomes now); None when nothing changed."""
-    now = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats) if f.name != "max_piece_bytes"}
+    now = {name: getattr(stats, name) for name in _counter_names(type(stats))}
     delta = {name: value - last.get(name, 0) for name, value in now.items()}
     last.update(now)
     return PrefixgenConnectorStats(delta) if any(delta.values()) else None
@@ -589,6 +656,17 @@ class PrefixgenConnector(KVConnectorBase_V1):
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
         return PrefixgenConnectorStats(dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict,
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        """The connector's counters on vLLM's Prometheus endpoint (:class:`PrefixgenPromMetrics`)."""
+        return PrefixgenPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self.role == KVConnectorRole.WORKER:
