@@ -338,7 +338,7 @@ class ConnectorConfig:
     load_threads: int = 2  # requests loaded at the same time, each on its own thread
     # While loads run, each engine step waits up to this long for one to finish, so that the engine's busy
     # step loop leaves the GIL to the load threads (0: never wait). 0.001 loads 9x faster on an idle CPU engine
-    # (BENCHMARKS.md); not the default yet (to be revisited with the order-dependent damaged-index test).
+    # (BENCHMARKS.md); not the default yet (tests_vllm passes with it on too: the damaged-index test's failure was its own).
     yield_seconds: float = 0.0
 
     @classmethod

@@ -109,18 +109,23 @@ def test_load_writes_the_claimed_tokens_at_their_slots(setup, monkeypatch, compu
     opened = PrefixStore.open(store)
     piece = staging_blocks * opened.manifest.kv.bytes_per_token * STORE_BLOCK
     scheduler, worker, caches = connectors(model, store, monkeypatch, staging_bytes=piece)
-    end = opened.match(ids[:-1])
-    assert end % STORE_BLOCK == 0 and end % VLLM_BLOCK != 0 and end > 64 + 2 * STORE_BLOCK
-    block_ids = [(7 * i + 3) % NUM_BLOCKS for i in range(-(-len(ids) // VLLM_BLOCK))]  # scattered, not in order
+    try:
+        end = opened.match(ids[:-1])
+        assert end % STORE_BLOCK == 0 and end % VLLM_BLOCK != 0 and end > 64 + 2 * STORE_BLOCK
+        block_ids = [(7 * i + 3) % NUM_BLOCKS for i in range(-(-len(ids) // VLLM_BLOCK))]  # scattered, not in order
 
-    assert load(scheduler, worker, ids, computed, block_ids) == end - computed
-    stored = opened.load(ids[:-1])  # per layer: [1, KV heads, end, head_dim] keys and values
-    pos = torch.arange(computed, end)
-    slots = torch.as_tensor(block_ids)[pos // VLLM_BLOCK] * VLLM_BLOCK + pos % VLLM_BLOCK
-    for i, (layer, cache) in enumerate(caches):
-        expected = torch.full_like(cache, float("nan"))
-        keys, values = (t[0, :, computed:].transpose(0, 1).contiguous() for t in (stored.layers[i].keys, stored.layers[i].values))
-        layer.impl.do_kv_cache_update(layer, keys, values, expected, slots)  # [tokens, KV heads, head_dim] each
-        assert not expected.isnan().all() and expected.isnan().any()
-        torch.testing.assert_close(cache, expected, rtol=0, atol=0, equal_nan=True)
-    assert worker.stats.tokens == end - computed
+        assert load(scheduler, worker, ids, computed, block_ids) == end - computed
+        stored = opened.load(ids[:-1])  # per layer: [1, KV heads, end, head_dim] keys and values
+        pos = torch.arange(computed, end)
+        slots = torch.as_tensor(block_ids)[pos // VLLM_BLOCK] * VLLM_BLOCK + pos % VLLM_BLOCK
+        for i, (layer, cache) in enumerate(caches):
+            expected = torch.full_like(cache, float("nan"))
+            keys, values = (
+                t[0, :, computed:].transpose(0, 1).contiguous() for t in (stored.layers[i].keys, stored.layers[i].values)
+            )
+            layer.impl.do_kv_cache_update(layer, keys, values, expected, slots)  # [tokens, KV heads, head_dim] each
+            assert not expected.isnan().all() and expected.isnan().any()
+            torch.testing.assert_close(cache, expected, rtol=0, atol=0, equal_nan=True)
+        assert worker.stats.tokens == end - computed
+    finally:
+        worker.shutdown()
