@@ -64,6 +64,7 @@ class Run:
     cached: list[int]
     stats: object | None  # the worker connector's LoadStats
     loaded: list[int]
+    claims: object | None = None  # the scheduler connector's ClaimStats
 
 
 def connector_config(store: Path, **extra: Any):
@@ -85,11 +86,13 @@ def run_vllm(
     chats: Sequence[list[dict]] = (),
     store: Path | None = None,
     prefix_caching: bool = False,
+    loras: Sequence[object | None] = (),
     **engine_args,
 ) -> Run:
     """Start an engine (with the connector on ``store`` if given; vLLM's own prefix caching off unless asked;
-    ``engine_args`` such as ``block_size`` go to ``LLM``), greedy-generate 12 tokens for each prompt (text or
-    a vLLM prompt dict) and then each chat, one call each, shut the engine down."""
+    ``engine_args`` such as ``block_size`` or ``enable_lora`` go to ``LLM``), greedy-generate 12 tokens for each
+    prompt (text or a vLLM prompt dict; ``loras[i]``, a vLLM ``LoRARequest`` or None, goes with prompt ``i``) and
+    then each chat, one call each, shut the engine down."""
     from vllm import LLM, SamplingParams
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
@@ -108,9 +111,11 @@ def run_vllm(
         params = SamplingParams(max_tokens=12, temperature=0)
         stats = get_kv_transfer_group().stats if has_kv_transfer_group() else None
         results, loaded = [], []
-        for call, prompt in [(llm.generate, p) for p in prompts] + [(llm.chat, m) for m in chats]:
+        lora = list(loras) + [None] * (len(prompts) - len(loras))
+        calls = [(llm.generate, p, a) for p, a in zip(prompts, lora)] + [(llm.chat, m, None) for m in chats]
+        for call, prompt, adapter in calls:
             before = stats.tokens if stats else 0
-            results.append(call(prompt, params, use_tqdm=False)[0])
+            results.append(call(prompt, params, use_tqdm=False, lora_request=adapter)[0])
             loaded.append((stats.tokens if stats else 0) - before)
         return Run(
             outputs=[list(r.outputs[0].token_ids) for r in results],
@@ -118,6 +123,7 @@ def run_vllm(
             cached=[r.num_cached_tokens or 0 for r in results],
             stats=stats,
             loaded=loaded,
+            claims=getattr(llm.llm_engine.engine_core.engine_core.scheduler.connector, "claim_stats", None) if kv else None,
         )
     finally:
         llm.llm_engine.engine_core.shutdown()  # also drops the worker's connector (a process-wide global)
