@@ -7,6 +7,7 @@ saved in tmp_path with the stories tokenizer (no downloads). Each engine runs on
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import shutil
@@ -65,6 +66,7 @@ class Run:
     stats: object | None  # the worker connector's LoadStats
     loaded: list[int]
     claims: object | None = None  # the scheduler connector's ClaimStats
+    rank_stats: list[dict] | None = None  # with workers in processes of their own (tensor parallel): each rank's LoadStats
 
 
 def connector_config(store: Path, **extra: Any):
@@ -78,6 +80,14 @@ def connector_config(store: Path, **extra: Any):
         kv_load_failure_policy="recompute",  # the connector refuses vLLM's default "fail"
         kv_connector_extra_config={"store": str(store), **extra},
     )
+
+
+def rank_load_stats(worker) -> dict[str, int | float]:
+    """The LoadStats of the worker connector in this worker process, as a dict (``LLM.collective_rpc`` runs it
+    on every rank: a callable, so the engine needs VLLM_ALLOW_INSECURE_SERIALIZATION=1)."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    return dataclasses.asdict(get_kv_transfer_group().stats)
 
 
 def run_vllm(
@@ -110,13 +120,14 @@ def run_vllm(
     try:
         params = SamplingParams(max_tokens=12, temperature=0)
         stats = get_kv_transfer_group().stats if has_kv_transfer_group() else None
+        remote = kv is not None and stats is None  # the workers run in processes of their own (tensor parallel)
         results, loaded = [], []
         lora = list(loras) + [None] * (len(prompts) - len(loras))
         calls = [(llm.generate, p, a) for p, a in zip(prompts, lora)] + [(llm.chat, m, None) for m in chats]
         for call, prompt, adapter in calls:
-            before = stats.tokens if stats else 0
+            before = _tokens_loaded(llm, stats, remote)
             results.append(call(prompt, params, use_tqdm=False, lora_request=adapter)[0])
-            loaded.append((stats.tokens if stats else 0) - before)
+            loaded.append(_tokens_loaded(llm, stats, remote) - before)
         return Run(
             outputs=[list(r.outputs[0].token_ids) for r in results],
             prompt_ids=[list(r.prompt_token_ids) for r in results],
@@ -124,11 +135,19 @@ def run_vllm(
             stats=stats,
             loaded=loaded,
             claims=getattr(llm.llm_engine.engine_core.engine_core.scheduler.connector, "claim_stats", None) if kv else None,
+            rank_stats=llm.collective_rpc(rank_load_stats) if remote else None,
         )
     finally:
         llm.llm_engine.engine_core.shutdown()  # also drops the worker's connector (a process-wide global)
         del llm
         gc.collect()
+
+
+def _tokens_loaded(llm, stats, remote: bool) -> int:
+    """Tokens the connector wrote so far: its LoadStats here, or rank 0's (each rank writes the same tokens, its heads)."""
+    if remote:
+        return llm.collective_rpc(rank_load_stats)[0]["tokens"]
+    return stats.tokens if stats else 0
 
 
 def copy_store(src: Path, dst: Path) -> Path:
