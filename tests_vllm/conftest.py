@@ -134,7 +134,7 @@ def run_vllm(
             cached=[r.num_cached_tokens or 0 for r in results],
             stats=stats,
             loaded=loaded,
-            claims=getattr(llm.llm_engine.engine_core.engine_core.scheduler.connector, "claim_stats", None) if kv else None,
+            claims=_claim_stats(llm),
             rank_stats=llm.collective_rpc(rank_load_stats) if remote else None,
         )
     finally:
@@ -148,6 +148,12 @@ def _tokens_loaded(llm, stats, remote: bool) -> int:
     if remote:
         return llm.collective_rpc(rank_load_stats)[0]["tokens"]
     return stats.tokens if stats else 0
+
+
+def _claim_stats(llm):
+    """The scheduler connector's ClaimStats when the engine core runs in this process and has the connector, else None."""
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+    return getattr(core.scheduler.connector, "claim_stats", None) if core is not None else None
 
 
 def copy_store(src: Path, dst: Path) -> Path:
