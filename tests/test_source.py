@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from prefixgen.data import source
 from prefixgen.data.records import normalize_messages
 from prefixgen.data.source import ShareRead, read_records, read_share
 from prefixgen.errors import DatasetError
@@ -15,6 +16,14 @@ from prefixgen.errors import DatasetError
 from .conftest import MT_BENCH, REPO
 
 STORIES_JSONL = REPO / "examples" / "stories.jsonl"
+
+
+@pytest.fixture(params=[source.PIECE, 5], ids=["16MiB-pieces", "5-byte-pieces"])
+def piece(request, monkeypatch) -> int:
+    """Line ends counted in pieces of this many bytes (5: every \\r\\n and blank line is split
+    between pieces somewhere)."""
+    monkeypatch.setattr(source, "PIECE", request.param)
+    return request.param
 
 
 def _lines(path: Path) -> list[bytes]:
@@ -64,7 +73,7 @@ def test_jsonl_shares_read_a_third_each(dataset, field):
     assert three[0].scanned_bytes == 0 and 0 < three[1].scanned_bytes < three[2].scanned_bytes < size
 
 
-def test_a_folder_of_jsonl_files_with_blank_lines_crlf_and_no_final_newline(tmp_path):
+def test_a_folder_of_jsonl_files_with_blank_lines_crlf_and_no_final_newline(tmp_path, piece):
     lines = _lines(STORIES_JSONL)
     folder = tmp_path / "d"
     (folder / "sub").mkdir(parents=True)
@@ -78,7 +87,7 @@ def test_a_folder_of_jsonl_files_with_blank_lines_crlf_and_no_final_newline(tmp_
     assert sum(r.bytes for r in reads[2]) <= size + 2 * max(map(len, lines))
 
 
-def test_a_chat_folder_without_a_final_newline(tmp_path):
+def test_a_chat_folder_without_a_final_newline(tmp_path, piece):
     lines = _lines(MT_BENCH)
     folder = tmp_path / "chats"
     folder.mkdir()
@@ -87,7 +96,7 @@ def test_a_chat_folder_without_a_final_newline(tmp_path):
     assert_shares_are_the_records(folder, "turns")
 
 
-def test_text_files_split_lines_as_datasets_does(tmp_path):
+def test_text_files_split_lines_as_datasets_does(tmp_path, piece):
     texts = _texts()
     folder = tmp_path / "t"
     folder.mkdir()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,32 +310,43 @@ def _parse_line(dataset: str, name: str, pos: int, line: bytes, kind: str, field
 
 
 def _count_line_records(path: str, kind: str, upto: int, read: ShareRead) -> int:
-    """Records in the first ``upto`` bytes of a line file (``upto`` is a line start or its size):
-    ``\\n``-ended lines counted in pieces (with ``\\r`` line ends for .txt, blank lines left
-    out for .jsonl, only where a piece has them), plus a last line without its newline."""
-    records, rest = 0, b""
+    """Records in the first ``upto`` bytes of a line file (``upto`` is a line start or its size),
+    counting line ends in pieces, without copying or parsing: ``\\n`` (and for .txt a lone
+    ``\\r``), plus a last line without its newline. A .jsonl with a line that starts with
+    whitespace (a blank line is no record) is counted line by line instead."""
+    records, last, cr = 0, b"\n", False  # last: the byte before the piece; cr: the piece before ended with \r
     with open(path, "rb") as f:
         left = upto
         while left > 0 and (piece := f.read(min(PIECE, left))):
             left -= len(piece)
             read.scanned_bytes += len(piece)
-            piece = rest + piece
-            cut = piece.rfind(b"\n") + 1  # whole lines only, so no \r\n nor blank line is split
-            whole, rest = piece[:cut], piece[cut:]
-            records += _records_in_lines(whole, kind)
-    if rest:  # the file's last line, without a newline
-        records += _records_in_lines(rest + b"\n", kind)
+            if kind == "json" and ((last == b"\n" and piece[:1] in _SPACE) or _LINE_STARTS_WITH_SPACE.search(piece)):
+                return _count_json_lines_slowly(path, upto, read)
+            records += piece.count(b"\n")
+            if kind == "text" and (crs := piece.count(b"\r")):
+                records += crs - piece.count(b"\r\n")
+            if kind == "text" and cr and piece[:1] == b"\n":
+                records -= 1  # a \r\n split between pieces: one line end, counted twice
+            last, cr = piece[-1:], piece[-1:] == b"\r"
+    ends = (b"\n", b"\r") if kind == "text" else (b"\n",)
+    return records + (last not in ends)  # a last line without its end
+
+
+_SPACE = (b" ", b"\t", b"\r", b"\n")
+_LINE_STARTS_WITH_SPACE = re.compile(rb"\n[ \t\r\n]")  # a literal first byte: searched as fast as counted
+
+
+def _count_json_lines_slowly(path: str, upto: int, read: ShareRead) -> int:
+    """Non-blank lines in the first ``upto`` bytes (blank .jsonl lines are no records)."""
+    records = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if upto <= 0:
+                break
+            upto -= len(line)
+            read.scanned_bytes += len(line)
+            records += bool(line.strip(b" \t\r\n"))
     return records
-
-
-def _records_in_lines(lines: bytes, kind: str) -> int:
-    """Records in ``\\n``-ended lines."""
-    n = lines.count(b"\n")
-    if kind == "text":
-        return n + lines.count(b"\r") - lines.count(b"\r\n")
-    if lines[:1] in (b" ", b"\t", b"\r", b"\n") or any(s in lines for s in (b"\n\n", b"\n ", b"\n\t", b"\n\r")):
-        n -= sum(1 for line in lines.split(b"\n")[:-1] if not line.strip(b" \t\r"))  # blank: no record
-    return n
 
 
 def _parquet_share(dataset: str, files: list[str], field: str, share: int, shares: int, read: ShareRead) -> Iterator[Record]:
