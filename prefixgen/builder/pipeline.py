@@ -269,7 +269,9 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
         writer.drop_old_counts()  # the resumed build counts its (this rank's) records again from the start
     quiet = cfg.quiet or (ranks.collective and ranks.rank > 0)  # torchrun: one bar, rank 0's
     bar = tqdm(total=cfg.limit, unit="rec", disable=quiet, dynamic_ncols=True, desc="build")
-    progress = Progress(bar, writer.__contains__, None if quiet else lambda: count_records(cfg.dataset, cfg.limit))
+    # The bar's total: the dataset's records for one process; a rank's share is known from its plan only.
+    total = None if quiet or ranks.distributed else lambda: count_records(cfg.dataset, cfg.limit)
+    progress = Progress(bar, writer.__contains__, total)
     tokenize.stats, tokenize.warn = record, bar.write
     budget = Budget(fit_batch_tokens(model, manifest.kv.values_per_token * model.dtype.itemsize, cfg.batch_tokens, device))
     if budget.tokens < cfg.batch_tokens:
