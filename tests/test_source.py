@@ -127,7 +127,9 @@ def test_parquet_shares_read_their_row_groups(tmp_path):
 def test_other_sources_and_limits_read_everything_and_keep_every_nth(tmp_path):
     csv = tmp_path / "d.csv"
     csv.write_text("text\n" + "\n".join(f"record {i}" for i in range(10)) + "\n")
-    for dataset, limit, n in [(csv, None, 10), (STORIES_JSONL, 7, 7)]:
+    listed = tmp_path / "list.jsonl"  # one JSON list, not lines: datasets reads it whole
+    listed.write_text(json.dumps([{"text": f"record {i}"} for i in range(8)], indent=1))
+    for dataset, limit, n in [(csv, None, 10), (listed, None, 8), (STORIES_JSONL, 7, 7)]:
         for share in range(3):
             read = ShareRead()
             got = list(read_share(str(dataset), "text", share, 3, limit=limit, read=read))
