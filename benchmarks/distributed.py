@@ -13,8 +13,11 @@ Per run: wall seconds of the whole command (process start, imports and model loa
 *build* seconds (the slowest rank, from its count pass to its last write); tokens/s of both over
 the stored (= prefilled) tokens; per rank the prefilled tokens, the count pass (``dist_count``),
 the head phase (``dist_heads``, waits for other ranks included), the input stages of the build
-pass (read + tokenize) and the tokens it tokenized over all passes (``tokenized_tokens``; absent
-before the count was recorded: there every rank tokenized the whole dataset two to three times). On CPU, each rank runs
+pass (read + tokenize), the tokens it tokenized over all passes (``tokenized_tokens``; absent
+before the count was recorded: there every rank tokenized the whole dataset two to three times),
+and the bytes and records of the dataset it read in its count pass (``read_bytes``,
+``read_records``; absent before they were recorded: there every rank read the whole file,
+``dataset_bytes``) and the bytes before its share whose line ends it counted (``scanned_bytes``). On CPU, each rank runs
 ``--threads`` threads (default 1, so that 1 and N ranks compare per process; ``split`` gives each
 rank ``cores // N``).
 """
@@ -102,6 +105,11 @@ def run(ranks: int, data: Path, model: Path, store: Path, args) -> dict:
                 "prefilled_tokens": r["prefilled_tokens"],
                 "head_tokens": r.get("head_tokens", 0),
                 "tokenized_tokens": r.get("tokenized_tokens"),
+                # Bytes and records of the dataset it read in its count pass (absent before they were
+                # recorded: there every rank read and parsed the whole file, dataset_bytes).
+                "read_bytes": r.get("read_bytes"),
+                "read_records": r.get("read_records"),
+                "scanned_bytes": r.get("scanned_bytes"),  # before its share, line ends counted only
                 # A rank's seconds include its count pass and head phase since they run inside the
                 # build's error handling (tokenized_tokens recorded); before, they came first.
                 "build_s": round(
@@ -127,6 +135,7 @@ def run(ranks: int, data: Path, model: Path, store: Path, args) -> dict:
         "build_tok_s": round(b.stored_tokens / build_s),
         "max_over_mean_load": round(max(loads) / (sum(loads) / len(loads)), 3),
         "dataset_tokens": b.dataset_tokens,
+        "dataset_bytes": data.stat().st_size,
         "tokenized_over_dataset": round(sum(r["tokenized_tokens"] or 0 for r in per_rank) / b.dataset_tokens, 2)
         if all(r["tokenized_tokens"] is not None for r in per_rank)
         else None,

@@ -1054,6 +1054,12 @@ class BuildRecord:
     # Tokens this run's tokenizer produced over all its passes (a rank of a distributed build: its
     # count shares; one process: the dataset, plus the count pass of --min-records/--max-bytes).
     tokenized_tokens: int = 0
+    # A rank of a distributed build, in its count pass: the records it parsed and the bytes of the
+    # dataset it read for them, and the bytes before its share whose line ends it counted to number
+    # its records (data.source.read_share). 0 for one process.
+    read_records: int = 0
+    read_bytes: int = 0
+    scanned_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return _fields_dict(self)
@@ -1064,7 +1070,7 @@ class BuildRecord:
 
 
 RANK_PARTS_SUFFIX = ".ranks"  # builds/<build_id>.ranks/w<N>-r<R>.json: one rank's part of a distributed build
-_SUMMED = (*BUILD_STAT_FIELDS, "head_tokens", "tokenized_tokens")
+_SUMMED = (*BUILD_STAT_FIELDS, "head_tokens", "tokenized_tokens", "read_records", "read_bytes", "scanned_bytes")
 _PER_RANK = ("rank", "status", "writers", *_SUMMED, "seconds", "stage_seconds")
 
 

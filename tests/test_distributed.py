@@ -112,6 +112,16 @@ def test_torchrun_build_equals_one_process_build(tmp_path, cli, stories, world, 
     # One plan, then shares: every record is tokenized once over all ranks (not 2-3 times per rank).
     tokenized = [r["tokenized_tokens"] for r in ls_json(cli, many)["builds"][-1]["ranks"]]
     assert all(t > 0 for t in tokenized) and sum(tokenized) <= 2 * single["dataset_tokens"], tokenized
+    # Each rank read about 1/N of the dataset's bytes (its share, and the line across its start),
+    # not the whole of it: over the ranks, the dataset once. Its records were numbered by counting
+    # the line ends before its share (rank r: about r/N of the bytes), not by parsing them.
+    size, longest = data.stat().st_size, max(map(len, data.read_bytes().splitlines(keepends=True)))
+    read = [r["read_bytes"] for r in b["ranks"]]
+    assert all(abs(n - size / world) <= longest + 2 for n in read), (read, size)
+    assert size <= sum(read) <= size + (world - 1) * longest, (read, size)
+    assert sum(r["read_records"] for r in b["ranks"]) == single["records"] + single["skipped_records"]
+    assert [r["scanned_bytes"] for r in b["ranks"]] == sorted(r["scanned_bytes"] for r in b["ranks"])
+    assert b["ranks"][0]["scanned_bytes"] == 0 and b["ranks"][-1]["scanned_bytes"] < size
 
 
 @pytest.mark.slow

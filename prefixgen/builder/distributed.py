@@ -8,12 +8,14 @@ the store). One process is rank 0 of 1: it streams the dataset straight into the
 :class:`Ranks` is the one place the pipeline meets ranks: it prepares the store, plans, hands the
 pipeline this rank's records, and merges. For N > 1 ranks, one plan, then shares:
 
-1. **Count, in shares.** Share ``s`` is the records with ``index % N == s``. Each rank reads the
-   dataset but tokenizes only its share, counts the records holding each block
-   (``analysis.count.BlockCounter``) and spills its share's token ids and block keys into
-   ``builds/<id>.plan/<run>/`` (6 bytes per token: 4 for the id, 32 per 16-token block for keys).
-   Every record is tokenized once over all ranks. Under ``--rank/--world-size`` shares are claimed
-   (a lone rank counts them all).
+1. **Count, in shares.** Share ``s`` is about 1/N of the records, a pure function of the dataset
+   and N (``data.source.read_share``: a byte range of local .jsonl/.txt files, a row range of
+   .parquet files, else the records with ``index % N == s``). Each rank reads and tokenizes only its
+   share (numbering its records costs a count of the line ends before it), counts the records
+   holding each block (``analysis.count.BlockCounter``) and spills its share's token ids and block
+   keys into ``builds/<id>.plan/<run>/`` (6 bytes per token: 4 for the id, 32 per 16-token block for
+   keys). Every record is read and tokenized once over all ranks. Under ``--rank/--world-size``
+   shares are claimed (a lone rank counts them all).
 2. **Plan.** The share counts are summed; the shared *heads* are the blocks in two or more records
    (prefix-closed, a trie). A record's work is its blocks beyond its leading heads and beyond what
    the store already holds (``--resume``: work left, not work done). Head segments (branch-free runs
@@ -54,7 +56,7 @@ from prefixgen.analysis.count import BlockCounter, BlockCounts
 from prefixgen.builder.plan import PrefillTask, chunk_task
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer, TokenizedRecord
-from prefixgen.data.source import Record
+from prefixgen.data.source import Record, ShareRead
 from prefixgen.errors import ConfigError, CorruptStoreError, StoreError
 from prefixgen.format import (
     BUILDS_DIR,
@@ -163,13 +165,13 @@ def _empty_heads(block_size: int) -> Heads:
 
 
 def count_share(
-    records: Iterator[Record], tokenize: RecordTokenizer, folder: Path, share: int, world: int, root: BlockHash,
-    block_size: int, owner: str,
+    records: Iterator[Record], tokenize: RecordTokenizer, folder: Path, share: int, root: BlockHash, block_size: int,
+    owner: str,
 ) -> BuildRecord:  # fmt: skip
-    """Tokenize and count share ``share`` (records with ``index % world == share``) and spill it to
-    ``folder``: ``share-S.tokens`` (uint32 ids), ``share-S.keys`` ([blocks, 32]) and, last (it marks
-    the share done), ``share-S.npz`` (record indices and lengths, the share's block counts, its
-    tokenizer statistics). Returns the tokenizer statistics (``dataset_tokens``: tokens tokenized)."""
+    """Tokenize and count share ``share``, the records ``records`` yields (``data.source.read_share``),
+    and spill it to ``folder``: ``share-S.tokens`` (uint32 ids), ``share-S.keys`` ([blocks, 32]) and,
+    last (it marks the share done), ``share-S.npz`` (record indices and lengths, the share's block
+    counts, its tokenizer statistics). Returns the tokenizer statistics (``dataset_tokens``: tokens tokenized)."""
     stats = BuildRecord("", "")
     counting = tokenize.copy(stats)
     counting.warn = tokenize.warn  # this is the only pass that tokenizes the share: it warns
@@ -178,7 +180,7 @@ def count_share(
     names = [folder / f"share-{share}.{ext}" for ext in ("tokens", "keys")]
     tmps = [temp_path(p, owner) for p in names]
     with open(tmps[0], "wb") as tokens_file, open(tmps[1], "wb") as keys_file:
-        for rec in counting(r for r in records if r.index % world == share):
+        for rec in counting(records):
             ids = np.asarray(rec.ids, dtype="<u4")
             keys = block_keys(rec.ids, block_size, root)
             tokens_file.write(ids.tobytes())
@@ -512,7 +514,8 @@ class Ranks:
         given or claims, level by level, until every head is stored. Returns the store reopened (it
         holds every head), or None for a single process (nothing to do before its pipeline).
 
-        ``records()`` starts a fresh read of the dataset; ``run(tasks, store)`` prefills and queues
+        ``records(share, read)`` reads count share ``share`` of this run's ``world_size`` (adding what
+        it read to ``read``, a ``data.source.ShareRead``); ``run(tasks, store)`` prefills and queues
         tasks as the pipeline does, loading pasts from ``store``; ``writer.flush()`` publishes them.
         ``timer(name)`` times the count pass (``dist_count``, its wait for the other shares and the
         plan included) and the head phase (``dist_heads``, waits for other ranks included)."""
@@ -531,9 +534,11 @@ class Ranks:
         self, folder: Path, records: Callable, tokenize: RecordTokenizer, manifest: Manifest, owner: str, record: BuildRecord
     ) -> None:
         def count(share: int) -> None:
-            stats = count_share(
-                records(), tokenize, folder, share, self.world_size, manifest.root_key, manifest.block_size, owner
-            )
+            read = ShareRead()
+            stats = count_share(records(share, read), tokenize, folder, share, manifest.root_key, manifest.block_size, owner)
+            record.read_records += read.records
+            record.read_bytes += read.bytes
+            record.scanned_bytes += read.scanned_bytes
             record.tokenized_tokens += stats.dataset_tokens
             record.skipped_records += stats.skipped_records  # each share's are counted once, by its counter
             record.truncated_records += stats.truncated_records

@@ -29,7 +29,7 @@ from prefixgen.builder.progress import Progress
 from prefixgen.builder.selection import Selection, choose_blocks, cut_to_selection, max_blocks
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer
-from prefixgen.data.source import count_records, read_records
+from prefixgen.data.source import ShareRead, count_records, read_records, read_share
 from prefixgen.errors import ConfigError, PrefixgenError, StoreError
 from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, dequantize_fp8, quantize_fp8, root_key
 from prefixgen.maintain.compact import compact_store
@@ -269,7 +269,9 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
         writer.drop_old_counts()  # the resumed build counts its (this rank's) records again from the start
     quiet = cfg.quiet or (ranks.collective and ranks.rank > 0)  # torchrun: one bar, rank 0's
     bar = tqdm(total=cfg.limit, unit="rec", disable=quiet, dynamic_ncols=True, desc="build")
-    progress = Progress(bar, writer.__contains__, None if quiet else lambda: count_records(cfg.dataset, cfg.limit))
+    # The bar's total: the dataset's records for one process; a rank's share is known from its plan only.
+    total = None if quiet or ranks.distributed else lambda: count_records(cfg.dataset, cfg.limit)
+    progress = Progress(bar, writer.__contains__, total)
     tokenize.stats, tokenize.warn = record, bar.write
     budget = Budget(fit_batch_tokens(model, manifest.kv.values_per_token * model.dtype.itemsize, cfg.batch_tokens, device))
     if budget.tokens < cfg.batch_tokens:
@@ -290,8 +292,9 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
             record.prefilled_tokens += batch.real_tokens
             record.padding_tokens += batch.padding_tokens
 
-    def reread() -> Iterator:
-        return read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
+    def read_count_share(share: int, read: ShareRead) -> Iterator:
+        field = cfg.messages_field or cfg.text_field
+        return read_share(cfg.dataset, field, share, ranks.world_size, cfg.split, cfg.subset, cfg.limit, read)
 
     planner = Planner(manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record, progress.planned)
     started = last_checkpoint = time.perf_counter()
@@ -299,7 +302,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     batches: Any = iter(())
     try:
         # Ranks of a distributed build: count in shares, plan, and prefill the shared prefixes first.
-        prepared = ranks.prepare_work(out, manifest, reread, tokenize, run_tasks, writer, record, budget.tokens, timer)
+        prepared = ranks.prepare_work(out, manifest, read_count_share, tokenize, run_tasks, writer, record, budget.tokens, timer)
         if prepared is not None:
             store = source.store = prepared
             planner.stored = store.index.contains

@@ -2,11 +2,29 @@
 
 Everything is read with ``datasets`` in streaming mode, so memory stays flat however large the
 dataset is.
+
+A rank of a distributed build reads only its share (:func:`read_share`), as a pure function of the
+dataset and the number of shares N, so every rank (and a resumed one) agrees:
+
+* local ``.jsonl`` / ``.txt`` files (one, or a folder's, in name order as one byte stream): share S
+  is the lines that start in bytes ``[S * size // N, (S + 1) * size // N)``. A rank reads those
+  bytes (and the end of its last line), and to number its records it counts the line ends of the
+  bytes before them (a byte count, no parsing);
+* local ``.parquet`` files: share S is the rows ``[S * rows // N, (S + 1) * rows // N)`` (row counts
+  from the files' footers); a rank reads the field's column in the row groups holding them;
+* anything else (Hub datasets, ``.json``, ``.csv``, or ``--limit``): share S is the records with
+  ``index % N == S``, and every rank reads the whole dataset to find them.
+
+Records read this way equal those of :func:`read_records` (same indices and values): lines are
+parsed with ``json`` (blank lines of a .jsonl are no records, as for ``datasets``), text lines are
+split at ``\\n``, ``\\r\\n`` and ``\\r`` (Python's universal newlines, as ``datasets`` reads them).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,3 +167,226 @@ def _count_lines(path: str) -> int:
             lines += piece.count(b"\n")
             last = piece[-1:]
     return lines + (last != b"\n")
+
+
+# ---------------------------------------------------------------------------- shares
+
+PIECE = 16 << 20  # bytes read at a time when counting line ends
+
+
+@dataclass(slots=True)
+class ShareRead:
+    """What reading a share took; :func:`read_share` adds to it as it streams."""
+
+    records: int = 0  # records parsed (the share's; the whole dataset's where every rank reads it all)
+    bytes: int = 0  # bytes of the dataset's files read to parse them (0 for a Hub dataset: not known)
+    scanned_bytes: int = 0  # bytes before the share whose line ends were counted to number its records
+
+
+def read_share(
+    dataset: str,
+    field: str,
+    share: int,
+    shares: int,
+    split: str = "train",
+    subset: str | None = None,
+    limit: int | None = None,
+    read: ShareRead | None = None,
+) -> Iterator[Record]:
+    """Stream share ``share`` of ``shares`` of the dataset: its ``Record``s, with the indices and
+    values :func:`read_records` gives them, reading about 1/``shares`` of a local .jsonl, .txt or
+    .parquet dataset (the module docstring defines the shares). ``read`` counts what was read.
+
+    Example:
+        >>> [r.index for r in read_share("examples/stories.jsonl", "text", 2, 3)][:2]
+        [160, 161]
+    """
+    read = read if read is not None else ShareRead()
+    kind, files = _share_files(dataset) if limit is None else (None, [])
+    if kind == "parquet":
+        return _parquet_share(dataset, files, field, share, shares, read)
+    if kind in ("json", "text"):
+        return _line_share(dataset, files, kind, field, share, shares, read)
+    return _filtered_share(dataset, field, share, shares, split, subset, limit, read)
+
+
+def _share_files(dataset: str) -> tuple[str | None, list[str]]:
+    """The kind of share reading a dataset allows (``json`` lines, ``text`` lines, ``parquet``, or
+    None: read everything and filter) and its files."""
+    path = Path(dataset)
+    if not path.exists():
+        return None, []
+    kind, files = _local_files(path)
+    suffixes = {Path(f).suffix.lower() for f in files}
+    if kind == "json" and suffixes == {".jsonl"} and not any(_starts_with_list(f) for f in files):
+        return "json", files
+    if kind in ("text", "parquet"):
+        return kind, files
+    return None, files
+
+
+def _starts_with_list(path: str) -> bool:
+    """A .jsonl file holding one JSON list (``datasets`` reads it whole, as records)."""
+    with open(path, "rb") as f:
+        return f.read(64).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+
+
+def _filtered_share(
+    dataset: str, field: str, share: int, shares: int, split: str, subset: str | None, limit: int | None, read: ShareRead
+) -> Iterator[Record]:
+    """Share ``index % shares == share`` of a dataset read whole (no cheaper way to find it)."""
+    _span(0, share, shares)  # checks share
+    records = read_records(dataset, field, split, subset, limit)  # opens it now: a bad dataset fails here
+    _, files = _share_files(dataset)
+    read.bytes += sum(Path(f).stat().st_size for f in files)
+
+    def filtered() -> Iterator[Record]:
+        for record in records:
+            read.records += 1
+            if record.index % shares == share:
+                yield record
+
+    return filtered()
+
+
+def _span(total: int, share: int, shares: int) -> tuple[int, int]:
+    if not 0 <= share < shares:
+        raise ValueError(f"share {share} is not in 0..{shares - 1}")
+    return total * share // shares, total * (share + 1) // shares
+
+
+def _line_share(
+    dataset: str, files: list[str], kind: str, field: str, share: int, shares: int, read: ShareRead
+) -> Iterator[Record]:
+    """The lines of ``files`` (one byte stream) that start in this share's byte range."""
+    sizes = [Path(f).stat().st_size for f in files]
+    lo, hi = _span(sum(sizes), share, shares)
+    index, base = 0, 0  # records before the current position; the current file's first byte
+    for name, size in zip(files, sizes):
+        start, end = max(lo - base, 0), min(hi - base, size)  # this file's part of the range
+        base += size
+        if start >= size:  # the whole file is before the share: count its records
+            index += _count_line_records(name, kind, size, read)
+            continue
+        if end <= start:
+            break  # the range ended in an earlier file
+        with open(name, "rb") as f:
+            if start > 0:  # the line holding byte start - 1 belongs to the share before
+                f.seek(start - 1)
+                read.bytes += len(f.readline())
+                start = f.tell()
+                index += _count_line_records(name, kind, start, read)
+            pos = start
+            while pos < end:
+                line = f.readline()
+                if not line:
+                    break
+                read.bytes += len(line)
+                for value in _parse_line(dataset, name, pos, line, kind, field, index, first=pos == 0):
+                    read.records += 1
+                    yield Record(index, value)
+                    index += 1
+                pos += len(line)
+
+
+def _parse_line(dataset: str, name: str, pos: int, line: bytes, kind: str, field: str, index: int, first: bool) -> list:
+    """The field's values of the records in one ``\\n``-terminated line: one for a .jsonl line (none
+    for a blank one), one or more for a .txt line (a lone ``\\r`` also ends a line)."""
+    try:
+        text = line.decode("utf-8")
+        if kind == "text":
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+            return text.removesuffix("\n").split("\n")
+        if first:
+            text = text.removeprefix("\ufeff")
+        if not text.strip(" \t\r\n"):
+            return []
+        row = json.loads(text)
+        if not isinstance(row, dict):
+            raise ValueError(f"a JSON {type(row).__name__}, not an object")
+    except ValueError as exc:  # UnicodeDecodeError and json.JSONDecodeError too
+        raise DatasetError(f"reading dataset {dataset} failed at record {index} ({name}, byte {pos}): {exc}") from None
+    return [row.get(field)]
+
+
+def _count_line_records(path: str, kind: str, upto: int, read: ShareRead) -> int:
+    """Records in the first ``upto`` bytes of a line file (``upto`` is a line start or its size),
+    counting line ends in pieces, without copying or parsing: ``\\n`` (and for .txt a lone
+    ``\\r``), plus a last line without its newline. A .jsonl with a line that starts with
+    whitespace (a blank line is no record) is counted line by line instead."""
+    records, last, cr = 0, b"\n", False  # last: the byte before the piece; cr: the piece before ended with \r
+    with open(path, "rb") as f:
+        left = upto
+        while left > 0 and (piece := f.read(min(PIECE, left))):
+            left -= len(piece)
+            read.scanned_bytes += len(piece)
+            if kind == "json" and ((last == b"\n" and piece[:1] in _SPACE) or _LINE_STARTS_WITH_SPACE.search(piece)):
+                return _count_json_lines_slowly(path, upto, read)
+            records += piece.count(b"\n")
+            if kind == "text" and (crs := piece.count(b"\r")):
+                records += crs - piece.count(b"\r\n")
+            if kind == "text" and cr and piece[:1] == b"\n":
+                records -= 1  # a \r\n split between pieces: one line end, counted twice
+            last, cr = piece[-1:], piece[-1:] == b"\r"
+    ends = (b"\n", b"\r") if kind == "text" else (b"\n",)
+    return records + (last not in ends)  # a last line without its end
+
+
+_SPACE = (b" ", b"\t", b"\r", b"\n")
+_LINE_STARTS_WITH_SPACE = re.compile(rb"\n[ \t\r\n]")  # a literal first byte: searched as fast as counted
+
+
+def _count_json_lines_slowly(path: str, upto: int, read: ShareRead) -> int:
+    """Non-blank lines in the first ``upto`` bytes (blank .jsonl lines are no records)."""
+    records = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if upto <= 0:
+                break
+            upto -= len(line)
+            read.scanned_bytes += len(line)
+            records += bool(line.strip(b" \t\r\n"))
+    return records
+
+
+def _parquet_share(dataset: str, files: list[str], field: str, share: int, shares: int, read: ShareRead) -> Iterator[Record]:
+    """The rows of ``files`` (one table) in this share's row range, from the row groups holding them."""
+    import pyarrow.parquet as pq
+
+    try:
+        opened = [pq.ParquetFile(f) for f in files]
+    except Exception as exc:  # pyarrow raises several kinds for a damaged file
+        raise DatasetError(f"cannot read dataset {dataset}: {exc}") from None
+    lo, hi = _span(sum(p.metadata.num_rows for p in opened), share, shares)
+    base = 0  # rows before the current row group
+    for name, pf in zip(files, opened):
+        has_field = field in pf.schema_arrow.names
+        for group in range(pf.num_row_groups):
+            meta = pf.metadata.row_group(group)
+            start, end = max(lo - base, 0), min(hi - base, meta.num_rows)
+            first = base
+            base += meta.num_rows
+            if start >= end:
+                continue
+            if not has_field:
+                for i in range(start, end):
+                    read.records += 1
+                    yield Record(first + i, None)
+                continue
+            read.bytes += sum(
+                meta.column(c).total_compressed_size
+                for c in range(meta.num_columns)
+                if meta.column(c).path_in_schema.split(".")[0] == field
+            )
+            at = 0  # the batch's first row in the group
+            try:
+                for batch in pf.iter_batches(row_groups=[group], columns=[field], batch_size=4096):
+                    a, b = max(start, at), min(end, at + batch.num_rows)  # rows of the share in this batch
+                    for i, value in enumerate(batch.column(0).slice(a - at, max(b - a, 0)).to_pylist()):
+                        read.records += 1
+                        yield Record(first + a + i, value)
+                    at += batch.num_rows
+                    if at >= end:
+                        break
+            except Exception as exc:  # pyarrow raises several kinds for a damaged file
+                raise DatasetError(f"reading dataset {dataset} failed in {name}, row group {group}: {exc}") from None

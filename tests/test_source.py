@@ -1,0 +1,150 @@
+"""Share reading (data.source.read_share): each share is about 1/N of a local dataset's bytes, and
+the shares together are exactly the records ``read_records`` (datasets streaming) gives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prefixgen.data import source
+from prefixgen.data.records import normalize_messages
+from prefixgen.data.source import ShareRead, read_records, read_share
+from prefixgen.errors import DatasetError
+
+from .conftest import MT_BENCH, REPO
+
+STORIES_JSONL = REPO / "examples" / "stories.jsonl"
+
+
+@pytest.fixture(params=[source.PIECE, 5], ids=["16MiB-pieces", "5-byte-pieces"])
+def piece(request, monkeypatch) -> int:
+    """Line ends counted in pieces of this many bytes (5: every \\r\\n and blank line is split
+    between pieces somewhere)."""
+    monkeypatch.setattr(source, "PIECE", request.param)
+    return request.param
+
+
+def _lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def _texts() -> list[str]:
+    return [json.loads(line)["text"] for line in _lines(STORIES_JSONL)]
+
+
+def _same(value, other) -> bool:
+    """Equal values; chats compared as the build reads them (after normalize_messages)."""
+    if isinstance(value, list):
+        return normalize_messages(value, None) == normalize_messages(other, None) is not None
+    return value == other
+
+
+def assert_shares_are_the_records(dataset: Path, field: str, worlds=(1, 2, 3, 5, 64)) -> list[list[ShareRead]]:
+    """Every share count in ``worlds``: the shares, one after another, are ``read_records``'s
+    records (same indices, same values). Returns what each share read."""
+    want = list(read_records(str(dataset), field))
+    assert want
+    reads = []
+    for world in worlds:
+        got, world_reads = [], []
+        for share in range(world):
+            read = ShareRead()
+            got += read_share(str(dataset), field, share, world, read=read)
+            world_reads.append(read)
+        assert [r.index for r in got] == [r.index for r in want], world
+        assert all(_same(a.value, b.value) for a, b in zip(got, want)), world
+        assert sum(r.records for r in world_reads) == len(want)
+        reads.append(world_reads)
+    return reads
+
+
+@pytest.mark.parametrize("dataset, field", [(STORIES_JSONL, "text"), (MT_BENCH, "turns")], ids=["stories", "mt-bench"])
+def test_jsonl_shares_read_a_third_each(dataset, field):
+    (one, three) = assert_shares_are_the_records(dataset, field, worlds=(1, 3))
+    size = dataset.stat().st_size
+    longest = max(map(len, _lines(dataset)))
+    assert one[0].bytes == size and one[0].scanned_bytes == 0
+    # Each of 3 shares reads a third of the bytes (and the line across its start); together, once.
+    assert all(abs(r.bytes - size / 3) <= longest + 2 for r in three), [r.bytes for r in three]
+    assert size <= sum(r.bytes for r in three) <= size + 2 * longest
+    # Numbering the records costs a count of the line ends before the share, not a parse.
+    assert three[0].scanned_bytes == 0 and 0 < three[1].scanned_bytes < three[2].scanned_bytes < size
+
+
+def test_a_folder_of_jsonl_files_with_blank_lines_crlf_and_no_final_newline(tmp_path, piece):
+    lines = _lines(STORIES_JSONL)
+    folder = tmp_path / "d"
+    (folder / "sub").mkdir(parents=True)
+    # Read in name order: a.jsonl, b.jsonl, sub/c.jsonl.
+    (folder / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + b"".join(lines[:50]) + b"\n   \n" + b"".join(lines[50:90]))
+    (folder / "b.jsonl").write_bytes(b"".join(line.replace(b"\n", b"\r\n") for line in lines[90:170]))
+    (folder / "sub" / "c.jsonl").write_bytes(b"\n" + b"".join(lines[170:]).rstrip(b"\n"))  # no final newline
+    reads = assert_shares_are_the_records(folder, "text", worlds=(1, 2, 3, 4, 7, 240, 300))
+    assert [r.value for r in read_share(str(folder), "text", 0, 1)] == _texts()
+    size = sum(p.stat().st_size for p in folder.rglob("*.jsonl"))
+    assert sum(r.bytes for r in reads[2]) <= size + 2 * max(map(len, lines))
+
+
+def test_a_chat_folder_without_a_final_newline(tmp_path, piece):
+    lines = _lines(MT_BENCH)
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    (folder / "part-0.jsonl").write_bytes(b"".join(lines[:33]).rstrip(b"\n"))
+    (folder / "part-1.jsonl").write_bytes(b"".join(lines[33:]))
+    assert_shares_are_the_records(folder, "turns")
+
+
+def test_text_files_split_lines_as_datasets_does(tmp_path, piece):
+    texts = _texts()
+    folder = tmp_path / "t"
+    folder.mkdir()
+    # Blank lines are records; \r\n and a lone \r end lines too (universal newlines); no final newline.
+    (folder / "0.txt").write_text("\n".join(texts[:80]) + "\n\n" + "\r\n".join(texts[80:120]) + "\r\n", newline="")
+    (folder / "1.txt").write_text(texts[120] + "\r" + texts[121] + "\n" + "\n".join(texts[122:]), newline="")
+    (folder / "2.txt").write_text("last line\r", newline="")
+    assert_shares_are_the_records(folder, "text", worlds=(1, 2, 3, 6, 250, 700))
+    values = [r.value for r in read_share(str(folder), "text", 0, 1)]
+    assert "" in values and values[-1] == "last line" and not any("\r" in v for v in values)
+
+
+def test_parquet_shares_read_their_row_groups(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{k: json.loads(line)[k] for k in ("question_id", "turns")} for line in _lines(MT_BENCH)]  # one schema
+    folder = tmp_path / "p"
+    folder.mkdir()
+    for i, part in enumerate((rows[:30], rows[30:])):
+        pq.write_table(pa.Table.from_pylist(part), folder / f"{i}.parquet", row_group_size=4)
+    one, three = assert_shares_are_the_records(folder, "turns", worlds=(1, 3, 4, 80, 100))[:2]
+    # Only the field's column, only the row groups holding the share's rows.
+    assert one[0].bytes < sum(p.stat().st_size for p in folder.glob("*.parquet"))
+    assert all(r.bytes < one[0].bytes / 2 for r in three) and sum(r.bytes for r in three) < 1.3 * one[0].bytes
+
+
+def test_other_sources_and_limits_read_everything_and_keep_every_nth(tmp_path):
+    csv = tmp_path / "d.csv"
+    csv.write_text("text\n" + "\n".join(f"record {i}" for i in range(10)) + "\n")
+    listed = tmp_path / "list.jsonl"  # one JSON list, not lines: datasets reads it whole
+    listed.write_text(json.dumps([{"text": f"record {i}"} for i in range(8)], indent=1))
+    for dataset, limit, n in [(csv, None, 10), (listed, None, 8), (STORIES_JSONL, 7, 7)]:
+        for share in range(3):
+            read = ShareRead()
+            got = list(read_share(str(dataset), "text", share, 3, limit=limit, read=read))
+            assert [r.index for r in got] == list(range(share, n, 3))
+            assert read.records == n and read.bytes == dataset.stat().st_size
+
+
+def test_a_damaged_line_or_a_missing_dataset_is_a_dataset_error(tmp_path):
+    lines = _lines(STORIES_JSONL)
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b"".join(lines[:30]) + b'{"text": "cut off\n' + b"".join(lines[30:40]))
+    assert len(list(read_share(str(data), "text", 0, 2))) < 30  # the damage is in the second half
+    with pytest.raises(DatasetError, match=r"failed at record 30 \(.*d\.jsonl, byte \d+\)"):
+        list(read_share(str(data), "text", 1, 2))
+    with pytest.raises(DatasetError, match="does not exist"):
+        read_share(str(tmp_path / "missing.jsonl"), "text", 0, 2)
+    with pytest.raises(ValueError, match="not in 0..1"):
+        list(read_share(str(data), "text", 2, 2))
