@@ -1054,6 +1054,8 @@ class BuildRecord:
     # Tokens this run's tokenizer produced over all its passes (a rank of a distributed build: its
     # count shares; one process: the dataset, plus the count pass of --min-records/--max-bytes).
     tokenized_tokens: int = 0
+    # Distributed builds: plans this rank made (the ranks of a run make one between them).
+    plans_made: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return _fields_dict(self)
@@ -1064,7 +1066,7 @@ class BuildRecord:
 
 
 RANK_PARTS_SUFFIX = ".ranks"  # builds/<build_id>.ranks/w<N>-r<R>.json: one rank's part of a distributed build
-_SUMMED = (*BUILD_STAT_FIELDS, "head_tokens", "tokenized_tokens")
+_SUMMED = (*BUILD_STAT_FIELDS, "head_tokens", "tokenized_tokens", "plans_made")
 _PER_RANK = ("rank", "status", "writers", *_SUMMED, "seconds", "stage_seconds")
 
 

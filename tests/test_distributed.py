@@ -3,12 +3,15 @@ exactly the blocks of a one-process build, each computed once, the work balanced
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -81,6 +84,7 @@ def assert_one_distributed_build(cli, out: Path, world: int, single: dict, balan
     loads = [r["prefilled_tokens"] for r in b["ranks"]]
     assert not balanced or max(loads) <= 1.2 * sum(loads) / world, loads
     assert index_entries(out) * 16 == b["stored_tokens"]  # every block present once
+    assert [r["plans_made"] for r in b["ranks"]].count(1) == 1 == b["plans_made"]  # one rank planned, once
     report = verify_store(out)
     assert report.ok, report.faults
     return b
@@ -392,6 +396,49 @@ def test_rerunning_a_finished_rank_is_a_no_op_whatever_its_tuning_flags(tmp_path
         assert result.exit_code == 0, result.output
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
     assert ls_json(cli, out)["builds"] == [done]
+
+
+@dataclass
+class _Writer:
+    """What the plan step uses of a rank's writer: its id and whether it fsyncs."""
+
+    writer_id: str
+    fsync: bool = False
+
+
+def test_ranks_reaching_the_plan_together_make_it_once(tmp_path, cli, stories):
+    from prefixgen.builder.distributed import PLAN_SUFFIX, Ranks
+    from prefixgen.format import BuildRecord
+    from prefixgen.store.reader import read_manifest
+
+    data = groups_dataset(tmp_path / "d.jsonl", n=60, groups=4)
+    out = tmp_path / "s"
+    # Rank 1 alone: it counts both shares and plans; the build waits for rank 0, its plan folder stays.
+    assert cli("build", data, "--model", stories, "--out", out, *CPU, "--rank", 1, "--world-size", 2).exit_code == 0
+    (folder,) = out.glob(f"builds/*{PLAN_SUFFIX}/w2")
+    (part,) = out.glob("builds/*.ranks/w2-r1.json")
+    assert json.loads(part.read_text())["plans_made"] == 1
+    (folder / "plan.npz").unlink()
+    (folder / "claims" / "plan").unlink(missing_ok=True)
+    # Four ranks reach the plan step at the same moment: one makes the plan, the others read it.
+    manifest, start = read_manifest(out), threading.Barrier(4)
+    records = [BuildRecord("b", "d") for _ in range(4)]
+    plans: list[dict] = [{}] * 4
+
+    def rank(i: int) -> None:
+        ranks = Ranks(i % 2, 2)
+        start.wait()
+        ranks._read_plan(folder, out, manifest, _Writer(f"w-{i}"), records[i])
+        plans[i] = ranks.plan
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.plans_made for r in records) == [0, 0, 0, 1]
+    maker = [f"w-{i}" for i, r in enumerate(records) if r.plans_made]
+    assert all(str(p["planner"]) == maker[0] for p in plans)  # every rank read the one plan
 
 
 def test_a_claim_is_taken_over_once_and_only_when_its_lease_is_stale(tmp_path):

@@ -18,7 +18,10 @@ pipeline this rank's records, and merges. For N > 1 ranks, one plan, then shares
    (prefix-closed, a trie). A record's work is its blocks beyond its leading heads and beyond what
    the store already holds (``--resume``: work left, not work done). Head segments (branch-free runs
    of the trie) are dealt level by level, largest first, to the least loaded rank; then records,
-   largest work first, likewise. The plan (heads, and each record's rank) is one file, made once.
+   largest work first, likewise. The plan (heads, and each record's rank) is one file, made once
+   by one rank (torchrun: rank 0; ``--rank``: the rank that claims it, a lease like any claim)
+   while the others wait. Shares and plan are fsynced before they are renamed in (unless
+   ``--no-fsync``): after a node crash no rank reads a half-written one.
 3. **Heads.** Under torchrun each rank prefills the head segments the plan gives it, then waits
    (through the store, without a timeout) until the level is stored. Under ``--rank`` ranks claim
    segments; a claim is a lease the claimer renews, judged stale by the file system's clock, and
@@ -70,6 +73,7 @@ from prefixgen.format import (
     atomic_write,
     block_keys,
     create_once,
+    fsync_dir,
     temp_path,
 )
 from prefixgen.store.index import StoreIndex
@@ -164,12 +168,14 @@ def _empty_heads(block_size: int) -> Heads:
 
 def count_share(
     records: Iterator[Record], tokenize: RecordTokenizer, folder: Path, share: int, world: int, root: BlockHash,
-    block_size: int, owner: str,
+    block_size: int, owner: str, fsync: bool = True,
 ) -> BuildRecord:  # fmt: skip
     """Tokenize and count share ``share`` (records with ``index % world == share``) and spill it to
     ``folder``: ``share-S.tokens`` (uint32 ids), ``share-S.keys`` ([blocks, 32]) and, last (it marks
     the share done), ``share-S.npz`` (record indices and lengths, the share's block counts, its
-    tokenizer statistics). Returns the tokenizer statistics (``dataset_tokens``: tokens tokenized)."""
+    tokenizer statistics); each fsynced before it is renamed in (``fsync``: as the writer does for
+    shards), so that after a node crash a share marked done is whole. Returns the tokenizer
+    statistics (``dataset_tokens``: tokens tokenized)."""
     stats = BuildRecord("", "")
     counting = tokenize.copy(stats)
     counting.warn = tokenize.warn  # this is the only pass that tokenizes the share: it warns
@@ -186,20 +192,25 @@ def count_share(
             counter.add(keys)
             index.append(rec.index)
             lengths.append(len(ids))
+        for f in (tokens_file, keys_file) if fsync else ():
+            f.flush()
+            os.fsync(f.fileno())
     for tmp, name in zip(tmps, names):
         os.replace(tmp, name)
+    if fsync:
+        fsync_dir(folder)  # the renames, before the .npz that marks the share done
     counts = counter.result()
     meta = {"index": np.asarray(index, np.int64), "lengths": np.asarray(lengths, np.int64)}
     meta |= {f"counts_{k}": getattr(counts, k) for k in ("key64", "check64", "records", "depth")}
     meta["stats"] = np.asarray([stats.skipped_records, stats.truncated_records, stats.dataset_tokens], np.int64)
-    _save(folder / f"share-{share}.npz", meta, owner)
+    _save(folder / f"share-{share}.npz", meta, owner, fsync)
     return stats
 
 
-def _save(path: Path, arrays: dict[str, np.ndarray], owner: str) -> None:
+def _save(path: Path, arrays: dict[str, np.ndarray], owner: str, fsync: bool) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    atomic_write(path, [buf.getvalue()], fsync=False, owner=owner)
+    atomic_write(path, [buf.getvalue()], fsync=fsync, owner=owner)
 
 
 def _merged_heads_counts(shares: list[Any]) -> BlockCounts:
@@ -521,19 +532,22 @@ class Ranks:
         folder = out / BUILDS_DIR / f"{record.build_id}{PLAN_SUFFIX}" / self.run
         folder.mkdir(parents=True, exist_ok=True)
         with timer("dist_count"):
-            self._count(folder, records, tokenize, manifest, writer.writer_id, record)
-            self._read_plan(folder, out, manifest, writer.writer_id)
+            self._count(folder, records, tokenize, manifest, writer, record)
+            self._read_plan(folder, out, manifest, writer, record)
         with timer("dist_heads"):
             self._prefill_heads(out, manifest, run, writer, record, batch_tokens)
         return _open_store(out)
 
     def _count(
-        self, folder: Path, records: Callable, tokenize: RecordTokenizer, manifest: Manifest, owner: str, record: BuildRecord
+        self, folder: Path, records: Callable, tokenize: RecordTokenizer, manifest: Manifest, writer: Any, record: BuildRecord
     ) -> None:
+        owner = writer.writer_id
+
         def count(share: int) -> None:
             stats = count_share(
-                records(), tokenize, folder, share, self.world_size, manifest.root_key, manifest.block_size, owner
-            )
+                records(), tokenize, folder, share, self.world_size, manifest.root_key, manifest.block_size, owner,
+                fsync=writer.fsync,
+            )  # fmt: skip
             record.tokenized_tokens += stats.dataset_tokens
             record.skipped_records += stats.skipped_records  # each share's are counted once, by its counter
             record.truncated_records += stats.truncated_records
@@ -556,19 +570,33 @@ class Ranks:
                         count(s)
             time.sleep(POLL_SECONDS)
 
-    def _read_plan(self, folder: Path, out: Path, manifest: Manifest, owner: str) -> None:
+    def _read_plan(self, folder: Path, out: Path, manifest: Manifest, writer: Any, record: BuildRecord) -> None:
+        """Make the plan on one rank (torchrun: rank 0; ``--rank``: the one that claims it, taken
+        over if it dies while planning) and read it; the others wait for it without a timeout."""
         path = folder / "plan.npz"
-        if not path.exists() and (self.rank == 0 or not self.collective):
-            index = StoreIndex.open(out)
-            plan = make_plan(folder, self.world_size, manifest.root_key, manifest.block_size, index.contains)
-            buf = io.BytesIO()
-            np.savez(buf, **plan)
-            create_once(path, [buf.getvalue()], fsync=False)  # --rank ranks all make it: the first one stays
+        claim = folder / "claims" / "plan"
         while not path.exists():
-            time.sleep(POLL_SECONDS)
+            if self.collective and self.rank != 0:
+                time.sleep(POLL_SECONDS)  # rank 0 plans; a rank that dies stops the whole run (torch elastic)
+            elif self.collective or _claim(claim, writer.writer_id):
+                with _Lease([] if self.collective else [claim]):
+                    if not path.exists():  # a planner that died after writing it: nothing to redo
+                        self._make_plan(folder, out, manifest, writer, record)
+            else:
+                time.sleep(POLL_SECONDS)  # another rank plans (its claim goes stale if it dies)
         with np.load(path) as data:
             self.plan = {k: data[k] for k in data.files}
         self.heads = Heads(*(self.plan[f"head_{k}"] for k in ("keys", "parent", "depth", "tokens")))
+
+    def _make_plan(self, folder: Path, out: Path, manifest: Manifest, writer: Any, record: BuildRecord) -> None:
+        index = StoreIndex.open(out)
+        plan = make_plan(folder, self.world_size, manifest.root_key, manifest.block_size, index.contains)
+        record.plans_made += 1
+        plan["planner"] = np.asarray(writer.writer_id)  # who made it: one rank per run
+        buf = io.BytesIO()
+        np.savez(buf, **plan)
+        # fsync (unless --no-fsync) before it is linked in: after a crash no rank may read half a plan.
+        create_once(folder / "plan.npz", [buf.getvalue()], fsync=writer.fsync, owner=writer.writer_id)
 
     def _prefill_heads(
         self, out: Path, manifest: Manifest, run: Callable, writer: Any, record: BuildRecord, batch_tokens: int
