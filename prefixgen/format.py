@@ -1066,6 +1066,7 @@ class BuildRecord:
 
 
 RANK_PARTS_SUFFIX = ".ranks"  # builds/<build_id>.ranks/w<N>-r<R>.json: one rank's part of a distributed build
+PLAN_SUFFIX = ".plan"  # builds/<build_id>.plan/<run>/: count shares and the plan of a distributed run
 _SUMMED = (*BUILD_STAT_FIELDS, "head_tokens", "tokenized_tokens", "plans_made")
 _PER_RANK = ("rank", "status", "writers", *_SUMMED, "seconds", "stage_seconds")
 

@@ -321,6 +321,44 @@ def test_ctrl_c_while_waiting_for_another_rank_leaves_the_build_interrupted(tmp_
     assert b["ranks"][0]["status"] == "interrupted" and b["status"] == "interrupted"  # not "running" forever
 
 
+@pytest.mark.slow
+def test_gc_removes_the_plan_of_a_killed_distributed_build_and_keeps_a_live_ones(tmp_path, cli, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=400, seed=6)
+    out = tmp_path / "store"
+    args = ["build", data, "--model", stories, "--out", out, *CPU]
+    other = rank_process(1, 2, *args)
+    deadline = time.monotonic() + 180
+    while not list(out.glob("builds/*.plan/w2/claims/share-1")):  # rank 1 holds its count share
+        assert time.monotonic() < deadline and other.poll() is None, "rank 1 never claimed its share"
+        time.sleep(0.05)
+    other.kill()  # its claim stays fresh for minutes: rank 0 waits for it, live
+    other.wait()
+    me = rank_process(0, 2, *args)
+    while not list(out.glob("builds/*.plan/w2/share-0.npz")):
+        assert time.monotonic() < deadline and me.poll() is None, "rank 0 never counted its share"
+        time.sleep(0.05)
+    (plan,) = out.glob("builds/*.plan")
+    result = cli("gc", out)
+    assert result.exit_code == 0 and ".plan" not in result.stdout, result.output
+    assert (plan / "w2" / "share-0.npz").is_file() and me.poll() is None  # a live build's plan is kept
+    me.kill()
+    me.wait()
+    # Every rank is dead and none completed: a resume would count and plan again; the plan is garbage.
+    result = cli("gc", out, "--dry-run")
+    assert result.exit_code == 0 and f"would remove builds/{plan.name}/ (plan of a dead distributed build)" in result.stdout
+    assert plan.is_dir()
+    result = cli("gc", out)
+    assert result.exit_code == 0 and f"removed builds/{plan.name}/" in result.stdout, result.output
+    assert not plan.exists() and not list((out / "builds").glob(".gc-*"))
+    assert verify_store(out).ok
+    # Resumed, the ranks count and plan again, and the build completes.
+    for p in [rank_process(r, 2, *args, "--resume") for r in range(2)]:
+        finish(p)
+    (b,) = ls_json(cli, out)["builds"]
+    assert b["status"] == "complete" and b["records"] == 400 and b["plans_made"] == 1
+    assert verify_store(out).ok
+
+
 WRAPPER = """
 import os, sys
 from prefixgen.cli import main
@@ -396,6 +434,18 @@ def test_rerunning_a_finished_rank_is_a_no_op_whatever_its_tuning_flags(tmp_path
         assert result.exit_code == 0, result.output
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
     assert ls_json(cli, out)["builds"] == [done]
+
+
+def test_gc_keeps_the_plan_of_a_build_whose_other_ranks_are_still_to_run(tmp_path, cli, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=6)
+    out = tmp_path / "s"
+    args = ["build", data, "--model", stories, "--out", out, *CPU, "--world-size", 2]
+    assert cli(*args, "--rank", 1).exit_code == 0  # no writer is live, but rank 0 has yet to build by this plan
+    (plan,) = out.glob("builds/*.plan")
+    result = cli("gc", out)
+    assert result.exit_code == 0 and ".plan" not in result.stdout and (plan / "w2" / "plan.npz").is_file()
+    assert cli(*args, "--rank", 0).exit_code == 0
+    assert ls_json(cli, out)["builds"][0]["status"] == "complete" and not plan.exists()
 
 
 @dataclass

@@ -65,6 +65,7 @@ from prefixgen.format import (
     COUNTS_DIR,
     INDEX_DIR,
     MANIFEST_FILE,
+    PLAN_SUFFIX,
     RANK_PARTS_SUFFIX,
     BlockHash,
     BuildRecord,
@@ -83,7 +84,6 @@ from prefixgen.store.writer import new_id, prepare_store, remove_temp_files, utc
 CLAIM_STALE_SECONDS = 120.0  # a claim whose lease was not renewed for this long (file system clock) is taken over
 LEASE_SECONDS = CLAIM_STALE_SECONDS / 8  # how often a claimer renews its claims
 POLL_SECONDS = 0.05
-PLAN_SUFFIX = ".plan"  # builds/<id>.plan/<run>/: count shares and the plan of a distributed run
 # Options that may differ between the ranks (or between a run and its --resume) of one build: they
 # change how the work runs, not the bytes stored.
 _RUN_OPTIONS = (
