@@ -268,6 +268,45 @@ def test_resume_after_a_rank_is_killed_rebalances_the_work_left(tmp_path, cli, s
     assert_same_kv(one, out)
 
 
+@pytest.mark.slow
+def test_rank_killed_mid_build_then_every_rank_resumed_spreads_the_work_left(tmp_path, cli, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=300, seed=3)
+    one, out = tmp_path / "one", tmp_path / "store"
+    assert cli("build", data, "--model", stories, "--out", one, *CPU).exit_code == 0
+    (single,) = ls_json(cli, one)["builds"]
+    args = ["build", data, "--model", stories, "--out", out, "--shard-bytes", "100000", "--batch-tokens", "256", *CPU]
+    procs = [rank_process(r, 2, *args) for r in range(2)]
+    deadline = time.monotonic() + 180
+    while True:  # rank 1 has published segments of its own: kill it mid-build
+        part = list(out.glob("builds/*.ranks/w2-r1.json"))
+        writer = json.loads(part[0].read_text())["writers"][0] if part else "-"
+        if len(list((out / "index").glob(f"{writer}-*.safetensors"))) >= 4:
+            break
+        assert time.monotonic() < deadline and procs[1].poll() is None, "rank 1 ended before it could be killed"
+        time.sleep(0.05)
+    procs[1].kill()
+    procs[1].wait()
+    finish(procs[0])
+    before = index_entries(out) * 16
+    assert 0 < before < single["stored_tokens"]
+    assert ls_json(cli, out)["builds"][0]["status"] == "running"  # rank 1's part: running, its writer dead
+    # Every rank relaunched with --resume, at the same time: the work left is planned anew over both.
+    for p in [rank_process(r, 2, *args, "--resume") for r in range(2)]:
+        finish(p)
+    (b,) = ls_json(cli, out)["builds"]
+    assert b["status"] == "complete"
+    loads = [r["prefilled_tokens"] for r in b["ranks"]]
+    assert sum(loads) == sum(r["stored_tokens"] for r in b["ranks"]) == single["stored_tokens"] - before
+    assert min(loads) > 0 and max(loads) <= 1.3 * sum(loads) / 2, loads
+    assert [r["attempt"] for r in b["ranks"]] == [1, 1] and b["plans_made"] == 1
+    for key in ("records", "skipped_records", "truncated_records", "dataset_tokens"):
+        assert b[key] == single[key], key
+    assert stored_keys(out) == stored_keys(one) and index_entries(out) * 16 == single["stored_tokens"]
+    assert summed_counts(out) == summed_counts(one)  # every record counted once, by the rank of the new plan
+    assert verify_store(out).ok
+    assert_same_kv(one, out)
+
+
 SLOW_RANK = """
 import os, sys, time
 from prefixgen.builder import prefill
@@ -443,7 +482,7 @@ def test_gc_keeps_the_plan_of_a_build_whose_other_ranks_are_still_to_run(tmp_pat
     assert cli(*args, "--rank", 1).exit_code == 0  # no writer is live, but rank 0 has yet to build by this plan
     (plan,) = out.glob("builds/*.plan")
     result = cli("gc", out)
-    assert result.exit_code == 0 and ".plan" not in result.stdout and (plan / "w2" / "plan.npz").is_file()
+    assert result.exit_code == 0 and ".plan" not in result.stdout and (plan / "w2" / "plan-0.npz").is_file()
     assert cli(*args, "--rank", 0).exit_code == 0
     assert ls_json(cli, out)["builds"][0]["status"] == "complete" and not plan.exists()
 
@@ -468,8 +507,8 @@ def test_ranks_reaching_the_plan_together_make_it_once(tmp_path, cli, stories):
     (folder,) = out.glob(f"builds/*{PLAN_SUFFIX}/w2")
     (part,) = out.glob("builds/*.ranks/w2-r1.json")
     assert json.loads(part.read_text())["plans_made"] == 1
-    (folder / "plan.npz").unlink()
-    (folder / "claims" / "plan").unlink(missing_ok=True)
+    (folder / "plan-0.npz").unlink()
+    (folder / "claims" / "plan-0").unlink(missing_ok=True)
     # Four ranks reach the plan step at the same moment: one makes the plan, the others read it.
     manifest, start = read_manifest(out), threading.Barrier(4)
     records = [BuildRecord("b", "d") for _ in range(4)]

@@ -21,7 +21,9 @@ pipeline this rank's records, and merges. For N > 1 ranks, one plan, then shares
    largest work first, likewise. The plan (heads, and each record's rank) is one file, made once
    by one rank (torchrun: rank 0; ``--rank``: the rank that claims it, a lease like any claim)
    while the others wait. Shares and plan are fsynced before they are renamed in (unless
-   ``--no-fsync``): after a node crash no rank reads a half-written one.
+   ``--no-fsync``): after a node crash no rank reads a half-written one. Under ``--rank`` each
+   ``--resume`` of the ranks after one died is a new *attempt* with a plan of its own, by the work
+   left (the shares are kept): the first rank relaunched starts it, the others join it.
 3. **Heads.** Under torchrun each rank prefills the head segments the plan gives it, then waits
    (through the store, without a timeout) until the level is stored. Under ``--rank`` ranks claim
    segments; a claim is a lease the claimer renews, judged stale by the file system's clock, and
@@ -314,6 +316,7 @@ class Ranks:
         self.collective = collective  # launched by torchrun: torch.distributed is there
         self.timeout = timeout  # start-up collectives only: waiting for other ranks' work has no timeout
         self.run = f"w{world_size}"  # this run's folder under builds/<id>.plan/ (torchrun: rank 0 names it)
+        self.attempt = 0  # --rank: which plan of the run this rank builds by (one more per --resume of the ranks)
         self.plan: dict[str, np.ndarray] = {}
         self.heads = _empty_heads(1)
 
@@ -483,11 +486,38 @@ class Ranks:
         for p in parts.glob("*.json"):
             if not p.name.startswith(f"w{self.world_size}-"):
                 p.unlink(missing_ok=True)
+        if not self.collective:
+            self.attempt = record.attempt = self._attempt(out, parts, resume)
         base = BuildRecord(record.build_id, record.dataset, started_at=record.started_at, options=record.options)
         base.world_size = self.world_size
         base.options = {k: v for k, v in record.options.items() if k not in ("rank", "world_size")}
         text = json.dumps(base.to_dict(), indent=2, sort_keys=True) + "\n"
         create_once(out / BUILDS_DIR / f"{record.build_id}.json", [text.encode()], writer.fsync, owner=writer.writer_id)
+
+    def _attempt(self, out: Path, parts: Path, resume: bool) -> int:
+        """The attempt this ``--rank`` rank joins: the latest of its build's rank parts, or, on
+        ``--resume`` by a rank that already ran in the latest, a new one, planned anew by the work
+        left (so the work of a rank that died is spread over every rank; every rank must then run
+        in it, and each rank relaunched with ``--resume`` joins it). Refuses while a rank of the
+        latest attempt still runs: its work would be planned twice."""
+        ran = {}
+        for p in parts.glob(f"w{self.world_size}-r*.json"):
+            try:
+                ran[p.stem] = BuildRecord.from_dict(json.loads(p.read_text()))
+            except (OSError, ValueError, TypeError) as exc:
+                raise CorruptStoreError(f"{p} is damaged ({exc}): remove it and rerun this rank with --resume") from None
+        latest = max((b.attempt for b in ran.values()), default=0)
+        mine = ran.get(self.part)
+        if not resume or mine is None or mine.attempt < latest:
+            return latest
+        for b in ran.values():
+            live = [w for w in b.writers if writer_is_live(out, w)] if b.attempt == latest else []
+            if live:
+                raise StoreError(
+                    f"rank {b.rank} of build {b.build_id} is still running (writer {live[0]}): --resume is for ranks "
+                    "that stopped; wait for it to finish (or stop it), then relaunch every rank with --resume"
+                )
+        return latest + 1
 
     def _drop_other_launches(self, out: Path, build_id: str, me: str) -> None:
         if self.distributed:  # counts of a single-process run: counts/<id>.<writer>.<n>.safetensors
@@ -534,6 +564,8 @@ class Ranks:
         with timer("dist_count"):
             self._count(folder, records, tokenize, manifest, writer, record)
             self._read_plan(folder, out, manifest, writer, record)
+        with np.load(folder / f"share-{self.rank}.npz") as meta:  # share R's skipped records are rank R's to report
+            record.skipped_records, record.truncated_records = (int(n) for n in meta["stats"][:2])
         with timer("dist_heads"):
             self._prefill_heads(out, manifest, run, writer, record, batch_tokens)
         return _open_store(out)
@@ -549,8 +581,6 @@ class Ranks:
                 fsync=writer.fsync,
             )  # fmt: skip
             record.tokenized_tokens += stats.dataset_tokens
-            record.skipped_records += stats.skipped_records  # each share's are counted once, by its counter
-            record.truncated_records += stats.truncated_records
 
         def done(share: int) -> bool:
             return (folder / f"share-{share}.npz").exists()
@@ -573,8 +603,8 @@ class Ranks:
     def _read_plan(self, folder: Path, out: Path, manifest: Manifest, writer: Any, record: BuildRecord) -> None:
         """Make the plan on one rank (torchrun: rank 0; ``--rank``: the one that claims it, taken
         over if it dies while planning) and read it; the others wait for it without a timeout."""
-        path = folder / "plan.npz"
-        claim = folder / "claims" / "plan"
+        path = folder / f"plan-{self.attempt}.npz"
+        claim = folder / "claims" / f"plan-{self.attempt}"
         while not path.exists():
             if self.collective and self.rank != 0:
                 time.sleep(POLL_SECONDS)  # rank 0 plans; a rank that dies stops the whole run (torch elastic)
@@ -596,7 +626,7 @@ class Ranks:
         buf = io.BytesIO()
         np.savez(buf, **plan)
         # fsync (unless --no-fsync) before it is linked in: after a crash no rank may read half a plan.
-        create_once(folder / "plan.npz", [buf.getvalue()], fsync=writer.fsync, owner=writer.writer_id)
+        create_once(folder / f"plan-{self.attempt}.npz", [buf.getvalue()], fsync=writer.fsync, owner=writer.writer_id)
 
     def _prefill_heads(
         self, out: Path, manifest: Manifest, run: Callable, writer: Any, record: BuildRecord, batch_tokens: int

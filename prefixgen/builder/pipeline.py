@@ -265,8 +265,10 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     if selection is not None:
         record.tokenized_tokens += selection.tokenized_tokens
     ranks.attach(out, record, writer, cfg.resume)
-    if cfg.resume:
-        writer.drop_old_counts()  # the resumed build counts its (this rank's) records again from the start
+    if cfg.resume or ranks.distributed:
+        # The resumed build counts its records again from the start; a rank of a distributed build
+        # counts the records of its plan, which may not be those it counted before.
+        writer.drop_old_counts()
     quiet = cfg.quiet or (ranks.collective and ranks.rank > 0)  # torchrun: one bar, rank 0's
     bar = tqdm(total=cfg.limit, unit="rec", disable=quiet, dynamic_ncols=True, desc="build")
     progress = Progress(bar, writer.__contains__, None if quiet else lambda: count_records(cfg.dataset, cfg.limit))
