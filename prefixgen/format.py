@@ -1094,6 +1094,7 @@ def merge_rank_parts(base: BuildRecord, parts: Sequence[BuildRecord]) -> BuildRe
     merged.seconds = max((p.seconds for p in parts), default=0.0)
     merged.finished_at = max((p.finished_at for p in parts), default="")
     merged.ranks = [{k: getattr(p, k) for k in _PER_RANK} for p in parts]
+    merged.selection = next((p.selection for p in parts if p.selection), merged.selection)  # the plan's, one for all
     statuses = {p.status for p in parts}
     world = parts[0].world_size if parts else merged.world_size
     merged.world_size = world

@@ -140,6 +140,28 @@ def test_rank_flags_without_torchrun_one_after_another_and_at_once(tmp_path, cli
     assert_same_kv(one, par)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("select", [["--min-records", 2], ["--max-bytes", "2MB"]], ids=["min-records", "max-bytes"])
+def test_selection_in_a_distributed_build_stores_what_one_process_stores(tmp_path, cli, stories, select):
+    data = groups_dataset(tmp_path / "d.jsonl", n=90, groups=6)
+    one, many = tmp_path / "one", tmp_path / "many"
+    assert cli("build", data, "--model", stories, "--out", one, *select, *CPU).exit_code == 0
+    (single,) = ls_json(cli, one)["builds"]
+    args = ["build", data, "--model", stories, "--out", many, *select, *CPU]
+    for p in [rank_process(r, 2, *args) for r in range(2)]:
+        finish(p)
+    # The shared blocks are heads, claimed by whichever rank comes first: no balance asked. (2MB: the 60
+    # shared blocks and about 40 of records' own, which the plan deals out like any work.)
+    b = assert_one_distributed_build(cli, many, 2, single, balanced=False)
+    assert stored_keys(many) == stored_keys(one)  # exactly the chosen blocks
+    assert summed_counts(many) == summed_counts(one)  # each with its record count in the whole dataset
+    picked = ("min_records", "max_bytes", "selected_blocks", "candidate_blocks")
+    assert {k: b["selection"][k] for k in picked} == {k: single["selection"][k] for k in picked}
+    assert 0 < single["selection"]["selected_blocks"] < single["selection"]["candidate_blocks"]
+    assert b["stored_tokens"] == 16 * single["selection"]["selected_blocks"]
+    assert_same_kv(one, many)
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():

@@ -23,7 +23,10 @@ pipeline this rank's records, and merges. For N > 1 ranks, one plan, then shares
    while the others wait. Shares and plan are fsynced before they are renamed in (unless
    ``--no-fsync``): after a node crash no rank reads a half-written one. Under ``--rank`` each
    ``--resume`` of the ranks after one died is a new *attempt* with a plan of its own, by the work
-   left (the shares are kept): the first rank relaunched starts it, the others join it.
+   left (the shares are kept): the first rank relaunched starts it, the others join it. With
+   ``--min-records``/``--max-bytes`` the planner chooses the blocks to store from the summed counts
+   (``builder.selection``, the rule of one process): heads and work are chosen blocks only, and
+   each rank cuts its records to the choice (:attr:`Ranks.selection`).
 3. **Heads.** Under torchrun each rank prefills the head segments the plan gives it, then waits
    (through the store, without a timeout) until the level is stored. Under ``--rank`` ranks claim
    segments; a claim is a lease the claimer renews, judged stale by the file system's clock, and
@@ -57,6 +60,7 @@ import numpy as np
 
 from prefixgen.analysis.count import BlockCounter, BlockCounts
 from prefixgen.builder.plan import PrefillTask, chunk_task
+from prefixgen.builder.selection import Selection
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer, TokenizedRecord
 from prefixgen.data.source import Record
@@ -215,23 +219,30 @@ def _save(path: Path, arrays: dict[str, np.ndarray], owner: str, fsync: bool) ->
     atomic_write(path, [buf.getvalue()], fsync=fsync, owner=owner)
 
 
-def _merged_heads_counts(shares: list[Any]) -> BlockCounts:
-    """The blocks held by two or more records over every share (the share counts summed)."""
+def _merged_counts(shares: list[Any]) -> BlockCounts:
+    """Every block of every share, with the records holding it over all shares (the share counts summed)."""
     cols = {k: np.concatenate([s[f"counts_{k}"] for s in shares]) for k in ("key64", "check64", "records", "depth")}
     order = np.lexsort((cols["check64"], cols["key64"]))
     k64, c64 = cols["key64"][order], cols["check64"][order]
-    starts = np.flatnonzero(np.r_[True, (k64[1:] != k64[:-1]) | (c64[1:] != c64[:-1])])
+    starts = np.flatnonzero(np.r_[True, (k64[1:] != k64[:-1]) | (c64[1:] != c64[:-1])]) if len(k64) else np.zeros(0, np.int64)
     records = np.add.reduceat(cols["records"][order].astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
-    keep = starts[records >= 2]
-    return BlockCounts(k64[keep], c64[keep], records[records >= 2].astype(np.uint32), cols["depth"][order][keep])
+    return BlockCounts(k64[starts], c64[starts], records.astype(np.uint32), cols["depth"][order][starts])
 
 
-def make_plan(folder: Path, world: int, root: BlockHash, block_size: int, stored: Callable[[list[bytes]], list[bool]]) -> dict:
+def make_plan(
+    folder: Path, world: int, root: BlockHash, block_size: int, stored: Callable[[list[bytes]], list[bool]],
+    select: Callable[[BlockCounts], Selection] | None = None,
+) -> dict:  # fmt: skip
     """The plan of a run from its ``world`` count shares: the heads, each head segment's and each
-    record's rank. ``stored(keys)`` says which blocks the store already holds: they are no work."""
+    record's rank. ``stored(keys)`` says which blocks the store already holds: they are no work.
+    ``select(counts)`` (``--min-records``/``--max-bytes``) chooses the blocks to store from the
+    summed counts: the others are no work and no head, and the plan holds the choice (``chosen_*``)."""
     bs = block_size
     shares = [dict(np.load(folder / f"share-{s}.npz")) for s in range(world)]
-    shared = _merged_heads_counts(shares)
+    counts = _merged_counts(shares)
+    selection = select(counts) if select is not None else None
+    shared = counts.subset(np.flatnonzero(counts.records >= 2))
+    del counts
     rec_share, rec_row, rec_index, rec_work = [], [], [], []
     head_keys, head_parents, head_depth, head_tokens = [], [], [], []
     for s, meta in enumerate(shares):
@@ -242,10 +253,11 @@ def make_plan(folder: Path, world: int, root: BlockHash, block_size: int, stored
         else:
             keys = np.fromfile(folder / f"share-{s}.keys", dtype=np.uint8).reshape(-1, 32)
             owner_of = np.repeat(np.arange(len(full)), full)  # record (row) of each block
-            is_head = shared.find(keys) >= 0 if len(shared) else np.zeros(len(keys), bool)
+            chosen = selection.chosen.find(keys) >= 0 if selection is not None else np.ones(len(keys), bool)
+            is_head = (shared.find(keys) >= 0 if len(shared) else np.zeros(len(keys), bool)) & chosen
             lead = np.bincount(owner_of, weights=is_head, minlength=len(full)).astype(np.int64)  # heads are prefix-closed
-            rest = np.flatnonzero(~is_head)
-            held = np.zeros(len(keys), bool)
+            rest = np.flatnonzero(~is_head & chosen)
+            held = ~chosen  # a block not chosen is no work (the choice is prefix-closed too)
             if len(rest):
                 for chunk in np.array_split(rest, -(-len(rest) // (1 << 20))):  # bounded lists of keys
                     held[chunk] = stored([keys[i].tobytes() for i in chunk])
@@ -288,10 +300,17 @@ def make_plan(folder: Path, world: int, root: BlockHash, block_size: int, stored
         load, rank = heapq.heappop(heap)
         owner[i] = rank
         heapq.heappush(heap, (load + int(work[i]), rank))
-    return {
+    plan = {
         "index": index, "share": share, "row": row, "work": work, "owner": owner,
         "head_keys": heads.keys, "head_parent": heads.parent, "head_depth": heads.depth, "head_tokens": heads.tokens, "head_owner": head_owner,
     }  # fmt: skip
+    if selection is not None:
+        plan |= {f"chosen_{k}": getattr(selection.chosen, k) for k in ("key64", "check64", "records", "depth")}
+        plan["chosen_of"] = np.asarray(  # min_records, max_bytes (-1: not given), candidate blocks, microseconds
+            [selection.min_records or -1, -1 if selection.max_bytes is None else selection.max_bytes,
+             selection.candidate_blocks, round(selection.count_seconds * 1e6)], np.int64,
+        )  # fmt: skip
+    return plan
 
 
 def _share_tokens(folder: Path, share: int, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -548,6 +567,7 @@ class Ranks:
         record: BuildRecord,
         batch_tokens: int,
         timer: Callable[[str], Any],
+        select: Callable[[BlockCounts], Selection] | None = None,
     ) -> PrefixStore | None:
         """Count this rank's shares, make (or read) the plan, and prefill the heads this rank is
         given or claims, level by level, until every head is stored. Returns the store reopened (it
@@ -556,14 +576,16 @@ class Ranks:
         ``records()`` starts a fresh read of the dataset; ``run(tasks, store)`` prefills and queues
         tasks as the pipeline does, loading pasts from ``store``; ``writer.flush()`` publishes them.
         ``timer(name)`` times the count pass (``dist_count``, its wait for the other shares and the
-        plan included) and the head phase (``dist_heads``, waits for other ranks included)."""
+        plan included) and the head phase (``dist_heads``, waits for other ranks included).
+        ``select`` (``--min-records``/``--max-bytes``): the planner's choice of blocks to store from
+        the summed counts (see :func:`make_plan`); this rank's :attr:`selection` after."""
         if not self.distributed:
             return None
         folder = out / BUILDS_DIR / f"{record.build_id}{PLAN_SUFFIX}" / self.run
         folder.mkdir(parents=True, exist_ok=True)
         with timer("dist_count"):
             self._count(folder, records, tokenize, manifest, writer, record)
-            self._read_plan(folder, out, manifest, writer, record)
+            self._read_plan(folder, out, manifest, writer, record, select)
         with np.load(folder / f"share-{self.rank}.npz") as meta:  # share R's skipped records are rank R's to report
             record.skipped_records, record.truncated_records = (int(n) for n in meta["stats"][:2])
         with timer("dist_heads"):
@@ -600,7 +622,9 @@ class Ranks:
                         count(s)
             time.sleep(POLL_SECONDS)
 
-    def _read_plan(self, folder: Path, out: Path, manifest: Manifest, writer: Any, record: BuildRecord) -> None:
+    def _read_plan(
+        self, folder: Path, out: Path, manifest: Manifest, writer: Any, record: BuildRecord, select: Callable | None = None
+    ) -> None:
         """Make the plan on one rank (torchrun: rank 0; ``--rank``: the one that claims it, taken
         over if it dies while planning) and read it; the others wait for it without a timeout."""
         path = folder / f"plan-{self.attempt}.npz"
@@ -611,16 +635,18 @@ class Ranks:
             elif self.collective or _claim(claim, writer.writer_id):
                 with _Lease([] if self.collective else [claim]):
                     if not path.exists():  # a planner that died after writing it: nothing to redo
-                        self._make_plan(folder, out, manifest, writer, record)
+                        self._make_plan(folder, out, manifest, writer, record, select)
             else:
                 time.sleep(POLL_SECONDS)  # another rank plans (its claim goes stale if it dies)
         with np.load(path) as data:
             self.plan = {k: data[k] for k in data.files}
         self.heads = Heads(*(self.plan[f"head_{k}"] for k in ("keys", "parent", "depth", "tokens")))
 
-    def _make_plan(self, folder: Path, out: Path, manifest: Manifest, writer: Any, record: BuildRecord) -> None:
+    def _make_plan(
+        self, folder: Path, out: Path, manifest: Manifest, writer: Any, record: BuildRecord, select: Callable | None
+    ) -> None:
         index = StoreIndex.open(out)
-        plan = make_plan(folder, self.world_size, manifest.root_key, manifest.block_size, index.contains)
+        plan = make_plan(folder, self.world_size, manifest.root_key, manifest.block_size, index.contains, select)
         record.plans_made += 1
         plan["planner"] = np.asarray(writer.writer_id)  # who made it: one rank per run
         buf = io.BytesIO()
@@ -670,6 +696,17 @@ class Ranks:
                     record.stored_tokens += new
                     writer.flush()  # publish: shard and index segment on disk for the other ranks
                 done.update(mine)
+
+    @property
+    def selection(self) -> Selection | None:
+        """The blocks to store that the plan chose (``--min-records``/``--max-bytes``), or None."""
+        if "chosen_of" not in self.plan:
+            return None
+        chosen = BlockCounts(*(self.plan[f"chosen_{k}"] for k in ("key64", "check64", "records", "depth")))
+        min_records, max_bytes, candidates, micros = (int(n) for n in self.plan["chosen_of"])
+        return Selection(
+            chosen, None if min_records < 0 else min_records, None if max_bytes < 0 else max_bytes, candidates, micros / 1e6
+        )
 
     # ------------------------------------------------------------------ routing and merging
 
