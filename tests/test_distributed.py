@@ -614,3 +614,6 @@ def test_rank_parts_merge_into_one_build():
     assert done.status == "complete" and done.records == 6 and [r["rank"] for r in done.ranks] == [0, 1, 2]
     parts[0].status = "failed"
     assert merge_rank_parts(base, parts).status == "failed"
+    parts[0].status, parts[1].attempt = "complete", 1  # rank 0 completed a newer attempt: ranks 1, 2 have its work to do
+    assert merge_rank_parts(base, parts).status == "running"
+    assert [r["attempt"] for r in merge_rank_parts(base, parts).ranks] == [1, 0, 0]
