@@ -402,6 +402,10 @@ def test_gc_removes_the_plan_of_a_killed_distributed_build_and_keeps_a_live_ones
     result = cli("gc", out)
     assert result.exit_code == 0 and ".plan" not in result.stdout, result.output
     assert (plan / "w2" / "share-0.npz").is_file() and me.poll() is None  # a live build's plan is kept
+    # Rank 0 relaunched with --resume while it still runs: refused (its work would be planned twice).
+    again = rank_process(0, 2, *args, "--resume")
+    _, err = again.communicate(timeout=120)
+    assert again.returncode != 0 and "rank 0 of build" in err and "still running" in err and "Traceback" not in err, err
     me.kill()
     me.wait()
     # Every rank is dead and none completed: a resume would count and plan again; the plan is garbage.

@@ -506,7 +506,11 @@ class Ranks:
             if not p.name.startswith(f"w{self.world_size}-"):
                 p.unlink(missing_ok=True)
         if not self.collective:
-            self.attempt = record.attempt = self._attempt(out, parts, resume)
+            try:
+                self.attempt = record.attempt = self._attempt(out, parts, resume)
+            except StoreError:
+                writer.release()  # as drop_old_counts does: a refused rank leaves no live lock behind
+                raise
         base = BuildRecord(record.build_id, record.dataset, started_at=record.started_at, options=record.options)
         base.world_size = self.world_size
         base.options = {k: v for k, v in record.options.items() if k not in ("rank", "world_size")}
