@@ -445,13 +445,13 @@ def gc(
     store: Annotated[Path, typer.Argument(help="The store folder.")],
     dry_run: Annotated[bool, Opt("--dry-run", help="List what would be removed; remove nothing.")] = False,
 ) -> None:
-    """Remove leftovers of dead writers (temporary files, shards without a segment); live writers' files are kept."""
+    """Remove leftovers of dead writers (temporary files, shards without a segment, plans of dead distributed builds); live writers' files are kept."""
     from prefixgen.maintain.gc import collect_garbage
 
     report = collect_garbage(store, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for name in report.removed:
-        typer.echo(f"{verb} {name}")
+        typer.echo(f"{verb} {name}" + (" (plan of a dead distributed build)" if name in report.plans else ""))
     for note in report.notes:
         typer.echo(f"note: {note}", err=True)
     live = f"; {len(report.live_writers)} live writer(s) left alone" if report.live_writers else ""

@@ -1060,6 +1060,11 @@ class BuildRecord:
     read_records: int = 0
     read_bytes: int = 0
     scanned_bytes: int = 0
+    # Distributed builds: plans this rank made (the ranks of a run make one between them), and the
+    # attempt this rank ran in (``--rank``: each --resume of the ranks after one died plans the work
+    # left anew, as attempt k+1; the build is complete when every rank completed the same attempt).
+    plans_made: int = 0
+    attempt: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return _fields_dict(self)
@@ -1070,14 +1075,16 @@ class BuildRecord:
 
 
 RANK_PARTS_SUFFIX = ".ranks"  # builds/<build_id>.ranks/w<N>-r<R>.json: one rank's part of a distributed build
-_SUMMED = (*BUILD_STAT_FIELDS, "head_tokens", "tokenized_tokens", "read_records", "read_bytes", "scanned_bytes")
-_PER_RANK = ("rank", "status", "writers", *_SUMMED, "seconds", "stage_seconds")
+PLAN_SUFFIX = ".plan"  # builds/<build_id>.plan/<run>/: count shares and the plan of a distributed run
+_SUMMED = (*BUILD_STAT_FIELDS, "head_tokens", "tokenized_tokens", "read_records", "read_bytes", "scanned_bytes", "plans_made")
+_PER_RANK = ("rank", "status", "attempt", "writers", *_SUMMED, "seconds", "stage_seconds")
 
 
 def merge_rank_parts(base: BuildRecord, parts: Sequence[BuildRecord]) -> BuildRecord:
     """One record for a distributed build: ``base`` (``builds/<id>.json``) with its ranks' parts
     summed, every writer id, per-rank statistics in ``ranks``, and a status that is ``complete``
-    only when every rank of the run is.
+    only when every rank of the run is, in the same attempt (a rank of an earlier attempt has the
+    work of the latest plan still to do).
 
     Example:
         >>> parts = [BuildRecord("b", "d", status="complete", world_size=2, rank=r, records=3) for r in (0, 1)]
@@ -1093,6 +1100,7 @@ def merge_rank_parts(base: BuildRecord, parts: Sequence[BuildRecord]) -> BuildRe
     merged.seconds = max((p.seconds for p in parts), default=0.0)
     merged.finished_at = max((p.finished_at for p in parts), default="")
     merged.ranks = [{k: getattr(p, k) for k in _PER_RANK} for p in parts]
+    merged.selection = next((p.selection for p in parts if p.selection), merged.selection)  # the plan's, one for all
     statuses = {p.status for p in parts}
     world = parts[0].world_size if parts else merged.world_size
     merged.world_size = world
@@ -1100,7 +1108,7 @@ def merge_rank_parts(base: BuildRecord, parts: Sequence[BuildRecord]) -> BuildRe
         merged.status = "failed"
     elif "interrupted" in statuses:
         merged.status = "interrupted"
-    elif statuses == {"complete"} and {p.rank for p in parts} == set(range(world)):
+    elif statuses == {"complete"} and {p.rank for p in parts} == set(range(world)) and len({p.attempt for p in parts}) == 1:
         merged.status = "complete"
     else:
         merged.status = "running"

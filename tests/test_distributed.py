@@ -3,12 +3,15 @@ exactly the blocks of a one-process build, each computed once, the work balanced
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -81,6 +84,7 @@ def assert_one_distributed_build(cli, out: Path, world: int, single: dict, balan
     loads = [r["prefilled_tokens"] for r in b["ranks"]]
     assert not balanced or max(loads) <= 1.2 * sum(loads) / world, loads
     assert index_entries(out) * 16 == b["stored_tokens"]  # every block present once
+    assert [r["plans_made"] for r in b["ranks"]].count(1) == 1 == b["plans_made"]  # one rank planned, once
     report = verify_store(out)
     assert report.ok, report.faults
     return b
@@ -144,6 +148,28 @@ def test_rank_flags_without_torchrun_one_after_another_and_at_once(tmp_path, cli
         finish(p)
     assert_one_distributed_build(cli, par, 2, single)
     assert_same_kv(one, par)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("select", [["--min-records", 2], ["--max-bytes", "2MB"]], ids=["min-records", "max-bytes"])
+def test_selection_in_a_distributed_build_stores_what_one_process_stores(tmp_path, cli, stories, select):
+    data = groups_dataset(tmp_path / "d.jsonl", n=90, groups=6)
+    one, many = tmp_path / "one", tmp_path / "many"
+    assert cli("build", data, "--model", stories, "--out", one, *select, *CPU).exit_code == 0
+    (single,) = ls_json(cli, one)["builds"]
+    args = ["build", data, "--model", stories, "--out", many, *select, *CPU]
+    for p in [rank_process(r, 2, *args) for r in range(2)]:
+        finish(p)
+    # The shared blocks are heads, claimed by whichever rank comes first: no balance asked. (2MB: the 60
+    # shared blocks and about 40 of records' own, which the plan deals out like any work.)
+    b = assert_one_distributed_build(cli, many, 2, single, balanced=False)
+    assert stored_keys(many) == stored_keys(one)  # exactly the chosen blocks
+    assert summed_counts(many) == summed_counts(one)  # each with its record count in the whole dataset
+    picked = ("min_records", "max_bytes", "selected_blocks", "candidate_blocks")
+    assert {k: b["selection"][k] for k in picked} == {k: single["selection"][k] for k in picked}
+    assert 0 < single["selection"]["selected_blocks"] < single["selection"]["candidate_blocks"]
+    assert b["stored_tokens"] == 16 * single["selection"]["selected_blocks"]
+    assert_same_kv(one, many)
 
 
 def _children(pid: int) -> list[int]:
@@ -274,6 +300,45 @@ def test_resume_after_a_rank_is_killed_rebalances_the_work_left(tmp_path, cli, s
     assert_same_kv(one, out)
 
 
+@pytest.mark.slow
+def test_rank_killed_mid_build_then_every_rank_resumed_spreads_the_work_left(tmp_path, cli, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=300, seed=3)
+    one, out = tmp_path / "one", tmp_path / "store"
+    assert cli("build", data, "--model", stories, "--out", one, *CPU).exit_code == 0
+    (single,) = ls_json(cli, one)["builds"]
+    args = ["build", data, "--model", stories, "--out", out, "--shard-bytes", "100000", "--batch-tokens", "256", *CPU]
+    procs = [rank_process(r, 2, *args) for r in range(2)]
+    deadline = time.monotonic() + 180
+    while True:  # rank 1 has published segments of its own: kill it mid-build
+        part = list(out.glob("builds/*.ranks/w2-r1.json"))
+        writer = json.loads(part[0].read_text())["writers"][0] if part else "-"
+        if len(list((out / "index").glob(f"{writer}-*.safetensors"))) >= 4:
+            break
+        assert time.monotonic() < deadline and procs[1].poll() is None, "rank 1 ended before it could be killed"
+        time.sleep(0.05)
+    procs[1].kill()
+    procs[1].wait()
+    finish(procs[0])
+    before = index_entries(out) * 16
+    assert 0 < before < single["stored_tokens"]
+    assert ls_json(cli, out)["builds"][0]["status"] == "running"  # rank 1's part: running, its writer dead
+    # Every rank relaunched with --resume, at the same time: the work left is planned anew over both.
+    for p in [rank_process(r, 2, *args, "--resume") for r in range(2)]:
+        finish(p)
+    (b,) = ls_json(cli, out)["builds"]
+    assert b["status"] == "complete"
+    loads = [r["prefilled_tokens"] for r in b["ranks"]]
+    assert sum(loads) == sum(r["stored_tokens"] for r in b["ranks"]) == single["stored_tokens"] - before
+    assert min(loads) > 0 and max(loads) <= 1.3 * sum(loads) / 2, loads
+    assert [r["attempt"] for r in b["ranks"]] == [1, 1] and b["plans_made"] == 1
+    for key in ("records", "skipped_records", "truncated_records", "dataset_tokens"):
+        assert b[key] == single[key], key
+    assert stored_keys(out) == stored_keys(one) and index_entries(out) * 16 == single["stored_tokens"]
+    assert summed_counts(out) == summed_counts(one)  # every record counted once, by the rank of the new plan
+    assert verify_store(out).ok
+    assert_same_kv(one, out)
+
+
 SLOW_RANK = """
 import os, sys, time
 from prefixgen.builder import prefill
@@ -325,6 +390,48 @@ def test_ctrl_c_while_waiting_for_another_rank_leaves_the_build_interrupted(tmp_
     assert me.returncode == 130 and "Traceback" not in err, err
     (b,) = ls_json(cli, out)["builds"]
     assert b["ranks"][0]["status"] == "interrupted" and b["status"] == "interrupted"  # not "running" forever
+
+
+@pytest.mark.slow
+def test_gc_removes_the_plan_of_a_killed_distributed_build_and_keeps_a_live_ones(tmp_path, cli, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=400, seed=6)
+    out = tmp_path / "store"
+    args = ["build", data, "--model", stories, "--out", out, *CPU]
+    other = rank_process(1, 2, *args)
+    deadline = time.monotonic() + 180
+    while not list(out.glob("builds/*.plan/w2/claims/share-1")):  # rank 1 holds its count share
+        assert time.monotonic() < deadline and other.poll() is None, "rank 1 never claimed its share"
+        time.sleep(0.05)
+    other.kill()  # its claim stays fresh for minutes: rank 0 waits for it, live
+    other.wait()
+    me = rank_process(0, 2, *args)
+    while not list(out.glob("builds/*.plan/w2/share-0.npz")):
+        assert time.monotonic() < deadline and me.poll() is None, "rank 0 never counted its share"
+        time.sleep(0.05)
+    (plan,) = out.glob("builds/*.plan")
+    result = cli("gc", out)
+    assert result.exit_code == 0 and ".plan" not in result.stdout, result.output
+    assert (plan / "w2" / "share-0.npz").is_file() and me.poll() is None  # a live build's plan is kept
+    # Rank 0 relaunched with --resume while it still runs: refused (its work would be planned twice).
+    again = rank_process(0, 2, *args, "--resume")
+    _, err = again.communicate(timeout=120)
+    assert again.returncode != 0 and "rank 0 of build" in err and "still running" in err and "Traceback" not in err, err
+    me.kill()
+    me.wait()
+    # Every rank is dead and none completed: a resume would count and plan again; the plan is garbage.
+    result = cli("gc", out, "--dry-run")
+    assert result.exit_code == 0 and f"would remove builds/{plan.name}/ (plan of a dead distributed build)" in result.stdout
+    assert plan.is_dir()
+    result = cli("gc", out)
+    assert result.exit_code == 0 and f"removed builds/{plan.name}/" in result.stdout, result.output
+    assert not plan.exists() and not list((out / "builds").glob(".gc-*"))
+    assert verify_store(out).ok
+    # Resumed, the ranks count and plan again, and the build completes.
+    for p in [rank_process(r, 2, *args, "--resume") for r in range(2)]:
+        finish(p)
+    (b,) = ls_json(cli, out)["builds"]
+    assert b["status"] == "complete" and b["records"] == 400 and b["plans_made"] == 1
+    assert verify_store(out).ok
 
 
 WRAPPER = """
@@ -404,6 +511,61 @@ def test_rerunning_a_finished_rank_is_a_no_op_whatever_its_tuning_flags(tmp_path
     assert ls_json(cli, out)["builds"] == [done]
 
 
+def test_gc_keeps_the_plan_of_a_build_whose_other_ranks_are_still_to_run(tmp_path, cli, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=6)
+    out = tmp_path / "s"
+    args = ["build", data, "--model", stories, "--out", out, *CPU, "--world-size", 2]
+    assert cli(*args, "--rank", 1).exit_code == 0  # no writer is live, but rank 0 has yet to build by this plan
+    (plan,) = out.glob("builds/*.plan")
+    result = cli("gc", out)
+    assert result.exit_code == 0 and ".plan" not in result.stdout and (plan / "w2" / "plan-0.npz").is_file()
+    assert cli(*args, "--rank", 0).exit_code == 0
+    assert ls_json(cli, out)["builds"][0]["status"] == "complete" and not plan.exists()
+
+
+@dataclass
+class _Writer:
+    """What the plan step uses of a rank's writer: its id and whether it fsyncs."""
+
+    writer_id: str
+    fsync: bool = False
+
+
+def test_ranks_reaching_the_plan_together_make_it_once(tmp_path, cli, stories):
+    from prefixgen.builder.distributed import PLAN_SUFFIX, Ranks
+    from prefixgen.format import BuildRecord
+    from prefixgen.store.reader import read_manifest
+
+    data = groups_dataset(tmp_path / "d.jsonl", n=60, groups=4)
+    out = tmp_path / "s"
+    # Rank 1 alone: it counts both shares and plans; the build waits for rank 0, its plan folder stays.
+    assert cli("build", data, "--model", stories, "--out", out, *CPU, "--rank", 1, "--world-size", 2).exit_code == 0
+    (folder,) = out.glob(f"builds/*{PLAN_SUFFIX}/w2")
+    (part,) = out.glob("builds/*.ranks/w2-r1.json")
+    assert json.loads(part.read_text())["plans_made"] == 1
+    (folder / "plan-0.npz").unlink()
+    (folder / "claims" / "plan-0").unlink(missing_ok=True)
+    # Four ranks reach the plan step at the same moment: one makes the plan, the others read it.
+    manifest, start = read_manifest(out), threading.Barrier(4)
+    records = [BuildRecord("b", "d") for _ in range(4)]
+    plans: list[dict] = [{}] * 4
+
+    def rank(i: int) -> None:
+        ranks = Ranks(i % 2, 2)
+        start.wait()
+        ranks._read_plan(folder, out, manifest, _Writer(f"w-{i}"), records[i])
+        plans[i] = ranks.plan
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.plans_made for r in records) == [0, 0, 0, 1]
+    maker = [f"w-{i}" for i, r in enumerate(records) if r.plans_made]
+    assert all(str(p["planner"]) == maker[0] for p in plans)  # every rank read the one plan
+
+
 def test_a_claim_is_taken_over_once_and_only_when_its_lease_is_stale(tmp_path):
     from prefixgen.builder.distributed import _claim
 
@@ -466,3 +628,6 @@ def test_rank_parts_merge_into_one_build():
     assert done.status == "complete" and done.records == 6 and [r["rank"] for r in done.ranks] == [0, 1, 2]
     parts[0].status = "failed"
     assert merge_rank_parts(base, parts).status == "failed"
+    parts[0].status, parts[1].attempt = "complete", 1  # rank 0 completed a newer attempt: ranks 1, 2 have its work to do
+    assert merge_rank_parts(base, parts).status == "running"
+    assert [r["attempt"] for r in merge_rank_parts(base, parts).ranks] == [1, 0, 0]

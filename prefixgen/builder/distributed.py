@@ -20,7 +20,15 @@ pipeline this rank's records, and merges. For N > 1 ranks, one plan, then shares
    (prefix-closed, a trie). A record's work is its blocks beyond its leading heads and beyond what
    the store already holds (``--resume``: work left, not work done). Head segments (branch-free runs
    of the trie) are dealt level by level, largest first, to the least loaded rank; then records,
-   largest work first, likewise. The plan (heads, and each record's rank) is one file, made once.
+   largest work first, likewise. The plan (heads, and each record's rank) is one file, made once
+   by one rank (torchrun: rank 0; ``--rank``: the rank that claims it, a lease like any claim)
+   while the others wait. Shares and plan are fsynced before they are renamed in (unless
+   ``--no-fsync``): after a node crash no rank reads a half-written one. Under ``--rank`` each
+   ``--resume`` of the ranks after one died is a new *attempt* with a plan of its own, by the work
+   left (the shares are kept): the first rank relaunched starts it, the others join it. With
+   ``--min-records``/``--max-bytes`` the planner chooses the blocks to store from the summed counts
+   (``builder.selection``, the rule of one process): heads and work are chosen blocks only, and
+   each rank cuts its records to the choice (:attr:`Ranks.selection`).
 3. **Heads.** Under torchrun each rank prefills the head segments the plan gives it, then waits
    (through the store, without a timeout) until the level is stored. Under ``--rank`` ranks claim
    segments; a claim is a lease the claimer renews, judged stale by the file system's clock, and
@@ -54,6 +62,7 @@ import numpy as np
 
 from prefixgen.analysis.count import BlockCounter, BlockCounts
 from prefixgen.builder.plan import PrefillTask, chunk_task
+from prefixgen.builder.selection import Selection
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer, TokenizedRecord
 from prefixgen.data.source import Record, ShareRead
@@ -64,6 +73,7 @@ from prefixgen.format import (
     COUNTS_DIR,
     INDEX_DIR,
     MANIFEST_FILE,
+    PLAN_SUFFIX,
     RANK_PARTS_SUFFIX,
     BlockHash,
     BuildRecord,
@@ -72,6 +82,7 @@ from prefixgen.format import (
     atomic_write,
     block_keys,
     create_once,
+    fsync_dir,
     temp_path,
 )
 from prefixgen.store.index import StoreIndex
@@ -81,7 +92,6 @@ from prefixgen.store.writer import new_id, prepare_store, remove_temp_files, utc
 CLAIM_STALE_SECONDS = 120.0  # a claim whose lease was not renewed for this long (file system clock) is taken over
 LEASE_SECONDS = CLAIM_STALE_SECONDS / 8  # how often a claimer renews its claims
 POLL_SECONDS = 0.05
-PLAN_SUFFIX = ".plan"  # builds/<id>.plan/<run>/: count shares and the plan of a distributed run
 # Options that may differ between the ranks (or between a run and its --resume) of one build: they
 # change how the work runs, not the bytes stored.
 _RUN_OPTIONS = (
@@ -166,12 +176,14 @@ def _empty_heads(block_size: int) -> Heads:
 
 def count_share(
     records: Iterator[Record], tokenize: RecordTokenizer, folder: Path, share: int, root: BlockHash, block_size: int,
-    owner: str,
+    owner: str, fsync: bool = True,
 ) -> BuildRecord:  # fmt: skip
     """Tokenize and count share ``share``, the records ``records`` yields (``data.source.read_share``),
     and spill it to ``folder``: ``share-S.tokens`` (uint32 ids), ``share-S.keys`` ([blocks, 32]) and,
     last (it marks the share done), ``share-S.npz`` (record indices and lengths, the share's block
-    counts, its tokenizer statistics). Returns the tokenizer statistics (``dataset_tokens``: tokens tokenized)."""
+    counts, its tokenizer statistics); each fsynced before it is renamed in (``fsync``: as the writer
+    does for shards), so that after a node crash a share marked done is whole. Returns the tokenizer
+    statistics (``dataset_tokens``: tokens tokenized)."""
     stats = BuildRecord("", "")
     counting = tokenize.copy(stats)
     counting.warn = tokenize.warn  # this is the only pass that tokenizes the share: it warns
@@ -188,39 +200,51 @@ def count_share(
             counter.add(keys)
             index.append(rec.index)
             lengths.append(len(ids))
+        for f in (tokens_file, keys_file) if fsync else ():
+            f.flush()
+            os.fsync(f.fileno())
     for tmp, name in zip(tmps, names):
         os.replace(tmp, name)
+    if fsync:
+        fsync_dir(folder)  # the renames, before the .npz that marks the share done
     counts = counter.result()
     meta = {"index": np.asarray(index, np.int64), "lengths": np.asarray(lengths, np.int64)}
     meta |= {f"counts_{k}": getattr(counts, k) for k in ("key64", "check64", "records", "depth")}
     meta["stats"] = np.asarray([stats.skipped_records, stats.truncated_records, stats.dataset_tokens], np.int64)
-    _save(folder / f"share-{share}.npz", meta, owner)
+    _save(folder / f"share-{share}.npz", meta, owner, fsync)
     return stats
 
 
-def _save(path: Path, arrays: dict[str, np.ndarray], owner: str) -> None:
+def _save(path: Path, arrays: dict[str, np.ndarray], owner: str, fsync: bool) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    atomic_write(path, [buf.getvalue()], fsync=False, owner=owner)
+    atomic_write(path, [buf.getvalue()], fsync=fsync, owner=owner)
 
 
-def _merged_heads_counts(shares: list[Any]) -> BlockCounts:
-    """The blocks held by two or more records over every share (the share counts summed)."""
+def _merged_counts(shares: list[Any]) -> BlockCounts:
+    """Every block of every share, with the records holding it over all shares (the share counts summed)."""
     cols = {k: np.concatenate([s[f"counts_{k}"] for s in shares]) for k in ("key64", "check64", "records", "depth")}
     order = np.lexsort((cols["check64"], cols["key64"]))
     k64, c64 = cols["key64"][order], cols["check64"][order]
-    starts = np.flatnonzero(np.r_[True, (k64[1:] != k64[:-1]) | (c64[1:] != c64[:-1])])
+    starts = np.flatnonzero(np.r_[True, (k64[1:] != k64[:-1]) | (c64[1:] != c64[:-1])]) if len(k64) else np.zeros(0, np.int64)
     records = np.add.reduceat(cols["records"][order].astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
-    keep = starts[records >= 2]
-    return BlockCounts(k64[keep], c64[keep], records[records >= 2].astype(np.uint32), cols["depth"][order][keep])
+    return BlockCounts(k64[starts], c64[starts], records.astype(np.uint32), cols["depth"][order][starts])
 
 
-def make_plan(folder: Path, world: int, root: BlockHash, block_size: int, stored: Callable[[list[bytes]], list[bool]]) -> dict:
+def make_plan(
+    folder: Path, world: int, root: BlockHash, block_size: int, stored: Callable[[list[bytes]], list[bool]],
+    select: Callable[[BlockCounts], Selection] | None = None,
+) -> dict:  # fmt: skip
     """The plan of a run from its ``world`` count shares: the heads, each head segment's and each
-    record's rank. ``stored(keys)`` says which blocks the store already holds: they are no work."""
+    record's rank. ``stored(keys)`` says which blocks the store already holds: they are no work.
+    ``select(counts)`` (``--min-records``/``--max-bytes``) chooses the blocks to store from the
+    summed counts: the others are no work and no head, and the plan holds the choice (``chosen_*``)."""
     bs = block_size
     shares = [dict(np.load(folder / f"share-{s}.npz")) for s in range(world)]
-    shared = _merged_heads_counts(shares)
+    counts = _merged_counts(shares)
+    selection = select(counts) if select is not None else None
+    shared = counts.subset(np.flatnonzero(counts.records >= 2))
+    del counts
     rec_share, rec_row, rec_index, rec_work = [], [], [], []
     head_keys, head_parents, head_depth, head_tokens = [], [], [], []
     for s, meta in enumerate(shares):
@@ -231,10 +255,11 @@ def make_plan(folder: Path, world: int, root: BlockHash, block_size: int, stored
         else:
             keys = np.fromfile(folder / f"share-{s}.keys", dtype=np.uint8).reshape(-1, 32)
             owner_of = np.repeat(np.arange(len(full)), full)  # record (row) of each block
-            is_head = shared.find(keys) >= 0 if len(shared) else np.zeros(len(keys), bool)
+            chosen = selection.chosen.find(keys) >= 0 if selection is not None else np.ones(len(keys), bool)
+            is_head = (shared.find(keys) >= 0 if len(shared) else np.zeros(len(keys), bool)) & chosen
             lead = np.bincount(owner_of, weights=is_head, minlength=len(full)).astype(np.int64)  # heads are prefix-closed
-            rest = np.flatnonzero(~is_head)
-            held = np.zeros(len(keys), bool)
+            rest = np.flatnonzero(~is_head & chosen)
+            held = ~chosen  # a block not chosen is no work (the choice is prefix-closed too)
             if len(rest):
                 for chunk in np.array_split(rest, -(-len(rest) // (1 << 20))):  # bounded lists of keys
                     held[chunk] = stored([keys[i].tobytes() for i in chunk])
@@ -277,10 +302,17 @@ def make_plan(folder: Path, world: int, root: BlockHash, block_size: int, stored
         load, rank = heapq.heappop(heap)
         owner[i] = rank
         heapq.heappush(heap, (load + int(work[i]), rank))
-    return {
+    plan = {
         "index": index, "share": share, "row": row, "work": work, "owner": owner,
         "head_keys": heads.keys, "head_parent": heads.parent, "head_depth": heads.depth, "head_tokens": heads.tokens, "head_owner": head_owner,
     }  # fmt: skip
+    if selection is not None:
+        plan |= {f"chosen_{k}": getattr(selection.chosen, k) for k in ("key64", "check64", "records", "depth")}
+        plan["chosen_of"] = np.asarray(  # min_records, max_bytes (-1: not given), candidate blocks, microseconds
+            [selection.min_records or -1, -1 if selection.max_bytes is None else selection.max_bytes,
+             selection.candidate_blocks, round(selection.count_seconds * 1e6)], np.int64,
+        )  # fmt: skip
+    return plan
 
 
 def _share_tokens(folder: Path, share: int, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -305,6 +337,7 @@ class Ranks:
         self.collective = collective  # launched by torchrun: torch.distributed is there
         self.timeout = timeout  # start-up collectives only: waiting for other ranks' work has no timeout
         self.run = f"w{world_size}"  # this run's folder under builds/<id>.plan/ (torchrun: rank 0 names it)
+        self.attempt = 0  # --rank: which plan of the run this rank builds by (one more per --resume of the ranks)
         self.plan: dict[str, np.ndarray] = {}
         self.heads = _empty_heads(1)
 
@@ -474,11 +507,42 @@ class Ranks:
         for p in parts.glob("*.json"):
             if not p.name.startswith(f"w{self.world_size}-"):
                 p.unlink(missing_ok=True)
+        if not self.collective:
+            try:
+                self.attempt = record.attempt = self._attempt(out, parts, resume)
+            except StoreError:
+                writer.release()  # as drop_old_counts does: a refused rank leaves no live lock behind
+                raise
         base = BuildRecord(record.build_id, record.dataset, started_at=record.started_at, options=record.options)
         base.world_size = self.world_size
         base.options = {k: v for k, v in record.options.items() if k not in ("rank", "world_size")}
         text = json.dumps(base.to_dict(), indent=2, sort_keys=True) + "\n"
         create_once(out / BUILDS_DIR / f"{record.build_id}.json", [text.encode()], writer.fsync, owner=writer.writer_id)
+
+    def _attempt(self, out: Path, parts: Path, resume: bool) -> int:
+        """The attempt this ``--rank`` rank joins: the latest of its build's rank parts, or, on
+        ``--resume`` by a rank that already ran in the latest, a new one, planned anew by the work
+        left (so the work of a rank that died is spread over every rank; every rank must then run
+        in it, and each rank relaunched with ``--resume`` joins it). Refuses while a rank of the
+        latest attempt still runs: its work would be planned twice."""
+        ran = {}
+        for p in parts.glob(f"w{self.world_size}-r*.json"):
+            try:
+                ran[p.stem] = BuildRecord.from_dict(json.loads(p.read_text()))
+            except (OSError, ValueError, TypeError) as exc:
+                raise CorruptStoreError(f"{p} is damaged ({exc}): remove it and rerun this rank with --resume") from None
+        latest = max((b.attempt for b in ran.values()), default=0)
+        mine = ran.get(self.part)
+        if not resume or mine is None or mine.attempt < latest:
+            return latest
+        for b in ran.values():
+            live = [w for w in b.writers if writer_is_live(out, w)] if b.attempt == latest else []
+            if live:
+                raise StoreError(
+                    f"rank {b.rank} of build {b.build_id} is still running (writer {live[0]}): --resume is for ranks "
+                    "that stopped; wait for it to finish (or stop it), then relaunch every rank with --resume"
+                )
+        return latest + 1
 
     def _drop_other_launches(self, out: Path, build_id: str, me: str) -> None:
         if self.distributed:  # counts of a single-process run: counts/<id>.<writer>.<n>.safetensors
@@ -509,6 +573,7 @@ class Ranks:
         record: BuildRecord,
         batch_tokens: int,
         timer: Callable[[str], Any],
+        select: Callable[[BlockCounts], Selection] | None = None,
     ) -> PrefixStore | None:
         """Count this rank's shares, make (or read) the plan, and prefill the heads this rank is
         given or claims, level by level, until every head is stored. Returns the store reopened (it
@@ -518,30 +583,37 @@ class Ranks:
         it read to ``read``, a ``data.source.ShareRead``); ``run(tasks, store)`` prefills and queues
         tasks as the pipeline does, loading pasts from ``store``; ``writer.flush()`` publishes them.
         ``timer(name)`` times the count pass (``dist_count``, its wait for the other shares and the
-        plan included) and the head phase (``dist_heads``, waits for other ranks included)."""
+        plan included) and the head phase (``dist_heads``, waits for other ranks included).
+        ``select`` (``--min-records``/``--max-bytes``): the planner's choice of blocks to store from
+        the summed counts (see :func:`make_plan`); this rank's :attr:`selection` after."""
         if not self.distributed:
             return None
         folder = out / BUILDS_DIR / f"{record.build_id}{PLAN_SUFFIX}" / self.run
         folder.mkdir(parents=True, exist_ok=True)
         with timer("dist_count"):
-            self._count(folder, records, tokenize, manifest, writer.writer_id, record)
-            self._read_plan(folder, out, manifest, writer.writer_id)
+            self._count(folder, records, tokenize, manifest, writer, record)
+            self._read_plan(folder, out, manifest, writer, record, select)
+        with np.load(folder / f"share-{self.rank}.npz") as meta:  # share R's skipped records are rank R's to report
+            record.skipped_records, record.truncated_records = (int(n) for n in meta["stats"][:2])
         with timer("dist_heads"):
             self._prefill_heads(out, manifest, run, writer, record, batch_tokens)
         return _open_store(out)
 
     def _count(
-        self, folder: Path, records: Callable, tokenize: RecordTokenizer, manifest: Manifest, owner: str, record: BuildRecord
+        self, folder: Path, records: Callable, tokenize: RecordTokenizer, manifest: Manifest, writer: Any, record: BuildRecord
     ) -> None:
+        owner = writer.writer_id
+
         def count(share: int) -> None:
             read = ShareRead()
-            stats = count_share(records(share, read), tokenize, folder, share, manifest.root_key, manifest.block_size, owner)
+            stats = count_share(
+                records(share, read), tokenize, folder, share, manifest.root_key, manifest.block_size, owner,
+                fsync=writer.fsync,
+            )  # fmt: skip
             record.read_records += read.records
             record.read_bytes += read.bytes
             record.scanned_bytes += read.scanned_bytes
             record.tokenized_tokens += stats.dataset_tokens
-            record.skipped_records += stats.skipped_records  # each share's are counted once, by its counter
-            record.truncated_records += stats.truncated_records
 
         def done(share: int) -> bool:
             return (folder / f"share-{share}.npz").exists()
@@ -561,19 +633,37 @@ class Ranks:
                         count(s)
             time.sleep(POLL_SECONDS)
 
-    def _read_plan(self, folder: Path, out: Path, manifest: Manifest, owner: str) -> None:
-        path = folder / "plan.npz"
-        if not path.exists() and (self.rank == 0 or not self.collective):
-            index = StoreIndex.open(out)
-            plan = make_plan(folder, self.world_size, manifest.root_key, manifest.block_size, index.contains)
-            buf = io.BytesIO()
-            np.savez(buf, **plan)
-            create_once(path, [buf.getvalue()], fsync=False)  # --rank ranks all make it: the first one stays
+    def _read_plan(
+        self, folder: Path, out: Path, manifest: Manifest, writer: Any, record: BuildRecord, select: Callable | None = None
+    ) -> None:
+        """Make the plan on one rank (torchrun: rank 0; ``--rank``: the one that claims it, taken
+        over if it dies while planning) and read it; the others wait for it without a timeout."""
+        path = folder / f"plan-{self.attempt}.npz"
+        claim = folder / "claims" / f"plan-{self.attempt}"
         while not path.exists():
-            time.sleep(POLL_SECONDS)
+            if self.collective and self.rank != 0:
+                time.sleep(POLL_SECONDS)  # rank 0 plans; a rank that dies stops the whole run (torch elastic)
+            elif self.collective or _claim(claim, writer.writer_id):
+                with _Lease([] if self.collective else [claim]):
+                    if not path.exists():  # a planner that died after writing it: nothing to redo
+                        self._make_plan(folder, out, manifest, writer, record, select)
+            else:
+                time.sleep(POLL_SECONDS)  # another rank plans (its claim goes stale if it dies)
         with np.load(path) as data:
             self.plan = {k: data[k] for k in data.files}
         self.heads = Heads(*(self.plan[f"head_{k}"] for k in ("keys", "parent", "depth", "tokens")))
+
+    def _make_plan(
+        self, folder: Path, out: Path, manifest: Manifest, writer: Any, record: BuildRecord, select: Callable | None
+    ) -> None:
+        index = StoreIndex.open(out)
+        plan = make_plan(folder, self.world_size, manifest.root_key, manifest.block_size, index.contains, select)
+        record.plans_made += 1
+        plan["planner"] = np.asarray(writer.writer_id)  # who made it: one rank per run
+        buf = io.BytesIO()
+        np.savez(buf, **plan)
+        # fsync (unless --no-fsync) before it is linked in: after a crash no rank may read half a plan.
+        create_once(folder / f"plan-{self.attempt}.npz", [buf.getvalue()], fsync=writer.fsync, owner=writer.writer_id)
 
     def _prefill_heads(
         self, out: Path, manifest: Manifest, run: Callable, writer: Any, record: BuildRecord, batch_tokens: int
@@ -617,6 +707,17 @@ class Ranks:
                     record.stored_tokens += new
                     writer.flush()  # publish: shard and index segment on disk for the other ranks
                 done.update(mine)
+
+    @property
+    def selection(self) -> Selection | None:
+        """The blocks to store that the plan chose (``--min-records``/``--max-bytes``), or None."""
+        if "chosen_of" not in self.plan:
+            return None
+        chosen = BlockCounts(*(self.plan[f"chosen_{k}"] for k in ("key64", "check64", "records", "depth")))
+        min_records, max_bytes, candidates, micros = (int(n) for n in self.plan["chosen_of"])
+        return Selection(
+            chosen, None if min_records < 0 else min_records, None if max_bytes < 0 else max_bytes, candidates, micros / 1e6
+        )
 
     # ------------------------------------------------------------------ routing and merging
 

@@ -3,7 +3,8 @@
     records -> tokenize [-> select] -> plan (dedup) -> batch (by length) -> prefill -> write
 
 With --min-records/--max-bytes a count pass reads the dataset first and chooses the blocks to store
-(builder/selection.py); the select step then cuts each record to its chosen blocks.
+(builder/selection.py; the ranks of a distributed build choose in their plan, from their count
+shares); the select step then cuts each record to its chosen blocks.
 
 Each step is an iterator over the one before, so records stream through in bounded memory.
 """
@@ -26,11 +27,11 @@ from prefixgen.builder.distributed import Ranks
 from prefixgen.builder.plan import Batch, Budget, Planner, PrefillTask, batch_tasks, split_batch
 from prefixgen.builder.prefill import Prefiller, fit_batch_tokens
 from prefixgen.builder.progress import Progress
-from prefixgen.builder.selection import Selection, choose_blocks, cut_to_selection, max_blocks
+from prefixgen.builder.selection import Selection, choose_blocks, cut_to_selection, max_blocks, select_counts
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer
 from prefixgen.data.source import ShareRead, count_records, read_records, read_share
-from prefixgen.errors import ConfigError, PrefixgenError, StoreError
+from prefixgen.errors import PrefixgenError, StoreError
 from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, dequantize_fp8, quantize_fp8, root_key
 from prefixgen.maintain.compact import compact_store
 from prefixgen.model import fingerprint, load_model, probe_kv_layout
@@ -190,7 +191,6 @@ def _manifest(cfg: BuildConfig, model: torch.nn.Module, tokenizer) -> Manifest:
 
 def _count_pass(cfg: BuildConfig, tokenize: RecordTokenizer, manifest: Manifest) -> Selection:
     """Read and tokenize the dataset once more, as the build will, and choose the blocks to store."""
-    max_blocks(cfg, manifest.kv)  # refuse a budget under one block before the pass
     counting = tokenize.copy(BuildRecord("", ""))  # its own statistics; warnings come in the build pass
     records = read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
     with tqdm(total=cfg.limit, unit="rec", disable=cfg.quiet, dynamic_ncols=True, desc="count") as bar:
@@ -234,8 +234,6 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     cfg.validate()
     out = Path(cfg.out)
     ranks = Ranks.from_config(cfg)  # one process: rank 0 of 1, and nothing distributed runs
-    if ranks.distributed and cfg.selects:
-        raise ConfigError("--min-records/--max-bytes are not supported in a distributed build yet: build on one process")
     if model is None:
         model, tokenizer, device = load_model(
             cfg.model,
@@ -250,8 +248,11 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     tokenize = RecordTokenizer.for_options(tokenizer, model.config, cfg, BuildRecord("", ""))
     records = read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
     manifest = _manifest(cfg, model, tokenizer)
-    # --min-records/--max-bytes: the count pass, before anything is written.
-    selection = _count_pass(cfg, tokenize, manifest) if cfg.selects else None
+    # --min-records/--max-bytes: the count pass, before anything is written (ranks of a distributed
+    # build choose from their count shares summed, in the plan).
+    if cfg.selects:
+        max_blocks(cfg, manifest.kv)  # refuse a budget under one block before the pass
+    selection = _count_pass(cfg, tokenize, manifest) if cfg.selects and not ranks.distributed else None
     manifest, build_id = ranks.prepare_store(out, manifest, cfg, str(device))
     store = PrefixStore.open(out)
     record = _build_record(store, cfg, build_id)
@@ -265,8 +266,10 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     if selection is not None:
         record.tokenized_tokens += selection.tokenized_tokens
     ranks.attach(out, record, writer, cfg.resume)
-    if cfg.resume:
-        writer.drop_old_counts()  # the resumed build counts its (this rank's) records again from the start
+    if cfg.resume or ranks.distributed:
+        # The resumed build counts its records again from the start; a rank of a distributed build
+        # counts the records of its plan, which may not be those it counted before.
+        writer.drop_old_counts()
     quiet = cfg.quiet or (ranks.collective and ranks.rank > 0)  # torchrun: one bar, rank 0's
     bar = tqdm(total=cfg.limit, unit="rec", disable=quiet, dynamic_ncols=True, desc="build")
     # The bar's total: the dataset's records for one process; a rank's share is known from its plan only.
@@ -296,16 +299,24 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
         field = cfg.messages_field or cfg.text_field
         return read_share(cfg.dataset, field, share, ranks.world_size, cfg.split, cfg.subset, cfg.limit, read)
 
+    def select(counts: Any) -> Selection:  # a distributed build's choice, from its count shares summed
+        return select_counts(counts, cfg, manifest.kv, time.perf_counter())
+
     planner = Planner(manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record, progress.planned)
     started = last_checkpoint = time.perf_counter()
     writer.write_build(record)
     batches: Any = iter(())
     try:
         # Ranks of a distributed build: count in shares, plan, and prefill the shared prefixes first.
-        prepared = ranks.prepare_work(out, manifest, read_count_share, tokenize, run_tasks, writer, record, budget.tokens, timer)
+        prepared = ranks.prepare_work(
+            out, manifest, read_count_share, tokenize, run_tasks, writer, record, budget.tokens, timer,
+            select if cfg.selects else None,
+        )  # fmt: skip
         if prepared is not None:
             store = source.store = prepared
             planner.stored = store.index.contains
+            selection = ranks.selection
+            record.selection = selection.record() if selection else None
         # The pipeline: each step pulls from the one before.
         records = timer.wrap("read", records)
         tokenized = timer.wrap("tokenize", ranks.tokenized(tokenize, records, record, out))

@@ -94,13 +94,24 @@ def choose_blocks(
         42
     """
     started = time.perf_counter()
-    limit = max_blocks(cfg, layout)
+    max_blocks(cfg, layout)  # refuse a budget under one block before the pass
     counter = BlockCounter()
     for record in records:
         counter.add(block_keys(record.ids, cfg.block_size, root))
         tick()
-    counts = counter.result()
-    rows = counts.select(min_records=cfg.min_records or 1, max_blocks=limit)
+    return select_counts(counter.result(), cfg, layout, started)
+
+
+def select_counts(counts: BlockCounts, cfg: BuildConfig, layout: KVLayout, started: float) -> Selection:
+    """The blocks to store among ``counts`` (every block of the dataset, with its record count), by
+    ``--min-records``/``--max-bytes``; ``started``: when counting began (``time.perf_counter``).
+    A distributed build calls it on its count shares summed.
+
+    Example:
+        >>> select_counts(counts, cfg, manifest.kv, time.perf_counter()).record()["selected_blocks"]  # doctest: +SKIP
+        42
+    """
+    rows = counts.select(min_records=cfg.min_records or 1, max_blocks=max_blocks(cfg, layout))
     return Selection(counts.subset(rows), cfg.min_records, cfg.max_bytes, len(counts), time.perf_counter() - started)
 
 

@@ -4,21 +4,31 @@ Leftovers of a writer that was killed (or ran out of disk): temporary files (``*
 whose index segment was never committed, and its lock file. A writer is live while a process holds
 its lock (:func:`prefixgen.store.writer.writer_is_live`); everything of a live writer is kept.
 
-Each removal is one ``unlink`` of a file no reader uses, so a gc killed at any point leaves a
-store that verifies and answers the same.
+Leftovers of distributed builds no rank can use any more: the plan folder ``builds/<id>.plan/``
+and the claims ``claims/<id>/`` of a build none of whose writers is live and which is complete,
+has no record, or whose every rank part is dead (failed, interrupted, or "running" with its writer
+gone: killed; a resume counts and plans again), and a plan run ``w<M>`` of another number of ranks
+than the build's parts (superseded by a resume on another number of ranks). A build with a
+complete rank part and a missing or dead one keeps its plan: the ranks still to run need the plan
+the others built by.
+
+Each removal is one ``unlink`` of a file no reader uses, or the ``rename`` of a plan or claims
+folder out of the way (to ``.gc-<gc id>-<name>``) before it is deleted, so a gc killed at any
+point leaves a store that verifies and answers the same, and no half-deleted plan.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefixgen.errors import CorruptStoreError, StoreError
-from prefixgen.format import SHARDS_DIR
+from prefixgen.format import BUILDS_DIR, CLAIMS_DIR, PLAN_SUFFIX, SHARDS_DIR, BuildRecord
 from prefixgen.store.index import StoreIndex
-from prefixgen.store.reader import read_manifest
+from prefixgen.store.reader import read_builds, read_manifest
 from prefixgen.store.writer import ID_PATTERN, live_writers, maintenance_lock, remove_temp_files, writer_is_live
 
 
@@ -27,6 +37,7 @@ class GcReport:
     """What ``gc`` removed (or would remove, with ``dry_run``), and what it kept and why."""
 
     removed: list[str] = field(default_factory=list)  # paths relative to the store
+    plans: list[str] = field(default_factory=list)  # folders of dead distributed builds (plans, claims), also in removed
     bytes_freed: int = 0
     live_writers: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -72,7 +83,78 @@ def _collect(path: Path, me: str, dry_run: bool) -> GcReport:
             report.notes.append(f"could not remove {p}: {exc}")
     report.removed = [str(p.relative_to(path)) for p in removed]
     report.bytes_freed = sum(sizes.get(p, 0) for p in removed)
+    _remove_plans(path, me, dry_run, report)
     return report
+
+
+def _remove_plans(path: Path, me: str, dry_run: bool, report: GcReport) -> None:
+    """Remove the plan and claims folders of distributed builds no rank can use any more, and the
+    folders an earlier gc was killed while deleting."""
+    try:
+        folders = abandoned_plans(path)
+    except (CorruptStoreError, StoreError, OSError) as exc:
+        report.notes.append(f"the build records could not be read, so no plan folder was removed: {exc}")
+        return
+    for folder in folders:
+        size = sum(_size(p) for p in folder.rglob("*") if p.is_file())
+        try:
+            if not dry_run:
+                trash = folder.with_name(f".gc-{me}-{folder.name}")
+                folder.rename(trash)  # out of every rank's way at once: no rank reads half a plan
+                shutil.rmtree(trash)
+        except OSError as exc:
+            report.notes.append(f"could not remove {folder}: {exc}")
+            continue
+        name = str(folder.relative_to(path)) + "/"
+        report.removed.append(name)
+        report.plans.append(name)
+        report.bytes_freed += size
+
+
+def abandoned_plans(path: Path) -> list[Path]:
+    """The plan folders (``builds/<id>.plan/`` or one superseded run ``builds/<id>.plan/w<M>/``),
+    claims folders (``claims/<id>/``) and trash of killed gcs (``.gc-<owner>-*``) that no live
+    process uses or will use: see the module docstring for the rules.
+
+    Example:
+        >>> [p.name for p in abandoned_plans(Path("store"))]  # doctest: +SKIP
+        ['dist-3f2a9c0d1e2b4a5f.plan', 'dist-3f2a9c0d1e2b4a5f']
+    """
+    plans = {p.name[: -len(PLAN_SUFFIX)]: p for p in _dirs(path / BUILDS_DIR) if p.name.endswith(PLAN_SUFFIX)}
+    claims = {p.name: p for p in _dirs(path / CLAIMS_DIR)}
+    found = [p for sub in (BUILDS_DIR, CLAIMS_DIR) for p in _dirs(path / sub, trash=True) if _dead_trash(path, p.name)]
+    builds = {b.build_id: b for b in read_builds(path)}
+    for build_id in sorted(plans.keys() | claims.keys()):
+        build = builds.get(build_id)
+        if build is not None and any(writer_is_live(path, w) for w in build.writers):
+            continue  # a live build's
+        if _abandoned(build):
+            found += [p for p in (plans.get(build_id), claims.get(build_id)) if p is not None]
+        elif build_id in plans and build.ranks:  # runs of another number of ranks: superseded
+            found += [p for p in _dirs(plans[build_id]) if p.name.startswith("w") and p.name != f"w{build.world_size}"]
+    return found
+
+
+def _abandoned(build: BuildRecord | None) -> bool:
+    """Whether a distributed build none of whose writers is live can never use its plan again."""
+    if build is None or build.status == "complete":
+        return True
+    statuses = [r["status"] for r in build.ranks]
+    # Every part failed, was interrupted or killed ("running", its writer dead): a resume plans anew.
+    # A complete part means the ranks still to run must build by its plan.
+    return bool(statuses) and "complete" not in statuses
+
+
+def _dead_trash(path: Path, name: str) -> bool:
+    match = ID_PATTERN.match(name[len(".gc-") :])
+    return match is not None and not writer_is_live(path, match.group(0))
+
+
+def _dirs(folder: Path, trash: bool = False) -> list[Path]:
+    """The folders in ``folder``: gc's trash (``.gc-*``) only, or everything else."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(".gc-") == trash)
 
 
 def _referenced_shards(path: Path, tries: int = 3) -> set[str] | None:
