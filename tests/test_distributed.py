@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 
 import prefixgen
 from prefixgen import PrefixStore
+from prefixgen.builder.distributed import _Lease
 from prefixgen.maintain.verify import verify_store
 
 from .conftest import REPO, SYSTEM, write_jsonl
@@ -377,16 +378,18 @@ def test_ctrl_c_while_waiting_for_another_rank_leaves_the_build_interrupted(tmp_
     while not list(out.glob("builds/*.plan/w2/claims/share-1")):  # rank 1 holds its count share
         assert time.monotonic() < deadline and other.poll() is None, "rank 1 never claimed its share"
         time.sleep(0.05)
-    other.kill()  # its claim stays fresh for minutes: rank 0 waits for it (no timeout)
+    other.kill()
     other.wait()
-    me = rank_process(0, 2, *args)
-    while not list(out.glob("builds/*.plan/w2/share-0.npz")):  # rank 0 counted its share, now waits
-        assert time.monotonic() < deadline and me.poll() is None, "rank 0 never counted its share"
-        time.sleep(0.05)
-    time.sleep(1)
-    assert me.poll() is None  # still waiting
-    me.send_signal(signal.SIGINT)
-    _, err = me.communicate(timeout=60)
+    (claim,) = out.glob("builds/*.plan/w2/claims/share-1")
+    with _Lease([claim]):  # its lease renewed as a slow live rank 1 would: rank 0 waits for it (no timeout)
+        me = rank_process(0, 2, *args)
+        while not list(out.glob("builds/*.plan/w2/share-0.npz")):  # rank 0 counted its share, now waits
+            assert time.monotonic() < deadline and me.poll() is None, "rank 0 never counted its share"
+            time.sleep(0.05)
+        time.sleep(1)
+        assert me.poll() is None  # still waiting
+        me.send_signal(signal.SIGINT)
+        _, err = me.communicate(timeout=60)
     assert me.returncode == 130 and "Traceback" not in err, err
     (b,) = ls_json(cli, out)["builds"]
     assert b["ranks"][0]["status"] == "interrupted" and b["status"] == "interrupted"  # not "running" forever
@@ -402,22 +405,25 @@ def test_gc_removes_the_plan_of_a_killed_distributed_build_and_keeps_a_live_ones
     while not list(out.glob("builds/*.plan/w2/claims/share-1")):  # rank 1 holds its count share
         assert time.monotonic() < deadline and other.poll() is None, "rank 1 never claimed its share"
         time.sleep(0.05)
-    other.kill()  # its claim stays fresh for minutes: rank 0 waits for it, live
+    other.kill()
     other.wait()
-    me = rank_process(0, 2, *args)
-    while not list(out.glob("builds/*.plan/w2/share-0.npz")):
-        assert time.monotonic() < deadline and me.poll() is None, "rank 0 never counted its share"
-        time.sleep(0.05)
-    (plan,) = out.glob("builds/*.plan")
-    result = cli("gc", out)
-    assert result.exit_code == 0 and ".plan" not in result.stdout, result.output
-    assert (plan / "w2" / "share-0.npz").is_file() and me.poll() is None  # a live build's plan is kept
-    # Rank 0 relaunched with --resume while it still runs: refused (its work would be planned twice).
-    again = rank_process(0, 2, *args, "--resume")
-    _, err = again.communicate(timeout=120)
-    assert again.returncode != 0 and "rank 0 of build" in err and "still running" in err and "Traceback" not in err, err
-    me.kill()
-    me.wait()
+    (claim,) = out.glob("builds/*.plan/w2/claims/share-1")
+    with _Lease([claim]):  # its lease renewed as a slow live rank 1 would: rank 0 waits for it, live
+        me = rank_process(0, 2, *args)
+        while not list(out.glob("builds/*.plan/w2/share-0.npz")):
+            assert time.monotonic() < deadline and me.poll() is None, "rank 0 never counted its share"
+            time.sleep(0.05)
+        (plan,) = out.glob("builds/*.plan")
+        result = cli("gc", out)
+        assert result.exit_code == 0 and ".plan" not in result.stdout, result.output
+        assert (plan / "w2" / "share-0.npz").is_file() and me.poll() is None  # a live build's plan is kept
+        # Rank 0 relaunched with --resume while it still runs: refused (its work would be planned twice).
+        again = rank_process(0, 2, *args, "--resume")
+        said, err = again.communicate(timeout=120)
+        assert again.returncode != 0 and "rank 0 of build" in err and "still running" in err, said + err
+        assert "Traceback" not in err, err
+        me.kill()
+        me.wait()
     # Every rank is dead and none completed: a resume would count and plan again; the plan is garbage.
     result = cli("gc", out, "--dry-run")
     assert result.exit_code == 0 and f"would remove builds/{plan.name}/ (plan of a dead distributed build)" in result.stdout
