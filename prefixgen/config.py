@@ -336,10 +336,11 @@ class ConnectorConfig:
     # reads, converts and uploads at a time: a load's transient memory is a few of these, whatever its length.
     staging_bytes: int = 64 << 20
     load_threads: int = 2  # requests loaded at the same time, each on its own thread
-    # While loads run, each engine step waits up to this long for one to finish, so that the engine's busy
-    # step loop leaves the GIL to the load threads (0: never wait). 0.001 loads 9x faster on an idle CPU engine
-    # (BENCHMARKS.md); not the default yet (to be revisited with the order-dependent damaged-index test).
-    yield_seconds: float = 0.0
+    # While loads run, an engine step that schedules no token waits up to this long for one to finish (it
+    # returns as soon as one does), so that an in-process engine's idle step loop leaves the GIL to the load
+    # threads; a step that runs a batch never waits. 0: never wait (7x slower loads on an idle CPU engine,
+    # BENCHMARKS.md). The cost: a request arriving during such a wait is scheduled up to this much later.
+    yield_seconds: float = 0.005
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> ConnectorConfig:

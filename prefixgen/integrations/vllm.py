@@ -361,7 +361,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
     * ``chat_template``: the Jinja file given to ``prefixgen build --chat-template`` (and to
       ``vllm serve --chat-template``), when the tokenizer has no template of its own; it is part
       of the tokenizer identity the store is checked against.
-    * ``staging_bytes``, ``load_threads``: see :class:`~prefixgen.config.ConnectorConfig`.
+    * ``staging_bytes``, ``load_threads``, ``yield_seconds``: see :class:`~prefixgen.config.ConnectorConfig`.
 
     Example:
         >>> from vllm import LLM  # doctest: +SKIP
