@@ -172,7 +172,7 @@ def main() -> None:
                     "load_GB_s": round(load_rate, 2),
                     "store_load_GB_s": round(loaded / load_s / 1e9, 2),
                     "staging_bytes": args.staging_bytes or "64MiB",
-                    "yield_seconds": args.yield_seconds if args.yield_seconds is not None else ConnectorConfig.yield_seconds,
+                    "yield_seconds": ConnectorConfig.from_extra({"store": "-"} | options).yield_seconds,
                     "match_ms": round(match_ms, 3),
                     "vllm": __import__("vllm").__version__,
                     "eager": args.eager,
