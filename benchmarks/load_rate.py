@@ -43,6 +43,7 @@ import torch  # noqa: E402
 from common import ROOT, card, make_texts, write_jsonl  # noqa: E402
 
 from prefixgen import PrefixStore, checksum  # noqa: E402
+from prefixgen.config import ConnectorConfig  # noqa: E402
 from prefixgen.format import KVLayout, Manifest, ModelFingerprint, block_keys, root_key  # noqa: E402
 from prefixgen.store.writer import StoreWriter, prepare_store  # noqa: E402
 
@@ -191,8 +192,9 @@ def connector_steps(conn, store, locations, dtype: torch.dtype, repeats: int) ->
     heads = conn._heads
 
     def read(verify=True, kept=True):
-        buffer = conn._read_buffer() if kept else None
-        return store.read_locations(locations, dtype=dtype, heads=heads, verify=verify, buffer=buffer)
+        if not kept:
+            return store.read_locations(locations, dtype=dtype, heads=heads, verify=verify)
+        return store.read_locations(locations, dtype=dtype, heads=heads, verify=verify, buffer=conn._read_buffer())
 
     kv = conn._pool.submit(read, True, False).result()  # [T, L, 2, H, D], its own tensor
     per_layer = kv.permute(1, 2, 0, 3, 4).contiguous()  # [L, 2, T, H, D]
@@ -201,11 +203,14 @@ def connector_steps(conn, store, locations, dtype: torch.dtype, repeats: int) ->
         for layer, index in conn._layers:
             layer.impl.do_kv_cache_update(layer, per_layer[index, 0], per_layer[index, 1], layer.kv_cache, slots)
 
-    steps = {
-        "load": lambda: conn._load(spec, None),
-        "read_into_buffer": read,
-        "read_into_buffer_unverified": lambda: read(False),
-        "write_views": lambda: conn._write(kv, slots),
+    steps = {"load": lambda: conn._load(spec, None)}
+    if hasattr(conn, "_read_buffer"):  # not in main's connector before issue 17 (PYTHONPATH=<its tree> times its load)
+        steps |= {
+            "read_into_buffer": read,
+            "read_into_buffer_unverified": lambda: read(False),
+            "write_views": lambda: conn._write(kv, slots),
+        }
+    steps |= {
         "before_read_new_tensor": lambda: read(True, False),
         "before_permute_contiguous": lambda: kv.permute(1, 2, 0, 3, 4).contiguous(),
         "before_write_copies": write_copies,
@@ -233,7 +238,8 @@ def vllm_row(args) -> dict:
     data = write_jsonl(args.out / "vllm-prefix.jsonl", [text])
     build(BuildConfig(dataset=str(data), model=str(model), out=str(store_dir), overwrite=True, quiet=True, device=device))
     prompts = [tokenizer(text + f" Question {i}: what did the little cat see next?").input_ids for i in range(args.repeats + 1)]
-    llm = engine(model, str(dtype).removeprefix("torch."), max_len, store_dir, args.eager)
+    options = {} if args.yield_seconds is None else {"yield_seconds": args.yield_seconds}
+    llm = engine(model, str(dtype).removeprefix("torch."), max_len, store_dir, args.eager, options)
     try:
         ttft(llm, prompts[0])  # warm-up (and page cache)
         stats = get_kv_transfer_group().stats
@@ -269,6 +275,7 @@ def vllm_row(args) -> dict:
         "ratio_to_load_after_engine": round(connector / load_after, 2),
         "ratio_to_read": round(connector / read, 2),
         "steps_ms": steps,
+        "yield_seconds": ConnectorConfig.from_extra({"store": "-"} | options).yield_seconds,
         "vllm": __import__("vllm").__version__,
         "eager": args.eager,
     }
@@ -282,6 +289,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--vllm", action="store_true", help="only part 3 (run it in the vLLM venv)")
     ap.add_argument("--eager", action="store_true", help="--vllm: no torch.compile (vLLM's enforce_eager): starts in seconds")
+    ap.add_argument("--yield-seconds", type=float, default=None, help="--vllm: the connector's yield_seconds (default: its own)")
     ap.add_argument("--skip-crc", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "load-rate")
     args = ap.parse_args()
