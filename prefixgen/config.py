@@ -340,7 +340,7 @@ class ConnectorConfig:
     # While loads run, an engine step that schedules no token waits up to this long for one to finish (it
     # returns as soon as one does), so that an in-process engine's idle step loop leaves the GIL to the load
     # threads; a step that runs a batch never waits. 0: never wait (a 4,096-token load on an idle CPU engine:
-    # 0.09 GB/s instead of 1.5-2.5, BENCHMARKS.md). The cost: a request arriving during such a wait is
+    # 0.09 GB/s instead of 1.4-2.5, BENCHMARKS.md). The cost: a request arriving during such a wait is
     # scheduled up to this much later.
     yield_seconds: float = 0.005
 

@@ -562,7 +562,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
         (which calls this every step) waits up to ``yield_seconds`` for one to finish: an in-process engine's step
         loop otherwise spins holding the GIL, and the load threads' Python between their GIL-free reads and copies
         would run only in the interpreter's 5 ms switch slices (a 4,096-token load on an idle CPU engine: 0.09 GB/s
-        instead of 1.5-2.5). A step that runs a batch never waits: its forward releases the GIL on its own."""
+        instead of 1.4-2.5). A step that runs a batch never waits: its forward releases the GIL on its own."""
         if self._inflight and self.config.yield_seconds > 0 and self._idle_step():
             wait(self._inflight.values(), timeout=self.config.yield_seconds, return_when=FIRST_COMPLETED)
         done = {req_id for req_id, future in self._inflight.items() if future.done()}
