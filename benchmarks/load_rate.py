@@ -18,8 +18,10 @@ Prints JSON lines:
    benchmarks/vllm_ttft.py), one vLLM engine with PrefixgenConnector in this process; the
    connector's load rate (KV bytes written / seconds, its worker-side LoadStats) over --repeats
    requests whose prompts start with the stored prefix, against ``PrefixStore.load`` of the same
-   prefix in the same process (the issue's target: at least 0.8x), and against ``read_locations``
-   (read and check, no DynamicCache: the rate benchmarks/serve_ttft.py reports).
+   prefix in the same process (the issue's target: at least 0.8x; while the engine is up and again
+   after it is shut down), and against ``read_locations`` (read and check, no DynamicCache: the rate
+   benchmarks/serve_ttft.py reports); on CPU, ``steps_ms``: the least time of each step of one load on
+   the connector's load thread (see ``connector_steps``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch  # noqa: E402
 from common import ROOT, card, make_texts, write_jsonl  # noqa: E402
 
 from prefixgen import PrefixStore, checksum  # noqa: E402
+from prefixgen.config import ConnectorConfig  # noqa: E402
 from prefixgen.format import KVLayout, Manifest, ModelFingerprint, block_keys, root_key  # noqa: E402
 from prefixgen.store.writer import StoreWriter, prepare_store  # noqa: E402
 
@@ -175,6 +178,47 @@ def load_row(args, device: str, layout: KVLayout, kind: str) -> dict:
     }
 
 
+def connector_steps(conn, store, locations, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+    """Least milliseconds of each step of one connector load of ``locations`` (CPU), each run on the connector's
+    own load thread while the engine idles: the whole load (into free cache blocks), then its parts, then what
+    the connector did before reading into a kept buffer and writing from views (a new tensor per piece, a
+    permuted contiguous copy, per-layer writes from it)."""
+    from prefixgen.integrations.vllm import LoadSpec, slot_mapping
+
+    end = len(locations) * store.block_size
+    block_ids = list(range(1, end // conn.block_size + 2))  # free blocks: no request holds any while the engine idles
+    spec = LoadSpec("bench", 0, end, 0, list(locations), block_ids)
+    slots = slot_mapping(block_ids, conn.block_size, 0, end)
+    heads = conn._heads
+
+    def read(verify=True, kept=True):
+        if not kept:
+            return store.read_locations(locations, dtype=dtype, heads=heads, verify=verify)
+        return store.read_locations(locations, dtype=dtype, heads=heads, verify=verify, buffer=conn._read_buffer())
+
+    kv = conn._pool.submit(read, True, False).result()  # [T, L, 2, H, D], its own tensor
+    per_layer = kv.permute(1, 2, 0, 3, 4).contiguous()  # [L, 2, T, H, D]
+
+    def write_copies():
+        for layer, index in conn._layers:
+            layer.impl.do_kv_cache_update(layer, per_layer[index, 0], per_layer[index, 1], layer.kv_cache, slots)
+
+    steps = {"load": lambda: conn._load(spec, None)}
+    if hasattr(conn, "_read_buffer"):  # not in main's connector before issue 17 (PYTHONPATH=<its tree> times its load)
+        steps |= {
+            "read_into_buffer": read,
+            "read_into_buffer_unverified": lambda: read(False),
+            "write_views": lambda: conn._write(kv, slots),
+        }
+    steps |= {
+        "before_read_new_tensor": lambda: read(True, False),
+        "before_permute_contiguous": lambda: kv.permute(1, 2, 0, 3, 4).contiguous(),
+        "before_write_copies": write_copies,
+    }
+    on_thread = lambda fn: conn._pool.submit(fn).result()  # noqa: E731
+    return {name: round(best_seconds(lambda fn=fn: on_thread(fn), repeats) * 1e3, 1) for name, fn in steps.items()}
+
+
 def vllm_row(args) -> dict:
     """The connector's load rate against PrefixStore.load of the same prefix, in one process."""
     from transformers import AutoTokenizer
@@ -194,7 +238,8 @@ def vllm_row(args) -> dict:
     data = write_jsonl(args.out / "vllm-prefix.jsonl", [text])
     build(BuildConfig(dataset=str(data), model=str(model), out=str(store_dir), overwrite=True, quiet=True, device=device))
     prompts = [tokenizer(text + f" Question {i}: what did the little cat see next?").input_ids for i in range(args.repeats + 1)]
-    llm = engine(model, str(dtype).removeprefix("torch."), max_len, store_dir, args.eager)
+    options = {} if args.yield_seconds is None else {"yield_seconds": args.yield_seconds}
+    llm = engine(model, str(dtype).removeprefix("torch."), max_len, store_dir, args.eager, options)
     try:
         ttft(llm, prompts[0])  # warm-up (and page cache)
         stats = get_kv_transfer_group().stats
@@ -209,8 +254,11 @@ def vllm_row(args) -> dict:
         load = nbytes / best_seconds(lambda: store.load(ids, device=device, dtype=dtype), args.repeats) / 1e9
         locations = store.find_prefix(store.keys(ids)).locations  # read and check only (benchmarks/serve_ttft.py's rate)
         read = nbytes / best_seconds(lambda: store.read_locations(locations, device=device, dtype=dtype), args.repeats) / 1e9
+        steps = connector_steps(get_kv_transfer_group(), store, locations, dtype, args.repeats) if device == "cpu" else {}
     finally:
         shutdown(llm)
+    # The same after the engine is gone (its CPU worker binds this process's OpenMP threads, which slows torch's copies).
+    load_after = nbytes / best_seconds(lambda: store.load(ids, device=device, dtype=dtype), args.repeats) / 1e9
     return {
         "bench": "vllm_connector_vs_load",
         "date": dt.date.today().isoformat(),
@@ -221,9 +269,13 @@ def vllm_row(args) -> dict:
         "block_checksum": store.manifest.block_checksum,
         "connector_GB_s": round(connector, 2),
         "store_load_GB_s": round(load, 2),
+        "store_load_after_engine_GB_s": round(load_after, 2),
         "store_read_GB_s": round(read, 2),
         "ratio_to_load": round(connector / load, 2),
+        "ratio_to_load_after_engine": round(connector / load_after, 2),
         "ratio_to_read": round(connector / read, 2),
+        "steps_ms": steps,
+        "yield_seconds": ConnectorConfig.from_extra({"store": "-"} | options).yield_seconds,
         "vllm": __import__("vllm").__version__,
         "eager": args.eager,
     }
@@ -237,6 +289,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--vllm", action="store_true", help="only part 3 (run it in the vLLM venv)")
     ap.add_argument("--eager", action="store_true", help="--vllm: no torch.compile (vLLM's enforce_eager): starts in seconds")
+    ap.add_argument("--yield-seconds", type=float, default=None, help="--vllm: the connector's yield_seconds (default: its own)")
     ap.add_argument("--skip-crc", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "load-rate")
     args = ap.parse_args()

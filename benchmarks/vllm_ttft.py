@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from common import ROOT, TOKENIZER, card, make_texts, write_jsonl  # noqa: E402
 
 from prefixgen import BuildConfig, PrefixStore, build  # noqa: E402
+from prefixgen.config import ConnectorConfig  # noqa: E402
 
 
 def save_checkpoint(config_path: str, out: Path, dtype: torch.dtype, positions: int) -> Path:
@@ -52,7 +53,7 @@ def save_checkpoint(config_path: str, out: Path, dtype: torch.dtype, positions: 
     return out
 
 
-def engine(model: Path, dtype: str, max_len: int, store: Path | None, eager: bool, staging: str | None = None):
+def engine(model: Path, dtype: str, max_len: int, store: Path | None, eager: bool, options: dict | None = None):
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -63,7 +64,7 @@ def engine(model: Path, dtype: str, max_len: int, store: Path | None, eager: boo
             kv_connector_module_path="prefixgen.integrations.vllm",
             kv_role="kv_consumer",
             kv_load_failure_policy="recompute",
-            kv_connector_extra_config={"store": str(store)} | ({"staging_bytes": staging} if staging else {}),
+            kv_connector_extra_config={"store": str(store)} | (options or {}),
         )
     return LLM(
         str(model),
@@ -102,6 +103,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--eager", action="store_true", help="no torch.compile (vLLM's enforce_eager): starts in seconds")
     ap.add_argument("--staging-bytes", default=None, help="the connector's staging_bytes (default: its own, 64MiB)")
+    ap.add_argument("--yield-seconds", type=float, default=None, help="the connector's yield_seconds (default: its own)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "vllm-ttft")
     args = ap.parse_args()
     from transformers import AutoTokenizer
@@ -115,6 +117,8 @@ def main() -> None:
     questions = [
         f" Question {i}: what happened to the little {w} next?" for i, w in enumerate(["cat", "dog", "bird", "fox", "owl"])
     ]
+    options = {"staging_bytes": args.staging_bytes, "yield_seconds": args.yield_seconds}
+    options = {k: v for k, v in options.items() if v is not None}
     cases = []
     for p in args.prefix:
         prefix_text = tokenizer.decode(tokenizer(make_texts(1, p, p, seed=p)[0]).input_ids[:p], skip_special_tokens=True)
@@ -132,7 +136,7 @@ def main() -> None:
     shutdown(plain)
     del plain
     for p, store_dir, prompts in cases:
-        llm = engine(model, str(dtype).removeprefix("torch."), max_len, store_dir, args.eager, args.staging_bytes)
+        llm = engine(model, str(dtype).removeprefix("torch."), max_len, store_dir, args.eager, options)
         ttft(llm, prompts[0])
         stats = get_kv_transfer_group().stats
         bytes0, seconds0 = stats.bytes, stats.seconds
@@ -168,6 +172,7 @@ def main() -> None:
                     "load_GB_s": round(load_rate, 2),
                     "store_load_GB_s": round(loaded / load_s / 1e9, 2),
                     "staging_bytes": args.staging_bytes or "64MiB",
+                    "yield_seconds": ConnectorConfig.from_extra({"store": "-"} | options).yield_seconds,
                     "match_ms": round(match_ms, 3),
                     "vllm": __import__("vllm").__version__,
                     "eager": args.eager,

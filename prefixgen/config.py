@@ -333,13 +333,16 @@ class ConnectorConfig:
     store: str = ""
     chat_template: str | None = None  # the Jinja file the store was built with, for tokenizers without one
     # Bytes of stored KV (all heads, as stored; fp8 counted as the float32 it is dequantized in) one load
-    # reads, converts and uploads at a time: a load's transient memory is a few of these, whatever its length.
+    # reads, converts and uploads at a time: each load thread keeps one read buffer of this size, whatever
+    # the load's length (plus a converted copy of a piece when vLLM's dtype differs from the store's, or fp8).
     staging_bytes: int = 64 << 20
     load_threads: int = 2  # requests loaded at the same time, each on its own thread
-    # While loads run, each engine step waits up to this long for one to finish, so that the engine's busy
-    # step loop leaves the GIL to the load threads (0: never wait). 0.001 loads 9x faster on an idle CPU engine
-    # (BENCHMARKS.md); not the default yet (tests_vllm passes with it on too: the damaged-index test's failure was its own).
-    yield_seconds: float = 0.0
+    # While loads run, an engine step that schedules no token waits up to this long for one to finish (it
+    # returns as soon as one does), so that an in-process engine's idle step loop leaves the GIL to the load
+    # threads; a step that runs a batch never waits. 0: never wait (a 4,096-token load on an idle CPU engine:
+    # 0.09 GB/s instead of 1.4-2.5, BENCHMARKS.md). The cost: a request arriving during such a wait is
+    # scheduled up to this much later.
+    yield_seconds: float = 0.005
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> ConnectorConfig:

@@ -11,6 +11,7 @@ from prefixgen.errors import ConfigError
 def test_defaults_and_sizes_with_units():
     cfg = ConnectorConfig.from_extra({"store": "s"})
     assert (cfg.staging_bytes, cfg.load_threads, cfg.chat_template) == (64 << 20, 2, None)
+    assert cfg.yield_seconds == 0.005  # on by default: idle engine steps leave the GIL to the loads
     assert ConnectorConfig.from_extra({"store": "s", "staging_bytes": "256MiB"}).staging_bytes == 256 << 20
     assert ConnectorConfig.from_extra({"store": "s", "staging_bytes": 4096}).staging_bytes == 4096
     assert ConnectorConfig.from_extra({"store": "s", "other": 1}).store == "s"  # keys it does not know: the caller's

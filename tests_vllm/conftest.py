@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: faster to start
@@ -36,6 +37,17 @@ from tests.conftest import CHAT_TEMPLATE, make_model, write_jsonl  # noqa: E402,
 
 CONNECTOR = "PrefixgenConnector"
 MODULE = "prefixgen.integrations.vllm"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_worker_connector():
+    """After each module (its engines gone): an engine whose start was refused leaves vLLM's process-wide worker
+    connector set, and the next engine started in this process would reuse it (``ensure_kv_transfer_initialized``
+    keeps an existing one): a plain engine then runs with a stale connector."""
+    yield
+    from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
+
+    ensure_kv_transfer_shutdown()
 
 
 def tiny_model(path: Path, seed: int = 0) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import threading
 
 import pytest
 
@@ -218,6 +219,31 @@ def test_decodes_keep_running_while_a_prefix_loads(engine, store, baseline):
     assert steps_while_loading >= 1 and grew == steps_while_loading  # a new token in every step of the load
     assert results["loading"] == baseline["text"][LONG]
     assert results["decoding"][:16] == baseline["text"][3]
+
+
+def test_engine_waits_for_loads_only_on_steps_that_run_nothing(engine):
+    """yield_seconds: on a step that schedules no token the engine thread waits for a load in flight (an in-process
+    engine would otherwise spin holding the GIL); a step that runs a batch returns at once. The load here is held on
+    an event released 2 s later, far inside a 60 s yield_seconds."""
+    from prefixgen.integrations.vllm import PrefixgenConnectorMetadata
+
+    conn = worker(engine)
+    config, release = conn.config, threading.Event()
+    conn.config = dataclasses.replace(config, yield_seconds=60.0)
+    conn._inflight["held"] = conn._pool.submit(release.wait)
+    timer = threading.Timer(2.0, release.set)
+    try:
+        conn.bind_connector_metadata(PrefixgenConnectorMetadata(idle=False))
+        timer.start()
+        assert conn.get_finished(set()) == (None, None)  # a busy step: not held up by the load
+        conn.bind_connector_metadata(PrefixgenConnectorMetadata(idle=True))
+        assert conn.get_finished(set()) == (None, {"held"})  # an idle step: waited until the load was done
+    finally:
+        release.set()
+        timer.cancel()
+        conn._inflight.pop("held", None)
+        conn.clear_connector_metadata()
+        conn.config = config
 
 
 def test_chunked_prefill_after_a_load(engine, store, baseline):

@@ -113,6 +113,7 @@ class PrefixgenConnectorMetadata(KVConnectorMetadata):
     """What the scheduler tells the workers for one step: the loads to do before the forward."""
 
     loads: list[LoadSpec] = field(default_factory=list)
+    idle: bool = False  # the step schedules no token: the engine has nothing to run but waits for loads
 
 
 @dataclass
@@ -427,7 +428,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
     * ``chat_template``: the Jinja file given to ``prefixgen build --chat-template`` (and to
       ``vllm serve --chat-template``), when the tokenizer has no template of its own; it is part
       of the tokenizer identity the store is checked against.
-    * ``staging_bytes``, ``load_threads``: see :class:`~prefixgen.config.ConnectorConfig`.
+    * ``staging_bytes``, ``load_threads``, ``yield_seconds``: see :class:`~prefixgen.config.ConnectorConfig`.
 
     Example:
         >>> from vllm import LLM  # doctest: +SKIP
@@ -468,6 +469,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
             self._heads = range(self.store.manifest.kv.num_kv_heads)
             self._pool = ThreadPoolExecutor(max_workers=self.config.load_threads, thread_name_prefix="prefixgen-load")
             self._inflight: dict[str, Future] = {}
+            self._buffers = threading.local()  # each load thread's read buffer (see _read_buffer)
             self._lock = threading.Lock()  # the load threads report through what it guards
             self._load_errors: set[int] = set()
             self._new_bad = PrefixgenWorkerMetadata()  # for the scheduler, since the last step
@@ -582,7 +584,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
         )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        meta = PrefixgenConnectorMetadata(self._pending)
+        meta = PrefixgenConnectorMetadata(self._pending, idle=scheduler_output.total_num_scheduled_tokens == 0)
         self._pending = []
         return meta
 
@@ -623,16 +625,22 @@ class PrefixgenConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Requests whose load is done (written, or stopped at a fault already reported as load errors).
 
-        While loads run, the engine thread (which calls this every step) waits up to ``yield_seconds``
-        for one to finish: its step loop otherwise holds the GIL, and the load threads' Python between
-        their GIL-free reads and copies would run only in the interpreter's 5 ms switch slices (a
-        4,096-token load on CPU took 4x longer)."""
-        if self._inflight and self.config.yield_seconds > 0:
+        On a step that runs nothing (:attr:`PrefixgenConnectorMetadata.idle`) while loads run, the engine thread
+        (which calls this every step) waits up to ``yield_seconds`` for one to finish: an in-process engine's step
+        loop otherwise spins holding the GIL, and the load threads' Python between their GIL-free reads and copies
+        would run only in the interpreter's 5 ms switch slices (a 4,096-token load on an idle CPU engine: 0.09 GB/s
+        instead of 1.4-2.5). A step that runs a batch never waits: its forward releases the GIL on its own."""
+        if self._inflight and self.config.yield_seconds > 0 and self._idle_step():
             wait(self._inflight.values(), timeout=self.config.yield_seconds, return_when=FIRST_COMPLETED)
         done = {req_id for req_id, future in self._inflight.items() if future.done()}
         for req_id in done:
             del self._inflight[req_id]
         return None, done or None
+
+    def _idle_step(self) -> bool:
+        """Whether this step (whose metadata vLLM bound before the forward) schedules no token."""
+        meta = self._connector_metadata if self.has_connector_metadata() else None
+        return isinstance(meta, PrefixgenConnectorMetadata) and meta.idle
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         with self._lock:
@@ -702,19 +710,18 @@ class PrefixgenConnector(KVConnectorBase_V1):
             first = (load.first_block + i) * bs  # the piece's first token
             end = min(load.end, first + good * bs)
             if end > written:
-                # [L, 2, tokens, heads, D], each layer's K and V contiguous for the cache-write op
-                per_layer = kv[written - first : end - first].permute(1, 2, 0, 3, 4)
+                kv = kv[written - first : end - first]  # [tokens, L, 2, heads, D]: a view, no copy
                 slots = slot_mapping(load.block_ids, self.block_size, written, end)
                 if cuda:
                     if inflight is not None:
                         inflight.synchronize()  # the previous piece is written: its buffers go (one piece on the device)
                         inflight = None
-                    inflight = self._write_cuda(per_layer, slots, device)
+                    inflight = self._write_cuda(kv, slots, device)
                 else:
-                    self._write(per_layer.contiguous(), slots)
+                    self._write(kv, slots)
                 with self._lock:
                     self.stats.tokens += end - written
-                    self.stats.bytes += per_layer.numel() * per_layer.element_size()
+                    self.stats.bytes += kv.numel() * kv.element_size()
                 written = end
             if good < len(piece):
                 break
@@ -736,15 +743,30 @@ class PrefixgenConnector(KVConnectorBase_V1):
         item = 4 if kv.storage == "fp8" else TORCH_DTYPES[kv.stored_dtype].itemsize
         return self.store.block_size * kv.num_layers * 2 * kv.num_kv_heads * kv.head_dim * item
 
-    def _write(self, per_layer: torch.Tensor, slots: torch.Tensor) -> None:
-        """Each layer's K and V (``per_layer``: [L, 2, tokens, heads, D] on the cache's device) into its cache at ``slots``."""
-        for layer, index in self._layers:
-            layer.impl.do_kv_cache_update(layer, per_layer[index, 0], per_layer[index, 1], layer.kv_cache, slots)
+    def _read_buffer(self) -> torch.Tensor:
+        """This load thread's host buffer for the pieces it reads (bytes of one piece as stored), made on first use and
+        kept: a new one per piece would have its pages mapped and zeroed on first touch, which costs more than the read
+        (a 4,096-token piece of small-llama: ~50 ms of page faults against ~8 ms to copy into mapped pages)."""
+        buffer = getattr(self._buffers, "buffer", None)
+        if buffer is None:
+            kv = self.store.manifest.kv
+            buffer = torch.empty(self._piece_blocks() * self.store.block_size * kv.bytes_per_token, dtype=torch.uint8)
+            self._buffers.buffer = buffer
+        return buffer
 
-    def _write_cuda(self, per_layer: torch.Tensor, slots: torch.Tensor, device: torch.device) -> torch.cuda.Event:
+    def _write(self, kv: torch.Tensor, slots: torch.Tensor) -> None:
+        """Each layer's K and V (``kv``: [tokens, L, 2, heads, D] on the cache's device, each token's heads side by side)
+        into its cache at ``slots``.
+
+        The op gets views ``kv[:, layer, 0]`` ([tokens, heads, D], a token stride of the whole row): the layout of the
+        keys vLLM's own forward passes it (a slice of the fused QKV projection), so no per-layer copy is made."""
+        for layer, index in self._layers:
+            layer.impl.do_kv_cache_update(layer, kv[:, index, 0], kv[:, index, 1], layer.kv_cache, slots)
+
+    def _write_cuda(self, kv: torch.Tensor, slots: torch.Tensor, device: torch.device) -> torch.cuda.Event:
         """Upload one piece through pinned memory and write it, all on the side stream; the event marks its end."""
-        staged = torch.empty(per_layer.shape, dtype=per_layer.dtype, pin_memory=True)
-        staged.copy_(per_layer)
+        staged = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)
+        staged.copy_(kv)  # the read buffer is free again once this returns
         with torch.cuda.stream(self._stream):
             on_device = staged.to(device, non_blocking=True)
             self._write(on_device, slots.pin_memory().to(device, non_blocking=True))
@@ -759,7 +781,9 @@ class PrefixgenConnector(KVConnectorBase_V1):
         they are; each fault is logged once per shard and reported to the scheduler."""
         while locations:
             try:
-                kv = self.store.read_locations(locations, device="cpu", dtype=self._dtype, heads=self._heads)
+                kv = self.store.read_locations(
+                    locations, device="cpu", dtype=self._dtype, heads=self._heads, buffer=self._read_buffer()
+                )
                 with self._lock:
                     self.stats.pieces += 1
                     self.stats.max_piece_bytes = max(self.stats.max_piece_bytes, len(locations) * self._block_read_bytes())

@@ -191,9 +191,16 @@ class PrefixStore:
         dtype: torch.dtype | None = None,
         verify: bool = True,
         heads: range | None = None,
+        buffer: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """KV at ``locations``, back to back: ``[blocks * B, L, 2, H, D]`` on ``device``; only the KV
         heads in ``heads`` if given (``H = len(heads)``, e.g. one tensor-parallel rank's).
+
+        ``buffer`` (CPU only): a contiguous host tensor of at least the blocks' stored bytes to read
+        into instead of a new tensor, for a caller that reads piece after piece: a new tensor's pages
+        are mapped (and zeroed by the kernel) on first touch, which costs more than reading a warm
+        page cache into them. Without a conversion (same dtype, not fp8) the result is then a view
+        of ``buffer``, valid until the next read into it.
 
         A block that fails its CRC (``verify``) raises :class:`CorruptBlockError` saying which.
         The store keeps a token's heads side by side, so every head is read and checked; on CPU the
@@ -215,7 +222,13 @@ class PrefixStore:
             with self._staging_lock:  # another thread's read would overwrite a slot between its CRC check and its copy
                 self._read_to_device(pieces, result, scales, verify)
         else:
-            result = torch.empty((n * bs, *per_token), dtype=stored)
+            if buffer is None:
+                result = torch.empty((n * bs, *per_token), dtype=stored)
+            else:  # [n * B, L, 2, H, D] at the start of the caller's buffer
+                need = n * bs * layout.bytes_per_token
+                if buffer.device.type != "cpu" or not buffer.is_contiguous() or buffer.nbytes < need:
+                    raise ValueError(f"read_locations: buffer must be a contiguous host tensor of at least {need} bytes")
+                result = buffer.view(-1).view(torch.uint8)[:need].view(stored).view(n * bs, *per_token)
             flat = result.view(torch.uint8).view(-1).numpy()
             block_bytes = layout.bytes_per_token * bs
 

@@ -1,0 +1,51 @@
+"""PrefixStore.read_locations(buffer=...): a caller's host buffer read into instead of a new tensor (the vLLM
+connector reuses one per load thread), with the same KV as a plain read, and a clear error for a buffer that
+cannot hold the blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from prefixgen import BuildConfig, PrefixStore, build
+
+from .conftest import write_jsonl
+
+ROWS = [
+    {"text": f"Story {i}: once upon a time a {w} went to the park and played all day long."} for i, w in enumerate(["cat", "dog"])
+]
+
+
+@pytest.fixture(scope="module")
+def store_and_ids(tmp_path_factory, stories):
+    tmp = tmp_path_factory.mktemp("buffer-store")
+    out = tmp / "store"
+    data = str(write_jsonl(tmp / "s.jsonl", ROWS))
+    build(BuildConfig(dataset=data, model=str(stories), out=str(out), device="cpu", dtype="float32", quiet=True))
+    tok = AutoTokenizer.from_pretrained(stories)
+    return PrefixStore.open(out), [tok(row["text"]).input_ids for row in ROWS]
+
+
+def test_read_into_buffer_equals_plain_read_and_reuses_it(store_and_ids):
+    store, ids = store_and_ids
+    first, second = (store.find_prefix(store.keys(i)).locations for i in ids)
+    assert len(first) >= 2 and len(second) >= 2
+    buffer = torch.empty(len(first) * store.block_size * store.manifest.kv.bytes_per_token + 64, dtype=torch.uint8)
+    a = store.read_locations(first, buffer=buffer)  # [T, L, 2, H, D]
+    assert torch.equal(a, store.read_locations(first))
+    assert a.data_ptr() == buffer.data_ptr()  # a view of the buffer: nothing allocated for the KV
+    b = store.read_locations(second[:2], heads=range(1, 3), buffer=buffer)  # the next piece, into the same buffer
+    assert torch.equal(b, store.read_locations(second[:2])[:, :, :, 1:3])
+    assert b.data_ptr() == buffer.data_ptr() + 1 * store.manifest.kv.head_dim * 4  # head 1 of the first token
+    converted = store.read_locations(first, dtype=torch.bfloat16, buffer=buffer)  # a conversion: a new tensor
+    assert torch.equal(converted, store.read_locations(first).to(torch.bfloat16))
+
+
+def test_buffer_too_small_or_strided_is_refused(store_and_ids):
+    store, ids = store_and_ids
+    locations = store.find_prefix(store.keys(ids[0])).locations
+    need = len(locations) * store.block_size * store.manifest.kv.bytes_per_token
+    for bad in (torch.empty(need - 1, dtype=torch.uint8), torch.empty(need, 2, dtype=torch.uint8)[:, 0]):
+        with pytest.raises(ValueError, match=f"contiguous host tensor of at least {need} bytes"):
+            store.read_locations(locations, buffer=bad)
