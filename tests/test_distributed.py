@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -106,7 +107,7 @@ def test_torchrun_build_equals_one_process_build(tmp_path, cli, stories, world, 
     one, many = tmp_path / "one", tmp_path / "many"
     assert cli("build", data, "--model", stories, "--out", one, *CPU).exit_code == 0
     (single,) = ls_json(cli, one)["builds"]
-    finish(torchrun(world, "build", data, "--model", stories, "--out", many, "--batch-tokens", "1024", *CPU))
+    output = finish(torchrun(world, "build", data, "--model", stories, "--out", many, "--batch-tokens", "1024", *CPU))
     b = assert_one_distributed_build(cli, many, world, single)
     assert_same_kv(one, many)
     # The shared prefix was prefilled once, in the head phase, and every rank used it as past.
@@ -117,15 +118,16 @@ def test_torchrun_build_equals_one_process_build(tmp_path, cli, stories, world, 
     tokenized = [r["tokenized_tokens"] for r in ls_json(cli, many)["builds"][-1]["ranks"]]
     assert all(t > 0 for t in tokenized) and sum(tokenized) <= 2 * single["dataset_tokens"], tokenized
     # Each rank read about 1/N of the dataset's bytes (its share, and the line across its start),
-    # not the whole of it: over the ranks, the dataset once. Its records were numbered by counting
-    # the line ends before its share (rank r: about r/N of the bytes), not by parsing them.
+    # not the whole of it: over the ranks, the dataset once. No rank read a byte before its share:
+    # its records were numbered within it (row r of share s), and in the dataset when planned.
     size, longest = data.stat().st_size, max(map(len, data.read_bytes().splitlines(keepends=True)))
     read = [r["read_bytes"] for r in b["ranks"]]
     assert all(abs(n - size / world) <= longest + 2 for n in read), (read, size)
     assert size <= sum(read) <= size + (world - 1) * longest, (read, size)
     assert sum(r["read_records"] for r in b["ranks"]) == single["records"] + single["skipped_records"]
-    assert [r["scanned_bytes"] for r in b["ranks"]] == sorted(r["scanned_bytes"] for r in b["ranks"])
-    assert b["ranks"][0]["scanned_bytes"] == 0 and b["ranks"][-1]["scanned_bytes"] < size
+    assert [r["scanned_bytes"] for r in b["ranks"]] == [0] * world
+    if single["skipped_records"]:  # the empty last record: named in its share by the count pass's warning
+        assert re.search(rf"warning: record \d+ of share {world - 1} is empty", output), output
 
 
 @pytest.mark.slow
