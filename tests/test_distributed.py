@@ -633,3 +633,41 @@ def test_rank_parts_merge_into_one_build():
     parts[0].status, parts[1].attempt = "complete", 1  # rank 0 completed a newer attempt: ranks 1, 2 have its work to do
     assert merge_rank_parts(base, parts).status == "running"
     assert [r["attempt"] for r in merge_rank_parts(base, parts).ranks] == [1, 0, 0]
+
+
+def test_a_plan_from_shares_numbered_within_them_equals_one_from_dataset_indices(tmp_path, stories):
+    """Ranks number a .jsonl share's records within it (reading nothing before it); the plan gives
+    them the indices in the dataset, as if each rank had counted the records before its share."""
+    import numpy as np
+
+    from prefixgen.builder.distributed import count_share, make_plan
+    from prefixgen.data.records import RecordTokenizer
+    from prefixgen.data.source import read_share
+    from prefixgen.format import BlockHash, BuildRecord
+
+    data = groups_dataset(tmp_path / "d.jsonl", n=60, groups=4)  # 61 records: the last one empty (skipped)
+    tokenizer, root = AutoTokenizer.from_pretrained(stories), BlockHash(bytes(32))
+    plans, warnings = {}, []
+    for local in (True, False):
+        folder = tmp_path / f"local-{local}"
+        folder.mkdir()
+        for share in range(3):
+            tokenize = RecordTokenizer(tokenizer, BuildRecord("", ""), 1024, warn=warnings.append)
+            records = read_share(str(data), "text", share, 3, local_index=local)
+            count_share(records, tokenize, folder, share, root, 16, "w0", fsync=False)
+        plans[local] = make_plan(folder, 3, root, 16, lambda keys: [False] * len(keys))
+    assert plans[True]["index"].tolist() == list(range(60))
+    for key in ("index", "share", "row", "work", "owner", "head_keys", "head_owner"):
+        assert np.array_equal(plans[True][key], plans[False][key]), key
+    # The empty record (the last of share 2) is named by its row in share 2 when numbered locally.
+    row = int((plans[True]["share"] == 2).sum())
+    assert [w.split(" is ")[0] for w in warnings] == [f"warning: record {row} of share 2", "warning: record 60"]
+    # Shares spilled before share-local numbering (no "rows", no "local") hold indices in the dataset.
+    for share in range(3):
+        path = tmp_path / "local-False" / f"share-{share}.npz"
+        with np.load(path) as meta:
+            old = {k: meta[k] for k in meta.files if k not in ("rows", "local")}
+        np.savez(path, **old)
+    assert np.array_equal(
+        make_plan(tmp_path / "local-False", 3, root, 16, lambda keys: [False] * len(keys))["index"], plans[True]["index"]
+    )
