@@ -17,7 +17,8 @@ pass (read + tokenize), the tokens it tokenized over all passes (``tokenized_tok
 before the count was recorded: there every rank tokenized the whole dataset two to three times),
 and the bytes and records of the dataset it read in its count pass (``read_bytes``,
 ``read_records``; absent before they were recorded: there every rank read the whole file,
-``dataset_bytes``) and the bytes before its share whose line ends it counted (``scanned_bytes``). On CPU, each rank runs
+``dataset_bytes``) and the bytes outside its share it read to number its records (``scanned_bytes``:
+before share-local numbering, the bytes before its share whose line ends it counted; now 0). On CPU, each rank runs
 ``--threads`` threads (default 1, so that 1 and N ranks compare per process; ``split`` gives each
 rank ``cores // N``).
 """
@@ -109,7 +110,7 @@ def run(ranks: int, data: Path, model: Path, store: Path, args) -> dict:
                 # recorded: there every rank read and parsed the whole file, dataset_bytes).
                 "read_bytes": r.get("read_bytes"),
                 "read_records": r.get("read_records"),
-                "scanned_bytes": r.get("scanned_bytes"),  # before its share, line ends counted only
+                "scanned_bytes": r.get("scanned_bytes"),  # outside its share, line ends counted only (now 0)
                 # A rank's seconds include its count pass and head phase since they run inside the
                 # build's error handling (tokenized_tokens recorded); before, they came first.
                 "build_s": round(

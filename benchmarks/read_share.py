@@ -1,7 +1,9 @@
 """What a rank of a distributed build spends reading its count share, per MB of dataset: parsing
 records (``read_records``, datasets streaming, as one process reads; ``read_share``, as a rank reads
-its share) and counting line ends (what numbering a share's records costs for the bytes before it:
-the last of 64 shares, which counts those of 63/64 of the file and parses 1/64).
+its share) and counting line ends (what numbering a share's records in the dataset costs for the
+bytes before it: the last of 64 shares, which counts those of 63/64 of the file and parses 1/64;
+``local_index``: numbered within the share, as a rank of a distributed build reads it now, nothing
+before it read).
 
     python benchmarks/read_share.py --mb 200
     python benchmarks/read_share.py --mb 200 --kind chat
@@ -60,16 +62,20 @@ def main() -> None:
         data.read_bytes()  # into the page cache
         next(read_records(str(data), field))  # imports datasets: not counted
         rows = {}
-        for name, share, shares in [
-            ("read_records (datasets)", 0, 0),
-            ("read_share 0 of 1", 0, 1),
-            ("read_share 63 of 64", 63, 64),
+        for name, share, shares, local in [
+            ("read_records (datasets)", 0, 0, False),
+            ("read_share 0 of 1", 0, 1, False),
+            ("read_share 63 of 64", 63, 64, False),
+            ("read_share 63 of 64, local_index", 63, 64, True),
         ]:
             times = []
             for _ in range(args.repeat):  # the best of a few: the machine may be shared
                 read = ShareRead()
                 t = time.perf_counter()
-                stream = read_share(str(data), field, share, shares, read=read) if shares else read_records(str(data), field)
+                if shares:
+                    stream = read_share(str(data), field, share, shares, read=read, local_index=local)
+                else:
+                    stream = read_records(str(data), field)
                 n = sum(1 for _ in stream)
                 times.append(time.perf_counter() - t)
             seconds = min(times)

@@ -1055,8 +1055,9 @@ class BuildRecord:
     # count shares; one process: the dataset, plus the count pass of --min-records/--max-bytes).
     tokenized_tokens: int = 0
     # A rank of a distributed build, in its count pass: the records it parsed and the bytes of the
-    # dataset it read for them, and the bytes before its share whose line ends it counted to number
-    # its records (data.source.read_share). 0 for one process.
+    # dataset it read for them, and the bytes outside its share it read to number its records
+    # (data.source.read_share): 0 now that ranks number records within their share (the plan makes
+    # their indices in the dataset); kept, as earlier builds recorded a scan there. 0 for one process.
     read_records: int = 0
     read_bytes: int = 0
     scanned_bytes: int = 0

@@ -43,15 +43,26 @@ def _same(value, other) -> bool:
 
 def assert_shares_are_the_records(dataset: Path, field: str, worlds=(1, 2, 3, 5, 64)) -> list[list[ShareRead]]:
     """Every share count in ``worlds``: the shares, one after another, are ``read_records``'s
-    records (same indices, same values). Returns what each share read."""
+    records (same indices, same values). Numbered within their shares (``local_index``), the same
+    records, at the same bytes, with nothing scanned: the records of the shares before plus the
+    row is the index. Returns what each share read (numbered in the dataset)."""
     want = list(read_records(str(dataset), field))
     assert want
+    lines = not (dataset.is_dir() and any(dataset.glob("*.parquet")))  # line files: numbered within a share
     reads = []
     for world in worlds:
-        got, world_reads = [], []
+        got, world_reads, before = [], [], 0
         for share in range(world):
-            read = ShareRead()
-            got += read_share(str(dataset), field, share, world, read=read)
+            read, local_read = ShareRead(), ShareRead()
+            records = list(read_share(str(dataset), field, share, world, read=read))
+            local = list(read_share(str(dataset), field, share, world, read=local_read, local_index=True))
+            offset = before if lines else 0  # parquet rows keep their indices in the dataset
+            assert [(r.index + offset, r.value, r.share) for r in local] == [
+                (r.index, r.value, share if lines else None) for r in records
+            ], (world, share)
+            assert (local_read.records, local_read.bytes, local_read.scanned_bytes) == (read.records, read.bytes, 0)
+            got += records
+            before += len(records)
             world_reads.append(read)
         assert [r.index for r in got] == [r.index for r in want], world
         assert all(_same(a.value, b.value) for a, b in zip(got, want)), world
@@ -144,6 +155,10 @@ def test_a_damaged_line_or_a_missing_dataset_is_a_dataset_error(tmp_path):
     assert len(list(read_share(str(data), "text", 0, 2))) < 30  # the damage is in the second half
     with pytest.raises(DatasetError, match=r"failed at record 30 \(.*d\.jsonl, byte \d+\)"):
         list(read_share(str(data), "text", 1, 2))
+    # Numbered within the share (no scan before it), the message names the record so, and the byte.
+    first = len(list(read_share(str(data), "text", 0, 2)))
+    with pytest.raises(DatasetError, match=rf"failed at record {30 - first} of share 1 \(.*d\.jsonl, byte \d+\)"):
+        list(read_share(str(data), "text", 1, 2, local_index=True))
     with pytest.raises(DatasetError, match="does not exist"):
         read_share(str(tmp_path / "missing.jsonl"), "text", 0, 2)
     with pytest.raises(ValueError, match="not in 0..1"):

@@ -11,11 +11,13 @@ pipeline this rank's records, and merges. For N > 1 ranks, one plan, then shares
 1. **Count, in shares.** Share ``s`` is about 1/N of the records, a pure function of the dataset
    and N (``data.source.read_share``: a byte range of local .jsonl/.txt files, a row range of
    .parquet files, else the records with ``index % N == s``). Each rank reads and tokenizes only its
-   share (numbering its records costs a count of the line ends before it), counts the records
-   holding each block (``analysis.count.BlockCounter``) and spills its share's token ids and block
-   keys into ``builds/<id>.plan/<run>/`` (6 bytes per token: 4 for the id, 32 per 16-token block for
-   keys). Every record is read and tokenized once over all ranks. Under ``--rank/--world-size``
-   shares are claimed (a lone rank counts them all).
+   share, and reads nothing outside it but the line across each end: records of line files are
+   numbered within their share (row r of share s; this pass's warnings name them so), and their
+   indices in the dataset are made with the plan, from every share's record count. It counts the
+   records holding each block (``analysis.count.BlockCounter``) and spills its share's token ids
+   and block keys into ``builds/<id>.plan/<run>/`` (6 bytes per token: 4 for the id, 32 per
+   16-token block for keys). Every record is read and tokenized once over all ranks. Under
+   ``--rank/--world-size`` shares are claimed (a lone rank counts them all).
 2. **Plan.** The share counts are summed; the shared *heads* are the blocks in two or more records
    (prefix-closed, a trie). A record's work is its blocks beyond its leading heads and beyond what
    the store already holds (``--resume``: work left, not work done). Head segments (branch-free runs
@@ -180,8 +182,9 @@ def count_share(
 ) -> BuildRecord:  # fmt: skip
     """Tokenize and count share ``share``, the records ``records`` yields (``data.source.read_share``),
     and spill it to ``folder``: ``share-S.tokens`` (uint32 ids), ``share-S.keys`` ([blocks, 32]) and,
-    last (it marks the share done), ``share-S.npz`` (record indices and lengths, the share's block
-    counts, its tokenizer statistics); each fsynced before it is renamed in (``fsync``: as the writer
+    last (it marks the share done), ``share-S.npz`` (record indices and lengths, the share's record
+    count ``rows`` and whether its indices are rows within it, ``local``; its block counts and
+    tokenizer statistics); each fsynced before it is renamed in (``fsync``: as the writer
     does for shards), so that after a node crash a share marked done is whole. Returns the tokenizer
     statistics (``dataset_tokens``: tokens tokenized)."""
     stats = BuildRecord("", "")
@@ -189,10 +192,19 @@ def count_share(
     counting.warn = tokenize.warn  # this is the only pass that tokenizes the share: it warns
     counter = BlockCounter()
     index, lengths = [], []
+    rows, local = 0, False  # records of the share (skipped ones too); numbered within it (Record.share)
+
+    def tally(records: Iterator[Record]) -> Iterator[Record]:
+        nonlocal rows, local
+        for rec in records:
+            rows += 1
+            local |= rec.share is not None
+            yield rec
+
     names = [folder / f"share-{share}.{ext}" for ext in ("tokens", "keys")]
     tmps = [temp_path(p, owner) for p in names]
     with open(tmps[0], "wb") as tokens_file, open(tmps[1], "wb") as keys_file:
-        for rec in counting(records):
+        for rec in counting(tally(records)):
             ids = np.asarray(rec.ids, dtype="<u4")
             keys = block_keys(rec.ids, block_size, root)
             tokens_file.write(ids.tobytes())
@@ -209,6 +221,7 @@ def count_share(
         fsync_dir(folder)  # the renames, before the .npz that marks the share done
     counts = counter.result()
     meta = {"index": np.asarray(index, np.int64), "lengths": np.asarray(lengths, np.int64)}
+    meta |= {"rows": np.asarray(rows, np.int64), "local": np.asarray(local)}
     meta |= {f"counts_{k}": getattr(counts, k) for k in ("key64", "check64", "records", "depth")}
     meta["stats"] = np.asarray([stats.skipped_records, stats.truncated_records, stats.dataset_tokens], np.int64)
     _save(folder / f"share-{share}.npz", meta, owner, fsync)
@@ -219,6 +232,17 @@ def _save(path: Path, arrays: dict[str, np.ndarray], owner: str, fsync: bool) ->
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write(path, [buf.getvalue()], fsync=fsync, owner=owner)
+
+
+def _index_in_dataset(shares: list[dict[str, np.ndarray]]) -> None:
+    """Turn the share-local indices of ``local`` shares (row r of share s) into indices in the
+    dataset: the records of the shares before s, plus r. Shares are consecutive runs of records
+    there, so this needs only their record counts (``rows``): no rank read the bytes before its share."""
+    before = 0
+    for meta in shares:
+        if bool(meta.get("local", False)):  # shares spilled before "local" existed hold dataset indices
+            meta["index"] = meta["index"] + before
+        before += int(meta["rows"]) if "rows" in meta else len(meta["index"]) + int(meta["stats"][0])  # kept + skipped
 
 
 def _merged_counts(shares: list[Any]) -> BlockCounts:
@@ -241,6 +265,7 @@ def make_plan(
     summed counts: the others are no work and no head, and the plan holds the choice (``chosen_*``)."""
     bs = block_size
     shares = [dict(np.load(folder / f"share-{s}.npz")) for s in range(world)]
+    _index_in_dataset(shares)
     counts = _merged_counts(shares)
     selection = select(counts) if select is not None else None
     shared = counts.subset(np.flatnonzero(counts.records >= 2))

@@ -297,7 +297,8 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
 
     def read_count_share(share: int, read: ShareRead) -> Iterator:
         field = cfg.messages_field or cfg.text_field
-        return read_share(cfg.dataset, field, share, ranks.world_size, cfg.split, cfg.subset, cfg.limit, read)
+        # Numbered within the share: no rank reads the bytes before its share (the plan numbers them in the dataset).
+        return read_share(cfg.dataset, field, share, ranks.world_size, cfg.split, cfg.subset, cfg.limit, read, local_index=True)
 
     def select(counts: Any) -> Selection:  # a distributed build's choice, from its count shares summed
         return select_counts(counts, cfg, manifest.kv, time.perf_counter())

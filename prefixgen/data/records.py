@@ -169,27 +169,25 @@ class RecordTokenizer:
         size = FIRST_CHUNK
         while chunk := list(islice(records, size)):
             size = min(CHUNK, size * 2)
-            texts, indices = [], []
+            texts, kept = [], []
             for record in chunk:
                 text = self._text(record.value)
                 if text is None:
                     self.stats.skipped_records += 1
-                    self._warn_once(
-                        "skip", f"warning: record {record.index} is empty or not text; skipping such records (counted)"
-                    )
+                    self._warn_once("skip", f"warning: {record.name} is empty or not text; skipping such records (counted)")
                     continue
                 texts.append(text)
-                indices.append(record.index)
+                kept.append(record)
             if not texts:
                 continue
-            for index, (ids, cut) in zip(indices, self.ids(texts)):
+            for record, (ids, cut) in zip(kept, self.ids(texts)):
                 self.stats.records += 1
                 if cut:
                     self.stats.truncated_records += 1
                     self._warn_once(
                         "truncate",
-                        f"warning: record {index} has more than the limit of {self.max_tokens} tokens; "
+                        f"warning: {record.name} has more than the limit of {self.max_tokens} tokens; "
                         "truncating such records (counted)",
                     )
                 self.stats.dataset_tokens += len(ids)
-                yield TokenizedRecord(index, ids)
+                yield TokenizedRecord(record.index, ids)

@@ -8,8 +8,11 @@ dataset and the number of shares N, so every rank (and a resumed one) agrees:
 
 * local ``.jsonl`` / ``.txt`` files (one, or a folder's, in name order as one byte stream): share S
   is the lines that start in bytes ``[S * size // N, (S + 1) * size // N)``. A rank reads those
-  bytes (and the end of its last line), and to number its records it counts the line ends of the
-  bytes before them (a byte count, no parsing);
+  bytes (and the end of its last line). Its records' indices in the dataset need the number of
+  records before the share: with ``local_index`` they are not computed (records are numbered
+  within the share, and nothing before it is read: a distributed build adds the record counts of
+  the shares before when it plans); without, the line ends of the bytes before the share are
+  counted (a byte count, no parsing);
 * local ``.parquet`` files: share S is the rows ``[S * rows // N, (S + 1) * rows // N)`` (row counts
   from the files' footers); a rank reads the field's column in the row groups holding them;
 * anything else (Hub datasets, ``.json``, ``.csv``, or ``--limit``): share S is the records with
@@ -38,10 +41,20 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 
 @dataclass(slots=True)
 class Record:
-    """One dataset record: its position in the stream and the value of the chosen field."""
+    """One dataset record: its position in the stream and the value of the chosen field.
+
+    ``share``: None where ``index`` is the record's position in the dataset; else ``index`` is its
+    row within that share (:func:`read_share` with ``local_index``: its position in the dataset is
+    not known yet)."""
 
     index: int
     value: Any
+    share: int | None = None
+
+    @property
+    def name(self) -> str:
+        """How messages name the record: ``record 12``, or ``record 5 of share 2``."""
+        return f"record {self.index}" if self.share is None else f"record {self.index} of share {self.share}"
 
 
 def _local_files(path: Path) -> tuple[str, list[str]]:
@@ -180,7 +193,8 @@ class ShareRead:
 
     records: int = 0  # records parsed (the share's; the whole dataset's where every rank reads it all)
     bytes: int = 0  # bytes of the dataset's files read to parse them (0 for a Hub dataset: not known)
-    scanned_bytes: int = 0  # bytes before the share whose line ends were counted to number its records
+    # bytes before the share whose line ends were counted to number its records (0 with local_index)
+    scanned_bytes: int = 0
 
 
 def read_share(
@@ -192,21 +206,28 @@ def read_share(
     subset: str | None = None,
     limit: int | None = None,
     read: ShareRead | None = None,
+    local_index: bool = False,
 ) -> Iterator[Record]:
     """Stream share ``share`` of ``shares`` of the dataset: its ``Record``s, with the indices and
     values :func:`read_records` gives them, reading about 1/``shares`` of a local .jsonl, .txt or
     .parquet dataset (the module docstring defines the shares). ``read`` counts what was read.
+    ``local_index``: records of local line files are numbered within the share (``Record.share``
+    is ``share``, ``index`` the row from 0), so that no byte before the share is read; their
+    indices in the dataset are the records of the shares before plus the row. Other records keep
+    their indices in the dataset (``Record.share`` None): they are known without a scan.
 
     Example:
         >>> [r.index for r in read_share("examples/stories.jsonl", "text", 2, 3)][:2]
         [160, 161]
+        >>> [r.name for r in read_share("examples/stories.jsonl", "text", 2, 3, local_index=True)][:2]
+        ['record 0 of share 2', 'record 1 of share 2']
     """
     read = read if read is not None else ShareRead()
     kind, files = _share_files(dataset) if limit is None else (None, [])
     if kind == "parquet":
         return _parquet_share(dataset, files, field, share, shares, read)
     if kind in ("json", "text"):
-        return _line_share(dataset, files, kind, field, share, shares, read)
+        return _line_share(dataset, files, kind, field, share, shares, read, local_index)
     return _filtered_share(dataset, field, share, shares, split, subset, limit, read)
 
 
@@ -256,17 +277,19 @@ def _span(total: int, share: int, shares: int) -> tuple[int, int]:
 
 
 def _line_share(
-    dataset: str, files: list[str], kind: str, field: str, share: int, shares: int, read: ShareRead
+    dataset: str, files: list[str], kind: str, field: str, share: int, shares: int, read: ShareRead, local: bool
 ) -> Iterator[Record]:
-    """The lines of ``files`` (one byte stream) that start in this share's byte range."""
+    """The lines of ``files`` (one byte stream) that start in this share's byte range; ``local``:
+    numbered within the share (else the records before it are counted from their line ends)."""
     sizes = [Path(f).stat().st_size for f in files]
     lo, hi = _span(sum(sizes), share, shares)
-    index, base = 0, 0  # records before the current position; the current file's first byte
+    in_share = share if local else None  # Record.share
+    index, base = 0, 0  # records before the current position (in the share, if local); the current file's first byte
     for name, size in zip(files, sizes):
         start, end = max(lo - base, 0), min(hi - base, size)  # this file's part of the range
         base += size
         if start >= size:  # the whole file is before the share: count its records
-            index += _count_line_records(name, kind, size, read)
+            index += 0 if local else _count_line_records(name, kind, size, read)
             continue
         if end <= start:
             break  # the range ended in an earlier file
@@ -275,23 +298,26 @@ def _line_share(
                 f.seek(start - 1)
                 read.bytes += len(f.readline())
                 start = f.tell()
-                index += _count_line_records(name, kind, start, read)
+                index += 0 if local else _count_line_records(name, kind, start, read)
             pos = start
             while pos < end:
                 line = f.readline()
                 if not line:
                     break
                 read.bytes += len(line)
-                for value in _parse_line(dataset, name, pos, line, kind, field, index, first=pos == 0):
+                for value in _parse_line(dataset, name, pos, line, kind, field, index, in_share, pos == 0):
                     read.records += 1
-                    yield Record(index, value)
+                    yield Record(index, value, in_share)
                     index += 1
                 pos += len(line)
 
 
-def _parse_line(dataset: str, name: str, pos: int, line: bytes, kind: str, field: str, index: int, first: bool) -> list:
+def _parse_line(
+    dataset: str, name: str, pos: int, line: bytes, kind: str, field: str, index: int, share: int | None, first: bool
+) -> list:
     """The field's values of the records in one ``\\n``-terminated line: one for a .jsonl line (none
-    for a blank one), one or more for a .txt line (a lone ``\\r`` also ends a line)."""
+    for a blank one), one or more for a .txt line (a lone ``\\r`` also ends a line). ``index`` and
+    ``share``: the line's first record (as in ``Record``), for a message."""
     try:
         text = line.decode("utf-8")
         if kind == "text":
@@ -305,7 +331,9 @@ def _parse_line(dataset: str, name: str, pos: int, line: bytes, kind: str, field
         if not isinstance(row, dict):
             raise ValueError(f"a JSON {type(row).__name__}, not an object")
     except ValueError as exc:  # UnicodeDecodeError and json.JSONDecodeError too
-        raise DatasetError(f"reading dataset {dataset} failed at record {index} ({name}, byte {pos}): {exc}") from None
+        raise DatasetError(
+            f"reading dataset {dataset} failed at {Record(index, None, share).name} ({name}, byte {pos}): {exc}"
+        ) from None
     return [row.get(field)]
 
 
