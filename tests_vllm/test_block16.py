@@ -87,13 +87,14 @@ def load(scheduler, worker, ids: list[int], computed: int, block_ids: list[int])
     from vllm import SamplingParams
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.kv_cache_utils import KVCacheBlock
+    from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
     request = Request("req", ids, SamplingParams(max_tokens=1), None)
     claimed, load_async = scheduler.get_num_new_matched_tokens(request, computed)
     assert load_async
     scheduler.update_state_after_alloc(request, KVCacheBlocks(([KVCacheBlock(b) for b in block_ids],)), claimed)
-    worker.bind_connector_metadata(scheduler.build_connector_meta(None))
+    worker.bind_connector_metadata(scheduler.build_connector_meta(SchedulerOutput.make_empty()))  # waits for its load: no token
     worker.start_load_kv(None)
     finished = None
     while not finished:
