@@ -3,6 +3,7 @@ exactly the blocks of a one-process build, each computed once, the work balanced
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -370,11 +372,12 @@ def test_a_rank_that_finishes_long_before_the_others_does_not_time_out(tmp_path,
     assert slow["stage_seconds"]["prefill"] > fast["stage_seconds"]["prefill"] + 5  # the skew was longer than the timeout
 
 
-@pytest.mark.slow
-def test_ctrl_c_while_waiting_for_another_rank_leaves_the_build_interrupted(tmp_path, cli, stories):
-    data = system_prompt_dataset(tmp_path / "d.jsonl", n=400, seed=6)
-    out = tmp_path / "store"
-    args = ["build", data, "--model", stories, "--out", out, *CPU]
+@contextlib.contextmanager
+def rank_0_waiting_for_a_live_rank_1(args: list) -> Iterator[subprocess.Popen]:
+    """Rank 1 of 2 claims its count share and is killed; its claim's lease is renewed here as a slow live rank 1
+    would renew it (a killed rank's claim goes stale after 120 s, and rank 0 would then count the share and go
+    on). Yields rank 0 once it has counted its own share and waits for rank 1's."""
+    out = Path(args[args.index("--out") + 1])
     other = rank_process(1, 2, *args)
     deadline = time.monotonic() + 180
     while not list(out.glob("builds/*.plan/w2/claims/share-1")):  # rank 1 holds its count share
@@ -383,13 +386,27 @@ def test_ctrl_c_while_waiting_for_another_rank_leaves_the_build_interrupted(tmp_
     other.kill()
     other.wait()
     (claim,) = out.glob("builds/*.plan/w2/claims/share-1")
-    with _Lease([claim]):  # its lease renewed as a slow live rank 1 would: rank 0 waits for it (no timeout)
+    with _Lease([claim]):
         me = rank_process(0, 2, *args)
-        while not list(out.glob("builds/*.plan/w2/share-0.npz")):  # rank 0 counted its share, now waits
-            assert time.monotonic() < deadline and me.poll() is None, "rank 0 never counted its share"
-            time.sleep(0.05)
+        try:
+            while not list(out.glob("builds/*.plan/w2/share-0.npz")):  # rank 0 counted its share, now waits
+                assert time.monotonic() < deadline and me.poll() is None, "rank 0 never counted its share"
+                time.sleep(0.05)
+            yield me
+        finally:
+            if me.poll() is None:  # a failed assertion leaves no rank running
+                me.kill()
+                me.wait()
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_waiting_for_another_rank_leaves_the_build_interrupted(tmp_path, cli, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=400, seed=6)
+    out = tmp_path / "store"
+    args = ["build", data, "--model", stories, "--out", out, *CPU]
+    with rank_0_waiting_for_a_live_rank_1(args) as me:
         time.sleep(1)
-        assert me.poll() is None  # still waiting
+        assert me.poll() is None  # still waiting (no timeout)
         me.send_signal(signal.SIGINT)
         _, err = me.communicate(timeout=60)
     assert me.returncode == 130 and "Traceback" not in err, err
@@ -402,19 +419,7 @@ def test_gc_removes_the_plan_of_a_killed_distributed_build_and_keeps_a_live_ones
     data = system_prompt_dataset(tmp_path / "d.jsonl", n=400, seed=6)
     out = tmp_path / "store"
     args = ["build", data, "--model", stories, "--out", out, *CPU]
-    other = rank_process(1, 2, *args)
-    deadline = time.monotonic() + 180
-    while not list(out.glob("builds/*.plan/w2/claims/share-1")):  # rank 1 holds its count share
-        assert time.monotonic() < deadline and other.poll() is None, "rank 1 never claimed its share"
-        time.sleep(0.05)
-    other.kill()
-    other.wait()
-    (claim,) = out.glob("builds/*.plan/w2/claims/share-1")
-    with _Lease([claim]):  # its lease renewed as a slow live rank 1 would: rank 0 waits for it, live
-        me = rank_process(0, 2, *args)
-        while not list(out.glob("builds/*.plan/w2/share-0.npz")):
-            assert time.monotonic() < deadline and me.poll() is None, "rank 0 never counted its share"
-            time.sleep(0.05)
+    with rank_0_waiting_for_a_live_rank_1(args) as me:
         (plan,) = out.glob("builds/*.plan")
         result = cli("gc", out)
         assert result.exit_code == 0 and ".plan" not in result.stdout, result.output
