@@ -23,7 +23,6 @@ from transformers import AutoTokenizer
 
 import prefixgen
 from prefixgen import PrefixStore
-from prefixgen.builder.distributed import _Lease
 from prefixgen.maintain.verify import verify_store
 
 from .conftest import REPO, SYSTEM, write_jsonl
@@ -372,31 +371,46 @@ def test_a_rank_that_finishes_long_before_the_others_does_not_time_out(tmp_path,
     assert slow["stage_seconds"]["prefill"] > fast["stage_seconds"]["prefill"] + 5  # the skew was longer than the timeout
 
 
+HANGING_RANK_1 = """
+import sys, threading
+from prefixgen.builder import distributed
+from prefixgen.cli import main
+count_share = distributed.count_share
+def hang_on_share_1(records, tokenize, folder, share, *args, **kwargs):
+    if share == 1:  # a slow live rank: it holds share 1's claim (its lease renewed) and never finishes
+        threading.Event().wait()
+    return count_share(records, tokenize, folder, share, *args, **kwargs)
+distributed.count_share = hang_on_share_1
+sys.argv = ["prefixgen", *sys.argv[1:]]
+main()
+"""
+
+
 @contextlib.contextmanager
-def rank_0_waiting_for_a_live_rank_1(args: list) -> Iterator[subprocess.Popen]:
-    """Rank 1 of 2 claims its count share and is killed; its claim's lease is renewed here as a slow live rank 1
-    would renew it (a killed rank's claim goes stale after 120 s, and rank 0 would then count the share and go
-    on). Yields rank 0 once it has counted its own share and waits for rank 1's."""
+def rank_0_waiting_for_a_live_rank_1(tmp_path: Path, args: list) -> Iterator[subprocess.Popen]:
+    """Rank 1 of 2 claims its count share and hangs counting it, alive; yields rank 0 once it has counted its own
+    share and waits for rank 1's. Both are killed on the way out if still running."""
     out = Path(args[args.index("--out") + 1])
-    other = rank_process(1, 2, *args)
-    deadline = time.monotonic() + 180
-    while not list(out.glob("builds/*.plan/w2/claims/share-1")):  # rank 1 holds its count share
-        assert time.monotonic() < deadline and other.poll() is None, "rank 1 never claimed its share"
-        time.sleep(0.05)
-    other.kill()
-    other.wait()
-    (claim,) = out.glob("builds/*.plan/w2/claims/share-1")
-    with _Lease([claim]):
+    script = tmp_path / "hanging_rank_1.py"
+    script.write_text(HANGING_RANK_1)
+    cmd = [sys.executable, str(script), *map(str, args), "--rank", "1", "--world-size", "2"]
+    other = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+    me = None
+    try:
+        deadline = time.monotonic() + 180
+        while not list(out.glob("builds/*.plan/w2/claims/share-1")):  # rank 1 holds its count share
+            assert time.monotonic() < deadline and other.poll() is None, "rank 1 never claimed its share"
+            time.sleep(0.05)
         me = rank_process(0, 2, *args)
-        try:
-            while not list(out.glob("builds/*.plan/w2/share-0.npz")):  # rank 0 counted its share, now waits
-                assert time.monotonic() < deadline and me.poll() is None, "rank 0 never counted its share"
-                time.sleep(0.05)
-            yield me
-        finally:
-            if me.poll() is None:  # a failed assertion leaves no rank running
-                me.kill()
-                me.wait()
+        while not list(out.glob("builds/*.plan/w2/share-0.npz")):  # rank 0 counted its share, now waits
+            assert time.monotonic() < deadline and me.poll() is None, "rank 0 never counted its share"
+            time.sleep(0.05)
+        yield me
+    finally:
+        for proc in (me, other):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.mark.slow
@@ -404,7 +418,7 @@ def test_ctrl_c_while_waiting_for_another_rank_leaves_the_build_interrupted(tmp_
     data = system_prompt_dataset(tmp_path / "d.jsonl", n=400, seed=6)
     out = tmp_path / "store"
     args = ["build", data, "--model", stories, "--out", out, *CPU]
-    with rank_0_waiting_for_a_live_rank_1(args) as me:
+    with rank_0_waiting_for_a_live_rank_1(tmp_path, args) as me:
         time.sleep(1)
         assert me.poll() is None  # still waiting (no timeout)
         me.send_signal(signal.SIGINT)
@@ -419,7 +433,7 @@ def test_gc_removes_the_plan_of_a_killed_distributed_build_and_keeps_a_live_ones
     data = system_prompt_dataset(tmp_path / "d.jsonl", n=400, seed=6)
     out = tmp_path / "store"
     args = ["build", data, "--model", stories, "--out", out, *CPU]
-    with rank_0_waiting_for_a_live_rank_1(args) as me:
+    with rank_0_waiting_for_a_live_rank_1(tmp_path, args) as me:
         (plan,) = out.glob("builds/*.plan")
         result = cli("gc", out)
         assert result.exit_code == 0 and ".plan" not in result.stdout, result.output
