@@ -3,6 +3,7 @@ the shares together are exactly the records ``read_records`` (datasets streaming
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -41,14 +42,18 @@ def _same(value, other) -> bool:
     return value == other
 
 
-def assert_shares_are_the_records(dataset: Path, field: str, worlds=(1, 2, 3, 5, 64)) -> list[list[ShareRead]]:
+def assert_shares_are_the_records(
+    dataset: Path, field: str, worlds=(1, 2, 3, 5, 64), within: bool | None = None
+) -> list[list[ShareRead]]:
     """Every share count in ``worlds``: the shares, one after another, are ``read_records``'s
     records (same indices, same values). Numbered within their shares (``local_index``), the same
     records, at the same bytes, with nothing scanned: the records of the shares before plus the
-    row is the index. Returns what each share read (numbered in the dataset)."""
+    row is the index (the plan's rule). ``within``: whether ``local_index`` numbers them within
+    their shares (default: line files do, parquet rows keep their indices in the dataset).
+    Returns what each share read (numbered in the dataset)."""
     want = list(read_records(str(dataset), field))
     assert want
-    lines = not (dataset.is_dir() and any(dataset.glob("*.parquet")))  # line files: numbered within a share
+    lines = not (dataset.is_dir() and any(dataset.glob("*.parquet"))) if within is None else within
     reads = []
     for world in worlds:
         got, world_reads, before = [], [], 0
@@ -146,6 +151,42 @@ def test_other_sources_and_limits_read_everything_and_keep_every_nth(tmp_path):
             got = list(read_share(str(dataset), "text", share, 3, limit=limit, read=read))
             assert [r.index for r in got] == list(range(share, n, 3))
             assert read.records == n and read.bytes == dataset.stat().st_size
+
+
+def _csv_and_json_folders(tmp_path: Path, files: int) -> tuple[Path, Path]:
+    """``files`` .csv files of stories (one holding no row) and as many .json files (each one JSON
+    list) of chats, of uneven sizes."""
+    texts, chats = _texts(), [json.loads(line) for line in _lines(MT_BENCH)]
+    csvs, jsons = tmp_path / "csv", tmp_path / "json"
+    csvs.mkdir()
+    jsons.mkdir()
+    cut = [0, 3, 3, *(len(texts) * (i + 1) // (files - 2) for i in range(files - 2))]  # file 1: no row
+    for i in range(files):
+        with open(csvs / f"part-{i:02d}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["text"], *([t] for t in texts[cut[i] : cut[i + 1]])])
+        part = chats[len(chats) * i // files : len(chats) * (i + 1) // files]
+        (jsons / f"part-{i:02d}.json").write_text(json.dumps(part, indent=1))
+    return csvs, jsons
+
+
+def test_csv_and_json_folders_share_their_files(tmp_path):
+    csvs, jsons = _csv_and_json_folders(tmp_path, files=5)
+    assert [r.value for r in read_records(str(csvs), "text")] == _texts()
+    for folder, field in [(csvs, "text"), (jsons, "turns")]:
+        sizes = [p.stat().st_size for p in sorted(folder.iterdir())]
+        # Share S reads only its run of files (the first 5 % N shares one more), numbered within it.
+        reads = assert_shares_are_the_records(folder, field, worlds=(1, 2, 3, 5), within=True)
+        assert [r.bytes for r in reads[1]] == [sum(sizes[:3]), sum(sizes[3:])]
+        assert [r.bytes for r in reads[2]] == [sum(sizes[:2]), sum(sizes[2:4]), sizes[4]]
+        assert [r.scanned_bytes for r in reads[2]] == [0, sum(sizes[:2]), sum(sizes[:4])]  # numbered in the dataset
+        assert sum(r.records for r in reads[3]) == len(list(read_records(str(folder), field)))
+        # Fewer files than shares: every share reads everything and keeps every 6th record.
+        n = len(list(read_records(str(folder), field)))
+        for share in (0, 5):
+            read = ShareRead()
+            got = list(read_share(str(folder), field, share, 6, read=read, local_index=True))
+            assert [(r.index, r.share) for r in got] == [(i, None) for i in range(share, n, 6)]
+            assert (read.records, read.bytes) == (n, sum(sizes))
 
 
 def test_a_damaged_line_or_a_missing_dataset_is_a_dataset_error(tmp_path):

@@ -10,9 +10,9 @@ pipeline this rank's records, and merges. For N > 1 ranks, one plan, then shares
 
 1. **Count, in shares.** Share ``s`` is about 1/N of the records, a pure function of the dataset
    and N (``data.source.read_share``: a byte range of local .jsonl/.txt files, a row range of
-   .parquet files, else the records with ``index % N == s``). Each rank reads and tokenizes only its
-   share, and reads nothing outside it but the line across each end: records of line files are
-   numbered within their share (row r of share s; this pass's warnings name them so), and their
+   .parquet files, a run of files of a dataset of N or more files, else the records with
+   ``index % N == s``). Each rank reads and tokenizes only its share, and reads nothing outside it
+   but the line across each end: records of line files and file runs are numbered within their share (row r of share s; this pass's warnings name them so), and their
    indices in the dataset are made with the plan, from every share's record count. It counts the
    records holding each block (``analysis.count.BlockCounter``) and spills its share's token ids
    and block keys into ``builds/<id>.plan/<run>/`` (6 bytes per token: 4 for the id, 32 per

@@ -15,8 +15,15 @@ dataset and the number of shares N, so every rank (and a resumed one) agrees:
   counted (a byte count, no parsing);
 * local ``.parquet`` files: share S is the rows ``[S * rows // N, (S + 1) * rows // N)`` (row counts
   from the files' footers); a rank reads the field's column in the row groups holding them;
-* anything else (Hub datasets, ``.json``, ``.csv``, or ``--limit``): share S is the records with
-  ``index % N == S``, and every rank reads the whole dataset to find them.
+* datasets of N or more files read through ``datasets`` (a folder of ``.json`` or ``.csv`` files,
+  most Hub datasets): share S is a contiguous run of its files (``datasets``' shards), as
+  ``IterableDataset.shard(N, S, contiguous=True)`` cuts them: the first ``files % N`` shares get
+  ``files // N + 1`` files, the others ``files // N``. A rank reads only its files; its records are
+  numbered within the share with ``local_index`` (else the records of the files before are read to
+  count them);
+* anything else (a single ``.json`` or ``.csv`` file, fewer files than shares, or ``--limit``):
+  share S is the records with ``index % N == S``, and every rank reads the whole dataset to find
+  them.
 
 Records read this way equal those of :func:`read_records` (same indices and values): lines are
 parsed with ``json`` (blank lines of a .jsonl are no records, as for ``datasets``), text lines are
@@ -112,7 +119,15 @@ def read_records(
         >>> next(read_records("data.jsonl", "text")).value  # doctest: +SKIP
         'Once upon a time'
     """
-    rows = iter(open_dataset(dataset, split, subset))
+    return _field_records(dataset, open_dataset(dataset, split, subset), field, limit)
+
+
+def _field_records(
+    dataset: str, ds: Any, field: str, limit: int | None = None, start: int = 0, share: int | None = None
+) -> Iterator[Record]:
+    """``Record``s of the rows of ``ds`` (an opened iterable dataset, or one share of it), the first
+    numbered ``start`` (within share ``share``, as in ``Record``); its first row is read now."""
+    rows = iter(ds)
     try:
         first = next(rows, None)
     except Exception as exc:
@@ -127,17 +142,17 @@ def read_records(
     stream = itertools.chain([first], rows)
     if limit is not None:
         stream = itertools.islice(stream, limit)
-    return _records(dataset, field, stream)
+    return _records(dataset, field, stream, start, share)
 
 
-def _records(dataset: str, field: str, rows: Iterator[dict]) -> Iterator[Record]:
-    index = 0
+def _records(dataset: str, field: str, rows: Iterator[dict], start: int = 0, share: int | None = None) -> Iterator[Record]:
+    index = start
     try:
         for row in rows:
-            yield Record(index, row.get(field))
+            yield Record(index, row.get(field), share)
             index += 1
     except Exception as exc:
-        raise DatasetError(f"reading dataset {dataset} failed at record {index}: {exc}") from None
+        raise DatasetError(f"reading dataset {dataset} failed at {Record(index, None, share).name}: {exc}") from None
 
 
 def count_records(dataset: str, limit: int | None = None) -> int | None:
@@ -210,11 +225,12 @@ def read_share(
 ) -> Iterator[Record]:
     """Stream share ``share`` of ``shares`` of the dataset: its ``Record``s, with the indices and
     values :func:`read_records` gives them, reading about 1/``shares`` of a local .jsonl, .txt or
-    .parquet dataset (the module docstring defines the shares). ``read`` counts what was read.
-    ``local_index``: records of local line files are numbered within the share (``Record.share``
-    is ``share``, ``index`` the row from 0), so that no byte before the share is read; their
-    indices in the dataset are the records of the shares before plus the row. Other records keep
-    their indices in the dataset (``Record.share`` None): they are known without a scan.
+    .parquet dataset, or of the files of one with ``shares`` files or more (the module docstring
+    defines the shares). ``read`` counts what was read. ``local_index``: records of line files and
+    of file runs are numbered within the share (``Record.share`` is ``share``, ``index`` the row
+    from 0), so that nothing before the share is read; their indices in the dataset are the
+    records of the shares before plus the row. Other records keep their indices in the dataset
+    (``Record.share`` None): they are known without reading more.
 
     Example:
         >>> [r.index for r in read_share("examples/stories.jsonl", "text", 2, 3)][:2]
@@ -223,12 +239,16 @@ def read_share(
         ['record 0 of share 2', 'record 1 of share 2']
     """
     read = read if read is not None else ShareRead()
-    kind, files = _share_files(dataset) if limit is None else (None, [])
-    if kind == "parquet":
+    _span(0, share, shares)  # checks share
+    kind, files = _share_files(dataset)
+    if kind == "parquet" and limit is None:
         return _parquet_share(dataset, files, field, share, shares, read)
-    if kind in ("json", "text"):
+    if kind in ("json", "text") and limit is None:
         return _line_share(dataset, files, kind, field, share, shares, read, local_index)
-    return _filtered_share(dataset, field, share, shares, split, subset, limit, read)
+    ds = open_dataset(dataset, split, subset)
+    if limit is None and ds.num_shards >= shares and (not files or ds.num_shards == len(files)):
+        return _file_share(dataset, ds, files, field, share, shares, read, local_index)
+    return _filtered_share(dataset, ds, files, field, share, shares, limit, read)
 
 
 def _share_files(dataset: str) -> tuple[str | None, list[str]]:
@@ -253,12 +273,10 @@ def _starts_with_list(path: str) -> bool:
 
 
 def _filtered_share(
-    dataset: str, field: str, share: int, shares: int, split: str, subset: str | None, limit: int | None, read: ShareRead
+    dataset: str, ds: Any, files: list[str], field: str, share: int, shares: int, limit: int | None, read: ShareRead
 ) -> Iterator[Record]:
     """Share ``index % shares == share`` of a dataset read whole (no cheaper way to find it)."""
-    _span(0, share, shares)  # checks share
-    records = read_records(dataset, field, split, subset, limit)  # opens it now: a bad dataset fails here
-    _, files = _share_files(dataset)
+    records = _field_records(dataset, ds, field, limit)  # reads the first row now: a bad dataset fails here
     read.bytes += sum(Path(f).stat().st_size for f in files)
 
     def filtered() -> Iterator[Record]:
@@ -268,6 +286,39 @@ def _filtered_share(
                 yield record
 
     return filtered()
+
+
+def _file_share(
+    dataset: str, ds: Any, files: list[str], field: str, share: int, shares: int, read: ShareRead, local: bool
+) -> Iterator[Record]:
+    """Share ``share`` of a dataset of at least ``shares`` files (``ds``'s shards, one per local
+    file): a contiguous run of its files, as ``IterableDataset.shard(contiguous=True)`` cuts them
+    (the first ``num_shards % shares`` shares one file more). ``local``: numbered within the share
+    (else the records of the files before it are read to count them)."""
+    sizes = [Path(f).stat().st_size for f in files]  # [] for a Hub dataset: its bytes are not known
+    lo, hi = _contiguous(ds.num_shards, share, shares)
+    read.bytes += sum(sizes[lo:hi])
+    before = 0
+    for earlier in range(0 if local else share):
+        before += sum(1 for _ in ds.shard(num_shards=shares, index=earlier, contiguous=True))
+    read.scanned_bytes += sum(sizes[: 0 if local else lo])
+    part = ds.shard(num_shards=shares, index=share, contiguous=True)
+    records = _field_records(dataset, part, field, start=before, share=share if local else None)
+
+    def counted() -> Iterator[Record]:
+        for record in records:
+            read.records += 1
+            yield record
+
+    return counted()
+
+
+def _contiguous(total: int, part: int, parts: int) -> tuple[int, int]:
+    """The ``[start, end)`` of ``part`` of ``range(total)`` cut into ``parts`` runs as ``datasets``
+    shards (``split_shard_indices_by_worker``): sizes differ by at most one, the first runs larger."""
+    div, mod = divmod(total, parts)
+    start = div * part + min(part, mod)
+    return start, start + div + (part < mod)
 
 
 def _span(total: int, share: int, shares: int) -> tuple[int, int]:
