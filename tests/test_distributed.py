@@ -155,6 +155,27 @@ def test_rank_flags_without_torchrun_one_after_another_and_at_once(tmp_path, cli
 
 
 @pytest.mark.slow
+def test_ranks_share_a_folder_of_json_files_by_files(tmp_path, cli, stories):
+    rows = [json.loads(line) for line in groups_dataset(tmp_path / "d.jsonl", n=90, groups=6).read_text().splitlines()]
+    folder = tmp_path / "json"  # three uneven .json files (one JSON list each): datasets reads them, 3 shards
+    folder.mkdir()
+    for i, part in enumerate((rows[:20], rows[20:60], rows[60:])):  # the empty record last: skipped by rank 1
+        (folder / f"part-{i}.json").write_text(json.dumps(part))
+    sizes = [p.stat().st_size for p in sorted(folder.iterdir())]
+    one, many = tmp_path / "one", tmp_path / "many"
+    assert cli("build", folder, "--model", stories, "--out", one, *CPU).exit_code == 0
+    (single,) = ls_json(cli, one)["builds"]
+    finish(torchrun(2, "build", folder, "--model", stories, "--out", many, *CPU))  # each rank counts its own share
+    b = assert_one_distributed_build(cli, many, 2, single, balanced=False)  # 1 of 3 files: uneven shares
+    assert_same_kv(one, many)
+    assert summed_counts(many) == summed_counts(one)
+    # Share 0 is files 0-1, share 1 file 2 (IterableDataset.shard, contiguous): each rank read its files only.
+    assert [r["read_bytes"] for r in b["ranks"]] == [sizes[0] + sizes[1], sizes[2]]
+    assert [r["read_records"] for r in b["ranks"]] == [60, len(rows) - 60]
+    assert [r["scanned_bytes"] for r in b["ranks"]] == [0, 0]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("select", [["--min-records", 2], ["--max-bytes", "2MB"]], ids=["min-records", "max-bytes"])
 def test_selection_in_a_distributed_build_stores_what_one_process_stores(tmp_path, cli, stories, select):
     data = groups_dataset(tmp_path / "d.jsonl", n=90, groups=6)
