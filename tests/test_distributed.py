@@ -155,6 +155,27 @@ def test_rank_flags_without_torchrun_one_after_another_and_at_once(tmp_path, cli
 
 
 @pytest.mark.slow
+def test_ranks_with_a_limit_share_the_bytes_of_its_records(tmp_path, cli, stories):
+    data = groups_dataset(tmp_path / "d.jsonl", n=90, groups=6)
+    one, many = tmp_path / "one", tmp_path / "many"
+    assert cli("build", data, "--model", stories, "--out", one, "--limit", 50, *CPU).exit_code == 0
+    (single,) = ls_json(cli, one)["builds"]
+    for rank in (0, 1):
+        args = ["--limit", 50, "--rank", rank, "--world-size", 2]
+        assert cli("build", data, "--model", stories, "--out", many, *args, *CPU).exit_code == 0
+    b = assert_one_distributed_build(cli, many, 2, single, balanced=False)
+    assert_same_kv(one, many)
+    # Each share is about half of the first 50 records' bytes (not the whole file, not index % 2),
+    # found by a scan of line ends up to their end: over the shares, those 50 records read once.
+    # (Rank 0, run first and alone, claimed and counted both shares.)
+    lines = data.read_bytes().splitlines(keepends=True)
+    end = sum(map(len, lines[:50]))
+    assert sum(r["read_records"] for r in b["ranks"]) == 50
+    assert sum(r["scanned_bytes"] for r in b["ranks"]) == 2 * end  # one scan per share
+    assert end <= sum(r["read_bytes"] for r in b["ranks"]) <= end + max(map(len, lines)), b["ranks"]
+
+
+@pytest.mark.slow
 def test_ranks_share_a_folder_of_json_files_by_files(tmp_path, cli, stories):
     rows = [json.loads(line) for line in groups_dataset(tmp_path / "d.jsonl", n=90, groups=6).read_text().splitlines()]
     folder = tmp_path / "json"  # three uneven .json files (one JSON list each): datasets reads them, 3 shards

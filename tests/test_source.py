@@ -43,35 +43,38 @@ def _same(value, other) -> bool:
 
 
 def assert_shares_are_the_records(
-    dataset: Path, field: str, worlds=(1, 2, 3, 5, 64), within: bool | None = None
+    dataset: Path, field: str, worlds=(1, 2, 3, 5, 64), within: bool | None = None, limit: int | None = None
 ) -> list[list[ShareRead]]:
     """Every share count in ``worlds``: the shares, one after another, are ``read_records``'s
     records (same indices, same values). Numbered within their shares (``local_index``), the same
     records, at the same bytes, with nothing scanned: the records of the shares before plus the
     row is the index (the plan's rule). ``within``: whether ``local_index`` numbers them within
     their shares (default: line files do, parquet rows keep their indices in the dataset).
-    Returns what each share read (numbered in the dataset)."""
-    want = list(read_records(str(dataset), field))
+    ``limit``: of the first ``limit`` records (--limit); line files then scan for the bytes they
+    end at, the same bytes in every share. Returns what each share read (numbered in the dataset)."""
+    want = list(read_records(str(dataset), field, limit=limit))
     assert want
     lines = not (dataset.is_dir() and any(dataset.glob("*.parquet"))) if within is None else within
     reads = []
     for world in worlds:
-        got, world_reads, before = [], [], 0
+        got, world_reads, before, scans = [], [], 0, set()
         for share in range(world):
             read, local_read = ShareRead(), ShareRead()
-            records = list(read_share(str(dataset), field, share, world, read=read))
-            local = list(read_share(str(dataset), field, share, world, read=local_read, local_index=True))
+            records = list(read_share(str(dataset), field, share, world, limit=limit, read=read))
+            local = list(read_share(str(dataset), field, share, world, limit=limit, read=local_read, local_index=True))
             offset = before if lines else 0  # parquet rows keep their indices in the dataset
             assert [(r.index + offset, r.value, r.share) for r in local] == [
                 (r.index, r.value, share if lines else None) for r in records
             ], (world, share)
-            assert (local_read.records, local_read.bytes, local_read.scanned_bytes) == (read.records, read.bytes, 0)
+            assert (local_read.records, local_read.bytes) == (read.records, read.bytes)
+            scans.add(local_read.scanned_bytes)
             got += records
             before += len(records)
             world_reads.append(read)
         assert [r.index for r in got] == [r.index for r in want], world
         assert all(_same(a.value, b.value) for a, b in zip(got, want)), world
         assert sum(r.records for r in world_reads) == len(want)
+        assert len(scans) == 1 and (limit is not None and lines or scans == {0}), scans  # each share: the same scan
         reads.append(world_reads)
     return reads
 
@@ -140,12 +143,46 @@ def test_parquet_shares_read_their_row_groups(tmp_path):
     assert all(r.bytes < one[0].bytes / 2 for r in three) and sum(r.bytes for r in three) < 1.3 * one[0].bytes
 
 
+def test_a_limit_shares_the_bytes_of_its_first_records(tmp_path, piece):
+    """--limit N: the first N records, in shares of their bytes (found by a scan of line ends, the
+    same in every share); a .txt line may hold records past the limit (a lone \\r ends one)."""
+    lines = _lines(STORIES_JSONL)
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + b"".join(lines[:50]) + b"\n   \n" + b"".join(lines[50:90]))
+    (folder / "b.jsonl").write_bytes(b"".join(lines[90:170]).rstrip(b"\n"))
+    texts = tmp_path / "t.txt"
+    texts.write_text("\n".join(_texts()[:40]) + "\n\nx\ry\rz\r\nlast", newline="")  # records 41-43 on one line
+    for dataset, field, limit in [(folder, "text", 1), (folder, "text", 70), (folder, "text", 120), (folder, "text", 999),
+                                  (texts, "text", 42), (texts, "text", 43), (texts, "text", 45)]:  # fmt: skip
+        reads = assert_shares_are_the_records(dataset, field, worlds=(1, 2, 3, 7), limit=limit)
+        (whole,) = reads[0]
+        if limit < 999:  # bytes after the limit's last record are neither read nor scanned
+            assert whole.scanned_bytes == whole.bytes  # the scan stops in the line the limit ends in
+            assert whole.bytes < sum(p.stat().st_size for p in ([dataset] if dataset.is_file() else folder.iterdir()))
+    # Each of 3 shares reads about a third of the 120 records' bytes.
+    reads = assert_shares_are_the_records(folder, "text", worlds=(3,), limit=120)[0]
+    assert max(r.records for r in reads) <= 2 * min(r.records for r in reads)
+
+
+def test_parquet_limits_share_their_first_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": t} for t in _texts()]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "0.parquet", row_group_size=16)
+    for limit in (5, 100, 10_000):
+        reads = assert_shares_are_the_records(tmp_path, "text", worlds=(1, 2, 3), limit=limit)
+        n = min(limit, len(rows))
+        assert [r.records for r in reads[2]] == [n * (i + 1) // 3 - n * i // 3 for i in range(3)]  # row ranges
+
+
 def test_other_sources_and_limits_read_everything_and_keep_every_nth(tmp_path):
     csv = tmp_path / "d.csv"
     csv.write_text("text\n" + "\n".join(f"record {i}" for i in range(10)) + "\n")
     listed = tmp_path / "list.jsonl"  # one JSON list, not lines: datasets reads it whole
     listed.write_text(json.dumps([{"text": f"record {i}"} for i in range(8)], indent=1))
-    for dataset, limit, n in [(csv, None, 10), (listed, None, 8), (STORIES_JSONL, 7, 7)]:
+    for dataset, limit, n in [(csv, None, 10), (listed, None, 8), (csv, 7, 7)]:
         for share in range(3):
             read = ShareRead()
             got = list(read_share(str(dataset), "text", share, 3, limit=limit, read=read))

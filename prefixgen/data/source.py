@@ -21,9 +21,11 @@ dataset and the number of shares N, so every rank (and a resumed one) agrees:
   ``files // N + 1`` files, the others ``files // N``. A rank reads only its files; its records are
   numbered within the share with ``local_index`` (else the records of the files before are read to
   count them);
-* anything else (a single ``.json`` or ``.csv`` file, fewer files than shares, or ``--limit``):
-  share S is the records with ``index % N == S``, and every rank reads the whole dataset to find
-  them.
+* with ``limit`` (``--limit K``), line files are cut from the bytes of their first K records (every
+  rank scans line ends up to where they end: no parsing), parquet files from the rows ``[0, K)``;
+* anything else (a single ``.json`` or ``.csv`` file, fewer files than shares, file runs with
+  ``--limit``): share S is the records with ``index % N == S``, and every rank reads the whole
+  dataset to find them.
 
 Records read this way equal those of :func:`read_records` (same indices and values): lines are
 parsed with ``json`` (blank lines of a .jsonl are no records, as for ``datasets``), text lines are
@@ -241,10 +243,10 @@ def read_share(
     read = read if read is not None else ShareRead()
     _span(0, share, shares)  # checks share
     kind, files = _share_files(dataset)
-    if kind == "parquet" and limit is None:
-        return _parquet_share(dataset, files, field, share, shares, read)
-    if kind in ("json", "text") and limit is None:
-        return _line_share(dataset, files, kind, field, share, shares, read, local_index)
+    if kind == "parquet":
+        return _parquet_share(dataset, files, field, share, shares, read, limit)
+    if kind in ("json", "text"):
+        return _line_share(dataset, files, kind, field, share, shares, read, local_index, limit)
     ds = open_dataset(dataset, split, subset)
     if limit is None and ds.num_shards >= shares and (not files or ds.num_shards == len(files)):
         return _file_share(dataset, ds, files, field, share, shares, read, local_index)
@@ -328,12 +330,23 @@ def _span(total: int, share: int, shares: int) -> tuple[int, int]:
 
 
 def _line_share(
-    dataset: str, files: list[str], kind: str, field: str, share: int, shares: int, read: ShareRead, local: bool
+    dataset: str,
+    files: list[str],
+    kind: str,
+    field: str,
+    share: int,
+    shares: int,
+    read: ShareRead,
+    local: bool,
+    limit: int | None = None,
 ) -> Iterator[Record]:
     """The lines of ``files`` (one byte stream) that start in this share's byte range; ``local``:
-    numbered within the share (else the records before it are counted from their line ends)."""
+    numbered within the share (else the records before it are counted from their line ends).
+    ``limit``: the range is cut from the bytes of the first ``limit`` records only."""
+    _span(0, share, shares)  # checks share before any scan
     sizes = [Path(f).stat().st_size for f in files]
-    lo, hi = _span(sum(sizes), share, shares)
+    total = sum(sizes) if limit is None else _limit_end(files, kind, limit, read)
+    lo, hi = _span(total, share, shares)
     in_share = share if local else None  # Record.share
     index, base = 0, 0  # records before the current position (in the share, if local); the current file's first byte
     for name, size in zip(files, sizes):
@@ -356,6 +369,7 @@ def _line_share(
                 if not line:
                     break
                 read.bytes += len(line)
+                line = line[: total - base + size - pos]  # the limit's last line may end at a lone \r in it
                 for value in _parse_line(dataset, name, pos, line, kind, field, index, in_share, pos == 0):
                     read.records += 1
                     yield Record(index, value, in_share)
@@ -388,6 +402,29 @@ def _parse_line(
     return [row.get(field)]
 
 
+def _limit_end(files: list[str], kind: str, limit: int, read: ShareRead) -> int:
+    """The byte, in ``files`` taken as one stream, where their first ``limit`` records end (all of
+    it if they hold fewer): a scan of line ends, no parsing. A .txt line may hold several records
+    (a lone ``\\r`` ends one), so the end may fall inside a ``\\n``-terminated line."""
+    left, base = limit, 0  # records still to pass; the current file's first byte
+    for name in files:
+        with open(name, "rb") as f:
+            pos, first = 0, True
+            for line in f:
+                read.scanned_bytes += len(line)
+                if kind == "text":
+                    ends = [m.end() for m in _TEXT_LINE_END.finditer(line)]
+                    ends += [len(line)] if not ends or ends[-1] < len(line) else []  # a last line without its end
+                else:  # a blank .jsonl line is no record
+                    ends = [len(line)] if (line.removeprefix(b"\xef\xbb\xbf") if first else line).strip(_BLANK) else []
+                if len(ends) >= left:
+                    return base + pos + ends[left - 1] if left else base + pos
+                left -= len(ends)
+                pos, first = pos + len(line), False
+            base += pos
+    return base
+
+
 def _count_line_records(path: str, kind: str, upto: int, read: ShareRead) -> int:
     """Records in the first ``upto`` bytes of a line file (``upto`` is a line start or its size),
     counting line ends in pieces, without copying or parsing: ``\\n`` (and for .txt a lone
@@ -412,6 +449,8 @@ def _count_line_records(path: str, kind: str, upto: int, read: ShareRead) -> int
 
 
 _SPACE = (b" ", b"\t", b"\r", b"\n")
+_BLANK = b" \t\r\n"
+_TEXT_LINE_END = re.compile(rb"\r\n|\r|\n")
 _LINE_STARTS_WITH_SPACE = re.compile(rb"\n[ \t\r\n]")  # a literal first byte: searched as fast as counted
 
 
@@ -428,15 +467,19 @@ def _count_json_lines_slowly(path: str, upto: int, read: ShareRead) -> int:
     return records
 
 
-def _parquet_share(dataset: str, files: list[str], field: str, share: int, shares: int, read: ShareRead) -> Iterator[Record]:
-    """The rows of ``files`` (one table) in this share's row range, from the row groups holding them."""
+def _parquet_share(
+    dataset: str, files: list[str], field: str, share: int, shares: int, read: ShareRead, limit: int | None = None
+) -> Iterator[Record]:
+    """The rows of ``files`` (one table) in this share's row range, from the row groups holding
+    them; ``limit``: of the first ``limit`` rows only."""
     import pyarrow.parquet as pq
 
     try:
         opened = [pq.ParquetFile(f) for f in files]
     except Exception as exc:  # pyarrow raises several kinds for a damaged file
         raise DatasetError(f"cannot read dataset {dataset}: {exc}") from None
-    lo, hi = _span(sum(p.metadata.num_rows for p in opened), share, shares)
+    rows = sum(p.metadata.num_rows for p in opened)
+    lo, hi = _span(rows if limit is None else min(rows, limit), share, shares)
     base = 0  # rows before the current row group
     for name, pf in zip(files, opened):
         has_field = field in pf.schema_arrow.names
