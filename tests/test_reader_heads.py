@@ -1,5 +1,6 @@
-"""PrefixStore.read_locations(heads=...): one tensor-parallel rank's KV heads, dropped in host memory before any
-conversion, equal to the same heads of a full read (native and fp8 stores)."""
+"""PrefixStore.read_locations(heads=..., layers=...): one tensor-parallel rank's KV heads and one pipeline stage's
+layers, dropped in host memory before any conversion, equal to the same heads and layers of a full read (native
+and fp8 stores)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,9 @@ def test_head_range_equals_slice_of_full_read(tmp_path, stories, kv_dtype):
         part = store.read_locations(locations, dtype=torch.bfloat16, heads=heads)
         assert part.shape == (*full.shape[:3], len(heads), full.shape[4])
         assert torch.equal(part, full[:, :, :, heads.start : heads.stop].to(torch.bfloat16))
+    # A pipeline stage's layers (stories260K has 5), with a rank's heads or all of them.
+    assert store.manifest.kv.num_layers == 5
+    for layers, heads in ((range(0, 3), None), (range(3, 5), None), (range(4, 5), range(1, 3))):
+        part = store.read_locations(locations, dtype=torch.bfloat16, heads=heads, layers=layers)
+        h = heads or range(4)
+        assert torch.equal(part, full[:, layers.start : layers.stop, :, h.start : h.stop].to(torch.bfloat16))

@@ -125,9 +125,8 @@ def run_vllm(
         enable_prefix_caching=prefix_caching,
         max_model_len=2048,
         seed=0,
-        enforce_eager=True,
         kv_transfer_config=kv,
-        **engine_args,
+        **{"enforce_eager": True, **engine_args},
     )
     try:
         params = SamplingParams(max_tokens=12, temperature=0)

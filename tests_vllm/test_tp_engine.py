@@ -1,6 +1,7 @@
-"""Tensor parallelism 2 end to end on CPU: vLLM with the connector and ``tensor_parallel_size=2`` (two worker
-processes, gloo) gives plain vLLM TP=2's tokens for stored prompts, and each rank writes only its own KV head
-(its LoadStats bytes are half the prefix's KV).
+"""Tensor and pipeline parallelism 2 end to end on CPU: vLLM with the connector and ``tensor_parallel_size=2``
+or ``pipeline_parallel_size=2`` (two worker processes, gloo) gives plain vLLM's tokens in the same layout for
+stored prompts, and each rank writes only its own part of the KV: its KV head (TP), its stage's layer (PP), so
+its LoadStats bytes are half the prefix's KV.
 
 vLLM's CPU workers bind their OpenMP threads: the default ``VLLM_CPU_OMP_THREADS_BIND=auto`` gives each rank a
 NUMA node of its own and refuses two ranks on a one-node machine ("Not enough allowed NUMA nodes to bind threads
@@ -32,24 +33,32 @@ PROMPTS = [
     SYSTEM + "Story 9: a new story about a dog.",  # only the system prompt is stored
     "The sun was hot.",  # nothing stored
 ]
-TP = 2
+RANKS = 2
+# PP on CPU needs the compiled model: with enforce_eager vLLM 0.32.0's CPU worker skips its warm-up run
+# (CPUModelRunner.warming_up_model returns at CompilationMode.NONE), where a later stage makes its
+# intermediate tensors, and that stage's first step fails (`assert self.intermediate_tensors is not None`).
+LAYOUTS = {
+    "tp2": {"tensor_parallel_size": RANKS},
+    "pp2": {"pipeline_parallel_size": RANKS, "enforce_eager": False},
+}
 
 
 def omp_binding() -> str:
-    """VLLM_CPU_OMP_THREADS_BIND for TP ranks on one NUMA node: the allowed CPUs in TP consecutive ranges
+    """VLLM_CPU_OMP_THREADS_BIND for RANKS ranks on one NUMA node: the allowed CPUs in RANKS consecutive ranges
     (``nobind`` with fewer CPUs than ranks)."""
     cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < TP:
+    if len(cpus) < RANKS:
         return "nobind"
-    n = len(cpus) // TP
-    return "|".join(",".join(map(str, cpus[i * n : (i + 1) * n])) for i in range(TP))
+    n = len(cpus) // RANKS
+    return "|".join(",".join(map(str, cpus[i * n : (i + 1) * n])) for i in range(RANKS))
 
 
-def serve(model: str, store: str, out: str) -> None:
-    """Run PROMPTS on plain vLLM and on vLLM with the connector on ``store``, both TP ranks, and write what each
-    returned (``[plain, served]``, :class:`~tests_vllm.conftest.Run` as dicts, less the live stats) to ``out``."""
-    runs = [run_vllm(Path(model), PROMPTS, tensor_parallel_size=TP)]
-    runs.append(run_vllm(Path(model), PROMPTS, store=Path(store), tensor_parallel_size=TP))
+def serve(model: str, store: str, out: str, layout: str) -> None:
+    """Run PROMPTS on plain vLLM and on vLLM with the connector on ``store``, both in ``layout`` (a key of LAYOUTS),
+    and write what each returned (``[plain, served]``, :class:`~tests_vllm.conftest.Run` as dicts, less the live
+    stats) to ``out``."""
+    runs = [run_vllm(Path(model), PROMPTS, **LAYOUTS[layout])]
+    runs.append(run_vllm(Path(model), PROMPTS, store=Path(store), **LAYOUTS[layout]))
     rows = [{f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name not in ("stats", "claims")} for r in runs]
     Path(out).write_text(json.dumps(rows))
 
@@ -67,9 +76,11 @@ def store(tmp_path_factory, model):
     return tmp / "store"
 
 
-def test_tp2_serves_stored_prefixes_each_rank_its_own_heads(tmp_path, model, store):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_two_ranks_serve_stored_prefixes_each_its_own_part(tmp_path, model, store, layout):
     out = tmp_path / "runs.json"
-    code = f"from tests_vllm.test_tp_engine import serve; serve({str(model)!r}, {str(store)!r}, {str(out)!r})"
+    args = ", ".join(map(repr, (str(model), str(store), str(out), layout)))
+    code = f"from tests_vllm.test_tp_engine import serve; serve({args})"
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -87,8 +98,9 @@ def test_tp2_serves_stored_prefixes_each_rank_its_own_heads(tmp_path, model, sto
     assert stored[0] >= 256 and stored[1] >= 256 and stored[2] == 0
     assert served["loaded"] == stored
     assert all(cached >= n for cached, n in zip(served["cached"], stored)) and plain["cached"] == [0, 0, 0]
-    per_rank = sum(stored) * opened.manifest.kv.bytes_per_token // TP  # one of the two KV heads, same dtype
-    assert len(served["rank_stats"]) == TP
+    # TP: one of the two KV heads; PP: one of the two layers (same dtype).
+    per_rank = sum(stored) * opened.manifest.kv.bytes_per_token // RANKS
+    assert len(served["rank_stats"]) == RANKS
     for rank in served["rank_stats"]:
         assert rank["tokens"] == sum(stored) and rank["bytes"] == per_rank
         assert rank["failed_loads"] == rank["corrupt_blocks"] == 0

@@ -467,6 +467,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
             self._dtype = vllm_config.model_config.dtype
             self._layers: list[tuple[Any, int]] = []  # (vLLM attention layer, HF layer index)
             self._heads = range(self.store.manifest.kv.num_kv_heads)
+            self._stage = range(self.store.manifest.kv.num_layers)  # this pipeline stage's layers (all without PP)
             self._pool = ThreadPoolExecutor(max_workers=self.config.load_threads, thread_name_prefix="prefixgen-load")
             self._inflight: dict[str, Future] = {}
             self._buffers = threading.local()  # each load thread's read buffer (see _read_buffer)
@@ -517,6 +518,10 @@ class PrefixgenConnector(KVConnectorBase_V1):
                     f"head_dim {kv.head_dim})"
                 )
             self._layers.append((layer, index))
+        # A pipeline stage holds consecutive layers: only theirs are converted and uploaded.
+        indices = sorted(index for _, index in self._layers)
+        if indices and indices == list(range(indices[0], indices[-1] + 1)):
+            self._stage = range(indices[0], indices[-1] + 1)
 
     # ------------------------------------------------------------------ scheduler side
 
@@ -706,11 +711,11 @@ class PrefixgenConnector(KVConnectorBase_V1):
         written, inflight = load.start, None
         for i in range(0, len(load.locations), step):
             piece = load.locations[i : i + step]
-            kv, good = self._read(piece)  # [good * bs, L, 2, this rank's heads, D] in host memory
+            kv, good = self._read(piece)  # [good * bs, this stage's layers, 2, this rank's heads, D] in host memory
             first = (load.first_block + i) * bs  # the piece's first token
             end = min(load.end, first + good * bs)
             if end > written:
-                kv = kv[written - first : end - first]  # [tokens, L, 2, heads, D]: a view, no copy
+                kv = kv[written - first : end - first]  # [tokens, layers, 2, heads, D]: a view, no copy
                 slots = slot_mapping(load.block_ids, self.block_size, written, end)
                 if cuda:
                     if inflight is not None:
@@ -755,13 +760,14 @@ class PrefixgenConnector(KVConnectorBase_V1):
         return buffer
 
     def _write(self, kv: torch.Tensor, slots: torch.Tensor) -> None:
-        """Each layer's K and V (``kv``: [tokens, L, 2, heads, D] on the cache's device, each token's heads side by side)
-        into its cache at ``slots``.
+        """Each layer's K and V (``kv``: [tokens, this stage's layers, 2, heads, D] on the cache's device, each token's
+        heads side by side) into its cache at ``slots``.
 
         The op gets views ``kv[:, layer, 0]`` ([tokens, heads, D], a token stride of the whole row): the layout of the
         keys vLLM's own forward passes it (a slice of the fused QKV projection), so no per-layer copy is made."""
+        first = self._stage.start
         for layer, index in self._layers:
-            layer.impl.do_kv_cache_update(layer, kv[:, index, 0], kv[:, index, 1], layer.kv_cache, slots)
+            layer.impl.do_kv_cache_update(layer, kv[:, index - first, 0], kv[:, index - first, 1], layer.kv_cache, slots)
 
     def _write_cuda(self, kv: torch.Tensor, slots: torch.Tensor, device: torch.device) -> torch.cuda.Event:
         """Upload one piece through pinned memory and write it, all on the side stream; the event marks its end."""
@@ -782,7 +788,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
         while locations:
             try:
                 kv = self.store.read_locations(
-                    locations, device="cpu", dtype=self._dtype, heads=self._heads, buffer=self._read_buffer()
+                    locations, "cpu", self._dtype, heads=self._heads, buffer=self._read_buffer(), layers=self._stage
                 )
                 with self._lock:
                     self.stats.pieces += 1

@@ -192,9 +192,11 @@ class PrefixStore:
         verify: bool = True,
         heads: range | None = None,
         buffer: torch.Tensor | None = None,
+        layers: range | None = None,
     ) -> torch.Tensor:
         """KV at ``locations``, back to back: ``[blocks * B, L, 2, H, D]`` on ``device``; only the KV
-        heads in ``heads`` if given (``H = len(heads)``, e.g. one tensor-parallel rank's).
+        heads in ``heads`` if given (``H = len(heads)``, e.g. one tensor-parallel rank's), only the
+        layers in ``layers`` if given (``L = len(layers)``, e.g. one pipeline stage's).
 
         ``buffer`` (CPU only): a contiguous host tensor of at least the blocks' stored bytes to read
         into instead of a new tensor, for a caller that reads piece after piece: a new tensor's pages
@@ -203,8 +205,8 @@ class PrefixStore:
         of ``buffer``, valid until the next read into it.
 
         A block that fails its CRC (``verify``) raises :class:`CorruptBlockError` saying which.
-        The store keeps a token's heads side by side, so every head is read and checked; on CPU the
-        other heads are dropped in host memory before any conversion (on CUDA, after the upload).
+        The store keeps a token's layers and heads side by side, so every one is read and checked; on
+        CPU the others are dropped in host memory before any conversion (on CUDA, after the upload).
 
         Consecutive slots of a shard are read with one request, cut into pieces of at most
         ``PIECE_BYTES`` read (and CRC-checked) by threads. On CUDA the pieces land in a ring of
@@ -241,6 +243,9 @@ class PrefixStore:
         if heads is not None:  # [T, L, 2, len(heads), D]: a view, converted below
             result = result[:, :, :, heads.start : heads.stop]
             scales = None if scales is None else scales[..., heads.start : heads.stop]
+        if layers is not None:  # [T, len(layers), 2, H, D]: a view, converted below
+            result = result[:, layers.start : layers.stop]
+            scales = None if scales is None else scales[:, layers.start : layers.stop]
         if scales is not None:
             return dequantize_fp8(result, scales.to(device), bs, dtype or TORCH_DTYPES[layout.dtype])
         return result.to(dtype or TORCH_DTYPES[layout.dtype])
