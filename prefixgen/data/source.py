@@ -343,7 +343,6 @@ def _line_share(
     """The lines of ``files`` (one byte stream) that start in this share's byte range; ``local``:
     numbered within the share (else the records before it are counted from their line ends).
     ``limit``: the range is cut from the bytes of the first ``limit`` records only."""
-    _span(0, share, shares)  # checks share before any scan
     sizes = [Path(f).stat().st_size for f in files]
     total = sum(sizes) if limit is None else _limit_end(files, kind, limit, read)
     lo, hi = _span(total, share, shares)
