@@ -429,9 +429,9 @@ main()
 
 
 @contextlib.contextmanager
-def rank_0_waiting_for_a_live_rank_1(tmp_path: Path, args: list) -> Iterator[subprocess.Popen]:
-    """Rank 1 of 2 claims its count share and hangs counting it, alive; yields rank 0 once it has counted its own
-    share and waits for rank 1's. Both are killed on the way out if still running."""
+def rank_0_waiting_for_a_live_rank_1(tmp_path: Path, args: list) -> Iterator[tuple[subprocess.Popen, subprocess.Popen]]:
+    """Rank 1 of 2 claims its count share and hangs counting it, alive; yields rank 0 (and rank 1) once rank 0 has
+    counted its own share and waits for rank 1's. Both are killed on the way out if still running."""
     out = Path(args[args.index("--out") + 1])
     script = tmp_path / "hanging_rank_1.py"
     script.write_text(HANGING_RANK_1)
@@ -447,7 +447,7 @@ def rank_0_waiting_for_a_live_rank_1(tmp_path: Path, args: list) -> Iterator[sub
         while not list(out.glob("builds/*.plan/w2/share-0.npz")):  # rank 0 counted its share, now waits
             assert time.monotonic() < deadline and me.poll() is None, "rank 0 never counted its share"
             time.sleep(0.05)
-        yield me
+        yield me, other
     finally:
         for proc in (me, other):
             if proc is not None and proc.poll() is None:
@@ -456,11 +456,31 @@ def rank_0_waiting_for_a_live_rank_1(tmp_path: Path, args: list) -> Iterator[sub
 
 
 @pytest.mark.slow
+def test_a_killed_ranks_claim_is_taken_over_without_waiting_out_its_lease(tmp_path, cli, stories):
+    from prefixgen.builder.distributed import CLAIM_STALE_SECONDS
+
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=400, seed=6)
+    out = tmp_path / "store"
+    args = ["build", data, "--model", stories, "--out", out, *CPU]
+    with rank_0_waiting_for_a_live_rank_1(tmp_path, args) as (me, other):
+        time.sleep(1)
+        assert me.poll() is None  # a live rank's claim (its lease fresh) is left to it
+        other.kill()  # kill -9 while it holds share 1: its writer lock is freed, its lease is still fresh
+        other.wait()
+        finish(me, timeout=CLAIM_STALE_SECONDS / 2)  # rank 0 counted share 1 itself at once, then built its records
+    (b,) = ls_json(cli, out)["builds"]
+    rank_0 = b["ranks"][0]
+    (claim,) = out.glob("builds/*.plan/w2/claims/share-1")
+    assert claim.read_text().split()[0] == rank_0["writers"][0]
+    assert rank_0["read_records"] == 400 and rank_0["status"] == "complete" and b["status"] == "running"
+
+
+@pytest.mark.slow
 def test_ctrl_c_while_waiting_for_another_rank_leaves_the_build_interrupted(tmp_path, cli, stories):
     data = system_prompt_dataset(tmp_path / "d.jsonl", n=400, seed=6)
     out = tmp_path / "store"
     args = ["build", data, "--model", stories, "--out", out, *CPU]
-    with rank_0_waiting_for_a_live_rank_1(tmp_path, args) as me:
+    with rank_0_waiting_for_a_live_rank_1(tmp_path, args) as (me, _):
         time.sleep(1)
         assert me.poll() is None  # still waiting (no timeout)
         me.send_signal(signal.SIGINT)
@@ -475,7 +495,7 @@ def test_gc_removes_the_plan_of_a_killed_distributed_build_and_keeps_a_live_ones
     data = system_prompt_dataset(tmp_path / "d.jsonl", n=400, seed=6)
     out = tmp_path / "store"
     args = ["build", data, "--model", stories, "--out", out, *CPU]
-    with rank_0_waiting_for_a_live_rank_1(tmp_path, args) as me:
+    with rank_0_waiting_for_a_live_rank_1(tmp_path, args) as (me, _):
         (plan,) = out.glob("builds/*.plan")
         result = cli("gc", out)
         assert result.exit_code == 0 and ".plan" not in result.stdout, result.output
@@ -649,6 +669,27 @@ def test_a_claim_is_taken_over_once_and_only_when_its_lease_is_stale(tmp_path):
     os.utime(claim, (old, old))
     assert (claim.parent / "segment.takeover-a").exists()
     assert _claim(claim, "c") and not _claim(claim, "b")  # "b" died in turn: one takeover of "b"
+
+
+def test_a_dead_holders_claim_is_taken_over_at_once(tmp_path):
+    """A claim whose holder's writer lock is free (its process died) is taken over without waiting
+    out its lease; a live holder's fresh claim is not."""
+    from prefixgen.builder.distributed import _claim, _Holders
+    from prefixgen.store.writer import WriterLock
+
+    locks = {name: WriterLock(tmp_path, name) for name in ("live", "dead", "me", "other")}
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    assert _claim(claims / "a", "live") and _claim(claims / "b", "dead")
+    os.close(locks["dead"]._fd)  # what the kernel does when "dead" is killed: the lock is free, its file stays
+    locks["dead"]._fd = None
+    holders = _Holders(tmp_path)
+    assert not _claim(claims / "a", "me", holders=holders)  # a live holder's fresh lease
+    assert _claim(claims / "b", "me", holders=holders)  # a dead holder's fresh lease: at once
+    assert not _claim(claims / "b", "other", holders=_Holders(tmp_path))  # "me" holds it now, alive
+    assert not _claim(claims / "b", "other")  # and by the lease alone, as before
+    for lock in locks.values():
+        lock.release()
 
 
 def test_heads_are_cut_into_branch_free_runs_by_level():

@@ -33,12 +33,14 @@ pipeline this rank's records, and merges. For N > 1 ranks, one plan, then shares
    each rank cuts its records to the choice (:attr:`Ranks.selection`).
 3. **Heads.** Under torchrun each rank prefills the head segments the plan gives it, then waits
    (through the store, without a timeout) until the level is stored. Under ``--rank`` ranks claim
-   segments; a claim is a lease the claimer renews, judged stale by the file system's clock, and
-   taken over by exactly one rank (owner-checked).
+   segments; a claim is a lease the claimer renews, judged stale by the file system's clock (or at
+   once when its holder's writer lock is free: that process is dead), and taken over by exactly
+   one rank (owner-checked).
 4. **Build.** Each rank builds its records, reading their token ids back from the spill: it
    tokenizes nothing more. Waiting for slower ranks is never bounded by ``--dist-timeout`` (that
    bounds the start-up collectives only): a dead torchrun rank is torch elastic's to detect, a dead
-   ``--rank`` rank's claims go stale.
+   ``--rank`` rank's claims are taken over once its writer lock is free (at once on a local file
+   system; NFS frees a dead client's locks after its lease) or its lease goes stale.
 """
 
 from __future__ import annotations
@@ -652,8 +654,9 @@ class Ranks:
             if self.collective:
                 time.sleep(POLL_SECONDS)  # a rank that dies stops the whole run (torch elastic)
                 continue
+            holders = _Holders(writer.path)
             for s in shares:  # without collectives: claim shares, own first; a lone rank counts them all
-                if not done(s) and _claim(claims / f"share-{s}", owner):
+                if not done(s) and _claim(claims / f"share-{s}", owner, holders=holders):
                     with _Lease([claims / f"share-{s}"]):
                         count(s)
             time.sleep(POLL_SECONDS)
@@ -668,7 +671,7 @@ class Ranks:
         while not path.exists():
             if self.collective and self.rank != 0:
                 time.sleep(POLL_SECONDS)  # rank 0 plans; a rank that dies stops the whole run (torch elastic)
-            elif self.collective or _claim(claim, writer.writer_id):
+            elif self.collective or _claim(claim, writer.writer_id, holders=_Holders(out)):
                 with _Lease([] if self.collective else [claim]):
                     if not path.exists():  # a planner that died after writing it: nothing to redo
                         self._make_plan(folder, out, manifest, writer, record, select)
@@ -710,9 +713,10 @@ class Ranks:
                     share = max(bs, min(batch_tokens, sum(len(r) for r in level) * bs // self.world_size))
                     mine, taken = [], 0
                     now = _fs_now(claims, writer.writer_id)  # one probe of the file system's clock per round
+                    holders = _Holders(out)
                     for i in pending:
                         path = claims / self.heads.keys[level[i][0]].tobytes().hex()
-                        if taken < share and _claim(path, writer.writer_id, now=now):
+                        if taken < share and _claim(path, writer.writer_id, now=now, holders=holders):
                             mine.append(i)
                             held_claims.append(path)
                             taken += len(level[i]) * bs
@@ -870,12 +874,32 @@ def _fs_now(folder: Path, owner: str) -> float:
     return probe.stat().st_mtime
 
 
-def _claim(path: Path, owner: str, stale: float = CLAIM_STALE_SECONDS, now: float | None = None) -> bool:
+class _Holders:
+    """Which claim holders are known dead: their writer's lock in the store is free (the kernel frees
+    it when the process dies, ``kill -9`` too), so their claims need not wait out the lease. Each
+    holder is asked once (make one per round of claims: a live holder may die later)."""
+
+    def __init__(self, store: Path):
+        self.store, self._dead = store, {}
+
+    def dead(self, holder: str) -> bool:
+        if holder not in self._dead:
+            try:
+                self._dead[holder] = not writer_is_live(self.store, holder)
+            except StoreError:  # the lock cannot be read here: only the lease tells
+                self._dead[holder] = False
+        return self._dead[holder]
+
+
+def _claim(
+    path: Path, owner: str, stale: float = CLAIM_STALE_SECONDS, now: float | None = None, holders: _Holders | None = None
+) -> bool:
     """Take ``path`` (O_EXCL): True if ``owner`` now holds it. A claim whose lease (its mtime, renewed
-    by a live holder) is older than ``stale`` by the file system's clock is taken over by exactly one
-    rank: the one that creates ``<claim>.takeover-<holder>`` (O_EXCL), naming the holder it saw, so
-    that two takers cannot both win, nor a taker displace the new holder. ``now``: the file system's
-    time, if the caller has just read it (one probe for many claims)."""
+    by a live holder) is older than ``stale`` by the file system's clock, or whose holder is dead
+    (``holders``), is taken over by exactly one rank: the one that creates
+    ``<claim>.takeover-<holder>`` (O_EXCL), naming the holder it saw, so that two takers cannot both
+    win, nor a taker displace the new holder. ``now``: the file system's time, if the caller has just
+    read it (one probe for many claims)."""
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -886,7 +910,8 @@ def _claim(path: Path, owner: str, stale: float = CLAIM_STALE_SECONDS, now: floa
             return False
         if holder == owner:
             return True
-        if (now if now is not None else _fs_now(path.parent, owner)) - mtime < stale:
+        fresh = (now if now is not None else _fs_now(path.parent, owner)) - mtime < stale
+        if fresh and not (holders is not None and holders.dead(holder)):
             return False
         try:
             os.close(os.open(path.with_name(f"{path.name}.takeover-{holder}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
