@@ -675,19 +675,24 @@ def test_a_dead_holders_claim_is_taken_over_at_once(tmp_path):
     """A claim whose holder's writer lock is free (its process died) is taken over without waiting
     out its lease; a live holder's fresh claim is not."""
     from prefixgen.builder.distributed import _claim, _Holders
-    from prefixgen.store.writer import WriterLock
+    from prefixgen.store.writer import WriterLock, new_id
 
-    locks = {name: WriterLock(tmp_path, name) for name in ("live", "dead", "me", "other")}
+    live, dead, me, other = ids = [new_id() for _ in range(4)]  # writer ids, as ranks claim with
+    locks = {i: WriterLock(tmp_path, i) for i in ids}
     claims = tmp_path / "claims"
     claims.mkdir()
-    assert _claim(claims / "a", "live") and _claim(claims / "b", "dead")
-    os.close(locks["dead"]._fd)  # what the kernel does when "dead" is killed: the lock is free, its file stays
-    locks["dead"]._fd = None
+    assert _claim(claims / "a", live) and _claim(claims / "b", dead)
+    os.close(locks[dead]._fd)  # what the kernel does when "dead" is killed: the lock is free, its file stays
+    locks[dead]._fd = None
     holders = _Holders(tmp_path)
-    assert not _claim(claims / "a", "me", holders=holders)  # a live holder's fresh lease
-    assert _claim(claims / "b", "me", holders=holders)  # a dead holder's fresh lease: at once
-    assert not _claim(claims / "b", "other", holders=_Holders(tmp_path))  # "me" holds it now, alive
-    assert not _claim(claims / "b", "other")  # and by the lease alone, as before
+    assert not _claim(claims / "a", me, holders=holders)  # a live holder's fresh lease
+    assert _claim(claims / "b", me, holders=holders)  # a dead holder's fresh lease: at once
+    assert not _claim(claims / "b", other, holders=_Holders(tmp_path))  # "me" holds it now, alive
+    assert not _claim(claims / "b", other)  # and by the lease alone, as before
+    # A claim just created, its holder's id not written yet, or part of an id: no lock to ask, the lease decides.
+    for text in ("", live[:12]):
+        (claims / "c").write_text(text)
+        assert not _claim(claims / "c", me, holders=_Holders(tmp_path))
     for lock in locks.values():
         lock.release()
 

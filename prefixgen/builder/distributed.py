@@ -91,7 +91,7 @@ from prefixgen.format import (
 )
 from prefixgen.store.index import StoreIndex
 from prefixgen.store.reader import PrefixStore, read_builds
-from prefixgen.store.writer import new_id, prepare_store, remove_temp_files, utc_now, writer_is_live
+from prefixgen.store.writer import ID_PATTERN, new_id, prepare_store, remove_temp_files, utc_now, writer_is_live
 
 CLAIM_STALE_SECONDS = 120.0  # a claim whose lease was not renewed for this long (file system clock) is taken over
 LEASE_SECONDS = CLAIM_STALE_SECONDS / 8  # how often a claimer renews its claims
@@ -900,6 +900,7 @@ def _claim(
     ``<claim>.takeover-<holder>`` (O_EXCL), naming the holder it saw, so that two takers cannot both
     win, nor a taker displace the new holder. ``now``: the file system's time, if the caller has just
     read it (one probe for many claims)."""
+    line = f"{owner} {utc_now()}\n".encode()
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -911,14 +912,16 @@ def _claim(
         if holder == owner:
             return True
         fresh = (now if now is not None else _fs_now(path.parent, owner)) - mtime < stale
-        if fresh and not (holders is not None and holders.dead(holder)):
+        # Only a whole writer id is asked for its lock: a claim just created is empty until its
+        # holder writes its id (and a part of an id names no lock, which would read as dead).
+        if fresh and not (holders is not None and ID_PATTERN.fullmatch(holder) and holders.dead(holder)):
             return False
         try:
             os.close(os.open(path.with_name(f"{path.name}.takeover-{holder}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except FileExistsError:
             return False  # another rank took it over from this holder
-        atomic_write(path, [f"{owner} {utc_now()}\n".encode()], fsync=False, owner=owner)
+        atomic_write(path, [line], fsync=False, owner=owner)
         return True
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{owner} {utc_now()}\n")
+    with os.fdopen(fd, "wb") as f:
+        f.write(line)
     return True
