@@ -8,12 +8,14 @@ the store). One process is rank 0 of 1: it streams the dataset straight into the
 :class:`Ranks` is the one place the pipeline meets ranks: it prepares the store, plans, hands the
 pipeline this rank's records, and merges. For N > 1 ranks, one plan, then shares:
 
-1. **Count, in shares.** Share ``s`` is about 1/N of the records, a pure function of the dataset
-   and N (``data.source.read_share``: a byte range of local .jsonl/.txt files, a row range of
-   .parquet files, a run of files of a dataset of N or more files, else the records with
-   ``index % N == s``). Each rank reads and tokenizes only its share, and reads nothing outside it
-   but the line across each end: records of line files and file runs are numbered within their share (row r of share s; this pass's warnings name them so), and their
-   indices in the dataset are made with the plan, from every share's record count. It counts the
+1. **Count, in shares.** Share ``s`` is about 1/N of the records, a pure function of the dataset,
+   N and ``--limit`` (``data.source.read_share``: a byte range of local .jsonl/.txt files, a row
+   range of .parquet files, a run of files of a dataset of N or more ``datasets`` shards, else the
+   records with ``index % N == s``). Each rank reads and tokenizes only its share, and reads
+   nothing outside it but the line across each end (with ``--limit``, line ends are also scanned
+   up to where the limit's records end): records of line files and file runs are numbered within
+   their share (row r of share s; this pass's warnings name them so), and their indices in the
+   dataset are made with the plan, from every share's record count. It counts the
    records holding each block (``analysis.count.BlockCounter``) and spills its share's token ids
    and block keys into ``builds/<id>.plan/<run>/`` (6 bytes per token: 4 for the id, 32 per
    16-token block for keys). Every record is read and tokenized once over all ranks. Under

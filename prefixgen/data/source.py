@@ -271,7 +271,7 @@ def _share_files(dataset: str) -> tuple[str | None, list[str]]:
 def _starts_with_list(path: str) -> bool:
     """A .jsonl file holding one JSON list (``datasets`` reads it whole, as records)."""
     with open(path, "rb") as f:
-        return f.read(64).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+        return f.read(64).removeprefix(_BOM).lstrip().startswith(b"[")
 
 
 def _filtered_share(
@@ -347,10 +347,10 @@ def _line_share(
     total = sum(sizes) if limit is None else _limit_end(files, kind, limit, read)
     lo, hi = _span(total, share, shares)
     in_share = share if local else None  # Record.share
-    index, base = 0, 0  # records before the current position (in the share, if local); the current file's first byte
+    index, base = 0, 0  # records before the current position (in the share, if local); the next file's first byte
     for name, size in zip(files, sizes):
-        start, end = max(lo - base, 0), min(hi - base, size)  # this file's part of the range
-        base += size
+        first, base = base, base + size  # this file's first byte in the stream
+        start, end = max(lo - first, 0), min(hi - first, size)  # this file's part of the range
         if start >= size:  # the whole file is before the share: count its records
             index += 0 if local else _count_line_records(name, kind, size, read)
             continue
@@ -368,7 +368,7 @@ def _line_share(
                 if not line:
                     break
                 read.bytes += len(line)
-                line = line[: total - base + size - pos]  # the limit's last line may end at a lone \r in it
+                line = line[: total - first - pos]  # the limit's last line may end at a lone \r in it
                 for value in _parse_line(dataset, name, pos, line, kind, field, index, in_share, pos == 0):
                     read.records += 1
                     yield Record(index, value, in_share)
@@ -411,11 +411,13 @@ def _limit_end(files: list[str], kind: str, limit: int, read: ShareRead) -> int:
             pos, first = 0, True
             for line in f:
                 read.scanned_bytes += len(line)
-                if kind == "text":
+                if kind == "json":
+                    ends = [len(line)] if _is_json_record(line, first) else []
+                elif b"\r" not in line:
+                    ends = [len(line)]  # one record (a last line without its end too)
+                else:
                     ends = [m.end() for m in _TEXT_LINE_END.finditer(line)]
-                    ends += [len(line)] if not ends or ends[-1] < len(line) else []  # a last line without its end
-                else:  # a blank .jsonl line is no record
-                    ends = [len(line)] if (line.removeprefix(b"\xef\xbb\xbf") if first else line).strip(_BLANK) else []
+                    ends += [len(line)] if ends[-1] < len(line) else []  # a last line without its end
                 if len(ends) >= left:
                     return base + pos + ends[left - 1] if left else base + pos
                 left -= len(ends)
@@ -433,9 +435,14 @@ def _count_line_records(path: str, kind: str, upto: int, read: ShareRead) -> int
     with open(path, "rb") as f:
         left = upto
         while left > 0 and (piece := f.read(min(PIECE, left))):
+            at = upto - left  # the piece's first byte in the file
             left -= len(piece)
             read.scanned_bytes += len(piece)
-            if kind == "json" and ((last == b"\n" and piece[:1] in _SPACE) or _LINE_STARTS_WITH_SPACE.search(piece)):
+            if kind == "json" and (
+                (last == b"\n" and piece[:1] in _SPACE)
+                or (at == 0 and piece.startswith(_BOM) and piece[len(_BOM) : len(_BOM) + 1] in _SPACE)
+                or _LINE_STARTS_WITH_SPACE.search(piece)
+            ):
                 return _count_json_lines_slowly(path, upto, read)
             records += piece.count(b"\n")
             if kind == "text" and (crs := piece.count(b"\r")):
@@ -447,8 +454,9 @@ def _count_line_records(path: str, kind: str, upto: int, read: ShareRead) -> int
     return records + (last not in ends)  # a last line without its end
 
 
-_SPACE = (b" ", b"\t", b"\r", b"\n")
-_BLANK = b" \t\r\n"
+_BLANK = b" \t\r\n"  # what a blank .jsonl line holds
+_SPACE = tuple(_BLANK[i : i + 1] for i in range(len(_BLANK)))
+_BOM = b"\xef\xbb\xbf"
 _TEXT_LINE_END = re.compile(rb"\r\n|\r|\n")
 _LINE_STARTS_WITH_SPACE = re.compile(rb"\n[ \t\r\n]")  # a literal first byte: searched as fast as counted
 
@@ -457,13 +465,18 @@ def _count_json_lines_slowly(path: str, upto: int, read: ShareRead) -> int:
     """Non-blank lines in the first ``upto`` bytes (blank .jsonl lines are no records)."""
     records = 0
     with open(path, "rb") as f:
-        for line in f:
+        for i, line in enumerate(f):
             if upto <= 0:
                 break
             upto -= len(line)
             read.scanned_bytes += len(line)
-            records += bool(line.strip(b" \t\r\n"))
+            records += _is_json_record(line, i == 0)
     return records
+
+
+def _is_json_record(line: bytes, first: bool) -> bool:
+    """Whether a .jsonl line is a record: not blank (after the BOM that may start a file)."""
+    return bool((line.removeprefix(_BOM) if first else line).strip(_BLANK))
 
 
 def _parquet_share(
