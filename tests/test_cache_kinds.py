@@ -220,3 +220,17 @@ def test_qwen3_next_80b_state_arithmetic():
     assert spec.bytes_per_token(2) == 12 * 2 * 2 * 256 * 2 == 24_576
     assert spec.bytes_per_boundary(2) == 36 * (24_576 + 524_288) * 2 == 39_518_208
     assert state_stride_tokens(spec, 2) == 2048  # 39.5 MB of state is the KV of 1,608 tokens
+
+
+def test_prefixgen_serve_answers_as_without_the_store(kind_model, kind_store):
+    """``prefixgen serve``'s engine: greedy answers with the stored prefix loaded equal those of --no-store."""
+    from prefixgen.integrations.serve import Engine, ServeConfig
+
+    _, model_dir = kind_model
+    cfg = dict(store=str(kind_store.path), model=str(model_dir), device="cpu", dtype="float32")
+    with_store, without = Engine(ServeConfig(**cfg)), Engine(ServeConfig(**cfg, no_store=True))
+    ids = with_store.tokenize_text(PROMPTS[1] + " And then they all went home happy.")
+    a = with_store.generate(ids, {"max_tokens": 12, "temperature": 0})
+    b = without.generate(ids, {"max_tokens": 12, "temperature": 0})
+    assert a.cached_tokens >= 2 * WINDOW and b.cached_tokens == 0
+    assert a.tokens == b.tokens
