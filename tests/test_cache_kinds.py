@@ -234,3 +234,16 @@ def test_prefixgen_serve_answers_as_without_the_store(kind_model, kind_store):
     b = without.generate(ids, {"max_tokens": 12, "temperature": 0})
     assert a.cached_tokens >= 2 * WINDOW and b.cached_tokens == 0
     assert a.tokens == b.tokens
+
+
+def test_exports_refuse_the_kinds_they_cannot_write(kind_model, kind_store, cli, tmp_path):
+    """SGLang and LMCache exports lay out per-head K/V of one full-attention pool: a sliding-window or MLA store
+    gets one message naming its cache, and no export folder."""
+    arch, _ = kind_model
+    for target in ("sglang", "lmcache"):
+        out = tmp_path / target
+        result = cli("export", kind_store.path, "--to", target, "--out", out, "--model-name", "m", "--hash-seed", "0")
+        assert result.exit_code not in (0, 1), result.output
+        assert "exports of sliding-window and MLA stores are not written yet" in result.stderr, result.stderr
+        assert ("multi-head latent attention" if arch.startswith("deepseek") else "sliding-window attention") in result.stderr
+        assert "Traceback" not in result.output and not out.exists()
