@@ -286,6 +286,7 @@ def ls(
     )
     kv = summary["kv"]
     typer.echo(f"kv           {kv['dtype']}{' as fp8' if kv['storage'] == 'fp8' else ''}, block size {summary['block_size']}")
+    typer.echo(f"cache        {kv['cache']}")
     typer.echo(f"blocks       {summary['blocks']:,} ({summary['stored_tokens']:,} tokens)")
     typer.echo(
         f"on disk      {summary['bytes'] / 1e6:,.2f} MB in {len(summary['shards'])} shards, {summary['bytes_per_token']:,} bytes per token"

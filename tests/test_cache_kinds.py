@@ -247,3 +247,14 @@ def test_exports_refuse_the_kinds_they_cannot_write(kind_model, kind_store, cli,
         assert "exports of sliding-window and MLA stores are not written yet" in result.stderr, result.stderr
         assert ("multi-head latent attention" if arch.startswith("deepseek") else "sliding-window attention") in result.stderr
         assert "Traceback" not in result.output and not out.exists()
+
+
+def test_ls_names_the_layer_groups(kind_model, kind_store, cli):
+    arch, _ = kind_model
+    result = cli("ls", kind_store.path)
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("cache"))
+    if arch.startswith("deepseek"):
+        assert "layers of multi-head latent attention (MLA)" in line
+    else:
+        assert f"layers of sliding-window attention (window {WINDOW}{', with sinks' if arch == 'gpt_oss' else ''})" in line

@@ -37,7 +37,9 @@ def rope():
 
     with set_current_vllm_config(VllmConfig()):
         # as DeepseekV2MLAAttention makes it (vllm/model_executor/models/deepseek_v2.py): not neox style
-        yield get_rope(ROPE, max_position=2048, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, is_neox_style=False)
+        yield get_rope(
+            ROPE, max_position=2048, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, is_neox_style=False
+        )
 
 
 def test_vllm_cpu_rope_rotates_a_3d_query_by_the_wrong_positions(rope):
