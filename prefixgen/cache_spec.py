@@ -27,7 +27,7 @@ from prefixgen.errors import ModelError
 
 FULL, SLIDING, CHUNKED, MLA, RECURRENT = "full", "sliding", "chunked", "mla", "recurrent"
 # Groups whose per-token cache a store holds (the others are refused by `check_storable`).
-STORABLE = (FULL, SLIDING, MLA)
+STORABLE = (FULL, SLIDING, CHUNKED, MLA)
 
 # transformers' layer_types / layers_block_type names -> our group kind
 _LAYER_KINDS = {
@@ -149,10 +149,10 @@ class CacheSpec:
         for g in self.groups:
             if g.kind not in STORABLE:
                 raise ModelError(
-                    f"this model's cache has {g.describe()} (layers {_ranges(g.layers)}): prefixgen stores "
-                    f"full attention, sliding-window attention and MLA latents, not {_DESCRIPTIONS[g.kind]} yet"
+                    f"this model's cache has {g.describe()} (layers {_ranges(g.layers)}): prefixgen stores full, "
+                    f"sliding-window and chunked attention and MLA latents, not {_DESCRIPTIONS[g.kind]} yet"
                 )
-        shapes = {(g.kv_heads, g.head_dim) for g in self.groups if g.kind in (FULL, SLIDING)}
+        shapes = {(g.kv_heads, g.head_dim) for g in self.groups if g.kind in (FULL, SLIDING, CHUNKED)}
         if len(shapes) > 1:
             raise ModelError(
                 "this model's attention layers have KV of different shapes "

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from prefixgen import BuildConfig, PrefixStore, build
-from prefixgen.cache_spec import MLA, RECURRENT, SLIDING, cache_spec, state_stride_tokens
+from prefixgen.cache_spec import CHUNKED, MLA, RECURRENT, SLIDING, cache_spec, state_stride_tokens
 from prefixgen.compat import cache_kwargs
 from prefixgen.format import SHARDS_DIR, read_safetensors_header
 from prefixgen.model import config_kv_layout
@@ -44,6 +44,14 @@ KINDS = {
         num_experts_per_tok=2,
     ),
     "mistral": dict(sliding_window=WINDOW),
+    # chunks of 12: the stored prefixes (multiples of 16) end inside a chunk
+    "llama4_text": dict(
+        head_dim=16,
+        attention_chunk_size=12,
+        num_hidden_layers=4,
+        num_local_experts=2,
+        intermediate_size_mlp=64,
+    ),
     "deepseek_v2": dict(
         num_key_value_heads=4,
         kv_lora_rank=32,
@@ -159,7 +167,7 @@ def test_the_manifest_describes_the_groups_and_mla_stores_the_latent(kind_model,
         assert b - a == tokens * latent and latent < per_head
         assert manifest["kv"]["kind"] == "mla" and manifest["kv"]["latent_rank"] == config.kv_lora_rank
     else:
-        assert SLIDING in [g.kind for g in spec.groups]
+        assert {SLIDING, CHUNKED} & {g.kind for g in spec.groups}
         assert b - a == tokens * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 4
     assert config_kv_layout(config, "float32") == kind_store.manifest.kv  # analyze's arithmetic from the config alone
 
@@ -190,11 +198,6 @@ def test_a_plain_store_keeps_format_3(tmp_path, stories):
                 shared_expert_intermediate_size=32,
             ),
             "3 layers of recurrent state (linear attention / state space)",
-        ),
-        (
-            "llama4_text",
-            dict(head_dim=16, attention_chunk_size=8, num_hidden_layers=4, num_local_experts=2, intermediate_size_mlp=64),
-            "chunked local attention",
         ),
     ],
 )
@@ -244,8 +247,9 @@ def test_exports_refuse_the_kinds_they_cannot_write(kind_model, kind_store, cli,
         out = tmp_path / target
         result = cli("export", kind_store.path, "--to", target, "--out", out, "--model-name", "m", "--hash-seed", "0")
         assert result.exit_code not in (0, 1), result.output
-        assert "exports of sliding-window and MLA stores are not written yet" in result.stderr, result.stderr
-        assert ("multi-head latent attention" if arch.startswith("deepseek") else "sliding-window attention") in result.stderr
+        assert "exports of sliding-window, chunked and MLA stores are not written yet" in result.stderr, result.stderr
+        named = {"deepseek_v2": "multi-head latent", "deepseek_v3": "multi-head latent", "llama4_text": "chunked local"}
+        assert named.get(arch, "sliding-window") + " attention" in result.stderr
         assert "Traceback" not in result.output and not out.exists()
 
 
@@ -256,5 +260,7 @@ def test_ls_names_the_layer_groups(kind_model, kind_store, cli):
     line = next(x for x in result.output.splitlines() if x.startswith("cache"))
     if arch.startswith("deepseek"):
         assert "layers of multi-head latent attention (MLA)" in line
+    elif arch == "llama4_text":
+        assert "3 layers of chunked local attention (chunks of 12); 1 layers of full attention" in line
     else:
         assert f"layers of sliding-window attention (window {WINDOW}{', with sinks' if arch == 'gpt_oss' else ''})" in line

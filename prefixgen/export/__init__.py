@@ -107,7 +107,7 @@ def export(
         # use_mla chunks lay these out otherwise, and no export of them has been checked with the engine's code.
         kinds = ", ".join(g.describe() for g in kv.groups)
         raise ExportError(
-            f"{store} holds a model whose cache has {kinds}: exports of sliding-window and MLA stores are not "
+            f"{store} holds a model whose cache has {kinds}: exports of sliding-window, chunked and MLA stores are not "
             "written yet; serve the store with PrefixStore.load or prefixgen serve"
         )
     if target.unit_tokens % info.block_size:
