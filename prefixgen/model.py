@@ -185,8 +185,8 @@ def probe_kv_layout(model: torch.nn.Module) -> KVLayout:
     """The store layout of ``model``'s cache (:func:`prefixgen.cache_spec.cache_spec` of its config),
     checked against the cache a two-token forward makes.
 
-    Raises ModelError, naming the kind, for a cache prefixgen cannot store (chunked local attention,
-    linear-attention or state-space layers, an encoder-decoder), or if its RoPE depends on the sequence
+    Raises ModelError, naming the kind, for a cache prefixgen cannot store (linear-attention or
+    state-space layers, an encoder-decoder), or if its RoPE depends on the sequence
     length (``check_rope``), since such KV cannot be reused as a prefix of longer sequences.
     """
     spec = cache_spec(model.config)

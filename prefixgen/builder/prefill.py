@@ -114,15 +114,24 @@ class Prefiller:
         return KVLayout(len(layers), k0.shape[1], k0.shape[3], str(k0.dtype).removeprefix("torch."))
 
     def _past(self, tasks: list, p_max: int):
-        """A DynamicCache [rows, H, p_max, D] per layer; row i holds its own past at the start."""
+        """A DynamicCache [rows, H, p_max, D] per layer (MLA: the latent and rope key, H = 1); row i holds
+        its own past at the start."""
         rows = len(tasks)
+        mla = self.layout is not None and self.layout.kind == "mla"
         buf = None
         for i, t in enumerate(tasks):
             if not t.cached:
                 continue
             kv = self.past(t.keys[: t.cached // t.block_size]).to(self.device)  # [cached, L, parts, H, D]
-            if buf is None:
-                buf = torch.zeros(rows, p_max, *kv.shape[1:], dtype=kv.dtype, device=self.device)
-            buf[i, : t.cached] = kv
-        layout = self.layout or KVLayout(buf.shape[2], buf.shape[4], buf.shape[5], str(buf.dtype).removeprefix("torch."))
-        return make_cache(layers_from_rows(buf, layout))
+            if mla:  # token-major rows, split per layer below
+                if buf is None:
+                    buf = torch.zeros(rows, p_max, *kv.shape[1:], dtype=kv.dtype, device=self.device)
+                buf[i, : t.cached] = kv
+                continue
+            if buf is None:  # per-head K/V: one copy, into a buffer whose slices are the cache's tensors
+                _, layers, _, heads, dim = kv.shape
+                buf = torch.zeros(layers, 2, rows, heads, p_max, dim, dtype=kv.dtype, device=self.device)
+            buf[:, :, i, :, : t.cached] = kv.permute(1, 2, 3, 0, 4)
+        if mla:
+            return make_cache(layers_from_rows(buf, self.layout))
+        return make_cache([(buf[layer, 0], buf[layer, 1]) for layer in range(buf.shape[0])])
