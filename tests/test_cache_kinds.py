@@ -15,6 +15,7 @@ from prefixgen import BuildConfig, PrefixStore, build
 from prefixgen.cache_spec import CHUNKED, MLA, RECURRENT, SLIDING, cache_spec, state_stride_tokens
 from prefixgen.compat import cache_kwargs
 from prefixgen.format import SHARDS_DIR, read_safetensors_header
+from prefixgen.maintain.verify import verify_store
 from prefixgen.model import config_kv_layout
 
 from .conftest import make_model, write_jsonl
@@ -170,6 +171,7 @@ def test_the_manifest_describes_the_groups_and_mla_stores_the_latent(kind_model,
         assert {SLIDING, CHUNKED} & {g.kind for g in spec.groups}
         assert b - a == tokens * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 4
     assert config_kv_layout(config, "float32") == kind_store.manifest.kv  # analyze's arithmetic from the config alone
+    assert verify_store(kind_store.path).ok  # every block's checksum over the new row shapes
 
 
 def test_a_plain_store_keeps_format_3(tmp_path, stories):
