@@ -162,7 +162,10 @@ class PrefixStore:
 
         Reads only the bytes of the returned blocks, checks each block's CRC (``verify``), and
         returns keys and values as ``[1, kv_heads, n, head_dim]`` per layer in the model's dtype
-        (or ``dtype``). An empty cache if nothing matches.
+        (or ``dtype``); for an MLA store the latent ``[1, 1, n, kv_lora_rank]`` and the rope key
+        ``[1, 1, n, rope_dim]``, as transformers' DeepSeek cache holds them. Sliding-window and chunked
+        layers get every token: the model masks what lies outside their window. An empty cache if
+        nothing matches.
 
         ``generate`` needs at least one prompt token that is not in the cache: when the whole
         prompt is stored, load ``token_ids[:-1]`` rounded down to a block (see README).
