@@ -96,7 +96,7 @@ def text_not_ids(dataset: str, field: str, record: Record) -> str:
     """The refusal of a field of text read as token ids, with the fix."""
     return (
         f"--ids-field {field}: {record.name} of {dataset} holds text ({record.value[:40]!r}), not a list of token ids: "
-        f"pass --text-field {field} to tokenize it (or --messages-field {field} for chats)"
+        f"pass --text-field {field} to tokenize it"
     )
 
 
@@ -106,15 +106,15 @@ def bad_ids(value: Any, vocab_size: int) -> tuple[str, str] | None:
 
     Example:
         >>> bad_ids([1, 2, 3], 512) is None, bad_ids([1, 2, 512], 512), bad_ids([1, True], 512)[0]
-        (True, ('vocab', 'holds token id 512, outside the vocabulary of 512 ids (0 to 511)'), 'type')
+        (True, ('vocab', 'holds token id 512, outside the vocabulary of 512 ids (0 to 511)'), 'int')
     """
     if not isinstance(value, list | tuple):
-        return "type", f"holds {type(value).__name__}, not a list of token ids"
+        return "list", f"holds {type(value).__name__}, not a list of token ids"
     if not value:
         return "empty", "holds an empty list of token ids"
     if not all(type(i) is int for i in value):  # noqa: E721 - bool is an int subclass, and is refused
         odd = next(i for i in value if type(i) is not int)  # noqa: E721
-        return "type", f"holds {odd!r} ({type(odd).__name__}), not an integer token id"
+        return "int", f"holds {odd!r} ({type(odd).__name__}), not an integer token id"
     low, high = min(value), max(value)
     if low < 0 or high >= vocab_size:
         return (
