@@ -7,8 +7,10 @@ request_logger.py, ``RequestLogger.log_inputs``)::
     (APIServer pid=7) DEBUG 12-05 10:29:26 [entrypoints/.../utils/request_logger.py:55] Request cmpl-3f2a-0 details: prompt: 'Once upon a time', prompt_token_ids: [1, 403, 407, 261], prompt_embeds shape: None.
 
 Every such line becomes one record ``{"request_id": ..., "prompt_token_ids": [...]}``, in the order of
-the log; other lines are ignored (a request given as embeddings logs ``prompt_token_ids: None`` and is
-skipped). Without ``--log-level DEBUG`` vLLM logs no token ids at all; with ``--max-log-len N`` it
+the log; other lines are ignored, and so are requests to ``/tokenize`` and ``/detokenize`` (ids
+``tokenize-...``: vLLM logs them too, but serves no prompt) and requests given as embeddings (logged
+with ``prompt_token_ids: None``). Completions are ``cmpl-<id>-<n>`` (one per prompt of the request),
+chats ``chatcmpl-<id>``. Without ``--log-level DEBUG`` vLLM logs no token ids at all; with ``--max-log-len N`` it
 logs only the first N of them: leave it unset.
 
 Usage (stdlib only; reads the files given, or standard input)::
@@ -25,6 +27,7 @@ from collections.abc import Iterable, Iterator
 
 # The prompt is written with %r, so it is one line; `.*` is greedy, so a prompt that holds this text
 # itself cannot be taken for the ids: the match is the line's last one, vLLM's own.
+NOT_SERVED = ("tokenize-",)  # request ids of /tokenize and /detokenize (vllm/entrypoints/serve/tokenize/serving.py)
 LINE = re.compile(r"Request (\S+) details: prompt: .*, prompt_token_ids: \[([0-9, ]*)\], prompt_embeds shape: ")
 
 
@@ -38,7 +41,7 @@ def records(lines: Iterable[str]) -> Iterator[dict]:
     """
     for line in lines:
         m = LINE.search(line)
-        if m is not None:
+        if m is not None and not m.group(1).startswith(NOT_SERVED):
             ids = [int(t) for t in m.group(2).split(",") if t.strip()]
             yield {"request_id": m.group(1), "prompt_token_ids": ids}
 

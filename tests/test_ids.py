@@ -280,3 +280,31 @@ def test_a_vllm_request_log_becomes_a_store_of_the_prompts_it_served(tmp_path, c
     text = write_jsonl(tmp_path / "t.jsonl", [{"text": p} for p in prompts])
     assert cli("build", text, "--model", stories, "--out", by_text, *CPU).exit_code == 0
     assert _store_bytes(by_ids) == _store_bytes(by_text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_ranks_share_records_of_ids_and_build_what_one_process_builds(tmp_path, cli, stories, kind):
+    """--rank ranks at once on line shares of a .jsonl and torchrun ranks on row shares of a .parquet,
+    with a record of bad ids among them: the store of one process's build of the text."""
+    from .test_distributed import assert_one_distributed_build, assert_same_kv, finish, groups_dataset, rank_process, torchrun
+
+    rows = [json.loads(line) for line in groups_dataset(tmp_path / "d.jsonl", n=90, groups=6).read_text().splitlines()]
+    texts = [r["text"] for r in rows if r["text"]]
+    token_ids = AutoTokenizer.from_pretrained(stories)(texts).input_ids
+    token_ids.insert(50, [1, 2, 9999])  # skipped, and counted once, by the rank whose share holds it
+    data = _write(tmp_path / "ids", [{"ids": r} for r in token_ids], kind)
+    one, many = tmp_path / "one", tmp_path / "many"
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
+    assert cli("build", text, "--model", stories, "--out", one, *CPU).exit_code == 0
+    (single,) = ls_json(cli, one)["builds"]
+    args = ["build", data, "--ids-field", "ids", "--model", stories, "--out", many, *CPU]
+    if kind == "jsonl":
+        for p in [rank_process(r, 2, *args) for r in range(2)]:
+            finish(p)
+    else:
+        finish(torchrun(2, *args))
+    single["skipped_records"] = 1
+    b = assert_one_distributed_build(cli, many, 2, single, balanced=False)
+    assert b["input"] == "ids" and all(r["records"] > 0 for r in b["ranks"])
+    assert_same_kv(one, many)

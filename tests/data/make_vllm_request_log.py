@@ -2,7 +2,7 @@
 for those prompts served as completions with ``--enable-log-requests --log-level DEBUG``: vLLM's own
 logging config (``configure_logging``, as ``vllm serve`` applies ``--log-level``), its ``RequestLogger``
 and its tokenizer (``vllm.tokenizers.get_tokenizer``, ``encode`` with special tokens, as its renderer
-tokenizes a completion prompt). Run in the vLLM venv from the repository root::
+tokenizes a completion prompt), with a ``/tokenize`` request among them. Run in the vLLM venv from the repository root::
 
     VLLM_LOGGING_COLOR=0 .venv-vllm/bin/python tests/data/make_vllm_request_log.py > tests/data/vllm_request_log.txt
 """
@@ -28,3 +28,5 @@ logger = RequestLogger(max_log_len=None)
 for i, text in enumerate(texts):
     ids = tokenizer.encode(text, add_special_tokens=True)
     logger.log_inputs(f"cmpl-{i:04x}-0", text, ids, None, SamplingParams(max_tokens=16), None)
+    if i == 3:  # a /tokenize request between them: logged, but no prompt served
+        logger.log_inputs("tokenize-5e1f", "Tokenize me", tokenizer.encode("Tokenize me"), None, None, None)
