@@ -8,8 +8,9 @@
 * Records of token ids (``--ids-field``): the list as it is (no tokenizer call, no chat template,
   no BOS added), as a server that was given these ids (or tokenized its request into them) holds
   them. A record is skipped (and counted) when its list is empty, holds anything but integers
-  (``True`` and ``1.0`` too), or an id outside the model's vocabulary (``0 <= id < vocab_size``:
-  the rows of its embedding; vLLM accepts no other). A field holding text is refused at the
+  (``True`` and ``1.0`` too), or an id outside the model's vocabulary (``0 <= id < vocab_size`` of
+  its config: the rows of its embedding, past which no id can be prefilled; vLLM refuses ids past
+  the larger of that and its tokenizer's largest id). A field holding text is refused at the
   dataset's first record (:func:`open_records`: before anything is written); a later record of
   text is skipped like any other odd one.
 
@@ -154,7 +155,7 @@ class RecordTokenizer:
             chat=cfg.messages_field is not None,
             system_prompt=cfg.system_prompt,
             warn=warn,
-            # the model embeds ids below its vocab_size (tokenizers may have fewer ids, never more used)
+            # the rows of the model's embedding (a tokenizer may have fewer ids); its length where a config has none
             vocab_size=(int(getattr(text_config, "vocab_size", 0) or 0) or len(tokenizer)) if ids else None,
         )
 
