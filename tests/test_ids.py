@@ -78,7 +78,8 @@ def store_builds(store: Path) -> list[dict]:
 
 def _write(path: Path, rows: list[dict], kind: str) -> Path:
     """``rows`` as the dataset kind ``kind``: one .jsonl, one .json (a list), one .parquet (a list
-    column), or a folder of three .json files (read through datasets, as a Hub dataset's files are)."""
+    column), a folder of parquet files laid out as a Hub dataset repository, or a folder of three .json
+    files (both read through datasets, as a Hub dataset's files are)."""
     if kind == "jsonl":
         return write_jsonl(path.with_suffix(".jsonl"), rows)
     if kind == "json":
@@ -89,6 +90,12 @@ def _write(path: Path, rows: list[dict], kind: str) -> Path:
         path = path.with_suffix(".parquet")
         pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=7)
         return path
+    if kind == "hub-parquet":  # a dataset repository as the Hub serves one: data/train-0000k-of-0000n.parquet
+        (path / "data").mkdir(parents=True)
+        half = len(rows) // 2
+        for k, part in enumerate((rows[:half], rows[half:])):
+            pq.write_table(pa.Table.from_pylist(part), path / "data" / f"train-{k:05d}-of-00002.parquet")
+        return path
     path.mkdir()
     third = -(-len(rows) // 3)
     for i in range(3):
@@ -96,7 +103,7 @@ def _write(path: Path, rows: list[dict], kind: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "json-folder"])
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet", "hub-parquet", "json-folder"])
 def test_a_store_built_from_ids_is_the_store_built_from_their_text_byte_for_byte(tmp_path, cli, stories, ids, text_store, kind):
     data = _write(tmp_path / "ids", [{"id": i, "prompt_token_ids": r} for i, r in enumerate(ids)], kind)
     out = tmp_path / "store"

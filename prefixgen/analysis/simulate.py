@@ -169,7 +169,10 @@ def read_dataset(data: BuildConfig, block_size: int, store=None, progress: bool 
     from prefixgen.model import load_config, load_tokenizer, tokenizer_digest
 
     if not data.model:
-        raise ConfigError("simulating a dataset needs its tokenizer: pass --model (a local folder or a Hugging Face model id)")
+        raise ConfigError(
+            "simulating a dataset needs its model's tokenizer and config (with --ids-field, for its vocabulary): "
+            "pass --model (a local folder or a Hugging Face model id)"
+        )
     data.validate_fields()
     tokenizer = load_tokenizer(data.model, trust_remote_code=data.trust_remote_code, chat_template=data.chat_template)
     if store is not None:
