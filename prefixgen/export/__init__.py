@@ -59,6 +59,20 @@ def target_for(cfg: ExportConfig) -> ExportTarget:
             hash_algorithm=cfg.hash_algorithm,
             tp_size=cfg.tp_size,
         )
+    if cfg.to == "vllm":
+        from prefixgen.export.vllm import VLLMTarget
+
+        return VLLMTarget(
+            model_name=cfg.model_name,
+            block_size=cfg.block_size,
+            blocks_per_file=cfg.blocks_per_file,
+            dtype=cfg.dtype,
+            tp_size=cfg.tp_size,
+            hash_seed=cfg.hash_seed,
+            hash_algorithm=cfg.prefix_caching_hash_algo,
+            kv_layout=cfg.kv_cache_layout,
+            layer_names=cfg.layer_names,
+        )
     raise ExportError(f"unknown export target {cfg.to!r}")
 
 
@@ -110,6 +124,9 @@ def export(
     k = target.unit_tokens // info.block_size
     outdir = ExportDir(Path(out), ExportRecord.of(pstore, target), append=append, fsync=fsync)  # refuses a wrong folder first
     try:
+        for name, data in getattr(target, "extra_files", list)():  # the target's own metadata (vLLM's config.json)
+            if not outdir.exists(name):
+                outdir.write(name, data)
         blocks = read_blocks(pstore)
         if min_records is not None or max_bytes is not None:
             max_blocks = None if max_bytes is None else max_bytes // (info.bytes_per_token * info.block_size)

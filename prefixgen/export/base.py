@@ -101,6 +101,8 @@ class ExportTarget(Protocol):
     * ``name``: the target's name in the export manifest (default: the class name).
     * ``names(key) -> list[str]``: the names ``files(key, kv)`` would give, so that a resumed export
       skips a unit whose files all exist without reading its KV.
+    * ``extra_files() -> list[(name, bytes)]``: files the engine expects beside the units' (vLLM's
+      ``config.json``), written before them when missing.
     """
 
     unit_tokens: int
