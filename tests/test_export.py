@@ -224,3 +224,57 @@ def test_export_killed_with_sigkill_leaves_whole_files_and_resumes(cli, tmp_path
     assert cli("export", store, "--to", "sglang", "--out", clean, "--model-name", "m", "--no-fsync", "-q").exit_code == 0
     assert files(out) == files(clean) and len(files(clean)) == 3000
     assert not list(out.glob(".*.tmp"))
+
+
+def vllm(cli, store: Path, out: Path, *args: str):
+    return cli("export", store, "--to", "vllm", "--out", out, "--model-name", "org/stories", *args)
+
+
+def bins(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*.bin")}
+
+
+def test_export_vllm_refuses_what_it_cannot_reproduce(cli, stores, tmp_path):
+    """Each configuration vLLM's fs tier would read differently is refused with its reason, before any file.
+    (vLLM's own code reading an export is tests_vllm/test_vllm_export.py.)"""
+    cases = [
+        (stores["main"], ("--block-size", "24"), "does not divide the target's 24 tokens"),
+        (stores["fp8"], (), "fp8"),
+        (stores["bf16"], ("--dtype", "float16"), "--dtype is float16"),
+        (stores["main"], ("--tp-size", "3"), "does not split the model's 4 KV heads"),
+        (stores["main"], ("--kv-cache-layout", "BLNHC"), "no canonical page format"),
+        (stores["main"], ("--prefix-caching-hash-algo", "xxhash"), "cannot be reproduced outside the server"),
+        (stores["main"], ("--layer-names", "model.layers.attn"), "has no {i}"),
+    ]
+    for i, (store, args, message) in enumerate(cases):
+        result = vllm(cli, store, tmp_path / str(i), *args)
+        assert result.exit_code == 6 and message in result.output, (args, result.output)
+        assert not bins(tmp_path / str(i)) if (tmp_path / str(i)).exists() else True
+
+
+def test_export_vllm_shares_the_frameworks_resume_append_and_refusals(cli, stores, tmp_path):
+    """The vLLM target in the export framework: one folder and config.json per run config, files resumed,
+    another store appended, a folder of other parameters refused."""
+    out = tmp_path / "offload"
+    result = vllm(cli, stores["main"], out)
+    assert result.exit_code == 0, result.output
+    first = bins(out)
+    (folder,) = {Path(name).parts[0] for name in first}  # <model>_<hash>_r0: one run config
+    assert folder.startswith("org_stories_") and folder.endswith("_r0")
+    config = json.loads((out / folder.removesuffix("_r0") / "config.json").read_text())
+    assert config["canonical_format"] == "v1-nhd" and config["dtype"] == "float32" and config["tokens_per_hash"] == 16
+    assert len({len(data) for data in first.values()}) == 1  # every file one CPU-tier row
+    gone = sorted(first)[::2]
+    for name in gone:
+        (out / name).unlink()
+    result = vllm(cli, stores["main"], out)
+    assert result.exit_code == 0 and f"wrote {len(gone)} files" in result.output, result.output
+    assert bins(out) == first
+    result = vllm(cli, stores["other_data"], out, "--append")
+    assert result.exit_code == 0, result.output
+    assert set(first) < set(bins(out))
+    result = vllm(cli, stores["main"], out, "--blocks-per-file", "2")
+    assert result.exit_code == 6 and "params.blocks_per_file" in result.output
+    # Block size 8 stores make the same files (two stored blocks per vLLM block).
+    assert vllm(cli, stores["block8"], tmp_path / "b8").exit_code == 0
+    assert bins(tmp_path / "b8") == first
