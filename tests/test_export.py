@@ -278,3 +278,6 @@ def test_export_vllm_shares_the_frameworks_resume_append_and_refusals(cli, store
     # Block size 8 stores make the same files (two stored blocks per vLLM block).
     assert vllm(cli, stores["block8"], tmp_path / "b8").exit_code == 0
     assert bins(tmp_path / "b8") == first
+    # Canonical pages hold every head: a TP 2 server (2 of the 4 KV heads a rank) reads the same files.
+    assert vllm(cli, stores["main"], tmp_path / "tp2", "--tp-size", "2").exit_code == 0
+    assert bins(tmp_path / "tp2") == first
