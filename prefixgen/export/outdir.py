@@ -94,6 +94,7 @@ class ExportDir:
     def __init__(self, path: Path, record: ExportRecord, append: bool, fsync: bool):
         self.path = path
         self.fsync = fsync
+        self._dirs = {path}  # folders known to exist
         path.mkdir(parents=True, exist_ok=True)
         self._lock = open(path / LOCK_FILE, "a+")
         try:
@@ -148,7 +149,9 @@ class ExportDir:
         """Write one file under a temporary name, then rename it: an engine never sees half a file."""
         path = self.path / name
         tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent not in self._dirs:  # nested names (vLLM's <hhh>/<hh>_g0/): each folder made once
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(path.parent)
         with open(tmp, "wb") as f:
             f.write(data)
             if self.fsync:
@@ -158,6 +161,7 @@ class ExportDir:
 
     def close(self) -> None:
         if self.fsync and not self._lock.closed:
-            fsync_dir(self.path)
+            for folder in sorted(self._dirs, key=lambda d: len(d.parts), reverse=True):  # renames in nested folders too
+                fsync_dir(folder)
         if not self._lock.closed:
             self._lock.close()  # releases the flock
