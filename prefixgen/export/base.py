@@ -20,6 +20,7 @@ Example (a target writing each 16-token unit's KV as-is, named by a running SHA-
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -94,7 +95,8 @@ class ExportTarget(Protocol):
     * ``next_key(parent, tokens)``: the key of the unit of ``tokens`` (int64 ``[unit_tokens]``) that
       follows the unit whose key is ``parent``. Called in chain order, parents first.
     * ``files(key, kv)``: the unit's files as (name relative to the export folder, bytes); ``kv`` is
-      ``[unit_tokens, num_layers, 2, num_kv_heads, head_dim]`` in ``info.kv_dtype``, on the CPU.
+      ``[unit_tokens, num_layers, 2, num_kv_heads, head_dim]`` in ``info.kv_dtype``, on the CPU. Each
+      file is written before the next is asked for: a target may build them in :func:`scratch`.
 
     Optional, used when present:
 
@@ -114,6 +116,20 @@ class ExportTarget(Protocol):
     def next_key(self, parent: Any, tokens: np.ndarray) -> Any: ...
 
     def files(self, key: Any, kv: torch.Tensor) -> Iterable[tuple[str, bytes | memoryview]]: ...
+
+
+_scratch = threading.local()
+
+
+def scratch(nbytes: int) -> np.ndarray:
+    """This thread's kept buffer, ``[nbytes]`` uint8 (grown when too small), for a target to build a file
+    in: a new array per file costs its pages' faults and zeroing, as much as the reordering itself. The
+    framework writes each file ``files`` yields before asking for the next, so the buffer is free again
+    at the next ``files`` step of the same thread."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < nbytes:
+        buf = _scratch.buf = np.empty(nbytes, np.uint8)
+    return buf[:nbytes]
 
 
 @dataclass(slots=True)

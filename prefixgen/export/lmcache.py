@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from prefixgen.errors import ExportError
+from prefixgen.export.base import scratch
 from prefixgen.model import tp_kv_heads
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ class LMCacheTarget:
             # opaque item each, the [T, L, 2] -> [2, L, T] transpose is a memcpy per run, not per value.
             runs = raw.view(f"V{raw.shape[-1] * n // heads}")  # [T, L, 2, heads // n]
             part = runs[:, :, :, rank_heads.start // n].transpose(2, 1, 0)  # [2, L, T]
-            out = np.empty(HEADER.size + part.size * part.itemsize, dtype=np.uint8)
+            out = scratch(HEADER.size + part.size * part.itemsize)  # this thread's kept buffer
             HEADER.pack_into(out, 0, out.size - HEADER.size, KV_2LTD, code, 2, layers, tokens, n * head_dim)
             out[HEADER.size :].view(part.dtype).reshape(part.shape)[...] = part
             yield name, memoryview(out)

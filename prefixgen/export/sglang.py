@@ -29,7 +29,7 @@ import torch
 
 from prefixgen.config import SGLANG_LAYOUTS
 from prefixgen.errors import ExportError
-from prefixgen.export.base import StoreInfo
+from prefixgen.export.base import StoreInfo, scratch
 from prefixgen.model import tp_kv_heads
 
 SGLANG_VERSION = "0.5.23"  # the version whose hash, names and layouts this target was checked against
@@ -92,7 +92,9 @@ class SGLangTarget:
             n = rank_heads.stop - rank_heads.start
             runs = raw.view(f"V{raw.shape[-1] * n // heads}")  # [P, L, 2, heads // n]: one item per n heads
             part = runs[:, :, :, rank_heads.start // n].transpose(order)
-            yield name, memoryview(np.ascontiguousarray(part).view(np.uint8).reshape(-1))
+            out = scratch(part.nbytes).view(part.dtype).reshape(part.shape)  # this thread's kept buffer
+            out[...] = part
+            yield name, memoryview(out.view(np.uint8).reshape(-1))
 
 
 def _rank_heads(num_kv_heads: int, tp_size: int) -> list[slice]:

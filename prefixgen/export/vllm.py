@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 
 from prefixgen.errors import ExportError
-from prefixgen.export.base import StoreInfo
+from prefixgen.export.base import StoreInfo, scratch
 from prefixgen.model import tp_kv_heads
 
 VLLM_VERSION = "0.32.0"  # the version whose names, hashes and layouts this target was checked against
@@ -52,7 +51,6 @@ CANONICAL_FORMAT_VERSION = 1  # canonical_mapping.CANONICAL_FORMAT_VERSION
 ROW_ALIGNMENT = 4096  # SharedOffloadRegion.BLOCK_SIZE_ALIGNMENT: mmap.PAGESIZE of an x86-64 server
 BASE_PATH_HASH_LEN = 12  # file_mapper._BASE_PATH_HASH_LEN
 DEFAULT_LAYER_NAMES = "model.layers.{i}.self_attn.attn"  # vLLM's Attention prefix in Llama/Qwen/Mistral-style models
-_scratch = threading.local()  # each writer thread's row buffer
 
 
 @dataclass
@@ -185,11 +183,8 @@ class VLLMTarget:
     def files(self, key: bytes, kv: torch.Tensor) -> Iterator[tuple[str, memoryview]]:
         """The chunk's CPU-tier row: per layer its canonical pages, then zeros. ``kv`` is ``[U, L, 2, H, D]``.
 
-        The row is built in this thread's kept buffer (a new 2 MiB array per file costs its page faults and
-        zeroing, more than the reordering): it is valid until this thread's next ``files``."""
-        out = getattr(_scratch, "row", None)
-        if out is None or out.size != self._row_bytes:
-            out = _scratch.row = np.empty(self._row_bytes, np.uint8)
+        The row is built in this thread's kept buffer (``scratch``): valid until this thread's next ``files``."""
+        out = scratch(self._row_bytes)
         self.fill(kv, out)
         yield self.names(key)[0], memoryview(out)
 
