@@ -281,3 +281,40 @@ def test_export_vllm_shares_the_frameworks_resume_append_and_refusals(cli, store
     # Canonical pages hold every head: a TP 2 server (2 of the 4 KV heads a rank) reads the same files.
     assert vllm(cli, stores["main"], tmp_path / "tp2", "--tp-size", "2").exit_code == 0
     assert bins(tmp_path / "tp2") == first
+
+
+def test_scatter_writes_equal_the_arrays_bytes(tmp_path):
+    """prefixgen.export.iov writes every piece in C order whatever its strides (the targets' reorderings of the read
+    KV: transposes, reversed and sliced axes, void items), across writev's 1,024-iovec limit, and finishes a
+    short writev run by run."""
+    import os
+
+    from prefixgen.export.iov import _finish, _runs, write_pieces
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (16, 32, 2, 8, 24), dtype=np.uint8)
+    items = base.view("V24")[..., 0]  # [16, 32, 2, 8]
+    cases = [
+        [items.transpose(2, 0, 1, 3)],  # SGLang page_first: 2 * 16 * 32 runs of 8 items
+        [b"header", items.transpose(1, 0, 3, 2)],  # 8,192 runs of one item: 8 writev calls
+        [items[::-1, :, :, 2:6].transpose(2, 1, 0, 3), np.zeros(100, np.uint8)],  # reversed, sliced, then padding
+        [items, b"", base[:3]],  # contiguous pieces and an empty one
+    ]
+    for i, pieces in enumerate(cases):
+        want = b"".join(p if isinstance(p, bytes) else np.ascontiguousarray(p).tobytes() for p in pieces)
+        fd = os.open(tmp_path / str(i), os.O_WRONLY | os.O_CREAT)
+        try:
+            assert write_pieces(fd, pieces) == len(want)
+        finally:
+            os.close(fd)
+        assert (tmp_path / str(i)).read_bytes() == want
+    part = items.transpose(1, 0, 3, 2)
+    offsets, run = _runs(part.shape, part.strides, part.itemsize)
+    iov = np.stack([offsets.astype(np.uint64) + np.uint64(part.ctypes.data), np.full(len(offsets), run, np.uint64)], 1)[:50]
+    fd = os.open(tmp_path / "short", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, np.ascontiguousarray(part).tobytes()[:1000])  # what a short writev got out
+        _finish(fd, iov, 1000)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "short").read_bytes() == np.ascontiguousarray(part).tobytes()[: 50 * run]

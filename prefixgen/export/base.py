@@ -20,7 +20,6 @@ Example (a target writing each 16-token unit's KV as-is, named by a running SHA-
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -94,9 +93,11 @@ class ExportTarget(Protocol):
     * ``first_key()``: the key before a chain's first unit (a seed, or None).
     * ``next_key(parent, tokens)``: the key of the unit of ``tokens`` (int64 ``[unit_tokens]``) that
       follows the unit whose key is ``parent``. Called in chain order, parents first.
-    * ``files(key, kv)``: the unit's files as (name relative to the export folder, bytes); ``kv`` is
-      ``[unit_tokens, num_layers, 2, num_kv_heads, head_dim]`` in ``info.kv_dtype``, on the CPU. Each
-      file is written before the next is asked for: a target may build them in :func:`scratch`.
+    * ``files(key, kv)``: the unit's files as (name relative to the export folder, data); ``kv`` is
+      ``[unit_tokens, num_layers, 2, num_kv_heads, head_dim]`` in ``info.kv_dtype``, on the CPU. Data is
+      bytes, an array written in C order whatever its strides (a reordering view of ``kv``: the kernel
+      copies each contiguous run once, see ``prefixgen.export.iov``), or a list of them. ``kv`` stays
+      valid until the unit's files are written.
 
     Optional, used when present:
 
@@ -115,21 +116,7 @@ class ExportTarget(Protocol):
 
     def next_key(self, parent: Any, tokens: np.ndarray) -> Any: ...
 
-    def files(self, key: Any, kv: torch.Tensor) -> Iterable[tuple[str, bytes | memoryview]]: ...
-
-
-_scratch = threading.local()
-
-
-def scratch(nbytes: int) -> np.ndarray:
-    """This thread's kept buffer, ``[nbytes]`` uint8 (grown when too small), for a target to build a file
-    in: a new array per file costs its pages' faults and zeroing, as much as the reordering itself. The
-    framework writes each file ``files`` yields before asking for the next, so the buffer is free again
-    at the next ``files`` step of the same thread."""
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.size < nbytes:
-        buf = _scratch.buf = np.empty(nbytes, np.uint8)
-    return buf[:nbytes]
+    def files(self, key: Any, kv: torch.Tensor) -> Iterable[tuple[str, Any]]: ...
 
 
 @dataclass(slots=True)

@@ -32,13 +32,14 @@ import json
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from prefixgen.errors import ExportError
-from prefixgen.export.base import StoreInfo, scratch
+from prefixgen.export.base import StoreInfo
 from prefixgen.model import tp_kv_heads
 
 VLLM_VERSION = "0.32.0"  # the version whose names, hashes and layouts this target was checked against
@@ -180,34 +181,35 @@ class VLLMTarget:
         hx = key.hex()
         return [f"{self._base}_r0/{hx[:3]}/{hx[3:5]}_g0/{hx}.bin"]
 
-    def files(self, key: bytes, kv: torch.Tensor) -> Iterator[tuple[str, memoryview]]:
-        """The chunk's CPU-tier row: per layer its canonical pages, then zeros. ``kv`` is ``[U, L, 2, H, D]``.
+    def files(self, key: bytes, kv: torch.Tensor) -> Iterator[tuple[str, list]]:
+        """The chunk's CPU-tier row: per layer its canonical pages, then zeros. ``kv`` is ``[U, L, 2, H, D]``;
+        the pages are a strided view of it, written run by run (``prefixgen.export.iov``)."""
+        yield self.names(key)[0], [self.canonical(kv), _zeros(self._row_bytes - self._canonical_bytes)]
 
-        The row is built in this thread's kept buffer (``scratch``): valid until this thread's next ``files``."""
-        out = scratch(self._row_bytes)
-        self.fill(kv, out)
-        yield self.names(key)[0], memoryview(out)
-
-    def fill(self, kv: torch.Tensor, out: np.ndarray) -> None:
-        """Write the row of ``kv`` (``[U, L, 2, H, D]``) into ``out`` (``[file_bytes]`` uint8)."""
+    def canonical(self, kv: torch.Tensor) -> np.ndarray:
+        """The chunk's canonical pages as a view of ``kv`` (``[U, L, 2, H, D]``), one item per head's K or V:
+        NHD ``[L, U, H, 2]``, HND ``[L, blocks, H, block, 2]``; C order is the row's byte order."""
         tokens, layers, _, heads, dim = kv.shape
         # One head's K (or V) is one run of D values in the store and in the page: moved as one opaque item.
         raw = kv.contiguous().view(torch.uint8).numpy().reshape(tokens, layers, 2, heads, -1)
         runs = raw.view(f"V{raw.shape[-1]}")[..., 0]  # [U, L, 2, H]
-        canon = out[: self._canonical_bytes].view(runs.dtype)
         if KV_LAYOUTS[self.kv_layout.upper()] == "nhd":  # per layer: [U, H, K|V]
-            canon.reshape(layers, tokens, heads, 2)[...] = runs.transpose(1, 0, 3, 2)
-        else:  # per layer and block: [H, block, K|V]
-            b = self.blocks_per_file
-            canon.reshape(layers, b, heads, self.block_size, 2)[...] = runs.reshape(
-                b, self.block_size, layers, 2, heads
-            ).transpose(2, 0, 4, 1, 3)
-        out[self._canonical_bytes :] = 0
+            return runs.transpose(1, 0, 3, 2)
+        b = self.blocks_per_file  # per layer and block: [H, block, K|V]
+        return runs.reshape(b, self.block_size, layers, 2, heads).transpose(2, 0, 4, 1, 3)
 
     def _hash(self, obj: Any) -> bytes:
         if self.hash_algorithm == "sha256_cbor":
             return hashlib.sha256(_cbor(obj)).digest()
         return hashlib.sha256(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).digest()  # vllm.utils.hashing.sha256
+
+
+@lru_cache(maxsize=4)
+def _zeros(n: int) -> np.ndarray:
+    """``n`` zero bytes (a row's padding), shared and read-only."""
+    z = np.zeros(n, np.uint8)
+    z.setflags(write=False)
+    return z
 
 
 def _base_path(fields: dict[str, Any]) -> str:
