@@ -318,3 +318,29 @@ def test_scatter_writes_equal_the_arrays_bytes(tmp_path):
     finally:
         os.close(fd)
     assert (tmp_path / "short").read_bytes() == np.ascontiguousarray(part).tobytes()[: 50 * run]
+
+
+@pytest.mark.parametrize("to", ["sglang", "vllm"])
+def test_export_refuses_a_damaged_block(cli, stores, tmp_path, to):
+    """A stored block whose bytes fail their checksum is not exported (its file would be served as KV): the
+    export stops naming the shard and slot, and no file holds the damaged bytes."""
+    import shutil
+
+    from prefixgen.format import SHARDS_DIR, read_safetensors_header
+
+    store = tmp_path / "store"
+    shutil.copytree(stores["main"], store)
+    shard = sorted((store / SHARDS_DIR).iterdir())[0]
+    with open(shard, "r+b") as f:
+        at = read_safetensors_header(f, shard).offset("kv") + 100  # slot 0
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    out = tmp_path / "out"
+    result = cli("export", store, "--to", to, "--out", out, "--model-name", "org/stories", "-q")
+    assert result.exit_code != 0 and "slot 0 fails its checksum" in result.output and shard.name in result.output
+    clean = tmp_path / "clean"
+    assert cli("export", stores["main"], "--to", to, "--out", clean, "--model-name", "org/stories", "-q").exit_code == 0
+    written = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.bin")}
+    assert all((clean / name).read_bytes() == data for name, data in written.items())  # only undamaged units
