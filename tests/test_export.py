@@ -292,14 +292,17 @@ def test_scatter_writes_equal_the_arrays_bytes(tmp_path):
     from prefixgen.export.iov import _finish, _runs, write_pieces
 
     rng = np.random.default_rng(0)
-    base = rng.integers(0, 256, (16, 32, 2, 8, 24), dtype=np.uint8)
-    items = base.view("V24")[..., 0]  # [16, 32, 2, 8]
-    cases = [
-        [items.transpose(2, 0, 1, 3)],  # SGLang page_first: 2 * 16 * 32 runs of 8 items
-        [b"header", items.transpose(1, 0, 3, 2)],  # 8,192 runs of one item: 8 writev calls
-        [items[::-1, :, :, 2:6].transpose(2, 1, 0, 3), np.zeros(100, np.uint8)],  # reversed, sliced, then padding
-        [items, b"", base[:3]],  # contiguous pieces and an empty one
-    ]
+    cases = []
+    for item in (24, 1024):  # runs gathered first (under SMALL_RUN) and runs written as iovecs
+        base = rng.integers(0, 256, (8, 16, 2, 8, item), dtype=np.uint8)
+        items = base.view(f"V{item}")[..., 0]  # [8, 16, 2, 8]
+        cases += [
+            [items.transpose(2, 0, 1, 3)],  # SGLang page_first: 2 * 8 * 16 runs of 8 items
+            [b"header", items.transpose(1, 0, 3, 2)],  # 2,048 runs of one item: 2 writev calls
+            [items[::-1, :, :, 2:6].transpose(2, 1, 0, 3), np.zeros(100, np.uint8)],  # reversed, sliced, then padding
+            [items, b"", base[:3]],  # contiguous pieces and an empty one
+            [items.transpose(1, 0, 3, 2), items.transpose(2, 0, 1, 3)],  # two gathered pieces in one file
+        ]
     for i, pieces in enumerate(cases):
         want = b"".join(p if isinstance(p, bytes) else np.ascontiguousarray(p).tobytes() for p in pieces)
         fd = os.open(tmp_path / str(i), os.O_WRONLY | os.O_CREAT)
