@@ -267,7 +267,10 @@ def test_export_vllm_shares_the_frameworks_resume_append_and_refusals(cli, store
     gone = sorted(first)[::2]
     for name in gone:
         (out / name).unlink()
+    leftover = (out / gone[0]).with_name(f".{Path(gone[0]).name}.prefixgen.tmp")  # a killed export's half file
+    leftover.write_bytes(b"half")
     result = vllm(cli, stores["main"], out)
+    assert not leftover.exists()
     assert result.exit_code == 0 and f"wrote {len(gone)} files" in result.output, result.output
     assert bins(out) == first
     result = vllm(cli, stores["other_data"], out, "--append")

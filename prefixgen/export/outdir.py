@@ -140,9 +140,11 @@ class ExportDir:
                     "(or pass --append to add to the files there)"
                 )
             atomic_write(mpath, [record.to_json().encode()], self.fsync)
-        for name in os.listdir(self.path):  # leftovers of a killed export (we hold the lock: no one writes them)
-            if name.endswith(TMP_SUFFIX):
-                (self.path / name).unlink(missing_ok=True)
+        # Leftovers of a killed export (we hold the lock: no one writes them), in nested folders too (vLLM's).
+        for folder, _, files in os.walk(self.path):
+            for name in files:
+                if name.endswith(TMP_SUFFIX):
+                    Path(folder, name).unlink(missing_ok=True)
 
     def exists(self, name: str) -> bool:
         return os.path.exists(self.path / name)
