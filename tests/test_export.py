@@ -267,7 +267,8 @@ def test_export_vllm_shares_the_frameworks_resume_append_and_refusals(cli, store
     gone = sorted(first)[::2]
     for name in gone:
         (out / name).unlink()
-    leftover = (out / gone[0]).with_name(f".{Path(gone[0]).name}.prefixgen.tmp")  # a killed export's half file
+    kept = sorted(first)[1]  # not rewritten: its temporary name is not reused
+    leftover = (out / kept).with_name(f".{Path(kept).name}.prefixgen.tmp")  # a killed export's half file
     leftover.write_bytes(b"half")
     result = vllm(cli, stores["main"], out)
     assert not leftover.exists()
