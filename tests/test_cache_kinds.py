@@ -242,10 +242,10 @@ def test_prefixgen_serve_answers_as_without_the_store(kind_model, kind_store):
 
 
 def test_exports_refuse_the_kinds_they_cannot_write(kind_model, kind_store, cli, tmp_path):
-    """SGLang and LMCache exports lay out per-head K/V of one full-attention pool: a sliding-window or MLA store
+    """SGLang, LMCache and vLLM offloading exports lay out per-head K/V of one full-attention pool: a sliding-window or MLA store
     gets one message naming its cache, and no export folder."""
     arch, _ = kind_model
-    for target in ("sglang", "lmcache"):
+    for target in ("sglang", "lmcache", "vllm"):
         out = tmp_path / target
         result = cli("export", kind_store.path, "--to", target, "--out", out, "--model-name", "m", "--hash-seed", "0")
         assert result.exit_code not in (0, 1), result.output
