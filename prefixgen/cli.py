@@ -296,6 +296,7 @@ def ls(
     )
     kv = summary["kv"]
     typer.echo(f"kv           {kv['dtype']}{' as fp8' if kv['storage'] == 'fp8' else ''}, block size {summary['block_size']}")
+    typer.echo(f"cache        {kv['cache']}")
     typer.echo(f"blocks       {summary['blocks']:,} ({summary['stored_tokens']:,} tokens)")
     if summary["inputs"]:
         typer.echo(f"input        {', '.join(INPUT_NAMES.get(i, i) for i in summary['inputs'])}")

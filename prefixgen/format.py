@@ -35,12 +35,17 @@ import numpy as np
 import torch
 
 from prefixgen import checksum
+from prefixgen.cache_spec import LayerGroup
 from prefixgen.checksum import BLOCK_CHECKSUMS, CRC32, CRC32C, checksum_function, crc32c_rows
 from prefixgen.errors import CorruptStoreError, NewerFormatError
 
 # 2: compacted index segments (rows of many shards); 3: CRC32C block checksums (manifest
 # `block_checksum`). Readers read 1 to 3; versions 1 and 2 have zlib CRC-32 block checksums.
 FORMAT_VERSION = 3
+# 4: a `kv` layout of kind "mla" (one latent per token and layer) or with layer groups (manifest `kv.kind`,
+# `kv.latent_rank`, `kv.groups`). Only such stores are written as 4: a reader before it would take their
+# blocks for per-head K/V. A plain full-attention store is still written as 3, byte for byte as before.
+GROUPS_FORMAT_VERSION = 4
 COMPACTED_FORMAT_VERSION = 2  # the version a store needs at least to hold a compacted segment
 HASH_ALGORITHM = "sha256-chain-v1"
 ROOT_DOMAIN = b"prefixgen-root-v1\x00"
@@ -176,17 +181,45 @@ class ModelFingerprint:
 
 @dataclass(slots=True, frozen=True)
 class KVLayout:
-    """Shape and storage of the KV of one token: ``[layers, 2, kv_heads, head_dim]``."""
+    """Shape and storage of the KV of one token: ``[layers, parts, kv_heads, head_dim]``.
+
+    ``kind`` "kv" (per-head K and V, ``parts`` 2: full and sliding-window layers alike) or "mla"
+    (``parts`` 1, ``kv_heads`` 1, ``head_dim`` = ``latent_rank`` + rope dims: the normalized compressed
+    KV then the rope key after RoPE, as vLLM's MLA cache holds it). ``groups``: which layers are of
+    which kind (``prefixgen.cache_spec``); empty for a plain full-attention model.
+    """
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: str  # the model's KV dtype: "float32", "bfloat16" or "float16"
     storage: str = "native"  # "native" (stored in `dtype`) or "fp8" (float8 e4m3 with scales)
+    kind: str = "kv"
+    latent_rank: int = 0  # mla: kv_lora_rank, the latent's first values
+    groups: tuple[LayerGroup, ...] = ()
+
+    @property
+    def parts(self) -> int:
+        """Tensors per layer and token: K and V (2), or one MLA latent (1)."""
+        return 1 if self.kind == "mla" else 2
+
+    @property
+    def token_shape(self) -> tuple[int, int, int, int]:
+        return (self.num_layers, self.parts, self.num_kv_heads, self.head_dim)
+
+    @property
+    def plain(self) -> bool:
+        """Per-head K/V of full-attention layers only: the layout of every store before format 4."""
+        return self.kind == "kv" and not self.groups
+
+    @property
+    def format_version(self) -> int:
+        """The format version a store of this layout is written as."""
+        return FORMAT_VERSION if self.plain else GROUPS_FORMAT_VERSION
 
     @property
     def values_per_token(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim
+        return self.num_layers * self.parts * self.num_kv_heads * self.head_dim
 
     @property
     def stored_dtype(self) -> str:
@@ -198,7 +231,23 @@ class KVLayout:
         return self.values_per_token * DTYPE_SIZES[self.stored_dtype]
 
     def scale_bytes_per_block(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * 4 if self.storage == "fp8" else 0
+        return self.num_layers * self.parts * self.num_kv_heads * 4 if self.storage == "fp8" else 0
+
+    def with_storage(self, storage: str) -> KVLayout:
+        return dataclasses.replace(self, storage=storage)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's ``kv`` fields; those of format 4 only where they differ from a plain layout."""
+        out: dict[str, Any] = {
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "dtype": self.dtype,
+            "storage": self.storage,
+        }
+        if not self.plain:
+            out.update(kind=self.kind, latent_rank=self.latent_rank, groups=[g.to_dict() for g in self.groups])
+        return out
 
     def block_bytes(self, block_size: int) -> int:
         """Bytes of KV of one stored block: its ``kv`` rows plus, for fp8, its ``kv_scale`` row.
@@ -233,7 +282,7 @@ class Manifest:
             "block_size": self.block_size,
             "hash": {"algorithm": self.hash_algorithm, "root": self.root},
             "block_checksum": self.block_checksum,
-            "kv": {**dataclasses.asdict(self.kv), "layout": KV_LAYOUT, "scale_layout": SCALE_LAYOUT},
+            "kv": {**self.kv.to_dict(), "layout": KV_LAYOUT, "scale_layout": SCALE_LAYOUT},
             "model": self.model.to_dict(),
             "created_at": self.created_at,
         }
@@ -251,9 +300,9 @@ class Manifest:
         version = data["format_version"]
         if not isinstance(version, int):
             raise CorruptStoreError(f"{where}: format_version {version!r} is not an integer")
-        if version > FORMAT_VERSION:
+        if version > GROUPS_FORMAT_VERSION:
             raise NewerFormatError(
-                f"{where} has format version {version}, this prefixgen reads up to {FORMAT_VERSION}: "
+                f"{where} has format version {version}, this prefixgen reads up to {GROUPS_FORMAT_VERSION}: "
                 "upgrade prefixgen (pip install -U prefixgen)"
             )
         try:
@@ -267,6 +316,9 @@ class Manifest:
                     head_dim=int(kv["head_dim"]),
                     dtype=str(kv["dtype"]),
                     storage=str(kv.get("storage", "native")),
+                    kind=str(kv.get("kind", "kv")),
+                    latent_rank=int(kv.get("latent_rank", 0)),
+                    groups=tuple(LayerGroup.from_dict(g) for g in kv.get("groups", ())),
                 ),
                 root=str(data["hash"]["root"]),
                 format_version=version,
@@ -281,6 +333,8 @@ class Manifest:
             raise CorruptStoreError(f"{where}: unknown hash algorithm {manifest.hash_algorithm!r}")
         if manifest.block_checksum not in BLOCK_CHECKSUMS:
             raise CorruptStoreError(f"{where}: unknown block checksum {manifest.block_checksum!r}")
+        if manifest.kv.kind not in ("kv", "mla") or (not manifest.kv.plain and version < GROUPS_FORMAT_VERSION):
+            raise CorruptStoreError(f"{where}: kv kind {manifest.kv.kind!r} or layer groups in a format {version} store")
         if manifest.kv.stored_dtype not in DTYPE_SIZES or manifest.block_size <= 0:
             raise CorruptStoreError(f"{where}: bad kv dtype {manifest.kv.dtype!r} or block size")
         return manifest
@@ -479,9 +533,9 @@ def shard_tensors(layout: KVLayout, block_size: int, blocks: int) -> list[Tensor
     (fp8 only); ``tokens`` [blocks, block_size] uint32.
     """
     tokens = blocks * block_size
-    specs = [TensorSpec("kv", layout.stored_dtype, (tokens, layout.num_layers, 2, layout.num_kv_heads, layout.head_dim))]
+    specs = [TensorSpec("kv", layout.stored_dtype, (tokens, *layout.token_shape))]
     if layout.storage == "fp8":
-        specs.append(TensorSpec("kv_scale", "float32", (blocks, layout.num_layers, 2, layout.num_kv_heads)))
+        specs.append(TensorSpec("kv_scale", "float32", (blocks, *layout.token_shape[:3])))
     specs.append(TensorSpec("tokens", "uint32", (blocks, block_size)))
     return specs
 

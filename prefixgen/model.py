@@ -16,9 +16,11 @@ import numpy as np
 import torch
 import transformers
 
+from prefixgen.cache_spec import MLA, CacheSpec, cache_spec
 from prefixgen.compat import cache_kwargs, output_cache
 from prefixgen.errors import ModelError
 from prefixgen.format import KVLayout, ModelFingerprint, read_safetensors_header
+from prefixgen.kvcache import empty_cache
 
 # Samples per parameter for the weights digest: enough to see any fine-tune, cheap for 70B.
 _SAMPLES = 1 << 16
@@ -162,19 +164,38 @@ def check_rope(config: Any) -> None:
         )
 
 
+def spec_layout(spec: CacheSpec, dtype: str, storage: str = "native") -> KVLayout:
+    """The store layout of a model's cache (``CacheSpec.check_storable`` first): per-head K/V of every
+    attention layer (full and sliding-window alike), or one MLA latent per layer.
+
+    Example:
+        >>> spec_layout(cache_spec(load_config("models/stories260K")), "float32").bytes_per_token  # doctest: +SKIP
+        1280
+    """
+    spec.check_storable()
+    groups = () if spec.plain else spec.groups
+    g = spec.groups[0]
+    if g.kind == MLA:
+        return KVLayout(spec.num_layers, 1, g.kv_lora_rank + g.rope_dim, dtype, storage, "mla", g.kv_lora_rank, groups)
+    return KVLayout(spec.num_layers, g.kv_heads, g.head_dim, dtype, storage, groups=groups)
+
+
 @torch.inference_mode()
 def probe_kv_layout(model: torch.nn.Module) -> KVLayout:
-    """Run two tokens through ``model`` and read the shape of the cache it makes.
+    """The store layout of ``model``'s cache (:func:`prefixgen.cache_spec.cache_spec` of its config),
+    checked against the cache a two-token forward makes.
 
-    Raises ModelError if the cache is not a plain full-attention KV cache (sliding-window,
-    linear-attention, state-space or compressed layers), or if its RoPE depends on the sequence
+    Raises ModelError, naming the kind, for a cache prefixgen cannot store (linear-attention or
+    state-space layers, an encoder-decoder), or if its RoPE depends on the sequence
     length (``check_rope``), since such KV cannot be reused as a prefix of longer sequences.
     """
+    spec = cache_spec(model.config)
+    spec.check_storable()
     check_rope(model.config)
     device = next(model.parameters()).device
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)
     try:
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, None))
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, empty_cache()))
         kv_cache = output_cache(out)
     except Exception as exc:  # any failure here means we cannot use this model's cache
         raise ModelError(f"could not run a forward pass with a KV cache on this model: {exc}") from None
@@ -184,16 +205,20 @@ def probe_kv_layout(model: torch.nn.Module) -> KVLayout:
     kinds = sorted({type(layer).__name__ for layer in layers})
     if kinds != ["DynamicLayer"]:
         raise ModelError(
-            f"the model's cache has layers of kind {', '.join(kinds)}: prefixgen stores only plain "
-            "full-attention KV caches (no sliding-window, linear-attention, state-space or MLA layers)"
+            f"the model's cache has layers of kind {', '.join(kinds)}: prefixgen stores per-token caches of "
+            "plain layers (full, sliding-window and MLA attention)"
         )
-    k = layers[0].keys  # [1, kv_heads, 2, head_dim]
-    for layer in layers:
-        if layer.keys.shape != k.shape or layer.values.shape != k.shape:
-            raise ModelError("the model's layers have KV of different shapes; prefixgen needs one shape for all")
-    return KVLayout(
-        num_layers=len(layers), num_kv_heads=k.shape[1], head_dim=k.shape[3], dtype=str(k.dtype).removeprefix("torch.")
-    )
+    layout = spec_layout(spec, str(layers[0].keys.dtype).removeprefix("torch."))
+    if layout.kind == "mla":  # keys: the latent [1, 1, 2, kv_lora_rank]; values: the rope key [1, 1, 2, rope_dim]
+        shapes = {(1, 1, 2, layout.latent_rank), (1, 1, 2, layout.head_dim - layout.latent_rank)}
+    else:
+        shapes = {(1, layout.num_kv_heads, 2, layout.head_dim)}
+    if len(layers) != layout.num_layers or any({tuple(x.keys.shape), tuple(x.values.shape)} != shapes for x in layers):
+        raise ModelError(
+            f"the model's cache ({len(layers)} layers, keys {tuple(layers[0].keys.shape)}) differs from what its "
+            f"config describes ({spec.describe()}): prefixgen cannot store it"
+        )
+    return layout
 
 
 def fingerprint(model: torch.nn.Module, tokenizer: Any, layout: KVLayout, name: str = "") -> ModelFingerprint:
@@ -287,7 +312,7 @@ def load_config(model: str, trust_remote_code: bool = False) -> Any:
 
 def config_kv_layout(config: Any, dtype: str = "auto", kv_dtype: str = "auto") -> KVLayout:
     """The KV layout a build of this model would write, from its config alone (no weights, no forward):
-    layers x 2 x kv_heads x head_dim values per token, in the dtype ``dtype`` resolves to on this
+    layers x 2 x kv_heads x head_dim values per token (MLA: layers x latent), in the dtype ``dtype`` resolves to on this
     machine (as build's ``--dtype``), stored as fp8 with per-block scales if ``kv_dtype`` is ``fp8``.
     Equals :func:`probe_kv_layout` of the loaded model for full-attention models.
 
@@ -295,18 +320,8 @@ def config_kv_layout(config: Any, dtype: str = "auto", kv_dtype: str = "auto") -
         >>> config_kv_layout(load_config("models/stories260K"), "float32").bytes_per_token  # doctest: +SKIP
         1280
     """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = int(text.num_attention_heads)
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
     torch_dtype = resolve_dtype(dtype, resolve_device("auto"))
-    return KVLayout(
-        num_layers=int(text.num_hidden_layers),
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        dtype=str(torch_dtype).removeprefix("torch."),
-        storage="fp8" if kv_dtype == "fp8" else "native",
-    )
+    return spec_layout(cache_spec(config), str(torch_dtype).removeprefix("torch."), "fp8" if kv_dtype == "fp8" else "native")
 
 
 def load_model(

@@ -48,6 +48,8 @@ def store_summary(store: PrefixStore, top: int = 5, decode: bool = True) -> dict
             "head_dim": m.kv.head_dim,
             "dtype": m.kv.dtype,
             "storage": m.kv.storage,
+            # the layer groups of a format-4 store (sliding window, MLA); "full attention" for a plain one
+            "cache": "; ".join(g.describe() for g in m.kv.groups) or "full attention",
         },
         "blocks": unique,
         "stored_tokens": stored_tokens,

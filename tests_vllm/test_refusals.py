@@ -117,6 +117,20 @@ def test_sliding_window_and_hybrid_attention_are_refused(model, store):
         connector(config, kv_cache_config(groups=2))
 
 
+def test_mla_and_recurrent_state_are_refused_naming_the_kind(model, store):
+    """vLLM's MLA cache spec is a FullAttentionSpec (one latent per token, head size kv_lora_rank + rope): the connector
+    would take it for K/V of one head. Mamba/GDN state groups come with a MambaSpec."""
+    from vllm.v1.kv_cache_interface import MambaSpec, MLAAttentionSpec
+
+    config = engine_config(model, store)
+    mla = MLAAttentionSpec(block_size=16, num_kv_heads=1, head_size=576, dtype=torch.float32)
+    with pytest.raises(ConfigError, match=r"multi-head latent attention \(MLAAttentionSpec, head size 576\)"):
+        connector(config, kv_cache_config(mla))
+    mamba = MambaSpec(block_size=16, shapes=((3, 64), (4, 8, 8)), dtypes=(torch.float32, torch.float32))
+    with pytest.raises(ConfigError, match=r"recurrent state \(MambaSpec\)"):
+        connector(config, kv_cache_config(mamba))
+
+
 def test_failure_policy_is_respected_not_overridden(model, store):
     """vLLM's default "fail" cannot be told from an explicit one: the connector refuses it, naming the setting,
     rather than changing a user's choice; "recompute" is kept as given."""

@@ -172,7 +172,7 @@ def _figures(
 ) -> Analysis:
     bs = cfg.block_size
     block_bytes = layout.block_bytes(bs)
-    fp8 = KVLayout(layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype, "fp8")
+    fp8 = layout.with_storage("fp8")
     n = len(counts)
     rank = np.empty(n, dtype=np.int64)
     rank[counts.select()] = np.arange(n)

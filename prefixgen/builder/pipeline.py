@@ -32,7 +32,7 @@ from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer, open_records
 from prefixgen.data.source import ShareRead, count_records, read_share
 from prefixgen.errors import PrefixgenError, StoreError
-from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, dequantize_fp8, quantize_fp8, root_key
+from prefixgen.format import BlockHash, BuildRecord, Manifest, dequantize_fp8, quantize_fp8, root_key
 from prefixgen.maintain.compact import compact_store
 from prefixgen.model import fingerprint, load_model, probe_kv_layout
 from prefixgen.store.blockcache import BlockCache
@@ -184,9 +184,10 @@ class PastSource:
 def _manifest(cfg: BuildConfig, model: torch.nn.Module, tokenizer) -> Manifest:
     layout = probe_kv_layout(model)
     if cfg.kv_dtype == "fp8":
-        layout = KVLayout(layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype, storage="fp8")
+        layout = layout.with_storage("fp8")
     fp = fingerprint(model, tokenizer, layout, name=cfg.model)
-    return Manifest(block_size=cfg.block_size, model=fp, kv=layout, root=root_key(fp.weights_digest).hex(), created_at=utc_now())
+    root = root_key(fp.weights_digest).hex()
+    return Manifest(cfg.block_size, fp, layout, root, format_version=layout.format_version, created_at=utc_now())
 
 
 def _count_pass(cfg: BuildConfig, tokenize: RecordTokenizer, manifest: Manifest) -> Selection:
@@ -280,7 +281,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     if budget.tokens < cfg.batch_tokens:
         bar.write(f"device memory allows {budget.tokens} tokens per batch (asked for {cfg.batch_tokens})")
     source = PastSource(writer, store, device, model.dtype, cfg.prefix_cache_bytes, fp8=manifest.kv.storage == "fp8")
-    prefiller = Prefiller(model, device, source.get)
+    prefiller = Prefiller(model, device, source.get, manifest.kv)
     timer = StageTimer()
 
     def store_task(task: PrefillTask, kv: torch.Tensor) -> None:

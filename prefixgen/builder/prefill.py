@@ -17,7 +17,8 @@ import torch
 
 from prefixgen.builder.plan import Batch
 from prefixgen.compat import cache_kwargs, make_cache, output_cache
-from prefixgen.format import BlockHash
+from prefixgen.format import BlockHash, KVLayout
+from prefixgen.kvcache import empty_cache, layers_from_rows, rows_from_layers
 
 
 def fit_batch_tokens(model: torch.nn.Module, kv_bytes_per_token: int, requested: int, device: torch.device) -> int:
@@ -40,17 +41,25 @@ def fit_batch_tokens(model: torch.nn.Module, kv_bytes_per_token: int, requested:
 
 
 class Prefiller:
-    """Runs batches: returns, per task, the KV of its new tokens ``[new, L, 2, H, D]`` on the device.
+    """Runs batches: returns, per task, the KV of its new tokens ``[new, L, parts, H, D]`` on the device.
 
-    ``past(keys)`` returns the KV of stored or earlier-computed blocks, ``[len(keys)*B, L, 2, H, D]``.
+    ``past(keys)`` returns the KV of stored or earlier-computed blocks, ``[len(keys)*B, L, parts, H, D]``.
+    ``layout`` says how a cache layer maps to a row (``prefixgen.kvcache``); per-head K/V if not given.
 
     Example:
         >>> prefiller = Prefiller(model, device, past=source.get)  # doctest: +SKIP
         >>> kvs = prefiller.run(batch)  # doctest: +SKIP
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, past: Callable[[Sequence[BlockHash]], torch.Tensor]):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        past: Callable[[Sequence[BlockHash]], torch.Tensor],
+        layout: KVLayout | None = None,
+    ):
         self.model = model
+        self.layout = layout
         self.device = device
         self.past = past
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
@@ -62,7 +71,7 @@ class Prefiller:
         ids = torch.zeros(rows, n_max, dtype=torch.long)
         for i, t in enumerate(tasks):
             ids[i, : t.new_tokens] = torch.tensor(t.tokens[t.cached :])
-        past = self._past(tasks, p_max) if p_max else None
+        past = self._past(tasks, p_max) if p_max else empty_cache()
         kwargs: dict[str, Any] = {"input_ids": self._up(ids), "use_cache": True, "logits_to_keep": 1}
         if any(t.cached != p_max for t in tasks):
             # Pasts of different lengths leave holes: only then a mask and explicit positions.
@@ -73,12 +82,8 @@ class Prefiller:
             kwargs["position_ids"] = self._up(pos)
         out = self.model(**kwargs, **cache_kwargs(self.model, past))
         layers = output_cache(out).layers
-        k0 = layers[0].keys  # [rows, H, P+N, D] per layer, K and V
-        # New tokens only, token-major in one copy: [rows, N, L, 2, H, D].
-        kv = torch.empty(rows, n_max, len(layers), 2, k0.shape[1], k0.shape[3], dtype=k0.dtype, device=k0.device)
-        for i, layer in enumerate(layers):
-            kv[:, :, i, 0] = layer.keys[:, :, p_max:].transpose(1, 2)
-            kv[:, :, i, 1] = layer.values[:, :, p_max:].transpose(1, 2)
+        # New tokens only, token-major in one copy: [rows, N, L, parts, H, D].
+        kv = rows_from_layers(layers, self._layout(layers), p_max)
         return [kv[i, : t.new_tokens] for i, t in enumerate(tasks)]
 
     def _holes(self, tasks: list, n_max: int, p_max: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,16 +107,31 @@ class Prefiller:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
+    def _layout(self, layers: Sequence) -> KVLayout:
+        if self.layout is not None:
+            return self.layout
+        k0 = layers[0].keys  # [rows, H, T, D]
+        return KVLayout(len(layers), k0.shape[1], k0.shape[3], str(k0.dtype).removeprefix("torch."))
+
     def _past(self, tasks: list, p_max: int):
-        """A DynamicCache [rows, H, p_max, D] per layer; row i holds its own past at the start."""
+        """A DynamicCache [rows, H, p_max, D] per layer (MLA: the latent and rope key, H = 1); row i holds
+        its own past at the start."""
         rows = len(tasks)
+        mla = self.layout is not None and self.layout.kind == "mla"
         buf = None
         for i, t in enumerate(tasks):
             if not t.cached:
                 continue
-            kv = self.past(t.keys[: t.cached // t.block_size]).to(self.device)  # [cached, L, 2, H, D]
-            if buf is None:
+            kv = self.past(t.keys[: t.cached // t.block_size]).to(self.device)  # [cached, L, parts, H, D]
+            if mla:  # token-major rows, split per layer below
+                if buf is None:
+                    buf = torch.zeros(rows, p_max, *kv.shape[1:], dtype=kv.dtype, device=self.device)
+                buf[i, : t.cached] = kv
+                continue
+            if buf is None:  # per-head K/V: one copy, into a buffer whose slices are the cache's tensors
                 _, layers, _, heads, dim = kv.shape
                 buf = torch.zeros(layers, 2, rows, heads, p_max, dim, dtype=kv.dtype, device=self.device)
             buf[:, :, i, :, : t.cached] = kv.permute(1, 2, 3, 0, 4)
+        if mla:
+            return make_cache(layers_from_rows(buf, self.layout))
         return make_cache([(buf[layer, 0], buf[layer, 1]) for layer in range(buf.shape[0])])

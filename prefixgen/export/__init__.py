@@ -115,6 +115,15 @@ def export(
     start = time.perf_counter()
     pstore = PrefixStore.open(store)
     info = StoreInfo.from_manifest(pstore.manifest)
+    kv = pstore.manifest.kv
+    if not kv.plain:
+        # The targets write per-head K/V pages of one full-attention pool; SGLang's SWA/MLA pools and LMCache's
+        # use_mla chunks lay these out otherwise, and no export of them has been checked with the engine's code.
+        kinds = ", ".join(g.describe() for g in kv.groups)
+        raise ExportError(
+            f"{store} holds a model whose cache has {kinds}: exports of sliding-window, chunked and MLA stores are not "
+            "written yet; serve the store with PrefixStore.load or prefixgen serve"
+        )
     if target.unit_tokens % info.block_size:
         raise ExportError(
             f"the store's block size ({info.block_size}) does not divide the target's {target.unit_tokens} tokens per file: "

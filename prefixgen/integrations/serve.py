@@ -192,7 +192,7 @@ class Engine:
         if not parts:
             return None, 0
         kv = torch.cat(parts)  # [n, L, 2, H, D]
-        return kv_to_cache(kv), kv.shape[0]
+        return kv_to_cache(kv, self.store.manifest.kv), kv.shape[0]
 
     # ------------------------------------------------------------------ generating
 

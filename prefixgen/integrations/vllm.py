@@ -329,7 +329,7 @@ def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
         >>> unsupported_features(vllm_config, kv_cache_config)  # doctest: +SKIP
         ['speculative decoding (method eagle): ...']
     """
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, MLAAttentionSpec
 
     problems = []
     pc = vllm_config.parallel_config
@@ -353,6 +353,18 @@ def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
         )
     for group in groups:
         s = group.kv_cache_spec
+        if isinstance(s, MLAAttentionSpec):  # a FullAttentionSpec too: one latent per token, not K and V
+            problems.append(
+                f"multi-head latent attention ({type(s).__name__}, head size {s.head_size}): the store holds the MLA "
+                "latent, but the connector does not load it into vLLM's MLA cache yet; serve it with PrefixStore.load "
+                "or prefixgen serve"
+            )
+            break
+        if isinstance(s, MambaSpec):
+            problems.append(
+                f"recurrent state ({type(s).__name__}): linear-attention and state-space layers are not stored by prefixgen"
+            )
+            break
         if not isinstance(s, FullAttentionSpec) or getattr(s, "sliding_window", None) or getattr(s, "attention_chunk_size", None):
             problems.append(
                 f"sliding-window or chunked attention ({type(s).__name__}): its KV is not a full-attention prefix, "

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from prefixgen.compat import make_cache
 from prefixgen.errors import CorruptBlockError, CorruptStoreError, IncompatibleStoreError, StoreError
 from prefixgen.format import (
     BUILDS_DIR,
@@ -36,6 +35,7 @@ from prefixgen.format import (
     TORCH_DTYPES,
     BlockHash,
     BuildRecord,
+    KVLayout,
     Manifest,
     SafetensorsHeader,
     block_crcs,
@@ -45,6 +45,7 @@ from prefixgen.format import (
     read_safetensors_header,
     read_shard_blocks,
 )
+from prefixgen.kvcache import rows_to_cache
 from prefixgen.model import fingerprint, probe_kv_layout
 from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.index import BlockLocation, StoreIndex
@@ -161,7 +162,10 @@ class PrefixStore:
 
         Reads only the bytes of the returned blocks, checks each block's CRC (``verify``), and
         returns keys and values as ``[1, kv_heads, n, head_dim]`` per layer in the model's dtype
-        (or ``dtype``). An empty cache if nothing matches.
+        (or ``dtype``); for an MLA store the latent ``[1, 1, n, kv_lora_rank]`` and the rope key
+        ``[1, 1, n, rope_dim]``, as transformers' DeepSeek cache holds them. Sliding-window and chunked
+        layers get every token: the model masks what lies outside their window. An empty cache if
+        nothing matches.
 
         ``generate`` needs at least one prompt token that is not in the cache: when the whole
         prompt is stored, load ``token_ids[:-1]`` rounded down to a block (see README).
@@ -172,8 +176,8 @@ class PrefixStore:
             >>> model.generate(torch.tensor([ids]), cache=cache)  # doctest: +SKIP
         """
         found = self.find_prefix(self.keys(token_ids))
-        kv = self.read_locations(found.locations, device=device, dtype=dtype, verify=verify)  # [T, L, 2, H, D]
-        return kv_to_cache(kv)
+        kv = self.read_locations(found.locations, device=device, dtype=dtype, verify=verify)  # [T, L, parts, H, D]
+        return kv_to_cache(kv, self.manifest.kv)
 
     def read_blocks(
         self, keys: Sequence[BlockHash], device: str | torch.device = "cpu", dtype: torch.dtype | None = None
@@ -214,10 +218,10 @@ class PrefixStore:
         """
         layout, bs = self.manifest.kv, self.block_size
         device = torch.device(device)
-        per_token = (layout.num_layers, 2, layout.num_kv_heads, layout.head_dim)
+        per_token = layout.token_shape
         n = len(locations)
         stored = TORCH_DTYPES[layout.stored_dtype]
-        scales = torch.empty((n, layout.num_layers, 2, layout.num_kv_heads)) if layout.storage == "fp8" else None
+        scales = torch.empty((n, *layout.token_shape[:3])) if layout.storage == "fp8" else None
         pieces = _pieces(_runs(locations), max(1, PIECE_BYTES // (layout.bytes_per_token * bs)))
         if device.type == "cuda":
             result = torch.empty((n * bs, *per_token), dtype=stored, device=device)
@@ -391,11 +395,13 @@ def _read_build(p: Path) -> BuildRecord:
         raise CorruptStoreError(f"{p} is damaged ({exc})") from None
 
 
-def kv_to_cache(kv: torch.Tensor) -> DynamicCache:
-    """[T, L, 2, H, D] token-major KV -> DynamicCache with per-layer [1, H, T, D] keys and values."""
-    per_layer = kv.permute(1, 2, 3, 0, 4)  # [L, 2, H, T, D]
-    layers = [(per_layer[i, 0].unsqueeze(0).contiguous(), per_layer[i, 1].unsqueeze(0).contiguous()) for i in range(kv.shape[1])]
-    return make_cache(layers)
+def kv_to_cache(kv: torch.Tensor, layout: KVLayout | None = None) -> DynamicCache:
+    """[T, L, parts, H, D] token-major KV -> DynamicCache with per-layer [1, H, T, D] keys and values
+    (for an MLA ``layout``, the latent and rope key: ``prefixgen.kvcache``). Every layer keeps every
+    token: a sliding-window layer's attention masks what lies beyond its window."""
+    if layout is None:
+        layout = KVLayout(kv.shape[1], kv.shape[3], kv.shape[4], str(kv.dtype).removeprefix("torch."))
+    return rows_to_cache(kv, layout)
 
 
 def _runs(locations: Sequence[BlockLocation]) -> list[_Run]:

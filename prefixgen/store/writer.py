@@ -400,10 +400,8 @@ class StoreWriter:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The stored KV [n*B, L, 2, H, D] (and fp8 scales [n, L, 2, H]) of slots ``slot`` .. ``slot+n-1``."""
         layout = self.manifest.kv
-        kv = torch.empty(
-            (n * self._bs, layout.num_layers, 2, layout.num_kv_heads, layout.head_dim), dtype=TORCH_DTYPES[layout.stored_dtype]
-        )
-        scale = torch.empty((n, layout.num_layers, 2, layout.num_kv_heads)) if self._fp8 else None
+        kv = torch.empty((n * self._bs, *layout.token_shape), dtype=TORCH_DTYPES[layout.stored_dtype])
+        scale = torch.empty((n, *layout.token_shape[:3])) if self._fp8 else None
         scale_bytes = scale.view(torch.uint8).numpy() if scale is not None else None
         if not read_shard_blocks(fd, header, layout, self._bs, slot, kv.view(torch.uint8).numpy(), scale_bytes):
             raise StoreError(f"{shard_name(self.writer_id, seq)} is truncated: another process changed this writer's shard")
@@ -430,11 +428,11 @@ class StoreWriter:
 
     def _allocate(self) -> _Shard:
         layout = self.manifest.kv
-        shape = (self._capacity * self._bs, layout.num_layers, 2, layout.num_kv_heads, layout.head_dim)
+        shape = (self._capacity * self._bs, *layout.token_shape)
         kv = torch.empty(shape, dtype=TORCH_DTYPES[layout.stored_dtype], pin_memory=self._pin)
         scale = None
         if self._fp8:
-            scale = torch.empty((self._capacity, layout.num_layers, 2, layout.num_kv_heads), pin_memory=self._pin)
+            scale = torch.empty((self._capacity, *layout.token_shape[:3]), pin_memory=self._pin)
         tokens = np.zeros((self._capacity, self._bs), dtype=np.uint32)
         keys = np.zeros((self._capacity, 32), dtype=np.uint8)
         parents = np.zeros((self._capacity, 32), dtype=np.uint8)

@@ -1,0 +1,268 @@
+"""Models whose cache is not plain full attention: sliding-window (Gemma 3, GPT-OSS with sinks,
+Mistral) and MLA (DeepSeek V2/V3) built into a store by the real build and loaded back into the real
+model: the loaded cache continues exactly as a full recompute; kinds prefixgen cannot store are refused
+by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from prefixgen import BuildConfig, PrefixStore, build
+from prefixgen.cache_spec import CHUNKED, MLA, RECURRENT, SLIDING, cache_spec, state_stride_tokens
+from prefixgen.compat import cache_kwargs
+from prefixgen.format import SHARDS_DIR, read_safetensors_header
+from prefixgen.maintain.verify import verify_store
+from prefixgen.model import config_kv_layout
+
+from .conftest import make_model, write_jsonl
+
+# Longer than the window (8) and than two blocks (16): the cut falls past the window of every sliding layer.
+PROMPTS = [
+    "Once upon a time, there was a little girl named Lily. She loved to play outside with her friends in the sun.",
+    "Once upon a time, there was a little boy named Tom. He had a big red ball and a small dog called Max.",
+]
+WINDOW = 8
+
+# Tiny configs of each kind: the arch and its overrides of make_model's base config.
+KINDS = {
+    "gemma3_text": dict(
+        head_dim=16,
+        sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        num_hidden_layers=4,
+        tie_word_embeddings=False,
+    ),
+    "gpt_oss": dict(
+        head_dim=16,
+        sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"],
+        intermediate_size=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
+    "mistral": dict(sliding_window=WINDOW),
+    # chunks of 12: the stored prefixes (multiples of 16) end inside a chunk
+    "llama4_text": dict(
+        head_dim=16,
+        attention_chunk_size=12,
+        num_hidden_layers=4,
+        num_local_experts=2,
+        intermediate_size_mlp=64,
+    ),
+    "deepseek_v2": dict(
+        num_key_value_heads=4,
+        kv_lora_rank=32,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        first_k_dense_replace=2,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        moe_intermediate_size=32,
+    ),
+    "deepseek_v3": dict(
+        num_key_value_heads=4,
+        kv_lora_rank=32,
+        q_lora_rank=24,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        first_k_dense_replace=1,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        moe_intermediate_size=32,
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(KINDS))
+def kind_model(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / request.param
+    # Weights 5x the default init scale: attention that depends on its keys, as in a trained model.
+    return request.param, make_model(path, request.param, seed=1, initializer_range=0.1, **KINDS[request.param])
+
+
+@pytest.fixture(scope="module")
+def kind_store(kind_model, tmp_path_factory):
+    arch, model_dir = kind_model
+    tmp = tmp_path_factory.mktemp(f"store-{arch}")
+    data = write_jsonl(tmp / "d.jsonl", [{"text": p} for p in PROMPTS])
+    cfg = BuildConfig(dataset=str(data), model=str(model_dir), out=str(tmp / "store"), device="cpu", dtype="float32", quiet=True)
+    build(cfg)
+    return PrefixStore.open(tmp / "store")
+
+
+def _load(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+@torch.inference_mode()
+def test_loaded_cache_continues_as_a_full_recompute(kind_model, kind_store):
+    arch, model_dir = kind_model
+    model, tok = _load(model_dir)
+    kind_store.check_compatible(model, tok)
+    for prompt in PROMPTS:
+        ids = tok(prompt).input_ids + tok(" And then they all went home happy.").input_ids
+        n = kind_store.match(ids)
+        assert n >= 2 * WINDOW and n % kind_store.block_size == 0
+        cache = kind_store.load(ids)
+        assert cache.get_seq_length() == n
+        full = model(torch.tensor([ids])).logits[0, n:]
+        rest = model(torch.tensor([ids[n:]]), **cache_kwargs(model, cache)).logits[0]
+        bound = 1e-5 * full.abs().max().item()  # float32 rounding, as tests/test_store_model.py
+        assert (rest - full).abs().max().item() < bound, arch
+        # Greedy continuation from the loaded cache equals generation from the whole prompt.
+        plain = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+        cached = model.generate(
+            torch.tensor([ids]), max_new_tokens=12, do_sample=False, **cache_kwargs(model, kind_store.load(ids))
+        )
+        assert plain.tolist() == cached.tolist(), arch
+
+
+@torch.inference_mode()
+def test_a_wrong_stored_value_is_seen(kind_model, kind_store):
+    """The bound above fails when the last stored token's cache in layer 0 is off by 1%."""
+    _, model_dir = kind_model
+    model, tok = _load(model_dir)
+    ids = tok(PROMPTS[0]).input_ids + tok(" And then they all went home happy.").input_ids
+    n = kind_store.match(ids)
+    full = model(torch.tensor([ids])).logits[0, n:]
+    off = kind_store.load(ids)
+    off.layers[0].keys[0, :, n - 1] *= 1.01  # [batch, heads (1 for MLA), tokens, dim]
+    wrong = model(torch.tensor([ids[n:]]), **cache_kwargs(model, off)).logits[0]
+    assert (wrong - full).abs().max().item() > 1e-5 * full.abs().max().item()
+
+
+def test_the_manifest_describes_the_groups_and_mla_stores_the_latent(kind_model, kind_store):
+    arch, model_dir = kind_model
+    manifest = json.loads((kind_store.path / "manifest.json").read_text())
+    config = AutoConfig.from_pretrained(model_dir)
+    spec = cache_spec(config)
+    assert manifest["format_version"] == 4
+    assert [g["kind"] for g in manifest["kv"]["groups"]] == [g.kind for g in spec.groups]
+    shard = next((kind_store.path / SHARDS_DIR).glob("*.safetensors"))
+    with open(shard, "rb") as f:
+        header = read_safetensors_header(f, shard)
+    kv = header.tensors["kv"]
+    tokens = kv["shape"][0]
+    a, b = kv["data_offsets"]
+    if spec.groups[0].kind == MLA:
+        g = spec.groups[0]
+        # The latent's size: layers x (kv_lora_rank + rope dims) float32 values per token, not per-head K/V.
+        latent = config.num_hidden_layers * (g.kv_lora_rank + g.rope_dim) * 4
+        per_head = (
+            config.num_hidden_layers
+            * config.num_attention_heads
+            * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
+            * 4
+        )
+        assert b - a == tokens * latent and latent < per_head
+        assert manifest["kv"]["kind"] == "mla" and manifest["kv"]["latent_rank"] == config.kv_lora_rank
+    else:
+        assert {SLIDING, CHUNKED} & {g.kind for g in spec.groups}
+        assert b - a == tokens * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 4
+    assert config_kv_layout(config, "float32") == kind_store.manifest.kv  # analyze's arithmetic from the config alone
+    assert verify_store(kind_store.path).ok  # every block's checksum over the new row shapes
+
+
+def test_a_plain_store_keeps_format_3(tmp_path, stories):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": p} for p in PROMPTS])
+    build(BuildConfig(dataset=str(data), model=str(stories), out=str(tmp_path / "s"), device="cpu", dtype="float32", quiet=True))
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["format_version"] == 3
+    assert sorted(manifest["kv"]) == ["dtype", "head_dim", "layout", "num_kv_heads", "num_layers", "scale_layout", "storage"]
+
+
+@pytest.mark.parametrize(
+    "arch, overrides, expect",
+    [
+        (
+            "qwen3_next",
+            dict(
+                head_dim=16,
+                linear_num_key_heads=2,
+                linear_num_value_heads=4,
+                linear_key_head_dim=8,
+                linear_value_head_dim=8,
+                num_hidden_layers=4,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=32,
+                shared_expert_intermediate_size=32,
+            ),
+            "3 layers of recurrent state (linear attention / state space)",
+        ),
+    ],
+)
+def test_unsupported_kinds_are_refused_by_name(tmp_path, cli, text_dataset, arch, overrides, expect):
+    model = make_model(tmp_path / arch, arch, **overrides)
+    out = tmp_path / "store"
+    result = cli("build", text_dataset, "--model", model, "--out", out, "--device", "cpu", "--quiet")
+    assert result.exit_code not in (0, 1), result.output
+    assert expect in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_qwen3_next_80b_state_arithmetic():
+    """Qwen3-Next-80B-A3B's published config (transformers' Qwen3NextConfig defaults are that model):
+    12 full-attention layers of 2 KV heads x 256, 36 Gated DeltaNet layers of 16 key / 32 value heads
+    of 128, convolution kernel 4."""
+    from transformers import Qwen3NextConfig
+
+    spec = cache_spec(Qwen3NextConfig())
+    (lin,) = [g for g in spec.groups if g.kind == RECURRENT]
+    assert len(lin.layers) == 36 and (lin.conv, lin.ssm) == ((2 * 16 * 128 + 32 * 128) * 3, 32 * 128 * 128)
+    assert spec.bytes_per_token(2) == 12 * 2 * 2 * 256 * 2 == 24_576
+    assert spec.bytes_per_boundary(2) == 36 * (24_576 + 524_288) * 2 == 39_518_208
+    assert state_stride_tokens(spec, 2) == 2048  # 39.5 MB of state is the KV of 1,608 tokens
+
+
+def test_prefixgen_serve_answers_as_without_the_store(kind_model, kind_store):
+    """``prefixgen serve``'s engine: greedy answers with the stored prefix loaded equal those of --no-store."""
+    from prefixgen.integrations.serve import Engine, ServeConfig
+
+    _, model_dir = kind_model
+    cfg = dict(store=str(kind_store.path), model=str(model_dir), device="cpu", dtype="float32")
+    with_store, without = Engine(ServeConfig(**cfg)), Engine(ServeConfig(**cfg, no_store=True))
+    ids = with_store.tokenize_text(PROMPTS[1] + " And then they all went home happy.")
+    a = with_store.generate(ids, {"max_tokens": 12, "temperature": 0})
+    b = without.generate(ids, {"max_tokens": 12, "temperature": 0})
+    assert a.cached_tokens >= 2 * WINDOW and b.cached_tokens == 0
+    assert a.tokens == b.tokens
+
+
+def test_exports_refuse_the_kinds_they_cannot_write(kind_model, kind_store, cli, tmp_path):
+    """SGLang, LMCache and vLLM offloading exports lay out per-head K/V of one full-attention pool: a sliding-window or MLA store
+    gets one message naming its cache, and no export folder."""
+    arch, _ = kind_model
+    for target in ("sglang", "lmcache", "vllm"):
+        out = tmp_path / target
+        result = cli("export", kind_store.path, "--to", target, "--out", out, "--model-name", "m", "--hash-seed", "0")
+        assert result.exit_code not in (0, 1), result.output
+        assert "exports of sliding-window, chunked and MLA stores are not written yet" in result.stderr, result.stderr
+        named = {"deepseek_v2": "multi-head latent", "deepseek_v3": "multi-head latent", "llama4_text": "chunked local"}
+        assert named.get(arch, "sliding-window") + " attention" in result.stderr
+        assert "Traceback" not in result.output and not out.exists()
+
+
+def test_ls_names_the_layer_groups(kind_model, kind_store, cli):
+    arch, _ = kind_model
+    result = cli("ls", kind_store.path)
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("cache"))
+    if arch.startswith("deepseek"):
+        assert "layers of multi-head latent attention (MLA)" in line
+    elif arch == "llama4_text":
+        assert "3 layers of chunked local attention (chunks of 12); 1 layers of full attention" in line
+    else:
+        assert f"layers of sliding-window attention (window {WINDOW}{', with sinks' if arch == 'gpt_oss' else ''})" in line
