@@ -294,6 +294,9 @@ class ServeConfig:
     no_store: bool = False  # serve without the store (for comparisons)
     default_max_tokens: int = 256  # for requests that do not say
     trust_remote_code: bool = False
+    # A request looks at the store's index folder at most this often and reopens the index when it changed
+    # (an append, compaction, prune or gc while serving): new blocks hit, moved blocks are found again.
+    refresh_seconds: float = 2.0
 
     def merged(self, **overrides: Any) -> ServeConfig:
         """A copy with the non-None ``overrides`` applied (sizes may carry units: ``"8GiB"``)."""
@@ -314,6 +317,8 @@ class ServeConfig:
             raise ConfigError(f"--gpu-cache-bytes must be 0 or more, got {self.gpu_cache_bytes}")
         if self.default_max_tokens <= 0:
             raise ConfigError(f"--default-max-tokens must be positive, got {self.default_max_tokens}")
+        if self.refresh_seconds < 0:
+            raise ConfigError(f"--refresh-seconds must be 0 or more, got {self.refresh_seconds}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
