@@ -348,6 +348,14 @@ class ConnectorConfig:
     # 0.09 GB/s instead of 1.4-2.5, BENCHMARKS.md). The cost: a request arriving during such a wait is
     # scheduled up to this much later.
     yield_seconds: float = 0.005
+    # A load not done this many seconds after its step started it is given up: vLLM recomputes the request from
+    # the first token not written, and a thread stuck in a read that never returns (a dead NFS server, a shard
+    # replaced by a named pipe) is replaced, so other loads go on. 0: no deadline.
+    load_timeout_seconds: float = 30.0
+    # The scheduler looks at the store's index folder this often, on a thread of its own, and reopens the index
+    # when it changed (an append, compaction, prune or gc while serving); the blocks and shards workers had
+    # reported bad are claimed again after a reopen. 0: never (the index read at start is kept).
+    refresh_seconds: float = 2.0
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> ConnectorConfig:
@@ -366,6 +374,10 @@ class ConnectorConfig:
             raise ConfigError(f"PrefixgenConnector: load_threads must be a positive integer, got {cfg.load_threads!r}")
         if not isinstance(cfg.yield_seconds, int | float) or cfg.yield_seconds < 0:
             raise ConfigError(f"PrefixgenConnector: yield_seconds must be a number of seconds >= 0, got {cfg.yield_seconds!r}")
+        for name in ("load_timeout_seconds", "refresh_seconds"):
+            value = getattr(cfg, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"PrefixgenConnector: {name} must be a number of seconds >= 0, got {value!r}")
         return cfg
 
 

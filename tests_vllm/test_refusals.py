@@ -14,7 +14,7 @@ from prefixgen import BuildConfig, PrefixStore, build
 from prefixgen.errors import ConfigError, IncompatibleStoreError
 from prefixgen.model import load_tokenizer
 
-from .conftest import CONNECTOR, MODULE, tiny_model, write_jsonl
+from .conftest import CONNECTOR, MODULE, claim, tiny_model, write_jsonl
 
 SYSTEM = "You are a helpful storyteller. Answer kindly and simply, in short sentences a child can read. " * 5
 RECORD = SYSTEM + "Story 1: once upon a time, Tom found a cat in the park."
@@ -137,7 +137,7 @@ def test_requests_the_store_cannot_serve_load_nothing_and_are_counted(model, sto
     ids = load_tokenizer(str(model))(RECORD + " Then he").input_ids
     stored = PrefixStore.open(store).match(ids[:-1])
     assert stored >= 256
-    assert sched.get_num_new_matched_tokens(request("plain", ids), 0) == (stored, True)  # loaded asynchronously
+    assert claim(sched, request("plain", ids), 0) == (stored, True)  # loaded asynchronously
     image = MultiModalFeatureSpec(data=None, modality="image", identifier="img", mm_position=PlaceholderRange(offset=0, length=4))
     skipped = [
         request("lora", ids, lora_request=LoRARequest("adapter", 1, "/no/such/adapter")),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import threading
 
 import pytest
@@ -225,12 +226,12 @@ def test_engine_waits_for_loads_only_on_steps_that_run_nothing(engine):
     """yield_seconds: on a step that schedules no token the engine thread waits for a load in flight (an in-process
     engine would otherwise spin holding the GIL); a step that runs a batch returns at once. The load here is held on
     an event released 2 s later, far inside a 60 s yield_seconds."""
-    from prefixgen.integrations.vllm import PrefixgenConnectorMetadata
+    from prefixgen.integrations.vllm import LoadSpec, PrefixgenConnectorMetadata, _Loading
 
     conn = worker(engine)
     config, release = conn.config, threading.Event()
     conn.config = dataclasses.replace(config, yield_seconds=60.0)
-    conn._inflight["held"] = conn._pool.submit(release.wait)
+    conn._inflight["held"] = _Loading(LoadSpec("held", 0, 0, 0, [], []), math.inf, 0, future=conn._pool.submit(release.wait))
     timer = threading.Timer(2.0, release.set)
     try:
         conn.bind_connector_metadata(PrefixgenConnectorMetadata(idle=False))
