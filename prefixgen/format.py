@@ -643,12 +643,14 @@ class Segment:
         "_shard_table",
         "_shards",
         "opened_stat",
+        "_whole",
     )
 
     def __init__(self, path: Path):
         self.path = path
         self._file = None
         self._cols: dict[str, FileColumn] | None = None
+        self._whole: dict[str, np.ndarray] | None = None  # a large segment's columns, once read whole (cols)
         f = open(path, "rb", buffering=0)  # noqa: SIM115 (kept open by a large segment, closed below otherwise)
         try:
             header = read_safetensors_header(f, path)
@@ -822,13 +824,22 @@ class Segment:
         return None if self._checksums is None else self._checksums.get(name)
 
     @property
-    def cols(self) -> dict[str, Any]:
-        """Every column by name (``shard`` only in a compacted segment). A large segment gives
-        :class:`FileColumn` s, read as rows are indexed; a small one is read again on each access:
-        keep the dict while you use it."""
-        if self._cols is not None:
-            return self._cols
-        return self.read_cols()
+    def cols(self) -> dict[str, np.ndarray]:
+        """Every column by name (``shard`` only in a compacted segment), in memory: a small segment is read
+        again on each access (keep the dict while you use it), a large one read whole once and kept. A
+        lookup reads only the rows it needs instead: :attr:`rows`."""
+        if self._file is None:
+            return self.read_cols()
+        if self._whole is None:
+            self._whole = self.read_cols()
+        return self._whole
+
+    @property
+    def rows(self) -> dict[str, Any]:
+        """Every column by name, for reading a few rows: a large segment's columns are :class:`FileColumn` s,
+        read with ``pread`` as they are indexed (a lookup touches a few rows of a column of millions); a
+        small segment's are :attr:`cols`."""
+        return self._cols if self._cols is not None else self.cols
 
     def shard_ids(self, cols: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """[n] each row's index into ``shards`` (all 0 for a one-shard segment)."""

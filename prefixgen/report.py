@@ -142,7 +142,7 @@ def _count_blocks(store: PrefixStore) -> int:
     others = np.unique(np.concatenate([s.cols["key64"] for s in rest])) if rest else np.empty(0, np.uint64)
     if base is None or not base.n:
         return len(others)
-    col = np.asarray(base.cols["key64"])  # searched whole: read once
+    col = base.cols["key64"]
     at = np.minimum(np.searchsorted(col, others), len(col) - 1)
     return base.n + int(np.count_nonzero(col[at] != others))
 

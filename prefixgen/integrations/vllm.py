@@ -337,6 +337,7 @@ class _Loading:
     state: str = "queued"  # queued -> running -> done, or abandoned (given up: its thread writes nothing more)
     thread: int | None = None  # ident of the load thread running it
     pending: Any = None  # CUDA: the event of the last piece's write, still running on the side stream
+    reading: frozenset[str] = frozenset()  # the shards of the piece being read (reported bad if the read never ends)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -658,7 +659,9 @@ class PrefixgenConnector(KVConnectorBase_V1):
                     self.claim_stats.store_reopens += 1
                     logger.info("PrefixgenConnector: the store changed; its index was reopened")
             except STORE_FAULTS as exc:  # mid-change or damaged: keep the index we have, try again later
-                _warn_once(self._logged, str(exc), "PrefixgenConnector: cannot reopen the store's index (%s); keeping the last one", exc)
+                _warn_once(
+                    self._logged, str(exc), "PrefixgenConnector: cannot reopen the store's index (%s); keeping the last one", exc
+                )
 
     def _lookup(self, ids: list[int]) -> list[BlockLocation]:
         """Store locations of the longest stored prefix of ``ids[:-1]``; none when the index cannot be read."""
@@ -782,6 +785,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
             with self._lock:
                 self._report_unwritten(loading.load, written)
                 self.stats.timed_out_loads += 1
+                if not queued:  # its shards are not claimed again until the store changes
+                    self._new_bad.bad_shards |= loading.reading
         if queued:
             loading.future.cancel()  # never started (its thread, if it is just starting, sees the state and returns)
         elif loading.thread is not None:
@@ -890,6 +895,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
         step = self._piece_blocks()
         for i in range(0, len(load.locations), step):
             piece = load.locations[i : i + step]
+            loading.reading = frozenset(loc.shard for loc in piece)
             kv, good = self._read(piece)  # [good * bs, this stage's layers, 2, this rank's heads, D] in host memory
             first = (load.first_block + i) * bs  # the piece's first token
             with loading.lock:

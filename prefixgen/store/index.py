@@ -157,7 +157,7 @@ class StoreIndex:
 
     def _columns(self, seg: Segment) -> dict[str, np.ndarray]:
         if seg.mapped:
-            return seg.cols
+            return seg.rows  # only the rows a lookup indexes are read
         with self._lock:
             hit = self._cache.get(id(seg))
             if hit is not None and hit[0] is seg:
