@@ -51,6 +51,9 @@ if python3 -c "import vllm" 2>/dev/null; then
   # A 32k-token 8B prefix (4.3 GB of bf16 KV) streamed through the default 64 MiB staging budget, then 512 MiB.
   T=400 run vllm_ttft.py --model configs/models/llama-3.1-8b.json --prefix 32768 --repeats 2
   T=400 run vllm_ttft.py --model configs/models/llama-3.1-8b.json --prefix 32768 --repeats 2 --staging-bytes 512MiB
+  # What a 128k-token stored prompt's lookup (and a cold one's) adds to a scheduler step: in the background now,
+  # against the inline lookup schedule() ran before (the host's CPU, not the GPU, sets these numbers).
+  T=200 run scheduler_step.py --tokens 131072 --repeats 10
 else
   echo "vllm is not importable on this machine: skipping vllm_ttft.py (install vllm==0.32.0 to run it)" | tee -a "$OUTDIR/gpu.txt"
 fi

@@ -10,10 +10,12 @@ is needed::
 Written against the v1 connector API of vLLM 0.32.0 (the API is marked experimental; README
 says which versions are tested). vLLM builds one connector per process and role:
 
-* **scheduler** (:meth:`PrefixgenConnector.get_num_new_matched_tokens`): hashes the prompt with
-  the store's chained block keys in growing runs (1, 2, 4, ... blocks, stopping at the first miss),
-  finds the longest stored prefix of all but the last prompt token, and claims the stored tokens
-  beyond vLLM's own prefix-cache hit. Requests with a LoRA adapter, multimodal inputs, prompt
+* **scheduler** (:meth:`PrefixgenConnector.get_num_new_matched_tokens`): on a lookup thread (vLLM is
+  told "not yet", None, and asks again next step: ``schedule()`` never hashes or reads the index), hashes
+  the prompt with the store's chained block keys in growing runs (1, 2, 4, ... blocks, stopping at the
+  first miss), finds the longest stored prefix of all but the last prompt token; then claims the stored
+  tokens beyond vLLM's own prefix-cache hit. Another thread reopens the index every ``refresh_seconds``
+  if the store changed (append, compaction, prune, gc). Requests with a LoRA adapter, multimodal inputs, prompt
   embeddings or a cache_salt are skipped (nothing loaded, counted): the store's keys hash the base
   model's token ids only. After vLLM allocated the request's blocks, the load (block locations in
   the store, vLLM block ids) goes to the workers in the step's :class:`PrefixgenConnectorMetadata`.
@@ -24,7 +26,9 @@ says which versions are tested). vLLM builds one connector per process and role:
   with the layer's own cache-write op (``impl.do_kv_cache_update``, i.e.
   ``cpu_attn_reshape_and_cache`` on CPU and ``reshape_and_cache_flash`` on FlashAttention; on
   CUDA on a side stream), so no backend's memory layout is hard-coded here. A finished load is
-  reported through :meth:`get_finished`; vLLM then schedules the request.
+  reported through :meth:`get_finished`; vLLM then schedules the request. A load not done within
+  ``load_timeout_seconds`` is given up there (it writes nothing more; vLLM recomputes) and its thread,
+  stuck in a read, replaced: load threads are daemons, so neither shutdown nor exit waits for a hung read.
 
 Store faults are cache misses: a block that fails its CRC, a missing, truncated or unreadable
 shard, a damaged index segment are logged once (per shard), counted (:class:`LoadStats`,
@@ -97,6 +101,9 @@ SUPPORTED_VLLM = "0.32.0"
 # miss. Nothing else is: a ValueError, IndexError or KeyError is a bug, and is raised (a lookup) or logged
 # with its traceback (a load).
 STORE_FAULTS = (PrefixgenError, OSError)
+# The scheduler's lookups hash and search at most this many blocks at a time, letting the GIL go between:
+# the scheduler thread waits for one such run at most (a fraction of a ms) while a long prompt is looked up.
+LOOKUP_RUN = 128
 
 
 @dataclass(slots=True)
@@ -472,13 +479,17 @@ def skip_reason(request: Request) -> str | None:
     return None
 
 
-def stored_prefix(store: PrefixStore, token_ids: Sequence[int]) -> tuple[list[BlockLocation], int]:
+def stored_prefix(store: PrefixStore, token_ids: Sequence[int], max_run: int | None = None) -> tuple[list[BlockLocation], int]:
     """Locations of the longest stored prefix of ``token_ids`` (whole store blocks), and how many blocks
     were hashed to find it.
 
     The blocks are hashed and looked up in growing runs (1, 2, 4, ... blocks), each chained on the last key
     of the run before: a prompt that misses early costs a few SHA-256s, not one per block of the prompt
     (a cold 128k-token prompt: 1 instead of 8k), and a hit of ``n`` blocks costs fewer than ``2n + 1``.
+
+    ``max_run``: runs of at most this many blocks, the GIL let go between them (for a background thread:
+    the thread that wants it, vLLM's scheduler, waits for at most one run instead of the interpreter's 5 ms
+    switch interval).
 
     Example:
         >>> locations, hashed = stored_prefix(store, list(range(100)))  # doctest: +SKIP
@@ -489,7 +500,7 @@ def stored_prefix(store: PrefixStore, token_ids: Sequence[int]) -> tuple[list[Bl
     parent = store.manifest.root_key
     run = hashed = 0
     while len(locations) < total:
-        run = min(max(1, 2 * run), total - len(locations))
+        run = min(max(1, 2 * run), total - len(locations), max_run or total)
         start = len(locations) * bs
         keys = block_keys(token_ids[start : start + run * bs], bs, parent)
         hashed += run
@@ -498,6 +509,8 @@ def stored_prefix(store: PrefixStore, token_ids: Sequence[int]) -> tuple[list[Bl
         if len(found) < run:
             break
         parent = keys[-1]
+        if max_run:
+            time.sleep(0)  # lets another thread waiting for the GIL run now
     return locations, hashed
 
 
@@ -667,7 +680,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
         """Store locations of the longest stored prefix of ``ids[:-1]``; none when the index cannot be read."""
         self.claim_stats.lookups += 1
         try:
-            return stored_prefix(self.store, ids[:-1])[0]
+            return stored_prefix(self.store, ids[:-1], max_run=LOOKUP_RUN)[0]
         except STORE_FAULTS as exc:
             self.claim_stats.lookup_errors += 1
             _warn_once(self._logged, str(exc), "PrefixgenConnector: cannot search the store (%s); vLLM computes the prompt", exc)
