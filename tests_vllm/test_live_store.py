@@ -133,6 +133,14 @@ def generate(llm, indices: list[int]) -> tuple[list[list[int]], list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs], [o.num_cached_tokens or 0 for o in outs]
 
 
+def step_for(llm, seconds: float) -> None:
+    """Run the engine's steps for ``seconds``."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        llm.llm_engine.step()
+        time.sleep(0.01)
+
+
 def until(check: Callable[[], bool], seconds: float = 30.0) -> float:
     """Ask ``check`` until it holds (failing after ``seconds``); how long that took."""
     t0 = time.monotonic()
@@ -213,8 +221,7 @@ def test_loads_aborted_while_their_reads_hang_hold_up_no_other_load(engine, stor
         params = SamplingParams(max_tokens=12, temperature=0)
         for k in (4, 5):
             engine.llm_engine.add_request(f"abort-{k}", PROMPTS[k], params)
-        for _ in range(5):
-            engine.llm_engine.step()
+        step_for(engine, 2.0)  # looked up, their loads started (and blocked on the pipes)
         engine.llm_engine.abort_request(["abort-4", "abort-5"])
         tokens, cached = generate(engine, [1])
         assert tokens == [baseline[1]] and cached == [stored(store, engine, 1)]
@@ -260,8 +267,7 @@ def test_shutdown_returns_with_a_read_hung(engine, store):
     pipe = NamedPipe(shard_of(store, engine, 6))
     try:
         engine.llm_engine.add_request("hung", PROMPTS[6], SamplingParams(max_tokens=4, temperature=0))
-        for _ in range(5):
-            engine.llm_engine.step()
+        step_for(engine, 2.0)
         done = threading.Event()
         threading.Thread(target=lambda: (_shutdown(engine), done.set()), daemon=True).start()
         assert done.wait(60), "shutdown did not return"
