@@ -54,6 +54,8 @@ if python3 -c "import vllm" 2>/dev/null; then
   # What a 128k-token stored prompt's lookup (and a cold one's) adds to a scheduler step: in the background now,
   # against the inline lookup schedule() ran before (the host's CPU, not the GPU, sets these numbers).
   T=200 run scheduler_step.py --tokens 131072 --repeats 10
+  # Inter-token latency (p50/p99) of 4 decoding requests while 2 others load 4k- and 16k-token 8B prefixes, against none.
+  T=500 run vllm_itl.py --model configs/models/llama-3.1-8b.json --prefix 4096 16384
 else
   echo "vllm is not importable on this machine: skipping vllm_ttft.py (install vllm==0.32.0 to run it)" | tee -a "$OUTDIR/gpu.txt"
 fi
