@@ -560,7 +560,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
             self._reported: dict[str, int | float] = {}
             # Lookups run on a thread of their own: schedule() never hashes a prompt or reads the index itself.
             self._lookup_threads = _Threads(1, "prefixgen-lookup")
-            self._lookups: dict[str, Future] = {}  # request id -> its lookup, until vLLM asks again and it is done
+            self._lookups: dict[str, tuple[Future, float]] = {}  # request id -> its lookup and when it was asked for
+            self._lookup_thread: int | None = None  # ident of the thread running the current lookup
             self._idle = False  # the last step scheduled no token: waiting for a lookup then costs no running request
             self._reopens = 0  # store reopens seen by the scheduler thread (the refresh thread counts them in claim_stats)
             self._stop = threading.Event()
@@ -642,7 +643,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
             if self._reopens != self.claim_stats.store_reopens:  # the store changed: what failed may be fixed or moved
                 self._reopens = self.claim_stats.store_reopens
                 self._bad = PrefixgenWorkerMetadata()
-            lookup = self._lookups.get(request.request_id)
+            lookup, since = self._lookups.get(request.request_id, (None, 0.0))
             if lookup is None:
                 reason = skip_reason(request)
                 if reason is not None:
@@ -650,15 +651,21 @@ class PrefixgenConnector(KVConnectorBase_V1):
                     match = _Match(0, [])
                 else:
                     lookup = self._lookup_threads.submit(self._lookup, list(request.prompt_token_ids or []))
-                    self._lookups[request.request_id] = lookup
+                    since = time.monotonic()
+                    self._lookups[request.request_id] = (lookup, since)
             if match is None:
                 if not lookup.done() and self._idle and self.config.yield_seconds > 0:
                     wait([lookup], timeout=self.config.yield_seconds)  # nothing runs this step: waiting delays nobody
-                if not lookup.done():
+                timeout = self.config.load_timeout_seconds
+                if not lookup.done() and not (timeout > 0 and time.monotonic() - since > timeout):
                     self.claim_stats.lookups_deferred += 1
                     return None, False  # vLLM keeps the request waiting and asks again next step
                 del self._lookups[request.request_id]
-                locations = self._usable(lookup.result())  # a bug in the lookup is raised here, not made a miss
+                if lookup.done():
+                    locations = self._usable(lookup.result())  # a bug in the lookup is raised here, not made a miss
+                else:  # an index read that never returns: a miss, and another thread takes the lookups after it
+                    locations = []
+                    self._give_up_lookup(lookup)
                 match = _Match(len(locations) * self.store.block_size, locations)
             self._matches[request.request_id] = match
         tokens = max(0, match.end - num_computed_tokens)
@@ -676,8 +683,24 @@ class PrefixgenConnector(KVConnectorBase_V1):
                     self._logged, str(exc), "PrefixgenConnector: cannot reopen the store's index (%s); keeping the last one", exc
                 )
 
+    def _give_up_lookup(self, lookup: Future) -> None:
+        """A lookup past ``load_timeout_seconds``: if it has not started, it never will; the thread of the lookup
+        running (stuck in an index read) is replaced, so the lookups queued after it go on."""
+        self.claim_stats.lookup_errors += 1
+        lookup.cancel()
+        if self._lookup_thread is not None:  # the lookup running now (this one, or one it was queued behind) is stuck
+            self._lookup_threads.replace(self._lookup_thread)
+        _warn_once(
+            self._logged,
+            "lookup timeout",
+            "PrefixgenConnector: a store lookup took more than load_timeout_seconds=%s (an index read that hangs?); "
+            "vLLM computes the prompt",
+            self.config.load_timeout_seconds,
+        )
+
     def _lookup(self, ids: list[int]) -> list[BlockLocation]:
         """Store locations of the longest stored prefix of ``ids[:-1]``; none when the index cannot be read."""
+        self._lookup_thread = threading.get_ident()
         self.claim_stats.lookups += 1
         try:
             return stored_prefix(self.store, ids[:-1], max_run=LOOKUP_RUN)[0]
