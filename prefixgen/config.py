@@ -384,7 +384,8 @@ class ConnectorConfig:
     yield_seconds: float = 0.005
     # A load not done this many seconds after its step started it is given up: vLLM recomputes the request from
     # the first token not written, and a thread stuck in a read that never returns (a dead NFS server, a shard
-    # replaced by a named pipe) is replaced, so other loads go on. 0: no deadline.
+    # replaced by a named pipe) is replaced, so other loads go on. The scheduler's lookups (in the background)
+    # have the same deadline: past it the prompt is a miss. 0: no deadline.
     load_timeout_seconds: float = 30.0
     # The scheduler looks at the store's index folder this often, on a thread of its own, and reopens the index
     # when it changed (an append, compaction, prune or gc while serving); the blocks and shards workers had
