@@ -56,12 +56,15 @@ if python3 -c "import vllm" 2>/dev/null; then
   T=200 run scheduler_step.py --tokens 131072 --repeats 10
   # Inter-token latency (p50/p99) of 4 decoding requests while 2 others load 4k- and 16k-token 8B prefixes, against none.
   T=500 run vllm_itl.py --model configs/models/llama-3.1-8b.json --prefix 4096 16384
+  # 5a. Unmodified `vllm serve` + vLLM's own OffloadingConnector (CPU tier + fs tier) on a `prefixgen export --to vllm`:
+  #     cached tokens reported, greedy output equal to computing, after a cold restart (README "Serve a store with vLLM's own offloading").
+  T=900 run vllm_offload_serve.py --model configs/models/llama-3.1-8b.json --prefix 1024 4096
 else
   echo "vllm is not importable on this machine: skipping vllm_ttft.py (install vllm==0.32.0 to run it)" | tee -a "$OUTDIR/gpu.txt"
 fi
 # 5b. SGLang serving a `prefixgen export` (HiCache file backend) vs computing the prefix; export throughput
 #     against a plain copy on this machine's disk (needs sglang==0.5.23 in this image for the serving part).
-T=300 run export.py --gb 4 --repeat 2 --dir ../bench-out --json
+for target in sglang lmcache vllm; do T=300 run export.py --gb 4 --repeat 2 --dir ../bench-out --json --target $target; done
 if python3 -c "import sglang.srt.mem_cache.hicache_storage" 2>/dev/null; then
   T=900 run sglang_serve.py --model configs/models/llama-3.1-8b.json --prefix 1024 4096 16384
 else
