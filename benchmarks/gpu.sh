@@ -51,6 +51,11 @@ if python3 -c "import vllm" 2>/dev/null; then
   # A 32k-token 8B prefix (4.3 GB of bf16 KV) streamed through the default 64 MiB staging budget, then 512 MiB.
   T=400 run vllm_ttft.py --model configs/models/llama-3.1-8b.json --prefix 32768 --repeats 2
   T=400 run vllm_ttft.py --model configs/models/llama-3.1-8b.json --prefix 32768 --repeats 2 --staging-bytes 512MiB
+  # What a 128k-token stored prompt's lookup (and a cold one's) adds to a scheduler step: in the background now,
+  # against the inline lookup schedule() ran before (the host's CPU, not the GPU, sets these numbers).
+  T=200 run scheduler_step.py --tokens 131072 --repeats 10
+  # Inter-token latency (p50/p99) of 4 decoding requests while 2 others load 4k- and 16k-token 8B prefixes, against none.
+  T=500 run vllm_itl.py --model configs/models/llama-3.1-8b.json --prefix 4096 16384
   # 5a. Unmodified `vllm serve` + vLLM's own OffloadingConnector (CPU tier + fs tier) on a `prefixgen export --to vllm`:
   #     cached tokens reported, greedy output equal to computing, after a cold restart (README "Serve a store with vLLM's own offloading").
   T=900 run vllm_offload_serve.py --model configs/models/llama-3.1-8b.json --prefix 1024 4096

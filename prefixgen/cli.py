@@ -524,6 +524,10 @@ def serve(
     ] = None,
     no_store: Annotated[Optional[bool], Opt("--no-store", help="Ignore the store: prefill every prompt in full.")] = None,
     trust_remote_code: TrustRemoteCodeOpt = None,
+    refresh_seconds: Annotated[
+        Optional[float],
+        Opt(help=f"Look for store changes (append, prune, compact) at most this often. [default: {_SERVE.refresh_seconds}]"),
+    ] = None,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API, loading prompt prefixes from STORE."""
     cfg = _SERVE.merged(**locals()).validate()

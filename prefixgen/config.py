@@ -328,6 +328,9 @@ class ServeConfig:
     no_store: bool = False  # serve without the store (for comparisons)
     default_max_tokens: int = 256  # for requests that do not say
     trust_remote_code: bool = False
+    # A request looks at the store's index folder at most this often and reopens the index when it changed
+    # (an append, compaction, prune or gc while serving): new blocks hit, moved blocks are found again.
+    refresh_seconds: float = 2.0
 
     def merged(self, **overrides: Any) -> ServeConfig:
         """A copy with the non-None ``overrides`` applied (sizes may carry units: ``"8GiB"``)."""
@@ -348,6 +351,8 @@ class ServeConfig:
             raise ConfigError(f"--gpu-cache-bytes must be 0 or more, got {self.gpu_cache_bytes}")
         if self.default_max_tokens <= 0:
             raise ConfigError(f"--default-max-tokens must be positive, got {self.default_max_tokens}")
+        if self.refresh_seconds < 0:
+            raise ConfigError(f"--refresh-seconds must be 0 or more, got {self.refresh_seconds}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -377,6 +382,15 @@ class ConnectorConfig:
     # 0.09 GB/s instead of 1.4-2.5, BENCHMARKS.md). The cost: a request arriving during such a wait is
     # scheduled up to this much later.
     yield_seconds: float = 0.005
+    # A load not done this many seconds after its step started it is given up: vLLM recomputes the request from
+    # the first token not written, and a thread stuck in a read that never returns (a dead NFS server, a shard
+    # replaced by a named pipe) is replaced, so other loads go on. The scheduler's lookups (in the background)
+    # have the same deadline: past it the prompt is a miss. 0: no deadline.
+    load_timeout_seconds: float = 30.0
+    # The scheduler looks at the store's index folder this often, on a thread of its own, and reopens the index
+    # when it changed (an append, compaction, prune or gc while serving); the blocks and shards workers had
+    # reported bad are claimed again after a reopen. 0: never (the index read at start is kept).
+    refresh_seconds: float = 2.0
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> ConnectorConfig:
@@ -395,6 +409,10 @@ class ConnectorConfig:
             raise ConfigError(f"PrefixgenConnector: load_threads must be a positive integer, got {cfg.load_threads!r}")
         if not isinstance(cfg.yield_seconds, int | float) or cfg.yield_seconds < 0:
             raise ConfigError(f"PrefixgenConnector: yield_seconds must be a number of seconds >= 0, got {cfg.yield_seconds!r}")
+        for name in ("load_timeout_seconds", "refresh_seconds"):
+            value = getattr(cfg, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ConfigError(f"PrefixgenConnector: {name} must be a number of seconds >= 0, got {value!r}")
         return cfg
 
 

@@ -38,6 +38,11 @@ class CorruptStoreError(StoreError):
     """A store file is damaged: bad JSON, truncated file, checksum mismatch."""
 
 
+class MissingShardError(CorruptStoreError):
+    """A shard the index names is gone: the store changed under the reader (a prune, compaction or gc
+    removed it after the index was read), or it was deleted by hand."""
+
+
 class CorruptBlockError(CorruptStoreError):
     """One stored block fails its checksum. ``block`` is its position in the locations asked for,
     so a reader can still use the blocks before it."""

@@ -20,8 +20,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import io
 import json
-import mmap
 import os
 import secrets
 import struct
@@ -596,8 +596,9 @@ SEGMENT_COLUMNS: dict[str, tuple[str, int]] = {
     "shard": ("uint32", 1),  # compacted segments only: the row's shard, an index into metadata `shards`
 }
 OPTIONAL_COLUMNS = frozenset({"shard"})
-# Segments at least this large are memory-mapped; smaller ones are read when needed, so a store of
-# 100,000 small segments never meets the kernel's limit on memory maps (vm.max_map_count, 65,530).
+# Segments at least this large are searched in place, their rows read with pread as lookups need them
+# (FileColumn; kept open); smaller ones are read whole when needed, so a store of 100,000 small segments
+# keeps no 100,000 files open. No segment is memory-mapped (a mapped file truncated in place: SIGBUS).
 MAP_BYTES = 1 << 20
 # key64 is also checksummed in chunks of this many rows (8 KiB), so a lookup in a large segment
 # checks only the chunks it searches instead of the whole column (80 MiB for 10 million rows).
@@ -669,9 +670,15 @@ def segment_header(
 
 
 class Segment:
-    """An index segment. Opening reads its header and ``key64`` column (checked against its CRC);
-    ``cols`` gives every column: views of a memory map for a large segment, read from the file on
-    each access (and checked) for a small one.
+    """An index segment. Opening reads its header and, for a small segment, its ``key64`` column
+    (checked against its CRC); ``cols`` gives every column: for a large segment (``mapped``, at
+    least ``MAP_BYTES``) columns read from the file with ``pread`` as rows are asked
+    (:class:`FileColumn`), for a small one the whole file read on each access (and checked).
+
+    No store file is memory-mapped: a serving process reads an index another process may truncate
+    or rewrite in place (a ``cp`` over a live store, an I/O error, NFS), and a mapped page past a
+    truncated file's end kills the reader with SIGBUS. A read now ends short instead, and that is a
+    :class:`CorruptStoreError`: a store fault the caller can turn into a miss.
 
     ``shards`` lists the shards its rows live in; ``shard_ids()`` gives each row's index into it.
     """
@@ -685,19 +692,25 @@ class Segment:
         "_spans",
         "_checksums",
         "_chunks",
-        "_mm",
+        "_file",
         "_cols",
         "_shard_table",
         "_shards",
+        "opened_stat",
+        "_whole",
     )
 
     def __init__(self, path: Path):
         self.path = path
-        self._mm = None
-        self._cols: dict[str, np.ndarray] | None = None
-        with open(path, "rb") as f:
+        self._file = None
+        self._cols: dict[str, FileColumn] | None = None
+        self._whole: dict[str, np.ndarray] | None = None  # a large segment's columns, once read whole (cols)
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 (kept open by a large segment, closed below otherwise)
+        try:
             header = read_safetensors_header(f, path)
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            self.opened_stat = (st.st_ino, size, st.st_mtime_ns)  # the file as read: a reader can tell it changed
             self.metadata = header.metadata
             self._spans = _segment_spans(header, size, path)
             self.n = _column_rows(self._spans, path)
@@ -706,24 +719,38 @@ class Segment:
             self._shards: list[ShardRef] | None = None
             self.mapped = size >= MAP_BYTES
             self._chunks = _Key64Chunks.parse(header.metadata, self.n, path) if self.mapped else None
+            start, end = self._spans["key64"]
             if self.mapped:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                self._cols = self._columns(memoryview(self._mm))
-                self.key64 = self._cols["key64"]
+                self._file = f
+                self._cols = {name: FileColumn(self, name) for name in self._spans}
                 if self._chunks is None:
-                    # An older segment: check the whole column now, reading it ahead in one
-                    # sequential sweep instead of faulting its pages in one by one (cold cache: 10x).
-                    start, end = self._spans["key64"]
-                    page = mmap.ALLOCATIONGRANULARITY
-                    if end > start:
-                        self._mm.madvise(mmap.MADV_WILLNEED, start // page * page, end - start // page * page)
+                    # An older segment: read and check the whole column now, in one sequential read.
+                    self.key64 = np.frombuffer(self._pread(start, end - start), dtype="<u8")
                     self._check("key64", self.key64)
+                else:
+                    # Filled chunk by chunk as lookups check them (_check_chunks); zero pages until then.
+                    self.key64 = np.zeros(self.n, dtype="<u8")
             else:
-                start, end = self._spans["key64"]
-                f.seek(start)
-                raw = f.read(end - start)
-                self.key64 = np.frombuffer(raw, dtype="<u8")
+                self.key64 = np.frombuffer(self._pread(start, end - start, f), dtype="<u8")
                 self._check("key64", self.key64)
+        finally:
+            if self._file is None:
+                f.close()
+
+    def _pread(self, offset: int, length: int, f: Any = None) -> bytes:
+        """``length`` bytes of the file at ``offset``; a short read (the file was truncated since it
+        was opened) is a CorruptStoreError."""
+        fd = (f or self._file).fileno()
+        data = os.pread(fd, length, offset)
+        while len(data) < length:  # pread may return less than asked without reaching the end
+            more = os.pread(fd, length - len(data), offset + len(data))
+            if not more:
+                store = self.path.parent.parent
+                raise CorruptStoreError(
+                    f"{self.path}: index segment is truncated (it changed while open); run `prefixgen verify {store}`"
+                )
+            data += more
+        return data
 
     def search(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
         """[len(q)] (lo, hi) and ``first``: the rows ``lo[i] .. hi[i]-1`` are those whose key64
@@ -767,25 +794,27 @@ class Segment:
             hi += eq
 
     def _check_chunks(self, c_lo: np.ndarray, c_hi: np.ndarray) -> bool:
-        """Check every chunk c_lo[i] .. c_hi[i]-1 not checked yet; True if there was one."""
+        """Read and check every chunk c_lo[i] .. c_hi[i]-1 not checked yet; True if there was one."""
         ch = self._chunks
         counts = c_hi - c_lo
         need = np.repeat(c_lo, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
         fresh = np.unique(need[~ch.checked[need]]).tolist()
         base = self._spans["key64"][0]
-        for c in fresh:  # start every read first: the kernel then fetches the chunks in parallel
+        for c in fresh:  # ask for every read first: the kernel then fetches the chunks in parallel
             self._prefetch(base + c * ch.rows * 8, ch.rows * 8)
         for c in fresh:
-            raw = self.key64[c * ch.rows : (c + 1) * ch.rows]
+            a, b = c * ch.rows, min((c + 1) * ch.rows, self.n)
+            raw = self._pread(base + a * 8, (b - a) * 8)
             if zlib.crc32(raw) != int(ch.crcs[c]):
-                self._refuse(f"column 'key64', rows {c * ch.rows}-{c * ch.rows + len(raw) - 1}")
+                self._refuse(f"column 'key64', rows {a}-{b - 1}")
+            self.key64[a:b] = np.frombuffer(raw, dtype="<u8")
             ch.checked[c] = True
         return bool(fresh)
 
     def prefetch(self, rows: np.ndarray, columns: Iterable[str]) -> None:
-        """Ask the kernel to read ``rows`` of ``columns`` of a mapped segment, all at once (cold
-        cache: parallel reads instead of one page fault after another)."""
-        if self._mm is None:
+        """Ask the kernel to read ``rows`` of ``columns`` of a large segment, all at once (cold
+        cache: parallel reads instead of one read waiting for the next)."""
+        if self._file is None:
             return
         for name in columns:
             if name not in self._spans:
@@ -796,9 +825,21 @@ class Segment:
                 self._prefetch(start + r * width, width)
 
     def _prefetch(self, offset: int, length: int) -> None:
-        page = mmap.PAGESIZE
-        first = offset // page * page
-        self._mm.madvise(mmap.MADV_WILLNEED, first, offset + length - first)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._file.fileno(), offset, length, os.POSIX_FADV_WILLNEED)
+
+    def read_cols(self) -> dict[str, np.ndarray]:
+        """Every column in memory, read whole and checked against its CRC (for a sweep over all rows:
+        ``verify``, reports), whatever the segment's size."""
+        with open(self.path, "rb") as f:
+            data = f.read()
+        spans = _segment_spans(read_safetensors_header(io.BytesIO(data), self.path), len(data), self.path)
+        if spans != self._spans:
+            raise CorruptStoreError(f"{self.path}: index segment changed while open; run `prefixgen verify`")
+        cols = self._columns(memoryview(data))
+        for name, col in cols.items():
+            self._check(name, col)
+        return cols
 
     @property
     def shard(self) -> str:
@@ -817,8 +858,12 @@ class Segment:
         return self._shards
 
     def shard_name(self, i: int) -> str:
-        """File name of shard number ``i`` of this segment."""
-        return str(self._shard_table["name"][i])
+        """File name of shard number ``i`` of this segment (a row naming a shard beyond the list: a
+        damaged or rewritten segment, a CorruptStoreError)."""
+        names = self._shard_table["name"]
+        if not 0 <= i < len(names):
+            self._refuse(f"a row names shard {i} of {len(names)}")
+        return str(names[i])
 
     @property
     def compacted(self) -> bool:
@@ -834,16 +879,21 @@ class Segment:
 
     @property
     def cols(self) -> dict[str, np.ndarray]:
-        """Every column by name (``shard`` only in a compacted segment). A small segment is read
-        again on each access: keep the dict while you use it."""
-        if self._cols is not None:
-            return self._cols
-        with open(self.path, "rb") as f:
-            data = f.read()
-        cols = self._columns(memoryview(data))
-        for name, col in cols.items():
-            self._check(name, col)
-        return cols
+        """Every column by name (``shard`` only in a compacted segment), in memory: a small segment is read
+        again on each access (keep the dict while you use it), a large one read whole once and kept. A
+        lookup reads only the rows it needs instead: :attr:`rows`."""
+        if self._file is None:
+            return self.read_cols()
+        if self._whole is None:
+            self._whole = self.read_cols()
+        return self._whole
+
+    @property
+    def rows(self) -> dict[str, Any]:
+        """Every column by name, for reading a few rows: a large segment's columns are :class:`FileColumn` s,
+        read with ``pread`` as they are indexed (a lookup touches a few rows of a column of millions); a
+        small segment's are :attr:`cols`."""
+        return self._cols if self._cols is not None else self.cols
 
     def shard_ids(self, cols: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """[n] each row's index into ``shards`` (all 0 for a one-shard segment)."""
@@ -892,6 +942,75 @@ class Segment:
             if not ok:
                 bad.append("key64_chunks")
         return bad
+
+
+class FileColumn:
+    """One column of a large segment, read from its file with ``pread`` as it is indexed: ``col[rows]``
+    (an int, a slice, an integer array, or a tuple whose first item is one of those) reads only the
+    rows asked, nearby rows with one request; ``np.asarray(col)`` reads the whole column. A file
+    truncated since the segment was opened is a CorruptStoreError, never a fault of the process."""
+
+    __slots__ = ("_seg", "_start", "_dtype", "_width", "_row_bytes")
+
+    GAP_BYTES = 4096  # rows closer than this are read with one request
+
+    def __init__(self, seg: Segment, name: str):
+        dtype, width = SEGMENT_COLUMNS[name]
+        self._seg = seg
+        self._start = seg._spans[name][0]
+        self._dtype = np.dtype(dtype).newbyteorder("<")
+        self._width = width
+        self._row_bytes = _ROW_BYTES[name]
+
+    def __len__(self) -> int:
+        return self._seg.n
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self._seg.n, self._width) if self._width > 1 else (self._seg.n,)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def _range(self, a: int, b: int) -> np.ndarray:
+        """Rows ``[a, b)``: [b - a] or [b - a, width]."""
+        raw = self._seg._pread(self._start + a * self._row_bytes, (b - a) * self._row_bytes) if b > a else b""
+        col = np.frombuffer(raw, dtype=self._dtype)
+        return col.reshape(-1, self._width) if self._width > 1 else col
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        col = self._range(0, self._seg.n)
+        return col if dtype is None else col.astype(dtype)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, tuple):
+            rows = self[index[0]]
+            one = not isinstance(index[0], slice) and np.ndim(index[0]) == 0  # one row: no row axis left
+            return rows[index[1:]] if one else rows[(slice(None), *index[1:])]
+        n = self._seg.n
+        if isinstance(index, slice):
+            a, b, step = index.indices(n)
+            return self._range(a, max(a, b))[::step] if step > 0 else np.asarray(self)[index]
+        at = np.asarray(index)
+        if at.dtype == bool:
+            at = np.flatnonzero(at)
+        if at.ndim == 0:
+            i = int(at) + (n if int(at) < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"row {int(at)} of a column of {n} rows")
+            return self._range(i, i + 1)[0]
+        at = np.where(at < 0, at + n, at).astype(np.int64)
+        if len(at) and (at.min() < 0 or at.max() >= n):
+            raise IndexError(f"rows beyond a column of {n} rows")
+        rows, inverse = np.unique(at, return_inverse=True)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self._dtype)
+        # Runs of rows closer than GAP_BYTES: one read each (a lookup's rows are scattered; a sweep's are dense).
+        cut = np.flatnonzero(np.diff(rows) * self._row_bytes > self.GAP_BYTES) + 1
+        for a, b in zip([0, *cut.tolist()], [*cut.tolist(), len(rows)]):
+            first, last = int(rows[a]), int(rows[b - 1])
+            out[a:b] = self._range(first, last + 1)[rows[a:b] - first]
+        return out[inverse.reshape(at.shape)]
 
 
 def _segment_spans(header: SafetensorsHeader, size: int, path: Path) -> dict[str, tuple[int, int]]:

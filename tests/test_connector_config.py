@@ -12,6 +12,7 @@ def test_defaults_and_sizes_with_units():
     cfg = ConnectorConfig.from_extra({"store": "s"})
     assert (cfg.staging_bytes, cfg.load_threads, cfg.chat_template) == (64 << 20, 2, None)
     assert cfg.yield_seconds == 0.005  # on by default: idle engine steps leave the GIL to the loads
+    assert cfg.load_timeout_seconds == 30.0 and cfg.refresh_seconds == 2.0  # a deadline and store changes seen by default
     assert ConnectorConfig.from_extra({"store": "s", "staging_bytes": "256MiB"}).staging_bytes == 256 << 20
     assert ConnectorConfig.from_extra({"store": "s", "staging_bytes": 4096}).staging_bytes == 4096
     assert ConnectorConfig.from_extra({"store": "s", "other": 1}).store == "s"  # keys it does not know: the caller's
@@ -27,6 +28,8 @@ def test_defaults_and_sizes_with_units():
         ({"store": "s", "load_threads": "2"}, "load_threads must be a positive integer"),
         ({"store": "s", "yield_seconds": -1}, "yield_seconds must be a number of seconds >= 0"),
         ({"store": "s", "yield_seconds": "1ms"}, "yield_seconds must be a number of seconds >= 0"),
+        ({"store": "s", "load_timeout_seconds": -1}, "load_timeout_seconds must be a number of seconds >= 0"),
+        ({"store": "s", "refresh_seconds": "often"}, "refresh_seconds must be a number of seconds >= 0"),
     ],
 )
 def test_bad_values_are_refused_by_name(extra, message):

@@ -355,3 +355,30 @@ def test_every_serve_option_is_a_flag_whose_default_lives_only_in_ServeConfig():
     for name in params:
         if name != "store":
             assert f"`--{name.replace('_', '-')}" in section, name
+
+
+def test_a_prune_while_serving_keeps_the_hits_and_never_answers_500(servers, store, stories_chat, tmp_path):
+    """A prune keeping every block moves them to new shards and removes the old ones: the server reopens the index
+    and keeps serving the same hits (before: the shard it had read from was gone, and the request got HTTP 500)."""
+    from prefixgen.maintain.prune import prune_store
+    from prefixgen.store.blockcache import BlockCache
+
+    _, plain = servers
+    live = tmp_path / "live"
+    shutil.copytree(store, live)
+    server = Server(
+        ServeConfig(store=str(live), model=str(stories_chat), device="cpu", dtype="float32", served_model_name="stories")
+    )
+    try:
+        first = _chat(server, "Tell me a story about a cat.")
+        server.engine.hot = BlockCache(
+            server.engine.cfg.gpu_cache_bytes
+        )  # the next request reads the store, not the device cache
+        prune_store(live, min_records=1)
+        again, want = _chat(server, "Tell me a story about a cat."), _chat(plain, "Tell me a story about a cat.")
+        assert again.choices[0].message.content == want.choices[0].message.content
+        hit = first.usage.prompt_tokens_details.cached_tokens
+        assert hit > 0 and again.usage.prompt_tokens_details.cached_tokens == hit
+        assert _metric(server, "prefix_load_errors_total") == 0
+    finally:
+        server.stop()

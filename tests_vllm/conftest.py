@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,16 @@ def _claim_stats(llm):
     """The scheduler connector's ClaimStats when the engine core runs in this process and has the connector, else None."""
     core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
     return getattr(core.scheduler.connector, "claim_stats", None) if core is not None else None
+
+
+def claim(scheduler, request, computed: int, timeout: float = 30.0) -> tuple[int, bool]:
+    """The scheduler connector's answer for ``request`` as vLLM gets it: asked again while its lookup runs in the
+    background (the answer None: "not yet"), as vLLM's scheduler does on its next steps."""
+    deadline = time.monotonic() + timeout
+    while (answer := scheduler.get_num_new_matched_tokens(request, computed))[0] is None:
+        assert time.monotonic() < deadline, "the lookup never finished"
+        time.sleep(0.001)
+    return answer
 
 
 def copy_store(src: Path, dst: Path) -> Path:

@@ -19,7 +19,7 @@ import torch
 from prefixgen import BuildConfig, PrefixStore, build
 from prefixgen.model import load_tokenizer
 
-from .conftest import connector_config, tiny_model, write_jsonl
+from .conftest import claim, connector_config, tiny_model, write_jsonl
 
 VLLM_BLOCK = 16
 STORE_BLOCK = 24
@@ -91,7 +91,7 @@ def load(scheduler, worker, ids: list[int], computed: int, block_ids: list[int])
     from vllm.v1.request import Request
 
     request = Request("req", ids, SamplingParams(max_tokens=1), None)
-    claimed, load_async = scheduler.get_num_new_matched_tokens(request, computed)
+    claimed, load_async = claim(scheduler, request, computed)
     assert load_async
     scheduler.update_state_after_alloc(request, KVCacheBlocks(([KVCacheBlock(b) for b in block_ids],)), claimed)
     worker.bind_connector_metadata(scheduler.build_connector_meta(SchedulerOutput.make_empty()))  # waits for its load: no token

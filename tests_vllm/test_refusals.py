@@ -14,7 +14,7 @@ from prefixgen import BuildConfig, PrefixStore, build
 from prefixgen.errors import ConfigError, IncompatibleStoreError
 from prefixgen.model import load_tokenizer
 
-from .conftest import CONNECTOR, MODULE, tiny_model, write_jsonl
+from .conftest import CONNECTOR, MODULE, claim, tiny_model, write_jsonl
 
 SYSTEM = "You are a helpful storyteller. Answer kindly and simply, in short sentences a child can read. " * 5
 RECORD = SYSTEM + "Story 1: once upon a time, Tom found a cat in the park."
@@ -151,7 +151,7 @@ def test_requests_the_store_cannot_serve_load_nothing_and_are_counted(model, sto
     ids = load_tokenizer(str(model))(RECORD + " Then he").input_ids
     stored = PrefixStore.open(store).match(ids[:-1])
     assert stored >= 256
-    assert sched.get_num_new_matched_tokens(request("plain", ids), 0) == (stored, True)  # loaded asynchronously
+    assert claim(sched, request("plain", ids), 0) == (stored, True)  # loaded asynchronously
     image = MultiModalFeatureSpec(data=None, modality="image", identifier="img", mm_position=PlaceholderRange(offset=0, length=4))
     skipped = [
         request("lora", ids, lora_request=LoRARequest("adapter", 1, "/no/such/adapter")),
@@ -169,3 +169,43 @@ def test_requests_the_store_cannot_serve_load_nothing_and_are_counted(model, sto
     stats = sched.get_kv_connector_stats().reduce()  # what vLLM's stat loggers get (the counts since the last call)
     assert {name: stats.get(f"skipped_{name}") for name in counts} == counts
     assert sched.get_kv_connector_stats() is None  # nothing new since
+
+
+def test_a_lookup_whose_index_read_never_returns_is_a_miss_at_the_deadline(model, store, tmp_path):
+    """A small index segment replaced by a named pipe: a lookup opening it blocks for ever. vLLM is told "not yet"
+    until load_timeout_seconds, then the prompt is a miss, and a later lookup (of a store without the pipe) runs on
+    a new thread. Before: the lookup ran inside schedule() and the engine's scheduler blocked for ever."""
+    import os
+    import shutil
+    import threading
+    import time
+
+    from prefixgen.format import INDEX_DIR
+
+    live = tmp_path / "store"
+    shutil.copytree(store, live)
+    config = engine_config(model, live)
+    config.kv_transfer_config.kv_connector_extra_config.update(load_timeout_seconds=2.0, refresh_seconds=0)
+    sched = connector(config)
+    ids = load_tokenizer(str(model))(RECORD + " Then he").input_ids
+    (segment,) = (live / INDEX_DIR).glob("*.safetensors")
+    saved = segment.with_name("saved")
+    os.rename(segment, saved)
+    os.mkfifo(segment)
+    answers: list = []
+    try:
+        worker = threading.Thread(target=lambda: answers.append(claim(sched, request("hung", ids), 0, timeout=60)), daemon=True)
+        t0 = time.monotonic()
+        worker.start()
+        worker.join(60)
+        assert answers == [(0, False)], "the scheduler blocked on the hung index read"
+        assert 2.0 <= time.monotonic() - t0 < 30
+    finally:
+        try:  # let the blocked open go (it then reads an empty file), and put the segment back
+            os.close(os.open(segment, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        os.unlink(segment)
+        os.rename(saved, segment)
+    assert claim(sched, request("after", ids), 0) == (PrefixStore.open(live).match(ids[:-1]), True)
+    sched.shutdown()

@@ -14,6 +14,7 @@ Needs the ``serve`` extra: ``pip install 'prefixgen[serve]'`` (FastAPI and uvico
 """
 
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -27,10 +28,10 @@ import torch
 
 from prefixgen.compat import cache_kwargs
 from prefixgen.config import ServeConfig
-from prefixgen.errors import ConfigError, CorruptStoreError
+from prefixgen.errors import ConfigError, StoreError
 from prefixgen.model import load_model
 from prefixgen.store.blockcache import BlockCache
-from prefixgen.store.reader import PrefixStore, kv_to_cache
+from prefixgen.store.reader import PrefixMatch, PrefixStore, kv_to_cache
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -156,6 +157,7 @@ class Engine:
         self.created = int(time.time())
         # One generation at a time: BlockCache is not thread-safe, and two generations would race for the device.
         self._one_at_a_time = threading.Lock()
+        self._next_refresh = time.monotonic() + cfg.refresh_seconds  # when prefix_cache next looks for store changes
 
     # ------------------------------------------------------------------ tokenizing (as the build does)
 
@@ -175,14 +177,23 @@ class Engine:
         prompt token always stays uncached, since generate must prefill at least one)."""
         if self.store is None or self.hot is None:
             return None, 0
-        found = self.store.find_prefix(self.store.keys(ids[:-1]), hot=self.hot)
-        parts = [self.hot.peek(key) for key in found.hot]  # each [B, L, 2, H, D]
-        loaded = None
-        if found.keys:
+        if time.monotonic() >= self._next_refresh:  # the store may have changed: an append, a prune, a compaction
+            self._next_refresh = time.monotonic() + self.cfg.refresh_seconds
             try:
-                loaded = self.store.read_locations(found.locations, device=self.device, dtype=self.model.dtype)
-            except CorruptStoreError:
-                self.metrics.load_errors += 1  # serve correctly without the damaged part
+                self.store.refresh()
+            except (StoreError, OSError):
+                self.metrics.load_errors += 1  # the index mid-change or damaged: go on with the one we have
+        keys = self.store.keys(ids[:-1])
+        loaded = None
+        try:
+            # A shard gone since the index was read (a prune, compaction, gc): the index is reopened and read again.
+            found, loaded = self.store.read_prefix(keys, hot=self.hot, device=self.device, dtype=self.model.dtype)
+        except (StoreError, OSError):
+            self.metrics.load_errors += 1  # serve correctly without the damaged part
+            found = PrefixMatch(list(itertools.takewhile(self.hot.__contains__, keys)), [], [])
+        if not found.keys:
+            loaded = None
+        parts = [self.hot.peek(key) for key in found.hot]  # each [B, L, 2, H, D]
         if loaded is not None:  # [n * B, L, 2, H, D]
             parts.append(loaded)
             self.metrics.disk_tokens += loaded.shape[0]

@@ -10,10 +10,12 @@ is needed::
 Written against the v1 connector API of vLLM 0.32.0 (the API is marked experimental; README
 says which versions are tested). vLLM builds one connector per process and role:
 
-* **scheduler** (:meth:`PrefixgenConnector.get_num_new_matched_tokens`): hashes the prompt with
-  the store's chained block keys in growing runs (1, 2, 4, ... blocks, stopping at the first miss),
-  finds the longest stored prefix of all but the last prompt token, and claims the stored tokens
-  beyond vLLM's own prefix-cache hit. Requests with a LoRA adapter, multimodal inputs, prompt
+* **scheduler** (:meth:`PrefixgenConnector.get_num_new_matched_tokens`): on a lookup thread (vLLM is
+  told "not yet", None, and asks again next step: ``schedule()`` never hashes or reads the index), hashes
+  the prompt with the store's chained block keys in growing runs (1, 2, 4, ... blocks, stopping at the
+  first miss), finds the longest stored prefix of all but the last prompt token; then claims the stored
+  tokens beyond vLLM's own prefix-cache hit. Another thread reopens the index every ``refresh_seconds``
+  if the store changed (append, compaction, prune, gc). Requests with a LoRA adapter, multimodal inputs, prompt
   embeddings or a cache_salt are skipped (nothing loaded, counted): the store's keys hash the base
   model's token ids only. After vLLM allocated the request's blocks, the load (block locations in
   the store, vLLM block ids) goes to the workers in the step's :class:`PrefixgenConnectorMetadata`.
@@ -24,7 +26,9 @@ says which versions are tested). vLLM builds one connector per process and role:
   with the layer's own cache-write op (``impl.do_kv_cache_update``, i.e.
   ``cpu_attn_reshape_and_cache`` on CPU and ``reshape_and_cache_flash`` on FlashAttention; on
   CUDA on a side stream), so no backend's memory layout is hard-coded here. A finished load is
-  reported through :meth:`get_finished`; vLLM then schedules the request.
+  reported through :meth:`get_finished`; vLLM then schedules the request. A load not done within
+  ``load_timeout_seconds`` is given up there (it writes nothing more; vLLM recomputes) and its thread,
+  stuck in a read, replaced: load threads are daemons, so neither shutdown nor exit waits for a hung read.
 
 Store faults are cache misses: a block that fails its CRC, a missing, truncated or unreadable
 shard, a damaged index segment are logged once (per shard), counted (:class:`LoadStats`,
@@ -44,10 +48,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import queue
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,8 +97,13 @@ logger = init_logger(__name__)
 SUPPORTED_VLLM = "0.32.0"
 
 # What reading a store can raise when the store is damaged, being pruned or on a failing disk (a
-# missing or truncated shard, a deleted file, an I/O error, a damaged index column): a cache miss.
-STORE_FAULTS = (PrefixgenError, OSError, ValueError, IndexError, KeyError)
+# missing or truncated shard, a deleted file, an I/O error, a damaged or truncated index column): a cache
+# miss. Nothing else is: a ValueError, IndexError or KeyError is a bug, and is raised (a lookup) or logged
+# with its traceback (a load).
+STORE_FAULTS = (PrefixgenError, OSError)
+# The scheduler's lookups hash and search at most this many blocks at a time, letting the GIL go between:
+# the scheduler thread waits for one such run at most (a fraction of a ms) while a long prompt is looked up.
+LOOKUP_RUN = 128
 
 
 @dataclass(slots=True)
@@ -142,6 +153,7 @@ class LoadStats:
     failed_shards: int = 0  # shards found missing, truncated or unreadable
     pieces: int = 0  # staging pieces read and written
     max_piece_bytes: int = 0  # the largest piece read (all heads, as dequantized): at most staging_bytes
+    timed_out_loads: int = 0  # loads given up at their deadline (load_timeout_seconds): vLLM recomputed the rest
 
 
 @dataclass(slots=True)
@@ -150,6 +162,8 @@ class ClaimStats:
 
     lookups: int = 0  # prompts looked up in the store
     lookup_errors: int = 0  # lookups the store could not answer (a damaged index): misses
+    lookups_deferred: int = 0  # times vLLM was told "not yet" (None) while a lookup ran in the background
+    store_reopens: int = 0  # the index reopened after the store changed (refresh_seconds)
     skipped_bad_blocks: int = 0  # lookups cut short at a block (or shard) a worker had reported bad
     # Requests loaded nothing for, by reason (see :func:`skip_reason`): vLLM computes them whole.
     skipped_lora: int = 0
@@ -193,6 +207,9 @@ PROM_COUNTERS: dict[str, tuple[str, str]] = {
     "lookups": ("lookups", "Prompts looked up in the store"),
     "lookup_errors": ("lookup_errors", "Lookups the store could not answer (a damaged index): cache misses"),
     "skipped_bad_blocks": ("skipped_bad_blocks", "Lookups cut short at a block or shard a worker had reported bad"),
+    "timed_out_loads": ("timed_out_loads", "Loads given up at their deadline (load_timeout_seconds): vLLM computed the rest"),
+    "lookups_deferred": ("lookups_deferred", "Scheduler steps told 'not yet' while a lookup ran in the background"),
+    "store_reopens": ("store_reopens", "Index reopened after the store changed (append, compaction, prune, gc)"),
 }
 SKIPPED = ("skipped_requests", "Requests loaded nothing for (vLLM computes them whole), by reason")
 
@@ -257,6 +274,78 @@ def _counters_since(stats: LoadStats | ClaimStats, last: dict[str, int | float])
 class _Match:
     end: int  # tokens of the longest stored prefix of the prompt (but its last token)
     locations: list[BlockLocation]
+
+
+class _Threads:
+    """Daemon threads running submitted calls in order. A thread stuck in a call (a read that never returns)
+    can be written off (:meth:`replace`): a new thread takes its place, and the stuck one exits if its call
+    ever returns. Unlike ``ThreadPoolExecutor``, whose threads the interpreter joins at exit and whose
+    ``shutdown(wait=True)`` joins them too, a hung read holds up neither shutdown nor the process's end."""
+
+    def __init__(self, threads: int, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._name = name
+        self._lock = threading.Lock()
+        self._retired: set[int] = set()  # idents of threads written off
+        self._started = 0
+        self._live = 0
+        for _ in range(threads):
+            self._start()
+
+    def _start(self) -> None:
+        self._started += 1
+        self._live += 1
+        threading.Thread(target=self._run, name=f"{self._name}-{self._started}", daemon=True).start()
+
+    def submit(self, fn: Any, *args: Any) -> Future:
+        future: Future = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def replace(self, ident: int) -> None:
+        """Write off thread ``ident`` (stuck in its call): start another in its place."""
+        with self._lock:
+            if ident not in self._retired:
+                self._retired.add(ident)
+                self._start()
+
+    def shutdown(self) -> None:
+        """Let the threads end after their current call; wait for none of them."""
+        with self._lock:
+            for _ in range(self._live):
+                self._queue.put(None)
+
+    def _run(self) -> None:
+        me = threading.get_ident()
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # handed to whoever asks the future
+                    future.set_exception(exc)
+            with self._lock:
+                if me in self._retired:  # replaced while stuck: the new thread does its work now
+                    self._retired.discard(me)
+                    self._live -= 1
+                    return
+        with self._lock:
+            self._live -= 1
+
+
+@dataclass(eq=False)
+class _Loading:
+    """One load on the worker, between its load thread and the engine thread (which gives it up at its deadline)."""
+
+    load: LoadSpec
+    deadline: float  # time.monotonic() past which it is given up (inf: none)
+    written: int  # tokens [load.start, written) are in vLLM's cache
+    future: Future | None = None
+    state: str = "queued"  # queued -> running -> done, or abandoned (given up: its thread writes nothing more)
+    thread: int | None = None  # ident of the load thread running it
+    pending: Any = None  # CUDA: the event of the last piece's write, still running on the side stream
+    reading: frozenset[str] = frozenset()  # the shards of the piece being read (reported bad if the read never ends)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def kv_head_range(total_kv_heads: int, tp_size: int, tp_rank: int) -> range:
@@ -402,13 +491,17 @@ def skip_reason(request: Request) -> str | None:
     return None
 
 
-def stored_prefix(store: PrefixStore, token_ids: Sequence[int]) -> tuple[list[BlockLocation], int]:
+def stored_prefix(store: PrefixStore, token_ids: Sequence[int], max_run: int | None = None) -> tuple[list[BlockLocation], int]:
     """Locations of the longest stored prefix of ``token_ids`` (whole store blocks), and how many blocks
     were hashed to find it.
 
     The blocks are hashed and looked up in growing runs (1, 2, 4, ... blocks), each chained on the last key
     of the run before: a prompt that misses early costs a few SHA-256s, not one per block of the prompt
     (a cold 128k-token prompt: 1 instead of 8k), and a hit of ``n`` blocks costs fewer than ``2n + 1``.
+
+    ``max_run``: runs of at most this many blocks, the GIL let go between them (for a background thread:
+    the thread that wants it, vLLM's scheduler, waits for at most one run instead of the interpreter's 5 ms
+    switch interval).
 
     Example:
         >>> locations, hashed = stored_prefix(store, list(range(100)))  # doctest: +SKIP
@@ -419,7 +512,7 @@ def stored_prefix(store: PrefixStore, token_ids: Sequence[int]) -> tuple[list[Bl
     parent = store.manifest.root_key
     run = hashed = 0
     while len(locations) < total:
-        run = min(max(1, 2 * run), total - len(locations))
+        run = min(max(1, 2 * run), total - len(locations), max_run or total)
         start = len(locations) * bs
         keys = block_keys(token_ids[start : start + run * bs], bs, parent)
         hashed += run
@@ -428,6 +521,8 @@ def stored_prefix(store: PrefixStore, token_ids: Sequence[int]) -> tuple[list[Bl
         if len(found) < run:
             break
         parent = keys[-1]
+        if max_run:
+            time.sleep(0)  # lets another thread waiting for the GIL run now
     return locations, hashed
 
 
@@ -471,17 +566,26 @@ class PrefixgenConnector(KVConnectorBase_V1):
             self._check_model(vllm_config, self.config.chat_template)
             self._matches: dict[str, _Match] = {}
             self._pending: list[LoadSpec] = []
-            self._bad = PrefixgenWorkerMetadata()  # what the workers reported: never claimed again
+            self._bad = PrefixgenWorkerMetadata()  # what the workers reported: not claimed until the index reopens
             self._logged: set[str] = set()
             self.claim_stats = ClaimStats()
             self._reported: dict[str, int | float] = {}
+            # Lookups run on a thread of their own: schedule() never hashes a prompt or reads the index itself.
+            self._lookup_threads = _Threads(1, "prefixgen-lookup")
+            self._lookups: dict[str, tuple[Future, float]] = {}  # request id -> its lookup and when it was asked for
+            self._lookup_thread: int | None = None  # ident of the thread running the current lookup
+            self._idle = False  # the last step scheduled no token: waiting for a lookup then costs no running request
+            self._reopens = 0  # store reopens seen by the scheduler thread (the refresh thread counts them in claim_stats)
+            self._stop = threading.Event()
+            if self.config.refresh_seconds > 0:
+                threading.Thread(target=self._refresh_loop, name="prefixgen-refresh", daemon=True).start()
         else:
             self._dtype = vllm_config.model_config.dtype
             self._layers: list[tuple[Any, int]] = []  # (vLLM attention layer, HF layer index)
             self._heads = range(self.store.manifest.kv.num_kv_heads)
             self._stage = range(self.store.manifest.kv.num_layers)  # this pipeline stage's layers (all without PP)
-            self._pool = ThreadPoolExecutor(max_workers=self.config.load_threads, thread_name_prefix="prefixgen-load")
-            self._inflight: dict[str, Future] = {}
+            self._pool = _Threads(self.config.load_threads, "prefixgen-load")
+            self._inflight: dict[str, _Loading] = {}
             self._buffers = threading.local()  # each load thread's read buffer (see _read_buffer)
             self._lock = threading.Lock()  # the load threads report through what it guards
             self._load_errors: set[int] = set()
@@ -548,22 +652,70 @@ class PrefixgenConnector(KVConnectorBase_V1):
         """
         match = self._matches.get(request.request_id)
         if match is None:
-            reason = skip_reason(request)
-            if reason is None:
-                locations = self._usable(self._lookup(request.prompt_token_ids or []))
-            else:
-                locations = []
-                self._skip(reason)
-            match = _Match(len(locations) * self.store.block_size, locations)
+            if self._reopens != self.claim_stats.store_reopens:  # the store changed: what failed may be fixed or moved
+                self._reopens = self.claim_stats.store_reopens
+                self._bad = PrefixgenWorkerMetadata()
+            lookup, since = self._lookups.get(request.request_id, (None, 0.0))
+            if lookup is None:
+                reason = skip_reason(request)
+                if reason is not None:
+                    self._skip(reason)
+                    match = _Match(0, [])
+                else:
+                    lookup = self._lookup_threads.submit(self._lookup, list(request.prompt_token_ids or []))
+                    since = time.monotonic()
+                    self._lookups[request.request_id] = (lookup, since)
+            if match is None:
+                if not lookup.done() and self._idle and self.config.yield_seconds > 0:
+                    wait([lookup], timeout=self.config.yield_seconds)  # nothing runs this step: waiting delays nobody
+                timeout = self.config.load_timeout_seconds
+                if not lookup.done() and not (timeout > 0 and time.monotonic() - since > timeout):
+                    self.claim_stats.lookups_deferred += 1
+                    return None, False  # vLLM keeps the request waiting and asks again next step
+                del self._lookups[request.request_id]
+                if lookup.done():
+                    locations = self._usable(lookup.result())  # a bug in the lookup is raised here, not made a miss
+                else:  # an index read that never returns: a miss, and another thread takes the lookups after it
+                    locations = []
+                    self._give_up_lookup(lookup)
+                match = _Match(len(locations) * self.store.block_size, locations)
             self._matches[request.request_id] = match
         tokens = max(0, match.end - num_computed_tokens)
         return tokens, tokens > 0
 
+    def _refresh_loop(self) -> None:
+        """Every ``refresh_seconds``: reopen the index if the store changed (off the scheduler thread)."""
+        while not self._stop.wait(self.config.refresh_seconds):
+            try:
+                if self.store.refresh():
+                    self.claim_stats.store_reopens += 1
+                    logger.info("PrefixgenConnector: the store changed; its index was reopened")
+            except STORE_FAULTS as exc:  # mid-change or damaged: keep the index we have, try again later
+                _warn_once(
+                    self._logged, str(exc), "PrefixgenConnector: cannot reopen the store's index (%s); keeping the last one", exc
+                )
+
+    def _give_up_lookup(self, lookup: Future) -> None:
+        """A lookup past ``load_timeout_seconds``: if it has not started, it never will; the thread of the lookup
+        running (stuck in an index read) is replaced, so the lookups queued after it go on."""
+        self.claim_stats.lookup_errors += 1
+        lookup.cancel()
+        if self._lookup_thread is not None:  # the lookup running now (this one, or one it was queued behind) is stuck
+            self._lookup_threads.replace(self._lookup_thread)
+        _warn_once(
+            self._logged,
+            "lookup timeout",
+            "PrefixgenConnector: a store lookup took more than load_timeout_seconds=%s (an index read that hangs?); "
+            "vLLM computes the prompt",
+            self.config.load_timeout_seconds,
+        )
+
     def _lookup(self, ids: list[int]) -> list[BlockLocation]:
         """Store locations of the longest stored prefix of ``ids[:-1]``; none when the index cannot be read."""
+        self._lookup_thread = threading.get_ident()
         self.claim_stats.lookups += 1
         try:
-            return stored_prefix(self.store, ids[:-1])[0]
+            return stored_prefix(self.store, ids[:-1], max_run=LOOKUP_RUN)[0]
         except STORE_FAULTS as exc:
             self.claim_stats.lookup_errors += 1
             _warn_once(self._logged, str(exc), "PrefixgenConnector: cannot search the store (%s); vLLM computes the prompt", exc)
@@ -601,7 +753,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
         )
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        meta = PrefixgenConnectorMetadata(self._pending, idle=scheduler_output.total_num_scheduled_tokens == 0)
+        self._idle = scheduler_output.total_num_scheduled_tokens == 0
+        meta = PrefixgenConnectorMetadata(self._pending, idle=self._idle)
         self._pending = []
         return meta
 
@@ -614,6 +767,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._matches.pop(request.request_id, None)
+        self._lookups.pop(request.request_id, None)  # aborted while looked up: the answer is dropped
         return False, None
 
     # ------------------------------------------------------------------ worker side
@@ -636,8 +790,12 @@ class PrefixgenConnector(KVConnectorBase_V1):
                 self._stream = torch.cuda.Stream(device)
             after = torch.cuda.Event()
             after.record()
+        timeout = self.config.load_timeout_seconds
+        deadline = time.monotonic() + timeout if timeout > 0 else math.inf
         for load in meta.loads:
-            self._inflight[load.req_id] = self._pool.submit(self._load_safely, load, after)
+            loading = _Loading(load, deadline, written=load.start)
+            loading.future = self._pool.submit(self._load_safely, loading, after)
+            self._inflight[load.req_id] = loading
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Requests whose load is done (written, or stopped at a fault already reported as load errors).
@@ -648,11 +806,46 @@ class PrefixgenConnector(KVConnectorBase_V1):
         would run only in the interpreter's 5 ms switch slices (a 4,096-token load on an idle CPU engine: 0.09 GB/s
         instead of 1.4-2.5). A step that runs a batch never waits: its forward releases the GIL on its own."""
         if self._inflight and self.config.yield_seconds > 0 and self._idle_step():
-            wait(self._inflight.values(), timeout=self.config.yield_seconds, return_when=FIRST_COMPLETED)
-        done = {req_id for req_id, future in self._inflight.items() if future.done()}
+            futures = [loading.future for loading in self._inflight.values()]
+            wait(futures, timeout=self.config.yield_seconds, return_when=FIRST_COMPLETED)
+        now = time.monotonic()
+        done = set()
+        for req_id, loading in self._inflight.items():
+            if loading.future.done():
+                done.add(req_id)
+            elif now >= loading.deadline:
+                self._give_up(loading)
+                done.add(req_id)
         for req_id in done:
             del self._inflight[req_id]
         return None, done or None
+
+    def _give_up(self, loading: _Loading) -> None:
+        """A load past its deadline: its thread writes nothing more (a write under way ends first), vLLM recomputes
+        from the first token not written, and a thread stuck in a read is replaced so the loads after it run."""
+        with loading.lock:
+            if loading.state == "done":  # finished just now: it reported its own errors
+                return
+            queued = loading.state == "queued"
+            loading.state = "abandoned"
+            _wait_copies(loading)
+            written = loading.written
+            with self._lock:
+                self._report_unwritten(loading.load, written)
+                self.stats.timed_out_loads += 1
+                if not queued:  # its shards are not claimed again until the store changes
+                    self._new_bad.bad_shards |= loading.reading
+        if queued:
+            loading.future.cancel()  # never started (its thread, if it is just starting, sees the state and returns)
+        elif loading.thread is not None:
+            self._pool.replace(loading.thread)
+        _warn_once(
+            self._logged,
+            "timeout",
+            "PrefixgenConnector: a load took more than load_timeout_seconds=%s (a store read that hangs?); vLLM "
+            "recomputes it, and the thread waiting on the read is replaced",
+            self.config.load_timeout_seconds,
+        )
 
     def _idle_step(self) -> bool:
         """Whether this step (whose metadata vLLM bound before the forward) schedules no token."""
@@ -694,25 +887,53 @@ class PrefixgenConnector(KVConnectorBase_V1):
         return PrefixgenPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
+        """Return at once, even with reads hung: loads still running write nothing more (a write under way ends
+        first); their threads are daemons, left to end with the process."""
         if self.role == KVConnectorRole.WORKER:
-            self._pool.shutdown(wait=True)
+            for loading in self._inflight.values():
+                with loading.lock:
+                    loading.state = "abandoned"
+                    _wait_copies(loading)
+            self._pool.shutdown()
+        else:
+            self._stop.set()
+            self._lookup_threads.shutdown()
 
-    def _load_safely(self, load: LoadSpec, after: torch.cuda.Event | None) -> None:
+    def _load_safely(self, loading: _Loading, after: torch.cuda.Event | None) -> None:
         """:meth:`_load` on a load thread: whatever goes wrong, the engine recomputes from the first token not written."""
+        with loading.lock:
+            if loading.state == "abandoned":  # given up (or shut down) before it started
+                return
+            loading.state, loading.thread = "running", threading.get_ident()
         try:
-            written = self._load(load, after)
+            self._load(loading, after)
         except Exception:  # a bug or a device error must not leave the request waiting forever
-            logger.exception("PrefixgenConnector: loading %s failed; vLLM recomputes it", load.req_id)
-            written = load.start
-        if written < load.end:  # vLLM recomputes from the vLLM block holding the first token not written
+            logger.exception("PrefixgenConnector: loading %s failed; vLLM recomputes it", loading.load.req_id)
+        with loading.lock:
+            if loading.state == "abandoned":  # given up at its deadline: reported then
+                return
+            try:
+                _wait_copies(loading)  # CUDA: no write may land after vLLM recomputes these slots
+            except Exception:
+                logger.exception("PrefixgenConnector: loading %s failed on the device", loading.load.req_id)
+                loading.written = loading.load.start
+            loading.state = "done"
             with self._lock:
-                self._load_errors.add(load.block_ids[written // self.block_size])
-                self.stats.failed_loads += 1
+                self._report_unwritten(loading.load, loading.written)
 
-    def _load(self, load: LoadSpec, after: torch.cuda.Event | None) -> int:
+    def _report_unwritten(self, load: LoadSpec, written: int) -> None:
+        """vLLM recomputes ``load`` from the vLLM block holding token ``written`` (the first not written), if any
+        is left. Called holding ``self._lock``."""
+        if written < load.end:
+            self._load_errors.add(load.block_ids[written // self.block_size])
+            self.stats.failed_loads += 1
+
+    def _load(self, loading: _Loading, after: torch.cuda.Event | None) -> None:
         """Write tokens ``[load.start, load.end)`` into vLLM's caches, a piece of at most ``staging_bytes`` at a
-        time; return where the writing stopped (``load.end`` unless a store fault cut it short)."""
+        time, recording in ``loading.written`` how far it got (``load.end`` unless a store fault cut it short). Each
+        write is made holding ``loading.lock``, and none once the load was given up."""
         t0 = time.perf_counter()
+        load = loading.load
         bs = self.store.block_size
         device = self._layers[0][0].kv_cache.device
         cuda = device.type == "cuda"
@@ -720,34 +941,33 @@ class PrefixgenConnector(KVConnectorBase_V1):
             torch.cuda.set_device(device)  # this thread's: the rank's device, for the kernels it launches
             self._stream.wait_event(after)
         step = self._piece_blocks()
-        written, inflight = load.start, None
         for i in range(0, len(load.locations), step):
             piece = load.locations[i : i + step]
+            loading.reading = frozenset(loc.shard for loc in piece)
             kv, good = self._read(piece)  # [good * bs, this stage's layers, 2, this rank's heads, D] in host memory
             first = (load.first_block + i) * bs  # the piece's first token
-            end = min(load.end, first + good * bs)
-            if end > written:
-                kv = kv[written - first : end - first]  # [tokens, layers, 2, heads, D]: a view, no copy
-                slots = slot_mapping(load.block_ids, self.block_size, written, end)
-                if cuda:
-                    if inflight is not None:
-                        inflight.synchronize()  # the previous piece is written: its buffers go (one piece on the device)
-                        inflight = None
-                    inflight = self._write_cuda(kv, slots, device)
-                else:
-                    self._write(kv, slots)
-                with self._lock:
-                    self.stats.tokens += end - written
-                    self.stats.bytes += kv.numel() * kv.element_size()
-                written = end
+            with loading.lock:
+                if loading.state == "abandoned":  # given up while this piece was read: vLLM owns these slots again
+                    return
+                written = loading.written
+                end = min(load.end, first + good * bs)
+                if end > written:
+                    kv = kv[written - first : end - first]  # [tokens, layers, 2, heads, D]: a view, no copy
+                    slots = slot_mapping(load.block_ids, self.block_size, written, end)
+                    if cuda:
+                        _wait_copies(loading)  # the previous piece is written: its buffers go (one piece on the device)
+                        loading.pending = self._write_cuda(kv, slots, device)
+                    else:
+                        self._write(kv, slots)
+                    loading.written = end
+                    with self._lock:
+                        self.stats.tokens += end - written
+                        self.stats.bytes += kv.numel() * kv.element_size()
             if good < len(piece):
                 break
-        if inflight is not None:
-            inflight.synchronize()  # written before the request is reported finished (this thread waits, not the engine)
         with self._lock:
             self.stats.requests += 1
             self.stats.seconds += time.perf_counter() - t0
-        return written
 
     def _piece_blocks(self) -> int:
         """Store blocks per piece: their KV as read fits in ``staging_bytes`` (one block at least)."""
@@ -799,8 +1019,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
         they are; each fault is logged once per shard and reported to the scheduler."""
         while locations:
             try:
-                kv = self.store.read_locations(
-                    locations, "cpu", self._dtype, heads=self._heads, buffer=self._read_buffer(), layers=self._stage
+                kv = self.store.read_locations(  # in this thread: a read that hangs holds up this load only
+                    locations, "cpu", self._dtype, heads=self._heads, buffer=self._read_buffer(), layers=self._stage, threads=1
                 )
                 with self._lock:
                     self.stats.pieces += 1
@@ -825,7 +1045,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
             shard = locations[start].shard
             end = next((i for i in range(start, len(locations)) if locations[i].shard != shard), len(locations))
             try:
-                self.store.read_locations(locations[start:end], verify=False)
+                self.store.read_locations(locations[start:end], verify=False, threads=1)
             except STORE_FAULTS as again:
                 with self._lock:
                     self._new_bad.bad_shards.add(shard)
@@ -847,6 +1067,13 @@ class PrefixgenConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         return
+
+
+def _wait_copies(loading: _Loading) -> None:
+    """CUDA: wait until the last piece ``loading`` launched is written (nothing to wait for on CPU). Called holding its lock."""
+    if loading.pending is not None:
+        pending, loading.pending = loading.pending, None
+        pending.synchronize()
 
 
 def _warn_once(logged: set[str], key: str, message: str, *args: Any) -> bool:

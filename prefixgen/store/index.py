@@ -14,6 +14,7 @@ Either way a candidate row is confirmed by comparing the whole 32-byte key.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -110,9 +111,10 @@ class StoreIndex:
         [BlockLocation(shard='...', slot=0, crc=..., depth=0)]
     """
 
-    def __init__(self, segments: list[Segment], path: Path | None = None):
+    def __init__(self, segments: list[Segment], path: Path | None = None, signature: tuple | None = None):
         self.path = path
         self._tables = _Tables.build(segments)
+        self._signature = signature  # what the index folder looked like just before it was read (see changed())
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, tuple[Segment, dict[str, np.ndarray]]] = OrderedDict()  # id(segment) -> columns
         self._cache_bytes = 0
@@ -121,7 +123,24 @@ class StoreIndex:
     def open(cls, path: Path) -> StoreIndex:
         """Open every committed segment in ``path/index``. A segment that vanishes while the folder
         is read (merged by a compaction, whose result is then in the folder) restarts the listing."""
-        return cls(_open_segments(path), path)
+        segments = _open_segments(path)
+        opened = tuple(sorted(s.path.name for s in segments))
+        large = tuple(sorted((s.path.name, *s.opened_stat) for s in segments if s.mapped))
+        return cls(segments, path, (opened, large))
+
+    def changed(self) -> bool:
+        """Whether the index folder differs from when this index was read: a segment added, removed or
+        renamed (a build or append, a compaction, a prune, gc), or a large segment rewritten or
+        truncated in place (its inode, size or mtime). A listing of the folder and a stat of each
+        large segment: cheap enough to ask every second or two."""
+        if self.path is None or self._signature is None:
+            return False
+        return _signature(self.path, self.segments) != self._signature
+
+    def reopened(self) -> StoreIndex:
+        """A new index of the same folder as it is now (the caller swaps it in; this one stays usable)."""
+        assert self.path is not None
+        return StoreIndex.open(self.path)
 
     @property
     def segments(self) -> list[Segment]:
@@ -138,7 +157,7 @@ class StoreIndex:
 
     def _columns(self, seg: Segment) -> dict[str, np.ndarray]:
         if seg.mapped:
-            return seg.cols
+            return seg.rows  # only the rows a lookup indexes are read
         with self._lock:
             hit = self._cache.get(id(seg))
             if hit is not None and hit[0] is seg:
@@ -258,6 +277,25 @@ class StoreIndex:
                 prev = out.get(ref.name)
                 out[ref.name] = (ref, int(n) + (prev[1] if prev else 0))
         return list(out.values())
+
+
+def _signature(path: Path, segments: list[Segment]) -> tuple:
+    """The index folder's segment names, and (name, inode, size, mtime) of each of ``segments`` that is
+    large (read in place as it is searched; a small one is read whole on each use)."""
+    folder = path / INDEX_DIR
+    try:
+        names = tuple(sorted(p for p in os.listdir(folder) if p.endswith(".safetensors")))
+    except FileNotFoundError:
+        names = ()
+    large = []
+    for seg in segments:
+        if seg.mapped:
+            try:
+                st = os.stat(seg.path)
+                large.append((seg.path.name, st.st_ino, st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:
+                large.append((seg.path.name, None, None, None))
+    return names, tuple(sorted(large))
 
 
 def _open_segments(path: Path) -> list[Segment]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from prefixgen.errors import CorruptBlockError, CorruptStoreError, IncompatibleStoreError, StoreError
+from prefixgen.errors import CorruptBlockError, CorruptStoreError, IncompatibleStoreError, MissingShardError, StoreError
 from prefixgen.format import (
     BUILDS_DIR,
     COUNT_COLUMNS,
@@ -51,6 +52,8 @@ from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.index import BlockLocation, StoreIndex
 
 PIECE_BYTES = 16 << 20  # one read request (and one staging slot)
+# A shard missing under a changed index: wait this long before each new try (the index is reopened first).
+REOPEN_BACKOFF = (0.0, 0.05, 0.25)
 STAGING_SLOTS = 4
 READ_THREADS = 4
 
@@ -81,7 +84,11 @@ class PrefixMatch:
 
 
 class PrefixStore:
-    """A prefix store opened for reading. Cheap to open: the index is memory-mapped.
+    """A prefix store opened for reading. Cheap to open: large index segments are searched in place.
+
+    A store may change while it is read (an append, a compaction, a prune, gc): :meth:`refresh` reopens
+    the index when its folder changed, and a read that finds a shard gone (:class:`MissingShardError`)
+    reopens the index and tries again (:meth:`read_prefix`, :meth:`load`).
 
     Safe to read from several threads: CUDA reads take turns on the one ring of pinned staging
     buffers (a lock); CPU reads share no buffers.
@@ -99,6 +106,7 @@ class PrefixStore:
         self._headers: dict[str, SafetensorsHeader] = {}
         self._staging: list[tuple[torch.Tensor, torch.cuda.Event]] | None = None  # pinned ring, CUDA only
         self._staging_lock = threading.Lock()  # one read at a time uses the ring
+        self._reopen_lock = threading.Lock()  # one reopen at a time
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> PrefixStore:
@@ -111,6 +119,22 @@ class PrefixStore:
         """
         path = Path(path)
         return cls(path, read_manifest(path), StoreIndex.open(path))
+
+    def refresh(self) -> bool:
+        """Reopen the index if its folder changed since it was read (:meth:`StoreIndex.changed`): blocks
+        appended since are found, blocks pruned or compacted elsewhere are found where they are now.
+        True if it was reopened. Lookups running meanwhile finish on the old index.
+
+        Example:
+            >>> store.refresh()  # after `prefixgen build --append` elsewhere  # doctest: +SKIP
+            True
+        """
+        with self._reopen_lock:
+            if not self.index.changed():
+                return False
+            self.index = self.index.reopened()
+            self._headers = {}
+            return True
 
     # ------------------------------------------------------------------ matching
 
@@ -175,9 +199,37 @@ class PrefixStore:
             >>> cache = store.load(ids[:-1], device="cuda")  # doctest: +SKIP
             >>> model.generate(torch.tensor([ids]), cache=cache)  # doctest: +SKIP
         """
-        found = self.find_prefix(self.keys(token_ids))
-        kv = self.read_locations(found.locations, device=device, dtype=dtype, verify=verify)  # [T, L, parts, H, D]
+        _, kv = self.read_prefix(self.keys(token_ids), device=device, dtype=dtype, verify=verify)  # [T, L, parts, H, D]
         return kv_to_cache(kv, self.manifest.kv)
+
+    def read_prefix(
+        self,
+        keys: Sequence[BlockHash],
+        hot: BlockCache | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        verify: bool = True,
+    ) -> tuple[PrefixMatch, torch.Tensor]:
+        """:meth:`find_prefix` of ``keys`` and the KV of its stored blocks (:meth:`read_locations`:
+        ``[len(match.keys) * B, L, parts, H, D]``). A shard found missing means the store changed since its
+        index was read (a prune, compaction or gc removed it): the index is reopened and the prefix
+        looked up again, after a short wait (``REOPEN_BACKOFF``), while the index keeps changing; a
+        shard missing from an unchanged index is a :class:`MissingShardError` (the store is damaged).
+
+        Example:
+            >>> match, kv = store.read_prefix(store.keys(ids))  # doctest: +SKIP
+        """
+        for delay in (*REOPEN_BACKOFF, None):
+            found = self.find_prefix(keys, hot=hot)
+            try:
+                return found, self.read_locations(found.locations, device=device, dtype=dtype, verify=verify)
+            except MissingShardError:
+                if delay is None:
+                    raise
+                time.sleep(delay)
+                if not self.refresh():
+                    raise
+        raise AssertionError("unreachable")
 
     def read_blocks(
         self, keys: Sequence[BlockHash], device: str | torch.device = "cpu", dtype: torch.dtype | None = None
@@ -197,6 +249,7 @@ class PrefixStore:
         heads: range | None = None,
         buffer: torch.Tensor | None = None,
         layers: range | None = None,
+        threads: int = READ_THREADS,
     ) -> torch.Tensor:
         """KV at ``locations``, back to back: ``[blocks * B, L, 2, H, D]`` on ``device``; only the KV
         heads in ``heads`` if given (``H = len(heads)``, e.g. one tensor-parallel rank's), only the
@@ -215,6 +268,10 @@ class PrefixStore:
         Consecutive slots of a shard are read with one request, cut into pieces of at most
         ``PIECE_BYTES`` read (and CRC-checked) by threads. On CUDA the pieces land in a ring of
         pinned staging buffers and go up with non-blocking copies while the next pieces are read.
+
+        ``threads`` (CPU): how many threads read the pieces; 1 reads them in the calling thread (a
+        caller with read threads of its own, which must not wait on a pool's threads: a read that
+        hangs on a dead disk would keep such a pool, and the process exiting, waiting forever).
         """
         layout, bs = self.manifest.kv, self.block_size
         device = torch.device(device)
@@ -242,8 +299,12 @@ class PrefixStore:
                 a = piece.out_block * block_bytes
                 self._read_run(piece, flat[a : a + piece.blocks * block_bytes], scales, verify)
 
-            with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(pieces)) or 1) as pool:
-                list(pool.map(read, pieces))
+            if threads <= 1 or len(pieces) <= 1:
+                for piece in pieces:
+                    read(piece)
+            else:
+                with ThreadPoolExecutor(max_workers=min(threads, len(pieces))) as pool:
+                    list(pool.map(read, pieces))
         if heads is not None:  # [T, L, 2, len(heads), D]: a view, converted below
             result = result[:, :, :, heads.start : heads.stop]
             scales = None if scales is None else scales[..., heads.start : heads.stop]
@@ -290,7 +351,7 @@ class PrefixStore:
                 with open(path, "rb") as f:
                     header = read_safetensors_header(f, path)
             except FileNotFoundError:
-                raise CorruptStoreError(f"{path} is missing but the index refers to it; run `prefixgen verify`") from None
+                raise MissingShardError(f"{path} is missing but the index refers to it; run `prefixgen verify`") from None
             self._headers[shard] = header
         return header
 
@@ -303,7 +364,12 @@ class PrefixStore:
         scale_dest = None
         if scales is not None:
             scale_dest = scales[run.out_block : run.out_block + run.blocks].view(torch.uint8).numpy().reshape(-1)
-        with open(path, "rb", buffering=0) as f:
+        try:
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            self._headers.pop(run.shard, None)
+            raise MissingShardError(f"{path} is missing but the index refers to it; run `prefixgen verify`") from None
+        with f:
             ok = read_shard_blocks(f.fileno(), header, layout, bs, run.first_slot, dest, scale_dest)
         if not ok:
             raise CorruptStoreError(f"{path} is truncated; run `prefixgen verify`")
