@@ -343,6 +343,12 @@ class ConnectorConfig:
     # 0.09 GB/s instead of 1.4-2.5, BENCHMARKS.md). The cost: a request arriving during such a wait is
     # scheduled up to this much later.
     yield_seconds: float = 0.005
+    # Load a store whose KV dtype is not the engine's, cast to the engine's (refused otherwise): the loaded KV is
+    # then the store's rounded, not what vLLM computes, and outputs may differ from plain vLLM's (README, "KV dtype").
+    cast_kv_dtype: bool = False
+    # After the live check passed, the share of requests with a stored prefix that vLLM computes instead of loading,
+    # to compare its KV with the store's again (integrations/vllm_check.py); 0: only after start and each reset.
+    check_rate: float = 0.01
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> ConnectorConfig:
@@ -361,6 +367,10 @@ class ConnectorConfig:
             raise ConfigError(f"PrefixgenConnector: load_threads must be a positive integer, got {cfg.load_threads!r}")
         if not isinstance(cfg.yield_seconds, int | float) or cfg.yield_seconds < 0:
             raise ConfigError(f"PrefixgenConnector: yield_seconds must be a number of seconds >= 0, got {cfg.yield_seconds!r}")
+        if not isinstance(cfg.cast_kv_dtype, bool):
+            raise ConfigError(f"PrefixgenConnector: cast_kv_dtype must be true or false, got {cfg.cast_kv_dtype!r}")
+        if isinstance(cfg.check_rate, bool) or not isinstance(cfg.check_rate, int | float) or not 0 <= cfg.check_rate <= 1:
+            raise ConfigError(f"PrefixgenConnector: check_rate must be a share between 0 and 1, got {cfg.check_rate!r}")
         return cfg
 
 

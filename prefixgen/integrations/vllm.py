@@ -66,6 +66,17 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from prefixgen.config import ConnectorConfig
 from prefixgen.errors import ConfigError, CorruptBlockError, IncompatibleStoreError, PrefixgenError
 from prefixgen.format import TORCH_DTYPES, ModelFingerprint, block_keys
+from prefixgen.integrations.vllm_check import (
+    CheckGate,
+    CheckResult,
+    CheckSpec,
+    WeightsWatch,
+    compare_blocks,
+    engine_identity_problems,
+    find_model,
+    likely_cause,
+    tolerance,
+)
 from prefixgen.model import (
     checkpoint_weights_digest,
     config_fingerprint,
@@ -113,6 +124,7 @@ class PrefixgenConnectorMetadata(KVConnectorMetadata):
     """What the scheduler tells the workers for one step: the loads to do before the forward."""
 
     loads: list[LoadSpec] = field(default_factory=list)
+    checks: list[CheckSpec] = field(default_factory=list)  # live checks of this step's forward (vllm_check.py)
     idle: bool = False  # the step schedules no token: the engine has nothing to run but waits for loads
 
 
@@ -123,10 +135,17 @@ class PrefixgenWorkerMetadata(KVConnectorWorkerMetadata):
 
     bad_blocks: set[tuple[str, int]] = field(default_factory=set)  # (shard, slot) failing its checksum
     bad_shards: set[str] = field(default_factory=set)  # shards missing, truncated or unreadable
+    checks: list[CheckResult] = field(default_factory=list)  # live checks measured (each rank its heads and layers)
+    weights_changed: bool = False  # the model's weights differ from when the check passed: loads refused
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, PrefixgenWorkerMetadata)
-        return PrefixgenWorkerMetadata(self.bad_blocks | other.bad_blocks, self.bad_shards | other.bad_shards)
+        return PrefixgenWorkerMetadata(
+            self.bad_blocks | other.bad_blocks,
+            self.bad_shards | other.bad_shards,
+            self.checks + other.checks,
+            self.weights_changed or other.weights_changed,
+        )
 
 
 @dataclass(slots=True)
@@ -156,6 +175,12 @@ class ClaimStats:
     skipped_multimodal: int = 0
     skipped_prompt_embeds: int = 0
     skipped_cache_salt: int = 0
+    skipped_unchecked: int = 0  # the live check has not passed (or failed): vLLM computes the request
+    # The live check (vllm_check.py).
+    checks_passed: int = 0
+    checks_failed: int = 0
+    check_tokens: int = 0  # stored tokens vLLM computed for checks instead of loading them
+    weights_changed: int = 0  # times the workers found the weights changed since the check passed
 
 
 @dataclass
@@ -193,6 +218,10 @@ PROM_COUNTERS: dict[str, tuple[str, str]] = {
     "lookups": ("lookups", "Prompts looked up in the store"),
     "lookup_errors": ("lookup_errors", "Lookups the store could not answer (a damaged index): cache misses"),
     "skipped_bad_blocks": ("skipped_bad_blocks", "Lookups cut short at a block or shard a worker had reported bad"),
+    "checks_passed": ("checks_passed", "Live checks whose KV computed by vLLM matched the store's"),
+    "checks_failed": ("checks_failed", "Live checks whose KV computed by vLLM differed from the store's: loading stopped"),
+    "check_tokens": ("check_tokens", "Stored tokens vLLM computed for live checks instead of loading them"),
+    "weights_changed": ("weights_changed", "Weights found changed since the live check passed: loads stop until it passes again"),
 }
 SKIPPED = ("skipped_requests", "Requests loaded nothing for (vLLM computes them whole), by reason")
 
@@ -318,7 +347,10 @@ def engine_fingerprint(vllm_config: VllmConfig, chat_template: str | None = None
     tokenizer = load_tokenizer(mc.tokenizer, trust_remote_code=mc.trust_remote_code, chat_template=chat_template)
     layout = config_kv_layout(text, str(mc.dtype).removeprefix("torch."))
     weights = checkpoint_weights_digest(model_folder(vllm_config), bool(getattr(text, "tie_word_embeddings", False)))
-    return config_fingerprint(mc.hf_config, tokenizer, layout, weights, name=mc.model)
+    # The text config vLLM computes with (after hf_overrides; a composite model's language model), under the
+    # architecture of the whole checkpoint (what a build records).
+    architecture = str((getattr(mc.hf_config, "architectures", None) or [""])[0])
+    return config_fingerprint(text, tokenizer, layout, weights, name=mc.model, architecture=architecture)
 
 
 def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> list[str]:
@@ -457,6 +489,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
             raise ConfigError("PrefixgenConnector cannot serve this engine:\n  " + "\n  ".join(problems))
         if role == KVConnectorRole.SCHEDULER:
             self._check_model(vllm_config, self.config.chat_template)
+            self._gate = CheckGate(rate=self.config.check_rate)  # nothing is loaded until the live check passed
             self._matches: dict[str, _Match] = {}
             self._pending: list[LoadSpec] = []
             self._bad = PrefixgenWorkerMetadata()  # what the workers reported: never claimed again
@@ -478,6 +511,12 @@ class PrefixgenConnector(KVConnectorBase_V1):
             self._stream = None  # CUDA: the side stream the loads write on
             self.stats = LoadStats()
             self._reported = {}
+            self._num_blocks = kv_cache_config.num_blocks
+            self._watch: WeightsWatch | None = None  # made in register_kv_caches
+            self._weights_changed = False
+            self._limit = tolerance(
+                self.store.manifest.kv.storage, self.store.manifest.kv.dtype, str(self._dtype).removeprefix("torch.")
+            )
         logger.info("PrefixgenConnector (%s): store %s, %s", role.name.lower(), path, self.store.manifest.model.name)
 
     # ------------------------------------------------------------------ start-up checks
@@ -485,6 +524,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
     def _check_model(self, vllm_config: VllmConfig, chat_template: str | None) -> None:
         theirs = engine_fingerprint(vllm_config, chat_template)
         problems = self.store.manifest.model.differences(theirs)
+        problems += engine_identity_problems(vllm_config, self.store.manifest, self.config.cast_kv_dtype)
         if problems:
             raise IncompatibleStoreError(
                 f"{self.store.path} was built for another model ({self.store.manifest.model.name}) than vLLM serves "
@@ -522,6 +562,14 @@ class PrefixgenConnector(KVConnectorBase_V1):
         indices = sorted(index for _, index in self._layers)
         if indices and indices == list(range(indices[0], indices[-1] + 1)):
             self._stage = range(indices[0], indices[-1] + 1)
+        model = find_model(self._layers[0][0]) if self._layers else None
+        if model is not None:
+            self._watch = WeightsWatch(model)
+        else:
+            logger.warning(
+                "PrefixgenConnector: cannot find vLLM's model: weights changed in place without reset_cache() are only "
+                "found by the sampled live checks (check_rate)"
+            )
 
     # ------------------------------------------------------------------ scheduler side
 
@@ -543,6 +591,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
                 locations = []
                 self._skip(reason)
             match = _Match(len(locations) * self.store.block_size, locations)
+            if locations and not self._gate_allows(request, num_computed_tokens, locations):
+                match = _Match(0, [])  # vLLM computes it (a live check, or no check has passed)
             self._matches[request.request_id] = match
         tokens = max(0, match.end - num_computed_tokens)
         return tokens, tokens > 0
@@ -590,19 +640,84 @@ class PrefixgenConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = PrefixgenConnectorMetadata(self._pending, idle=scheduler_output.total_num_scheduled_tokens == 0)
+        meta.checks = self._gate.due(
+            scheduler_output.num_scheduled_tokens, lambda req_id: self._kv_cache_manager.get_block_ids(req_id)[0]
+        )
         self._pending = []
         return meta
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        """Remember the stored blocks and shards the workers could not load: they are not claimed again."""
+        """Remember the stored blocks and shards the workers could not load: they are not claimed again; take in
+        the live checks' results."""
         reported = connector_output.kv_connector_worker_meta
         if isinstance(reported, PrefixgenWorkerMetadata):
             self._bad.bad_blocks |= reported.bad_blocks
             self._bad.bad_shards |= reported.bad_shards
+            self._take_checks(reported)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._matches.pop(request.request_id, None)
+        self._gate.finished(request.request_id)
         return False, None
+
+    def reset_cache(self) -> bool:
+        """vLLM's reset for weight updates (``reset_prefix_cache(reset_connector=True)``): nothing is loaded until
+        the live check passes again, against the engine as it is now."""
+        self._gate.reset()
+        logger.info("PrefixgenConnector: cache reset; nothing is loaded until the live check passes again")
+        return True
+
+    # ------------------------------------------------------------------ live check hooks (vllm_check.py)
+
+    def _gate_allows(self, request: Request, computed: int, locations: list[BlockLocation]) -> bool:
+        """Whether ``request``'s stored prefix may be loaded; if not, vLLM computes it (and it may be compared)."""
+        gate = self._gate
+        if gate.wants_probe() and gate.probe(request, computed, locations, self.store.block_size):
+            self.claim_stats.check_tokens += len(locations) * self.store.block_size - computed
+            self.claim_stats.skipped_unchecked += not gate.loads_allowed
+            return False
+        if gate.loads_allowed:
+            return True
+        self.claim_stats.skipped_unchecked += 1
+        return False
+
+    def _take_checks(self, reported: PrefixgenWorkerMetadata) -> None:
+        gate = self._gate
+        if reported.weights_changed and gate.state == "passed":
+            self.claim_stats.weights_changed += 1
+            logger.warning(
+                "PrefixgenConnector: the model's weights changed since the live check passed; nothing is loaded until "
+                "it passes again"
+            )
+            gate.reset()
+        by_request: dict[str, list[CheckResult]] = {}
+        for result in reported.checks:
+            by_request.setdefault(result.req_id, []).append(result)
+        for req_id, results in by_request.items():
+            if req_id not in gate.sent:
+                continue  # sent before a reset: it measured another engine state
+            gate.sent.discard(req_id)
+            if any(r.failed_read for r in results):
+                continue  # no verdict: another request is compared
+            if all(r.passed for r in results):
+                self.claim_stats.checks_passed += 1
+                if gate.state == "checking":
+                    gate.state = "passed"
+                    logger.info("PrefixgenConnector: live check passed (%s): loading stored prefixes", _errors(results))
+                continue
+            self.claim_stats.checks_failed += 1
+            gate.state = "failed"
+            gate.last_failure = likely_cause(results)
+            logger.error(
+                "PrefixgenConnector: the KV vLLM computed for request %s differs from the store's by more than "
+                "rounding explains (limit %.3g, relative RMS per layer: %s). Likely cause: %s. Nothing more is loaded "
+                "from %s until reset_prefix_cache(reset_connector=True) and a passing check",
+                req_id,
+                results[0].limit,
+                _errors(results),
+                gate.last_failure,
+                self.store.path,
+            )
 
     # ------------------------------------------------------------------ worker side
 
@@ -617,6 +732,12 @@ class PrefixgenConnector(KVConnectorBase_V1):
             return
         if not self._layers:
             raise RuntimeError("PrefixgenConnector: vLLM did not register its KV caches with the connector")
+        if not self._weights_match():
+            with self._lock:  # nothing written: vLLM computes these requests whole
+                self._load_errors.update(load.block_ids[load.start // self.block_size] for load in meta.loads)
+                self.stats.failed_loads += len(meta.loads)
+            self._inflight.update((load.req_id, _done()) for load in meta.loads)
+            return
         after = None
         device = self._layers[0][0].kv_cache.device
         if device.type == "cuda":
@@ -653,11 +774,42 @@ class PrefixgenConnector(KVConnectorBase_V1):
         return errors
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        checks = self._run_checks()  # after this step's forward: the KV it computed is in the cache
         with self._lock:
-            if not (self._new_bad.bad_blocks or self._new_bad.bad_shards):
+            if not (self._new_bad.bad_blocks or self._new_bad.bad_shards or checks or self._weights_changed):
                 return None
             reported, self._new_bad = self._new_bad, PrefixgenWorkerMetadata()
+        reported.checks, reported.weights_changed, self._weights_changed = checks, self._weights_changed, False
         return reported
+
+    def _weights_match(self) -> bool:
+        """Whether the model's weights are those the last passing check saw (else they are reported changed)."""
+        if self._watch is None or self._watch.unchanged():
+            return True
+        if self._watch.reference is not None:
+            self._weights_changed = True
+            self._watch.reference = None  # loads stay refused until a check passes on the new weights
+        return False
+
+    def _run_checks(self) -> list[CheckResult]:
+        """This step's live checks: vLLM's KV of each probe's stored blocks against the store's (this rank's heads)."""
+        meta = self._connector_metadata if self.has_connector_metadata() else None
+        if not isinstance(meta, PrefixgenConnectorMetadata) or not meta.checks:
+            return []
+        results = []
+        for spec in meta.checks:
+            kv, good = self._read(spec.locations)
+            if good < len(spec.locations):
+                results.append(CheckResult(spec.req_id, 0, [], [], [], self._limit, failed_read=True))
+                continue
+            offset = spec.start - spec.first_block * self.store.block_size  # 0: start is a store block boundary
+            layers, k_err, v_err = compare_blocks(
+                self._layers, self._stage.start, kv[offset:], spec, self.block_size, self._num_blocks
+            )
+            results.append(CheckResult(spec.req_id, spec.end - spec.start, layers, k_err, v_err, self._limit))
+        if self._watch is not None and results and all(r.passed for r in results):
+            self._watch.mark()
+        return results
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         """This side's counters since the last call (vLLM asks every step and logs them)."""
@@ -835,6 +987,23 @@ class PrefixgenConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         return
+
+
+def _done() -> Future:
+    """A future already done: a load refused before it started."""
+    future: Future = Future()
+    future.set_result(None)
+    return future
+
+
+def _errors(results: list[CheckResult]) -> str:
+    """Per layer, the largest relative RMS error of K and V over the ranks: ``layer 0 K 1.2e-07 V 9.8e-08, ...``."""
+    worst: dict[int, tuple[float, float]] = {}
+    for r in results:
+        for layer, k, v in zip(r.layers, r.k_error, r.v_error):
+            a, b = worst.get(layer, (0.0, 0.0))
+            worst[layer] = (max(a, k), max(b, v))
+    return ", ".join(f"layer {layer} K {k:.2g} V {v:.2g}" for layer, (k, v) in sorted(worst.items()))
 
 
 def _warn_once(logged: set[str], key: str, message: str, *args: Any) -> bool:
