@@ -36,8 +36,14 @@ worker also tells the scheduler which stored blocks and shards failed
 Both sides refuse, at engine start, what the store cannot serve (:func:`unsupported_features`:
 context parallelism, speculative decoding, hybrid or sliding-window attention, a
 ``kv_load_failure_policy`` other than ``recompute``); the scheduler refuses a store built for another
-model than vLLM's effective config (weights, architecture, KV shape, RoPE with ``hf_overrides``,
-positions, tokenizer), naming each field that differs.
+model than vLLM's effective config (weights, architecture, KV shape, positions, tokenizer, every field of
+the text config after ``hf_overrides``, the KV dtype, quantization, load format), naming each field that
+differs.
+
+Live (:mod:`prefixgen.integrations.vllm_check`): nothing is loaded until vLLM has computed a request whose
+prefix is stored and its own paged KV for those blocks matched the store's (after start, each
+:meth:`PrefixgenConnector.reset_cache` and weights found changed), and a ``check_rate`` sample of requests
+is compared again; a mismatch stops loading.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ from prefixgen.integrations.vllm_check import (
     find_model,
     likely_cause,
     tolerance,
+    worst_errors,
 )
 from prefixgen.model import (
     checkpoint_weights_digest,
@@ -161,6 +168,7 @@ class LoadStats:
     failed_shards: int = 0  # shards found missing, truncated or unreadable
     pieces: int = 0  # staging pieces read and written
     max_piece_bytes: int = 0  # the largest piece read (all heads, as dequantized): at most staging_bytes
+    check_seconds: float = 0.0  # spent on live checks (reading the store's blocks, comparing them with vLLM's)
 
 
 @dataclass(slots=True)
@@ -217,6 +225,7 @@ PROM_COUNTERS: dict[str, tuple[str, str]] = {
     "failed_shards": ("failed_shards", "Shards found missing, truncated or unreadable: their blocks are not loaded"),
     "lookups": ("lookups", "Prompts looked up in the store"),
     "lookup_errors": ("lookup_errors", "Lookups the store could not answer (a damaged index): cache misses"),
+    "check_seconds": ("check_seconds", "Seconds the workers spent on live checks (reading the store, comparing with vLLM's KV)"),
     "skipped_bad_blocks": ("skipped_bad_blocks", "Lookups cut short at a block or shard a worker had reported bad"),
     "checks_passed": ("checks_passed", "Live checks whose KV computed by vLLM matched the store's"),
     "checks_failed": ("checks_failed", "Live checks whose KV computed by vLLM differed from the store's: loading stopped"),
@@ -460,7 +469,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
     * ``chat_template``: the Jinja file given to ``prefixgen build --chat-template`` (and to
       ``vllm serve --chat-template``), when the tokenizer has no template of its own; it is part
       of the tokenizer identity the store is checked against.
-    * ``staging_bytes``, ``load_threads``, ``yield_seconds``: see :class:`~prefixgen.config.ConnectorConfig`.
+    * ``staging_bytes``, ``load_threads``, ``yield_seconds``, ``cast_kv_dtype``, ``check_rate``,
+      ``check_tolerance``: see :class:`~prefixgen.config.ConnectorConfig`.
 
     Example:
         >>> from vllm import LLM  # doctest: +SKIP
@@ -514,7 +524,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
             self._num_blocks = kv_cache_config.num_blocks
             self._watch: WeightsWatch | None = None  # made in register_kv_caches
             self._weights_changed = False
-            self._limit = tolerance(
+            self._limit = self.config.check_tolerance or tolerance(
                 self.store.manifest.kv.storage, self.store.manifest.kv.dtype, str(self._dtype).removeprefix("torch.")
             )
         logger.info("PrefixgenConnector (%s): store %s, %s", role.name.lower(), path, self.store.manifest.model.name)
@@ -699,6 +709,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
             gate.sent.discard(req_id)
             if any(r.failed_read for r in results):
                 continue  # no verdict: another request is compared
+            gate.history.append((req_id, all(r.passed for r in results), worst_errors(results)))
             if all(r.passed for r in results):
                 self.claim_stats.checks_passed += 1
                 if gate.state == "checking":
@@ -796,6 +807,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
         meta = self._connector_metadata if self.has_connector_metadata() else None
         if not isinstance(meta, PrefixgenConnectorMetadata) or not meta.checks:
             return []
+        t0 = time.perf_counter()
         results = []
         for spec in meta.checks:
             kv, good = self._read(spec.locations)
@@ -809,6 +821,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
             results.append(CheckResult(spec.req_id, spec.end - spec.start, layers, k_err, v_err, self._limit))
         if self._watch is not None and results and all(r.passed for r in results):
             self._watch.mark()
+        with self._lock:
+            self.stats.check_seconds += time.perf_counter() - t0
         return results
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
@@ -998,11 +1012,7 @@ def _done() -> Future:
 
 def _errors(results: list[CheckResult]) -> str:
     """Per layer, the largest relative RMS error of K and V over the ranks: ``layer 0 K 1.2e-07 V 9.8e-08, ...``."""
-    worst: dict[int, tuple[float, float]] = {}
-    for r in results:
-        for layer, k, v in zip(r.layers, r.k_error, r.v_error):
-            a, b = worst.get(layer, (0.0, 0.0))
-            worst[layer] = (max(a, k), max(b, v))
+    worst = worst_errors(results)
     return ", ".join(f"layer {layer} K {k:.2g} V {v:.2g}" for layer, (k, v) in sorted(worst.items()))
 
 

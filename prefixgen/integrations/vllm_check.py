@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -135,12 +136,8 @@ def likely_cause(results: Sequence[CheckResult]) -> str:
         >>> likely_cause([CheckResult("r", 32, [0, 1], [0.9, 0.9], [0.0, 0.0], 0.01)])
         'RoPE (only K differs from layer 0 on): rope_parameters or hf_overrides'
     """
-    worst: dict[int, tuple[float, float]] = {}
+    worst = worst_errors(results)
     limit = min(r.limit for r in results)
-    for r in results:
-        for layer, k, v in zip(r.layers, r.k_error, r.v_error):
-            a, b = worst.get(layer, (0.0, 0.0))
-            worst[layer] = (max(a, k), max(b, v))
     bad = [layer for layer in sorted(worst) if max(worst[layer]) > limit]
     if not bad:
         return "none"
@@ -154,6 +151,21 @@ def likely_cause(results: Sequence[CheckResult]) -> str:
             "(weights changed or quantized, hf_overrides, the KV dtype)"
         )
     return f"weights or config of layer {first - 1} or {first} (layers before {first} match): a changed layer"
+
+
+def worst_errors(results: Sequence[CheckResult]) -> dict[int, tuple[float, float]]:
+    """Per layer, the largest relative RMS error of K and of V over ``results`` (one per rank).
+
+    Example:
+        >>> worst_errors([CheckResult("r", 16, [0], [0.1], [0.2], 1.0), CheckResult("r", 16, [0], [0.3], [0.0], 1.0)])
+        {0: (0.3, 0.2)}
+    """
+    worst: dict[int, tuple[float, float]] = {}
+    for r in results:
+        for layer, k, v in zip(r.layers, r.k_error, r.v_error):
+            a, b = worst.get(layer, (0.0, 0.0))
+            worst[layer] = (max(a, k), max(b, v))
+    return worst
 
 
 def compare_blocks(
@@ -286,6 +298,8 @@ class CheckGate:
     sent: set[str] = field(default_factory=set)  # checks handed to the workers, verdict not yet back
     credit: float = 0.0
     last_failure: str = ""
+    # The last checks' verdicts and worst error per layer (layer -> (K, V)), for logs, tests and benchmarks.
+    history: deque = field(default_factory=lambda: deque(maxlen=256))
 
     @property
     def loads_allowed(self) -> bool:
