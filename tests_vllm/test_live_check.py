@@ -179,7 +179,8 @@ def test_weights_changed_in_place_give_plain_vllms_tokens(model, store, plain):
 
         llm.collective_rpc(_scale(2.0))  # no signal
         assert _generate(llm, PROMPTS) == changed
-        assert scheduler.claim_stats.weights_changed == 1
+        assert scheduler.claim_stats.weights_changed == 1  # the load was refused; then a check on the new weights failed
+        assert scheduler.claim_stats.checks_failed == 1
 
         llm.collective_rpc(_scale(0.5))  # back to the weights the store was built with
         assert llm.reset_prefix_cache(reset_connector=True) is True
@@ -190,8 +191,8 @@ def test_weights_changed_in_place_give_plain_vllms_tokens(model, store, plain):
         assert llm.reset_prefix_cache(reset_connector=True) is True
         loaded = worker.stats.tokens
         assert _generate(llm, PROMPTS) == changed
-        assert worker.stats.tokens == loaded and scheduler.claim_stats.checks_failed == 1
-        assert scheduler._gate.state == "failed" and "layer 1" in scheduler._gate.last_failure
+        assert worker.stats.tokens == loaded and scheduler.claim_stats.checks_failed == 2
+        assert scheduler._gate.state == "failed" and "a changed layer: layer 1's" in scheduler._gate.last_failure
     finally:
         _shutdown(llm)
 

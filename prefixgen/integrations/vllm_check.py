@@ -150,7 +150,10 @@ def likely_cause(results: Sequence[CheckResult]) -> str:
             f"weights or config from layer {first} on: the embedding, the input norm (rms_norm_eps) or the K/V projections "
             "(weights changed or quantized, hf_overrides, the KV dtype)"
         )
-    return f"weights or config of layer {first - 1} or {first} (layers before {first} match): a changed layer"
+    return (
+        f"a changed layer: layer {first}'s input norm or K/V projections, or layer {first - 1}'s output (its attention "
+        f"or MLP); layers before {first} match"
+    )
 
 
 def worst_errors(results: Sequence[CheckResult]) -> dict[int, tuple[float, float]]:
