@@ -42,25 +42,25 @@ PROMPTS = [r + " Then" for r in RECORDS]
 
 # name -> (store dtype, store kv_dtype, engine dtype, extra connector config, engine args, weight change, identity off)
 CASES = {
-    "f32": ("float32", "native", "float32", {}, {}, None, False),
-    "bf16": ("bfloat16", "native", "bfloat16", {}, {}, None, False),
-    "fp16": ("float16", "native", "float16", {}, {}, None, False),
+    "f32": ("float32", "auto", "float32", {}, {}, None, False),
+    "bf16": ("bfloat16", "auto", "bfloat16", {}, {}, None, False),
+    "fp16": ("float16", "auto", "float16", {}, {}, None, False),
     "fp8": ("float32", "fp8", "float32", {}, {}, None, False),
     "fp8-bf16": ("bfloat16", "fp8", "bfloat16", {}, {}, None, False),
-    "f32-in-bf16-cast": ("float32", "native", "bfloat16", {"cast_kv_dtype": True}, {}, None, False),
-    "rms_norm_eps": ("float32", "native", "float32", {}, {"hf_overrides": {"rms_norm_eps": 0.5}}, None, True),
+    "f32-in-bf16-cast": ("float32", "auto", "bfloat16", {"cast_kv_dtype": True}, {}, None, False),
+    "rms_norm_eps": ("float32", "auto", "float32", {}, {"hf_overrides": {"rms_norm_eps": 0.5}}, None, True),
     "rope_theta": (
         "float32",
-        "native",
+        "auto",
         "float32",
         {},
         {"hf_overrides": {"rope_parameters": {"rope_type": "default", "rope_theta": 5000.0}}},
         None,
         True,
     ),
-    "layer1-norm-x1.1": ("float32", "native", "float32", {}, {}, ("model.layers.1.input_layernorm.weight", 1.1), False),
-    "embedding-x1.01": ("float32", "native", "float32", {}, {}, ("model.embed_tokens.weight", 1.01), False),
-    "bf16-layer1-norm-x1.1": ("bfloat16", "native", "bfloat16", {}, {}, ("model.layers.1.input_layernorm.weight", 1.1), False),
+    "layer1-norm-x1.1": ("float32", "auto", "float32", {}, {}, ("model.layers.1.input_layernorm.weight", 1.1), False),
+    "embedding-x1.01": ("float32", "auto", "float32", {}, {}, ("model.embed_tokens.weight", 1.01), False),
+    "bf16-layer1-norm-x1.1": ("bfloat16", "auto", "bfloat16", {}, {}, ("model.layers.1.input_layernorm.weight", 1.1), False),
 }
 
 
