@@ -44,7 +44,9 @@ PROMPTS = [r + " Then" for r in RECORDS]
 CASES = {
     "f32": ("float32", "auto", "float32", {}, {}, None, False),
     "bf16": ("bfloat16", "auto", "bfloat16", {}, {}, None, False),
-    "fp16": ("float16", "auto", "float16", {}, {}, None, False),
+    # identity off: the weights digest of a float32 checkpoint loaded in float16 differs from the checkpoint's
+    # (BENCHMARKS.md), so the start-time check refuses this store; the live check alone is measured.
+    "fp16": ("float16", "auto", "float16", {}, {}, None, True),
     "fp8": ("float32", "fp8", "float32", {}, {}, None, False),
     "fp8-bf16": ("bfloat16", "fp8", "bfloat16", {}, {}, None, False),
     "f32-in-bf16-cast": ("float32", "auto", "bfloat16", {"cast_kv_dtype": True}, {}, None, False),
