@@ -92,7 +92,9 @@ def main() -> None:
         data = write_jsonl(args.out / f"prefix-{p}.jsonl", [text])
         build(BuildConfig(dataset=str(data), model=str(model), out=str(store), overwrite=True, quiet=True, dtype="bfloat16"))
         t = time.perf_counter()
-        s = export_store(ExportConfig(store=str(store), to="sglang", out=str(hicache), model_name=NAME, quiet=True))
+        s = export_store(
+            ExportConfig(store=str(store), to="sglang", out=str(hicache), model_name=NAME, kv_dtype="bfloat16", quiet=True)
+        )
         prompts = [
             tok(text + f" Question {i}: what happened next to the {i}th friend?").input_ids for i in range(2 * args.repeats + 2)
         ]

@@ -412,6 +412,16 @@ def prune(
 _EXPORT = ExportConfig()  # export's defaults, shown in the help (None below means unset: ExportConfig fills it in)
 
 
+def _hash_seed(value: str) -> int | str:
+    """--hash-seed: an integer PYTHONHASHSEED, ``random`` (hashed as written, as vLLM does), or ``unset``."""
+    if value in ("unset", "random"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: give the server's PYTHONHASHSEED (an integer or random) or unset") from None
+
+
 @app.command()
 @_user_errors
 def export(
@@ -427,9 +437,21 @@ def export(
             help=f"sglang: the server's --hicache-mem-layout: page_first, page_first_direct or layer_first. [default: {_EXPORT.layout}]"
         ),
     ] = None,
+    kv_dtype: Annotated[
+        Optional[str],
+        Opt(
+            help="sglang: the KV dtype the server keeps: auto (as its --dtype auto: the model config's dtype, a float32 "
+            f"model as float16), float32, bfloat16 or float16. [default: {_EXPORT.kv_dtype}]"
+        ),
+    ] = None,
     hash_seed: Annotated[
-        Optional[int],
-        Opt(help="lmcache, vllm: the PYTHONHASHSEED the server runs with (vllm: unset if not given).", metavar="SEED"),
+        Optional[str],
+        Opt(
+            parser=_hash_seed,
+            help="lmcache, vllm: the PYTHONHASHSEED the server runs with, or 'unset' when it runs without one "
+            "(vllm: unset if not given).",
+            metavar="SEED",
+        ),
     ] = None,
     chunk_size: Annotated[Optional[int], Opt(help=f"lmcache: the chunk_size. [default: {_EXPORT.chunk_size}]")] = None,
     hash_algorithm: Annotated[

@@ -391,6 +391,15 @@ class ConnectorConfig:
     # when it changed (an append, compaction, prune or gc while serving); the blocks and shards workers had
     # reported bad are claimed again after a reopen. 0: never (the index read at start is kept).
     refresh_seconds: float = 2.0
+    # Load a store whose KV dtype is not the engine's, cast to the engine's (refused otherwise): the loaded KV is
+    # then the store's rounded, not what vLLM computes, and outputs may differ from plain vLLM's (README, "KV dtype").
+    cast_kv_dtype: bool = False
+    # After the live check passed, the share of requests with a stored prefix that vLLM computes instead of loading,
+    # to compare its KV with the store's again (integrations/vllm_check.py); 0: only after start and each reset.
+    check_rate: float = 0.01
+    # The largest per-layer relative RMS error of K or V a live check accepts; None: by the store's and engine's
+    # dtypes (vllm_check.TOLERANCE, measured in BENCHMARKS.md). Raising it lets KV further from vLLM's be served.
+    check_tolerance: float | None = None
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> ConnectorConfig:
@@ -413,6 +422,13 @@ class ConnectorConfig:
             value = getattr(cfg, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ConfigError(f"PrefixgenConnector: {name} must be a number of seconds >= 0, got {value!r}")
+        if not isinstance(cfg.cast_kv_dtype, bool):
+            raise ConfigError(f"PrefixgenConnector: cast_kv_dtype must be true or false, got {cfg.cast_kv_dtype!r}")
+        if isinstance(cfg.check_rate, bool) or not isinstance(cfg.check_rate, int | float) or not 0 <= cfg.check_rate <= 1:
+            raise ConfigError(f"PrefixgenConnector: check_rate must be a share between 0 and 1, got {cfg.check_rate!r}")
+        tol = cfg.check_tolerance
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, int | float) or tol <= 0):
+            raise ConfigError(f"PrefixgenConnector: check_tolerance must be a positive number, got {tol!r}")
         return cfg
 
 
@@ -437,8 +453,13 @@ class ExportConfig:
     # sglang
     page_size: int = 16  # the server's --page-size: tokens per file
     layout: str = "page_first"  # the server's --hicache-mem-layout
+    # The KV dtype the server keeps: "auto" resolves it as SGLang's --dtype auto does from the store's model config
+    # (export.sglang.sglang_kv_dtype; a float32 config is served as float16), else float32, bfloat16 or float16.
+    kv_dtype: str = "auto"
     # lmcache
-    hash_seed: int | None = None  # the server's PYTHONHASHSEED (LMCache's first chunk hash depends on it)
+    # The server's PYTHONHASHSEED (LMCache's first chunk hash depends on it), or "unset" (vLLM then seeds with a
+    # fixed string).
+    hash_seed: int | str | None = None
     chunk_size: int = 256  # LMCache's chunk_size: tokens per file
     hash_algorithm: str = "sha256_cbor"  # LMCache's pre_caching_hash_algorithm
     # vllm (its own OffloadingConnector's fs tier; hash_seed and tp_size above apply too)
@@ -485,7 +506,12 @@ class ExportConfig:
         if self.layout not in SGLANG_LAYOUTS:
             raise ConfigError(f"--layout {self.layout!r} is not one of {', '.join(SGLANG_LAYOUTS)}")
         if self.to == "lmcache" and self.hash_seed is None:
-            raise ConfigError("--to lmcache needs --hash-seed SEED: the PYTHONHASHSEED the vLLM + LMCache server runs with")
+            raise ConfigError(
+                "--to lmcache needs --hash-seed SEED: the PYTHONHASHSEED the vLLM + LMCache server runs with "
+                "(--hash-seed unset when it runs without one)"
+            )
+        if isinstance(self.hash_seed, str) and self.hash_seed not in ("unset", "random") and not self.hash_seed.isdigit():
+            raise ConfigError(f"--hash-seed {self.hash_seed!r}: give the server's PYTHONHASHSEED (an integer) or unset")
         if self.min_records is not None and self.min_records < 1:
             raise ConfigError(f"--min-records must be at least 1 (1 exports every block), got {self.min_records}")
         if self.max_bytes is not None and self.max_bytes <= 0:

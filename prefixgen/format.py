@@ -148,6 +148,10 @@ class ModelFingerprint:
     revision: str | None = None
     transformers_version: str = ""
     torch_version: str = ""
+    # The effective text config (model.config_identity: every field but a short allow-list of fields shown not
+    # to change KV). Empty in stores written before it was recorded: such a store is compared without it here,
+    # and the vLLM connector refuses it (it cannot know the store's config).
+    text_config: dict[str, Any] = field(default_factory=dict)
 
     IDENTITY_FIELDS = (
         "architecture",
@@ -158,16 +162,31 @@ class ModelFingerprint:
         "max_positions",
         "weights_digest",
         "tokenizer_digest",
+        "text_config",
     )
 
     def differences(self, other: ModelFingerprint, check_tokenizer: bool = True) -> list[str]:
-        """Lines ``field: store has X, model has Y`` for each identity field that differs."""
+        """Lines ``field: store has X, model has Y`` for each identity field that differs (``text_config``
+        field by field, as ``text_config.rms_norm_eps``; skipped when either side has none recorded).
+
+        Example:
+            >>> a = ModelFingerprint("m", "A", "llama", 2, 2, 64, "w", "t", text_config={"rms_norm_eps": 1e-5})
+            >>> a.differences(dataclasses.replace(a, text_config={"rms_norm_eps": 0.5}))
+            ['text_config.rms_norm_eps: store has 1e-05, model has 0.5']
+        """
         out = []
         for name in self.IDENTITY_FIELDS:
             if name == "tokenizer_digest" and not check_tokenizer:
                 continue
             mine, theirs = getattr(self, name), getattr(other, name)
-            if mine != theirs:
+            if name == "text_config":
+                if mine and theirs:
+                    missing = "(not set)"
+                    for key in sorted(set(mine) | set(theirs)):
+                        a, b = mine.get(key, missing), theirs.get(key, missing)
+                        if a != b:
+                            out.append(f"text_config.{key}: store has {a!r}, model has {b!r}")
+            elif mine != theirs:
                 out.append(f"{name}: store has {mine!r}, model has {theirs!r}")
         return out
 

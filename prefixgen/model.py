@@ -124,6 +124,43 @@ def _rope(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(rope, sort_keys=True, default=str))
 
 
+# Fields of a transformers text config that do not change the KV a model computes for a prompt; every other
+# field of the effective text config is part of a store's identity (ModelFingerprint.text_config). Each with why.
+KV_NEUTRAL_CONFIG_FIELDS: dict[str, str] = {
+    "_name_or_path": "where the config was read from, not what it says",
+    "transformers_version": "the version that wrote the config file",
+    "architectures": "the head class (compared on its own, as architecture); KV comes from the decoder layers",
+    "dtype": "the dtype to load in: the KV dtype is compared on its own (the manifest's kv.dtype)",
+    "torch_dtype": "the older name of dtype",
+    "initializer_range": "only initialises new weights; the weights themselves are digested",
+    "use_cache": "whether a cache is kept, not what is in it",
+    "output_attentions": "what forward returns besides the cache",
+    "output_hidden_states": "what forward returns besides the cache",
+    "return_dict": "the return type of forward",
+    "bos_token_id": "generation stop and pad ids: sampling, not KV (the tokenizer digest covers tokenization)",
+    "eos_token_id": "as bos_token_id",
+    "pad_token_id": "as bos_token_id",
+    "id2label": "classification heads only",
+    "label2id": "classification heads only",
+    "problem_type": "classification heads only",
+    "chunk_size_feed_forward": "splits the MLP into chunks computing the same values",
+    "tie_word_embeddings": "the output head (the weights digest covers the weights)",
+}
+
+
+def config_identity(config: Any) -> dict[str, Any]:
+    """The identity of a model's effective text config (``get_text_config()`` of a composite config): every field of
+    ``to_dict()`` but :data:`KV_NEUTRAL_CONFIG_FIELDS`, JSON round-tripped so a manifest compares equal to a fresh one.
+
+    Example:
+        >>> config_identity(transformers.LlamaConfig(rms_norm_eps=0.5))["rms_norm_eps"]
+        0.5
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    data = {k: v for k, v in text.to_dict().items() if k not in KV_NEUTRAL_CONFIG_FIELDS}
+    return json.loads(json.dumps(data, sort_keys=True, default=str))
+
+
 # RoPE variants whose frequencies depend on the position alone: in transformers 5.24 their init
 # functions (modeling_rope_utils.ROPE_INIT_FUNCTIONS) ignore ``seq_len`` and ``dynamic_rope_update``
 # leaves them alone, so a block's KV is the same whatever sequence or batch it was computed in.
@@ -240,6 +277,7 @@ def config_fingerprint(
     Example:
         >>> fp = config_fingerprint(AutoConfig.from_pretrained(d), tok, layout, checkpoint_weights_digest(d))  # doctest: +SKIP
     """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config  # RoPE is the text model's
     return ModelFingerprint(
         name=name or str(getattr(config, "_name_or_path", "")),
         architecture=architecture or str((getattr(config, "architectures", None) or [""])[0]),
@@ -249,11 +287,12 @@ def config_fingerprint(
         head_dim=layout.head_dim,
         weights_digest=weights,
         tokenizer_digest=tokenizer_digest(tokenizer) if tokenizer is not None else "",
-        rope=_rope(config),
-        max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
+        rope=_rope(text),
+        max_positions=int(getattr(text, "max_position_embeddings", 0) or 0),
         revision=getattr(config, "_commit_hash", None),
         transformers_version=transformers.__version__,
         torch_version=torch.__version__,
+        text_config=config_identity(config),
     )
 
 

@@ -57,7 +57,47 @@ def stores(tmp_path_factory) -> dict[str, Path]:
 
 
 def sglang(cli, store: Path, out: Path, *args: str):
+    """Export ``store`` for SGLang; unless ``args`` name one, for a server keeping the store's own KV dtype
+    (``--kv-dtype auto``, the default, is test_sglang_kv_dtype_is_the_servers')."""
+    if "--kv-dtype" not in args:
+        args = ("--kv-dtype", PrefixStore.open(store).manifest.kv.dtype, *args)
     return cli("export", store, "--to", "sglang", "--out", out, "--model-name", "org/stories", *args)
+
+
+def test_sglang_kv_dtype_is_the_servers(cli, stores, tmp_path):
+    """SGLang reads one host page's bytes of its own KV dtype from each file (a longer file too): the export writes
+    that dtype. ``auto`` follows SGLang's --dtype auto: stories260K's float32 config is served as float16, so a
+    float32 store's pages are written as float16 (the store's values rounded), and the folder records it."""
+    out = tmp_path / "auto"
+    assert sglang(cli, stores["main"], out, "--kv-dtype", "auto").exit_code == 0
+    assert json.loads((out / EXPORT_MANIFEST).read_text())["params"]["kv_dtype"] == "float16"
+    as_stored = tmp_path / "f32"
+    assert sglang(cli, stores["main"], as_stored).exit_code == 0
+    f16, f32 = files(out), files(as_stored)
+    assert f16.keys() == f32.keys() and f16
+    for name, data in f32.items():
+        want = torch.frombuffer(bytearray(data), dtype=torch.float32).to(torch.float16)
+        assert f16[name] == want.numpy().tobytes()
+    result = sglang(cli, stores["main"], out, "--kv-dtype", "bfloat16", "--append")
+    assert result.exit_code == 6 and "params.kv_dtype" in result.output  # another dtype's pages: refused
+
+
+def test_sglang_follows_an_fp8_kv_cache_config(cli, stores, tmp_path):
+    """A checkpoint whose quantization config has kv_cache_quant_algo FP8 makes SGLang keep fp8 KV by itself: the
+    export refuses (one scale per layer from the checkpoint), naming the way out."""
+    import shutil
+
+    model = tmp_path / "fp8-kv-model"
+    shutil.copytree(STORIES, model)
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}
+    (model / "config.json").write_text(json.dumps(config))
+    from prefixgen.errors import ExportError
+    from prefixgen.export.sglang import sglang_kv_dtype
+
+    with pytest.raises(ExportError, match="kv_cache_quant_algo FP8"):
+        sglang_kv_dtype("auto", str(model))
+    assert sglang_kv_dtype("bfloat16", str(model)) == "bfloat16"  # a server started with --kv-cache-dtype bf16
 
 
 def page_keys(ids: list[int], page: int = 16) -> list[str]:
@@ -207,7 +247,7 @@ def test_export_killed_with_sigkill_leaves_whole_files_and_resumes(cli, tmp_path
 
     store = synthetic_store(tmp_path / "store", chains=100)
     out, clean = tmp_path / "hicache", tmp_path / "clean"
-    args = ["export", store, "--to", "sglang", "--out", out, "--model-name", "m", "--quiet"]
+    args = ["export", store, "--to", "sglang", "--out", out, "--model-name", "m", "--kv-dtype", "float32", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "prefixgen.cli", *map(str, args)])
     deadline = time.monotonic() + 300
     while not (out.is_dir() and sum(1 for _ in out.glob("*.bin")) >= 100):
@@ -221,7 +261,12 @@ def test_export_killed_with_sigkill_leaves_whole_files_and_resumes(cli, tmp_path
     assert all(len(data) == page for data in killed.values())  # a file is there whole or not at all
     result = cli(*args)
     assert result.exit_code == 0, result.output
-    assert cli("export", store, "--to", "sglang", "--out", clean, "--model-name", "m", "--no-fsync", "-q").exit_code == 0
+    assert (
+        cli(
+            "export", store, "--to", "sglang", "--out", clean, "--model-name", "m", "--kv-dtype", "float32", "--no-fsync", "-q"
+        ).exit_code
+        == 0
+    )
     assert files(out) == files(clean) and len(files(clean)) == 3000
     assert not list(out.glob(".*.tmp"))
 

@@ -71,7 +71,7 @@ def build_store(tmp: Path, *args: str | Path, model: Path = STORIES, texts: Sequ
     return out
 
 
-def export(store: Path, out: Path, *args: str | Path, model_name: str = MODEL_NAME, seed: int = 0) -> Path:
+def export(store: Path, out: Path, *args: str | Path, model_name: str = MODEL_NAME, seed: int | str = 0) -> Path:
     """``prefixgen export --to lmcache`` of ``store`` into ``out``."""
     cli("export", store, "--to", "lmcache", "--out", out, "--model-name", model_name, "--hash-seed", seed, "--quiet", *args)
     return out

@@ -111,6 +111,18 @@ def test_lmcache_misses_under_another_seed_or_hash(stores, token_ids, tmp_path):
             assert engine.lookup(tokens=ids) == hit, (seed, algorithm)
 
 
+def test_hash_seed_unset_matches_a_server_without_pythonhashseed(stores, token_ids, tmp_path):
+    """``--hash-seed unset``: the export for a server started without PYTHONHASHSEED (vLLM then seeds its first hash
+    with a fixed string) is found by exactly that server."""
+    store = PrefixStore.open(stores["float32"])
+    out = export(stores["float32"], tmp_path / "lmcache", "--chunk-size", 64, seed="unset")
+    ids = token_ids[0]
+    whole = store.match(ids) // 64 * 64
+    for seed, hit in [(None, whole), (0, 0)]:
+        with lmcache_engine(out, store=store, chunk_size=64, seed=seed) as engine:
+            assert engine.lookup(tokens=ids) == hit, seed
+
+
 def test_names_differ_exactly_where_the_kv_may_differ(stores, token_ids, tmp_path):
     """A store of another dtype or model, or an export for another chunk size or TP size, cannot take
     the names of the right one; a store of another block size takes the same names with the same KV."""

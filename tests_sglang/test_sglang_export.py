@@ -59,6 +59,8 @@ def export(store: Path, out: Path, *args: str) -> None:
 
     from prefixgen.cli import app
 
+    if "--kv-dtype" not in args:  # a server started with --dtype bfloat16, the store's dtype
+        args = ("--kv-dtype", "bfloat16", *args)
     cmd = ["export", str(store), "--to", "sglang", "--out", str(out), "--model-name", MODEL_NAME, "--quiet", *args]
     result = CliRunner().invoke(app, cmd, catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -195,3 +197,41 @@ def test_sglang_tp_wider_than_the_heads(store, records, tmp_path, monkeypatch):
         head = rank // 2
         want_k = torch.stack([layer.keys[0, [head], :PAGE].transpose(0, 1) for layer in cache.layers])
         assert torch.equal(pool_kv(pool, PAGE)[0], want_k)
+
+
+def test_float32_store_is_exported_in_the_servers_kv_dtype(records, tmp_path, monkeypatch):
+    """A float32 store (what build's --dtype auto makes on CPU) for a server of stories260K started with --dtype
+    auto: SGLang keeps float16 KV (a float32 config is served as float16), and ``HiCacheFile.get`` would take a
+    float32 file's first half as the page. The default export writes float16 pages: SGLang's float16 host pool then
+    holds the store's KV rounded to float16, for every page of every record."""
+    from typer.testing import CliRunner
+
+    from prefixgen.cli import app
+
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": t} for t in TEXTS])
+    store = tmp_path / "f32"
+    args = ["build", str(data), "--model", str(STORIES), "--out", str(store), "--device", "cpu", "--dtype", "float32", "-q"]
+    assert CliRunner().invoke(app, args, catch_exceptions=False).exit_code == 0
+    out = tmp_path / "hicache"
+    export(store, out, "--kv-dtype", "auto")
+    pstore = PrefixStore.open(store)
+    kv = pstore.manifest.kv
+    backend = hicache_file(out, 0, 1, monkeypatch)
+    checked = 0
+    for ids in records:
+        n = len(ids) // PAGE * PAGE
+        keys = get_hash_str(ids[:n], None, page_size=PAGE)
+        cache = pstore.load(ids[:n])
+        pool = host_pool("page_first", kv.num_layers, kv.num_kv_heads, kv.head_dim, torch.float16, pages=len(keys) + 1)
+        for i, key in enumerate(keys):
+            pool.set_from_flat_data_page((i + 1) * PAGE, backend.get(key, pool.get_dummy_flat_data_page()))
+            window = slice(i * PAGE, (i + 1) * PAGE)
+            want = torch.stack(
+                [
+                    torch.stack([layer.keys[0, :, window].transpose(0, 1) for layer in cache.layers]),
+                    torch.stack([layer.values[0, :, window].transpose(0, 1) for layer in cache.layers]),
+                ]
+            ).to(torch.float16)
+            assert torch.equal(pool_kv(pool, (i + 1) * PAGE), want)
+            checked += 1
+    assert checked == sum(len(ids) // PAGE for ids in records)

@@ -110,16 +110,19 @@ def run_vllm(
     store: Path | None = None,
     prefix_caching: bool = False,
     loras: Sequence[object | None] = (),
+    warm_up: bool = True,
+    connector_extra: dict | None = None,
     **engine_args,
 ) -> Run:
     """Start an engine (with the connector on ``store`` if given; vLLM's own prefix caching off unless asked;
     ``engine_args`` such as ``block_size`` or ``enable_lora`` go to ``LLM``), greedy-generate 12 tokens for each
     prompt (text or a vLLM prompt dict; ``loras[i]``, a vLLM ``LoRARequest`` or None, goes with prompt ``i``) and
-    then each chat, one call each, shut the engine down."""
+    then each chat, one call each, shut the engine down (``connector_extra``: more connector options). With a store, the connector's live check first passes on
+    the same prompts (``warm_up``, :func:`warm_up_check`): nothing is loaded before it."""
     from vllm import LLM, SamplingParams
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
-    kv = None if store is None else connector_config(store)
+    kv = None if store is None else connector_config(store, **(connector_extra or {}))
     llm = LLM(
         str(model),
         dtype="float32",
@@ -131,6 +134,8 @@ def run_vllm(
     )
     try:
         params = SamplingParams(max_tokens=12, temperature=0)
+        if kv is not None and warm_up:
+            warm_up_check(llm, prompts, chats)
         stats = get_kv_transfer_group().stats if has_kv_transfer_group() else None
         remote = kv is not None and stats is None  # the workers run in processes of their own (tensor parallel)
         results, loaded = [], []
@@ -153,6 +158,20 @@ def run_vllm(
         llm.llm_engine.engine_core.shutdown()  # also drops the worker's connector (a process-wide global)
         del llm
         gc.collect()
+
+
+def warm_up_check(llm, prompts: Sequence[str | dict], chats: Sequence[list[dict]] = ()) -> None:
+    """Let the connector's live check pass before what a test measures: vLLM computes ``prompts`` (and ``chats``)
+    once, one token each, the first whose prefix is stored is compared with the store; then vLLM's own prefix cache
+    is emptied so that the test's requests are not served from it."""
+    from vllm import SamplingParams
+
+    one = SamplingParams(max_tokens=1, temperature=0)
+    if prompts:
+        llm.generate(list(prompts), one, use_tqdm=False)
+    for chat in chats:
+        llm.chat(chat, one, use_tqdm=False)
+    assert llm.reset_prefix_cache()
 
 
 def _tokens_loaded(llm, stats, remote: bool) -> int:

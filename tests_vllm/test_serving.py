@@ -20,7 +20,7 @@ import pytest
 from prefixgen import BuildConfig, PrefixStore, build
 from prefixgen.format import SHARDS_DIR, read_safetensors_header
 
-from .conftest import connector_config, corrupt_block, tiny_model, write_jsonl
+from .conftest import connector_config, corrupt_block, tiny_model, warm_up_check, write_jsonl
 
 SYSTEM = "You are a helpful storyteller. Answer kindly and simply, in short sentences a child can read. " * 5
 NAMES = ["Lily", "Tom", "Mia", "Ben", "Zoe", "Max", "Ava", "Sam", "Eva", "Leo"]
@@ -116,6 +116,7 @@ def engine(model, store, baseline):
     """The engine with the connector: 64-token steps (prefills are chunked), BLOCKS KV blocks (requests preempt);
     its stats on, so vLLM collects and logs the connector's counters too."""
     llm = _llm(model, store, max_num_batched_tokens=64, max_num_seqs=8, num_gpu_blocks_override=BLOCKS, disable_log_stats=False)
+    warm_up_check(llm, PROMPTS[:1])  # the live check passes: loads are allowed from here on
     yield llm
     _shutdown(llm)
 

@@ -75,7 +75,7 @@ def test_same_tokens_and_stored_prefix_cached(baseline, with_store, store):
     for n, cached in zip(stored, with_store.cached):
         assert cached >= n
     assert baseline.cached == [0] * len(baseline.cached)  # vLLM's own prefix caching is off
-    assert with_store.stats.tokens == sum(stored)
+    assert sum(with_store.loaded[: len(stored)]) == sum(stored)  # each prompt's call (the warm-up computed its own)
 
 
 def test_whole_stored_record_leaves_one_token(baseline, store):
@@ -105,13 +105,41 @@ def test_vllm_prefix_cache_hits_come_first(model, store, baseline):
     assert run.stats.tokens <= first + (again - again // 128 * 128) + other < first + again + other
 
 
+def negate_blocks(store, ids, first: int) -> None:
+    """Negate the stored KV of blocks ``first`` onwards of the prefix of ``ids`` (checksums rewritten: valid)."""
+    s = PrefixStore.open(store)
+    slots = [loc.slot for loc in s.find_prefix(s.keys(ids)).locations[first:]]
+    row = s.block_size * s.manifest.kv.values_per_token
+
+    def change(kv):
+        blocks = kv.reshape(-1, row).copy()
+        blocks[slots] = -blocks[slots]
+        return blocks.reshape(kv.shape)
+
+    rewrite_kv(store, change)
+
+
 def test_kv_is_used_not_recomputed(tmp_path, model, store, baseline):
-    """Negative control: the same keys holding other KV (checksums valid) change the output."""
+    """Negative control: the same keys holding other KV (checksums valid) change the output. Only the blocks of
+    PROMPTS[0]'s own record are changed: the live check, made on PROMPTS[1] (the shared system prompt), passes."""
+    other = copy_store(store, tmp_path / "other")
+    shared = stored_prefix(store, baseline.prompt_ids[1]) // 16
+    negate_blocks(other, baseline.prompt_ids[0], shared)
+    run = run_vllm(model, [PROMPTS[1], PROMPTS[0]], store=other)
+    assert run.claims.checks_passed == 1 and run.claims.checks_failed == 0
+    assert run.cached[1] >= stored_prefix(store, baseline.prompt_ids[0]) > shared * 16
+    assert run.outputs[1] != baseline.outputs[0]
+
+
+def test_store_of_other_kv_is_never_loaded(tmp_path, model, store, baseline):
+    """The live check: a store whose KV is not what vLLM computes (here negated, checksums valid, so no
+    start-time check can see it) fails the first check; nothing is loaded, vLLM's own tokens come out."""
     other = copy_store(store, tmp_path / "other")
     rewrite_kv(other, lambda kv: -kv)
-    run = run_vllm(model, PROMPTS[:1], store=other)
-    assert run.cached[0] >= stored_prefix(store, baseline.prompt_ids[0])
-    assert run.outputs[0] != baseline.outputs[0]
+    run = run_vllm(model, PROMPTS[:3], store=other)
+    assert run.outputs == baseline.outputs[:3]
+    assert run.loaded == [0, 0, 0] and run.stats.tokens == 0
+    assert run.claims.checks_failed == 1 and run.claims.checks_passed == 0
 
 
 def test_fp8_store_is_dequantized_into_the_cache(tmp_path, model, baseline):

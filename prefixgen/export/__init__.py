@@ -42,9 +42,12 @@ WRITE_THREADS = 4  # files written (and fsynced) at once while the next batch is
 def target_for(cfg: ExportConfig) -> ExportTarget:
     """The target ``cfg.to`` names, with ``cfg``'s parameters."""
     if cfg.to == "sglang":
-        from prefixgen.export.sglang import SGLangTarget
+        from prefixgen.export.sglang import SGLangTarget, sglang_kv_dtype
 
-        return SGLangTarget(model_name=cfg.model_name, page_size=cfg.page_size, tp_size=cfg.tp_size, layout=cfg.layout)
+        kv_dtype = sglang_kv_dtype(cfg.kv_dtype, PrefixStore.open(cfg.store).manifest.model.name)
+        return SGLangTarget(
+            model_name=cfg.model_name, page_size=cfg.page_size, tp_size=cfg.tp_size, layout=cfg.layout, kv_dtype=kv_dtype
+        )
     if cfg.to == "lmcache":
         try:
             from prefixgen.export.lmcache import LMCacheTarget
@@ -54,7 +57,7 @@ def target_for(cfg: ExportConfig) -> ExportTarget:
             raise ExportError("--to lmcache is not available in this version of prefixgen") from None
         return LMCacheTarget(
             model_name=cfg.model_name,
-            hash_seed=cfg.hash_seed,
+            hash_seed=None if cfg.hash_seed == "unset" else cfg.hash_seed,
             chunk_size=cfg.chunk_size,
             hash_algorithm=cfg.hash_algorithm,
             tp_size=cfg.tp_size,
@@ -68,7 +71,7 @@ def target_for(cfg: ExportConfig) -> ExportTarget:
             blocks_per_file=cfg.blocks_per_file,
             dtype=cfg.dtype,
             tp_size=cfg.tp_size,
-            hash_seed=cfg.hash_seed,
+            hash_seed=None if cfg.hash_seed == "unset" else cfg.hash_seed,
             hash_algorithm=cfg.prefix_caching_hash_algo,
             kv_layout=cfg.kv_cache_layout,
             layer_names=cfg.layer_names,

@@ -43,7 +43,9 @@ class ExportRecord:
     @classmethod
     def of(cls, store: PrefixStore, target: Any) -> ExportRecord:
         m = store.manifest
-        model = {name: getattr(m.model, name) for name in m.model.IDENTITY_FIELDS}
+        # text_config is left to the model's weights digest and architecture here: folders exported before it was
+        # recorded stay appendable, and stores of one checkpoint have one text config.
+        model = {name: getattr(m.model, name) for name in m.model.IDENTITY_FIELDS if name != "text_config"}
         source = {"store": str(store.path.resolve()), "root": m.root, "created_at": m.created_at}
         return cls(
             target=str(getattr(target, "name", type(target).__name__)),

@@ -14,7 +14,9 @@ Checked against SGLang 0.5.23's own code (``tests_sglang/`` runs it):
   - ``page_first``: ``[2 (K, V), page_size, layers, heads, head_dim]``
   - ``layer_first`` and ``page_first_direct``: ``[2, layers, page_size, heads, head_dim]``
 
-SGLang checks nothing inside a file: a wrong layout or dtype is silently wrong KV.
+SGLang checks nothing inside a file: a wrong layout or dtype is silently wrong KV (``HiCacheFile.get`` reads one
+host page's bytes and takes a longer file too). So the export writes the server's KV dtype (``kv_dtype``;
+:func:`sglang_kv_dtype` resolves ``auto`` as SGLang does) and records it in ``prefixgen-export.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from prefixgen.config import SGLANG_LAYOUTS
 from prefixgen.errors import ExportError
 from prefixgen.export.base import StoreInfo
+from prefixgen.format import TORCH_DTYPES
 from prefixgen.model import tp_kv_heads
 
 SGLANG_VERSION = "0.5.23"  # the version whose hash, names and layouts this target was checked against
@@ -51,6 +54,7 @@ class SGLangTarget:
     page_size: int = 16
     tp_size: int = 1
     layout: str = "page_first"
+    kv_dtype: str = ""  # the server's KV dtype the files hold ("": the store's; see sglang_kv_dtype)
 
     @property
     def unit_tokens(self) -> int:
@@ -66,6 +70,8 @@ class SGLangTarget:
                 "cannot read: rebuild the store with --kv-dtype auto to export it to SGLang"
             )
         _rank_heads(info.num_kv_heads, self.tp_size)  # raises when the heads do not split over the ranks
+        if self.kv_dtype and self.kv_dtype not in SGLANG_KV_DTYPES:
+            raise ExportError(f"--kv-dtype {self.kv_dtype!r} is not one of {', '.join(SGLANG_KV_DTYPES)}")
 
     def first_key(self) -> str | None:
         return None  # SGLang's first page is unseeded (requests without extra_key or cache_salt)
@@ -83,6 +89,8 @@ class SGLangTarget:
 
     def files(self, key: str, kv: torch.Tensor) -> Iterator[tuple[str, np.ndarray]]:
         """One file per TP rank: that rank's heads of ``kv`` ([page, layers, 2, heads, dim]) in ``layout``."""
+        if self.kv_dtype and kv.dtype != TORCH_DTYPES[self.kv_dtype]:
+            kv = kv.to(TORCH_DTYPES[self.kv_dtype])  # the server's KV dtype, rounded as its own cast would
         page, layers, _, heads, dim = kv.shape
         raw = kv.contiguous().view(torch.uint8).numpy().reshape(page, layers, 2, -1)  # [P, L, 2, H * D bytes]
         # The layouts only move whole runs of a rank's heads (h * D values, contiguous in the store and in
@@ -93,6 +101,57 @@ class SGLangTarget:
             runs = raw.view(f"V{raw.shape[-1] * n // heads}")  # [P, L, 2, heads // n]: one item per n heads
             part = runs[:, :, :, rank_heads.start // n].transpose(order)
             yield name, part  # written run by run, straight from ``kv`` (prefixgen.export.iov)
+
+
+SGLANG_KV_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def sglang_kv_dtype(requested: str, model: str) -> str:
+    """The KV dtype an SGLang 0.5.23 server of ``model`` (a folder or Hub id in the local cache) keeps, for
+    ``--kv-dtype`` ``requested``: a dtype name as is; ``auto`` as the server resolves ``--dtype auto
+    --kv-cache-dtype auto`` (``_get_and_verify_dtype`` and ``configure_kv_cache_dtype``): the config's dtype, a
+    float32 (or unset) config served as float16 (bfloat16 for Gemma), and fp8 when the checkpoint's quantization
+    config says ``kv_cache_quant_algo: FP8``, which the export refuses (SGLang's fp8 cache has one scale per
+    layer, taken from the checkpoint).
+
+    Example:
+        >>> sglang_kv_dtype("auto", "models/stories260K")  # a float32 config
+        'float16'
+    """
+    if requested != "auto":
+        if requested not in SGLANG_KV_DTYPES:
+            raise ExportError(f"--kv-dtype {requested!r}: choose auto or one of {', '.join(SGLANG_KV_DTYPES)}")
+        return requested
+    from prefixgen.errors import ModelError
+    from prefixgen.model import load_config
+
+    try:
+        config = load_config(model)
+    except ModelError as exc:
+        raise ExportError(
+            f"--kv-dtype auto needs the model's config to know the KV dtype SGLang will keep ({exc}); pass "
+            "--kv-dtype with the server's dtype (its --dtype, or float16 for a float32 model served with --dtype auto)"
+        ) from None
+    quant = getattr(config, "quantization_config", None) or {}
+    if not isinstance(quant, dict):
+        quant = quant.to_dict() if hasattr(quant, "to_dict") else {}
+    scheme = quant.get("kv_cache_scheme")
+    fp8 = str(quant.get("kv_cache_quant_algo") or "").upper() == "FP8" or (
+        isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8
+    )
+    if fp8:
+        raise ExportError(
+            f"{model}'s quantization config asks for an fp8 KV cache (kv_cache_quant_algo FP8), which SGLang then keeps "
+            "with one scale per layer from the checkpoint: prefixgen cannot export that; serve with --kv-cache-dtype "
+            "bf16 and export with --kv-dtype bfloat16"
+        )
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    if name in ("float32", "float"):
+        return "bfloat16" if str(getattr(config, "model_type", "")).startswith("gemma") else "float16"
+    if name not in SGLANG_KV_DTYPES:
+        raise ExportError(f"{model}'s config dtype {name!r} is not one SGLang keeps KV in: pass --kv-dtype")
+    return name
 
 
 def _rank_heads(num_kv_heads: int, tp_size: int) -> list[slice]:

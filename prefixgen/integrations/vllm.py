@@ -40,8 +40,14 @@ worker also tells the scheduler which stored blocks and shards failed
 Both sides refuse, at engine start, what the store cannot serve (:func:`unsupported_features`:
 context parallelism, speculative decoding, hybrid or sliding-window attention, a
 ``kv_load_failure_policy`` other than ``recompute``); the scheduler refuses a store built for another
-model than vLLM's effective config (weights, architecture, KV shape, RoPE with ``hf_overrides``,
-positions, tokenizer), naming each field that differs.
+model than vLLM's effective config (weights, architecture, KV shape, positions, tokenizer, every field of
+the text config after ``hf_overrides``, the KV dtype, quantization, load format), naming each field that
+differs.
+
+Live (:mod:`prefixgen.integrations.vllm_check`): nothing is loaded until vLLM has computed a request whose
+prefix is stored and its own paged KV for those blocks matched the store's (after start, each
+:meth:`PrefixgenConnector.reset_cache` and weights found changed), and a ``check_rate`` sample of requests
+is compared again; a mismatch stops loading.
 """
 
 from __future__ import annotations
@@ -72,6 +78,19 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from prefixgen.config import ConnectorConfig
 from prefixgen.errors import ConfigError, CorruptBlockError, IncompatibleStoreError, PrefixgenError
 from prefixgen.format import TORCH_DTYPES, ModelFingerprint, block_keys
+from prefixgen.integrations.vllm_check import (
+    CheckGate,
+    CheckResult,
+    CheckSpec,
+    WeightsWatch,
+    compare_blocks,
+    engine_identity_problems,
+    find_model,
+    likely_cause,
+    relative_errors,
+    tolerance,
+    worst_errors,
+)
 from prefixgen.model import (
     checkpoint_weights_digest,
     config_fingerprint,
@@ -124,6 +143,7 @@ class PrefixgenConnectorMetadata(KVConnectorMetadata):
     """What the scheduler tells the workers for one step: the loads to do before the forward."""
 
     loads: list[LoadSpec] = field(default_factory=list)
+    checks: list[CheckSpec] = field(default_factory=list)  # live checks of this step's forward (vllm_check.py)
     idle: bool = False  # the step schedules no token: the engine has nothing to run but waits for loads
 
 
@@ -134,10 +154,17 @@ class PrefixgenWorkerMetadata(KVConnectorWorkerMetadata):
 
     bad_blocks: set[tuple[str, int]] = field(default_factory=set)  # (shard, slot) failing its checksum
     bad_shards: set[str] = field(default_factory=set)  # shards missing, truncated or unreadable
+    checks: list[CheckResult] = field(default_factory=list)  # live checks measured (each rank its heads and layers)
+    weights_changed: bool = False  # the model's weights differ from when the check passed: loads refused
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, PrefixgenWorkerMetadata)
-        return PrefixgenWorkerMetadata(self.bad_blocks | other.bad_blocks, self.bad_shards | other.bad_shards)
+        return PrefixgenWorkerMetadata(
+            self.bad_blocks | other.bad_blocks,
+            self.bad_shards | other.bad_shards,
+            self.checks + other.checks,
+            self.weights_changed or other.weights_changed,
+        )
 
 
 @dataclass(slots=True)
@@ -154,6 +181,7 @@ class LoadStats:
     pieces: int = 0  # staging pieces read and written
     max_piece_bytes: int = 0  # the largest piece read (all heads, as dequantized): at most staging_bytes
     timed_out_loads: int = 0  # loads given up at their deadline (load_timeout_seconds): vLLM recomputed the rest
+    check_seconds: float = 0.0  # spent on live checks (reading the store's blocks, comparing them with vLLM's)
 
 
 @dataclass(slots=True)
@@ -170,6 +198,12 @@ class ClaimStats:
     skipped_multimodal: int = 0
     skipped_prompt_embeds: int = 0
     skipped_cache_salt: int = 0
+    skipped_unchecked: int = 0  # the live check has not passed (or failed): vLLM computes the request
+    # The live check (vllm_check.py).
+    checks_passed: int = 0
+    checks_failed: int = 0
+    check_tokens: int = 0  # stored tokens vLLM computed for checks instead of loading them
+    weights_changed: int = 0  # times the workers found the weights changed since the check passed
 
 
 @dataclass
@@ -206,10 +240,15 @@ PROM_COUNTERS: dict[str, tuple[str, str]] = {
     "failed_shards": ("failed_shards", "Shards found missing, truncated or unreadable: their blocks are not loaded"),
     "lookups": ("lookups", "Prompts looked up in the store"),
     "lookup_errors": ("lookup_errors", "Lookups the store could not answer (a damaged index): cache misses"),
+    "check_seconds": ("check_seconds", "Seconds the workers spent on live checks (reading the store, comparing with vLLM's KV)"),
     "skipped_bad_blocks": ("skipped_bad_blocks", "Lookups cut short at a block or shard a worker had reported bad"),
     "timed_out_loads": ("timed_out_loads", "Loads given up at their deadline (load_timeout_seconds): vLLM computed the rest"),
     "lookups_deferred": ("lookups_deferred", "Scheduler steps told 'not yet' while a lookup ran in the background"),
     "store_reopens": ("store_reopens", "Index reopened after the store changed (append, compaction, prune, gc)"),
+    "checks_passed": ("checks_passed", "Live checks whose KV computed by vLLM matched the store's"),
+    "checks_failed": ("checks_failed", "Live checks whose KV computed by vLLM differed from the store's: loading stopped"),
+    "check_tokens": ("check_tokens", "Stored tokens vLLM computed for live checks instead of loading them"),
+    "weights_changed": ("weights_changed", "Weights found changed since the live check passed: loads stop until it passes again"),
 }
 SKIPPED = ("skipped_requests", "Requests loaded nothing for (vLLM computes them whole), by reason")
 
@@ -407,7 +446,10 @@ def engine_fingerprint(vllm_config: VllmConfig, chat_template: str | None = None
     tokenizer = load_tokenizer(mc.tokenizer, trust_remote_code=mc.trust_remote_code, chat_template=chat_template)
     layout = config_kv_layout(text, str(mc.dtype).removeprefix("torch."))
     weights = checkpoint_weights_digest(model_folder(vllm_config), bool(getattr(text, "tie_word_embeddings", False)))
-    return config_fingerprint(mc.hf_config, tokenizer, layout, weights, name=mc.model)
+    # The text config vLLM computes with (after hf_overrides; a composite model's language model), under the
+    # architecture of the whole checkpoint (what a build records).
+    architecture = str((getattr(mc.hf_config, "architectures", None) or [""])[0])
+    return config_fingerprint(text, tokenizer, layout, weights, name=mc.model, architecture=architecture)
 
 
 def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> list[str]:
@@ -535,7 +577,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
     * ``chat_template``: the Jinja file given to ``prefixgen build --chat-template`` (and to
       ``vllm serve --chat-template``), when the tokenizer has no template of its own; it is part
       of the tokenizer identity the store is checked against.
-    * ``staging_bytes``, ``load_threads``, ``yield_seconds``: see :class:`~prefixgen.config.ConnectorConfig`.
+    * ``staging_bytes``, ``load_threads``, ``yield_seconds``, ``cast_kv_dtype``, ``check_rate``,
+      ``check_tolerance``: see :class:`~prefixgen.config.ConnectorConfig`.
 
     Example:
         >>> from vllm import LLM  # doctest: +SKIP
@@ -564,6 +607,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
             raise ConfigError("PrefixgenConnector cannot serve this engine:\n  " + "\n  ".join(problems))
         if role == KVConnectorRole.SCHEDULER:
             self._check_model(vllm_config, self.config.chat_template)
+            self._gate = CheckGate(rate=self.config.check_rate)  # nothing is loaded until the live check passed
             self._matches: dict[str, _Match] = {}
             self._pending: list[LoadSpec] = []
             self._bad = PrefixgenWorkerMetadata()  # what the workers reported: not claimed until the index reopens
@@ -594,6 +638,12 @@ class PrefixgenConnector(KVConnectorBase_V1):
             self._stream = None  # CUDA: the side stream the loads write on
             self.stats = LoadStats()
             self._reported = {}
+            self._num_blocks = kv_cache_config.num_blocks
+            self._watch: WeightsWatch | None = None  # made in register_kv_caches
+            self._weights_changed = False
+            self._limit = self.config.check_tolerance or tolerance(
+                self.store.manifest.kv.storage, self.store.manifest.kv.dtype, str(self._dtype).removeprefix("torch.")
+            )
         logger.info("PrefixgenConnector (%s): store %s, %s", role.name.lower(), path, self.store.manifest.model.name)
 
     # ------------------------------------------------------------------ start-up checks
@@ -601,6 +651,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
     def _check_model(self, vllm_config: VllmConfig, chat_template: str | None) -> None:
         theirs = engine_fingerprint(vllm_config, chat_template)
         problems = self.store.manifest.model.differences(theirs)
+        problems += engine_identity_problems(vllm_config, self.store.manifest, self.config.cast_kv_dtype)
         if problems:
             raise IncompatibleStoreError(
                 f"{self.store.path} was built for another model ({self.store.manifest.model.name}) than vLLM serves "
@@ -638,6 +689,14 @@ class PrefixgenConnector(KVConnectorBase_V1):
         indices = sorted(index for _, index in self._layers)
         if indices and indices == list(range(indices[0], indices[-1] + 1)):
             self._stage = range(indices[0], indices[-1] + 1)
+        model = find_model(self._layers[0][0]) if self._layers else None
+        if model is not None:
+            self._watch = WeightsWatch(model)
+        else:
+            logger.warning(
+                "PrefixgenConnector: cannot find vLLM's model: weights changed in place without reset_cache() are only "
+                "found by the sampled live checks (check_rate)"
+            )
 
     # ------------------------------------------------------------------ scheduler side
 
@@ -679,6 +738,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
                     locations = []
                     self._give_up_lookup(lookup)
                 match = _Match(len(locations) * self.store.block_size, locations)
+                if locations and not self._gate_allows(request, num_computed_tokens, locations):
+                    match = _Match(0, [])  # vLLM computes it (a live check, or no check has passed)
             self._matches[request.request_id] = match
         tokens = max(0, match.end - num_computed_tokens)
         return tokens, tokens > 0
@@ -755,20 +816,86 @@ class PrefixgenConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         self._idle = scheduler_output.total_num_scheduled_tokens == 0
         meta = PrefixgenConnectorMetadata(self._pending, idle=self._idle)
+        meta.checks = self._gate.due(
+            scheduler_output.num_scheduled_tokens, lambda req_id: self._kv_cache_manager.get_block_ids(req_id)[0]
+        )
         self._pending = []
         return meta
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        """Remember the stored blocks and shards the workers could not load: they are not claimed again."""
+        """Remember the stored blocks and shards the workers could not load: they are not claimed again; take in
+        the live checks' results."""
         reported = connector_output.kv_connector_worker_meta
         if isinstance(reported, PrefixgenWorkerMetadata):
             self._bad.bad_blocks |= reported.bad_blocks
             self._bad.bad_shards |= reported.bad_shards
+            self._take_checks(reported)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._matches.pop(request.request_id, None)
         self._lookups.pop(request.request_id, None)  # aborted while looked up: the answer is dropped
+        self._gate.finished(request.request_id)
         return False, None
+
+    def reset_cache(self) -> bool:
+        """vLLM's reset for weight updates (``reset_prefix_cache(reset_connector=True)``): nothing is loaded until
+        the live check passes again, against the engine as it is now."""
+        self._gate.reset()
+        logger.info("PrefixgenConnector: cache reset; nothing is loaded until the live check passes again")
+        return True
+
+    # ------------------------------------------------------------------ live check hooks (vllm_check.py)
+
+    def _gate_allows(self, request: Request, computed: int, locations: list[BlockLocation]) -> bool:
+        """Whether ``request``'s stored prefix may be loaded; if not, vLLM computes it (and it may be compared)."""
+        gate = self._gate
+        if gate.wants_probe() and gate.probe(request, computed, locations, self.store.block_size):
+            self.claim_stats.check_tokens += len(locations) * self.store.block_size - computed
+            self.claim_stats.skipped_unchecked += not gate.loads_allowed
+            return False
+        if gate.loads_allowed:
+            return True
+        self.claim_stats.skipped_unchecked += 1
+        return False
+
+    def _take_checks(self, reported: PrefixgenWorkerMetadata) -> None:
+        gate = self._gate
+        if reported.weights_changed and gate.state == "passed":
+            self.claim_stats.weights_changed += 1
+            logger.warning(
+                "PrefixgenConnector: the model's weights changed since the live check passed; nothing is loaded until "
+                "it passes again"
+            )
+            gate.reset()
+        by_request: dict[str, list[CheckResult]] = {}
+        for result in reported.checks:
+            by_request.setdefault(result.req_id, []).append(result)
+        for req_id, results in by_request.items():
+            if req_id not in gate.sent:
+                continue  # sent before a reset: it measured another engine state
+            gate.sent.discard(req_id)
+            if any(r.failed_read for r in results):
+                continue  # no verdict: another request is compared
+            gate.history.append((req_id, all(r.passed for r in results), worst_errors(results)))
+            if all(r.passed for r in results):
+                self.claim_stats.checks_passed += 1
+                if gate.state == "checking":
+                    gate.state = "passed"
+                    logger.info("PrefixgenConnector: live check passed (%s): loading stored prefixes", _errors(results))
+                continue
+            self.claim_stats.checks_failed += 1
+            gate.state = "failed"
+            gate.last_failure = likely_cause(results)
+            logger.error(
+                "PrefixgenConnector: the KV vLLM computed for request %s differs from the store's by more than "
+                "rounding explains (limit %.3g, relative RMS per layer: %s). Likely cause: %s. Nothing more is loaded "
+                "from %s until reset_prefix_cache(reset_connector=True) and a passing check",
+                req_id,
+                results[0].limit,
+                _errors(results),
+                gate.last_failure,
+                self.store.path,
+            )
 
     # ------------------------------------------------------------------ worker side
 
@@ -783,6 +910,13 @@ class PrefixgenConnector(KVConnectorBase_V1):
             return
         if not self._layers:
             raise RuntimeError("PrefixgenConnector: vLLM did not register its KV caches with the connector")
+        if not self._weights_match():
+            with self._lock:  # nothing written: vLLM computes these requests whole
+                for load in meta.loads:
+                    self._report_unwritten(load, load.start)
+            for load in meta.loads:  # reported finished by the next get_finished
+                self._inflight[load.req_id] = _Loading(load, math.inf, written=load.start, future=_done(), state="done")
+            return
         after = None
         device = self._layers[0][0].kv_cache.device
         if device.type == "cuda":
@@ -858,11 +992,57 @@ class PrefixgenConnector(KVConnectorBase_V1):
         return errors
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        checks = self._run_checks()  # after this step's forward: the KV it computed is in the cache
         with self._lock:
-            if not (self._new_bad.bad_blocks or self._new_bad.bad_shards):
+            if not (self._new_bad.bad_blocks or self._new_bad.bad_shards or checks or self._weights_changed):
                 return None
             reported, self._new_bad = self._new_bad, PrefixgenWorkerMetadata()
+        reported.checks, reported.weights_changed, self._weights_changed = checks, self._weights_changed, False
         return reported
+
+    def _weights_match(self) -> bool:
+        """Whether the model's weights are those the last passing check saw (else they are reported changed)."""
+        if self._watch is None or self._watch.unchanged():
+            return True
+        if self._watch.reference is not None:
+            self._weights_changed = True
+            self._watch.reference = None  # loads stay refused until a check passes on the new weights
+        return False
+
+    def _run_checks(self) -> list[CheckResult]:
+        """This step's live checks: vLLM's KV of each probe's stored blocks against the store's (this rank's heads)."""
+        meta = self._connector_metadata if self.has_connector_metadata() else None
+        if not isinstance(meta, PrefixgenConnectorMetadata) or not meta.checks:
+            return []
+        t0 = time.perf_counter()
+        results = []
+        step = self._piece_blocks()  # read in staging pieces: a check's memory is a load's
+        bs = self.store.block_size
+        for spec in meta.checks:
+            sums, failed = None, False
+            for i in range(0, len(spec.locations), step):
+                piece = spec.locations[i : i + step]
+                kv, good = self._read(piece)  # [good * bs, this stage's layers, 2, this rank's heads, D]
+                if good < len(piece):
+                    failed = True
+                    break
+                first = (spec.first_block + i) * bs
+                part = compare_blocks(
+                    self._layers, self._stage.start, kv, first, min(spec.end, first + good * bs), spec.block_ids,
+                    self.block_size, self._num_blocks,
+                )  # fmt: skip
+                sums = part if sums is None else sums + part
+            if failed or sums is None:
+                results.append(CheckResult(spec.req_id, 0, [], [], [], self._limit, failed_read=True))
+                continue
+            k_err, v_err = relative_errors(sums)
+            layers = [index for _, index in self._layers]
+            results.append(CheckResult(spec.req_id, spec.end - spec.start, layers, k_err, v_err, self._limit))
+        if self._watch is not None and results and all(r.passed for r in results):
+            self._watch.mark()
+        with self._lock:
+            self.stats.check_seconds += time.perf_counter() - t0
+        return results
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         """This side's counters since the last call (vLLM asks every step and logs them)."""
@@ -1074,6 +1254,19 @@ def _wait_copies(loading: _Loading) -> None:
     if loading.pending is not None:
         pending, loading.pending = loading.pending, None
         pending.synchronize()
+
+
+def _done() -> Future:
+    """A future already done: a load refused before it started."""
+    future: Future = Future()
+    future.set_result(None)
+    return future
+
+
+def _errors(results: list[CheckResult]) -> str:
+    """Per layer, the largest relative RMS error of K and V over the ranks: ``layer 0 K 1.2e-07 V 9.8e-08, ...``."""
+    worst = worst_errors(results)
+    return ", ".join(f"layer {layer} K {k:.2g} V {v:.2g}" for layer, (k, v) in sorted(worst.items()))
 
 
 def _warn_once(logged: set[str], key: str, message: str, *args: Any) -> bool:
