@@ -24,7 +24,7 @@ from prefixgen.maintain.compact import compact_store
 from prefixgen.maintain.prune import block_cost, prune_store
 from tests.test_store_changes import pad_index
 
-from .conftest import connector_config, tiny_model, write_jsonl
+from .conftest import connector_config, tiny_model, warm_up_check, write_jsonl
 
 SYSTEM = "You are a helpful storyteller. Answer kindly and simply, in short sentences a child can read. " * 4
 NAMES = ["Lily", "Tom", "Mia", "Ben", "Zoe", "Max", "Ava", "Sam"]
@@ -102,6 +102,7 @@ def engine(model, store, baseline):
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+    warm_up_check(llm, PROMPTS)  # nothing is loaded before the connector's live check passed
     yield llm
     _shutdown(llm)
 
