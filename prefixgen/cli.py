@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from prefixgen.config import SIZE_FIELDS, BuildConfig, ExportConfig, ServeConfig, format_size, parse_size
-from prefixgen.errors import ConfigError, PrefixgenError
+from prefixgen.errors import ConfigError, PrefixgenError, io_error_message
 
 app = typer.Typer(
     help="Precompute prefix KV caches for LLM serving.",
@@ -36,6 +36,12 @@ def _user_errors(fn):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as exc:
+            message = io_error_message(exc)
+            if message is None:
+                raise
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 

@@ -59,6 +59,8 @@ import shutil
 import socket
 import threading
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +73,8 @@ from prefixgen.builder.plan import PrefillTask, chunk_task
 from prefixgen.builder.selection import Selection
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer, TokenizedRecord
-from prefixgen.data.source import Record, ShareRead
-from prefixgen.errors import ConfigError, CorruptStoreError, StoreError
+from prefixgen.data.source import Record, ShareRead, dataset_fingerprint
+from prefixgen.errors import ConfigError, CorruptStoreError, DatasetError, StoreError
 from prefixgen.format import (
     BUILDS_DIR,
     CLAIMS_DIR,
@@ -268,7 +270,7 @@ def make_plan(
     ``select(counts)`` (``--min-records``/``--max-bytes``) chooses the blocks to store from the
     summed counts: the others are no work and no head, and the plan holds the choice (``chosen_*``)."""
     bs = block_size
-    shares = [dict(np.load(folder / f"share-{s}.npz")) for s in range(world)]
+    shares = [load_npz(folder / f"share-{s}.npz") for s in range(world)]
     _index_in_dataset(shares)
     counts = _merged_counts(shares)
     selection = select(counts) if select is not None else None
@@ -345,8 +347,34 @@ def make_plan(
 
 
 def _share_tokens(folder: Path, share: int, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.memmap(folder / f"share-{share}.tokens", dtype="<u4", mode="r") if lengths.sum() else np.zeros(0, "<u4")
+    path = folder / f"share-{share}.tokens"
+    total = int(lengths.sum())
+    if total and (not path.exists() or path.stat().st_size < 4 * total):
+        raise _damaged(path)
+    ids = np.memmap(path, dtype="<u4", mode="r") if total else np.zeros(0, "<u4")
     return ids, np.cumsum(lengths) - lengths
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a count share or plan (``.npz``), read whole; a truncated or damaged file (a
+    crash under --no-fsync can leave one: it was linked in before it reached the disk) is one
+    clear CorruptStoreError saying what to do, not numpy's error."""
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise _damaged(path, exc) from None
+
+
+def _damaged(path: Path, exc: BaseException | None = None) -> CorruptStoreError:
+    plan = next((p for p in path.parents if p.name.endswith(PLAN_SUFFIX)), path.parent)
+    why = f" ({exc})" if exc is not None else ""
+    return CorruptStoreError(
+        f"{path} is truncated or damaged{why} (a crash under --no-fsync can leave it so): remove the folder {plan}, "
+        "then relaunch every rank with --resume (the blocks already stored are kept)"
+    )
 
 
 class Ranks:
@@ -464,6 +492,7 @@ class Ranks:
                 # A run is its own build (ids identify runs); --resume continues the unfinished one.
                 answer["build_id"] = self._build_id(out, cfg) if cfg.resume else f"dist-{new_id()}"
                 if cfg.resume:  # no other writer is live: a killed run's leftovers go, its plan too
+                    refuse_live_ranks(out, answer["build_id"], None)
                     remove_temp_files(out)
                     shutil.rmtree(out / CLAIMS_DIR, ignore_errors=True)
                     shutil.rmtree(out / BUILDS_DIR / f"{answer['build_id']}{PLAN_SUFFIX}", ignore_errors=True)
@@ -498,11 +527,19 @@ class Ranks:
     def _build_id(self, out: Path, cfg: BuildConfig) -> str:
         """The same id on every rank without talking: the unfinished build of this dataset for
         --resume, else one derived from the options that change the stored bytes."""
+        current = _options_id(cfg)
         if cfg.resume:
             for old in reversed(read_builds(out)):
                 if old.dataset == cfg.dataset and old.status != "complete":
+                    fingerprint = old.options.get("dataset_fingerprint")
+                    if fingerprint is not None and fingerprint != dataset_fingerprint(cfg.dataset):
+                        raise DatasetError(
+                            f"{cfg.dataset} changed since build {old.build_id} of it started (its files' sizes or times "
+                            "differ): its saved counts and plan are of the old content. Rerun without --resume to "
+                            "build the dataset as it is now (blocks already stored are not computed again)"
+                        )
                     return old.build_id
-        return _options_id(cfg)
+        return current
 
     def finished(self, store: PrefixStore, build_id: str, cfg: BuildConfig, started_at: str) -> BuildRecord | None:
         """The record of a run that has nothing to do, or None: ``--resume`` with no unfinished
@@ -529,6 +566,12 @@ class Ranks:
             return
         record.world_size, record.rank = self.world_size, self.rank
         writer.part = self.part
+        try:
+            # Parts of another number of ranks are replaced below: never while one of those ranks runs.
+            refuse_live_ranks(out, record.build_id, record.writers[0], other_world=self.world_size)
+        except StoreError:
+            writer.release()
+            raise
         for p in (out / COUNTS_DIR).glob(f"{record.build_id}.w*-r*.*safetensors"):
             if not p.name.startswith(f"{record.build_id}.w{self.world_size}-"):
                 p.unlink(missing_ok=True)  # an earlier attempt with another world size: replaced by this one
@@ -545,6 +588,7 @@ class Ranks:
         base = BuildRecord(record.build_id, record.dataset, started_at=record.started_at, options=record.options)
         base.world_size = self.world_size
         base.options = {k: v for k, v in record.options.items() if k not in ("rank", "world_size")}
+        base.options["dataset_fingerprint"] = dataset_fingerprint(record.dataset)
         text = json.dumps(base.to_dict(), indent=2, sort_keys=True) + "\n"
         create_once(out / BUILDS_DIR / f"{record.build_id}.json", [text.encode()], writer.fsync, owner=writer.writer_id)
 
@@ -585,6 +629,7 @@ class Ranks:
             return
         # Resumed as one process: the rank parts would keep the build "running" forever, and the
         # plan is no longer needed. (Rank parts' counts go with the build's own, in drop_old_counts.)
+        refuse_live_ranks(out, build_id, me)
         shutil.rmtree(out / BUILDS_DIR / f"{build_id}{RANK_PARTS_SUFFIX}", ignore_errors=True)
         shutil.rmtree(out / BUILDS_DIR / f"{build_id}{PLAN_SUFFIX}", ignore_errors=True)
         shutil.rmtree(out / CLAIMS_DIR / build_id, ignore_errors=True)
@@ -622,8 +667,8 @@ class Ranks:
         with timer("dist_count"):
             self._count(folder, records, tokenize, manifest, writer, record)
             self._read_plan(folder, out, manifest, writer, record, select)
-        with np.load(folder / f"share-{self.rank}.npz") as meta:  # share R's skipped records are rank R's to report
-            record.skipped_records, record.truncated_records = (int(n) for n in meta["stats"][:2])
+        meta = load_npz(folder / f"share-{self.rank}.npz")  # share R's skipped records are rank R's to report
+        record.skipped_records, record.truncated_records = (int(n) for n in meta["stats"][:2])
         with timer("dist_heads"):
             self._prefill_heads(out, manifest, run, writer, record, batch_tokens)
         return _open_store(out)
@@ -679,8 +724,7 @@ class Ranks:
                         self._make_plan(folder, out, manifest, writer, record, select)
             else:
                 time.sleep(POLL_SECONDS)  # another rank plans (its claim goes stale if it dies)
-        with np.load(path) as data:
-            self.plan = {k: data[k] for k in data.files}
+        self.plan = load_npz(path)
         self.heads = Heads(*(self.plan[f"head_{k}"] for k in ("keys", "parent", "depth", "tokens")))
 
     def _make_plan(
@@ -767,8 +811,7 @@ class Ranks:
         mine = np.flatnonzero(plan["owner"] == self.rank)
         spills: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for s in np.unique(plan["share"][mine]).tolist():
-            with np.load(folder / f"share-{s}.npz") as meta:
-                lengths = meta["lengths"]
+            lengths = load_npz(folder / f"share-{s}.npz")["lengths"]
             spills[s] = (*_share_tokens(folder, s, lengths), lengths)
         for i in mine.tolist():
             ids, starts, lengths = spills[int(plan["share"][i])]
@@ -794,6 +837,27 @@ class Ranks:
             shutil.rmtree(out / BUILDS_DIR / f"{record.build_id}{PLAN_SUFFIX}", ignore_errors=True)
             shutil.rmtree(out / CLAIMS_DIR / record.build_id, ignore_errors=True)
         return merged if self.collective else record
+
+
+def refuse_live_ranks(out: Path, build_id: str, me: str | None, other_world: int | None = None) -> None:
+    """Raise if a rank of build ``build_id`` other than ``me`` still runs (its writer is live), of
+    any number of ranks (only of a number other than ``other_world`` when given): a resume or a
+    launch with another world size replaces the parts, counts and plan that rank still uses (its
+    records would be counted twice and the build never complete)."""
+    parts = out / BUILDS_DIR / f"{build_id}{RANK_PARTS_SUFFIX}"
+    for p in sorted(parts.glob("w*-r*.json")):
+        if other_world is not None and p.name.startswith(f"w{other_world}-"):
+            continue
+        try:
+            part = BuildRecord.from_dict(json.loads(p.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue  # a damaged part names no writer we could wait for; _attempt reports it
+        live = [w for w in part.writers if w != me and writer_is_live(out, w)]
+        if live:
+            raise StoreError(
+                f"rank {part.rank} of {part.world_size} of build {build_id} is still running (writer {live[0]}): "
+                "wait for every rank to finish (or stop them), then relaunch with --resume"
+            )
 
 
 class _IndexWatch:
@@ -864,6 +928,8 @@ def _open_store(out: Path, tries: int = 20) -> PrefixStore:
 
 def _options_id(cfg: BuildConfig) -> str:
     options = {k: v for k, v in cfg.options().items() if k not in _RUN_OPTIONS}
+    # The dataset's content too: saved count shares of a dataset that grew since would be reused.
+    options["dataset_fingerprint"] = dataset_fingerprint(cfg.dataset)
     digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
     return f"dist-{digest}"
 
@@ -918,10 +984,17 @@ def _claim(
         # holder writes its id (and a part of an id names no lock, which would read as dead).
         if fresh and not (holders is not None and ID_PATTERN.fullmatch(holder) and holders.dead(holder)):
             return False
+        # The marker naming the holder we saw is a claim itself, with its own holder and lease: one
+        # taker wins it, and a taker that dies (or meets a full disk) before it rewrote the claim is
+        # taken over in turn, instead of blocking the claim forever.
+        if not _claim(path.with_name(f"{path.name}.takeover-{holder}"), owner, stale, now, holders):
+            return False  # another rank takes it over from this holder
         try:
-            os.close(os.open(path.with_name(f"{path.name}.takeover-{holder}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
-            return False  # another rank took it over from this holder
+            current = (path.read_text().split() or [""])[0]
+        except FileNotFoundError:
+            return False
+        if current != holder:
+            return current == owner  # a taker before us rewrote it (and may have died: its own marker next)
         atomic_write(path, [line], fsync=False, owner=owner)
         return True
     with os.fdopen(fd, "wb") as f:

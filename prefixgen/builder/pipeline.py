@@ -11,6 +11,7 @@ Each step is an iterator over the one before, so records stream through in bound
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -435,8 +436,13 @@ def _finish(writer: StoreWriter, record: BuildRecord, planner: Planner, started:
     if record.status != "complete":
         record.stored_tokens = writer.blocks_written * writer.manifest.block_size
     try:
+        if record.status != "complete":
+            # The record first: it is small and tells a resume (and people) what happened, even when
+            # the disk is too full for the counts (the failed write's temporary file is gone by now).
+            with contextlib.suppress(OSError, StoreError):
+                writer.write_build(record)
         _checkpoint(writer, record, planner, time.perf_counter() - started, timer)
-    except OSError:
+    except (OSError, StoreError):
         if record.status == "complete":
             raise
     finally:

@@ -648,7 +648,17 @@ class WriterLock:
             os.close(fd)  # a cleaner took the file for a dead one's between our open and flock: again
         # Written before the holder looks at other locks, so a prune and a build that start at once
         # cannot both miss each other (each locks, then reads the other's lock and role).
-        os.write(fd, f"pid {os.getpid()} {role}\n".encode())
+        # Whole (a write may be short) and fsynced: on NFS another node reads the server's copy, and
+        # an empty role line reads as a build, which stops a prune on every node.
+        line = memoryview(f"pid {os.getpid()} {role}\n".encode())
+        try:
+            while line:
+                line = line[os.write(fd, line) :]
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+            raise _store_write_error(self.path, exc) from None
         self._fd: int | None = fd
 
     def release(self) -> None:
@@ -816,7 +826,14 @@ def remove_lock_if_dead(store: Path, owner: str) -> bool:
         return False
     path = Path(store) / LOCKS_DIR / f"{owner}.lock"
     try:
-        path.unlink(missing_ok=True)  # while holding it, so a starting owner sees it gone and retries
+        # The path must still name the file we locked: another cleaner may have unlinked that one
+        # (while we waited to lock it) and its owner, retrying, created and locked a new one there.
+        # Nobody can swap the path while we hold the lock on the file it names.
+        if os.stat(path).st_ino != os.fstat(fd).st_ino:
+            return False
+        path.unlink()  # while holding it, so a starting owner sees it gone and retries
+    except FileNotFoundError:
+        return False
     except OSError as exc:
         raise StoreError(f"cannot remove the lock file {path} of dead writer {owner}: {exc.strerror or exc}") from None
     finally:
