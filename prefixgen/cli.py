@@ -395,6 +395,8 @@ def prune(
         f"{store}: kept {r.blocks_kept:,} of {r.blocks_before:,} blocks; shards {r.bytes_before / 1e6:,.1f} MB -> "
         f"{r.bytes_after / 1e6:,.1f} MB ({r.shards_written} written, {r.shards_removed} removed)"
     )
+    for note in r.notes:
+        typer.echo(f"note: {note}", err=True)
 
 
 _EXPORT = ExportConfig()  # export's defaults, shown in the help (None below means unset: ExportConfig fills it in)

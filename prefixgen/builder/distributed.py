@@ -99,7 +99,8 @@ from prefixgen.store.writer import ID_PATTERN, new_id, prepare_store, remove_tem
 
 CLAIM_STALE_SECONDS = 120.0  # a claim whose lease was not renewed for this long (file system clock) is taken over
 LEASE_SECONDS = CLAIM_STALE_SECONDS / 8  # how often a claimer renews its claims
-POLL_SECONDS = 0.05
+POLL_SECONDS = 0.05  # the first pause of a waiting rank; it doubles while nothing changes, up to:
+MAX_POLL_SECONDS = 1.0  # (1,000 waiting ranks then make ~1,000 rounds/s of metadata reads between them)
 # Options that may differ between the ranks (or between a run and its --resume) of one build: they
 # change how the work runs, not the bytes stored.
 _RUN_OPTIONS = (
@@ -697,16 +698,18 @@ class Ranks:
         shares = [(self.rank + i) % self.world_size for i in range(self.world_size)]  # own share first
         if self.collective:  # every rank counts its own share
             count(self.rank)
+        wait = _Backoff()
         while not all(done(s) for s in shares):
             if self.collective:
-                time.sleep(POLL_SECONDS)  # a rank that dies stops the whole run (torch elastic)
+                wait()  # a rank that dies stops the whole run (torch elastic)
                 continue
-            holders = _Holders(writer.path)
+            holders, clock = _Holders(writer.path), _Clock(claims, owner)  # one look at each per round
             for s in shares:  # without collectives: claim shares, own first; a lone rank counts them all
-                if not done(s) and _claim(claims / f"share-{s}", owner, holders=holders):
+                if not done(s) and _claim(claims / f"share-{s}", owner, now=clock, holders=holders):
                     with _Lease([claims / f"share-{s}"]):
                         count(s)
-            time.sleep(POLL_SECONDS)
+                    wait.reset()
+            wait()
 
     def _read_plan(
         self, folder: Path, out: Path, manifest: Manifest, writer: Any, record: BuildRecord, select: Callable | None = None
@@ -715,15 +718,18 @@ class Ranks:
         over if it dies while planning) and read it; the others wait for it without a timeout."""
         path = folder / f"plan-{self.attempt}.npz"
         claim = folder / "claims" / f"plan-{self.attempt}"
+        wait = _Backoff()
         while not path.exists():
             if self.collective and self.rank != 0:
-                time.sleep(POLL_SECONDS)  # rank 0 plans; a rank that dies stops the whole run (torch elastic)
-            elif self.collective or _claim(claim, writer.writer_id, holders=_Holders(out)):
+                wait()  # rank 0 plans; a rank that dies stops the whole run (torch elastic)
+            elif self.collective or _claim(
+                claim, writer.writer_id, now=_Clock(claim.parent, writer.writer_id), holders=_Holders(out)
+            ):
                 with _Lease([] if self.collective else [claim]):
                     if not path.exists():  # a planner that died after writing it: nothing to redo
                         self._make_plan(folder, out, manifest, writer, record, select)
             else:
-                time.sleep(POLL_SECONDS)  # another rank plans (its claim goes stale if it dies)
+                wait()  # another rank plans (its claim goes stale if it dies)
         self.plan = load_npz(path)
         self.heads = Heads(*(self.plan[f"head_{k}"] for k in ("keys", "parent", "depth", "tokens")))
 
@@ -745,6 +751,7 @@ class Ranks:
         claims = out / CLAIMS_DIR / record.build_id
         claims.mkdir(parents=True, exist_ok=True)
         bs = manifest.block_size
+        wait = _Backoff()
         for level in self.heads.segments():
             watch = _IndexWatch(out, [self.heads.keys[r[-1]].tobytes() for r in level])
             done: set[int] = set()  # runs of this level this rank computed (published at once)
@@ -758,7 +765,7 @@ class Ranks:
                 else:  # claim runs until about a fair share of the level's tokens
                     share = max(bs, min(batch_tokens, sum(len(r) for r in level) * bs // self.world_size))
                     mine, taken = [], 0
-                    now = _fs_now(claims, writer.writer_id)  # one probe of the file system's clock per round
+                    now = _Clock(claims, writer.writer_id)  # one probe of the file system's clock per round, if any
                     holders = _Holders(out)
                     for i in pending:
                         path = claims / self.heads.keys[level[i][0]].tobytes().hex()
@@ -767,8 +774,9 @@ class Ranks:
                             held_claims.append(path)
                             taken += len(level[i]) * bs
                 if not mine:
-                    time.sleep(POLL_SECONDS)  # others compute the rest: no timeout (their claims go stale if they die)
+                    wait()  # others compute the rest: no timeout (their claims go stale if they die)
                     continue
+                wait.reset()
                 index = StoreIndex.open(out)
                 tasks = []
                 for i in mine:
@@ -942,6 +950,34 @@ def _fs_now(folder: Path, owner: str) -> float:
     return probe.stat().st_mtime
 
 
+class _Clock:
+    """The file system's clock for one round of claims: probed (:func:`_fs_now`) the first time a
+    claim needs it, then reused: one probe file write per round, not one per claim."""
+
+    def __init__(self, folder: Path, owner: str):
+        self.folder, self.owner, self._now = folder, owner, None
+
+    def __call__(self) -> float:
+        if self._now is None:
+            self._now = _fs_now(self.folder, self.owner)
+        return self._now
+
+
+class _Backoff:
+    """Sleeps of a waiting rank: POLL_SECONDS at first, doubling while nothing changes, up to
+    MAX_POLL_SECONDS; ``reset()`` after progress."""
+
+    def __init__(self):
+        self.pause = POLL_SECONDS
+
+    def __call__(self) -> None:
+        time.sleep(self.pause)
+        self.pause = min(self.pause * 2, MAX_POLL_SECONDS)
+
+    def reset(self) -> None:
+        self.pause = POLL_SECONDS
+
+
 class _Holders:
     """Which claim holders are known dead: their writer's lock in the store is free (the kernel frees
     it when the process dies, ``kill -9`` too), so their claims need not wait out the lease. Each
@@ -960,14 +996,18 @@ class _Holders:
 
 
 def _claim(
-    path: Path, owner: str, stale: float = CLAIM_STALE_SECONDS, now: float | None = None, holders: _Holders | None = None
+    path: Path,
+    owner: str,
+    stale: float = CLAIM_STALE_SECONDS,
+    now: float | Callable[[], float] | None = None,
+    holders: _Holders | None = None,
 ) -> bool:
     """Take ``path`` (O_EXCL): True if ``owner`` now holds it. A claim whose lease (its mtime, renewed
     by a live holder) is older than ``stale`` by the file system's clock, or whose holder is dead
     (``holders``), is taken over by exactly one rank: the one that creates
     ``<claim>.takeover-<holder>`` (O_EXCL), naming the holder it saw, so that two takers cannot both
     win, nor a taker displace the new holder. ``now``: the file system's time, if the caller has just
-    read it (one probe for many claims)."""
+    read it, or a :class:`_Clock` that reads it once for many claims."""
     line = f"{owner} {utc_now()}\n".encode()
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -979,7 +1019,8 @@ def _claim(
             return False
         if holder == owner:
             return True
-        fresh = (now if now is not None else _fs_now(path.parent, owner)) - mtime < stale
+        clock = now() if callable(now) else now if now is not None else _fs_now(path.parent, owner)
+        fresh = clock - mtime < stale
         # Only a whole writer id is asked for its lock: a claim just created is empty until its
         # holder writes its id (and a part of an id names no lock, which would read as dead).
         if fresh and not (holders is not None and ID_PATTERN.fullmatch(holder) and holders.dead(holder)):

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefixgen.errors import IncompatibleStoreError, StoreError
+from prefixgen.errors import CorruptStoreError, IncompatibleStoreError, NewerFormatError, StoreError
 from prefixgen.format import (
     BUILDS_DIR,
     CLAIMS_DIR,
@@ -113,6 +113,14 @@ def prepare_store(path: Path, manifest: Manifest, mode: str) -> Manifest:
             "an interrupted build, or --overwrite to replace it"
         )
     if has_manifest and mode == "overwrite":
+        try:  # a store this prefixgen cannot read is not ours to delete (a damaged one may go)
+            Manifest.from_json((path / MANIFEST_FILE).read_text(), path / MANIFEST_FILE)
+        except NewerFormatError as exc:
+            raise StoreError(
+                f"--overwrite refused: {exc}. A store of a newer format is deleted by hand (rm -r {path}), not by --overwrite"
+            ) from None
+        except CorruptStoreError:
+            pass
         # Data first, manifest last: a crash part-way leaves a smaller store, never a broken one.
         live = live_writers(path)
         if live:
@@ -841,9 +849,20 @@ def remove_lock_if_dead(store: Path, owner: str) -> bool:
     return True
 
 
-def remove_temp_files(
-    path: Path, dry_run: bool = False, dirs: tuple[str, ...] = (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR), locks: bool = True
-) -> list[Path]:
+CLOCK_PREFIX = ".clock-"  # claims/<...>/.clock-<owner>: a rank's probe of the file system's clock
+ANONYMOUS_TEMP_SECONDS = 600.0  # a temporary file named for no writer (a manifest's creator) older than this is left over
+# Everything gc looks in: the store's folders and its own (temporary manifests).
+REMOVE_DIRS = (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR, CLAIMS_DIR, MANIFEST_FILE)
+
+
+def _age(p: Path) -> float:
+    try:
+        return time.time() - p.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def remove_temp_files(path: Path, dry_run: bool = False, dirs: tuple[str, ...] = REMOVE_DIRS, locks: bool = True) -> list[Path]:
     """Delete the ``*.tmp`` files (in ``dirs``) of writers that are not live, and (``locks``) their lock
     files; never touch a live writer's. Returns what was (or, with ``dry_run``, would be) removed.
 
@@ -853,14 +872,31 @@ def remove_temp_files(
     """
     removed: list[Path] = []
     live: dict[str, bool] = {}
+    candidates: list[tuple[Path, str | None]] = []
     for sub in dirs:
-        for p in sorted((path / sub).glob(f"*{TMP_SUFFIX}")):
+        # builds/ and claims/ hold folders (a distributed build's rank parts, plan runs and claims):
+        # their temporary files and clock probes are a writer's leftovers too.
+        deep = sub in (BUILDS_DIR, CLAIMS_DIR)
+        for p in sorted((path / sub).rglob("*") if deep else (path / sub).glob(f"*{TMP_SUFFIX}")):
+            if p.name.endswith(TMP_SUFFIX):
+                candidates.append((p, temp_owner(p.name)))
+            elif deep and p.name.startswith(CLOCK_PREFIX) and ID_PATTERN.fullmatch(p.name[len(CLOCK_PREFIX) :]):
+                candidates.append((p, p.name[len(CLOCK_PREFIX) :]))
+    if MANIFEST_FILE in dirs:
+        # The store's own folder: temporary manifests (a format upgrade's are named for its writer;
+        # a creator's have a random name and live for milliseconds: only old ones are leftovers).
+        for p in sorted(path.glob(f"{MANIFEST_FILE}.*{TMP_SUFFIX}")):
             owner = temp_owner(p.name)
-            if owner is not None and live.setdefault(owner, writer_is_live(path, owner)):
-                continue
-            if not dry_run:
-                p.unlink(missing_ok=True)
-            removed.append(p)
+            if owner is not None and ID_PATTERN.fullmatch(owner):
+                candidates.append((p, owner))
+            elif _age(p) > ANONYMOUS_TEMP_SECONDS:
+                candidates.append((p, None))
+    for p, owner in candidates:
+        if owner is not None and live.setdefault(owner, writer_is_live(path, owner)):
+            continue
+        if not dry_run:
+            p.unlink(missing_ok=True)
+        removed.append(p)
     folder = path / LOCKS_DIR
     for p in sorted(folder.glob("*.lock")) if folder.is_dir() and locks else []:
         owner = p.name[: -len(".lock")]

@@ -198,11 +198,16 @@ class Torture:
         return env
 
     def _start(self, name: str, cmd: list, role: str, env: dict, kill_after: float | None, dataset: str | None = None) -> Child:
-        proc = subprocess.Popen(
-            [str(c) for c in cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-        )
+        # Output to files, read when the process has ended: a pipe nobody drains would block it.
+        n = self.report.processes
+        out, err = self.work / "logs" / f"{n}.out", self.work / "logs" / f"{n}.err"
+        out.parent.mkdir(exist_ok=True)
+        with open(out, "w") as fo, open(err, "w") as fe:
+            proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=fo, stderr=fe, text=True, start_new_session=True)
         self.report.processes += 1
-        return Child(name, [str(c) for c in cmd], proc, time.monotonic(), kill_after, role, dataset)
+        child = Child(name, [str(c) for c in cmd], proc, time.monotonic(), kill_after, role, dataset)
+        child.files = (out, err)  # type: ignore[attr-defined]
+        return child
 
     # ------------------------------------------------------------------ schedules
 
@@ -346,7 +351,7 @@ class Torture:
                         )
                     )
             elif kind == "cleaners":
-                code = "import sys,time\nfrom prefixgen.maintain.gc import collect_garbage\nfrom prefixgen.errors import PrefixgenError\nend=time.time()+float(sys.argv[2])\nwhile time.time()<end:\n    try: collect_garbage(sys.argv[1])\n    except PrefixgenError as e: print('error:', e, file=sys.stderr)\n"
+                code = "import sys,time\nfrom prefixgen.maintain.gc import collect_garbage\nfrom prefixgen.errors import PrefixgenError\nend=time.time()+float(sys.argv[2])\nwhile time.time()<end:\n    try: collect_garbage(sys.argv[1])\n    except PrefixgenError as e: print('error:', e, file=sys.stderr); time.sleep(0.2)\n"
                 for i in range(2):
                     cmd = [sys.executable, "-c", code, store, "12"]
                     children.append(
@@ -432,13 +437,14 @@ class Torture:
             if c.role == "serve" and c.proc.poll() is None:
                 c.proc.send_signal(signal.SIGINT)
             try:
-                c.out, c.err = c.proc.communicate(timeout=60)
+                c.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(c.proc.pid, signal.SIGKILL)
                 c.killed = True
-                c.out, c.err = c.proc.communicate()
+                c.proc.wait()
                 if c.role != "serve":
                     self._violate(step, "hang", f"{c.name} ({' '.join(c.cmd[2:])}) still ran after 240 s")
+            c.out, c.err = (p.read_text(errors="replace") for p in c.files)  # type: ignore[attr-defined]
         for (pid, target), seen in deleted.items():
             if len(seen) >= 3 and seen[-1] - seen[0] >= 0.5:
                 self._violate(
