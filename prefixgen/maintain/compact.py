@@ -106,11 +106,12 @@ def compact_store(
     return report
 
 
-def check_free_space(folder: Path, names: list[str], factor: float = SPACE_FACTOR) -> None:
+def check_free_space(folder: Path, names: list[str], factor: float | None = None) -> None:
     """Refuse to start a compaction of ``names`` (segments in ``folder``) that the disk cannot hold:
     the merge's spill files and the new segment take about ``factor`` times the segments' bytes
     before any of them is removed. Better one clear message now than a full disk half-way through
     (which fails every build writing beside it too)."""
+    factor = SPACE_FACTOR if factor is None else factor
     size = 0
     for name in names:
         try:
