@@ -274,11 +274,13 @@ class Torture:
         self.report.steps += 1
         rng, store = self.rng, self.store
         exists = (store / "manifest.json").exists()
-        delay = rng.choice([0, 20_000, 100_000, 300_000])
+        delay = rng.choice([0, 5_000, 20_000, 100_000, 300_000])
         rates = {"TORTURE_DELAY_US": delay}
-        if rng.random() < 0.4:
+        if rng.random() < 0.4:  # per write or fsync under the store (a small build makes a few hundred)
             rates.update(
-                TORTURE_EIO=rng.choice([300, 2000]), TORTURE_ENOSPC=rng.choice([0, 300]), TORTURE_SHORT=rng.choice([0, 50_000])
+                TORTURE_EIO=rng.choice([2_000, 20_000]),
+                TORTURE_ENOSPC=rng.choice([0, 5_000]),
+                TORTURE_SHORT=rng.choice([0, 100_000]),
             )
         faulty = lambda: rng.random() < 0.6  # noqa: E731  (some processes of a step without faults)
         children: list[Child] = []
@@ -290,6 +292,10 @@ class Torture:
         chosen = rng.sample(kinds, rng.randint(1, 3))
         if not exists and not any(k.startswith("build") or k.startswith("ranks") for k in chosen):
             chosen.append("build")
+        if "ranks-other-world" in chosen and "ranks" not in chosen:
+            chosen.insert(0, "ranks")  # a resume of another world size beside ranks that run
+        if "cleaners" in chosen and "build" not in chosen:
+            chosen.append("build")  # cleaners race the lock of a writer that starts
         for kind in chosen:
             if kind == "grow" and self.current_a == "a" and self._all_complete():
                 self.current_a = "a+"  # the dataset file grows: a rerun must store the new records
@@ -319,13 +325,14 @@ class Torture:
             elif kind in ("ranks", "ranks-other-world"):
                 world = self.world if kind == "ranks" else rng.choice([w for w in (1, 2, 3) if w != self.world])
                 resume = ["--resume"] if (exists and rng.random() < 0.6) or kind == "ranks-other-world" else []
+                later = rng.uniform(2, 6) if kind == "ranks-other-world" else 0  # once the others run
                 for r in range(world):
                     args = ["build", data, "-m", MODEL, "--out", store, "--quiet", "--shard-bytes", shard(), *resume]
                     args += ["--rank", r, "--world-size", world]
                     children.append(
                         self._start(
                             f"rank {r}/{world}",
-                            self._cli(*args),
+                            _after(later, self._cli(*args)),
                             "ranks",
                             self._env(faulty(), store, rates),
                             kill(0.3),
@@ -352,7 +359,7 @@ class Torture:
                     )
             elif kind == "cleaners":
                 code = "import sys,time\nfrom prefixgen.maintain.gc import collect_garbage\nfrom prefixgen.errors import PrefixgenError\nend=time.time()+float(sys.argv[2])\nwhile time.time()<end:\n    try: collect_garbage(sys.argv[1])\n    except PrefixgenError as e: print('error:', e, file=sys.stderr); time.sleep(0.2)\n"
-                for i in range(2):
+                for i in range(3):
                     cmd = [sys.executable, "-c", code, store, "12"]
                     children.append(
                         self._start(
@@ -709,6 +716,13 @@ class Torture:
             self.log(f"index unreadable in the clean check: {exc}")
         if left:
             self._violate(step, "left after gc", ", ".join(sorted(left)[:8]) + (f" (+{len(left) - 8})" if len(left) > 8 else ""))
+
+
+def _after(seconds: float, cmd: list) -> list:
+    """``cmd`` started ``seconds`` later (by a shell that then becomes it)."""
+    if not seconds:
+        return cmd
+    return ["sh", "-c", f'sleep {seconds:.2f}; exec "$0" "$@"', *map(str, cmd)]
 
 
 def _tail(text: str, n: int = 600) -> str:
