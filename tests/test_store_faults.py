@@ -291,3 +291,25 @@ def test_overwrite_refuses_a_store_of_a_newer_format(tmp_path, cli, stories):
     result = cli("build", data, "--model", stories, "--out", out, *CPU, "--overwrite")
     assert result.exit_code != 0 and "newer format" in result.output, result.output
     assert list((out / "shards").iterdir()) and json.loads((out / MANIFEST_FILE).read_text())["format_version"] == 99
+
+
+def test_beegfs_without_global_locks_and_fuse_object_stores_are_refused(tmp_path):
+    # Item 12: BeeGFS (locks per node by default) and FUSE mounts were not checked.
+    from prefixgen.errors import StoreError
+    from prefixgen.store.writer import check_file_system
+
+    mounts = (
+        "/dev/sda1 / ext4 rw 0 0\n"
+        "beegfs_nodev /beegfs beegfs rw,relatime,cfgFile=/etc/beegfs/beegfs-client.conf 0 0\n"
+        "bucket /s3 fuse.s3fs rw,nosuid 0 0\n"
+        "fuse-overlayfs /merged fuse.fuse-overlayfs rw 0 0\n"
+    )
+    conf = tmp_path / "beegfs-client.conf"
+    conf.write_text("connMgmtdPortTCP = 8008\ntuneUseGlobalFileLocks = false\n")
+    with pytest.raises(StoreError, match="beegfs mounted with tuneUseGlobalFileLocks off"):
+        check_file_system(Path("/beegfs/store"), mounts, beegfs_conf=conf)
+    conf.write_text("tuneUseGlobalFileLocks = true  # shared\n")
+    check_file_system(Path("/beegfs/store"), mounts, beegfs_conf=conf)
+    with pytest.raises(StoreError, match="fuse.s3fs mounted with FUSE"):
+        check_file_system(Path("/s3/store"), mounts)
+    check_file_system(Path("/merged/store"), mounts)  # a local FUSE overlay: one machine's locks

@@ -100,7 +100,8 @@ from prefixgen.store.writer import ID_PATTERN, new_id, prepare_store, remove_tem
 CLAIM_STALE_SECONDS = 120.0  # a claim whose lease was not renewed for this long (file system clock) is taken over
 LEASE_SECONDS = CLAIM_STALE_SECONDS / 8  # how often a claimer renews its claims
 POLL_SECONDS = 0.05  # the first pause of a waiting rank; it doubles while nothing changes, up to:
-MAX_POLL_SECONDS = 1.0  # (1,000 waiting ranks then make ~1,000 rounds/s of metadata reads between them)
+MAX_POLL_SECONDS = 1.0
+CLAIMS_PER_ROUND = 16  # claims of others a waiting rank looks at per round (in turn): its metadata ops stay bounded  # (1,000 waiting ranks then make ~1,000 rounds/s of metadata reads between them)
 # Options that may differ between the ranks (or between a run and its --resume) of one build: they
 # change how the work runs, not the bytes stored.
 _RUN_OPTIONS = (
@@ -698,13 +699,23 @@ class Ranks:
         shares = [(self.rank + i) % self.world_size for i in range(self.world_size)]  # own share first
         if self.collective:  # every rank counts its own share
             count(self.rank)
-        wait = _Backoff()
-        while not all(done(s) for s in shares):
+        wait, looked = _Backoff(), 0
+        while True:
+            saved = {n for n in os.listdir(folder) if n.startswith("share-") and n.endswith(".npz")}  # one listing a round
+            left = [s for s in shares if f"share-{s}.npz" not in saved]
+            if not left:
+                break
             if self.collective:
                 wait()  # a rank that dies stops the whole run (torch elastic)
                 continue
             holders, clock = _Holders(writer.path), _Clock(claims, owner)  # one look at each per round
-            for s in shares:  # without collectives: claim shares, own first; a lone rank counts them all
+            # Own share first, then at most CLAIMS_PER_ROUND others, in turn: at 1,000 ranks a waiting
+            # rank does not stat and read 1,000 claims a round (a lone rank still counts them all).
+            if left[0] != self.rank:
+                start = looked % len(left)
+                left = (left[start:] + left[:start])[:CLAIMS_PER_ROUND]
+                looked += CLAIMS_PER_ROUND
+            for s in left:
                 if not done(s) and _claim(claims / f"share-{s}", owner, now=clock, holders=holders):
                     with _Lease([claims / f"share-{s}"]):
                         count(s)
@@ -751,7 +762,7 @@ class Ranks:
         claims = out / CLAIMS_DIR / record.build_id
         claims.mkdir(parents=True, exist_ok=True)
         bs = manifest.block_size
-        wait = _Backoff()
+        wait, rounds = _Backoff(), 0
         for level in self.heads.segments():
             watch = _IndexWatch(out, [self.heads.keys[r[-1]].tobytes() for r in level])
             done: set[int] = set()  # runs of this level this rank computed (published at once)
@@ -767,7 +778,10 @@ class Ranks:
                     mine, taken = [], 0
                     now = _Clock(claims, writer.writer_id)  # one probe of the file system's clock per round, if any
                     holders = _Holders(out)
-                    for i in pending:
+                    # At most CLAIMS_PER_ROUND claims looked at a round, in turn, when all are taken.
+                    start = rounds * CLAIMS_PER_ROUND % len(pending)
+                    rounds += 1
+                    for i in (pending[start:] + pending[:start])[: max(CLAIMS_PER_ROUND, share // bs)]:
                         path = claims / self.heads.keys[level[i][0]].tobytes().hex()
                         if taken < share and _claim(path, writer.writer_id, now=now, holders=holders):
                             mine.append(i)

@@ -615,7 +615,7 @@ def _store_write_error(path: Path, exc: BaseException) -> StoreError:
 LOCK_ROLES = ("build", "compact", "prune", "gc")  # what a lock's holder does, written in its lock file
 _MOUNT_HINT = (
     "keep the store on a local disk, on NFS mounted without local_lock=flock/all and nolock, "
-    "or on Lustre mounted with -o flock (README.md, 'Shared file systems')"
+    "on Lustre mounted with -o flock, or on BeeGFS with tuneUseGlobalFileLocks = true (README.md, 'Shared file systems')"
 )
 
 
@@ -713,10 +713,30 @@ def refuse_beside_prune(store: Path, me: str) -> None:
             raise StoreError(f"{store} is being pruned (prune {owner} is running): wait for it to finish, then retry")
 
 
-def check_file_system(store: Path, mounts: str | None = None) -> None:
+# FUSE file systems whose flock is not seen from other machines (object-store and ssh mounts).
+FUSE_WITHOUT_SHARED_LOCKS = frozenset({"sshfs", "s3fs", "gcsfuse", "rclone", "goofys", "blobfuse", "blobfuse2", "mountpoint-s3"})
+BEEGFS_CLIENT_CONF = Path("/etc/beegfs/beegfs-client.conf")
+
+
+def _beegfs_global_locks(conf: Path | None) -> bool:
+    """Whether the BeeGFS client shares flock locks between nodes (``tuneUseGlobalFileLocks = true``)."""
+    try:
+        text = (conf or BEEGFS_CLIENT_CONF).read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "tuneUseGlobalFileLocks":
+            return value.split("#")[0].strip().lower() == "true"
+    return False
+
+
+def check_file_system(store: Path, mounts: str | None = None, beegfs_conf: Path | None = None) -> None:
     """Refuse a store on a file system where ``flock`` would not tell running writers from dead
     ones across machines: NFS mounted with ``nolock`` or ``local_lock=flock|all``, Lustre without
-    ``-o flock`` (``localflock`` locks per node, ``noflock`` not at all). ``mounts`` is the text of
+    ``-o flock`` (``localflock`` locks per node, ``noflock`` not at all), BeeGFS without
+    ``tuneUseGlobalFileLocks`` (in ``beegfs_conf``, the client's config), FUSE mounts of object stores
+    or ssh (``FUSE_WITHOUT_SHARED_LOCKS``). ``mounts`` is the text of
     ``/proc/mounts`` (read when None; nothing is checked where it does not exist).
 
     Example:
@@ -745,6 +765,10 @@ def check_file_system(store: Path, mounts: str | None = None) -> None:
         bad = next((o for o in ("nolock", "local_lock=flock", "local_lock=all") if o in options), None)
     elif fstype == "lustre" and "flock" not in options:
         bad = "localflock" if "localflock" in options else "noflock" if "noflock" in options else "no flock option"
+    elif fstype == "beegfs" and not _beegfs_global_locks(beegfs_conf):
+        bad = "tuneUseGlobalFileLocks off (its default: flock is local to each node)"
+    elif fstype.startswith("fuse.") and fstype[len("fuse.") :] in FUSE_WITHOUT_SHARED_LOCKS:
+        bad = "FUSE (its flock is local to each node, or a no-op)"
     if bad:
         raise StoreError(
             f"{store} is on {fstype} mounted with {bad}: a writer's lock would not be seen from other machines, "
