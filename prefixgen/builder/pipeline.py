@@ -306,9 +306,9 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
 
     planner = Planner(manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record, progress.planned)
     started = last_checkpoint = time.perf_counter()
-    writer.write_build(record)
     batches: Any = iter(())
     try:
+        writer.write_build(record)  # inside: a disk that fails here still leaves the record failed, not running
         # Ranks of a distributed build: count in shares, plan, and prefill the shared prefixes first.
         prepared = ranks.prepare_work(
             out, manifest, read_count_share, tokenize, run_tasks, writer, record, budget.tokens, timer,

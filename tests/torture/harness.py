@@ -164,7 +164,7 @@ class Torture:
         for name, ref in self.refs.items():
             if not (ref / "manifest.json").exists():
                 shutil.rmtree(ref, ignore_errors=True)
-                procs.append(subprocess.Popen(self._cli("build", self.data[name], "-m", MODEL, "--out", ref, "--quiet"), env=self._env(faults=False), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))  # fmt: skip
+                procs.append(subprocess.Popen(self._cli("build", self.data[name], "-m", MODEL, "--out", ref, "--quiet"), env=self._env(faults=False), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=self.code))  # fmt: skip
         for p in procs:
             _, err = p.communicate()
             if p.returncode:
@@ -203,7 +203,10 @@ class Torture:
         out, err = self.work / "logs" / f"{n}.out", self.work / "logs" / f"{n}.err"
         out.parent.mkdir(exist_ok=True)
         with open(out, "w") as fo, open(err, "w") as fe:
-            proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=fo, stderr=fe, text=True, start_new_session=True)
+            # cwd: `python -m prefixgen` and `python -c` put it first on sys.path, before PYTHONPATH.
+            proc = subprocess.Popen(
+                [str(c) for c in cmd], env=env, stdout=fo, stderr=fe, text=True, start_new_session=True, cwd=self.code
+            )
         self.report.processes += 1
         child = Child(name, [str(c) for c in cmd], proc, time.monotonic(), kill_after, role, dataset)
         child.files = (out, err)  # type: ignore[attr-defined]
@@ -686,7 +689,7 @@ class Torture:
             self._watch(children, stop, "finish")
             for c in children:
                 self._check_output(c, "finish")
-        gc = subprocess.run(self._cli("gc", self.store), env=self._env(False), capture_output=True, text=True)
+        gc = subprocess.run(self._cli("gc", self.store), env=self._env(False), capture_output=True, text=True, cwd=self.code)
         if gc.returncode:
             self._violate("finish", "gc fails", _tail(gc.stderr))
         self._check_store("finish", final=True)
