@@ -167,6 +167,8 @@ def _verify_segment(
         if ref.name not in referenced:
             referenced.add(ref.name)
             report.shards += 1
+        if not (path / SHARDS_DIR / ref.name).is_file() and not seg.path.exists():
+            raise FileNotFoundError(seg.path)  # a prune replaced the segment, then removed the shard: check the new one
         _verify_shard(path, manifest, ref, {name: col[rows] for name, col in cols.items()}, report, quick)
         bar.update(1)
     report.blocks += seg.n
