@@ -299,6 +299,7 @@ class Torture:
             chosen.insert(0, "ranks")  # a resume of another world size beside ranks that run
         if "cleaners" in chosen and "build" not in chosen:
             chosen.append("build")  # cleaners race the lock of a writer that starts
+        self.log(f"  {name}: {', '.join(chosen)}; delays up to {delay} us, faults {rates}")
         for kind in chosen:
             if kind == "grow" and self.current_a == "a" and self._all_complete():
                 self.current_a = "a+"  # the dataset file grows: a rerun must store the new records
