@@ -128,8 +128,9 @@ def make_datasets(folder: Path, seed: int) -> dict[str, Path]:
 
 
 class Torture:
-    def __init__(self, work: Path, seed: int, code: Path = REPO, log=print):
+    def __init__(self, work: Path, seed: int, code: Path = REPO, log=print, mix: tuple[str, ...] = ()):
         self.work, self.seed, self.code, self.log = work, seed, code, log
+        self.mix = mix  # step kinds to draw from (all when empty): to aim a run at one kind of fault
         self.rng = random.Random(seed)
         self.report = Report(seed)
         self.work.mkdir(parents=True, exist_ok=True)
@@ -292,7 +293,9 @@ class Torture:
         stop.unlink(missing_ok=True)
         shard = lambda: rng.choice(SMALL_SHARDS)  # noqa: E731
         kinds = ["build", "build", "ranks", "ranks", "cleaners", "grow", "ranks-other-world"] + (["maint"] * 2 if exists else [])
-        chosen = rng.sample(kinds, rng.randint(1, 3))
+        if self.mix:
+            kinds = [k for k in kinds if k in self.mix] or ["build"]
+        chosen = rng.sample(kinds, rng.randint(1, min(3, len(kinds))))
         if not exists and not any(k.startswith("build") or k.startswith("ranks") for k in chosen):
             chosen.append("build")
         if "ranks-other-world" in chosen and "ranks" not in chosen:
@@ -740,9 +743,14 @@ def main() -> None:
     ap.add_argument("--schedules", type=int, default=None, help="Stop after this many schedules.")
     ap.add_argument("--work", type=Path, default=None, help="Work folder (default: a fresh one in /tmp).")
     ap.add_argument("--code", type=Path, default=REPO, help="The prefixgen checkout the children run.")
+    ap.add_argument(
+        "--mix",
+        default="",
+        help="Comma-separated step kinds to draw from (default: all): build, ranks, ranks-other-world, maint, cleaners, grow.",
+    )
     args = ap.parse_args()
     work = args.work or Path(f"/tmp/prefixgen-torture-{args.seed}-{os.getpid()}")
-    torture = Torture(work, args.seed, args.code.resolve())
+    torture = Torture(work, args.seed, args.code.resolve(), mix=tuple(filter(None, args.mix.split(","))))
     try:
         report = torture.run(args.minutes * 60, args.schedules)
     finally:
