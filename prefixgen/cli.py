@@ -73,6 +73,10 @@ SplitOpt = Annotated[Optional[str], Opt("--split", help=f"Dataset split (Hub dat
 SubsetOpt = Annotated[Optional[str], Opt("--subset", help="Dataset subset/config name (Hub datasets).")]
 TextFieldOpt = Annotated[Optional[str], Opt("--text-field", help=f"Field holding the text. {_default('text_field')}")]
 MessagesFieldOpt = Annotated[Optional[str], Opt("--messages-field", help="Field holding chats, rendered with the chat template.")]
+IdsFieldOpt = Annotated[
+    Optional[str],
+    Opt("--ids-field", help="Field holding lists of token ids, used as they are (no tokenizer, chat template or BOS)."),
+]
 SystemPromptOpt = Annotated[
     Optional[str], Opt("--system-prompt", help="System prompt added to every chat (prepended to text records).")
 ]
@@ -114,6 +118,7 @@ def build(
     subset: SubsetOpt = None,
     text_field: TextFieldOpt = None,
     messages_field: MessagesFieldOpt = None,
+    ids_field: IdsFieldOpt = None,
     system_prompt: SystemPromptOpt = None,
     chat_template: ChatTemplateOpt = None,
     limit: LimitOpt = None,
@@ -177,6 +182,7 @@ def analyze(
     subset: SubsetOpt = None,
     text_field: TextFieldOpt = None,
     messages_field: MessagesFieldOpt = None,
+    ids_field: IdsFieldOpt = None,
     system_prompt: SystemPromptOpt = None,
     chat_template: ChatTemplateOpt = None,
     limit: LimitOpt = None,
@@ -250,6 +256,10 @@ def _print_analysis(a, plot: Optional[Path]) -> None:
         typer.echo(f"\nplot written to {plot}")
 
 
+# How `ls` names what a build read (BuildRecord.input).
+INPUT_NAMES = {"text": "text", "chat": "chats (chat template)", "ids": "token ids (--ids-field)"}
+
+
 def _print_build(r) -> None:
     seconds = max(r.seconds, 1e-9)
     dedup = 1 - r.prefilled_tokens / r.dataset_tokens if r.dataset_tokens else 0.0
@@ -293,6 +303,13 @@ def ls(
     kv = summary["kv"]
     typer.echo(f"kv           {kv['dtype']}{' as fp8' if kv['storage'] == 'fp8' else ''}, block size {summary['block_size']}")
     typer.echo(f"blocks       {summary['blocks']:,} ({summary['stored_tokens']:,} tokens)")
+    if summary["inputs"]:
+        typer.echo(f"input        {', '.join(INPUT_NAMES.get(i, i) for i in summary['inputs'])}")
+    if "ids" in summary["inputs"]:
+        typer.echo(
+            "             token ids were stored as given: they were not tokenized here, so the tokenizer check\n"
+            "             (connector, serve) shows the model matches, not that a server tokenizes prompts into them"
+        )
     typer.echo(
         f"on disk      {summary['bytes'] / 1e6:,.2f} MB in {len(summary['shards'])} shards, {summary['bytes_per_token']:,} bytes per token"
     )
@@ -304,11 +321,11 @@ def ls(
     if summary["builds"]:
         typer.echo("\nbuilds")
         typer.echo(
-            f"  {'started':<26} {'status':<12} {'records':>9} {'dataset tok':>12} {'prefilled':>10} {'padding':>8} {'seconds':>8}"
+            f"  {'started':<26} {'status':<12} {'input':<6} {'records':>9} {'dataset tok':>12} {'prefilled':>10} {'padding':>8} {'seconds':>8}"
         )
         for b in summary["builds"]:
             typer.echo(
-                f"  {b['started_at']:<26} {b['status']:<12} {b['records']:>9,} {b['dataset_tokens']:>12,} "
+                f"  {b['started_at']:<26} {b['status']:<12} {b['input']:<6} {b['records']:>9,} {b['dataset_tokens']:>12,} "
                 f"{b['prefilled_tokens']:>10,} {b['padding_tokens']:>8,} {b['seconds']:>8,.1f}"
             )
             sel = b.get("selection")
@@ -511,6 +528,7 @@ def simulate(
     subset: SubsetOpt = None,
     text_field: TextFieldOpt = None,
     messages_field: MessagesFieldOpt = None,
+    ids_field: IdsFieldOpt = None,
     system_prompt: SystemPromptOpt = None,
     chat_template: ChatTemplateOpt = None,
     limit: LimitOpt = None,
@@ -552,6 +570,7 @@ def simulate(
         subset=subset,
         text_field=text_field,
         messages_field=messages_field,
+        ids_field=ids_field,
         system_prompt=system_prompt,
         chat_template=chat_template,
         limit=limit,

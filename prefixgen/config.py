@@ -74,6 +74,7 @@ class BuildConfig:
     subset: str | None = None
     text_field: str = "text"
     messages_field: str | None = None  # records are chats, rendered with the model's chat template
+    ids_field: str | None = None  # records are lists of token ids, used as they are (no tokenizer call)
     system_prompt: str | None = None
     chat_template: str | None = None  # a Jinja file, for tokenizers that have no chat template
     limit: int | None = None  # records
@@ -126,8 +127,16 @@ class BuildConfig:
         return cls().merged(**values).merged(**overrides)
 
     def merged(self, **overrides: Any) -> BuildConfig:
-        """A copy with the non-None ``overrides`` applied (each checked against its field's type)."""
+        """A copy with the non-None ``overrides`` applied (each checked against its field's type).
+        ``overrides`` naming the field of ids and one of text or chats are refused (one source of
+        options says which field to read: the command line, or one TOML file)."""
         values = {k: v for k, v in overrides.items() if v is not None}
+        if "ids_field" in values and values.keys() & {"text_field", "messages_field"}:
+            other = "--text-field" if "text_field" in values else "--messages-field"
+            raise ConfigError(
+                f"--ids-field and {other} exclude each other: pass --ids-field for records of token ids, "
+                "--text-field for text, --messages-field for chats"
+            )
         for name in SIZE_FIELDS & values.keys():
             values[name] = parse_size(values[name])  # TOML may say "512MiB"
         for name, value in values.items():
@@ -143,9 +152,30 @@ class BuildConfig:
         return "resume" if self.resume else "append" if self.append else "overwrite" if self.overwrite else "new"
 
     @property
+    def record_field(self) -> str:
+        """The field read from every record: of token ids, chats or text."""
+        return self.ids_field or self.messages_field or self.text_field
+
+    @property
     def selects(self) -> bool:
         """Whether the build stores a chosen part of the blocks (and so reads the dataset twice)."""
         return self.min_records is not None or self.max_bytes is not None
+
+    def validate_fields(self) -> BuildConfig:
+        """Check the options that say which field of a record is read and how (build, analyze and
+        simulate); raise ConfigError naming what to change; return self."""
+        if self.ids_field is not None:
+            if self.messages_field is not None:
+                raise ConfigError(
+                    "--ids-field and --messages-field exclude each other: pass --ids-field for records of "
+                    "token ids, --messages-field for chats"
+                )
+            if self.system_prompt is not None:
+                raise ConfigError(
+                    "--system-prompt needs a tokenizer, and --ids-field records are used as they are: "
+                    "put the system prompt's ids at the start of every record instead"
+                )
+        return self
 
     def validate_input(self) -> BuildConfig:
         """Check the options that say what is read and how it is tokenized and stored (shared by
@@ -156,6 +186,7 @@ class BuildConfig:
             raise ConfigError("no model given: pass --model (a local folder or a Hugging Face model id)")
         if self.block_size <= 0:
             raise ConfigError(f"block-size must be positive, got {self.block_size}")
+        self.validate_fields()
         for name in ("limit", "max_tokens"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -193,8 +224,11 @@ class BuildConfig:
         return self
 
     def options(self) -> dict[str, Any]:
-        """The options recorded in the store's build record."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("out", "quiet")}
+        """The options recorded in the store's build record. ``ids_field`` only where it is set: the
+        options of a text or chat build stay those earlier versions recorded (a distributed run's id
+        is a digest of them, so a build begun before keeps its id on --resume)."""
+        skip = ("out", "quiet") + (("ids_field",) if self.ids_field is None else ())
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
 TRACE_FORMATS = ("dataset", "mooncake")

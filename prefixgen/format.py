@@ -1071,6 +1071,14 @@ class BuildRecord:
     # left anew, as attempt k+1; the build is complete when every rank completed the same attempt).
     plans_made: int = 0
     attempt: int = 0
+    # What the records held: "text", "chat" (--messages-field) or "ids" (--ids-field: token ids used as
+    # they are, not tokenized by prefixgen). Derived from ``options`` when not given (records written
+    # before it was recorded).
+    input: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            self.input = record_input(self.options)
 
     def to_dict(self) -> dict[str, Any]:
         return _fields_dict(self)
@@ -1078,6 +1086,16 @@ class BuildRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildRecord:
         return cls(**_known_fields(cls, data))
+
+
+def record_input(options: dict[str, Any]) -> str:
+    """What a build's records held, from its options: ``ids``, ``chat`` or ``text``.
+
+    Example:
+        >>> record_input({"ids_field": "prompt_token_ids"}), record_input({"messages_field": "m"}), record_input({})
+        ('ids', 'chat', 'text')
+    """
+    return "ids" if options.get("ids_field") else "chat" if options.get("messages_field") else "text"
 
 
 RANK_PARTS_SUFFIX = ".ranks"  # builds/<build_id>.ranks/w<N>-r<R>.json: one rank's part of a distributed build

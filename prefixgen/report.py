@@ -35,6 +35,7 @@ def store_summary(store: PrefixStore, top: int = 5, decode: bool = True) -> dict
         for ref, blocks in store.index.shard_blocks()
     ]
     kv_bytes = sum(s["bytes"] for s in shards)
+    builds = [b.to_dict() for b in store.builds()]
     return {
         "format_version": m.format_version,
         "block_checksum": m.block_checksum,
@@ -53,7 +54,10 @@ def store_summary(store: PrefixStore, top: int = 5, decode: bool = True) -> dict
         "bytes": total_bytes,
         "bytes_per_token": round(kv_bytes / stored_tokens, 2) if stored_tokens else 0,
         "shards": shards,
-        "builds": [b.to_dict() for b in store.builds()],
+        "builds": builds,
+        # What the builds read: "text", "chat", and "ids" where records were token ids (--ids-field),
+        # stored as given: the tokenizer recorded in the manifest (--model's) did not make them.
+        "inputs": list(dict.fromkeys(b["input"] for b in builds)),
         "top_prefixes": top_prefixes(store, top, decode),
     }
 

@@ -30,8 +30,7 @@ from tqdm import tqdm
 
 from prefixgen.analysis.count import BlockCounter, BlockCounts
 from prefixgen.config import BuildConfig
-from prefixgen.data.records import RecordTokenizer
-from prefixgen.data.source import read_records
+from prefixgen.data.records import RecordTokenizer, open_records
 from prefixgen.errors import ConfigError
 from prefixgen.format import BuildRecord, KVLayout, block_keys, root_key
 from prefixgen.model import config_kv_layout, load_config, load_tokenizer
@@ -120,7 +119,7 @@ def analyze(cfg: BuildConfig, holdout: float = 0.1, progress: bool = False, warn
     layout = config_kv_layout(config, cfg.dtype, cfg.kv_dtype)
     stats = BuildRecord("", cfg.dataset)
     tokenize = RecordTokenizer.for_options(tokenizer, config, cfg, stats)
-    records = read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
+    records = open_records(cfg)
     bs = cfg.block_size
     counter = BlockCounter()
     held = _HeldOut()

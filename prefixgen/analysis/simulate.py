@@ -164,13 +164,16 @@ def read_dataset(data: BuildConfig, block_size: int, store=None, progress: bool 
     """
     from tqdm import tqdm
 
-    from prefixgen.data.records import RecordTokenizer
-    from prefixgen.data.source import read_records
+    from prefixgen.data.records import RecordTokenizer, open_records
     from prefixgen.format import BuildRecord, block_keys, key64, root_key
     from prefixgen.model import load_config, load_tokenizer, tokenizer_digest
 
     if not data.model:
-        raise ConfigError("simulating a dataset needs its tokenizer: pass --model (a local folder or a Hugging Face model id)")
+        raise ConfigError(
+            "simulating a dataset needs its model's tokenizer and config (with --ids-field, for its vocabulary): "
+            "pass --model (a local folder or a Hugging Face model id)"
+        )
+    data.validate_fields()
     tokenizer = load_tokenizer(data.model, trust_remote_code=data.trust_remote_code, chat_template=data.chat_template)
     if store is not None:
         theirs = tokenizer_digest(tokenizer)
@@ -182,7 +185,7 @@ def read_dataset(data: BuildConfig, block_size: int, store=None, progress: bool 
     bar = tqdm(total=data.limit, unit="rec", disable=not progress, dynamic_ncols=True, desc="tokenize")
     config = load_config(data.model, data.trust_remote_code)
     tokenize = RecordTokenizer.for_options(tokenizer, config, data, BuildRecord("", ""), warn=bar.write)
-    records = read_records(data.dataset, data.messages_field or data.text_field, data.split, data.subset, data.limit)
+    records = open_records(data)
     root = store.manifest.root_key if store is not None else root_key("00" * 32)
     dense: dict[bytes, int] = {}
     lengths, blocks = [], []
@@ -193,7 +196,7 @@ def read_dataset(data: BuildConfig, block_size: int, store=None, progress: bool 
         bar.update()
     bar.close()
     if not lengths:
-        raise DatasetError(f"dataset {data.dataset} has no records with text to simulate")
+        raise DatasetError(f"dataset {data.dataset} has no records with {'token ids' if data.ids_field else 'text'} to simulate")
     keys = list(dense)
     trace = Trace.from_blocks(
         block_size, lengths, blocks, np.fromiter((key64(k) for k in keys), dtype=np.uint64, count=len(keys))

@@ -30,8 +30,8 @@ from prefixgen.builder.prefill import Prefiller, fit_batch_tokens
 from prefixgen.builder.progress import Progress
 from prefixgen.builder.selection import Selection, choose_blocks, cut_to_selection, max_blocks, select_counts
 from prefixgen.config import BuildConfig
-from prefixgen.data.records import RecordTokenizer
-from prefixgen.data.source import ShareRead, count_records, read_records, read_share
+from prefixgen.data.records import RecordTokenizer, open_records
+from prefixgen.data.source import ShareRead, count_records, read_share
 from prefixgen.errors import PrefixgenError, StoreError
 from prefixgen.format import BlockHash, BuildRecord, KVLayout, Manifest, dequantize_fp8, quantize_fp8, root_key
 from prefixgen.maintain.compact import compact_store
@@ -193,7 +193,7 @@ def _manifest(cfg: BuildConfig, model: torch.nn.Module, tokenizer) -> Manifest:
 def _count_pass(cfg: BuildConfig, tokenize: RecordTokenizer, manifest: Manifest) -> Selection:
     """Read and tokenize the dataset once more, as the build will, and choose the blocks to store."""
     counting = tokenize.copy(BuildRecord("", ""))  # its own statistics; warnings come in the build pass
-    records = read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
+    records = open_records(cfg)
     with tqdm(total=cfg.limit, unit="rec", disable=cfg.quiet, dynamic_ncols=True, desc="count") as bar:
         selection = choose_blocks(counting(records), manifest.root_key, cfg, manifest.kv, tick=bar.update)
     selection.tokenized_tokens = counting.stats.dataset_tokens
@@ -247,7 +247,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
         device = next(model.parameters()).device
     # Check the dataset and the chat template first: bad input must not leave a new, empty store behind.
     tokenize = RecordTokenizer.for_options(tokenizer, model.config, cfg, BuildRecord("", ""))
-    records = read_records(cfg.dataset, cfg.messages_field or cfg.text_field, cfg.split, cfg.subset, cfg.limit)
+    records = open_records(cfg)
     manifest = _manifest(cfg, model, tokenizer)
     # --min-records/--max-bytes: the count pass, before anything is written (ranks of a distributed
     # build choose from their count shares summed, in the plan).
@@ -297,7 +297,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
             record.padding_tokens += batch.padding_tokens
 
     def read_count_share(share: int, read: ShareRead) -> Iterator:
-        field = cfg.messages_field or cfg.text_field
+        field = cfg.record_field
         # Numbered within the share: no rank reads the bytes before its share (the plan numbers them in the dataset).
         return read_share(cfg.dataset, field, share, ranks.world_size, cfg.split, cfg.subset, cfg.limit, read, local_index=True)
 

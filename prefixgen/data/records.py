@@ -5,6 +5,15 @@
   add_generation_prompt=<last message is the user's>)`` then ``tokenizer(rendered,
   add_special_tokens=False)``: what vLLM and transformers' ``serve`` do for a chat request.
 
+* Records of token ids (``--ids-field``): the list as it is (no tokenizer call, no chat template,
+  no BOS added), as a server that was given these ids (or tokenized its request into them) holds
+  them. A record is skipped (and counted) when its list is empty, holds anything but integers
+  (``True`` and ``1.0`` too), or an id outside the model's vocabulary (``0 <= id < vocab_size`` of
+  its config: the rows of its embedding, past which no id can be prefilled; vLLM refuses ids past
+  the larger of that and its tokenizer's largest id). A field holding text is refused at the
+  dataset's first record (:func:`open_records`: before anything is written); a later record of
+  text is skipped like any other odd one.
+
 Empty or non-text records are skipped; records longer than the limit are truncated. Both are
 counted in the build record.
 
@@ -19,13 +28,14 @@ limit by ``MARGIN`` tokens. tests/test_records.py checks it on real tokenizers a
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
-from prefixgen.data.source import Record
-from prefixgen.errors import ConfigError
+from prefixgen.data.source import Record, read_records
+from prefixgen.errors import ConfigError, DatasetError
 from prefixgen.format import BuildRecord
 
 CHUNK = 256  # records tokenized per call: fast tokenizers batch in Rust
@@ -62,6 +72,59 @@ def normalize_messages(value: Any, system_prompt: str | None) -> list[dict[str, 
     return messages
 
 
+def open_records(cfg: Any) -> Iterator[Record]:
+    """The records ``prefixgen build``, ``analyze`` and ``simulate`` read for ``cfg`` (a BuildConfig):
+    its field (``--ids-field``, ``--messages-field`` or ``--text-field``) of each row of the dataset,
+    up to ``--limit``. The dataset and its first row are read now; with ``--ids-field``, a first row
+    whose field holds text is refused here, so bad input fails before any work.
+
+    Example:
+        >>> next(open_records(BuildConfig(dataset="examples/stories.jsonl"))).value[:16]  # doctest: +SKIP
+        'Once upon a time'
+    """
+    records = read_records(cfg.dataset, cfg.record_field, cfg.split, cfg.subset, cfg.limit)
+    if cfg.ids_field is None:
+        return records
+    first = next(records, None)
+    if first is None:
+        return iter(())
+    if isinstance(first.value, str):
+        raise DatasetError(text_not_ids(cfg.dataset, cfg.ids_field, first))
+    return itertools.chain([first], records)
+
+
+def text_not_ids(dataset: str, field: str, record: Record) -> str:
+    """The refusal of a field of text read as token ids, with the fix."""
+    return (
+        f"--ids-field {field}: {record.name} of {dataset} holds text ({record.value[:40]!r}), not a list of token ids: "
+        f"pass --text-field {field} to tokenize it"
+    )
+
+
+def bad_ids(value: Any, vocab_size: int) -> tuple[str, str] | None:
+    """Why ``value`` is not a record of token ids (a kind, for warning once per kind, and the
+    reason), or None if it is one: a non-empty list of ints, each in ``[0, vocab_size)``.
+
+    Example:
+        >>> bad_ids([1, 2, 3], 512) is None, bad_ids([1, 2, 512], 512), bad_ids([1, True], 512)[0]
+        (True, ('vocab', 'holds token id 512, outside the vocabulary of 512 ids (0 to 511)'), 'int')
+    """
+    if not isinstance(value, list | tuple):
+        return "list", f"holds {type(value).__name__}, not a list of token ids"
+    if not value:
+        return "empty", "holds an empty list of token ids"
+    if not all(type(i) is int for i in value):  # noqa: E721 - bool is an int subclass, and is refused
+        odd = next(i for i in value if type(i) is not int)  # noqa: E721
+        return "int", f"holds {odd!r} ({type(odd).__name__}), not an integer token id"
+    low, high = min(value), max(value)
+    if low < 0 or high >= vocab_size:
+        return (
+            "vocab",
+            f"holds token id {low if low < 0 else high}, outside the vocabulary of {vocab_size} ids (0 to {vocab_size - 1})",
+        )
+    return None
+
+
 class RecordTokenizer:
     """Turns a stream of Records into TokenizedRecords, counting into a BuildRecord.
 
@@ -84,6 +147,7 @@ class RecordTokenizer:
         """
         text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
         max_positions = int(getattr(text_config, "max_position_embeddings", 0) or 0) or 1 << 62
+        ids = getattr(cfg, "ids_field", None) is not None
         return cls(
             tokenizer,
             stats,
@@ -91,6 +155,8 @@ class RecordTokenizer:
             chat=cfg.messages_field is not None,
             system_prompt=cfg.system_prompt,
             warn=warn,
+            # the rows of the model's embedding (a tokenizer may have fewer ids); its length where a config has none
+            vocab_size=(int(getattr(text_config, "vocab_size", 0) or 0) or len(tokenizer)) if ids else None,
         )
 
     def __init__(
@@ -101,7 +167,10 @@ class RecordTokenizer:
         chat: bool = False,
         system_prompt: str | None = None,
         warn: Callable[[str], None] = print,
+        vocab_size: int | None = None,
     ):
+        """``vocab_size``: records are token ids below it, used as they are (``--ids-field``);
+        None: records are text (or chats, with ``chat``), tokenized."""
         if chat and not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
                 "--messages-field needs a chat template, and this model's tokenizer has none: "
@@ -113,6 +182,7 @@ class RecordTokenizer:
         self.chat = chat
         self.system_prompt = system_prompt
         self.warn = warn
+        self.vocab_size = vocab_size
         self._warned: set[str] = set()
 
     def _warn_once(self, kind: str, message: str) -> None:
@@ -166,6 +236,9 @@ class RecordTokenizer:
         return other
 
     def __call__(self, records: Iterator[Record]) -> Iterator[TokenizedRecord]:
+        if self.vocab_size is not None:
+            yield from self._token_ids(records)
+            return
         size = FIRST_CHUNK
         while chunk := list(islice(records, size)):
             size = min(CHUNK, size * 2)
@@ -191,3 +264,27 @@ class RecordTokenizer:
                     )
                 self.stats.dataset_tokens += len(ids)
                 yield TokenizedRecord(record.index, ids)
+
+    def _token_ids(self, records: Iterator[Record]) -> Iterator[TokenizedRecord]:
+        """Records of token ids: each checked, cut to ``max_tokens`` and counted as text records are."""
+        assert self.vocab_size is not None
+        for record in records:
+            bad = bad_ids(record.value, self.vocab_size)
+            if bad is not None:
+                kind, reason = bad
+                if isinstance(record.value, str):
+                    kind, reason = "text", "holds text, not a list of token ids"
+                self.stats.skipped_records += 1
+                self._warn_once(f"ids-{kind}", f"warning: {record.name} {reason}; skipping such records (counted)")
+                continue
+            ids = list(record.value[: self.max_tokens])
+            self.stats.records += 1
+            if len(record.value) > self.max_tokens:
+                self.stats.truncated_records += 1
+                self._warn_once(
+                    "truncate",
+                    f"warning: {record.name} has more than the limit of {self.max_tokens} tokens; "
+                    "truncating such records (counted)",
+                )
+            self.stats.dataset_tokens += len(ids)
+            yield TokenizedRecord(record.index, ids)

@@ -162,7 +162,7 @@ def _field_records(
     if field not in first:
         raise DatasetError(
             f"dataset {dataset} has no field {field!r}; its fields are: {', '.join(sorted(first))} "
-            "(choose one with --text-field or --messages-field)"
+            "(choose one with --text-field, --messages-field or --ids-field)"
         )
     stream = itertools.chain([first], rows)
     if limit is not None:
