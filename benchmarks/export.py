@@ -3,12 +3,13 @@
 A synthetic store of a Llama-3-8B-shaped KV (32 layers, 8 KV heads of 128, bfloat16: 128 KiB a
 token, 2 MiB a 16-token block) in chains of 32 blocks is written with the real StoreWriter; then
 (1) its shard files are copied with ``shutil.copyfile`` (+ fsync per file when fsync is on), and
-(2) it is exported to SGLang's layout (one 2 MiB file per page, TP 1) with ``export``. Both read the
+(2) it is exported with ``export`` to ``--target``'s layout (sglang: one 2 MiB file per page, TP 1; lmcache:
+one 32 MiB file per 256-token chunk; vllm: one 2 MiB canonical CPU-tier row per 16-token block). Both read the
 store from the page cache (it was just written) and write ``--gb`` of KV; the ratio is the export's
 cost over moving the bytes at all (target: >= 0.7x). CPU seconds per GB (this process, all threads)
 say what each costs whatever the machine's load.
 
-    python benchmarks/export.py --gb 1
+    python benchmarks/export.py --gb 1 [--target sglang|lmcache|vllm]
 """
 
 from __future__ import annotations
@@ -70,18 +71,35 @@ def plain_copy(store: Path, out: Path, fsync: bool) -> int:
     return total
 
 
+def target(name: str):
+    """The export target the benchmark writes (each engine's default parameters)."""
+    if name == "lmcache":
+        from prefixgen.export.lmcache import LMCacheTarget
+
+        return LMCacheTarget(model_name="bench/synthetic-8b", hash_seed=0)
+    if name == "vllm":
+        from prefixgen.export.vllm import VLLMTarget
+
+        return VLLMTarget(model_name="bench/synthetic-8b")
+    return SGLangTarget(model_name="bench/synthetic-8b")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=1.0, help="KV in the store, GB")
     ap.add_argument("--json", action="store_true", help="one JSON line per row")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each row")
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary folder on this disk)")
+    ap.add_argument("--target", default="sglang", choices=("sglang", "lmcache", "vllm"), help="the export's layout")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="prefixgen-export-bench-", dir=args.dir or os.getcwd()))
     try:
         store = base / "store"
         blocks = make_store(store, args.gb)
-        print(f"store: {blocks} blocks of {LAYOUT.bytes_per_token * BS / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.2f}")
+        print(
+            f"store: {blocks} blocks of {LAYOUT.bytes_per_token * BS / 2**20:.0f} MiB; target {args.target}; "
+            f"load average {os.getloadavg()[0]:.2f}"
+        )
         print("| fsync | plain copy GB/s | export GB/s | export / copy | copy CPU s/GB | export CPU s/GB |")
         print("|---|---|---|---|---|---|")
         for fsync in (True, False):
@@ -90,10 +108,11 @@ def main() -> None:
                 copied = plain_copy(store, base / "copy", fsync)
                 copy_s, copy_cpu = time.perf_counter() - t, time.process_time() - c
                 c = time.process_time()
-                s = export(store, SGLangTarget(model_name="bench/synthetic-8b"), base / "export", progress=False, fsync=fsync)
+                s = export(store, target(args.target), base / "export", progress=False, fsync=fsync)
                 export_cpu = time.process_time() - c
                 copy_gbs = copied / copy_s / 1e9
                 row = {
+                    "target": args.target,
                     "fsync": fsync,
                     "copy_GB_s": round(copy_gbs, 3),
                     "export_GB_s": round(s.gb_per_s, 3),

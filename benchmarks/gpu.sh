@@ -51,12 +51,15 @@ if python3 -c "import vllm" 2>/dev/null; then
   # A 32k-token 8B prefix (4.3 GB of bf16 KV) streamed through the default 64 MiB staging budget, then 512 MiB.
   T=400 run vllm_ttft.py --model configs/models/llama-3.1-8b.json --prefix 32768 --repeats 2
   T=400 run vllm_ttft.py --model configs/models/llama-3.1-8b.json --prefix 32768 --repeats 2 --staging-bytes 512MiB
+  # 5a. Unmodified `vllm serve` + vLLM's own OffloadingConnector (CPU tier + fs tier) on a `prefixgen export --to vllm`:
+  #     cached tokens reported, greedy output equal to computing, after a cold restart (README "Serve a store with vLLM's own offloading").
+  T=900 run vllm_offload_serve.py --model configs/models/llama-3.1-8b.json --prefix 1024 4096
 else
   echo "vllm is not importable on this machine: skipping vllm_ttft.py (install vllm==0.32.0 to run it)" | tee -a "$OUTDIR/gpu.txt"
 fi
 # 5b. SGLang serving a `prefixgen export` (HiCache file backend) vs computing the prefix; export throughput
 #     against a plain copy on this machine's disk (needs sglang==0.5.23 in this image for the serving part).
-T=300 run export.py --gb 4 --repeat 2 --dir ../bench-out --json
+for target in sglang lmcache vllm; do T=300 run export.py --gb 4 --repeat 2 --dir ../bench-out --json --target $target; done
 if python3 -c "import sglang.srt.mem_cache.hicache_storage" 2>/dev/null; then
   T=900 run sglang_serve.py --model configs/models/llama-3.1-8b.json --prefix 1024 4096 16384
 else

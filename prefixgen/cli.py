@@ -423,7 +423,7 @@ _EXPORT = ExportConfig()  # export's defaults, shown in the help (None below mea
 @_user_errors
 def export(
     store: Annotated[Optional[str], typer.Argument(help="The store folder.")] = None,
-    to: Annotated[Optional[str], Opt("--to", help="The engine: sglang or lmcache.")] = None,
+    to: Annotated[Optional[str], Opt("--to", help="The engine: sglang, lmcache or vllm.")] = None,
     out: Annotated[Optional[str], Opt("--out", "-o", help="The folder the engine reads (new or empty, unless --append).")] = None,
     model_name: Annotated[Optional[str], Opt(help="The model name the server serves (part of every file name).")] = None,
     page_size: Annotated[Optional[int], Opt(help=f"sglang: the server's --page-size. [default: {_EXPORT.page_size}]")] = None,
@@ -434,10 +434,31 @@ def export(
             help=f"sglang: the server's --hicache-mem-layout: page_first, page_first_direct or layer_first. [default: {_EXPORT.layout}]"
         ),
     ] = None,
-    hash_seed: Annotated[Optional[int], Opt(help="lmcache: the PYTHONHASHSEED the server runs with.", metavar="SEED")] = None,
+    hash_seed: Annotated[
+        Optional[int],
+        Opt(help="lmcache, vllm: the PYTHONHASHSEED the server runs with (vllm: unset if not given).", metavar="SEED"),
+    ] = None,
     chunk_size: Annotated[Optional[int], Opt(help=f"lmcache: the chunk_size. [default: {_EXPORT.chunk_size}]")] = None,
     hash_algorithm: Annotated[
         Optional[str], Opt("--hash", help=f"lmcache: the pre_caching_hash_algorithm. [default: {_EXPORT.hash_algorithm}]")
+    ] = None,
+    block_size: Annotated[Optional[int], Opt(help=f"vllm: the server's --block-size. [default: {_EXPORT.block_size}]")] = None,
+    blocks_per_file: Annotated[
+        Optional[int],
+        Opt(help=f"vllm: the connector's blocks_per_chunk (vLLM blocks per file). [default: {_EXPORT.blocks_per_file}]"),
+    ] = None,
+    dtype: Annotated[Optional[str], Opt(help="vllm: the server's KV cache dtype. [default: the store's]")] = None,
+    prefix_caching_hash_algo: Annotated[
+        Optional[str],
+        Opt(help=f"vllm: the server's --prefix-caching-hash-algo. [default: {_EXPORT.prefix_caching_hash_algo}]"),
+    ] = None,
+    kv_cache_layout: Annotated[
+        Optional[str],
+        Opt(help=f"vllm: the server's KV cache layout, NHD or HND (VLLM_KV_CACHE_LAYOUT). [default: {_EXPORT.kv_cache_layout}]"),
+    ] = None,
+    layer_names: Annotated[
+        Optional[str],
+        Opt(help=f"vllm: the server's attention layer names, {{i}} the layer. [default: {_EXPORT.layer_names}]"),
     ] = None,
     min_records: Annotated[Optional[int], Opt(help="Export only blocks contained in at least K records.", metavar="K")] = None,
     max_bytes: Annotated[
@@ -449,7 +470,8 @@ def export(
     ] = None,
     quiet: Annotated[Optional[bool], Opt("--quiet", "-q", help="No progress bar or summary.")] = None,
 ) -> None:
-    """Write STORE's prefixes in an engine's own cache layout (SGLang HiCache file, LMCache fs://), for the engine to serve."""
+    """Write STORE's prefixes in an engine's own cache layout (SGLang HiCache file, LMCache fs://, vLLM's fs offloading
+    tier), for the engine to serve."""
     cfg = _EXPORT.merged(**locals()).validate()
     from prefixgen.export import export_store
 

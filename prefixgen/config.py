@@ -398,7 +398,7 @@ class ConnectorConfig:
         return cfg
 
 
-EXPORT_TARGETS = ("sglang", "lmcache")
+EXPORT_TARGETS = ("sglang", "lmcache", "vllm")
 SGLANG_LAYOUTS = ("page_first", "page_first_direct", "layer_first")
 
 
@@ -423,6 +423,13 @@ class ExportConfig:
     hash_seed: int | None = None  # the server's PYTHONHASHSEED (LMCache's first chunk hash depends on it)
     chunk_size: int = 256  # LMCache's chunk_size: tokens per file
     hash_algorithm: str = "sha256_cbor"  # LMCache's pre_caching_hash_algorithm
+    # vllm (its own OffloadingConnector's fs tier; hash_seed and tp_size above apply too)
+    block_size: int = 16  # the server's --block-size
+    blocks_per_file: int = 1  # the connector's blocks_per_chunk (its extra config "block_size" / --block-size)
+    dtype: str | None = None  # the server's KV cache dtype (None: the store's)
+    prefix_caching_hash_algo: str = "sha256"  # the server's --prefix-caching-hash-algo
+    kv_cache_layout: str = "NHD"  # the layout the server resolves (VLLM_KV_CACHE_LAYOUT; FlashAttention: NHD)
+    layer_names: str = "model.layers.{i}.self_attn.attn"  # the server's attention layer names, {i} the layer
     # what and how
     min_records: int | None = None  # export only blocks contained in at least this many records
     max_bytes: int | None = None  # export the most shared blocks whose KV fits in this many bytes
@@ -440,6 +447,8 @@ class ExportConfig:
     @property
     def unit_tokens(self) -> int:
         """Tokens per exported file of the chosen target."""
+        if self.to == "vllm":
+            return self.block_size * self.blocks_per_file
         return self.chunk_size if self.to == "lmcache" else self.page_size
 
     def validate(self) -> ExportConfig:
@@ -452,7 +461,7 @@ class ExportConfig:
             raise ConfigError("pass --out DIR: the folder the engine reads the export from")
         if not self.model_name:
             raise ConfigError("pass --model-name NAME: the model name the server serves (it is part of every file name)")
-        for name in ("tp_size", "page_size", "chunk_size"):
+        for name in ("tp_size", "page_size", "chunk_size", "block_size", "blocks_per_file"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.layout not in SGLANG_LAYOUTS:

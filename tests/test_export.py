@@ -224,3 +224,130 @@ def test_export_killed_with_sigkill_leaves_whole_files_and_resumes(cli, tmp_path
     assert cli("export", store, "--to", "sglang", "--out", clean, "--model-name", "m", "--no-fsync", "-q").exit_code == 0
     assert files(out) == files(clean) and len(files(clean)) == 3000
     assert not list(out.glob(".*.tmp"))
+
+
+def vllm(cli, store: Path, out: Path, *args: str):
+    return cli("export", store, "--to", "vllm", "--out", out, "--model-name", "org/stories", *args)
+
+
+def bins(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*.bin")}
+
+
+def test_export_vllm_refuses_what_it_cannot_reproduce(cli, stores, tmp_path):
+    """Each configuration vLLM's fs tier would read differently is refused with its reason, before any file.
+    (vLLM's own code reading an export is tests_vllm/test_vllm_export.py.)"""
+    cases = [
+        (stores["main"], ("--block-size", "24"), "does not divide the target's 24 tokens"),
+        (stores["fp8"], (), "fp8"),
+        (stores["bf16"], ("--dtype", "float16"), "--dtype is float16"),
+        (stores["main"], ("--tp-size", "3"), "does not split the model's 4 KV heads"),
+        (stores["main"], ("--kv-cache-layout", "BLNHC"), "no canonical page format"),
+        (stores["main"], ("--prefix-caching-hash-algo", "xxhash"), "cannot be reproduced outside the server"),
+        (stores["main"], ("--layer-names", "model.layers.attn"), "has no {i}"),
+    ]
+    for i, (store, args, message) in enumerate(cases):
+        result = vllm(cli, store, tmp_path / str(i), *args)
+        assert result.exit_code == 6 and message in result.output, (args, result.output)
+        assert not bins(tmp_path / str(i)) if (tmp_path / str(i)).exists() else True
+
+
+def test_export_vllm_shares_the_frameworks_resume_append_and_refusals(cli, stores, tmp_path):
+    """The vLLM target in the export framework: one folder and config.json per run config, files resumed,
+    another store appended, a folder of other parameters refused."""
+    out = tmp_path / "offload"
+    result = vllm(cli, stores["main"], out)
+    assert result.exit_code == 0, result.output
+    first = bins(out)
+    (folder,) = {Path(name).parts[0] for name in first}  # <model>_<hash>_r0: one run config
+    assert folder.startswith("org_stories_") and folder.endswith("_r0")
+    config = json.loads((out / folder.removesuffix("_r0") / "config.json").read_text())
+    assert config["canonical_format"] == "v1-nhd" and config["dtype"] == "float32" and config["tokens_per_hash"] == 16
+    assert len({len(data) for data in first.values()}) == 1  # every file one CPU-tier row
+    gone = sorted(first)[::2]
+    for name in gone:
+        (out / name).unlink()
+    kept = sorted(first)[1]  # not rewritten: its temporary name is not reused
+    leftover = (out / kept).with_name(f".{Path(kept).name}.prefixgen.tmp")  # a killed export's half file
+    leftover.write_bytes(b"half")
+    result = vllm(cli, stores["main"], out)
+    assert not leftover.exists()
+    assert result.exit_code == 0 and f"wrote {len(gone)} files" in result.output, result.output
+    assert bins(out) == first
+    result = vllm(cli, stores["other_data"], out, "--append")
+    assert result.exit_code == 0, result.output
+    assert set(first) < set(bins(out))
+    result = vllm(cli, stores["main"], out, "--blocks-per-file", "2")
+    assert result.exit_code == 6 and "params.blocks_per_file" in result.output
+    # Block size 8 stores make the same files (two stored blocks per vLLM block).
+    assert vllm(cli, stores["block8"], tmp_path / "b8").exit_code == 0
+    assert bins(tmp_path / "b8") == first
+    # Canonical pages hold every head: a TP 2 server (2 of the 4 KV heads a rank) reads the same files.
+    assert vllm(cli, stores["main"], tmp_path / "tp2", "--tp-size", "2").exit_code == 0
+    assert bins(tmp_path / "tp2") == first
+
+
+def test_scatter_writes_equal_the_arrays_bytes(tmp_path):
+    """prefixgen.export.iov writes every piece in C order whatever its strides (the targets' reorderings of the read
+    KV: transposes, reversed and sliced axes, void items), across writev's 1,024-iovec limit, and finishes a
+    short writev run by run."""
+    import os
+
+    from prefixgen.export.iov import _finish, _runs, write_pieces
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for item in (24, 1024):  # runs gathered first (under SMALL_RUN) and runs written as iovecs
+        base = rng.integers(0, 256, (8, 16, 2, 8, item), dtype=np.uint8)
+        items = base.view(f"V{item}")[..., 0]  # [8, 16, 2, 8]
+        cases += [
+            [items.transpose(2, 0, 1, 3)],  # SGLang page_first: 2 * 8 * 16 runs of 8 items
+            [b"header", items.transpose(1, 0, 3, 2)],  # 2,048 runs of one item: 2 writev calls
+            [items[::-1, :, :, 2:6].transpose(2, 1, 0, 3), np.zeros(100, np.uint8)],  # reversed, sliced, then padding
+            [items, b"", base[:3]],  # contiguous pieces and an empty one
+            [items.transpose(1, 0, 3, 2), items.transpose(2, 0, 1, 3)],  # two gathered pieces in one file
+        ]
+    for i, pieces in enumerate(cases):
+        want = b"".join(p if isinstance(p, bytes) else np.ascontiguousarray(p).tobytes() for p in pieces)
+        fd = os.open(tmp_path / str(i), os.O_WRONLY | os.O_CREAT)
+        try:
+            assert write_pieces(fd, pieces) == len(want)
+        finally:
+            os.close(fd)
+        assert (tmp_path / str(i)).read_bytes() == want
+    part = items.transpose(1, 0, 3, 2)
+    offsets, run = _runs(part.shape, part.strides, part.itemsize)
+    iov = np.stack([offsets.astype(np.uint64) + np.uint64(part.ctypes.data), np.full(len(offsets), run, np.uint64)], 1)[:50]
+    fd = os.open(tmp_path / "short", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, np.ascontiguousarray(part).tobytes()[:1000])  # what a short writev got out
+        _finish(fd, iov, 1000)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "short").read_bytes() == np.ascontiguousarray(part).tobytes()[: 50 * run]
+
+
+@pytest.mark.parametrize("to", ["sglang", "vllm"])
+def test_export_refuses_a_damaged_block(cli, stores, tmp_path, to):
+    """A stored block whose bytes fail their checksum is not exported (its file would be served as KV): the
+    export stops naming the shard and slot, and no file holds the damaged bytes."""
+    import shutil
+
+    from prefixgen.format import SHARDS_DIR, read_safetensors_header
+
+    store = tmp_path / "store"
+    shutil.copytree(stores["main"], store)
+    shard = sorted((store / SHARDS_DIR).iterdir())[0]
+    with open(shard, "r+b") as f:
+        at = read_safetensors_header(f, shard).offset("kv") + 100  # slot 0
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    out = tmp_path / "out"
+    result = cli("export", store, "--to", to, "--out", out, "--model-name", "org/stories", "-q")
+    assert result.exit_code != 0 and "slot 0 fails its checksum" in result.output and shard.name in result.output
+    clean = tmp_path / "clean"
+    assert cli("export", stores["main"], "--to", to, "--out", clean, "--model-name", "org/stories", "-q").exit_code == 0
+    written = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.bin")}
+    assert all((clean / name).read_bytes() == data for name, data in written.items())  # only undamaged units

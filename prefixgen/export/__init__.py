@@ -30,7 +30,7 @@ from prefixgen.config import ExportConfig
 from prefixgen.errors import ExportError
 from prefixgen.export.base import ExportSummary, ExportTarget, StoreInfo
 from prefixgen.export.outdir import ExportDir, ExportRecord
-from prefixgen.export.walk import Blocks, Units, plan_units, read_blocks, read_tokens, select, unit_keys
+from prefixgen.export.walk import Blocks, MappedShards, Units, plan_units, read_blocks, read_tokens, select, unit_keys
 from prefixgen.store.reader import PrefixStore
 
 __all__ = ["ExportError", "ExportSummary", "ExportTarget", "StoreInfo", "export", "export_store", "target_for"]
@@ -58,6 +58,20 @@ def target_for(cfg: ExportConfig) -> ExportTarget:
             chunk_size=cfg.chunk_size,
             hash_algorithm=cfg.hash_algorithm,
             tp_size=cfg.tp_size,
+        )
+    if cfg.to == "vllm":
+        from prefixgen.export.vllm import VLLMTarget
+
+        return VLLMTarget(
+            model_name=cfg.model_name,
+            block_size=cfg.block_size,
+            blocks_per_file=cfg.blocks_per_file,
+            dtype=cfg.dtype,
+            tp_size=cfg.tp_size,
+            hash_seed=cfg.hash_seed,
+            hash_algorithm=cfg.prefix_caching_hash_algo,
+            kv_layout=cfg.kv_cache_layout,
+            layer_names=cfg.layer_names,
         )
     raise ExportError(f"unknown export target {cfg.to!r}")
 
@@ -110,6 +124,9 @@ def export(
     k = target.unit_tokens // info.block_size
     outdir = ExportDir(Path(out), ExportRecord.of(pstore, target), append=append, fsync=fsync)  # refuses a wrong folder first
     try:
+        for name, data in getattr(target, "extra_files", list)():  # the target's own metadata (vLLM's config.json)
+            if not outdir.exists(name):
+                outdir.write(name, data)
         blocks = read_blocks(pstore)
         if min_records is not None or max_bytes is not None:
             max_blocks = None if max_bytes is None else max_bytes // (info.bytes_per_token * info.block_size)
@@ -136,16 +153,24 @@ def _write_units(
     summary: ExportSummary,
     progress: bool,
 ) -> None:
-    """Read the units' KV in batches (in shard and slot order: long contiguous reads) and write
-    their files on a few threads while the next batch is read."""
+    """Write the units' files on a few threads, in shard and slot order. A native store's units are written
+    straight from their shards' mapped pages (``MappedShards``: no read copy); an fp8 store's are read in
+    batches (long contiguous reads, dequantized) into two kept buffers, one read while the other is written."""
     unit_bytes = target.unit_tokens * info.bytes_per_token
     names = getattr(target, "names", None)
     first = units.blocks[:, 0]
     order = np.lexsort((blocks.slot[first], blocks.shard[first]))
     per_batch = max(1, BATCH_BYTES // unit_bytes)
+    stored_unit_bytes = target.unit_tokens * store.manifest.kv.bytes_per_token  # as read (fp8: before dequantizing)
+    # fp8: two kept read buffers, used in turn: a batch is read into one while the other's files are written. A
+    # new tensor per batch costs its pages' faults and zeroing, about a third of the read.
+    mapped = MappedShards(store, blocks) if store.manifest.kv.storage == "native" else None
+    buffers = [] if mapped else [torch.empty(min(per_batch, len(units)) * stored_unit_bytes, dtype=torch.uint8) for _ in range(2)]
+    reads = 0
     bar = tqdm(total=len(units) * unit_bytes, unit="B", unit_scale=True, desc="export", disable=not progress)
     with bar, ThreadPoolExecutor(WRITE_THREADS) as pool:
         pending: list = []
+        older: list = []
         for batch in _batches(order, per_batch):
             todo = batch
             if names is not None:  # resume: units whose files all exist are not read
@@ -155,14 +180,40 @@ def _write_units(
                 todo = batch[~done]
             if not len(todo):
                 continue
-            kv = store.read_locations(blocks.locations(units.blocks[todo].reshape(-1)))  # [units * U, L, 2, H, D]
+            if mapped is not None:  # each unit written from its shard's pages, on the writer threads
+                for f in older:  # at most two batches in flight: the threads never wait for the next
+                    _count(summary, f.result())
+                older = pending
+                pending = [
+                    pool.submit(_write_mapped, store, blocks, mapped, outdir, target, keys[u], units.blocks[u])
+                    for u in todo.tolist()
+                ]
+                bar.update(len(todo) * unit_bytes)
+                continue
+            # The buffer's last files were written before the previous batch's were submitted (below).
+            buffer = buffers[reads % 2]
+            reads += 1
+            kv = store.read_locations(blocks.locations(units.blocks[todo].reshape(-1)), buffer=buffer)  # [units * U, L, 2, H, D]
             kv = kv.view(len(todo), target.unit_tokens, *kv.shape[1:])
             for f in pending:  # at most one batch's files in flight: bounded memory
                 _count(summary, f.result())
             pending = [pool.submit(_write_unit, outdir, target, keys[u], kv[i]) for i, u in enumerate(todo.tolist())]
             bar.update(len(todo) * unit_bytes)
-        for f in pending:
+        for f in older + pending:
             _count(summary, f.result())
+    if mapped is not None:
+        mapped.close()
+
+
+def _write_mapped(
+    store: PrefixStore, blocks: Blocks, mapped: MappedShards, outdir: ExportDir, target: ExportTarget, key: Any, rows: np.ndarray
+) -> tuple[int, int, int]:
+    """One unit written from its shard's mapped pages (checksums checked); read when its blocks are not
+    consecutive in one shard."""
+    kv = mapped.unit(rows)
+    if kv is None:
+        kv = store.read_locations(blocks.locations(rows))
+    return _write_unit(outdir, target, key, kv)
 
 
 def _batches(order: np.ndarray, size: int) -> Iterator[np.ndarray]:

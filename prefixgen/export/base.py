@@ -93,14 +93,19 @@ class ExportTarget(Protocol):
     * ``first_key()``: the key before a chain's first unit (a seed, or None).
     * ``next_key(parent, tokens)``: the key of the unit of ``tokens`` (int64 ``[unit_tokens]``) that
       follows the unit whose key is ``parent``. Called in chain order, parents first.
-    * ``files(key, kv)``: the unit's files as (name relative to the export folder, bytes); ``kv`` is
-      ``[unit_tokens, num_layers, 2, num_kv_heads, head_dim]`` in ``info.kv_dtype``, on the CPU.
+    * ``files(key, kv)``: the unit's files as (name relative to the export folder, data); ``kv`` is
+      ``[unit_tokens, num_layers, 2, num_kv_heads, head_dim]`` in ``info.kv_dtype``, on the CPU. Data is
+      bytes, an array written in C order whatever its strides (a reordering view of ``kv``: the kernel
+      copies each contiguous run once, see ``prefixgen.export.iov``), or a list of them. ``kv`` stays
+      valid until the unit's files are written.
 
     Optional, used when present:
 
     * ``name``: the target's name in the export manifest (default: the class name).
     * ``names(key) -> list[str]``: the names ``files(key, kv)`` would give, so that a resumed export
       skips a unit whose files all exist without reading its KV.
+    * ``extra_files() -> list[(name, bytes)]``: files the engine expects beside the units' (vLLM's
+      ``config.json``), written before them when missing.
     """
 
     unit_tokens: int
@@ -111,7 +116,7 @@ class ExportTarget(Protocol):
 
     def next_key(self, parent: Any, tokens: np.ndarray) -> Any: ...
 
-    def files(self, key: Any, kv: torch.Tensor) -> Iterable[tuple[str, bytes | memoryview]]: ...
+    def files(self, key: Any, kv: torch.Tensor) -> Iterable[tuple[str, Any]]: ...
 
 
 @dataclass(slots=True)

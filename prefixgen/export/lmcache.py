@@ -136,7 +136,7 @@ class LMCacheTarget:
             for rank in range(self.tp_size)
         ]
 
-    def files(self, key: int, kv: torch.Tensor) -> Iterable[tuple[str, memoryview]]:
+    def files(self, key: int, kv: torch.Tensor) -> Iterable[tuple[str, list]]:
         """Each rank's file of the chunk: ``RemoteMetadata`` header, then its heads' KV as
         ``[2, layers, chunk_size, heads * head_dim]``. ``kv`` is ``[chunk_size, L, 2, H, D]``."""
         tokens, layers, _, heads, head_dim = kv.shape
@@ -148,10 +148,8 @@ class LMCacheTarget:
             # opaque item each, the [T, L, 2] -> [2, L, T] transpose is a memcpy per run, not per value.
             runs = raw.view(f"V{raw.shape[-1] * n // heads}")  # [T, L, 2, heads // n]
             part = runs[:, :, :, rank_heads.start // n].transpose(2, 1, 0)  # [2, L, T]
-            out = np.empty(HEADER.size + part.size * part.itemsize, dtype=np.uint8)
-            HEADER.pack_into(out, 0, out.size - HEADER.size, KV_2LTD, code, 2, layers, tokens, n * head_dim)
-            out[HEADER.size :].view(part.dtype).reshape(part.shape)[...] = part
-            yield name, memoryview(out)
+            header = HEADER.pack(part.size * part.itemsize, KV_2LTD, code, 2, layers, tokens, n * head_dim)
+            yield name, [header, part]  # the KV written run by run, straight from ``kv`` (prefixgen.export.iov)
 
     def _hash(self, obj: Any) -> bytes:
         if self.hash_algorithm == "sha256_cbor":

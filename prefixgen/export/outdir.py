@@ -12,11 +12,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from prefixgen.errors import ExportError
+from prefixgen.export.iov import Piece, write_pieces
 from prefixgen.format import atomic_write, fsync_dir
 from prefixgen.store.reader import PrefixStore
 
@@ -94,6 +96,7 @@ class ExportDir:
     def __init__(self, path: Path, record: ExportRecord, append: bool, fsync: bool):
         self.path = path
         self.fsync = fsync
+        self._dirs = {path}  # folders known to exist
         path.mkdir(parents=True, exist_ok=True)
         self._lock = open(path / LOCK_FILE, "a+")
         try:
@@ -137,27 +140,37 @@ class ExportDir:
                     "(or pass --append to add to the files there)"
                 )
             atomic_write(mpath, [record.to_json().encode()], self.fsync)
-        for name in os.listdir(self.path):  # leftovers of a killed export (we hold the lock: no one writes them)
-            if name.endswith(TMP_SUFFIX):
-                (self.path / name).unlink(missing_ok=True)
+        # Leftovers of a killed export (we hold the lock: no one writes them), in nested folders too (vLLM's).
+        for folder, _, files in os.walk(self.path):
+            for name in files:
+                if name.endswith(TMP_SUFFIX):
+                    Path(folder, name).unlink(missing_ok=True)
 
     def exists(self, name: str) -> bool:
         return os.path.exists(self.path / name)
 
-    def write(self, name: str, data: bytes | memoryview) -> int:
-        """Write one file under a temporary name, then rename it: an engine never sees half a file."""
+    def write(self, name: str, data: Piece | Sequence[Piece]) -> int:
+        """Write one file under a temporary name, then rename it: an engine never sees half a file.
+        ``data``: bytes, or an array (written in C order whatever its strides), or a list of them."""
         path = self.path / name
         tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
+        if path.parent not in self._dirs:  # nested names (vLLM's <hhh>/<hh>_g0/): each folder made once
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(path.parent)
+        pieces = data if isinstance(data, list | tuple) else [data]
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            written = write_pieces(fd, pieces)
             if self.fsync:
-                os.fsync(f.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-        return memoryview(data).nbytes
+        return written
 
     def close(self) -> None:
         if self.fsync and not self._lock.closed:
-            fsync_dir(self.path)
+            for folder in sorted(self._dirs, key=lambda d: len(d.parts), reverse=True):  # renames in nested folders too
+                fsync_dir(folder)
         if not self._lock.closed:
             self._lock.close()  # releases the flock

@@ -81,7 +81,7 @@ class SGLangTarget:
         model = "-".join(self.model_name.split("/"))
         return [f"{key}_{model}_{rank}_{self.tp_size}.bin" for rank in range(self.tp_size)]
 
-    def files(self, key: str, kv: torch.Tensor) -> Iterator[tuple[str, memoryview]]:
+    def files(self, key: str, kv: torch.Tensor) -> Iterator[tuple[str, np.ndarray]]:
         """One file per TP rank: that rank's heads of ``kv`` ([page, layers, 2, heads, dim]) in ``layout``."""
         page, layers, _, heads, dim = kv.shape
         raw = kv.contiguous().view(torch.uint8).numpy().reshape(page, layers, 2, -1)  # [P, L, 2, H * D bytes]
@@ -92,7 +92,7 @@ class SGLangTarget:
             n = rank_heads.stop - rank_heads.start
             runs = raw.view(f"V{raw.shape[-1] * n // heads}")  # [P, L, 2, heads // n]: one item per n heads
             part = runs[:, :, :, rank_heads.start // n].transpose(order)
-            yield name, memoryview(np.ascontiguousarray(part).view(np.uint8).reshape(-1))
+            yield name, part  # written run by run, straight from ``kv`` (prefixgen.export.iov)
 
 
 def _rank_heads(num_kv_heads: int, tp_size: int) -> list[slice]:

@@ -7,15 +7,19 @@ each unit's key; never the KV, which the export reads unit batch by unit batch.
 
 from __future__ import annotations
 
+import mmap
+import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from prefixgen.analysis.count import select_blocks
-from prefixgen.errors import CorruptStoreError, ExportError
-from prefixgen.format import SHARDS_DIR, BlockHash, hash_block, read_safetensors_header
+from prefixgen.errors import CorruptBlockError, CorruptStoreError, ExportError
+from prefixgen.format import SHARDS_DIR, TORCH_DTYPES, BlockHash, block_crcs, hash_block, read_safetensors_header
 from prefixgen.maintain.prune import record_counts
 from prefixgen.store.index import BlockLocation
 from prefixgen.store.reader import PrefixStore
@@ -190,3 +194,70 @@ def unit_keys(units: Units, tokens: Callable[[int], np.ndarray], first_key: Call
 def _void(a: np.ndarray) -> np.ndarray:
     """[n, 32] uint8 -> [n] 32-byte void scalars (sortable and searchable as one value)."""
     return np.ascontiguousarray(a).view("V32").reshape(-1)
+
+
+class MappedShards:
+    """The store's shards mapped read-only, for an export that writes each unit straight from the page cache:
+    a unit's KV is a view of its shard's pages (its blocks' checksums checked first), and the files' writes
+    (``prefixgen.export.iov``) copy each byte once, in the kernel. A read into a buffer would copy it once
+    more. Native stores only (fp8 KV is dequantized, so read); a unit whose blocks are not consecutive
+    slots of one shard is None (the caller reads it)."""
+
+    def __init__(self, store: PrefixStore, blocks: Blocks):
+        self.store = store
+        self.blocks = blocks
+        layout = store.manifest.kv
+        self.block_bytes = layout.bytes_per_token * store.block_size
+        self.per_token = (layout.num_layers, 2, layout.num_kv_heads, layout.head_dim)
+        self.dtype = TORCH_DTYPES[layout.dtype]
+        self._maps: dict[int, tuple[mmap.mmap, int, int]] = {}  # shard -> (map, kv offset, blocks in it)
+        self._lock = threading.Lock()
+
+    def unit(self, rows: np.ndarray) -> Any:
+        """The KV of the blocks ``rows`` (one unit, in chain order) as ``[blocks * B, L, 2, H, D]``, a view of the
+        mapped shard; None when they are not consecutive slots of one shard. Raises CorruptBlockError when a
+        block fails its checksum, CorruptStoreError when the shard is missing or truncated."""
+        shard = self.blocks.shard[rows]
+        slot = self.blocks.slot[rows]
+        if (shard != shard[0]).any() or (np.diff(slot) != 1).any():
+            return None
+        m, offset, count = self._map(int(shard[0]))
+        first = int(slot[0])
+        path = self.store.path / SHARDS_DIR / self.blocks.shard_names[int(shard[0])]
+        if first + len(rows) > count:
+            raise CorruptStoreError(f"{path} is truncated; run `prefixgen verify`")
+        start = offset + first * self.block_bytes
+        view = memoryview(m)[start : start + len(rows) * self.block_bytes]
+        crcs = block_crcs(view, self.block_bytes, algorithm=self.store.manifest.block_checksum)
+        bad = np.flatnonzero(crcs != self.blocks.crc[rows])
+        if len(bad):
+            raise CorruptBlockError(
+                f"{path}: block at slot {first + int(bad[0])} fails its checksum; the store is damaged "
+                "(run `prefixgen verify`, then rebuild the damaged part with `prefixgen build --resume`)",
+                block=int(bad[0]),
+            )
+        with warnings.catch_warnings():  # read-only pages, read-only use: the targets only take views of them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(view, dtype=self.dtype).view(-1, *self.per_token)
+
+    def _map(self, shard: int) -> tuple[mmap.mmap, int, int]:
+        with self._lock:
+            if shard not in self._maps:
+                path = self.store.path / SHARDS_DIR / self.blocks.shard_names[shard]
+                try:
+                    with open(path, "rb") as f:
+                        offset = read_safetensors_header(f, path).offset("kv")
+                        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                except (FileNotFoundError, KeyError, ValueError):
+                    raise CorruptStoreError(f"{path} is missing or has no kv; run `prefixgen verify`") from None
+                self._maps[shard] = (m, offset, max(0, len(m) - offset) // self.block_bytes)
+            return self._maps[shard]
+
+    def close(self) -> None:
+        """Unmap the shards (their views must be gone: the files are written)."""
+        for m, _, _ in self._maps.values():
+            try:
+                m.close()
+            except BufferError:  # a view is still referenced somewhere: the map goes with it
+                pass
+        self._maps.clear()

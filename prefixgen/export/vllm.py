@@ -1,0 +1,257 @@
+"""`prefixgen export --to vllm`: a store as the files vLLM's own ``fs`` offloading tier reads
+(``OffloadingConnector`` + ``TieringOffloadingSpec``, a CPU primary tier and an ``fs`` secondary tier),
+so that an unmodified vLLM server serves them. Checked against **vLLM 0.32.0** (tests_vllm/ runs its code):
+
+* **Where** (``vllm/v1/kv_offload/file_mapper.py``, ``FileMapper``): the fs tier builds its mapper with
+  ``parallel_agnostic=True``; with ``canonical_layout`` on, a standard attention model under pure tensor
+  parallelism is parallelism-agnostic (``offloading/config.py``: ``build_offloading_config``), so the
+  run config has tp/pp/pcp/dcp 1, rank 0 and ``canonical_format`` ``v1-nhd`` (or ``v1-hnd``). A file is
+  ``<root>/<model>_<sha256[:12] of the run config>_r0/<hhh>/<hh>_g0/<hash>.bin`` (``model`` is vLLM's
+  ``--model`` string with "/" replaced by "_"); ``config.json`` (the run config) sits in
+  ``<root>/<model>_<sha256[:12]>/``.
+* **Which hash**: a chunk of ``blocks_per_file`` vLLM blocks is keyed by vLLM's prefix-cache hash of its
+  last block (``scheduler.py``: ``update_offload_keys``): ``h[i] = H((h[i-1], tuple(block_i), None))``,
+  ``H`` the server's ``--prefix-caching-hash-algo`` (``sha256``: SHA-256 of the pickle; ``sha256_cbor``:
+  of the canonical CBOR), ``h[-1] = NONE_HASH = H(seed)``, ``seed`` the server's ``PYTHONHASHSEED``
+  string or, unset, ``"vllm-none-hash"`` (``kv_cache_utils.init_none_hash``).
+* **What**: one row of the CPU primary tier (``cpu/shared_offload_region.py``,
+  ``create_next_canonical_view``): for each attention layer, the chunk's canonical pages (all KV heads,
+  ``canonical_mapping.py``), one per vLLM block, then zeros up to the row stride: the workers' bytes per
+  chunk rounded up to 4 KiB (``CPUOffloadingSpec``). A canonical page is ``[block_size, heads, K|V]``
+  for the NHD family (``LBNHC``: FlashAttention's default) or ``[heads, block_size, K|V]`` for HND
+  (``LBHNC``), K and V of one head and token adjacent, in the KV cache dtype.
+
+vLLM checks nothing inside a file but its length: a wrong layout, dtype or TP size is wrong KV (or a
+short read, after which vLLM deletes the file). The export folder's manifest records every parameter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from prefixgen.errors import ExportError
+from prefixgen.export.base import StoreInfo
+from prefixgen.model import tp_kv_heads
+
+VLLM_VERSION = "0.32.0"  # the version whose names, hashes and layouts this target was checked against
+DEFAULT_NONE_HASH_SEED = "vllm-none-hash"  # vllm.v1.core.kv_cache_utils.DEFAULT_NONE_HASH_SEED
+HASH_ALGORITHMS = ("sha256", "sha256_cbor")  # the prefix-caching hashes reproducible outside the server
+# VLLM_KV_CACHE_LAYOUT names (and their legacy aliases) of the layouts with a canonical format: family for
+# canonical_format_id. The block-outermost layouts (BL..., BH...) pack layers per block and are not certified.
+KV_LAYOUTS = {"LBNHC": "nhd", "NHD": "nhd", "LBHNC": "hnd", "HND": "hnd"}
+CANONICAL_FORMAT_VERSION = 1  # canonical_mapping.CANONICAL_FORMAT_VERSION
+ROW_ALIGNMENT = 4096  # SharedOffloadRegion.BLOCK_SIZE_ALIGNMENT: mmap.PAGESIZE of an x86-64 server
+BASE_PATH_HASH_LEN = 12  # file_mapper._BASE_PATH_HASH_LEN
+DEFAULT_LAYER_NAMES = "model.layers.{i}.self_attn.attn"  # vLLM's Attention prefix in Llama/Qwen/Mistral-style models
+
+
+@dataclass
+class VLLMTarget:
+    """vLLM's ``fs`` offloading tier with ``canonical_layout`` (see the module's docstring).
+
+    ``model_name`` is vLLM's ``--model`` string; ``block_size`` its ``--block-size``; ``blocks_per_file``
+    the connector's ``blocks_per_chunk`` (or its ``block_size`` / ``--block-size``); ``dtype`` the KV cache
+    dtype (None: the store's); ``tp_size`` ``--tensor-parallel-size``; ``hash_seed`` ``PYTHONHASHSEED``
+    (None: unset); ``hash_algorithm`` ``--prefix-caching-hash-algo``; ``kv_layout`` the KV cache layout
+    the server resolves (``VLLM_KV_CACHE_LAYOUT``; FlashAttention: NHD); ``layer_names`` the attention
+    layers' names, ``{i}`` the layer number.
+
+    Example:
+        >>> t = VLLMTarget(model_name="org/m")
+        >>> t.check(info)  # doctest: +SKIP
+        >>> t.names(t.next_key(t.first_key(), tokens[:16]))  # doctest: +SKIP
+        ['org_m_3f2a9c0d1e7b_r0/a1b/2c_g0/a1b2c....bin']
+    """
+
+    name: ClassVar[str] = "vllm"
+
+    model_name: str
+    block_size: int = 16
+    blocks_per_file: int = 1
+    dtype: str | None = None
+    tp_size: int = 1
+    hash_seed: str | int | None = None
+    hash_algorithm: str = "sha256"
+    kv_layout: str = "NHD"
+    layer_names: str = DEFAULT_LAYER_NAMES
+
+    @property
+    def unit_tokens(self) -> int:
+        return self.block_size * self.blocks_per_file
+
+    def check(self, info: StoreInfo) -> None:
+        """Refuse what this target cannot write exactly as vLLM would for the stated server."""
+        if not self.model_name:
+            raise ExportError("--model-name is empty: give the --model string the vLLM server is started with")
+        if self.block_size <= 0 or self.blocks_per_file <= 0:
+            raise ExportError("--block-size and --blocks-per-file must be positive")
+        if self.block_size % info.block_size:
+            raise ExportError(
+                f"the store's block size ({info.block_size}) does not divide vLLM's --block-size {self.block_size}: "
+                f"rebuild the store with a --block-size that divides {self.block_size}"
+            )
+        if self.hash_algorithm not in HASH_ALGORITHMS:
+            raise ExportError(
+                f"--prefix-caching-hash-algo {self.hash_algorithm!r} cannot be reproduced outside the server "
+                f"(xxhash seeds NONE_HASH at random unless PYTHONHASHSEED is set, and its bytes are not portable): use "
+                f"{' or '.join(HASH_ALGORITHMS)}"
+            )
+        _seed_text(self.hash_seed)
+        if self.kv_layout.upper() not in KV_LAYOUTS:
+            raise ExportError(
+                f"KV cache layout {self.kv_layout!r} has no canonical page format vLLM certifies: use NHD (LBNHC, "
+                "FlashAttention's default) or HND (LBHNC, FlashInfer on Blackwell)"
+            )
+        if "{i}" not in self.layer_names:
+            raise ExportError(f"--layer-names {self.layer_names!r} has no {{i}} for the layer number")
+        if info.storage == "fp8":
+            raise ExportError(
+                "the store holds fp8 KV with per-block scales, which vLLM's fp8 KV cache (one scale per layer) cannot "
+                "read: rebuild the store with --kv-dtype auto to export it to vLLM"
+            )
+        dtype = self.dtype or info.kv_dtype
+        if dtype != info.kv_dtype:
+            raise ExportError(
+                f"the store's KV is {info.kv_dtype} but --dtype is {dtype}: vLLM would read the bytes as {dtype}. "
+                f"Serve with --dtype {info.kv_dtype} (and --kv-cache-dtype auto), or rebuild the store in {dtype}"
+            )
+        if tp_kv_heads(info.num_kv_heads, self.tp_size, 0) is None:
+            raise ExportError(
+                f"--tp-size {self.tp_size} does not split the model's {info.num_kv_heads} KV heads: vLLM cannot serve it"
+            )
+        self._info = info
+        self._dtype = dtype
+        rank_heads = max(1, info.num_kv_heads // self.tp_size)
+        token_bytes = 2 * info.head_dim * info.torch_dtype.itemsize  # K then V of one head
+        # Every worker's pages of a chunk: what the CPU tier's row holds (replicated heads counted per rank).
+        worker_bytes = info.num_layers * rank_heads * self.block_size * token_bytes * self.blocks_per_file
+        self._canonical_bytes = info.num_layers * info.num_kv_heads * self.unit_tokens * token_bytes
+        self._row_bytes = -(-worker_bytes * self.tp_size // ROW_ALIGNMENT) * ROW_ALIGNMENT
+        self._base = _base_path(self.run_config())
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes of every file: one CPU-tier row (after ``check``)."""
+        return self._row_bytes
+
+    def run_config(self) -> dict[str, Any]:
+        """The fields ``FileMapper`` hashes into the folder name (and writes to config.json), as the fs
+        tier of the stated server builds them (after ``check``)."""
+        names = [self.layer_names.format(i=i) for i in range(self._info.num_layers)]
+        return {
+            "model_name": self.model_name,
+            "tokens_per_hash": self.block_size,
+            "blocks_per_file": self.blocks_per_file,
+            "tp_size": 1,  # parallel-agnostic: every topology shares one folder
+            "pp_size": 1,
+            "pcp_size": 1,
+            "dcp_size": 1,
+            "dtype": self._dtype,
+            "kv_cache_groups": [{"tokens_per_block": self.block_size, "layer_names": names}],
+            "inference_engine": "vllm",
+            "canonical_format": f"v{CANONICAL_FORMAT_VERSION}-{KV_LAYOUTS[self.kv_layout.upper()]}",
+        }
+
+    def extra_files(self) -> list[tuple[str, bytes]]:
+        """``config.json`` as the fs tier writes it when it is missing (``json.dump(indent=2, sort_keys=True)``)."""
+        return [(f"{self._base}/config.json", json.dumps(self.run_config(), indent=2, sort_keys=True).encode())]
+
+    def first_key(self) -> bytes:
+        """vLLM's ``NONE_HASH``: the parent of a prompt's first block."""
+        return self._hash(_seed_text(self.hash_seed))
+
+    def next_key(self, parent: bytes, tokens: np.ndarray) -> bytes:
+        """The hash of the chunk's last vLLM block: the chain continued over its ``blocks_per_file`` blocks."""
+        h = parent
+        for block in np.asarray(tokens).reshape(self.blocks_per_file, self.block_size).tolist():
+            h = self._hash((h, tuple(block), None))
+        return h
+
+    def names(self, key: bytes) -> list[str]:
+        """``FileMapper.get_file_name`` of the chunk's key (group 0, rank 0), relative to the root."""
+        hx = key.hex()
+        return [f"{self._base}_r0/{hx[:3]}/{hx[3:5]}_g0/{hx}.bin"]
+
+    def files(self, key: bytes, kv: torch.Tensor) -> Iterator[tuple[str, list]]:
+        """The chunk's CPU-tier row: per layer its canonical pages, then zeros. ``kv`` is ``[U, L, 2, H, D]``;
+        the pages are a strided view of it, written run by run (``prefixgen.export.iov``)."""
+        yield self.names(key)[0], [self.canonical(kv), _zeros(self._row_bytes - self._canonical_bytes)]
+
+    def canonical(self, kv: torch.Tensor) -> np.ndarray:
+        """The chunk's canonical pages as a view of ``kv`` (``[U, L, 2, H, D]``), one item per head's K or V:
+        NHD ``[L, U, H, 2]``, HND ``[L, blocks, H, block, 2]``; C order is the row's byte order."""
+        tokens, layers, _, heads, dim = kv.shape
+        # One head's K (or V) is one run of D values in the store and in the page: moved as one opaque item.
+        raw = kv.contiguous().view(torch.uint8).numpy().reshape(tokens, layers, 2, heads, -1)
+        runs = raw.view(f"V{raw.shape[-1]}")[..., 0]  # [U, L, 2, H]
+        if KV_LAYOUTS[self.kv_layout.upper()] == "nhd":  # per layer: [U, H, K|V]
+            return runs.transpose(1, 0, 3, 2)
+        b = self.blocks_per_file  # per layer and block: [H, block, K|V]
+        return runs.reshape(b, self.block_size, layers, 2, heads).transpose(2, 0, 4, 1, 3)
+
+    def _hash(self, obj: Any) -> bytes:
+        if self.hash_algorithm == "sha256_cbor":
+            return hashlib.sha256(_cbor(obj)).digest()
+        return hashlib.sha256(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).digest()  # vllm.utils.hashing.sha256
+
+
+@lru_cache(maxsize=4)
+def _zeros(n: int) -> np.ndarray:
+    """``n`` zero bytes (a row's padding), shared and read-only."""
+    z = np.zeros(n, np.uint8)
+    z.setflags(write=False)
+    return z
+
+
+def _base_path(fields: dict[str, Any]) -> str:
+    """``FileMapper._compute_base_path`` relative to the root: ``<model with / as _>_<sha256[:12]>``."""
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:BASE_PATH_HASH_LEN]
+    return f"{fields['model_name'].replace('/', '_')}_{digest}"
+
+
+def _seed_text(seed: str | int | None) -> str:
+    """The string vLLM hashes for ``NONE_HASH``: PYTHONHASHSEED as written, or the default seed when unset."""
+    if seed is None:
+        return DEFAULT_NONE_HASH_SEED
+    text = str(seed)
+    if text != "random" and not (text.isdigit() and int(text) <= 4294967295):
+        raise ExportError(
+            f"--hash-seed {text!r} is not a PYTHONHASHSEED Python starts with: give the server's value (an integer 0..4294967295)"
+        )
+    if text == "random":
+        raise ExportError("PYTHONHASHSEED=random gives every server process its own NONE_HASH: no export can match it")
+    return text
+
+
+def _cbor_head(major: int, n: int) -> bytes:
+    """A CBOR item head with the shortest argument (canonical CBOR, RFC 8949 4.2.1)."""
+    if n < 24:
+        return bytes([major << 5 | n])
+    for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if n < 1 << (8 * size):
+            return bytes([major << 5 | extra]) + n.to_bytes(size, "big")
+    raise ExportError(f"{n} does not fit a CBOR integer")
+
+
+def _cbor(obj: Any) -> bytes:
+    """``cbor2.dumps(obj, canonical=True)`` for what vLLM hashes: None, non-negative ints, str, bytes, tuples."""
+    if obj is None:
+        return b"\xf6"
+    if isinstance(obj, int):
+        return _cbor_head(0, obj)
+    if isinstance(obj, bytes):
+        return _cbor_head(2, len(obj)) + obj
+    if isinstance(obj, str):
+        data = obj.encode()
+        return _cbor_head(3, len(data)) + data
+    return _cbor_head(4, len(obj)) + b"".join(_cbor(x) for x in obj)
