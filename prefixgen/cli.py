@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from prefixgen.config import SIZE_FIELDS, BuildConfig, ExportConfig, ServeConfig, format_size, parse_size
-from prefixgen.errors import ConfigError, PrefixgenError
+from prefixgen.errors import ConfigError, PrefixgenError, io_error_message
 
 app = typer.Typer(
     help="Precompute prefix KV caches for LLM serving.",
@@ -36,6 +36,12 @@ def _user_errors(fn):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as exc:
+            message = io_error_message(exc)
+            if message is None:
+                raise
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -407,6 +413,8 @@ def prune(
         f"{store}: kept {r.blocks_kept:,} of {r.blocks_before:,} blocks; shards {r.bytes_before / 1e6:,.1f} MB -> "
         f"{r.bytes_after / 1e6:,.1f} MB ({r.shards_written} written, {r.shards_removed} removed)"
     )
+    for note in r.notes:
+        typer.echo(f"note: {note}", err=True)
 
 
 _EXPORT = ExportConfig()  # export's defaults, shown in the help (None below means unset: ExportConfig fills it in)

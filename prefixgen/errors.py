@@ -65,3 +65,34 @@ class ExportError(PrefixgenError):
     holds another export."""
 
     exit_code = 6
+
+
+# The I/O errors a user acts on (free space, fix the disk), not bugs: one line each, whatever wrote.
+_DISK_FULL = ("ENOSPC", "EDQUOT", "EFBIG")
+_DISK_FAULT = ("EIO", "EROFS", "ENXIO", "ESTALE")
+
+
+def io_error_message(exc: OSError) -> str | None:
+    """The one-line message for an OSError a user acts on (a full disk, an I/O error), or None for
+    any other (a bug, which keeps its traceback).
+
+    Example:
+        >>> import errno
+        >>> io_error_message(OSError(errno.ENOSPC, "No space left on device", "store/x"))[:32]
+        'the disk holding store/x is full'
+    """
+    import errno
+
+    name = errno.errorcode.get(exc.errno or 0, "")
+    where = exc.filename or "the store"
+    if name in _DISK_FULL:
+        return (
+            f"the disk holding {where} is full ({exc.strerror}): free some space, then rerun the same command "
+            "(a build with --resume keeps everything written so far)"
+        )
+    if name in _DISK_FAULT:
+        return (
+            f"the disk failed while reading or writing {where} ({exc.strerror}): check the disk (dmesg), then rerun "
+            "the same command (a build with --resume keeps everything written so far) and `prefixgen verify` the store"
+        )
+    return None

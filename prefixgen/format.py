@@ -459,14 +459,19 @@ def atomic_write(path: Path, chunks: Iterable[bytes | memoryview], fsync: bool =
     readers see the whole file or none of it. Returns the bytes written."""
     tmp = temp_path(path, owner)
     written = 0
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-            written += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                written += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A full disk, an I/O error or an interrupt: nothing half-written stays behind.
+        tmp.unlink(missing_ok=True)
+        raise
     if fsync:
         fsync_dir(path.parent)
     return written

@@ -59,6 +59,8 @@ import shutil
 import socket
 import threading
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +73,8 @@ from prefixgen.builder.plan import PrefillTask, chunk_task
 from prefixgen.builder.selection import Selection
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer, TokenizedRecord
-from prefixgen.data.source import Record, ShareRead
-from prefixgen.errors import ConfigError, CorruptStoreError, StoreError
+from prefixgen.data.source import Record, ShareRead, dataset_fingerprint
+from prefixgen.errors import ConfigError, CorruptStoreError, DatasetError, StoreError
 from prefixgen.format import (
     BUILDS_DIR,
     CLAIMS_DIR,
@@ -97,7 +99,9 @@ from prefixgen.store.writer import ID_PATTERN, new_id, prepare_store, remove_tem
 
 CLAIM_STALE_SECONDS = 120.0  # a claim whose lease was not renewed for this long (file system clock) is taken over
 LEASE_SECONDS = CLAIM_STALE_SECONDS / 8  # how often a claimer renews its claims
-POLL_SECONDS = 0.05
+POLL_SECONDS = 0.05  # the first pause of a waiting rank; it doubles while nothing changes, up to:
+MAX_POLL_SECONDS = 1.0
+CLAIMS_PER_ROUND = 16  # claims of others a waiting rank looks at per round (in turn): its metadata ops stay bounded  # (1,000 waiting ranks then make ~1,000 rounds/s of metadata reads between them)
 # Options that may differ between the ranks (or between a run and its --resume) of one build: they
 # change how the work runs, not the bytes stored.
 _RUN_OPTIONS = (
@@ -268,7 +272,7 @@ def make_plan(
     ``select(counts)`` (``--min-records``/``--max-bytes``) chooses the blocks to store from the
     summed counts: the others are no work and no head, and the plan holds the choice (``chosen_*``)."""
     bs = block_size
-    shares = [dict(np.load(folder / f"share-{s}.npz")) for s in range(world)]
+    shares = [load_npz(folder / f"share-{s}.npz") for s in range(world)]
     _index_in_dataset(shares)
     counts = _merged_counts(shares)
     selection = select(counts) if select is not None else None
@@ -345,8 +349,34 @@ def make_plan(
 
 
 def _share_tokens(folder: Path, share: int, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.memmap(folder / f"share-{share}.tokens", dtype="<u4", mode="r") if lengths.sum() else np.zeros(0, "<u4")
+    path = folder / f"share-{share}.tokens"
+    total = int(lengths.sum())
+    if total and (not path.exists() or path.stat().st_size < 4 * total):
+        raise _damaged(path)
+    ids = np.memmap(path, dtype="<u4", mode="r") if total else np.zeros(0, "<u4")
     return ids, np.cumsum(lengths) - lengths
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a count share or plan (``.npz``), read whole; a truncated or damaged file (a
+    crash under --no-fsync can leave one: it was linked in before it reached the disk) is one
+    clear CorruptStoreError saying what to do, not numpy's error."""
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise _damaged(path, exc) from None
+
+
+def _damaged(path: Path, exc: BaseException | None = None) -> CorruptStoreError:
+    plan = next((p for p in path.parents if p.name.endswith(PLAN_SUFFIX)), path.parent)
+    why = f" ({exc})" if exc is not None else ""
+    return CorruptStoreError(
+        f"{path} is truncated or damaged{why} (a crash under --no-fsync can leave it so): remove the folder {plan}, "
+        "then relaunch every rank with --resume (the blocks already stored are kept)"
+    )
 
 
 class Ranks:
@@ -464,6 +494,7 @@ class Ranks:
                 # A run is its own build (ids identify runs); --resume continues the unfinished one.
                 answer["build_id"] = self._build_id(out, cfg) if cfg.resume else f"dist-{new_id()}"
                 if cfg.resume:  # no other writer is live: a killed run's leftovers go, its plan too
+                    refuse_live_ranks(out, answer["build_id"], None)
                     remove_temp_files(out)
                     shutil.rmtree(out / CLAIMS_DIR, ignore_errors=True)
                     shutil.rmtree(out / BUILDS_DIR / f"{answer['build_id']}{PLAN_SUFFIX}", ignore_errors=True)
@@ -498,11 +529,19 @@ class Ranks:
     def _build_id(self, out: Path, cfg: BuildConfig) -> str:
         """The same id on every rank without talking: the unfinished build of this dataset for
         --resume, else one derived from the options that change the stored bytes."""
+        current = _options_id(cfg)
         if cfg.resume:
             for old in reversed(read_builds(out)):
                 if old.dataset == cfg.dataset and old.status != "complete":
+                    fingerprint = old.options.get("dataset_fingerprint")
+                    if fingerprint is not None and fingerprint != dataset_fingerprint(cfg.dataset):
+                        raise DatasetError(
+                            f"{cfg.dataset} changed since build {old.build_id} of it started (its files' sizes or times "
+                            "differ): its saved counts and plan are of the old content. Rerun without --resume to "
+                            "build the dataset as it is now (blocks already stored are not computed again)"
+                        )
                     return old.build_id
-        return _options_id(cfg)
+        return current
 
     def finished(self, store: PrefixStore, build_id: str, cfg: BuildConfig, started_at: str) -> BuildRecord | None:
         """The record of a run that has nothing to do, or None: ``--resume`` with no unfinished
@@ -529,6 +568,12 @@ class Ranks:
             return
         record.world_size, record.rank = self.world_size, self.rank
         writer.part = self.part
+        try:
+            # Parts of another number of ranks are replaced below: never while one of those ranks runs.
+            refuse_live_ranks(out, record.build_id, record.writers[0], other_world=self.world_size)
+        except StoreError:
+            writer.release()
+            raise
         for p in (out / COUNTS_DIR).glob(f"{record.build_id}.w*-r*.*safetensors"):
             if not p.name.startswith(f"{record.build_id}.w{self.world_size}-"):
                 p.unlink(missing_ok=True)  # an earlier attempt with another world size: replaced by this one
@@ -545,6 +590,7 @@ class Ranks:
         base = BuildRecord(record.build_id, record.dataset, started_at=record.started_at, options=record.options)
         base.world_size = self.world_size
         base.options = {k: v for k, v in record.options.items() if k not in ("rank", "world_size")}
+        base.options["dataset_fingerprint"] = dataset_fingerprint(record.dataset)
         text = json.dumps(base.to_dict(), indent=2, sort_keys=True) + "\n"
         create_once(out / BUILDS_DIR / f"{record.build_id}.json", [text.encode()], writer.fsync, owner=writer.writer_id)
 
@@ -585,6 +631,7 @@ class Ranks:
             return
         # Resumed as one process: the rank parts would keep the build "running" forever, and the
         # plan is no longer needed. (Rank parts' counts go with the build's own, in drop_old_counts.)
+        refuse_live_ranks(out, build_id, me)
         shutil.rmtree(out / BUILDS_DIR / f"{build_id}{RANK_PARTS_SUFFIX}", ignore_errors=True)
         shutil.rmtree(out / BUILDS_DIR / f"{build_id}{PLAN_SUFFIX}", ignore_errors=True)
         shutil.rmtree(out / CLAIMS_DIR / build_id, ignore_errors=True)
@@ -622,8 +669,8 @@ class Ranks:
         with timer("dist_count"):
             self._count(folder, records, tokenize, manifest, writer, record)
             self._read_plan(folder, out, manifest, writer, record, select)
-        with np.load(folder / f"share-{self.rank}.npz") as meta:  # share R's skipped records are rank R's to report
-            record.skipped_records, record.truncated_records = (int(n) for n in meta["stats"][:2])
+        meta = load_npz(folder / f"share-{self.rank}.npz")  # share R's skipped records are rank R's to report
+        record.skipped_records, record.truncated_records = (int(n) for n in meta["stats"][:2])
         with timer("dist_heads"):
             self._prefill_heads(out, manifest, run, writer, record, batch_tokens)
         return _open_store(out)
@@ -652,16 +699,28 @@ class Ranks:
         shares = [(self.rank + i) % self.world_size for i in range(self.world_size)]  # own share first
         if self.collective:  # every rank counts its own share
             count(self.rank)
-        while not all(done(s) for s in shares):
+        wait, looked = _Backoff(), 0
+        while True:
+            saved = {n for n in os.listdir(folder) if n.startswith("share-") and n.endswith(".npz")}  # one listing a round
+            left = [s for s in shares if f"share-{s}.npz" not in saved]
+            if not left:
+                break
             if self.collective:
-                time.sleep(POLL_SECONDS)  # a rank that dies stops the whole run (torch elastic)
+                wait()  # a rank that dies stops the whole run (torch elastic)
                 continue
-            holders = _Holders(writer.path)
-            for s in shares:  # without collectives: claim shares, own first; a lone rank counts them all
-                if not done(s) and _claim(claims / f"share-{s}", owner, holders=holders):
+            holders, clock = _Holders(writer.path), _Clock(claims, owner)  # one look at each per round
+            # Own share first, then at most CLAIMS_PER_ROUND others, in turn: at 1,000 ranks a waiting
+            # rank does not stat and read 1,000 claims a round (a lone rank still counts them all).
+            if left[0] != self.rank:
+                start = looked % len(left)
+                left = (left[start:] + left[:start])[:CLAIMS_PER_ROUND]
+                looked += CLAIMS_PER_ROUND
+            for s in left:
+                if not done(s) and _claim(claims / f"share-{s}", owner, now=clock, holders=holders):
                     with _Lease([claims / f"share-{s}"]):
                         count(s)
-            time.sleep(POLL_SECONDS)
+                    wait.reset()
+            wait()
 
     def _read_plan(
         self, folder: Path, out: Path, manifest: Manifest, writer: Any, record: BuildRecord, select: Callable | None = None
@@ -670,17 +729,19 @@ class Ranks:
         over if it dies while planning) and read it; the others wait for it without a timeout."""
         path = folder / f"plan-{self.attempt}.npz"
         claim = folder / "claims" / f"plan-{self.attempt}"
+        wait = _Backoff()
         while not path.exists():
             if self.collective and self.rank != 0:
-                time.sleep(POLL_SECONDS)  # rank 0 plans; a rank that dies stops the whole run (torch elastic)
-            elif self.collective or _claim(claim, writer.writer_id, holders=_Holders(out)):
+                wait()  # rank 0 plans; a rank that dies stops the whole run (torch elastic)
+            elif self.collective or _claim(
+                claim, writer.writer_id, now=_Clock(claim.parent, writer.writer_id), holders=_Holders(out)
+            ):
                 with _Lease([] if self.collective else [claim]):
                     if not path.exists():  # a planner that died after writing it: nothing to redo
                         self._make_plan(folder, out, manifest, writer, record, select)
             else:
-                time.sleep(POLL_SECONDS)  # another rank plans (its claim goes stale if it dies)
-        with np.load(path) as data:
-            self.plan = {k: data[k] for k in data.files}
+                wait()  # another rank plans (its claim goes stale if it dies)
+        self.plan = load_npz(path)
         self.heads = Heads(*(self.plan[f"head_{k}"] for k in ("keys", "parent", "depth", "tokens")))
 
     def _make_plan(
@@ -701,6 +762,7 @@ class Ranks:
         claims = out / CLAIMS_DIR / record.build_id
         claims.mkdir(parents=True, exist_ok=True)
         bs = manifest.block_size
+        wait, rounds = _Backoff(), 0
         for level in self.heads.segments():
             watch = _IndexWatch(out, [self.heads.keys[r[-1]].tobytes() for r in level])
             done: set[int] = set()  # runs of this level this rank computed (published at once)
@@ -714,17 +776,21 @@ class Ranks:
                 else:  # claim runs until about a fair share of the level's tokens
                     share = max(bs, min(batch_tokens, sum(len(r) for r in level) * bs // self.world_size))
                     mine, taken = [], 0
-                    now = _fs_now(claims, writer.writer_id)  # one probe of the file system's clock per round
+                    now = _Clock(claims, writer.writer_id)  # one probe of the file system's clock per round, if any
                     holders = _Holders(out)
-                    for i in pending:
+                    # At most CLAIMS_PER_ROUND claims looked at a round, in turn, when all are taken.
+                    start = rounds * CLAIMS_PER_ROUND % len(pending)
+                    rounds += 1
+                    for i in (pending[start:] + pending[:start])[: max(CLAIMS_PER_ROUND, share // bs)]:
                         path = claims / self.heads.keys[level[i][0]].tobytes().hex()
                         if taken < share and _claim(path, writer.writer_id, now=now, holders=holders):
                             mine.append(i)
                             held_claims.append(path)
                             taken += len(level[i]) * bs
                 if not mine:
-                    time.sleep(POLL_SECONDS)  # others compute the rest: no timeout (their claims go stale if they die)
+                    wait()  # others compute the rest: no timeout (their claims go stale if they die)
                     continue
+                wait.reset()
                 index = StoreIndex.open(out)
                 tasks = []
                 for i in mine:
@@ -767,8 +833,7 @@ class Ranks:
         mine = np.flatnonzero(plan["owner"] == self.rank)
         spills: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for s in np.unique(plan["share"][mine]).tolist():
-            with np.load(folder / f"share-{s}.npz") as meta:
-                lengths = meta["lengths"]
+            lengths = load_npz(folder / f"share-{s}.npz")["lengths"]
             spills[s] = (*_share_tokens(folder, s, lengths), lengths)
         for i in mine.tolist():
             ids, starts, lengths = spills[int(plan["share"][i])]
@@ -794,6 +859,27 @@ class Ranks:
             shutil.rmtree(out / BUILDS_DIR / f"{record.build_id}{PLAN_SUFFIX}", ignore_errors=True)
             shutil.rmtree(out / CLAIMS_DIR / record.build_id, ignore_errors=True)
         return merged if self.collective else record
+
+
+def refuse_live_ranks(out: Path, build_id: str, me: str | None, other_world: int | None = None) -> None:
+    """Raise if a rank of build ``build_id`` other than ``me`` still runs (its writer is live), of
+    any number of ranks (only of a number other than ``other_world`` when given): a resume or a
+    launch with another world size replaces the parts, counts and plan that rank still uses (its
+    records would be counted twice and the build never complete)."""
+    parts = out / BUILDS_DIR / f"{build_id}{RANK_PARTS_SUFFIX}"
+    for p in sorted(parts.glob("w*-r*.json")):
+        if other_world is not None and p.name.startswith(f"w{other_world}-"):
+            continue
+        try:
+            part = BuildRecord.from_dict(json.loads(p.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue  # a damaged part names no writer we could wait for; _attempt reports it
+        live = [w for w in part.writers if w != me and writer_is_live(out, w)]
+        if live:
+            raise StoreError(
+                f"rank {part.rank} of {part.world_size} of build {build_id} is still running (writer {live[0]}): "
+                "wait for every rank to finish (or stop them), then relaunch with --resume"
+            )
 
 
 class _IndexWatch:
@@ -864,6 +950,8 @@ def _open_store(out: Path, tries: int = 20) -> PrefixStore:
 
 def _options_id(cfg: BuildConfig) -> str:
     options = {k: v for k, v in cfg.options().items() if k not in _RUN_OPTIONS}
+    # The dataset's content too: saved count shares of a dataset that grew since would be reused.
+    options["dataset_fingerprint"] = dataset_fingerprint(cfg.dataset)
     digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
     return f"dist-{digest}"
 
@@ -874,6 +962,34 @@ def _fs_now(folder: Path, owner: str) -> float:
     probe.write_bytes(b"")
     os.utime(probe)
     return probe.stat().st_mtime
+
+
+class _Clock:
+    """The file system's clock for one round of claims: probed (:func:`_fs_now`) the first time a
+    claim needs it, then reused: one probe file write per round, not one per claim."""
+
+    def __init__(self, folder: Path, owner: str):
+        self.folder, self.owner, self._now = folder, owner, None
+
+    def __call__(self) -> float:
+        if self._now is None:
+            self._now = _fs_now(self.folder, self.owner)
+        return self._now
+
+
+class _Backoff:
+    """Sleeps of a waiting rank: POLL_SECONDS at first, doubling while nothing changes, up to
+    MAX_POLL_SECONDS; ``reset()`` after progress."""
+
+    def __init__(self):
+        self.pause = POLL_SECONDS
+
+    def __call__(self) -> None:
+        time.sleep(self.pause)
+        self.pause = min(self.pause * 2, MAX_POLL_SECONDS)
+
+    def reset(self) -> None:
+        self.pause = POLL_SECONDS
 
 
 class _Holders:
@@ -894,14 +1010,18 @@ class _Holders:
 
 
 def _claim(
-    path: Path, owner: str, stale: float = CLAIM_STALE_SECONDS, now: float | None = None, holders: _Holders | None = None
+    path: Path,
+    owner: str,
+    stale: float = CLAIM_STALE_SECONDS,
+    now: float | Callable[[], float] | None = None,
+    holders: _Holders | None = None,
 ) -> bool:
     """Take ``path`` (O_EXCL): True if ``owner`` now holds it. A claim whose lease (its mtime, renewed
     by a live holder) is older than ``stale`` by the file system's clock, or whose holder is dead
     (``holders``), is taken over by exactly one rank: the one that creates
     ``<claim>.takeover-<holder>`` (O_EXCL), naming the holder it saw, so that two takers cannot both
     win, nor a taker displace the new holder. ``now``: the file system's time, if the caller has just
-    read it (one probe for many claims)."""
+    read it, or a :class:`_Clock` that reads it once for many claims."""
     line = f"{owner} {utc_now()}\n".encode()
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -913,15 +1033,23 @@ def _claim(
             return False
         if holder == owner:
             return True
-        fresh = (now if now is not None else _fs_now(path.parent, owner)) - mtime < stale
+        clock = now() if callable(now) else now if now is not None else _fs_now(path.parent, owner)
+        fresh = clock - mtime < stale
         # Only a whole writer id is asked for its lock: a claim just created is empty until its
         # holder writes its id (and a part of an id names no lock, which would read as dead).
         if fresh and not (holders is not None and ID_PATTERN.fullmatch(holder) and holders.dead(holder)):
             return False
+        # The marker naming the holder we saw is a claim itself, with its own holder and lease: one
+        # taker wins it, and a taker that dies (or meets a full disk) before it rewrote the claim is
+        # taken over in turn, instead of blocking the claim forever.
+        if not _claim(path.with_name(f"{path.name}.takeover-{holder}"), owner, stale, now, holders):
+            return False  # another rank takes it over from this holder
         try:
-            os.close(os.open(path.with_name(f"{path.name}.takeover-{holder}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
-            return False  # another rank took it over from this holder
+            current = (path.read_text().split() or [""])[0]
+        except FileNotFoundError:
+            return False
+        if current != holder:
+            return current == owner  # a taker before us rewrote it (and may have died: its own marker next)
         atomic_write(path, [line], fsync=False, owner=owner)
         return True
     with os.fdopen(fd, "wb") as f:

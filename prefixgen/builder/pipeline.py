@@ -11,6 +11,7 @@ Each step is an iterator over the one before, so records stream through in bound
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -306,9 +307,9 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
 
     planner = Planner(manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record, progress.planned)
     started = last_checkpoint = time.perf_counter()
-    writer.write_build(record)
     batches: Any = iter(())
     try:
+        writer.write_build(record)  # inside: a disk that fails here still leaves the record failed, not running
         # Ranks of a distributed build: count in shares, plan, and prefill the shared prefixes first.
         prepared = ranks.prepare_work(
             out, manifest, read_count_share, tokenize, run_tasks, writer, record, budget.tokens, timer,
@@ -436,8 +437,13 @@ def _finish(writer: StoreWriter, record: BuildRecord, planner: Planner, started:
     if record.status != "complete":
         record.stored_tokens = writer.blocks_written * writer.manifest.block_size
     try:
+        if record.status != "complete":
+            # The record first: it is small and tells a resume (and people) what happened, even when
+            # the disk is too full for the counts (the failed write's temporary file is gone by now).
+            with contextlib.suppress(OSError, StoreError):
+                writer.write_build(record)
         _checkpoint(writer, record, planner, time.perf_counter() - started, timer)
-    except OSError:
+    except (OSError, StoreError):
         if record.status == "complete":
             raise
     finally:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefixgen.errors import StoreError
 from prefixgen.format import (
     COMPACTED_FORMAT_VERSION,
     INDEX_DIR,
@@ -34,6 +35,10 @@ from prefixgen.maintain.merge import MergedSegment
 from prefixgen.store.writer import maintenance_lock, new_id, remove_temp_files
 
 COMPACTED_PREFIX = "compacted-"
+# Free space a compaction needs, in multiples of the segments it merges: the sorted runs spilled to
+# temporary files (1x, plus merges of merges at very large sizes), the deduplicated result (up to 1x)
+# and the new segment (up to 1x), all before the merged segments are removed.
+SPACE_FACTOR = 3.0
 
 
 @dataclass(slots=True)
@@ -78,6 +83,7 @@ def compact_store(
     report = CompactReport()
     if len(names) < 2:
         return report
+    check_free_space(folder, names)
     manifest = ensure_format_version(path, owner=owner)
     with MergedSegment([folder / name for name in names], progress) as merge:
         merged = merge.merged
@@ -98,6 +104,28 @@ def compact_store(
         fsync_dir(folder)
     report.segments_merged, report.segment = len(merged), out
     return report
+
+
+def check_free_space(folder: Path, names: list[str], factor: float | None = None) -> None:
+    """Refuse to start a compaction of ``names`` (segments in ``folder``) that the disk cannot hold:
+    the merge's spill files and the new segment take about ``factor`` times the segments' bytes
+    before any of them is removed. Better one clear message now than a full disk half-way through
+    (which fails every build writing beside it too)."""
+    factor = SPACE_FACTOR if factor is None else factor
+    size = 0
+    for name in names:
+        try:
+            size += (folder / name).stat().st_size
+        except FileNotFoundError:
+            continue  # merged away by another compaction
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    if free < factor * size:
+        raise StoreError(
+            f"compacting {len(names):,} index segments ({size / 1e6:,.1f} MB) needs about {factor * size / 1e6:,.1f} MB "
+            f"free on the disk holding {folder}, which has {free / 1e6:,.1f} MB: free some space, then run "
+            f"`prefixgen compact {folder.parent}` (the store is valid uncompacted)"
+        )
 
 
 def ensure_format_version(path: Path, fsync: bool = True, owner: str | None = None) -> Manifest:

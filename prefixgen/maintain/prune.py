@@ -18,7 +18,7 @@ refuses to start beside any other live writer but gc; builds and compactions ref
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,7 @@ class PruneReport:
     bytes_after: int = 0
     shards_written: int = 0
     shards_removed: int = 0
+    notes: list[str] = field(default_factory=list)  # what was left for later, and why
 
 
 def block_cost(manifest: Manifest) -> int:
@@ -99,13 +100,19 @@ def prune_store(
     # Refuses a budget under one block, as build does.
     limit = max_blocks(BuildConfig(max_bytes=max_bytes, block_size=manifest.block_size), manifest.kv)
     with maintenance_lock(path, "prune") as owner:
-        others = [o for o in live_writers(path) if o != owner and lock_role(path, o) != "gc"]
-        if others:
-            raise StoreError(
-                f"{path} is being written by {len(others)} running process(es) ({lock_role(path, others[0])} {others[0]}): "
-                "prune would drop blocks they use as parents and miss what they commit; wait for them to finish, then retry"
-            )
+        _refuse_writers(path, owner)
         return _prune(path, store, owner, limit, min_records, shard_bytes, progress, fsync)
+
+
+def _refuse_writers(path: Path, owner: str) -> None:
+    """Raise if a process other than a gc writes the store (checked at the start and again before
+    each step that cannot be undone: on NFS a writer's lock can become visible late)."""
+    others = [o for o in live_writers(path) if o != owner and lock_role(path, o) != "gc"]
+    if others:
+        raise StoreError(
+            f"{path} is being written by {len(others)} running process(es) ({lock_role(path, others[0])} {others[0]}): "
+            "prune would drop blocks they use as parents and miss what they commit; wait for them to finish, then retry"
+        )
 
 
 def _prune(
@@ -139,14 +146,29 @@ def _prune(
     # Step 2: copy the survivors in their old shard and slot order, so chains stay contiguous.
     keep = keep[np.lexsort((cols["slot"][keep], ids[keep]))]
     refs, new_cols = _write_survivors(path, manifest, old, cols, keep, shard_bytes, report, progress, fsync, owner)
-    # Step 3, then 4: the new segment goes in before the old one goes out.
+    # Step 3, then 4: the new segment goes in before the old one goes out. Last look first: a writer
+    # that started (or segments that appeared) since would lose blocks; our new shards then go.
+    try:
+        _refuse_writers(path, owner)
+        if sorted(n for n in os.listdir(path / INDEX_DIR) if n.endswith(".safetensors")) != [old_path.name]:
+            raise StoreError(f"{path}: index segments appeared while pruning; stop every build on this store and retry")
+    except StoreError:
+        for ref in refs:
+            (path / SHARDS_DIR / ref.name).unlink(missing_ok=True)
+        raise
     name = f"{COMPACTED_PREFIX}{new_id()}.safetensors"
     meta = {"format_version": str(manifest.format_version), "blocks": str(len(keep)), "pruned_from": str(old.n)}
     atomic_write(path / INDEX_DIR / name, encode_segment(new_cols, meta, refs), fsync, owner=owner)
     old_path.unlink()
     if fsync:
         fsync_dir(path / INDEX_DIR)
-    # Step 5.
+    # Step 5. The old shards are unreferenced now; a writer that started anyway (seen late) may still
+    # read them as parents: leave them to `prefixgen gc`, which removes them once it has ended.
+    try:
+        _refuse_writers(path, owner)
+    except StoreError as exc:
+        report.notes.append(f"old shards kept for now ({exc}); run `prefixgen gc` once it has finished")
+        return report
     used = {r.name for r in refs}
     for ref in old.shards:
         if ref.name not in used:

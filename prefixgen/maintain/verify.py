@@ -72,23 +72,34 @@ def verify_store(path: str | os.PathLike, progress: bool = False, quick: bool = 
             store = None
         except (PrefixgenError, OSError):
             return report
-    names = sorted(os.listdir(path / INDEX_DIR)) if (path / INDEX_DIR).is_dir() else []
     keys64: list[np.ndarray] = []
     parents64: list[np.ndarray] = []
     referenced: set[str] = set()
-    segments = []
-    for name in names:
-        if name.endswith(TMP_SUFFIX):
-            report.notes.append(f"{INDEX_DIR}/{name}: temporary file of an interrupted writer (ignored by readers)")
-        elif name.endswith(".safetensors"):
-            try:
-                segments.append(Segment(path / INDEX_DIR / name))
-            except (PrefixgenError, OSError) as exc:
-                report.faults.append(f"{INDEX_DIR}/{name}: {exc}")
-    total = sum(len(seg.shards) for seg in segments)
-    with tqdm(total=total, desc="verify", unit="shard", disable=not progress) as bar:
-        for seg in segments:
-            _verify_segment(path, manifest, seg, report, keys64, parents64, referenced, quick, bar)
+    # A compaction or prune beside us renames its new segment in before it unlinks the segments it
+    # replaces: a segment that vanishes has its rows in a name the next listing shows, so we list
+    # again and check the new names too (a healthy store verifies clean beside a compaction).
+    done: set[str] = set()
+    temps: set[str] = set()
+    with tqdm(desc="verify", unit="shard", disable=not progress) as bar:
+        while True:
+            names = _index_names(path)
+            todo = [n for n in names if n not in done]
+            if not todo:
+                break
+            for name in todo:
+                done.add(name)
+                if name.endswith(TMP_SUFFIX):
+                    temps.add(name)
+                elif name.endswith(".safetensors"):
+                    try:
+                        seg = Segment(path / INDEX_DIR / name)
+                        _verify_segment(path, manifest, seg, report, keys64, parents64, referenced, quick, bar)
+                    except FileNotFoundError:
+                        continue  # merged away: its rows are in a segment the next listing shows
+                    except (PrefixgenError, OSError) as exc:
+                        report.faults.append(f"{INDEX_DIR}/{name}: {exc}")
+    for name in sorted(temps & set(_index_names(path))):
+        report.notes.append(f"{INDEX_DIR}/{name}: temporary file of an interrupted writer (ignored by readers)")
     _check_parents(manifest, keys64, parents64, report)
     for name in sorted(os.listdir(path / SHARDS_DIR)) if (path / SHARDS_DIR).is_dir() else []:
         if name.endswith(TMP_SUFFIX):
@@ -110,6 +121,10 @@ def verify_store(path: str | os.PathLike, progress: bool = False, quick: bool = 
     return report
 
 
+def _index_names(path: Path) -> list[str]:
+    return sorted(os.listdir(path / INDEX_DIR)) if (path / INDEX_DIR).is_dir() else []
+
+
 def _verify_segment(
     path: Path,
     manifest: Manifest,
@@ -128,6 +143,8 @@ def _verify_segment(
             report.faults.append(f"{where}: index segment fails its checksum (columns {', '.join(bad)}): it is damaged")
             return
         cols = seg.cols
+    except FileNotFoundError:
+        raise  # merged away by a compaction: the caller checks its replacement
     except (PrefixgenError, OSError) as exc:
         report.faults.append(f"{where}: {exc}")
         return
@@ -150,6 +167,8 @@ def _verify_segment(
         if ref.name not in referenced:
             referenced.add(ref.name)
             report.shards += 1
+        if not (path / SHARDS_DIR / ref.name).is_file() and not seg.path.exists():
+            raise FileNotFoundError(seg.path)  # a prune replaced the segment, then removed the shard: check the new one
         _verify_shard(path, manifest, ref, {name: col[rows] for name, col in cols.items()}, report, quick)
         bar.update(1)
     report.blocks += seg.n

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from prefixgen.errors import CorruptStoreError
 from prefixgen.format import INDEX_DIR, Segment, ShardRef
 
 CACHE_BYTES = 64 << 20  # columns of recently used small segments kept in memory
-OPEN_RETRIES = 5
+OPEN_PATIENCE_SECONDS = 60.0  # how long a listing may keep changing under an opener (a compaction's unlinks)
 LOCATION_COLUMNS = (
     "key",
     "shard",
@@ -298,15 +299,32 @@ def _signature(path: Path, segments: list[Segment]) -> tuple:
     return names, tuple(sorted(large))
 
 
-def _open_segments(path: Path) -> list[Segment]:
+def _open_segments(path: Path, patience: float = OPEN_PATIENCE_SECONDS) -> list[Segment]:
+    """Every segment in ``path/index``, consistent with one listing of the folder.
+
+    A compaction (or prune) renames its new segment in before it unlinks the ones it replaces, so a
+    segment that vanishes while we read has its rows in a segment the next listing shows. We list
+    again and open only the names not opened yet (what we opened stays valid: its rows are stored),
+    until one listing is wholly opened; the pause between listings backs off, and only a folder
+    that keeps changing for ``patience`` seconds is an error."""
     folder = path / INDEX_DIR
-    for _ in range(OPEN_RETRIES):
+    opened: dict[str, Segment] = {}
+    pause, deadline = 0.002, time.monotonic() + patience
+    while True:
         names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".safetensors")) if folder.is_dir() else []
-        try:
-            return [_open_segment(folder / name) for name in names]
-        except FileNotFoundError:
-            continue
-    raise CorruptStoreError(f"{folder}: index segments keep vanishing while being opened; try again")
+        vanished = False
+        for name in names:
+            if name not in opened:
+                try:
+                    opened[name] = _open_segment(folder / name)
+                except FileNotFoundError:
+                    vanished = True
+        if not vanished:
+            return [opened[name] for name in names]
+        if time.monotonic() > deadline:
+            raise CorruptStoreError(f"{folder}: index segments kept vanishing for {patience:.0f} s while being opened; try again")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.25)
 
 
 def _open_segment(path: Path) -> Segment:

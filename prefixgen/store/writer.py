@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefixgen.errors import IncompatibleStoreError, StoreError
+from prefixgen.errors import CorruptStoreError, IncompatibleStoreError, NewerFormatError, StoreError
 from prefixgen.format import (
     BUILDS_DIR,
     CLAIMS_DIR,
@@ -113,6 +113,14 @@ def prepare_store(path: Path, manifest: Manifest, mode: str) -> Manifest:
             "an interrupted build, or --overwrite to replace it"
         )
     if has_manifest and mode == "overwrite":
+        try:  # a store this prefixgen cannot read is not ours to delete (a damaged one may go)
+            Manifest.from_json((path / MANIFEST_FILE).read_text(), path / MANIFEST_FILE)
+        except NewerFormatError as exc:
+            raise StoreError(
+                f"--overwrite refused: {exc}. A store of a newer format is deleted by hand (rm -r {path}), not by --overwrite"
+            ) from None
+        except CorruptStoreError:
+            pass
         # Data first, manifest last: a crash part-way leaves a smaller store, never a broken one.
         live = live_writers(path)
         if live:
@@ -605,7 +613,7 @@ def _store_write_error(path: Path, exc: BaseException) -> StoreError:
 LOCK_ROLES = ("build", "compact", "prune", "gc")  # what a lock's holder does, written in its lock file
 _MOUNT_HINT = (
     "keep the store on a local disk, on NFS mounted without local_lock=flock/all and nolock, "
-    "or on Lustre mounted with -o flock (README.md, 'Shared file systems')"
+    "on Lustre mounted with -o flock, or on BeeGFS with tuneUseGlobalFileLocks = true (README.md, 'Shared file systems')"
 )
 
 
@@ -646,7 +654,17 @@ class WriterLock:
             os.close(fd)  # a cleaner took the file for a dead one's between our open and flock: again
         # Written before the holder looks at other locks, so a prune and a build that start at once
         # cannot both miss each other (each locks, then reads the other's lock and role).
-        os.write(fd, f"pid {os.getpid()} {role}\n".encode())
+        # Whole (a write may be short) and fsynced: on NFS another node reads the server's copy, and
+        # an empty role line reads as a build, which stops a prune on every node.
+        line = memoryview(f"pid {os.getpid()} {role}\n".encode())
+        try:
+            while line:
+                line = line[os.write(fd, line) :]
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+            raise _store_write_error(self.path, exc) from None
         self._fd: int | None = fd
 
     def release(self) -> None:
@@ -693,10 +711,30 @@ def refuse_beside_prune(store: Path, me: str) -> None:
             raise StoreError(f"{store} is being pruned (prune {owner} is running): wait for it to finish, then retry")
 
 
-def check_file_system(store: Path, mounts: str | None = None) -> None:
+# FUSE file systems whose flock is not seen from other machines (object-store and ssh mounts).
+FUSE_WITHOUT_SHARED_LOCKS = frozenset({"sshfs", "s3fs", "gcsfuse", "rclone", "goofys", "blobfuse", "blobfuse2", "mountpoint-s3"})
+BEEGFS_CLIENT_CONF = Path("/etc/beegfs/beegfs-client.conf")
+
+
+def _beegfs_global_locks(conf: Path | None) -> bool:
+    """Whether the BeeGFS client shares flock locks between nodes (``tuneUseGlobalFileLocks = true``)."""
+    try:
+        text = (conf or BEEGFS_CLIENT_CONF).read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "tuneUseGlobalFileLocks":
+            return value.split("#")[0].strip().lower() == "true"
+    return False
+
+
+def check_file_system(store: Path, mounts: str | None = None, beegfs_conf: Path | None = None) -> None:
     """Refuse a store on a file system where ``flock`` would not tell running writers from dead
     ones across machines: NFS mounted with ``nolock`` or ``local_lock=flock|all``, Lustre without
-    ``-o flock`` (``localflock`` locks per node, ``noflock`` not at all). ``mounts`` is the text of
+    ``-o flock`` (``localflock`` locks per node, ``noflock`` not at all), BeeGFS without
+    ``tuneUseGlobalFileLocks`` (in ``beegfs_conf``, the client's config), FUSE mounts of object stores
+    or ssh (``FUSE_WITHOUT_SHARED_LOCKS``). ``mounts`` is the text of
     ``/proc/mounts`` (read when None; nothing is checked where it does not exist).
 
     Example:
@@ -725,6 +763,10 @@ def check_file_system(store: Path, mounts: str | None = None) -> None:
         bad = next((o for o in ("nolock", "local_lock=flock", "local_lock=all") if o in options), None)
     elif fstype == "lustre" and "flock" not in options:
         bad = "localflock" if "localflock" in options else "noflock" if "noflock" in options else "no flock option"
+    elif fstype == "beegfs" and not _beegfs_global_locks(beegfs_conf):
+        bad = "tuneUseGlobalFileLocks off (its default: flock is local to each node)"
+    elif fstype.startswith("fuse.") and fstype[len("fuse.") :] in FUSE_WITHOUT_SHARED_LOCKS:
+        bad = "FUSE (its flock is local to each node, or a no-op)"
     if bad:
         raise StoreError(
             f"{store} is on {fstype} mounted with {bad}: a writer's lock would not be seen from other machines, "
@@ -814,7 +856,14 @@ def remove_lock_if_dead(store: Path, owner: str) -> bool:
         return False
     path = Path(store) / LOCKS_DIR / f"{owner}.lock"
     try:
-        path.unlink(missing_ok=True)  # while holding it, so a starting owner sees it gone and retries
+        # The path must still name the file we locked: another cleaner may have unlinked that one
+        # (while we waited to lock it) and its owner, retrying, created and locked a new one there.
+        # Nobody can swap the path while we hold the lock on the file it names.
+        if os.stat(path).st_ino != os.fstat(fd).st_ino:
+            return False
+        path.unlink()  # while holding it, so a starting owner sees it gone and retries
+    except FileNotFoundError:
+        return False
     except OSError as exc:
         raise StoreError(f"cannot remove the lock file {path} of dead writer {owner}: {exc.strerror or exc}") from None
     finally:
@@ -822,9 +871,20 @@ def remove_lock_if_dead(store: Path, owner: str) -> bool:
     return True
 
 
-def remove_temp_files(
-    path: Path, dry_run: bool = False, dirs: tuple[str, ...] = (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR), locks: bool = True
-) -> list[Path]:
+CLOCK_PREFIX = ".clock-"  # claims/<...>/.clock-<owner>: a rank's probe of the file system's clock
+ANONYMOUS_TEMP_SECONDS = 600.0  # a temporary file named for no writer (a manifest's creator) older than this is left over
+# Everything gc looks in: the store's folders and its own (temporary manifests).
+REMOVE_DIRS = (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR, CLAIMS_DIR, MANIFEST_FILE)
+
+
+def _age(p: Path) -> float:
+    try:
+        return time.time() - p.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def remove_temp_files(path: Path, dry_run: bool = False, dirs: tuple[str, ...] = REMOVE_DIRS, locks: bool = True) -> list[Path]:
     """Delete the ``*.tmp`` files (in ``dirs``) of writers that are not live, and (``locks``) their lock
     files; never touch a live writer's. Returns what was (or, with ``dry_run``, would be) removed.
 
@@ -834,14 +894,31 @@ def remove_temp_files(
     """
     removed: list[Path] = []
     live: dict[str, bool] = {}
+    candidates: list[tuple[Path, str | None]] = []
     for sub in dirs:
-        for p in sorted((path / sub).glob(f"*{TMP_SUFFIX}")):
+        # builds/ and claims/ hold folders (a distributed build's rank parts, plan runs and claims):
+        # their temporary files and clock probes are a writer's leftovers too.
+        deep = sub in (BUILDS_DIR, CLAIMS_DIR)
+        for p in sorted((path / sub).rglob("*") if deep else (path / sub).glob(f"*{TMP_SUFFIX}")):
+            if p.name.endswith(TMP_SUFFIX):
+                candidates.append((p, temp_owner(p.name)))
+            elif deep and p.name.startswith(CLOCK_PREFIX) and ID_PATTERN.fullmatch(p.name[len(CLOCK_PREFIX) :]):
+                candidates.append((p, p.name[len(CLOCK_PREFIX) :]))
+    if MANIFEST_FILE in dirs:
+        # The store's own folder: temporary manifests (a format upgrade's are named for its writer;
+        # a creator's have a random name and live for milliseconds: only old ones are leftovers).
+        for p in sorted(path.glob(f"{MANIFEST_FILE}.*{TMP_SUFFIX}")):
             owner = temp_owner(p.name)
-            if owner is not None and live.setdefault(owner, writer_is_live(path, owner)):
-                continue
-            if not dry_run:
-                p.unlink(missing_ok=True)
-            removed.append(p)
+            if owner is not None and ID_PATTERN.fullmatch(owner):
+                candidates.append((p, owner))
+            elif _age(p) > ANONYMOUS_TEMP_SECONDS:
+                candidates.append((p, None))
+    for p, owner in candidates:
+        if owner is not None and live.setdefault(owner, writer_is_live(path, owner)):
+            continue
+        if not dry_run:
+            p.unlink(missing_ok=True)
+        removed.append(p)
     folder = path / LOCKS_DIR
     for p in sorted(folder.glob("*.lock")) if folder.is_dir() and locks else []:
         owner = p.name[: -len(".lock")]
