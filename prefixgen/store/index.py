@@ -198,18 +198,24 @@ class StoreIndex:
         return self._retry(run)
 
     def _retry(self, run):
-        tables = self._tables
-        try:
-            return run(tables)
-        except FileNotFoundError:
-            if self.path is None:
-                raise
-            # A compaction merged a small segment we had not read yet: its rows are in the new segment.
+        # A compaction or prune replaced a small segment we had not read yet: its rows are in a segment of
+        # the folder's next listing. Compactions and prunes may follow one another while we search, so the
+        # index is reopened until a search runs on segments that are all still there (with a backing-off
+        # pause; a folder that keeps changing for OPEN_PATIENCE_SECONDS is an error, as for an opener).
+        pause, deadline = 0.002, time.monotonic() + OPEN_PATIENCE_SECONDS
+        while True:
+            tables = self._tables
+            try:
+                return run(tables)
+            except FileNotFoundError:
+                if self.path is None or time.monotonic() > deadline:
+                    raise
             fresh = _Tables.build(_open_segments(self.path))
             with self._lock:
                 if self._tables is tables:
                     self._tables = fresh
-            return run(self._tables)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
 
     def _find_rows(self, tables: _Tables, keys: Sequence[bytes]) -> list[tuple[int, int] | None]:
         found: list[tuple[int, int] | None] = [None] * len(keys)
