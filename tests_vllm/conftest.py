@@ -103,6 +103,11 @@ def rank_load_stats(worker) -> dict[str, int | float]:
     return dataclasses.asdict(get_kv_transfer_group().stats)
 
 
+def _since(end: dict[str, int | float], start: dict[str, int | float]) -> dict[str, int | float]:
+    """A rank's counters between two readings (a largest-so-far field such as ``max_piece_bytes`` is kept as read)."""
+    return {k: v if k.startswith("max_") else v - start[k] for k, v in end.items()}
+
+
 def run_vllm(
     model: Path,
     prompts: Sequence[str | dict],
@@ -138,6 +143,9 @@ def run_vllm(
             warm_up_check(llm, prompts, chats)
         stats = get_kv_transfer_group().stats if has_kv_transfer_group() else None
         remote = kv is not None and stats is None  # the workers run in processes of their own (tensor parallel)
+        # Each rank's counters after the warm-up: a prompt whose background lookup ended after the live check
+        # passed is loaded during the warm-up already; what a test measures is what the calls below load.
+        warm = llm.collective_rpc(rank_load_stats) if remote else None
         results, loaded = [], []
         lora = list(loras) + [None] * (len(prompts) - len(loras))
         calls = [(llm.generate, p, a) for p, a in zip(prompts, lora)] + [(llm.chat, m, None) for m in chats]
@@ -152,7 +160,7 @@ def run_vllm(
             stats=stats,
             loaded=loaded,
             claims=_claim_stats(llm),
-            rank_stats=llm.collective_rpc(rank_load_stats) if remote else None,
+            rank_stats=[_since(end, start) for end, start in zip(llm.collective_rpc(rank_load_stats), warm)] if remote else None,
         )
     finally:
         llm.llm_engine.engine_core.shutdown()  # also drops the worker's connector (a process-wide global)
