@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from prefixgen.errors import ExportError
+from prefixgen.export.cbor import cbor
 from prefixgen.model import tp_kv_heads
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ class LMCacheTarget:
 
     def _hash(self, obj: Any) -> bytes:
         if self.hash_algorithm == "sha256_cbor":
-            return hashlib.sha256(_cbor(obj)).digest()
+            return hashlib.sha256(cbor(obj)).digest()
         return hashlib.sha256(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).digest()  # vLLM's sha256
 
 
@@ -182,23 +183,3 @@ def _head_range(total: int, tp_size: int, rank: int) -> range:
     if heads is None:
         raise ExportError(f"the store's {total} KV heads do not split over tensor parallel size {tp_size}")
     return heads
-
-
-def _cbor_head(major: int, n: int) -> bytes:
-    """A CBOR item head with the shortest argument (canonical CBOR, RFC 8949 4.2.1)."""
-    if n < 24:
-        return bytes([major << 5 | n])
-    for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
-        if n < 1 << (8 * size):
-            return bytes([major << 5 | extra]) + n.to_bytes(size, "big")
-    raise ExportError(f"{n} does not fit a CBOR integer")
-
-
-def _cbor(obj: Any) -> bytes:
-    """``cbor2.dumps(obj, canonical=True)`` for what LMCache hashes: non-negative ints, str, tuples."""
-    if isinstance(obj, int):
-        return _cbor_head(0, obj)
-    if isinstance(obj, str):
-        data = obj.encode()
-        return _cbor_head(3, len(data)) + data
-    return _cbor_head(4, len(obj)) + b"".join(_cbor(x) for x in obj)

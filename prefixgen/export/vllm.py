@@ -40,6 +40,7 @@ import torch
 
 from prefixgen.errors import ExportError
 from prefixgen.export.base import StoreInfo
+from prefixgen.export.cbor import cbor
 from prefixgen.model import tp_kv_heads
 
 VLLM_VERSION = "0.32.0"  # the version whose names, hashes and layouts this target was checked against
@@ -200,7 +201,7 @@ class VLLMTarget:
 
     def _hash(self, obj: Any) -> bytes:
         if self.hash_algorithm == "sha256_cbor":
-            return hashlib.sha256(_cbor(obj)).digest()
+            return hashlib.sha256(cbor(obj)).digest()
         return hashlib.sha256(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).digest()  # vllm.utils.hashing.sha256
 
 
@@ -231,27 +232,3 @@ def _seed_text(seed: str | int | None) -> str:
     if text == "random":
         raise ExportError("PYTHONHASHSEED=random gives every server process its own NONE_HASH: no export can match it")
     return text
-
-
-def _cbor_head(major: int, n: int) -> bytes:
-    """A CBOR item head with the shortest argument (canonical CBOR, RFC 8949 4.2.1)."""
-    if n < 24:
-        return bytes([major << 5 | n])
-    for extra, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
-        if n < 1 << (8 * size):
-            return bytes([major << 5 | extra]) + n.to_bytes(size, "big")
-    raise ExportError(f"{n} does not fit a CBOR integer")
-
-
-def _cbor(obj: Any) -> bytes:
-    """``cbor2.dumps(obj, canonical=True)`` for what vLLM hashes: None, non-negative ints, str, bytes, tuples."""
-    if obj is None:
-        return b"\xf6"
-    if isinstance(obj, int):
-        return _cbor_head(0, obj)
-    if isinstance(obj, bytes):
-        return _cbor_head(2, len(obj)) + obj
-    if isinstance(obj, str):
-        data = obj.encode()
-        return _cbor_head(3, len(data)) + data
-    return _cbor_head(4, len(obj)) + b"".join(_cbor(x) for x in obj)
