@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from prefixgen.analysis.count import select_blocks
-from prefixgen.builder.selection import max_blocks
+from prefixgen.analysis.count import max_blocks, select_blocks
 from prefixgen.config import BuildConfig
 from prefixgen.errors import ConfigError, CorruptStoreError, StoreError
 from prefixgen.format import (
