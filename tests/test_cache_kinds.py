@@ -241,18 +241,20 @@ def test_prefixgen_serve_answers_as_without_the_store(kind_model, kind_store):
     assert a.tokens == b.tokens
 
 
-def test_exports_refuse_the_kinds_they_cannot_write(kind_model, kind_store, cli, tmp_path):
-    """SGLang, LMCache and vLLM offloading exports lay out per-head K/V of one full-attention pool: a sliding-window or MLA store
-    gets one message naming its cache, and no export folder."""
+def test_vllm_export_refuses_the_kinds_it_cannot_write(kind_model, kind_store, cli, tmp_path):
+    """vLLM's offloading files are written for one full-attention KV cache group: a sliding-window, chunked or MLA
+    store gets one message naming its cache and what vLLM does with it, and no export folder. (SGLang and LMCache
+    export these kinds: tests_sglang/, tests_lmcache/.)"""
     arch, _ = kind_model
-    for target in ("sglang", "lmcache", "vllm"):
-        out = tmp_path / target
-        result = cli("export", kind_store.path, "--to", target, "--out", out, "--model-name", "m", "--hash-seed", "0")
-        assert result.exit_code not in (0, 1), result.output
-        assert "exports of sliding-window, chunked and MLA stores are not written yet" in result.stderr, result.stderr
-        named = {"deepseek_v2": "multi-head latent", "deepseek_v3": "multi-head latent", "llama4_text": "chunked local"}
-        assert named.get(arch, "sliding-window") + " attention" in result.stderr
-        assert "Traceback" not in result.output and not out.exists()
+    out = tmp_path / "vllm"
+    result = cli("export", kind_store.path, "--to", "vllm", "--out", out, "--model-name", "m", "--hash-seed", "0")
+    assert result.exit_code not in (0, 1), result.output
+    assert "--to vllm writes vLLM's offloading files for models whose every layer is full attention" in result.stderr
+    named = {"deepseek_v2": "an MLA latent", "deepseek_v3": "an MLA latent", "llama4_text": "chunked local attention"}
+    assert f"vLLM keeps {named.get(arch, 'sliding-window attention')}" in result.stderr, result.stderr
+    described = {"deepseek_v2": "multi-head latent", "deepseek_v3": "multi-head latent", "llama4_text": "chunked local"}
+    assert "stores a cache of " in result.stderr and described.get(arch, "sliding-window") + " attention" in result.stderr
+    assert "Traceback" not in result.output and not out.exists()
 
 
 def test_ls_names_the_layer_groups(kind_model, kind_store, cli):

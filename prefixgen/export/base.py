@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from prefixgen.cache_spec import FULL, LayerGroup
 from prefixgen.format import DTYPE_SIZES, Manifest
 
 
@@ -51,6 +52,12 @@ class StoreInfo:
     model_type: str  # e.g. "llama"
     weights_digest: str  # hex: identifies the weights (see FORMAT.md)
     tokenizer_digest: str  # hex: identifies the tokenizer and chat template
+    # The model's cache (format 4): "kv" (per-head K/V, ``parts`` 2) or "mla" (one latent per token and layer:
+    # ``num_kv_heads`` 1, ``head_dim`` = ``latent_rank`` + rope dims, ``parts`` 1); ``groups`` which layers are of
+    # which kind (``prefixgen.cache_spec``; empty for a plain full-attention store).
+    kind: str = "kv"
+    latent_rank: int = 0
+    groups: tuple[LayerGroup, ...] = ()
 
     @classmethod
     def from_manifest(cls, m: Manifest) -> StoreInfo:
@@ -66,6 +73,9 @@ class StoreInfo:
             model_type=m.model.model_type,
             weights_digest=m.model.weights_digest,
             tokenizer_digest=m.model.tokenizer_digest,
+            kind=m.kv.kind,
+            latent_rank=m.kv.latent_rank,
+            groups=tuple(m.kv.groups),
         )
 
     @property
@@ -73,9 +83,28 @@ class StoreInfo:
         return getattr(torch, self.kv_dtype)
 
     @property
+    def parts(self) -> int:
+        """Tensors per token and layer in ``kv``: K and V (2), or one MLA latent (1)."""
+        return 1 if self.kind == "mla" else 2
+
+    @property
     def bytes_per_token(self) -> int:
         """KV bytes of one token in ``kv_dtype``, all layers and heads."""
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * DTYPE_SIZES[self.kv_dtype]
+        return self.num_layers * self.parts * self.num_kv_heads * self.head_dim * DTYPE_SIZES[self.kv_dtype]
+
+    def group_kinds(self) -> set[str]:
+        """The kinds of the model's layer groups (``{"full"}`` for a plain store)."""
+        return {g.kind for g in self.groups} or {FULL}
+
+    def layers_of(self, *kinds: str) -> list[int]:
+        """The layers of the groups of ``kinds``, in order (every layer of a plain store is ``full``)."""
+        if not self.groups:
+            return list(range(self.num_layers)) if FULL in kinds else []
+        return sorted(i for g in self.groups if g.kind in kinds for i in g.layers)
+
+    def describe(self) -> str:
+        """The model's cache in words, e.g. "2 layers of sliding-window attention (window 64); 2 layers of ..."."""
+        return "; ".join(g.describe() for g in self.groups) or f"{self.num_layers} layers of full attention"
 
 
 @runtime_checkable
@@ -94,7 +123,8 @@ class ExportTarget(Protocol):
     * ``next_key(parent, tokens)``: the key of the unit of ``tokens`` (int64 ``[unit_tokens]``) that
       follows the unit whose key is ``parent``. Called in chain order, parents first.
     * ``files(key, kv)``: the unit's files as (name relative to the export folder, data); ``kv`` is
-      ``[unit_tokens, num_layers, 2, num_kv_heads, head_dim]`` in ``info.kv_dtype``, on the CPU. Data is
+      ``[unit_tokens, num_layers, info.parts, num_kv_heads, head_dim]`` (an MLA store: parts 1, one head of the
+      latent) in ``info.kv_dtype``, on the CPU. Data is
       bytes, an array written in C order whatever its strides (a reordering view of ``kv``: the kernel
       copies each contiguous run once, see ``prefixgen.export.iov``), or a list of them. ``kv`` stays
       valid until the unit's files are written.
