@@ -102,7 +102,7 @@ class VLLMTarget:
                 f"{info.model_type} stores a cache of {info.describe()}: --to vllm writes vLLM's offloading files for "
                 "models whose every layer is full attention (one KV cache group of per-head K and V); vLLM keeps "
                 f"{_kind_words(info)} in KV cache groups and pages of their own, which this export does not write. "
-                "Serve the store with prefixgen's vLLM connector (PrefixgenConnector) instead"
+                "Export it --to sglang or --to lmcache, or serve it with prefixgen serve"
             )
         if self.block_size <= 0 or self.blocks_per_file <= 0:
             raise ExportError("--block-size and --blocks-per-file must be positive")
