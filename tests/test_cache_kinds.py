@@ -84,6 +84,36 @@ KINDS = {
 }
 
 
+def interleaved_rope(rows: torch.Tensor, latent_rank: int, config) -> torch.Tensor:
+    """MLA rows ``[..., latent]`` with the rope part's pairs back in place where transformers writes them
+    de-interleaved (``rope_interleave``, DeepSeek V3): the engines' cache entry. The exports' tests compare with
+    this; ``tests_lmcache`` shows it is vLLM's own rotation of the rope key."""
+    if not getattr(config, "rope_interleave", False):
+        return rows
+    rope = rows[..., latent_rank:].unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
+    return torch.cat([rows[..., :latent_rank], rope], dim=-1)
+
+
+@torch.inference_mode()
+def mla_rope_inputs(model_dir, ids: list[int]) -> torch.Tensor:
+    """``[layers, T, rope]``: each MLA layer's shared rope key **before** RoPE (the last ``qk_rope_head_dim``
+    outputs of ``kv_a_proj_with_mqa``) over ``ids``, from the model's own forward: what an engine rotates into
+    its MLA cache (an export's rope part is checked against the engine's own rotation of it)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rope = model.config.qk_rope_head_dim
+    seen: list[torch.Tensor] = []
+    hooks = [
+        layer.self_attn.kv_a_proj_with_mqa.register_forward_hook(lambda m, i, out: seen.append(out[0, :, -rope:]))
+        for layer in model.model.layers
+    ]
+    try:
+        model(torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack(seen)
+
+
 @pytest.fixture(scope="module", params=list(KINDS))
 def kind_model(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("m") / request.param

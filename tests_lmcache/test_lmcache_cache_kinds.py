@@ -18,10 +18,10 @@ import pytest
 import torch
 from lmcache.v1.memory_management import MemoryFormat
 from lmcache.v1.protocol import RemoteMetadata
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from prefixgen.store.reader import PrefixStore
-from tests.test_cache_kinds import KINDS
+from tests.test_cache_kinds import KINDS, interleaved_rope, mla_rope_inputs
 
 from .conftest import TEXTS, build_store, chunk_keys, export, fs_connector, lmcache_engine, make_model
 from .test_lmcache_export import as_bytes, data_files, vllm_heads
@@ -46,6 +46,7 @@ def test_lmcache_reads_every_kind(kind, tmp_path, tp):
     mla = kv.kind == "mla"
     out = export(path, tmp_path / "lmcache", "--chunk-size", CHUNK, "--tp-size", tp)
     tok = AutoTokenizer.from_pretrained(model)
+    config = AutoConfig.from_pretrained(model)
     found = set()
     for rank in range(1 if mla else tp):  # MLA: rank 0 saves, and reads, for every rank (save_only_first_rank)
         with lmcache_engine(out, store=store, chunk_size=CHUNK, seed=0, tp_size=tp, rank=rank) as engine:
@@ -56,6 +57,8 @@ def test_lmcache_reads_every_kind(kind, tmp_path, tp):
                 hit = store.match(ids) // CHUNK * CHUNK
                 assert hit > 0 and engine.lookup(tokens=ids) == hit
                 _, want_all = store.read_prefix(store.keys(ids[:hit]))  # [T, L, parts, H, D]
+                if mla:  # the rope key's pairs in place, as vLLM's cache holds them (test_mla_rope_key_is_vllms)
+                    want_all = interleaved_rope(want_all, kv.latent_rank, config)
                 for start, end, key in chunk_keys(engine, ids):
                     path_ = out / fs._get_file_name(key)
                     if end > hit:
@@ -76,3 +79,38 @@ def test_lmcache_reads_every_kind(kind, tmp_path, tp):
     assert found and data_files(out) == found  # nothing else, nothing missing
     if mla:  # one file per chunk whatever the TP size: world size 1, worker 0
         assert all("@1@0@" in name for name in found)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+def test_mla_rope_key_is_vllms(arch, tmp_path):
+    """The rope part of an exported MLA chunk is vLLM's own rotation of the model's rope key
+    (``get_rope(..., is_neox_style=False)`` as ``deepseek_v2.py`` builds it for MLA): DeepSeek V3's
+    transformers cache holds it de-interleaved (``rope_interleave``), which the export puts back. Shown
+    against vLLM's RotaryEmbedding, to float32 rounding, and not equal in the store's order for V3."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    model = make_model(tmp_path / "model", arch, seed=1, initializer_range=0.1, max_position_embeddings=512, **KINDS[arch])
+    path = build_store(tmp_path / "build", model=model)
+    store = PrefixStore.open(path)
+    kv = store.manifest.kv
+    out = export(path, tmp_path / "lmcache", "--chunk-size", CHUNK)
+    config = AutoConfig.from_pretrained(model)
+    with set_current_vllm_config(VllmConfig()):
+        rope = get_rope(
+            config.qk_rope_head_dim, max_position=512, rope_parameters=dict(config.rope_parameters), is_neox_style=False
+        )
+    ids = AutoTokenizer.from_pretrained(model)(TEXTS[0]).input_ids[:CHUNK]
+    raw = mla_rope_inputs(model, ids)  # [L, T, rope] before RoPE
+    positions = torch.arange(len(ids))
+    want = torch.stack([rope.forward_native(positions, k.clone(), k.clone())[1] for k in raw])  # [L, T, rope]
+    with lmcache_engine(out, store=store, chunk_size=CHUNK, seed=0) as engine:
+        (_, _, key), *_ = chunk_keys(engine, ids)
+        obj = engine.storage_manager.get(key)
+        got = obj.tensor[0, :, :, kv.latent_rank :].clone()  # [L, T, rope]: KV_MLA_FMT's rope part
+        obj.ref_count_down()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _, rows = store.read_prefix(store.keys(ids))
+    stored = rows[:, :, 0, 0, kv.latent_rank :].transpose(0, 1)  # [L, T, rope] as the store holds it
+    assert torch.allclose(stored, want, rtol=1e-5, atol=1e-5) == (arch == "deepseek_v2")

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoTokenizer
 from prefixgen.export.sglang import HYBRID_SWA_ARCHITECTURES
 from prefixgen.store.reader import PrefixStore
 from tests.conftest import make_model, write_jsonl
-from tests.test_cache_kinds import KINDS
+from tests.test_cache_kinds import KINDS, interleaved_rope
 
 from .test_sglang_export import PAGE, host_pool, pool_kv
 
@@ -163,7 +163,8 @@ def test_sglang_reads_every_kind(kind, tmp_path, monkeypatch, layout, tp):
                 for i, key in enumerate(keys):
                     assert backend._read_page("kv", key, pool, (i + 1) * PAGE)  # as the prefetch thread reads a page
                     got = _mla_page(pool, (i + 1) * PAGE)  # [L, P, 1, D]
-                    want = want_all[i * PAGE : (i + 1) * PAGE, :, 0].transpose(0, 1)  # [L, P, 1, D]
+                    # [L, P, 1, D], the rope key's pairs in place: SGLang's is_neox_style = not rope_interleave
+                    want = interleaved_rope(want_all[i * PAGE : (i + 1) * PAGE, :, 0], kv.latent_rank, config).transpose(0, 1)
                     assert torch.equal(got, want)
                     checked += 1
                 continue

@@ -58,6 +58,8 @@ class StoreInfo:
     kind: str = "kv"
     latent_rank: int = 0
     groups: tuple[LayerGroup, ...] = ()
+    # MLA: the config's ``rope_interleave`` (DeepSeek V3, Kimi K2, GLM-4 MoE Lite): see ``engine_mla_rows``.
+    rope_interleave: bool = False
 
     @classmethod
     def from_manifest(cls, m: Manifest) -> StoreInfo:
@@ -76,6 +78,7 @@ class StoreInfo:
             kind=m.kv.kind,
             latent_rank=m.kv.latent_rank,
             groups=tuple(m.kv.groups),
+            rope_interleave=bool(m.model.text_config.get("rope_interleave", False)),
         )
 
     @property
@@ -101,6 +104,26 @@ class StoreInfo:
         if not self.groups:
             return list(range(self.num_layers)) if FULL in kinds else []
         return sorted(i for g in self.groups if g.kind in kinds for i in g.layers)
+
+    def engine_mla_rows(self, kv: torch.Tensor) -> torch.Tensor:
+        """An MLA store's rows ``[T, L, 1, 1, latent]`` as the engines' MLA caches hold them (``kv`` itself when
+        they are the same).
+
+        The store holds what transformers caches. With ``rope_interleave`` (DeepSeek V3's config default)
+        transformers rotates the rope key's interleaved pairs ``(x0, x1), (x2, x3), ...`` but writes the result
+        de-interleaved, ``[x0', x2', ..., x1', x3', ...]`` (``apply_rotary_pos_emb_interleave``: same dot
+        products, as its query is permuted alike), while vLLM (``get_rope(..., is_neox_style=False)`` in
+        ``deepseek_v2.py``) and SGLang (``is_neox_style = not rope_interleave``) keep the pairs in place. So
+        the rope part is interleaved back here: ``[T, L, 1, 1, rope]`` ``[2, rope / 2]`` -> ``[rope / 2, 2]``.
+        """
+        if self.kind != "mla" or not self.rope_interleave:
+            return kv
+        r = self.latent_rank
+        rope = kv[..., r:]
+        out = torch.empty(kv.shape, dtype=kv.dtype)
+        out[..., :r] = kv[..., :r]
+        out[..., r:] = rope.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)  # [.., 2, rope/2] -> [.., rope/2, 2]
+        return out
 
     def describe(self) -> str:
         """The model's cache in words, e.g. "2 layers of sliding-window attention (window 64); 2 layers of ..."."""

@@ -162,6 +162,7 @@ class LMCacheTarget:
         """Each rank's file of the chunk: ``RemoteMetadata`` header, then its heads' KV as
         ``[2, layers, chunk_size, heads * head_dim]``. ``kv`` is ``[chunk_size, L, 2, H, D]``. MLA (``kv``
         ``[chunk_size, L, 1, 1, latent]``): one file, ``KV_MLA_FMT`` ``[1, layers, chunk_size, latent]``."""
+        kv = self._info.engine_mla_rows(kv)  # MLA: the rope key's pairs as vLLM's cache keeps them
         tokens, layers, parts, heads, head_dim = kv.shape
         code = DTYPE_CODES[self._info.kv_dtype]
         raw = kv.contiguous().view(torch.uint8).numpy().reshape(tokens, layers, parts, -1)  # [T, L, parts, H * D bytes]

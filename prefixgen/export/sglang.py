@@ -117,6 +117,7 @@ class SGLangTarget:
             )
         if self.kv_dtype and self.kv_dtype not in SGLANG_KV_DTYPES:
             raise ExportError(f"--kv-dtype {self.kv_dtype!r} is not one of {', '.join(SGLANG_KV_DTYPES)}")
+        self._info = info
         self._mla = info.kind == "mla"
         if self._mla:
             self._pools = []  # one latent page file, replicated over the ranks
@@ -155,6 +156,7 @@ class SGLangTarget:
         page once."""
         if self.kv_dtype and kv.dtype != TORCH_DTYPES[self.kv_dtype]:
             kv = kv.to(TORCH_DTYPES[self.kv_dtype])  # the server's KV dtype, rounded as its own cast would
+        kv = self._info.engine_mla_rows(kv)  # MLA: the rope key's pairs as SGLang's cache keeps them
         page, layers, parts, heads, dim = kv.shape
         raw = kv.contiguous().view(torch.uint8).numpy().reshape(page, layers, parts, -1)  # [P, L, parts, H * D bytes]
         names = iter(self.names(key))
