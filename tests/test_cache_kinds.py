@@ -84,6 +84,21 @@ KINDS = {
 }
 
 
+# A tiny Qwen3-Next: 3 Gated DeltaNet layers and 1 full-attention layer.
+QWEN3_NEXT = dict(
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    num_hidden_layers=4,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+)
+
+
 def interleaved_rope(rows: torch.Tensor, latent_rank: int, config) -> torch.Tensor:
     """MLA rows ``[..., latent]`` with the rope part's pairs back in place where transformers writes them
     de-interleaved (``rope_interleave``, DeepSeek V3): the engines' cache entry. The exports' tests compare with
@@ -217,18 +232,7 @@ def test_a_plain_store_keeps_format_3(tmp_path, stories):
     [
         (
             "qwen3_next",
-            dict(
-                head_dim=16,
-                linear_num_key_heads=2,
-                linear_num_value_heads=4,
-                linear_key_head_dim=8,
-                linear_value_head_dim=8,
-                num_hidden_layers=4,
-                num_experts=4,
-                num_experts_per_tok=2,
-                moe_intermediate_size=32,
-                shared_expert_intermediate_size=32,
-            ),
+            QWEN3_NEXT,
             "3 layers of recurrent state (linear attention / state space)",
         ),
     ],
@@ -285,6 +289,26 @@ def test_vllm_export_refuses_the_kinds_it_cannot_write(kind_model, kind_store, c
     described = {"deepseek_v2": "multi-head latent", "deepseek_v3": "multi-head latent", "llama4_text": "chunked local"}
     assert "stores a cache of " in result.stderr and described.get(arch, "sliding-window") + " attention" in result.stderr
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_exports_refuse_recurrent_state(tmp_path, cli):
+    """No engine's per-page or per-chunk KV file holds a recurrent layer's state (a state per sequence): every
+    export refuses a store that has one, naming it, and makes no folder. Skipped while build refuses the model
+    (a recurrent store cannot be made yet)."""
+    model = make_model(tmp_path / "qwen3_next", "qwen3_next", **QWEN3_NEXT)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": p} for p in PROMPTS])
+    store = tmp_path / "store"
+    result = cli("build", data, "--model", model, "--out", store, "--device", "cpu", "--dtype", "float32", "--quiet")
+    if result.exit_code != 0:
+        assert "recurrent state" in result.stderr, result.stderr
+        pytest.skip("build does not store recurrent state yet")
+    for target in ("sglang", "lmcache", "vllm"):
+        out = tmp_path / target
+        result = cli("export", store, "--to", target, "--out", out, "--model-name", "m", "--hash-seed", "0")
+        assert result.exit_code not in (0, 1), result.output
+        assert "layers of recurrent state (linear attention / state space)" in result.stderr, result.stderr
+        assert "no export writes recurrent state" in result.stderr
+        assert "Traceback" not in result.output and not out.exists()
 
 
 def test_ls_names_the_layer_groups(kind_model, kind_store, cli):
