@@ -20,7 +20,7 @@ import pytest
 import torch
 from sglang.srt.configs.model_config import get_hybrid_layer_ids, is_hybrid_swa_model
 from sglang.srt.mem_cache.device_pool_info import MLABufferInfo
-from sglang.srt.mem_cache.hicache_storage import HiCacheFile, HiCacheStorageConfig, PoolHitPolicy, PoolTransfer
+from sglang.srt.mem_cache.hicache_storage import PoolHitPolicy, PoolTransfer
 from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
 from sglang.srt.mem_cache.utils import get_hash_str
 from transformers import AutoConfig, AutoTokenizer
@@ -30,7 +30,7 @@ from prefixgen.store.reader import PrefixStore
 from tests.conftest import make_model, write_jsonl
 from tests.test_cache_kinds import KINDS, interleaved_rope
 
-from .test_sglang_export import PAGE, host_pool, pool_kv
+from .test_sglang_export import PAGE, hicache_file, host_pool, pool_kv, rank_heads
 
 MODEL_NAME = "org/tiny"
 TEXTS = [
@@ -67,24 +67,6 @@ def export(store: Path, out: Path, *args: str) -> None:
     cmd = ["export", str(store), "--to", "sglang", "--out", str(out), "--model-name", MODEL_NAME, "--kv-dtype", "float32"]
     result = CliRunner().invoke(app, [*cmd, "--quiet", *args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-
-
-def hicache_file(out: Path, rank: int, tp: int, mla: bool, monkeypatch) -> HiCacheFile:
-    """The file backend as rank ``rank`` of a TP-``tp`` server builds it (``is_mla_model`` from the model)."""
-    monkeypatch.setenv("SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", str(out))
-    config = HiCacheStorageConfig(
-        tp_rank=rank,
-        tp_size=tp,
-        pp_rank=0,
-        pp_size=1,
-        attn_cp_rank=0,
-        attn_cp_size=1,
-        is_mla_model=mla,
-        enable_storage_metrics=False,
-        is_page_first_layout=True,
-        model_name=MODEL_NAME,
-    )
-    return HiCacheFile(config)
 
 
 def mla_host_pool(layout: str, layers: int, rank: int, rope: int, pages: int) -> MLATokenToKVPoolHost:
@@ -148,7 +130,7 @@ def test_sglang_reads_every_kind(kind, tmp_path, monkeypatch, layout, tp):
         pools = [("kv", list(range(kv.num_layers)))]
     checked = 0
     for rank in range(tp):
-        backend = hicache_file(out, rank, tp, kv.kind == "mla", monkeypatch)
+        backend = hicache_file(out, rank, tp, monkeypatch, model_name=MODEL_NAME, mla=kv.kind == "mla")
         for ids in records(model):
             n = len(ids) // PAGE * PAGE
             assert pstore.match(ids) >= n > 0
@@ -168,7 +150,7 @@ def test_sglang_reads_every_kind(kind, tmp_path, monkeypatch, layout, tp):
                     assert torch.equal(got, want)
                     checked += 1
                 continue
-            heads = _rank_heads(kv.num_kv_heads, tp, rank)
+            heads = rank_heads(kv.num_kv_heads, tp, rank)
             for name, layers in pools:
                 pool = host_pool(layout, len(layers), len(heads), kv.head_dim, torch.float32, pages=len(keys) + 1)
                 for i, key in enumerate(keys):
@@ -192,13 +174,6 @@ def _mla_page(pool: MLATokenToKVPoolHost, index: int) -> torch.Tensor:
     if pool.layout == "page_first":  # [tokens, L, 1, D]
         return buf[index : index + PAGE].transpose(0, 1)
     return buf[index // PAGE]  # page_first_direct: [pages, L, PAGE, 1, D]
-
-
-def _rank_heads(heads: int, tp: int, rank: int) -> list[int]:
-    if heads % tp == 0:
-        n = heads // tp
-        return list(range(rank * n, (rank + 1) * n))
-    return [rank // (tp // heads)]
 
 
 def test_hybrid_swa_architectures_are_sglangs():
