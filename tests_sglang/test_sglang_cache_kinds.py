@@ -2,11 +2,13 @@
 0.5.23's own code, byte for byte:
 
 * MLA (DeepSeek V2/V3): ``HiCacheFile`` of an MLA server (``is_mla_model``: one file per page for every
-  rank) and ``MLATokenToKVPoolHost`` take each page in; its latent rows must be the store's.
+  rank) and ``MLATokenToKVPoolHost`` take each page in; its latent rows must be the store's, with the rope key's
+  pairs in place for DeepSeek V3 (SGLang's ``is_neox_style = not rope_interleave``).
 * Hybrid SWA (GPT-OSS, in SGLang's ``is_hybrid_swa_model``): the ``kv`` pool over the full-attention layers
   and the ``swa`` pool over the sliding ones (``get_hybrid_layer_ids``), read with ``HiCacheFile``'s own
   pool reads (``_read_page``) and hit counts (``batch_exists_v2`` with the SWA pool's ``TRAILING_PAGES``).
-* Sliding window in an architecture SGLang serves from one pool (Gemma 3): the plain layout over all layers.
+* Sliding window or chunked attention in an architecture SGLang serves from one pool (Gemma 3, Llama 4's text
+  model): the plain layout over all layers.
 
 The models are tiny random ones of tests/test_cache_kinds.py's configs, built in float32 and exported in
 float32 (a server started with ``--dtype float32``), so the bytes compare exactly.
@@ -41,7 +43,7 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["deepseek_v2", "deepseek_v3", "gpt_oss", "gemma3_text"])
+@pytest.fixture(scope="module", params=["deepseek_v2", "deepseek_v3", "gpt_oss", "gemma3_text", "llama4_text"])
 def kind(request, tmp_path_factory) -> tuple[str, Path, Path]:
     """(arch, model folder, float32 store of TEXTS) of one tiny model."""
     from typer.testing import CliRunner

@@ -26,7 +26,8 @@ The other cache kinds (FORMAT.md, "Layer groups and MLA"):
 
 * **MLA** (``use_mla``, DeepSeek V2/V3): a chunk is ``KV_MLA_FMT`` ``[1, layers, chunk tokens,
   kv_lora_rank + rope]`` (``metadata.get_shapes`` with ``kv_shape`` ``(layers, 1, chunk, 1, latent)``), the
-  store's latent rows. The latent is the same on every rank, so LMCache saves it once
+  store's latent rows, the rope key's pairs in place as vLLM's MLA rope (``is_neox_style=False``) leaves them
+  (``StoreInfo.engine_mla_rows``; transformers caches them de-interleaved for ``rope_interleave``). The latent is the same on every rank, so LMCache saves it once
   (``save_only_first_rank``, on by default for MLA): the key's world size is 1
   (``TokenDatabase._make_key_by_hash``) and every rank reads worker 0's file
   (``remote_enable_mla_worker_id_as0``). One file per chunk, ``model@1@0@hash@dtype.data``, whatever the

@@ -20,7 +20,9 @@ The other cache kinds (FORMAT.md, "Layer groups and MLA"):
   ``MLATokenToKVPoolHost``; ``HiCacheFile`` names its pages without the rank (``is_mla_model``:
   ``{key}_{model}.bin``, one file for every rank) and a page is ``get_data_page``'s
   ``[page_size, layers, 1, kv_lora_rank + rope]`` (``page_first``) or ``[layers, page_size, 1, ...]``
-  (``layer_first``, ``page_first_direct``): the store's latent rows, which are that entry.
+  (``layer_first``, ``page_first_direct``): the store's latent rows, with the rope key's pairs put back
+  in place for ``rope_interleave`` models (``StoreInfo.engine_mla_rows``: SGLang's DeepSeek attention
+  rotates with ``is_neox_style = not rope_interleave``, transformers caches the result de-interleaved).
 * **Sliding window / chunked, hybrid SWA** (the architectures ``configs.model_config.is_hybrid_swa_model``
   lists, GPT-OSS among them): two host pools (``build_hybrid_swa_group``): ``kv`` over the full-attention
   layers and ``swa`` over the sliding ones (``get_hybrid_layer_ids``), each an ``MHATokenToKVPoolHost``
