@@ -27,6 +27,7 @@ from tqdm import tqdm
 from prefixgen.builder.distributed import Ranks
 from prefixgen.builder.plan import Batch, Budget, Planner, PrefillTask, batch_tasks, split_batch
 from prefixgen.builder.prefill import Prefiller, fit_batch_tokens
+from prefixgen.builder.recurrent import RecurrentPrefiller
 from prefixgen.builder.progress import Progress
 from prefixgen.builder.selection import Selection, choose_blocks, cut_to_selection, max_blocks, select_counts
 from prefixgen.config import BuildConfig
@@ -34,6 +35,7 @@ from prefixgen.data.records import RecordTokenizer, open_records
 from prefixgen.data.source import ShareRead, count_records, read_share
 from prefixgen.errors import PrefixgenError, StoreError
 from prefixgen.format import BlockHash, BuildRecord, Manifest, dequantize_fp8, quantize_fp8, root_key
+from prefixgen.kvcache import recurrent_layers
 from prefixgen.maintain.compact import compact_store
 from prefixgen.model import fingerprint, load_model, probe_kv_layout
 from prefixgen.store.blockcache import BlockCache
@@ -282,7 +284,10 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     if budget.tokens < cfg.batch_tokens:
         bar.write(f"device memory allows {budget.tokens} tokens per batch (asked for {cfg.batch_tokens})")
     source = PastSource(writer, store, device, model.dtype, cfg.prefix_cache_bytes, fp8=manifest.kv.storage == "fp8")
-    prefiller = Prefiller(model, device, source.get, manifest.kv)
+    if recurrent_layers(manifest.kv):  # a hybrid: task by task, keeping the recurrent states at boundaries
+        prefiller: Any = RecurrentPrefiller(model, device, source.get, manifest.kv, out, manifest.block_size, cfg.fsync)
+    else:
+        prefiller = Prefiller(model, device, source.get, manifest.kv)
     timer = StageTimer()
 
     def store_task(task: PrefillTask, kv: torch.Tensor) -> None:
@@ -369,7 +374,7 @@ def _close(batches: Any) -> None:
         batches.close()
 
 
-def _prefill(prefiller: Prefiller, batch: Batch, budget: Budget, timer: StageTimer, bar: tqdm, done: Callable) -> None:
+def _prefill(prefiller: Prefiller | RecurrentPrefiller, batch: Batch, budget: Budget, timer: StageTimer, bar: tqdm, done: Callable) -> None:
     """Run ``batch`` and call ``done(task, kv)`` for each task. An out-of-memory batch is split in
     two and retried (each half stored before the next runs, since it may be the other's past),
     and later batches get a smaller budget."""

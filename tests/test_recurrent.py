@@ -1,0 +1,142 @@
+"""Hybrid models with recurrent layers (Gated DeltaNet in Qwen3-Next, Mamba2 in Granite 4.0) built into a
+store by the real build: the attention layers' KV per block, the recurrent states at stride boundaries and
+where tasks end, each exactly what a forward of that prefix computes; loaded back, the model's own cache
+continues as a full recompute, through ``PrefixStore.load`` and ``prefixgen serve``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prefixgen import BuildConfig, PrefixStore, build
+from prefixgen.builder.recurrent import stride_blocks
+from prefixgen.cache_spec import RECURRENT, cache_spec
+from prefixgen.compat import cache_kwargs, model_cache, output_cache
+from prefixgen.kvcache import states_from_cache
+from prefixgen.maintain.verify import verify_store
+from prefixgen.model import config_kv_layout
+from prefixgen.store.states import STATES_DIR, read_state, state_path
+
+from .conftest import make_model, write_jsonl
+
+# Each longer than two state strides (32 tokens, 2 blocks of 16, for both configs below).
+PROMPTS = [
+    "Once upon a time, there was a little girl named Lily. She loved to play outside with her friends in the sun. "
+    "One day she found a shiny stone by the river and showed it to her mother.",
+    "Once upon a time, there was a little boy named Tom. He had a big red ball and a small dog called Max. "
+    "They played in the park every morning until the sun went down.",
+]
+SUFFIX = " And then they all went home happy, singing a song."
+
+HYBRIDS = {
+    "qwen3_next": dict(
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        num_hidden_layers=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+    ),
+    # Granite 4.0's Mamba2 hybrid, dense (no experts).
+    "granitemoehybrid": dict(
+        num_hidden_layers=4,
+        layer_types=["mamba", "attention", "mamba", "attention"],
+        mamba_n_heads=8,
+        mamba_d_head=16,
+        mamba_n_groups=1,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        num_local_experts=0,
+        shared_intermediate_size=128,
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(HYBRIDS))
+def hybrid(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / request.param
+    return request.param, make_model(path, request.param, seed=1, initializer_range=0.1, **HYBRIDS[request.param])
+
+
+@pytest.fixture(scope="module")
+def hybrid_store(hybrid, tmp_path_factory):
+    arch, model_dir = hybrid
+    tmp = tmp_path_factory.mktemp(f"store-{arch}")
+    data = write_jsonl(tmp / "d.jsonl", [{"text": p} for p in PROMPTS])
+    cfg = BuildConfig(dataset=str(data), model=str(model_dir), out=str(tmp / "store"), device="cpu", dtype="float32", quiet=True)
+    build(cfg)
+    return PrefixStore.open(tmp / "store")
+
+
+def _load(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def test_stride_and_layout(hybrid, hybrid_store):
+    arch, model_dir = hybrid
+    manifest = json.loads((hybrid_store.path / "manifest.json").read_text())
+    spec = cache_spec(AutoConfig_of(model_dir))
+    (rec,) = [g for g in manifest["kv"]["groups"] if g["kind"] == RECURRENT]
+    assert rec["state_stride"] == 32 and stride_blocks(hybrid_store.manifest.kv, 16) == 2
+    assert manifest["kv"]["num_layers"] == len(spec.attention_layers) < spec.num_layers
+    assert config_kv_layout(AutoConfig_of(model_dir), "float32") == hybrid_store.manifest.kv
+    assert verify_store(hybrid_store.path).ok
+
+
+def AutoConfig_of(model_dir):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir)
+
+
+@torch.inference_mode()
+def test_stored_states_are_the_forward_of_the_prefix(hybrid, hybrid_store):
+    """At every stride boundary and at each record's last block, the stored state is what a forward of
+    that prefix alone computes: bitwise at the first boundary (the build's first segment is that very
+    forward), within float32 rounding later (the build continues its cache, as chunked prefill does)."""
+    arch, model_dir = hybrid
+    model, tok = _load(model_dir)
+    bs = hybrid_store.block_size
+    for prompt in PROMPTS:
+        ids = tok(prompt).input_ids
+        keys = hybrid_store.keys(ids)
+        want = sorted({b for b in range(1, len(keys) + 1) if b % 2 == 0} | {len(keys)})
+        held = [b for b in range(1, len(keys) + 1) if state_path(hybrid_store.path, keys[b - 1]).exists()]
+        assert held == want, (held, want)
+        for b in want:
+            cache = output_cache(model(torch.tensor([ids[: b * bs]]), use_cache=True, **cache_kwargs(model, model_cache(model.config))))
+            conv, ssm = states_from_cache(cache, hybrid_store.manifest.kv)
+            s_conv, s_ssm = read_state(hybrid_store.path, keys[b - 1], b * bs)
+            if b == want[0]:
+                assert torch.equal(s_conv, conv[0]) and torch.equal(s_ssm, ssm[0])
+            bound = 1e-5  # float32 rounding of values of order 1 (the states here are below 1)
+            assert (s_conv - conv[0]).abs().max().item() < bound and (s_ssm - ssm[0]).abs().max().item() < bound
+
+
+@torch.inference_mode()
+def test_loaded_cache_continues_as_a_full_recompute(hybrid, hybrid_store):
+    arch, model_dir = hybrid
+    model, tok = _load(model_dir)
+    hybrid_store.check_compatible(model, tok)
+    for prompt in PROMPTS:
+        ids = tok(prompt).input_ids + tok(SUFFIX).input_ids
+        cache = hybrid_store.load(ids)
+        n = int(cache.get_seq_length())
+        assert n > 32 and n % hybrid_store.block_size == 0  # past one stride
+        full = model(torch.tensor([ids])).logits[0, n:]
+        rest = model(torch.tensor([ids[n:]]), **cache_kwargs(model, cache)).logits[0]
+        bound = 1e-4 * full.abs().max().item()  # float32 rounding through the chunked scans
+        assert (rest - full).abs().max().item() < bound, arch
+        plain = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+        cached = model.generate(
+            torch.tensor([ids]), max_new_tokens=12, do_sample=False, **cache_kwargs(model, hybrid_store.load(ids))
+        )
+        assert plain.tolist() == cached.tolist(), arch
