@@ -186,20 +186,16 @@ def test_a_plain_store_keeps_format_3(tmp_path, stories):
     "arch, overrides, expect",
     [
         (
-            "qwen3_next",
+            "granitemoehybrid",
             dict(
-                head_dim=16,
-                linear_num_key_heads=2,
-                linear_num_value_heads=4,
-                linear_key_head_dim=8,
-                linear_value_head_dim=8,
-                num_hidden_layers=4,
-                num_experts=4,
-                num_experts_per_tok=2,
-                moe_intermediate_size=32,
-                shared_expert_intermediate_size=32,
+                layer_types=["mamba"] * 2,
+                mamba_n_heads=4,
+                mamba_d_head=32,
+                mamba_d_state=8,
+                num_local_experts=0,
+                shared_intermediate_size=128,
             ),
-            "3 layers of recurrent state (linear attention / state space)",
+            "only 2 layers of recurrent state (linear attention / state space): prefixgen stores recurrent states beside",
         ),
     ],
 )

@@ -140,3 +140,51 @@ def test_loaded_cache_continues_as_a_full_recompute(hybrid, hybrid_store):
             torch.tensor([ids]), max_new_tokens=12, do_sample=False, **cache_kwargs(model, hybrid_store.load(ids))
         )
         assert plain.tolist() == cached.tolist(), arch
+
+
+def test_prefixgen_serve_answers_as_without_the_store(hybrid, hybrid_store):
+    """``prefixgen serve``'s engine: greedy answers with the stored prefix and state loaded equal those of --no-store."""
+    from prefixgen.integrations.serve import Engine, ServeConfig
+
+    _, model_dir = hybrid
+    cfg = dict(store=str(hybrid_store.path), model=str(model_dir), device="cpu", dtype="float32")
+    with_store, without = Engine(ServeConfig(**cfg)), Engine(ServeConfig(**cfg, no_store=True))
+    ids = with_store.tokenize_text(PROMPTS[1] + SUFFIX)
+    a = with_store.generate(ids, {"max_tokens": 12, "temperature": 0})
+    b = without.generate(ids, {"max_tokens": 12, "temperature": 0})
+    assert a.cached_tokens > 32 and b.cached_tokens == 0
+    assert a.tokens == b.tokens
+
+
+def test_a_damaged_state_is_refused(hybrid, hybrid_store, tmp_path):
+    """A state file whose bytes changed fails its checksum: the load says which file, serve goes on without it."""
+    import shutil
+
+    from prefixgen.errors import CorruptStoreError
+
+    _, model_dir = hybrid
+    copy = tmp_path / "store"
+    shutil.copytree(hybrid_store.path, copy)
+    store = PrefixStore.open(copy)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(PROMPTS[0]).input_ids + tok(SUFFIX).input_ids
+    n = int(store.load(ids).get_seq_length())
+    path = state_path(copy, store.keys(ids)[n // store.block_size - 1])
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptStoreError, match="checksum"):
+        store.load(ids)
+    assert (copy / STATES_DIR).is_dir()
+
+
+def test_exports_refuse_a_hybrid_store(hybrid_store, cli, tmp_path):
+    """No export target writes recurrent states yet (issue 28): one message naming the kind, no export folder."""
+    for target in ("sglang", "lmcache", "vllm"):
+        out = tmp_path / target
+        result = cli("export", hybrid_store.path, "--to", target, "--out", out, "--model-name", "m", "--hash-seed", "0")
+        assert result.exit_code not in (0, 1), result.output
+        assert "recurrent state" in result.stderr, result.stderr
+        assert "Traceback" not in result.output and not out.exists()
+    listing = cli("ls", hybrid_store.path)
+    assert listing.exit_code == 0 and "layers of recurrent state" in listing.output, listing.output
