@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from prefixgen.cache_spec import RECURRENT, cache_spec
 from prefixgen.compat import hybrid_cache, make_cache, model_cache, recurrent_state
-from prefixgen.format import KVLayout
+from prefixgen.format import DTYPE_SIZES, KVLayout
 
 
 def empty_cache() -> DynamicCache:
@@ -44,6 +44,23 @@ def recurrent_layers(layout: KVLayout) -> tuple[int, ...]:
 def attention_layers(layout: KVLayout) -> tuple[int, ...]:
     """The model's layers that a store row holds, in row order."""
     return tuple(sorted(i for g in layout.groups if g.kind != RECURRENT for i in g.layers)) or tuple(range(layout.num_layers))
+
+
+def state_bytes_per_block(layout: KVLayout, block_size: int) -> int:
+    """A hybrid's stored recurrent state bytes per block, at one state every ``state_stride`` tokens
+    (rounded up to blocks): conv values in the KV's dtype, SSM values in float32 as transformers keeps
+    them. 0 for a model without recurrent layers. Record ends add states beyond these.
+
+    Example:
+        >>> state_bytes_per_block(config_kv_layout(qwen3_next_80b_config, "bfloat16"), 16)  # doctest: +SKIP
+        608256
+    """
+    g = next((x for x in layout.groups if x.kind == RECURRENT), None)
+    if g is None:
+        return 0
+    per_state = len(g.layers) * (g.conv * DTYPE_SIZES[layout.dtype] + g.ssm * 4)
+    blocks = max(1, -(-g.state_stride // block_size))
+    return -(-per_state // blocks)
 
 
 def kv_layers(cache: DynamicCache, layout: KVLayout) -> list:
