@@ -95,7 +95,18 @@ class LayerGroup:
     def to_dict(self) -> dict[str, Any]:
         """The manifest's form: the kind, its layers and only the fields that apply to it."""
         out: dict[str, Any] = {"kind": self.kind, "layers": list(self.layers)}
-        for name in ("kv_heads", "head_dim", "window", "sinks", "chunk", "kv_lora_rank", "rope_dim", "conv", "ssm", "state_stride"):
+        for name in (
+            "kv_heads",
+            "head_dim",
+            "window",
+            "sinks",
+            "chunk",
+            "kv_lora_rank",
+            "rope_dim",
+            "conv",
+            "ssm",
+            "state_stride",
+        ):
             value = getattr(self, name)
             if value:
                 out[name] = value

@@ -77,7 +77,9 @@ def states_from_cache(cache: DynamicCache, layout: KVLayout) -> tuple[torch.Tens
     return torch.stack([c[..., 1:] for c in convs], 1), torch.stack(ssms, 1)
 
 
-def hybrid_to_cache(kv: torch.Tensor | None, conv: torch.Tensor | None, ssm: torch.Tensor | None, layout: KVLayout, tokens: int) -> DynamicCache:
+def hybrid_to_cache(
+    kv: torch.Tensor | None, conv: torch.Tensor | None, ssm: torch.Tensor | None, layout: KVLayout, tokens: int
+) -> DynamicCache:
     """A cache (batch 1) that continues a hybrid model after ``tokens`` tokens: rows ``[tokens, L, parts, H, D]``
     of its attention layers (None for none) and its recurrent state (conv ``[R, channels, kernel - 1]``, ssm ``[R, ...]``).
     The conv state gets back its oldest input as zero: no later output reads it."""

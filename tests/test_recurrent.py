@@ -108,11 +108,14 @@ def test_stored_states_are_the_forward_of_the_prefix(hybrid, hybrid_store):
     for prompt in PROMPTS:
         ids = tok(prompt).input_ids
         keys = hybrid_store.keys(ids)
-        want = sorted({b for b in range(1, len(keys) + 1) if b % 2 == 0} | {len(keys)})
+        # The stride (2 blocks), and where the record ends as a prompt ((n - 1) // B) and as a prefix (n // B).
+        want = sorted({b for b in range(1, len(keys) + 1) if b % 2 == 0} | {len(keys), (len(ids) - 1) // bs})
         held = [b for b in range(1, len(keys) + 1) if state_path(hybrid_store.path, keys[b - 1]).exists()]
         assert held == want, (held, want)
         for b in want:
-            cache = output_cache(model(torch.tensor([ids[: b * bs]]), use_cache=True, **cache_kwargs(model, model_cache(model.config))))
+            cache = output_cache(
+                model(torch.tensor([ids[: b * bs]]), use_cache=True, **cache_kwargs(model, model_cache(model.config)))
+            )
             conv, ssm = states_from_cache(cache, hybrid_store.manifest.kv)
             s_conv, s_ssm = read_state(hybrid_store.path, keys[b - 1], b * bs)
             if b == want[0]:

@@ -33,6 +33,34 @@ def stride_blocks(layout: KVLayout, block_size: int) -> int:
     return max(1, -(-stride // block_size))
 
 
+class StatePlan:
+    """Where a record wants a recurrent state beyond the stride (the planner asks, ``Planner(states=...)``):
+    where its prefixes end as a server's lookup covers them. A lookup of a prompt of ``n`` tokens covers
+    ``(n - 1) // B`` blocks (one token is left to prefill) or, as the prefix of a longer prompt, ``n // B``:
+    the record's end gives both, each chat turn's prompt the first.
+
+    Example:
+        >>> StatePlan(Path("store"), 16).wanted(TokenizedRecord(0, list(range(40)), (20,)), 2)  # doctest: +SKIP
+        [1, 2]
+    """
+
+    def __init__(self, store: Path, block_size: int):
+        self.store, self.block_size = Path(store), block_size
+        self.asked: set[bytes] = set()  # states a task of this run computes already
+
+    def wanted(self, record, blocks: int) -> list[int]:
+        bs, n = self.block_size, len(record.ids)
+        want = {(n - 1) // bs, n // bs} | {(e - 1) // bs for e in record.ends}
+        return sorted(b for b in want if 1 <= b <= blocks)
+
+    def missing(self, key: BlockHash) -> bool:
+        """True (once per key) if no state is kept after block ``key`` and no task of this run computes it."""
+        if bytes(key) in self.asked or state_path(self.store, key).exists():
+            return False
+        self.asked.add(bytes(key))
+        return True
+
+
 class RecurrentPrefiller:
     """Runs batches of a hybrid model task by task; returns, per task, the KV of its new tokens
     ``[new, L, parts, H, D]`` (attention layers only) and writes the states it reaches into ``store``.
@@ -65,15 +93,17 @@ class RecurrentPrefiller:
         blocks = len(t.tokens) // bs
         start = self._resume_point(t)
         cache = self._cache_at(t, start)
-        # Segment ends: the stride's boundaries after the start, and the task's end.
-        ends = sorted({b for b in range(start + 1, blocks + 1) if b % self.stride == 0} | {blocks})
+        # Segment ends: the stride's boundaries after the start, those the planner asked for, and the task's end.
+        ends = sorted({b for b in range(start + 1, blocks + 1) if b % self.stride == 0} | {blocks} | set(t.states))
         at = start
         for end in ends:
+            if end <= at:
+                continue
             ids = torch.tensor([t.tokens[at * bs : end * bs]], device=self.device)
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, cache))
             cache = output_cache(out)
             conv, ssm = states_from_cache(cache, self.layout)  # [1, R, channels, kernel - 1], [1, R, ...]
-            if end * bs > t.cached:  # a boundary of this task's new blocks (the others were stored before)
+            if end * bs > t.cached or end in t.states:  # this task's new blocks' boundaries, and those asked for
                 self.states_written += write_state(self.store, t.keys[end - 1], end * bs, conv[0], ssm[0], self.fsync)
             at = end
         # The attention layers hold every token from 0: the task's new tokens are its rows from `cached`.

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from prefixgen.compat import cache_kwargs
-from prefixgen.kvcache import recurrent_layers
 from prefixgen.config import ServeConfig
 from prefixgen.errors import ConfigError, StoreError
+from prefixgen.kvcache import recurrent_layers
 from prefixgen.model import load_model
 from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.reader import PrefixMatch, PrefixStore, kv_to_cache

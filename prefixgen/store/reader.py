@@ -206,7 +206,9 @@ class PrefixStore:
         _, kv = self.read_prefix(keys, device=device, dtype=dtype, verify=verify)  # [T, L, parts, H, D]
         return kv_to_cache(kv, self.manifest.kv)
 
-    def _load_hybrid(self, keys: list[BlockHash], device: str | torch.device, dtype: torch.dtype | None, verify: bool) -> DynamicCache:
+    def _load_hybrid(
+        self, keys: list[BlockHash], device: str | torch.device, dtype: torch.dtype | None, verify: bool
+    ) -> DynamicCache:
         """A hybrid model's cache: up to the last matched block whose recurrent state is stored
         (``prefixgen.store.states``), the attention layers' KV of its blocks and that state."""
         n = last_state(self.path, keys[: self.find_prefix(keys).blocks])
