@@ -20,7 +20,7 @@ from prefixgen.maintain.verify import verify_store
 from prefixgen.model import config_kv_layout
 from prefixgen.store.states import STATES_DIR, read_state, state_path
 
-from .conftest import make_model, write_jsonl
+from .conftest import CHAT_TEMPLATE, make_model, write_jsonl
 
 # Each longer than two state strides (32 tokens, 2 blocks of 16, for both configs below).
 PROMPTS = [
@@ -191,3 +191,58 @@ def test_exports_refuse_a_hybrid_store(hybrid_store, cli, tmp_path):
         assert "Traceback" not in result.output and not out.exists()
     listing = cli("ls", hybrid_store.path)
     assert listing.exit_code == 0 and "layers of recurrent state" in listing.output, listing.output
+
+
+def _continues(store, model, ids, n):
+    """``load`` of ``ids[:-1]`` covers ``n`` tokens and continues as a full forward."""
+    cache = store.load(ids[:-1])
+    assert int(cache.get_seq_length()) == n
+    full = model(torch.tensor([ids])).logits[0, n:]
+    rest = model(torch.tensor([ids[n:]]), **cache_kwargs(model, cache)).logits[0]
+    assert (rest - full).abs().max().item() < 1e-4 * full.abs().max().item()
+
+
+@torch.inference_mode()
+def test_a_state_where_each_turn_ends(tmp_path):
+    """A chat's earlier turns end as a server's prompt inside the record (blocks 5 and 11 here, off the
+    stride of 2 blocks): ``load`` of those prompts covers every block before their last token."""
+    model_dir = make_model(
+        tmp_path / "m", "qwen3_next", seed=1, initializer_range=0.1, chat_template=CHAT_TEMPLATE, **HYBRIDS["qwen3_next"]
+    )
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    first = PROMPTS[0].split(" by the river")[0]
+    turns = [first, "What did she find by the river?", "She found a shiny stone by the river, and it was very pretty.", "Thanks!"]
+    data = write_jsonl(tmp_path / "chats.jsonl", [{"messages": turns}])
+    cfg = BuildConfig(
+        dataset=str(data), model=str(model_dir), out=str(tmp_path / "s"), device="cpu", dtype="float32",
+        messages_field="messages", quiet=True,
+    )  # fmt: skip
+    build(cfg)
+    store = PrefixStore.open(tmp_path / "s")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    bs = store.block_size
+    for k in (1, 3):  # the prompts before the first and the second assistant turn
+        messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": c} for i, c in enumerate(turns[:k])]
+        ids = tok(
+            tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+        ).input_ids
+        n = (len(ids) - 1) // bs * bs
+        assert n % 32, "the turn's end must not fall on the stride, or this test shows nothing"
+        _continues(store, model, ids, n)
+
+
+@torch.inference_mode()
+def test_a_state_where_a_record_built_after_a_longer_one_ends(hybrid, tmp_path):
+    """The second record is a prefix of the first: all its blocks are stored before it is planned, and
+    its end (block 3, off the stride) still gets a state."""
+    arch, model_dir = hybrid
+    model, tok = _load(model_dir)
+    short = PROMPTS[0].split(" She loved")[0] + " She loved to play"
+    ids = tok(short).input_ids
+    bs = 16
+    assert tok(PROMPTS[0]).input_ids[: len(ids)] == ids and ((len(ids) - 1) // bs) % 2, len(ids)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": PROMPTS[0]}, {"text": short}])
+    build(
+        BuildConfig(dataset=str(data), model=str(model_dir), out=str(tmp_path / "s"), device="cpu", dtype="float32", quiet=True)
+    )
+    _continues(PrefixStore.open(tmp_path / "s"), model, ids, (len(ids) - 1) // bs * bs)
