@@ -73,14 +73,18 @@ def last_state(store: Path, keys: Sequence[BlockHash]) -> int:
 
 def read_state(store: Path, key: BlockHash, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(conv, ssm) after the block ``key``, checked against its CRC32C and the ``tokens`` it must follow."""
-    path = state_path(store, key)
+    return read_state_file(state_path(store, key), tokens)
+
+
+def read_state_file(path: Path, tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conv, ssm) of the state file ``path``, checked against its CRC32C (and ``tokens``, if given)."""
     try:
         data = path.read_bytes()
         tensors = st_load(data)
         header_len = int(np.frombuffer(data[:8], dtype="<u8")[0])
         metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
         conv, ssm = tensors["conv"], tensors["ssm"]
-        ok = int(metadata["tokens"]) == tokens and int(metadata["crc32c"]) == _crc(conv, ssm)
+        ok = int(metadata["tokens"]) == (tokens or int(metadata["tokens"])) and int(metadata["crc32c"]) == _crc(conv, ssm)
     except (OSError, KeyError, ValueError) as exc:
         raise CorruptStoreError(f"{path}: the recurrent state is missing or damaged ({exc})") from None
     except Exception as exc:  # safetensors' own errors for a truncated or garbled file
