@@ -91,14 +91,18 @@ def kind_model(request, tmp_path_factory):
     return request.param, make_model(path, request.param, seed=1, initializer_range=0.1, **KINDS[request.param])
 
 
-@pytest.fixture(scope="module")
-def kind_store(kind_model, tmp_path_factory):
-    arch, model_dir = kind_model
-    tmp = tmp_path_factory.mktemp(f"store-{arch}")
-    data = write_jsonl(tmp / "d.jsonl", [{"text": p} for p in PROMPTS])
+def build_text_store(model_dir, prompts: list[str], tmp) -> PrefixStore:
+    """A float32 store of ``prompts`` (text records) built by the real build with ``model_dir``."""
+    data = write_jsonl(tmp / "d.jsonl", [{"text": p} for p in prompts])
     cfg = BuildConfig(dataset=str(data), model=str(model_dir), out=str(tmp / "store"), device="cpu", dtype="float32", quiet=True)
     build(cfg)
     return PrefixStore.open(tmp / "store")
+
+
+@pytest.fixture(scope="module")
+def kind_store(kind_model, tmp_path_factory):
+    arch, model_dir = kind_model
+    return build_text_store(model_dir, PROMPTS, tmp_path_factory.mktemp(f"store-{arch}"))
 
 
 def _load(model_dir):

@@ -21,6 +21,7 @@ from prefixgen.model import config_kv_layout
 from prefixgen.store.states import STATES_DIR, read_state, state_path
 
 from .conftest import CHAT_TEMPLATE, make_model, write_jsonl
+from .test_cache_kinds import _load, build_text_store
 
 # Each longer than two state strides (32 tokens, 2 blocks of 16, for both configs below).
 PROMPTS = [
@@ -69,15 +70,7 @@ def hybrid(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def hybrid_store(hybrid, tmp_path_factory):
     arch, model_dir = hybrid
-    tmp = tmp_path_factory.mktemp(f"store-{arch}")
-    data = write_jsonl(tmp / "d.jsonl", [{"text": p} for p in PROMPTS])
-    cfg = BuildConfig(dataset=str(data), model=str(model_dir), out=str(tmp / "store"), device="cpu", dtype="float32", quiet=True)
-    build(cfg)
-    return PrefixStore.open(tmp / "store")
-
-
-def _load(model_dir):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(model_dir)
+    return build_text_store(model_dir, PROMPTS, tmp_path_factory.mktemp(f"store-{arch}"))
 
 
 def test_stride_and_layout(hybrid, hybrid_store):
