@@ -17,7 +17,6 @@ committed, a pruned block) is never read: readers look states up only for blocks
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,20 +54,11 @@ def write_state(store: Path, key: BlockHash, tokens: int, conv: torch.Tensor, ss
     return create_once(path, [st_save({"conv": conv, "ssm": ssm}, metadata=metadata)], fsync=fsync)
 
 
-def has_states(store: Path, keys: Sequence[BlockHash]) -> list[bool]:
-    """Which of ``keys`` have a state file."""
-    folder = Path(store) / STATES_DIR
-    if not folder.is_dir():
-        return [False] * len(keys)
-    names = set(os.listdir(folder))
-    return [f"{bytes(k).hex()}.safetensors" in names for k in keys]
-
-
 def last_state(store: Path, keys: Sequence[BlockHash]) -> int:
     """Blocks of ``keys`` up to the last one with a stored state (0 if none): how far a prefix of a hybrid
-    model can be served, since its recurrent layers continue only from a stored state."""
-    held = has_states(store, keys)
-    return next((i + 1 for i in range(len(keys) - 1, -1, -1) if held[i]), 0)
+    model can be served, since its recurrent layers continue only from a stored state. Looks from the
+    end, one file at a time: a state is kept at least every stride, so a few looks find it."""
+    return next((i + 1 for i in range(len(keys) - 1, -1, -1) if state_path(store, keys[i]).exists()), 0)
 
 
 def read_state(store: Path, key: BlockHash, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
