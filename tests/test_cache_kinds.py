@@ -15,6 +15,7 @@ from prefixgen import BuildConfig, PrefixStore, build
 from prefixgen.cache_spec import CHUNKED, MLA, RECURRENT, SLIDING, cache_spec, state_stride_tokens
 from prefixgen.compat import cache_kwargs
 from prefixgen.format import SHARDS_DIR, read_safetensors_header
+from prefixgen.kvcache import state_bytes_per_block
 from prefixgen.maintain.verify import verify_store
 from prefixgen.model import config_kv_layout
 
@@ -225,6 +226,11 @@ def test_qwen3_next_80b_state_arithmetic():
     assert spec.bytes_per_token(2) == 12 * 2 * 2 * 256 * 2 == 24_576
     assert spec.bytes_per_boundary(2) == 36 * (24_576 + 524_288) * 2 == 39_518_208
     assert state_stride_tokens(spec, 2) == 2048  # 39.5 MB of state is the KV of 1,608 tokens
+    # As transformers keeps it (and a store holds it): the delta-rule state in float32.
+    assert state_stride_tokens(spec, 2, ssm_itemsize=4) == 4096  # 77.3 MB, the KV of 3,144 tokens
+    layout = config_kv_layout(Qwen3NextConfig(), "bfloat16")
+    assert layout.num_layers == 12 and [g.state_stride for g in layout.groups if g.kind == RECURRENT] == [4096]
+    assert state_bytes_per_block(layout, 16) == 36 * (24_576 * 2 + 524_288 * 4) // 256 == 301_824
 
 
 def test_prefixgen_serve_answers_as_without_the_store(kind_model, kind_store):
