@@ -21,7 +21,7 @@ from prefixgen.model import config_kv_layout
 from prefixgen.store.states import STATES_DIR, read_state, state_path
 
 from .conftest import CHAT_TEMPLATE, make_model, write_jsonl
-from .test_cache_kinds import _load, build_text_store
+from .test_cache_kinds import QWEN3_NEXT, _load, build_text_store
 
 # Each longer than two state strides (32 tokens, 2 blocks of 16, for both configs below).
 PROMPTS = [
@@ -33,18 +33,7 @@ PROMPTS = [
 SUFFIX = " And then they all went home happy, singing a song."
 
 HYBRIDS = {
-    "qwen3_next": dict(
-        head_dim=16,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=8,
-        linear_value_head_dim=8,
-        num_hidden_layers=4,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=32,
-    ),
+    "qwen3_next": QWEN3_NEXT,
     # Granite 4.0's Mamba2 hybrid, dense (no experts).
     "granitemoehybrid": dict(
         num_hidden_layers=4,
