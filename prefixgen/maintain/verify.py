@@ -35,6 +35,7 @@ from prefixgen.format import (
     shard_tensors,
 )
 from prefixgen.store.reader import PrefixStore
+from prefixgen.store.states import STATES_DIR, read_state_file
 
 
 @dataclass(slots=True)
@@ -108,6 +109,14 @@ def verify_store(path: str | os.PathLike, progress: bool = False, quick: bool = 
             report.notes.append(
                 f"{SHARDS_DIR}/{name}: shard with no index segment, from an interrupted writer (ignored by readers)"
             )
+    for name in sorted(os.listdir(path / STATES_DIR)) if (path / STATES_DIR).is_dir() else []:
+        if name.endswith(TMP_SUFFIX):
+            report.notes.append(f"{STATES_DIR}/{name}: temporary file of an interrupted writer (ignored by readers)")
+        elif not quick:
+            try:  # a hybrid model's recurrent state (FORMAT.md, "Recurrent states")
+                read_state_file(path / STATES_DIR / name)
+            except PrefixgenError as exc:
+                report.faults.append(str(exc))
     for p in sorted((path / BUILDS_DIR).glob("*.json")) + sorted((path / BUILDS_DIR).glob("*/*.json")):
         try:
             json.loads(p.read_text())

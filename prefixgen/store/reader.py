@@ -46,10 +46,11 @@ from prefixgen.format import (
     read_safetensors_header,
     read_shard_blocks,
 )
-from prefixgen.kvcache import rows_to_cache
+from prefixgen.kvcache import hybrid_to_cache, recurrent_layers, rows_to_cache
 from prefixgen.model import fingerprint, probe_kv_layout
 from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.index import BlockLocation, StoreIndex
+from prefixgen.store.states import last_state, read_state
 
 PIECE_BYTES = 16 << 20  # one read request (and one staging slot)
 # A shard missing under a changed index: wait this long before each new try (the index is reopened first).
@@ -199,8 +200,28 @@ class PrefixStore:
             >>> cache = store.load(ids[:-1], device="cuda")  # doctest: +SKIP
             >>> model.generate(torch.tensor([ids]), cache=cache)  # doctest: +SKIP
         """
-        _, kv = self.read_prefix(self.keys(token_ids), device=device, dtype=dtype, verify=verify)  # [T, L, parts, H, D]
+        keys = self.keys(token_ids)
+        if recurrent_layers(self.manifest.kv):
+            return self._load_hybrid(keys, device, dtype, verify)
+        _, kv = self.read_prefix(keys, device=device, dtype=dtype, verify=verify)  # [T, L, parts, H, D]
         return kv_to_cache(kv, self.manifest.kv)
+
+    def _load_hybrid(
+        self, keys: list[BlockHash], device: str | torch.device, dtype: torch.dtype | None, verify: bool
+    ) -> DynamicCache:
+        """A hybrid model's cache: up to the last matched block whose recurrent state is stored
+        (``prefixgen.store.states``), the attention layers' KV of its blocks and that state."""
+        n = last_state(self.path, keys[: self.find_prefix(keys).blocks])
+        match, kv = self.read_prefix(keys[:n], device=device, dtype=dtype, verify=verify) if n else (None, None)
+        if match is not None and match.blocks < n:  # the store changed meanwhile: a shorter prefix still has a state
+            n = last_state(self.path, keys[: match.blocks])
+            kv = kv[: n * self.block_size]
+        if not n:
+            return hybrid_to_cache(None, None, None, self.manifest.kv, 0)
+        tokens = n * self.block_size
+        conv, ssm = read_state(self.path, keys[n - 1], tokens)
+        # The states keep the dtypes the model computed them in (Gated DeltaNet's SSM state is float32 in a bf16 model).
+        return hybrid_to_cache(kv, conv.to(device), ssm.to(device), self.manifest.kv, tokens)
 
     def read_prefix(
         self,
