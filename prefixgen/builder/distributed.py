@@ -101,6 +101,7 @@ CLAIM_STALE_SECONDS = 120.0  # a claim whose lease was not renewed for this long
 LEASE_SECONDS = CLAIM_STALE_SECONDS / 8  # how often a claimer renews its claims
 POLL_SECONDS = 0.05  # the first pause of a waiting rank; it doubles while nothing changes, up to:
 MAX_POLL_SECONDS = 1.0
+HEAD_RANGE_TOKENS = 1 << 20  # the most tokens of head runs one claim covers (its holder's work until it renews)
 CLAIMS_PER_ROUND = 16  # claims of others a waiting rank looks at per round (in turn): its metadata ops stay bounded  # (1,000 waiting ranks then make ~1,000 rounds/s of metadata reads between them)
 # Options that may differ between the ranks (or between a run and its --resume) of one build: they
 # change how the work runs, not the bytes stored.
@@ -377,6 +378,26 @@ def _damaged(path: Path, exc: BaseException | None = None) -> CorruptStoreError:
         f"{path} is truncated or damaged{why} (a crash under --no-fsync can leave it so): remove the folder {plan}, "
         "then relaunch every rank with --resume (the blocks already stored are kept)"
     )
+
+
+def head_ranges(blocks: np.ndarray, world: int, block_size: int = 16) -> list[np.ndarray]:
+    """A level's head runs (``blocks`` [n]: blocks of each, in the level's order) cut into ranges
+    of consecutive runs, each claimed as one (``--rank``): about a fair share of the level's
+    tokens each (the level over ``world``; at most HEAD_RANGE_TOKENS, a run longer than that is
+    a range of its own), so a level is at most about ``world`` claims however many runs it has.
+    A function of the plan and ``world`` only: every rank cuts the same ranges.
+
+    Example:
+        >>> [r.tolist() for r in head_ranges(np.array([1, 1, 1, 1, 4]), 2)]
+        [[0, 1, 2, 3], [4]]
+    """
+    blocks = np.asarray(blocks, np.int64)
+    total = int(blocks.sum())
+    target = min(max(1, -(-total // max(world, 1))), max(1, HEAD_RANGE_TOKENS // block_size))  # in blocks
+    before = np.cumsum(blocks) - blocks
+    bucket = before // target  # runs starting in the same stretch of ``target`` blocks: one range
+    cuts = np.flatnonzero(np.diff(bucket)) + 1
+    return np.split(np.arange(len(blocks)), cuts) if len(blocks) else []
 
 
 class Ranks:
@@ -759,51 +780,83 @@ class Ranks:
     def _prefill_heads(
         self, out: Path, manifest: Manifest, run: Callable, writer: Any, record: BuildRecord, batch_tokens: int
     ) -> None:
-        claims = out / CLAIMS_DIR / record.build_id
-        claims.mkdir(parents=True, exist_ok=True)
         bs = manifest.block_size
-        wait, rounds = _Backoff(), 0
-        for level in self.heads.segments():
-            watch = _IndexWatch(out, [self.heads.keys[r[-1]].tobytes() for r in level])
-            done: set[int] = set()  # runs of this level this rank computed (published at once)
+        levels = self.heads.segments()
+        if not levels:
+            return
+        # One claim per *range* of a level's runs (about a rank's fair share of its tokens, see
+        # head_ranges), in a folder of this attempt's: at 1,000 ranks a level of 100,000 runs is
+        # about 1,000 claims, not 100,000 files in one folder. The ranges are a function of the plan
+        # and the world size only (not of --batch-tokens, which may differ between ranks).
+        claims = out / CLAIMS_DIR / record.build_id / f"{self.run}-a{self.attempt}"
+        if not self.collective:
+            claims.mkdir(parents=True, exist_ok=True)
+        # The index is opened once for the whole phase; each round then reads only new segments.
+        watch = _IndexWatch(out, [self.heads.keys[r[-1]].tobytes() for level in levels for r in level])
+        wait, first = _Backoff(), 0
+        for number, level in enumerate(levels):
+            rows = range(first, first + len(level))  # this level's runs in the watch
+            first += len(level)
+            if self.collective:  # the plan's deterministic assignment: no claims
+                held = watch.held(rows)
+                mine = [i for i in range(len(level)) if not held[i] and self.plan["head_owner"][level[i][0]] == self.rank]
+                self._compute_runs(out, level, mine, run, writer, record, bs, batch_tokens)
+                while not all(watch.held(rows)):
+                    wait()  # others compute the rest (a rank that dies stops the run: torch elastic)
+                wait.reset()
+                continue
+            ranges = head_ranges(np.asarray([len(r) for r in level]), self.world_size, bs)
+            start = self.rank * len(ranges) // self.world_size  # ranks start apart: few races for one claim
+            order = list(range(start, len(ranges))) + list(range(start))
+            done: set[int] = set()  # ranges this rank computed (published at once)
+            turn = 0
             while True:
-                pending = [i for i, held in enumerate(watch.held()) if not held and i not in done]
+                held = watch.held(rows)
+                pending = [j for j in order if j not in done and not all(held[i] for i in ranges[j])]
                 if not pending:
                     break
-                held_claims: list[Path] = []
-                if self.collective:  # the plan's deterministic assignment: no claims
-                    mine = [i for i in pending if self.plan["head_owner"][level[i][0]] == self.rank]
-                else:  # claim runs until about a fair share of the level's tokens
-                    share = max(bs, min(batch_tokens, sum(len(r) for r in level) * bs // self.world_size))
-                    mine, taken = [], 0
-                    now = _Clock(claims, writer.writer_id)  # one probe of the file system's clock per round, if any
-                    holders = _Holders(out)
-                    # At most CLAIMS_PER_ROUND claims looked at a round, in turn, when all are taken.
-                    start = rounds * CLAIMS_PER_ROUND % len(pending)
-                    rounds += 1
-                    for i in (pending[start:] + pending[:start])[: max(CLAIMS_PER_ROUND, share // bs)]:
-                        path = claims / self.heads.keys[level[i][0]].tobytes().hex()
-                        if taken < share and _claim(path, writer.writer_id, now=now, holders=holders):
-                            mine.append(i)
-                            held_claims.append(path)
-                            taken += len(level[i]) * bs
-                if not mine:
+                # One look at the clock and at each holder per round; at most CLAIMS_PER_ROUND claims, in turn.
+                now, holders = _Clock(claims, writer.writer_id), _Holders(out)
+                at = turn % len(pending)
+                look = (pending[at:] + pending[:at])[:CLAIMS_PER_ROUND]
+                path = next(
+                    (claims / f"l{number}-r{j}" for j in look
+                     if _claim(claims / f"l{number}-r{j}", writer.writer_id, now=now, holders=holders)),
+                    None,
+                )  # fmt: skip
+                if path is None:
+                    turn += CLAIMS_PER_ROUND
                     wait()  # others compute the rest: no timeout (their claims go stale if they die)
                     continue
                 wait.reset()
-                index = StoreIndex.open(out)
-                tasks = []
-                for i in mine:
-                    keys, tokens = self.heads.chain(int(level[i][-1]))
-                    cached = len(index.find_prefix(keys)) * bs
-                    tasks += list(chunk_task(-1, tokens, cached, keys, bs, batch_tokens))
-                with _Lease(held_claims):
-                    run(tasks, _open_store(out))
-                    new = sum(t.new_tokens for t in tasks)
-                    record.head_tokens += new
-                    record.stored_tokens += new
-                    writer.flush()  # publish: shard and index segment on disk for the other ranks
-                done.update(mine)
+                j = int(path.name.rsplit("-r", 1)[1])
+                with _Lease([path]):  # runs of the range a dead holder stored are skipped: only the rest
+                    self._compute_runs(out, level, [i for i in ranges[j] if not held[i]], run, writer, record, bs, batch_tokens)
+                done.add(j)
+
+    def _compute_runs(
+        self, out: Path, level: list[np.ndarray], runs: list[int], run: Callable, writer: Any, record: BuildRecord,
+        bs: int, batch_tokens: int,
+    ) -> None:  # fmt: skip
+        """Prefill head runs ``runs`` of ``level`` (what the store holds of each is skipped), published
+        (``writer.flush()``) every ``batch_tokens`` new tokens or so: a rank that takes over this
+        work from one that died recomputes at most the group that was not published."""
+        if not runs:
+            return
+        store = _open_store(out)  # holds every earlier level: the parents of this level's runs
+        group: list[PrefillTask] = []
+        new = 0
+        for n, i in enumerate(runs):
+            keys, tokens = self.heads.chain(int(level[i][-1]))
+            cached = len(store.index.find_prefix(keys)) * bs
+            group += chunk_task(-1, tokens, cached, keys, bs, batch_tokens)
+            new = sum(t.new_tokens for t in group)
+            if n == len(runs) - 1 or new >= batch_tokens:
+                run(group, store)
+                record.head_tokens += new
+                record.stored_tokens += new
+                writer.flush()  # publish: shard and index segment on disk for the other ranks
+                group = []
 
     @property
     def selection(self) -> Selection | None:
@@ -896,8 +949,8 @@ class _IndexWatch:
     def _names(self) -> set[str]:
         return {n for n in os.listdir(self.folder) if n.endswith(".safetensors")} if self.folder.is_dir() else set()
 
-    def held(self) -> list[bool]:
-        """For each key, whether the store holds it now."""
+    def held(self, rows: range | None = None) -> list[bool]:
+        """For each key (of ``rows``, or all), whether the store holds it now."""
         for name in sorted(self._names() - self.seen):
             try:
                 segment = StoreIndex([Segment(self.folder / name)], self.folder.parent)
@@ -906,7 +959,7 @@ class _IndexWatch:
             self.seen.add(name)
             wanted = [k for k in self.keys if k not in self.found]
             self.found.update(k for k, held in zip(wanted, segment.contains(wanted)) if held)
-        return [k in self.found for k in self.keys]
+        return [self.keys[i] in self.found for i in (range(len(self.keys)) if rows is None else rows)]
 
 
 class _Lease:
@@ -957,10 +1010,13 @@ def _options_id(cfg: BuildConfig) -> str:
 
 
 def _fs_now(folder: Path, owner: str) -> float:
-    """The file system's clock: the mtime of a file just written here (nodes' own clocks may differ)."""
+    """The file system's clock: the mtime of a file just touched here (nodes' own clocks may differ).
+    The probe file is made once and touched after: two metadata operations a probe."""
     probe = folder / f".clock-{owner}"
-    probe.write_bytes(b"")
-    os.utime(probe)
+    try:
+        os.utime(probe)
+    except FileNotFoundError:
+        probe.write_bytes(b"")  # made now: its mtime is now
     return probe.stat().st_mtime
 
 
