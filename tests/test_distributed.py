@@ -880,3 +880,39 @@ def test_a_plan_from_shares_numbered_within_them_equals_one_from_dataset_indices
     assert np.array_equal(
         make_plan(tmp_path / "local-False", 3, root, 16, lambda keys: [False] * len(keys))["index"], plans[True]["index"]
     )
+
+
+@pytest.mark.parametrize("select", [False, True], ids=["all", "min-records"])
+def test_a_plan_made_in_bounded_slices_equals_one_made_at_once(tmp_path, stories, monkeypatch, select):
+    """The planner sums the shares' counts a key64 slice at a time and reads their blocks a chunk of
+    records at a time (memory bounded whatever the dataset's size): the plan is the same with
+    slices of one row and chunks of one record as with everything at once."""
+    import numpy as np
+
+    from prefixgen.builder import distributed
+    from prefixgen.builder.selection import Selection
+    from prefixgen.data.records import RecordTokenizer
+    from prefixgen.data.source import read_share
+    from prefixgen.format import BlockHash, BuildRecord
+
+    data = groups_dataset(tmp_path / "d.jsonl", n=90, groups=6)
+    tokenizer, root = AutoTokenizer.from_pretrained(stories), BlockHash(bytes(32))
+    for share in range(3):
+        tokenize = RecordTokenizer(tokenizer, BuildRecord("", ""), 1024)
+        records = read_share(str(data), "text", share, 3, local_index=True)
+        distributed.count_share(records, tokenize, tmp_path, share, root, 16, "w0", fsync=False)
+
+    def chosen(counts):  # blocks in 2 or more records, at most 40 (a prefix-closed choice, as --max-bytes makes)
+        return Selection(counts.subset(counts.select(min_records=2, max_blocks=40)), 2, None, len(counts), 0.0)
+
+    def stored(keys):  # a third of the blocks already stored: no work
+        return [k[0] % 3 == 0 for k in keys]
+
+    whole = distributed.make_plan(tmp_path, 3, root, 16, stored, chosen if select else None)
+    assert len(whole["head_keys"]) > 20 and (whole["work"] > 0).any() != select
+    monkeypatch.setattr(distributed, "PLAN_BUCKET_ROWS", 1)
+    monkeypatch.setattr(distributed, "PLAN_CHUNK_BLOCKS", 1)
+    sliced = distributed.make_plan(tmp_path, 3, root, 16, stored, chosen if select else None)
+    assert whole.keys() == sliced.keys()
+    for key in whole:
+        assert np.array_equal(whole[key], sliced[key]), key

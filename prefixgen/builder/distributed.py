@@ -254,14 +254,80 @@ def _index_in_dataset(shares: list[dict[str, np.ndarray]]) -> None:
         before += int(meta["rows"]) if "rows" in meta else len(meta["index"]) + int(meta["stats"][0])  # kept + skipped
 
 
-def _merged_counts(shares: list[Any]) -> BlockCounts:
-    """Every block of every share, with the records holding it over all shares (the share counts summed)."""
-    cols = {k: np.concatenate([s[f"counts_{k}"] for s in shares]) for k in ("key64", "check64", "records", "depth")}
-    order = np.lexsort((cols["check64"], cols["key64"]))
-    k64, c64 = cols["key64"][order], cols["check64"][order]
-    starts = np.flatnonzero(np.r_[True, (k64[1:] != k64[:-1]) | (c64[1:] != c64[:-1])]) if len(k64) else np.zeros(0, np.int64)
-    records = np.add.reduceat(cols["records"][order].astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
-    return BlockCounts(k64[starts], c64[starts], records.astype(np.uint32), cols["depth"][order][starts])
+PLAN_BUCKET_ROWS = 1 << 20  # count rows (of all shares) the planner sums at once (about: ~60 MB of work)
+PLAN_CHUNK_BLOCKS = 1 << 20  # blocks of a share the planner looks at at once (whole records)
+_COUNT_COLUMNS = ("key64", "check64", "records", "depth")
+
+
+class _NpzColumn:
+    """One array of an uncompressed ``.npz`` (``np.savez``), read in slices by offset: no whole copy
+    in memory, and no memory map (pages read do not stay in the process's resident set)."""
+
+    def __init__(self, path: Path, name: str):
+        self.path = path
+        try:
+            with zipfile.ZipFile(path) as z:
+                info = z.getinfo(f"{name}.npy")
+                self._whole = z.read(info) if info.compress_type != zipfile.ZIP_STORED else None
+            with open(path, "rb") as f:
+                f.seek(info.header_offset)
+                local = f.read(30)  # the member's local header: its name and extra field come next
+                start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+                f.seek(start)
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, self.dtype = read_header(f)
+                self.offset = f.tell()
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+            raise _damaged(path, exc) from None
+        self.rows = int(shape[0]) if shape else 1
+        if self._whole is not None:  # compressed (not written by this module): read whole, once
+            self._array = np.load(io.BytesIO(self._whole))
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        """Rows ``a`` to ``b``."""
+        if self._whole is not None:
+            return self._array[a:b]
+        n = max(0, b - a)
+        out = np.fromfile(self.path, dtype=self.dtype, count=n, offset=self.offset + a * self.dtype.itemsize)
+        if len(out) != n:
+            raise _damaged(self.path)
+        return out
+
+    def positions(self, values: np.ndarray) -> np.ndarray:
+        """``np.searchsorted(column, values)`` for a sorted column, read in slices."""
+        pos = np.zeros(len(values), np.int64)
+        for a in range(0, self.rows, PLAN_BUCKET_ROWS):
+            pos += np.searchsorted(self.read(a, min(a + PLAN_BUCKET_ROWS, self.rows)), values)
+        return pos
+
+
+def _merged_counts(folder: Path, world: int, keep: Callable[[BlockCounts], np.ndarray] | None = None) -> BlockCounts:
+    """Every block of every share, with the records holding it over all shares (the share counts
+    summed), in bounded memory: the shares' sorted count columns are read in slices of key64 (a
+    key64 range holds about PLAN_BUCKET_ROWS rows of all shares, SHA-256 keys are uniform) and each
+    slice summed on its own. Only the rows ``keep(part)`` of each summed slice are kept (all when
+    None): memory beyond the result is one slice's work, whatever the dataset's size."""
+    columns = [{k: _NpzColumn(folder / f"share-{s}.npz", f"counts_{k}") for k in _COUNT_COLUMNS} for s in range(world)]
+    total = sum(c["key64"].rows for c in columns)
+    buckets = total // PLAN_BUCKET_ROWS + 1
+    edges = (np.arange(1, buckets, dtype=np.uint64) * np.uint64(((1 << 64) - 1) // buckets)).astype(np.uint64)
+    bounds = [np.r_[0, c["key64"].positions(edges), c["key64"].rows] for c in columns]
+    parts: list[BlockCounts] = []
+    for b in range(buckets):
+        cols = {
+            k: np.concatenate([c[k].read(int(at[b]), int(at[b + 1])) for c, at in zip(columns, bounds)]) for k in _COUNT_COLUMNS
+        }
+        order = np.lexsort((cols["check64"], cols["key64"]))
+        k64, c64 = cols["key64"][order], cols["check64"][order]
+        starts = np.flatnonzero(np.r_[True, (k64[1:] != k64[:-1]) | (c64[1:] != c64[:-1])]) if len(k64) else np.zeros(0, np.int64)
+        records = np.add.reduceat(cols["records"][order].astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
+        part = BlockCounts(k64[starts], c64[starts], records.astype(np.uint32), cols["depth"][order][starts])
+        del cols, order, k64, c64
+        parts.append(part if keep is None else part.subset(keep(part)))
+    if not parts:
+        return BlockCounts(*(np.empty(0, np.uint64),) * 2, *(np.empty(0, np.uint32),) * 2)
+    return BlockCounts(*(np.concatenate([getattr(p, k) for p in parts]) for k in _COUNT_COLUMNS))
 
 
 def make_plan(
@@ -271,48 +337,71 @@ def make_plan(
     """The plan of a run from its ``world`` count shares: the heads, each head segment's and each
     record's rank. ``stored(keys)`` says which blocks the store already holds: they are no work.
     ``select(counts)`` (``--min-records``/``--max-bytes``) chooses the blocks to store from the
-    summed counts: the others are no work and no head, and the plan holds the choice (``chosen_*``)."""
+    summed counts: the others are no work and no head, and the plan holds the choice (``chosen_*``).
+
+    Memory: the summed counts are made slice by slice (:func:`_merged_counts`) and only the shared
+    blocks (in two or more records) kept, 24 bytes each (with ``select``, every block: the choice
+    ranks them all, as one process's build does); the shares' blocks are read PLAN_CHUNK_BLOCKS at
+    a time, and each head block is kept once, not once per record holding it."""
     bs = block_size
-    shares = [load_npz(folder / f"share-{s}.npz") for s in range(world)]
+    shares = [load_npz(folder / f"share-{s}.npz", skip="counts_") for s in range(world)]
     _index_in_dataset(shares)
-    counts = _merged_counts(shares)
-    selection = select(counts) if select is not None else None
-    shared = counts.subset(np.flatnonzero(counts.records >= 2))
-    del counts
+    if select is not None:
+        counts = _merged_counts(folder, world)
+        selection = select(counts)
+        shared = counts.subset(np.flatnonzero(counts.records >= 2))
+        del counts
+    else:
+        selection, shared = None, _merged_counts(folder, world, keep=lambda part: np.flatnonzero(part.records >= 2))
+    seen = np.zeros(len(shared), bool)  # shared blocks already taken as heads (from an earlier record or share)
     rec_share, rec_row, rec_index, rec_work = [], [], [], []
     head_keys, head_parents, head_depth, head_tokens = [], [], [], []
     for s, meta in enumerate(shares):
         lengths = meta["lengths"]
         full = lengths // bs
-        if not full.sum():
-            rec_work.append(np.zeros(len(lengths), np.int64))
-        else:
-            keys = np.fromfile(folder / f"share-{s}.keys", dtype=np.uint8).reshape(-1, 32)
-            owner_of = np.repeat(np.arange(len(full)), full)  # record (row) of each block
-            chosen = selection.chosen.find(keys) >= 0 if selection is not None else np.ones(len(keys), bool)
-            is_head = (shared.find(keys) >= 0 if len(shared) else np.zeros(len(keys), bool)) & chosen
-            lead = np.bincount(owner_of, weights=is_head, minlength=len(full)).astype(np.int64)  # heads are prefix-closed
+        work = np.zeros(len(lengths), np.int64)
+        first_of = np.cumsum(full) - full  # each record's first block in share-S.keys
+        token_of = np.cumsum(lengths) - lengths  # and its first token in share-S.tokens
+        ids = np.memmap(folder / f"share-{s}.tokens", dtype="<u4", mode="r") if full.sum() else None
+        r = 0
+        while r < len(full):  # whole records, about PLAN_CHUNK_BLOCKS blocks at a time
+            end = max(r + 1, int(np.searchsorted(first_of, first_of[r] + PLAN_CHUNK_BLOCKS, side="right")))
+            end = min(end, len(full))
+            n = int(full[r:end].sum())
+            if not n:
+                r = end
+                continue
+            keys = _read_keys(folder / f"share-{s}.keys", int(first_of[r]), n)
+            owner_of = np.repeat(np.arange(end - r), full[r:end])  # record (row within the chunk) of each block
+            first_block = np.repeat(first_of[r:end] - first_of[r], full[r:end])
+            chosen = selection.chosen.find(keys) >= 0 if selection is not None else np.ones(n, bool)
+            row = shared.find(keys) if len(shared) else np.full(n, -1, np.int64)
+            is_head = (row >= 0) & chosen
+            lead = np.bincount(owner_of, weights=is_head, minlength=end - r).astype(np.int64)  # heads are prefix-closed
             rest = np.flatnonzero(~is_head & chosen)
             held = ~chosen  # a block not chosen is no work (the choice is prefix-closed too)
-            if len(rest):
-                for chunk in np.array_split(rest, -(-len(rest) // (1 << 20))):  # bounded lists of keys
-                    held[chunk] = stored([keys[i].tobytes() for i in chunk])
-            done = np.bincount(owner_of, weights=held, minlength=len(full)).astype(np.int64)
-            rec_work.append((full - lead - done) * bs)
-            if is_head.any():  # the share's head blocks, with parents and token ids
-                at = np.flatnonzero(is_head)
-                first_block = np.repeat(np.cumsum(full) - full, full)
+            for part in np.array_split(rest, -(-len(rest) // (1 << 20))) if len(rest) else ():  # bounded lists of keys
+                held[part] = stored([keys[i].tobytes() for i in part])
+            done = np.bincount(owner_of, weights=held, minlength=end - r).astype(np.int64)
+            work[r:end] = (full[r:end] - lead - done) * bs
+            at = np.flatnonzero(is_head)
+            at = at[~seen[row[at]]]  # each head block once: its first occurrence
+            if len(at):
+                _, first = np.unique(row[at], return_index=True)
+                at = at[np.sort(first)]
+                seen[row[at]] = True
                 parents = np.where((at > first_block[at])[:, None], keys[np.maximum(at - 1, 0)], np.frombuffer(root, np.uint8))
-                starts = np.cumsum(lengths) - lengths
-                token_at = starts[owner_of[at]] + (at - first_block[at]) * bs
-                ids = np.memmap(folder / f"share-{s}.tokens", dtype="<u4", mode="r")
+                token_at = token_of[r + owner_of[at]] + (at - first_block[at]) * bs
                 head_keys.append(keys[at])
                 head_parents.append(parents)
                 head_depth.append(at - first_block[at])
-                head_tokens.append(ids[token_at[:, None] + np.arange(bs)])
+                head_tokens.append(np.asarray(ids[token_at[:, None] + np.arange(bs)]))
+            r = end
+        rec_work.append(work)
         rec_share.append(np.full(len(lengths), s, np.int32))
         rec_row.append(np.arange(len(lengths), dtype=np.int64))
         rec_index.append(meta["index"])
+    del shared, seen
     if head_keys:
         heads = Heads.build(*(np.concatenate(c) for c in (head_keys, head_parents, head_depth, head_tokens)))
     else:
@@ -358,13 +447,22 @@ def _share_tokens(folder: Path, share: int, lengths: np.ndarray) -> tuple[np.nda
     return ids, np.cumsum(lengths) - lengths
 
 
-def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a count share or plan (``.npz``), read whole; a truncated or damaged file (a
+def _read_keys(path: Path, first: int, n: int) -> np.ndarray:
+    """Blocks ``first`` to ``first + n`` of a share's ``.keys`` spill: [n, 32] uint8."""
+    keys = np.fromfile(path, dtype=np.uint8, count=32 * n, offset=32 * first)
+    if len(keys) != 32 * n:
+        raise _damaged(path)
+    return keys.reshape(n, 32)
+
+
+def load_npz(path: Path, skip: str | None = None) -> dict[str, np.ndarray]:
+    """Every array of a count share or plan (``.npz``), read whole (but those whose names start
+    with ``skip``: the planner reads the share counts in slices); a truncated or damaged file (a
     crash under --no-fsync can leave one: it was linked in before it reached the disk) is one
     clear CorruptStoreError saying what to do, not numpy's error."""
     try:
         with np.load(path) as data:
-            return {k: data[k] for k in data.files}
+            return {k: data[k] for k in data.files if skip is None or not k.startswith(skip)}
     except FileNotFoundError:
         raise
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
