@@ -35,9 +35,12 @@ pipeline this rank's records, and merges. For N > 1 ranks, one plan, then shares
    each rank cuts its records to the choice (:attr:`Ranks.selection`).
 3. **Heads.** Under torchrun each rank prefills the head segments the plan gives it, then waits
    (through the store, without a timeout) until the level is stored. Under ``--rank`` ranks claim
-   segments; a claim is a lease the claimer renews, judged stale by the file system's clock (or at
-   once when its holder's writer lock is free: that process is dead), and taken over by exactly
-   one rank (owner-checked).
+   *ranges* of a level's segments (at most one per rank, :func:`head_ranges`); a claim is a lease
+   the claimer renews, judged stale by the file system's clock (or at once when its holder's writer
+   lock is free: that process is dead), and taken over by exactly one rank (owner-checked), which
+   computes only the range's segments not stored yet. A waiting rank's metadata operations per
+   round are bounded (one listing, one clock probe, CLAIMS_PER_ROUND claims) and its rounds back
+   off to one a second (README: the operations per second at 1,000 ranks).
 4. **Build.** Each rank builds its records, reading their token ids back from the spill: it
    tokenizes nothing more. Waiting for slower ranks is never bounded by ``--dist-timeout`` (that
    bounds the start-up collectives only): a dead torchrun rank is torch elastic's to detect, a dead
