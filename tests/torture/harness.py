@@ -331,16 +331,16 @@ class Torture:
         self.log(f"  {name}: {', '.join(chosen)}; delays up to {delay} us, faults {rates}")
         for kind in chosen:
             self._ran(kind)
-        # --cover, on a tmpfs, once compaction ran: this step meets a full disk (256 KiB left).
+        # --cover, on a tmpfs, once compaction ran: this step meets a full disk (16 KiB left: a few files).
         squeeze = (
             self.cover and self._on_tmpfs() and exists and self.report.ran.get("compact") and not self.report.ran.get("full-disk")
         )
         if squeeze:
             st = os.statvfs(self.tmpfs)
             used = (st.f_blocks - st.f_bfree) * st.f_frsize // 1024
-            subprocess.run(["mount", "-o", f"remount,size={used + 256}k", str(self.tmpfs)], check=False)
+            subprocess.run(["mount", "-o", f"remount,size={used + 16}k", str(self.tmpfs)], check=False)
             self._ran("full-disk")
-            self.log(f"  {name}: the tmpfs squeezed to {used + 256} KiB (256 KiB free)")
+            self.log(f"  {name}: the tmpfs squeezed to {used + 16} KiB (16 KiB free)")
         for kind in chosen:
             if kind == "grow" and self.current_a == "a" and self._all_complete():
                 self.current_a = "a+"  # the dataset file grows: a rerun must store the new records
