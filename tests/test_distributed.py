@@ -428,16 +428,20 @@ main()
 """
 
 
+def patched_rank_1(tmp_path: Path, source: str, args: list) -> subprocess.Popen:
+    """Rank 1 of 2 run by ``source`` (prefixgen's CLI with a function patched), started."""
+    script = tmp_path / "patched_rank_1.py"
+    script.write_text(source)
+    cmd = [sys.executable, str(script), *map(str, args), "--rank", "1", "--world-size", "2"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+
+
 @contextlib.contextmanager
 def rank_0_waiting_for_a_live_rank_1(tmp_path: Path, args: list) -> Iterator[tuple[subprocess.Popen, subprocess.Popen]]:
     """Rank 1 of 2 claims its count share and hangs counting it, alive; yields rank 0 (and rank 1) once rank 0 has
     counted its own share and waits for rank 1's. Both are killed on the way out if still running."""
     out = Path(args[args.index("--out") + 1])
-    script = tmp_path / "hanging_rank_1.py"
-    script.write_text(HANGING_RANK_1)
-    cmd = [sys.executable, str(script), *map(str, args), "--rank", "1", "--world-size", "2"]
-    other = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
-    me = None
+    other, me = patched_rank_1(tmp_path, HANGING_RANK_1, args), None
     try:
         deadline = time.monotonic() + 180
         while not list(out.glob("builds/*.plan/w2/claims/share-1")):  # rank 1 holds its count share
@@ -505,11 +509,7 @@ def test_a_head_range_of_a_killed_rank_is_taken_over_and_only_its_unstored_runs_
     out, single = tmp_path / "store", tmp_path / "single"
     assert cli("build", data, "--model", stories, "--out", single, *CPU).exit_code == 0
     args = ["build", data, "--model", stories, "--out", out, *CPU, "--batch-tokens", "64"]
-    script = tmp_path / "hanging_rank_1.py"
-    script.write_text(HANGING_IN_A_HEAD_RANGE)
-    cmd = [sys.executable, str(script), *map(str, args), "--rank", "1", "--world-size", "2"]
-    other = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
-    me = None
+    other, me = patched_rank_1(tmp_path, HANGING_IN_A_HEAD_RANGE, args), None
     try:
         deadline = time.monotonic() + 180
         while not (out / "hung").exists():  # rank 1 alone: counted both shares, planned, holds a range of level 1
