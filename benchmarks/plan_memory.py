@@ -26,7 +26,10 @@ PLAN = r"""
 import json, sys, time
 from pathlib import Path
 import numpy as np
-from prefixgen.builder.distributed import make_plan
+try:
+    from prefixgen.builder.shares import make_plan
+except ImportError:  # a checkout from before builder/distributed.py was split
+    from prefixgen.builder.distributed import make_plan
 folder, world = Path(sys.argv[1]), int(sys.argv[2])
 def hwm():  # this process's peak RSS (VmHWM; ru_maxrss would carry the launcher's over exec)
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))

@@ -46,6 +46,9 @@ pipeline this rank's records, and merges. For N > 1 ranks, one plan, then shares
    bounds the start-up collectives only): a dead torchrun rank is torch elastic's to detect, a dead
    ``--rank`` rank's claims are taken over once its writer lock is free (at once on a local file
    system; NFS frees a dead client's locks after its lease) or its lease goes stale.
+
+This module is the rank lifecycle (:class:`Ranks`: join the store, count, plan, heads, route,
+merge); the share and plan files are ``builder.shares``'s, claims and leases ``builder.claims``'s.
 """
 
 from __future__ import annotations
@@ -53,27 +56,32 @@ from __future__ import annotations
 import atexit
 import datetime as dt
 import hashlib
-import heapq
 import io
 import json
 import os
 import secrets
 import shutil
 import socket
-import threading
 import time
-import zipfile
-import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from prefixgen.analysis.count import BlockCounter, BlockCounts
+from prefixgen.analysis.count import BlockCounts
+from prefixgen.builder.claims import (
+    CLAIMS_PER_ROUND,
+    _Backoff,
+    _claim,
+    _Clock,
+    _Holders,
+    _Lease,
+    head_ranges,
+)
 from prefixgen.builder.plan import PrefillTask, chunk_task
 from prefixgen.builder.selection import Selection
+from prefixgen.builder.shares import Heads, _empty_heads, _share_tokens, count_share, load_npz, make_plan
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer, TokenizedRecord
 from prefixgen.data.source import Record, ShareRead, dataset_fingerprint
@@ -86,419 +94,21 @@ from prefixgen.format import (
     MANIFEST_FILE,
     PLAN_SUFFIX,
     RANK_PARTS_SUFFIX,
-    BlockHash,
     BuildRecord,
     Manifest,
     Segment,
-    atomic_write,
-    block_keys,
     create_once,
-    fsync_dir,
-    temp_path,
 )
 from prefixgen.store.index import StoreIndex
 from prefixgen.store.reader import PrefixStore, read_builds
-from prefixgen.store.writer import ID_PATTERN, new_id, prepare_store, remove_temp_files, utc_now, writer_is_live
+from prefixgen.store.writer import new_id, prepare_store, remove_temp_files, utc_now, writer_is_live
 
-CLAIM_STALE_SECONDS = 120.0  # a claim whose lease was not renewed for this long (file system clock) is taken over
-LEASE_SECONDS = CLAIM_STALE_SECONDS / 8  # how often a claimer renews its claims
-POLL_SECONDS = 0.05  # the first pause of a waiting rank; it doubles while nothing changes, up to:
-MAX_POLL_SECONDS = 1.0
-HEAD_RANGE_TOKENS = 1 << 20  # the most tokens of head runs one claim covers (its holder's work until it renews)
-CLAIMS_PER_ROUND = 16  # claims of others a waiting rank looks at per round (in turn): its metadata ops stay bounded  # (1,000 waiting ranks then make ~1,000 rounds/s of metadata reads between them)
 # Options that may differ between the ranks (or between a run and its --resume) of one build: they
 # change how the work runs, not the bytes stored.
 _RUN_OPTIONS = (
     "rank", "world_size", "resume", "append", "overwrite", "device", "dist_timeout", "quiet", "out",
     "batch_tokens", "write_threads", "sort_window", "prefix_cache_bytes", "fsync", "shard_bytes",
 )  # fmt: skip
-_KEY = np.dtype((np.void, 32))
-
-
-@dataclass(slots=True)
-class Heads:
-    """The blocks two or more records hold, as arrays (no Python object per block, 140 bytes
-    each at B=16): ``keys`` [h, 32] uint8 sorted, ``parent`` [h] row of each block's parent (-1:
-    the root), ``depth`` [h] its number in its chain, ``tokens`` [h, B] uint32 (a block's own
-    token ids; a chain's are its ancestors' joined)."""
-
-    keys: np.ndarray
-    parent: np.ndarray
-    depth: np.ndarray
-    tokens: np.ndarray
-
-    @classmethod
-    def build(cls, keys: np.ndarray, parents: np.ndarray, depth: np.ndarray, tokens: np.ndarray) -> Heads:
-        """Heads from blocks (``keys`` and ``parents`` [n, 32], ``depth`` [n], ``tokens`` [n, B]),
-        repeats allowed (the same block seen in several records or shares).
-
-        Example:
-            >>> heads = Heads.build(keys, parents, depth, tokens)  # doctest: +SKIP
-            >>> [len(level) for level in heads.segments()]  # doctest: +SKIP
-            [1, 12]
-        """
-        _, first = np.unique(np.ascontiguousarray(keys).view(_KEY).ravel(), return_index=True)
-        keys, parents, depth, tokens = keys[first], parents[first], depth[first], tokens[first]  # by key, one row each
-        row = np.searchsorted(keys.view(_KEY).ravel(), np.ascontiguousarray(parents).view(_KEY).ravel())
-        row = np.minimum(row, max(len(keys) - 1, 0))
-        found = (len(keys) > 0) & (keys[row] == parents).all(axis=1) if len(keys) else np.zeros(0, bool)
-        return cls(keys, np.where(found, row, -1).astype(np.int64), depth.astype(np.int32), tokens)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def chain(self, row: int) -> tuple[list[BlockHash], list[int]]:
-        """Keys and tokens from the first block down to block ``row``."""
-        rows = []
-        while row >= 0:
-            rows.append(row)
-            row = int(self.parent[row])
-        rows.reverse()
-        return [BlockHash(self.keys[r].tobytes()) for r in rows], self.tokens[rows].ravel().tolist()
-
-    def segments(self) -> list[list[np.ndarray]]:
-        """The trie cut into branch-free runs (arrays of rows), grouped by level (a run's parent
-        run is one level up), each level's runs in key order of their first block."""
-        n = len(self)
-        has_parent = self.parent >= 0
-        children = np.bincount(self.parent[has_parent], minlength=n)
-        only_child = np.full(n, -1, np.int64)  # the one child of a block that has exactly one
-        single = has_parent & (children[np.maximum(self.parent, 0)] == 1)
-        only_child[self.parent[single]] = np.flatnonzero(single)
-        starts = np.flatnonzero(~single)
-        level_of_end = np.full(n, -1, np.int64)
-        levels: list[list[np.ndarray]] = []
-        for start in starts[np.lexsort((starts, self.depth[starts]))]:  # shallower first: parent runs are placed
-            run = [int(start)]
-            while only_child[run[-1]] >= 0:
-                run.append(int(only_child[run[-1]]))
-            parent = int(self.parent[start])
-            level = int(level_of_end[parent]) + 1 if parent >= 0 else 0
-            level_of_end[run[-1]] = level
-            while len(levels) <= level:
-                levels.append([])
-            levels[level].append(np.asarray(run, np.int64))
-        return levels
-
-
-def _empty_heads(block_size: int) -> Heads:
-    return Heads(np.zeros((0, 32), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((0, block_size), np.uint32))
-
-
-# ---------------------------------------------------------------------------- shares and the plan
-
-
-def count_share(
-    records: Iterator[Record], tokenize: RecordTokenizer, folder: Path, share: int, root: BlockHash, block_size: int,
-    owner: str, fsync: bool = True,
-) -> BuildRecord:  # fmt: skip
-    """Tokenize and count share ``share``, the records ``records`` yields (``data.source.read_share``),
-    and spill it to ``folder``: ``share-S.tokens`` (uint32 ids), ``share-S.keys`` ([blocks, 32]) and,
-    last (it marks the share done), ``share-S.npz`` (record indices and lengths, the share's record
-    count ``rows`` and whether its indices are rows within it, ``local``; its block counts and
-    tokenizer statistics); each fsynced before it is renamed in (``fsync``: as the writer
-    does for shards), so that after a node crash a share marked done is whole. Returns the tokenizer
-    statistics (``dataset_tokens``: tokens tokenized)."""
-    stats = BuildRecord("", "")
-    counting = tokenize.copy(stats)
-    counting.warn = tokenize.warn  # this is the only pass that tokenizes the share: it warns
-    counter = BlockCounter()
-    index, lengths = [], []
-    rows, local = 0, False  # records of the share (skipped ones too); numbered within it (Record.share)
-
-    def tally(records: Iterator[Record]) -> Iterator[Record]:
-        nonlocal rows, local
-        for rec in records:
-            rows += 1
-            local |= rec.share is not None
-            yield rec
-
-    names = [folder / f"share-{share}.{ext}" for ext in ("tokens", "keys")]
-    tmps = [temp_path(p, owner) for p in names]
-    with open(tmps[0], "wb") as tokens_file, open(tmps[1], "wb") as keys_file:
-        for rec in counting(tally(records)):
-            ids = np.asarray(rec.ids, dtype="<u4")
-            keys = block_keys(rec.ids, block_size, root)
-            tokens_file.write(ids.tobytes())
-            keys_file.write(b"".join(keys))
-            counter.add(keys)
-            index.append(rec.index)
-            lengths.append(len(ids))
-        for f in (tokens_file, keys_file) if fsync else ():
-            f.flush()
-            os.fsync(f.fileno())
-    for tmp, name in zip(tmps, names):
-        os.replace(tmp, name)
-    if fsync:
-        fsync_dir(folder)  # the renames, before the .npz that marks the share done
-    counts = counter.result()
-    meta = {"index": np.asarray(index, np.int64), "lengths": np.asarray(lengths, np.int64)}
-    meta |= {"rows": np.asarray(rows, np.int64), "local": np.asarray(local)}
-    meta |= {f"counts_{k}": getattr(counts, k) for k in ("key64", "check64", "records", "depth")}
-    meta["stats"] = np.asarray([stats.skipped_records, stats.truncated_records, stats.dataset_tokens], np.int64)
-    _save(folder / f"share-{share}.npz", meta, owner, fsync)
-    return stats
-
-
-def _save(path: Path, arrays: dict[str, np.ndarray], owner: str, fsync: bool) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write(path, [buf.getvalue()], fsync=fsync, owner=owner)
-
-
-def _index_in_dataset(shares: list[dict[str, np.ndarray]]) -> None:
-    """Turn the share-local indices of ``local`` shares (row r of share s) into indices in the
-    dataset: the records of the shares before s, plus r. Shares are consecutive runs of records
-    there, so this needs only their record counts (``rows``): no rank read the bytes before its share."""
-    before = 0
-    for meta in shares:
-        if bool(meta.get("local", False)):  # shares spilled before "local" existed hold dataset indices
-            meta["index"] = meta["index"] + before
-        before += int(meta["rows"]) if "rows" in meta else len(meta["index"]) + int(meta["stats"][0])  # kept + skipped
-
-
-PLAN_BUCKET_ROWS = 1 << 20  # count rows (of all shares) the planner sums at once (about: ~60 MB of work)
-PLAN_CHUNK_BLOCKS = 1 << 20  # blocks of a share the planner looks at at once (whole records)
-_COUNT_COLUMNS = ("key64", "check64", "records", "depth")
-
-
-class _NpzColumn:
-    """One array of an uncompressed ``.npz`` (``np.savez``), read in slices by offset: no whole copy
-    in memory, and no memory map (pages read do not stay in the process's resident set)."""
-
-    def __init__(self, path: Path, name: str):
-        self.path = path
-        try:
-            with zipfile.ZipFile(path) as z:
-                info = z.getinfo(f"{name}.npy")
-                self._whole = z.read(info) if info.compress_type != zipfile.ZIP_STORED else None
-            with open(path, "rb") as f:
-                f.seek(info.header_offset)
-                local = f.read(30)  # the member's local header: its name and extra field come next
-                start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
-                f.seek(start)
-                version = np.lib.format.read_magic(f)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, self.dtype = read_header(f)
-                self.offset = f.tell()
-        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
-            raise _damaged(path, exc) from None
-        self.rows = int(shape[0]) if shape else 1
-        if self._whole is not None:  # compressed (not written by this module): read whole, once
-            self._array = np.load(io.BytesIO(self._whole))
-
-    def read(self, a: int, b: int) -> np.ndarray:
-        """Rows ``a`` to ``b``."""
-        if self._whole is not None:
-            return self._array[a:b]
-        n = max(0, b - a)
-        out = np.fromfile(self.path, dtype=self.dtype, count=n, offset=self.offset + a * self.dtype.itemsize)
-        if len(out) != n:
-            raise _damaged(self.path)
-        return out
-
-    def positions(self, values: np.ndarray) -> np.ndarray:
-        """``np.searchsorted(column, values)`` for a sorted column, read in slices."""
-        pos = np.zeros(len(values), np.int64)
-        for a in range(0, self.rows, PLAN_BUCKET_ROWS):
-            pos += np.searchsorted(self.read(a, min(a + PLAN_BUCKET_ROWS, self.rows)), values)
-        return pos
-
-
-def _merged_counts(folder: Path, world: int, keep: Callable[[BlockCounts], np.ndarray] | None = None) -> BlockCounts:
-    """Every block of every share, with the records holding it over all shares (the share counts
-    summed), in bounded memory: the shares' sorted count columns are read in slices of key64 (a
-    key64 range holds about PLAN_BUCKET_ROWS rows of all shares, SHA-256 keys are uniform) and each
-    slice summed on its own. Only the rows ``keep(part)`` of each summed slice are kept (all when
-    None): memory beyond the result is one slice's work, whatever the dataset's size."""
-    columns = [{k: _NpzColumn(folder / f"share-{s}.npz", f"counts_{k}") for k in _COUNT_COLUMNS} for s in range(world)]
-    total = sum(c["key64"].rows for c in columns)
-    buckets = total // PLAN_BUCKET_ROWS + 1
-    edges = (np.arange(1, buckets, dtype=np.uint64) * np.uint64(((1 << 64) - 1) // buckets)).astype(np.uint64)
-    bounds = [np.r_[0, c["key64"].positions(edges), c["key64"].rows] for c in columns]
-    parts: list[BlockCounts] = []
-    for b in range(buckets):
-        cols = {
-            k: np.concatenate([c[k].read(int(at[b]), int(at[b + 1])) for c, at in zip(columns, bounds)]) for k in _COUNT_COLUMNS
-        }
-        order = np.lexsort((cols["check64"], cols["key64"]))
-        k64, c64 = cols["key64"][order], cols["check64"][order]
-        starts = np.flatnonzero(np.r_[True, (k64[1:] != k64[:-1]) | (c64[1:] != c64[:-1])]) if len(k64) else np.zeros(0, np.int64)
-        records = np.add.reduceat(cols["records"][order].astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
-        part = BlockCounts(k64[starts], c64[starts], records.astype(np.uint32), cols["depth"][order][starts])
-        del cols, order, k64, c64
-        parts.append(part if keep is None else part.subset(keep(part)))
-    if not parts:
-        return BlockCounts(*(np.empty(0, np.uint64),) * 2, *(np.empty(0, np.uint32),) * 2)
-    return BlockCounts(*(np.concatenate([getattr(p, k) for p in parts]) for k in _COUNT_COLUMNS))
-
-
-def make_plan(
-    folder: Path, world: int, root: BlockHash, block_size: int, stored: Callable[[list[bytes]], list[bool]],
-    select: Callable[[BlockCounts], Selection] | None = None,
-) -> dict:  # fmt: skip
-    """The plan of a run from its ``world`` count shares: the heads, each head segment's and each
-    record's rank. ``stored(keys)`` says which blocks the store already holds: they are no work.
-    ``select(counts)`` (``--min-records``/``--max-bytes``) chooses the blocks to store from the
-    summed counts: the others are no work and no head, and the plan holds the choice (``chosen_*``).
-
-    Memory: the summed counts are made slice by slice (:func:`_merged_counts`) and only the shared
-    blocks (in two or more records) kept, 24 bytes each (with ``select``, every block: the choice
-    ranks them all, as one process's build does); the shares' blocks are read PLAN_CHUNK_BLOCKS at
-    a time, and each head block is kept once, not once per record holding it."""
-    bs = block_size
-    shares = [load_npz(folder / f"share-{s}.npz", skip="counts_") for s in range(world)]
-    _index_in_dataset(shares)
-    if select is not None:
-        counts = _merged_counts(folder, world)
-        selection = select(counts)
-        shared = counts.subset(np.flatnonzero(counts.records >= 2))
-        del counts
-    else:
-        selection, shared = None, _merged_counts(folder, world, keep=lambda part: np.flatnonzero(part.records >= 2))
-    seen = np.zeros(len(shared), bool)  # shared blocks already taken as heads (from an earlier record or share)
-    rec_share, rec_row, rec_index, rec_work = [], [], [], []
-    head_keys, head_parents, head_depth, head_tokens = [], [], [], []
-    for s, meta in enumerate(shares):
-        lengths = meta["lengths"]
-        full = lengths // bs
-        work = np.zeros(len(lengths), np.int64)
-        first_of = np.cumsum(full) - full  # each record's first block in share-S.keys
-        token_of = np.cumsum(lengths) - lengths  # and its first token in share-S.tokens
-        ids = np.memmap(folder / f"share-{s}.tokens", dtype="<u4", mode="r") if full.sum() else None
-        r = 0
-        while r < len(full):  # whole records, about PLAN_CHUNK_BLOCKS blocks at a time
-            end = max(r + 1, int(np.searchsorted(first_of, first_of[r] + PLAN_CHUNK_BLOCKS, side="right")))
-            end = min(end, len(full))
-            n = int(full[r:end].sum())
-            if not n:
-                r = end
-                continue
-            keys = _read_keys(folder / f"share-{s}.keys", int(first_of[r]), n)
-            owner_of = np.repeat(np.arange(end - r), full[r:end])  # record (row within the chunk) of each block
-            first_block = np.repeat(first_of[r:end] - first_of[r], full[r:end])
-            chosen = selection.chosen.find(keys) >= 0 if selection is not None else np.ones(n, bool)
-            row = shared.find(keys) if len(shared) else np.full(n, -1, np.int64)
-            is_head = (row >= 0) & chosen
-            lead = np.bincount(owner_of, weights=is_head, minlength=end - r).astype(np.int64)  # heads are prefix-closed
-            rest = np.flatnonzero(~is_head & chosen)
-            held = ~chosen  # a block not chosen is no work (the choice is prefix-closed too)
-            for part in np.array_split(rest, -(-len(rest) // (1 << 20))) if len(rest) else ():  # bounded lists of keys
-                held[part] = stored([keys[i].tobytes() for i in part])
-            done = np.bincount(owner_of, weights=held, minlength=end - r).astype(np.int64)
-            work[r:end] = (full[r:end] - lead - done) * bs
-            at = np.flatnonzero(is_head)
-            at = at[~seen[row[at]]]  # each head block once: its first occurrence
-            if len(at):
-                _, first = np.unique(row[at], return_index=True)
-                at = at[np.sort(first)]
-                seen[row[at]] = True
-                parents = np.where((at > first_block[at])[:, None], keys[np.maximum(at - 1, 0)], np.frombuffer(root, np.uint8))
-                token_at = token_of[r + owner_of[at]] + (at - first_block[at]) * bs
-                head_keys.append(keys[at])
-                head_parents.append(parents)
-                head_depth.append(at - first_block[at])
-                head_tokens.append(np.asarray(ids[token_at[:, None] + np.arange(bs)]))
-            r = end
-        rec_work.append(work)
-        rec_share.append(np.full(len(lengths), s, np.int32))
-        rec_row.append(np.arange(len(lengths), dtype=np.int64))
-        rec_index.append(meta["index"])
-    del shared, seen
-    if head_keys:
-        heads = Heads.build(*(np.concatenate(c) for c in (head_keys, head_parents, head_depth, head_tokens)))
-    else:
-        heads = _empty_heads(bs)
-    index, share, row, work = (np.concatenate(a) for a in (rec_index, rec_share, rec_row, rec_work))
-    order = np.argsort(index, kind="stable")
-    index, share, row, work = index[order], share[order], row[order], work[order]
-    loads = [0] * world
-    head_owner = np.full(len(heads), -1, np.int32)
-    for level in heads.segments():  # largest first, to the least loaded rank
-        for run in sorted(level, key=lambda r: (-len(r), heads.keys[r[0]].tobytes())):
-            rank = min(range(world), key=loads.__getitem__)
-            head_owner[run] = rank
-            loads[rank] += len(run) * bs
-    owner = (index % world).astype(np.int32)  # records with no work left: only counted
-    heap = [(load, rank) for rank, load in enumerate(loads)]
-    heapq.heapify(heap)
-    for i in np.lexsort((index, -work)):
-        if work[i] <= 0:
-            break
-        load, rank = heapq.heappop(heap)
-        owner[i] = rank
-        heapq.heappush(heap, (load + int(work[i]), rank))
-    plan = {
-        "index": index, "share": share, "row": row, "work": work, "owner": owner,
-        "head_keys": heads.keys, "head_parent": heads.parent, "head_depth": heads.depth, "head_tokens": heads.tokens, "head_owner": head_owner,
-    }  # fmt: skip
-    if selection is not None:
-        plan |= {f"chosen_{k}": getattr(selection.chosen, k) for k in ("key64", "check64", "records", "depth")}
-        plan["chosen_of"] = np.asarray(  # min_records, max_bytes (-1: not given), candidate blocks, microseconds
-            [selection.min_records or -1, -1 if selection.max_bytes is None else selection.max_bytes,
-             selection.candidate_blocks, round(selection.count_seconds * 1e6)], np.int64,
-        )  # fmt: skip
-    return plan
-
-
-def _share_tokens(folder: Path, share: int, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    path = folder / f"share-{share}.tokens"
-    total = int(lengths.sum())
-    if total and (not path.exists() or path.stat().st_size < 4 * total):
-        raise _damaged(path)
-    ids = np.memmap(path, dtype="<u4", mode="r") if total else np.zeros(0, "<u4")
-    return ids, np.cumsum(lengths) - lengths
-
-
-def _read_keys(path: Path, first: int, n: int) -> np.ndarray:
-    """Blocks ``first`` to ``first + n`` of a share's ``.keys`` spill: [n, 32] uint8."""
-    keys = np.fromfile(path, dtype=np.uint8, count=32 * n, offset=32 * first)
-    if len(keys) != 32 * n:
-        raise _damaged(path)
-    return keys.reshape(n, 32)
-
-
-def load_npz(path: Path, skip: str | None = None) -> dict[str, np.ndarray]:
-    """Every array of a count share or plan (``.npz``), read whole (but those whose names start
-    with ``skip``: the planner reads the share counts in slices); a truncated or damaged file (a
-    crash under --no-fsync can leave one: it was linked in before it reached the disk) is one
-    clear CorruptStoreError saying what to do, not numpy's error."""
-    try:
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files if skip is None or not k.startswith(skip)}
-    except FileNotFoundError:
-        raise
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
-        raise _damaged(path, exc) from None
-
-
-def _damaged(path: Path, exc: BaseException | None = None) -> CorruptStoreError:
-    plan = next((p for p in path.parents if p.name.endswith(PLAN_SUFFIX)), path.parent)
-    why = f" ({exc})" if exc is not None else ""
-    return CorruptStoreError(
-        f"{path} is truncated or damaged{why} (a crash under --no-fsync can leave it so): remove the folder {plan}, "
-        "then relaunch every rank with --resume (the blocks already stored are kept)"
-    )
-
-
-def head_ranges(blocks: np.ndarray, world: int, block_size: int = 16) -> list[np.ndarray]:
-    """A level's head runs (``blocks`` [n]: blocks of each, in the level's order) cut into ranges
-    of consecutive runs, each claimed as one (``--rank``): about a fair share of the level's
-    tokens each (the level over ``world``; at most HEAD_RANGE_TOKENS, a run longer than that is
-    a range of its own), so a level is at most about ``world`` claims however many runs it has.
-    A function of the plan and ``world`` only: every rank cuts the same ranges.
-
-    Example:
-        >>> [r.tolist() for r in head_ranges(np.array([1, 1, 1, 1, 4]), 2)]
-        [[0, 1, 2, 3], [4]]
-    """
-    blocks = np.asarray(blocks, np.int64)
-    total = int(blocks.sum())
-    target = min(max(1, -(-total // max(world, 1))), max(1, HEAD_RANGE_TOKENS // block_size))  # in blocks
-    before = np.cumsum(blocks) - blocks
-    bucket = before // target  # runs starting in the same stretch of ``target`` blocks: one range
-    cuts = np.flatnonzero(np.diff(bucket)) + 1
-    return np.split(np.arange(len(blocks)), cuts) if len(blocks) else []
 
 
 class Ranks:
@@ -1063,32 +673,6 @@ class _IndexWatch:
         return [self.keys[i] in self.found for i in (range(len(self.keys)) if rows is None else rows)]
 
 
-class _Lease:
-    """Renew claims (touch them) while their holder works, so that a slow live claimer is not taken over."""
-
-    def __init__(self, paths: list[Path]):
-        self.paths, self._stop = paths, threading.Event()
-        self._thread = threading.Thread(target=self._renew, name="prefixgen-lease", daemon=True)
-
-    def _renew(self) -> None:
-        while not self._stop.wait(LEASE_SECONDS):
-            for p in self.paths:
-                try:
-                    os.utime(p)
-                except FileNotFoundError:
-                    pass
-
-    def __enter__(self) -> _Lease:
-        if self.paths:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-
 def _open_store(out: Path, tries: int = 20) -> PrefixStore:
     """The store, reopened while other ranks may be compacting their segments at the end of their
     build: a listing that keeps changing under the index is tried again a little later."""
@@ -1108,107 +692,3 @@ def _options_id(cfg: BuildConfig) -> str:
     options["dataset_fingerprint"] = dataset_fingerprint(cfg.dataset)
     digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
     return f"dist-{digest}"
-
-
-def _fs_now(folder: Path, owner: str) -> float:
-    """The file system's clock: the mtime of a file just touched here (nodes' own clocks may differ).
-    The probe file is made once and touched after: two metadata operations a probe."""
-    probe = folder / f".clock-{owner}"
-    try:
-        os.utime(probe)
-    except FileNotFoundError:
-        probe.write_bytes(b"")  # made now: its mtime is now
-    return probe.stat().st_mtime
-
-
-class _Clock:
-    """The file system's clock for one round of claims: probed (:func:`_fs_now`) the first time a
-    claim needs it, then reused: one probe file write per round, not one per claim."""
-
-    def __init__(self, folder: Path, owner: str):
-        self.folder, self.owner, self._now = folder, owner, None
-
-    def __call__(self) -> float:
-        if self._now is None:
-            self._now = _fs_now(self.folder, self.owner)
-        return self._now
-
-
-class _Backoff:
-    """Sleeps of a waiting rank: POLL_SECONDS at first, doubling while nothing changes, up to
-    MAX_POLL_SECONDS; ``reset()`` after progress."""
-
-    def __init__(self):
-        self.pause = POLL_SECONDS
-
-    def __call__(self) -> None:
-        time.sleep(self.pause)
-        self.pause = min(self.pause * 2, MAX_POLL_SECONDS)
-
-    def reset(self) -> None:
-        self.pause = POLL_SECONDS
-
-
-class _Holders:
-    """Which claim holders are known dead: their writer's lock in the store is free (the kernel frees
-    it when the process dies, ``kill -9`` too), so their claims need not wait out the lease. Each
-    holder is asked once (make one per round of claims: a live holder may die later)."""
-
-    def __init__(self, store: Path):
-        self.store, self._dead = store, {}
-
-    def dead(self, holder: str) -> bool:
-        if holder not in self._dead:
-            try:
-                self._dead[holder] = not writer_is_live(self.store, holder)
-            except StoreError:  # the lock cannot be read here: only the lease tells
-                self._dead[holder] = False
-        return self._dead[holder]
-
-
-def _claim(
-    path: Path,
-    owner: str,
-    stale: float = CLAIM_STALE_SECONDS,
-    now: float | Callable[[], float] | None = None,
-    holders: _Holders | None = None,
-) -> bool:
-    """Take ``path`` (O_EXCL): True if ``owner`` now holds it. A claim whose lease (its mtime, renewed
-    by a live holder) is older than ``stale`` by the file system's clock, or whose holder is dead
-    (``holders``), is taken over by exactly one rank: the one that creates
-    ``<claim>.takeover-<holder>`` (O_EXCL), naming the holder it saw, so that two takers cannot both
-    win, nor a taker displace the new holder. ``now``: the file system's time, if the caller has just
-    read it, or a :class:`_Clock` that reads it once for many claims."""
-    line = f"{owner} {utc_now()}\n".encode()
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        try:
-            mtime = path.stat().st_mtime
-            holder = (path.read_text().split() or [""])[0]
-        except FileNotFoundError:
-            return False
-        if holder == owner:
-            return True
-        clock = now() if callable(now) else now if now is not None else _fs_now(path.parent, owner)
-        fresh = clock - mtime < stale
-        # Only a whole writer id is asked for its lock: a claim just created is empty until its
-        # holder writes its id (and a part of an id names no lock, which would read as dead).
-        if fresh and not (holders is not None and ID_PATTERN.fullmatch(holder) and holders.dead(holder)):
-            return False
-        # The marker naming the holder we saw is a claim itself, with its own holder and lease: one
-        # taker wins it, and a taker that dies (or meets a full disk) before it rewrote the claim is
-        # taken over in turn, instead of blocking the claim forever.
-        if not _claim(path.with_name(f"{path.name}.takeover-{holder}"), owner, stale, now, holders):
-            return False  # another rank takes it over from this holder
-        try:
-            current = (path.read_text().split() or [""])[0]
-        except FileNotFoundError:
-            return False
-        if current != holder:
-            return current == owner  # a taker before us rewrote it (and may have died: its own marker next)
-        atomic_write(path, [line], fsync=False, owner=owner)
-        return True
-    with os.fdopen(fd, "wb") as f:
-        f.write(line)
-    return True
