@@ -144,20 +144,22 @@ def linked_copy(store: Path, work: Path) -> None:
             os.link(Path(dirpath) / f, work / rel / f)
 
 
+# A forked child's ru_maxrss starts at its parent's RSS (Linux keeps the pre-exec high-water mark), so
+# the CLI is started by a small launcher that imports nothing, not by this process (which made the store).
+LAUNCHER = """
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+p = subprocess.run([sys.executable, "-m", "prefixgen", *sys.argv[1:]], capture_output=True, text=True)
+text = (p.stdout + p.stderr).strip().splitlines()
+print(json.dumps({"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+                  "seconds": round(time.perf_counter() - t, 1), "rc": p.returncode, "last": text[-1][:160] if text else ""}))
+"""
+
+
 def measure(args: list[str]) -> dict:
-    """Run ``prefixgen ARGS`` in a child; its peak RSS from wait4."""
-    t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "prefixgen", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = proc.stdout.read(), proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    text = (out + err).decode(errors="replace").strip().splitlines()
-    return {
-        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
-        "seconds": round(time.perf_counter() - t, 1),
-        "rc": proc.returncode,
-        "last": text[-1][:160] if text else "",
-    }
+    """Run ``prefixgen ARGS`` in a child of a fresh launcher; the child's peak RSS (RUSAGE_CHILDREN)."""
+    out = subprocess.run([sys.executable, "-c", LAUNCHER, *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 COMMANDS = {
@@ -171,6 +173,9 @@ COMMANDS = {
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--make"]:
+        make_store(Path(sys.argv[2]), int(sys.argv[3]))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", type=int, action="append", help="store size (repeatable); default 30000 and 300000")
     ap.add_argument("--dir", type=Path, default=Path("bench-out/maintain"))
@@ -183,7 +188,8 @@ def main() -> None:
         store = args.dir / f"store-{blocks}"
         if not (store / MANIFEST_FILE).exists():
             t = time.perf_counter()
-            make_store(store, blocks)
+            # In a child: this process stays small (see LAUNCHER).
+            subprocess.run([sys.executable, __file__, "--make", str(store), str(blocks)], check=True)
             print(f"made {store} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         half = blocks // 2 * 32  # KV bytes of half the blocks
         for label, (cmd, changes) in COMMANDS.items():
