@@ -196,7 +196,7 @@ class _ShardRows:
     together, up to GROUP_ROWS rows at a time, with one pass over the segment per group (a compacted
     segment's rows of one shard are spread over all of it). The rows of a shard are in segment order."""
 
-    GROUP_ROWS = 1 << 17  # ~10 MiB of rows (key, parent, slot, crc) in memory at once
+    GROUP_ROWS = 1 << 16  # ~5 MiB of rows (key, parent, slot, crc) in memory at once
 
     def __init__(self, seg: Segment, rows_in: np.ndarray):
         self.seg, self.rows_in = seg, rows_in
@@ -219,16 +219,18 @@ class _ShardRows:
             if m.any():
                 parts.append({"id": ids[m], **{c: cols[c][m] for c in ("slot", "crc", "key", "parent")}})
         names = ("id", "slot", "crc", "key", "parent")
-        if parts:
-            got = {c: np.concatenate([p[c] for p in parts]) for c in names}
-        else:
-            got = {"id": np.zeros(0, np.uint32), "slot": np.zeros(0, np.uint32), "crc": np.zeros(0, np.uint32)}
-            got |= {"key": np.zeros((0, 32), np.uint8), "parent": np.zeros((0, 32), np.uint8)}
-        order = np.argsort(got["id"], kind="stable")
-        bounds = np.searchsorted(got["id"][order], np.arange(lo, hi + 1))
-        for j in range(lo, hi):
-            rows = order[bounds[j - lo] : bounds[j - lo + 1]]
-            self.held[j] = {c: got[c][rows] for c in names[1:]}
+        empty = {"id": (np.uint32, ()), "slot": (np.uint32, ()), "crc": (np.uint32, ()), "key": (np.uint8, (32,))}
+        empty["parent"] = empty["key"]
+        ids = np.concatenate([p["id"] for p in parts]) if parts else np.zeros(0, np.uint32)
+        order = np.argsort(ids, kind="stable")
+        bounds = np.searchsorted(ids[order], np.arange(lo, hi + 1))
+        got = {}
+        for c in names[1:]:  # one column at a time, its pieces freed as it is sorted
+            col = np.concatenate([p.pop(c) for p in parts]) if parts else np.zeros((0, *empty[c][1]), empty[c][0])
+            got[c] = col[order]
+            del col
+        for j in range(lo, hi):  # views of the sorted columns
+            self.held[j] = {c: got[c][bounds[j - lo] : bounds[j - lo + 1]] for c in names[1:]}
         self.lo, self.hi = lo, hi
 
 
