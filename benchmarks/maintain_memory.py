@@ -202,7 +202,10 @@ def main() -> None:
             row = measure([c.format(half=half) for c in cmd] + [str(target)])
             if changes:
                 shutil.rmtree(target)
-            print(json.dumps({"blocks": blocks, "command": label, **row, "loadavg": open("/proc/loadavg").read().split()[0]}), flush=True)
+            print(
+                json.dumps({"blocks": blocks, "command": label, **row, "loadavg": open("/proc/loadavg").read().split()[0]}),
+                flush=True,
+            )
         if not args.keep:
             shutil.rmtree(store)
 

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -443,9 +443,27 @@ class PrefixStore:
             out.append((p, spans))
         return out
 
+    def count_pieces(self, rows: int = 1 << 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every row of ``counts/``, up to ``rows`` at a time: (keys [m, 32] uint8, records [m] uint64)."""
+        for p, spans in self.count_files():
+            n = (spans["records"][1] - spans["records"][0]) // 8
+            with open(p, "rb") as f:
+                for a in range(0, n, rows):
+                    m = min(rows, n - a)
+                    keys = _pread_exact(f, spans["key"][0] + a * 32, m * 32, p)
+                    records = _pread_exact(f, spans["records"][0] + a * 8, m * 8, p)
+                    yield np.frombuffer(keys, np.uint8).reshape(m, 32), np.frombuffer(records, "<u8")
+
     def check_counts(self) -> None:
         """Raise CorruptStoreError if a file of ``counts/`` is damaged (its header, column types and lengths)."""
         self.count_files()
+
+
+def _pread_exact(f, offset: int, size: int, where: Path) -> bytes:
+    data = os.pread(f.fileno(), size, offset)
+    if len(data) != size:
+        raise CorruptStoreError(f"{where}: file ended early (it changed while being read)")
+    return data
 
 
 def read_builds(path: Path) -> list[BuildRecord]:
