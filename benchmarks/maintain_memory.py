@@ -2,6 +2,7 @@
 
     python benchmarks/maintain_memory.py --blocks 30000 --blocks 300000 [--dir bench-out/maint]
     python benchmarks/maintain_memory.py --blocks 10000000 --skip verify   # full verify hashes every block
+    python benchmarks/maintain_memory.py --only gc --only "verify --quick"
 
 Writes a real store of N blocks with the library's own writer functions and no model: chains of 8
 blocks of random tokens (real keys: ``block_keys``), random KV bytes in shards of 4,096 blocks
@@ -180,6 +181,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, action="append", help="store size (repeatable); default 30000 and 300000")
     ap.add_argument("--dir", type=Path, default=Path("bench-out/maintain"))
     ap.add_argument("--skip", action="append", default=[], help="a command (as printed) not to run, or its first word")
+    ap.add_argument("--only", action="append", default=[], help="run only this command (as printed; repeatable)")
     ap.add_argument("--keep", action="store_true", help="keep the generated stores for another run")
     args = ap.parse_args()
     env_path = os.environ.get("PYTHONPATH", "")
@@ -193,7 +195,7 @@ def main() -> None:
             print(f"made {store} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         half = blocks // 2 * 32  # KV bytes of half the blocks
         for label, (cmd, changes) in COMMANDS.items():
-            if label in args.skip or label.split()[0] in args.skip:
+            if label in args.skip or label.split()[0] in args.skip or (args.only and label not in args.only):
                 continue
             target = store
             if changes:
