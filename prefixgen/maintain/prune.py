@@ -365,24 +365,27 @@ def _write_survivors(
     capacity = _capacity(manifest, shard_bytes)
     refs: list[ShardRef] = []
     crcs_out: list[np.ndarray] = []
-    kv_buf, scale_buf, tok_buf = bytearray(), bytearray(), []
+    kv_buf, scale_buf, tok_buf = bytearray(), bytearray(), bytearray()
 
     def flush() -> None:
         nonlocal kv_buf, scale_buf, tok_buf
-        if not tok_buf:
+        n = len(tok_buf) // (bs * 4)
+        if not n:
             return
         name = shard_name(writer, len(refs))
         meta = {"format_version": str(manifest.format_version), "writer": writer, "build": "prune"}
         scales = scale_buf if scale_bytes else None
         # The store's own block checksum: the copies must match the index rows they replace (checked
         # when the new segment is written).
-        parts, crcs, checksum = encode_shard(layout, bs, kv_buf, scales, np.stack(tok_buf), meta, manifest.block_checksum)
+        tokens = np.frombuffer(tok_buf, "<u4").reshape(n, bs)
+        parts, crcs, checksum = encode_shard(layout, bs, kv_buf, scales, tokens, meta, manifest.block_checksum)
         size = atomic_write(path / SHARDS_DIR / name, parts, fsync, owner=writer)
         crcs_out.append(crcs)
-        refs.append(ShardRef(name, len(tok_buf), size, checksum, writer, "prune"))
+        refs.append(ShardRef(name, n, size, checksum, writer, "prune"))
         report.bytes_after += size
         report.shards_written += 1
-        kv_buf, scale_buf, tok_buf = bytearray(), bytearray(), []
+        del tokens, parts
+        kv_buf, scale_buf, tok_buf = bytearray(), bytearray(), bytearray()
 
     # One old shard at a time, reading only the kept blocks: one read per run of consecutive kept
     # slots, never the whole shard (pruning 100 TB to 1 TB reads 1 TB).
@@ -406,8 +409,8 @@ def _write_survivors(
                     kv_buf += memoryview(kv)[j * block_bytes : (j + 1) * block_bytes]
                     if scale_bytes:
                         scale_buf += memoryview(scales)[j * scale_bytes : (j + 1) * scale_bytes]
-                    tok_buf.append(np.frombuffer(tokens, dtype="<u4", count=bs, offset=j * bs * 4))
-                    if len(tok_buf) == capacity:
+                    tok_buf += memoryview(tokens)[j * bs * 4 : (j + 1) * bs * 4]
+                    if len(tok_buf) == capacity * bs * 4:
                         flush()
     flush()
     return refs, np.concatenate(crcs_out) if crcs_out else np.zeros(0, np.uint32)
