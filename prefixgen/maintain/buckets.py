@@ -15,12 +15,14 @@ from typing import IO
 import numpy as np
 
 BUCKET_BITS = 6  # 64 buckets: a temporary file each, per table
+MEMORY_BYTES = 4 << 20  # rows held in memory before the first spill (a small store makes no file)
 
 
 class KeyBuckets:
     """Rows of ``dtype`` (a structured dtype whose first field is the uint64 key, or plain ``<u8``)
     spilled by bucket into unnamed temporary files in ``folder`` (the system's default if None)
-    as they are added, and read back one bucket at a time. Use as a context manager.
+    once more than ``MEMORY_BYTES`` were added, and read back one bucket at a time. Use as a
+    context manager.
 
     Example:
         >>> with KeyBuckets("<u8") as b:
@@ -35,6 +37,8 @@ class KeyBuckets:
         self.count = 1 << bits
         self._folder = folder
         self._files: list[IO[bytes] | None] = [None] * self.count
+        self._held: list[list[np.ndarray]] | None = [[] for _ in range(self.count)]  # None once spilled
+        self._held_bytes = 0
 
     def __enter__(self) -> KeyBuckets:
         return self
@@ -47,6 +51,7 @@ class KeyBuckets:
             if f is not None:
                 f.close()
         self._files = [None] * self.count
+        self._held, self._held_bytes = [[] for _ in range(self.count)], 0
 
     def number(self, keys: np.ndarray) -> np.ndarray:
         """[n] the bucket of each key."""
@@ -60,13 +65,29 @@ class KeyBuckets:
         order = np.argsort(which, kind="stable")
         bounds = np.searchsorted(which[order], np.arange(self.count + 1))
         rows = rows[order]
+        if self._held is not None:
+            for b in np.flatnonzero(np.diff(bounds)).tolist():
+                self._held[b].append(rows[bounds[b] : bounds[b + 1]])
+            self._held_bytes += rows.nbytes
+            if self._held_bytes > MEMORY_BYTES:
+                held, self._held = self._held, None
+                for b, parts in enumerate(held):
+                    for part in parts:
+                        self._write(b, part)
+            return
         for b in np.flatnonzero(np.diff(bounds)).tolist():
-            if self._files[b] is None:
-                self._files[b] = tempfile.TemporaryFile(dir=self._folder)  # unnamed: nothing left after a crash
-            self._files[b].write(rows[bounds[b] : bounds[b + 1]].tobytes())
+            self._write(b, rows[bounds[b] : bounds[b + 1]])
+
+    def _write(self, b: int, rows: np.ndarray) -> None:
+        if self._files[b] is None:
+            self._files[b] = tempfile.TemporaryFile(dir=self._folder)  # unnamed: nothing left after a crash
+        self._files[b].write(rows.tobytes())
 
     def bucket(self, b: int) -> np.ndarray:
         """Every row added to bucket ``b``, in the order added."""
+        if self._held is not None:
+            parts = self._held[b]
+            return np.concatenate(parts) if parts else np.empty(0, self.dtype)
         f = self._files[b]
         if f is None:
             return np.empty(0, self.dtype)
