@@ -15,13 +15,13 @@ from typing import IO
 import numpy as np
 
 BUCKET_BITS = 6  # 64 buckets: a temporary file each, per table
-MEMORY_BYTES = 4 << 20  # rows held in memory before the first spill (a small store makes no file)
+MEMORY_BYTES = 1 << 20  # rows held in memory before the first spill (a small store makes no file)
 
 
 class KeyBuckets:
     """Rows of ``dtype`` (a structured dtype whose first field is the uint64 key, or plain ``<u8``)
     spilled by bucket into unnamed temporary files in ``folder`` (the system's default if None)
-    once more than ``MEMORY_BYTES`` were added, and read back one bucket at a time. Use as a
+    once more than ``MEMORY_BYTES`` (1 MiB) were added, and read back one bucket at a time. Use as a
     context manager.
 
     Example:
