@@ -206,6 +206,22 @@ def _prune(
     return report
 
 
+def record_counts(store: PrefixStore, key64: np.ndarray) -> np.ndarray:
+    """[n] records containing each index row's block, summed over builds (0 if never counted). In
+    memory: ``export`` ranks the rows it exports with it; prune sums a key bucket at a time
+    (:class:`_RankedRows`)."""
+    tables = store.count_arrays()
+    if not tables:
+        return np.zeros(len(key64), dtype=np.int64)
+    keys = np.concatenate([k for k, _ in tables])
+    counts = np.concatenate([c for _, c in tables]).astype(np.int64)
+    k64 = np.ascontiguousarray(keys[:, :8]).view("<u8").reshape(-1)
+    uniq, inverse = np.unique(k64, return_inverse=True)
+    totals = np.bincount(inverse.reshape(-1), weights=counts, minlength=len(uniq)).astype(np.int64)
+    pos = np.minimum(np.searchsorted(uniq, key64), max(len(uniq) - 1, 0))
+    return np.where(uniq[pos] == key64, totals[pos], 0)
+
+
 def _shard_ids(cols: dict[str, np.ndarray]) -> np.ndarray:
     """[rows] each row's index into its segment's shard list (0 in a one-shard segment)."""
     return cols["shard"] if "shard" in cols else np.zeros(len(cols["key64"]), np.uint32)
