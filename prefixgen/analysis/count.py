@@ -25,6 +25,7 @@ import numpy as np
 from prefixgen.config import BuildConfig
 from prefixgen.errors import ConfigError
 from prefixgen.format import KVLayout
+from prefixgen.kvcache import state_bytes_per_block
 
 
 def select_blocks(
@@ -83,7 +84,7 @@ def max_blocks(cfg: BuildConfig, layout: KVLayout) -> int | None:
     """
     if cfg.max_bytes is None:
         return None
-    block = layout.block_bytes(cfg.block_size)
+    block = layout.block_bytes(cfg.block_size) + state_bytes_per_block(layout, cfg.block_size)  # a hybrid's states too
     if cfg.max_bytes < block:
         raise ConfigError(
             f"--max-bytes {cfg.max_bytes:,} is smaller than one block: a block of {cfg.block_size} tokens holds "

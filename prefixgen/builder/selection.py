@@ -106,4 +106,4 @@ def cut_to_selection(
     """
     for record in records:
         n = selection.chosen_prefix(block_keys(record.ids, block_size, root))
-        yield TokenizedRecord(record.index, record.ids[: n * block_size])
+        yield TokenizedRecord(record.index, record.ids[: n * block_size], tuple(e for e in record.ends if e <= n * block_size))
