@@ -46,6 +46,12 @@ FORMAT_VERSION = 3
 # `kv.latent_rank`, `kv.groups`). Only such stores are written as 4: a reader before it would take their
 # blocks for per-head K/V. A plain full-attention store is still written as 3, byte for byte as before.
 GROUPS_FORMAT_VERSION = 4
+# 5: head-major blocks (manifest `kv.layout` KV_LAYOUT_HEADS): each block's KV is [kv_heads, B, layers, parts,
+# head_dim], with one checksum per (block, head) in the shard's `head_crc`, so a tensor-parallel rank reads and
+# checks only its own heads. New stores are written as 5 (plain and layer-group layouts alike); a reader before it
+# would take the head-major bytes for token-major ones, so it must refuse them.
+HEADS_FORMAT_VERSION = 5
+LATEST_FORMAT_VERSION = HEADS_FORMAT_VERSION
 COMPACTED_FORMAT_VERSION = 2  # the version a store needs at least to hold a compacted segment
 HASH_ALGORITHM = "sha256-chain-v1"
 ROOT_DOMAIN = b"prefixgen-root-v1\x00"
@@ -59,10 +65,15 @@ CLAIMS_DIR = "claims"  # distributed builds: which rank computes which shared pr
 LOCKS_DIR = "locks"
 TMP_SUFFIX = ".tmp"
 
-# Token-major so that consecutive blocks of one sequence are one contiguous byte range.
+# Token-major (versions 1 to 4): consecutive blocks of one sequence are one contiguous byte range.
 KV_LAYOUT = "tokens,layers,kv,kv_heads,head_dim"
 # fp8 scales: one float32 per block, layer, K/V and head.
 SCALE_LAYOUT = "blocks,layers,kv,kv_heads"
+# Head-major (version 5): a block is its heads one after the other, each [B, layers, kv, head_dim], so one
+# tensor-parallel rank's heads of a block are one contiguous byte range; the scales likewise per head.
+KV_LAYOUT_HEADS = "blocks,kv_heads,block_tokens,layers,kv,head_dim"
+SCALE_LAYOUT_HEADS = "blocks,kv_heads,layers,kv"
+KV_ORDERS = ("heads", "tokens")  # KVLayout.order: how a store lays out a block's bytes
 
 BlockHash = NewType("BlockHash", bytes)
 """32 raw bytes of SHA-256: the key of one block, chained over every block before it."""
@@ -216,6 +227,9 @@ class KVLayout:
     kind: str = "kv"
     latent_rank: int = 0  # mla: kv_lora_rank, the latent's first values
     groups: tuple[LayerGroup, ...] = ()
+    # How a store lays out a block: "tokens" ([B, layers, parts, kv_heads, head_dim], versions 1 to 4) or
+    # "heads" ([kv_heads, B, layers, parts, head_dim], version 5). KV in memory is always token-major.
+    order: str = "tokens"
 
     @property
     def parts(self) -> int:
@@ -234,7 +248,33 @@ class KVLayout:
     @property
     def format_version(self) -> int:
         """The format version a store of this layout is written as."""
+        if self.order == "heads":
+            return HEADS_FORMAT_VERSION
         return FORMAT_VERSION if self.plain else GROUPS_FORMAT_VERSION
+
+    @property
+    def heads_first(self) -> bool:
+        """Whether blocks are stored head-major (format 5), each head's bytes contiguous."""
+        return self.order == "heads"
+
+    def block_shape(self, block_size: int) -> tuple[int, ...]:
+        """The shape of one stored block: ``[H, B, L, parts, D]`` head-major, ``[B, L, parts, H, D]`` token-major."""
+        L, P, H, D = self.token_shape
+        return (H, block_size, L, P, D) if self.heads_first else (block_size, L, P, H, D)
+
+    @property
+    def scale_shape(self) -> tuple[int, int, int]:
+        """The shape of one stored block's fp8 scales: ``[H, L, parts]`` head-major, ``[L, parts, H]`` token-major."""
+        L, P, H, _ = self.token_shape
+        return (H, L, P) if self.heads_first else (L, P, H)
+
+    def head_bytes(self, block_size: int) -> int:
+        """Stored KV bytes of one head of one block (head-major: a contiguous run)."""
+        return block_size * self.num_layers * self.parts * self.head_dim * DTYPE_SIZES[self.stored_dtype]
+
+    def head_scale_bytes(self) -> int:
+        """fp8 scale bytes of one head of one block (0 for native storage)."""
+        return self.num_layers * self.parts * 4 if self.storage == "fp8" else 0
 
     @property
     def values_per_token(self) -> int:
@@ -301,7 +341,7 @@ class Manifest:
             "block_size": self.block_size,
             "hash": {"algorithm": self.hash_algorithm, "root": self.root},
             "block_checksum": self.block_checksum,
-            "kv": {**self.kv.to_dict(), "layout": KV_LAYOUT, "scale_layout": SCALE_LAYOUT},
+            "kv": {**self.kv.to_dict(), **_layout_names(self.kv)},
             "model": self.model.to_dict(),
             "created_at": self.created_at,
         }
@@ -319,9 +359,9 @@ class Manifest:
         version = data["format_version"]
         if not isinstance(version, int):
             raise CorruptStoreError(f"{where}: format_version {version!r} is not an integer")
-        if version > GROUPS_FORMAT_VERSION:
+        if version > LATEST_FORMAT_VERSION:
             raise NewerFormatError(
-                f"{where} has format version {version}, this prefixgen reads up to {GROUPS_FORMAT_VERSION}: "
+                f"{where} has format version {version}, this prefixgen reads up to {LATEST_FORMAT_VERSION}: "
                 "upgrade prefixgen (pip install -U prefixgen)"
             )
         try:
@@ -338,6 +378,7 @@ class Manifest:
                     kind=str(kv.get("kind", "kv")),
                     latent_rank=int(kv.get("latent_rank", 0)),
                     groups=tuple(LayerGroup.from_dict(g) for g in kv.get("groups", ())),
+                    order="heads" if kv.get("layout") == KV_LAYOUT_HEADS else "tokens",
                 ),
                 root=str(data["hash"]["root"]),
                 format_version=version,
@@ -354,9 +395,18 @@ class Manifest:
             raise CorruptStoreError(f"{where}: unknown block checksum {manifest.block_checksum!r}")
         if manifest.kv.kind not in ("kv", "mla") or (not manifest.kv.plain and version < GROUPS_FORMAT_VERSION):
             raise CorruptStoreError(f"{where}: kv kind {manifest.kv.kind!r} or layer groups in a format {version} store")
+        if manifest.kv.heads_first != (version >= HEADS_FORMAT_VERSION):
+            raise CorruptStoreError(f"{where}: kv layout {kv.get('layout')!r} in a format {version} store")
         if manifest.kv.stored_dtype not in DTYPE_SIZES or manifest.block_size <= 0:
             raise CorruptStoreError(f"{where}: bad kv dtype {manifest.kv.dtype!r} or block size")
         return manifest
+
+
+def _layout_names(kv: KVLayout) -> dict[str, str]:
+    """The manifest's ``kv.layout`` and ``kv.scale_layout``: how the store's blocks are laid out."""
+    if kv.heads_first:
+        return {"layout": KV_LAYOUT_HEADS, "scale_layout": SCALE_LAYOUT_HEADS}
+    return {"layout": KV_LAYOUT, "scale_layout": SCALE_LAYOUT}
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -553,15 +603,52 @@ def shard_checksum(header: bytes, crcs: np.ndarray) -> int:
 def shard_tensors(layout: KVLayout, block_size: int, blocks: int) -> list[TensorSpec]:
     """Tensors of a shard holding ``blocks`` blocks, in file order.
 
-    ``kv`` [tokens, layers, 2, kv_heads, head_dim]; ``kv_scale`` [blocks, layers, 2, kv_heads]
-    (fp8 only); ``tokens`` [blocks, block_size] uint32.
+    Token-major (versions 1 to 4): ``kv`` [tokens, layers, 2, kv_heads, head_dim]; ``kv_scale`` [blocks, layers, 2,
+    kv_heads] (fp8 only); ``tokens`` [blocks, block_size] uint32. Head-major (version 5): ``kv`` [blocks, kv_heads,
+    block_size, layers, 2, head_dim]; ``kv_scale`` [blocks, kv_heads, layers, 2] (fp8 only); ``head_crc`` [blocks,
+    kv_heads] uint32; ``tokens``.
     """
-    tokens = blocks * block_size
-    specs = [TensorSpec("kv", layout.stored_dtype, (tokens, *layout.token_shape))]
+    if layout.heads_first:
+        specs = [TensorSpec("kv", layout.stored_dtype, (blocks, *layout.block_shape(block_size)))]
+    else:
+        specs = [TensorSpec("kv", layout.stored_dtype, (blocks * block_size, *layout.token_shape))]
     if layout.storage == "fp8":
-        specs.append(TensorSpec("kv_scale", "float32", (blocks, *layout.token_shape[:3])))
+        specs.append(TensorSpec("kv_scale", "float32", (blocks, *layout.scale_shape)))
+    if layout.heads_first:
+        specs.append(TensorSpec("head_crc", "uint32", (blocks, layout.num_kv_heads)))
     specs.append(TensorSpec("tokens", "uint32", (blocks, block_size)))
     return specs
+
+
+def block_checksums(
+    kv: Any, scales: Any, layout: KVLayout, block_size: int, algorithm: str = CRC32C
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The checksums of stored blocks (their ``kv`` bytes, and ``scales`` bytes for fp8, as the shard holds them):
+    (the index's ``crc`` [blocks] uint32, the shard's ``head_crc`` [blocks, kv_heads] uint32 or None).
+
+    Token-major: a block's ``crc`` covers its KV bytes, then its scales. Head-major: each head's ``head_crc``
+    covers the head's KV bytes, then its scales, and the block's ``crc`` covers its ``head_crc`` row (little-endian):
+    one pass over the KV either way; a reader of some heads checks them against the row, and the row against the
+    index.
+
+    Example:
+        >>> crcs, heads = block_checksums(bytes(128), None, KVLayout(1, 2, 2, "float32", order="heads"), 2)
+        >>> heads.shape, crcs.tolist() == head_row_crcs(heads).tolist()
+        ((2, 2), True)
+    """
+    if not layout.heads_first:
+        crcs = block_crcs(kv, layout.bytes_per_token * block_size, scales, layout.scale_bytes_per_block(), algorithm)
+        return crcs, None
+    heads = block_crcs(kv, layout.head_bytes(block_size), scales, layout.head_scale_bytes(), algorithm)
+    heads = heads.reshape(-1, layout.num_kv_heads)  # [blocks, H]
+    return head_row_crcs(heads, algorithm), heads
+
+
+def head_row_crcs(head_crcs: np.ndarray, algorithm: str = CRC32C) -> np.ndarray:
+    """Each block's ``crc`` from its ``head_crc`` row ([blocks, kv_heads] uint32): the checksum of the row's bytes
+    (little-endian uint32). [blocks] uint32."""
+    rows = np.ascontiguousarray(head_crcs, dtype="<u4")
+    return block_crcs(rows.reshape(-1).view(np.uint8), rows.shape[1] * 4, algorithm=algorithm)
 
 
 def read_shard_blocks(
@@ -569,7 +656,8 @@ def read_shard_blocks(
 ) -> bool:
     """Read consecutive blocks from slot ``first_slot`` of an open shard: their ``kv`` bytes into
     the writable buffer ``kv`` (its size says how many blocks) and, for fp8, their scale bytes into
-    ``scales``. One ``preadv`` each. Returns False if the file ended first (truncated)."""
+    ``scales``. One ``preadv`` each. Returns False if the file ended first (truncated). The bytes are
+    as stored: head-major blocks in a version-5 store (:func:`token_major` views them token-major)."""
     block_bytes = layout.bytes_per_token * block_size
     kv = memoryview(kv).cast("B")
     ok = os.preadv(fd, [kv], header.offset("kv") + first_slot * block_bytes) == kv.nbytes
@@ -578,6 +666,52 @@ def read_shard_blocks(
         offset = header.offset("kv_scale") + first_slot * layout.scale_bytes_per_block()
         ok = ok and os.preadv(fd, [scales], offset) == scales.nbytes
     return ok
+
+
+def read_shard_heads(
+    fd: int,
+    header: SafetensorsHeader,
+    layout: KVLayout,
+    block_size: int,
+    first_slot: int,
+    heads: range,
+    kv: Any,
+    scales: Any,
+    head_crcs: np.ndarray,
+) -> int:
+    """Read heads ``heads`` of ``len(head_crcs)`` consecutive blocks from slot ``first_slot`` of an open head-major
+    shard: per block one ``pread`` of those heads' KV bytes into ``kv`` ([blocks, len(heads), B, L, parts, D] as
+    bytes) and, for fp8, one of their scales into ``scales`` ([blocks, len(heads), L, parts]); and the blocks' whole
+    ``head_crc`` rows into ``head_crcs`` ([blocks, kv_heads] uint32, one ``pread``). Returns the bytes read, or -1
+    if the file ended first (truncated)."""
+    n, H = len(head_crcs), layout.num_kv_heads
+    per_head, per_scale = layout.head_bytes(block_size), layout.head_scale_bytes()
+    rows = memoryview(head_crcs).cast("B")
+    if os.preadv(fd, [rows], header.offset("head_crc") + first_slot * H * 4) != rows.nbytes:
+        return -1
+    total = rows.nbytes
+    pieces = [(memoryview(kv).cast("B"), header.offset("kv"), per_head)]
+    if scales is not None:
+        pieces.append((memoryview(scales).cast("B"), header.offset("kv_scale"), per_scale))
+    for dest, start, unit in pieces:
+        size = len(heads) * unit  # this rank's heads of one block: one contiguous range
+        at = start + (first_slot * H + heads.start) * unit
+        for b in range(n):
+            if os.preadv(fd, [dest[b * size : (b + 1) * size]], at + b * H * unit) != size:
+                return -1
+        total += n * size
+    return total
+
+
+def token_major(kv: torch.Tensor, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Head-major blocks viewed token-major: ``kv`` [n, H, B, L, parts, D] -> [n, B, L, parts, H, D] and ``scales``
+    [n, H, L, parts] -> [n, L, parts, H]. Permuted views: ``.reshape(n * B, L, parts, H, D)`` copies.
+
+    Example:
+        >>> token_major(torch.zeros(3, 2, 4, 5, 2, 8))[0].shape
+        torch.Size([3, 4, 5, 2, 2, 8])
+    """
+    return kv.permute(0, 2, 3, 4, 1, 5), None if scales is None else scales.permute(0, 2, 3, 1)
 
 
 def encode_shard(
@@ -589,16 +723,19 @@ def encode_shard(
     metadata: dict[str, str],
     algorithm: str = CRC32C,
 ) -> tuple[list, np.ndarray, int]:
-    """A shard's bytes from its stored KV bytes (``kv``, and ``scales`` for fp8) and ``tokens``
-    [blocks, B]: (file parts, block checksums (``algorithm``) [blocks] uint32, shard checksum).
+    """A shard's bytes from its stored KV bytes (``kv``, and ``scales`` for fp8, in the layout's order) and ``tokens``
+    [blocks, B]: (file parts, block checksums (``algorithm``) [blocks] uint32, shard checksum). A head-major shard
+    gets its ``head_crc`` tensor.
 
     Example:
         >>> parts, crcs, checksum = encode_shard(layout, 16, kv_bytes, None, tokens, {})  # doctest: +SKIP
     """
     blocks = len(tokens)
     header = encode_safetensors_header(shard_tensors(layout, block_size, blocks), metadata)
-    crcs = block_crcs(kv, layout.bytes_per_token * block_size, scales, layout.scale_bytes_per_block(), algorithm)
+    crcs, heads = block_checksums(kv, scales, layout, block_size, algorithm)
     data = [memoryview(kv).cast("B")] + ([memoryview(scales).cast("B")] if scales is not None else [])
+    if heads is not None:
+        data.append(np.ascontiguousarray(heads, dtype="<u4").tobytes())
     parts = [header, *data, np.ascontiguousarray(tokens, dtype="<u4").tobytes()]
     return parts, crcs, shard_checksum(header, crcs)
 
