@@ -15,7 +15,6 @@ from prefixgen.store.reader import ReadCount
 
 from .conftest import write_jsonl
 
-
 ROWS = [
     {"text": f"Story {i}: once upon a time a {w} went to the park and played all day long."} for i, w in enumerate(["cat", "dog"])
 ]
@@ -25,7 +24,14 @@ def _store(tmp_path, stories, kv_dtype: str, kv_order: str):
     out = tmp_path / "store"
     data = str(write_jsonl(tmp_path / "s.jsonl", ROWS))
     cfg = BuildConfig(
-        dataset=data, model=str(stories), out=str(out), device="cpu", dtype="float32", quiet=True, kv_dtype=kv_dtype, kv_order=kv_order
+        dataset=data,
+        model=str(stories),
+        out=str(out),
+        device="cpu",
+        dtype="float32",
+        quiet=True,
+        kv_dtype=kv_dtype,
+        kv_order=kv_order,
     )
     build(cfg)
     store = PrefixStore.open(out)
