@@ -70,12 +70,14 @@ from prefixgen.format import (
     shard_checksum,
     shard_name,
     shard_tensors,
+    temp_path,
     token_major,
 )
 from prefixgen.store.index import StoreIndex
 from prefixgen.store.keyset import KeySet
 
 WRITE_MODES = ("new", "append", "resume", "overwrite")
+RECORD_RESERVE_BYTES = 64 << 10  # kept free for a build's last record: a few KiB of JSON, with room to spare
 ID_PATTERN = re.compile(r"\d{8}T\d{6}-\d+-[0-9a-f]{6}")  # what new_id makes
 
 
@@ -220,6 +222,7 @@ class StoreWriter:
             self._lock_file.release()
             raise
         self._counts_seq = 0
+        self._reserve: Path | None = None  # room kept for the last record (see write_build)
         layout = manifest.kv
         self._bs = manifest.block_size
         self._block_bytes = layout.bytes_per_token * self._bs
@@ -549,6 +552,7 @@ class StoreWriter:
 
     def release(self) -> None:
         """Give up the writer's lock: it writes nothing more. Safe to call twice."""
+        self._drop_reserve()
         self._lock_file.release()
 
     def __enter__(self) -> StoreWriter:
@@ -569,7 +573,38 @@ class StoreWriter:
         if self.part:
             path = path.with_name(record.build_id + RANK_PARTS_SUFFIX) / f"{self.part}.json"
             path.parent.mkdir(exist_ok=True)
-        atomic_write(path, [data.encode()], self.fsync, owner=self.writer_id)
+        try:
+            atomic_write(path, [data.encode()], self.fsync, owner=self.writer_id)
+        except OSError as e:
+            # A disk that filled up during the build must still take the record that says how it
+            # ended (else it stays "running"): give back the room kept for it and write again.
+            if e.errno != errno.ENOSPC or not self._drop_reserve():
+                raise
+            atomic_write(path, [data.encode()], self.fsync, owner=self.writer_id)
+        if record.status == "running" and self._reserve is None:
+            self._keep_reserve(path)
+        elif record.status != "running":
+            self._drop_reserve()
+
+    def _keep_reserve(self, record_path: Path) -> None:
+        """Allocate RECORD_RESERVE_BYTES beside the record (a temporary file of this writer's, which
+        gc removes if the writer dies), for :meth:`write_build` to free on a full disk."""
+        path = temp_path(record_path.with_name(record_path.name + ".reserve"), self.writer_id)
+        try:
+            with open(path, "wb") as f:
+                f.write(bytes(RECORD_RESERVE_BYTES))  # written, not truncated: a sparse file keeps no room
+        except OSError:
+            path.unlink(missing_ok=True)  # the disk is already too full to keep room: go on without
+            return
+        self._reserve = path
+
+    def _drop_reserve(self) -> bool:
+        """Free the room kept for the last record; False if none was kept."""
+        path, self._reserve = self._reserve, None
+        if path is None:
+            return False
+        path.unlink(missing_ok=True)
+        return True
 
     def write_counts(self, keys: np.ndarray, records: np.ndarray) -> None:
         """Append the record counts of blocks counted since the last call, as a new file
