@@ -1245,6 +1245,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
                         kv = _upload(kv, device)  # straight from the pinned read buffer
                         last = torch.cuda.Event()
                         last.record(self._stream)  # the buffer is free after it (the writes below come later)
+                        last.buffers = (kv,)  # type: ignore[attr-defined]  # the device copy, alive until it is waited for
                 first = (load.first_block + i) * bs  # the piece's first token
                 for member in members if good else []:
                     last = self._write_piece(member, kv, first, first + good * bs, device) or last
