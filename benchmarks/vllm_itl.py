@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "vllm-itl")
     args = ap.parse_args()
     from transformers import AutoTokenizer
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -159,6 +160,7 @@ def main() -> None:
     conditions += [("load", p, prompts(t)) for p, t in stored.items()]
     conditions += [("compute", p, prompts(t)) for p, t in cold.items()]
     runs: dict[tuple[str, int], list] = {(name, p): [] for name, p, _ in conditions}
+    shard_bytes: dict[tuple[str, int], list[int]] = {(name, p): [] for name, p, _ in conditions}  # read per run
     # check_rate 0: after the first live check no request is computed to be compared (a run of its own would differ)
     llm = engine(model, str(dtype).removeprefix("torch."), max_len, store, eager=device == "cpu", options={"check_rate": 0})
     try:
@@ -166,9 +168,10 @@ def main() -> None:
         for r in range(args.repeats):
             for k in range(len(conditions)):
                 name, p, loaders = conditions[(k + r) % len(conditions)]  # rotated: drift in the load hits each alike
-                before = loadavg()
+                before, read = loadavg(), get_kv_transfer_group().stats.read_bytes
                 gaps, ttfts, steps = run(llm, decoders, loaders, f"r{r}-{name}{p}")
                 runs[(name, p)].append((gaps, ttfts, steps, max(before, loadavg())))
+                shard_bytes[(name, p)].append(get_kv_transfer_group().stats.read_bytes - read)
         for (name, p), done in runs.items():
             row = {
                 "bench": "vllm_itl",
@@ -179,6 +182,8 @@ def main() -> None:
                 "decoders": args.decoders,
                 "loaders": args.loaders if name != "none" else 0,
                 **summary(done),
+                # Bytes the connector read from shards per run: the loaders share one stored prefix (single-flight)
+                "read_MB_per_run": round(statistics.median(shard_bytes[(name, p)]) / 1e6, 1),
             }
             print(json.dumps(row), flush=True)
     finally:
