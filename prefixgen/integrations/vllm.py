@@ -639,7 +639,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
     * ``chat_template``: the Jinja file given to ``prefixgen build --chat-template`` (and to
       ``vllm serve --chat-template``), when the tokenizer has no template of its own; it is part
       of the tokenizer identity the store is checked against.
-    * ``staging_bytes``, ``load_threads``, ``yield_seconds``, ``cast_kv_dtype``, ``check_rate``,
+    * ``staging_bytes``, ``staging_buffers``, ``load_threads``, ``yield_seconds``, ``cast_kv_dtype``, ``check_rate``,
       ``check_tolerance``: see :class:`~prefixgen.config.ConnectorConfig`.
 
     Example:
