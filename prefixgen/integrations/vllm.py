@@ -385,9 +385,11 @@ class _Threads:
 class _Loading:
     """One load on the worker, between its load thread and the engine thread (which gives it up at its deadline).
 
-    Single-flight: a load whose stored blocks are a run of those a load in flight has still to read joins it (a
+    Single-flight: a load whose first stored blocks are among those a load in flight has still to read joins it (a
     follower: no thread, no read of its own); the leader's thread writes each piece it reads into every member's
-    slots, and a piece it cannot read stops them all (vLLM recomputes each from its first token not written)."""
+    slots, and a piece it cannot read stops them all (vLLM recomputes each from its first token not written). A
+    follower whose blocks go on past the shared run (another prompt after a shared system prompt) is handed back to
+    the load threads once the leader read that run, and reads the rest itself."""
 
     load: LoadSpec
     deadline: float  # time.monotonic() past which it is given up (inf: none)
@@ -403,6 +405,7 @@ class _Loading:
     # join only at or after it (guarded by the connector's lock; inf once the leader wrote its last piece).
     group: list[_Loading] | None = None
     next_read: float = 0
+    shared_end: float = math.inf  # a follower: its tokens before this are the leader's too (it reads the rest itself)
 
 
 @dataclass(eq=False)
@@ -1004,20 +1007,25 @@ class PrefixgenConnector(KVConnectorBase_V1):
     def _join(self, loading: _Loading) -> bool:
         """Single-flight: if a load in flight has still to read every stored block ``loading`` needs (the same (shard,
         slot) run, at the same place in the prompt), ``loading`` joins it and is written from its reads; False if none.
-        A load that needs blocks beyond the other's, or whose first block the other has read already, reads its own."""
+        Its blocks after the run it shares (if any) it reads itself, once the other read that run (:meth:`_detach`); a load
+        whose first block the other has read already reads all of its own."""
         load = loading.load
         mine = [(loc.shard, loc.slot) for loc in load.locations]
         if not mine:
             return False
         for leader in self._inflight.values():
             at = load.first_block - leader.load.first_block  # where its blocks start in the leader's (the same depth)
-            theirs = leader.load.locations[at : at + len(mine)] if at >= 0 else []
-            if leader.group is None or [(loc.shard, loc.slot) for loc in theirs] != mine:
+            if leader.group is None or at < 0:
+                continue
+            theirs = leader.load.locations[at : at + len(mine)]
+            common = next((j for j, loc in enumerate(theirs) if (loc.shard, loc.slot) != mine[j]), len(theirs))
+            if common == 0:
                 continue
             with self._lock:
                 if leader.next_read > at:  # read past its first block already (or finished): not joined
                     continue
-                loading.state, loading.future = "running", Future()  # set by the leader's thread when it is written
+                loading.state, loading.future = "running", Future()  # set when it is written (_finish)
+                loading.shared_end = (load.first_block + common) * self.store.block_size
                 leader.group.append(loading)
                 self.stats.shared_loads += 1
             return True
@@ -1177,7 +1185,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
 
     def _load_safely(self, loading: _Loading) -> None:
         """:meth:`_load` on a load thread, for ``loading`` and the loads that joined it: whatever goes wrong, the engine
-        recomputes each from the first token not written."""
+        recomputes each from the first token not written. ``loading`` may be a follower whose shared run was read: it
+        reads the rest of its blocks."""
         with loading.lock:
             if loading.state != "abandoned":  # given up (or shut down) before it started: run only for its followers
                 loading.state, loading.thread = "running", threading.get_ident()
@@ -1187,22 +1196,53 @@ class PrefixgenConnector(KVConnectorBase_V1):
             logger.exception("PrefixgenConnector: loading %s failed; vLLM recomputes it", loading.load.req_id)
         with self._lock:
             loading.next_read = math.inf  # nothing joins it any more
-            members = list(loading.group or [loading])
+            members, loading.group = list(loading.group or [loading]), []
         for member in members:
-            with member.lock:
-                if member.state == "abandoned":  # given up at its deadline: reported then
-                    continue
-                try:
-                    _wait_copies(member)  # CUDA: no write may land after vLLM recomputes these slots
-                except Exception:
-                    logger.exception("PrefixgenConnector: loading %s failed on the device", member.load.req_id)
-                    member.written = member.load.start
-                member.state = "done"
-                with self._lock:
-                    self._report_unwritten(member.load, member.written)
-                    self.stats.requests += 1
+            self._finish(member)
             if member is not loading:
                 member.future.set_result(None)
+
+    def _finish(self, member: _Loading) -> None:
+        """``member``'s load is over (written whole, or up to a fault): vLLM recomputes from its first token not written."""
+        with member.lock:
+            if member.state == "abandoned":  # given up at its deadline: reported then
+                return
+            try:
+                _wait_copies(member)  # CUDA: no write may land after vLLM recomputes these slots
+            except Exception:
+                logger.exception("PrefixgenConnector: loading %s failed on the device", member.load.req_id)
+                member.written = member.load.start
+            member.state = "done"
+            with self._lock:
+                self._report_unwritten(member.load, member.written)
+                self.stats.requests += 1
+
+    def _detach(self, loading: _Loading, read: int) -> None:
+        """The followers of ``loading`` whose shared run ends within its first ``read`` locations (read and written) leave
+        its group: done if that was all they need, else handed to a load thread to read the rest of their blocks."""
+        bs = self.store.block_size
+        end = (loading.load.first_block + read) * bs  # the tokens written so far end here
+        with self._lock:
+            leaving = [m for m in (loading.group or [])[1:] if m.shared_end <= end]
+            if not leaving:
+                return
+            loading.group = [m for m in loading.group if m not in leaving]
+        for member in leaving:
+            if member.state != "abandoned" and member.written < member.load.end:
+                with self._lock:  # a leader now: others may join it for the blocks it has still to read
+                    member.group, member.next_read = [member], member.written // bs - member.load.first_block
+                    member.shared_end = math.inf
+                self._pool.submit(self._continue, member)
+            else:
+                self._finish(member)
+                member.future.set_result(None)
+
+    def _continue(self, member: _Loading) -> None:
+        """A follower's own blocks after the run it shared, on a load thread; its future is set when they are written."""
+        try:
+            self._load_safely(member)
+        finally:
+            member.future.set_result(None)
 
     def _report_unwritten(self, load: LoadSpec, written: int) -> None:
         """vLLM recomputes ``load`` from the vLLM block holding token ``written`` (the first not written), if any
@@ -1225,7 +1265,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
             torch.cuda.set_device(device)  # this thread's: the rank's device, for the kernels it launches
         step = self._piece_blocks()
         last = None  # CUDA: the event of the previous piece's writes
-        for i in range(0, len(load.locations), step):
+        begin = loading.written // bs - load.first_block  # a follower's rest starts after its shared run: 0 otherwise
+        for i in range(begin, len(load.locations), step):
             with self._lock:
                 members = list(loading.group or [loading])
             if all(m.state == "abandoned" for m in members):  # all given up: vLLM owns these slots again
@@ -1253,6 +1294,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
                 self._staging.release(staging, last)  # reused once the copies out of it are done
             if good < len(piece):
                 break
+            self._detach(loading, i + len(piece))  # followers whose shared run is read go on by themselves
         with self._lock:
             self.stats.seconds += time.perf_counter() - t0
 
@@ -1262,7 +1304,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
         write, or None."""
         with member.lock:
             written = member.written
-            end = min(member.load.end, end)
+            end = min(member.load.end, end, member.shared_end)  # a follower: not past the run it shares with the leader
             if member.state == "abandoned" or written < first or end <= written:
                 return None  # given up, or nothing of it in this piece (written < first: a piece it needs was not read)
             part = kv[written - first : end - first]  # [tokens, layers, 2, heads, D]: a view, no copy
