@@ -151,6 +151,8 @@ def test_prompts_sharing_their_first_blocks_read_those_once(tmp_path, monkeypatc
             for req_id, p in prompts.items():
                 expected_cache(layer, expected, opened.load(p[:-1]), i, 0, ends[req_id], tables[req_id])
             torch.testing.assert_close(cache, expected, rtol=0, atol=0, equal_nan=True)
+        # 2 blocks a piece: a's pieces, then c's own after the shared run (before: c read all of its blocks too)
+        assert worker.stats.pieces == math.ceil(len(locs["a"]) / 2) + math.ceil((len(locs["c"]) - shared) / 2)
         blocks = len(locs["a"]) + len(locs["c"]) - shared  # every stored block of the two prompts, once
         assert worker.stats.read_bytes == blocks * STORE_BLOCK * kv.bytes_per_token
         assert worker.stats.shared_loads == 1 and worker.stats.requests == 2
