@@ -84,6 +84,51 @@ KINDS = {
 }
 
 
+# A tiny Qwen3-Next: 3 Gated DeltaNet layers and 1 full-attention layer.
+QWEN3_NEXT = dict(
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    num_hidden_layers=4,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+)
+
+
+def interleaved_rope(rows: torch.Tensor, latent_rank: int, config) -> torch.Tensor:
+    """MLA rows ``[..., latent]`` with the rope part's pairs back in place where transformers writes them
+    de-interleaved (``rope_interleave``, DeepSeek V3): the engines' cache entry. The exports' tests compare with
+    this; ``tests_lmcache`` shows it is vLLM's own rotation of the rope key."""
+    if not getattr(config, "rope_interleave", False):
+        return rows
+    rope = rows[..., latent_rank:].unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
+    return torch.cat([rows[..., :latent_rank], rope], dim=-1)
+
+
+@torch.inference_mode()
+def mla_rope_inputs(model_dir, ids: list[int]) -> torch.Tensor:
+    """``[layers, T, rope]``: each MLA layer's shared rope key **before** RoPE (the last ``qk_rope_head_dim``
+    outputs of ``kv_a_proj_with_mqa``) over ``ids``, from the model's own forward: what an engine rotates into
+    its MLA cache (an export's rope part is checked against the engine's own rotation of it)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rope = model.config.qk_rope_head_dim
+    seen: list[torch.Tensor] = []
+    hooks = [
+        layer.self_attn.kv_a_proj_with_mqa.register_forward_hook(lambda m, i, out: seen.append(out[0, :, -rope:]))
+        for layer in model.model.layers
+    ]
+    try:
+        model(torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack(seen)
+
+
 @pytest.fixture(scope="module", params=list(KINDS))
 def kind_model(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("m") / request.param
@@ -187,18 +232,7 @@ def test_a_plain_store_keeps_format_3(tmp_path, stories):
     [
         (
             "qwen3_next",
-            dict(
-                head_dim=16,
-                linear_num_key_heads=2,
-                linear_num_value_heads=4,
-                linear_key_head_dim=8,
-                linear_value_head_dim=8,
-                num_hidden_layers=4,
-                num_experts=4,
-                num_experts_per_tok=2,
-                moe_intermediate_size=32,
-                shared_expert_intermediate_size=32,
-            ),
+            QWEN3_NEXT,
             "3 layers of recurrent state (linear attention / state space)",
         ),
     ],
@@ -241,17 +275,39 @@ def test_prefixgen_serve_answers_as_without_the_store(kind_model, kind_store):
     assert a.tokens == b.tokens
 
 
-def test_exports_refuse_the_kinds_they_cannot_write(kind_model, kind_store, cli, tmp_path):
-    """SGLang, LMCache and vLLM offloading exports lay out per-head K/V of one full-attention pool: a sliding-window or MLA store
-    gets one message naming its cache, and no export folder."""
+def test_vllm_export_refuses_the_kinds_it_cannot_write(kind_model, kind_store, cli, tmp_path):
+    """vLLM's offloading files are written for one full-attention KV cache group: a sliding-window, chunked or MLA
+    store gets one message naming its cache and what vLLM does with it, and no export folder. (SGLang and LMCache
+    export these kinds: tests_sglang/, tests_lmcache/.)"""
     arch, _ = kind_model
+    out = tmp_path / "vllm"
+    result = cli("export", kind_store.path, "--to", "vllm", "--out", out, "--model-name", "m", "--hash-seed", "0")
+    assert result.exit_code not in (0, 1), result.output
+    assert "--to vllm writes vLLM's offloading files for models whose every layer is full attention" in result.stderr
+    named = {"deepseek_v2": "an MLA latent", "deepseek_v3": "an MLA latent", "llama4_text": "chunked local attention"}
+    assert f"vLLM keeps {named.get(arch, 'sliding-window attention')}" in result.stderr, result.stderr
+    described = {"deepseek_v2": "multi-head latent", "deepseek_v3": "multi-head latent", "llama4_text": "chunked local"}
+    assert "stores a cache of " in result.stderr and described.get(arch, "sliding-window") + " attention" in result.stderr
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_exports_refuse_recurrent_state(tmp_path, cli):
+    """No engine's per-page or per-chunk KV file holds a recurrent layer's state (a state per sequence): every
+    export refuses a store that has one, naming it, and makes no folder. Skipped while build refuses the model
+    (a recurrent store cannot be made yet)."""
+    model = make_model(tmp_path / "qwen3_next", "qwen3_next", **QWEN3_NEXT)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": p} for p in PROMPTS])
+    store = tmp_path / "store"
+    result = cli("build", data, "--model", model, "--out", store, "--device", "cpu", "--dtype", "float32", "--quiet")
+    if result.exit_code != 0:
+        assert "recurrent state" in result.stderr, result.stderr
+        pytest.skip("build does not store recurrent state yet")
     for target in ("sglang", "lmcache", "vllm"):
         out = tmp_path / target
-        result = cli("export", kind_store.path, "--to", target, "--out", out, "--model-name", "m", "--hash-seed", "0")
+        result = cli("export", store, "--to", target, "--out", out, "--model-name", "m", "--hash-seed", "0")
         assert result.exit_code not in (0, 1), result.output
-        assert "exports of sliding-window, chunked and MLA stores are not written yet" in result.stderr, result.stderr
-        named = {"deepseek_v2": "multi-head latent", "deepseek_v3": "multi-head latent", "llama4_text": "chunked local"}
-        assert named.get(arch, "sliding-window") + " attention" in result.stderr
+        assert "layers of recurrent state (linear attention / state space)" in result.stderr, result.stderr
+        assert "no export writes recurrent state" in result.stderr
         assert "Traceback" not in result.output and not out.exists()
 
 
