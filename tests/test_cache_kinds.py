@@ -15,6 +15,7 @@ from prefixgen import BuildConfig, PrefixStore, build
 from prefixgen.cache_spec import CHUNKED, MLA, RECURRENT, SLIDING, cache_spec, state_stride_tokens
 from prefixgen.compat import cache_kwargs
 from prefixgen.format import SHARDS_DIR, read_safetensors_header
+from prefixgen.kvcache import state_bytes_per_block
 from prefixgen.maintain.verify import verify_store
 from prefixgen.model import config_kv_layout
 
@@ -136,14 +137,18 @@ def kind_model(request, tmp_path_factory):
     return request.param, make_model(path, request.param, seed=1, initializer_range=0.1, **KINDS[request.param])
 
 
-@pytest.fixture(scope="module")
-def kind_store(kind_model, tmp_path_factory):
-    arch, model_dir = kind_model
-    tmp = tmp_path_factory.mktemp(f"store-{arch}")
-    data = write_jsonl(tmp / "d.jsonl", [{"text": p} for p in PROMPTS])
+def build_text_store(model_dir, prompts: list[str], tmp) -> PrefixStore:
+    """A float32 store of ``prompts`` (text records) built by the real build with ``model_dir``."""
+    data = write_jsonl(tmp / "d.jsonl", [{"text": p} for p in prompts])
     cfg = BuildConfig(dataset=str(data), model=str(model_dir), out=str(tmp / "store"), device="cpu", dtype="float32", quiet=True)
     build(cfg)
     return PrefixStore.open(tmp / "store")
+
+
+@pytest.fixture(scope="module")
+def kind_store(kind_model, tmp_path_factory):
+    arch, model_dir = kind_model
+    return build_text_store(model_dir, PROMPTS, tmp_path_factory.mktemp(f"store-{arch}"))
 
 
 def _load(model_dir):
@@ -231,9 +236,16 @@ def test_a_plain_store_keeps_format_3(tmp_path, stories):
     "arch, overrides, expect",
     [
         (
-            "qwen3_next",
-            QWEN3_NEXT,
-            "3 layers of recurrent state (linear attention / state space)",
+            "granitemoehybrid",
+            dict(
+                layer_types=["mamba"] * 2,
+                mamba_n_heads=4,
+                mamba_d_head=32,
+                mamba_d_state=8,
+                num_local_experts=0,
+                shared_intermediate_size=128,
+            ),
+            "only 2 layers of recurrent state (linear attention / state space): prefixgen stores recurrent states beside",
         ),
     ],
 )
@@ -259,6 +271,11 @@ def test_qwen3_next_80b_state_arithmetic():
     assert spec.bytes_per_token(2) == 12 * 2 * 2 * 256 * 2 == 24_576
     assert spec.bytes_per_boundary(2) == 36 * (24_576 + 524_288) * 2 == 39_518_208
     assert state_stride_tokens(spec, 2) == 2048  # 39.5 MB of state is the KV of 1,608 tokens
+    # As transformers keeps it (and a store holds it): the delta-rule state in float32.
+    assert state_stride_tokens(spec, 2, ssm_itemsize=4) == 4096  # 77.3 MB, the KV of 3,144 tokens
+    layout = config_kv_layout(Qwen3NextConfig(), "bfloat16")
+    assert layout.num_layers == 12 and [g.state_stride for g in layout.groups if g.kind == RECURRENT] == [4096]
+    assert state_bytes_per_block(layout, 16) == 36 * (24_576 * 2 + 524_288 * 4) // 256 == 301_824
 
 
 def test_prefixgen_serve_answers_as_without_the_store(kind_model, kind_store):
@@ -293,8 +310,7 @@ def test_vllm_export_refuses_the_kinds_it_cannot_write(kind_model, kind_store, c
 
 def test_exports_refuse_recurrent_state(tmp_path, cli):
     """No engine's per-page or per-chunk KV file holds a recurrent layer's state (a state per sequence): every
-    export refuses a store that has one, naming it, and makes no folder. Skipped while build refuses the model
-    (a recurrent store cannot be made yet)."""
+    export refuses a store that has one, naming it, and makes no folder (build stores hybrids: tests/test_recurrent.py)."""
     model = make_model(tmp_path / "qwen3_next", "qwen3_next", **QWEN3_NEXT)
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": p} for p in PROMPTS])
     store = tmp_path / "store"
