@@ -148,7 +148,7 @@ def test_live_check_compares_the_claimed_tokens_at_their_slots(setup, monkeypatc
         load(scheduler, worker, ids, 16, block_ids)
         start = STORE_BLOCK  # the first store block boundary after vLLM's hit of 16 tokens
         locations = opened.find_prefix(opened.keys(ids[:-1])).locations
-        kv, good = worker._read(locations[1:])
+        kv, good = worker._read(locations[1:], worker._staging.acquire())
         assert good == len(locations) - 1
         k_err, v_err = relative_errors(compare_blocks(worker._layers, 0, kv, start, end, block_ids, VLLM_BLOCK, NUM_BLOCKS))
         assert [index for _, index in worker._layers] == [0, 1] and k_err == [0.0, 0.0] and v_err == [0.0, 0.0]
