@@ -1,0 +1,103 @@
+"""Models whose layers are not all full attention, served by vLLM with the connector (``SupportsHMA``): vLLM's
+hybrid KV cache manager gives each kind of layer a KV cache group of its own, and the connector loads each group
+into its own blocks.
+
+* Sliding window (``gemma3_text`` with alternating ``layer_types``; ``gpt_oss`` with attention sinks and MoE), window
+  64, float32: greedy outputs equal plain vLLM's for prompts whose stored prefix (256+ tokens) is longer than the
+  window, and the sliding layers got only the window's blocks (``window_tokens``: vLLM holds no block before it).
+* MLA (``deepseek_v2``, latent 512 + 64, CPU_MLA): vLLM 0.32.0's CPU build rotates a 3-D query wrongly
+  (test_mla_rope_cpu.py), so from layer 1 on its latent differs from what transformers (the build) computes: the
+  live check refuses to load and vLLM computes every prompt. With vLLM's rotary op replaced by its own PyTorch
+  version (``forward_native``, right) in both engines, the check passes, the latent is loaded into vLLM's MLA cache,
+  and the outputs equal plain vLLM's.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from prefixgen import BuildConfig, PrefixStore, build
+
+from .conftest import CHAT_TEMPLATE, make_model, run_vllm, write_jsonl
+
+WINDOW = 64
+BLOCK = 32  # vLLM's block size: CPU_ATTN takes multiples of 32; with a window of 64 a 256-token hit skips blocks
+SYSTEM = "You are a helpful storyteller. Answer kindly and simply, in short sentences a child can read. " * 5
+STORIES = [
+    f"Story {i}: once upon a time, {name} found a {thing} in the park."
+    for i, (name, thing) in enumerate([("Lily", "ball"), ("Tom", "cat"), ("Mia", "tree"), ("Ben", "boat")])
+]
+PROMPTS = [
+    SYSTEM + STORIES[1] + " Then she",  # a stored record, then new text
+    SYSTEM + "Story 9: a new story about a dog.",  # only the shared system prompt is stored
+    SYSTEM + STORIES[2],  # a stored record verbatim
+    "The sun was hot.",  # nothing stored
+]
+BASE = dict(
+    hidden_size=256,
+    intermediate_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,  # vLLM's CPU attention kernels take head sizes 32, 64, 80, ...
+    max_position_embeddings=2048,
+    chat_template=CHAT_TEMPLATE,
+)
+SLIDING = {
+    "gemma3_text": dict(
+        BASE,
+        num_hidden_layers=4,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        sliding_window=WINDOW,
+        tie_word_embeddings=False,
+        initializer_range=0.15,
+    ),
+    "gpt_oss": dict(
+        BASE,
+        num_hidden_layers=2,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=WINDOW,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        initializer_range=0.15,
+    ),
+}
+
+
+def _store(tmp, model):
+    data = write_jsonl(tmp / "text.jsonl", [{"text": SYSTEM + s} for s in STORIES])
+    out = tmp / "store"
+    build(BuildConfig(dataset=str(data), model=str(model), out=str(out), device="cpu", quiet=True))
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(SLIDING))
+def sliding(request, tmp_path_factory):
+    """A tiny model of each sliding-window kind, its store, and plain vLLM's and the connector's runs."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    model = make_model(tmp / "model", request.param, **SLIDING[request.param])
+    store = _store(tmp, model)
+    baseline = run_vllm(model, PROMPTS, block_size=BLOCK)
+    with_store = run_vllm(model, PROMPTS, store=store, block_size=BLOCK)
+    return store, baseline, with_store
+
+
+def window_blocks_tokens(end: int) -> int:
+    """Tokens of a load of ``[0, end)`` that vLLM's SlidingWindowManager holds blocks for: it nulls the blocks of
+    the ``end - WINDOW + 1`` tokens the next token's window no longer reads (``get_num_skipped_tokens``)."""
+    skipped_blocks = max(0, end - WINDOW + 1) // BLOCK
+    return end - skipped_blocks * BLOCK
+
+
+def test_sliding_window_same_tokens_window_blocks_only(sliding):
+    store, baseline, with_store = sliding
+    assert with_store.outputs == baseline.outputs  # token for token
+    opened = PrefixStore.open(store)
+    stored = [opened.match(ids[:-1]) for ids in baseline.prompt_ids]
+    assert all(n >= 4 * WINDOW for n in stored[:3]) and stored[3] == 0  # longer than the window
+    assert with_store.loaded == stored  # each loaded whole, from token 0 (vLLM's own prefix caching is off)
+    assert with_store.claims.checks_passed >= 1 and with_store.claims.checks_failed == 0
+    for n, delta in zip(stored, with_store.deltas):
+        # one sliding-window group: of each load, only the window's blocks were written into its layers
+        assert delta["window_tokens"] == window_blocks_tokens(n)
+        assert delta["window_tokens_skipped"] == n - window_blocks_tokens(n)
+    assert sum(d["window_tokens_skipped"] for d in with_store.deltas) > 0
