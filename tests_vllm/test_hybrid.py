@@ -101,3 +101,64 @@ def test_sliding_window_same_tokens_window_blocks_only(sliding):
         assert delta["window_tokens"] == window_blocks_tokens(n)
         assert delta["window_tokens_skipped"] == n - window_blocks_tokens(n)
     assert sum(d["window_tokens_skipped"] for d in with_store.deltas) > 0
+
+
+MLA_CONFIG = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    kv_lora_rank=512,  # CPU_MLA takes a latent of 576 only: 512 + the rope key's 64
+    qk_rope_head_dim=64,
+    qk_nope_head_dim=128,
+    v_head_dim=128,
+    q_lora_rank=None,
+    first_k_dense_replace=2,  # no MoE layer
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=64,
+    n_group=1,
+    topk_group=1,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+    chat_template=CHAT_TEMPLATE,
+)
+
+
+@pytest.fixture(scope="module")
+def mla(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("deepseek_v2")
+    model = make_model(tmp / "model", "deepseek_v2", **MLA_CONFIG)
+    return model, _store(tmp, model)
+
+
+def test_mla_live_check_refuses_vllm_cpu_rope(mla):
+    """vLLM 0.32.0's CPU MLA computes another latent than the build from layer 1 on (its queries' RoPE): the live
+    check fails, nothing is loaded, vLLM computes every prompt (its own outputs, unchanged)."""
+    model, store = mla
+    baseline = run_vllm(model, PROMPTS, attention_backend="CPU_MLA")
+    with_store = run_vllm(model, PROMPTS, store=store, attention_backend="CPU_MLA")
+    assert with_store.outputs == baseline.outputs
+    claims = with_store.claims
+    assert claims.checks_failed == 1 and claims.checks_passed == 0
+    assert sum(with_store.loaded) == 0 and with_store.stats.tokens == 0
+    assert claims.skipped_unchecked >= 3  # the stored prompts after the failed check: computed, not loaded
+
+
+def test_mla_latent_loads_with_vllm_rope_fixed(mla, monkeypatch):
+    """With vLLM's CPU rotary op replaced by its own PyTorch version (``RotaryEmbedding.forward_native``) in both
+    engines, vLLM computes the build's latent: the check passes, each stored latent is loaded into vLLM's MLA
+    cache (one 576-value entry per token and layer) and the outputs equal plain vLLM's."""
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+    monkeypatch.setattr(RotaryEmbedding, "forward_cpu", RotaryEmbedding.forward_native)
+    model, store = mla
+    baseline = run_vllm(model, PROMPTS, attention_backend="CPU_MLA")
+    with_store = run_vllm(model, PROMPTS, store=store, attention_backend="CPU_MLA")
+    opened = PrefixStore.open(store)
+    stored = [opened.match(ids[:-1]) for ids in baseline.prompt_ids]
+    assert with_store.claims.checks_passed >= 1 and with_store.claims.checks_failed == 0
+    assert with_store.loaded == stored and all(n >= 256 for n in stored[:3])
+    assert with_store.outputs == baseline.outputs
+    assert with_store.stats.bytes == with_store.stats.tokens * 2 * 576 * 4  # the latent: 2 layers x 576 float32
