@@ -14,6 +14,8 @@ into its own blocks.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from prefixgen import BuildConfig, PrefixStore, build
@@ -21,6 +23,8 @@ from prefixgen import BuildConfig, PrefixStore, build
 from .conftest import CHAT_TEMPLATE, make_model, run_vllm, write_jsonl
 
 WINDOW = 64
+CHUNK = 64
+CHUNKED_HMA = "VLLM_ALLOW_CHUNKED_LOCAL_ATTN_WITH_HYBRID_KV_CACHE"
 BLOCK = 32  # vLLM's block size: CPU_ATTN takes multiples of 32; with a window of 64 a 256-token hit skips blocks
 SYSTEM = "You are a helpful storyteller. Answer kindly and simply, in short sentences a child can read. " * 5
 STORIES = [
@@ -60,7 +64,23 @@ SLIDING = {
         num_experts_per_tok=2,
         initializer_range=0.15,
     ),
+    # chunked local attention on 3 of every 4 layers (the 4th: full, no RoPE), chunks of 64
+    "llama4_text": dict(
+        BASE,
+        num_hidden_layers=4,
+        attention_chunk_size=CHUNK,
+        num_local_experts=2,
+        intermediate_size_mlp=256,
+        # vLLM sets it from max_model_len (> 32768: on; model_executor/models/llama4.py), and the connector refuses a
+        # store whose text config differs from vLLM's effective one
+        attn_temperature_tuning=False,
+        initializer_range=0.15,
+    ),
 }
+
+# vLLM's sliding-window or chunked KV cache groups per model: its groups hold equally many layers (as many as the
+# smallest kind has), so Llama 4's 3 chunked layers beside 1 full one are 3 groups
+WINDOWED_GROUPS = {"gemma3_text": 1, "gpt_oss": 1, "llama4_text": 3}
 
 
 def _store(tmp, model):
@@ -76,30 +96,42 @@ def sliding(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
     model = make_model(tmp / "model", request.param, **SLIDING[request.param])
     store = _store(tmp, model)
-    baseline = run_vllm(model, PROMPTS, block_size=BLOCK)
-    with_store = run_vllm(model, PROMPTS, store=store, block_size=BLOCK)
-    return store, baseline, with_store
+    # vLLM turns its hybrid manager off for chunked local attention unless asked (config/vllm.py: a latency
+    # regression on GPUs); on, the chunked layers get a group of their own
+    env = os.environ.get(CHUNKED_HMA)
+    os.environ[CHUNKED_HMA] = "1"
+    try:
+        baseline = run_vllm(model, PROMPTS, block_size=BLOCK)
+        with_store = run_vllm(model, PROMPTS, store=store, block_size=BLOCK)
+    finally:
+        if env is None:
+            del os.environ[CHUNKED_HMA]
+        else:
+            os.environ[CHUNKED_HMA] = env
+    return request.param, store, baseline, with_store
 
 
-def window_blocks_tokens(end: int) -> int:
-    """Tokens of a load of ``[0, end)`` that vLLM's SlidingWindowManager holds blocks for: it nulls the blocks of
-    the ``end - WINDOW + 1`` tokens the next token's window no longer reads (``get_num_skipped_tokens``)."""
-    skipped_blocks = max(0, end - WINDOW + 1) // BLOCK
-    return end - skipped_blocks * BLOCK
+def window_blocks_tokens(kind: str, end: int) -> int:
+    """Tokens of a load of ``[0, end)`` that vLLM holds blocks for in a sliding-window or chunked group: it nulls
+    the blocks of the tokens the next token no longer reads (``get_num_skipped_tokens``): ``end - WINDOW + 1`` for a
+    window (SlidingWindowManager), the chunks before the next token's (ChunkedLocalAttentionManager)."""
+    skipped = end // CHUNK * CHUNK if kind == "llama4_text" else max(0, end - WINDOW + 1)
+    return end - skipped // BLOCK * BLOCK
 
 
 def test_sliding_window_same_tokens_window_blocks_only(sliding):
-    store, baseline, with_store = sliding
+    kind, store, baseline, with_store = sliding
     assert with_store.outputs == baseline.outputs  # token for token
     opened = PrefixStore.open(store)
     stored = [opened.match(ids[:-1]) for ids in baseline.prompt_ids]
     assert all(n >= 4 * WINDOW for n in stored[:3]) and stored[3] == 0  # longer than the window
     assert with_store.loaded == stored  # each loaded whole, from token 0 (vLLM's own prefix caching is off)
     assert with_store.claims.checks_passed >= 1 and with_store.claims.checks_failed == 0
+    groups = WINDOWED_GROUPS[kind]
     for n, delta in zip(stored, with_store.deltas):
-        # one sliding-window group: of each load, only the window's blocks were written into its layers
-        assert delta["window_tokens"] == window_blocks_tokens(n)
-        assert delta["window_tokens_skipped"] == n - window_blocks_tokens(n)
+        # of each load, only the window's blocks were written into each sliding-window or chunked group's layers
+        assert delta["window_tokens"] == groups * window_blocks_tokens(kind, n)
+        assert delta["window_tokens_skipped"] == groups * (n - window_blocks_tokens(kind, n))
     assert sum(d["window_tokens_skipped"] for d in with_store.deltas) > 0
 
 

@@ -98,6 +98,7 @@ from prefixgen.integrations.vllm_groups import (
     group_problems,
     group_span,
     is_mla,
+    key_order,
     recurrent_skip_message,
     vllm_groups,
     write_layer,
@@ -628,6 +629,7 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
             self._dtype = vllm_config.model_config.dtype
             self._layers: list[tuple[Any, int]] = []  # (vLLM attention layer, HF layer index)
             self._layer_groups: list[int] = []  # the KV cache group of each of self._layers
+            self._key_order: torch.Tensor | None = None  # vLLM's order of a key's values, if not the store's
             self._failed_loads: set[str] = set()  # with several groups: loads cut short, reported as failed receives
             self._heads = range(self.store.manifest.kv.num_kv_heads)
             self._stage = range(self.store.manifest.kv.num_layers)  # this pipeline stage's layers (all without PP)
@@ -647,7 +649,13 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
             self._limit = self.config.check_tolerance or tolerance(
                 self.store.manifest.kv.storage, self.store.manifest.kv.dtype, str(self._dtype).removeprefix("torch.")
             )
-        logger.info("PrefixgenConnector (%s): store %s, %s", role.name.lower(), path, self.store.manifest.model.name)
+        logger.info(
+            "PrefixgenConnector (%s): store %s, %s; vLLM's KV cache groups: %s",
+            role.name.lower(),
+            path,
+            self.store.manifest.model.name,
+            ", ".join(f"{g.spec} x{len(g.layer_names)} (block {g.block_size})" for g in self._groups),
+        )
 
     # ------------------------------------------------------------------ start-up checks
 
@@ -695,6 +703,7 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
         if indices and indices == list(range(indices[0], indices[-1] + 1)):
             self._stage = range(indices[0], indices[-1] + 1)
         model = find_model(self._layers[0][0]) if self._layers else None
+        self._key_order = key_order(model, kv.head_dim)
         if model is not None:
             self._watch = WeightsWatch(model)
         else:
@@ -1052,8 +1061,9 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
                 first = (spec.first_block + i) * bs
                 tables = [(spec.block_ids[g], self._groups[g].block_size) for g in self._layer_groups]
                 part = compare_blocks(
-                    self._layers, self._stage.start, kv, first, min(spec.end, first + good * bs), tables, self._num_blocks
-                )
+                    self._layers, self._stage.start, kv, first, min(spec.end, first + good * bs), tables, self._num_blocks,
+                    self._key_order,
+                )  # fmt: skip
                 sums = part if sums is None else sums + part
             if failed or sums is None:
                 results.append(CheckResult(spec.req_id, 0, [], [], [], self._limit, failed_read=True))
@@ -1217,7 +1227,7 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
         for (layer, index), group in zip(self._layers, self._layer_groups):
             offset, slots = spans[group]
             if len(slots):
-                write_layer(layer, kv[offset:, index - first], layer.kv_cache, slots)
+                write_layer(layer, kv[offset:, index - first], layer.kv_cache, slots, self._key_order)
 
     def _write_cuda(self, kv: torch.Tensor, spans: list[tuple[int, torch.Tensor]], device: torch.device) -> torch.cuda.Event:
         """Upload one piece through pinned memory and write it, all on the side stream; the event marks its end."""

@@ -179,13 +179,14 @@ def compare_blocks(
     end: int,
     tables: Sequence[tuple[Sequence[int], int]],
     num_blocks: int,
+    key_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per layer, the squared error and the squared norm of K and of V (an MLA latent: as K) between vLLM's paged KV of
     tokens ``[start, end)`` of a request and the store's ``kv`` ([end - start, this stage's layers, parts, this rank's
     heads, D], host memory): ``[layers, 4]`` float64 rows (K error, K norm, V error, V norm), to be summed over pieces
     (:func:`relative_errors`). ``tables``: per layer, the request's block table in the layer's KV cache group (null
     blocks -1) and the group's block size; a sliding-window or chunked layer is compared on the tokens vLLM still
-    holds blocks for (its window).
+    holds blocks for (its window). ``key_order``: as a load writes keys (``vllm_groups.key_order``).
 
     The store's KV is written with each layer's own cache-write op (as a load writes it: the same cast and layout)
     into a scratch copy of the request's blocks, beside masks written the same way, so no backend's memory layout
@@ -212,13 +213,13 @@ def compare_blocks(
         slots = ((pos // block_size - first) * block_size + pos % block_size).to(device)  # in the scratch copy
         rows = kv[offset : end - start, index - stage_first].to(device)  # [tokens, parts, heads, D]
         stored = torch.zeros_like(engine)
-        write_layer(layer, rows, stored, slots)
+        write_layer(layer, rows, stored, slots, key_order)
         a, b = engine.double(), stored.double()
         for part in range(rows.shape[1]):
             ones = torch.zeros_like(rows)
             ones[:, part] = 1
             mask = torch.zeros_like(engine)
-            write_layer(layer, ones, mask, slots)
+            write_layer(layer, ones, mask, slots, key_order)
             ref = a[mask != 0]
             sums[row, 2 * part] = float((ref - b[mask != 0]).square().sum())
             sums[row, 2 * part + 1] = float(ref.square().sum())

@@ -152,9 +152,11 @@ def group_span(block_ids: Sequence[int], block_size: int, start: int, end: int) 
     return first - start, ids[pos // block_size - first_block] * block_size + pos % block_size
 
 
-def write_layer(layer: Any, rows: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
+def write_layer(
+    layer: Any, rows: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, key_order: torch.Tensor | None = None
+) -> None:
     """Write one layer's rows (``[tokens, parts, heads, D]``: K and V, or one MLA latent) into ``cache`` at ``slots``
-    with the layer's own cache-write op.
+    with the layer's own cache-write op; ``key_order`` (:func:`key_order`): vLLM's order of a key's head_dim values.
 
     MLA (``MLAAttention``): the op takes the normalized latent ``[tokens, kv_lora_rank]`` and the rope key
     ``[tokens, 1, rope_dim]`` (``mla_attention.py``, ``update_kv_cache``), which the store keeps side by side."""
@@ -165,7 +167,26 @@ def write_layer(layer: Any, rows: torch.Tensor, cache: torch.Tensor, slots: torc
             latent[:, :rank], latent[:, None, rank:], cache, slots, layer.kv_cache_dtype, layer._k_scale
         )
     else:
-        layer.impl.do_kv_cache_update(layer, rows[:, 0], rows[:, 1], cache, slots)
+        keys = rows[:, 0] if key_order is None else rows[:, 0][..., key_order]  # [tokens, heads, D]
+        layer.impl.do_kv_cache_update(layer, keys, rows[:, 1], cache, slots)
+
+
+def key_order(model: Any, head_dim: int) -> torch.Tensor | None:
+    """vLLM's order of a key's ``head_dim`` values when it differs from transformers' (the store's), else None.
+
+    vLLM's Llama 4 permutes the rows of q_proj and k_proj per head as it loads them
+    (``Llama4ForCausalLM.permute_qk_weight_for_rotary``: ``view(heads, D // 2, 2, hidden).transpose(1, 2)``), to rotate
+    with its neox-style RoPE what transformers rotates as interleaved pairs: attention is the same, but its cached key
+    holds value ``2i + j`` of transformers' at ``j * D / 2 + i``. Found from the model class vLLM runs (``model``, None
+    if unknown), not from a list of families.
+
+    Example:
+        >>> key_order(llama4_model, 4).tolist()  # doctest: +SKIP
+        [0, 2, 1, 3]
+    """
+    if model is None or not hasattr(type(model), "permute_qk_weight_for_rotary"):
+        return None
+    return torch.arange(head_dim).view(head_dim // 2, 2).transpose(0, 1).reshape(-1)
 
 
 def is_mla(layer: Any) -> bool:
