@@ -146,7 +146,7 @@ def group_span(block_ids: Sequence[int], block_size: int, start: int, end: int) 
         held += 1
     if any(block_ids[b] == NULL for b in range(held, last_block + 1)):
         raise RuntimeError(f"PrefixgenConnector: a null block inside a request's block table {list(block_ids)}")
-    first = max(start, held * block_size)
+    first = min(end, max(start, held * block_size))  # end: the whole range lies before the window
     pos = torch.arange(first, end)
     ids = torch.as_tensor(list(block_ids[first_block : last_block + 1]), dtype=torch.long)
     return first - start, ids[pos // block_size - first_block] * block_size + pos % block_size
