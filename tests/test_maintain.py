@@ -112,7 +112,7 @@ def _expected(seqs: list[list[int]], manifest: Manifest) -> list:
 # Small segments are read (the default); or every segment is memory-mapped.
 @pytest.mark.parametrize("map_bytes, records, segments", [(1 << 20, 420, 2000), (0, 48, 200)])
 def test_thousands_of_tiny_segments_then_compaction_answer_the_same(tmp_path, monkeypatch, map_bytes, records, segments):
-    monkeypatch.setattr("prefixgen.format.MAP_BYTES", map_bytes)
+    monkeypatch.setattr("prefixgen.format.segments.MAP_BYTES", map_bytes)
     seqs = _sequences(records)
     manifest = _tiny_store(tmp_path / "s", seqs)
     store = PrefixStore.open(tmp_path / "s")
@@ -173,7 +173,7 @@ def test_streaming_compaction_writes_what_sorting_all_rows_wrote(tmp_path, monke
     monkeypatch.setattr("prefixgen.maintain.merge.FAN_IN", fan_in)
     monkeypatch.setattr("prefixgen.maintain.merge.MIN_CHUNK_ROWS", chunk)
     monkeypatch.setattr("prefixgen.maintain.merge.MERGE_BYTES", 0)
-    monkeypatch.setattr("prefixgen.format.MAP_BYTES", map_bytes)
+    monkeypatch.setattr("prefixgen.format.segments.MAP_BYTES", map_bytes)
     seqs = _sequences(40)
     manifest = _tiny_store(tmp_path / "s", seqs)  # one block per segment
     # A second writer stores blocks again, in larger shards; its segments are compacted first, so the
@@ -208,7 +208,7 @@ def test_a_reader_opened_before_compaction_still_answers(tmp_path):
 
 @pytest.mark.parametrize("map_bytes", [1 << 20, 0])
 def test_two_keys_with_the_same_key64_are_both_found(tmp_path, monkeypatch, map_bytes):
-    monkeypatch.setattr("prefixgen.format.MAP_BYTES", map_bytes)
+    monkeypatch.setattr("prefixgen.format.segments.MAP_BYTES", map_bytes)
     manifest = prepare_store(tmp_path / "s", _manifest(), "new")
     a = hashlib.sha256(b"a").digest()
     b = a[:8] + hashlib.sha256(b"b").digest()[8:]  # same key64, different key

@@ -1,0 +1,89 @@
+"""A store's file and folder names, and how its files are written: atomically (temporary name, fsync,
+rename), created at most once among concurrent creators, and renames made durable."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterable
+from pathlib import Path
+
+MANIFEST_FILE = "manifest.json"
+SHARDS_DIR = "shards"
+INDEX_DIR = "index"
+BUILDS_DIR = "builds"
+COUNTS_DIR = "counts"
+CLAIMS_DIR = "claims"  # distributed builds: which rank computes which shared prefix (builder/distributed.py)
+LOCKS_DIR = "locks"
+TMP_SUFFIX = ".tmp"
+
+
+def temp_path(path: Path, owner: str | None = None) -> Path:
+    """The temporary name ``path`` is written under: ``<name>.<owner>.tmp``, so that a cleaner can
+    tell whose it is (``<name>.tmp`` without an owner).
+
+    Example:
+        >>> temp_path(Path("builds/b.json"), "w1").name
+        'b.json.w1.tmp'
+    """
+    return path.with_name(f"{path.name}.{owner}{TMP_SUFFIX}" if owner else path.name + TMP_SUFFIX)
+
+
+def atomic_write(path: Path, chunks: Iterable[bytes | memoryview], fsync: bool = True, owner: str | None = None) -> int:
+    """Write ``chunks`` to ``path`` under a temporary name (:func:`temp_path`), fsync, then rename:
+    readers see the whole file or none of it. Returns the bytes written."""
+    tmp = temp_path(path, owner)
+    written = 0
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                written += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A full disk, an I/O error or an interrupt: nothing half-written stays behind.
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        fsync_dir(path.parent)
+    return written
+
+
+def create_once(path: Path, chunks: Iterable[bytes], fsync: bool = True, owner: str | None = None) -> bool:
+    """Create ``path`` whole unless it exists, atomically among concurrent creators (NFS and Lustre
+    included): each writes its own temporary file (:func:`temp_path` with ``owner``, or a random
+    one) and hard-links it to ``path``; exactly one link succeeds. True if this call created it.
+
+    Example:
+        >>> create_once(Path("store/manifest.json"), [b"{}"])  # doctest: +SKIP
+        True
+    """
+    tmp = temp_path(path, owner or secrets.token_hex(4))
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    if fsync:
+        fsync_dir(path.parent)
+    return True
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
