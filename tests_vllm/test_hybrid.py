@@ -21,22 +21,12 @@ import pytest
 from prefixgen import BuildConfig, PrefixStore, build
 
 from .conftest import CHAT_TEMPLATE, make_model, run_vllm, write_jsonl
+from .test_vllm_connector import PROMPTS, STORIES, SYSTEM  # a stored record + text, the system prompt only, ...
 
 WINDOW = 64
 CHUNK = 64
 CHUNKED_HMA = "VLLM_ALLOW_CHUNKED_LOCAL_ATTN_WITH_HYBRID_KV_CACHE"
 BLOCK = 32  # vLLM's block size: CPU_ATTN takes multiples of 32; with a window of 64 a 256-token hit skips blocks
-SYSTEM = "You are a helpful storyteller. Answer kindly and simply, in short sentences a child can read. " * 5
-STORIES = [
-    f"Story {i}: once upon a time, {name} found a {thing} in the park."
-    for i, (name, thing) in enumerate([("Lily", "ball"), ("Tom", "cat"), ("Mia", "tree"), ("Ben", "boat")])
-]
-PROMPTS = [
-    SYSTEM + STORIES[1] + " Then she",  # a stored record, then new text
-    SYSTEM + "Story 9: a new story about a dog.",  # only the shared system prompt is stored
-    SYSTEM + STORIES[2],  # a stored record verbatim
-    "The sun was hot.",  # nothing stored
-]
 BASE = dict(
     hidden_size=256,
     intermediate_size=256,

@@ -30,6 +30,12 @@ says which versions are tested). vLLM builds one connector per process and role:
   ``load_timeout_seconds`` is given up there (it writes nothing more; vLLM recomputes) and its thread,
   stuck in a read, replaced: load threads are daemons, so neither shutdown nor exit waits for a hung read.
 
+Layer groups (:mod:`prefixgen.integrations.vllm_groups`): the connector declares ``SupportsHMA``; vLLM's hybrid
+KV cache manager gives each kind of layer (full, sliding window, chunked, MLA, recurrent) a KV cache group with a
+block table of its own, and each load writes a layer's tokens into its group's blocks only: a sliding-window or
+chunked layer gets the window's (vLLM holds no block before it), an MLA layer the latent. A model with recurrent
+state loads nothing (the store holds no state): said at start, counted per request (``skipped_recurrent``).
+
 Store faults are cache misses: a block that fails its CRC, a missing, truncated or unreadable
 shard, a damaged index segment are logged once (per shard), counted (:class:`LoadStats`,
 :class:`ClaimStats`) and not loaded: the worker reports the vLLM block holding the first token it
@@ -38,7 +44,7 @@ worker also tells the scheduler which stored blocks and shards failed
 (:class:`PrefixgenWorkerMetadata`), and the scheduler no longer claims them.
 
 Both sides refuse, at engine start, what the store cannot serve (:func:`unsupported_features`:
-context parallelism, speculative decoding, hybrid or sliding-window attention, a
+context parallelism, speculative decoding, a KV cache group of a kind it does not load, a
 ``kv_load_failure_policy`` other than ``recompute``); the scheduler refuses a store built for another
 model than vLLM's effective config (weights, architecture, KV shape, positions, tokenizer, every field of
 the text config after ``hf_overrides``, the KV dtype, quantization, load format), naming each field that
