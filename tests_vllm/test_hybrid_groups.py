@@ -18,7 +18,7 @@ import torch
 from prefixgen import PrefixStore
 from prefixgen.errors import ConfigError
 
-from .conftest import claim, connector_config
+from .conftest import claim, connector_config, copy_store, corrupt_block
 from .test_block16 import NUM_BLOCKS, STORE_BLOCK, VLLM_BLOCK, setup  # noqa: F401 (a fixture)
 
 WINDOW = 32
@@ -142,3 +142,34 @@ def test_unknown_group_refused_at_start(setup, monkeypatch):  # noqa: F811
     model, store, _ = setup
     with pytest.raises(ConfigError, match="a KV cache group of CrossAttentionSpec"):
         connectors(model, store, monkeypatch, ["full", "cross"])
+
+
+def test_failed_load_with_groups_is_a_failed_receive(setup, monkeypatch, tmp_path):  # noqa: F811
+    """With several KV cache groups vLLM refuses block-level load errors (``_handle_invalid_blocks``: block ids are
+    per group): a load cut short by a corrupt block is reported as a failed receive, and vLLM recomputes it whole."""
+    from vllm import SamplingParams
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+    model, store, ids = setup
+    store = copy_store(store, tmp_path / "store")
+    corrupt_block(store, ids[:-1], 3)
+    scheduler, worker, _ = connectors(model, store, monkeypatch, ["full", "sliding"])
+    try:
+        request = Request("req", ids, SamplingParams(max_tokens=1), None)
+        claimed, _ = claim(scheduler, request, 0)
+        table = [KVCacheBlock(b) for b in range(1, -(-len(ids) // VLLM_BLOCK) + 1)]
+        scheduler.update_state_after_alloc(request, KVCacheBlocks((table, table)), claimed)
+        worker.bind_connector_metadata(scheduler.build_connector_meta(SchedulerOutput.make_empty()))
+        worker.start_load_kv(None)
+        results = None
+        while not (results and results.finished_recving):
+            results = worker.get_transfer_results(set())
+        assert results.finished_recving == {"req"} and results.failed_recving == {"req"}
+        assert worker.get_block_ids_with_load_errors() == set()
+        assert worker.stats.corrupt_blocks == 1 and worker.stats.failed_loads == 1
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()
