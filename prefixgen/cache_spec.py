@@ -26,8 +26,9 @@ from typing import Any
 from prefixgen.errors import ModelError
 
 FULL, SLIDING, CHUNKED, MLA, RECURRENT = "full", "sliding", "chunked", "mla", "recurrent"
-# Groups whose per-token cache a store holds (the others are refused by `check_storable`).
-STORABLE = (FULL, SLIDING, CHUNKED, MLA)
+# Groups a store holds (per-token KV, or recurrent states at block boundaries: prefixgen/store/states.py).
+STORABLE = (FULL, SLIDING, CHUNKED, MLA, RECURRENT)
+ATTENTION = (FULL, SLIDING, CHUNKED)
 
 # transformers' layer_types / layers_block_type names -> our group kind
 _LAYER_KINDS = {
@@ -67,6 +68,7 @@ class LayerGroup:
     rope_dim: int = 0  # mla
     conv: int = 0  # recurrent: values of the convolution state per layer
     ssm: int = 0  # recurrent: values of the SSM / delta-rule state per layer
+    state_stride: int = 0  # recurrent, in a store's manifest: tokens between two stored states (state_stride_tokens)
 
     @property
     def values_per_token(self) -> int:
@@ -93,7 +95,18 @@ class LayerGroup:
     def to_dict(self) -> dict[str, Any]:
         """The manifest's form: the kind, its layers and only the fields that apply to it."""
         out: dict[str, Any] = {"kind": self.kind, "layers": list(self.layers)}
-        for name in ("kv_heads", "head_dim", "window", "sinks", "chunk", "kv_lora_rank", "rope_dim", "conv", "ssm"):
+        for name in (
+            "kv_heads",
+            "head_dim",
+            "window",
+            "sinks",
+            "chunk",
+            "kv_lora_rank",
+            "rope_dim",
+            "conv",
+            "ssm",
+            "state_stride",
+        ):
             value = getattr(self, name)
             if value:
                 out[name] = value
@@ -127,6 +140,16 @@ class CacheSpec:
     def kinds(self) -> list[str]:
         return sorted({g.kind for g in self.groups})
 
+    @property
+    def recurrent(self) -> LayerGroup | None:
+        """The recurrent group (linear-attention / state-space layers), if the model has one."""
+        return next((g for g in self.groups if g.kind == RECURRENT), None)
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """The layers with a per-token cache, in layer order: the layers of a store's ``kv`` rows."""
+        return tuple(sorted(i for g in self.groups if g.kind != RECURRENT for i in g.layers))
+
     def values_per_token(self) -> int:
         return sum(g.values_per_token for g in self.groups)
 
@@ -152,7 +175,12 @@ class CacheSpec:
                     f"this model's cache has {g.describe()} (layers {_ranges(g.layers)}): prefixgen stores full, "
                     f"sliding-window and chunked attention and MLA latents, not {_DESCRIPTIONS[g.kind]} yet"
                 )
-        shapes = {(g.kv_heads, g.head_dim) for g in self.groups if g.kind in (FULL, SLIDING, CHUNKED)}
+        if not self.attention_layers:
+            raise ModelError(
+                f"this model's cache has only {self.describe()}: prefixgen stores recurrent states beside the KV "
+                "of attention layers (hybrids such as Qwen3-Next or Granite 4.0), not a model without attention"
+            )
+        shapes = {(g.kv_heads, g.head_dim) for g in self.groups if g.kind in ATTENTION}
         if len(shapes) > 1:
             raise ModelError(
                 "this model's attention layers have KV of different shapes "
@@ -254,9 +282,11 @@ def _recurrent_sizes(text: Any) -> tuple[int, int]:
     return 0, 0
 
 
-def state_stride_tokens(spec: CacheSpec, itemsize: int) -> int:
+def state_stride_tokens(spec: CacheSpec, itemsize: int, ssm_itemsize: int | None = None) -> int:
     """Tokens between two stored recurrent states so that the states cost no more than the KV
     of the tokens between them (a power of two): below it, states would outweigh the KV itself.
+    ``ssm_itemsize``: bytes per SSM / delta-rule value where they differ from the KV's (transformers
+    keeps Gated DeltaNet's state in float32 whatever the model's dtype).
 
     Example:
         >>> state_stride_tokens(cache_spec(qwen3_next_80b_config), 2)  # doctest: +SKIP
@@ -264,6 +294,8 @@ def state_stride_tokens(spec: CacheSpec, itemsize: int) -> int:
     """
     per_token = spec.bytes_per_token(itemsize)
     per_state = spec.bytes_per_boundary(itemsize)
+    if ssm_itemsize is not None:
+        per_state = sum(len(g.layers) * (g.conv * itemsize + g.ssm * ssm_itemsize) for g in spec.groups if g.kind == RECURRENT)
     if not per_state:
         return 0
     return 1 << max(0, math.ceil(math.log2(per_state / max(per_token, 1))))

@@ -40,3 +40,47 @@ def output_cache(output: Any) -> DynamicCache:
 def make_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     """A DynamicCache from per-layer ``(keys, values)``, each ``[batch, kv_heads, tokens, head_dim]``."""
     return DynamicCache(ddp_cache_data=layers)
+
+
+def supports_recurrent_cache() -> bool:
+    """Whether this transformers keeps linear-attention / state-space state in ``DynamicCache`` layers
+    (``LinearAttentionLayer``, transformers 5.24 and later) that a forward of several tokens continues.
+    Older versions (5.17, the GPU image) keep it in per-model cache classes whose prefill of several
+    tokens starts from a zero state, so a stored state cannot be continued there."""
+    from transformers import cache_utils
+
+    return hasattr(cache_utils, "LinearAttentionLayer")
+
+
+def model_cache(config: Any) -> DynamicCache:
+    """The empty cache a forward of this hybrid model makes for itself (``DynamicCache(config=...)``):
+    ``DynamicLayer`` for full attention, ``LinearAttentionLayer`` for recurrent layers."""
+    return DynamicCache(config=config)
+
+
+def recurrent_state(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conv ``[batch, channels, kernel]``, ssm ``[batch, heads, a, b]``) of a ``LinearAttentionLayer``:
+    the convolution's last ``kernel`` inputs and the SSM / delta-rule state, as the layer holds them."""
+    return layer.conv_states[0], layer.recurrent_states[0]
+
+
+def hybrid_cache(
+    layers: list[tuple[torch.Tensor, torch.Tensor] | None], states: dict[int, tuple[torch.Tensor, torch.Tensor]], tokens: int
+) -> DynamicCache:
+    """A cache that continues a hybrid model after ``tokens`` tokens: ``layers[i]`` the (keys, values)
+    of attention layer ``i``, ``states[i]`` (conv ``[batch, channels, kernel]``, ssm) of recurrent layer ``i``
+    (its entry in ``layers`` None), as :func:`recurrent_state` returns them."""
+    from transformers.cache_utils import LinearAttentionLayer
+
+    cache = DynamicCache(ddp_cache_data=[kv if kv is not None else (None, None) for kv in layers])
+    for i, state in states.items():
+        layer = cache.layers[i] = LinearAttentionLayer()
+        if state is None:
+            continue
+        conv, ssm = state
+        layer.lazy_initialization(conv_states=conv, recurrent_states=ssm, conv_kernel_size=conv.shape[-1])
+        layer.conv_states[0].copy_(conv)
+        layer.recurrent_states[0].copy_(ssm)
+        layer.has_previous_state[0] = True  # the next forward prepends this conv state instead of zeros
+        layer.cumulative_length_linear.fill_(tokens)
+    return cache

@@ -7,8 +7,10 @@ is refused for any model whose fingerprint differs in an identity field.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,11 @@ import numpy as np
 import torch
 import transformers
 
-from prefixgen.cache_spec import MLA, CacheSpec, cache_spec
-from prefixgen.compat import cache_kwargs, output_cache
+from prefixgen.cache_spec import MLA, RECURRENT, CacheSpec, cache_spec, state_stride_tokens
+from prefixgen.compat import cache_kwargs, output_cache, recurrent_state, supports_recurrent_cache
 from prefixgen.errors import ModelError
-from prefixgen.format import KVLayout, ModelFingerprint, read_safetensors_header
-from prefixgen.kvcache import empty_cache
+from prefixgen.format import DTYPE_SIZES, KVLayout, ModelFingerprint, read_safetensors_header
+from prefixgen.kvcache import new_cache
 
 # Samples per parameter for the weights digest: enough to see any fine-tune, cheap for 70B.
 _SAMPLES = 1 << 16
@@ -214,6 +216,13 @@ def spec_layout(spec: CacheSpec, dtype: str, storage: str = "native") -> KVLayou
     g = spec.groups[0]
     if g.kind == MLA:
         return KVLayout(spec.num_layers, 1, g.kv_lora_rank + g.rope_dim, dtype, storage, "mla", g.kv_lora_rank, groups)
+    if spec.recurrent is not None:
+        # Rows hold the attention layers only; the recurrent group records the stride of its stored states,
+        # chosen by bytes with the SSM state in float32, as transformers keeps it (cache_spec.state_stride_tokens).
+        stride = state_stride_tokens(spec, DTYPE_SIZES[dtype], ssm_itemsize=4)
+        groups = tuple(dataclasses.replace(x, state_stride=stride) if x.kind == RECURRENT else x for x in groups)
+        g = next(x for x in spec.groups if x.kind != RECURRENT)
+        return KVLayout(len(spec.attention_layers), g.kv_heads, g.head_dim, dtype, storage, groups=groups)
     return KVLayout(spec.num_layers, g.kv_heads, g.head_dim, dtype, storage, groups=groups)
 
 
@@ -229,16 +238,24 @@ def probe_kv_layout(model: torch.nn.Module) -> KVLayout:
     spec = cache_spec(model.config)
     spec.check_storable()
     check_rope(model.config)
+    if spec.recurrent is not None and not supports_recurrent_cache():
+        raise ModelError(
+            f"this model's cache has {spec.recurrent.describe()}: storing and continuing their states needs "
+            f"transformers 5.24 or later (this is {transformers.__version__}); upgrade transformers"
+        )
     device = next(model.parameters()).device
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)
     try:
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, empty_cache()))
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, new_cache(model.config)))
         kv_cache = output_cache(out)
     except Exception as exc:  # any failure here means we cannot use this model's cache
         raise ModelError(f"could not run a forward pass with a KV cache on this model: {exc}") from None
     layers = getattr(kv_cache, "layers", None)
     if not layers:
         raise ModelError(f"the model's cache ({type(kv_cache).__name__}) has no KV layers; prefixgen needs a KV cache")
+    if spec.recurrent is not None:
+        _check_states(spec, layers)
+        layers = [layers[i] for i in spec.attention_layers]
     kinds = sorted({type(layer).__name__ for layer in layers})
     if kinds != ["DynamicLayer"]:
         raise ModelError(
@@ -256,6 +273,21 @@ def probe_kv_layout(model: torch.nn.Module) -> KVLayout:
             f"config describes ({spec.describe()}): prefixgen cannot store it"
         )
     return layout
+
+
+def _check_states(spec: CacheSpec, layers: Sequence) -> None:
+    """The recurrent layers' states a forward made have the sizes the config describes."""
+    g = spec.recurrent
+    for i in g.layers:
+        layer = layers[i]
+        if not hasattr(layer, "conv_states"):
+            raise ModelError(f"layer {i} of this model is recurrent but its cache ({type(layer).__name__}) keeps no state")
+        conv, ssm = recurrent_state(layer)
+        if conv.shape[1] * (conv.shape[2] - 1) != g.conv or ssm[0].numel() != g.ssm:
+            raise ModelError(
+                f"the recurrent state of layer {i} (conv {tuple(conv.shape)}, ssm {tuple(ssm.shape)}) differs from "
+                f"what its config describes ({g.conv} conv and {g.ssm} ssm values): prefixgen cannot store it"
+            )
 
 
 def fingerprint(model: torch.nn.Module, tokenizer: Any, layout: KVLayout, name: str = "") -> ModelFingerprint:

@@ -214,7 +214,7 @@ def test_full_disk_is_a_clear_error_and_the_store_stays_valid(tmp_path, stories)
         ("missing_field", "its fields are: id, text"),
         ("missing_model", "cannot load"),
         ("not_causal", "not a causal language model"),
-        ("linear_attention", "recurrent state (linear attention / state space)"),
+        ("recurrent_only", "prefixgen stores recurrent states beside the KV of attention layers"),
         ("dynamic_rope", "rope_type 'dynamic'"),
         ("longrope", "rope_type 'longrope'"),
         ("bad_dtype", "--dtype"),
@@ -236,8 +236,11 @@ def test_bad_input_gets_one_clear_message(tmp_path, cli, stories, text_dataset, 
     elif case == "not_causal":
         model = make_model(tmp_path / "vit", "qwen2")
         (model / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32}))
-    elif case == "linear_attention":  # sliding-window models are stored (tests/test_cache_kinds.py), these not yet
-        model = make_model(tmp_path / "qwen3_next", "qwen3_next", head_dim=16, num_hidden_layers=4, num_experts=4)
+    elif case == "recurrent_only":  # hybrids are stored (tests/test_recurrent.py), a model of Mamba2 layers only not
+        model = make_model(
+            tmp_path / "mamba", "granitemoehybrid", layer_types=["mamba"] * 2, mamba_n_heads=4, mamba_d_head=32,
+            mamba_d_state=8, num_local_experts=0, shared_intermediate_size=128,
+        )  # fmt: skip
     elif case == "dynamic_rope":
         rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
         model = make_model(tmp_path / "dynamic", "llama", rope_parameters=rope)

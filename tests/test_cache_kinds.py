@@ -15,6 +15,7 @@ from prefixgen import BuildConfig, PrefixStore, build
 from prefixgen.cache_spec import CHUNKED, MLA, RECURRENT, SLIDING, cache_spec, state_stride_tokens
 from prefixgen.compat import cache_kwargs
 from prefixgen.format import SHARDS_DIR, read_safetensors_header
+from prefixgen.kvcache import state_bytes_per_block
 from prefixgen.maintain.verify import verify_store
 from prefixgen.model import config_kv_layout
 
@@ -84,6 +85,51 @@ KINDS = {
 }
 
 
+# A tiny Qwen3-Next: 3 Gated DeltaNet layers and 1 full-attention layer.
+QWEN3_NEXT = dict(
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    num_hidden_layers=4,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+)
+
+
+def interleaved_rope(rows: torch.Tensor, latent_rank: int, config) -> torch.Tensor:
+    """MLA rows ``[..., latent]`` with the rope part's pairs back in place where transformers writes them
+    de-interleaved (``rope_interleave``, DeepSeek V3): the engines' cache entry. The exports' tests compare with
+    this; ``tests_lmcache`` shows it is vLLM's own rotation of the rope key."""
+    if not getattr(config, "rope_interleave", False):
+        return rows
+    rope = rows[..., latent_rank:].unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
+    return torch.cat([rows[..., :latent_rank], rope], dim=-1)
+
+
+@torch.inference_mode()
+def mla_rope_inputs(model_dir, ids: list[int]) -> torch.Tensor:
+    """``[layers, T, rope]``: each MLA layer's shared rope key **before** RoPE (the last ``qk_rope_head_dim``
+    outputs of ``kv_a_proj_with_mqa``) over ``ids``, from the model's own forward: what an engine rotates into
+    its MLA cache (an export's rope part is checked against the engine's own rotation of it)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rope = model.config.qk_rope_head_dim
+    seen: list[torch.Tensor] = []
+    hooks = [
+        layer.self_attn.kv_a_proj_with_mqa.register_forward_hook(lambda m, i, out: seen.append(out[0, :, -rope:]))
+        for layer in model.model.layers
+    ]
+    try:
+        model(torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack(seen)
+
+
 @pytest.fixture(scope="module", params=list(KINDS))
 def kind_model(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("m") / request.param
@@ -91,14 +137,18 @@ def kind_model(request, tmp_path_factory):
     return request.param, make_model(path, request.param, seed=1, initializer_range=0.1, **KINDS[request.param])
 
 
-@pytest.fixture(scope="module")
-def kind_store(kind_model, tmp_path_factory):
-    arch, model_dir = kind_model
-    tmp = tmp_path_factory.mktemp(f"store-{arch}")
-    data = write_jsonl(tmp / "d.jsonl", [{"text": p} for p in PROMPTS])
+def build_text_store(model_dir, prompts: list[str], tmp) -> PrefixStore:
+    """A float32 store of ``prompts`` (text records) built by the real build with ``model_dir``."""
+    data = write_jsonl(tmp / "d.jsonl", [{"text": p} for p in prompts])
     cfg = BuildConfig(dataset=str(data), model=str(model_dir), out=str(tmp / "store"), device="cpu", dtype="float32", quiet=True)
     build(cfg)
     return PrefixStore.open(tmp / "store")
+
+
+@pytest.fixture(scope="module")
+def kind_store(kind_model, tmp_path_factory):
+    arch, model_dir = kind_model
+    return build_text_store(model_dir, PROMPTS, tmp_path_factory.mktemp(f"store-{arch}"))
 
 
 def _load(model_dir):
@@ -186,20 +236,16 @@ def test_a_plain_store_keeps_format_3(tmp_path, stories):
     "arch, overrides, expect",
     [
         (
-            "qwen3_next",
+            "granitemoehybrid",
             dict(
-                head_dim=16,
-                linear_num_key_heads=2,
-                linear_num_value_heads=4,
-                linear_key_head_dim=8,
-                linear_value_head_dim=8,
-                num_hidden_layers=4,
-                num_experts=4,
-                num_experts_per_tok=2,
-                moe_intermediate_size=32,
-                shared_expert_intermediate_size=32,
+                layer_types=["mamba"] * 2,
+                mamba_n_heads=4,
+                mamba_d_head=32,
+                mamba_d_state=8,
+                num_local_experts=0,
+                shared_intermediate_size=128,
             ),
-            "3 layers of recurrent state (linear attention / state space)",
+            "only 2 layers of recurrent state (linear attention / state space): prefixgen stores recurrent states beside",
         ),
     ],
 )
@@ -225,6 +271,11 @@ def test_qwen3_next_80b_state_arithmetic():
     assert spec.bytes_per_token(2) == 12 * 2 * 2 * 256 * 2 == 24_576
     assert spec.bytes_per_boundary(2) == 36 * (24_576 + 524_288) * 2 == 39_518_208
     assert state_stride_tokens(spec, 2) == 2048  # 39.5 MB of state is the KV of 1,608 tokens
+    # As transformers keeps it (and a store holds it): the delta-rule state in float32.
+    assert state_stride_tokens(spec, 2, ssm_itemsize=4) == 4096  # 77.3 MB, the KV of 3,144 tokens
+    layout = config_kv_layout(Qwen3NextConfig(), "bfloat16")
+    assert layout.num_layers == 12 and [g.state_stride for g in layout.groups if g.kind == RECURRENT] == [4096]
+    assert state_bytes_per_block(layout, 16) == 36 * (24_576 * 2 + 524_288 * 4) // 256 == 301_824
 
 
 def test_prefixgen_serve_answers_as_without_the_store(kind_model, kind_store):
@@ -241,17 +292,38 @@ def test_prefixgen_serve_answers_as_without_the_store(kind_model, kind_store):
     assert a.tokens == b.tokens
 
 
-def test_exports_refuse_the_kinds_they_cannot_write(kind_model, kind_store, cli, tmp_path):
-    """SGLang, LMCache and vLLM offloading exports lay out per-head K/V of one full-attention pool: a sliding-window or MLA store
-    gets one message naming its cache, and no export folder."""
+def test_vllm_export_refuses_the_kinds_it_cannot_write(kind_model, kind_store, cli, tmp_path):
+    """vLLM's offloading files are written for one full-attention KV cache group: a sliding-window, chunked or MLA
+    store gets one message naming its cache and what vLLM does with it, and no export folder. (SGLang and LMCache
+    export these kinds: tests_sglang/, tests_lmcache/.)"""
     arch, _ = kind_model
+    out = tmp_path / "vllm"
+    result = cli("export", kind_store.path, "--to", "vllm", "--out", out, "--model-name", "m", "--hash-seed", "0")
+    assert result.exit_code not in (0, 1), result.output
+    assert "--to vllm writes vLLM's offloading files for models whose every layer is full attention" in result.stderr
+    named = {"deepseek_v2": "an MLA latent", "deepseek_v3": "an MLA latent", "llama4_text": "chunked local attention"}
+    assert f"vLLM keeps {named.get(arch, 'sliding-window attention')}" in result.stderr, result.stderr
+    described = {"deepseek_v2": "multi-head latent", "deepseek_v3": "multi-head latent", "llama4_text": "chunked local"}
+    assert "stores a cache of " in result.stderr and described.get(arch, "sliding-window") + " attention" in result.stderr
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_exports_refuse_recurrent_state(tmp_path, cli):
+    """No engine's per-page or per-chunk KV file holds a recurrent layer's state (a state per sequence): every
+    export refuses a store that has one, naming it, and makes no folder (build stores hybrids: tests/test_recurrent.py)."""
+    model = make_model(tmp_path / "qwen3_next", "qwen3_next", **QWEN3_NEXT)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": p} for p in PROMPTS])
+    store = tmp_path / "store"
+    result = cli("build", data, "--model", model, "--out", store, "--device", "cpu", "--dtype", "float32", "--quiet")
+    if result.exit_code != 0:
+        assert "recurrent state" in result.stderr, result.stderr
+        pytest.skip("build does not store recurrent state yet")
     for target in ("sglang", "lmcache", "vllm"):
         out = tmp_path / target
-        result = cli("export", kind_store.path, "--to", target, "--out", out, "--model-name", "m", "--hash-seed", "0")
+        result = cli("export", store, "--to", target, "--out", out, "--model-name", "m", "--hash-seed", "0")
         assert result.exit_code not in (0, 1), result.output
-        assert "exports of sliding-window, chunked and MLA stores are not written yet" in result.stderr, result.stderr
-        named = {"deepseek_v2": "multi-head latent", "deepseek_v3": "multi-head latent", "llama4_text": "chunked local"}
-        assert named.get(arch, "sliding-window") + " attention" in result.stderr
+        assert "layers of recurrent state (linear attention / state space)" in result.stderr, result.stderr
+        assert "no export writes recurrent state" in result.stderr
         assert "Traceback" not in result.output and not out.exists()
 
 

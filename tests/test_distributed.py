@@ -428,16 +428,20 @@ main()
 """
 
 
+def patched_rank_1(tmp_path: Path, source: str, args: list) -> subprocess.Popen:
+    """Rank 1 of 2 run by ``source`` (prefixgen's CLI with a function patched), started."""
+    script = tmp_path / "patched_rank_1.py"
+    script.write_text(source)
+    cmd = [sys.executable, str(script), *map(str, args), "--rank", "1", "--world-size", "2"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+
+
 @contextlib.contextmanager
 def rank_0_waiting_for_a_live_rank_1(tmp_path: Path, args: list) -> Iterator[tuple[subprocess.Popen, subprocess.Popen]]:
     """Rank 1 of 2 claims its count share and hangs counting it, alive; yields rank 0 (and rank 1) once rank 0 has
     counted its own share and waits for rank 1's. Both are killed on the way out if still running."""
     out = Path(args[args.index("--out") + 1])
-    script = tmp_path / "hanging_rank_1.py"
-    script.write_text(HANGING_RANK_1)
-    cmd = [sys.executable, str(script), *map(str, args), "--rank", "1", "--world-size", "2"]
-    other = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
-    me = None
+    other, me = patched_rank_1(tmp_path, HANGING_RANK_1, args), None
     try:
         deadline = time.monotonic() + 180
         while not list(out.glob("builds/*.plan/w2/claims/share-1")):  # rank 1 holds its count share
@@ -457,7 +461,7 @@ def rank_0_waiting_for_a_live_rank_1(tmp_path: Path, args: list) -> Iterator[tup
 
 @pytest.mark.slow
 def test_a_killed_ranks_claim_is_taken_over_without_waiting_out_its_lease(tmp_path, cli, stories):
-    from prefixgen.builder.distributed import CLAIM_STALE_SECONDS
+    from prefixgen.builder.claims import CLAIM_STALE_SECONDS
 
     data = system_prompt_dataset(tmp_path / "d.jsonl", n=400, seed=6)
     out = tmp_path / "store"
@@ -473,6 +477,79 @@ def test_a_killed_ranks_claim_is_taken_over_without_waiting_out_its_lease(tmp_pa
     (claim,) = out.glob("builds/*.plan/w2/claims/share-1")
     assert claim.read_text().split()[0] == rank_0["writers"][0]
     assert rank_0["read_records"] == 400 and rank_0["status"] == "complete" and b["status"] == "running"
+
+
+HANGING_IN_A_HEAD_RANGE = """
+import sys, threading
+from pathlib import Path
+from prefixgen.builder import distributed
+from prefixgen.cli import main
+compute_runs = distributed.Ranks._compute_runs
+def publish_one_run_then_hang(self, out, level, runs, *args):
+    if len(runs) > 1:  # a range of several runs: publish the first (stored for all), then hang holding the claim
+        compute_runs(self, out, level, runs[:1], *args)
+        (Path(out) / "hung").write_text(str(len(level[runs[0]])))
+        threading.Event().wait()
+    compute_runs(self, out, level, runs, *args)
+distributed.Ranks._compute_runs = publish_one_run_then_hang
+sys.argv = ["prefixgen", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_a_head_range_of_a_killed_rank_is_taken_over_and_only_its_unstored_runs_computed(tmp_path, cli, stories):
+    """Head runs are claimed by ranges (one claim per rank's share of a level, not one per run). Rank 1
+    publishes one run of its range and hangs, alive: rank 0 leaves the range to it. kill -9 of rank 1:
+    rank 0 takes the range over at once (a dead holder) and computes only the runs not stored yet;
+    every rank resumed, the store holds what one process stores."""
+    from prefixgen.builder.shares import Heads, load_npz
+
+    data = groups_dataset(tmp_path / "d.jsonl", n=96, groups=24, seed=3)
+    out, single = tmp_path / "store", tmp_path / "single"
+    assert cli("build", data, "--model", stories, "--out", single, *CPU).exit_code == 0
+    args = ["build", data, "--model", stories, "--out", out, *CPU, "--batch-tokens", "64"]
+    other, me = patched_rank_1(tmp_path, HANGING_IN_A_HEAD_RANGE, args), None
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "hung").exists():  # rank 1 alone: counted both shares, planned, holds a range of level 1
+            assert time.monotonic() < deadline and other.poll() is None, "rank 1 never hung in a head range"
+            time.sleep(0.05)
+        me = rank_process(0, 2, *args)
+        (folder,) = out.glob("claims/*/w2-a0")
+        ranges = sorted(p.name for p in folder.iterdir() if re.fullmatch(r"l\d+-r\d+", p.name))
+        time.sleep(3)
+        assert me.poll() is None  # a live holder's range (its lease fresh) is left to it
+        held = [p for p in folder.iterdir() if re.fullmatch(r"l1-r\d+", p.name) and p.read_text().startswith(_writer(out, 1))]
+        assert len(held) == 1
+        other.kill()  # kill -9 in the range: its writer lock is freed, its lease is still fresh
+        other.wait()
+        finish(me, timeout=90)  # well within the 120 s lease: taken over at once
+    finally:
+        for proc in (me, other):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    plan = load_npz(next(out.glob("builds/*.plan/w2/plan-0.npz")))
+    heads = Heads(*(plan[f"head_{k}"] for k in ("keys", "parent", "depth", "tokens")))
+    levels = heads.segments()
+    assert len(levels[1]) >= 20 and len([n for n in ranges if n.startswith("l1-")]) <= 2  # ranges, not runs
+    assert held[0].read_text().split()[0] == _writer(out, 0)  # rank 0 holds the dead rank's range now
+    rank_0 = next(r for r in ls_json(cli, out)["builds"][0]["ranks"] if r["rank"] == 0)
+    first_run = int((out / "hung").read_text())
+    assert rank_0["head_tokens"] == (len(heads) - sum(len(r) for r in levels[0]) - first_run) * 16  # nothing twice
+    procs = [rank_process(r, 2, *args, "--resume") for r in (0, 1)]
+    for p in procs:
+        finish(p)
+    (b,) = ls_json(cli, out)["builds"]
+    assert b["status"] == "complete"
+    assert stored_keys(out) == stored_keys(single) and verify_store(out).ok
+
+
+def _writer(out: Path, rank: int) -> str:
+    """The writer id of rank ``rank``'s part of the (one) distributed build in ``out``."""
+    (part,) = out.glob(f"builds/*.ranks/w2-r{rank}.json")
+    return json.loads(part.read_text())["writers"][0]
 
 
 @pytest.mark.slow
@@ -621,8 +698,8 @@ class _Writer:
 
 
 def test_ranks_reaching_the_plan_together_make_it_once(tmp_path, cli, stories):
-    from prefixgen.builder.distributed import PLAN_SUFFIX, Ranks
-    from prefixgen.format import BuildRecord
+    from prefixgen.builder.distributed import Ranks
+    from prefixgen.format import PLAN_SUFFIX, BuildRecord
     from prefixgen.store.reader import read_manifest
 
     data = groups_dataset(tmp_path / "d.jsonl", n=60, groups=4)
@@ -656,7 +733,7 @@ def test_ranks_reaching_the_plan_together_make_it_once(tmp_path, cli, stories):
 
 
 def test_a_claim_is_taken_over_once_and_only_when_its_lease_is_stale(tmp_path):
-    from prefixgen.builder.distributed import _claim
+    from prefixgen.builder.claims import _claim
 
     claim = tmp_path / "segment"
     assert _claim(claim, "a") and _claim(claim, "a")  # taken; its holder holds it still
@@ -674,7 +751,7 @@ def test_a_claim_is_taken_over_once_and_only_when_its_lease_is_stale(tmp_path):
 def test_a_dead_holders_claim_is_taken_over_at_once(tmp_path):
     """A claim whose holder's writer lock is free (its process died) is taken over without waiting
     out its lease; a live holder's fresh claim is not."""
-    from prefixgen.builder.distributed import _claim, _Holders
+    from prefixgen.builder.claims import _claim, _Holders
     from prefixgen.store.writer import WriterLock, new_id
 
     live, dead, me, other = ids = [new_id() for _ in range(4)]  # writer ids, as ranks claim with
@@ -697,10 +774,29 @@ def test_a_dead_holders_claim_is_taken_over_at_once(tmp_path):
         lock.release()
 
 
+def test_a_levels_head_runs_are_claimed_as_at_most_world_ranges():
+    import numpy as np
+
+    from prefixgen.builder.claims import HEAD_RANGE_TOKENS, head_ranges
+
+    rng = np.random.default_rng(0)
+    for runs, world in [(100_000, 1000), (10, 3), (7, 64), (1, 2), (5000, 8)]:
+        blocks = rng.integers(1, 40, runs)
+        ranges = head_ranges(blocks, world)
+        assert np.array_equal(np.concatenate(ranges), np.arange(runs))  # every run once, in order
+        assert len(ranges) <= world  # claims per level: at most one per rank, however many runs
+        assert [r.tolist() for r in head_ranges(blocks, world)] == [r.tolist() for r in ranges]  # the same on every rank
+    # A level too large for a rank's share to be one claim is cut at HEAD_RANGE_TOKENS (a long run stays whole).
+    blocks = np.full(10_000, 64)
+    ranges = head_ranges(blocks, 2)
+    assert len(ranges) == -(-10_000 * 64 * 16 // HEAD_RANGE_TOKENS)  # 10 ranges of 1 Mi tokens, the last shorter
+    assert [len(r) for r in head_ranges(np.array([1, 10_000_000, 1]), 2)] == [2, 1]
+
+
 def test_heads_are_cut_into_branch_free_runs_by_level():
     import numpy as np
 
-    from prefixgen.builder.distributed import Heads
+    from prefixgen.builder.shares import Heads
     from prefixgen.format import hash_block
 
     root = bytes(32)
@@ -753,7 +849,7 @@ def test_a_plan_from_shares_numbered_within_them_equals_one_from_dataset_indices
     them the indices in the dataset, as if each rank had counted the records before its share."""
     import numpy as np
 
-    from prefixgen.builder.distributed import count_share, make_plan
+    from prefixgen.builder.shares import count_share, make_plan
     from prefixgen.data.records import RecordTokenizer
     from prefixgen.data.source import read_share
     from prefixgen.format import BlockHash, BuildRecord
@@ -784,3 +880,39 @@ def test_a_plan_from_shares_numbered_within_them_equals_one_from_dataset_indices
     assert np.array_equal(
         make_plan(tmp_path / "local-False", 3, root, 16, lambda keys: [False] * len(keys))["index"], plans[True]["index"]
     )
+
+
+@pytest.mark.parametrize("select", [False, True], ids=["all", "min-records"])
+def test_a_plan_made_in_bounded_slices_equals_one_made_at_once(tmp_path, stories, monkeypatch, select):
+    """The planner sums the shares' counts a key64 slice at a time and reads their blocks a chunk of
+    records at a time (memory bounded whatever the dataset's size): the plan is the same with
+    slices of one row and chunks of one record as with everything at once."""
+    import numpy as np
+
+    from prefixgen.builder import shares
+    from prefixgen.builder.selection import Selection
+    from prefixgen.data.records import RecordTokenizer
+    from prefixgen.data.source import read_share
+    from prefixgen.format import BlockHash, BuildRecord
+
+    data = groups_dataset(tmp_path / "d.jsonl", n=90, groups=6)
+    tokenizer, root = AutoTokenizer.from_pretrained(stories), BlockHash(bytes(32))
+    for share in range(3):
+        tokenize = RecordTokenizer(tokenizer, BuildRecord("", ""), 1024)
+        records = read_share(str(data), "text", share, 3, local_index=True)
+        shares.count_share(records, tokenize, tmp_path, share, root, 16, "w0", fsync=False)
+
+    def chosen(counts):  # blocks in 2 or more records, at most 40 (a prefix-closed choice, as --max-bytes makes)
+        return Selection(counts.subset(counts.select(min_records=2, max_blocks=40)), 2, None, len(counts), 0.0)
+
+    def stored(keys):  # a third of the blocks already stored: no work
+        return [k[0] % 3 == 0 for k in keys]
+
+    whole = shares.make_plan(tmp_path, 3, root, 16, stored, chosen if select else None)
+    assert len(whole["head_keys"]) > 20 and (whole["work"] > 0).any() != select
+    monkeypatch.setattr(shares, "PLAN_BUCKET_ROWS", 1)
+    monkeypatch.setattr(shares, "PLAN_CHUNK_BLOCKS", 1)
+    sliced = shares.make_plan(tmp_path, 3, root, 16, stored, chosen if select else None)
+    assert whole.keys() == sliced.keys()
+    for key in whole:
+        assert np.array_equal(whole[key], sliced[key]), key

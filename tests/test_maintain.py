@@ -447,6 +447,38 @@ def test_prune_keeps_exactly_the_top_ranked_prefix_closed_set(tmp_path, cli):
     assert cli("prune", tmp_path / "s").exit_code != 0  # neither option: a message, not a traceback
 
 
+def test_prune_in_pieces_keeps_what_select_blocks_ranks_first(tmp_path, monkeypatch):
+    """Prune ranks a piece of the segment at a time (SWEEP_ROWS rows; 5 here, so every cut falls
+    across pieces and inside a group of blocks with equal records and depth, found by key64 bits):
+    it keeps exactly what ``select_blocks`` over all rows at once keeps, for budgets on both sides of
+    every group, in new shards of a few blocks."""
+    import shutil
+
+    import prefixgen.maintain.prune as prune
+
+    monkeypatch.setattr(prune, "SWEEP_ROWS", 5)
+    seqs = _sequences()
+    manifest = _tiny_store(tmp_path / "s", seqs)
+    counts = _with_counts(tmp_path / "s", seqs, manifest)
+    rows = {
+        seg.cols["key"][i].tobytes(): int(seg.cols["depth"][i])
+        for seg in PrefixStore.open(tmp_path / "s").index.segments
+        for i in range(seg.n)
+    }
+    keys = list(rows)
+    records = np.array([counts[k] for k in keys])
+    depth = np.array([rows[k] for k in keys])
+    k64 = np.array([int.from_bytes(k[:8], "little") for k in keys], dtype=np.uint64)
+    for budget, min_records in [(1, 1), (2, 1), (13, 1), (37, 2), (50, 1), (len(keys) - 3, 1), (len(keys) + 9, 1), (None, 3)]:
+        want = {keys[i] for i in select_blocks(records, depth, min_records=min_records, max_blocks=budget, tiebreak=k64)}
+        shutil.copytree(tmp_path / "s", tmp_path / "p")
+        max_bytes = None if budget is None else budget * block_cost(manifest)
+        report = prune_store(tmp_path / "p", max_bytes=max_bytes, min_records=min_records, shard_bytes=3 * block_cost(manifest))
+        assert _kept(tmp_path / "p") == want and report.blocks_kept == len(want), (budget, min_records)
+        assert verify_store(tmp_path / "p").ok
+        shutil.rmtree(tmp_path / "p")
+
+
 @pytest.mark.parametrize("storage", ["native", "fp8"])
 def test_prune_reads_only_the_kept_blocks_of_each_shard(tmp_path, storage):
     # Blocks of 16 KiB (fp8: 4 KiB and scales) in shards of 30: the KV dwarfs the index and counts.

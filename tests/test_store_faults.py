@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from prefixgen.builder.distributed import _claim, _Holders
+from prefixgen.builder.claims import _claim, _Holders
 from prefixgen.format import BUILDS_DIR, CLAIMS_DIR, MANIFEST_FILE, PLAN_SUFFIX, RANK_PARTS_SUFFIX
 from prefixgen.maintain.gc import collect_garbage
 from prefixgen.maintain.verify import verify_store

@@ -131,9 +131,11 @@ def lmcache_engine(
 
     The metadata is what ``lmcache.integration.vllm.vllm_service_factory`` derives from a vLLM config:
     ``model_config.model``, ``parallel_config.world_size`` and ``rank``, the KV dtype (the model's:
-    ``--kv-cache-dtype auto``) and ``(layers, 2, chunk, heads per rank, head_dim)``.
+    ``--kv-cache-dtype auto``) and ``(layers, 2, chunk, heads per rank, head_dim)``; for an MLA model
+    (``use_mla``, ``mla_enabled(model_config)``) ``(layers, 1, chunk, 1, kv_lora_rank + rope)``.
     """
     kv = store.manifest.kv
+    mla = kv.kind == "mla"
     old_seed = os.environ.pop("PYTHONHASHSEED", None)
     if seed is not None:
         os.environ["PYTHONHASHSEED"] = str(seed)  # read when the token database initializes NONE_HASH
@@ -153,7 +155,8 @@ def lmcache_engine(
         worker_id=rank,
         local_worker_id=rank,
         kv_dtype=dtype or getattr(torch, kv.dtype),
-        kv_shape=(kv.num_layers, 2, chunk_size, heads, kv.head_dim),
+        kv_shape=(kv.num_layers, 1 if mla else 2, chunk_size, heads, kv.head_dim),
+        use_mla=mla,
         chunk_size=chunk_size,
     )
     name = f"prefixgen-test-{uuid.uuid4().hex}"

@@ -66,8 +66,8 @@ def export(store: Path, out: Path, *args: str) -> None:
     assert result.exit_code == 0, result.output
 
 
-def hicache_file(out: Path, rank: int, tp: int, monkeypatch, model_name: str = MODEL_NAME) -> HiCacheFile:
-    """The file backend as rank ``rank`` of a TP-``tp`` server builds it."""
+def hicache_file(out: Path, rank: int, tp: int, monkeypatch, model_name: str = MODEL_NAME, mla: bool = False) -> HiCacheFile:
+    """The file backend as rank ``rank`` of a TP-``tp`` server builds it (``mla``: of an MLA model)."""
     monkeypatch.setenv("SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", str(out))
     config = HiCacheStorageConfig(
         tp_rank=rank,
@@ -76,7 +76,7 @@ def hicache_file(out: Path, rank: int, tp: int, monkeypatch, model_name: str = M
         pp_size=1,
         attn_cp_rank=0,
         attn_cp_size=1,
-        is_mla_model=False,
+        is_mla_model=mla,
         enable_storage_metrics=False,
         is_page_first_layout=True,
         model_name=model_name,

@@ -33,6 +33,7 @@ from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer, open_records
 from prefixgen.errors import ConfigError
 from prefixgen.format import BuildRecord, KVLayout, block_keys, root_key
+from prefixgen.kvcache import state_bytes_per_block
 from prefixgen.model import config_kv_layout, load_config, load_tokenizer
 
 # Counting needs key equality only, so any fixed root will do (see the module docstring).
@@ -171,7 +172,8 @@ def _figures(
     cfg: BuildConfig, layout: KVLayout, stats: BuildRecord, tokens: int, counts: BlockCounts, held: _HeldOut, holdout: float
 ) -> Analysis:
     bs = cfg.block_size
-    block_bytes = layout.block_bytes(bs)
+    # A hybrid's recurrent states, one every stride of blocks (and at record ends), spread over the blocks.
+    block_bytes = layout.block_bytes(bs) + state_bytes_per_block(layout, bs)
     fp8 = layout.with_storage("fp8")
     n = len(counts)
     rank = np.empty(n, dtype=np.int64)

@@ -35,14 +35,20 @@ pipeline this rank's records, and merges. For N > 1 ranks, one plan, then shares
    each rank cuts its records to the choice (:attr:`Ranks.selection`).
 3. **Heads.** Under torchrun each rank prefills the head segments the plan gives it, then waits
    (through the store, without a timeout) until the level is stored. Under ``--rank`` ranks claim
-   segments; a claim is a lease the claimer renews, judged stale by the file system's clock (or at
-   once when its holder's writer lock is free: that process is dead), and taken over by exactly
-   one rank (owner-checked).
+   *ranges* of a level's segments (at most one per rank, :func:`head_ranges`); a claim is a lease
+   the claimer renews, judged stale by the file system's clock (or at once when its holder's writer
+   lock is free: that process is dead), and taken over by exactly one rank (owner-checked), which
+   computes only the range's segments not stored yet. A waiting rank's metadata operations per
+   round are bounded (one listing, one clock probe, CLAIMS_PER_ROUND claims) and its rounds back
+   off to one a second (README: the operations per second at 1,000 ranks).
 4. **Build.** Each rank builds its records, reading their token ids back from the spill: it
    tokenizes nothing more. Waiting for slower ranks is never bounded by ``--dist-timeout`` (that
    bounds the start-up collectives only): a dead torchrun rank is torch elastic's to detect, a dead
    ``--rank`` rank's claims are taken over once its writer lock is free (at once on a local file
    system; NFS frees a dead client's locks after its lease) or its lease goes stale.
+
+This module is the rank lifecycle (:class:`Ranks`: join the store, count, plan, heads, route,
+merge); the share and plan files are ``builder.shares``'s, claims and leases ``builder.claims``'s.
 """
 
 from __future__ import annotations
@@ -50,27 +56,32 @@ from __future__ import annotations
 import atexit
 import datetime as dt
 import hashlib
-import heapq
 import io
 import json
 import os
 import secrets
 import shutil
 import socket
-import threading
 import time
-import zipfile
-import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from prefixgen.analysis.count import BlockCounter, BlockCounts
+from prefixgen.analysis.count import BlockCounts
+from prefixgen.builder.claims import (
+    CLAIMS_PER_ROUND,
+    _Backoff,
+    _claim,
+    _Clock,
+    _Holders,
+    _Lease,
+    head_ranges,
+)
 from prefixgen.builder.plan import PrefillTask, chunk_task
 from prefixgen.builder.selection import Selection
+from prefixgen.builder.shares import Heads, _empty_heads, _share_tokens, count_share, load_npz, make_plan
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer, TokenizedRecord
 from prefixgen.data.source import Record, ShareRead, dataset_fingerprint
@@ -83,300 +94,21 @@ from prefixgen.format import (
     MANIFEST_FILE,
     PLAN_SUFFIX,
     RANK_PARTS_SUFFIX,
-    BlockHash,
     BuildRecord,
     Manifest,
     Segment,
-    atomic_write,
-    block_keys,
     create_once,
-    fsync_dir,
-    temp_path,
 )
 from prefixgen.store.index import StoreIndex
 from prefixgen.store.reader import PrefixStore, read_builds
-from prefixgen.store.writer import ID_PATTERN, new_id, prepare_store, remove_temp_files, utc_now, writer_is_live
+from prefixgen.store.writer import new_id, prepare_store, remove_temp_files, utc_now, writer_is_live
 
-CLAIM_STALE_SECONDS = 120.0  # a claim whose lease was not renewed for this long (file system clock) is taken over
-LEASE_SECONDS = CLAIM_STALE_SECONDS / 8  # how often a claimer renews its claims
-POLL_SECONDS = 0.05  # the first pause of a waiting rank; it doubles while nothing changes, up to:
-MAX_POLL_SECONDS = 1.0
-CLAIMS_PER_ROUND = 16  # claims of others a waiting rank looks at per round (in turn): its metadata ops stay bounded  # (1,000 waiting ranks then make ~1,000 rounds/s of metadata reads between them)
 # Options that may differ between the ranks (or between a run and its --resume) of one build: they
 # change how the work runs, not the bytes stored.
 _RUN_OPTIONS = (
     "rank", "world_size", "resume", "append", "overwrite", "device", "dist_timeout", "quiet", "out",
     "batch_tokens", "write_threads", "sort_window", "prefix_cache_bytes", "fsync", "shard_bytes",
 )  # fmt: skip
-_KEY = np.dtype((np.void, 32))
-
-
-@dataclass(slots=True)
-class Heads:
-    """The blocks two or more records hold, as arrays (no Python object per block, 140 bytes
-    each at B=16): ``keys`` [h, 32] uint8 sorted, ``parent`` [h] row of each block's parent (-1:
-    the root), ``depth`` [h] its number in its chain, ``tokens`` [h, B] uint32 (a block's own
-    token ids; a chain's are its ancestors' joined)."""
-
-    keys: np.ndarray
-    parent: np.ndarray
-    depth: np.ndarray
-    tokens: np.ndarray
-
-    @classmethod
-    def build(cls, keys: np.ndarray, parents: np.ndarray, depth: np.ndarray, tokens: np.ndarray) -> Heads:
-        """Heads from blocks (``keys`` and ``parents`` [n, 32], ``depth`` [n], ``tokens`` [n, B]),
-        repeats allowed (the same block seen in several records or shares).
-
-        Example:
-            >>> heads = Heads.build(keys, parents, depth, tokens)  # doctest: +SKIP
-            >>> [len(level) for level in heads.segments()]  # doctest: +SKIP
-            [1, 12]
-        """
-        _, first = np.unique(np.ascontiguousarray(keys).view(_KEY).ravel(), return_index=True)
-        keys, parents, depth, tokens = keys[first], parents[first], depth[first], tokens[first]  # by key, one row each
-        row = np.searchsorted(keys.view(_KEY).ravel(), np.ascontiguousarray(parents).view(_KEY).ravel())
-        row = np.minimum(row, max(len(keys) - 1, 0))
-        found = (len(keys) > 0) & (keys[row] == parents).all(axis=1) if len(keys) else np.zeros(0, bool)
-        return cls(keys, np.where(found, row, -1).astype(np.int64), depth.astype(np.int32), tokens)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def chain(self, row: int) -> tuple[list[BlockHash], list[int]]:
-        """Keys and tokens from the first block down to block ``row``."""
-        rows = []
-        while row >= 0:
-            rows.append(row)
-            row = int(self.parent[row])
-        rows.reverse()
-        return [BlockHash(self.keys[r].tobytes()) for r in rows], self.tokens[rows].ravel().tolist()
-
-    def segments(self) -> list[list[np.ndarray]]:
-        """The trie cut into branch-free runs (arrays of rows), grouped by level (a run's parent
-        run is one level up), each level's runs in key order of their first block."""
-        n = len(self)
-        has_parent = self.parent >= 0
-        children = np.bincount(self.parent[has_parent], minlength=n)
-        only_child = np.full(n, -1, np.int64)  # the one child of a block that has exactly one
-        single = has_parent & (children[np.maximum(self.parent, 0)] == 1)
-        only_child[self.parent[single]] = np.flatnonzero(single)
-        starts = np.flatnonzero(~single)
-        level_of_end = np.full(n, -1, np.int64)
-        levels: list[list[np.ndarray]] = []
-        for start in starts[np.lexsort((starts, self.depth[starts]))]:  # shallower first: parent runs are placed
-            run = [int(start)]
-            while only_child[run[-1]] >= 0:
-                run.append(int(only_child[run[-1]]))
-            parent = int(self.parent[start])
-            level = int(level_of_end[parent]) + 1 if parent >= 0 else 0
-            level_of_end[run[-1]] = level
-            while len(levels) <= level:
-                levels.append([])
-            levels[level].append(np.asarray(run, np.int64))
-        return levels
-
-
-def _empty_heads(block_size: int) -> Heads:
-    return Heads(np.zeros((0, 32), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros((0, block_size), np.uint32))
-
-
-# ---------------------------------------------------------------------------- shares and the plan
-
-
-def count_share(
-    records: Iterator[Record], tokenize: RecordTokenizer, folder: Path, share: int, root: BlockHash, block_size: int,
-    owner: str, fsync: bool = True,
-) -> BuildRecord:  # fmt: skip
-    """Tokenize and count share ``share``, the records ``records`` yields (``data.source.read_share``),
-    and spill it to ``folder``: ``share-S.tokens`` (uint32 ids), ``share-S.keys`` ([blocks, 32]) and,
-    last (it marks the share done), ``share-S.npz`` (record indices and lengths, the share's record
-    count ``rows`` and whether its indices are rows within it, ``local``; its block counts and
-    tokenizer statistics); each fsynced before it is renamed in (``fsync``: as the writer
-    does for shards), so that after a node crash a share marked done is whole. Returns the tokenizer
-    statistics (``dataset_tokens``: tokens tokenized)."""
-    stats = BuildRecord("", "")
-    counting = tokenize.copy(stats)
-    counting.warn = tokenize.warn  # this is the only pass that tokenizes the share: it warns
-    counter = BlockCounter()
-    index, lengths = [], []
-    rows, local = 0, False  # records of the share (skipped ones too); numbered within it (Record.share)
-
-    def tally(records: Iterator[Record]) -> Iterator[Record]:
-        nonlocal rows, local
-        for rec in records:
-            rows += 1
-            local |= rec.share is not None
-            yield rec
-
-    names = [folder / f"share-{share}.{ext}" for ext in ("tokens", "keys")]
-    tmps = [temp_path(p, owner) for p in names]
-    with open(tmps[0], "wb") as tokens_file, open(tmps[1], "wb") as keys_file:
-        for rec in counting(tally(records)):
-            ids = np.asarray(rec.ids, dtype="<u4")
-            keys = block_keys(rec.ids, block_size, root)
-            tokens_file.write(ids.tobytes())
-            keys_file.write(b"".join(keys))
-            counter.add(keys)
-            index.append(rec.index)
-            lengths.append(len(ids))
-        for f in (tokens_file, keys_file) if fsync else ():
-            f.flush()
-            os.fsync(f.fileno())
-    for tmp, name in zip(tmps, names):
-        os.replace(tmp, name)
-    if fsync:
-        fsync_dir(folder)  # the renames, before the .npz that marks the share done
-    counts = counter.result()
-    meta = {"index": np.asarray(index, np.int64), "lengths": np.asarray(lengths, np.int64)}
-    meta |= {"rows": np.asarray(rows, np.int64), "local": np.asarray(local)}
-    meta |= {f"counts_{k}": getattr(counts, k) for k in ("key64", "check64", "records", "depth")}
-    meta["stats"] = np.asarray([stats.skipped_records, stats.truncated_records, stats.dataset_tokens], np.int64)
-    _save(folder / f"share-{share}.npz", meta, owner, fsync)
-    return stats
-
-
-def _save(path: Path, arrays: dict[str, np.ndarray], owner: str, fsync: bool) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write(path, [buf.getvalue()], fsync=fsync, owner=owner)
-
-
-def _index_in_dataset(shares: list[dict[str, np.ndarray]]) -> None:
-    """Turn the share-local indices of ``local`` shares (row r of share s) into indices in the
-    dataset: the records of the shares before s, plus r. Shares are consecutive runs of records
-    there, so this needs only their record counts (``rows``): no rank read the bytes before its share."""
-    before = 0
-    for meta in shares:
-        if bool(meta.get("local", False)):  # shares spilled before "local" existed hold dataset indices
-            meta["index"] = meta["index"] + before
-        before += int(meta["rows"]) if "rows" in meta else len(meta["index"]) + int(meta["stats"][0])  # kept + skipped
-
-
-def _merged_counts(shares: list[Any]) -> BlockCounts:
-    """Every block of every share, with the records holding it over all shares (the share counts summed)."""
-    cols = {k: np.concatenate([s[f"counts_{k}"] for s in shares]) for k in ("key64", "check64", "records", "depth")}
-    order = np.lexsort((cols["check64"], cols["key64"]))
-    k64, c64 = cols["key64"][order], cols["check64"][order]
-    starts = np.flatnonzero(np.r_[True, (k64[1:] != k64[:-1]) | (c64[1:] != c64[:-1])]) if len(k64) else np.zeros(0, np.int64)
-    records = np.add.reduceat(cols["records"][order].astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
-    return BlockCounts(k64[starts], c64[starts], records.astype(np.uint32), cols["depth"][order][starts])
-
-
-def make_plan(
-    folder: Path, world: int, root: BlockHash, block_size: int, stored: Callable[[list[bytes]], list[bool]],
-    select: Callable[[BlockCounts], Selection] | None = None,
-) -> dict:  # fmt: skip
-    """The plan of a run from its ``world`` count shares: the heads, each head segment's and each
-    record's rank. ``stored(keys)`` says which blocks the store already holds: they are no work.
-    ``select(counts)`` (``--min-records``/``--max-bytes``) chooses the blocks to store from the
-    summed counts: the others are no work and no head, and the plan holds the choice (``chosen_*``)."""
-    bs = block_size
-    shares = [load_npz(folder / f"share-{s}.npz") for s in range(world)]
-    _index_in_dataset(shares)
-    counts = _merged_counts(shares)
-    selection = select(counts) if select is not None else None
-    shared = counts.subset(np.flatnonzero(counts.records >= 2))
-    del counts
-    rec_share, rec_row, rec_index, rec_work = [], [], [], []
-    head_keys, head_parents, head_depth, head_tokens = [], [], [], []
-    for s, meta in enumerate(shares):
-        lengths = meta["lengths"]
-        full = lengths // bs
-        if not full.sum():
-            rec_work.append(np.zeros(len(lengths), np.int64))
-        else:
-            keys = np.fromfile(folder / f"share-{s}.keys", dtype=np.uint8).reshape(-1, 32)
-            owner_of = np.repeat(np.arange(len(full)), full)  # record (row) of each block
-            chosen = selection.chosen.find(keys) >= 0 if selection is not None else np.ones(len(keys), bool)
-            is_head = (shared.find(keys) >= 0 if len(shared) else np.zeros(len(keys), bool)) & chosen
-            lead = np.bincount(owner_of, weights=is_head, minlength=len(full)).astype(np.int64)  # heads are prefix-closed
-            rest = np.flatnonzero(~is_head & chosen)
-            held = ~chosen  # a block not chosen is no work (the choice is prefix-closed too)
-            if len(rest):
-                for chunk in np.array_split(rest, -(-len(rest) // (1 << 20))):  # bounded lists of keys
-                    held[chunk] = stored([keys[i].tobytes() for i in chunk])
-            done = np.bincount(owner_of, weights=held, minlength=len(full)).astype(np.int64)
-            rec_work.append((full - lead - done) * bs)
-            if is_head.any():  # the share's head blocks, with parents and token ids
-                at = np.flatnonzero(is_head)
-                first_block = np.repeat(np.cumsum(full) - full, full)
-                parents = np.where((at > first_block[at])[:, None], keys[np.maximum(at - 1, 0)], np.frombuffer(root, np.uint8))
-                starts = np.cumsum(lengths) - lengths
-                token_at = starts[owner_of[at]] + (at - first_block[at]) * bs
-                ids = np.memmap(folder / f"share-{s}.tokens", dtype="<u4", mode="r")
-                head_keys.append(keys[at])
-                head_parents.append(parents)
-                head_depth.append(at - first_block[at])
-                head_tokens.append(ids[token_at[:, None] + np.arange(bs)])
-        rec_share.append(np.full(len(lengths), s, np.int32))
-        rec_row.append(np.arange(len(lengths), dtype=np.int64))
-        rec_index.append(meta["index"])
-    if head_keys:
-        heads = Heads.build(*(np.concatenate(c) for c in (head_keys, head_parents, head_depth, head_tokens)))
-    else:
-        heads = _empty_heads(bs)
-    index, share, row, work = (np.concatenate(a) for a in (rec_index, rec_share, rec_row, rec_work))
-    order = np.argsort(index, kind="stable")
-    index, share, row, work = index[order], share[order], row[order], work[order]
-    loads = [0] * world
-    head_owner = np.full(len(heads), -1, np.int32)
-    for level in heads.segments():  # largest first, to the least loaded rank
-        for run in sorted(level, key=lambda r: (-len(r), heads.keys[r[0]].tobytes())):
-            rank = min(range(world), key=loads.__getitem__)
-            head_owner[run] = rank
-            loads[rank] += len(run) * bs
-    owner = (index % world).astype(np.int32)  # records with no work left: only counted
-    heap = [(load, rank) for rank, load in enumerate(loads)]
-    heapq.heapify(heap)
-    for i in np.lexsort((index, -work)):
-        if work[i] <= 0:
-            break
-        load, rank = heapq.heappop(heap)
-        owner[i] = rank
-        heapq.heappush(heap, (load + int(work[i]), rank))
-    plan = {
-        "index": index, "share": share, "row": row, "work": work, "owner": owner,
-        "head_keys": heads.keys, "head_parent": heads.parent, "head_depth": heads.depth, "head_tokens": heads.tokens, "head_owner": head_owner,
-    }  # fmt: skip
-    if selection is not None:
-        plan |= {f"chosen_{k}": getattr(selection.chosen, k) for k in ("key64", "check64", "records", "depth")}
-        plan["chosen_of"] = np.asarray(  # min_records, max_bytes (-1: not given), candidate blocks, microseconds
-            [selection.min_records or -1, -1 if selection.max_bytes is None else selection.max_bytes,
-             selection.candidate_blocks, round(selection.count_seconds * 1e6)], np.int64,
-        )  # fmt: skip
-    return plan
-
-
-def _share_tokens(folder: Path, share: int, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    path = folder / f"share-{share}.tokens"
-    total = int(lengths.sum())
-    if total and (not path.exists() or path.stat().st_size < 4 * total):
-        raise _damaged(path)
-    ids = np.memmap(path, dtype="<u4", mode="r") if total else np.zeros(0, "<u4")
-    return ids, np.cumsum(lengths) - lengths
-
-
-def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a count share or plan (``.npz``), read whole; a truncated or damaged file (a
-    crash under --no-fsync can leave one: it was linked in before it reached the disk) is one
-    clear CorruptStoreError saying what to do, not numpy's error."""
-    try:
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
-        raise _damaged(path, exc) from None
-
-
-def _damaged(path: Path, exc: BaseException | None = None) -> CorruptStoreError:
-    plan = next((p for p in path.parents if p.name.endswith(PLAN_SUFFIX)), path.parent)
-    why = f" ({exc})" if exc is not None else ""
-    return CorruptStoreError(
-        f"{path} is truncated or damaged{why} (a crash under --no-fsync can leave it so): remove the folder {plan}, "
-        "then relaunch every rank with --resume (the blocks already stored are kept)"
-    )
 
 
 class Ranks:
@@ -759,51 +491,83 @@ class Ranks:
     def _prefill_heads(
         self, out: Path, manifest: Manifest, run: Callable, writer: Any, record: BuildRecord, batch_tokens: int
     ) -> None:
-        claims = out / CLAIMS_DIR / record.build_id
-        claims.mkdir(parents=True, exist_ok=True)
         bs = manifest.block_size
-        wait, rounds = _Backoff(), 0
-        for level in self.heads.segments():
-            watch = _IndexWatch(out, [self.heads.keys[r[-1]].tobytes() for r in level])
-            done: set[int] = set()  # runs of this level this rank computed (published at once)
+        levels = self.heads.segments()
+        if not levels:
+            return
+        # One claim per *range* of a level's runs (about a rank's fair share of its tokens, see
+        # head_ranges), in a folder of this attempt's: at 1,000 ranks a level of 100,000 runs is
+        # about 1,000 claims, not 100,000 files in one folder. The ranges are a function of the plan
+        # and the world size only (not of --batch-tokens, which may differ between ranks).
+        claims = out / CLAIMS_DIR / record.build_id / f"{self.run}-a{self.attempt}"
+        if not self.collective:
+            claims.mkdir(parents=True, exist_ok=True)
+        # The index is opened once for the whole phase; each round then reads only new segments.
+        watch = _IndexWatch(out, [self.heads.keys[r[-1]].tobytes() for level in levels for r in level])
+        wait, first = _Backoff(), 0
+        for number, level in enumerate(levels):
+            rows = range(first, first + len(level))  # this level's runs in the watch
+            first += len(level)
+            if self.collective:  # the plan's deterministic assignment: no claims
+                held = watch.held(rows)
+                mine = [i for i in range(len(level)) if not held[i] and self.plan["head_owner"][level[i][0]] == self.rank]
+                self._compute_runs(out, level, mine, run, writer, record, bs, batch_tokens)
+                while not all(watch.held(rows)):
+                    wait()  # others compute the rest (a rank that dies stops the run: torch elastic)
+                wait.reset()
+                continue
+            ranges = head_ranges(np.asarray([len(r) for r in level]), self.world_size, bs)
+            start = self.rank * len(ranges) // self.world_size  # ranks start apart: few races for one claim
+            order = list(range(start, len(ranges))) + list(range(start))
+            done: set[int] = set()  # ranges this rank computed (published at once)
+            turn = 0
             while True:
-                pending = [i for i, held in enumerate(watch.held()) if not held and i not in done]
+                held = watch.held(rows)
+                pending = [j for j in order if j not in done and not all(held[i] for i in ranges[j])]
                 if not pending:
                     break
-                held_claims: list[Path] = []
-                if self.collective:  # the plan's deterministic assignment: no claims
-                    mine = [i for i in pending if self.plan["head_owner"][level[i][0]] == self.rank]
-                else:  # claim runs until about a fair share of the level's tokens
-                    share = max(bs, min(batch_tokens, sum(len(r) for r in level) * bs // self.world_size))
-                    mine, taken = [], 0
-                    now = _Clock(claims, writer.writer_id)  # one probe of the file system's clock per round, if any
-                    holders = _Holders(out)
-                    # At most CLAIMS_PER_ROUND claims looked at a round, in turn, when all are taken.
-                    start = rounds * CLAIMS_PER_ROUND % len(pending)
-                    rounds += 1
-                    for i in (pending[start:] + pending[:start])[: max(CLAIMS_PER_ROUND, share // bs)]:
-                        path = claims / self.heads.keys[level[i][0]].tobytes().hex()
-                        if taken < share and _claim(path, writer.writer_id, now=now, holders=holders):
-                            mine.append(i)
-                            held_claims.append(path)
-                            taken += len(level[i]) * bs
-                if not mine:
+                # One look at the clock and at each holder per round; at most CLAIMS_PER_ROUND claims, in turn.
+                now, holders = _Clock(claims, writer.writer_id), _Holders(out)
+                at = turn % len(pending)
+                look = (pending[at:] + pending[:at])[:CLAIMS_PER_ROUND]
+                path = next(
+                    (claims / f"l{number}-r{j}" for j in look
+                     if _claim(claims / f"l{number}-r{j}", writer.writer_id, now=now, holders=holders)),
+                    None,
+                )  # fmt: skip
+                if path is None:
+                    turn += CLAIMS_PER_ROUND
                     wait()  # others compute the rest: no timeout (their claims go stale if they die)
                     continue
                 wait.reset()
-                index = StoreIndex.open(out)
-                tasks = []
-                for i in mine:
-                    keys, tokens = self.heads.chain(int(level[i][-1]))
-                    cached = len(index.find_prefix(keys)) * bs
-                    tasks += list(chunk_task(-1, tokens, cached, keys, bs, batch_tokens))
-                with _Lease(held_claims):
-                    run(tasks, _open_store(out))
-                    new = sum(t.new_tokens for t in tasks)
-                    record.head_tokens += new
-                    record.stored_tokens += new
-                    writer.flush()  # publish: shard and index segment on disk for the other ranks
-                done.update(mine)
+                j = int(path.name.rsplit("-r", 1)[1])
+                with _Lease([path]):  # runs of the range a dead holder stored are skipped: only the rest
+                    self._compute_runs(out, level, [i for i in ranges[j] if not held[i]], run, writer, record, bs, batch_tokens)
+                done.add(j)
+
+    def _compute_runs(
+        self, out: Path, level: list[np.ndarray], runs: list[int], run: Callable, writer: Any, record: BuildRecord,
+        bs: int, batch_tokens: int,
+    ) -> None:  # fmt: skip
+        """Prefill head runs ``runs`` of ``level`` (what the store holds of each is skipped), published
+        (``writer.flush()``) every ``batch_tokens`` new tokens or so: a rank that takes over this
+        work from one that died recomputes at most the group that was not published."""
+        if not runs:
+            return
+        store = _open_store(out)  # holds every earlier level: the parents of this level's runs
+        group: list[PrefillTask] = []
+        new = 0
+        for n, i in enumerate(runs):
+            keys, tokens = self.heads.chain(int(level[i][-1]))
+            cached = len(store.index.find_prefix(keys)) * bs
+            group += chunk_task(-1, tokens, cached, keys, bs, batch_tokens)
+            new = sum(t.new_tokens for t in group)
+            if n == len(runs) - 1 or new >= batch_tokens:
+                run(group, store)
+                record.head_tokens += new
+                record.stored_tokens += new
+                writer.flush()  # publish: shard and index segment on disk for the other ranks
+                group = []
 
     @property
     def selection(self) -> Selection | None:
@@ -896,8 +660,8 @@ class _IndexWatch:
     def _names(self) -> set[str]:
         return {n for n in os.listdir(self.folder) if n.endswith(".safetensors")} if self.folder.is_dir() else set()
 
-    def held(self) -> list[bool]:
-        """For each key, whether the store holds it now."""
+    def held(self, rows: range | None = None) -> list[bool]:
+        """For each key (of ``rows``, or all), whether the store holds it now."""
         for name in sorted(self._names() - self.seen):
             try:
                 segment = StoreIndex([Segment(self.folder / name)], self.folder.parent)
@@ -906,33 +670,7 @@ class _IndexWatch:
             self.seen.add(name)
             wanted = [k for k in self.keys if k not in self.found]
             self.found.update(k for k, held in zip(wanted, segment.contains(wanted)) if held)
-        return [k in self.found for k in self.keys]
-
-
-class _Lease:
-    """Renew claims (touch them) while their holder works, so that a slow live claimer is not taken over."""
-
-    def __init__(self, paths: list[Path]):
-        self.paths, self._stop = paths, threading.Event()
-        self._thread = threading.Thread(target=self._renew, name="prefixgen-lease", daemon=True)
-
-    def _renew(self) -> None:
-        while not self._stop.wait(LEASE_SECONDS):
-            for p in self.paths:
-                try:
-                    os.utime(p)
-                except FileNotFoundError:
-                    pass
-
-    def __enter__(self) -> _Lease:
-        if self.paths:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        return [self.keys[i] in self.found for i in (range(len(self.keys)) if rows is None else rows)]
 
 
 def _open_store(out: Path, tries: int = 20) -> PrefixStore:
@@ -954,104 +692,3 @@ def _options_id(cfg: BuildConfig) -> str:
     options["dataset_fingerprint"] = dataset_fingerprint(cfg.dataset)
     digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
     return f"dist-{digest}"
-
-
-def _fs_now(folder: Path, owner: str) -> float:
-    """The file system's clock: the mtime of a file just written here (nodes' own clocks may differ)."""
-    probe = folder / f".clock-{owner}"
-    probe.write_bytes(b"")
-    os.utime(probe)
-    return probe.stat().st_mtime
-
-
-class _Clock:
-    """The file system's clock for one round of claims: probed (:func:`_fs_now`) the first time a
-    claim needs it, then reused: one probe file write per round, not one per claim."""
-
-    def __init__(self, folder: Path, owner: str):
-        self.folder, self.owner, self._now = folder, owner, None
-
-    def __call__(self) -> float:
-        if self._now is None:
-            self._now = _fs_now(self.folder, self.owner)
-        return self._now
-
-
-class _Backoff:
-    """Sleeps of a waiting rank: POLL_SECONDS at first, doubling while nothing changes, up to
-    MAX_POLL_SECONDS; ``reset()`` after progress."""
-
-    def __init__(self):
-        self.pause = POLL_SECONDS
-
-    def __call__(self) -> None:
-        time.sleep(self.pause)
-        self.pause = min(self.pause * 2, MAX_POLL_SECONDS)
-
-    def reset(self) -> None:
-        self.pause = POLL_SECONDS
-
-
-class _Holders:
-    """Which claim holders are known dead: their writer's lock in the store is free (the kernel frees
-    it when the process dies, ``kill -9`` too), so their claims need not wait out the lease. Each
-    holder is asked once (make one per round of claims: a live holder may die later)."""
-
-    def __init__(self, store: Path):
-        self.store, self._dead = store, {}
-
-    def dead(self, holder: str) -> bool:
-        if holder not in self._dead:
-            try:
-                self._dead[holder] = not writer_is_live(self.store, holder)
-            except StoreError:  # the lock cannot be read here: only the lease tells
-                self._dead[holder] = False
-        return self._dead[holder]
-
-
-def _claim(
-    path: Path,
-    owner: str,
-    stale: float = CLAIM_STALE_SECONDS,
-    now: float | Callable[[], float] | None = None,
-    holders: _Holders | None = None,
-) -> bool:
-    """Take ``path`` (O_EXCL): True if ``owner`` now holds it. A claim whose lease (its mtime, renewed
-    by a live holder) is older than ``stale`` by the file system's clock, or whose holder is dead
-    (``holders``), is taken over by exactly one rank: the one that creates
-    ``<claim>.takeover-<holder>`` (O_EXCL), naming the holder it saw, so that two takers cannot both
-    win, nor a taker displace the new holder. ``now``: the file system's time, if the caller has just
-    read it, or a :class:`_Clock` that reads it once for many claims."""
-    line = f"{owner} {utc_now()}\n".encode()
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        try:
-            mtime = path.stat().st_mtime
-            holder = (path.read_text().split() or [""])[0]
-        except FileNotFoundError:
-            return False
-        if holder == owner:
-            return True
-        clock = now() if callable(now) else now if now is not None else _fs_now(path.parent, owner)
-        fresh = clock - mtime < stale
-        # Only a whole writer id is asked for its lock: a claim just created is empty until its
-        # holder writes its id (and a part of an id names no lock, which would read as dead).
-        if fresh and not (holders is not None and ID_PATTERN.fullmatch(holder) and holders.dead(holder)):
-            return False
-        # The marker naming the holder we saw is a claim itself, with its own holder and lease: one
-        # taker wins it, and a taker that dies (or meets a full disk) before it rewrote the claim is
-        # taken over in turn, instead of blocking the claim forever.
-        if not _claim(path.with_name(f"{path.name}.takeover-{holder}"), owner, stale, now, holders):
-            return False  # another rank takes it over from this holder
-        try:
-            current = (path.read_text().split() or [""])[0]
-        except FileNotFoundError:
-            return False
-        if current != holder:
-            return current == owner  # a taker before us rewrote it (and may have died: its own marker next)
-        atomic_write(path, [line], fsync=False, owner=owner)
-        return True
-    with os.fdopen(fd, "wb") as f:
-        f.write(line)
-    return True

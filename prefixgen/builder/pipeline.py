@@ -28,12 +28,15 @@ from prefixgen.builder.distributed import Ranks
 from prefixgen.builder.plan import Batch, Budget, Planner, PrefillTask, batch_tasks, split_batch
 from prefixgen.builder.prefill import Prefiller, fit_batch_tokens
 from prefixgen.builder.progress import Progress
+from prefixgen.builder.recurrent import RecurrentPrefiller, StatePlan
 from prefixgen.builder.selection import Selection, choose_blocks, cut_to_selection, max_blocks, select_counts
+from prefixgen.cache_spec import cache_spec
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer, open_records
 from prefixgen.data.source import ShareRead, count_records, read_share
 from prefixgen.errors import PrefixgenError, StoreError
 from prefixgen.format import BlockHash, BuildRecord, Manifest, dequantize_fp8, quantize_fp8, root_key
+from prefixgen.kvcache import recurrent_layers
 from prefixgen.maintain.compact import compact_store
 from prefixgen.model import fingerprint, load_model, probe_kv_layout
 from prefixgen.store.blockcache import BlockCache
@@ -248,6 +251,7 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
         device = next(model.parameters()).device
     # Check the dataset and the chat template first: bad input must not leave a new, empty store behind.
     tokenize = RecordTokenizer.for_options(tokenizer, model.config, cfg, BuildRecord("", ""))
+    tokenize.turn_ends = cache_spec(model.config).recurrent is not None  # a hybrid keeps its state where turns end
     records = open_records(cfg)
     manifest = _manifest(cfg, model, tokenizer)
     # --min-records/--max-bytes: the count pass, before anything is written (ranks of a distributed
@@ -282,7 +286,10 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     if budget.tokens < cfg.batch_tokens:
         bar.write(f"device memory allows {budget.tokens} tokens per batch (asked for {cfg.batch_tokens})")
     source = PastSource(writer, store, device, model.dtype, cfg.prefix_cache_bytes, fp8=manifest.kv.storage == "fp8")
-    prefiller = Prefiller(model, device, source.get, manifest.kv)
+    if recurrent_layers(manifest.kv):  # a hybrid: task by task, keeping the recurrent states at boundaries
+        prefiller: Any = RecurrentPrefiller(model, device, source.get, manifest.kv, out, manifest.block_size, cfg.fsync)
+    else:
+        prefiller = Prefiller(model, device, source.get, manifest.kv)
     timer = StageTimer()
 
     def store_task(task: PrefillTask, kv: torch.Tensor) -> None:
@@ -305,7 +312,10 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     def select(counts: Any) -> Selection:  # a distributed build's choice, from its count shares summed
         return select_counts(counts, cfg, manifest.kv, time.perf_counter())
 
-    planner = Planner(manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record, progress.planned)
+    states = StatePlan(out, manifest.block_size) if recurrent_layers(manifest.kv) else None
+    planner = Planner(
+        manifest.root_key, manifest.block_size, budget.tokens, store.index.contains, record, progress.planned, states
+    )
     started = last_checkpoint = time.perf_counter()
     batches: Any = iter(())
     try:
@@ -369,7 +379,9 @@ def _close(batches: Any) -> None:
         batches.close()
 
 
-def _prefill(prefiller: Prefiller, batch: Batch, budget: Budget, timer: StageTimer, bar: tqdm, done: Callable) -> None:
+def _prefill(
+    prefiller: Prefiller | RecurrentPrefiller, batch: Batch, budget: Budget, timer: StageTimer, bar: tqdm, done: Callable
+) -> None:
     """Run ``batch`` and call ``done(task, kv)`` for each task. An out-of-memory batch is split in
     two and retried (each half stored before the next runs, since it may be the other's past),
     and later batches get a smaller budget."""
@@ -393,6 +405,8 @@ def _store_task(writer: StoreWriter, source: PastSource, manifest: Manifest, tas
     """Queue a task's new blocks for writing and keep them as past for later tasks."""
     bs = manifest.block_size
     keys = task.new_keys
+    if not keys:  # a hybrid's task that only computed a recurrent state
+        return
     first = task.cached // bs
     tokens = np.asarray(task.tokens[task.cached :], dtype=np.uint32).reshape(-1, bs)
     parents = [task.keys[first - 1] if first else manifest.root_key] + keys[:-1]

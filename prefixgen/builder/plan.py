@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +37,9 @@ class PrefillTask:
     keys: list[BlockHash]
     block_size: int
     depends: BlockHash | None = None  # last past block, when this run computes it
+    # Hybrid models: blocks counts (of ``tokens``) after which the recurrent state is kept, besides the
+    # stride and the task's end (builder/recurrent.py). A task with no new tokens computes only these.
+    states: tuple[int, ...] = ()
 
     @property
     def new_tokens(self) -> int:
@@ -139,6 +143,7 @@ class Planner:
         stored: Callable[[Sequence[BlockHash]], Sequence[bool]],
         stats: BuildRecord,
         on_record: Callable[[BlockHash | None, int, int], None] | None = None,
+        states: Any = None,
     ):
         self.root = root
         # Told of each record: (its last block if this run computes it, tokens, tokens it prefills).
@@ -149,6 +154,8 @@ class Planner:
         self.stats = stats
         self.scheduled = KeySet()  # computed (or to be computed) in this run
         self.counts = RecordCounts()
+        # Hybrid models: where records want a recurrent state (builder/recurrent.py's StatePlan), else None.
+        self.states = states
 
     def __call__(self, records: Iterator[TokenizedRecord]) -> Iterator[PrefillTask]:
         bs = self.block_size
@@ -166,8 +173,10 @@ class Planner:
             if first < len(keys):
                 known[first:] |= np.asarray(self.stored(keys[first:]), dtype=bool)
                 first += int(np.argmin(known[first:])) if not known[first:].all() else len(keys) - first
+            wanted = self.states.wanted(record, len(keys)) if self.states is not None else ()
             if first == len(keys):
                 self.on_record(keys[-1] if scheduled[-1] else None, len(record.ids), 0)
+                yield from self._state_tasks(record, keys, wanted, len(keys), scheduled)
                 continue
             self.on_record(keys[-1], len(record.ids), (len(keys) - first) * bs)
             self.scheduled.add(keys[first:])
@@ -175,7 +184,20 @@ class Planner:
             end = len(keys) * bs
             tokens = record.ids[:end]
             depends = keys[first - 1] if first and scheduled[first - 1] else None
-            yield from chunk_task(record.index, tokens, first * bs, keys, bs, self.max_chunk, depends)
+            yield from self._state_tasks(record, keys, wanted, first, scheduled)
+            later = tuple(b for b in wanted if b > first)
+            yield from chunk_task(record.index, tokens, first * bs, keys, bs, self.max_chunk, depends, later)
+
+    def _state_tasks(
+        self, record: TokenizedRecord, keys: list, wanted: Sequence[int], known: int, scheduled
+    ) -> Iterator[PrefillTask]:
+        """Tasks with no new tokens that compute the recurrent state after a block already stored or
+        scheduled (a record, or a chat turn, ending where an earlier record's blocks are)."""
+        bs = self.block_size
+        for b in wanted:
+            if b <= known and self.states.missing(keys[b - 1]):
+                depends = keys[b - 1] if scheduled[b - 1] else None
+                yield PrefillTask(record.index, record.ids[: b * bs], b * bs, list(keys[:b]), bs, depends, (b,))
 
 
 def chunk_task(
@@ -186,6 +208,7 @@ def chunk_task(
     block_size: int,
     max_chunk: int,
     depends: BlockHash | None = None,
+    states: tuple[int, ...] = (),
 ) -> Iterator[PrefillTask]:
     """The tasks that prefill ``tokens[cached:]`` (block-aligned) in chunks of at most ``max_chunk``
     new tokens, each depending on the one before (chunked prefill).
@@ -199,7 +222,8 @@ def chunk_task(
     end = len(tokens) // bs * bs
     for start in range(cached, end, step):
         stop = min(end, start + step)
-        yield PrefillTask(index, tokens[:stop], start, list(keys[: stop // bs]), bs, depends)
+        mine = tuple(b for b in states if start < b * bs <= stop)
+        yield PrefillTask(index, tokens[:stop], start, list(keys[: stop // bs]), bs, depends, mine)
         depends = keys[stop // bs - 1]
 
 
@@ -227,8 +251,9 @@ def split_batch(batch: Batch) -> list[Batch]:
     (t,) = tasks
     bs = t.block_size
     mid = t.cached + t.new_tokens // bs // 2 * bs
-    first = PrefillTask(t.record, t.tokens[:mid], t.cached, t.keys[: mid // bs], bs, t.depends)
-    second = PrefillTask(t.record, t.tokens, mid, t.keys, bs, t.keys[mid // bs - 1])
+    early = tuple(b for b in t.states if b * bs <= mid)
+    first = PrefillTask(t.record, t.tokens[:mid], t.cached, t.keys[: mid // bs], bs, t.depends, early)
+    second = PrefillTask(t.record, t.tokens, mid, t.keys, bs, t.keys[mid // bs - 1], t.states[len(early) :])
     return [Batch([first]), Batch([second])]
 
 

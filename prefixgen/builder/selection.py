@@ -24,6 +24,7 @@ from prefixgen.config import BuildConfig
 from prefixgen.data.records import TokenizedRecord
 from prefixgen.errors import ConfigError
 from prefixgen.format import BlockHash, KVLayout, block_keys
+from prefixgen.kvcache import state_bytes_per_block
 
 
 @dataclass(slots=True)
@@ -70,7 +71,7 @@ def max_blocks(cfg: BuildConfig, layout: KVLayout) -> int | None:
     """
     if cfg.max_bytes is None:
         return None
-    block = layout.block_bytes(cfg.block_size)
+    block = layout.block_bytes(cfg.block_size) + state_bytes_per_block(layout, cfg.block_size)  # a hybrid's states too
     if cfg.max_bytes < block:
         raise ConfigError(
             f"--max-bytes {cfg.max_bytes:,} is smaller than one block: a block of {cfg.block_size} tokens holds "
@@ -126,4 +127,4 @@ def cut_to_selection(
     """
     for record in records:
         n = selection.chosen_prefix(block_keys(record.ids, block_size, root))
-        yield TokenizedRecord(record.index, record.ids[: n * block_size])
+        yield TokenizedRecord(record.index, record.ids[: n * block_size], tuple(e for e in record.ends if e <= n * block_size))

@@ -48,6 +48,9 @@ MARGIN = 32  # tokens past the limit that a cut text must give, so the cut canno
 class TokenizedRecord:
     index: int
     ids: list[int]
+    # Token counts where a chat's earlier turns end as a server's prompt (the chat rendered up to a user
+    # turn, with the generation prompt): only when asked (``turn_ends``), for hybrid models' states.
+    ends: tuple[int, ...] = ()
 
 
 def normalize_messages(value: Any, system_prompt: str | None) -> list[dict[str, str]] | None:
@@ -168,9 +171,11 @@ class RecordTokenizer:
         system_prompt: str | None = None,
         warn: Callable[[str], None] = print,
         vocab_size: int | None = None,
+        turn_ends: bool = False,
     ):
         """``vocab_size``: records are token ids below it, used as they are (``--ids-field``);
-        None: records are text (or chats, with ``chat``), tokenized."""
+        None: records are text (or chats, with ``chat``), tokenized. ``turn_ends``: give each chat
+        record the ``ends`` of its earlier turns (a hybrid model keeps its recurrent state there)."""
         if chat and not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
                 "--messages-field needs a chat template, and this model's tokenizer has none: "
@@ -183,6 +188,7 @@ class RecordTokenizer:
         self.system_prompt = system_prompt
         self.warn = warn
         self.vocab_size = vocab_size
+        self.turn_ends = turn_ends
         self._warned: set[str] = set()
 
     def _warn_once(self, kind: str, message: str) -> None:
@@ -263,7 +269,25 @@ class RecordTokenizer:
                         "truncating such records (counted)",
                     )
                 self.stats.dataset_tokens += len(ids)
-                yield TokenizedRecord(record.index, ids)
+                ends = self._turn_ends(record.value, ids) if self.turn_ends and self.chat else ()
+                yield TokenizedRecord(record.index, ids, ends)
+
+    def _turn_ends(self, value: Any, ids: list[int]) -> tuple[int, ...]:
+        """Lengths of the prompts a server sees before each assistant turn of a chat (rendered up to
+        the user turn before it, with the generation prompt), where they are a prefix of ``ids``."""
+        messages = normalize_messages(value, self.system_prompt) or []
+        prompts = []
+        for k, message in enumerate(messages[:-1]):
+            if message["role"] != "user":
+                continue
+            try:
+                prompts.append(self.tokenizer.apply_chat_template(messages[: k + 1], tokenize=False, add_generation_prompt=True))
+            except Exception:  # the whole chat rendered, so this is a template's quirk: no state there
+                continue
+        if not prompts:
+            return ()
+        ends = [len(p) for p in self.tokenizer(prompts, add_special_tokens=False)["input_ids"] if ids[: len(p)] == p]
+        return tuple(e for e in ends if e < len(ids))
 
     def _token_ids(self, records: Iterator[Record]) -> Iterator[TokenizedRecord]:
         """Records of token ids: each checked, cut to ``max_tokens`` and counted as text records are."""

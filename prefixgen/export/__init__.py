@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from prefixgen.cache_spec import RECURRENT
 from prefixgen.config import ExportConfig
 from prefixgen.errors import ExportError
 from prefixgen.export.base import ExportSummary, ExportTarget, StoreInfo
@@ -118,14 +119,13 @@ def export(
     start = time.perf_counter()
     pstore = PrefixStore.open(store)
     info = StoreInfo.from_manifest(pstore.manifest)
-    kv = pstore.manifest.kv
-    if not kv.plain:
-        # The targets write per-head K/V pages of one full-attention pool; SGLang's SWA/MLA pools and LMCache's
-        # use_mla chunks lay these out otherwise, and no export of them has been checked with the engine's code.
-        kinds = ", ".join(g.describe() for g in kv.groups)
+    recurrent = [g for g in info.groups if g.kind == RECURRENT]
+    if recurrent:
+        # A recurrent layer's cache is one state per sequence, not KV per token: no engine's per-page or
+        # per-chunk KV file holds it (SGLang keeps it in its Mamba pool, vLLM in its own state groups).
         raise ExportError(
-            f"{store} holds a model whose cache has {kinds}: exports of sliding-window, chunked and MLA stores are not "
-            "written yet; serve the store with PrefixStore.load or prefixgen serve"
+            f"{store} holds a model whose cache has {recurrent[0].describe()}: no export writes recurrent state "
+            "(a state per sequence, not KV per token); serve the store with PrefixStore.load or prefixgen serve"
         )
     if target.unit_tokens % info.block_size:
         raise ExportError(

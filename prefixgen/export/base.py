@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from prefixgen.cache_spec import FULL, LayerGroup
 from prefixgen.format import DTYPE_SIZES, Manifest
 
 
@@ -51,6 +52,14 @@ class StoreInfo:
     model_type: str  # e.g. "llama"
     weights_digest: str  # hex: identifies the weights (see FORMAT.md)
     tokenizer_digest: str  # hex: identifies the tokenizer and chat template
+    # The model's cache (format 4): "kv" (per-head K/V, ``parts`` 2) or "mla" (one latent per token and layer:
+    # ``num_kv_heads`` 1, ``head_dim`` = ``latent_rank`` + rope dims, ``parts`` 1); ``groups`` which layers are of
+    # which kind (``prefixgen.cache_spec``; empty for a plain full-attention store).
+    kind: str = "kv"
+    latent_rank: int = 0
+    groups: tuple[LayerGroup, ...] = ()
+    # MLA: the config's ``rope_interleave`` (DeepSeek V3, Kimi K2, GLM-4 MoE Lite): see ``engine_mla_rows``.
+    rope_interleave: bool = False
 
     @classmethod
     def from_manifest(cls, m: Manifest) -> StoreInfo:
@@ -66,6 +75,10 @@ class StoreInfo:
             model_type=m.model.model_type,
             weights_digest=m.model.weights_digest,
             tokenizer_digest=m.model.tokenizer_digest,
+            kind=m.kv.kind,
+            latent_rank=m.kv.latent_rank,
+            groups=tuple(m.kv.groups),
+            rope_interleave=bool(m.model.text_config.get("rope_interleave", False)),
         )
 
     @property
@@ -73,9 +86,48 @@ class StoreInfo:
         return getattr(torch, self.kv_dtype)
 
     @property
+    def parts(self) -> int:
+        """Tensors per token and layer in ``kv``: K and V (2), or one MLA latent (1)."""
+        return 1 if self.kind == "mla" else 2
+
+    @property
     def bytes_per_token(self) -> int:
         """KV bytes of one token in ``kv_dtype``, all layers and heads."""
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * DTYPE_SIZES[self.kv_dtype]
+        return self.num_layers * self.parts * self.num_kv_heads * self.head_dim * DTYPE_SIZES[self.kv_dtype]
+
+    def group_kinds(self) -> set[str]:
+        """The kinds of the model's layer groups (``{"full"}`` for a plain store)."""
+        return {g.kind for g in self.groups} or {FULL}
+
+    def layers_of(self, *kinds: str) -> list[int]:
+        """The layers of the groups of ``kinds``, in order (every layer of a plain store is ``full``)."""
+        if not self.groups:
+            return list(range(self.num_layers)) if FULL in kinds else []
+        return sorted(i for g in self.groups if g.kind in kinds for i in g.layers)
+
+    def engine_mla_rows(self, kv: torch.Tensor) -> torch.Tensor:
+        """An MLA store's rows ``[T, L, 1, 1, latent]`` as the engines' MLA caches hold them (``kv`` itself when
+        they are the same).
+
+        The store holds what transformers caches. With ``rope_interleave`` (DeepSeek V3's config default)
+        transformers rotates the rope key's interleaved pairs ``(x0, x1), (x2, x3), ...`` but writes the result
+        de-interleaved, ``[x0', x2', ..., x1', x3', ...]`` (``apply_rotary_pos_emb_interleave``: same dot
+        products, as its query is permuted alike), while vLLM (``get_rope(..., is_neox_style=False)`` in
+        ``deepseek_v2.py``) and SGLang (``is_neox_style = not rope_interleave``) keep the pairs in place. So
+        the rope part is interleaved back here: ``[T, L, 1, 1, rope]`` ``[2, rope / 2]`` -> ``[rope / 2, 2]``.
+        """
+        if self.kind != "mla" or not self.rope_interleave:
+            return kv
+        r = self.latent_rank
+        rope = kv[..., r:]
+        out = torch.empty(kv.shape, dtype=kv.dtype)
+        out[..., :r] = kv[..., :r]
+        out[..., r:] = rope.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)  # [.., 2, rope/2] -> [.., rope/2, 2]
+        return out
+
+    def describe(self) -> str:
+        """The model's cache in words, e.g. "2 layers of sliding-window attention (window 64); 2 layers of ..."."""
+        return "; ".join(g.describe() for g in self.groups) or f"{self.num_layers} layers of full attention"
 
 
 @runtime_checkable
@@ -94,7 +146,8 @@ class ExportTarget(Protocol):
     * ``next_key(parent, tokens)``: the key of the unit of ``tokens`` (int64 ``[unit_tokens]``) that
       follows the unit whose key is ``parent``. Called in chain order, parents first.
     * ``files(key, kv)``: the unit's files as (name relative to the export folder, data); ``kv`` is
-      ``[unit_tokens, num_layers, 2, num_kv_heads, head_dim]`` in ``info.kv_dtype``, on the CPU. Data is
+      ``[unit_tokens, num_layers, info.parts, num_kv_heads, head_dim]`` (an MLA store: parts 1, one head of the
+      latent) in ``info.kv_dtype``, on the CPU. Data is
       bytes, an array written in C order whatever its strides (a reordering view of ``kv``: the kernel
       copies each contiguous run once, see ``prefixgen.export.iov``), or a list of them. ``kv`` stays
       valid until the unit's files are written.

@@ -21,6 +21,26 @@ code. What LMCache does with a prompt, and so what an export must hold:
   int32: payload bytes, memory format, dtype code, 4 shape dims) followed by the payload: the
   chunk's KV in the ``KV_2LTD`` format ``[2 (K, V), layers, chunk tokens, kv_heads * head_dim]``,
   this rank's heads only, in the KV dtype.
+
+The other cache kinds (FORMAT.md, "Layer groups and MLA"):
+
+* **MLA** (``use_mla``, DeepSeek V2/V3): a chunk is ``KV_MLA_FMT`` ``[1, layers, chunk tokens,
+  kv_lora_rank + rope]`` (``metadata.get_shapes`` with ``kv_shape`` ``(layers, 1, chunk, 1, latent)``), the
+  store's latent rows, the rope key's pairs in place as vLLM's MLA rope (``is_neox_style=False``) leaves them
+  (``StoreInfo.engine_mla_rows``; transformers caches them de-interleaved for ``rope_interleave``). The latent is the same on every rank, so LMCache saves it once
+  (``save_only_first_rank``, on by default for MLA): the key's world size is 1
+  (``TokenDatabase._make_key_by_hash``) and every rank reads worker 0's file
+  (``remote_enable_mla_worker_id_as0``). One file per chunk, ``model@1@0@hash@dtype.data``, whatever the
+  tensor-parallel size.
+* **Sliding window / chunked local attention**: LMCache's vLLM connector (``LMCacheConnectorV1``) does not
+  declare ``SupportsHMA``, so vLLM 0.32.0 turns its hybrid KV cache manager off
+  (``VllmConfig``: "Turning off hybrid kv cache manager because `--kv-transfer-config` selects a KV
+  connector that does not support it") and allocates sliding and chunked layers as full attention
+  (``kv_cache_utils._promote_local_kv_cache_specs``): every layer keeps every token's K and V in one KV
+  cache group, and LMCache saves and loads ``KV_2LTD`` over all layers, as for a full-attention model.
+  The store holds every token's KV of every layer, so the chunk is the plain one.
+* **Recurrent state**: refused (by the export framework; vLLM with the hybrid manager off cannot serve a
+  Mamba hybrid at all).
 """
 
 from __future__ import annotations
@@ -53,6 +73,7 @@ DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
 DTYPE_NAMES = {"float32": "float", "float16": "half", "bfloat16": "bfloat16"}
 DTYPE_CODES = {"float32": 4, "float16": 2, "bfloat16": 3}
 KV_2LTD = 1  # lmcache.v1.memory_management.MemoryFormat.KV_2LTD
+KV_MLA_FMT = 6  # lmcache.v1.memory_management.MemoryFormat.KV_MLA_FMT
 HEADER = struct.Struct("<7i")  # RemoteMetadata of one group: length, fmt, dtype, shape[4] (LMCache packs native "i")
 MAX_NAME_BYTES = 255  # a file name longer than this cannot exist (LMCache's reads would miss)
 
@@ -107,8 +128,10 @@ class LMCacheTarget:
         if info.kv_dtype not in DTYPE_NAMES:
             raise ExportError(f"KV dtype {info.kv_dtype!r} has no LMCache name (supported: {', '.join(DTYPE_NAMES)})")
         self._info = info
-        self._heads = [_head_range(info.num_kv_heads, self.tp_size, rank) for rank in range(self.tp_size)]
-        payload = 2 * info.num_layers * self.chunk_size * len(self._heads[0]) * info.head_dim * info.torch_dtype.itemsize
+        self._mla = info.kind == "mla"
+        # MLA: one latent "head", saved once for every rank (worker 0's file); otherwise each rank's heads.
+        self._heads = [range(1)] if self._mla else [_head_range(info.num_kv_heads, self.tp_size, r) for r in range(self.tp_size)]
+        payload = info.parts * info.num_layers * self.chunk_size * len(self._heads[0]) * info.head_dim * info.torch_dtype.itemsize
         if payload >= 2**31:
             raise ExportError(
                 f"a chunk of {self.chunk_size} tokens is {payload} bytes per rank: LMCache's header holds "
@@ -130,19 +153,25 @@ class LMCacheTarget:
         return _fold(self._hash((parent, tuple(int(t) for t in tokens), ())))
 
     def names(self, key: int) -> list[str]:
-        """The chunk's file name for each TP rank (``FSConnector._get_file_name``)."""
+        """The chunk's file name for each TP rank (``FSConnector._get_file_name``); for MLA the one file every
+        rank reads (world size 1, worker 0)."""
         dtype = DTYPE_NAMES[self._info.kv_dtype]
-        return [
-            f"{self.model_name}@{self.tp_size}@{rank}@{key:x}@{dtype}".replace("/", "-SEP-") + ".data"
-            for rank in range(self.tp_size)
-        ]
+        world, ranks = (1, [0]) if self._mla else (self.tp_size, range(self.tp_size))
+        return [f"{self.model_name}@{world}@{rank}@{key:x}@{dtype}".replace("/", "-SEP-") + ".data" for rank in ranks]
 
     def files(self, key: int, kv: torch.Tensor) -> Iterable[tuple[str, list]]:
         """Each rank's file of the chunk: ``RemoteMetadata`` header, then its heads' KV as
-        ``[2, layers, chunk_size, heads * head_dim]``. ``kv`` is ``[chunk_size, L, 2, H, D]``."""
-        tokens, layers, _, heads, head_dim = kv.shape
+        ``[2, layers, chunk_size, heads * head_dim]``. ``kv`` is ``[chunk_size, L, 2, H, D]``. MLA (``kv``
+        ``[chunk_size, L, 1, 1, latent]``): one file, ``KV_MLA_FMT`` ``[1, layers, chunk_size, latent]``."""
+        kv = self._info.engine_mla_rows(kv)  # MLA: the rope key's pairs as vLLM's cache keeps them
+        tokens, layers, parts, heads, head_dim = kv.shape
         code = DTYPE_CODES[self._info.kv_dtype]
-        raw = kv.contiguous().view(torch.uint8).numpy().reshape(tokens, layers, 2, -1)  # [T, L, 2, H * D bytes]
+        raw = kv.contiguous().view(torch.uint8).numpy().reshape(tokens, layers, parts, -1)  # [T, L, parts, H * D bytes]
+        if self._mla:
+            rows = raw.view(f"V{raw.shape[-1]}")[:, :, 0, 0].transpose(1, 0)  # [L, T]: one latent row per item
+            header = HEADER.pack(rows.size * rows.itemsize, KV_MLA_FMT, code, 1, layers, tokens, head_dim)
+            yield self.names(key)[0], [header, rows]
+            return
         for name, rank_heads in zip(self.names(key), self._heads):
             n = len(rank_heads)
             # A rank's heads are one contiguous run of n * D values in the store and in the file: seen as one

@@ -3,8 +3,8 @@
 Checked against SGLang 0.5.23's own code (``tests_sglang/`` runs it):
 
 * one file per page of ``--page-size`` tokens, ``{key}_{model}_{tp_rank}_{tp_size}.bin``
-  (``HiCacheFile.config_suffix``; pipeline-parallel and MLA servers name files otherwise and are
-  not supported), ``model`` the served model name with "/" replaced by "-";
+  (``HiCacheFile.config_suffix``; pipeline-parallel servers name files otherwise and are not
+  supported), ``model`` the served model name with "/" replaced by "-";
 * ``key`` the page's hash as ``sglang.srt.mem_cache.utils.get_hash_str`` computes it: SHA-256 over
   the previous page's digest (none for the first page: requests without ``extra_key`` or
   ``cache_salt`` start unseeded) then the page's token ids as little-endian uint32, as hex;
@@ -13,6 +13,27 @@ Checked against SGLang 0.5.23's own code (``tests_sglang/`` runs it):
 
   - ``page_first``: ``[2 (K, V), page_size, layers, heads, head_dim]``
   - ``layer_first`` and ``page_first_direct``: ``[2, layers, page_size, heads, head_dim]``
+
+The other cache kinds (FORMAT.md, "Layer groups and MLA"):
+
+* **MLA** (DeepSeek V2/V3): SGLang keeps the latent once, replicated on every TP rank, in
+  ``MLATokenToKVPoolHost``; ``HiCacheFile`` names its pages without the rank (``is_mla_model``:
+  ``{key}_{model}.bin``, one file for every rank) and a page is ``get_data_page``'s
+  ``[page_size, layers, 1, kv_lora_rank + rope]`` (``page_first``) or ``[layers, page_size, 1, ...]``
+  (``layer_first``, ``page_first_direct``): the store's latent rows, with the rope key's pairs put back
+  in place for ``rope_interleave`` models (``StoreInfo.engine_mla_rows``: SGLang's DeepSeek attention
+  rotates with ``is_neox_style = not rope_interleave``, transformers caches the result de-interleaved).
+* **Sliding window / chunked, hybrid SWA** (the architectures ``configs.model_config.is_hybrid_swa_model``
+  lists, GPT-OSS among them): two host pools (``build_hybrid_swa_group``): ``kv`` over the full-attention
+  layers and ``swa`` over the sliding ones (``get_hybrid_layer_ids``), each an ``MHATokenToKVPoolHost``
+  of its own layers. A page's ``swa`` file is ``{key}.swa`` plus the rank suffix
+  (``HiCacheFile._log_key``); SGLang loads the pages of the window before a hit (``TRAILING_PAGES``),
+  and the export writes every page's, so any hit finds its window. With the file backend the pools are
+  separate (``supports_page_envelope_host`` is for no backend or ``mori`` only).
+* **Sliding window / chunked, other architectures** (Gemma 2/3, Mistral with a window): SGLang keeps
+  every token of every layer in one MHA pool and masks by the window, so a page is the plain layout over
+  all layers, as for full attention.
+* **Recurrent state**: refused (by the export framework).
 
 SGLang checks nothing inside a file: a wrong layout or dtype is silently wrong KV (``HiCacheFile.get`` reads one
 host page's bytes and takes a longer file too). So the export writes the server's KV dtype (``kv_dtype``;
@@ -29,6 +50,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from prefixgen.cache_spec import CHUNKED, FULL, SLIDING
 from prefixgen.config import SGLANG_LAYOUTS
 from prefixgen.errors import ExportError
 from prefixgen.export.base import StoreInfo
@@ -36,9 +58,35 @@ from prefixgen.format import TORCH_DTYPES
 from prefixgen.model import tp_kv_heads
 
 SGLANG_VERSION = "0.5.23"  # the version whose hash, names and layouts this target was checked against
+# SGLang 0.5.23's configs.model_config.is_hybrid_swa_model: the architectures served with a separate SWA pool
+# (with --disable-hybrid-swa-memory off, its default). Others keep sliding layers' every token in the one pool.
+HYBRID_SWA_ARCHITECTURES = frozenset(
+    {
+        "BeamForCausalLM",
+        "Llama4ForConditionalGeneration",
+        "GptOssForCausalLM",
+        "GraniteSWAForCausalLM",
+        "GraniteMoeSWAForCausalLM",
+        "IQuestQ1ForCausalLM",
+        "MiMoV2ForCausalLM",
+        "MiMoV2FlashForCausalLM",
+        "Step3p5ForCausalLM",
+        "Step3p7ForConditionalGeneration",
+        "Gemma4ForCausalLM",
+        "Gemma4ForConditionalGeneration",
+        "Gemma4UnifiedForConditionalGeneration",
+        "LagunaForCausalLM",
+        "MellumForCausalLM",
+        "MuseGlimmerForCausalLM",
+        "MuseGlimmerForConditionalGeneration",
+        "InklingForConditionalGeneration",
+        "UnlimitedOCRForCausalLM",
+    }
+)
+SWA_SUFFIX = ".swa"  # HiCacheFile._log_key: a page's key in the SWA pool (PoolName.SWA)
 
 
-@dataclass(slots=True)
+@dataclass  # not slots: ``check`` keeps what it derives from the store on the instance
 class SGLangTarget:
     """Pages for SGLang's HiCache file backend (see the module's docstring).
 
@@ -69,9 +117,21 @@ class SGLangTarget:
                 "the store holds fp8 KV with per-block scales, which SGLang's fp8 KV cache (one scale per layer) "
                 "cannot read: rebuild the store with --kv-dtype auto to export it to SGLang"
             )
-        _rank_heads(info.num_kv_heads, self.tp_size)  # raises when the heads do not split over the ranks
         if self.kv_dtype and self.kv_dtype not in SGLANG_KV_DTYPES:
             raise ExportError(f"--kv-dtype {self.kv_dtype!r} is not one of {', '.join(SGLANG_KV_DTYPES)}")
+        self._info = info
+        self._mla = info.kind == "mla"
+        if self._mla:
+            self._pools = []  # one latent page file, replicated over the ranks
+            return
+        _rank_heads(info.num_kv_heads, self.tp_size)  # raises when the heads do not split over the ranks
+        local = info.layers_of(SLIDING, CHUNKED)
+        if local and info.architecture in HYBRID_SWA_ARCHITECTURES:
+            # (pool's key suffix, its layers): the full-attention pool, then the SWA pool of the local layers
+            self._pools = [("", info.layers_of(FULL)), (SWA_SUFFIX, local)]
+            self._pools = [(suffix, layers) for suffix, layers in self._pools if layers]
+        else:
+            self._pools = [("", list(range(info.num_layers)))]
 
     def first_key(self) -> str | None:
         return None  # SGLang's first page is unseeded (requests without extra_key or cache_salt)
@@ -84,23 +144,38 @@ class SGLangTarget:
         return h.hexdigest()
 
     def names(self, key: str) -> list[str]:
+        """The page's files: per pool (full attention, then SWA for a hybrid model) one per TP rank; one for an
+        MLA model (its latent is the same on every rank). ``check`` comes first."""
         model = "-".join(self.model_name.split("/"))
-        return [f"{key}_{model}_{rank}_{self.tp_size}.bin" for rank in range(self.tp_size)]
+        if getattr(self, "_mla", False):
+            return [f"{key}_{model}.bin"]
+        pools = getattr(self, "_pools", None) or [("", [])]
+        return [f"{key}{suffix}_{model}_{rank}_{self.tp_size}.bin" for suffix, _ in pools for rank in range(self.tp_size)]
 
     def files(self, key: str, kv: torch.Tensor) -> Iterator[tuple[str, np.ndarray]]:
-        """One file per TP rank: that rank's heads of ``kv`` ([page, layers, 2, heads, dim]) in ``layout``."""
+        """The page's files (``names``): per pool and TP rank, that rank's heads of the pool's layers of ``kv``
+        ([page, layers, 2, heads, dim]) in ``layout``; for MLA (``kv`` [page, layers, 1, 1, latent]) the latent
+        page once."""
         if self.kv_dtype and kv.dtype != TORCH_DTYPES[self.kv_dtype]:
             kv = kv.to(TORCH_DTYPES[self.kv_dtype])  # the server's KV dtype, rounded as its own cast would
-        page, layers, _, heads, dim = kv.shape
-        raw = kv.contiguous().view(torch.uint8).numpy().reshape(page, layers, 2, -1)  # [P, L, 2, H * D bytes]
+        kv = self._info.engine_mla_rows(kv)  # MLA: the rope key's pairs as SGLang's cache keeps them
+        page, layers, parts, heads, dim = kv.shape
+        raw = kv.contiguous().view(torch.uint8).numpy().reshape(page, layers, parts, -1)  # [P, L, parts, H * D bytes]
+        names = iter(self.names(key))
+        if self._mla:
+            rows = raw.view(f"V{raw.shape[-1]}")[:, :, 0, 0]  # [P, L]: one latent row per item
+            yield next(names), rows if self.layout == "page_first" else rows.transpose(1, 0)
+            return
         # The layouts only move whole runs of a rank's heads (h * D values, contiguous in the store and in
         # the file): seen as one opaque item each, the transpose is a memcpy per run, not per value.
         order = (2, 0, 1) if self.layout == "page_first" else (2, 1, 0)  # [2, P, L] or [2, L, P]
-        for name, rank_heads in zip(self.names(key), _rank_heads(heads, self.tp_size)):
-            n = rank_heads.stop - rank_heads.start
-            runs = raw.view(f"V{raw.shape[-1] * n // heads}")  # [P, L, 2, heads // n]: one item per n heads
-            part = runs[:, :, :, rank_heads.start // n].transpose(order)
-            yield name, part  # written run by run, straight from ``kv`` (prefixgen.export.iov)
+        for _, pool_layers in self._pools:
+            pool = raw if len(pool_layers) == layers else raw[:, pool_layers]  # [P, pool layers, 2, H * D bytes]
+            for rank_heads in _rank_heads(heads, self.tp_size):
+                n = rank_heads.stop - rank_heads.start
+                runs = pool.view(f"V{raw.shape[-1] * n // heads}")  # [P, l, 2, heads // n]: one item per n heads
+                part = runs[:, :, :, rank_heads.start // n].transpose(order)
+                yield next(names), part  # written run by run, straight from ``kv`` (prefixgen.export.iov)
 
 
 SGLANG_KV_DTYPES = ("float32", "bfloat16", "float16")

@@ -93,6 +93,17 @@ class VLLMTarget:
         """Refuse what this target cannot write exactly as vLLM would for the stated server."""
         if not self.model_name:
             raise ExportError("--model-name is empty: give the --model string the vLLM server is started with")
+        if info.groups:
+            # vLLM 0.32.0's offloading connector (SupportsHMA) offloads each KV cache group on its own: a sliding-window
+            # or chunked group beside the full one has files of its own (`_g<i>`) and rows of its own spec, and an MLA
+            # latent is a replicated canonical page (offloading/config.py) -- not the one full-attention group of
+            # per-head K/V pages this target writes and tests_vllm checks.
+            raise ExportError(
+                f"{info.model_type} stores a cache of {info.describe()}: --to vllm writes vLLM's offloading files for "
+                "models whose every layer is full attention (one KV cache group of per-head K and V); vLLM keeps "
+                f"{_kind_words(info)} in KV cache groups and pages of their own, which this export does not write. "
+                "Export it --to sglang or --to lmcache, or serve it with prefixgen serve"
+            )
         if self.block_size <= 0 or self.blocks_per_file <= 0:
             raise ExportError("--block-size and --blocks-per-file must be positive")
         if self.block_size % info.block_size:
@@ -203,6 +214,15 @@ class VLLMTarget:
         if self.hash_algorithm == "sha256_cbor":
             return hashlib.sha256(cbor(obj)).digest()
         return hashlib.sha256(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).digest()  # vllm.utils.hashing.sha256
+
+
+def _kind_words(info: StoreInfo) -> str:
+    """The store's non-full-attention cache kinds, named: "sliding-window attention and attention sinks"."""
+    words = {"sliding": "sliding-window attention", "chunked": "chunked local attention", "mla": "an MLA latent"}
+    named = [words[k] for k in sorted(info.group_kinds()) if k in words]
+    if any(g.sinks for g in info.groups):
+        named.append("attention sinks")
+    return " and ".join(named) or "this cache"
 
 
 @lru_cache(maxsize=4)

@@ -208,7 +208,7 @@ class MappedShards:
         self.blocks = blocks
         layout = store.manifest.kv
         self.block_bytes = layout.bytes_per_token * store.block_size
-        self.per_token = (layout.num_layers, 2, layout.num_kv_heads, layout.head_dim)
+        self.per_token = layout.token_shape  # [L, parts, H, D]: parts 1 for an MLA latent
         self.dtype = TORCH_DTYPES[layout.dtype]
         self._maps: dict[int, tuple[mmap.mmap, int, int]] = {}  # shard -> (map, kv offset, blocks in it)
         self._lock = threading.Lock()

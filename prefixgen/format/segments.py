@@ -9,7 +9,7 @@ import io
 import json
 import os
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ OPTIONAL_COLUMNS = frozenset({"shard"})
 # (FileColumn; kept open); smaller ones are read whole when needed, so a store of 100,000 small segments
 # keeps no 100,000 files open. No segment is memory-mapped (a mapped file truncated in place: SIGBUS).
 MAP_BYTES = 1 << 20
+SWEEP_ROWS = 1 << 16  # rows a sweep over a whole segment (verify, prune) reads at a time: ~5.5 MiB
 # key64 is also checksummed in chunks of this many rows (8 KiB), so a lookup in a large segment
 # checks only the chunks it searches instead of the whole column (80 MiB for 10 million rows).
 KEY64_CHUNK_ROWS = 1024
@@ -356,26 +357,52 @@ class Segment:
             f"{self.path}: index segment fails its checksum ({what}); the store is damaged: run `prefixgen verify {store}`"
         )
 
+    def chunks(self, rows: int = SWEEP_ROWS) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """``(first row, columns)`` for consecutive pieces of ``rows`` rows (the last may be short), in
+        order: every column as :attr:`cols` gives it, but never the whole of a large segment at once
+        (each piece read with ``pread``) and not checked (a sweep over all rows checks the CRCs
+        itself: :meth:`verify_checksums`, ``verify``)."""
+        if self._file is None:  # small: the whole file is a piece anyway
+            with open(self.path, "rb") as f:
+                cols = self._columns(memoryview(f.read()))
+            for a in range(0, self.n, rows):
+                yield a, {name: col[a : a + rows] for name, col in cols.items()}
+            return
+        for a in range(0, self.n, rows):
+            b = min(a + rows, self.n)
+            yield a, {name: col._range(a, b) for name, col in self._cols.items()}
+
     def verify_checksums(self) -> list[str]:
-        """Names of the columns whose CRC-32 does not match the metadata (empty if none is recorded)."""
+        """Names of the columns whose CRC-32 does not match the metadata (empty if none is recorded),
+        and ``key64_chunks`` if that table does not match ``key64``. Reads the segment a piece at a time."""
         if self._checksums is None:
             return []
-        with open(self.path, "rb") as f:
-            data = f.read()
-        cols = self._columns(memoryview(data))
-        bad = [
-            name
-            for name, col in cols.items()
-            if name in self._checksums and zlib.crc32(np.ascontiguousarray(col).view(np.uint8)) != self._checksums[name]
-        ]
         text = self.metadata.get("key64_chunks")
+        try:
+            chunk_rows = int(json.loads(text)["rows"]) if text is not None else None
+        except (ValueError, TypeError, KeyError, AttributeError):
+            chunk_rows = 0
+        step = chunk_rows * max(1, SWEEP_ROWS // chunk_rows) if chunk_rows and chunk_rows > 0 else SWEEP_ROWS
+        crcs = dict.fromkeys(self._spans, 0)
+
+        def key64_pieces() -> Iterator[np.ndarray]:
+            for _, cols in self.chunks(step):
+                for name, col in cols.items():
+                    crcs[name] = zlib.crc32(np.ascontiguousarray(col).view(np.uint8), crcs[name])
+                yield cols["key64"]
+
+        pieces = key64_pieces()
+        ok = True
         if text is not None:
             try:
-                ok = json.loads(text) == key64_chunks(cols["key64"], int(json.loads(text)["rows"]))
+                ok = bool(chunk_rows and chunk_rows > 0) and json.loads(text) == key64_chunks_of(pieces, chunk_rows)
             except (ValueError, TypeError, KeyError, AttributeError):
                 ok = False
-            if not ok:
-                bad.append("key64_chunks")
+        for _ in pieces:  # the rest of the rows, for the column CRCs
+            pass
+        bad = [name for name in self._spans if name in self._checksums and crcs[name] != self._checksums[name]]
+        if not ok:
+            bad.append("key64_chunks")
         return bad
 
 

@@ -29,6 +29,7 @@ import torch
 from prefixgen.compat import cache_kwargs
 from prefixgen.config import ServeConfig
 from prefixgen.errors import ConfigError, StoreError
+from prefixgen.kvcache import recurrent_layers
 from prefixgen.model import load_model
 from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.reader import PrefixMatch, PrefixStore, kv_to_cache
@@ -183,6 +184,8 @@ class Engine:
                 self.store.refresh()
             except (StoreError, OSError):
                 self.metrics.load_errors += 1  # the index mid-change or damaged: go on with the one we have
+        if recurrent_layers(self.store.manifest.kv):
+            return self._hybrid_prefix(ids)
         keys = self.store.keys(ids[:-1])
         loaded = None
         try:
@@ -204,6 +207,18 @@ class Engine:
             return None, 0
         kv = torch.cat(parts)  # [n, L, 2, H, D]
         return kv_to_cache(kv, self.store.manifest.kv), kv.shape[0]
+
+    def _hybrid_prefix(self, ids: list[int]):
+        """A hybrid model's prefix (``PrefixStore.load``): up to the last stored block with a recurrent
+        state. The device cache is not used: it holds per-token KV, not states."""
+        try:
+            cache = self.store.load(ids[:-1], device=self.device, dtype=self.model.dtype)
+        except (StoreError, OSError):
+            self.metrics.load_errors += 1  # serve correctly without the damaged part
+            return None, 0
+        tokens = int(cache.get_seq_length())
+        self.metrics.disk_tokens += tokens
+        return (cache, tokens) if tokens else (None, 0)
 
     # ------------------------------------------------------------------ generating
 

@@ -221,7 +221,7 @@ class ClaimStats:
     skipped_prompt_embeds: int = 0
     skipped_cache_salt: int = 0
     skipped_unchecked: int = 0  # the live check has not passed (or failed): vLLM computes the request
-    skipped_recurrent: int = 0  # the model has recurrent state the store does not hold (vllm_groups.py)
+    skipped_recurrent: int = 0  # the model has recurrent state, which the connector does not load (vllm_groups.py)
     # The live check (vllm_check.py).
     checks_passed: int = 0
     checks_failed: int = 0

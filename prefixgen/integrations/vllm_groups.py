@@ -104,16 +104,15 @@ def recurrent_skip_message(groups: Sequence[VllmGroup]) -> str | None:
     vLLM 0.32.0's connector API could take a state: ``MambaManager`` (``mamba_cache_mode`` "align") keeps one state
     block per block boundary and allocates blocks for a connector's external tokens like any group
     (``allocate_external_computed_blocks``), and a worker gets the groups' conv and SSM state tensors in
-    ``register_kv_caches`` (NIXL transfers them: ``ssm_conv_transfer_utils.py``). What is missing is the store's side:
-    a prefix's attention KV without the recurrent state at its end does not continue the sequence, and this store
-    holds no recurrent state."""
+    ``register_kv_caches`` (NIXL transfers them: ``ssm_conv_transfer_utils.py``). What is missing is the connector writing a store's states (``states/``) into
+    those blocks: a prefix's attention KV without the recurrent state at its end does not continue the sequence."""
     recurrent = [g for g in groups if g.kind == RECURRENT]
     if not recurrent:
         return None
     layers = sum(len(g.layer_names) for g in recurrent)
     return (
         f"this model has recurrent state ({recurrent[0].spec}, {layers} layers): a stored prefix continues only with "
-        "the state at its end, which this store does not hold; nothing is loaded, vLLM computes every prompt "
+        "the state at its end, which this connector does not load yet; nothing is loaded, vLLM computes every prompt "
         "(counted as skipped_recurrent)"
     )
 

@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefixgen.errors import CorruptStoreError, StoreError
-from prefixgen.format import BUILDS_DIR, CLAIMS_DIR, PLAN_SUFFIX, SHARDS_DIR, BuildRecord
-from prefixgen.store.index import StoreIndex
+from prefixgen.format import BUILDS_DIR, CLAIMS_DIR, INDEX_DIR, PLAN_SUFFIX, SHARDS_DIR, BuildRecord, Segment
 from prefixgen.store.reader import read_builds, read_manifest
 from prefixgen.store.writer import ID_PATTERN, live_writers, maintenance_lock, remove_temp_files, writer_is_live
 
@@ -158,14 +157,25 @@ def _dirs(folder: Path, trash: bool = False) -> list[Path]:
 
 
 def _referenced_shards(path: Path, tries: int = 3) -> set[str] | None:
-    """Names of every shard an index segment names, or None if the index cannot be read (a
-    compaction may remove a segment while we read: then read again)."""
+    """Names of every shard an index segment names, or None if the index cannot be read. Segments
+    are opened one at a time and only their shard lists kept (memory grows with the shards, not the
+    rows); one that vanishes while we read (merged by a compaction, whose result is in the folder
+    then) sends us back to list the folder again for names we have not read."""
+    folder = path / INDEX_DIR
     for attempt in range(tries):
         try:
-            index = StoreIndex.open(path)
             names: set[str] = set()
-            for seg in index.segments:
-                names.update(r.name for r in seg.shards)  # one for a build's segment, many for a compacted one
+            seen: set[str] = set()
+            while todo := [
+                n for n in (sorted(os.listdir(folder)) if folder.is_dir() else []) if n.endswith(".safetensors") and n not in seen
+            ]:
+                for name in todo:
+                    seen.add(name)
+                    try:
+                        seg = Segment(folder / name)
+                    except FileNotFoundError:
+                        continue
+                    names.update(r.name for r in seg.shards)  # one for a build's segment, many for a compacted one
             return names
         except (CorruptStoreError, StoreError, OSError):
             time.sleep(0.1 * (attempt + 1))

@@ -115,8 +115,8 @@ class _FileRun:
         return out
 
 
-class _Spill:
-    """An unnamed temporary file of up to ``capacity`` rows, column after column, filled in order."""
+class Spill:
+    """Rows in an unnamed temporary file of up to ``capacity`` rows, column after column, filled in order."""
 
     def __init__(self, folder: Path, capacity: int):
         self.f = tempfile.TemporaryFile(dir=folder)  # unnamed (O_TMPFILE): nothing to clean up after a crash
@@ -168,7 +168,7 @@ class MergedSegment:
         self.rows_in = 0
         self.rows_out = 0
         self._files: list[IO[bytes]] = []
-        self._out: _Spill | None = None
+        self._out: Spill | None = None
         self._shards: dict[str, int] = {}
         try:
             runs = self._sorted_runs(paths, progress)
@@ -197,13 +197,8 @@ class MergedSegment:
     def encode(self, metadata: dict[str, str]) -> Iterator[bytes | memoryview]:
         """The new segment's bytes, a piece at a time: what ``encode_segment`` gives for the merged
         rows, with ``metadata``."""
-        out = self._out
-        assert out is not None, "fewer than two segments were merged"
-        key64 = (np.frombuffer(piece, "<u8") for piece in out.column("key64"))
-        chunks = key64_chunks_of(key64)
-        yield segment_header(out.n, metadata, out.crcs, chunks, self.refs)
-        for spec in segment_tensors(out.n, compacted=True):
-            yield from out.column(spec.name)
+        assert self._out is not None, "fewer than two segments were merged"
+        return encode_spill(self._out, metadata, self.refs)
 
     # ------------------------------------------------------------------ steps
 
@@ -236,7 +231,7 @@ class MergedSegment:
                 if folder is None:
                     levels[0].append(_MemoryRun(cols))
                     return
-                spill = _Spill(folder, len(cols["key64"]))
+                spill = Spill(folder, len(cols["key64"]))
                 self._files.append(spill.f)
                 spill.append(cols)
                 add(spill.run(), folder)
@@ -272,9 +267,9 @@ class MergedSegment:
             self.refs.append(ref)
         return self._shards[ref.name]
 
-    def _spill(self, folder: Path, runs: list[_Run], dedup: bool) -> _Spill | _FileRun:
+    def _spill(self, folder: Path, runs: list[_Run], dedup: bool) -> Spill | _FileRun:
         """Merge ``runs`` into a temporary file (a run for the next merge, or with ``dedup`` the result)."""
-        out = _Spill(folder, sum(r.n for r in runs))
+        out = Spill(folder, sum(r.n for r in runs))
         self._files.append(out.f)
         for batch in _merge(runs, dedup):
             out.append(batch)
@@ -333,6 +328,16 @@ def _merge(runs: list[_Run], dedup: bool) -> Iterator[Columns]:
             same = tie[(batch["key"][order[tie]] == batch["key"][order[tie - 1]]).all(axis=1)]
             order = np.delete(order, same)
         yield _take(batch, order)
+
+
+def encode_spill(out: Spill, metadata: dict[str, str], refs: list[ShardRef]) -> Iterator[bytes | memoryview]:
+    """The bytes of a compacted segment of the rows in ``out`` (sorted by key64) naming shards
+    ``refs``, a piece at a time: what ``encode_segment`` gives for those rows, never all in memory."""
+    key64 = (np.frombuffer(piece, "<u8") for piece in out.column("key64"))
+    chunks = key64_chunks_of(key64)
+    yield segment_header(out.n, metadata, out.crcs, chunks, refs)
+    for spec in segment_tensors(out.n, compacted=True):
+        yield from out.column(spec.name)
 
 
 def _take(cols: Columns, order: np.ndarray) -> Columns:

@@ -18,31 +18,33 @@ refuses to start beside any other live writer but gc; builds and compactions ref
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from prefixgen.analysis.count import select_blocks
 from prefixgen.builder.selection import max_blocks
 from prefixgen.config import BuildConfig
 from prefixgen.errors import ConfigError, CorruptStoreError, StoreError
 from prefixgen.format import (
     INDEX_DIR,
     SHARDS_DIR,
+    SWEEP_ROWS,
     Manifest,
     Segment,
     ShardRef,
     atomic_write,
-    encode_segment,
     encode_shard,
     fsync_dir,
     read_safetensors_header,
     read_shard_blocks,
     shard_name,
 )
+from prefixgen.maintain.buckets import KeyBuckets
 from prefixgen.maintain.compact import COMPACTED_PREFIX, compact_store, ensure_format_version
+from prefixgen.maintain.merge import Spill, encode_spill
 from prefixgen.store.reader import PrefixStore
 from prefixgen.store.writer import live_writers, lock_role, maintenance_lock, new_id
 
@@ -135,17 +137,41 @@ def _prune(
         raise StoreError(f"{path}: index segments appeared while pruning; stop every build on this store and retry")
     old_path = path / INDEX_DIR / names[0]
     old = Segment(old_path)
-    cols = old.cols
-    ids = old.shard_ids(cols)
-    records = record_counts(store, cols["key64"])
-    if not records.any():
-        raise StoreError(f"{path} has no record counts (counts/ is empty): nothing to rank blocks by")
-    keep = select_blocks(records, cols["depth"], min_records=min_records or 1, max_blocks=max_blocks, tiebreak=cols["key64"])
-    report.blocks_before, report.blocks_kept = old.n, len(keep)
     report.bytes_before = sum(max(r.bytes, 0) for r in old.shards)
-    # Step 2: copy the survivors in their old shard and slot order, so chains stay contiguous.
-    keep = keep[np.lexsort((cols["slot"][keep], ids[keep]))]
-    refs, new_cols = _write_survivors(path, manifest, old, cols, keep, shard_bytes, report, progress, fsync, owner)
+    with _RankedRows(store, old, path / INDEX_DIR) as ranked:
+        keep = ranked.selection(min_records or 1, max_blocks)
+        # Which blocks of each old shard survive: one byte per old block, by (shard, slot).
+        base = np.zeros(len(old.shards) + 1, np.int64)
+        np.cumsum([max(r.blocks, 0) for r in old.shards], out=base[1:])
+        kept = np.zeros(int(base[-1]), bool)
+        for first, cols, records in ranked.sweep():
+            m = keep(first, cols, records)
+            ids = _shard_ids(cols)[m].astype(np.int64)
+            slots = cols["slot"][m].astype(np.int64)
+            if len(ids) and (int(ids.max()) >= len(old.shards) or bool(np.any(slots >= base[ids + 1] - base[ids]))):
+                raise CorruptStoreError(f"{old_path}: a row points past its shard; run `prefixgen verify {path}`")
+            kept[base[ids] + slots] = True
+        report.blocks_before, report.blocks_kept = old.n, int(np.count_nonzero(kept))
+        # Step 2: copy the survivors in their old shard and slot order, so chains stay contiguous.
+        refs, crcs = _write_survivors(path, manifest, old, kept, base, shard_bytes, report, progress, fsync, owner)
+        # The new segment's rows, in the old one's (key64) order: a kept block's place in the copy is the
+        # number of kept blocks before it in (shard, slot) order.
+        place = np.cumsum(kept, dtype=np.uint32 if len(kept) < 2**32 else np.int64)  # [old blocks] 1 + place of a kept one
+        del kept
+        new = Spill(path / INDEX_DIR, report.blocks_kept)
+        capacity = _capacity(manifest, shard_bytes)
+        for first, cols, records in ranked.sweep():
+            m = keep(first, cols, records)
+            at = place[base[_shard_ids(cols)[m].astype(np.int64)] + cols["slot"][m].astype(np.int64)].astype(np.int64) - 1
+            if np.any(crcs[at] != cols["crc"][m]):
+                raise CorruptStoreError(f"{path}: a kept block fails its CRC while being copied; run `prefixgen verify`")
+            new.append(
+                {
+                    **{c: cols[c][m] for c in ("key64", "key", "parent", "depth", "crc")},
+                    **{"slot": (at % capacity).astype(np.uint32), "shard": (at // capacity).astype(np.uint32)},
+                }
+            )
+        del place
     # Step 3, then 4: the new segment goes in before the old one goes out. Last look first: a writer
     # that started (or segments that appeared) since would lose blocks; our new shards then go.
     try:
@@ -157,8 +183,9 @@ def _prune(
             (path / SHARDS_DIR / ref.name).unlink(missing_ok=True)
         raise
     name = f"{COMPACTED_PREFIX}{new_id()}.safetensors"
-    meta = {"format_version": str(manifest.format_version), "blocks": str(len(keep)), "pruned_from": str(old.n)}
-    atomic_write(path / INDEX_DIR / name, encode_segment(new_cols, meta, refs), fsync, owner=owner)
+    meta = {"format_version": str(manifest.format_version), "blocks": str(report.blocks_kept), "pruned_from": str(old.n)}
+    with new.f:
+        atomic_write(path / INDEX_DIR / name, encode_spill(new, meta, refs), fsync, owner=owner)
     old_path.unlink()
     if fsync:
         fsync_dir(path / INDEX_DIR)
@@ -180,7 +207,9 @@ def _prune(
 
 
 def record_counts(store: PrefixStore, key64: np.ndarray) -> np.ndarray:
-    """[n] records containing each index row's block, summed over builds (0 if never counted)."""
+    """[n] records containing each index row's block, summed over builds (0 if never counted). In
+    memory: ``export`` ranks the rows it exports with it; prune sums a key bucket at a time
+    (:class:`_RankedRows`)."""
     tables = store.count_arrays()
     if not tables:
         return np.zeros(len(key64), dtype=np.int64)
@@ -193,61 +222,198 @@ def record_counts(store: PrefixStore, key64: np.ndarray) -> np.ndarray:
     return np.where(uniq[pos] == key64, totals[pos], 0)
 
 
+def _shard_ids(cols: dict[str, np.ndarray]) -> np.ndarray:
+    """[rows] each row's index into its segment's shard list (0 in a one-shard segment)."""
+    return cols["shard"] if "shard" in cols else np.zeros(len(cols["key64"]), np.uint32)
+
+
+def _capacity(manifest: Manifest, shard_bytes: int) -> int:
+    """Blocks a new shard of at most ``shard_bytes`` holds."""
+    return max(1, shard_bytes // (manifest.kv.bytes_per_token * manifest.block_size + manifest.kv.scale_bytes_per_block()))
+
+
+class _RankedRows:
+    """The rows of the old segment with their record counts (``counts/``, summed over files by
+    key64), a piece at a time, and the rule :func:`select_blocks` applies to all of them at once,
+    found in a few passes instead. Memory grows with a piece and a key bucket, not with the store:
+    the counts are summed a key bucket at a time (``KeyBuckets``, files in ``folder``) and kept there,
+    sorted, for each pass to join with the segment (sorted by key64, so a bucket is read once a pass).
+
+    Example:
+        >>> with _RankedRows(store, segment, folder) as ranked:  # doctest: +SKIP
+        ...     keep = ranked.selection(min_records=2, max_blocks=1000)
+        ...     rows = [cols["key"][keep(a, cols, records)] for a, cols, records in ranked.sweep()]
+    """
+
+    def __init__(self, store: PrefixStore, seg: Segment, folder: Path):
+        self.seg = seg
+        self.totals = KeyBuckets([("k", "<u8"), ("r", "<i8")], folder)
+        with KeyBuckets([("k", "<u8"), ("r", "<u8")], folder) as raw:
+            piece = np.empty(0, raw.dtype)
+            for keys, records in store.count_pieces(SWEEP_ROWS):
+                piece = np.empty(len(keys), raw.dtype)
+                piece["k"] = np.ascontiguousarray(keys[:, :8]).view("<u8").reshape(-1)
+                piece["r"] = records
+                raw.add(piece)
+            for b in range(raw.count):
+                rows = raw.bucket(b)
+                if not len(rows):
+                    continue
+                uniq, inverse = np.unique(rows["k"], return_inverse=True)
+                # As record_counts summed them (float64 weights: exact below 2**53 records).
+                totals = np.bincount(inverse.reshape(-1), weights=rows["r"].astype(np.int64), minlength=len(uniq))
+                out = np.empty(len(uniq), self.totals.dtype)
+                out["k"], out["r"] = uniq, totals.astype(np.int64)
+                self.totals.add(out)
+
+    def __enter__(self) -> _RankedRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.totals.close()
+
+    def sweep(self) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray]]:
+        """(first row, columns, records [rows] int64) for each piece of the segment, in order."""
+        held, uniq, totals = -1, np.empty(0, np.uint64), np.empty(0, np.int64)
+        for a, cols in self.seg.chunks(SWEEP_ROWS):
+            k64 = cols["key64"]
+            records = np.zeros(len(k64), np.int64)
+            which = self.totals.number(k64)
+            for b in np.unique(which).tolist():
+                m = which == b
+                if b != held:
+                    t = self.totals.bucket(b)
+                    held, uniq, totals = b, t["k"], t["r"]
+                if len(uniq):
+                    pos = np.minimum(np.searchsorted(uniq, k64[m]), len(uniq) - 1)
+                    records[m] = np.where(uniq[pos] == k64[m], totals[pos], 0)
+            yield a, cols, records
+
+    def selection(self, min_records: int, max_blocks: int | None):
+        """``keep(first, cols, records)`` -> [rows] bool: the rows ``select_blocks(records, depth,
+        min_records=, max_blocks=, tiebreak=key64)`` chooses over the whole segment (ranked by records,
+        more first, then depth, then key64, then row), for each piece of :meth:`sweep`. Raises if no
+        row has a record count. Found from a histogram of (records, depth), then, in the group the cut
+        falls in, key64 16 bits at a time (two more passes for random keys)."""
+        hist: dict[tuple[int, int], int] = {}
+        counted = False
+        for _, cols, records in self.sweep():
+            counted |= bool(records.any())
+            cand = self._candidates(records, min_records)
+            pairs, n = np.unique(np.stack([records[cand], cols["depth"][cand].astype(np.int64)], 1), axis=0, return_counts=True)
+            for (r, d), c in zip(pairs.tolist(), n.tolist()):
+                hist[(r, d)] = hist.get((r, d), 0) + c
+        if not counted:
+            raise StoreError(f"{self.seg.path.parent.parent} has no record counts (counts/ is empty): nothing to rank blocks by")
+        if max_blocks is None or sum(hist.values()) <= max_blocks:
+            return lambda first, cols, records: self._candidates(records, min_records)
+        before, ranked = 0, sorted(hist.items(), key=lambda item: (-item[0][0], item[0][1]))
+        while before + ranked[0][1] < max_blocks:  # the group the cut falls in: ranked[0]
+            before += ranked.pop(0)[1]
+        (r_cut, d_cut), count = ranked[0]
+        need = max_blocks - before  # rows to keep of the group (r_cut, d_cut), by key64 then row
+
+        def ahead(cols: dict[str, np.ndarray], records: np.ndarray) -> np.ndarray:
+            depth = cols["depth"].astype(np.int64)
+            return self._candidates(records, min_records) & ((records > r_cut) | ((records == r_cut) & (depth < d_cut)))
+
+        def group(cols: dict[str, np.ndarray], records: np.ndarray) -> np.ndarray:
+            return self._candidates(records, min_records) & (records == r_cut) & (cols["depth"].astype(np.int64) == d_cut)
+
+        bits, prefix, whole = 0, 0, need == count  # keep the group's rows whose top `bits` of key64 are < prefix
+        while not whole and need and bits < 64:
+            hist16 = np.zeros(1 << 16, np.int64)
+            for _, cols, records in self.sweep():
+                k64 = cols["key64"][group(cols, records)]
+                if bits:
+                    k64 = k64[(k64 >> np.uint64(64 - bits)) == np.uint64(prefix)]
+                hist16 += np.bincount(((k64 >> np.uint64(48 - bits)) & np.uint64(0xFFFF)).astype(np.int64), minlength=1 << 16)
+            cum = np.cumsum(hist16)
+            b = int(np.searchsorted(cum, need, "left"))
+            need -= int(cum[b] - hist16[b])
+            prefix, bits = (prefix << 16) | b, bits + 16
+            whole = need == int(hist16[b])  # every row of this bin: keep top bits <= prefix
+        taken = [0]  # of the group's rows whose key64 == prefix (bits 64), those kept so far this sweep
+
+        def keep(first: int, cols: dict[str, np.ndarray], records: np.ndarray) -> np.ndarray:
+            if first == 0:
+                taken[0] = 0
+            mask = ahead(cols, records)
+            if not need and not whole:
+                return mask
+            g = group(cols, records)
+            if whole and bits == 0:
+                return mask | g
+            top = cols["key64"] >> np.uint64(64 - bits)
+            mask |= g & (top < np.uint64(prefix))
+            at = g & (top == np.uint64(prefix))
+            if whole:
+                return mask | at
+            rows = np.flatnonzero(at)[: max(0, need - taken[0])]  # bits == 64: key64 ties, first rows first
+            taken[0] += len(rows)
+            mask[rows] = True
+            return mask
+
+        return keep
+
+    @staticmethod
+    def _candidates(records: np.ndarray, min_records: int) -> np.ndarray:
+        return records >= min_records if min_records > 1 else np.ones(len(records), bool)
+
+
 def _write_survivors(
     path: Path,
     manifest: Manifest,
     old: Segment,
-    cols: dict[str, np.ndarray],
-    keep: np.ndarray,
+    kept: np.ndarray,
+    base: np.ndarray,
     shard_bytes: int,
     report: PruneReport,
     progress: bool,
     fsync: bool,
     writer: str,
-) -> tuple[list[ShardRef], dict[str, np.ndarray]]:
-    """Copy the kept rows' blocks (stored bytes, fp8 scales, tokens) into new shards of at most
-    ``shard_bytes``, named for ``writer`` (the prune's lock); returns their refs and the new index columns."""
+) -> tuple[list[ShardRef], np.ndarray]:
+    """Copy the kept blocks (``kept[base[shard] + slot]``; stored bytes, fp8 scales, tokens) in (old
+    shard, slot) order into new shards of at most ``shard_bytes``, named for ``writer`` (the prune's
+    lock); returns their refs and the copies' block checksums in copy order."""
     layout, bs = manifest.kv, manifest.block_size
     block_bytes, scale_bytes = layout.bytes_per_token * bs, layout.scale_bytes_per_block()
-    capacity = max(1, shard_bytes // (block_bytes + scale_bytes))
-    ids = old.shard_ids(cols)
+    capacity = _capacity(manifest, shard_bytes)
     refs: list[ShardRef] = []
-    new_slot = np.zeros(len(keep), np.uint32)
-    new_shard = np.zeros(len(keep), np.uint32)
-    new_crc = np.zeros(len(keep), np.uint32)
-    kv_buf, scale_buf, tok_buf = bytearray(), bytearray(), []
-    filled = 0  # rows of `keep` already in written shards
+    crcs_out: list[np.ndarray] = []
+    kv_buf, scale_buf, tok_buf = bytearray(), bytearray(), bytearray()
 
-    def flush(upto: int) -> None:
-        nonlocal kv_buf, scale_buf, tok_buf, filled
-        n = upto - filled
-        if n == 0:
+    def flush() -> None:
+        nonlocal kv_buf, scale_buf, tok_buf
+        n = len(tok_buf) // (bs * 4)
+        if not n:
             return
         name = shard_name(writer, len(refs))
         meta = {"format_version": str(manifest.format_version), "writer": writer, "build": "prune"}
         scales = scale_buf if scale_bytes else None
-        # The store's own block checksum: the copies must match the index rows they replace.
-        parts, crcs, checksum = encode_shard(layout, bs, kv_buf, scales, np.stack(tok_buf), meta, manifest.block_checksum)
-        rows = keep[filled:upto]
-        if np.any(crcs != cols["crc"][rows]):
-            raise CorruptStoreError(f"{path}: a kept block fails its CRC while being copied; run `prefixgen verify`")
+        # The store's own block checksum: the copies must match the index rows they replace (checked
+        # when the new segment is written).
+        tokens = np.frombuffer(tok_buf, "<u4").reshape(n, bs)
+        parts, crcs, checksum = encode_shard(layout, bs, kv_buf, scales, tokens, meta, manifest.block_checksum)
         size = atomic_write(path / SHARDS_DIR / name, parts, fsync, owner=writer)
-        new_shard[filled:upto], new_slot[filled:upto], new_crc[filled:upto] = len(refs), np.arange(n), crcs
+        crcs_out.append(crcs)
         refs.append(ShardRef(name, n, size, checksum, writer, "prune"))
         report.bytes_after += size
         report.shards_written += 1
-        kv_buf, scale_buf, tok_buf, filled = bytearray(), bytearray(), [], upto
+        del tokens, parts
+        kv_buf, scale_buf, tok_buf = bytearray(), bytearray(), bytearray()
 
-    # One old shard at a time (`keep` is sorted by (old shard, slot)), reading only the kept blocks:
-    # one read per run of consecutive kept slots, never the whole shard (pruning 100 TB to 1 TB reads 1 TB).
-    slots = cols["slot"][keep].astype(np.int64)
-    bounds = np.flatnonzero(np.r_[True, ids[keep][1:] != ids[keep][:-1], True]) if len(keep) else np.array([0])
-    for a, b in tqdm(list(zip(bounds[:-1], bounds[1:])), desc="prune", unit="shard", disable=not progress):
-        ref = old.shards[int(ids[keep[a]])]
+    # One old shard at a time, reading only the kept blocks: one read per run of consecutive kept
+    # slots, never the whole shard (pruning 100 TB to 1 TB reads 1 TB).
+    for i in tqdm(range(len(old.shards)), desc="prune", unit="shard", disable=not progress):
+        slots = np.flatnonzero(kept[base[i] : base[i + 1]])
+        if not len(slots):
+            continue
+        ref = old.shards[i]
         shard = path / SHARDS_DIR / ref.name
         with open(shard, "rb", buffering=0) as f:
             header = read_safetensors_header(f, ref.name)
-            runs = np.flatnonzero(np.r_[True, slots[a + 1 : b] != slots[a : b - 1] + 1, True]) + a
+            runs = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1] + 1, True])
             for r0, r1 in zip(runs[:-1].tolist(), runs[1:].tolist()):
                 first, m = int(slots[r0]), r1 - r0
                 kv, scales = bytearray(m * block_bytes), bytearray(m * scale_bytes) if scale_bytes else None
@@ -259,16 +425,8 @@ def _write_survivors(
                     kv_buf += memoryview(kv)[j * block_bytes : (j + 1) * block_bytes]
                     if scale_bytes:
                         scale_buf += memoryview(scales)[j * scale_bytes : (j + 1) * scale_bytes]
-                    tok_buf.append(np.frombuffer(tokens, dtype="<u4", count=bs, offset=j * bs * 4))
-                    if r0 + j + 1 - filled == capacity:
-                        flush(r0 + j + 1)
-    flush(len(keep))
-    new_cols = {
-        "key": cols["key"][keep],
-        "parent": cols["parent"][keep],
-        "slot": new_slot,
-        "depth": cols["depth"][keep],
-        "crc": new_crc,
-        "shard": new_shard,
-    }
-    return refs, new_cols
+                    tok_buf += memoryview(tokens)[j * bs * 4 : (j + 1) * bs * 4]
+                    if len(tok_buf) == capacity * bs * 4:
+                        flush()
+    flush()
+    return refs, np.concatenate(crcs_out) if crcs_out else np.zeros(0, np.uint32)

@@ -34,7 +34,9 @@ from prefixgen.format import (
     shard_checksum,
     shard_tensors,
 )
+from prefixgen.maintain.buckets import KeyBuckets
 from prefixgen.store.reader import PrefixStore
+from prefixgen.store.states import STATES_DIR, read_state_file
 
 
 @dataclass(slots=True)
@@ -72,15 +74,14 @@ def verify_store(path: str | os.PathLike, progress: bool = False, quick: bool = 
             store = None
         except (PrefixgenError, OSError):
             return report
-    keys64: list[np.ndarray] = []
-    parents64: list[np.ndarray] = []
+    parents = _Parents()
     referenced: set[str] = set()
     # A compaction or prune beside us renames its new segment in before it unlinks the segments it
     # replaces: a segment that vanishes has its rows in a name the next listing shows, so we list
     # again and check the new names too (a healthy store verifies clean beside a compaction).
     done: set[str] = set()
     temps: set[str] = set()
-    with tqdm(desc="verify", unit="shard", disable=not progress) as bar:
+    with parents, tqdm(desc="verify", unit="shard", disable=not progress) as bar:
         while True:
             names = _index_names(path)
             todo = [n for n in names if n not in done]
@@ -93,14 +94,14 @@ def verify_store(path: str | os.PathLike, progress: bool = False, quick: bool = 
                 elif name.endswith(".safetensors"):
                     try:
                         seg = Segment(path / INDEX_DIR / name)
-                        _verify_segment(path, manifest, seg, report, keys64, parents64, referenced, quick, bar)
+                        _verify_segment(path, manifest, seg, report, parents, referenced, quick, bar)
                     except FileNotFoundError:
                         continue  # merged away: its rows are in a segment the next listing shows
                     except (PrefixgenError, OSError) as exc:
                         report.faults.append(f"{INDEX_DIR}/{name}: {exc}")
+        parents.check(manifest, report)
     for name in sorted(temps & set(_index_names(path))):
         report.notes.append(f"{INDEX_DIR}/{name}: temporary file of an interrupted writer (ignored by readers)")
-    _check_parents(manifest, keys64, parents64, report)
     for name in sorted(os.listdir(path / SHARDS_DIR)) if (path / SHARDS_DIR).is_dir() else []:
         if name.endswith(TMP_SUFFIX):
             report.notes.append(f"{SHARDS_DIR}/{name}: temporary file of an interrupted writer (ignored by readers)")
@@ -108,6 +109,14 @@ def verify_store(path: str | os.PathLike, progress: bool = False, quick: bool = 
             report.notes.append(
                 f"{SHARDS_DIR}/{name}: shard with no index segment, from an interrupted writer (ignored by readers)"
             )
+    for name in sorted(os.listdir(path / STATES_DIR)) if (path / STATES_DIR).is_dir() else []:
+        if name.endswith(TMP_SUFFIX):
+            report.notes.append(f"{STATES_DIR}/{name}: temporary file of an interrupted writer (ignored by readers)")
+        elif not quick:
+            try:  # a hybrid model's recurrent state (FORMAT.md, "Recurrent states")
+                read_state_file(path / STATES_DIR / name)
+            except PrefixgenError as exc:
+                report.faults.append(str(exc))
     for p in sorted((path / BUILDS_DIR).glob("*.json")) + sorted((path / BUILDS_DIR).glob("*/*.json")):
         try:
             json.loads(p.read_text())
@@ -115,7 +124,7 @@ def verify_store(path: str | os.PathLike, progress: bool = False, quick: bool = 
             report.faults.append(f"{p}: build record is damaged ({exc})")
     if store is not None:
         try:
-            store.count_arrays()
+            store.check_counts()
         except (PrefixgenError, OSError, ValueError) as exc:
             report.faults.append(f"record counts are damaged: {exc}")
     return report
@@ -130,52 +139,115 @@ def _verify_segment(
     manifest: Manifest,
     seg: Segment,
     report: VerifyReport,
-    keys64: list[np.ndarray],
-    parents64: list[np.ndarray],
+    parents: _Parents,
     referenced: set[str],
     quick: bool,
     bar: tqdm,
 ) -> None:
+    """Check one segment a piece at a time (``Segment.chunks``): memory grows with a piece and the
+    segment's shard list, not with its rows."""
     where = f"{INDEX_DIR}/{seg.path.name}"
+    nshards = len(seg.shards)
+    blocks = np.asarray([ref.blocks for ref in seg.shards], np.int64)
+    rows_in = np.zeros(nshards, np.int64)  # index rows pointing into each shard
+    past = np.zeros(nshards, np.int64)  # of which beyond the shard's end
+    mismatch, unsorted, last, beyond = 0, False, None, False
     try:
         bad = seg.verify_checksums()
         if bad:
             report.faults.append(f"{where}: index segment fails its checksum (columns {', '.join(bad)}): it is damaged")
             return
-        cols = seg.cols
+        for _, cols in seg.chunks():
+            k64 = cols["key64"]
+            first8 = np.ascontiguousarray(cols["key"][:, :8]).view("<u8").reshape(-1)
+            mismatch += int(np.count_nonzero(k64 != first8))
+            if len(k64):
+                unsorted |= (last is not None and k64[0] < last) or bool(np.any(k64[1:] < k64[:-1]))
+                last = k64[-1]
+            parents.add(first8, np.ascontiguousarray(cols["parent"][:, :8]).view("<u8").reshape(-1))
+            ids = _shard_ids(cols)
+            ok = ids < nshards
+            beyond |= not ok.all()
+            ids, slots = ids[ok].astype(np.int64), cols["slot"][ok].astype(np.int64)
+            rows_in += np.bincount(ids, minlength=nshards)
+            past += np.bincount(ids[slots >= blocks[ids]], minlength=nshards)
     except FileNotFoundError:
         raise  # merged away by a compaction: the caller checks its replacement
     except (PrefixgenError, OSError) as exc:
         report.faults.append(f"{where}: {exc}")
         return
-    k64 = cols["key64"]
-    first8 = np.ascontiguousarray(cols["key"][:, :8]).view("<u8").reshape(-1)
-    if (mismatch := int(np.count_nonzero(k64 != first8))) > 0:
+    if mismatch > 0:
         report.faults.append(f"{where}: {mismatch} rows have a key64 that is not the first 8 bytes of their key")
-    if seg.n > 1 and bool(np.any(k64[1:] < k64[:-1])):
+    if unsorted:
         report.faults.append(f"{where}: key64 is not sorted, so lookups miss blocks")
-    keys64.append(first8)
-    parents64.append(np.ascontiguousarray(cols["parent"][:, :8]).view("<u8").reshape(-1))
-    ids = seg.shard_ids(cols)
-    if seg.n and int(ids.max()) >= len(seg.shards):
-        report.faults.append(f"{where}: rows name shards beyond its list of {len(seg.shards)}")
+    if beyond:
+        report.faults.append(f"{where}: rows name shards beyond its list of {nshards}")
         return
-    order = np.argsort(ids, kind="stable")
-    bounds = np.searchsorted(ids[order], np.arange(len(seg.shards) + 1))
+    groups = _ShardRows(seg, rows_in)
     for i, ref in enumerate(seg.shards):
-        rows = order[bounds[i] : bounds[i + 1]]
         if ref.name not in referenced:
             referenced.add(ref.name)
             report.shards += 1
         if not (path / SHARDS_DIR / ref.name).is_file() and not seg.path.exists():
             raise FileNotFoundError(seg.path)  # a prune replaced the segment, then removed the shard: check the new one
-        _verify_shard(path, manifest, ref, {name: col[rows] for name, col in cols.items()}, report, quick)
+        _verify_shard(path, manifest, ref, int(rows_in[i]), int(past[i]), lambda i=i: groups.rows(i), report, quick)
         bar.update(1)
     report.blocks += seg.n
 
 
-def _verify_shard(path: Path, manifest: Manifest, ref: ShardRef, rows: dict, report: VerifyReport, quick: bool) -> None:
-    """Check one shard and the index rows ``rows`` (columns) that point into it."""
+def _shard_ids(cols: dict[str, np.ndarray]) -> np.ndarray:
+    """[rows] each row's index into its segment's shard list (0 in a one-shard segment)."""
+    return cols["shard"] if "shard" in cols else np.zeros(len(cols["key64"]), np.uint32)
+
+
+class _ShardRows:
+    """The index rows of each shard of a segment, for the full check: read for consecutive shards
+    together, up to GROUP_ROWS rows at a time, with one pass over the segment per group (a compacted
+    segment's rows of one shard are spread over all of it). The rows of a shard are in segment order."""
+
+    GROUP_ROWS = 1 << 16  # ~5 MiB of rows (key, parent, slot, crc) in memory at once
+
+    def __init__(self, seg: Segment, rows_in: np.ndarray):
+        self.seg, self.rows_in = seg, rows_in
+        self.lo, self.hi = 0, 0  # shards lo .. hi-1 are held
+        self.held: dict[int, dict[str, np.ndarray]] = {}
+
+    def rows(self, i: int) -> dict[str, np.ndarray]:
+        if not self.lo <= i < self.hi:
+            self._read(i)
+        return self.held[i]
+
+    def _read(self, lo: int) -> None:
+        cum = np.cumsum(self.rows_in[lo:])
+        hi = lo + max(1, int(np.searchsorted(cum, self.GROUP_ROWS, "right")))
+        parts: list[dict[str, np.ndarray]] = []
+        self.held = {}
+        for _, cols in self.seg.chunks():
+            ids = _shard_ids(cols)
+            m = (ids >= lo) & (ids < hi)
+            if m.any():
+                parts.append({"id": ids[m], **{c: cols[c][m] for c in ("slot", "crc", "key", "parent")}})
+        names = ("id", "slot", "crc", "key", "parent")
+        empty = {"id": (np.uint32, ()), "slot": (np.uint32, ()), "crc": (np.uint32, ()), "key": (np.uint8, (32,))}
+        empty["parent"] = empty["key"]
+        ids = np.concatenate([p["id"] for p in parts]) if parts else np.zeros(0, np.uint32)
+        order = np.argsort(ids, kind="stable")
+        bounds = np.searchsorted(ids[order], np.arange(lo, hi + 1))
+        got = {}
+        for c in names[1:]:  # one column at a time, its pieces freed as it is sorted
+            col = np.concatenate([p.pop(c) for p in parts]) if parts else np.zeros((0, *empty[c][1]), empty[c][0])
+            got[c] = col[order]
+            del col
+        for j in range(lo, hi):  # views of the sorted columns
+            self.held[j] = {c: got[c][bounds[j - lo] : bounds[j - lo + 1]] for c in names[1:]}
+        self.lo, self.hi = lo, hi
+
+
+def _verify_shard(
+    path: Path, manifest: Manifest, ref: ShardRef, n_rows: int, past: int, get_rows, report: VerifyReport, quick: bool
+) -> None:
+    """Check one shard, which ``n_rows`` index rows point into (``past`` of them beyond its end);
+    ``get_rows()`` gives those rows' columns (read only for the full check)."""
     layout, bs = manifest.kv, manifest.block_size
     shard = path / SHARDS_DIR / ref.name
     where = f"{SHARDS_DIR}/{ref.name}"
@@ -183,12 +255,12 @@ def _verify_shard(path: Path, manifest: Manifest, ref: ShardRef, rows: dict, rep
         report.faults.append(f"{where}: index segment metadata is missing or damaged")
         return
     if not shard.is_file():
-        report.faults.append(f"{where}: missing, but {len(rows['slot'])} indexed blocks live in it")
+        report.faults.append(f"{where}: missing, but {n_rows} indexed blocks live in it")
         return
     if shard.stat().st_size != ref.bytes:
         report.faults.append(f"{where}: {shard.stat().st_size} bytes, the index recorded {ref.bytes}")
         return
-    if (past := int(np.count_nonzero(rows["slot"] >= ref.blocks))) > 0:
+    if past > 0:
         report.faults.append(f"{where}: {past} blocks point past the end of the shard")
         return
     try:
@@ -205,6 +277,7 @@ def _verify_shard(path: Path, manifest: Manifest, ref: ShardRef, rows: dict, rep
         return
     if quick:
         return
+    rows = get_rows()
 
     def tensor(name: str) -> memoryview:
         a, b = header.tensors[name]["data_offsets"]
@@ -229,17 +302,42 @@ def _verify_shard(path: Path, manifest: Manifest, ref: ShardRef, rows: dict, rep
             report.faults.append(f"{where}: {count} blocks {what}")
 
 
-def _check_parents(manifest: Manifest, keys64: list[np.ndarray], parents64: list[np.ndarray], report: VerifyReport) -> None:
-    """Every parent is stored or is the root (compared by key64: a false match is ~2**-64 likely)."""
-    if not keys64:
-        return
-    stored = np.unique(np.concatenate(keys64))
-    parents = np.concatenate(parents64)
-    root = np.frombuffer(manifest.root_key[:8], dtype="<u8")[0]
-    pos = np.minimum(np.searchsorted(stored, parents), len(stored) - 1)
-    orphans = int(np.count_nonzero((stored[pos] != parents) & (parents != root)))
-    if orphans:
-        report.faults.append(f"{orphans} blocks have a parent that is not stored (a segment or shard was removed)")
+class _Parents:
+    """Every parent is stored or is the root (compared by key64: a false match is ~2**-64 likely).
+    Stored keys and parents are spilled by bucket (``KeyBuckets``) and compared a bucket at a time."""
+
+    def __init__(self):
+        self.keys = KeyBuckets("<u8")
+        self.parents = KeyBuckets("<u8")
+        self.any = False
+
+    def __enter__(self) -> _Parents:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.keys.close()
+        self.parents.close()
+
+    def add(self, keys64: np.ndarray, parents64: np.ndarray) -> None:
+        self.any = True
+        self.keys.add(keys64)
+        self.parents.add(parents64)
+
+    def check(self, manifest: Manifest, report: VerifyReport) -> None:
+        if not self.any:
+            return
+        root = np.frombuffer(manifest.root_key[:8], dtype="<u8")[0]
+        orphans = 0
+        for b in range(self.keys.count):
+            stored = np.unique(self.keys.bucket(b))
+            parents = self.parents.bucket(b)
+            if not len(stored):
+                orphans += int(np.count_nonzero(parents != root))
+                continue
+            pos = np.minimum(np.searchsorted(stored, parents), len(stored) - 1)
+            orphans += int(np.count_nonzero((stored[pos] != parents) & (parents != root)))
+        if orphans:
+            report.faults.append(f"{orphans} blocks have a parent that is not stored (a segment or shard was removed)")
 
 
 def _raw_header(path: Path, data_start: int) -> bytes:

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +46,11 @@ from prefixgen.format import (
     read_safetensors_header,
     read_shard_blocks,
 )
-from prefixgen.kvcache import rows_to_cache
+from prefixgen.kvcache import hybrid_to_cache, recurrent_layers, rows_to_cache
 from prefixgen.model import fingerprint, probe_kv_layout
 from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.index import BlockLocation, StoreIndex
+from prefixgen.store.states import last_state, read_state
 
 PIECE_BYTES = 16 << 20  # one read request (and one staging slot)
 # A shard missing under a changed index: wait this long before each new try (the index is reopened first).
@@ -199,8 +200,28 @@ class PrefixStore:
             >>> cache = store.load(ids[:-1], device="cuda")  # doctest: +SKIP
             >>> model.generate(torch.tensor([ids]), cache=cache)  # doctest: +SKIP
         """
-        _, kv = self.read_prefix(self.keys(token_ids), device=device, dtype=dtype, verify=verify)  # [T, L, parts, H, D]
+        keys = self.keys(token_ids)
+        if recurrent_layers(self.manifest.kv):
+            return self._load_hybrid(keys, device, dtype, verify)
+        _, kv = self.read_prefix(keys, device=device, dtype=dtype, verify=verify)  # [T, L, parts, H, D]
         return kv_to_cache(kv, self.manifest.kv)
+
+    def _load_hybrid(
+        self, keys: list[BlockHash], device: str | torch.device, dtype: torch.dtype | None, verify: bool
+    ) -> DynamicCache:
+        """A hybrid model's cache: up to the last matched block whose recurrent state is stored
+        (``prefixgen.store.states``), the attention layers' KV of its blocks and that state."""
+        n = last_state(self.path, keys[: self.find_prefix(keys).blocks])
+        match, kv = self.read_prefix(keys[:n], device=device, dtype=dtype, verify=verify) if n else (None, None)
+        if match is not None and match.blocks < n:  # the store changed meanwhile: a shorter prefix still has a state
+            n = last_state(self.path, keys[: match.blocks])
+            kv = kv[: n * self.block_size]
+        if not n:
+            return hybrid_to_cache(None, None, None, self.manifest.kv, 0)
+        tokens = n * self.block_size
+        conv, ssm = read_state(self.path, keys[n - 1], tokens)
+        # The states keep the dtypes the model computed them in (Gated DeltaNet's SSM state is float32 in a bf16 model).
+        return hybrid_to_cache(kv, conv.to(device), ssm.to(device), self.manifest.kv, tokens)
 
     def read_prefix(
         self,
@@ -409,22 +430,61 @@ class PrefixStore:
     def count_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per build: (keys [n, 32] uint8, records [n] uint64), as stored in ``counts/``."""
         out = []
+        for p, spans in self.count_files():
+            with open(p, "rb") as f:
+                cols = {}
+                for name, (dt, _) in COUNT_COLUMNS.items():
+                    a, b = spans[name]
+                    f.seek(a)
+                    cols[name] = np.frombuffer(f.read(b - a), dtype=np.dtype(dt).newbyteorder("<"))
+            out.append((cols["key"].reshape(-1, 32), cols["records"]))
+        return out
+
+    def count_files(self) -> list[tuple[Path, dict[str, tuple[int, int]]]]:
+        """Per file of ``counts/``: its path and the file byte range of each column (``key`` [n, 32]
+        uint8, ``records`` [n] uint64), checked against the header and the file's size without reading
+        the columns (a reader of millions of rows reads them a piece at a time)."""
+        out = []
         for p in sorted((self.path / COUNTS_DIR).glob("*.safetensors")):
             with open(p, "rb") as f:
                 header = read_safetensors_header(f, p)
-                data = f.read()
-            cols = {}
-            for name, (dt, _) in COUNT_COLUMNS.items():
+                size = os.fstat(f.fileno()).st_size
+            spans, rows = {}, {}
+            for name, (dt, width) in COUNT_COLUMNS.items():
                 info = header.tensors.get(name)
                 if info is None or info["dtype"] != ST_DTYPES[dt]:
                     raise CorruptStoreError(f"{p}: missing or mistyped column {name!r}")
-                a, b = info["data_offsets"]
-                cols[name] = np.frombuffer(data[a:b], dtype=np.dtype(dt).newbyteorder("<"))
-            keys = cols["key"].reshape(-1, 32)
-            if len(keys) != len(cols["records"]):
+                a, b = (header.data_start + int(x) for x in info["data_offsets"])
+                row = np.dtype(dt).itemsize * width
+                if not header.data_start <= a <= b <= size or (b - a) % row:
+                    raise CorruptStoreError(f"{p}: column {name!r} is truncated or misaligned")
+                spans[name], rows[name] = (a, b), (b - a) // row
+            if rows["key"] != rows["records"]:
                 raise CorruptStoreError(f"{p}: columns have different lengths")
-            out.append((keys, cols["records"]))
+            out.append((p, spans))
         return out
+
+    def count_pieces(self, rows: int = 1 << 16) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every row of ``counts/``, up to ``rows`` at a time: (keys [m, 32] uint8, records [m] uint64)."""
+        for p, spans in self.count_files():
+            n = (spans["records"][1] - spans["records"][0]) // 8
+            with open(p, "rb") as f:
+                for a in range(0, n, rows):
+                    m = min(rows, n - a)
+                    keys = _pread_exact(f, spans["key"][0] + a * 32, m * 32, p)
+                    records = _pread_exact(f, spans["records"][0] + a * 8, m * 8, p)
+                    yield np.frombuffer(keys, np.uint8).reshape(m, 32), np.frombuffer(records, "<u8")
+
+    def check_counts(self) -> None:
+        """Raise CorruptStoreError if a file of ``counts/`` is damaged (its header, column types and lengths)."""
+        self.count_files()
+
+
+def _pread_exact(f, offset: int, size: int, where: Path) -> bytes:
+    data = os.pread(f.fileno(), size, offset)
+    if len(data) != size:
+        raise CorruptStoreError(f"{where}: file ended early (it changed while being read)")
+    return data
 
 
 def read_builds(path: Path) -> list[BuildRecord]:

@@ -73,6 +73,7 @@ class Report:
     kills: int = 0
     faults: int = 0  # injected by the shim (EIO, ENOSPC, short writes)
     full_disks: int = 0  # processes that met the small tmpfs full
+    ran: dict[str, int] = field(default_factory=dict)  # steps of each kind and maintenance jobs started
     violations: list[Violation] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -82,7 +83,8 @@ class Report:
             f"{self.kills} kill -9, {self.faults} injected faults, {self.full_disks} full-disk failures, "
             f"{len(self.violations)} violations"
         )
-        lines = [head, *(f"  skipped: {s}" for s in self.skipped)]
+        ran = ", ".join(f"{k} {n}" for k, n in sorted(self.ran.items()))
+        lines = [head, f"  ran: {ran}", *(f"  skipped: {s}" for s in self.skipped)]
         seen = set()
         for v in self.violations:
             key = (v.kind, v.detail[:160])
@@ -128,9 +130,14 @@ def make_datasets(folder: Path, seed: int) -> dict[str, Path]:
 
 
 class Torture:
-    def __init__(self, work: Path, seed: int, code: Path = REPO, log=print, mix: tuple[str, ...] = ()):
+    def __init__(
+        self, work: Path, seed: int, code: Path = REPO, log=print, mix: tuple[str, ...] = (), cover: bool = False
+    ):  # fmt: skip
         self.work, self.seed, self.code, self.log = work, seed, code, log
         self.mix = mix  # step kinds to draw from (all when empty): to aim a run at one kind of fault
+        # Draw first what has not run yet (step kinds, compact/prune/gc, injected faults, a kill -9):
+        # a short run (CI's slice) meets every kind of trouble, in an order and at moments the seed gives.
+        self.cover = cover
         self.rng = random.Random(seed)
         self.report = Report(seed)
         self.work.mkdir(parents=True, exist_ok=True)
@@ -233,7 +240,10 @@ class Torture:
         self.pruned = False  # a prune (even a killed one) may remove any build's blocks
         self.world = 2
         full_disk = self.rng.random() < 0.25 and number > 0
-        store = self._tmpfs_store(number) if full_disk else self.work / f"store-{number}"
+        if self.cover and number == 0:  # on a roomy tmpfs, squeezed full for one step (see step)
+            store = self._tmpfs_store(number, size="64m")
+        else:
+            store = self._tmpfs_store(number) if full_disk else self.work / f"store-{number}"
         if store is None:
             store = self.work / f"store-{number}"
         shutil.rmtree(store, ignore_errors=True)
@@ -242,19 +252,20 @@ class Torture:
         self.current_a = "a"
         self.pre_growth: set[str] = set()
         self.log(f"schedule {number}: {store}")
-        steps = self.rng.randint(2, 4)
-        for i in range(steps):
+        steps, i = self.rng.randint(2, 4), 0
+        while i < steps or (self.cover and i < 6 and not self._covered()):  # --cover: until everything ran
             if time.monotonic() > deadline:
                 break
             self.step(f"step {i}")
+            i += 1
         if self.tmpfs is not None and str(store).startswith(str(self.tmpfs)):
             subprocess.run(["mount", "-o", "remount,size=64m", str(self.tmpfs)], check=False)
         self.finish()
         if self.tmpfs is not None:
             shutil.rmtree(store, ignore_errors=True)
 
-    def _tmpfs_store(self, number: int) -> Path | None:
-        """A store on a tmpfs of a few MiB (root only; else the schedule runs on the work folder)."""
+    def _tmpfs_store(self, number: int, size: str | None = None) -> Path | None:
+        """A store on a tmpfs of a few MiB, or ``size`` (root only; else the schedule runs on the work folder)."""
         if self.tmpfs is None:
             point = self.work / "tmpfs"
             point.mkdir(exist_ok=True)
@@ -265,7 +276,8 @@ class Torture:
                 self.report.skipped.append("cannot mount a tmpfs (not root, or no mount permission): no full-disk schedules")
                 return None
             self.tmpfs = point
-        subprocess.run(["mount", "-o", f"remount,size={self.rng.choice([2, 3, 4])}m", str(self.tmpfs)], check=False)
+        size = size or f"{self.rng.choice([2, 3, 4])}m"
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.tmpfs)], check=False)
         return self.tmpfs / f"store-{number}"
 
     def close(self) -> None:
@@ -280,15 +292,26 @@ class Torture:
         exists = (store / "manifest.json").exists()
         delay = rng.choice([0, 5_000, 20_000, 100_000, 300_000])
         rates = {"TORTURE_DELAY_US": delay}
-        if rng.random() < 0.4:  # per write or fsync under the store (a small build makes a few hundred)
+        if rng.random() < 0.4 or (self.cover and not self.report.ran.get("faults")):  # per write or fsync under the store
             rates.update(
                 TORTURE_EIO=rng.choice([2_000, 20_000]),
                 TORTURE_ENOSPC=rng.choice([0, 5_000]),
                 TORTURE_SHORT=rng.choice([0, 100_000]),
             )
+            self._ran("faults")
         faulty = lambda: rng.random() < 0.6  # noqa: E731  (some processes of a step without faults)
         children: list[Child] = []
-        kill = lambda p: rng.uniform(0.0, 2.5) if rng.random() < p else None  # noqa: E731
+        force_kill = self.cover and not self.report.kills and not self.report.ran.get("forced kill")
+
+        def kill(p: float) -> float | None:  # seconds after it took its lock, or None
+            nonlocal force_kill
+            if rng.random() < p or force_kill:
+                if force_kill:
+                    self._ran("forced kill")
+                force_kill = False  # --cover: one kill forced until a kill -9 happened
+                return rng.uniform(0.0, 2.5)
+            return None
+
         stop = self.work / f"stop-{self.number}-{name.replace(' ', '')}"
         stop.unlink(missing_ok=True)
         shard = lambda: rng.choice(SMALL_SHARDS)  # noqa: E731
@@ -296,6 +319,9 @@ class Torture:
         if self.mix:
             kinds = [k for k in kinds if k in self.mix] or ["build"]
         chosen = rng.sample(kinds, rng.randint(1, min(3, len(kinds))))
+        if self.cover:  # what has not run yet first (a schedule's first step has no store: no maint yet)
+            new = [k for k in dict.fromkeys(kinds) if not self.report.ran.get(k)]
+            chosen = list(dict.fromkeys(rng.sample(new, min(2, len(new))) + chosen))[:3]
         if not exists and not any(k.startswith("build") or k.startswith("ranks") for k in chosen):
             chosen.append("build")
         if "ranks-other-world" in chosen and "ranks" not in chosen:
@@ -303,6 +329,18 @@ class Torture:
         if "cleaners" in chosen and "build" not in chosen:
             chosen.append("build")  # cleaners race the lock of a writer that starts
         self.log(f"  {name}: {', '.join(chosen)}; delays up to {delay} us, faults {rates}")
+        for kind in chosen:
+            self._ran(kind)
+        # --cover, on a tmpfs, once compaction ran: this step meets a full disk (16 KiB left: a few files).
+        squeeze = (
+            self.cover and self._on_tmpfs() and exists and self.report.ran.get("compact") and not self.report.ran.get("full-disk")
+        )
+        if squeeze:
+            st = os.statvfs(self.tmpfs)
+            used = (st.f_blocks - st.f_bfree) * st.f_frsize // 1024
+            subprocess.run(["mount", "-o", f"remount,size={used + 16}k", str(self.tmpfs)], check=False)
+            self._ran("full-disk")
+            self.log(f"  {name}: the tmpfs squeezed to {used + 16} KiB (16 KiB free)")
         for kind in chosen:
             if kind == "grow" and self.current_a == "a" and self._all_complete():
                 self.current_a = "a+"  # the dataset file grows: a rerun must store the new records
@@ -349,7 +387,11 @@ class Torture:
                 if kind == "ranks":
                     self.world = world
             elif kind == "maint":
-                for job in rng.sample(["compact", "prune", "gc", "verify"], rng.randint(1, 3)):
+                jobs = rng.sample(["compact", "prune", "gc", "verify"], rng.randint(1, 3))
+                if self.cover:
+                    jobs = list(dict.fromkeys([j for j in ("compact", "prune", "gc") if not self.report.ran.get(j)] + jobs))
+                for job in jobs:
+                    self._ran(job)
                     args = {"compact": ["compact", store], "prune": ["prune", store, "--min-records", "2", "--quiet"],
                             "gc": ["gc", store], "verify": ["verify", store, "--quick"]}[job]  # fmt: skip
                     if job == "prune":
@@ -382,13 +424,30 @@ class Torture:
                 "reader", [sys.executable, HERE / "reader.py", store, self.prompts, stop], "reader", self._env(False), None
             )
         )
+        self._ran("reader")
         serve = None
         if exists and rng.random() < 0.15:
             serve = self._serve(store)
             if serve is not None:
                 children.append(serve)
         self._watch(children, stop, name)
+        if squeeze:
+            subprocess.run(["mount", "-o", "remount,size=64m", str(self.tmpfs)], check=False)
         self._check_step(children, name)
+
+    COVER = ("build", "ranks", "ranks-other-world", "cleaners", "maint", "compact", "prune", "gc", "faults")
+
+    def _covered(self) -> bool:
+        """Whether every kind of step, maintenance job and injected fault has run, and a kill -9 (and
+        a full disk, where a tmpfs could be mounted)."""
+        full = self.report.ran.get("full-disk") or not self._on_tmpfs()
+        return all(self.report.ran.get(k) for k in self.COVER) and self.report.kills > 0 and bool(full)
+
+    def _on_tmpfs(self) -> bool:
+        return self.tmpfs is not None and str(self.store).startswith(str(self.tmpfs))
+
+    def _ran(self, kind: str) -> None:
+        self.report.ran[kind] = self.report.ran.get(kind, 0) + 1
 
     def _builds(self) -> list:
         from prefixgen.store.reader import read_builds
@@ -741,6 +800,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--minutes", type=float, default=5)
     ap.add_argument("--schedules", type=int, default=None, help="Stop after this many schedules.")
+    ap.add_argument(
+        "--cover", action="store_true", help="Draw first the step kinds, jobs and faults not run yet (as CI's slice)."
+    )
     ap.add_argument("--work", type=Path, default=None, help="Work folder (default: a fresh one in /tmp).")
     ap.add_argument("--code", type=Path, default=REPO, help="The prefixgen checkout the children run.")
     ap.add_argument(
@@ -750,7 +812,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     work = args.work or Path(f"/tmp/prefixgen-torture-{args.seed}-{os.getpid()}")
-    torture = Torture(work, args.seed, args.code.resolve(), mix=tuple(filter(None, args.mix.split(","))))
+    torture = Torture(work, args.seed, args.code.resolve(), mix=tuple(filter(None, args.mix.split(","))), cover=args.cover)
     try:
         report = torture.run(args.minutes * 60, args.schedules)
     finally:
