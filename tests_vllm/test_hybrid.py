@@ -148,10 +148,11 @@ MLA_CONFIG = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def mla(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("deepseek_v2")
-    model = make_model(tmp / "model", "deepseek_v2", **MLA_CONFIG)
+@pytest.fixture(scope="module", params=["deepseek_v2", "deepseek_v3"])
+def mla(request, tmp_path_factory):
+    """deepseek_v2, and deepseek_v3 (``rope_interleave``: the store's rope key is in transformers' order)."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    model = make_model(tmp / "model", request.param, **MLA_CONFIG)
     return model, _store(tmp, model)
 
 

@@ -106,6 +106,7 @@ from prefixgen.integrations.vllm_groups import (
     is_mla,
     key_order,
     recurrent_skip_message,
+    rope_key_order,
     vllm_groups,
     write_layer,
 )
@@ -709,7 +710,10 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
         if indices and indices == list(range(indices[0], indices[-1] + 1)):
             self._stage = range(indices[0], indices[-1] + 1)
         model = find_model(self._layers[0][0]) if self._layers else None
-        self._key_order = key_order(model, kv.head_dim)
+        if kv.kind == "mla":
+            self._key_order = rope_key_order(self._vllm_config.model_config.hf_text_config, kv.head_dim - kv.latent_rank)
+        else:
+            self._key_order = key_order(model, kv.head_dim)
         if model is not None:
             self._watch = WeightsWatch(model)
         else:

@@ -162,12 +162,22 @@ def write_layer(
     if is_mla(layer):
         rank = int(layer.kv_lora_rank)
         latent = rows[:, 0, 0]  # [tokens, kv_lora_rank + rope_dim]
-        layer.impl.do_kv_cache_update(
-            latent[:, :rank], latent[:, None, rank:], cache, slots, layer.kv_cache_dtype, layer._k_scale
-        )
+        rope = latent[:, None, rank:] if key_order is None else latent[:, None, rank:][..., key_order]  # [tokens, 1, R]
+        layer.impl.do_kv_cache_update(latent[:, :rank], rope, cache, slots, layer.kv_cache_dtype, layer._k_scale)
     else:
         keys = rows[:, 0] if key_order is None else rows[:, 0][..., key_order]  # [tokens, heads, D]
         layer.impl.do_kv_cache_update(layer, keys, rows[:, 1], cache, slots)
+
+
+def rope_key_order(text_config: Any, rope_dim: int) -> torch.Tensor | None:
+    """vLLM's order of an MLA store's rope key values, when the store's differs, else None.
+
+    For a config with ``rope_interleave`` (DeepSeek V3, Kimi K2) transformers caches the rope key with its rotated
+    pairs de-interleaved (``[x0', x2', ..., x1', x3', ...]``, README "Which models"), where vLLM's MLA rope
+    (``is_neox_style=False``) keeps ``[x0', x1', ...]``."""
+    if not getattr(text_config, "rope_interleave", False):
+        return None
+    return torch.arange(rope_dim).view(2, rope_dim // 2).transpose(0, 1).reshape(-1)
 
 
 def key_order(model: Any, head_dim: int) -> torch.Tensor | None:
