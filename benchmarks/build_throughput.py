@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=None, help="row length of the bare forward (default: 2048 on CUDA, 512 on CPU)")
     ap.add_argument("--fsync", action="store_true", help="durable shard writes (default: page cache)")
     ap.add_argument("--kv-dtype", default="auto")
+    ap.add_argument("--kv-order", default="heads", help="heads (format 5, the default) or tokens (format 3/4)")
     ap.add_argument("--write-threads", type=int, default=4)
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "build")
     ap.add_argument("--skip-plain", action="store_true")
@@ -139,6 +140,7 @@ def main() -> None:
         quiet=True,
         fsync=args.fsync,
         kv_dtype=args.kv_dtype,
+        kv_order=args.kv_order,
         write_threads=args.write_threads,
         device=str(device),
     )
@@ -155,6 +157,7 @@ def main() -> None:
         "model": name,
         "dtype": str(dtype).removeprefix("torch."),
         "kv_dtype": args.kv_dtype,
+        "kv_order": args.kv_order,
         "fsync": args.fsync,
         "records": args.records,
         "dataset_tokens": dataset_tokens,

@@ -127,6 +127,13 @@ def build(
     batch_tokens: Annotated[Optional[int], Opt(help=f"Token budget of one forward pass. {_default('batch_tokens')}")] = None,
     dtype: DtypeOpt = None,
     kv_dtype: KvDtypeOpt = None,
+    kv_order: Annotated[
+        Optional[str],
+        Opt(
+            help="heads (format 5: each tensor-parallel rank reads only its KV heads) or tokens (format 3/4, "
+            f"for readers before format 5). {_default('kv_order')}"
+        ),
+    ] = None,
     min_records: MinRecordsOpt = None,
     max_bytes: MaxBytesOpt = None,
     device: Annotated[Optional[str], Opt(help=f"auto, cpu, cuda or cuda:N. {_default('device')}")] = None,

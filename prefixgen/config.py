@@ -58,6 +58,7 @@ def parse_size(text: str | int) -> int:
 
 
 KV_DTYPES = ("auto", "fp8")
+KV_ORDERS = ("heads", "tokens")  # prefixgen.format.KV_ORDERS: head-major blocks (format 5) or token-major (3/4)
 # Eviction policies of `prefixgen simulate` (prefixgen/analysis/policies.py implements each; a test checks both agree).
 POLICY_NAMES = ("lru", "lfu", "arc", "s3fifo", "belady")
 
@@ -82,6 +83,9 @@ class BuildConfig:
     # store
     block_size: int = 16  # vLLM's block size
     kv_dtype: str = "auto"  # "auto": the model's dtype; "fp8": float8 e4m3 with per-block scales
+    # "heads": head-major blocks (format 5; a tensor-parallel rank reads only its heads); "tokens": token-major
+    # (format 3/4, for readers before format 5). An append keeps the store's order.
+    kv_order: str = "heads"
     min_records: int | None = None  # store only blocks contained in at least this many records
     max_bytes: int | None = None  # store the most shared blocks whose KV fits in this many bytes
     shard_bytes: int = 256 << 20
@@ -195,6 +199,8 @@ class BuildConfig:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.kv_dtype not in KV_DTYPES:
             raise ConfigError(f"--kv-dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
+        if self.kv_order not in KV_ORDERS:
+            raise ConfigError(f"--kv-order {self.kv_order!r} is not one of {', '.join(KV_ORDERS)}")
         if self.min_records is not None and self.min_records < 1:
             raise ConfigError(f"--min-records must be at least 1 (1 stores every block), got {self.min_records}")
         if self.max_bytes is not None and self.max_bytes <= 0:

@@ -84,7 +84,9 @@ def _kv_bytes(path) -> int:
         with open(shard, "rb") as f:
             header = read_safetensors_header(f, shard)
         total += sum(
-            end - start for name, (start, end) in ((n, t["data_offsets"]) for n, t in header.tensors.items()) if name != "tokens"
+            end - start
+            for name, (start, end) in ((n, t["data_offsets"]) for n, t in header.tensors.items())
+            if name in ("kv", "kv_scale")
         )
     return total
 

@@ -5,8 +5,10 @@ by name."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -197,13 +199,13 @@ def test_the_manifest_describes_the_groups_and_mla_stores_the_latent(kind_model,
     manifest = json.loads((kind_store.path / "manifest.json").read_text())
     config = AutoConfig.from_pretrained(model_dir)
     spec = cache_spec(config)
-    assert manifest["format_version"] == 4
+    assert manifest["format_version"] == 5  # format 4's groups, in format 5's head-major blocks (the default)
     assert [g["kind"] for g in manifest["kv"]["groups"]] == [g.kind for g in spec.groups]
     shard = next((kind_store.path / SHARDS_DIR).glob("*.safetensors"))
     with open(shard, "rb") as f:
         header = read_safetensors_header(f, shard)
     kv = header.tensors["kv"]
-    tokens = kv["shape"][0]
+    tokens = int(np.prod(header.tensors["tokens"]["shape"]))  # blocks x B (format 5's kv is [blocks, heads, B, ...])
     a, b = kv["data_offsets"]
     if spec.groups[0].kind == MLA:
         g = spec.groups[0]
@@ -220,13 +222,18 @@ def test_the_manifest_describes_the_groups_and_mla_stores_the_latent(kind_model,
     else:
         assert {SLIDING, CHUNKED} & {g.kind for g in spec.groups}
         assert b - a == tokens * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 4
-    assert config_kv_layout(config, "float32") == kind_store.manifest.kv  # analyze's arithmetic from the config alone
+    # analyze's arithmetic from the config alone (the block order is the build's choice, not the config's)
+    assert dataclasses.replace(config_kv_layout(config, "float32"), order="heads") == kind_store.manifest.kv
     assert verify_store(kind_store.path).ok  # every block's checksum over the new row shapes
 
 
 def test_a_plain_store_keeps_format_3(tmp_path, stories):
+    """A token-major build (--kv-order tokens) of a plain model is format 3, for readers before format 5."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": p} for p in PROMPTS])
-    build(BuildConfig(dataset=str(data), model=str(stories), out=str(tmp_path / "s"), device="cpu", dtype="float32", quiet=True))
+    out = str(tmp_path / "s")
+    build(
+        BuildConfig(dataset=str(data), model=str(stories), out=out, device="cpu", dtype="float32", quiet=True, kv_order="tokens")
+    )
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["format_version"] == 3
     assert sorted(manifest["kv"]) == ["dtype", "head_dim", "layout", "num_kv_heads", "num_layers", "scale_layout", "storage"]

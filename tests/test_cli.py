@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from prefixgen.format import FORMAT_VERSION, SHARDS_DIR, read_safetensors_header
+from prefixgen.format import HEADS_FORMAT_VERSION, SHARDS_DIR, read_safetensors_header
 
 
 def _build(cli, stories, text_dataset, out):
@@ -54,7 +54,7 @@ def test_ls_json_and_table(tmp_path, cli, stories, text_dataset):
     out = tmp_path / "store"
     _build(cli, stories, text_dataset, out)
     summary = json.loads(cli("ls", out, "--json").stdout)
-    assert summary["format_version"] == FORMAT_VERSION and summary["block_size"] == 16
+    assert summary["format_version"] == HEADS_FORMAT_VERSION and summary["block_size"] == 16
     assert summary["block_checksum"] == "crc32c"
     assert summary["model"]["architecture"] == "LlamaForCausalLM"
     assert len(summary["shards"]) > 1 and sum(s["blocks"] for s in summary["shards"]) == summary["blocks"]

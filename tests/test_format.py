@@ -25,6 +25,7 @@ from prefixgen.format import (
     block_keys,
     encode_safetensors_header,
     hash_block,
+    read_safetensors_header,
     root_key,
 )
 from prefixgen.maintain.verify import verify_store
@@ -92,12 +93,13 @@ def _manifest(layout: KVLayout, digest: str = "11" * 32) -> Manifest:
         weights_digest=digest,
         tokenizer_digest="22" * 32,
     )
-    return Manifest(block_size=4, model=fp, kv=layout, root=root_key(digest).hex())
+    return Manifest(block_size=4, model=fp, kv=layout, root=root_key(digest).hex(), format_version=layout.format_version)
 
 
+@pytest.mark.parametrize("order", ["heads", "tokens"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_random_kv_round_trip_is_byte_exact(tmp_path, dtype):
-    layout = KVLayout(num_layers=3, num_kv_heads=2, head_dim=5, dtype=dtype)
+def test_random_kv_round_trip_is_byte_exact(tmp_path, dtype, order):
+    layout = KVLayout(num_layers=3, num_kv_heads=2, head_dim=5, dtype=dtype, order=order)
     manifest = prepare_store(tmp_path / "s", _manifest(layout), "new")
     torch_dtype = getattr(torch, dtype)
     seqs = [list(range(100 + 17 * i, 100 + 17 * i + 4 * (i + 2))) for i in range(5)]
@@ -122,8 +124,9 @@ def test_random_kv_round_trip_is_byte_exact(tmp_path, dtype):
     assert store.match([999] * 8) == 0
 
 
-def test_fp8_round_trip_error_is_small(tmp_path):
-    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", storage="fp8")
+@pytest.mark.parametrize("order", ["heads", "tokens"])
+def test_fp8_round_trip_error_is_small(tmp_path, order):
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32", storage="fp8", order=order)
     manifest = prepare_store(tmp_path / "s", _manifest(layout), "new")
     seq = list(range(16))
     kv = torch.randn(16, 2, 2, 2, 8)
@@ -139,7 +142,9 @@ def test_fp8_round_trip_error_is_small(tmp_path):
     assert shard.stat().st_size < 16 * layout.values_per_token + 2000  # one byte a value, plus scales
     assert verify_store(tmp_path / "s").ok
     data = bytearray(shard.read_bytes())
-    data[-16 * 4 - 8] ^= 0x10  # a byte of the scales (just before the tokens)
+    with open(shard, "rb") as f:
+        scale_at = read_safetensors_header(f, shard).offset("kv_scale")
+    data[scale_at + 5] ^= 0x10  # a byte of the scales
     shard.write_bytes(bytes(data))
     assert not verify_store(tmp_path / "s").ok
     with pytest.raises(CorruptStoreError):
@@ -205,3 +210,52 @@ def test_block_checksum_vector_and_manifest_version_3(tmp_path):
     data["block_checksum"] = "md5"
     with pytest.raises(CorruptStoreError, match="unknown block checksum 'md5'"):
         Manifest.from_json(json.dumps(data))
+
+
+def test_head_major_block_vector_and_manifest_version_5(tmp_path):
+    """FORMAT.md's head-major vector: one block (B = 4, 1 layer, 2 KV heads, head_dim 2) of float32 KV whose
+    token-major values ([B, L, 2, H, D]) are 0.0, 1.0, ..., 31.0 is stored head by head ([H, B, L, 2, D]: head 0 is
+    0, 1, 4, 5, 8, 9, ...), with head_crc [0x90FEA9B0, 0x3A038EA6] (CRC32C of each head's 64 bytes) and crc
+    0x2CAE5CFC (CRC32C of those two uint32, little-endian)."""
+    layout = KVLayout(num_layers=1, num_kv_heads=2, head_dim=2, dtype="float32", order="heads")
+    manifest = prepare_store(tmp_path / "s", _manifest(layout), "new")
+    data = json.loads((tmp_path / "s" / MANIFEST_FILE).read_text())
+    assert data["format_version"] == 5
+    assert data["kv"]["layout"] == "blocks,kv_heads,block_tokens,layers,kv,head_dim"
+    assert data["kv"]["scale_layout"] == "blocks,kv_heads,layers,kv"
+    kv = torch.arange(32, dtype=torch.float32).reshape(4, 1, 2, 2, 2)
+    keys = block_keys([1, 2, 3, 4], 4, manifest.root_key)
+    with StoreWriter(tmp_path / "s", manifest, "b") as w:
+        w.add(keys, [manifest.root_key], [0], np.asarray([[1, 2, 3, 4]], np.uint32), kv)
+    shard = next((tmp_path / "s" / "shards").iterdir())
+    with open(shard, "rb") as f:
+        header = read_safetensors_header(f, shard)
+    assert list(header.tensors) == ["kv", "head_crc", "tokens"]
+    assert header.tensors["kv"]["shape"] == [1, 2, 4, 1, 2, 2] and header.tensors["head_crc"]["shape"] == [1, 2]
+    raw = shard.read_bytes()
+    a, b = header.tensors["kv"]["data_offsets"]
+    head0 = [0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29]
+    assert raw[header.data_start + a : header.data_start + b] == struct.pack("<32f", *head0, *(v + 2 for v in head0))
+    a, b = header.tensors["head_crc"]["data_offsets"]
+    assert raw[header.data_start + a : header.data_start + b] == struct.pack("<2I", 0x90FEA9B0, 0x3A038EA6)
+    seg = Segment(next((tmp_path / "s" / INDEX_DIR).iterdir()))
+    assert seg.cols["crc"].tolist() == [0x2CAE5CFC]
+    assert verify_store(tmp_path / "s").ok
+    store = PrefixStore.open(tmp_path / "s")
+    assert torch.equal(store.read_blocks(keys), kv)
+    assert torch.equal(store.read_locations(store.index.find(keys), heads=range(1, 2)), kv[:, :, :, 1:2])
+    # The layout and the version go together: a reader must not take head-major bytes for token-major ones.
+    for version, name in ((4, data["kv"]["layout"]), (5, "tokens,layers,kv,kv_heads,head_dim")):
+        bad = {**data, "format_version": version, "kv": {**data["kv"], "layout": name}}
+        with pytest.raises(CorruptStoreError, match="kv layout"):
+            Manifest.from_json(json.dumps(bad))
+    with pytest.raises(NewerFormatError):
+        Manifest.from_json(json.dumps({**data, "format_version": 6}))
+
+
+def test_append_keeps_a_token_major_store_token_major(tmp_path):
+    """A build appending to a version-3 store (token-major) writes token-major blocks: the store's order wins."""
+    old = _manifest(KVLayout(1, 2, 2, "float32"))
+    prepare_store(tmp_path / "s", old, "new")
+    again = prepare_store(tmp_path / "s", _manifest(KVLayout(1, 2, 2, "float32", order="heads")), "append")
+    assert again.format_version == 3 and not again.kv.heads_first

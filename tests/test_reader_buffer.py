@@ -22,7 +22,11 @@ def store_and_ids(tmp_path_factory, stories):
     tmp = tmp_path_factory.mktemp("buffer-store")
     out = tmp / "store"
     data = str(write_jsonl(tmp / "s.jsonl", ROWS))
-    build(BuildConfig(dataset=data, model=str(stories), out=str(out), device="cpu", dtype="float32", quiet=True))
+    # Token-major (format 3): its reads are views of the buffer (a head-major store's are transposed into new tensors).
+    cfg = BuildConfig(
+        dataset=data, model=str(stories), out=str(out), device="cpu", dtype="float32", quiet=True, kv_order="tokens"
+    )
+    build(cfg)
     tok = AutoTokenizer.from_pretrained(stories)
     return PrefixStore.open(out), [tok(row["text"]).input_ids for row in ROWS]
 

@@ -5,6 +5,7 @@ verify beside a compaction's unlinks, gc's leftovers, --overwrite of a newer sto
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -314,3 +315,38 @@ def test_beegfs_without_global_locks_and_fuse_object_stores_are_refused(tmp_path
     with pytest.raises(StoreError, match="fuse.s3fs mounted with FUSE"):
         check_file_system(Path("/s3/store"), mounts)
     check_file_system(Path("/merged/store"), mounts)  # a local FUSE overlay: one machine's locks
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs of its own, for a really full disk (the fault shim can only fail writes, not free room)."""
+    point = tmp_path / "disk"
+    point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(point)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root, or no mount permission)")
+    yield point
+    subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_a_build_whose_disk_fills_up_records_how_it_ended(tmp_path, stories, small_disk):
+    # Item 11, found again by torture seed 2727: another process filled the disk to its last page
+    # while a build ran; the build failed with a clean message, but its record could not be written
+    # either and stayed "running". The build keeps room for its last record and frees it then.
+    data = _dataset(tmp_path / "d.jsonl", 600)
+    out = small_disk / "store"
+    cmd = [sys.executable, "-m", "prefixgen", "build", data, "--model", stories, "--out", out, *CPU, "--shard-bytes", "64KiB"]
+    proc = subprocess.Popen([str(c) for c in cmd], env=ENV, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not list((out / BUILDS_DIR).glob("*.json")):
+        threading.Event().wait(0.05)
+    hog = os.open(small_disk / "hog", os.O_WRONLY | os.O_CREAT)  # every page left, as another writer would
+    with contextlib.suppress(OSError):
+        while os.write(hog, bytes(4096)):
+            pass
+    os.close(hog)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, "the build finished before the disk filled: give it more records"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    (record,) = read_builds(out)
+    assert record.status == "failed" and record.stored_tokens > 0
+    assert not list(out.rglob("*.tmp"))

@@ -1,7 +1,8 @@
 """Tensor and pipeline parallelism 2 end to end on CPU: vLLM with the connector and ``tensor_parallel_size=2``
 or ``pipeline_parallel_size=2`` (two worker processes, gloo) gives plain vLLM's tokens in the same layout for
 stored prompts, and each rank writes only its own part of the KV: its KV head (TP), its stage's layer (PP), so
-its LoadStats bytes are half the prefix's KV.
+its LoadStats bytes are half the prefix's KV. The store is head-major (format 5): a TP rank also reads from disk
+only its own head (LoadStats read_bytes at most 1.25 x the blocks' bytes / 2).
 
 vLLM's CPU workers bind their OpenMP threads: the default ``VLLM_CPU_OMP_THREADS_BIND=auto`` gives each rank a
 NUMA node of its own and refuses two ranks on a one-node machine ("Not enough allowed NUMA nodes to bind threads
@@ -101,6 +102,15 @@ def test_two_ranks_serve_stored_prefixes_each_its_own_part(tmp_path, model, stor
     # TP: one of the two KV heads; PP: one of the two layers (same dtype).
     per_rank = sum(stored) * opened.manifest.kv.bytes_per_token // RANKS
     assert len(served["rank_stats"]) == RANKS
+    # Bytes read from shard files: the store is head-major (format 5), so a TP rank reads its own KV head of each
+    # block (and the block's head checksums), at most 1.25 x the blocks' bytes / 2; a PP stage reads whole blocks.
+    kv, bs = opened.manifest.kv, opened.block_size
+    total = sum(stored) // bs * kv.block_bytes(bs)
+    assert opened.manifest.format_version == 5 and kv.heads_first
     for rank in served["rank_stats"]:
         assert rank["tokens"] == sum(stored) and rank["bytes"] == per_rank
         assert rank["failed_loads"] == rank["corrupt_blocks"] == 0
+        if layout == "tp2":
+            assert 0 < rank["read_bytes"] <= 1.25 * total / RANKS, (rank["read_bytes"], total)
+        else:
+            assert rank["read_bytes"] == total

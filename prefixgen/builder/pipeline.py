@@ -12,6 +12,7 @@ Each step is an iterator over the one before, so records stream through in bound
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import threading
 import time
@@ -189,6 +190,7 @@ def _manifest(cfg: BuildConfig, model: torch.nn.Module, tokenizer) -> Manifest:
     layout = probe_kv_layout(model)
     if cfg.kv_dtype == "fp8":
         layout = layout.with_storage("fp8")
+    layout = dataclasses.replace(layout, order=cfg.kv_order)
     fp = fingerprint(model, tokenizer, layout, name=cfg.model)
     root = root_key(fp.weights_digest).hex()
     return Manifest(cfg.block_size, fp, layout, root, format_version=layout.format_version, created_at=utc_now())

@@ -23,12 +23,23 @@ FORMAT_VERSION = 3
 # `kv.latent_rank`, `kv.groups`). Only such stores are written as 4: a reader before it would take their
 # blocks for per-head K/V. A plain full-attention store is still written as 3, byte for byte as before.
 GROUPS_FORMAT_VERSION = 4
+# 5: head-major blocks (manifest `kv.layout` KV_LAYOUT_HEADS): each block's KV is [kv_heads, B, layers, parts,
+# head_dim], with one checksum per (block, head) in the shard's `head_crc`, so a tensor-parallel rank reads and
+# checks only its own heads. New stores are written as 5 (plain and layer-group layouts alike); a reader before it
+# would take the head-major bytes for token-major ones, so it must refuse them.
+HEADS_FORMAT_VERSION = 5
+LATEST_FORMAT_VERSION = HEADS_FORMAT_VERSION
 COMPACTED_FORMAT_VERSION = 2  # the version a store needs at least to hold a compacted segment
 
-# Token-major so that consecutive blocks of one sequence are one contiguous byte range.
+# Token-major (versions 1 to 4): consecutive blocks of one sequence are one contiguous byte range.
 KV_LAYOUT = "tokens,layers,kv,kv_heads,head_dim"
 # fp8 scales: one float32 per block, layer, K/V and head.
 SCALE_LAYOUT = "blocks,layers,kv,kv_heads"
+# Head-major (version 5): a block is its heads one after the other, each [B, layers, kv, head_dim], so one
+# tensor-parallel rank's heads of a block are one contiguous byte range; the scales likewise per head.
+KV_LAYOUT_HEADS = "blocks,kv_heads,block_tokens,layers,kv,head_dim"
+SCALE_LAYOUT_HEADS = "blocks,kv_heads,layers,kv"
+KV_ORDERS = ("heads", "tokens")  # KVLayout.order: how a store lays out a block's bytes
 
 
 def _fields_dict(obj: Any) -> dict[str, Any]:
@@ -127,6 +138,9 @@ class KVLayout:
     kind: str = "kv"
     latent_rank: int = 0  # mla: kv_lora_rank, the latent's first values
     groups: tuple[LayerGroup, ...] = ()
+    # How a store lays out a block: "tokens" ([B, layers, parts, kv_heads, head_dim], versions 1 to 4) or
+    # "heads" ([kv_heads, B, layers, parts, head_dim], version 5). KV in memory is always token-major.
+    order: str = "tokens"
 
     @property
     def parts(self) -> int:
@@ -145,7 +159,33 @@ class KVLayout:
     @property
     def format_version(self) -> int:
         """The format version a store of this layout is written as."""
+        if self.order == "heads":
+            return HEADS_FORMAT_VERSION
         return FORMAT_VERSION if self.plain else GROUPS_FORMAT_VERSION
+
+    @property
+    def heads_first(self) -> bool:
+        """Whether blocks are stored head-major (format 5), each head's bytes contiguous."""
+        return self.order == "heads"
+
+    def block_shape(self, block_size: int) -> tuple[int, ...]:
+        """The shape of one stored block: ``[H, B, L, parts, D]`` head-major, ``[B, L, parts, H, D]`` token-major."""
+        L, P, H, D = self.token_shape
+        return (H, block_size, L, P, D) if self.heads_first else (block_size, L, P, H, D)
+
+    @property
+    def scale_shape(self) -> tuple[int, int, int]:
+        """The shape of one stored block's fp8 scales: ``[H, L, parts]`` head-major, ``[L, parts, H]`` token-major."""
+        L, P, H, _ = self.token_shape
+        return (H, L, P) if self.heads_first else (L, P, H)
+
+    def head_bytes(self, block_size: int) -> int:
+        """Stored KV bytes of one head of one block (head-major: a contiguous run)."""
+        return block_size * self.num_layers * self.parts * self.head_dim * DTYPE_SIZES[self.stored_dtype]
+
+    def head_scale_bytes(self) -> int:
+        """fp8 scale bytes of one head of one block (0 for native storage)."""
+        return self.num_layers * self.parts * 4 if self.storage == "fp8" else 0
 
     @property
     def values_per_token(self) -> int:
@@ -212,7 +252,7 @@ class Manifest:
             "block_size": self.block_size,
             "hash": {"algorithm": self.hash_algorithm, "root": self.root},
             "block_checksum": self.block_checksum,
-            "kv": {**self.kv.to_dict(), "layout": KV_LAYOUT, "scale_layout": SCALE_LAYOUT},
+            "kv": {**self.kv.to_dict(), **_layout_names(self.kv)},
             "model": self.model.to_dict(),
             "created_at": self.created_at,
         }
@@ -230,9 +270,9 @@ class Manifest:
         version = data["format_version"]
         if not isinstance(version, int):
             raise CorruptStoreError(f"{where}: format_version {version!r} is not an integer")
-        if version > GROUPS_FORMAT_VERSION:
+        if version > LATEST_FORMAT_VERSION:
             raise NewerFormatError(
-                f"{where} has format version {version}, this prefixgen reads up to {GROUPS_FORMAT_VERSION}: "
+                f"{where} has format version {version}, this prefixgen reads up to {LATEST_FORMAT_VERSION}: "
                 "upgrade prefixgen (pip install -U prefixgen)"
             )
         try:
@@ -249,6 +289,7 @@ class Manifest:
                     kind=str(kv.get("kind", "kv")),
                     latent_rank=int(kv.get("latent_rank", 0)),
                     groups=tuple(LayerGroup.from_dict(g) for g in kv.get("groups", ())),
+                    order="heads" if kv.get("layout") == KV_LAYOUT_HEADS else "tokens",
                 ),
                 root=str(data["hash"]["root"]),
                 format_version=version,
@@ -265,6 +306,15 @@ class Manifest:
             raise CorruptStoreError(f"{where}: unknown block checksum {manifest.block_checksum!r}")
         if manifest.kv.kind not in ("kv", "mla") or (not manifest.kv.plain and version < GROUPS_FORMAT_VERSION):
             raise CorruptStoreError(f"{where}: kv kind {manifest.kv.kind!r} or layer groups in a format {version} store")
+        if manifest.kv.heads_first != (version >= HEADS_FORMAT_VERSION):
+            raise CorruptStoreError(f"{where}: kv layout {kv.get('layout')!r} in a format {version} store")
         if manifest.kv.stored_dtype not in DTYPE_SIZES or manifest.block_size <= 0:
             raise CorruptStoreError(f"{where}: bad kv dtype {manifest.kv.dtype!r} or block size")
         return manifest
+
+
+def _layout_names(kv: KVLayout) -> dict[str, str]:
+    """The manifest's ``kv.layout`` and ``kv.scale_layout``: how the store's blocks are laid out."""
+    if kv.heads_first:
+        return {"layout": KV_LAYOUT_HEADS, "scale_layout": SCALE_LAYOUT_HEADS}
+    return {"layout": KV_LAYOUT, "scale_layout": SCALE_LAYOUT}

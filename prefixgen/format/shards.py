@@ -52,15 +52,52 @@ def shard_checksum(header: bytes, crcs: np.ndarray) -> int:
 def shard_tensors(layout: KVLayout, block_size: int, blocks: int) -> list[TensorSpec]:
     """Tensors of a shard holding ``blocks`` blocks, in file order.
 
-    ``kv`` [tokens, layers, 2, kv_heads, head_dim]; ``kv_scale`` [blocks, layers, 2, kv_heads]
-    (fp8 only); ``tokens`` [blocks, block_size] uint32.
+    Token-major (versions 1 to 4): ``kv`` [tokens, layers, 2, kv_heads, head_dim]; ``kv_scale`` [blocks, layers, 2,
+    kv_heads] (fp8 only); ``tokens`` [blocks, block_size] uint32. Head-major (version 5): ``kv`` [blocks, kv_heads,
+    block_size, layers, 2, head_dim]; ``kv_scale`` [blocks, kv_heads, layers, 2] (fp8 only); ``head_crc`` [blocks,
+    kv_heads] uint32; ``tokens``.
     """
-    tokens = blocks * block_size
-    specs = [TensorSpec("kv", layout.stored_dtype, (tokens, *layout.token_shape))]
+    if layout.heads_first:
+        specs = [TensorSpec("kv", layout.stored_dtype, (blocks, *layout.block_shape(block_size)))]
+    else:
+        specs = [TensorSpec("kv", layout.stored_dtype, (blocks * block_size, *layout.token_shape))]
     if layout.storage == "fp8":
-        specs.append(TensorSpec("kv_scale", "float32", (blocks, *layout.token_shape[:3])))
+        specs.append(TensorSpec("kv_scale", "float32", (blocks, *layout.scale_shape)))
+    if layout.heads_first:
+        specs.append(TensorSpec("head_crc", "uint32", (blocks, layout.num_kv_heads)))
     specs.append(TensorSpec("tokens", "uint32", (blocks, block_size)))
     return specs
+
+
+def block_checksums(
+    kv: Any, scales: Any, layout: KVLayout, block_size: int, algorithm: str = CRC32C
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The checksums of stored blocks (their ``kv`` bytes, and ``scales`` bytes for fp8, as the shard holds them):
+    (the index's ``crc`` [blocks] uint32, the shard's ``head_crc`` [blocks, kv_heads] uint32 or None).
+
+    Token-major: a block's ``crc`` covers its KV bytes, then its scales. Head-major: each head's ``head_crc``
+    covers the head's KV bytes, then its scales, and the block's ``crc`` covers its ``head_crc`` row (little-endian):
+    one pass over the KV either way; a reader of some heads checks them against the row, and the row against the
+    index.
+
+    Example:
+        >>> crcs, heads = block_checksums(bytes(128), None, KVLayout(1, 2, 2, "float32", order="heads"), 2)
+        >>> heads.shape, crcs.tolist() == head_row_crcs(heads).tolist()
+        ((2, 2), True)
+    """
+    if not layout.heads_first:
+        crcs = block_crcs(kv, layout.bytes_per_token * block_size, scales, layout.scale_bytes_per_block(), algorithm)
+        return crcs, None
+    heads = block_crcs(kv, layout.head_bytes(block_size), scales, layout.head_scale_bytes(), algorithm)
+    heads = heads.reshape(-1, layout.num_kv_heads)  # [blocks, H]
+    return head_row_crcs(heads, algorithm), heads
+
+
+def head_row_crcs(head_crcs: np.ndarray, algorithm: str = CRC32C) -> np.ndarray:
+    """Each block's ``crc`` from its ``head_crc`` row ([blocks, kv_heads] uint32): the checksum of the row's bytes
+    (little-endian uint32). [blocks] uint32."""
+    rows = np.ascontiguousarray(head_crcs, dtype="<u4")
+    return block_crcs(rows.reshape(-1).view(np.uint8), rows.shape[1] * 4, algorithm=algorithm)
 
 
 def read_shard_blocks(
@@ -68,7 +105,8 @@ def read_shard_blocks(
 ) -> bool:
     """Read consecutive blocks from slot ``first_slot`` of an open shard: their ``kv`` bytes into
     the writable buffer ``kv`` (its size says how many blocks) and, for fp8, their scale bytes into
-    ``scales``. One ``preadv`` each. Returns False if the file ended first (truncated)."""
+    ``scales``. One ``preadv`` each. Returns False if the file ended first (truncated). The bytes are
+    as stored: head-major blocks in a version-5 store (:func:`token_major` views them token-major)."""
     block_bytes = layout.bytes_per_token * block_size
     kv = memoryview(kv).cast("B")
     ok = os.preadv(fd, [kv], header.offset("kv") + first_slot * block_bytes) == kv.nbytes
@@ -77,6 +115,52 @@ def read_shard_blocks(
         offset = header.offset("kv_scale") + first_slot * layout.scale_bytes_per_block()
         ok = ok and os.preadv(fd, [scales], offset) == scales.nbytes
     return ok
+
+
+def read_shard_heads(
+    fd: int,
+    header: SafetensorsHeader,
+    layout: KVLayout,
+    block_size: int,
+    first_slot: int,
+    heads: range,
+    kv: Any,
+    scales: Any,
+    head_crcs: np.ndarray,
+) -> int:
+    """Read heads ``heads`` of ``len(head_crcs)`` consecutive blocks from slot ``first_slot`` of an open head-major
+    shard: per block one ``pread`` of those heads' KV bytes into ``kv`` ([blocks, len(heads), B, L, parts, D] as
+    bytes) and, for fp8, one of their scales into ``scales`` ([blocks, len(heads), L, parts]); and the blocks' whole
+    ``head_crc`` rows into ``head_crcs`` ([blocks, kv_heads] uint32, one ``pread``). Returns the bytes read, or -1
+    if the file ended first (truncated)."""
+    n, H = len(head_crcs), layout.num_kv_heads
+    per_head, per_scale = layout.head_bytes(block_size), layout.head_scale_bytes()
+    rows = memoryview(head_crcs).cast("B")
+    if os.preadv(fd, [rows], header.offset("head_crc") + first_slot * H * 4) != rows.nbytes:
+        return -1
+    total = rows.nbytes
+    pieces = [(memoryview(kv).cast("B"), header.offset("kv"), per_head)]
+    if scales is not None:
+        pieces.append((memoryview(scales).cast("B"), header.offset("kv_scale"), per_scale))
+    for dest, start, unit in pieces:
+        size = len(heads) * unit  # this rank's heads of one block: one contiguous range
+        at = start + (first_slot * H + heads.start) * unit
+        for b in range(n):
+            if os.preadv(fd, [dest[b * size : (b + 1) * size]], at + b * H * unit) != size:
+                return -1
+        total += n * size
+    return total
+
+
+def token_major(kv: torch.Tensor, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Head-major blocks viewed token-major: ``kv`` [n, H, B, L, parts, D] -> [n, B, L, parts, H, D] and ``scales``
+    [n, H, L, parts] -> [n, L, parts, H]. Permuted views: ``.reshape(n * B, L, parts, H, D)`` copies.
+
+    Example:
+        >>> token_major(torch.zeros(3, 2, 4, 5, 2, 8))[0].shape
+        torch.Size([3, 4, 5, 2, 2, 8])
+    """
+    return kv.permute(0, 2, 3, 4, 1, 5), None if scales is None else scales.permute(0, 2, 3, 1)
 
 
 def encode_shard(
@@ -88,16 +172,19 @@ def encode_shard(
     metadata: dict[str, str],
     algorithm: str = CRC32C,
 ) -> tuple[list, np.ndarray, int]:
-    """A shard's bytes from its stored KV bytes (``kv``, and ``scales`` for fp8) and ``tokens``
-    [blocks, B]: (file parts, block checksums (``algorithm``) [blocks] uint32, shard checksum).
+    """A shard's bytes from its stored KV bytes (``kv``, and ``scales`` for fp8, in the layout's order) and ``tokens``
+    [blocks, B]: (file parts, block checksums (``algorithm``) [blocks] uint32, shard checksum). A head-major shard
+    gets its ``head_crc`` tensor.
 
     Example:
         >>> parts, crcs, checksum = encode_shard(layout, 16, kv_bytes, None, tokens, {})  # doctest: +SKIP
     """
     blocks = len(tokens)
     header = encode_safetensors_header(shard_tensors(layout, block_size, blocks), metadata)
-    crcs = block_crcs(kv, layout.bytes_per_token * block_size, scales, layout.scale_bytes_per_block(), algorithm)
+    crcs, heads = block_checksums(kv, scales, layout, block_size, algorithm)
     data = [memoryview(kv).cast("B")] + ([memoryview(scales).cast("B")] if scales is not None else [])
+    if heads is not None:
+        data.append(np.ascontiguousarray(heads, dtype="<u4").tobytes())
     parts = [header, *data, np.ascontiguousarray(tokens, dtype="<u4").tobytes()]
     return parts, crcs, shard_checksum(header, crcs)
 

@@ -21,8 +21,9 @@ says which versions are tested). vLLM builds one connector per process and role:
   the store, vLLM block ids) goes to the workers in the step's :class:`PrefixgenConnectorMetadata`.
 * **worker** (:meth:`PrefixgenConnector.start_load_kv`): hands each load to a pool of load threads;
   one reads the blocks (only their bytes, CRC-checked, through
-  :class:`~prefixgen.store.reader.PrefixStore`) in pieces of at most ``staging_bytes``, keeps this
-  rank's KV heads in host memory and writes each attention layer's share into vLLM's paged cache
+  :class:`~prefixgen.store.reader.PrefixStore`) in pieces of at most ``staging_bytes``: from a head-major
+  store (format 5) only this rank's KV heads, one read per block, checked against their own checksums;
+  from a token-major one every head, keeping this rank's in host memory. It writes each attention layer's share into vLLM's paged cache
   with the layer's own cache-write op (``impl.do_kv_cache_update``, i.e.
   ``cpu_attn_reshape_and_cache`` on CPU and ``reshape_and_cache_flash`` on FlashAttention; on
   CUDA on a side stream), so no backend's memory layout is hard-coded here. A finished load is
@@ -118,7 +119,7 @@ from prefixgen.model import (
     tp_kv_heads,
 )
 from prefixgen.store.index import BlockLocation
-from prefixgen.store.reader import PrefixStore
+from prefixgen.store.reader import PrefixStore, ReadCount
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -193,6 +194,7 @@ class LoadStats:
     requests: int = 0
     tokens: int = 0
     bytes: int = 0  # KV bytes written (this rank's heads, vLLM's compute dtype)
+    read_bytes: int = 0  # bytes read from shard files (a head-major store: this rank's heads and their checksums)
     seconds: float = 0.0  # summed over loads (they overlap each other and the engine's steps)
     corrupt_blocks: int = 0  # blocks that failed their checksum
     failed_loads: int = 0  # loads that stopped early on a store fault (vLLM recomputed the rest)
@@ -257,6 +259,7 @@ PROM_COUNTERS: dict[str, tuple[str, str]] = {
     "requests": ("loads", "Loads from the store done (written whole, or up to a store fault)"),
     "tokens": ("loaded_tokens", "Prompt tokens whose KV was loaded from the store instead of computed"),
     "bytes": ("loaded_bytes", "KV bytes written into vLLM's cache (each rank its heads, in vLLM's dtype)"),
+    "read_bytes": ("read_bytes", "Bytes read from shard files (a head-major store: each rank its heads)"),
     "seconds": ("load_seconds", "Seconds spent loading, summed over loads (they overlap each other and the steps)"),
     "pieces": ("load_pieces", "Staging pieces read and written by loads"),
     "corrupt_blocks": ("corrupt_blocks", "Stored blocks that failed their checksum: not loaded, vLLM computed them"),
@@ -1255,10 +1258,25 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
     def _read(self, locations: list[BlockLocation]) -> tuple[torch.Tensor | None, int]:
         """This rank's KV heads, in host memory, of the leading blocks of ``locations`` that read cleanly, and how many
         they are; each fault is logged once per shard and reported to the scheduler."""
+        count = ReadCount()  # a head-major store gives this rank only its heads from disk
+        try:
+            return self._read_counted(locations, count)
+        finally:
+            with self._lock:
+                self.stats.read_bytes += count.bytes
+
+    def _read_counted(self, locations: list[BlockLocation], count: ReadCount) -> tuple[torch.Tensor | None, int]:
         while locations:
             try:
                 kv = self.store.read_locations(  # in this thread: a read that hangs holds up this load only
-                    locations, "cpu", self._dtype, heads=self._heads, buffer=self._read_buffer(), layers=self._stage, threads=1
+                    locations,
+                    "cpu",
+                    self._dtype,
+                    heads=self._heads,
+                    buffer=self._read_buffer(),
+                    layers=self._stage,
+                    threads=1,
+                    count=count,
                 )
                 with self._lock:
                     self.stats.pieces += 1
@@ -1272,10 +1290,10 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
                 _warn_once(self._logged, bad.shard, "PrefixgenConnector: %s; vLLM recomputes it", exc)
                 locations = locations[: exc.block]
             except STORE_FAULTS as exc:
-                locations = locations[: self._first_unreadable(locations, exc)]
+                locations = locations[: self._first_unreadable(locations, exc, count)]
         return None, 0
 
-    def _first_unreadable(self, locations: list[BlockLocation], exc: Exception) -> int:
+    def _first_unreadable(self, locations: list[BlockLocation], exc: Exception, count: ReadCount) -> int:
         """Where in ``locations`` the shard that raised ``exc`` starts (read again one shard at a time, unchecked);
         that shard is reported bad. 0 when every shard reads now (a passing fault): the load stops here."""
         start = 0
@@ -1283,7 +1301,7 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
             shard = locations[start].shard
             end = next((i for i in range(start, len(locations)) if locations[i].shard != shard), len(locations))
             try:
-                self.store.read_locations(locations[start:end], verify=False, threads=1)
+                self.store.read_locations(locations[start:end], verify=False, threads=1, count=count)
             except STORE_FAULTS as again:
                 with self._lock:
                     self._new_bad.bad_shards.add(shard)

@@ -28,7 +28,7 @@ from prefixgen.format import (
     Manifest,
     Segment,
     ShardRef,
-    block_crcs,
+    block_checksums,
     hash_block,
     read_safetensors_header,
     shard_checksum,
@@ -284,7 +284,12 @@ def _verify_shard(
         return memoryview(data)[a:b]
 
     scales = tensor("kv_scale") if layout.storage == "fp8" else None
-    crcs = block_crcs(tensor("kv"), layout.bytes_per_token * bs, scales, layout.scale_bytes_per_block(), manifest.block_checksum)
+    crcs, heads = block_checksums(tensor("kv"), scales, layout, bs, manifest.block_checksum)
+    if heads is not None and (
+        bad_heads := int(np.count_nonzero(heads != np.frombuffer(tensor("head_crc"), "<u4").reshape(heads.shape)))
+    ):
+        # A head's bytes or its stored head_crc: a tensor-parallel reader of that head finds it damaged.
+        report.faults.append(f"{where}: {bad_heads} block heads fail their head_crc (damaged KV or head_crc)")
     if shard_checksum(_raw_header(shard, header.data_start), crcs) != ref.crc32:
         report.faults.append(f"{where}: checksum mismatch, the file is damaged")
     tokens = np.frombuffer(tensor("tokens"), dtype="<u4").reshape(ref.blocks, bs)

@@ -39,12 +39,16 @@ from prefixgen.format import (
     KVLayout,
     Manifest,
     SafetensorsHeader,
+    block_checksums,
     block_crcs,
     block_keys,
     dequantize_fp8,
+    head_row_crcs,
     merge_rank_parts,
     read_safetensors_header,
     read_shard_blocks,
+    read_shard_heads,
+    token_major,
 )
 from prefixgen.kvcache import hybrid_to_cache, recurrent_layers, rows_to_cache
 from prefixgen.model import fingerprint, probe_kv_layout
@@ -57,6 +61,18 @@ PIECE_BYTES = 16 << 20  # one read request (and one staging slot)
 REOPEN_BACKOFF = (0.0, 0.05, 0.25)
 STAGING_SLOTS = 4
 READ_THREADS = 4
+
+
+class ReadCount:
+    """Bytes a caller's reads took from shard files (KV, fp8 scales, head checksums), added up across its threads."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.bytes += n
 
 
 @dataclass(slots=True)
@@ -271,6 +287,7 @@ class PrefixStore:
         buffer: torch.Tensor | None = None,
         layers: range | None = None,
         threads: int = READ_THREADS,
+        count: ReadCount | None = None,
     ) -> torch.Tensor:
         """KV at ``locations``, back to back: ``[blocks * B, L, 2, H, D]`` on ``device``; only the KV
         heads in ``heads`` if given (``H = len(heads)``, e.g. one tensor-parallel rank's), only the
@@ -279,14 +296,18 @@ class PrefixStore:
         ``buffer`` (CPU only): a contiguous host tensor of at least the blocks' stored bytes to read
         into instead of a new tensor, for a caller that reads piece after piece: a new tensor's pages
         are mapped (and zeroed by the kernel) on first touch, which costs more than reading a warm
-        page cache into them. Without a conversion (same dtype, not fp8) the result is then a view
-        of ``buffer``, valid until the next read into it.
+        page cache into them. Without a conversion (same dtype, not fp8) the result of a token-major
+        store is then a view of ``buffer``, valid until the next read into it (a head-major store's is
+        a new tensor: its blocks are transposed).
 
         A block that fails its CRC (``verify``) raises :class:`CorruptBlockError` saying which.
-        The store keeps a token's layers and heads side by side, so every one is read and checked; on
-        CPU the others are dropped in host memory before any conversion (on CUDA, after the upload).
+        A head-major store (format 5) reads only the heads in ``heads`` of each block (one read per
+        block) and checks them against the block's ``head_crc`` row, the row against the index: a
+        damaged head outside ``heads`` fails nothing. A token-major store keeps a token's heads side by
+        side, so every one is read and checked; on CPU the others are dropped in host memory before any
+        conversion (on CUDA, after the upload). ``count`` adds up the bytes read from shard files.
 
-        Consecutive slots of a shard are read with one request, cut into pieces of at most
+        Whole blocks: consecutive slots of a shard are read with one request, cut into pieces of at most
         ``PIECE_BYTES`` read (and CRC-checked) by threads. On CUDA the pieces land in a ring of
         pinned staging buffers and go up with non-blocking copies while the next pieces are read.
 
@@ -296,29 +317,38 @@ class PrefixStore:
         """
         layout, bs = self.manifest.kv, self.block_size
         device = torch.device(device)
-        per_token = layout.token_shape
         n = len(locations)
         stored = TORCH_DTYPES[layout.stored_dtype]
-        scales = torch.empty((n, *layout.token_shape[:3])) if layout.storage == "fp8" else None
+        H, (L, P, _, D) = layout.num_kv_heads, layout.token_shape
+        # A head-major store gives a rank its own heads straight from disk; a token-major one has them side by side
+        # in every token, so it reads every head and drops the others in memory.
+        part = heads if layout.heads_first and heads is not None and len(heads) < H else None
+        h = len(part) if part is not None else H
+        if layout.heads_first:
+            raw_shape: tuple[int, ...] = (n, h, bs, L, P, D)
+            scales = torch.empty((n, h, L, P)) if layout.storage == "fp8" else None
+        else:
+            raw_shape = (n * bs, *layout.token_shape)
+            scales = torch.empty((n, *layout.token_shape[:3])) if layout.storage == "fp8" else None
+        block_bytes = layout.bytes_per_token * bs * h // H  # bytes read per block
         pieces = _pieces(_runs(locations), max(1, PIECE_BYTES // (layout.bytes_per_token * bs)))
         if device.type == "cuda":
-            result = torch.empty((n * bs, *per_token), dtype=stored, device=device)
+            result = torch.empty(raw_shape, dtype=stored, device=device)
             with self._staging_lock:  # another thread's read would overwrite a slot between its CRC check and its copy
-                self._read_to_device(pieces, result, scales, verify)
+                self._read_to_device(pieces, result, scales, verify, part, block_bytes, count)
         else:
             if buffer is None:
-                result = torch.empty((n * bs, *per_token), dtype=stored)
-            else:  # [n * B, L, 2, H, D] at the start of the caller's buffer
-                need = n * bs * layout.bytes_per_token
+                result = torch.empty(raw_shape, dtype=stored)
+            else:  # the blocks as stored (this rank's heads of a head-major store) at the start of the caller's buffer
+                need = n * block_bytes
                 if buffer.device.type != "cpu" or not buffer.is_contiguous() or buffer.nbytes < need:
                     raise ValueError(f"read_locations: buffer must be a contiguous host tensor of at least {need} bytes")
-                result = buffer.view(-1).view(torch.uint8)[:need].view(stored).view(n * bs, *per_token)
+                result = buffer.view(-1).view(torch.uint8)[:need].view(stored).view(raw_shape)
             flat = result.view(torch.uint8).view(-1).numpy()
-            block_bytes = layout.bytes_per_token * bs
 
             def read(piece: _Run) -> None:
                 a = piece.out_block * block_bytes
-                self._read_run(piece, flat[a : a + piece.blocks * block_bytes], scales, verify)
+                self._read_run(piece, flat[a : a + piece.blocks * block_bytes], scales, verify, part, count)
 
             if threads <= 1 or len(pieces) <= 1:
                 for piece in pieces:
@@ -326,6 +356,9 @@ class PrefixStore:
             else:
                 with ThreadPoolExecutor(max_workers=min(threads, len(pieces))) as pool:
                     list(pool.map(read, pieces))
+        target = dtype or TORCH_DTYPES[layout.dtype]
+        if layout.heads_first:
+            return _from_head_major(result, scales, heads if part is None else None, layers, target, device)
         if heads is not None:  # [T, L, 2, len(heads), D]: a view, converted below
             result = result[:, :, :, heads.start : heads.stop]
             scales = None if scales is None else scales[..., heads.start : heads.stop]
@@ -333,11 +366,19 @@ class PrefixStore:
             result = result[:, layers.start : layers.stop]
             scales = None if scales is None else scales[:, layers.start : layers.stop]
         if scales is not None:
-            return dequantize_fp8(result, scales.to(device), bs, dtype or TORCH_DTYPES[layout.dtype])
-        return result.to(dtype or TORCH_DTYPES[layout.dtype])
+            return dequantize_fp8(result, scales.to(device), bs, target)
+        return result.to(target)
 
-    def _read_to_device(self, pieces: list[_Run], result: torch.Tensor, scales: torch.Tensor | None, verify: bool) -> None:
-        block_bytes = self.manifest.kv.bytes_per_token * self.block_size
+    def _read_to_device(
+        self,
+        pieces: list[_Run],
+        result: torch.Tensor,
+        scales: torch.Tensor | None,
+        verify: bool,
+        heads: range | None,
+        block_bytes: int,
+        count: ReadCount | None,
+    ) -> None:
         if self._staging is None:
             self._staging = [
                 (torch.empty(PIECE_BYTES, dtype=torch.uint8, pin_memory=True), torch.cuda.Event()) for _ in range(STAGING_SLOTS)
@@ -349,7 +390,7 @@ class PrefixStore:
             buf, event = ring[j % len(ring)]
             event.synchronize()  # the copy out of this slot (piece j - slots) is done
             piece = pieces[j]
-            self._read_run(piece, buf[: piece.blocks * block_bytes].numpy(), scales, verify)
+            self._read_run(piece, buf[: piece.blocks * block_bytes].numpy(), scales, verify, heads, count)
             return piece
 
         with ThreadPoolExecutor(max_workers=len(ring)) as pool:
@@ -376,28 +417,51 @@ class PrefixStore:
             self._headers[shard] = header
         return header
 
-    def _read_run(self, run: _Run, dest: np.ndarray, scales: torch.Tensor | None, verify: bool) -> None:
-        """Read ``run``'s KV bytes into ``dest`` (and its fp8 scales into ``scales``), checking CRCs."""
+    def _read_run(
+        self,
+        run: _Run,
+        dest: np.ndarray,
+        scales: torch.Tensor | None,
+        verify: bool,
+        heads: range | None = None,
+        count: ReadCount | None = None,
+    ) -> None:
+        """Read ``run``'s KV bytes into ``dest`` (and its fp8 scales into ``scales``), checking CRCs: whole blocks, or
+        (``heads``, a head-major store) only those heads of each block, checked against the block's ``head_crc`` row,
+        the row against the index. A damaged head outside ``heads`` is not read, so it fails nothing here."""
         layout, bs = self.manifest.kv, self.block_size
-        block_bytes = layout.bytes_per_token * bs
         header = self._header(run.shard)
         path = self.path / SHARDS_DIR / run.shard
         scale_dest = None
         if scales is not None:
             scale_dest = scales[run.out_block : run.out_block + run.blocks].view(torch.uint8).numpy().reshape(-1)
+        rows = np.empty((run.blocks, layout.num_kv_heads), np.uint32) if heads is not None else None
         try:
             f = open(path, "rb", buffering=0)  # noqa: SIM115 (closed below)
         except FileNotFoundError:
             self._headers.pop(run.shard, None)
             raise MissingShardError(f"{path} is missing but the index refers to it; run `prefixgen verify`") from None
         with f:
-            ok = read_shard_blocks(f.fileno(), header, layout, bs, run.first_slot, dest, scale_dest)
+            if rows is None:
+                ok = read_shard_blocks(f.fileno(), header, layout, bs, run.first_slot, dest, scale_dest)
+                got = dest.nbytes + (scale_dest.nbytes if scale_dest is not None else 0)
+            else:
+                got = read_shard_heads(f.fileno(), header, layout, bs, run.first_slot, heads, dest, scale_dest, rows)
+                ok = got >= 0
+        if count is not None and ok:
+            count.add(got)
         if not ok:
             raise CorruptStoreError(f"{path} is truncated; run `prefixgen verify`")
         if not verify:
             return
-        crcs = block_crcs(dest, block_bytes, scale_dest, layout.scale_bytes_per_block(), self.manifest.block_checksum)
-        bad = np.flatnonzero(crcs != np.asarray(run.crcs, dtype=np.uint32))
+        algorithm = self.manifest.block_checksum
+        if rows is None:
+            crcs, _ = block_checksums(dest, scale_dest, layout, bs, algorithm)
+            bad = np.flatnonzero(crcs != np.asarray(run.crcs, dtype=np.uint32))
+        else:
+            mine = block_crcs(dest, layout.head_bytes(bs), scale_dest, layout.head_scale_bytes(), algorithm)
+            wrong = (mine.reshape(run.blocks, -1) != rows[:, heads.start : heads.stop]).any(axis=1)
+            bad = np.flatnonzero(wrong | (head_row_crcs(rows, algorithm) != np.asarray(run.crcs, dtype=np.uint32)))
         if len(bad):
             raise CorruptBlockError(
                 f"{path}: block at slot {run.first_slot + int(bad[0])} fails its checksum; the store is damaged "
@@ -528,6 +592,34 @@ def kv_to_cache(kv: torch.Tensor, layout: KVLayout | None = None) -> DynamicCach
     if layout is None:
         layout = KVLayout(kv.shape[1], kv.shape[3], kv.shape[4], str(kv.dtype).removeprefix("torch."))
     return rows_to_cache(kv, layout)
+
+
+def _from_head_major(
+    raw: torch.Tensor,
+    scales: torch.Tensor | None,
+    heads: range | None,
+    layers: range | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """Head-major blocks as read (``raw`` [n, h, B, L, parts, D], fp8 ``scales`` [n, h, L, parts]) as token-major KV
+    ``[n * B, L, parts, h, D]`` in ``dtype``: only ``heads`` and ``layers`` of them if given, transposed, converted
+    (and dequantized) in one pass into a new tensor."""
+    kv, scales = token_major(raw, scales)  # [n, B, L, parts, h, D], [n, L, parts, h]
+    if heads is not None:
+        kv = kv[..., heads.start : heads.stop, :]
+        scales = None if scales is None else scales[..., heads.start : heads.stop]
+    if layers is not None:
+        kv = kv[:, :, layers.start : layers.stop]
+        scales = None if scales is None else scales[:, layers.start : layers.stop]
+    n, bs = kv.shape[:2]
+    if scales is not None:
+        out = torch.empty(kv.shape, dtype=dtype, device=device)
+        out.copy_(kv.float() * scales.to(device)[:, None, :, :, :, None])
+    else:
+        out = torch.empty(kv.shape, dtype=dtype, device=device)
+        out.copy_(kv)
+    return out.view(n * bs, *kv.shape[2:])
 
 
 def _runs(locations: Sequence[BlockLocation]) -> list[_Run]:

@@ -18,6 +18,7 @@ compaction remove only what belongs to writers for which it is False.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import errno
 import fcntl
@@ -58,7 +59,7 @@ from prefixgen.format import (
     Segment,
     TensorSpec,
     atomic_write,
-    block_crcs,
+    block_checksums,
     create_once,
     dequantize_fp8,
     encode_safetensors_header,
@@ -69,11 +70,14 @@ from prefixgen.format import (
     shard_checksum,
     shard_name,
     shard_tensors,
+    temp_path,
+    token_major,
 )
 from prefixgen.store.index import StoreIndex
 from prefixgen.store.keyset import KeySet
 
 WRITE_MODES = ("new", "append", "resume", "overwrite")
+RECORD_RESERVE_BYTES = 64 << 10  # kept free for a build's last record: a few KiB of JSON, with room to spare
 ID_PATTERN = re.compile(r"\d{8}T\d{6}-\d+-[0-9a-f]{6}")  # what new_id makes
 
 
@@ -144,7 +148,8 @@ def prepare_store(path: Path, manifest: Manifest, mode: str) -> Manifest:
     problems = existing.model.differences(manifest.model)
     if existing.block_size != manifest.block_size:
         problems.append(f"block_size: store has {existing.block_size}, build asks for {manifest.block_size}")
-    if existing.kv != manifest.kv:
+    # The store's block order wins: a build appending to a token-major store (format 3 or 4) writes token-major.
+    if existing.kv != dataclasses.replace(manifest.kv, order=existing.kv.order):
         problems.append(f"kv: store has {existing.kv}, build makes {manifest.kv}")
     if problems:
         raise IncompatibleStoreError(
@@ -166,8 +171,8 @@ class _Shard:
     """A shard being filled: host buffers plus the index entries of the blocks in them."""
 
     seq: int
-    kv: torch.Tensor  # [capacity_tokens, L, 2, H, D] in the stored dtype (pinned on CUDA)
-    scale: torch.Tensor | None  # [capacity_blocks, L, 2, H] float32, fp8 only
+    kv: torch.Tensor  # [capacity_blocks, *layout.block_shape(B)] in the stored dtype and order (pinned on CUDA)
+    scale: torch.Tensor | None  # [capacity_blocks, *layout.scale_shape] float32, fp8 only
     tokens: np.ndarray  # [capacity_blocks, B] uint32
     keys: np.ndarray  # [capacity_blocks, 32] uint8
     parents: np.ndarray  # [capacity_blocks, 32] uint8
@@ -217,6 +222,7 @@ class StoreWriter:
             self._lock_file.release()
             raise
         self._counts_seq = 0
+        self._reserve: Path | None = None  # room kept for the last record (see write_build)
         layout = manifest.kv
         self._bs = manifest.block_size
         self._block_bytes = layout.bytes_per_token * self._bs
@@ -263,12 +269,18 @@ class StoreWriter:
         scale = None
         if self._fp8:
             kv, scale = quantize_fp8(kv, self._bs)
+        kv = kv.view(n, self._bs, *kv.shape[1:])  # [n, B, L, 2, H, D]
+        if self.manifest.kv.heads_first:
+            # Head-major blocks ([n, H, B, L, 2, D]), permuted on kv's device: the copy below makes them contiguous
+            # there (CUDA copies a strided source through a device temporary) before the one copy to host memory.
+            kv = kv.permute(0, 4, 1, 2, 3, 5)
+            scale = None if scale is None else scale.permute(0, 3, 1, 2)  # [n, H, L, 2]
         done = 0
         while done < n:
             shard = self._current or self._new_shard()
             take = min(n - done, self._capacity - shard.blocks)
-            b0, t0 = shard.blocks, shard.blocks * self._bs
-            shard.kv[t0 : t0 + take * self._bs].copy_(kv[done * self._bs : (done + take) * self._bs], non_blocking=True)
+            b0 = shard.blocks
+            shard.kv[b0 : b0 + take].copy_(kv[done : done + take], non_blocking=True)
             if scale is not None:
                 shard.scale[b0 : b0 + take].copy_(scale[done : done + take], non_blocking=True)
             shard.tokens[b0 : b0 + take] = tokens[done : done + take]
@@ -352,10 +364,8 @@ class StoreWriter:
                     first = int(slots[a])
                     kv, scale = self._read_run(fd, header, seq, first, int(slots[b - 1]) - first + 1)
                     for slot, i in asked[a:b]:
-                        t0 = (slot - first) * self._bs
-                        out[i] = self._as_past(
-                            kv[t0 : t0 + self._bs], None if scale is None else scale[slot - first : slot - first + 1]
-                        )
+                        j = slot - first
+                        out[i] = self._as_past(kv[j : j + 1], None if scale is None else scale[j : j + 1])
         return out
 
     def _indexed_at(self, key: bytes, shard: str, slot: int) -> bool:
@@ -376,14 +386,13 @@ class StoreWriter:
         if where is None:
             raise KeyError(f"block {key.hex()} is not one of this writer's")
         seq, slot = where
-        t0 = slot * self._bs
         shard = self._live.get(seq)
         if shard is not None:
             if shard.event is not None:
                 shard.event.synchronize()
             elif self._pin:
                 torch.cuda.current_stream().synchronize()  # its non-blocking copies may be in flight
-            kv = shard.kv[t0 : t0 + self._bs]
+            kv = shard.kv[slot : slot + 1]
             scale = shard.scale[slot : slot + 1] if shard.scale is not None else None
         else:
             with self._open_shard(seq) as (fd, header):
@@ -391,7 +400,12 @@ class StoreWriter:
         return self._as_past(kv, scale)
 
     def _as_past(self, kv: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        """Stored KV as a past: dequantized for fp8 (with its [blocks, L, 2, H] scales)."""
+        """Stored blocks ([n, *block_shape], fp8 scales [n, *scale_shape]) as a past [n*B, L, 2, H, D]: token-major,
+        dequantized for fp8."""
+        if self.manifest.kv.heads_first:
+            kv, scale = token_major(kv, scale)
+            scale = None if scale is None else scale.contiguous()
+        kv = kv.reshape(-1, *self.manifest.kv.token_shape)
         if scale is not None:
             return dequantize_fp8(kv, scale, self._bs, TORCH_DTYPES[self.manifest.kv.dtype])
         return kv
@@ -406,10 +420,10 @@ class StoreWriter:
     def _read_run(
         self, fd: int, header: SafetensorsHeader, seq: int, slot: int, n: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The stored KV [n*B, L, 2, H, D] (and fp8 scales [n, L, 2, H]) of slots ``slot`` .. ``slot+n-1``."""
+        """The stored blocks [n, *block_shape] (and fp8 scales [n, *scale_shape]) of slots ``slot`` .. ``slot+n-1``."""
         layout = self.manifest.kv
-        kv = torch.empty((n * self._bs, *layout.token_shape), dtype=TORCH_DTYPES[layout.stored_dtype])
-        scale = torch.empty((n, *layout.token_shape[:3])) if self._fp8 else None
+        kv = torch.empty((n, *layout.block_shape(self._bs)), dtype=TORCH_DTYPES[layout.stored_dtype])
+        scale = torch.empty((n, *layout.scale_shape)) if self._fp8 else None
         scale_bytes = scale.view(torch.uint8).numpy() if scale is not None else None
         if not read_shard_blocks(fd, header, layout, self._bs, slot, kv.view(torch.uint8).numpy(), scale_bytes):
             raise StoreError(f"{shard_name(self.writer_id, seq)} is truncated: another process changed this writer's shard")
@@ -436,11 +450,11 @@ class StoreWriter:
 
     def _allocate(self) -> _Shard:
         layout = self.manifest.kv
-        shape = (self._capacity * self._bs, *layout.token_shape)
+        shape = (self._capacity, *layout.block_shape(self._bs))
         kv = torch.empty(shape, dtype=TORCH_DTYPES[layout.stored_dtype], pin_memory=self._pin)
         scale = None
         if self._fp8:
-            scale = torch.empty((self._capacity, *layout.token_shape[:3]), pin_memory=self._pin)
+            scale = torch.empty((self._capacity, *layout.scale_shape), pin_memory=self._pin)
         tokens = np.zeros((self._capacity, self._bs), dtype=np.uint32)
         keys = np.zeros((self._capacity, 32), dtype=np.uint8)
         parents = np.zeros((self._capacity, 32), dtype=np.uint8)
@@ -472,16 +486,16 @@ class StoreWriter:
         name = shard_name(self.writer_id, shard.seq)
         meta = {"format_version": str(self.manifest.format_version), "writer": self.writer_id, "build": self.build_id}
         header = encode_safetensors_header(shard_tensors(layout, self._bs, n), meta)
-        kv_bytes = shard.kv[: n * self._bs].view(torch.uint8).numpy().reshape(-1)
+        kv_bytes = shard.kv[:n].view(torch.uint8).numpy().reshape(-1)
         parts: list = [header, kv_bytes.data]
         scale_bytes = None
         if shard.scale is not None:
             scale_bytes = shard.scale[:n].numpy().astype("<f4").tobytes()
             parts.append(scale_bytes)
-        # An fp8 block's CRC covers its KV bytes, then its scales.
-        crcs = block_crcs(
-            kv_bytes, self._block_bytes, scale_bytes, self.manifest.kv.scale_bytes_per_block(), self.manifest.block_checksum
-        )
+        # An fp8 block's CRC covers its KV bytes, then its scales (head-major: per head, the block's of its head CRCs).
+        crcs, head_crcs = block_checksums(kv_bytes, scale_bytes, layout, self._bs, self.manifest.block_checksum)
+        if head_crcs is not None:
+            parts.append(head_crcs.astype("<u4").tobytes())
         parts.append(shard.tokens[:n].astype("<u4").tobytes())
         size = atomic_write(self.path / SHARDS_DIR / name, parts, self.fsync, owner=self.writer_id)
         columns = {
@@ -538,6 +552,7 @@ class StoreWriter:
 
     def release(self) -> None:
         """Give up the writer's lock: it writes nothing more. Safe to call twice."""
+        self._drop_reserve()
         self._lock_file.release()
 
     def __enter__(self) -> StoreWriter:
@@ -558,7 +573,38 @@ class StoreWriter:
         if self.part:
             path = path.with_name(record.build_id + RANK_PARTS_SUFFIX) / f"{self.part}.json"
             path.parent.mkdir(exist_ok=True)
-        atomic_write(path, [data.encode()], self.fsync, owner=self.writer_id)
+        try:
+            atomic_write(path, [data.encode()], self.fsync, owner=self.writer_id)
+        except OSError as e:
+            # A disk that filled up during the build must still take the record that says how it
+            # ended (else it stays "running"): give back the room kept for it and write again.
+            if e.errno != errno.ENOSPC or not self._drop_reserve():
+                raise
+            atomic_write(path, [data.encode()], self.fsync, owner=self.writer_id)
+        if record.status == "running" and self._reserve is None:
+            self._keep_reserve(path)
+        elif record.status != "running":
+            self._drop_reserve()
+
+    def _keep_reserve(self, record_path: Path) -> None:
+        """Allocate RECORD_RESERVE_BYTES beside the record (a temporary file of this writer's, which
+        gc removes if the writer dies), for :meth:`write_build` to free on a full disk."""
+        path = temp_path(record_path.with_name(record_path.name + ".reserve"), self.writer_id)
+        try:
+            with open(path, "wb") as f:
+                f.write(bytes(RECORD_RESERVE_BYTES))  # written, not truncated: a sparse file keeps no room
+        except OSError:
+            path.unlink(missing_ok=True)  # the disk is already too full to keep room: go on without
+            return
+        self._reserve = path
+
+    def _drop_reserve(self) -> bool:
+        """Free the room kept for the last record; False if none was kept."""
+        path, self._reserve = self._reserve, None
+        if path is None:
+            return False
+        path.unlink(missing_ok=True)
+        return True
 
     def write_counts(self, keys: np.ndarray, records: np.ndarray) -> None:
         """Append the record counts of blocks counted since the last call, as a new file
