@@ -188,7 +188,7 @@ def connector_steps(conn, store, locations, dtype: torch.dtype, repeats: int) ->
 
     end = len(locations) * store.block_size
     block_ids = list(range(1, end // conn.block_size + 2))  # free blocks: no request holds any while the engine idles
-    spec = LoadSpec("bench", 0, end, 0, list(locations), block_ids)
+    spec = LoadSpec("bench", 0, end, 0, list(locations), [block_ids])
     slots = slot_mapping(block_ids, conn.block_size, 0, end)
     heads = conn._heads
     buffer = conn._staging.acquire().tensor if hasattr(conn, "_staging") else None  # the connector's kept read buffer
@@ -210,7 +210,7 @@ def connector_steps(conn, store, locations, dtype: torch.dtype, repeats: int) ->
         steps |= {
             "read_into_buffer": read,
             "read_into_buffer_unverified": lambda: read(False),
-            "write_views": lambda: conn._write(kv, slots),
+            "write_views": lambda: conn._write(kv, [(0, slots)]),
         }
     steps |= {
         "before_read_new_tensor": lambda: read(True, False),

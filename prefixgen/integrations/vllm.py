@@ -35,6 +35,12 @@ says which versions are tested). vLLM builds one connector per process and role:
   Loads of the same stored blocks at the same moment share one read (single-flight): a load whose blocks a load
   in flight has still to read joins it, and that load's thread writes each piece into both (``shared_loads``).
 
+Layer groups (:mod:`prefixgen.integrations.vllm_groups`): the connector declares ``SupportsHMA``; vLLM's hybrid
+KV cache manager gives each kind of layer (full, sliding window, chunked, MLA, recurrent) a KV cache group with a
+block table of its own, and each load writes a layer's tokens into its group's blocks only: a sliding-window or
+chunked layer gets the window's (vLLM holds no block before it), an MLA layer the latent. A model with recurrent
+state loads nothing (the store holds no state): said at start, counted per request (``skipped_recurrent``).
+
 Store faults are cache misses: a block that fails its CRC, a missing, truncated or unreadable
 shard, a damaged index segment are logged once (per shard), counted (:class:`LoadStats`,
 :class:`ClaimStats`) and not loaded: the worker reports the vLLM block holding the first token it
@@ -43,7 +49,7 @@ worker also tells the scheduler which stored blocks and shards failed
 (:class:`PrefixgenWorkerMetadata`), and the scheduler no longer claims them.
 
 Both sides refuse, at engine start, what the store cannot serve (:func:`unsupported_features`:
-context parallelism, speculative decoding, hybrid or sliding-window attention, a
+context parallelism, speculative decoding, a KV cache group of a kind it does not load, a
 ``kv_load_failure_policy`` other than ``recompute``); the scheduler refuses a store built for another
 model than vLLM's effective config (weights, architecture, KV shape, positions, tokenizer, every field of
 the text config after ``hf_overrides``, the KV dtype, quantization, load format), naming each field that
@@ -74,7 +80,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
     KVConnectorWorkerMetadata,
+    SupportsHMA,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.logger import init_logger
@@ -95,6 +103,17 @@ from prefixgen.integrations.vllm_check import (
     relative_errors,
     tolerance,
     worst_errors,
+)
+from prefixgen.integrations.vllm_groups import (
+    block_tables,
+    group_problems,
+    group_span,
+    is_mla,
+    key_order,
+    recurrent_skip_message,
+    rope_key_order,
+    vllm_groups,
+    write_layer,
 )
 from prefixgen.model import (
     checkpoint_weights_digest,
@@ -140,7 +159,7 @@ class LoadSpec:
     end: int  # the stored prefix ends here
     first_block: int  # store block number of locations[0]
     locations: list[BlockLocation]
-    block_ids: list[int]  # the request's vLLM block table (its one KV cache group)
+    block_ids: list[list[int]]  # the request's vLLM block table per KV cache group, null blocks -1 (vllm_groups.py)
 
 
 @dataclass
@@ -190,6 +209,10 @@ class LoadStats:
     check_seconds: float = 0.0  # spent on live checks (reading the store's blocks, comparing them with vLLM's)
     shared_loads: int = 0  # loads written from another load's reads of the same stored blocks (single-flight), reading nothing
     converted_bytes: int = 0  # host bytes of pieces copied out of their read buffer (a dtype conversion, fp8); 0 when none
+    # Sliding-window and chunked groups (summed over such groups): tokens of the loads written into their blocks
+    # (those of the window), and tokens not written because vLLM holds no block for them (before the window).
+    window_tokens: int = 0
+    window_tokens_skipped: int = 0
 
 
 @dataclass(slots=True)
@@ -207,6 +230,7 @@ class ClaimStats:
     skipped_prompt_embeds: int = 0
     skipped_cache_salt: int = 0
     skipped_unchecked: int = 0  # the live check has not passed (or failed): vLLM computes the request
+    skipped_recurrent: int = 0  # the model has recurrent state, which the connector does not load (vllm_groups.py)
     # The live check (vllm_check.py).
     checks_passed: int = 0
     checks_failed: int = 0
@@ -265,6 +289,14 @@ PROM_COUNTERS: dict[str, tuple[str, str]] = {
     "converted_bytes": (
         "converted_bytes",
         "Host bytes of read pieces copied for a conversion (fp8, cast_kv_dtype, a head-major store's transpose)",
+    ),
+    "window_tokens": (
+        "window_tokens",
+        "Loaded tokens written into sliding-window or chunked layers' blocks (their window), per group",
+    ),
+    "window_tokens_skipped": (
+        "window_tokens_skipped",
+        "Loaded tokens not written into sliding-window or chunked layers (before their window: vLLM holds no block)",
     ),
 }
 SKIPPED = ("skipped_requests", "Requests loaded nothing for (vLLM computes them whole), by reason")
@@ -533,8 +565,6 @@ def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
         >>> unsupported_features(vllm_config, kv_cache_config)  # doctest: +SKIP
         ['speculative decoding (method eagle): ...']
     """
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, MLAAttentionSpec
-
     problems = []
     pc = vllm_config.parallel_config
     for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
@@ -549,32 +579,7 @@ def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
             f"speculative decoding (method {spec.method}): its draft layers have KV caches the store does not hold; "
             "run without --speculative-config"
         )
-    groups = kv_cache_config.kv_cache_groups
-    if len(groups) > 1:
-        problems.append(
-            f"hybrid attention ({len(groups)} KV cache groups): the connector serves models with one kind of "
-            "full-attention layer (one KV cache group), as prefixgen builds"
-        )
-    for group in groups:
-        s = group.kv_cache_spec
-        if isinstance(s, MLAAttentionSpec):  # a FullAttentionSpec too: one latent per token, not K and V
-            problems.append(
-                f"multi-head latent attention ({type(s).__name__}, head size {s.head_size}): the store holds the MLA "
-                "latent, but the connector does not load it into vLLM's MLA cache yet; serve it with PrefixStore.load "
-                "or prefixgen serve"
-            )
-            break
-        if isinstance(s, MambaSpec):
-            problems.append(
-                f"recurrent state ({type(s).__name__}): linear-attention and state-space layers are not stored by prefixgen"
-            )
-            break
-        if not isinstance(s, FullAttentionSpec) or getattr(s, "sliding_window", None) or getattr(s, "attention_chunk_size", None):
-            problems.append(
-                f"sliding-window or chunked attention ({type(s).__name__}): its KV is not a full-attention prefix, "
-                "which is all a store holds"
-            )
-            break
+    problems += group_problems(vllm_groups(kv_cache_config))  # each group loads into its own blocks (vllm_groups.py)
     policy = vllm_config.kv_transfer_config.kv_load_failure_policy
     if policy != "recompute":
         # vLLM's config keeps no record of which fields were set, so an explicit "fail" looks like the default:
@@ -641,7 +646,7 @@ def stored_prefix(store: PrefixStore, token_ids: Sequence[int], max_run: int | N
     return locations, hashed
 
 
-class PrefixgenConnector(KVConnectorBase_V1):
+class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
     """A vLLM v1 KV connector that loads stored prompt prefixes from a prefixgen store (read only).
 
     ``kv_connector_extra_config`` options:
@@ -678,6 +683,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
         problems = unsupported_features(vllm_config, kv_cache_config)
         if problems:
             raise ConfigError("PrefixgenConnector cannot serve this engine:\n  " + "\n  ".join(problems))
+        self._groups = vllm_groups(kv_cache_config)  # vLLM's KV cache groups: each request has a block table per group
         if role == KVConnectorRole.SCHEDULER:
             self._check_model(vllm_config, self.config.chat_template)
             self._gate = CheckGate(rate=self.config.check_rate)  # nothing is loaded until the live check passed
@@ -689,6 +695,9 @@ class PrefixgenConnector(KVConnectorBase_V1):
             self._reported: dict[str, int | float] = {}
             # Lookups run on a thread of their own: schedule() never hashes a prompt or reads the index itself.
             self._lookup_threads = _Threads(1, "prefixgen-lookup")
+            self._recurrent = recurrent_skip_message(self._groups)  # why nothing is loaded for this model, or None
+            if self._recurrent:
+                logger.warning("PrefixgenConnector: %s", self._recurrent)
             self._lookups: dict[str, tuple[Future, float]] = {}  # request id -> its lookup and when it was asked for
             self._lookup_thread: int | None = None  # ident of the thread running the current lookup
             self._idle = False  # the last step scheduled no token: waiting for a lookup then costs no running request
@@ -699,6 +708,9 @@ class PrefixgenConnector(KVConnectorBase_V1):
         else:
             self._dtype = vllm_config.model_config.dtype
             self._layers: list[tuple[Any, int]] = []  # (vLLM attention layer, HF layer index)
+            self._layer_groups: list[int] = []  # the KV cache group of each of self._layers
+            self._key_order: torch.Tensor | None = None  # vLLM's order of a key's values, if not the store's
+            self._failed_loads: set[str] = set()  # with several groups: loads cut short, reported as failed receives
             self._heads = range(self.store.manifest.kv.num_kv_heads)
             self._stage = range(self.store.manifest.kv.num_layers)  # this pipeline stage's layers (all without PP)
             self._pool = _Threads(self.config.load_threads, "prefixgen-load")
@@ -717,7 +729,13 @@ class PrefixgenConnector(KVConnectorBase_V1):
             self._limit = self.config.check_tolerance or tolerance(
                 self.store.manifest.kv.storage, self.store.manifest.kv.dtype, str(self._dtype).removeprefix("torch.")
             )
-        logger.info("PrefixgenConnector (%s): store %s, %s", role.name.lower(), path, self.store.manifest.model.name)
+        logger.info(
+            "PrefixgenConnector (%s): store %s, %s; vLLM's KV cache groups: %s",
+            role.name.lower(),
+            path,
+            self.store.manifest.model.name,
+            ", ".join(f"{g.spec} x{len(g.layer_names)} (block {g.block_size})" for g in self._groups),
+        )
 
     # ------------------------------------------------------------------ start-up checks
 
@@ -740,11 +758,12 @@ class PrefixgenConnector(KVConnectorBase_V1):
         tp = self._vllm_config.parallel_config.tensor_parallel_size
         self._heads = kv_head_range(kv.num_kv_heads, tp, get_tensor_model_parallel_rank())
         layers = self._vllm_config.compilation_config.static_forward_context
+        group_of = {name: g.index for g in self._groups for name in g.layer_names}
         for name in kv_caches:
             layer = layers[name]
             impl = getattr(layer, "impl", None)
             update = getattr(impl, "do_kv_cache_update", None)
-            if update is None or "key" not in inspect.signature(update).parameters:
+            if update is None or ("key" not in inspect.signature(update).parameters and not is_mla(layer)):
                 raise ConfigError(
                     f"PrefixgenConnector cannot write into layer {name}: its attention backend "
                     f"({type(impl).__name__}) has no key/value cache-write op; use a standard attention backend "
@@ -758,6 +777,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
                     f"head_dim {kv.head_dim})"
                 )
             self._layers.append((layer, index))
+            self._layer_groups.append(group_of[name])
         # A pipeline stage holds consecutive layers: only theirs are converted and uploaded.
         indices = sorted(index for _, index in self._layers)
         if indices and indices == list(range(indices[0], indices[-1] + 1)):
@@ -766,6 +786,10 @@ class PrefixgenConnector(KVConnectorBase_V1):
         piece = self._piece_blocks() * self.store.block_size * kv.bytes_per_token  # a piece's bytes as stored
         self._staging = _StagingPool(piece, self.config.staging_buffers, pinned=cuda)
         model = find_model(self._layers[0][0]) if self._layers else None
+        if kv.kind == "mla":
+            self._key_order = rope_key_order(self._vllm_config.model_config.hf_text_config, kv.head_dim - kv.latent_rank)
+        else:
+            self._key_order = key_order(model, kv.head_dim)
         if model is not None:
             self._watch = WeightsWatch(model)
         else:
@@ -792,7 +816,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
                 self._bad = PrefixgenWorkerMetadata()
             lookup, since = self._lookups.get(request.request_id, (None, 0.0))
             if lookup is None:
-                reason = skip_reason(request)
+                reason = "recurrent" if self._recurrent else skip_reason(request)
                 if reason is not None:
                     self._skip(reason)
                     match = _Match(0, [])
@@ -870,6 +894,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
     def _skip(self, reason: str) -> None:
         n = getattr(self.claim_stats, f"skipped_{reason}") + 1
         setattr(self.claim_stats, f"skipped_{reason}", n)
+        if reason == "recurrent":  # said at start (and in the counter) for every request
+            return
         if n == 1:  # a warning: INFO of this (non-vLLM) logger is not shown by default
             logger.warning(
                 "PrefixgenConnector: loads nothing for requests with %s (the store's keys hash the base model's "
@@ -885,15 +911,13 @@ class PrefixgenConnector(KVConnectorBase_V1):
         bs = self.store.block_size
         start = match.end - num_external_tokens
         first = start // bs
-        self._pending.append(
-            LoadSpec(request.request_id, start, match.end, first, match.locations[first:], list(blocks.get_block_ids()[0]))
-        )
+        self._pending.append(LoadSpec(request.request_id, start, match.end, first, match.locations[first:], block_tables(blocks)))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         self._idle = scheduler_output.total_num_scheduled_tokens == 0
         meta = PrefixgenConnectorMetadata(self._pending, idle=self._idle)
         meta.checks = self._gate.due(
-            scheduler_output.num_scheduled_tokens, lambda req_id: self._kv_cache_manager.get_block_ids(req_id)[0]
+            scheduler_output.num_scheduled_tokens, lambda req_id: block_tables(self._kv_cache_manager.get_blocks(req_id))
         )
         self._pending = []
         return meta
@@ -912,6 +936,13 @@ class PrefixgenConnector(KVConnectorBase_V1):
         self._lookups.pop(request.request_id, None)  # aborted while looked up: the answer is dropped
         self._gate.finished(request.request_id)
         return False, None
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's hybrid KV cache manager (``SupportsHMA``) calls this instead of :meth:`request_finished`: the
+        connector holds no blocks of a finished request, whatever the groups."""
+        return self.request_finished(request, list(block_ids[0]) if block_ids else [])
 
     def reset_cache(self) -> bool:
         """vLLM's reset for weight updates (``reset_prefix_cache(reset_connector=True)``): nothing is loaded until
@@ -1094,6 +1125,17 @@ class PrefixgenConnector(KVConnectorBase_V1):
         meta = self._connector_metadata if self.has_connector_metadata() else None
         return isinstance(meta, PrefixgenConnectorMetadata) and meta.idle
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """:meth:`get_finished`'s loads, with those cut short as failed receives when the model has several KV cache
+        groups: vLLM's scheduler then recomputes such a request whole (``_handle_failed_recving``), since block ids
+        reported by :meth:`get_block_ids_with_load_errors` are ambiguous across groups and refused there."""
+        _, done = self.get_finished(finished_req_ids)
+        done = done or set()
+        with self._lock:
+            failed = self._failed_loads & done
+            self._failed_loads -= failed
+        return KVConnectorTransferResults(finished_recving=set(done), failed_recving=failed)
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         with self._lock:
             errors, self._load_errors = self._load_errors, set()
@@ -1137,9 +1179,10 @@ class PrefixgenConnector(KVConnectorBase_V1):
                         failed = True
                         break
                     first = (spec.first_block + i) * bs
+                    tables = [(spec.block_ids[g], self._groups[g].block_size) for g in self._layer_groups]
                     part = compare_blocks(
-                        self._layers, self._stage.start, kv, first, min(spec.end, first + good * bs), spec.block_ids,
-                        self.block_size, self._num_blocks,
+                        self._layers, self._stage.start, kv, first, min(spec.end, first + good * bs), tables,
+                        self._num_blocks, self._key_order,
                     )  # fmt: skip
                 finally:
                     self._staging.release(staging)
@@ -1256,7 +1299,10 @@ class PrefixgenConnector(KVConnectorBase_V1):
         """vLLM recomputes ``load`` from the vLLM block holding token ``written`` (the first not written), if any
         is left. Called holding ``self._lock``."""
         if written < load.end:
-            self._load_errors.add(load.block_ids[written // self.block_size])
+            if len(self._groups) > 1:  # vLLM maps no block id back to a request with several groups: it recomputes all
+                self._failed_loads.add(load.req_id)
+            else:
+                self._load_errors.add(load.block_ids[0][written // self.block_size])
             self.stats.failed_loads += 1
 
     def _load(self, loading: _Loading) -> None:
@@ -1315,8 +1361,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
             end = min(member.load.end, end, member.shared_end)  # a follower: not past the run it shares with the leader
             if member.state == "abandoned" or written < first or end <= written:
                 return None  # given up, or nothing of it in this piece (written < first: a piece it needs was not read)
-            part = kv[written - first : end - first]  # [tokens, layers, 2, heads, D]: a view, no copy
-            slots = slot_mapping(member.load.block_ids, self.block_size, written, end)
+            part = kv[written - first : end - first]  # [tokens, layers, parts, heads, D]: a view, no copy
+            spans = self._spans(member.load.block_ids, written, end)  # per KV cache group: its window's slots
             done = None
             if device.type == "cuda":
                 _wait_copies(member)
@@ -1324,18 +1370,22 @@ class PrefixgenConnector(KVConnectorBase_V1):
                     if member.after is not None:  # nothing the engine queued for its blocks lands after the write
                         self._stream.wait_event(member.after)
                         member.after = None
-                    on_device = slots.pin_memory().to(device, non_blocking=True)
+                    on_device = [(o, slots.pin_memory().to(device, non_blocking=True)) for o, slots in spans]
                     self._write(part, on_device)
                     done = torch.cuda.Event()
                     done.record(self._stream)
                 done.buffers = (kv, on_device)  # type: ignore[attr-defined]  # alive until the event is waited for
                 member.pending = done
             else:
-                self._write(part, slots)
+                self._write(part, spans)
             member.written = end
             with self._lock:
                 self.stats.tokens += end - written
                 self.stats.bytes += part.numel() * part.element_size()
+                for g in self._groups:
+                    if g.windowed:  # sliding-window and chunked groups: only the window's tokens have blocks
+                        self.stats.window_tokens += len(spans[g.index][1])
+                        self.stats.window_tokens_skipped += end - written - len(spans[g.index][1])
         return done
 
     def _piece_blocks(self) -> int:
@@ -1347,17 +1397,25 @@ class PrefixgenConnector(KVConnectorBase_V1):
         float32 it is dequantized in."""
         kv = self.store.manifest.kv
         item = 4 if kv.storage == "fp8" else TORCH_DTYPES[kv.stored_dtype].itemsize
-        return self.store.block_size * kv.num_layers * 2 * kv.num_kv_heads * kv.head_dim * item
+        return self.store.block_size * kv.num_layers * kv.parts * kv.num_kv_heads * kv.head_dim * item
 
-    def _write(self, kv: torch.Tensor, slots: torch.Tensor) -> None:
-        """Each layer's K and V (``kv``: [tokens, this stage's layers, 2, heads, D] on the cache's device, each token's
-        heads side by side) into its cache at ``slots``.
+    def _spans(self, block_ids: list[list[int]], start: int, end: int) -> list[tuple[int, torch.Tensor]]:
+        """Per KV cache group, the tokens of ``[start, end)`` it holds blocks for: the offset of the first from
+        ``start`` and their slots (a sliding-window or chunked group: only its window's; vllm_groups.py)."""
+        return [group_span(ids, g.block_size, start, end) for g, ids in zip(self._groups, block_ids)]
+
+    def _write(self, kv: torch.Tensor, spans: list[tuple[int, torch.Tensor]]) -> None:
+        """Each layer's K and V, or MLA latent (``kv``: [tokens, this stage's layers, parts, heads, D] on the cache's
+        device, each token's heads side by side) into its cache, at its KV cache group's slots (``spans``,
+        :meth:`_spans`).
 
         The op gets views ``kv[:, layer, 0]`` ([tokens, heads, D], a token stride of the whole row): the layout of the
         keys vLLM's own forward passes it (a slice of the fused QKV projection), so no per-layer copy is made."""
         first = self._stage.start
-        for layer, index in self._layers:
-            layer.impl.do_kv_cache_update(layer, kv[:, index - first, 0], kv[:, index - first, 1], layer.kv_cache, slots)
+        for (layer, index), group in zip(self._layers, self._layer_groups):
+            offset, slots = spans[group]
+            if len(slots):
+                write_layer(layer, kv[offset:, index - first], layer.kv_cache, slots, self._key_order)
 
     def _read(self, locations: list[BlockLocation], staging: _Staging) -> tuple[torch.Tensor | None, int]:
         """This rank's KV heads, in host memory, of the leading blocks of ``locations`` that read cleanly, and how many
