@@ -54,8 +54,14 @@ if python3 -c "import vllm" 2>/dev/null; then
   # What a 128k-token stored prompt's lookup (and a cold one's) adds to a scheduler step: in the background now,
   # against the inline lookup schedule() ran before (the host's CPU, not the GPU, sets these numbers).
   T=200 run scheduler_step.py --tokens 131072 --repeats 10
-  # Inter-token latency (p50/p99) of 4 decoding requests while 2 others load 4k- and 16k-token 8B prefixes, against none.
-  T=500 run vllm_itl.py --model configs/models/llama-3.1-8b.json --prefix 4096 16384
+  # Inter-token latency (p50/p99, pooled over 3 interleaved repeats, with each repeat's spread) of 4 decoding requests
+  # while 2 others load 4k- and 16k-token 8B prefixes, against none and against 2 computing prompts as long (nothing
+  # stored); the loaders' TTFT with the stored prefix and without.
+  T=600 run vllm_itl.py --model configs/models/llama-3.1-8b.json --prefix 4096 16384 --cold 4096 16384 --repeats 3
+  # The connector's pinned staging: a piece goes to the device straight from its pinned read buffer (no host copy).
+  if python3 -c "import pytest" 2>/dev/null; then
+    (cd .. && timeout 120 python3 -m pytest -q -p no:cacheprovider tests_vllm/test_cuda_staging.py 2>&1 | tail -3) | tee -a "$OUTDIR/gpu.txt"
+  fi
   # 5a. Unmodified `vllm serve` + vLLM's own OffloadingConnector (CPU tier + fs tier) on a `prefixgen export --to vllm`:
   #     cached tokens reported, greedy output equal to computing, after a cold restart (README "Serve a store with vLLM's own offloading").
   T=900 run vllm_offload_serve.py --model configs/models/llama-3.1-8b.json --prefix 1024 4096

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import threading
 import time
@@ -183,18 +184,19 @@ def connector_steps(conn, store, locations, dtype: torch.dtype, repeats: int) ->
     own load thread while the engine idles: the whole load (into free cache blocks), then its parts, then what
     the connector did before reading into a kept buffer and writing from views (a new tensor per piece, a
     permuted contiguous copy, per-layer writes from it)."""
-    from prefixgen.integrations.vllm import LoadSpec, slot_mapping
+    from prefixgen.integrations.vllm import LoadSpec, _Loading, slot_mapping
 
     end = len(locations) * store.block_size
     block_ids = list(range(1, end // conn.block_size + 2))  # free blocks: no request holds any while the engine idles
-    spec = LoadSpec("bench", 0, end, 0, list(locations), block_ids)
+    spec = LoadSpec("bench", 0, end, 0, list(locations), [block_ids])
     slots = slot_mapping(block_ids, conn.block_size, 0, end)
     heads = conn._heads
+    buffer = conn._staging.acquire().tensor if hasattr(conn, "_staging") else None  # the connector's kept read buffer
 
     def read(verify=True, kept=True):
         if not kept:
             return store.read_locations(locations, dtype=dtype, heads=heads, verify=verify)
-        return store.read_locations(locations, dtype=dtype, heads=heads, verify=verify, buffer=conn._read_buffer())
+        return store.read_locations(locations, dtype=dtype, heads=heads, verify=verify, buffer=buffer)
 
     kv = conn._pool.submit(read, True, False).result()  # [T, L, 2, H, D], its own tensor
     per_layer = kv.permute(1, 2, 0, 3, 4).contiguous()  # [L, 2, T, H, D]
@@ -203,12 +205,12 @@ def connector_steps(conn, store, locations, dtype: torch.dtype, repeats: int) ->
         for layer, index in conn._layers:
             layer.impl.do_kv_cache_update(layer, per_layer[index, 0], per_layer[index, 1], layer.kv_cache, slots)
 
-    steps = {"load": lambda: conn._load(spec, None)}
-    if hasattr(conn, "_read_buffer"):  # not in main's connector before issue 17 (PYTHONPATH=<its tree> times its load)
+    steps = {"load": lambda: conn._load(_Loading(spec, math.inf, written=0))}
+    if buffer is not None:  # not in main's connector before issue 17 (PYTHONPATH=<its tree> times its load)
         steps |= {
             "read_into_buffer": read,
             "read_into_buffer_unverified": lambda: read(False),
-            "write_views": lambda: conn._write(kv, slots),
+            "write_views": lambda: conn._write(kv, [(0, slots)]),
         }
     steps |= {
         "before_read_new_tensor": lambda: read(True, False),

@@ -382,6 +382,11 @@ class ConnectorConfig:
     # the load's length (plus a converted copy of a piece when vLLM's dtype differs from the store's, or fp8).
     staging_bytes: int = 64 << 20
     load_threads: int = 2  # requests loaded at the same time, each on its own thread
+    # Read buffers (of staging_bytes each) kept for reuse between pieces: pinned on CUDA, so the device copies
+    # straight out of them on the load stream. One is in use per load thread reading; one more lets a piece's
+    # upload finish while the next piece is read. More are made (never waited for) when all are in use, e.g.
+    # held by a read that hangs; only this many are kept after.
+    staging_buffers: int = 3
     # While loads run, an engine step that schedules no token waits up to this long for one to finish (it
     # returns as soon as one does), so that an in-process engine's idle step loop leaves the GIL to the load
     # threads; a step that runs a batch never waits. 0: never wait (a 4,096-token load on an idle CPU engine:
@@ -422,6 +427,8 @@ class ConnectorConfig:
             raise ConfigError(f"PrefixgenConnector: staging_bytes must be positive, got {cfg.staging_bytes}")
         if not isinstance(cfg.load_threads, int) or cfg.load_threads < 1:
             raise ConfigError(f"PrefixgenConnector: load_threads must be a positive integer, got {cfg.load_threads!r}")
+        if isinstance(cfg.staging_buffers, bool) or not isinstance(cfg.staging_buffers, int) or cfg.staging_buffers < 1:
+            raise ConfigError(f"PrefixgenConnector: staging_buffers must be a positive integer, got {cfg.staging_buffers!r}")
         if not isinstance(cfg.yield_seconds, int | float) or cfg.yield_seconds < 0:
             raise ConfigError(f"PrefixgenConnector: yield_seconds must be a number of seconds >= 0, got {cfg.yield_seconds!r}")
         for name in ("load_timeout_seconds", "refresh_seconds"):

@@ -80,6 +80,7 @@ class Run:
     loaded: list[int]
     claims: object | None = None  # the scheduler connector's ClaimStats
     rank_stats: list[dict] | None = None  # with workers in processes of their own (tensor parallel): each rank's LoadStats
+    deltas: list[dict] = dataclasses.field(default_factory=list)  # in-process: per call, what its LoadStats counted
 
 
 def connector_config(store: Path, **extra: Any):
@@ -149,10 +150,14 @@ def run_vllm(
         results, loaded = [], []
         lora = list(loras) + [None] * (len(prompts) - len(loras))
         calls = [(llm.generate, p, a) for p, a in zip(prompts, lora)] + [(llm.chat, m, None) for m in chats]
+        deltas = []
         for call, prompt, adapter in calls:
             before = _tokens_loaded(llm, stats, remote)
+            counters = dataclasses.asdict(stats) if stats is not None else {}
             results.append(call(prompt, params, use_tqdm=False, lora_request=adapter)[0])
             loaded.append(_tokens_loaded(llm, stats, remote) - before)
+            if stats is not None:
+                deltas.append(_since(dataclasses.asdict(stats), counters))
         return Run(
             outputs=[list(r.outputs[0].token_ids) for r in results],
             prompt_ids=[list(r.prompt_token_ids) for r in results],
@@ -161,6 +166,7 @@ def run_vllm(
             loaded=loaded,
             claims=_claim_stats(llm),
             rank_stats=[_since(end, start) for end, start in zip(llm.collective_rpc(rank_load_stats), warm)] if remote else None,
+            deltas=deltas,
         )
     finally:
         llm.llm_engine.engine_core.shutdown()  # also drops the worker's connector (a process-wide global)

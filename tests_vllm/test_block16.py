@@ -148,9 +148,11 @@ def test_live_check_compares_the_claimed_tokens_at_their_slots(setup, monkeypatc
         load(scheduler, worker, ids, 16, block_ids)
         start = STORE_BLOCK  # the first store block boundary after vLLM's hit of 16 tokens
         locations = opened.find_prefix(opened.keys(ids[:-1])).locations
-        kv, good = worker._read(locations[1:])
+        kv, good = worker._read(locations[1:], worker._staging.acquire())
         assert good == len(locations) - 1
-        k_err, v_err = relative_errors(compare_blocks(worker._layers, 0, kv, start, end, block_ids, VLLM_BLOCK, NUM_BLOCKS))
+        k_err, v_err = relative_errors(
+            compare_blocks(worker._layers, 0, kv, start, end, [(block_ids, VLLM_BLOCK)] * 2, NUM_BLOCKS)
+        )
         assert [index for _, index in worker._layers] == [0, 1] and k_err == [0.0, 0.0] and v_err == [0.0, 0.0]
 
         layer, cache = caches[1]
@@ -160,7 +162,9 @@ def test_live_check_compares_the_claimed_tokens_at_their_slots(setup, monkeypatc
         key = token.keys[0, :, pos : pos + 1].transpose(0, 1).contiguous() + 1.0  # [1, KV heads, head_dim]
         value = token.values[0, :, pos : pos + 1].transpose(0, 1).contiguous()
         layer.impl.do_kv_cache_update(layer, key, value, cache, slot)
-        k_err, v_err = relative_errors(compare_blocks(worker._layers, 0, kv, start, end, block_ids, VLLM_BLOCK, NUM_BLOCKS))
+        k_err, v_err = relative_errors(
+            compare_blocks(worker._layers, 0, kv, start, end, [(block_ids, VLLM_BLOCK)] * 2, NUM_BLOCKS)
+        )
         assert k_err[0] == 0.0 and v_err == [0.0, 0.0] and k_err[1] > 0.0
     finally:
         worker.shutdown()

@@ -212,6 +212,18 @@ def test_a_shard_whose_open_never_returns_is_recomputed_at_the_deadline(engine, 
         pipe.restore()
 
 
+def test_requests_of_one_prefix_whose_read_hangs_are_recomputed_at_the_deadline(engine, store, baseline):
+    """Two requests of record 0 (their loads share one read when scheduled together) and its shard a named pipe: both
+    are given up at the deadline and recomputed, while record 1, in the same batch, loads."""
+    pipe = NamedPipe(shard_of(store, engine, 0))
+    try:
+        tokens, cached = generate(engine, [0, 0, 1])
+        assert tokens == [baseline[0], baseline[0], baseline[1]]
+        assert cached[2] == stored(store, engine, 1)
+    finally:
+        pipe.restore()
+
+
 def test_loads_aborted_while_their_reads_hang_hold_up_no_other_load(engine, store, baseline):
     """Two loads (as many as load threads) hang on named pipes and are aborted: the next request still loads and
     is answered. Before: both load threads stayed blocked and every later load waited behind them."""

@@ -102,33 +102,34 @@ def test_speculative_decoding_is_refused(model, store):
         connector(config)
 
 
-def test_sliding_window_and_hybrid_attention_are_refused(model, store):
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+def test_layer_groups_are_served_and_an_unknown_kind_refused(model, store):
+    """The connector declares SupportsHMA: sliding-window (also as vLLM's full spec with a window, its hybrid manager
+    off), several groups, MLA (a FullAttentionSpec too) and recurrent state (a MambaSpec: nothing is loaded, said at
+    start) start; a group of a kind it does not load (cross-attention) is refused, naming its spec."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import supports_hma
+    from vllm.v1.kv_cache_interface import (
+        CrossAttentionSpec,
+        FullAttentionSpec,
+        MambaSpec,
+        MLAAttentionSpec,
+        SlidingWindowSpec,
+    )
 
     config = engine_config(model, store)
-    window = SlidingWindowSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32, sliding_window=64)
-    with pytest.raises(ConfigError, match="sliding-window or chunked attention"):
-        connector(config, kv_cache_config(window))
-    # with vLLM's hybrid allocator off, sliding-window layers come as full attention with a window
-    windowed = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32, sliding_window=64)
-    with pytest.raises(ConfigError, match="sliding-window or chunked attention"):
-        connector(config, kv_cache_config(windowed))
-    with pytest.raises(ConfigError, match=r"hybrid attention \(2 KV cache groups\)"):
-        connector(config, kv_cache_config(groups=2))
-
-
-def test_mla_and_recurrent_state_are_refused_naming_the_kind(model, store):
-    """vLLM's MLA cache spec is a FullAttentionSpec (one latent per token, head size kv_lora_rank + rope): the connector
-    would take it for K/V of one head. Mamba/GDN state groups come with a MambaSpec."""
-    from vllm.v1.kv_cache_interface import MambaSpec, MLAAttentionSpec
-
-    config = engine_config(model, store)
+    shape = dict(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    window = SlidingWindowSpec(**shape, sliding_window=64)
+    windowed = FullAttentionSpec(**shape, sliding_window=64)
     mla = MLAAttentionSpec(block_size=16, num_kv_heads=1, head_size=576, dtype=torch.float32)
-    with pytest.raises(ConfigError, match=r"multi-head latent attention \(MLAAttentionSpec, head size 576\)"):
-        connector(config, kv_cache_config(mla))
     mamba = MambaSpec(block_size=16, shapes=((3, 64), (4, 8, 8)), dtypes=(torch.float32, torch.float32))
-    with pytest.raises(ConfigError, match=r"recurrent state \(MambaSpec\)"):
-        connector(config, kv_cache_config(mamba))
+    served = [connector(config, kv) for kv in (kv_cache_config(window), kv_cache_config(windowed), kv_cache_config(groups=2))]
+    served += [connector(config, kv_cache_config(mla)), connector(config, kv_cache_config(mamba))]
+    assert all(supports_hma(c) for c in served)
+    assert [g.kind for c in served for g in c._groups] == ["sliding", "full", "full", "full", "mla", "recurrent"]
+    assert served[-1]._recurrent and not any(c._recurrent for c in served[:-1])
+    for c in served:
+        c.shutdown()
+    with pytest.raises(ConfigError, match=r"a KV cache group of CrossAttentionSpec \(2 layers"):
+        connector(config, kv_cache_config(CrossAttentionSpec(**shape)))
 
 
 def test_failure_policy_is_respected_not_overridden(model, store):

@@ -194,6 +194,44 @@ def test_several_loads_in_one_step_wait_while_loading(engine, store, baseline):
     assert worker(engine).stats.requests == before + 3
 
 
+def test_requests_sharing_a_stored_prefix_share_one_read(engine, store, baseline):
+    """Three requests for one stored prefix, scheduled together: its blocks are read from the shards once (single-flight;
+    before: once per request, three times the bytes), each request is written from that read, and every output is
+    plain vLLM's."""
+    from vllm import SamplingParams
+
+    eng, sched = engine.llm_engine, scheduler(engine)
+    stats = worker(engine).stats
+    before = dataclasses.replace(stats)
+    sched.connector._gate.credit = 0.0  # no sampled live check among them: each request loads
+    config = sched.connector.config  # the first step must not wait for a lookup: all three are answered on the next
+    sched.connector.config = dataclasses.replace(config, yield_seconds=0)
+    k, n = 7, 3  # three ~310-token requests fill 9 of the 10 usable blocks
+    for i in range(n):
+        eng.add_request(f"shared-{i}", PROMPTS[k], SamplingParams(**PARAMS))
+    eng.step()  # their lookups run in the background; they end before the next step, which then loads all three
+    assert len(sched.connector._lookups) == n
+    assert all(lookup.result(timeout=30) is not None for lookup, _ in list(sched.connector._lookups.values()))
+    sched.connector.config = config
+    outputs = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                outputs[out.request_id] = (list(out.outputs[0].token_ids), out.num_cached_tokens)
+    blocks = len(locations(store, engine, k))
+    assert blocks == 19
+    for i in range(n):
+        assert outputs[f"shared-{i}"][0] == baseline["text"][k]
+        assert outputs[f"shared-{i}"][1] >= stored(store, engine, k) == blocks * 16
+    assert stats.requests - before.requests == n and stats.tokens - before.tokens == n * blocks * 16
+    assert stats.pieces - before.pieces == math.ceil(blocks / 3)  # 3 blocks a piece, each read once
+    kv = PrefixStore.open(store).manifest.kv
+    assert stats.read_bytes - before.read_bytes == blocks * 16 * kv.bytes_per_token  # one prefix, not n
+    assert stats.shared_loads - before.shared_loads == n - 1
+    # Read straight into the staging buffer, written into vLLM's cache from there: no host copy of a piece.
+    assert stats.converted_bytes == before.converted_bytes
+
+
 def test_decodes_keep_running_while_a_prefix_loads(engine, store, baseline):
     """A request already decoding gets a token in every step while a stored prefix is looked up and loaded (neither
     runs in front of the batch); both outputs are plain vLLM's."""

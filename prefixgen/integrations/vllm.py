@@ -21,15 +21,25 @@ says which versions are tested). vLLM builds one connector per process and role:
   the store, vLLM block ids) goes to the workers in the step's :class:`PrefixgenConnectorMetadata`.
 * **worker** (:meth:`PrefixgenConnector.start_load_kv`): hands each load to a pool of load threads;
   one reads the blocks (only their bytes, CRC-checked, through
-  :class:`~prefixgen.store.reader.PrefixStore`) in pieces of at most ``staging_bytes``: from a head-major
+  :class:`~prefixgen.store.reader.PrefixStore`, with ``pread``) in pieces of at most ``staging_bytes``
+  into a reused read buffer (pinned on CUDA, where the device copies straight out of it): from a head-major
   store (format 5) only this rank's KV heads, one read per block, checked against their own checksums;
-  from a token-major one every head, keeping this rank's in host memory. It writes each attention layer's share into vLLM's paged cache
+  from a token-major one every head, keeping this rank's in host memory. It writes each attention layer's
+  share into vLLM's paged cache
   with the layer's own cache-write op (``impl.do_kv_cache_update``, i.e.
   ``cpu_attn_reshape_and_cache`` on CPU and ``reshape_and_cache_flash`` on FlashAttention; on
   CUDA on a side stream), so no backend's memory layout is hard-coded here. A finished load is
   reported through :meth:`get_finished`; vLLM then schedules the request. A load not done within
   ``load_timeout_seconds`` is given up there (it writes nothing more; vLLM recomputes) and its thread,
   stuck in a read, replaced: load threads are daemons, so neither shutdown nor exit waits for a hung read.
+  Loads of the same stored blocks at the same moment share one read (single-flight): a load whose blocks a load
+  in flight has still to read joins it, and that load's thread writes each piece into both (``shared_loads``).
+
+Layer groups (:mod:`prefixgen.integrations.vllm_groups`): the connector declares ``SupportsHMA``; vLLM's hybrid
+KV cache manager gives each kind of layer (full, sliding window, chunked, MLA, recurrent) a KV cache group with a
+block table of its own, and each load writes a layer's tokens into its group's blocks only: a sliding-window or
+chunked layer gets the window's (vLLM holds no block before it), an MLA layer the latent. A model with recurrent
+state loads nothing (the store holds no state): said at start, counted per request (``skipped_recurrent``).
 
 Store faults are cache misses: a block that fails its CRC, a missing, truncated or unreadable
 shard, a damaged index segment are logged once (per shard), counted (:class:`LoadStats`,
@@ -39,7 +49,7 @@ worker also tells the scheduler which stored blocks and shards failed
 (:class:`PrefixgenWorkerMetadata`), and the scheduler no longer claims them.
 
 Both sides refuse, at engine start, what the store cannot serve (:func:`unsupported_features`:
-context parallelism, speculative decoding, hybrid or sliding-window attention, a
+context parallelism, speculative decoding, a KV cache group of a kind it does not load, a
 ``kv_load_failure_policy`` other than ``recompute``); the scheduler refuses a store built for another
 model than vLLM's effective config (weights, architecture, KV shape, positions, tokenizer, every field of
 the text config after ``hf_overrides``, the KV dtype, quantization, load format), naming each field that
@@ -70,7 +80,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
     KVConnectorWorkerMetadata,
+    SupportsHMA,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.logger import init_logger
@@ -91,6 +103,17 @@ from prefixgen.integrations.vllm_check import (
     relative_errors,
     tolerance,
     worst_errors,
+)
+from prefixgen.integrations.vllm_groups import (
+    block_tables,
+    group_problems,
+    group_span,
+    is_mla,
+    key_order,
+    recurrent_skip_message,
+    rope_key_order,
+    vllm_groups,
+    write_layer,
 )
 from prefixgen.model import (
     checkpoint_weights_digest,
@@ -136,7 +159,7 @@ class LoadSpec:
     end: int  # the stored prefix ends here
     first_block: int  # store block number of locations[0]
     locations: list[BlockLocation]
-    block_ids: list[int]  # the request's vLLM block table (its one KV cache group)
+    block_ids: list[list[int]]  # the request's vLLM block table per KV cache group, null blocks -1 (vllm_groups.py)
 
 
 @dataclass
@@ -175,7 +198,7 @@ class LoadStats:
     requests: int = 0
     tokens: int = 0
     bytes: int = 0  # KV bytes written (this rank's heads, vLLM's compute dtype)
-    read_bytes: int = 0  # bytes read from shard files (a head-major store: this rank's heads and their checksums)
+    read_bytes: int = 0  # bytes read from shard files (head-major: this rank's heads and checksums; a shared piece once)
     seconds: float = 0.0  # summed over loads (they overlap each other and the engine's steps)
     corrupt_blocks: int = 0  # blocks that failed their checksum
     failed_loads: int = 0  # loads that stopped early on a store fault (vLLM recomputed the rest)
@@ -184,6 +207,12 @@ class LoadStats:
     max_piece_bytes: int = 0  # the largest piece read (all heads, as dequantized): at most staging_bytes
     timed_out_loads: int = 0  # loads given up at their deadline (load_timeout_seconds): vLLM recomputed the rest
     check_seconds: float = 0.0  # spent on live checks (reading the store's blocks, comparing them with vLLM's)
+    shared_loads: int = 0  # loads written from another load's reads of the same stored blocks (single-flight), reading nothing
+    converted_bytes: int = 0  # host bytes of pieces copied out of their read buffer (a dtype conversion, fp8); 0 when none
+    # Sliding-window and chunked groups (summed over such groups): tokens of the loads written into their blocks
+    # (those of the window), and tokens not written because vLLM holds no block for them (before the window).
+    window_tokens: int = 0
+    window_tokens_skipped: int = 0
 
 
 @dataclass(slots=True)
@@ -201,6 +230,7 @@ class ClaimStats:
     skipped_prompt_embeds: int = 0
     skipped_cache_salt: int = 0
     skipped_unchecked: int = 0  # the live check has not passed (or failed): vLLM computes the request
+    skipped_recurrent: int = 0  # the model has recurrent state, which the connector does not load (vllm_groups.py)
     # The live check (vllm_check.py).
     checks_passed: int = 0
     checks_failed: int = 0
@@ -235,7 +265,10 @@ PROM_COUNTERS: dict[str, tuple[str, str]] = {
     "requests": ("loads", "Loads from the store done (written whole, or up to a store fault)"),
     "tokens": ("loaded_tokens", "Prompt tokens whose KV was loaded from the store instead of computed"),
     "bytes": ("loaded_bytes", "KV bytes written into vLLM's cache (each rank its heads, in vLLM's dtype)"),
-    "read_bytes": ("read_bytes", "Bytes read from shard files (a head-major store: each rank its heads)"),
+    "read_bytes": (
+        "read_bytes",
+        "Bytes read from shard files (a head-major store: each rank its heads; a piece once for every load sharing it)",
+    ),
     "seconds": ("load_seconds", "Seconds spent loading, summed over loads (they overlap each other and the steps)"),
     "pieces": ("load_pieces", "Staging pieces read and written by loads"),
     "corrupt_blocks": ("corrupt_blocks", "Stored blocks that failed their checksum: not loaded, vLLM computed them"),
@@ -252,6 +285,19 @@ PROM_COUNTERS: dict[str, tuple[str, str]] = {
     "checks_failed": ("checks_failed", "Live checks whose KV computed by vLLM differed from the store's: loading stopped"),
     "check_tokens": ("check_tokens", "Stored tokens vLLM computed for live checks instead of loading them"),
     "weights_changed": ("weights_changed", "Weights found changed since the live check passed: loads stop until it passes again"),
+    "shared_loads": ("shared_loads", "Loads written from another load's read of the same stored blocks, reading nothing"),
+    "converted_bytes": (
+        "converted_bytes",
+        "Host bytes of read pieces copied for a conversion (fp8, cast_kv_dtype, a head-major store's transpose)",
+    ),
+    "window_tokens": (
+        "window_tokens",
+        "Loaded tokens written into sliding-window or chunked layers' blocks (their window), per group",
+    ),
+    "window_tokens_skipped": (
+        "window_tokens_skipped",
+        "Loaded tokens not written into sliding-window or chunked layers (before their window: vLLM holds no block)",
+    ),
 }
 SKIPPED = ("skipped_requests", "Requests loaded nothing for (vLLM computes them whole), by reason")
 
@@ -377,7 +423,13 @@ class _Threads:
 
 @dataclass(eq=False)
 class _Loading:
-    """One load on the worker, between its load thread and the engine thread (which gives it up at its deadline)."""
+    """One load on the worker, between its load thread and the engine thread (which gives it up at its deadline).
+
+    Single-flight: a load whose first stored blocks are among those a load in flight has still to read joins it (a
+    follower: no thread, no read of its own); the leader's thread writes each piece it reads into every member's
+    slots, and a piece it cannot read stops them all (vLLM recomputes each from its first token not written). A
+    follower whose blocks go on past the shared run (another prompt after a shared system prompt) is handed back to
+    the load threads once the leader read that run, and reads the rest itself."""
 
     load: LoadSpec
     deadline: float  # time.monotonic() past which it is given up (inf: none)
@@ -388,6 +440,56 @@ class _Loading:
     pending: Any = None  # CUDA: the event of the last piece's write, still running on the side stream
     reading: frozenset[str] = frozenset()  # the shards of the piece being read (reported bad if the read never ends)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    after: Any = None  # CUDA: the event of the engine's work queued before the step that started it (writes wait for it)
+    # A leader's members (itself first, then its followers), and the first of its locations not read yet: a load may
+    # join only at or after it (guarded by the connector's lock; inf once the leader wrote its last piece).
+    group: list[_Loading] | None = None
+    next_read: float = 0
+    shared_end: float = math.inf  # a follower: its tokens before this are the leader's too (it reads the rest itself)
+
+
+@dataclass(eq=False)
+class _Staging:
+    """A host buffer pieces are read into, and (CUDA) the events of the device copies still reading out of it."""
+
+    tensor: torch.Tensor  # [staging bytes] uint8, pinned on CUDA
+    events: list = field(default_factory=list)
+
+
+class _StagingPool:
+    """Read buffers of ``nbytes``, reused: a new buffer's pages are mapped and zeroed on first touch, which costs more
+    than the read itself (a 4,096-token piece of small-llama: ~50 ms of page faults against ~8 ms to copy into mapped
+    pages), and pinning one costs more still. On CUDA they are pinned, so the device copies straight out of them
+    (asynchronously, on the load stream): a piece is never copied into another host tensor. Up to ``keep`` free
+    buffers are kept; when all are in use (a thread stuck in a read that hangs holds one) another is made, never
+    waited for, so no load waits for another's read."""
+
+    def __init__(self, nbytes: int, keep: int, pinned: bool):
+        self.nbytes, self.keep, self.pinned = nbytes, keep, pinned
+        self._free: list[_Staging] = []
+        self._lock = threading.Lock()
+        self.made = 0  # buffers allocated so far
+
+    def acquire(self) -> _Staging:
+        """A buffer no read and no device copy uses."""
+        with self._lock:
+            staging = self._free.pop() if self._free else None
+            if staging is None:
+                self.made += 1
+        if staging is None:
+            staging = _Staging(torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pinned))
+        for event in staging.events:  # CUDA: the copies out of it launched by the last piece (done by now, mostly)
+            event.synchronize()
+        staging.events.clear()
+        return staging
+
+    def release(self, staging: _Staging, event: Any = None) -> None:
+        """``staging`` is free once ``event`` (CUDA: the last device copy out of it), if any, has passed."""
+        if event is not None:
+            staging.events.append(event)
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(staging)
 
 
 def kv_head_range(total_kv_heads: int, tp_size: int, tp_rank: int) -> range:
@@ -463,8 +565,6 @@ def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
         >>> unsupported_features(vllm_config, kv_cache_config)  # doctest: +SKIP
         ['speculative decoding (method eagle): ...']
     """
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, MLAAttentionSpec
-
     problems = []
     pc = vllm_config.parallel_config
     for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
@@ -479,32 +579,7 @@ def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
             f"speculative decoding (method {spec.method}): its draft layers have KV caches the store does not hold; "
             "run without --speculative-config"
         )
-    groups = kv_cache_config.kv_cache_groups
-    if len(groups) > 1:
-        problems.append(
-            f"hybrid attention ({len(groups)} KV cache groups): the connector serves models with one kind of "
-            "full-attention layer (one KV cache group), as prefixgen builds"
-        )
-    for group in groups:
-        s = group.kv_cache_spec
-        if isinstance(s, MLAAttentionSpec):  # a FullAttentionSpec too: one latent per token, not K and V
-            problems.append(
-                f"multi-head latent attention ({type(s).__name__}, head size {s.head_size}): the store holds the MLA "
-                "latent, but the connector does not load it into vLLM's MLA cache yet; serve it with PrefixStore.load "
-                "or prefixgen serve"
-            )
-            break
-        if isinstance(s, MambaSpec):
-            problems.append(
-                f"recurrent state ({type(s).__name__}): linear-attention and state-space layers are not stored by prefixgen"
-            )
-            break
-        if not isinstance(s, FullAttentionSpec) or getattr(s, "sliding_window", None) or getattr(s, "attention_chunk_size", None):
-            problems.append(
-                f"sliding-window or chunked attention ({type(s).__name__}): its KV is not a full-attention prefix, "
-                "which is all a store holds"
-            )
-            break
+    problems += group_problems(vllm_groups(kv_cache_config))  # each group loads into its own blocks (vllm_groups.py)
     policy = vllm_config.kv_transfer_config.kv_load_failure_policy
     if policy != "recompute":
         # vLLM's config keeps no record of which fields were set, so an explicit "fail" looks like the default:
@@ -571,7 +646,7 @@ def stored_prefix(store: PrefixStore, token_ids: Sequence[int], max_run: int | N
     return locations, hashed
 
 
-class PrefixgenConnector(KVConnectorBase_V1):
+class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
     """A vLLM v1 KV connector that loads stored prompt prefixes from a prefixgen store (read only).
 
     ``kv_connector_extra_config`` options:
@@ -580,7 +655,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
     * ``chat_template``: the Jinja file given to ``prefixgen build --chat-template`` (and to
       ``vllm serve --chat-template``), when the tokenizer has no template of its own; it is part
       of the tokenizer identity the store is checked against.
-    * ``staging_bytes``, ``load_threads``, ``yield_seconds``, ``cast_kv_dtype``, ``check_rate``,
+    * ``staging_bytes``, ``staging_buffers``, ``load_threads``, ``yield_seconds``, ``cast_kv_dtype``, ``check_rate``,
       ``check_tolerance``: see :class:`~prefixgen.config.ConnectorConfig`.
 
     Example:
@@ -608,6 +683,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
         problems = unsupported_features(vllm_config, kv_cache_config)
         if problems:
             raise ConfigError("PrefixgenConnector cannot serve this engine:\n  " + "\n  ".join(problems))
+        self._groups = vllm_groups(kv_cache_config)  # vLLM's KV cache groups: each request has a block table per group
         if role == KVConnectorRole.SCHEDULER:
             self._check_model(vllm_config, self.config.chat_template)
             self._gate = CheckGate(rate=self.config.check_rate)  # nothing is loaded until the live check passed
@@ -619,6 +695,9 @@ class PrefixgenConnector(KVConnectorBase_V1):
             self._reported: dict[str, int | float] = {}
             # Lookups run on a thread of their own: schedule() never hashes a prompt or reads the index itself.
             self._lookup_threads = _Threads(1, "prefixgen-lookup")
+            self._recurrent = recurrent_skip_message(self._groups)  # why nothing is loaded for this model, or None
+            if self._recurrent:
+                logger.warning("PrefixgenConnector: %s", self._recurrent)
             self._lookups: dict[str, tuple[Future, float]] = {}  # request id -> its lookup and when it was asked for
             self._lookup_thread: int | None = None  # ident of the thread running the current lookup
             self._idle = False  # the last step scheduled no token: waiting for a lookup then costs no running request
@@ -629,11 +708,14 @@ class PrefixgenConnector(KVConnectorBase_V1):
         else:
             self._dtype = vllm_config.model_config.dtype
             self._layers: list[tuple[Any, int]] = []  # (vLLM attention layer, HF layer index)
+            self._layer_groups: list[int] = []  # the KV cache group of each of self._layers
+            self._key_order: torch.Tensor | None = None  # vLLM's order of a key's values, if not the store's
+            self._failed_loads: set[str] = set()  # with several groups: loads cut short, reported as failed receives
             self._heads = range(self.store.manifest.kv.num_kv_heads)
             self._stage = range(self.store.manifest.kv.num_layers)  # this pipeline stage's layers (all without PP)
             self._pool = _Threads(self.config.load_threads, "prefixgen-load")
             self._inflight: dict[str, _Loading] = {}
-            self._buffers = threading.local()  # each load thread's read buffer (see _read_buffer)
+            self._staging: _StagingPool | None = None  # the read buffers (made in register_kv_caches)
             self._lock = threading.Lock()  # the load threads report through what it guards
             self._load_errors: set[int] = set()
             self._new_bad = PrefixgenWorkerMetadata()  # for the scheduler, since the last step
@@ -647,7 +729,13 @@ class PrefixgenConnector(KVConnectorBase_V1):
             self._limit = self.config.check_tolerance or tolerance(
                 self.store.manifest.kv.storage, self.store.manifest.kv.dtype, str(self._dtype).removeprefix("torch.")
             )
-        logger.info("PrefixgenConnector (%s): store %s, %s", role.name.lower(), path, self.store.manifest.model.name)
+        logger.info(
+            "PrefixgenConnector (%s): store %s, %s; vLLM's KV cache groups: %s",
+            role.name.lower(),
+            path,
+            self.store.manifest.model.name,
+            ", ".join(f"{g.spec} x{len(g.layer_names)} (block {g.block_size})" for g in self._groups),
+        )
 
     # ------------------------------------------------------------------ start-up checks
 
@@ -670,11 +758,12 @@ class PrefixgenConnector(KVConnectorBase_V1):
         tp = self._vllm_config.parallel_config.tensor_parallel_size
         self._heads = kv_head_range(kv.num_kv_heads, tp, get_tensor_model_parallel_rank())
         layers = self._vllm_config.compilation_config.static_forward_context
+        group_of = {name: g.index for g in self._groups for name in g.layer_names}
         for name in kv_caches:
             layer = layers[name]
             impl = getattr(layer, "impl", None)
             update = getattr(impl, "do_kv_cache_update", None)
-            if update is None or "key" not in inspect.signature(update).parameters:
+            if update is None or ("key" not in inspect.signature(update).parameters and not is_mla(layer)):
                 raise ConfigError(
                     f"PrefixgenConnector cannot write into layer {name}: its attention backend "
                     f"({type(impl).__name__}) has no key/value cache-write op; use a standard attention backend "
@@ -688,11 +777,19 @@ class PrefixgenConnector(KVConnectorBase_V1):
                     f"head_dim {kv.head_dim})"
                 )
             self._layers.append((layer, index))
+            self._layer_groups.append(group_of[name])
         # A pipeline stage holds consecutive layers: only theirs are converted and uploaded.
         indices = sorted(index for _, index in self._layers)
         if indices and indices == list(range(indices[0], indices[-1] + 1)):
             self._stage = range(indices[0], indices[-1] + 1)
+        cuda = bool(self._layers) and self._layers[0][0].kv_cache.device.type == "cuda"
+        piece = self._piece_blocks() * self.store.block_size * kv.bytes_per_token  # a piece's bytes as stored
+        self._staging = _StagingPool(piece, self.config.staging_buffers, pinned=cuda)
         model = find_model(self._layers[0][0]) if self._layers else None
+        if kv.kind == "mla":
+            self._key_order = rope_key_order(self._vllm_config.model_config.hf_text_config, kv.head_dim - kv.latent_rank)
+        else:
+            self._key_order = key_order(model, kv.head_dim)
         if model is not None:
             self._watch = WeightsWatch(model)
         else:
@@ -719,7 +816,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
                 self._bad = PrefixgenWorkerMetadata()
             lookup, since = self._lookups.get(request.request_id, (None, 0.0))
             if lookup is None:
-                reason = skip_reason(request)
+                reason = "recurrent" if self._recurrent else skip_reason(request)
                 if reason is not None:
                     self._skip(reason)
                     match = _Match(0, [])
@@ -797,6 +894,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
     def _skip(self, reason: str) -> None:
         n = getattr(self.claim_stats, f"skipped_{reason}") + 1
         setattr(self.claim_stats, f"skipped_{reason}", n)
+        if reason == "recurrent":  # said at start (and in the counter) for every request
+            return
         if n == 1:  # a warning: INFO of this (non-vLLM) logger is not shown by default
             logger.warning(
                 "PrefixgenConnector: loads nothing for requests with %s (the store's keys hash the base model's "
@@ -812,15 +911,13 @@ class PrefixgenConnector(KVConnectorBase_V1):
         bs = self.store.block_size
         start = match.end - num_external_tokens
         first = start // bs
-        self._pending.append(
-            LoadSpec(request.request_id, start, match.end, first, match.locations[first:], list(blocks.get_block_ids()[0]))
-        )
+        self._pending.append(LoadSpec(request.request_id, start, match.end, first, match.locations[first:], block_tables(blocks)))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         self._idle = scheduler_output.total_num_scheduled_tokens == 0
         meta = PrefixgenConnectorMetadata(self._pending, idle=self._idle)
         meta.checks = self._gate.due(
-            scheduler_output.num_scheduled_tokens, lambda req_id: self._kv_cache_manager.get_block_ids(req_id)[0]
+            scheduler_output.num_scheduled_tokens, lambda req_id: block_tables(self._kv_cache_manager.get_blocks(req_id))
         )
         self._pending = []
         return meta
@@ -839,6 +936,13 @@ class PrefixgenConnector(KVConnectorBase_V1):
         self._lookups.pop(request.request_id, None)  # aborted while looked up: the answer is dropped
         self._gate.finished(request.request_id)
         return False, None
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's hybrid KV cache manager (``SupportsHMA``) calls this instead of :meth:`request_finished`: the
+        connector holds no blocks of a finished request, whatever the groups."""
+        return self.request_finished(request, list(block_ids[0]) if block_ids else [])
 
     def reset_cache(self) -> bool:
         """vLLM's reset for weight updates (``reset_prefix_cache(reset_connector=True)``): nothing is loaded until
@@ -929,10 +1033,42 @@ class PrefixgenConnector(KVConnectorBase_V1):
             after.record()
         timeout = self.config.load_timeout_seconds
         deadline = time.monotonic() + timeout if timeout > 0 else math.inf
-        for load in meta.loads:
-            loading = _Loading(load, deadline, written=load.start)
-            loading.future = self._pool.submit(self._load_safely, loading, after)
+        leaders = []
+        for load in meta.loads:  # all joined first, then started: a load of this step joins another of this step
+            loading = _Loading(load, deadline, written=load.start, after=after)
+            if not self._join(loading):  # a load of its own, on a load thread
+                loading.group = [loading]
+                leaders.append(loading)
             self._inflight[load.req_id] = loading
+        for loading in leaders:
+            loading.future = self._pool.submit(self._load_safely, loading)
+
+    def _join(self, loading: _Loading) -> bool:
+        """Single-flight: if a load in flight has still to read every stored block ``loading`` needs (the same (shard,
+        slot) run, at the same place in the prompt), ``loading`` joins it and is written from its reads; False if none.
+        Its blocks after the run it shares (if any) it reads itself, once the other read that run (:meth:`_detach`); a load
+        whose first block the other has read already reads all of its own."""
+        load = loading.load
+        mine = [(loc.shard, loc.slot) for loc in load.locations]
+        if not mine:
+            return False
+        for leader in self._inflight.values():
+            at = load.first_block - leader.load.first_block  # where its blocks start in the leader's (the same depth)
+            if leader.group is None or at < 0:
+                continue
+            theirs = leader.load.locations[at : at + len(mine)]
+            common = next((j for j, loc in enumerate(theirs) if (loc.shard, loc.slot) != mine[j]), len(theirs))
+            if common == 0:
+                continue
+            with self._lock:
+                if leader.next_read > at:  # read past its first block already (or finished): not joined
+                    continue
+                loading.state, loading.future = "running", Future()  # set when it is written (_finish)
+                loading.shared_end = (load.first_block + common) * self.store.block_size
+                leader.group.append(loading)
+                self.stats.shared_loads += 1
+            return True
+        return False
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Requests whose load is done (written, or stopped at a fault already reported as load errors).
@@ -989,6 +1125,17 @@ class PrefixgenConnector(KVConnectorBase_V1):
         meta = self._connector_metadata if self.has_connector_metadata() else None
         return isinstance(meta, PrefixgenConnectorMetadata) and meta.idle
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """:meth:`get_finished`'s loads, with those cut short as failed receives when the model has several KV cache
+        groups: vLLM's scheduler then recomputes such a request whole (``_handle_failed_recving``), since block ids
+        reported by :meth:`get_block_ids_with_load_errors` are ambiguous across groups and refused there."""
+        _, done = self.get_finished(finished_req_ids)
+        done = done or set()
+        with self._lock:
+            failed = self._failed_loads & done
+            self._failed_loads -= failed
+        return KVConnectorTransferResults(finished_recving=set(done), failed_recving=failed)
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         with self._lock:
             errors, self._load_errors = self._load_errors, set()
@@ -1025,15 +1172,20 @@ class PrefixgenConnector(KVConnectorBase_V1):
             sums, failed = None, False
             for i in range(0, len(spec.locations), step):
                 piece = spec.locations[i : i + step]
-                kv, good = self._read(piece)  # [good * bs, this stage's layers, 2, this rank's heads, D]
-                if good < len(piece):
-                    failed = True
-                    break
-                first = (spec.first_block + i) * bs
-                part = compare_blocks(
-                    self._layers, self._stage.start, kv, first, min(spec.end, first + good * bs), spec.block_ids,
-                    self.block_size, self._num_blocks,
-                )  # fmt: skip
+                staging = self._staging.acquire()
+                try:
+                    kv, good = self._read(piece, staging)  # [good * bs, this stage's layers, 2, this rank's heads, D]
+                    if good < len(piece):
+                        failed = True
+                        break
+                    first = (spec.first_block + i) * bs
+                    tables = [(spec.block_ids[g], self._groups[g].block_size) for g in self._layer_groups]
+                    part = compare_blocks(
+                        self._layers, self._stage.start, kv, first, min(spec.end, first + good * bs), tables,
+                        self._num_blocks, self._key_order,
+                    )  # fmt: skip
+                finally:
+                    self._staging.release(staging)
                 sums = part if sums is None else sums + part
             if failed or sums is None:
                 results.append(CheckResult(spec.req_id, 0, [], [], [], self._limit, failed_read=True))
@@ -1082,39 +1234,82 @@ class PrefixgenConnector(KVConnectorBase_V1):
             self._stop.set()
             self._lookup_threads.shutdown()
 
-    def _load_safely(self, loading: _Loading, after: torch.cuda.Event | None) -> None:
-        """:meth:`_load` on a load thread: whatever goes wrong, the engine recomputes from the first token not written."""
+    def _load_safely(self, loading: _Loading) -> None:
+        """:meth:`_load` on a load thread, for ``loading`` and the loads that joined it: whatever goes wrong, the engine
+        recomputes each from the first token not written. ``loading`` may be a follower whose shared run was read: it
+        reads the rest of its blocks."""
         with loading.lock:
-            if loading.state == "abandoned":  # given up (or shut down) before it started
-                return
-            loading.state, loading.thread = "running", threading.get_ident()
+            if loading.state != "abandoned":  # given up (or shut down) before it started: run only for its followers
+                loading.state, loading.thread = "running", threading.get_ident()
         try:
-            self._load(loading, after)
-        except Exception:  # a bug or a device error must not leave the request waiting forever
+            self._load(loading)
+        except Exception:  # a bug or a device error must not leave the requests waiting forever
             logger.exception("PrefixgenConnector: loading %s failed; vLLM recomputes it", loading.load.req_id)
-        with loading.lock:
-            if loading.state == "abandoned":  # given up at its deadline: reported then
+        with self._lock:
+            loading.next_read = math.inf  # nothing joins it any more
+            members, loading.group = list(loading.group or [loading]), []
+        for member in members:
+            self._finish(member)
+            if member is not loading:
+                member.future.set_result(None)
+
+    def _finish(self, member: _Loading) -> None:
+        """``member``'s load is over (written whole, or up to a fault): vLLM recomputes from its first token not written."""
+        with member.lock:
+            if member.state == "abandoned":  # given up at its deadline: reported then
                 return
             try:
-                _wait_copies(loading)  # CUDA: no write may land after vLLM recomputes these slots
+                _wait_copies(member)  # CUDA: no write may land after vLLM recomputes these slots
             except Exception:
-                logger.exception("PrefixgenConnector: loading %s failed on the device", loading.load.req_id)
-                loading.written = loading.load.start
-            loading.state = "done"
+                logger.exception("PrefixgenConnector: loading %s failed on the device", member.load.req_id)
+                member.written = member.load.start
+            member.state = "done"
             with self._lock:
-                self._report_unwritten(loading.load, loading.written)
+                self._report_unwritten(member.load, member.written)
+                self.stats.requests += 1
+
+    def _detach(self, loading: _Loading, read: int) -> None:
+        """The followers of ``loading`` whose shared run ends within its first ``read`` locations (read and written) leave
+        its group: done if that was all they need, else handed to a load thread to read the rest of their blocks."""
+        bs = self.store.block_size
+        end = (loading.load.first_block + read) * bs  # the tokens written so far end here
+        with self._lock:
+            leaving = [m for m in (loading.group or [])[1:] if m.shared_end <= end]
+            if not leaving:
+                return
+            loading.group = [m for m in loading.group if m not in leaving]
+        for member in leaving:
+            if member.state != "abandoned" and member.written < member.load.end:
+                with self._lock:  # a leader now: others may join it for the blocks it has still to read
+                    member.group, member.next_read = [member], member.written // bs - member.load.first_block
+                    member.shared_end = math.inf
+                self._pool.submit(self._continue, member)
+            else:
+                self._finish(member)
+                member.future.set_result(None)
+
+    def _continue(self, member: _Loading) -> None:
+        """A follower's own blocks after the run it shared, on a load thread; its future is set when they are written."""
+        try:
+            self._load_safely(member)
+        finally:
+            member.future.set_result(None)
 
     def _report_unwritten(self, load: LoadSpec, written: int) -> None:
         """vLLM recomputes ``load`` from the vLLM block holding token ``written`` (the first not written), if any
         is left. Called holding ``self._lock``."""
         if written < load.end:
-            self._load_errors.add(load.block_ids[written // self.block_size])
+            if len(self._groups) > 1:  # vLLM maps no block id back to a request with several groups: it recomputes all
+                self._failed_loads.add(load.req_id)
+            else:
+                self._load_errors.add(load.block_ids[0][written // self.block_size])
             self.stats.failed_loads += 1
 
-    def _load(self, loading: _Loading, after: torch.cuda.Event | None) -> None:
-        """Write tokens ``[load.start, load.end)`` into vLLM's caches, a piece of at most ``staging_bytes`` at a
-        time, recording in ``loading.written`` how far it got (``load.end`` unless a store fault cut it short). Each
-        write is made holding ``loading.lock``, and none once the load was given up."""
+    def _load(self, loading: _Loading) -> None:
+        """Write tokens ``[load.start, load.end)`` into vLLM's caches, a piece of at most ``staging_bytes`` at a time, and
+        each piece into the slots of the loads that joined ``loading`` too (each piece is read once), recording in each
+        one's ``written`` how far it got (its end unless a store fault cut it short). Each write is made holding the
+        load's lock, and none once that load was given up."""
         t0 = time.perf_counter()
         load = loading.load
         bs = self.store.block_size
@@ -1122,35 +1317,76 @@ class PrefixgenConnector(KVConnectorBase_V1):
         cuda = device.type == "cuda"
         if cuda:
             torch.cuda.set_device(device)  # this thread's: the rank's device, for the kernels it launches
-            self._stream.wait_event(after)
         step = self._piece_blocks()
-        for i in range(0, len(load.locations), step):
+        last = None  # CUDA: the event of the previous piece's writes
+        begin = loading.written // bs - load.first_block  # a follower's rest starts after its shared run: 0 otherwise
+        for i in range(begin, len(load.locations), step):
+            with self._lock:
+                members = list(loading.group or [loading])
+            if all(m.state == "abandoned" for m in members):  # all given up: vLLM owns these slots again
+                break
             piece = load.locations[i : i + step]
             loading.reading = frozenset(loc.shard for loc in piece)
-            kv, good = self._read(piece)  # [good * bs, this stage's layers, 2, this rank's heads, D] in host memory
-            first = (load.first_block + i) * bs  # the piece's first token
-            with loading.lock:
-                if loading.state == "abandoned":  # given up while this piece was read: vLLM owns these slots again
-                    return
-                written = loading.written
-                end = min(load.end, first + good * bs)
-                if end > written:
-                    kv = kv[written - first : end - first]  # [tokens, layers, 2, heads, D]: a view, no copy
-                    slots = slot_mapping(load.block_ids, self.block_size, written, end)
-                    if cuda:
-                        _wait_copies(loading)  # the previous piece is written: its buffers go (one piece on the device)
-                        loading.pending = self._write_cuda(kv, slots, device)
-                    else:
-                        self._write(kv, slots)
-                    loading.written = end
-                    with self._lock:
-                        self.stats.tokens += end - written
-                        self.stats.bytes += kv.numel() * kv.element_size()
+            staging = self._staging.acquire()
+            try:
+                kv, good = self._read(piece, staging)  # [good * bs, this stage's layers, 2, this rank's heads, D] on the host
+                with self._lock:  # the loads that joined while it was read are written too; later ones join after it
+                    members = list(loading.group or [loading])
+                    loading.next_read = i + len(piece)
+                if good and cuda:
+                    if last is not None:
+                        last.synchronize()  # the previous piece is written: its device copy goes (one piece on the device)
+                    with torch.cuda.stream(self._stream):
+                        kv = _upload(kv, device)  # straight from the pinned read buffer
+                        last = torch.cuda.Event()
+                        last.record(self._stream)  # the buffer is free after it (the writes below come later)
+                        last.buffers = (kv,)  # type: ignore[attr-defined]  # the device copy, alive until it is waited for
+                first = (load.first_block + i) * bs  # the piece's first token
+                for member in members if good else []:
+                    last = self._write_piece(member, kv, first, first + good * bs, device) or last
+            finally:
+                self._staging.release(staging, last)  # reused once the copies out of it are done
             if good < len(piece):
                 break
+            self._detach(loading, i + len(piece))  # followers whose shared run is read go on by themselves
         with self._lock:
-            self.stats.requests += 1
             self.stats.seconds += time.perf_counter() - t0
+
+    def _write_piece(self, member: _Loading, kv: torch.Tensor, first: int, end: int, device: torch.device) -> Any:
+        """Tokens ``[first, end)`` of a prompt (``kv``: [tokens, layers, 2, heads, D] on the host, or on the device on CUDA)
+        into ``member``'s slots, from its first token not written (nothing if it was given up); CUDA: the event of the
+        write, or None."""
+        with member.lock:
+            written = member.written
+            end = min(member.load.end, end, member.shared_end)  # a follower: not past the run it shares with the leader
+            if member.state == "abandoned" or written < first or end <= written:
+                return None  # given up, or nothing of it in this piece (written < first: a piece it needs was not read)
+            part = kv[written - first : end - first]  # [tokens, layers, parts, heads, D]: a view, no copy
+            spans = self._spans(member.load.block_ids, written, end)  # per KV cache group: its window's slots
+            done = None
+            if device.type == "cuda":
+                _wait_copies(member)
+                with torch.cuda.stream(self._stream):
+                    if member.after is not None:  # nothing the engine queued for its blocks lands after the write
+                        self._stream.wait_event(member.after)
+                        member.after = None
+                    on_device = [(o, slots.pin_memory().to(device, non_blocking=True)) for o, slots in spans]
+                    self._write(part, on_device)
+                    done = torch.cuda.Event()
+                    done.record(self._stream)
+                done.buffers = (kv, on_device)  # type: ignore[attr-defined]  # alive until the event is waited for
+                member.pending = done
+            else:
+                self._write(part, spans)
+            member.written = end
+            with self._lock:
+                self.stats.tokens += end - written
+                self.stats.bytes += part.numel() * part.element_size()
+                for g in self._groups:
+                    if g.windowed:  # sliding-window and chunked groups: only the window's tokens have blocks
+                        self.stats.window_tokens += len(spans[g.index][1])
+                        self.stats.window_tokens_skipped += end - written - len(spans[g.index][1])
+        return done
 
     def _piece_blocks(self) -> int:
         """Store blocks per piece: their KV as read fits in ``staging_bytes`` (one block at least)."""
@@ -1161,53 +1397,41 @@ class PrefixgenConnector(KVConnectorBase_V1):
         float32 it is dequantized in."""
         kv = self.store.manifest.kv
         item = 4 if kv.storage == "fp8" else TORCH_DTYPES[kv.stored_dtype].itemsize
-        return self.store.block_size * kv.num_layers * 2 * kv.num_kv_heads * kv.head_dim * item
+        return self.store.block_size * kv.num_layers * kv.parts * kv.num_kv_heads * kv.head_dim * item
 
-    def _read_buffer(self) -> torch.Tensor:
-        """This load thread's host buffer for the pieces it reads (bytes of one piece as stored), made on first use and
-        kept: a new one per piece would have its pages mapped and zeroed on first touch, which costs more than the read
-        (a 4,096-token piece of small-llama: ~50 ms of page faults against ~8 ms to copy into mapped pages)."""
-        buffer = getattr(self._buffers, "buffer", None)
-        if buffer is None:
-            kv = self.store.manifest.kv
-            buffer = torch.empty(self._piece_blocks() * self.store.block_size * kv.bytes_per_token, dtype=torch.uint8)
-            self._buffers.buffer = buffer
-        return buffer
+    def _spans(self, block_ids: list[list[int]], start: int, end: int) -> list[tuple[int, torch.Tensor]]:
+        """Per KV cache group, the tokens of ``[start, end)`` it holds blocks for: the offset of the first from
+        ``start`` and their slots (a sliding-window or chunked group: only its window's; vllm_groups.py)."""
+        return [group_span(ids, g.block_size, start, end) for g, ids in zip(self._groups, block_ids)]
 
-    def _write(self, kv: torch.Tensor, slots: torch.Tensor) -> None:
-        """Each layer's K and V (``kv``: [tokens, this stage's layers, 2, heads, D] on the cache's device, each token's
-        heads side by side) into its cache at ``slots``.
+    def _write(self, kv: torch.Tensor, spans: list[tuple[int, torch.Tensor]]) -> None:
+        """Each layer's K and V, or MLA latent (``kv``: [tokens, this stage's layers, parts, heads, D] on the cache's
+        device, each token's heads side by side) into its cache, at its KV cache group's slots (``spans``,
+        :meth:`_spans`).
 
         The op gets views ``kv[:, layer, 0]`` ([tokens, heads, D], a token stride of the whole row): the layout of the
         keys vLLM's own forward passes it (a slice of the fused QKV projection), so no per-layer copy is made."""
         first = self._stage.start
-        for layer, index in self._layers:
-            layer.impl.do_kv_cache_update(layer, kv[:, index - first, 0], kv[:, index - first, 1], layer.kv_cache, slots)
+        for (layer, index), group in zip(self._layers, self._layer_groups):
+            offset, slots = spans[group]
+            if len(slots):
+                write_layer(layer, kv[offset:, index - first], layer.kv_cache, slots, self._key_order)
 
-    def _write_cuda(self, kv: torch.Tensor, slots: torch.Tensor, device: torch.device) -> torch.cuda.Event:
-        """Upload one piece through pinned memory and write it, all on the side stream; the event marks its end."""
-        staged = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)
-        staged.copy_(kv)  # the read buffer is free again once this returns
-        with torch.cuda.stream(self._stream):
-            on_device = staged.to(device, non_blocking=True)
-            self._write(on_device, slots.pin_memory().to(device, non_blocking=True))
-            done = torch.cuda.Event()
-            done.record(self._stream)
-        # the host and device buffers stay alive until the event is waited for (the caller keeps it)
-        done.buffers = (staged, on_device)  # type: ignore[attr-defined]
-        return done
-
-    def _read(self, locations: list[BlockLocation]) -> tuple[torch.Tensor | None, int]:
+    def _read(self, locations: list[BlockLocation], staging: _Staging) -> tuple[torch.Tensor | None, int]:
         """This rank's KV heads, in host memory, of the leading blocks of ``locations`` that read cleanly, and how many
-        they are; each fault is logged once per shard and reported to the scheduler."""
+        they are; each fault is logged once per shard and reported to the scheduler. Read (pread) into ``staging``:
+        the result is a view of it unless vLLM's dtype differs from the store's, the store is fp8 or head-major (its
+        heads are transposed to vLLM's token-major rows): a converted copy then."""
         count = ReadCount()  # a head-major store gives this rank only its heads from disk
         try:
-            return self._read_counted(locations, count)
+            return self._read_counted(locations, staging, count)
         finally:
             with self._lock:
                 self.stats.read_bytes += count.bytes
 
-    def _read_counted(self, locations: list[BlockLocation], count: ReadCount) -> tuple[torch.Tensor | None, int]:
+    def _read_counted(
+        self, locations: list[BlockLocation], staging: _Staging, count: ReadCount
+    ) -> tuple[torch.Tensor | None, int]:
         while locations:
             try:
                 kv = self.store.read_locations(  # in this thread: a read that hangs holds up this load only
@@ -1215,7 +1439,7 @@ class PrefixgenConnector(KVConnectorBase_V1):
                     "cpu",
                     self._dtype,
                     heads=self._heads,
-                    buffer=self._read_buffer(),
+                    buffer=staging.tensor,
                     layers=self._stage,
                     threads=1,
                     count=count,
@@ -1223,6 +1447,8 @@ class PrefixgenConnector(KVConnectorBase_V1):
                 with self._lock:
                     self.stats.pieces += 1
                     self.stats.max_piece_bytes = max(self.stats.max_piece_bytes, len(locations) * self._block_read_bytes())
+                    if kv.untyped_storage().data_ptr() != staging.tensor.untyped_storage().data_ptr():
+                        self.stats.converted_bytes += kv.numel() * kv.element_size()
                 return kv, len(locations)
             except CorruptBlockError as exc:
                 bad = locations[exc.block]
@@ -1272,6 +1498,18 @@ def _wait_copies(loading: _Loading) -> None:
     if loading.pending is not None:
         pending, loading.pending = loading.pending, None
         pending.synchronize()
+
+
+def _upload(kv: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``kv`` (a view of a host buffer: this rank's heads and layers of a piece, strided) on ``device`` with the same
+    shape and strides, copied without blocking on the current stream: the one span of host memory the view covers is
+    copied as it lies, straight from the (pinned) buffer, never gathered into another host tensor first (a strided
+    source would be, synchronously, by ``Tensor.to``). The buffer must stay untouched until the copy is done."""
+    if kv.is_contiguous():
+        return kv.to(device, non_blocking=True)
+    span = 1 + sum((n - 1) * stride for n, stride in zip(kv.shape, kv.stride()))  # elements from its first to its last
+    flat = kv.as_strided((span,), (1,))  # [span] from kv's first element (the same storage offset)
+    return flat.to(device, non_blocking=True).as_strided(kv.shape, kv.stride(), 0)
 
 
 def _done() -> Future:

@@ -107,7 +107,7 @@ class CheckSpec:
     end: int
     first_block: int  # store block number of locations[0]
     locations: list[BlockLocation]
-    block_ids: list[int]
+    block_ids: list[list[int]]  # per KV cache group, null blocks -1 (vllm_groups.block_tables)
 
 
 @dataclass(slots=True)
@@ -177,46 +177,52 @@ def compare_blocks(
     kv: torch.Tensor,
     start: int,
     end: int,
-    block_ids: Sequence[int],
-    block_size: int,
+    tables: Sequence[tuple[Sequence[int], int]],
     num_blocks: int,
+    key_order: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per layer, the squared error and the squared norm of K and of V between vLLM's paged KV of tokens
-    ``[start, end)`` (of a request whose block table is ``block_ids``) and the store's ``kv`` ([end - start, this
-    stage's layers, 2, this rank's heads, D], host memory): ``[layers, 4]`` float64 rows (K error, K norm, V error,
-    V norm), to be summed over pieces (:func:`relative_errors`).
+    """Per layer, the squared error and the squared norm of K and of V (an MLA latent: as K) between vLLM's paged KV of
+    tokens ``[start, end)`` of a request and the store's ``kv`` ([end - start, this stage's layers, parts, this rank's
+    heads, D], host memory): ``[layers, 4]`` float64 rows (K error, K norm, V error, V norm), to be summed over pieces
+    (:func:`relative_errors`). ``tables``: per layer, the request's block table in the layer's KV cache group (null
+    blocks -1) and the group's block size; a sliding-window or chunked layer is compared on the tokens vLLM still
+    holds blocks for (its window). ``key_order``: as a load writes keys (``vllm_groups.key_order``).
 
     The store's KV is written with each layer's own cache-write op (as a load writes it: the same cast and layout)
     into a scratch copy of the request's blocks, beside masks written the same way, so no backend's memory layout
     is assumed but where its block index is (the dimension of size ``num_blocks``).
 
     Example:
-        >>> relative_errors(compare_blocks(self._layers, 0, kv, 0, 64, [3, 7], 32, 1024))  # doctest: +SKIP
+        >>> relative_errors(compare_blocks(self._layers, 0, kv, 0, 64, [([3, 7], 32)] * 2, 1024))  # doctest: +SKIP
         ([1.2e-07, 9.8e-08], [1.1e-07, 8.7e-08])
     """
-    first, last = start // block_size, (end - 1) // block_size
-    ids = list(block_ids[first : last + 1])
-    pos = torch.arange(start, end)
-    local = (pos // block_size - first) * block_size + pos % block_size  # slots in the scratch copy of the blocks
+    from prefixgen.integrations.vllm_groups import group_span, write_layer
+
     sums = torch.zeros(len(layers), 4, dtype=torch.float64)
-    for row, (layer, index) in enumerate(layers):
+    for row, ((layer, index), (block_ids, block_size)) in enumerate(zip(layers, tables)):
+        offset, _ = group_span(block_ids, block_size, start, end)
+        held = start + offset  # the first token whose block vLLM holds in this layer's group
+        if held >= end:
+            continue
+        first, last = held // block_size, (end - 1) // block_size
         cache = layer.kv_cache
         device = cache.device
-        engine = cache.index_select(_block_dim(cache, num_blocks), torch.as_tensor(ids, dtype=torch.long, device=device))
-        k = kv[: end - start, index - stage_first, 0].to(device)  # [tokens, heads, D]
-        v = kv[: end - start, index - stage_first, 1].to(device)
-        slots = local.to(device)
+        ids = torch.as_tensor(list(block_ids[first : last + 1]), dtype=torch.long, device=device)
+        engine = cache.index_select(_block_dim(cache, num_blocks), ids)
+        pos = torch.arange(held, end)
+        slots = ((pos // block_size - first) * block_size + pos % block_size).to(device)  # in the scratch copy
+        rows = kv[offset : end - start, index - stage_first].to(device)  # [tokens, parts, heads, D]
         stored = torch.zeros_like(engine)
-        layer.impl.do_kv_cache_update(layer, k, v, stored, slots)
-        ones, zeros = torch.ones_like(k), torch.zeros_like(k)
-        mask_k, mask_v = torch.zeros_like(engine), torch.zeros_like(engine)
-        layer.impl.do_kv_cache_update(layer, ones, zeros, mask_k, slots)
-        layer.impl.do_kv_cache_update(layer, zeros, ones, mask_v, slots)
+        write_layer(layer, rows, stored, slots, key_order)
         a, b = engine.double(), stored.double()
-        for col, mask in ((0, mask_k != 0), (2, mask_v != 0)):
-            ref = a[mask]
-            sums[row, col] = float((ref - b[mask]).square().sum())
-            sums[row, col + 1] = float(ref.square().sum())
+        for part in range(rows.shape[1]):
+            ones = torch.zeros_like(rows)
+            ones[:, part] = 1
+            mask = torch.zeros_like(engine)
+            write_layer(layer, ones, mask, slots, key_order)
+            ref = a[mask != 0]
+            sums[row, 2 * part] = float((ref - b[mask != 0]).square().sum())
+            sums[row, 2 * part + 1] = float(ref.square().sum())
     return sums
 
 

@@ -1,0 +1,37 @@
+"""CUDA only (skipped without a GPU; `benchmarks/gpu.sh` runs it): the connector reads a piece into a pinned staging
+buffer and the device copies it straight from there, on the load stream, this rank's heads and layers as the strided
+view they are of the buffer; the buffer is reused only once that copy is done."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prefixgen.integrations.vllm import _StagingPool, _upload
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned staging path runs on CUDA only")
+
+T, L, H, D = 48, 3, 4, 64  # tokens, layers, KV heads, head_dim of a piece
+
+
+@pytest.mark.parametrize(
+    ("heads", "layers"), [(range(0, 4), range(0, 3)), (range(2, 4), range(0, 3)), (range(1, 2), range(1, 3))]
+)
+def test_a_view_of_a_pinned_buffer_reaches_the_device_as_is(heads, layers):
+    pool = _StagingPool(T * L * 2 * H * D * 2, keep=1, pinned=True)
+    staging = pool.acquire()
+    assert staging.tensor.is_pinned()
+    host = staging.tensor.view(torch.bfloat16).view(T, L, 2, H, D)
+    host.copy_(torch.randn(T, L, 2, H, D).to(torch.bfloat16))
+    view = host[8:40, layers.start : layers.stop, :, heads.start : heads.stop]  # [32, layers, 2, heads, D], strided
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        on_device = _upload(view, torch.device("cuda"))
+        done = torch.cuda.Event()
+        done.record(stream)
+    pool.release(staging, done)
+    assert on_device.shape == view.shape and on_device.stride() == view.stride()
+    again = pool.acquire()  # the same buffer, handed out only after the copy out of it is done
+    assert again is staging and not again.events and done.query()
+    assert torch.equal(on_device.cpu(), view)
+    assert pool.made == 1
