@@ -300,6 +300,14 @@ def ls(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
+    _print_store(summary)
+    _print_shards(summary["shards"])
+    _print_builds(summary["builds"])
+    _print_top_prefixes(summary["top_prefixes"])
+
+
+def _print_store(summary: dict) -> None:
+    """``ls``: the store's model, KV, size and inputs."""
     m = summary["model"]
     typer.echo(
         f"store        {summary['path']} (format {summary['format_version']}, {summary['block_checksum']} block checksums)"
@@ -321,17 +329,25 @@ def ls(
     typer.echo(
         f"on disk      {summary['bytes'] / 1e6:,.2f} MB in {len(summary['shards'])} shards, {summary['bytes_per_token']:,} bytes per token"
     )
-    if summary["shards"]:
+
+
+def _print_shards(shards: list) -> None:
+    """``ls``: each shard's blocks and size."""
+    if shards:
         typer.echo("\nshards")
         typer.echo(f"  {'name':<48} {'blocks':>8} {'MB':>10}")
-        for s in summary["shards"]:
+        for s in shards:
             typer.echo(f"  {s['name']:<48} {s['blocks']:>8,} {s['bytes'] / 1e6:>10,.2f}")
-    if summary["builds"]:
+
+
+def _print_builds(builds: list) -> None:
+    """``ls``: each build's run, and its selection rule if it had one."""
+    if builds:
         typer.echo("\nbuilds")
         typer.echo(
             f"  {'started':<26} {'status':<12} {'input':<6} {'records':>9} {'dataset tok':>12} {'prefilled':>10} {'padding':>8} {'seconds':>8}"
         )
-        for b in summary["builds"]:
+        for b in builds:
             typer.echo(
                 f"  {b['started_at']:<26} {b['status']:<12} {b['input']:<6} {b['records']:>9,} {b['dataset_tokens']:>12,} "
                 f"{b['prefilled_tokens']:>10,} {b['padding_tokens']:>8,} {b['seconds']:>8,.1f}"
@@ -346,9 +362,13 @@ def ls(
                 typer.echo(
                     f"  {'':<26} selection: {rule}: stored {sel['selected_blocks']:,} of {sel['candidate_blocks']:,} blocks"
                 )
-    if summary["top_prefixes"]:
+
+
+def _print_top_prefixes(prefixes: list) -> None:
+    """``ls``: the most-shared prefixes."""
+    if prefixes:
         typer.echo("\nmost-shared prefixes")
-        for p in summary["top_prefixes"]:
+        for p in prefixes:
             preview = p.get("preview")
             typer.echo(
                 f"  {p['records']:>6,} records  {p['tokens']:>6,} tokens  {json.dumps(preview) if preview else p['key'][:16]}"

@@ -2,7 +2,8 @@
 
 A block's value is the number of records that contain it: each of them saves the block's prefill.
 ``select_blocks`` is the one selection rule, shared by ``build --min-records/--max-bytes``,
-``analyze``, ``simulate --warmup``, ``prune`` and distributed routing.
+``analyze``, ``simulate --warmup``, ``prune`` and distributed routing; ``max_blocks`` turns a
+``--max-bytes`` budget into blocks of a store's layout, for ``build`` and ``prune`` alike.
 
 Counting (the API other modules use):
 
@@ -20,6 +21,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from prefixgen.config import BuildConfig
+from prefixgen.errors import ConfigError
+from prefixgen.format import KVLayout
+from prefixgen.kvcache import state_bytes_per_block
 
 
 def select_blocks(
@@ -66,6 +72,25 @@ def select_blocks(
     if max_blocks is not None:
         order = order[:max_blocks]
     return order if keep is None else keep[order]
+
+
+def max_blocks(cfg: BuildConfig, layout: KVLayout) -> int | None:
+    """``--max-bytes`` as a number of blocks of this store's layout (fp8 scales included); refuses a
+    budget smaller than one block.
+
+    Example:
+        >>> max_blocks(BuildConfig(max_bytes=50_000), KVLayout(5, 4, 8, "float32"))
+        2
+    """
+    if cfg.max_bytes is None:
+        return None
+    block = layout.block_bytes(cfg.block_size) + state_bytes_per_block(layout, cfg.block_size)  # a hybrid's states too
+    if cfg.max_bytes < block:
+        raise ConfigError(
+            f"--max-bytes {cfg.max_bytes:,} is smaller than one block: a block of {cfg.block_size} tokens holds "
+            f"{block:,} bytes of KV for this model ({layout.stored_dtype}); give at least {block:,} bytes"
+        )
+    return cfg.max_bytes // block
 
 
 # --------------------------------------------------------------------------- counting in bounded memory

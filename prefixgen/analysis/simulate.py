@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -422,32 +423,9 @@ def simulate(cfg: SimulateConfig, data: BuildConfig | None = None, progress: boo
     cfg.validate()
     data = data or BuildConfig()
     data = data.merged(dataset=cfg.source)
-    store = None
-    if cfg.store:
-        from prefixgen.store.reader import PrefixStore
-
-        store = PrefixStore.open(cfg.store)
-    if cfg.trace_format == "mooncake":
-        if store is not None:
-            raise ConfigError("--store needs a dataset (its blocks are hashes of tokens); a Mooncake trace can use --warmup")
-        trace = read_mooncake(cfg.source, cfg.trace_block_tokens)
-    else:
-        block_size = cfg.block_size or (store.block_size if store is not None else data.block_size)
-        if store is not None and block_size != store.block_size:
-            raise ConfigError(f"--block-size {block_size} differs from the store's block size {store.block_size}: leave it out")
-        trace = read_dataset(data, block_size, store, progress)
+    trace, store = _read_trace(cfg, data, progress)
     bytes_per_block = kv_bytes_per_block(data, trace.block_tokens, store)
-
-    warmup_requests = 0
-    static = trace.static
-    if cfg.warmup is not None:
-        warmup_requests = int(cfg.warmup * trace.requests)
-        if warmup_requests < 1 or warmup_requests >= trace.requests:
-            raise ConfigError(
-                f"--warmup {cfg.warmup} of {trace.requests} requests leaves no warm-up or no scored request: choose a fraction that leaves both"
-            )
-        warm, trace = trace.split(warmup_requests)
-        static = warmup_static(warm, cfg, bytes_per_block)
+    trace, static, warmup_requests = _warm_up(trace, cfg, bytes_per_block)
 
     distinct = int(len(np.unique(trace.ids)))
     capacities = parse_capacities(cfg.capacity, bytes_per_block, distinct)
@@ -470,33 +448,78 @@ def simulate(cfg: SimulateConfig, data: BuildConfig | None = None, progress: boo
         kv_bytes_per_block=bytes_per_block,
     )
     for policy, capacity in _runs(cfg, capacities, progress):
-        t = time.perf_counter()
-        hits = replay(with_static, policy, capacity)
-        seconds = time.perf_counter() - t
-        hit_tokens, block_rate, hit_blocks, static_hit = _score(trace, hits, static_run)
-        alone = None
-        if without is not None:
-            alone = _score(trace, replay(without, policy, capacity), np.zeros_like(static_run))[0] / max(input_tokens, 1)
-        static_blocks_hit = int(static_run.sum())
-        result.results.append(
-            PolicyResult(
-                policy=policy,
-                capacity_blocks=capacity,
-                token_hit_rate=hit_tokens / max(input_tokens, 1),
-                block_hit_rate=block_rate,
-                hit_tokens=hit_tokens,
-                hit_blocks=hit_blocks,
-                dynamic_hit_blocks=hit_blocks - static_blocks_hit,
-                static_hit_tokens=static_hit,
-                dynamic_hit_tokens=hit_tokens - static_hit,
-                tier_bytes_read=(hit_blocks - static_blocks_hit) * bytes_per_block if bytes_per_block else None,
-                store_bytes_read=static_blocks_hit * bytes_per_block if bytes_per_block else None,
-                dynamic_only_token_hit_rate=alone,
-                seconds=round(seconds, 4),
-                lookups_per_second=round(len(trace.ids) / max(seconds, 1e-9)),
-            )
-        )
+        result.results.append(_run_policy(trace, with_static, without, static_run, policy, capacity, bytes_per_block))
     return result
+
+
+def _read_trace(cfg: SimulateConfig, data: BuildConfig, progress: bool) -> tuple[Trace, Any]:
+    """The requests to replay (a Mooncake trace, or the dataset tokenized as build does) and the store
+    given as the static tier (None without ``--store``)."""
+    store = None
+    if cfg.store:
+        from prefixgen.store.reader import PrefixStore
+
+        store = PrefixStore.open(cfg.store)
+    if cfg.trace_format == "mooncake":
+        if store is not None:
+            raise ConfigError("--store needs a dataset (its blocks are hashes of tokens); a Mooncake trace can use --warmup")
+        return read_mooncake(cfg.source, cfg.trace_block_tokens), store
+    block_size = cfg.block_size or (store.block_size if store is not None else data.block_size)
+    if store is not None and block_size != store.block_size:
+        raise ConfigError(f"--block-size {block_size} differs from the store's block size {store.block_size}: leave it out")
+    return read_dataset(data, block_size, store, progress), store
+
+
+def _warm_up(trace: Trace, cfg: SimulateConfig, bytes_per_block: int | None) -> tuple[Trace, np.ndarray | None, int]:
+    """With ``--warmup``: the scored requests, the static tier chosen from the warm-up requests before them
+    (as build would choose it) and their number; else the trace, its own static tier and 0."""
+    if cfg.warmup is None:
+        return trace, trace.static, 0
+    warmup_requests = int(cfg.warmup * trace.requests)
+    if warmup_requests < 1 or warmup_requests >= trace.requests:
+        raise ConfigError(
+            f"--warmup {cfg.warmup} of {trace.requests} requests leaves no warm-up or no scored request: choose a fraction that leaves both"
+        )
+    warm, trace = trace.split(warmup_requests)
+    return trace, warmup_static(warm, cfg, bytes_per_block), warmup_requests
+
+
+def _run_policy(
+    trace: Trace,
+    with_static: Replay,
+    without: Replay | None,
+    static_run: np.ndarray,
+    policy: str,
+    capacity: int | None,
+    bytes_per_block: int | None,
+) -> PolicyResult:
+    """Replay the trace under one policy and dynamic-tier capacity, and score it (also without the static
+    tier, when there is one)."""
+    input_tokens = int(trace.input_lengths.sum())
+    t = time.perf_counter()
+    hits = replay(with_static, policy, capacity)
+    seconds = time.perf_counter() - t
+    hit_tokens, block_rate, hit_blocks, static_hit = _score(trace, hits, static_run)
+    alone = None
+    if without is not None:
+        alone = _score(trace, replay(without, policy, capacity), np.zeros_like(static_run))[0] / max(input_tokens, 1)
+    static_blocks_hit = int(static_run.sum())
+    return PolicyResult(
+        policy=policy,
+        capacity_blocks=capacity,
+        token_hit_rate=hit_tokens / max(input_tokens, 1),
+        block_hit_rate=block_rate,
+        hit_tokens=hit_tokens,
+        hit_blocks=hit_blocks,
+        dynamic_hit_blocks=hit_blocks - static_blocks_hit,
+        static_hit_tokens=static_hit,
+        dynamic_hit_tokens=hit_tokens - static_hit,
+        tier_bytes_read=(hit_blocks - static_blocks_hit) * bytes_per_block if bytes_per_block else None,
+        store_bytes_read=static_blocks_hit * bytes_per_block if bytes_per_block else None,
+        dynamic_only_token_hit_rate=alone,
+        seconds=round(seconds, 4),
+        lookups_per_second=round(len(trace.ids) / max(seconds, 1e-9)),
+    )
 
 
 def _runs(cfg: SimulateConfig, capacities: list[int | None], progress: bool) -> Iterator[tuple[str, int | None]]:

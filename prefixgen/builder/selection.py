@@ -19,12 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from prefixgen.analysis.count import BlockCounter, BlockCounts, key_columns
+from prefixgen.analysis.count import BlockCounter, BlockCounts, key_columns, max_blocks
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import TokenizedRecord
-from prefixgen.errors import ConfigError
 from prefixgen.format import BlockHash, KVLayout, block_keys
-from prefixgen.kvcache import state_bytes_per_block
 
 
 @dataclass(slots=True)
@@ -59,25 +57,6 @@ class Selection:
             return 0
         missing = np.flatnonzero(self.chosen.find(key_columns(keys)) < 0)
         return int(missing[0]) if len(missing) else len(keys)
-
-
-def max_blocks(cfg: BuildConfig, layout: KVLayout) -> int | None:
-    """``--max-bytes`` as a number of blocks of this store's layout (fp8 scales included); refuses a
-    budget smaller than one block.
-
-    Example:
-        >>> max_blocks(BuildConfig(max_bytes=50_000), KVLayout(5, 4, 8, "float32"))
-        2
-    """
-    if cfg.max_bytes is None:
-        return None
-    block = layout.block_bytes(cfg.block_size) + state_bytes_per_block(layout, cfg.block_size)  # a hybrid's states too
-    if cfg.max_bytes < block:
-        raise ConfigError(
-            f"--max-bytes {cfg.max_bytes:,} is smaller than one block: a block of {cfg.block_size} tokens holds "
-            f"{block:,} bytes of KV for this model ({layout.stored_dtype}); give at least {block:,} bytes"
-        )
-    return cfg.max_bytes // block
 
 
 def choose_blocks(

@@ -154,6 +154,17 @@ def export(
     return summary
 
 
+def _not_written(
+    batch: np.ndarray, names: Any, keys: list[Any], outdir: ExportDir, summary: ExportSummary, bar: Any, unit_bytes: int
+) -> np.ndarray:
+    """Resume: the units of ``batch`` whose files are not all there yet; those that are count as skipped and are
+    not read."""
+    done = np.asarray([all(outdir.exists(n) for n in names(keys[u])) for u in batch.tolist()], bool)
+    summary.skipped_existing += sum(len(names(keys[u])) for u in batch[done].tolist())
+    bar.update(int(done.sum()) * unit_bytes)
+    return batch[~done]
+
+
 def _write_units(
     store: PrefixStore,
     blocks: Blocks,
@@ -186,12 +197,7 @@ def _write_units(
         pending: list = []
         older: list = []
         for batch in _batches(order, per_batch):
-            todo = batch
-            if names is not None:  # resume: units whose files all exist are not read
-                done = np.asarray([all(outdir.exists(n) for n in names(keys[u])) for u in batch.tolist()], bool)
-                summary.skipped_existing += sum(len(names(keys[u])) for u in batch[done].tolist())
-                bar.update(int(done.sum()) * unit_bytes)
-                todo = batch[~done]
+            todo = batch if names is None else _not_written(batch, names, keys, outdir, summary, bar, unit_bytes)
             if not len(todo):
                 continue
             if mapped is not None:  # each unit written from its shard's pages, on the writer threads

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from prefixgen.compat import cache_kwargs
 from prefixgen.config import ServeConfig
@@ -261,11 +263,34 @@ class Engine:
     def _generate(
         self, ids: list[int], params: dict[str, Any], on_text: Callable[[str], None] | None, cancel: threading.Event | None
     ) -> Generation:
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
         started = time.perf_counter()
         max_tokens = params.get("max_tokens") or self.cfg.default_max_tokens
+        self._check_length(ids, max_tokens)
+        cache, cached = self.prefix_cache(ids)
+        gen = Generation(prompt_tokens=len(ids), cached_tokens=cached)
+        collector = _Collector(self, gen, ids, params.get("stop") or [], on_text, started)
+        sampling = _sampling_kwargs(params, max_tokens)
+        input_ids = torch.tensor([ids], device=self.device)
+        out = self.model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            streamer=collector,
+            stopping_criteria=StoppingCriteriaList([_StopOnString(collector, cancel)]),
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id,
+            **sampling,
+            **cache_kwargs(self.model, cache),
+        )
+        new = out[0, len(ids) :].tolist()
+        self._finish(gen, ids, new, collector.sent, on_text)
+        m = self.metrics
+        m.prompt_tokens += len(ids)
+        m.cached_tokens += cached
+        m.generated_tokens += len(new)
+        m.observe_ttft(gen.ttft or time.perf_counter() - started)
+        return gen
+
+    def _check_length(self, ids: list[int], max_tokens: int) -> None:
+        """Refuse a prompt that leaves no room for ``max_tokens`` more in the model's context."""
         if len(ids) + max_tokens > self.max_positions:
             raise RequestError(
                 400,
@@ -273,83 +298,86 @@ class Engine:
                 f"and {max_tokens} more were asked for. Shorten the prompt or lower max_tokens.",
                 code="context_length_exceeded",
             )
-        cache, cached = self.prefix_cache(ids)
-        gen = Generation(prompt_tokens=len(ids), cached_tokens=cached)
-        stops = params.get("stop") or []
-        engine = self
 
-        class Collector(BaseStreamer):
-            """Receives token ids from generate: decodes, checks stop strings, streams text."""
-
-            prompt_seen = False
-            done = False
-            sent = 0
-
-            def put(self, value: torch.Tensor) -> None:
-                if not self.prompt_seen:  # generate passes the prompt first
-                    self.prompt_seen = True
-                    return
-                if self.done:
-                    return
-                if not gen.tokens:
-                    gen.ttft = time.perf_counter() - started
-                gen.tokens.extend(value.reshape(-1).tolist())
-                text = engine.detokenize(ids, gen.tokens)
-                for stop in stops:
-                    at = text.find(stop)
-                    if at >= 0:
-                        text, self.done, gen.finish_reason = text[:at], True, "stop"
-                if text.endswith("\ufffd") and not self.done:
-                    return  # a multi-byte character is not complete yet
-                if on_text is not None and len(text) > self.sent:
-                    on_text(text[self.sent :])
-                self.sent = max(self.sent, len(text))
-                gen.text = text
-
-            def end(self) -> None:
-                pass
-
-        collector = Collector()
-
-        class StopOnString(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-                stop = collector.done or (cancel is not None and cancel.is_set())
-                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-        sample = (params.get("temperature") if params.get("temperature") is not None else 1.0) > 0
-        kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_tokens}
-        if sample:
-            kwargs["temperature"] = params.get("temperature") or 1.0
-            kwargs["top_p"] = params.get("top_p") if params.get("top_p") is not None else 1.0
-            if params.get("seed") is not None:
-                torch.manual_seed(int(params["seed"]))
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        input_ids = torch.tensor([ids], device=self.device)
-        out = self.model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            streamer=collector,
-            stopping_criteria=StoppingCriteriaList([StopOnString()]),
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id,
-            **kwargs,
-            **cache_kwargs(self.model, cache),
-        )
-        new = out[0, len(ids) :].tolist()
+    def _finish(self, gen: Generation, ids: list[int], new: list[int], sent: int, on_text: Callable[[str], None] | None) -> None:
+        """``gen`` once generate returned ``new``: its finish reason and, unless a stop string ended it, its text
+        decoded whole (the rest of it streamed: ``sent`` characters were)."""
         if gen.finish_reason != "stop":
             eos = self.model.generation_config.eos_token_id
             eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
             gen.finish_reason = "stop" if new and new[-1] in eos_ids else "length"
             gen.text = self.detokenize(ids, new)
-            if on_text is not None and len(gen.text) > collector.sent:
-                on_text(gen.text[collector.sent :])
+            if on_text is not None and len(gen.text) > sent:
+                on_text(gen.text[sent:])
         gen.tokens = new
-        m = self.metrics
-        m.prompt_tokens += len(ids)
-        m.cached_tokens += cached
-        m.generated_tokens += len(new)
-        m.observe_ttft(gen.ttft or time.perf_counter() - started)
-        return gen
+
+
+class _Collector(BaseStreamer):
+    """Receives token ids from generate: decodes, checks stop strings, streams text."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        gen: Generation,
+        ids: list[int],
+        stops: list[str],
+        on_text: Callable[[str], None] | None,
+        started: float,
+    ):
+        self.engine, self.gen, self.ids, self.stops, self.on_text, self.started = engine, gen, ids, stops, on_text, started
+        self.prompt_seen = False
+        self.done = False
+        self.sent = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        gen = self.gen
+        if not self.prompt_seen:  # generate passes the prompt first
+            self.prompt_seen = True
+            return
+        if self.done:
+            return
+        if not gen.tokens:
+            gen.ttft = time.perf_counter() - self.started
+        gen.tokens.extend(value.reshape(-1).tolist())
+        text = self.engine.detokenize(self.ids, gen.tokens)
+        for stop in self.stops:
+            at = text.find(stop)
+            if at >= 0:
+                text, self.done, gen.finish_reason = text[:at], True, "stop"
+        if text.endswith("\ufffd") and not self.done:
+            return  # a multi-byte character is not complete yet
+        if self.on_text is not None and len(text) > self.sent:
+            self.on_text(text[self.sent :])
+        self.sent = max(self.sent, len(text))
+        gen.text = text
+
+    def end(self) -> None:
+        pass
+
+
+class _StopOnString(StoppingCriteria):
+    """Stops generate once the collector saw a stop string, or the client went away (``cancel``)."""
+
+    def __init__(self, collector: _Collector, cancel: threading.Event | None):
+        self.collector, self.cancel = collector, cancel
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        stop = self.collector.done or (self.cancel is not None and self.cancel.is_set())
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def _sampling_kwargs(params: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+    """generate's sampling arguments for a request (greedy at temperature 0); seeds torch when it asks."""
+    sample = (params.get("temperature") if params.get("temperature") is not None else 1.0) > 0
+    kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_tokens}
+    if sample:
+        kwargs["temperature"] = params.get("temperature") or 1.0
+        kwargs["top_p"] = params.get("top_p") if params.get("top_p") is not None else 1.0
+        if params.get("seed") is not None:
+            torch.manual_seed(int(params["seed"]))
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
 
 
 # ---------------------------------------------------------------------- request parsing
@@ -445,110 +473,20 @@ def create_app(engine: Engine):
         >>> app = create_app(Engine(ServeConfig(store="store", model="models/stories260K")))  # doctest: +SKIP
     """
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import PlainTextResponse
 
     app = FastAPI(title="prefixgen", docs_url=None, redoc_url=None)
     # One worker thread: generations run one at a time, in the order they came, and a request
     # waiting its turn holds no thread.
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefixgen-generate")
 
-    def count(endpoint: str, status: int) -> None:
-        key = (endpoint, status)
-        engine.metrics.requests[key] = engine.metrics.requests.get(key, 0) + 1
-
-    async def body_of(request: Request) -> dict:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestError(400, f"the request body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise RequestError(400, "the request body must be a JSON object")
-        model = body.get("model")
-        if model != engine.name:
-            raise RequestError(
-                404, f"The model `{model}` does not exist; this server serves `{engine.name}`", code="model_not_found"
-            )
-        return body
-
-    async def handle(request: Request, chat: bool):
-        endpoint = request.url.path
-        try:
-            body = await body_of(request)
-            params = parse_params(body, chat)
-            ids = engine.tokenize_chat(_messages(body)) if chat else _prompt_ids(engine, body)
-            if params["stream"]:
-                return StreamingResponse(stream(ids, params, chat, endpoint), media_type="text/event-stream")
-            gen = await asyncio.wrap_future(worker.submit(engine.generate, ids, params))
-        except RequestError as exc:
-            count(endpoint, exc.status)
-            return JSONResponse(exc.body(), status_code=exc.status)
-        except Exception as exc:  # the server never dies from a request
-            count(endpoint, 500)
-            return JSONResponse(RequestError(500, f"generation failed: {exc}", "server_error").body(), status_code=500)
-        count(endpoint, 200)
-        return JSONResponse(_response(gen, chat))
-
-    def _response(gen: Generation, chat: bool) -> dict:
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        base = {"id": rid, "created": int(time.time()), "model": engine.name, "usage": _usage(gen)}
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": gen.text}, "finish_reason": gen.finish_reason}
-            return {**base, "object": "chat.completion", "choices": [choice]}
-        choice = {"index": 0, "text": gen.text, "logprobs": None, "finish_reason": gen.finish_reason}
-        return {**base, "object": "text_completion", "choices": [choice]}
-
-    async def stream(ids: list[int], params: dict, chat: bool, endpoint: str) -> AsyncIterator[str]:
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def chunk(text: str | None, finish: str | None, usage: dict | None = None, role: bool = False) -> str:
-            if chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
-            else:
-                choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
-            data = {"id": rid, "object": obj, "created": int(time.time()), "model": engine.name, "choices": choices}
-            if usage is not None:
-                data = {**data, "choices": [], "usage": usage}
-            return f"data: {json.dumps(data)}\n\n"
-
-        cancel = threading.Event()
-        job = worker.submit(engine.generate, ids, params, lambda t: loop.call_soon_threadsafe(queue.put_nowait, t), cancel)
-        job.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
-        try:
-            if chat:
-                yield chunk(None, None, role=True)
-            while (piece := await queue.get()) is not None:
-                yield chunk(piece, None)
-            gen = job.result()  # done: its end marker came last
-        except RequestError as exc:
-            count(endpoint, exc.status)
-            yield f"data: {json.dumps(exc.body())}\n\n"
-            return
-        except Exception as exc:
-            count(endpoint, 500)
-            yield f"data: {json.dumps(RequestError(500, f'generation failed: {exc}', 'server_error').body())}\n\n"
-            return
-        finally:
-            # The client went away (the stream was cancelled or closed): the worker stops at its
-            # next token. The next request runs only after it, on the same worker thread.
-            if not job.done():
-                cancel.set()
-        count(endpoint, 200)
-        yield chunk(None, gen.finish_reason)
-        if params["include_usage"]:
-            yield chunk(None, None, usage=_usage(gen))
-        yield "data: [DONE]\n\n"
-
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await handle(request, chat=False)
+        return await _handle(engine, worker, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await handle(request, chat=True)
+        return await _handle(engine, worker, request, chat=True)
 
     @app.get("/v1/models")
     async def models():
@@ -566,6 +504,117 @@ def create_app(engine: Engine):
         return PlainTextResponse(engine.metrics.render(engine.hot), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def _count(engine: Engine, endpoint: str, status: int) -> None:
+    key = (endpoint, status)
+    engine.metrics.requests[key] = engine.metrics.requests.get(key, 0) + 1
+
+
+async def _body_of(engine: Engine, request: Any) -> dict:
+    """The request's JSON object, for this server's model."""
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if model != engine.name:
+        raise RequestError(404, f"The model `{model}` does not exist; this server serves `{engine.name}`", code="model_not_found")
+    return body
+
+
+async def _handle(engine: Engine, worker: ThreadPoolExecutor, request: Any, chat: bool):
+    """One completion or chat completion: parse, generate on the worker thread (or stream), answer."""
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    endpoint = request.url.path
+    try:
+        body = await _body_of(engine, request)
+        params = parse_params(body, chat)
+        ids = engine.tokenize_chat(_messages(body)) if chat else _prompt_ids(engine, body)
+        if params["stream"]:
+            return StreamingResponse(_stream(engine, worker, ids, params, chat, endpoint), media_type="text/event-stream")
+        gen = await asyncio.wrap_future(worker.submit(engine.generate, ids, params))
+    except RequestError as exc:
+        _count(engine, endpoint, exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status)
+    except Exception as exc:  # the server never dies from a request
+        _count(engine, endpoint, 500)
+        return JSONResponse(RequestError(500, f"generation failed: {exc}", "server_error").body(), status_code=500)
+    _count(engine, endpoint, 200)
+    return JSONResponse(_response(engine, gen, chat))
+
+
+def _response(engine: Engine, gen: Generation, chat: bool) -> dict:
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    base = {"id": rid, "created": int(time.time()), "model": engine.name, "usage": _usage(gen)}
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": gen.text}, "finish_reason": gen.finish_reason}
+        return {**base, "object": "chat.completion", "choices": [choice]}
+    choice = {"index": 0, "text": gen.text, "logprobs": None, "finish_reason": gen.finish_reason}
+    return {**base, "object": "text_completion", "choices": [choice]}
+
+
+@dataclass(slots=True)
+class _Chunks:
+    """The server-sent events of one streamed response."""
+
+    engine: Engine
+    chat: bool
+    rid: str = ""
+
+    def __post_init__(self) -> None:
+        self.rid = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+
+    def __call__(self, text: str | None, finish: str | None, usage: dict | None = None, role: bool = False) -> str:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+        else:
+            choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        data = {"id": self.rid, "object": obj, "created": int(time.time()), "model": self.engine.name, "choices": choices}
+        if usage is not None:
+            data = {**data, "choices": [], "usage": usage}
+        return f"data: {json.dumps(data)}\n\n"
+
+
+async def _stream(
+    engine: Engine, worker: ThreadPoolExecutor, ids: list[int], params: dict, chat: bool, endpoint: str
+) -> AsyncIterator[str]:
+    """A streamed response: each piece of text as the worker thread makes it, then the finish (and usage)."""
+    chunk = _Chunks(engine, chat)
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+    job = worker.submit(engine.generate, ids, params, lambda t: loop.call_soon_threadsafe(queue.put_nowait, t), cancel)
+    job.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
+    try:
+        if chat:
+            yield chunk(None, None, role=True)
+        while (piece := await queue.get()) is not None:
+            yield chunk(piece, None)
+        gen = job.result()  # done: its end marker came last
+    except RequestError as exc:
+        _count(engine, endpoint, exc.status)
+        yield f"data: {json.dumps(exc.body())}\n\n"
+        return
+    except Exception as exc:
+        _count(engine, endpoint, 500)
+        yield f"data: {json.dumps(RequestError(500, f'generation failed: {exc}', 'server_error').body())}\n\n"
+        return
+    finally:
+        # The client went away (the stream was cancelled or closed): the worker stops at its
+        # next token. The next request runs only after it, on the same worker thread.
+        if not job.done():
+            cancel.set()
+    _count(engine, endpoint, 200)
+    yield chunk(None, gen.finish_reason)
+    if params["include_usage"]:
+        yield chunk(None, None, usage=_usage(gen))
+    yield "data: [DONE]\n\n"
 
 
 def serve(cfg: ServeConfig) -> None:

@@ -1,1 +1,1 @@
-"""Store maintenance: verify (and later compact, prune, gc)."""
+"""Store maintenance: verify, compact (with merge), prune and gc."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from prefixgen.builder.selection import max_blocks
+from prefixgen.analysis.count import max_blocks
 from prefixgen.config import BuildConfig
 from prefixgen.errors import ConfigError, CorruptStoreError, StoreError
 from prefixgen.format import (
