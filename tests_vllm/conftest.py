@@ -28,7 +28,7 @@ from prefixgen.format import (  # noqa: E402
     SHARDS_DIR,
     Segment,
     atomic_write,
-    block_crcs,
+    block_checksums,
     encode_segment,
     read_safetensors_header,
     shard_checksum,
@@ -177,12 +177,13 @@ def run_vllm(
 def warm_up_check(llm, prompts: Sequence[str | dict], chats: Sequence[list[dict]] = ()) -> None:
     """Let the connector's live check pass before what a test measures: vLLM computes ``prompts`` (and ``chats``)
     once, one token each, the first whose prefix is stored is compared with the store; then vLLM's own prefix cache
-    is emptied so that the test's requests are not served from it."""
+    is emptied so that the test's requests are not served from it. One call per prompt, in order: in one call the
+    check would go to whichever prompt's background lookup ends first."""
     from vllm import SamplingParams
 
     one = SamplingParams(max_tokens=1, temperature=0)
-    if prompts:
-        llm.generate(list(prompts), one, use_tqdm=False)
+    for prompt in prompts:
+        llm.generate([prompt], one, use_tqdm=False)
     for chat in chats:
         llm.chat(chat, one, use_tqdm=False)
     assert llm.reset_prefix_cache()
@@ -221,7 +222,7 @@ def rewrite_kv(store: Path, change) -> None:
     valid but holds other KV under the same keys."""
     opened = PrefixStore.open(store)
     assert opened.manifest.kv.stored_dtype == "float32"
-    block_bytes = opened.manifest.kv.bytes_per_token * opened.block_size
+    layout = opened.manifest.kv
     for seg_path in sorted((store / INDEX_DIR).glob("*.safetensors")):
         seg = Segment(seg_path)
         shard = store / SHARDS_DIR / seg.shard
@@ -231,9 +232,13 @@ def rewrite_kv(store: Path, change) -> None:
         a, b = header.tensors["kv"]["data_offsets"]  # into raw: the bytes after the header
         kv = np.frombuffer(raw, dtype=np.float32, count=(b - a) // 4, offset=a).copy()
         raw[a:b] = change(kv).astype(np.float32).tobytes()
+        # in slot order; a head-major store (format 5) also has a checksum per head, in the shard
+        crcs, heads = block_checksums(bytes(raw[a:b]), None, layout, opened.block_size, opened.manifest.block_checksum)
+        if heads is not None:
+            c, d = header.tensors["head_crc"]["data_offsets"]
+            raw[c:d] = np.ascontiguousarray(heads, dtype="<u4").tobytes()
         head = _header_bytes(shard, header.data_start)
         shard.write_bytes(head + bytes(raw))
-        crcs = block_crcs(bytes(raw[a:b]), block_bytes, algorithm=opened.manifest.block_checksum)  # in slot order
         cols = {name: np.array(seg.cols[name]) for name in ("key", "parent", "slot", "depth", "crc")}
         cols["crc"] = crcs[cols["slot"]]
         meta = dict(seg.metadata, shard_crc32=str(shard_checksum(head, crcs)))

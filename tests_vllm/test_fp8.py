@@ -43,18 +43,21 @@ def stores(tmp_path_factory):
 
 
 def dequantized_like(fp8: Path, native: Path) -> np.ndarray:
-    """The fp8 store's KV, dequantized, in the slot order of the native store's one shard: [slots * B, L, 2, H, D]."""
+    """The fp8 store's KV, dequantized, in the slot order of the native store's one shard, in the stores' layout:
+    [slots, B, L, 2, H, D] token-major, [slots, H, B, L, 2, D] head-major (format 5)."""
     f, n = PrefixStore.open(fp8), PrefixStore.open(native)
     assert len(f.index.segments) == len(n.index.segments) == 1
     with safe_open(str(fp8 / SHARDS_DIR / f.index.segments[0].shard), framework="pt") as shard:
-        q, scale = shard.get_tensor("kv"), shard.get_tensor("kv_scale")  # [blocks*B, L, 2, H, D] fp8, [blocks, L, 2, H]
+        q, scale = shard.get_tensor("kv"), shard.get_tensor("kv_scale")
     assert q.dtype == torch.float8_e4m3fn
-    b = f.block_size
-    x = q.float().view(-1, b, *q.shape[1:]) * scale[:, None, :, :, :, None]  # [blocks, B, L, 2, H, D]
+    if f.manifest.kv.heads_first:  # q [blocks, H, B, L, 2, D], scale [blocks, H, L, 2]
+        x = q.float() * scale[:, :, None, :, :, None]
+    else:  # q [blocks * B, L, 2, H, D], scale [blocks, L, 2, H]
+        x = q.float().view(-1, f.block_size, *q.shape[1:]) * scale[:, None, :, :, :, None]
     cols = n.index.columns(0)
     keys = [bytes(k) for k in cols["key"][np.argsort(cols["slot"])]]  # the native shard's blocks, in slot order
     fp8_slots = [loc.slot for loc in f.index.find(keys)]
-    return x[fp8_slots].reshape(-1, *q.shape[1:]).numpy()
+    return x[fp8_slots].numpy()
 
 
 def test_fp8_store_equals_vllm_on_its_dequantized_kv(stores):

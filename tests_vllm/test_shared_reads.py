@@ -86,7 +86,7 @@ def test_loads_of_one_prefix_in_one_step_read_it_once(setup, monkeypatch):  # no
         assert stats.tokens == sum(claimed.values())
         # Every piece was read into the one kept buffer. A token-major store's is written from a view of it (no host
         # copy); a head-major one's (format 5, the default) is transposed to vLLM's token-major rows once, on the host.
-        head_major = kv.order == "heads"
+        head_major = kv.heads_first
         assert stats.converted_bytes == (stats.read_bytes if head_major else 0) and worker._staging.made == 1
         staging = worker._staging.acquire()
         piece, good = worker._read(opened.find_prefix(opened.keys(ids[:-1])).locations[:staging_blocks], staging)

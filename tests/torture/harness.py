@@ -230,7 +230,7 @@ class Torture:
             self.schedule(n, deadline)
             n += 1
             self.report.schedules = n
-        self.report.faults = len(self.fault_log.read_text().splitlines()) if self.fault_log.exists() else 0
+        self.report.faults = self._faults_hit()
         return self.report
 
     def schedule(self, number: int, deadline: float) -> None:
@@ -292,7 +292,7 @@ class Torture:
         exists = (store / "manifest.json").exists()
         delay = rng.choice([0, 5_000, 20_000, 100_000, 300_000])
         rates = {"TORTURE_DELAY_US": delay}
-        if rng.random() < 0.4 or (self.cover and not self.report.ran.get("faults")):  # per write or fsync under the store
+        if rng.random() < 0.4 or (self.cover and not self._faults_hit()):  # per write or fsync under the store
             rates.update(
                 TORTURE_EIO=rng.choice([2_000, 20_000]),
                 TORTURE_ENOSPC=rng.choice([0, 5_000]),
@@ -441,7 +441,12 @@ class Torture:
         """Whether every kind of step, maintenance job and injected fault has run, and a kill -9 (and
         a full disk, where a tmpfs could be mounted)."""
         full = self.report.ran.get("full-disk") or not self._on_tmpfs()
-        return all(self.report.ran.get(k) for k in self.COVER) and self.report.kills > 0 and bool(full)
+        ran = all(self.report.ran.get(k) for k in self.COVER)
+        return ran and self.report.kills > 0 and self._faults_hit() > 0 and bool(full)
+
+    def _faults_hit(self) -> int:
+        """Faults the shim injected so far (a step drawn with fault rates may happen to inject none)."""
+        return len(self.fault_log.read_text().splitlines()) if self.fault_log.exists() else 0
 
     def _on_tmpfs(self) -> bool:
         return self.tmpfs is not None and str(self.store).startswith(str(self.tmpfs))
