@@ -350,18 +350,7 @@ class Torture:
             data = self._dataset_file(data_name)
             if kind == "build":
                 mode = rng.choice(["--append", "--resume"] if exists else ["--append", ""])
-                args = [
-                    "build",
-                    data,
-                    "-m",
-                    MODEL,
-                    "--out",
-                    store,
-                    "--quiet",
-                    "--shard-bytes",
-                    shard(),
-                    *([mode] if mode else []),
-                ]
+                args = _build_args(data, store, "--shard-bytes", shard(), *([mode] if mode else []))
                 if rng.random() < 0.3:
                     args.append("--no-fsync")
                 children.append(
@@ -372,7 +361,7 @@ class Torture:
                 resume = ["--resume"] if (exists and rng.random() < 0.6) or kind == "ranks-other-world" else []
                 later = rng.uniform(2, 6) if kind == "ranks-other-world" else 0  # once the others run
                 for r in range(world):
-                    args = ["build", data, "-m", MODEL, "--out", store, "--quiet", "--shard-bytes", shard(), *resume]
+                    args = _build_args(data, store, "--shard-bytes", shard(), *resume)
                     args += ["--rank", r, "--world-size", world]
                     children.append(
                         self._start(
@@ -730,25 +719,12 @@ class Torture:
                 if b.world_size > 1:
                     world = b.world_size
                     for r in range(world):
-                        args = [
-                            "build",
-                            data,
-                            "-m",
-                            MODEL,
-                            "--out",
-                            self.store,
-                            "--quiet",
-                            "--resume",
-                            "--rank",
-                            r,
-                            "--world-size",
-                            world,
-                        ]
+                        args = _build_args(data, self.store, "--resume", "--rank", r, "--world-size", world)
                         children.append(
                             self._start(f"finish rank {r}/{world}", self._cli(*args), "ranks", self._env(False), None)
                         )
                 else:
-                    args = ["build", data, "-m", MODEL, "--out", self.store, "--quiet", "--resume"]
+                    args = _build_args(data, self.store, "--resume")
                     children.append(self._start("finish build", self._cli(*args), "build", self._env(False), None))
                 break  # one build at a time: the resumes of two builds are two steps
             if not children:
@@ -794,6 +770,11 @@ def _after(seconds: float, cmd: list) -> list:
     if not seconds:
         return cmd
     return ["sh", "-c", f'sleep {seconds:.2f}; exec "$0" "$@"', *map(str, cmd)]
+
+
+def _build_args(data: object, store: object, *more: object) -> list[object]:
+    """``prefixgen build`` of ``data`` into ``store`` with the harness's model, quiet, then ``more``."""
+    return ["build", data, "-m", MODEL, "--out", store, "--quiet", *more]
 
 
 def _tail(text: str, n: int = 600) -> str:
