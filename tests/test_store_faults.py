@@ -350,3 +350,32 @@ def test_a_build_whose_disk_fills_up_records_how_it_ended(tmp_path, stories, sma
     (record,) = read_builds(out)
     assert record.status == "failed" and record.stored_tokens > 0
     assert not list(out.rglob("*.tmp"))
+
+
+def test_a_count_share_that_fails_leaves_no_temporary_file(tmp_path, stories):
+    # Item 11, found again by torture seed 3434: a rank whose share spill failed (EIO on its fsync, a short
+    # write) ended with a clean message but left share-S.tokens/.keys temporaries in the plan folder.
+    # Here the dataset's disk fails mid-share, as a read of it would.
+    import errno
+
+    from transformers import AutoTokenizer
+
+    from prefixgen.builder.shares import count_share
+    from prefixgen.data.records import RecordTokenizer
+    from prefixgen.data.source import read_share
+    from prefixgen.format import BlockHash, BuildRecord
+
+    data = _dataset(tmp_path / "d.jsonl", 12)
+
+    def failing_disk():
+        for n, record in enumerate(read_share(str(data), "text", 1, 2, local_index=True)):
+            if n == 3:
+                raise OSError(errno.EIO, "Input/output error", str(data))
+            yield record
+
+    folder = tmp_path / "plan"
+    folder.mkdir()
+    tokenize = RecordTokenizer(AutoTokenizer.from_pretrained(stories), BuildRecord("", ""), 1024)
+    with pytest.raises(OSError, match="Input/output error"):
+        count_share(failing_disk(), tokenize, folder, 1, BlockHash(bytes(32)), 16, "w0", fsync=False)
+    assert sorted(p.name for p in folder.iterdir()) == []

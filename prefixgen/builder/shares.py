@@ -134,20 +134,25 @@ def count_share(
 
     names = [folder / f"share-{share}.{ext}" for ext in ("tokens", "keys")]
     tmps = [temp_path(p, owner) for p in names]
-    with open(tmps[0], "wb") as tokens_file, open(tmps[1], "wb") as keys_file:
-        for rec in counting(tally(records)):
-            ids = np.asarray(rec.ids, dtype="<u4")
-            keys = block_keys(rec.ids, block_size, root)
-            tokens_file.write(ids.tobytes())
-            keys_file.write(b"".join(keys))
-            counter.add(keys)
-            index.append(rec.index)
-            lengths.append(len(ids))
-        for f in (tokens_file, keys_file) if fsync else ():
-            f.flush()
-            os.fsync(f.fileno())
-    for tmp, name in zip(tmps, names):
-        os.replace(tmp, name)
+    try:
+        with open(tmps[0], "wb") as tokens_file, open(tmps[1], "wb") as keys_file:
+            for rec in counting(tally(records)):
+                ids = np.asarray(rec.ids, dtype="<u4")
+                keys = block_keys(rec.ids, block_size, root)
+                tokens_file.write(ids.tobytes())
+                keys_file.write(b"".join(keys))
+                counter.add(keys)
+                index.append(rec.index)
+                lengths.append(len(ids))
+            for f in (tokens_file, keys_file) if fsync else ():
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, name in zip(tmps, names):
+            os.replace(tmp, name)
+    except BaseException:
+        for tmp in tmps:  # a spill that failed (a full disk, an I/O error, Ctrl-C) leaves no temporary file
+            tmp.unlink(missing_ok=True)
+        raise
     if fsync:
         fsync_dir(folder)  # the renames, before the .npz that marks the share done
     counts = counter.result()
