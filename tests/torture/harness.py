@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 MODEL = REPO / "models" / "stories260K"
 SMALL_SHARDS = ("20KiB", "64KiB", "1MiB")  # 1, 3 and ~50 blocks of stories260K per shard
+COVER_MAX_STEPS = 10  # --cover: steps a schedule may take to meet everything (a forced kill may land after its process ended)
 TOLERANCE = 1e-5  # float32 batch equivalence, as tests/test_distributed.py's assert_same_kv
 WORDS = "the cat sat on a mat and ran to the big red dog who saw tim and lily play with a ball in the park".split()
 
@@ -253,7 +254,7 @@ class Torture:
         self.pre_growth: set[str] = set()
         self.log(f"schedule {number}: {store}")
         steps, i = self.rng.randint(2, 4), 0
-        while i < steps or (self.cover and i < 6 and not self._covered()):  # --cover: until everything ran
+        while i < steps or (self.cover and i < COVER_MAX_STEPS and not self._covered()):  # --cover: until everything ran
             if time.monotonic() > deadline:
                 break
             self.step(f"step {i}")
@@ -301,7 +302,7 @@ class Torture:
             self._ran("faults")
         faulty = lambda: rng.random() < 0.6  # noqa: E731  (some processes of a step without faults)
         children: list[Child] = []
-        force_kill = self.cover and not self.report.kills and not self.report.ran.get("forced kill")
+        force_kill = self.cover and not self.report.kills
 
         def kill(p: float) -> float | None:  # seconds after it took its lock, or None
             nonlocal force_kill
