@@ -53,6 +53,9 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
     * ``staging_bytes``, ``staging_buffers``, ``load_threads``, ``yield_seconds``, ``cast_kv_dtype``, ``check_rate``,
       ``check_tolerance``: see :class:`~prefixgen.config.ConnectorConfig`.
 
+    Its side: ``connector_scheduler`` (:class:`PrefixgenScheduler`, with its counters as ``claim_stats``) in vLLM's
+    scheduler, ``connector_worker`` (:class:`PrefixgenWorker`, counters ``stats``) in each worker; the other is None.
+
     Example:
         >>> from vllm import LLM  # doctest: +SKIP
         >>> from vllm.config import KVTransferConfig  # doctest: +SKIP

@@ -80,13 +80,13 @@ class Loading:
     lock: threading.Lock = field(default_factory=threading.Lock)
     after: Any = None  # CUDA: the event of the engine's work queued before the step that started it (writes wait for it)
     # A leader's members (itself first, then its followers), and the first of its locations not read yet: a load may
-    # join only at or after it (guarded by the connector's lock; inf once the leader wrote its last piece).
+    # join only at or after it (guarded by the worker's lock; inf once the leader wrote its last piece).
     group: list[Loading] | None = None
     next_read: float = 0
     shared_end: float = math.inf  # a follower: its tokens before this are the leader's too (it reads the rest itself)
 
 
-def wait_copies(loading: Loading) -> None:
+def _wait_copies(loading: Loading) -> None:
     """CUDA: wait until the last piece ``loading`` launched is written (nothing to wait for on CPU). Called holding its lock."""
     if loading.pending is not None:
         pending, loading.pending = loading.pending, None
@@ -295,7 +295,7 @@ class PrefixgenWorker:
                 return
             queued = loading.state == "queued"
             loading.state = "abandoned"
-            wait_copies(loading)
+            _wait_copies(loading)
             written = loading.written
             with self._lock:
                 self._report_unwritten(loading.load, written)
@@ -402,7 +402,7 @@ class PrefixgenWorker:
         for loading in self._inflight.values():
             with loading.lock:
                 loading.state = "abandoned"
-                wait_copies(loading)
+                _wait_copies(loading)
         self._pool.shutdown()
 
     def _load_safely(self, loading: Loading) -> None:
@@ -430,7 +430,7 @@ class PrefixgenWorker:
             if member.state == "abandoned":  # given up at its deadline: reported then
                 return
             try:
-                wait_copies(member)  # CUDA: no write may land after vLLM recomputes these slots
+                _wait_copies(member)  # CUDA: no write may land after vLLM recomputes these slots
             except Exception:
                 logger.exception("PrefixgenConnector: loading %s failed on the device", member.load.req_id)
                 member.written = member.load.start
@@ -536,7 +536,7 @@ class PrefixgenWorker:
             spans = self._spans(member.load.block_ids, written, end)  # per KV cache group: its window's slots
             done = None
             if device.type == "cuda":
-                wait_copies(member)
+                _wait_copies(member)
                 with torch.cuda.stream(self._stream):
                     if member.after is not None:  # nothing the engine queued for its blocks lands after the write
                         self._stream.wait_event(member.after)
