@@ -69,6 +69,16 @@ def test_kv_dtype_is_compared_and_cast_only_when_named(model, store):
     connector(config)
 
 
+def test_a_float32_checkpoint_built_in_float16_is_served_by_a_float16_engine(model, tmp_path):
+    """The build digests the weights rounded to float16; the connector digests the checkpoint's float32 files as vLLM
+    loads them (in float16), not rounded to bfloat16 once, or it refuses the store ("weights_digest")."""
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": r} for r in RECORDS[:1]])
+    build(BuildConfig(dataset=str(data), model=str(model), out=str(tmp_path / "s"), device="cpu", dtype="float16", quiet=True))
+    connector(engine_config(model, tmp_path / "s", dtype="float16"))
+    with pytest.raises(IncompatibleStoreError, match="weights_digest"):  # still refused in float32: other weights
+        connector(engine_config(model, tmp_path / "s", dtype="float32"))
+
+
 def test_hf_overrides_of_any_config_field_are_refused(model, store):
     """hf_overrides of a field no list named before (rms_norm_eps) changes KV: refused, naming the field."""
     with pytest.raises(IncompatibleStoreError, match=r"text_config\.rms_norm_eps: store has 1e-06, model has 0\.5"):
