@@ -88,9 +88,9 @@ KvDtypeOpt = Annotated[Optional[str], Opt("--kv-dtype", help=f"auto (the model's
 TrustRemoteCodeOpt = Annotated[Optional[bool], Opt("--trust-remote-code", help="Allow the model's own code to run.")]
 DtypeOpt = Annotated[Optional[str], Opt("--dtype", help=f"auto, bfloat16, float16 or float32. {_default('dtype')}")]
 MinRecordsOpt = Annotated[Optional[int], Opt("--min-records", help="Store only blocks contained in at least K records.")]
-# --max-bytes means one thing wherever it appears: the KV bytes of the blocks (fp8 scales included;
-# their tokens and index rows are not counted).
-MAX_BYTES_MEANS = "KV bytes, fp8 scales included; tokens and index not counted"
+# --max-bytes means one thing wherever it appears (analysis.count.block_cost): the KV bytes of the blocks
+# (fp8 scales and format 5's per-head checksums included; their tokens and index rows are not counted).
+MAX_BYTES_MEANS = "KV bytes, fp8 scales and head checksums included; tokens and index not counted"
 MaxBytesOpt = Annotated[
     Optional[int],
     Opt(

@@ -62,9 +62,14 @@ _CHECKPOINT_DTYPES = {
 }
 
 
-def checkpoint_weights_digest(folder: str | Path, tie_word_embeddings: bool = False) -> str:
+def checkpoint_weights_digest(folder: str | Path, tie_word_embeddings: bool = False, dtype: torch.dtype | None = None) -> str:
     """The :func:`weights_digest` of the model transformers loads from the ``*.safetensors`` files in
-    ``folder``, computed from the files alone (memory-mapped; only the sampled elements are read).
+    ``folder`` in ``dtype`` (None: the files' own), computed from the files alone (memory-mapped; only
+    the sampled elements are read).
+
+    ``dtype`` must be the dtype the server computes in: a build digests the weights as loaded, and a
+    float32 checkpoint loaded as float16 rounds twice (to float16, then to bfloat16 for the digest), which
+    is not always rounding it once to bfloat16. Loaded as float32 or bfloat16, the digest is the files'.
 
     For servers whose modules differ from transformers' (vLLM fuses ``qkv_proj``): the checkpoint's
     tensor names are transformers' parameter names. A tied ``lm_head.weight`` is not a parameter of
@@ -100,6 +105,8 @@ def checkpoint_weights_digest(folder: str | Path, tie_word_embeddings: bool = Fa
         flat = maps[path][a:b].view(np.dtype(np_dtype).newbyteorder("<"))
         step = max(1, flat.shape[0] // _SAMPLES)
         sample = torch.from_numpy(np.ascontiguousarray(flat[::step][:_SAMPLES]).astype(np_dtype)).view(torch_dtype)
+        if dtype is not None:
+            sample = sample.to(dtype)  # as the server loads it (what build digested)
         _digest_tensor(h, name, tuple(info["shape"]), sample)  # already strided: sampling again keeps it whole
     return h.hexdigest()
 

@@ -78,7 +78,8 @@ def _store_blocks(path) -> dict[bytes, bytes]:
 
 
 def _kv_bytes(path) -> int:
-    """Bytes of KV on disk: every shard's `kv` and `kv_scale` tensors, from the safetensors headers."""
+    """Bytes --max-bytes counts on disk: every shard's `kv`, `kv_scale` and (format 5) `head_crc` tensors,
+    from the safetensors headers."""
     total = 0
     for shard in sorted((Path(path) / SHARDS_DIR).glob("*.safetensors")):
         with open(shard, "rb") as f:
@@ -86,9 +87,15 @@ def _kv_bytes(path) -> int:
         total += sum(
             end - start
             for name, (start, end) in ((n, t["data_offsets"]) for n, t in header.tensors.items())
-            if name in ("kv", "kv_scale")
+            if name in ("kv", "kv_scale", "head_crc")
         )
     return total
+
+
+def _block_cost(model, kv_dtype: str) -> int:
+    """What one block of a default (format 5) build costs on disk: KV, fp8 scales and its `head_crc` row."""
+    layout = config_kv_layout(load_config(str(model)), "float32", kv_dtype)
+    return layout.block_bytes(16) + 4 * layout.num_kv_heads
 
 
 def _build(cli, data, model, out, *extra) -> dict:
@@ -137,8 +144,7 @@ def test_min_records_2_stores_exactly_the_shared_few_shot_blocks(tmp_path, cli, 
 
 @pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
 def test_max_bytes_stores_the_top_ranked_blocks_within_the_budget(tmp_path, cli, stories, mixed, kv_dtype):
-    layout = config_kv_layout(load_config(str(stories)), "float32", kv_dtype)
-    block = layout.block_bytes(16)
+    block = _block_cost(stories, kv_dtype)
     budget = 37 * block + block // 2
     out = tmp_path / "store"
     summary = _build(cli, mixed, stories, out, "--max-bytes", str(budget), "--kv-dtype", kv_dtype)
@@ -153,6 +159,21 @@ def test_max_bytes_stores_the_top_ranked_blocks_within_the_budget(tmp_path, cli,
     assert counts[ranking[36]][0] == counts[ranking[37]][0]
     assert summary["builds"][0]["selection"]["selected_blocks"] == 37
     assert summary["bytes_per_token"] > 0
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_max_bytes_counts_head_checksums_so_build_and_prune_stay_within_the_budget(tmp_path, cli, stories, mixed, kv_dtype):
+    """A budget one byte short of 37 blocks with their head_crc rows holds 36 (37 blocks' KV alone would fit)."""
+    block = _block_cost(stories, kv_dtype)
+    budget = 37 * block - 1
+    built, pruned = tmp_path / "built", tmp_path / "pruned"
+    _build(cli, mixed, stories, built, "--max-bytes", str(budget), "--kv-dtype", kv_dtype)
+    _build(cli, mixed, stories, pruned, "--kv-dtype", kv_dtype)
+    result = cli("prune", pruned, "--max-bytes", str(budget))
+    assert result.exit_code == 0, result.output
+    for out in (built, pruned):
+        assert _kv_bytes(out) == 36 * block <= budget
+    assert set(_store_blocks(built)) == set(_store_blocks(pruned))
 
 
 def test_analyze_figures_equal_the_builds_they_describe(tmp_path, cli, stories, mixed):

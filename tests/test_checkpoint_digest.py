@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from prefixgen import PrefixStore
 from prefixgen.errors import ModelError
 from prefixgen.model import checkpoint_weights_digest, weights_digest
 
@@ -29,6 +30,23 @@ def test_checkpoint_digest_is_the_loaded_models_digest(tmp_path, arch, tied, sav
     names = {n for n, _ in model.named_parameters()}
     assert ("lm_head.weight" in names) is not tied  # a tied head is the embedding: not a parameter of its own
     assert checkpoint_weights_digest(folder, tied) == weights_digest(model)
+
+
+@pytest.mark.parametrize(
+    ("saved_dtype", "dtype"), [(torch.float32, "float16"), (torch.bfloat16, "float16"), (torch.float32, "bfloat16")]
+)
+def test_a_checkpoint_built_in_another_dtype_has_the_digest_of_its_files_loaded_in_that_dtype(tmp_path, cli, saved_dtype, dtype):
+    """`build --dtype float16` of a float32 checkpoint digests the weights rounded to float16: the connector, which
+    digests the files, must round them the same way or it refuses the store (a float16 round trip is not bfloat16's)."""
+    folder = make_model(tmp_path / "m", "qwen2", seed=3, dtype=saved_dtype)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "Once upon a time there was a little cat who liked to play in the sun all day long."}\n')
+    result = cli("build", data, "--model", folder, "--out", tmp_path / "s", "--device", "cpu", "--dtype", dtype, "--quiet")
+    assert result.exit_code == 0, result.output
+    stored = PrefixStore.open(tmp_path / "s").manifest.model.weights_digest
+    assert checkpoint_weights_digest(folder, dtype=getattr(torch, dtype)) == stored
+    if (saved_dtype, dtype) == (torch.float32, "float16"):  # rounding twice differs: the case the connector refused
+        assert checkpoint_weights_digest(folder) != stored
 
 
 def test_stories260k_digest(stories):

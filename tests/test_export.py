@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from prefixgen.analysis.count import block_cost
 from prefixgen.export.outdir import EXPORT_MANIFEST
 from prefixgen.store.reader import PrefixStore
 from tests.conftest import STORIES, make_model, write_jsonl
@@ -214,10 +215,12 @@ def test_export_selection_is_builds(cli, stores, tmp_path):
         shared = sum(counts[k] >= 2 for k in store.keys(ids))
         want |= {f"{k}_org-stories_0_1.bin" for k in page_keys(ids)[:shared]}
     assert want and set(files(out)) == want
-    per_block = 16 * store.manifest.kv.bytes_per_token
+    per_block = block_cost(store.manifest.kv, 16)  # as build and prune count it
     out2 = tmp_path / "hicache2"
     assert sglang(cli, stores["main"], out2, "--max-bytes", str(per_block)).exit_code == 0
     assert len(files(out2)) == 1 and set(files(out2)) <= want
+    small = sglang(cli, stores["main"], tmp_path / "hicache3", "--max-bytes", str(per_block - 1))
+    assert small.exit_code == 2 and "smaller than one block" in small.stderr and not (tmp_path / "hicache3").exists()
 
 
 def synthetic_store(path: Path, chains: int, blocks: int = 30) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -525,15 +526,64 @@ def _bytes_read() -> int:
     return int(fields["rchar"])
 
 
+# The calls at which a store changes or becomes durable: a kill just before each is a kill between two steps.
+FS_STEPS = ("replace", "rename", "link", "unlink", "fsync")
+
+
+def _run_and_kill_at(work, step: int | None) -> int | None:
+    """Run ``work()`` in a forked child that SIGKILLs itself just before its ``step``-th file-system step
+    (``FS_STEPS``), so where it dies does not depend on the machine's load. Returns None if it was killed,
+    else the number of steps ``work`` took."""
+    out, into = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: do the work, never return into pytest
+        tqdm.set_lock(threading.RLock())  # as in _run_and_kill
+        done = 0
+
+        def counted(call):
+            def step_call(*args, **kwargs):
+                nonlocal done
+                if done == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                done += 1
+                return call(*args, **kwargs)
+
+            return step_call
+
+        for name in FS_STEPS:
+            setattr(os, name, counted(getattr(os, name)))
+        try:
+            work()
+            os.write(into, str(done).encode())
+            os._exit(0)
+        finally:
+            os._exit(1)
+    os.close(into)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(out, "rb") as f:
+        written = f.read()
+    if os.WIFSIGNALED(status):
+        return None
+    assert os.WEXITSTATUS(status) == 0, "the work failed in the child"
+    return int(written)
+
+
 def test_kill_9_during_prune_leaves_the_old_or_the_new_store(tmp_path):
+    """A prune killed before each of a spread of its file-system steps (the same steps on any machine, under any
+    load: killing after a delay found only the old store once a loaded machine made every prune outlast 0.8 s)."""
     seqs = _sequences()
-    manifest = _tiny_store(tmp_path / "s", seqs)
-    counts = _with_counts(tmp_path / "s", seqs, manifest)
-    old = _kept(tmp_path / "s")
+    manifest = _tiny_store(tmp_path / "first", seqs)
+    counts = _with_counts(tmp_path / "first", seqs, manifest)
+    old = _kept(tmp_path / "first")
     new = {k for k in old if counts[k] >= 2}
+    shutil.copytree(tmp_path / "first", tmp_path / "whole")
+    steps = _run_and_kill_at(lambda: prune_store(tmp_path / "whole", min_records=2), None)
+    assert steps > 20 and _kept(tmp_path / "whole") == new
     seen = set()
-    for delay in (0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8):
-        _run_and_kill(lambda: prune_store(tmp_path / "s", min_records=2), delay)
+    for step in sorted({0, *range(0, steps, steps // 7), steps - 1}):
+        shutil.rmtree(tmp_path / "s", ignore_errors=True)
+        shutil.copytree(tmp_path / "first", tmp_path / "s")  # each prune starts from the same store
+        assert _run_and_kill_at(lambda: prune_store(tmp_path / "s", min_records=2), step) is None
         assert verify_store(tmp_path / "s").ok
         kept = _kept(tmp_path / "s")
         assert kept in (old, new)

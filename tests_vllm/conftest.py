@@ -51,14 +51,11 @@ def _drop_worker_connector():
     ensure_kv_transfer_shutdown()
 
 
-def tiny_model(path: Path, seed: int = 0) -> Path:
+def tiny_model(path: Path, seed: int = 0, **overrides) -> Path:
     """A random Qwen2 vLLM's CPU backend runs: 2 layers, 4 heads, 2 KV heads of head_dim 64, float32.
-    A large init range makes the next token depend on the context (a negative control can fail)."""
-    return make_model(
-        path,
-        "qwen2",
-        seed=seed,
-        chat_template=CHAT_TEMPLATE,
+    A large init range makes the next token depend on the context (a negative control can fail);
+    ``overrides``: other config fields."""
+    config = dict(
         hidden_size=256,
         intermediate_size=256,
         num_attention_heads=4,
@@ -66,6 +63,45 @@ def tiny_model(path: Path, seed: int = 0) -> Path:
         max_position_embeddings=2048,
         initializer_range=0.15,
     )
+    return make_model(path, "qwen2", seed=seed, chat_template=CHAT_TEMPLATE, **{**config, **overrides})
+
+
+def start_engine(model: Path, store: Path | None = None, connector_extra: dict | None = None, **engine_args):
+    """A vLLM ``LLM`` on ``model`` as the engine tests run it: float32, seed 0, eager, vLLM's own prefix cache off
+    (so a cached token is one the connector loaded), with the connector on ``store`` if given (``connector_extra``:
+    more of its options); ``engine_args`` go to ``LLM`` and override these. Stop it with :func:`stop_engine`."""
+    from vllm import LLM
+
+    kv = None if store is None else connector_config(store, **(connector_extra or {}))
+    args = dict(dtype="float32", enable_prefix_caching=False, max_model_len=1024, seed=0, enforce_eager=True)
+    return LLM(str(model), kv_transfer_config=kv, **{**args, **engine_args})
+
+
+def stop_engine(llm) -> None:
+    """Shut ``llm``'s engine down (also drops the worker's connector, a process-wide global)."""
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+
+
+def greedy(llm, prompts: Sequence[str | dict], max_tokens: int = 12) -> list[list[int]]:
+    """``max_tokens`` greedy tokens of each prompt (text or a vLLM prompt dict), one call each: the reference
+    a plain engine gives for a prompt alone."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    return [list(llm.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids) for p in prompts]
+
+
+def build_store(out: Path, model: Path, texts: Sequence[str], **options) -> Path:
+    """``prefixgen build`` of ``texts`` (a record each) with ``model`` on the CPU into ``out``; ``options``: more
+    ``BuildConfig`` fields (``append``, ``dtype``, ``shard_bytes``, ...)."""
+    from prefixgen import BuildConfig, build
+
+    data = write_jsonl(
+        out.parent / f"{out.name}.{len(list(out.parent.glob(f'{out.name}.*.jsonl')))}.jsonl", [{"text": t} for t in texts]
+    )
+    build(BuildConfig(dataset=str(data), model=str(model), out=str(out), device="cpu", quiet=True, **options))
+    return out
 
 
 @dataclass
@@ -125,25 +161,18 @@ def run_vllm(
     prompt (text or a vLLM prompt dict; ``loras[i]``, a vLLM ``LoRARequest`` or None, goes with prompt ``i``) and
     then each chat, one call each, shut the engine down (``connector_extra``: more connector options). With a store, the connector's live check first passes on
     the same prompts (``warm_up``, :func:`warm_up_check`): nothing is loaded before it."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
-    kv = None if store is None else connector_config(store, **(connector_extra or {}))
-    llm = LLM(
-        str(model),
-        dtype="float32",
-        enable_prefix_caching=prefix_caching,
-        max_model_len=2048,
-        seed=0,
-        kv_transfer_config=kv,
-        **{"enforce_eager": True, **engine_args},
+    llm = start_engine(
+        model, store, connector_extra, **{"enable_prefix_caching": prefix_caching, "max_model_len": 2048, **engine_args}
     )
     try:
         params = SamplingParams(max_tokens=12, temperature=0)
-        if kv is not None and warm_up:
+        if store is not None and warm_up:
             warm_up_check(llm, prompts, chats)
         stats = get_kv_transfer_group().stats if has_kv_transfer_group() else None
-        remote = kv is not None and stats is None  # the workers run in processes of their own (tensor parallel)
+        remote = store is not None and stats is None  # the workers run in processes of their own (tensor parallel)
         # Each rank's counters after the warm-up: a prompt whose background lookup ended after the live check
         # passed is loaded during the warm-up already; what a test measures is what the calls below load.
         warm = llm.collective_rpc(rank_load_stats) if remote else None
@@ -169,9 +198,7 @@ def run_vllm(
             deltas=deltas,
         )
     finally:
-        llm.llm_engine.engine_core.shutdown()  # also drops the worker's connector (a process-wide global)
-        del llm
-        gc.collect()
+        stop_engine(llm)
 
 
 def warm_up_check(llm, prompts: Sequence[str | dict], chats: Sequence[list[dict]] = ()) -> None:

@@ -14,11 +14,11 @@ import json
 
 import pytest
 
-from prefixgen import BuildConfig, PrefixStore, build
+from prefixgen import PrefixStore
 from prefixgen.errors import IncompatibleStoreError
 from prefixgen.format import MANIFEST_FILE
 
-from .conftest import connector_config, copy_store, write_jsonl
+from .conftest import build_store, copy_store, greedy, start_engine, stop_engine, tiny_model
 from .test_refusals import connector, engine_config
 
 SYSTEM = "You are a helpful storyteller. Answer kindly and simply, in short sentences a child can read. " * 5
@@ -33,27 +33,12 @@ NORM = "model.layers.1.input_layernorm.weight"  # used as is by vLLM's CPU RMSNo
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A tiny Qwen2 whose logits are of real size (initializer_range 0.2): a changed layer changes greedy tokens."""
-    from tests.conftest import CHAT_TEMPLATE, make_model
-
-    return make_model(
-        tmp_path_factory.mktemp("models") / "qwen2",
-        "qwen2",
-        chat_template=CHAT_TEMPLATE,
-        hidden_size=256,
-        intermediate_size=256,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        initializer_range=0.2,
-    )
+    return tiny_model(tmp_path_factory.mktemp("models") / "qwen2", initializer_range=0.2)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, model):
-    tmp = tmp_path_factory.mktemp("store")
-    data = write_jsonl(tmp / "text.jsonl", [{"text": r} for r in RECORDS])
-    build(BuildConfig(dataset=str(data), model=str(model), out=str(tmp / "store"), device="cpu", quiet=True))
-    return tmp / "store"
+    return build_store(tmp_path_factory.mktemp("store") / "store", model, RECORDS)
 
 
 # ---------------------------------------------------------------------------------------------- start-time identity
@@ -67,6 +52,15 @@ def test_kv_dtype_is_compared_and_cast_only_when_named(model, store):
     config = engine_config(model, store, dtype="bfloat16")
     config.kv_transfer_config.kv_connector_extra_config["cast_kv_dtype"] = True
     connector(config)
+
+
+def test_a_float32_checkpoint_built_in_float16_is_served_by_a_float16_engine(model, tmp_path):
+    """The build digests the weights rounded to float16; the connector digests the checkpoint's float32 files as vLLM
+    loads them (in float16), not rounded to bfloat16 once, or it refuses the store ("weights_digest")."""
+    build_store(tmp_path / "s", model, RECORDS[:1], dtype="float16")
+    connector(engine_config(model, tmp_path / "s", dtype="float16"))
+    with pytest.raises(IncompatibleStoreError, match="weights_digest"):  # still refused in float32: other weights
+        connector(engine_config(model, tmp_path / "s", dtype="float32"))
 
 
 def test_hf_overrides_of_any_config_field_are_refused(model, store):
@@ -105,33 +99,8 @@ def test_store_without_text_config_is_refused_naming_the_fix(tmp_path, model, st
 
 
 def _llm(model, store=None, dtype="float32", **extra):
-    from vllm import LLM
-
-    kv = None if store is None else connector_config(store, **extra)
-    return LLM(
-        str(model),
-        dtype=dtype,
-        enable_prefix_caching=False,
-        max_model_len=2048,
-        seed=0,
-        enforce_eager=True,
-        kv_transfer_config=kv,
-    )
-
-
-def _shutdown(llm) -> None:
-    import gc
-
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-
-
-def _generate(llm, prompts) -> list[list[int]]:
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=12, temperature=0)
-    return [list(llm.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids) for p in prompts]
+    """An engine of 2,048 tokens in ``dtype``, with the connector on ``store`` (``extra``: its options)."""
+    return start_engine(model, store, extra, dtype=dtype, max_model_len=2048)
 
 
 def _scale(factor: float):
@@ -154,11 +123,11 @@ def plain(model):
     """Plain vLLM's tokens for PROMPTS, with the model as saved and with NORM doubled."""
     llm = _llm(model)
     try:
-        same = _generate(llm, PROMPTS)
+        same = greedy(llm, PROMPTS)
         llm.collective_rpc(_scale(2.0))
-        changed = _generate(llm, PROMPTS)
+        changed = greedy(llm, PROMPTS)
     finally:
-        _shutdown(llm)
+        stop_engine(llm)
     assert changed != same  # the change changes greedy tokens: the test below can fail
     return same, changed
 
@@ -171,46 +140,44 @@ def test_weights_changed_in_place_give_plain_vllms_tokens(model, store, plain):
     llm = _llm(model, store)
     try:
         scheduler, worker = _connectors(llm)
-        assert _generate(llm, PROMPTS[:1]) == same[:1]
+        assert greedy(llm, PROMPTS[:1]) == same[:1]
         assert worker.stats.tokens == 0 and scheduler.claim_stats.checks_passed == 1  # computed and compared, not loaded
-        assert _generate(llm, PROMPTS[1:3]) == same[1:3]
+        assert greedy(llm, PROMPTS[1:3]) == same[1:3]
         loaded = worker.stats.tokens
         assert loaded >= 2 * 256  # the check passed: both stored prefixes loaded
 
         llm.collective_rpc(_scale(2.0))  # no signal
-        assert _generate(llm, PROMPTS) == changed
+        assert greedy(llm, PROMPTS) == changed
         assert scheduler.claim_stats.weights_changed == 1  # the load was refused; then a check on the new weights failed
         assert scheduler.claim_stats.checks_failed == 1
 
         llm.collective_rpc(_scale(0.5))  # back to the weights the store was built with
         assert llm.reset_prefix_cache(reset_connector=True) is True
-        assert _generate(llm, PROMPTS) == same
+        assert greedy(llm, PROMPTS) == same
         assert worker.stats.tokens > loaded  # checked again, loading again
 
         llm.collective_rpc(_scale(2.0))
         assert llm.reset_prefix_cache(reset_connector=True) is True
         loaded = worker.stats.tokens
-        assert _generate(llm, PROMPTS) == changed
+        assert greedy(llm, PROMPTS) == changed
         assert worker.stats.tokens == loaded and scheduler.claim_stats.checks_failed == 2
         gate = scheduler.connector_scheduler._gate
         assert gate.state == "failed" and "a changed layer: layer 1's" in gate.last_failure
     finally:
-        _shutdown(llm)
+        stop_engine(llm)
 
 
 def test_bf16_store_in_bf16_engine_loads_without_false_alarm(tmp_path, model):
     """vLLM's bfloat16 KV and the build's bfloat16 KV differ by rounding only: every check passes (one request in
     two is checked here), the others load."""
-    data = write_jsonl(tmp_path / "text.jsonl", [{"text": r} for r in RECORDS])
-    out = tmp_path / "bf16"
-    build(BuildConfig(dataset=str(data), model=str(model), out=str(out), device="cpu", dtype="bfloat16", quiet=True))
+    out = build_store(tmp_path / "bf16", model, RECORDS, dtype="bfloat16")
     llm = _llm(model, out, dtype="bfloat16", check_rate=0.5)
     try:
         scheduler, worker = _connectors(llm)
-        _generate(llm, PROMPTS)
-        _generate(llm, PROMPTS[::-1])
+        greedy(llm, PROMPTS)
+        greedy(llm, PROMPTS[::-1])
         claims = scheduler.claim_stats
         assert claims.checks_failed == 0 and claims.checks_passed >= 4 and scheduler.connector_scheduler._gate.state == "passed"
         assert worker.stats.requests >= 4 and worker.stats.tokens >= 4 * 256
     finally:
-        _shutdown(llm)
+        stop_engine(llm)

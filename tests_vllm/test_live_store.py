@@ -9,7 +9,6 @@ One engine serves the whole module (its tests run in order: later ones change th
 
 from __future__ import annotations
 
-import gc
 import os
 import threading
 import time
@@ -18,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from prefixgen import BuildConfig, PrefixStore, build
+from prefixgen import PrefixStore
 from prefixgen.format import INDEX_DIR, MAP_BYTES, SHARDS_DIR
 from prefixgen.maintain.compact import compact_store
 from prefixgen.maintain.prune import block_cost, prune_store
 from tests.test_store_changes import pad_index
 
-from .conftest import connector_config, tiny_model, warm_up_check, write_jsonl
+from .conftest import build_store, greedy, start_engine, stop_engine, tiny_model, warm_up_check
 
 SYSTEM = "You are a helpful storyteller. Answer kindly and simply, in short sentences a child can read. " * 4
 NAMES = ["Lily", "Tom", "Mia", "Ben", "Zoe", "Max", "Ava", "Sam"]
@@ -51,10 +50,8 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, model):
     """Every record but APPENDED, in small shards; the index padded to one segment of several MiB (a big store's)."""
-    tmp = tmp_path_factory.mktemp("live-store")
-    out = tmp / "store"
-    data = write_jsonl(tmp / "a.jsonl", [{"text": record(k)} for k in range(len(NAMES)) if k != APPENDED])
-    build(BuildConfig(dataset=str(data), model=str(model), out=str(out), device="cpu", quiet=True, shard_bytes=64 << 10))
+    out = tmp_path_factory.mktemp("live-store") / "store"
+    build_store(out, model, [record(k) for k in range(len(NAMES)) if k != APPENDED], shard_bytes=64 << 10)
     REAL_BLOCKS.append(PrefixStore.open(out).index.entries)
     segment = pad_index(out, 60_000)
     assert segment.stat().st_size >= 5 * MAP_BYTES
@@ -64,38 +61,26 @@ def store(tmp_path_factory, model):
 @pytest.fixture(scope="module")
 def baseline(model):
     """Plain vLLM's greedy tokens for each prompt alone (in this process: faster to start)."""
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(str(model), dtype="float32", enable_prefix_caching=False, max_model_len=1024, seed=0, enforce_eager=True)
+    llm = start_engine(model)
     try:
-        params = SamplingParams(max_tokens=12, temperature=0)
-        return [list(llm.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids) for p in PROMPTS]
+        return greedy(llm, PROMPTS)
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+        stop_engine(llm)
 
 
 @pytest.fixture(scope="module")
 def engine(model, store, baseline):
     """vLLM's default serving path: the engine core in a process of its own, the multiprocess executor, async
     scheduling; two load threads, a deadline of TIMEOUT seconds, the index looked at every REFRESH seconds."""
-    from vllm import LLM
-
     saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     try:
-        kv = connector_config(store, load_timeout_seconds=TIMEOUT, refresh_seconds=REFRESH, load_threads=2)
-        llm = LLM(
-            str(model),
-            dtype="float32",
-            enable_prefix_caching=False,
-            max_model_len=1024,
-            seed=0,
-            enforce_eager=True,
+        llm = start_engine(
+            model,
+            store,
+            dict(load_timeout_seconds=TIMEOUT, refresh_seconds=REFRESH, load_threads=2),
             async_scheduling=True,
             distributed_executor_backend="mp",
-            kv_transfer_config=kv,
         )
     finally:
         if saved is None:
@@ -104,12 +89,7 @@ def engine(model, store, baseline):
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
     warm_up_check(llm, PROMPTS)  # nothing is loaded before the connector's live check passed
     yield llm
-    _shutdown(llm)
-
-
-def _shutdown(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    gc.collect()
+    stop_engine(llm)
 
 
 def stored(store: Path, llm, k: int) -> int:
@@ -256,8 +236,7 @@ def test_prune_while_serving_keeps_the_kept_blocks_hitting(engine, store, baseli
 
 
 def test_a_record_appended_while_serving_hits_within_seconds(engine, store, model, baseline, tmp_path):
-    data = write_jsonl(tmp_path / "more.jsonl", [{"text": record(APPENDED)}])
-    build(BuildConfig(dataset=str(data), model=str(model), out=str(store), device="cpu", quiet=True, append=True))
+    build_store(store, model, [record(APPENDED)], append=True)
     want = stored(store, engine, APPENDED)
     assert want >= 128
     took = until(lambda: generate(engine, [APPENDED])[1] == [want])
@@ -282,7 +261,7 @@ def test_shutdown_returns_with_a_read_hung(engine, store):
         engine.llm_engine.add_request("hung", PROMPTS[6], SamplingParams(max_tokens=4, temperature=0))
         step_for(engine, 2.0)
         done = threading.Event()
-        threading.Thread(target=lambda: (_shutdown(engine), done.set()), daemon=True).start()
+        threading.Thread(target=lambda: (stop_engine(engine), done.set()), daemon=True).start()
         assert done.wait(60), "shutdown did not return"
     finally:
         pipe.restore()

@@ -11,16 +11,15 @@ their own, so their order does not matter.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import math
 import threading
 
 import pytest
 
-from prefixgen import BuildConfig, PrefixStore, build
+from prefixgen import PrefixStore
 from prefixgen.format import SHARDS_DIR, read_safetensors_header
 
-from .conftest import connector_config, corrupt_block, tiny_model, warm_up_check, write_jsonl
+from .conftest import build_store, corrupt_block, greedy, start_engine, stop_engine, tiny_model, warm_up_check
 
 SYSTEM = "You are a helpful storyteller. Answer kindly and simply, in short sentences a child can read. " * 5
 NAMES = ["Lily", "Tom", "Mia", "Ben", "Zoe", "Max", "Ava", "Sam", "Eva", "Leo"]
@@ -52,36 +51,9 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, model):
     """Every record but one in a first build, small shards (a fault hits a few blocks); the last in a second."""
-    tmp = tmp_path_factory.mktemp("serving-store")
-    out = tmp / "store"
-    first = write_jsonl(tmp / "a.jsonl", [{"text": record(k)} for k in range(len(NAMES)) if k != INDEX_RECORD])
-    second = write_jsonl(tmp / "b.jsonl", [{"text": record(INDEX_RECORD)}])
-    common = dict(model=str(model), out=str(out), device="cpu", quiet=True, shard_bytes=64 << 10)
-    build(BuildConfig(dataset=str(first), **common))
-    build(BuildConfig(dataset=str(second), append=True, **common))
-    return out
-
-
-def _llm(model, store=None, **kwargs):
-    from vllm import LLM
-
-    kv = None if store is None else connector_config(store, staging_bytes=96 << 10)  # 3 blocks a piece
-    return LLM(
-        str(model),
-        dtype="float32",
-        enable_prefix_caching=False,
-        max_model_len=1024,
-        seed=0,
-        enforce_eager=True,
-        kv_transfer_config=kv,
-        **kwargs,
-    )
-
-
-def _shutdown(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    out = tmp_path_factory.mktemp("serving-store") / "store"
+    build_store(out, model, [record(k) for k in range(len(NAMES)) if k != INDEX_RECORD], shard_bytes=64 << 10)
+    return build_store(out, model, [record(INDEX_RECORD)], append=True, shard_bytes=64 << 10)
 
 
 def preempt_prompts(tokenizer) -> list[list[int]]:
@@ -97,28 +69,32 @@ def preempt_prompts(tokenizer) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def baseline(model):
     """Plain vLLM's greedy tokens for each prompt alone, and for the preemption prompts (by token ids)."""
-    from vllm import SamplingParams
-
-    llm = _llm(model)
+    llm = start_engine(model)
     try:
-        params = SamplingParams(**PARAMS)
-        texts = [list(llm.generate(p, params, use_tqdm=False)[0].outputs[0].token_ids) for p in PROMPTS]
+        texts = greedy(llm, PROMPTS, PARAMS["max_tokens"])
         ids = preempt_prompts(llm.get_tokenizer())
-        long = SamplingParams(max_tokens=24, temperature=0)
-        padded = [list(llm.generate({"prompt_token_ids": p}, long, use_tqdm=False)[0].outputs[0].token_ids) for p in ids]
+        padded = greedy(llm, [{"prompt_token_ids": p} for p in ids], 24)
         return {"text": texts, "padded": padded, "padded_ids": ids}
     finally:
-        _shutdown(llm)
+        stop_engine(llm)
 
 
 @pytest.fixture(scope="module")
 def engine(model, store, baseline):
     """The engine with the connector: 64-token steps (prefills are chunked), BLOCKS KV blocks (requests preempt);
     its stats on, so vLLM collects and logs the connector's counters too."""
-    llm = _llm(model, store, max_num_batched_tokens=64, max_num_seqs=8, num_gpu_blocks_override=BLOCKS, disable_log_stats=False)
+    llm = start_engine(
+        model,
+        store,
+        dict(staging_bytes=96 << 10),  # 3 blocks a piece
+        max_num_batched_tokens=64,
+        max_num_seqs=8,
+        num_gpu_blocks_override=BLOCKS,
+        disable_log_stats=False,
+    )
     warm_up_check(llm, PROMPTS[:1])  # the live check passes: loads are allowed from here on
     yield llm
-    _shutdown(llm)
+    stop_engine(llm)
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ answers every choice.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,12 +29,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from prefixgen.analysis.count import BlockCounter, BlockCounts
+from prefixgen.analysis.count import BlockCounter, BlockCounts, block_cost
 from prefixgen.config import BuildConfig
 from prefixgen.data.records import RecordTokenizer, open_records
 from prefixgen.errors import ConfigError
 from prefixgen.format import BuildRecord, KVLayout, block_keys, root_key
-from prefixgen.kvcache import state_bytes_per_block
 from prefixgen.model import config_kv_layout, load_config, load_tokenizer
 
 # Counting needs key equality only, so any fixed root will do (see the module docstring).
@@ -51,7 +51,7 @@ class Choice:
     stored_blocks: int
     stored_tokens: int
     prefill_tokens: int  # tokens the build would prefill: each stored block once
-    bytes: int  # KV bytes on disk (kv and, for fp8, its scales) with the chosen --kv-dtype
+    bytes: int  # bytes --max-bytes counts (count.block_cost: KV, fp8 scales, head_crc, states) with the chosen --kv-dtype
     bytes_fp8: int  # the same blocks stored as fp8
     holdout_hit_rate: float | None  # share of held-out prompt tokens served from the store
 
@@ -66,7 +66,7 @@ class Analysis:
     block_size: int
     kv_dtype: str  # the stored dtype: float32, bfloat16, float16 or float8_e4m3fn
     kv_bytes_per_token: int
-    block_bytes: int  # KV bytes of one stored block (fp8 scales included)
+    block_bytes: int  # what one stored block costs against --max-bytes (count.block_cost)
     holdout: float
     records: int
     skipped_records: int
@@ -117,7 +117,7 @@ def analyze(cfg: BuildConfig, holdout: float = 0.1, progress: bool = False, warn
         raise ConfigError(f"--holdout must be a fraction in [0, 1), e.g. 0.1, got {holdout}")
     config = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, chat_template=cfg.chat_template)
-    layout = config_kv_layout(config, cfg.dtype, cfg.kv_dtype)
+    layout = dataclasses.replace(config_kv_layout(config, cfg.dtype, cfg.kv_dtype), order=cfg.kv_order)  # as build stores it
     stats = BuildRecord("", cfg.dataset)
     tokenize = RecordTokenizer.for_options(tokenizer, config, cfg, stats)
     records = open_records(cfg)
@@ -173,7 +173,7 @@ def _figures(
 ) -> Analysis:
     bs = cfg.block_size
     # A hybrid's recurrent states, one every stride of blocks (and at record ends), spread over the blocks.
-    block_bytes = layout.block_bytes(bs) + state_bytes_per_block(layout, bs)
+    block_bytes = block_cost(layout, bs)
     fp8 = layout.with_storage("fp8")
     n = len(counts)
     rank = np.empty(n, dtype=np.int64)
@@ -188,7 +188,7 @@ def _figures(
         rate = None
         if cuts is not None:
             rate = float(np.searchsorted(cuts, blocks) * bs / held.tokens) if held.tokens else 0.0
-        return Choice(k, max_bytes, blocks, blocks * bs, blocks * bs, blocks * block_bytes, blocks * fp8.block_bytes(bs), rate)
+        return Choice(k, max_bytes, blocks, blocks * bs, blocks * bs, blocks * block_bytes, blocks * block_cost(fp8, bs), rate)
 
     top = int(counts.records.max()) if n else 0
     ks = [1 << i for i in range(top.bit_length())] or [1]

@@ -74,8 +74,20 @@ def select_blocks(
     return order if keep is None else keep[order]
 
 
+def block_cost(layout: KVLayout, block_size: int) -> int:
+    """Bytes one stored block costs against ``--max-bytes`` (build, prune, export, analyze, simulate
+    --warmup): its KV, fp8 scales, format 5's ``head_crc`` row and a hybrid's recurrent states (spread
+    over the blocks). Its tokens and index row are not counted.
+
+    Example:
+        >>> block_cost(KVLayout(5, 4, 8, "float32"), 16), block_cost(KVLayout(5, 4, 8, "float32", order="heads"), 16)
+        (20480, 20496)
+    """
+    return layout.block_bytes(block_size) + layout.head_crc_bytes() + state_bytes_per_block(layout, block_size)
+
+
 def max_blocks(cfg: BuildConfig, layout: KVLayout) -> int | None:
-    """``--max-bytes`` as a number of blocks of this store's layout (fp8 scales included); refuses a
+    """``--max-bytes`` as a number of blocks of this store's layout (:func:`block_cost`); refuses a
     budget smaller than one block.
 
     Example:
@@ -84,7 +96,7 @@ def max_blocks(cfg: BuildConfig, layout: KVLayout) -> int | None:
     """
     if cfg.max_bytes is None:
         return None
-    block = layout.block_bytes(cfg.block_size) + state_bytes_per_block(layout, cfg.block_size)  # a hybrid's states too
+    block = block_cost(layout, cfg.block_size)
     if cfg.max_bytes < block:
         raise ConfigError(
             f"--max-bytes {cfg.max_bytes:,} is smaller than one block: a block of {cfg.block_size} tokens holds "

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -31,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from prefixgen.analysis.count import select_blocks
+from prefixgen.analysis.count import block_cost, select_blocks
 from prefixgen.analysis.policies import POLICIES, Future
 from prefixgen.config import BuildConfig, SimulateConfig, parse_size
 from prefixgen.errors import ConfigError, DatasetError, IncompatibleStoreError
+from prefixgen.format import KVLayout
 
 MOONCAKE_FIELDS = ("input_length", "hash_ids")
 
@@ -377,22 +379,30 @@ def parse_capacities(text: str, kv_bytes_per_block: int | None, distinct_blocks:
     return out
 
 
-def kv_bytes_per_block(data: BuildConfig, block_tokens: int, store=None) -> int | None:
-    """KV bytes of one block: from the store's manifest, else the model's config, else unknown."""
+def kv_layout(data: BuildConfig, store=None) -> KVLayout | None:
+    """The KV layout of the blocks: the store's manifest, else the model's config as ``build`` would
+    store it, else unknown."""
     if store is not None:
-        kv = store.manifest.kv
-        return kv.bytes_per_token * block_tokens + kv.scale_bytes_per_block()
+        return store.manifest.kv
     if not data.model:
         return None
     from prefixgen.model import kv_layout_from_config
 
     kv = kv_layout_from_config(data.model, data.kv_dtype, trust_remote_code=data.trust_remote_code)
-    return kv.bytes_per_token * block_tokens + kv.scale_bytes_per_block()
+    return dataclasses.replace(kv, order=data.kv_order)
+
+
+def kv_bytes_per_block(data: BuildConfig, block_tokens: int, store=None) -> int | None:
+    """KV bytes of one block (what an engine's cache holds): from the store's manifest, else the
+    model's config, else unknown."""
+    kv = kv_layout(data, store)
+    return None if kv is None else kv.block_bytes(block_tokens)
 
 
 def warmup_static(warm: Trace, cfg: SimulateConfig, bytes_per_block: int | None) -> np.ndarray:
     """The static tier ``build`` would store from the warm-up requests: ``select_blocks`` over the
-    number of requests holding each block, with ``--min-records`` and ``--max-bytes``/``--max-blocks``."""
+    number of requests holding each block, with ``--min-records`` and ``--max-bytes``/``--max-blocks``;
+    ``bytes_per_block``: what a stored block costs against ``--max-bytes`` (``count.block_cost``)."""
     max_blocks = cfg.max_blocks
     if cfg.max_bytes is not None:
         if bytes_per_block is None:
@@ -424,8 +434,9 @@ def simulate(cfg: SimulateConfig, data: BuildConfig | None = None, progress: boo
     data = data or BuildConfig()
     data = data.merged(dataset=cfg.source)
     trace, store = _read_trace(cfg, data, progress)
-    bytes_per_block = kv_bytes_per_block(data, trace.block_tokens, store)
-    trace, static, warmup_requests = _warm_up(trace, cfg, bytes_per_block)
+    layout = kv_layout(data, store)
+    bytes_per_block = None if layout is None else layout.block_bytes(trace.block_tokens)
+    trace, static, warmup_requests = _warm_up(trace, cfg, None if layout is None else block_cost(layout, trace.block_tokens))
 
     distinct = int(len(np.unique(trace.ids)))
     capacities = parse_capacities(cfg.capacity, bytes_per_block, distinct)

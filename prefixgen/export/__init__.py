@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from prefixgen.analysis.count import max_blocks
 from prefixgen.cache_spec import RECURRENT
-from prefixgen.config import ExportConfig
+from prefixgen.config import BuildConfig, ExportConfig
 from prefixgen.errors import ExportError
 from prefixgen.export.base import ExportSummary, ExportTarget, StoreInfo
 from prefixgen.export.outdir import ExportDir, ExportRecord
@@ -134,6 +135,8 @@ def export(
         )
     target.check(info)
     k = target.unit_tokens // info.block_size
+    # --max-bytes as build and prune count it (a budget under one block is refused before the folder is made).
+    limit = max_blocks(BuildConfig(max_bytes=max_bytes, block_size=info.block_size), pstore.manifest.kv)
     outdir = ExportDir(Path(out), ExportRecord.of(pstore, target), append=append, fsync=fsync)  # refuses a wrong folder first
     try:
         for name, data in getattr(target, "extra_files", list)():  # the target's own metadata (vLLM's config.json)
@@ -141,8 +144,7 @@ def export(
                 outdir.write(name, data)
         blocks = read_blocks(pstore)
         if min_records is not None or max_bytes is not None:
-            max_blocks = None if max_bytes is None else max_bytes // (info.bytes_per_token * info.block_size)
-            blocks = select(pstore, blocks, min_records, max_blocks)
+            blocks = select(pstore, blocks, min_records, limit)
         units = plan_units(blocks, pstore.manifest.root_key, k)
         tokens = read_tokens(pstore, blocks, units.blocks.reshape(-1)).reshape(len(units), -1).astype(np.int64)  # [units, U]
         keys = unit_keys(units, tokens.__getitem__, target.first_key, target.next_key)

@@ -228,6 +228,10 @@ class KVLayout:
         """
         return self.bytes_per_token * block_size + self.scale_bytes_per_block()
 
+    def head_crc_bytes(self) -> int:
+        """Bytes of one block's ``head_crc`` row (format 5: a uint32 per head; 0 token-major)."""
+        return 4 * self.num_kv_heads if self.heads_first else 0
+
 
 @dataclass(slots=True, frozen=True)
 class Manifest:

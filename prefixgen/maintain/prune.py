@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from prefixgen.analysis.count import block_cost as count_block_cost
 from prefixgen.analysis.count import max_blocks
 from prefixgen.config import BuildConfig
 from prefixgen.errors import ConfigError, CorruptStoreError, StoreError
@@ -63,9 +64,9 @@ class PruneReport:
 
 
 def block_cost(manifest: Manifest) -> int:
-    """Bytes one kept block costs against ``--max-bytes``: its KV (fp8 scales included), as in
-    ``build --max-bytes`` and ``analyze`` (tokens and index rows, 4 and 84 bytes a block, are not counted)."""
-    return manifest.kv.block_bytes(manifest.block_size)
+    """Bytes one kept block costs against ``--max-bytes``: as in ``build --max-bytes`` and ``analyze``
+    (:func:`prefixgen.analysis.count.block_cost`)."""
+    return count_block_cost(manifest.kv, manifest.block_size)
 
 
 def prune_store(

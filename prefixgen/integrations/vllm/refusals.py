@@ -52,7 +52,8 @@ def engine_fingerprint(vllm_config: VllmConfig, chat_template: str | None = None
     text = mc.hf_text_config
     tokenizer = load_tokenizer(mc.tokenizer, trust_remote_code=mc.trust_remote_code, chat_template=chat_template)
     layout = config_kv_layout(text, str(mc.dtype).removeprefix("torch."))
-    weights = checkpoint_weights_digest(model_folder(vllm_config), bool(getattr(text, "tie_word_embeddings", False)))
+    tied = bool(getattr(text, "tie_word_embeddings", False))
+    weights = checkpoint_weights_digest(model_folder(vllm_config), tied, mc.dtype)  # the weights as vLLM loads them
     # The text config vLLM computes with (after hf_overrides; a composite model's language model), under the
     # architecture of the whole checkpoint (what a build records).
     architecture = str((getattr(mc.hf_config, "architectures", None) or [""])[0])
