@@ -406,8 +406,8 @@ class _RankedRows:
 
 
 class _SurvivorShards:
-    """The new shards, filled in copy order a piece at a time and written in place (:class:`ShardStream`): memory
-    holds one piece, never a shard. Each holds ``capacity`` blocks (the last one fewer), is named for ``writer`` (the
+    """The new shards, filled in copy order and written in place ``COPY_BYTES`` at a time (:class:`ShardStream`):
+    memory holds a piece, never a shard. Each holds ``capacity`` blocks (the last one fewer), is named for ``writer`` (the
     prune's lock, so gc keeps its temporary file) and appears whole when full (:func:`atomic_file`); leaving the
     ``with`` block on an error removes the one being written. ``refs`` and ``crcs`` (the copies' block checksums)
     grow shard by shard."""
@@ -418,6 +418,8 @@ class _SurvivorShards:
         self.refs: list[ShardRef] = []
         self.crcs: list[np.ndarray] = []
         self.copied = 0  # blocks added so far
+        self.kv, self.scales, self.tokens = bytearray(), bytearray(), bytearray()  # added, not yet written
+        self.pending = 0  # blocks in them
         self.open = ExitStack()  # the shard being written
         self.shard: ShardStream | None = None
 
@@ -431,14 +433,22 @@ class _SurvivorShards:
         """Blocks the shard being filled (or the next one) still takes."""
         if self.shard is None:
             return min(self.capacity, self.report.blocks_kept - self.copied)
-        return self.shard.blocks - self.shard.filled
+        return self.shard.blocks - self.shard.filled - self.pending
 
-    def add(self, kv: memoryview, scales: memoryview | None, tokens: memoryview) -> None:
-        """Append blocks (at most :meth:`room`): their stored KV bytes, fp8 scale bytes, token bytes."""
+    def add(self, kv: bytes | bytearray, scales: bytes | bytearray | None, tokens: bytes) -> None:
+        """Append blocks (at most :meth:`room`): their stored KV bytes, fp8 scale bytes, token bytes. Gathered up to
+        ``COPY_BYTES`` before they are written (a run of kept blocks can be one block)."""
         if self.shard is None:
             self._start()
-        self.shard.write(kv, scales, tokens)
-        self.copied += len(tokens) // (self.manifest.block_size * 4)
+        n = len(tokens) // (self.manifest.block_size * 4)
+        self.kv += kv
+        if scales is not None:
+            self.scales += scales
+        self.tokens += tokens
+        self.pending, self.copied = self.pending + n, self.copied + n
+        if not self.room() or len(self.kv) + len(self.scales) + len(self.tokens) >= COPY_BYTES:
+            self.shard.write(self.kv, self.scales if self.scales else None, self.tokens)
+            self.kv, self.scales, self.tokens, self.pending = bytearray(), bytearray(), bytearray(), 0
         if self.shard.filled == self.shard.blocks:
             self._finish()
 
