@@ -77,6 +77,8 @@ def test_no_wing_imports_a_wing_above_it():
 # Functions over LONGEST lines: each must read as one straight sequence (a reason here), or be cut into named steps.
 LONGEST = 60
 LONG_ALLOWED: dict[str, str] = {
+    "cli.build": "a typer signature, one option a parameter (62 lines); the body: parse, build, print",
+    "cli.export": "a typer signature, one option a parameter (63 lines); the body: parse, export, print",
     "builder.pipeline.build": "TODO: issue 30, branch k30pipe",
     "builder.shares.make_plan": "TODO: issue 30, branch k30pipe",
     "integrations.vllm.PrefixgenConnector.__init__": "TODO: issue 30, branch k30vllm",

@@ -339,16 +339,7 @@ class _RankedRows:
         more first, then depth, then key64, then row), for each piece of :meth:`sweep`. Raises if no
         row has a record count. Found from a histogram of (records, depth), then, in the group the cut
         falls in, key64 16 bits at a time (two more passes for random keys)."""
-        hist: dict[tuple[int, int], int] = {}
-        counted = False
-        for _, cols, records in self.sweep():
-            counted |= bool(records.any())
-            cand = self._candidates(records, min_records)
-            pairs, n = np.unique(np.stack([records[cand], cols["depth"][cand].astype(np.int64)], 1), axis=0, return_counts=True)
-            for (r, d), c in zip(pairs.tolist(), n.tolist()):
-                hist[(r, d)] = hist.get((r, d), 0) + c
-        if not counted:
-            raise StoreError(f"{self.seg.path.parent.parent} has no record counts (counts/ is empty): nothing to rank blocks by")
+        hist = self._histogram(min_records)
         if max_blocks is None or sum(hist.values()) <= max_blocks:
             return lambda first, cols, records: self._candidates(records, min_records)
         before, ranked = 0, sorted(hist.items(), key=lambda item: (-item[0][0], item[0][1]))
@@ -364,19 +355,7 @@ class _RankedRows:
         def group(cols: dict[str, np.ndarray], records: np.ndarray) -> np.ndarray:
             return self._candidates(records, min_records) & (records == r_cut) & (cols["depth"].astype(np.int64) == d_cut)
 
-        bits, prefix, whole = 0, 0, need == count  # keep the group's rows whose top `bits` of key64 are < prefix
-        while not whole and need and bits < 64:
-            hist16 = np.zeros(1 << 16, np.int64)
-            for _, cols, records in self.sweep():
-                k64 = cols["key64"][group(cols, records)]
-                if bits:
-                    k64 = k64[(k64 >> np.uint64(64 - bits)) == np.uint64(prefix)]
-                hist16 += np.bincount(((k64 >> np.uint64(48 - bits)) & np.uint64(0xFFFF)).astype(np.int64), minlength=1 << 16)
-            cum = np.cumsum(hist16)
-            b = int(np.searchsorted(cum, need, "left"))
-            need -= int(cum[b] - hist16[b])
-            prefix, bits = (prefix << 16) | b, bits + 16
-            whole = need == int(hist16[b])  # every row of this bin: keep top bits <= prefix
+        bits, prefix, need, whole = self._key_cut(group, need, count)
         taken = [0]  # of the group's rows whose key64 == prefix (bits 64), those kept so far this sweep
 
         def keep(first: int, cols: dict[str, np.ndarray], records: np.ndarray) -> np.ndarray:
@@ -399,6 +378,41 @@ class _RankedRows:
             return mask
 
         return keep
+
+    def _histogram(self, min_records: int) -> dict[tuple[int, int], int]:
+        """(records, depth) -> how many candidate rows have them, over one sweep. Raises if no row has a record
+        count."""
+        hist: dict[tuple[int, int], int] = {}
+        counted = False
+        for _, cols, records in self.sweep():
+            counted |= bool(records.any())
+            cand = self._candidates(records, min_records)
+            pairs, n = np.unique(np.stack([records[cand], cols["depth"][cand].astype(np.int64)], 1), axis=0, return_counts=True)
+            for (r, d), c in zip(pairs.tolist(), n.tolist()):
+                hist[(r, d)] = hist.get((r, d), 0) + c
+        if not counted:
+            raise StoreError(f"{self.seg.path.parent.parent} has no record counts (counts/ is empty): nothing to rank blocks by")
+        return hist
+
+    def _key_cut(self, group, need: int, count: int) -> tuple[int, int, int, bool]:
+        """Where the cut falls by key64 among the ``count`` rows ``group(cols, records)`` picks, ``need`` of which are
+        kept: (bits, prefix, need, whole). Keep the rows whose top ``bits`` of key64 are below ``prefix``, and of
+        those equal to it all (``whole``) or the first ``need`` (then ``bits`` is 64: key64 ties, by row). One sweep
+        per 16 bits."""
+        bits, prefix, whole = 0, 0, need == count
+        while not whole and need and bits < 64:
+            hist16 = np.zeros(1 << 16, np.int64)
+            for _, cols, records in self.sweep():
+                k64 = cols["key64"][group(cols, records)]
+                if bits:
+                    k64 = k64[(k64 >> np.uint64(64 - bits)) == np.uint64(prefix)]
+                hist16 += np.bincount(((k64 >> np.uint64(48 - bits)) & np.uint64(0xFFFF)).astype(np.int64), minlength=1 << 16)
+            cum = np.cumsum(hist16)
+            b = int(np.searchsorted(cum, need, "left"))
+            need -= int(cum[b] - hist16[b])
+            prefix, bits = (prefix << 16) | b, bits + 16
+            whole = need == int(hist16[b])  # every row of this bin: keep top bits <= prefix
+        return bits, prefix, need, whole
 
     @staticmethod
     def _candidates(records: np.ndarray, min_records: int) -> np.ndarray:
