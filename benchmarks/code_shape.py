@@ -3,7 +3,7 @@
 
     python benchmarks/code_shape.py                       # this checkout
     python benchmarks/code_shape.py --root /tmp/old-main  # another checkout (e.g. a git worktree of main)
-    python benchmarks/code_shape.py --root /tmp/old-main --markdown
+    python benchmarks/code_shape.py --root /tmp/old-main --markdown --min-lines 300 --top 20
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=ROOT, help="a checkout of prefixgen (default: this one)")
     ap.add_argument("--markdown", action="store_true", help="markdown tables instead of plain columns")
     ap.add_argument("--min-lines", type=int, default=0, help="list only modules of at least this many lines")
+    ap.add_argument("--top", type=int, default=0, help=f"list the N longest functions (default: those over {LONGEST} lines)")
     args = ap.parse_args()
     package = args.root / "prefixgen"
     lines = module_lines(package)
-    long = sorted(((n, name) for name, n in function_lengths(package).items() if n > LONGEST), reverse=True)
+    ranked = sorted(((n, name) for name, n in function_lengths(package).items()), reverse=True)
+    long = ranked[: args.top] if args.top else [(n, name) for n, name in ranked if n > LONGEST]
     row = "| {} | {} |" if args.markdown else "{:<40} {:>6}"
     print(row.format("module", "lines"))
     if args.markdown:
@@ -41,7 +43,10 @@ def main() -> None:
             print(row.format(name, f"{n:,}"))
     print(row.format(f"total ({len(lines)} modules)", f"{sum(lines.values()):,}"))
     print()
-    print(row.format(f"function over {LONGEST} lines", "lines") + (" allowed because |" if args.markdown else ""))
+    print(
+        row.format(f"the {args.top} longest functions" if args.top else f"function over {LONGEST} lines", "lines")
+        + (" allowed because |" if args.markdown else "")
+    )
     if args.markdown:
         print("|---|---|---|")
     for n, name in long:
