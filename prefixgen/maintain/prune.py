@@ -7,7 +7,8 @@ with one compacted index segment, then the old files are removed.
 
 Crash safety, step by step (the store is valid after each):
 1. compact the old index into one segment (see compact.py);
-2. write the new shards (readers ignore shards without an index entry);
+2. write the new shards, each in place a piece at a time under a temporary name, renamed when whole (readers
+   ignore shards without an index entry);
 3. write the new segment: the index now holds the old and the new blocks (the old store, with copies);
 4. remove the old segment, one unlink: the index is now exactly the new store;
 5. remove the old shards that the new index does not use (leftovers are harmless notes in verify).
