@@ -81,7 +81,6 @@ LONG_ALLOWED: dict[str, str] = {
     "cli.export": "a typer signature, one option a parameter (63 lines); the body: parse, export, print",
     "builder.pipeline.build": "TODO: issue 30, branch k30pipe",
     "builder.shares.make_plan": "TODO: issue 30, branch k30pipe",
-    "integrations.vllm.PrefixgenConnector.__init__": "TODO: issue 30, branch k30vllm",
 }
 
 
