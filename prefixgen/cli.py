@@ -635,39 +635,13 @@ def simulate(
     quiet: Annotated[bool, Opt("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Replay requests against a static tier and a dynamic tier under eviction policies; report the hits."""
+    flags = {k: v for k, v in locals().items() if k not in ("as_json", "plot", "quiet")}
     from prefixgen.analysis.simulate import format_table
     from prefixgen.analysis.simulate import plot as write_plot
     from prefixgen.analysis.simulate import simulate as run_simulate
-    from prefixgen.config import BuildConfig, SimulateConfig
+    from prefixgen.config import SimulateConfig
 
-    data = BuildConfig().merged(
-        model=model,
-        split=split,
-        subset=subset,
-        text_field=text_field,
-        messages_field=messages_field,
-        ids_field=ids_field,
-        system_prompt=system_prompt,
-        chat_template=chat_template,
-        limit=limit,
-        max_tokens=max_tokens,
-        kv_dtype=kv_dtype,
-        trust_remote_code=trust_remote_code,
-    )
-    given = dict(
-        source=source,
-        trace_format=trace_format,
-        trace_block_tokens=trace_block_tokens,
-        block_size=block_size,
-        store=store,
-        warmup=warmup,
-        min_records=min_records,
-        max_bytes=max_bytes,
-        max_blocks=max_blocks,
-        capacity=capacity,
-        policies=policy,
-    )
-    cfg = SimulateConfig(**{k: v for k, v in given.items() if v is not None})
+    cfg, data = SimulateConfig.from_flags(**flags)
     result = run_simulate(cfg, data, progress=not quiet and sys.stderr.isatty())
     if plot is not None:
         write_plot(result, plot)

@@ -261,6 +261,21 @@ class SimulateConfig:
     capacity: str = "1%,3%,10%,30%,inf"  # dynamic tier sizes: blocks, bytes (20GB), % of distinct blocks, inf
     policies: str = ",".join(POLICY_NAMES)
 
+    @classmethod
+    def from_flags(cls, **flags: Any) -> tuple[SimulateConfig, BuildConfig]:
+        """``prefixgen simulate``'s flags (None: not given) split into its own options (``--policy`` is ``policies``)
+        and the dataset ones, as build reads a dataset (a ``BuildConfig``): (options, dataset options).
+
+        Example:
+            >>> cfg, data = SimulateConfig.from_flags(source="d.jsonl", policy="lru", model="m", limit=None)
+            >>> cfg.policies, data.model
+            ('lru', 'm')
+        """
+        given = {("policies" if k == "policy" else k): v for k, v in flags.items() if v is not None}
+        own = {f.name for f in dataclasses.fields(cls)}
+        data = BuildConfig().merged(**{k: v for k, v in given.items() if k not in own})
+        return cls(**{k: v for k, v in given.items() if k in own}), data
+
     @property
     def policy_names(self) -> list[str]:
         return [p.strip().lower() for p in self.policies.split(",") if p.strip()]

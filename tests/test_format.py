@@ -20,10 +20,13 @@ from prefixgen.format import (
     Manifest,
     ModelFingerprint,
     Segment,
+    ShardStream,
     TensorSpec,
+    atomic_file,
     block_crcs,
     block_keys,
     encode_safetensors_header,
+    encode_shard,
     hash_block,
     read_safetensors_header,
     root_key,
@@ -259,3 +262,49 @@ def test_append_keeps_a_token_major_store_token_major(tmp_path):
     prepare_store(tmp_path / "s", old, "new")
     again = prepare_store(tmp_path / "s", _manifest(KVLayout(1, 2, 2, "float32", order="heads")), "append")
     assert again.format_version == 3 and not again.kv.heads_first
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        KVLayout(2, 3, 4, "bfloat16"),
+        KVLayout(2, 3, 4, "float32", order="heads"),
+        KVLayout(2, 3, 8, "float32", storage="fp8"),
+        KVLayout(2, 3, 8, "float32", storage="fp8", order="heads"),
+    ],
+    ids=["tokens", "heads", "fp8-tokens", "fp8-heads"],
+)
+def test_a_shard_written_in_pieces_is_the_shard_encode_shard_makes(tmp_path, layout):
+    """prune streams its new shards (ShardStream): pieces of 1, 2 and 4 blocks land where encode_shard puts
+    them, with the same block checksums, head_crc rows and shard checksum."""
+    bs, blocks = 4, 7
+    rng = np.random.default_rng(1)
+    kv = rng.integers(0, 256, blocks * layout.bytes_per_token * bs, dtype=np.uint8).tobytes()
+    scale_bytes = layout.scale_bytes_per_block()
+    scales = rng.integers(0, 256, blocks * scale_bytes, dtype=np.uint8).tobytes() if scale_bytes else None
+    tokens = rng.integers(0, 32000, (blocks, bs), dtype=np.uint32)
+    meta = {"writer": "w", "build": "prune"}
+    parts, crcs, checksum = encode_shard(layout, bs, kv, scales, tokens, meta)
+    block_bytes = layout.bytes_per_token * bs
+    with atomic_file(tmp_path / "s.safetensors", owner="w") as f:
+        shard = ShardStream(f.fileno(), layout, bs, blocks, meta)
+        for a, b in ((0, 1), (1, 3), (3, 7)):
+            piece_scales = scales[a * scale_bytes : b * scale_bytes] if scales else None
+            shard.write(kv[a * block_bytes : b * block_bytes], piece_scales, tokens[a:b].tobytes())
+        streamed_crcs, streamed_checksum = shard.finish()
+    assert (tmp_path / "s.safetensors").read_bytes() == b"".join(bytes(p) for p in parts)
+    assert streamed_crcs.tolist() == crcs.tolist() and streamed_checksum == checksum
+    assert shard.size == (tmp_path / "s.safetensors").stat().st_size
+
+
+def test_a_shard_stream_refuses_too_many_or_too_few_blocks_and_leaves_no_file(tmp_path):
+    layout, bs = KVLayout(1, 1, 2, "float32"), 2
+    block = bytes(layout.bytes_per_token * bs)
+    with pytest.raises(ValueError, match="only 1 written"):
+        with atomic_file(tmp_path / "s.safetensors", owner="w") as f:
+            shard = ShardStream(f.fileno(), layout, bs, 2, {})
+            shard.write(block, None, bytes(bs * 4))
+            with pytest.raises(ValueError, match="do not fit"):
+                shard.write(block * 2, None, bytes(2 * bs * 4))
+            shard.finish()
+    assert list(tmp_path.iterdir()) == []  # neither the shard nor its temporary file

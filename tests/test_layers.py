@@ -74,6 +74,49 @@ def test_no_wing_imports_a_wing_above_it():
     assert not upward, "imports up a layer:\n" + "\n".join(upward)
 
 
+# Functions over LONGEST lines: each must read as one straight sequence (a reason here), or be cut into named steps.
+LONGEST = 60
+LONG_ALLOWED: dict[str, str] = {
+    "cli.build": "a typer signature, one option a parameter (62 lines); the body: parse, build, print",
+    "cli.export": "a typer signature, one option a parameter (63 lines); the body: parse, export, print",
+    "builder.pipeline.build": "TODO: issue 30, branch k30pipe",
+    "builder.shares.make_plan": "TODO: issue 30, branch k30pipe",
+}
+
+
+def function_lengths(package: Path = PACKAGE) -> dict[str, int]:
+    """Lines of every function and method in ``package`` (prefixgen) (decorators and docstring included; nested functions count
+    in their parent and on their own), by qualified name: ``store.reader.PrefixStore.read_locations``."""
+    lengths: dict[str, int] = {}
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([child.lineno, *(d.lineno for d in child.decorator_list)])
+                lengths[prefix + child.name] = child.end_lineno - first + 1
+                visit(child, f"{prefix}{child.name}.")
+            elif isinstance(child, ast.ClassDef):
+                visit(child, f"{prefix}{child.name}.")
+
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        visit(ast.parse(path.read_text()), f"{module}." if module else "")
+    return lengths
+
+
+def test_no_function_is_over_60_lines():
+    lengths = function_lengths()
+    assert len(lengths) > 100, "found few functions: the scan is broken"
+    long = {name: n for name, n in lengths.items() if n > LONGEST and name not in LONG_ALLOWED}
+    assert not long, (
+        f"functions over {LONGEST} lines (cut them into named steps, or say in LONG_ALLOWED why one reads as one straight sequence):\n"
+        + "\n".join(f"{name}: {n}" for name, n in sorted(long.items(), key=lambda item: -item[1]))
+    )
+    stale = sorted(name for name in LONG_ALLOWED if lengths.get(name, 0) <= LONGEST)
+    assert not stale, f"LONG_ALLOWED names functions that are gone or no longer over {LONGEST} lines: {stale}"
+
+
 if __name__ == "__main__":  # the table in docs/architecture.md
     table: dict[str, set[str]] = {}
     for a, b in wing_imports():

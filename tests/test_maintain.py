@@ -520,6 +520,43 @@ def test_prune_reads_only_the_kept_blocks_of_each_shard(tmp_path, storage):
     assert verify_store(tmp_path / "s").ok
 
 
+def test_prune_writes_its_new_shard_a_piece_at_a_time_not_from_memory(tmp_path, monkeypatch):
+    """Every block kept, into one new shard of ~24 MB: prune's Python allocations (tracemalloc: bytearrays and numpy
+    arrays) stay near COPY_BYTES (1 MiB here), not the shard (the old prune built the whole shard in memory)."""
+    import tracemalloc
+
+    from prefixgen.maintain import prune
+
+    monkeypatch.setattr(prune, "COPY_BYTES", 1 << 20, raising=False)
+    layout = KVLayout(num_layers=4, num_kv_heads=2, head_dim=64, dtype="float32")  # 16 KiB blocks
+    fp = ModelFingerprint("m", "A", "a", 4, 2, 64, "22" * 32, "33" * 32)
+    manifest = prepare_store(tmp_path / "s", Manifest(BS, fp, layout, root_key(fp.weights_digest).hex()), "new")
+    seqs = _sequences(400)
+    shape = (layout.num_layers, 2, layout.num_kv_heads, layout.head_dim)
+    done: set[bytes] = set()
+    with StoreWriter(tmp_path / "s", manifest, "b", shard_bytes=64 * layout.block_bytes(BS), fsync=False) as w:
+        for s in seqs:
+            keys = block_keys(s, BS, manifest.root_key)
+            first = next((i for i, k in enumerate(keys) if k not in done), len(keys))
+            if first < len(keys):
+                parents = [keys[first - 1] if first else manifest.root_key] + keys[first:-1]
+                tokens = np.asarray(s[first * BS : len(keys) * BS], np.uint32).reshape(-1, BS)
+                w.add(keys[first:], parents, list(range(first, len(keys))), tokens, torch.randn(len(tokens) * BS, *shape))
+                done.update(keys[first:])
+    _with_counts(tmp_path / "s", seqs, manifest)
+    compact_store(tmp_path / "s", fsync=False)
+    answers = _answers(tmp_path / "s", seqs)
+    tracemalloc.start()
+    try:
+        report = prune_store(tmp_path / "s", min_records=1, fsync=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report.blocks_kept == len(done) and report.shards_written == 1 and report.bytes_after > 20 << 20
+    assert peak < 8 << 20, f"prune held {peak / 2**20:.1f} MiB for a {report.bytes_after / 2**20:.1f} MiB shard"
+    assert _answers(tmp_path / "s", seqs) == answers and verify_store(tmp_path / "s").ok
+
+
 def _bytes_read() -> int:
     """Bytes this process has read through read() calls so far (Linux: /proc/self/io ``rchar``)."""
     fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())

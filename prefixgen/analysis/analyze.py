@@ -168,6 +168,33 @@ class _HeldOut:
         return np.sort(r)
 
 
+def _sharing(records: np.ndarray, ks: list[int], bs: int) -> list[dict[str, int]]:
+    """How many blocks are in K to 2K-1 records, for each K of ``ks`` (powers of two); ``records`` [blocks]."""
+    sharing = []
+    for k in ks:
+        blocks = int(np.count_nonzero((records >= k) & (records <= 2 * k - 1)))
+        sharing.append({"min_records": k, "max_records": 2 * k - 1, "blocks": blocks, "tokens": blocks * bs})
+    return sharing
+
+
+def _curves(
+    records: np.ndarray, ks: list[int], cuts: np.ndarray, held_tokens: int, bs: int, block_bytes: int
+) -> dict[str, tuple[list[int], list[float]]]:
+    """The held-out hit rate against the store's bytes for each ``--min-records K`` (``cuts``: the rank cut at each
+    held-out block, as :meth:`_HeldOut.cut_ranks` gives), one curve per distinct store."""
+    curves = {}
+    for k in ks:
+        stored = int(np.count_nonzero(records >= k))
+        same = [j for j in ks if j >= k and np.count_nonzero(records >= j) == stored]
+        if any(j < k and np.count_nonzero(records >= j) == stored for j in ks):
+            continue  # the same store as a smaller K: drawn once, labelled with the range
+        steps = np.unique(np.geomspace(1, max(stored, 1), CURVE_POINTS).astype(np.int64))
+        rates = (np.searchsorted(cuts, steps) * bs / max(held_tokens, 1)).tolist()
+        label = f"--min-records {k}" + (f" to {same[-1]}" if same[-1] != k else "")
+        curves[label] = ((steps * block_bytes).tolist(), rates)
+    return curves
+
+
 def _figures(
     cfg: BuildConfig, layout: KVLayout, stats: BuildRecord, tokens: int, counts: BlockCounts, held: _HeldOut, holdout: float
 ) -> Analysis:
@@ -194,21 +221,8 @@ def _figures(
     ks = [1 << i for i in range(top.bit_length())] or [1]
     choices = [choice(k, None) for k in ks]
     choices += [choice(1, b) for b in _budgets(n * block_bytes, block_bytes)]
-    sharing = []
-    for k in ks:
-        blocks = int(np.count_nonzero((counts.records >= k) & (counts.records <= 2 * k - 1)))
-        sharing.append({"min_records": k, "max_records": 2 * k - 1, "blocks": blocks, "tokens": blocks * bs})
-    curves = {}
-    if cuts is not None:
-        for k in ks:
-            stored = int(np.count_nonzero(counts.records >= k))
-            same = [j for j in ks if j >= k and np.count_nonzero(counts.records >= j) == stored]
-            if any(j < k and np.count_nonzero(counts.records >= j) == stored for j in ks):
-                continue  # the same store as a smaller K: drawn once, labelled with the range
-            steps = np.unique(np.geomspace(1, max(stored, 1), CURVE_POINTS).astype(np.int64))
-            rates = (np.searchsorted(cuts, steps) * bs / max(held.tokens, 1)).tolist()
-            label = f"--min-records {k}" + (f" to {same[-1]}" if same[-1] != k else "")
-            curves[label] = ((steps * block_bytes).tolist(), rates)
+    sharing = _sharing(counts.records, ks, bs)
+    curves = _curves(counts.records, ks, cuts, held.tokens, bs, block_bytes) if cuts is not None else {}
     return Analysis(
         dataset=cfg.dataset,
         model=cfg.model,

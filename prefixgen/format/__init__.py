@@ -39,6 +39,7 @@ from prefixgen.format.files import (
     MANIFEST_FILE,
     SHARDS_DIR,
     TMP_SUFFIX,
+    atomic_file,
     atomic_write,
     create_once,
     fsync_dir,
@@ -78,6 +79,7 @@ from prefixgen.format.segments import (
 )
 from prefixgen.format.shards import (
     FP8_MAX,
+    ShardStream,
     block_checksums,
     block_crcs,
     dequantize_fp8,
@@ -143,9 +145,11 @@ __all__ = [
     "SafetensorsHeader",
     "Segment",
     "ShardRef",
+    "ShardStream",
     "TMP_SUFFIX",
     "TORCH_DTYPES",
     "TensorSpec",
+    "atomic_file",
     "atomic_write",
     "block_checksums",
     "block_crcs",

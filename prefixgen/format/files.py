@@ -1,12 +1,14 @@
 """A store's file and folder names, and how its files are written: atomically (temporary name, fsync,
-rename), created at most once among concurrent creators, and renames made durable."""
+rename; whole or a piece at a time), created at most once among concurrent creators, and renames made durable."""
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
@@ -29,16 +31,19 @@ def temp_path(path: Path, owner: str | None = None) -> Path:
     return path.with_name(f"{path.name}.{owner}{TMP_SUFFIX}" if owner else path.name + TMP_SUFFIX)
 
 
-def atomic_write(path: Path, chunks: Iterable[bytes | memoryview], fsync: bool = True, owner: str | None = None) -> int:
-    """Write ``chunks`` to ``path`` under a temporary name (:func:`temp_path`), fsync, then rename:
-    readers see the whole file or none of it. Returns the bytes written."""
+@contextmanager
+def atomic_file(path: Path, fsync: bool = True, owner: str | None = None) -> Iterator[BinaryIO]:
+    """A file opened for writing under :func:`temp_path` and renamed to ``path`` (after an fsync) when the block
+    ends: readers see the whole file or none of it. If the block raises, the temporary file is removed.
+
+    Example:
+        >>> with atomic_file(Path("store/shards/w-000000.safetensors"), owner="w") as f:  # doctest: +SKIP
+        ...     os.pwrite(f.fileno(), b"...", 0)
+    """
     tmp = temp_path(path, owner)
-    written = 0
     try:
         with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-                written += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
+            yield f
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -49,6 +54,16 @@ def atomic_write(path: Path, chunks: Iterable[bytes | memoryview], fsync: bool =
         raise
     if fsync:
         fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, chunks: Iterable[bytes | memoryview], fsync: bool = True, owner: str | None = None) -> int:
+    """Write ``chunks`` to ``path`` under a temporary name (:func:`temp_path`), fsync, then rename:
+    readers see the whole file or none of it. Returns the bytes written."""
+    written = 0
+    with atomic_file(path, fsync, owner) as f:
+        for chunk in chunks:
+            f.write(chunk)
+            written += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
     return written
 
 

@@ -189,6 +189,64 @@ def encode_shard(
     return parts, crcs, shard_checksum(header, crcs)
 
 
+class ShardStream:
+    """A shard of ``blocks`` blocks written a piece at a time into the open file ``fd``: its header is known up front
+    (the block count is), so each piece goes straight to its place in each tensor and memory holds one piece, not
+    the shard. The file's bytes are :func:`encode_shard`'s for the same blocks.
+
+    Example:
+        >>> with atomic_file(path, owner=writer) as f:  # doctest: +SKIP
+        ...     shard = ShardStream(f.fileno(), layout, 16, blocks=2, metadata={})
+        ...     shard.write(kv_bytes, None, tokens)  # tokens [2, 16]; any number of pieces
+        ...     crcs, checksum = shard.finish()
+    """
+
+    def __init__(
+        self, fd: int, layout: KVLayout, block_size: int, blocks: int, metadata: dict[str, str], algorithm: str = CRC32C
+    ):
+        self.fd, self.layout, self.block_size, self.blocks, self.algorithm = fd, layout, block_size, blocks, algorithm
+        specs = shard_tensors(layout, block_size, blocks)
+        self.header = encode_safetensors_header(specs, metadata)
+        self.start: dict[str, int] = {}  # tensor -> file offset of its first byte
+        self.size = len(self.header)
+        for spec in specs:
+            self.start[spec.name], self.size = self.size, self.size + spec.nbytes
+        _pwrite_all(fd, self.header, 0)
+        self.crcs = np.zeros(blocks, np.uint32)
+        self.filled = 0
+
+    def write(self, kv: Any, scales: Any, tokens: Any) -> None:
+        """Append ``len(tokens)`` blocks: their stored ``kv`` bytes, fp8 ``scales`` bytes (or None) and ``tokens``
+        [n, B] uint32 (or their bytes)."""
+        tokens = np.frombuffer(memoryview(tokens).cast("B"), "<u4")
+        n, at, layout = len(tokens) // self.block_size, self.filled, self.layout
+        if at + n > self.blocks:
+            raise ValueError(f"shard of {self.blocks} blocks: {at} written, {n} more do not fit")
+        crcs, heads = block_checksums(kv, scales, layout, self.block_size, self.algorithm)
+        _pwrite_all(self.fd, kv, self.start["kv"] + at * layout.bytes_per_token * self.block_size)
+        if scales is not None:
+            _pwrite_all(self.fd, scales, self.start["kv_scale"] + at * layout.scale_bytes_per_block())
+        if heads is not None:
+            _pwrite_all(self.fd, np.ascontiguousarray(heads, "<u4"), self.start["head_crc"] + at * layout.num_kv_heads * 4)
+        _pwrite_all(self.fd, tokens, self.start["tokens"] + at * self.block_size * 4)
+        self.crcs[at : at + n] = crcs
+        self.filled += n
+
+    def finish(self) -> tuple[np.ndarray, int]:
+        """(block checksums [blocks] uint32, shard checksum), once every block is written."""
+        if self.filled != self.blocks:
+            raise ValueError(f"shard of {self.blocks} blocks: only {self.filled} written")
+        return self.crcs, shard_checksum(self.header, self.crcs)
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
+    """``os.pwrite`` until every byte of ``data`` is written (a write may be short)."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def shard_name(writer_id: str, seq: int) -> str:
     return f"{writer_id}-{seq:06d}.safetensors"
 

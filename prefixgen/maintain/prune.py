@@ -7,7 +7,8 @@ with one compacted index segment, then the old files are removed.
 
 Crash safety, step by step (the store is valid after each):
 1. compact the old index into one segment (see compact.py);
-2. write the new shards (readers ignore shards without an index entry);
+2. write the new shards, each in place a piece at a time under a temporary name, renamed when whole (readers
+   ignore shards without an index entry);
 3. write the new segment: the index now holds the old and the new blocks (the old store, with copies);
 4. remove the old segment, one unlink: the index is now exactly the new store;
 5. remove the old shards that the new index does not use (leftovers are harmless notes in verify).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +38,9 @@ from prefixgen.format import (
     Manifest,
     Segment,
     ShardRef,
+    ShardStream,
+    atomic_file,
     atomic_write,
-    encode_shard,
     fsync_dir,
     read_safetensors_header,
     read_shard_blocks,
@@ -48,6 +51,8 @@ from prefixgen.maintain.compact import COMPACTED_PREFIX, compact_store, ensure_f
 from prefixgen.maintain.merge import Spill, encode_spill
 from prefixgen.store.reader import PrefixStore
 from prefixgen.store.writer import live_writers, lock_role, maintenance_lock, new_id
+
+COPY_BYTES = 8 << 20  # blocks read and written at once while copying the survivors (KV, scales and tokens)
 
 
 @dataclass(slots=True)
@@ -128,75 +133,116 @@ def _prune(
     progress: bool,
     fsync: bool,
 ) -> PruneReport:
+    """The steps of the module docstring, under the prune's lock ``owner``."""
     manifest = ensure_format_version(path, fsync, owner=owner)
     compact_store(path, progress=progress, fsync=fsync, owner=owner)  # step 1: the whole old index in one segment
-    names = [n for n in os.listdir(path / INDEX_DIR) if n.endswith(".safetensors")]
     report = PruneReport()
-    if not names:
+    old_path = _only_segment(path)
+    if old_path is None:
         return report
-    if len(names) != 1:
-        raise StoreError(f"{path}: index segments appeared while pruning; stop every build on this store and retry")
-    old_path = path / INDEX_DIR / names[0]
     old = Segment(old_path)
     report.bytes_before = sum(max(r.bytes, 0) for r in old.shards)
     with _RankedRows(store, old, path / INDEX_DIR) as ranked:
         keep = ranked.selection(min_records or 1, max_blocks)
-        # Which blocks of each old shard survive: one byte per old block, by (shard, slot).
-        base = np.zeros(len(old.shards) + 1, np.int64)
-        np.cumsum([max(r.blocks, 0) for r in old.shards], out=base[1:])
-        kept = np.zeros(int(base[-1]), bool)
-        for first, cols, records in ranked.sweep():
-            m = keep(first, cols, records)
-            ids = _shard_ids(cols)[m].astype(np.int64)
-            slots = cols["slot"][m].astype(np.int64)
-            if len(ids) and (int(ids.max()) >= len(old.shards) or bool(np.any(slots >= base[ids + 1] - base[ids]))):
-                raise CorruptStoreError(f"{old_path}: a row points past its shard; run `prefixgen verify {path}`")
-            kept[base[ids] + slots] = True
+        kept, base = _kept_blocks(path, old, ranked, keep)
         report.blocks_before, report.blocks_kept = old.n, int(np.count_nonzero(kept))
         # Step 2: copy the survivors in their old shard and slot order, so chains stay contiguous.
-        refs, crcs = _write_survivors(path, manifest, old, kept, base, shard_bytes, report, progress, fsync, owner)
-        # The new segment's rows, in the old one's (key64) order: a kept block's place in the copy is the
-        # number of kept blocks before it in (shard, slot) order.
+        copy = _SurvivorShards(path, manifest, shard_bytes, report, fsync, owner)
+        with copy:
+            _copy_survivors(path, manifest, old, kept, base, copy, progress)
+        # A kept block's place in the copy: the number of kept blocks before it in (shard, slot) order.
         place = np.cumsum(kept, dtype=np.uint32 if len(kept) < 2**32 else np.int64)  # [old blocks] 1 + place of a kept one
         del kept
-        new = Spill(path / INDEX_DIR, report.blocks_kept)
-        capacity = _capacity(manifest, shard_bytes)
-        for first, cols, records in ranked.sweep():
-            m = keep(first, cols, records)
-            at = place[base[_shard_ids(cols)[m].astype(np.int64)] + cols["slot"][m].astype(np.int64)].astype(np.int64) - 1
-            if np.any(crcs[at] != cols["crc"][m]):
-                raise CorruptStoreError(f"{path}: a kept block fails its CRC while being copied; run `prefixgen verify`")
-            new.append(
-                {
-                    **{c: cols[c][m] for c in ("key64", "key", "parent", "depth", "crc")},
-                    **{"slot": (at % capacity).astype(np.uint32), "shard": (at // capacity).astype(np.uint32)},
-                }
-            )
+        new = _new_rows(path, ranked, keep, place, base, np.concatenate(copy.crcs or [np.zeros(0, np.uint32)]), copy.capacity)
         del place
-    # Step 3, then 4: the new segment goes in before the old one goes out. Last look first: a writer
-    # that started (or segments that appeared) since would lose blocks; our new shards then go.
+    _swap_segments(path, manifest, old_path, old.n, new, copy.refs, report, fsync, owner)  # steps 3 and 4
+    _remove_old_shards(path, old, copy.refs, report, fsync, owner)  # step 5
+    return report
+
+
+def _only_segment(path: Path) -> Path | None:
+    """The one index segment a compacted store has (None if its index is empty)."""
+    names = [n for n in os.listdir(path / INDEX_DIR) if n.endswith(".safetensors")]
+    if len(names) > 1:
+        raise StoreError(f"{path}: index segments appeared while pruning; stop every build on this store and retry")
+    return path / INDEX_DIR / names[0] if names else None
+
+
+def _kept_blocks(path: Path, old: Segment, ranked: _RankedRows, keep) -> tuple[np.ndarray, np.ndarray]:
+    """Which blocks of each old shard survive: ([old blocks] bool by ``base[shard] + slot``, ``base`` [shards + 1],
+    the first flag of each old shard); one byte per old block."""
+    base = np.zeros(len(old.shards) + 1, np.int64)
+    np.cumsum([max(r.blocks, 0) for r in old.shards], out=base[1:])
+    kept = np.zeros(int(base[-1]), bool)
+    for first, cols, records in ranked.sweep():
+        m = keep(first, cols, records)
+        ids = _shard_ids(cols)[m].astype(np.int64)
+        slots = cols["slot"][m].astype(np.int64)
+        if len(ids) and (int(ids.max()) >= len(old.shards) or bool(np.any(slots >= base[ids + 1] - base[ids]))):
+            raise CorruptStoreError(f"{old.path}: a row points past its shard; run `prefixgen verify {path}`")
+        kept[base[ids] + slots] = True
+    return kept, base
+
+
+def _new_rows(
+    path: Path, ranked: _RankedRows, keep, place: np.ndarray, base: np.ndarray, crcs: np.ndarray, capacity: int
+) -> Spill:
+    """The new segment's rows, in the old one's (key64) order, spilled to a file in ``index/``: each kept row with
+    its copy's shard and slot (``place`` [old blocks]: 1 + a kept block's place in the copy), checked against the
+    copy's checksum (``crcs`` [kept blocks])."""
+    new = Spill(path / INDEX_DIR, len(crcs))
+    for first, cols, records in ranked.sweep():
+        m = keep(first, cols, records)
+        at = place[base[_shard_ids(cols)[m].astype(np.int64)] + cols["slot"][m].astype(np.int64)].astype(np.int64) - 1
+        if np.any(crcs[at] != cols["crc"][m]):
+            raise CorruptStoreError(f"{path}: a kept block fails its CRC while being copied; run `prefixgen verify`")
+        new.append(
+            {
+                **{c: cols[c][m] for c in ("key64", "key", "parent", "depth", "crc")},
+                **{"slot": (at % capacity).astype(np.uint32), "shard": (at // capacity).astype(np.uint32)},
+            }
+        )
+    return new
+
+
+def _swap_segments(
+    path: Path,
+    manifest: Manifest,
+    old_path: Path,
+    old_blocks: int,
+    new: Spill,
+    refs: list[ShardRef],
+    report: PruneReport,
+    fsync: bool,
+    owner: str,
+) -> None:
+    """Steps 3, then 4: the new segment goes in before the old one goes out. Last look first: a writer that started
+    (or segments that appeared) since would lose blocks; the new shards (``refs``) then go."""
     try:
         _refuse_writers(path, owner)
-        if sorted(n for n in os.listdir(path / INDEX_DIR) if n.endswith(".safetensors")) != [old_path.name]:
+        if _only_segment(path) != old_path:
             raise StoreError(f"{path}: index segments appeared while pruning; stop every build on this store and retry")
     except StoreError:
         for ref in refs:
             (path / SHARDS_DIR / ref.name).unlink(missing_ok=True)
         raise
     name = f"{COMPACTED_PREFIX}{new_id()}.safetensors"
-    meta = {"format_version": str(manifest.format_version), "blocks": str(report.blocks_kept), "pruned_from": str(old.n)}
+    meta = {"format_version": str(manifest.format_version), "blocks": str(report.blocks_kept), "pruned_from": str(old_blocks)}
     with new.f:
         atomic_write(path / INDEX_DIR / name, encode_spill(new, meta, refs), fsync, owner=owner)
     old_path.unlink()
     if fsync:
         fsync_dir(path / INDEX_DIR)
-    # Step 5. The old shards are unreferenced now; a writer that started anyway (seen late) may still
-    # read them as parents: leave them to `prefixgen gc`, which removes them once it has ended.
+
+
+def _remove_old_shards(path: Path, old: Segment, refs: list[ShardRef], report: PruneReport, fsync: bool, owner: str) -> None:
+    """Step 5. The old shards are unreferenced now; a writer that started anyway (seen late) may still read them as
+    parents: leave them to `prefixgen gc`, which removes them once it has ended."""
     try:
         _refuse_writers(path, owner)
     except StoreError as exc:
         report.notes.append(f"old shards kept for now ({exc}); run `prefixgen gc` once it has finished")
-        return report
+        return
     used = {r.name for r in refs}
     for ref in old.shards:
         if ref.name not in used:
@@ -204,7 +250,6 @@ def _prune(
             report.shards_removed += 1
     if fsync:
         fsync_dir(path / SHARDS_DIR)
-    return report
 
 
 def record_counts(store: PrefixStore, key64: np.ndarray) -> np.ndarray:
@@ -296,16 +341,7 @@ class _RankedRows:
         more first, then depth, then key64, then row), for each piece of :meth:`sweep`. Raises if no
         row has a record count. Found from a histogram of (records, depth), then, in the group the cut
         falls in, key64 16 bits at a time (two more passes for random keys)."""
-        hist: dict[tuple[int, int], int] = {}
-        counted = False
-        for _, cols, records in self.sweep():
-            counted |= bool(records.any())
-            cand = self._candidates(records, min_records)
-            pairs, n = np.unique(np.stack([records[cand], cols["depth"][cand].astype(np.int64)], 1), axis=0, return_counts=True)
-            for (r, d), c in zip(pairs.tolist(), n.tolist()):
-                hist[(r, d)] = hist.get((r, d), 0) + c
-        if not counted:
-            raise StoreError(f"{self.seg.path.parent.parent} has no record counts (counts/ is empty): nothing to rank blocks by")
+        hist = self._histogram(min_records)
         if max_blocks is None or sum(hist.values()) <= max_blocks:
             return lambda first, cols, records: self._candidates(records, min_records)
         before, ranked = 0, sorted(hist.items(), key=lambda item: (-item[0][0], item[0][1]))
@@ -321,19 +357,7 @@ class _RankedRows:
         def group(cols: dict[str, np.ndarray], records: np.ndarray) -> np.ndarray:
             return self._candidates(records, min_records) & (records == r_cut) & (cols["depth"].astype(np.int64) == d_cut)
 
-        bits, prefix, whole = 0, 0, need == count  # keep the group's rows whose top `bits` of key64 are < prefix
-        while not whole and need and bits < 64:
-            hist16 = np.zeros(1 << 16, np.int64)
-            for _, cols, records in self.sweep():
-                k64 = cols["key64"][group(cols, records)]
-                if bits:
-                    k64 = k64[(k64 >> np.uint64(64 - bits)) == np.uint64(prefix)]
-                hist16 += np.bincount(((k64 >> np.uint64(48 - bits)) & np.uint64(0xFFFF)).astype(np.int64), minlength=1 << 16)
-            cum = np.cumsum(hist16)
-            b = int(np.searchsorted(cum, need, "left"))
-            need -= int(cum[b] - hist16[b])
-            prefix, bits = (prefix << 16) | b, bits + 16
-            whole = need == int(hist16[b])  # every row of this bin: keep top bits <= prefix
+        bits, prefix, need, whole = self._key_cut(group, need, count)
         taken = [0]  # of the group's rows whose key64 == prefix (bits 64), those kept so far this sweep
 
         def keep(first: int, cols: dict[str, np.ndarray], records: np.ndarray) -> np.ndarray:
@@ -357,77 +381,141 @@ class _RankedRows:
 
         return keep
 
+    def _histogram(self, min_records: int) -> dict[tuple[int, int], int]:
+        """(records, depth) -> how many candidate rows have them, over one sweep. Raises if no row has a record
+        count."""
+        hist: dict[tuple[int, int], int] = {}
+        counted = False
+        for _, cols, records in self.sweep():
+            counted |= bool(records.any())
+            cand = self._candidates(records, min_records)
+            pairs, n = np.unique(np.stack([records[cand], cols["depth"][cand].astype(np.int64)], 1), axis=0, return_counts=True)
+            for (r, d), c in zip(pairs.tolist(), n.tolist()):
+                hist[(r, d)] = hist.get((r, d), 0) + c
+        if not counted:
+            raise StoreError(f"{self.seg.path.parent.parent} has no record counts (counts/ is empty): nothing to rank blocks by")
+        return hist
+
+    def _key_cut(self, group, need: int, count: int) -> tuple[int, int, int, bool]:
+        """Where the cut falls by key64 among the ``count`` rows ``group(cols, records)`` picks, ``need`` of which are
+        kept: (bits, prefix, need, whole). Keep the rows whose top ``bits`` of key64 are below ``prefix``, and of
+        those equal to it all (``whole``) or the first ``need`` (then ``bits`` is 64: key64 ties, by row). One sweep
+        per 16 bits."""
+        bits, prefix, whole = 0, 0, need == count
+        while not whole and need and bits < 64:
+            hist16 = np.zeros(1 << 16, np.int64)
+            for _, cols, records in self.sweep():
+                k64 = cols["key64"][group(cols, records)]
+                if bits:
+                    k64 = k64[(k64 >> np.uint64(64 - bits)) == np.uint64(prefix)]
+                hist16 += np.bincount(((k64 >> np.uint64(48 - bits)) & np.uint64(0xFFFF)).astype(np.int64), minlength=1 << 16)
+            cum = np.cumsum(hist16)
+            b = int(np.searchsorted(cum, need, "left"))
+            need -= int(cum[b] - hist16[b])
+            prefix, bits = (prefix << 16) | b, bits + 16
+            whole = need == int(hist16[b])  # every row of this bin: keep top bits <= prefix
+        return bits, prefix, need, whole
+
     @staticmethod
     def _candidates(records: np.ndarray, min_records: int) -> np.ndarray:
         return records >= min_records if min_records > 1 else np.ones(len(records), bool)
 
 
-def _write_survivors(
-    path: Path,
-    manifest: Manifest,
-    old: Segment,
-    kept: np.ndarray,
-    base: np.ndarray,
-    shard_bytes: int,
-    report: PruneReport,
-    progress: bool,
-    fsync: bool,
-    writer: str,
-) -> tuple[list[ShardRef], np.ndarray]:
-    """Copy the kept blocks (``kept[base[shard] + slot]``; stored bytes, fp8 scales, tokens) in (old
-    shard, slot) order into new shards of at most ``shard_bytes``, named for ``writer`` (the prune's
-    lock); returns their refs and the copies' block checksums in copy order."""
+class _SurvivorShards:
+    """The new shards, filled in copy order and written in place ``COPY_BYTES`` at a time (:class:`ShardStream`):
+    memory holds a piece, never a shard. Each holds ``capacity`` blocks (the last one fewer), is named for ``writer`` (the
+    prune's lock, so gc keeps its temporary file) and appears whole when full (:func:`atomic_file`); leaving the
+    ``with`` block on an error removes the one being written. ``refs`` and ``crcs`` (the copies' block checksums)
+    grow shard by shard."""
+
+    def __init__(self, path: Path, manifest: Manifest, shard_bytes: int, report: PruneReport, fsync: bool, writer: str):
+        self.path, self.manifest, self.report, self.fsync, self.writer = path, manifest, report, fsync, writer
+        self.capacity = _capacity(manifest, shard_bytes)
+        self.refs: list[ShardRef] = []
+        self.crcs: list[np.ndarray] = []
+        self.copied = 0  # blocks added so far
+        self.kv, self.scales, self.tokens = bytearray(), bytearray(), bytearray()  # added, not yet written
+        self.pending = 0  # blocks in them
+        self.open = ExitStack()  # the shard being written
+        self.shard: ShardStream | None = None
+
+    def __enter__(self) -> _SurvivorShards:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.open.__exit__(*exc)  # an error removes the temporary file (atomic_file)
+
+    def room(self) -> int:
+        """Blocks the shard being filled (or the next one) still takes."""
+        if self.shard is None:
+            return min(self.capacity, self.report.blocks_kept - self.copied)
+        return self.shard.blocks - self.shard.filled - self.pending
+
+    def add(self, kv: bytes | bytearray, scales: bytes | bytearray | None, tokens: bytes) -> None:
+        """Append blocks (at most :meth:`room`): their stored KV bytes, fp8 scale bytes, token bytes. Gathered up to
+        ``COPY_BYTES`` before they are written (a run of kept blocks can be one block)."""
+        if self.shard is None:
+            self._start()
+        n = len(tokens) // (self.manifest.block_size * 4)
+        self.kv += kv
+        if scales is not None:
+            self.scales += scales
+        self.tokens += tokens
+        self.pending, self.copied = self.pending + n, self.copied + n
+        if not self.room() or len(self.kv) + len(self.scales) + len(self.tokens) >= COPY_BYTES:
+            self.shard.write(self.kv, self.scales if self.scales else None, self.tokens)
+            self.kv, self.scales, self.tokens, self.pending = bytearray(), bytearray(), bytearray(), 0
+        if self.shard.filled == self.shard.blocks:
+            self._finish()
+
+    def _start(self) -> None:
+        name = shard_name(self.writer, len(self.refs))
+        meta = {"format_version": str(self.manifest.format_version), "writer": self.writer, "build": "prune"}
+        f = self.open.enter_context(atomic_file(self.path / SHARDS_DIR / name, self.fsync, owner=self.writer))
+        blocks = self.room()
+        # The store's own block checksum: the copies must match the index rows they replace (checked when the new
+        # segment is written).
+        self.shard = ShardStream(
+            f.fileno(), self.manifest.kv, self.manifest.block_size, blocks, meta, self.manifest.block_checksum
+        )
+
+    def _finish(self) -> None:
+        crcs, checksum = self.shard.finish()
+        self.open.close()  # fsync and rename
+        name = shard_name(self.writer, len(self.refs))
+        self.refs.append(ShardRef(name, self.shard.blocks, self.shard.size, checksum, self.writer, "prune"))
+        self.crcs.append(crcs)
+        self.report.bytes_after += self.shard.size
+        self.report.shards_written += 1
+        self.shard = None
+
+
+def _copy_survivors(
+    path: Path, manifest: Manifest, old: Segment, kept: np.ndarray, base: np.ndarray, copy: _SurvivorShards, progress: bool
+) -> None:
+    """Copy the kept blocks (``kept[base[shard] + slot]``; stored bytes, fp8 scales, tokens) in (old shard, slot)
+    order into ``copy``: one old shard at a time, reading only the kept blocks, one read per piece of a run of
+    consecutive kept slots (at most ``COPY_BYTES`` of KV, and never past a new shard's end), never the whole shard
+    (pruning 100 TB to 1 TB reads 1 TB)."""
     layout, bs = manifest.kv, manifest.block_size
     block_bytes, scale_bytes = layout.bytes_per_token * bs, layout.scale_bytes_per_block()
-    capacity = _capacity(manifest, shard_bytes)
-    refs: list[ShardRef] = []
-    crcs_out: list[np.ndarray] = []
-    kv_buf, scale_buf, tok_buf = bytearray(), bytearray(), bytearray()
-
-    def flush() -> None:
-        nonlocal kv_buf, scale_buf, tok_buf
-        n = len(tok_buf) // (bs * 4)
-        if not n:
-            return
-        name = shard_name(writer, len(refs))
-        meta = {"format_version": str(manifest.format_version), "writer": writer, "build": "prune"}
-        scales = scale_buf if scale_bytes else None
-        # The store's own block checksum: the copies must match the index rows they replace (checked
-        # when the new segment is written).
-        tokens = np.frombuffer(tok_buf, "<u4").reshape(n, bs)
-        parts, crcs, checksum = encode_shard(layout, bs, kv_buf, scales, tokens, meta, manifest.block_checksum)
-        size = atomic_write(path / SHARDS_DIR / name, parts, fsync, owner=writer)
-        crcs_out.append(crcs)
-        refs.append(ShardRef(name, n, size, checksum, writer, "prune"))
-        report.bytes_after += size
-        report.shards_written += 1
-        del tokens, parts
-        kv_buf, scale_buf, tok_buf = bytearray(), bytearray(), bytearray()
-
-    # One old shard at a time, reading only the kept blocks: one read per run of consecutive kept
-    # slots, never the whole shard (pruning 100 TB to 1 TB reads 1 TB).
+    piece = max(1, COPY_BYTES // (block_bytes + scale_bytes + bs * 4))
     for i in tqdm(range(len(old.shards)), desc="prune", unit="shard", disable=not progress):
         slots = np.flatnonzero(kept[base[i] : base[i + 1]])
         if not len(slots):
             continue
-        ref = old.shards[i]
-        shard = path / SHARDS_DIR / ref.name
+        shard = path / SHARDS_DIR / old.shards[i].name
         with open(shard, "rb", buffering=0) as f:
-            header = read_safetensors_header(f, ref.name)
+            header = read_safetensors_header(f, old.shards[i].name)
             runs = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1] + 1, True])
             for r0, r1 in zip(runs[:-1].tolist(), runs[1:].tolist()):
-                first, m = int(slots[r0]), r1 - r0
-                kv, scales = bytearray(m * block_bytes), bytearray(m * scale_bytes) if scale_bytes else None
-                ok = read_shard_blocks(f.fileno(), header, layout, bs, first, kv, scales)
-                tokens = os.pread(f.fileno(), m * bs * 4, header.offset("tokens") + first * bs * 4)
-                if not ok or len(tokens) != m * bs * 4:
-                    raise CorruptStoreError(f"{shard} is truncated: a kept block is missing; run `prefixgen verify`")
-                for j in range(m):
-                    kv_buf += memoryview(kv)[j * block_bytes : (j + 1) * block_bytes]
-                    if scale_bytes:
-                        scale_buf += memoryview(scales)[j * scale_bytes : (j + 1) * scale_bytes]
-                    tok_buf += memoryview(tokens)[j * bs * 4 : (j + 1) * bs * 4]
-                    if len(tok_buf) == capacity * bs * 4:
-                        flush()
-    flush()
-    return refs, np.concatenate(crcs_out) if crcs_out else np.zeros(0, np.uint32)
+                first, end = int(slots[r0]), int(slots[r0]) + r1 - r0
+                while first < end:
+                    m = min(end - first, piece, copy.room())
+                    kv, scales = bytearray(m * block_bytes), bytearray(m * scale_bytes) if scale_bytes else None
+                    ok = read_shard_blocks(f.fileno(), header, layout, bs, first, kv, scales)
+                    tokens = os.pread(f.fileno(), m * bs * 4, header.offset("tokens") + first * bs * 4)
+                    if not ok or len(tokens) != m * bs * 4:
+                        raise CorruptStoreError(f"{shard} is truncated: a kept block is missing; run `prefixgen verify`")
+                    copy.add(kv, scales, tokens)
+                    first += m

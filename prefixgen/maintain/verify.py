@@ -26,6 +26,7 @@ from prefixgen.format import (
     ST_DTYPES,
     TMP_SUFFIX,
     Manifest,
+    SafetensorsHeader,
     Segment,
     ShardRef,
     block_checksums,
@@ -64,16 +65,35 @@ def verify_store(path: str | os.PathLike, progress: bool = False, quick: bool = 
     """
     report = VerifyReport()
     path = Path(path)
+    store, manifest = _open(path, report)
+    if manifest is None:
+        return report
+    referenced, temps = _verify_index(path, manifest, report, quick, progress)
+    for name in sorted(temps & set(_index_names(path))):
+        report.notes.append(f"{INDEX_DIR}/{name}: temporary file of an interrupted writer (ignored by readers)")
+    _verify_shard_files(path, referenced, report)
+    _verify_states(path, report, quick)
+    _verify_records(path, store, report)
+    return report
+
+
+def _open(path: Path, report: VerifyReport) -> tuple[PrefixStore | None, Manifest | None]:
+    """(the store, its manifest); a damaged index segment is a fault and leaves (None, the manifest) to check the
+    rest anyway, a store without a readable manifest (None, None)."""
     try:
         store = PrefixStore.open(path)
-        manifest = store.manifest
+        return store, store.manifest
     except PrefixgenError as exc:
         report.faults.append(str(exc))
-        try:  # a damaged index segment: check the rest anyway
-            manifest = Manifest.from_json((path / MANIFEST_FILE).read_text(), path / MANIFEST_FILE)
-            store = None
-        except (PrefixgenError, OSError):
-            return report
+    try:
+        return None, Manifest.from_json((path / MANIFEST_FILE).read_text(), path / MANIFEST_FILE)
+    except (PrefixgenError, OSError):
+        return None, None
+
+
+def _verify_index(path: Path, manifest: Manifest, report: VerifyReport, quick: bool, progress: bool) -> tuple[set[str], set[str]]:
+    """Check every index segment, the shards its rows point into, and that every parent is stored: (the shards the
+    segments name, the temporary files seen in ``index/``)."""
     parents = _Parents()
     referenced: set[str] = set()
     # A compaction or prune beside us renames its new segment in before it unlinks the segments it
@@ -82,11 +102,7 @@ def verify_store(path: str | os.PathLike, progress: bool = False, quick: bool = 
     done: set[str] = set()
     temps: set[str] = set()
     with parents, tqdm(desc="verify", unit="shard", disable=not progress) as bar:
-        while True:
-            names = _index_names(path)
-            todo = [n for n in names if n not in done]
-            if not todo:
-                break
+        while todo := [n for n in _index_names(path) if n not in done]:
             for name in todo:
                 done.add(name)
                 if name.endswith(TMP_SUFFIX):
@@ -100,8 +116,11 @@ def verify_store(path: str | os.PathLike, progress: bool = False, quick: bool = 
                     except (PrefixgenError, OSError) as exc:
                         report.faults.append(f"{INDEX_DIR}/{name}: {exc}")
         parents.check(manifest, report)
-    for name in sorted(temps & set(_index_names(path))):
-        report.notes.append(f"{INDEX_DIR}/{name}: temporary file of an interrupted writer (ignored by readers)")
+    return referenced, temps
+
+
+def _verify_shard_files(path: Path, referenced: set[str], report: VerifyReport) -> None:
+    """Notes for the files in ``shards/`` no segment names (``referenced``): an interrupted writer's."""
     for name in sorted(os.listdir(path / SHARDS_DIR)) if (path / SHARDS_DIR).is_dir() else []:
         if name.endswith(TMP_SUFFIX):
             report.notes.append(f"{SHARDS_DIR}/{name}: temporary file of an interrupted writer (ignored by readers)")
@@ -109,14 +128,22 @@ def verify_store(path: str | os.PathLike, progress: bool = False, quick: bool = 
             report.notes.append(
                 f"{SHARDS_DIR}/{name}: shard with no index segment, from an interrupted writer (ignored by readers)"
             )
+
+
+def _verify_states(path: Path, report: VerifyReport, quick: bool) -> None:
+    """A hybrid model's recurrent states (FORMAT.md, "Recurrent states"): each file read and checked (not ``quick``)."""
     for name in sorted(os.listdir(path / STATES_DIR)) if (path / STATES_DIR).is_dir() else []:
         if name.endswith(TMP_SUFFIX):
             report.notes.append(f"{STATES_DIR}/{name}: temporary file of an interrupted writer (ignored by readers)")
         elif not quick:
-            try:  # a hybrid model's recurrent state (FORMAT.md, "Recurrent states")
+            try:
                 read_state_file(path / STATES_DIR / name)
             except PrefixgenError as exc:
                 report.faults.append(str(exc))
+
+
+def _verify_records(path: Path, store: PrefixStore | None, report: VerifyReport) -> None:
+    """Build records parse; record counts (``counts/``) are whole (with a readable index: ``store``)."""
     for p in sorted((path / BUILDS_DIR).glob("*.json")) + sorted((path / BUILDS_DIR).glob("*/*.json")):
         try:
             json.loads(p.read_text())
@@ -127,7 +154,6 @@ def verify_store(path: str | os.PathLike, progress: bool = False, quick: bool = 
             store.check_counts()
         except (PrefixgenError, OSError, ValueError) as exc:
             report.faults.append(f"record counts are damaged: {exc}")
-    return report
 
 
 def _index_names(path: Path) -> list[str]:
@@ -275,9 +301,23 @@ def _verify_shard(
     if actual != expected:
         report.faults.append(f"{where}: tensors {actual} do not match the manifest's layout {expected}")
         return
-    if quick:
-        return
-    rows = get_rows()
+    if not quick:
+        _verify_blocks(where, shard, manifest, ref, header, data, get_rows(), report)
+
+
+def _verify_blocks(
+    where: str,
+    shard: Path,
+    manifest: Manifest,
+    ref: ShardRef,
+    header: SafetensorsHeader,
+    data: bytes,
+    rows: dict[str, np.ndarray],
+    report: VerifyReport,
+) -> None:
+    """The full check of one shard's bytes (``data``, its tensors after ``header``): each block's (and head's) CRC,
+    the shard's checksum, and each index row's (``rows``) key against the hash of its parent and tokens."""
+    layout, bs = manifest.kv, manifest.block_size
 
     def tensor(name: str) -> memoryview:
         a, b = header.tensors[name]["data_offsets"]

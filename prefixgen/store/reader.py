@@ -317,57 +317,51 @@ class PrefixStore:
         """
         layout, bs = self.manifest.kv, self.block_size
         device = torch.device(device)
-        n = len(locations)
+        n, H = len(locations), layout.num_kv_heads
         stored = TORCH_DTYPES[layout.stored_dtype]
-        H, (L, P, _, D) = layout.num_kv_heads, layout.token_shape
         # A head-major store gives a rank its own heads straight from disk; a token-major one has them side by side
         # in every token, so it reads every head and drops the others in memory.
         part = heads if layout.heads_first and heads is not None and len(heads) < H else None
-        h = len(part) if part is not None else H
-        if layout.heads_first:
-            raw_shape: tuple[int, ...] = (n, h, bs, L, P, D)
-            scales = torch.empty((n, h, L, P)) if layout.storage == "fp8" else None
-        else:
-            raw_shape = (n * bs, *layout.token_shape)
-            scales = torch.empty((n, *layout.token_shape[:3])) if layout.storage == "fp8" else None
-        block_bytes = layout.bytes_per_token * bs * h // H  # bytes read per block
+        raw_shape, scales = _read_shapes(layout, bs, n, len(part) if part is not None else H)
+        block_bytes = layout.bytes_per_token * bs * (len(part) if part is not None else H) // H  # bytes read per block
         pieces = _pieces(_runs(locations), max(1, PIECE_BYTES // (layout.bytes_per_token * bs)))
         if device.type == "cuda":
             result = torch.empty(raw_shape, dtype=stored, device=device)
             with self._staging_lock:  # another thread's read would overwrite a slot between its CRC check and its copy
                 self._read_to_device(pieces, result, scales, verify, part, block_bytes, count)
         else:
-            if buffer is None:
-                result = torch.empty(raw_shape, dtype=stored)
-            else:  # the blocks as stored (this rank's heads of a head-major store) at the start of the caller's buffer
-                need = n * block_bytes
-                if buffer.device.type != "cpu" or not buffer.is_contiguous() or buffer.nbytes < need:
-                    raise ValueError(f"read_locations: buffer must be a contiguous host tensor of at least {need} bytes")
-                result = buffer.view(-1).view(torch.uint8)[:need].view(stored).view(raw_shape)
-            flat = result.view(torch.uint8).view(-1).numpy()
-
-            def read(piece: _Run) -> None:
-                a = piece.out_block * block_bytes
-                self._read_run(piece, flat[a : a + piece.blocks * block_bytes], scales, verify, part, count)
-
-            if threads <= 1 or len(pieces) <= 1:
-                for piece in pieces:
-                    read(piece)
-            else:
-                with ThreadPoolExecutor(max_workers=min(threads, len(pieces))) as pool:
-                    list(pool.map(read, pieces))
+            result = _host_result(buffer, raw_shape, stored, n * block_bytes)
+            self._read_to_host(pieces, result, scales, verify, part, block_bytes, count, threads)
         target = dtype or TORCH_DTYPES[layout.dtype]
         if layout.heads_first:
             return _from_head_major(result, scales, heads if part is None else None, layers, target, device)
-        if heads is not None:  # [T, L, 2, len(heads), D]: a view, converted below
-            result = result[:, :, :, heads.start : heads.stop]
-            scales = None if scales is None else scales[..., heads.start : heads.stop]
-        if layers is not None:  # [T, len(layers), 2, H, D]: a view, converted below
-            result = result[:, layers.start : layers.stop]
-            scales = None if scales is None else scales[:, layers.start : layers.stop]
-        if scales is not None:
-            return dequantize_fp8(result, scales.to(device), bs, target)
-        return result.to(target)
+        return _from_token_major(result, scales, heads, layers, target, device, bs)
+
+    def _read_to_host(
+        self,
+        pieces: list[_Run],
+        result: torch.Tensor,
+        scales: torch.Tensor | None,
+        verify: bool,
+        part: range | None,
+        block_bytes: int,
+        count: ReadCount | None,
+        threads: int,
+    ) -> None:
+        """Read ``pieces`` into the host tensor ``result`` (each at its ``out_block``, ``block_bytes`` a block) and
+        their fp8 scales into ``scales``, on up to ``threads`` threads (1: in this one)."""
+        flat = result.view(torch.uint8).view(-1).numpy()
+
+        def read(piece: _Run) -> None:
+            a = piece.out_block * block_bytes
+            self._read_run(piece, flat[a : a + piece.blocks * block_bytes], scales, verify, part, count)
+
+        if threads <= 1 or len(pieces) <= 1:
+            for piece in pieces:
+                read(piece)
+        else:
+            with ThreadPoolExecutor(max_workers=min(threads, len(pieces))) as pool:
+                list(pool.map(read, pieces))
 
     def _read_to_device(
         self,
@@ -592,6 +586,48 @@ def kv_to_cache(kv: torch.Tensor, layout: KVLayout | None = None) -> DynamicCach
     if layout is None:
         layout = KVLayout(kv.shape[1], kv.shape[3], kv.shape[4], str(kv.dtype).removeprefix("torch."))
     return rows_to_cache(kv, layout)
+
+
+def _read_shapes(layout: KVLayout, block_size: int, n: int, h: int) -> tuple[tuple[int, ...], torch.Tensor | None]:
+    """The shape ``n`` blocks of ``h`` heads are read in, as stored (head-major [n, h, B, L, P, D], token-major
+    [n * B, L, P, H, D]), and a tensor for their fp8 scales (None unless fp8)."""
+    L, P, _, D = layout.token_shape
+    fp8 = layout.storage == "fp8"
+    if layout.heads_first:
+        return (n, h, block_size, L, P, D), torch.empty((n, h, L, P)) if fp8 else None
+    return (n * block_size, *layout.token_shape), torch.empty((n, *layout.token_shape[:3])) if fp8 else None
+
+
+def _host_result(buffer: torch.Tensor | None, shape: tuple[int, ...], stored: torch.dtype, need: int) -> torch.Tensor:
+    """Where a CPU read lands: a new tensor of ``shape``, or the blocks as stored (this rank's heads of a head-major
+    store) at the start of the caller's ``buffer`` (``need`` bytes of it)."""
+    if buffer is None:
+        return torch.empty(shape, dtype=stored)
+    if buffer.device.type != "cpu" or not buffer.is_contiguous() or buffer.nbytes < need:
+        raise ValueError(f"read_locations: buffer must be a contiguous host tensor of at least {need} bytes")
+    return buffer.view(-1).view(torch.uint8)[:need].view(stored).view(shape)
+
+
+def _from_token_major(
+    result: torch.Tensor,
+    scales: torch.Tensor | None,
+    heads: range | None,
+    layers: range | None,
+    target: torch.dtype,
+    device: torch.device,
+    block_size: int,
+) -> torch.Tensor:
+    """Token-major blocks as read (``result`` [T, L, 2, H, D], fp8 ``scales`` [blocks, L, 2, H]) -> the ``heads``
+    and ``layers`` asked for, in ``target`` (views until the conversion)."""
+    if heads is not None:  # [T, L, 2, len(heads), D]
+        result = result[:, :, :, heads.start : heads.stop]
+        scales = None if scales is None else scales[..., heads.start : heads.stop]
+    if layers is not None:  # [T, len(layers), 2, H, D]
+        result = result[:, layers.start : layers.stop]
+        scales = None if scales is None else scales[:, layers.start : layers.stop]
+    if scales is not None:
+        return dequantize_fp8(result, scales.to(device), block_size, target)
+    return result.to(target)
 
 
 def _from_head_major(

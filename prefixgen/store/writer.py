@@ -117,24 +117,7 @@ def prepare_store(path: Path, manifest: Manifest, mode: str) -> Manifest:
             "an interrupted build, or --overwrite to replace it"
         )
     if has_manifest and mode == "overwrite":
-        try:  # a store this prefixgen cannot read is not ours to delete (a damaged one may go)
-            Manifest.from_json((path / MANIFEST_FILE).read_text(), path / MANIFEST_FILE)
-        except NewerFormatError as exc:
-            raise StoreError(
-                f"--overwrite refused: {exc}. A store of a newer format is deleted by hand (rm -r {path}), not by --overwrite"
-            ) from None
-        except CorruptStoreError:
-            pass
-        # Data first, manifest last: a crash part-way leaves a smaller store, never a broken one.
-        live = live_writers(path)
-        if live:
-            raise StoreError(
-                f"{path} is being written by {len(live)} running process(es) (writer {live[0]}); "
-                "wait for them to finish before --overwrite"
-            )
-        for sub in (INDEX_DIR, COUNTS_DIR, BUILDS_DIR, SHARDS_DIR):
-            shutil.rmtree(path / sub, ignore_errors=True)
-        (path / MANIFEST_FILE).unlink()
+        _empty_store(path)
         has_manifest = False
     for sub in (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR, LOCKS_DIR):
         (path / sub).mkdir(parents=True, exist_ok=True)
@@ -145,6 +128,35 @@ def prepare_store(path: Path, manifest: Manifest, mode: str) -> Manifest:
     if not has_manifest and mode == "new":
         raise StoreError(f"another process created a store in {path} at the same moment; pass --append to add to it")
     existing = Manifest.from_json((path / MANIFEST_FILE).read_text(), path / MANIFEST_FILE)
+    _check_compatible(path, existing, manifest)
+    return existing
+
+
+def _empty_store(path: Path) -> None:
+    """``--overwrite``: remove the store at ``path`` (data first, manifest last: a crash part-way leaves a smaller
+    store, never a broken one), unless this prefixgen cannot read it or a writer is live."""
+    try:  # a store this prefixgen cannot read is not ours to delete (a damaged one may go)
+        Manifest.from_json((path / MANIFEST_FILE).read_text(), path / MANIFEST_FILE)
+    except NewerFormatError as exc:
+        raise StoreError(
+            f"--overwrite refused: {exc}. A store of a newer format is deleted by hand (rm -r {path}), not by --overwrite"
+        ) from None
+    except CorruptStoreError:
+        pass
+    live = live_writers(path)
+    if live:
+        raise StoreError(
+            f"{path} is being written by {len(live)} running process(es) (writer {live[0]}); "
+            "wait for them to finish before --overwrite"
+        )
+    for sub in (INDEX_DIR, COUNTS_DIR, BUILDS_DIR, SHARDS_DIR):
+        shutil.rmtree(path / sub, ignore_errors=True)
+    (path / MANIFEST_FILE).unlink()
+
+
+def _check_compatible(path: Path, existing: Manifest, manifest: Manifest) -> None:
+    """Raise :class:`IncompatibleStoreError` unless the store's manifest (``existing``) takes a build's
+    (``manifest``): the same model, block size and KV layout (the store's block order wins)."""
     problems = existing.model.differences(manifest.model)
     if existing.block_size != manifest.block_size:
         problems.append(f"block_size: store has {existing.block_size}, build asks for {manifest.block_size}")
@@ -156,7 +168,6 @@ def prepare_store(path: Path, manifest: Manifest, mode: str) -> Manifest:
             f"{path} was built for another model or layout:\n  " + "\n  ".join(problems) + "\n"
             "use the same --model, --dtype, --kv-dtype and --block-size, or write to a new --out"
         )
-    return existing
 
 
 def _being_created(entries: list[str]) -> bool:
