@@ -19,10 +19,10 @@ from prefixgen.compat import cache_kwargs, model_cache, output_cache
 from prefixgen.kvcache import states_from_cache
 from prefixgen.maintain.verify import verify_store
 from prefixgen.model import config_kv_layout
-from prefixgen.store.states import STATES_DIR, read_state, state_path
+from prefixgen.store.states import STATES_DIR, read_state, read_state_file, state_path
 
 from .conftest import CHAT_TEMPLATE, make_model, write_jsonl
-from .test_cache_kinds import QWEN3_NEXT, _load, build_text_store
+from .kinds import HYBRIDS, build_text_store, load_float32, serve_answers, tiny_kind
 
 # Each longer than two state strides (32 tokens, 2 blocks of 16, for both configs below).
 PROMPTS = [
@@ -33,28 +33,10 @@ PROMPTS = [
 ]
 SUFFIX = " And then they all went home happy, singing a song."
 
-HYBRIDS = {
-    "qwen3_next": QWEN3_NEXT,
-    # Granite 4.0's Mamba2 hybrid, dense (no experts).
-    "granitemoehybrid": dict(
-        num_hidden_layers=4,
-        layer_types=["mamba", "attention", "mamba", "attention"],
-        mamba_n_heads=8,
-        mamba_d_head=16,
-        mamba_n_groups=1,
-        mamba_d_state=8,
-        mamba_d_conv=4,
-        mamba_expand=2,
-        num_local_experts=0,
-        shared_intermediate_size=128,
-    ),
-}
-
 
 @pytest.fixture(scope="module", params=list(HYBRIDS))
 def hybrid(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp("m") / request.param
-    return request.param, make_model(path, request.param, seed=1, initializer_range=0.1, **HYBRIDS[request.param])
+    return tiny_kind(request, tmp_path_factory, HYBRIDS)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +69,7 @@ def test_stored_states_are_the_forward_of_the_prefix(hybrid, hybrid_store):
     that prefix alone computes: bitwise at the first boundary (the build's first segment is that very
     forward), within float32 rounding later (the build continues its cache, as chunked prefill does)."""
     arch, model_dir = hybrid
-    model, tok = _load(model_dir)
+    model, tok = load_float32(model_dir)
     bs = hybrid_store.block_size
     for prompt in PROMPTS:
         ids = tok(prompt).input_ids
@@ -111,7 +93,7 @@ def test_stored_states_are_the_forward_of_the_prefix(hybrid, hybrid_store):
 @torch.inference_mode()
 def test_loaded_cache_continues_as_a_full_recompute(hybrid, hybrid_store):
     arch, model_dir = hybrid
-    model, tok = _load(model_dir)
+    model, tok = load_float32(model_dir)
     hybrid_store.check_compatible(model, tok)
     for prompt in PROMPTS:
         ids = tok(prompt).input_ids + tok(SUFFIX).input_ids
@@ -130,14 +112,8 @@ def test_loaded_cache_continues_as_a_full_recompute(hybrid, hybrid_store):
 
 def test_prefixgen_serve_answers_as_without_the_store(hybrid, hybrid_store):
     """``prefixgen serve``'s engine: greedy answers with the stored prefix and state loaded equal those of --no-store."""
-    from prefixgen.integrations.serve import Engine, ServeConfig
-
     _, model_dir = hybrid
-    cfg = dict(store=str(hybrid_store.path), model=str(model_dir), device="cpu", dtype="float32")
-    with_store, without = Engine(ServeConfig(**cfg)), Engine(ServeConfig(**cfg, no_store=True))
-    ids = with_store.tokenize_text(PROMPTS[1] + SUFFIX)
-    a = with_store.generate(ids, {"max_tokens": 8, "temperature": 0})
-    b = without.generate(ids, {"max_tokens": 8, "temperature": 0})
+    a, b = serve_answers(model_dir, hybrid_store, PROMPTS[1] + SUFFIX, 8)
     assert a.cached_tokens > 32 and b.cached_tokens == 0
     assert a.tokens == b.tokens
 
@@ -221,7 +197,7 @@ def test_a_state_where_a_record_built_after_a_longer_one_ends(hybrid, tmp_path):
     """The second record is a prefix of the first: all its blocks are stored before it is planned, and
     its end (block 3, off the stride) still gets a state."""
     arch, model_dir = hybrid
-    model, tok = _load(model_dir)
+    model, tok = load_float32(model_dir)
     short = PROMPTS[0].split(" She loved")[0] + " She loved to play"
     ids = tok(short).input_ids
     bs = 16
@@ -231,3 +207,33 @@ def test_a_state_where_a_record_built_after_a_longer_one_ends(hybrid, tmp_path):
         BuildConfig(dataset=str(data), model=str(model_dir), out=str(tmp_path / "s"), device="cpu", dtype="float32", quiet=True)
     )
     _continues(PrefixStore.open(tmp_path / "s"), model, ids, (len(ids) - 1) // bs * bs)
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_a_distributed_hybrid_build_stores_what_one_process_stores(tmp_path, cli):
+    """Chats that share a system prompt, built by one process and by two ``--rank`` processes: the same
+    blocks, the same KV and the same states (where the stride, the records and their chat turns end: not
+    where the ranks' head runs or chunks happen to end), within float32 rounding."""
+    from .test_distributed import CPU, assert_same_kv, finish, rank_process
+
+    model_dir = make_model(
+        tmp_path / "m", "qwen3_next", seed=1, initializer_range=0.1, chat_template=CHAT_TEMPLATE, **HYBRIDS["qwen3_next"]
+    )
+    system = PROMPTS[0].split(" She loved")[0] + ". "
+    words = PROMPTS[1].split()
+    chats = [
+        [system + " ".join(words[i : i + 6 + i % 5]), "She did.", " ".join(words[i + 2 : i + 12]) + "?", "Yes."] for i in range(8)
+    ]
+    data = write_jsonl(tmp_path / "chats.jsonl", [{"messages": c} for c in chats])
+    one, many = tmp_path / "one", tmp_path / "many"
+    args = ["--model", model_dir, "--messages-field", "messages", "--batch-tokens", "64", *CPU]
+    assert cli("build", data, "--out", one, *args).exit_code == 0
+    for p in [rank_process(r, 2, "build", data, "--out", many, *args) for r in range(2)]:
+        finish(p)
+    assert_same_kv(one, many)
+    names = sorted(p.name for p in (one / STATES_DIR).iterdir())
+    assert names == sorted(p.name for p in (many / STATES_DIR).iterdir())
+    for name in names:
+        a, b = read_state_file(one / STATES_DIR / name), read_state_file(many / STATES_DIR / name)
+        assert all((x - y).abs().max().item() < 1e-5 for x, y in zip(a, b)), name
