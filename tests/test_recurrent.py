@@ -237,3 +237,42 @@ def test_a_distributed_hybrid_build_stores_what_one_process_stores(tmp_path, cli
     for name in names:
         a, b = read_state_file(one / STATES_DIR / name), read_state_file(many / STATES_DIR / name)
         assert all((x - y).abs().max().item() < 1e-5 for x, y in zip(a, b)), name
+
+
+def _state_keys(store) -> set[bytes]:
+    return {bytes.fromhex(p.name.split(".")[0]) for p in (store / STATES_DIR).glob("*.safetensors")}
+
+
+def test_gc_and_prune_remove_states_whose_block_is_gone(tmp_path, cli):
+    """States of blocks the index does not hold (a killed build's, a pruned block's) are removed by gc and
+    prune: only those older than the job's start, and none while a build holds the store."""
+    import os
+
+    from prefixgen.store.writer import WriterLock, new_id
+
+    model_dir = make_model(tmp_path / "m", "qwen3_next", seed=1, initializer_range=0.1, **HYBRIDS["qwen3_next"])
+    store = build_text_store(model_dir, PROMPTS, tmp_path).path
+    kept = _state_keys(store)
+    assert kept and all(PrefixStore.open(store).index.contains(list(kept)))
+    first = state_path(store, next(iter(kept)))
+    old, new = state_path(store, b"\x01" * 32), state_path(store, b"\x02" * 32)  # blocks no index holds
+    for p in (old, new):
+        p.write_bytes(first.read_bytes())
+    os.utime(old, (1e9, 1e9))  # 2001: before any gc starts
+    os.utime(new, (4e9, 4e9))  # 2096: after this gc's start (as a file written while it runs)
+    lock = WriterLock(store, new_id(), "build")  # a live build: it may reuse any state file it finds
+    result = cli("gc", store)
+    assert result.exit_code == 0 and old.exists(), result.output
+    lock.release()
+    result = cli("gc", store)
+    assert result.exit_code == 0, result.output
+    assert not old.exists() and new.exists() and f"{STATES_DIR}/{old.name}" in result.output
+    assert _state_keys(store) == kept | {b"\x02" * 32} and verify_store(store).ok
+    new.unlink()
+    # prune keeps the blocks both records hold; the states after the others go with them.
+    result = cli("prune", store, "--min-records", "2")
+    assert result.exit_code == 0 and "recurrent states removed" in result.output, result.output
+    index = PrefixStore.open(store).index
+    left = _state_keys(store)
+    assert left < kept and all(index.contains(list(left))) and not any(index.contains(list(kept - left)))
+    assert verify_store(store).ok and not [p for p in (store / STATES_DIR).iterdir() if p.name.startswith(".")]
