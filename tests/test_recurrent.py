@@ -276,3 +276,40 @@ def test_gc_and_prune_remove_states_whose_block_is_gone(tmp_path, cli):
     left = _state_keys(store)
     assert left < kept and all(index.contains(list(left))) and not any(index.contains(list(kept - left)))
     assert verify_store(store).ok and not [p for p in (store / STATES_DIR).iterdir() if p.name.startswith(".")]
+
+
+@torch.inference_mode()
+def test_a_batch_runs_as_its_tasks_one_at_a_time(hybrid, tmp_path):
+    """Tasks of different lengths and boundaries (a stride, states asked where records end) run as one batch,
+    in lockstep: the KV of their new tokens and every state they store equal those of each task run alone
+    within float32 rounding (the KV within the batch-equivalence bound of a distributed build, the states
+    within the bound of a state against a forward of its prefix)."""
+    from prefixgen.builder.plan import Batch, PrefillTask
+    from prefixgen.builder.recurrent import RecurrentPrefiller
+    from prefixgen.format import block_keys
+    from prefixgen.model import probe_kv_layout
+
+    _, model_dir = hybrid
+    model, tok = load_float32(model_dir)
+    layout = probe_kv_layout(model)
+    bs = 16
+    tasks = []
+    for i, text in enumerate([PROMPTS[0], PROMPTS[1], PROMPTS[0] + SUFFIX, PROMPTS[1][:90]]):
+        ids = tok(text).input_ids
+        n = len(ids) // bs * bs
+        states = tuple(sorted({(len(ids) - 1) // bs, n // bs} - {0}))
+        tasks.append(PrefillTask(i, ids[:n], 0, block_keys(ids[:n], bs, b"\0" * 32), bs, None, states))
+    assert len({len(t.tokens) for t in tasks}) >= 3  # lengths differ: the tasks leave the batch at different forwards
+    outputs = {}
+    for name, batches in (("together", [Batch(tasks)]), ("alone", [Batch([t]) for t in tasks])):
+        store = tmp_path / name
+        store.mkdir()
+        prefiller = RecurrentPrefiller(model, torch.device("cpu"), None, layout, store, bs, fsync=False)
+        outputs[name] = [kv for b in batches for kv in prefiller.run(b)]
+    for a, b in zip(outputs["together"], outputs["alone"]):  # the batch-equivalence bound of tests/test_distributed.py
+        assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+    names = sorted(p.name for p in (tmp_path / "alone" / STATES_DIR).iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "together" / STATES_DIR).iterdir()) and len(names) > len(tasks)
+    for name in names:
+        a, b = (read_state_file(tmp_path / d / STATES_DIR / name) for d in ("together", "alone"))
+        assert all((x - y).abs().max().item() < 1e-5 for x, y in zip(a, b)), name
