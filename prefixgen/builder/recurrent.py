@@ -122,11 +122,11 @@ class RecurrentPrefiller:
         bs = self.block_size
         blocks = [len(t.tokens) // bs for t in tasks]
         out: list = [None] * len(tasks)
-        for r, t in enumerate(tasks):  # nothing to compute: a state asked for where this run's memory holds it
+        for r, t in enumerate(tasks):  # nothing to compute: a state asked for is in this run's memory or stored
             if blocks[r] == start:
-                if start in t.states:
-                    conv, ssm = self.recent[bytes(t.keys[start - 1])]
-                    self.states_written += write_state(self.store, t.keys[start - 1], start * bs, conv, ssm, self.fsync)
+                held = self.recent.get(bytes(t.keys[start - 1])) if start in t.states else None
+                if held is not None:
+                    self.states_written += write_state(self.store, t.keys[start - 1], start * bs, *held, self.fsync)
                 out[r] = torch.empty(0, *self.layout.token_shape, dtype=self.model.dtype, device=self.device)
         live = [r for r in range(len(tasks)) if blocks[r] > start]  # the cache's rows, in order
         if not live:

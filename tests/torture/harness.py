@@ -258,6 +258,7 @@ class Torture:
         # their own: the steps of a seed's plain schedules stay what they were.
         self.kind = "hybrid" if self.kind_rng.random() < HYBRID_SHARE else "plain"
         self.model = self.models[self.kind]
+        self._ran(f"{self.kind} schedule")
         self._references(self.kind)
         self.pruned = False  # a prune (even a killed one) may remove any build's blocks
         self.world = 2
