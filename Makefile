@@ -34,7 +34,7 @@ compat-venv: $(COMPAT_VENV)/.installed
 $(COMPAT_VENV)/.installed: pyproject.toml
 	test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "transformers==5.17.*" datasets safetensors typer tqdm \
-		crc32c numpy "pytest>=8" fastapi uvicorn openai
+		crc32c numpy "pytest>=8" fastapi uvicorn openai matplotlib
 	touch $@
 
 test-compat: compat-venv
