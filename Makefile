@@ -13,7 +13,7 @@ SGLANG_VENV ?= .venv-sglang
 SGLANG_DEPS := numpy orjson psutil pybase64 requests packaging pillow starlette msgspec pydantic pyzmq ipython aiohttp \
 	dill sentencepiece gguf compressed-tensors apache-tvm-ffi "triton==3.9.0" "transformers==5.19.0" "pytest>=8"
 
-.PHONY: install test test-slow torture lint demo bench clean vllm-venv test-vllm bench-vllm sglang-venv test-sglang lmcache-venv test-lmcache
+.PHONY: install test test-slow torture lint demo bench clean vllm-venv test-vllm bench-vllm sglang-venv test-sglang lmcache-venv test-lmcache compat-venv test-compat
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
+
+# The oldest transformers prefixgen supports, as in the GPU image (transformers 5.17, where `forward` still
+# takes `past_key_values`): prefixgen's dependencies at that version in a venv of their own, and the default
+# suite run under it with this checkout on the path (not in CI: `make test-compat` by hand after a change to
+# prefixgen/compat.py or to how caches are built; about 1.5 minutes to make the venv from the local wheels,
+# and the suite's time).
+COMPAT_VENV ?= .venv-tf517
+compat-venv: $(COMPAT_VENV)/.installed
+
+$(COMPAT_VENV)/.installed: pyproject.toml
+	test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "transformers==5.17.*" datasets safetensors typer tqdm \
+		crc32c numpy "pytest>=8" fastapi uvicorn openai matplotlib
+	touch $@
+
+test-compat: compat-venv
+	PYTHONPATH=$(CURDIR) $(COMPAT_VENV)/bin/python -m pytest -m "not slow"
 
 # `make test` stays within a few minutes; the multi-process tests (kill -9, several writers, torchrun
 # ranks) take minutes more and run in `make test-slow`. CI runs both.

@@ -439,6 +439,7 @@ def prune(
     typer.echo(
         f"{store}: kept {r.blocks_kept:,} of {r.blocks_before:,} blocks; shards {r.bytes_before / 1e6:,.1f} MB -> "
         f"{r.bytes_after / 1e6:,.1f} MB ({r.shards_written} written, {r.shards_removed} removed)"
+        + (f"; {r.states_removed} recurrent states removed" if r.states_removed else "")
     )
     for note in r.notes:
         typer.echo(f"note: {note}", err=True)

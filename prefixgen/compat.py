@@ -2,6 +2,10 @@
 
 transformers 5.24 renamed the ``past_key_values`` keyword of ``forward``/``generate`` and the
 output field to ``cache``; 5.17 (the GPU image) still uses ``past_key_values``.
+
+Hybrid models' recurrent layers keep their state in ``DynamicCache``'s ``LinearAttentionLayer`` in
+5.17 and 5.25 alike (both checked: tests/test_recurrent.py passes under each); 5.25's layer also
+counts the tokens it has seen (``cumulative_length_linear``), 5.17's does not.
 """
 
 from __future__ import annotations
@@ -42,11 +46,13 @@ def make_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
     return DynamicCache(ddp_cache_data=layers)
 
 
+RECURRENT_MIN_VERSION = "5.17"  # the oldest transformers seen to continue a stored state (the GPU image's)
+
+
 def supports_recurrent_cache() -> bool:
     """Whether this transformers keeps linear-attention / state-space state in ``DynamicCache`` layers
-    (``LinearAttentionLayer``, transformers 5.24 and later) that a forward of several tokens continues.
-    Older versions (5.17, the GPU image) keep it in per-model cache classes whose prefill of several
-    tokens starts from a zero state, so a stored state cannot be continued there."""
+    (``LinearAttentionLayer``: 5.17 has it, and later versions) that a forward of several tokens continues.
+    Versions without it keep the state in per-model cache classes, which prefixgen does not fill."""
     from transformers import cache_utils
 
     return hasattr(cache_utils, "LinearAttentionLayer")
@@ -82,5 +88,19 @@ def hybrid_cache(
         layer.conv_states[0].copy_(conv)
         layer.recurrent_states[0].copy_(ssm)
         layer.has_previous_state[0] = True  # the next forward prepends this conv state instead of zeros
-        layer.cumulative_length_linear.fill_(tokens)
+        if hasattr(layer, "cumulative_length_linear"):  # 5.25 counts the tokens seen; 5.17 does not
+            layer.cumulative_length_linear.fill_(tokens)
     return cache
+
+
+def keep_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
+    """Keep only the batch rows ``rows`` (indices, in order) of every layer of ``cache``: attention layers'
+    keys and values, recurrent layers' conv and SSM states (the rows of a batch still to run)."""
+    for layer in cache.layers:
+        if hasattr(layer, "recurrent_states"):
+            for states in (layer.conv_states, layer.recurrent_states):
+                for k, v in states.items():
+                    if v is not None:
+                        states[k] = v[rows]
+        elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]

@@ -83,15 +83,24 @@ def hybrid_to_cache(
     """A cache (batch 1) that continues a hybrid model after ``tokens`` tokens: rows ``[tokens, L, parts, H, D]``
     of its attention layers (None for none) and its recurrent state (conv ``[R, channels, kernel - 1]``, ssm ``[R, ...]``).
     The conv state gets back its oldest input as zero: no later output reads it."""
+    one = [None if x is None else x.unsqueeze(0) for x in (kv, conv, ssm)]
+    return hybrid_batch_to_cache(*one, layout, tokens)
+
+
+def hybrid_batch_to_cache(
+    kv: torch.Tensor | None, conv: torch.Tensor | None, ssm: torch.Tensor | None, layout: KVLayout, tokens: int
+) -> DynamicCache:
+    """:func:`hybrid_to_cache` of a batch: ``kv`` ``[batch, tokens, L, parts, H, D]``, conv ``[batch, R, channels,
+    kernel - 1]``, ssm ``[batch, R, ...]``; every row after the same number of ``tokens``."""
     rec = recurrent_layers(layout)
     layers: list = [None] * (len(rec) + layout.num_layers)
     if kv is not None and tokens:
-        for i, pair in zip(attention_layers(layout), layers_from_rows(kv.unsqueeze(0), layout)):
+        for i, pair in zip(attention_layers(layout), layers_from_rows(kv, layout)):
             layers[i] = pair
     if not tokens:  # nothing stored: layers that a forward initializes, as the model's own empty cache
         return hybrid_cache(layers, dict.fromkeys(rec), 0)
-    full = torch.nn.functional.pad(conv, (1, 0))  # [R, channels, kernel]
-    states = {i: (full[j].unsqueeze(0), ssm[j].unsqueeze(0)) for j, i in enumerate(rec)}
+    full = torch.nn.functional.pad(conv, (1, 0))  # [batch, R, channels, kernel]
+    states = {i: (full[:, j], ssm[:, j]) for j, i in enumerate(rec)}
     return hybrid_cache(layers, states, tokens)
 
 

@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from prefixgen.cache_spec import MLA, RECURRENT, CacheSpec, cache_spec, state_stride_tokens
-from prefixgen.compat import cache_kwargs, output_cache, recurrent_state, supports_recurrent_cache
+from prefixgen.compat import RECURRENT_MIN_VERSION, cache_kwargs, output_cache, recurrent_state, supports_recurrent_cache
 from prefixgen.errors import ModelError
 from prefixgen.format import DTYPE_SIZES, KVLayout, ModelFingerprint, read_safetensors_header
 from prefixgen.kvcache import new_cache
@@ -248,7 +248,8 @@ def probe_kv_layout(model: torch.nn.Module) -> KVLayout:
     if spec.recurrent is not None and not supports_recurrent_cache():
         raise ModelError(
             f"this model's cache has {spec.recurrent.describe()}: storing and continuing their states needs "
-            f"transformers 5.24 or later (this is {transformers.__version__}); upgrade transformers"
+            f"transformers {RECURRENT_MIN_VERSION} or later (this is {transformers.__version__}): "
+            f"pip install 'transformers>={RECURRENT_MIN_VERSION}'"
         )
     device = next(model.parameters()).device
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)

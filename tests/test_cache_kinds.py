@@ -11,9 +11,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from prefixgen import BuildConfig, PrefixStore, build
+from prefixgen import BuildConfig, build
 from prefixgen.cache_spec import CHUNKED, MLA, RECURRENT, SLIDING, cache_spec, state_stride_tokens
 from prefixgen.compat import cache_kwargs
 from prefixgen.format import SHARDS_DIR, read_safetensors_header
@@ -22,6 +22,7 @@ from prefixgen.maintain.verify import verify_store
 from prefixgen.model import config_kv_layout
 
 from .conftest import make_model, write_jsonl
+from .kinds import QWEN3_NEXT, build_text_store, load_float32, serve_answers, tiny_kind
 
 # Longer than the window (8) and than two blocks (16): the cut falls past the window of every sliding layer.
 PROMPTS = [
@@ -87,21 +88,6 @@ KINDS = {
 }
 
 
-# A tiny Qwen3-Next: 3 Gated DeltaNet layers and 1 full-attention layer.
-QWEN3_NEXT = dict(
-    head_dim=16,
-    linear_num_key_heads=2,
-    linear_num_value_heads=4,
-    linear_key_head_dim=8,
-    linear_value_head_dim=8,
-    num_hidden_layers=4,
-    num_experts=4,
-    num_experts_per_tok=2,
-    moe_intermediate_size=32,
-    shared_expert_intermediate_size=32,
-)
-
-
 def interleaved_rope(rows: torch.Tensor, latent_rank: int, config) -> torch.Tensor:
     """MLA rows ``[..., latent]`` with the rope part's pairs back in place where transformers writes them
     de-interleaved (``rope_interleave``, DeepSeek V3): the engines' cache entry. The exports' tests compare with
@@ -134,17 +120,7 @@ def mla_rope_inputs(model_dir, ids: list[int]) -> torch.Tensor:
 
 @pytest.fixture(scope="module", params=list(KINDS))
 def kind_model(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp("m") / request.param
-    # Weights 5x the default init scale: attention that depends on its keys, as in a trained model.
-    return request.param, make_model(path, request.param, seed=1, initializer_range=0.1, **KINDS[request.param])
-
-
-def build_text_store(model_dir, prompts: list[str], tmp) -> PrefixStore:
-    """A float32 store of ``prompts`` (text records) built by the real build with ``model_dir``."""
-    data = write_jsonl(tmp / "d.jsonl", [{"text": p} for p in prompts])
-    cfg = BuildConfig(dataset=str(data), model=str(model_dir), out=str(tmp / "store"), device="cpu", dtype="float32", quiet=True)
-    build(cfg)
-    return PrefixStore.open(tmp / "store")
+    return tiny_kind(request, tmp_path_factory, KINDS)
 
 
 @pytest.fixture(scope="module")
@@ -153,14 +129,10 @@ def kind_store(kind_model, tmp_path_factory):
     return build_text_store(model_dir, PROMPTS, tmp_path_factory.mktemp(f"store-{arch}"))
 
 
-def _load(model_dir):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(model_dir)
-
-
 @torch.inference_mode()
 def test_loaded_cache_continues_as_a_full_recompute(kind_model, kind_store):
     arch, model_dir = kind_model
-    model, tok = _load(model_dir)
+    model, tok = load_float32(model_dir)
     kind_store.check_compatible(model, tok)
     for prompt in PROMPTS:
         ids = tok(prompt).input_ids + tok(" And then they all went home happy.").input_ids
@@ -184,7 +156,7 @@ def test_loaded_cache_continues_as_a_full_recompute(kind_model, kind_store):
 def test_a_wrong_stored_value_is_seen(kind_model, kind_store):
     """The bound above fails when the last stored token's cache in layer 0 is off by 1%."""
     _, model_dir = kind_model
-    model, tok = _load(model_dir)
+    model, tok = load_float32(model_dir)
     ids = tok(PROMPTS[0]).input_ids + tok(" And then they all went home happy.").input_ids
     n = kind_store.match(ids)
     full = model(torch.tensor([ids])).logits[0, n:]
@@ -287,14 +259,8 @@ def test_qwen3_next_80b_state_arithmetic():
 
 def test_prefixgen_serve_answers_as_without_the_store(kind_model, kind_store):
     """``prefixgen serve``'s engine: greedy answers with the stored prefix loaded equal those of --no-store."""
-    from prefixgen.integrations.serve import Engine, ServeConfig
-
     _, model_dir = kind_model
-    cfg = dict(store=str(kind_store.path), model=str(model_dir), device="cpu", dtype="float32")
-    with_store, without = Engine(ServeConfig(**cfg)), Engine(ServeConfig(**cfg, no_store=True))
-    ids = with_store.tokenize_text(PROMPTS[1] + " And then they all went home happy.")
-    a = with_store.generate(ids, {"max_tokens": 12, "temperature": 0})
-    b = without.generate(ids, {"max_tokens": 12, "temperature": 0})
+    a, b = serve_answers(model_dir, kind_store, PROMPTS[1] + " And then they all went home happy.", 12)
     assert a.cached_tokens >= 2 * WINDOW and b.cached_tokens == 0
     assert a.tokens == b.tokens
 

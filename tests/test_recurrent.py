@@ -19,10 +19,10 @@ from prefixgen.compat import cache_kwargs, model_cache, output_cache
 from prefixgen.kvcache import states_from_cache
 from prefixgen.maintain.verify import verify_store
 from prefixgen.model import config_kv_layout
-from prefixgen.store.states import STATES_DIR, read_state, state_path
+from prefixgen.store.states import STATES_DIR, read_state, read_state_file, state_path
 
 from .conftest import CHAT_TEMPLATE, make_model, write_jsonl
-from .test_cache_kinds import QWEN3_NEXT, _load, build_text_store
+from .kinds import HYBRIDS, build_text_store, load_float32, serve_answers, tiny_kind
 
 # Each longer than two state strides (32 tokens, 2 blocks of 16, for both configs below).
 PROMPTS = [
@@ -33,28 +33,10 @@ PROMPTS = [
 ]
 SUFFIX = " And then they all went home happy, singing a song."
 
-HYBRIDS = {
-    "qwen3_next": QWEN3_NEXT,
-    # Granite 4.0's Mamba2 hybrid, dense (no experts).
-    "granitemoehybrid": dict(
-        num_hidden_layers=4,
-        layer_types=["mamba", "attention", "mamba", "attention"],
-        mamba_n_heads=8,
-        mamba_d_head=16,
-        mamba_n_groups=1,
-        mamba_d_state=8,
-        mamba_d_conv=4,
-        mamba_expand=2,
-        num_local_experts=0,
-        shared_intermediate_size=128,
-    ),
-}
-
 
 @pytest.fixture(scope="module", params=list(HYBRIDS))
 def hybrid(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp("m") / request.param
-    return request.param, make_model(path, request.param, seed=1, initializer_range=0.1, **HYBRIDS[request.param])
+    return tiny_kind(request, tmp_path_factory, HYBRIDS)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +69,7 @@ def test_stored_states_are_the_forward_of_the_prefix(hybrid, hybrid_store):
     that prefix alone computes: bitwise at the first boundary (the build's first segment is that very
     forward), within float32 rounding later (the build continues its cache, as chunked prefill does)."""
     arch, model_dir = hybrid
-    model, tok = _load(model_dir)
+    model, tok = load_float32(model_dir)
     bs = hybrid_store.block_size
     for prompt in PROMPTS:
         ids = tok(prompt).input_ids
@@ -111,7 +93,7 @@ def test_stored_states_are_the_forward_of_the_prefix(hybrid, hybrid_store):
 @torch.inference_mode()
 def test_loaded_cache_continues_as_a_full_recompute(hybrid, hybrid_store):
     arch, model_dir = hybrid
-    model, tok = _load(model_dir)
+    model, tok = load_float32(model_dir)
     hybrid_store.check_compatible(model, tok)
     for prompt in PROMPTS:
         ids = tok(prompt).input_ids + tok(SUFFIX).input_ids
@@ -130,14 +112,8 @@ def test_loaded_cache_continues_as_a_full_recompute(hybrid, hybrid_store):
 
 def test_prefixgen_serve_answers_as_without_the_store(hybrid, hybrid_store):
     """``prefixgen serve``'s engine: greedy answers with the stored prefix and state loaded equal those of --no-store."""
-    from prefixgen.integrations.serve import Engine, ServeConfig
-
     _, model_dir = hybrid
-    cfg = dict(store=str(hybrid_store.path), model=str(model_dir), device="cpu", dtype="float32")
-    with_store, without = Engine(ServeConfig(**cfg)), Engine(ServeConfig(**cfg, no_store=True))
-    ids = with_store.tokenize_text(PROMPTS[1] + SUFFIX)
-    a = with_store.generate(ids, {"max_tokens": 8, "temperature": 0})
-    b = without.generate(ids, {"max_tokens": 8, "temperature": 0})
+    a, b = serve_answers(model_dir, hybrid_store, PROMPTS[1] + SUFFIX, 8)
     assert a.cached_tokens > 32 and b.cached_tokens == 0
     assert a.tokens == b.tokens
 
@@ -221,7 +197,7 @@ def test_a_state_where_a_record_built_after_a_longer_one_ends(hybrid, tmp_path):
     """The second record is a prefix of the first: all its blocks are stored before it is planned, and
     its end (block 3, off the stride) still gets a state."""
     arch, model_dir = hybrid
-    model, tok = _load(model_dir)
+    model, tok = load_float32(model_dir)
     short = PROMPTS[0].split(" She loved")[0] + " She loved to play"
     ids = tok(short).input_ids
     bs = 16
@@ -231,3 +207,109 @@ def test_a_state_where_a_record_built_after_a_longer_one_ends(hybrid, tmp_path):
         BuildConfig(dataset=str(data), model=str(model_dir), out=str(tmp_path / "s"), device="cpu", dtype="float32", quiet=True)
     )
     _continues(PrefixStore.open(tmp_path / "s"), model, ids, (len(ids) - 1) // bs * bs)
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_a_distributed_hybrid_build_stores_what_one_process_stores(tmp_path, cli):
+    """Chats that share a system prompt, built by one process and by two ``--rank`` processes: the same
+    blocks, the same KV and the same states (where the stride, the records and their chat turns end: not
+    where the ranks' head runs or chunks happen to end), within float32 rounding."""
+    from .test_distributed import CPU, assert_same_kv, finish, rank_process
+
+    model_dir = make_model(
+        tmp_path / "m", "qwen3_next", seed=1, initializer_range=0.1, chat_template=CHAT_TEMPLATE, **HYBRIDS["qwen3_next"]
+    )
+    system = PROMPTS[0].split(" She loved")[0] + ". "
+    words = PROMPTS[1].split()
+    chats = [
+        [system + " ".join(words[i : i + 6 + i % 5]), "She did.", " ".join(words[i + 2 : i + 12]) + "?", "Yes."] for i in range(8)
+    ]
+    data = write_jsonl(tmp_path / "chats.jsonl", [{"messages": c} for c in chats])
+    one, many = tmp_path / "one", tmp_path / "many"
+    args = ["--model", model_dir, "--messages-field", "messages", "--batch-tokens", "64", *CPU]
+    assert cli("build", data, "--out", one, *args).exit_code == 0
+    for p in [rank_process(r, 2, "build", data, "--out", many, *args) for r in range(2)]:
+        finish(p)
+    assert_same_kv(one, many)
+    names = sorted(p.name for p in (one / STATES_DIR).iterdir())
+    assert names == sorted(p.name for p in (many / STATES_DIR).iterdir())
+    for name in names:
+        a, b = read_state_file(one / STATES_DIR / name), read_state_file(many / STATES_DIR / name)
+        assert all((x - y).abs().max().item() < 1e-5 for x, y in zip(a, b)), name
+
+
+def _state_keys(store) -> set[bytes]:
+    return {bytes.fromhex(p.name.split(".")[0]) for p in (store / STATES_DIR).glob("*.safetensors")}
+
+
+def test_gc_and_prune_remove_states_whose_block_is_gone(tmp_path, cli):
+    """States of blocks the index does not hold (a killed build's, a pruned block's) are removed by gc and
+    prune: only those older than the job's start, and none while a build holds the store."""
+    import os
+
+    from prefixgen.store.writer import WriterLock, new_id
+
+    model_dir = make_model(tmp_path / "m", "qwen3_next", seed=1, initializer_range=0.1, **HYBRIDS["qwen3_next"])
+    store = build_text_store(model_dir, PROMPTS, tmp_path).path
+    kept = _state_keys(store)
+    assert kept and all(PrefixStore.open(store).index.contains(list(kept)))
+    first = state_path(store, next(iter(kept)))
+    old, new = state_path(store, b"\x01" * 32), state_path(store, b"\x02" * 32)  # blocks no index holds
+    for p in (old, new):
+        p.write_bytes(first.read_bytes())
+    os.utime(old, (1e9, 1e9))  # 2001: before any gc starts
+    os.utime(new, (4e9, 4e9))  # 2096: after this gc's start (as a file written while it runs)
+    lock = WriterLock(store, new_id(), "build")  # a live build: it may reuse any state file it finds
+    result = cli("gc", store)
+    assert result.exit_code == 0 and old.exists(), result.output
+    lock.release()
+    result = cli("gc", store)
+    assert result.exit_code == 0, result.output
+    assert not old.exists() and new.exists() and f"{STATES_DIR}/{old.name}" in result.output
+    assert _state_keys(store) == kept | {b"\x02" * 32} and verify_store(store).ok
+    new.unlink()
+    # prune keeps the blocks both records hold; the states after the others go with them.
+    result = cli("prune", store, "--min-records", "2")
+    assert result.exit_code == 0 and "recurrent states removed" in result.output, result.output
+    index = PrefixStore.open(store).index
+    left = _state_keys(store)
+    assert left < kept and all(index.contains(list(left))) and not any(index.contains(list(kept - left)))
+    assert verify_store(store).ok and not [p for p in (store / STATES_DIR).iterdir() if p.name.startswith(".")]
+
+
+@torch.inference_mode()
+def test_a_batch_runs_as_its_tasks_one_at_a_time(hybrid, tmp_path):
+    """Tasks of different lengths and boundaries (a stride, states asked where records end) run as one batch,
+    in lockstep: the KV of their new tokens and every state they store equal those of each task run alone
+    within float32 rounding (the KV within the batch-equivalence bound of a distributed build, the states
+    within the bound of a state against a forward of its prefix)."""
+    from prefixgen.builder.plan import Batch, PrefillTask
+    from prefixgen.builder.recurrent import RecurrentPrefiller
+    from prefixgen.format import block_keys
+    from prefixgen.model import probe_kv_layout
+
+    _, model_dir = hybrid
+    model, tok = load_float32(model_dir)
+    layout = probe_kv_layout(model)
+    bs = 16
+    tasks = []
+    for i, text in enumerate([PROMPTS[0], PROMPTS[1], PROMPTS[0] + SUFFIX, PROMPTS[1][:90]]):
+        ids = tok(text).input_ids
+        n = len(ids) // bs * bs
+        states = tuple(sorted({(len(ids) - 1) // bs, n // bs} - {0}))
+        tasks.append(PrefillTask(i, ids[:n], 0, block_keys(ids[:n], bs, b"\0" * 32), bs, None, states))
+    assert len({len(t.tokens) for t in tasks}) >= 3  # lengths differ: the tasks leave the batch at different forwards
+    outputs = {}
+    for name, batches in (("together", [Batch(tasks)]), ("alone", [Batch([t]) for t in tasks])):
+        store = tmp_path / name
+        store.mkdir()
+        prefiller = RecurrentPrefiller(model, torch.device("cpu"), None, layout, store, bs, fsync=False)
+        outputs[name] = [kv for b in batches for kv in prefiller.run(b)]
+    for a, b in zip(outputs["together"], outputs["alone"]):  # the batch-equivalence bound of tests/test_distributed.py
+        assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+    names = sorted(p.name for p in (tmp_path / "alone" / STATES_DIR).iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "together" / STATES_DIR).iterdir()) and len(names) > len(tasks)
+    for name in names:
+        a, b = (read_state_file(tmp_path / d / STATES_DIR / name) for d in ("together", "alone"))
+        assert all((x - y).abs().max().item() < 1e-5 for x, y in zip(a, b)), name

@@ -595,17 +595,18 @@ class Ranks:
         folder = out / BUILDS_DIR / f"{record.build_id}{PLAN_SUFFIX}" / self.run
         plan = self.plan
         mine = np.flatnonzero(plan["owner"] == self.rank)
-        spills: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        spills: dict[int, tuple] = {}
         for s in np.unique(plan["share"][mine]).tolist():
-            lengths = load_npz(folder / f"share-{s}.npz")["lengths"]
-            spills[s] = (*_share_tokens(folder, s, lengths), lengths)
+            meta = load_npz(folder / f"share-{s}.npz")
+            spills[s] = (*_share_tokens(folder, s, meta["lengths"]), meta["lengths"], *_turn_ends(meta))
         for i in mine.tolist():
-            ids, starts, lengths = spills[int(plan["share"][i])]
+            ids, starts, lengths, ends, first_end = spills[int(plan["share"][i])]
             row = int(plan["row"][i])
             tokens = ids[starts[row] : starts[row] + lengths[row]].tolist()
             record.records += 1
             record.dataset_tokens += len(tokens)
-            yield TokenizedRecord(int(plan["index"][i]), tokens)
+            # The chat turns' ends, as one process's tokenizer gives them: a hybrid keeps its states there too.
+            yield TokenizedRecord(int(plan["index"][i]), tokens, tuple(ends[first_end[row] : first_end[row + 1]].tolist()))
 
     def finish(self, out: Path, record: BuildRecord) -> BuildRecord:
         """The merged record of the build. Under torchrun, rank 0 waits (through the store, without a
@@ -623,6 +624,13 @@ class Ranks:
             shutil.rmtree(out / BUILDS_DIR / f"{record.build_id}{PLAN_SUFFIX}", ignore_errors=True)
             shutil.rmtree(out / CLAIMS_DIR / record.build_id, ignore_errors=True)
         return merged if self.collective else record
+
+
+def _turn_ends(meta: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(ends, first): the chat turns' ends of a count share's records, record ``r``'s at
+    ``ends[first[r]:first[r + 1]]`` (none in a share spilled before they were kept)."""
+    counts = meta.get("end_counts", np.zeros(len(meta["lengths"]), np.int64))
+    return meta.get("ends", np.zeros(0, np.int64)), np.concatenate([[0], np.cumsum(counts)])
 
 
 def refuse_live_ranks(out: Path, build_id: str, me: str | None, other_world: int | None = None) -> None:

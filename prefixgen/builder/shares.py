@@ -123,6 +123,7 @@ def count_share(
     counting.warn = tokenize.warn  # this is the only pass that tokenizes the share: it warns
     counter = BlockCounter()
     index, lengths = [], []
+    ends, end_counts = [], []  # hybrid models: where each record's chat turns end (its states are kept there)
     rows, local = 0, False  # records of the share (skipped ones too); numbered within it (Record.share)
 
     def tally(records: Iterator[Record]) -> Iterator[Record]:
@@ -144,6 +145,8 @@ def count_share(
                 counter.add(keys)
                 index.append(rec.index)
                 lengths.append(len(ids))
+                ends += rec.ends
+                end_counts.append(len(rec.ends))
             for f in (tokens_file, keys_file) if fsync else ():
                 f.flush()
                 os.fsync(f.fileno())
@@ -158,6 +161,7 @@ def count_share(
     counts = counter.result()
     meta = {"index": np.asarray(index, np.int64), "lengths": np.asarray(lengths, np.int64)}
     meta |= {"rows": np.asarray(rows, np.int64), "local": np.asarray(local)}
+    meta |= {"ends": np.asarray(ends, np.int64), "end_counts": np.asarray(end_counts, np.int64)}
     meta |= {f"counts_{k}": getattr(counts, k) for k in ("key64", "check64", "records", "depth")}
     meta["stats"] = np.asarray([stats.skipped_records, stats.truncated_records, stats.dataset_tokens], np.int64)
     _save(folder / f"share-{share}.npz", meta, owner, fsync)

@@ -12,6 +12,14 @@ than the build's parts (superseded by a resume on another number of ranks). A bu
 complete rank part and a missing or dead one keeps its plan: the ranks still to run need the plan
 the others built by.
 
+Recurrent states (``states/<key>.safetensors``, hybrid models) of blocks the index does not hold:
+those of a build killed before its shard was committed, or of blocks a prune dropped. No reader
+looks them up (a state is read only for a block the index holds), but a build that starts may reuse
+one (a state is written once per key), so :func:`remove_orphan_states` takes only files older than
+its own start, only while no writer but a gc is live, and moves each out of the way
+(``states/.gc-<gc id>-<name>``) before it looks at the writers and the index once more: a file a
+writer may have seen, or whose block came into the index meanwhile, is moved back.
+
 Each removal is one ``unlink`` of a file no reader uses, or the ``rename`` of a plan or claims
 folder out of the way (to ``.gc-<gc id>-<name>``) before it is deleted, so a gc killed at any
 point leaves a store that verifies and answers the same, and no half-deleted plan.
@@ -19,6 +27,7 @@ point leaves a store that verifies and answers the same, and no half-deleted pla
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -26,9 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefixgen.errors import CorruptStoreError, StoreError
-from prefixgen.format import BUILDS_DIR, CLAIMS_DIR, INDEX_DIR, PLAN_SUFFIX, SHARDS_DIR, BuildRecord, Segment
+from prefixgen.format import BUILDS_DIR, CLAIMS_DIR, INDEX_DIR, LOCKS_DIR, PLAN_SUFFIX, SHARDS_DIR, BuildRecord, Segment
+from prefixgen.store.index import StoreIndex
 from prefixgen.store.reader import read_builds, read_manifest
-from prefixgen.store.writer import ID_PATTERN, live_writers, maintenance_lock, remove_temp_files, writer_is_live
+from prefixgen.store.states import STATE_SUFFIX, STATES_DIR
+from prefixgen.store.writer import ID_PATTERN, live_writers, lock_role, maintenance_lock, remove_temp_files, writer_is_live
 
 
 @dataclass(slots=True)
@@ -83,7 +94,87 @@ def _collect(path: Path, me: str, dry_run: bool) -> GcReport:
     report.removed = [str(p.relative_to(path)) for p in removed]
     report.bytes_freed = sum(sizes.get(p, 0) for p in removed)
     _remove_plans(path, me, dry_run, report)
+    states, freed, notes = remove_orphan_states(path, me, dry_run)
+    report.removed += states
+    report.bytes_freed += freed
+    report.notes += notes
     return report
+
+
+def remove_orphan_states(path: Path, me: str, dry_run: bool = False) -> tuple[list[str], int, list[str]]:
+    """Remove the recurrent states whose block the index does not hold (see the module docstring), as
+    maintenance job ``me`` (its lock held): (paths removed, relative to the store; bytes freed; notes).
+    Also finishes the work of a gc or prune killed while doing this (its ``.gc-`` files in ``states/``).
+
+    Example:
+        >>> with maintenance_lock(Path("store"), "gc") as me:  # doctest: +SKIP
+        ...     remove_orphan_states(Path("store"), me)
+        (['states/0a1b...safetensors'], 4096, [])
+    """
+    folder = path / STATES_DIR
+    if not folder.is_dir():
+        return [], 0, []
+    others = [o for o in live_writers(path) if o != me and lock_role(path, o) != "gc"]
+    if others:
+        return [], 0, [f"recurrent states without a block were kept: {lock_role(path, others[0])} {others[0]} is running"]
+    started = (path / LOCKS_DIR / f"{me}.lock").stat().st_mtime  # the file system's clock when this job began
+    index = StoreIndex.open(path)
+    names = sorted(os.listdir(folder))
+    trash = [n for n in names if n.startswith(".gc-") and _is_state(n[-(64 + len(STATE_SUFFIX)) :]) and _dead_trash(path, n)]
+    found = [n for n in names if _is_state(n)]
+    found = [n for n, held in zip(found, index.contains([_state_key(n) for n in found])) if not held]
+    found = [n for n in found if _mtime(folder / n) < started]
+    sizes = {n: _size(folder / n) for n in found}
+    if dry_run:
+        return [f"{STATES_DIR}/{n}" for n in found], sum(sizes.values()), []
+    moved = dict(_trash_name(n) for n in trash)  # a killed job's: back under their names or removed, as below
+    for n in found:
+        aside = f".gc-{me}-{n}"
+        with contextlib.suppress(FileNotFoundError):  # another gc took it first
+            os.rename(folder / n, folder / aside)
+            moved[aside] = n
+    # Out of every writer's sight now. A writer that started before they moved may have found one (it
+    # would have kept it rather than write its own), and a block may have come into the index: put those back.
+    live = [o for o in live_writers(path) if o != me and lock_role(path, o) != "gc"]
+    index = StoreIndex.open(path)
+    back = index.contains([_state_key(n) for n in moved.values()])
+    removed, notes = [], []
+    for (aside, n), held in zip(moved.items(), back):
+        try:
+            if live or held:
+                if not (folder / n).exists():
+                    os.rename(folder / aside, folder / n)
+                    continue
+            (folder / aside).unlink(missing_ok=True)
+            if not (live or held) and n in sizes:
+                removed.append(f"{STATES_DIR}/{n}")
+        except OSError as exc:
+            notes.append(f"could not remove {folder / aside}: {exc}")
+    if live:
+        notes.append(f"recurrent states without a block were kept: {lock_role(path, live[0])} {live[0]} started")
+    return removed, sum(sizes[n[len(STATES_DIR) + 1 :]] for n in removed), notes
+
+
+def _is_state(name: str) -> bool:
+    """Whether ``name`` is a state file's (the hex of a 32-byte key), not a temporary file or a gc's."""
+    stem = name[: -len(STATE_SUFFIX)]
+    return name.endswith(STATE_SUFFIX) and len(stem) == 64 and all(c in "0123456789abcdef" for c in stem)
+
+
+def _state_key(name: str) -> bytes:
+    return bytes.fromhex(name[: -len(STATE_SUFFIX)])
+
+
+def _trash_name(name: str) -> tuple[str, str]:
+    """(``.gc-<owner>-<state file>``, ``<state file>``)."""
+    return name, name[-(64 + len(STATE_SUFFIX)) :]
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return float("inf")  # gone: nothing to remove
 
 
 def _remove_plans(path: Path, me: str, dry_run: bool, report: GcReport) -> None:

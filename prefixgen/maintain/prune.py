@@ -48,6 +48,7 @@ from prefixgen.format import (
 )
 from prefixgen.maintain.buckets import KeyBuckets
 from prefixgen.maintain.compact import COMPACTED_PREFIX, compact_store, ensure_format_version
+from prefixgen.maintain.gc import remove_orphan_states
 from prefixgen.maintain.merge import Spill, encode_spill
 from prefixgen.store.reader import PrefixStore
 from prefixgen.store.writer import live_writers, lock_role, maintenance_lock, new_id
@@ -65,6 +66,7 @@ class PruneReport:
     bytes_after: int = 0
     shards_written: int = 0
     shards_removed: int = 0
+    states_removed: int = 0  # recurrent states of dropped blocks (hybrid models)
     notes: list[str] = field(default_factory=list)  # what was left for later, and why
 
 
@@ -157,6 +159,7 @@ def _prune(
         del place
     _swap_segments(path, manifest, old_path, old.n, new, copy.refs, report, fsync, owner)  # steps 3 and 4
     _remove_old_shards(path, old, copy.refs, report, fsync, owner)  # step 5
+    _remove_dropped_states(path, owner, report)
     return report
 
 
@@ -250,6 +253,13 @@ def _remove_old_shards(path: Path, old: Segment, refs: list[ShardRef], report: P
             report.shards_removed += 1
     if fsync:
         fsync_dir(path / SHARDS_DIR)
+
+
+def _remove_dropped_states(path: Path, owner: str, report: PruneReport) -> None:
+    """A hybrid model's store: the recurrent states of the blocks dropped go too (gc's rules)."""
+    removed, _, notes = remove_orphan_states(path, owner)
+    report.states_removed = len(removed)
+    report.notes += notes
 
 
 def record_counts(store: PrefixStore, key64: np.ndarray) -> np.ndarray:

@@ -135,6 +135,8 @@ def _verify_states(path: Path, report: VerifyReport, quick: bool) -> None:
     for name in sorted(os.listdir(path / STATES_DIR)) if (path / STATES_DIR).is_dir() else []:
         if name.endswith(TMP_SUFFIX):
             report.notes.append(f"{STATES_DIR}/{name}: temporary file of an interrupted writer (ignored by readers)")
+        elif name.startswith(".gc-"):
+            report.notes.append(f"{STATES_DIR}/{name}: moved aside by a gc or prune that was stopped (ignored by readers)")
         elif not quick:
             try:
                 read_state_file(path / STATES_DIR / name)

@@ -30,11 +30,12 @@ from prefixgen.errors import CorruptStoreError
 from prefixgen.format import BlockHash, create_once
 
 STATES_DIR = "states"
+STATE_SUFFIX = ".safetensors"
 
 
 def state_path(store: Path, key: BlockHash) -> Path:
     """Where the state after the block ``key`` is kept."""
-    return Path(store) / STATES_DIR / f"{bytes(key).hex()}.safetensors"
+    return Path(store) / STATES_DIR / f"{bytes(key).hex()}{STATE_SUFFIX}"
 
 
 def _crc(conv: torch.Tensor, ssm: torch.Tensor) -> int:

@@ -19,6 +19,10 @@ kills some with SIGKILL at a random moment after they took their lock, lets the 
 * readers (and ``serve``) never see an error other than "not stored";
 * every failure is one line ``error: ...`` (no traceback, no "Aborted!").
 
+A third of the schedules build a tiny hybrid model (Qwen3-Next: Gated DeltaNet layers beside
+attention), whose stores keep recurrent states in ``states/``: after gc, every state file is of a
+block the index holds.
+
 Faults: ``faultshim.c`` (LD_PRELOAD, compiled here) fails writes and fsyncs under the store with EIO
 or ENOSPC, shortens writes, and delays flock/unlink/rename/link to widen race windows; a schedule
 on a small tmpfs (mounted here when the machine allows it) meets a real full disk.
@@ -49,6 +53,7 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 MODEL = REPO / "models" / "stories260K"
 SMALL_SHARDS = ("20KiB", "64KiB", "1MiB")  # 1, 3 and ~50 blocks of stories260K per shard
+HYBRID_SHARE = 1 / 3  # schedules whose model is a hybrid (recurrent states in states/)
 COVER_MAX_STEPS = 10  # --cover: steps a schedule may take to meet everything (a forced kill may land after its process ended)
 TOLERANCE = 1e-5  # float32 batch equivalence, as tests/test_distributed.py's assert_same_kv
 WORDS = "the cat sat on a mat and ran to the big red dog who saw tim and lily play with a ball in the park".split()
@@ -140,6 +145,7 @@ class Torture:
         # a short run (CI's slice) meets every kind of trouble, in an order and at moments the seed gives.
         self.cover = cover
         self.rng = random.Random(seed)
+        self.kind_rng = random.Random(f"{seed}-kind")
         self.report = Report(seed)
         self.work.mkdir(parents=True, exist_ok=True)
         self.fault_log = self.work / "faults.log"
@@ -168,22 +174,32 @@ class Torture:
         self.prompts = self.work / "prompts.json"
         self.prompts.write_text(json.dumps(prompts[::3]))
         self.texts = [json.loads(line)["text"] for line in self.data["b"].read_text().splitlines()][:4]
-        self.refs = {name: self.work / f"ref-{name.replace('+', 'plus')}" for name in self.data}
+        self.models = {"plain": MODEL, "hybrid": _hybrid_model(self.work / "hybrid")}
+        self.refs: dict[str, dict[str, Path]] = {}
+        self.ref_keys: dict[str, dict[str, list[bytes]]] = {}
+        self._references("plain")
+
+    def _references(self, kind: str) -> None:
+        """A reference store of each dataset, built alone with the ``kind`` model (once)."""
+        if kind in self.refs:
+            return
+        tag = "" if kind == "plain" else f"{kind}-"
+        refs = self.refs[kind] = {name: self.work / f"ref-{tag}{name.replace('+', 'plus')}" for name in self.data}
         procs = []
-        for name, ref in self.refs.items():
+        for name, ref in refs.items():
             if not (ref / "manifest.json").exists():
                 shutil.rmtree(ref, ignore_errors=True)
-                procs.append(subprocess.Popen(self._cli("build", self.data[name], "-m", MODEL, "--out", ref, "--quiet"), env=self._env(faults=False), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=self.code))  # fmt: skip
+                procs.append(subprocess.Popen(self._cli("build", self.data[name], "-m", self.models[kind], "--out", ref, "--quiet"), env=self._env(faults=False), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=self.code))  # fmt: skip
         for p in procs:
             _, err = p.communicate()
             if p.returncode:
                 raise RuntimeError(f"reference build failed: {err}")
         from prefixgen.store.reader import PrefixStore
 
-        self.ref_keys = {}
-        for name, ref in self.refs.items():
+        self.ref_keys[kind] = {}
+        for name, ref in refs.items():
             index = PrefixStore.open(ref).index
-            self.ref_keys[name] = sorted(
+            self.ref_keys[kind][name] = sorted(
                 {bytes(k) for s in index.segments for k in index.columns(index.segments.index(s))["key"]}
             )
 
@@ -238,6 +254,12 @@ class Torture:
         """A fresh store, a random number of random steps, then a finish (every build resumed to its
         end, without faults or kills) and gc, with every invariant checked along the way."""
         self.number = number
+        # A third of the schedules store a hybrid model (its states too), drawn from a generator of
+        # their own: the steps of a seed's plain schedules stay what they were.
+        self.kind = "hybrid" if self.kind_rng.random() < HYBRID_SHARE else "plain"
+        self.model = self.models[self.kind]
+        self._ran(f"{self.kind} schedule")
+        self._references(self.kind)
         self.pruned = False  # a prune (even a killed one) may remove any build's blocks
         self.world = 2
         full_disk = self.rng.random() < 0.25 and number > 0
@@ -252,7 +274,7 @@ class Torture:
         self.data_now = dict(self.data)
         self.current_a = "a"
         self.pre_growth: set[str] = set()
-        self.log(f"schedule {number}: {store}")
+        self.log(f"schedule {number}: {store} ({self.kind} model)")
         steps, i = self.rng.randint(2, 4), 0
         while i < steps or (self.cover and i < COVER_MAX_STEPS and not self._covered()):  # --cover: until everything ran
             if time.monotonic() > deadline:
@@ -351,7 +373,7 @@ class Torture:
             data = self._dataset_file(data_name)
             if kind == "build":
                 mode = rng.choice(["--append", "--resume"] if exists else ["--append", ""])
-                args = _build_args(data, store, "--shard-bytes", shard(), *([mode] if mode else []))
+                args = _build_args(self.model, data, store, "--shard-bytes", shard(), *([mode] if mode else []))
                 if rng.random() < 0.3:
                     args.append("--no-fsync")
                 children.append(
@@ -362,7 +384,7 @@ class Torture:
                 resume = ["--resume"] if (exists and rng.random() < 0.6) or kind == "ranks-other-world" else []
                 later = rng.uniform(2, 6) if kind == "ranks-other-world" else 0  # once the others run
                 for r in range(world):
-                    args = _build_args(data, store, "--shard-bytes", shard(), *resume)
+                    args = _build_args(self.model, data, store, "--shard-bytes", shard(), *resume)
                     args += ["--rank", r, "--world-size", world]
                     children.append(
                         self._start(
@@ -462,7 +484,7 @@ class Torture:
 
     def _serve(self, store: Path) -> Child | None:
         port = 20000 + self.rng.randrange(20000)
-        cmd = self._cli("serve", store, "-m", MODEL, "--port", port, "--device", "cpu")
+        cmd = self._cli("serve", store, "-m", self.model, "--port", port, "--device", "cpu")
         child = self._start("serve", cmd, "serve", self._env(False), None)
         child.port = port  # type: ignore[attr-defined]
         return child
@@ -634,7 +656,7 @@ class Torture:
             ):
                 continue
             try:
-                found = PrefixStore.open(self.store).index.find(self.ref_keys[name])
+                found = PrefixStore.open(self.store).index.find(self.ref_keys[self.kind][name])
             except Exception as exc:
                 self._violate(step, "store unreadable", str(exc)[:300])
                 continue
@@ -680,7 +702,7 @@ class Torture:
                 self._violate(step, "build never completes", f"build {b.build_id} is {b.status} after every rank was resumed")
             if b.status != "complete" or self.pruned or not name or b.selection:
                 continue
-            keys = self.ref_keys[name]
+            keys = self.ref_keys[self.kind][name]
             found = store.index.find(keys)
             missing = sum(loc is None for loc in found)
             if missing:
@@ -691,7 +713,7 @@ class Torture:
                 )
                 continue
             got = store.read_blocks(keys)
-            want = PrefixStore.open(self.refs[name]).read_blocks(keys)
+            want = PrefixStore.open(self.refs[self.kind][name]).read_blocks(keys)
             err = (got.float() - want.float()).abs().max().item()
             if err > TOLERANCE * max(1.0, want.abs().max().item()) or torch.isnan(got).any():
                 self._violate(step, "wrong KV", f"build {b.build_id} of {name}: max error {err:.3g} against the reference")
@@ -720,12 +742,12 @@ class Torture:
                 if b.world_size > 1:
                     world = b.world_size
                     for r in range(world):
-                        args = _build_args(data, self.store, "--resume", "--rank", r, "--world-size", world)
+                        args = _build_args(self.model, data, self.store, "--resume", "--rank", r, "--world-size", world)
                         children.append(
                             self._start(f"finish rank {r}/{world}", self._cli(*args), "ranks", self._env(False), None)
                         )
                 else:
-                    args = _build_args(data, self.store, "--resume")
+                    args = _build_args(self.model, data, self.store, "--resume")
                     children.append(self._start("finish build", self._cli(*args), "build", self._env(False), None))
                 break  # one build at a time: the resumes of two builds are two steps
             if not children:
@@ -760,6 +782,10 @@ class Torture:
             index = PrefixStore.open(self.store).index
             named = {r.name for s in index.segments for r in s.shards}
             left += [f"shards/{p.name}" for p in (self.store / "shards").glob("*.safetensors") if p.name not in named]
+            # A hybrid's recurrent states: each of a block the index holds (gc removes the others).
+            states = sorted((self.store / "states").glob("*.safetensors"))
+            held = index.contains([bytes.fromhex(p.name.split(".")[0]) for p in states])
+            left += [f"states/{p.name}" for p, h in zip(states, held) if not h]
         except Exception as exc:  # reported by verify already
             self.log(f"index unreadable in the clean check: {exc}")
         if left:
@@ -773,9 +799,20 @@ def _after(seconds: float, cmd: list) -> list:
     return ["sh", "-c", f'sleep {seconds:.2f}; exec "$0" "$@"', *map(str, cmd)]
 
 
-def _build_args(data: object, store: object, *more: object) -> list[object]:
-    """``prefixgen build`` of ``data`` into ``store`` with the harness's model, quiet, then ``more``."""
-    return ["build", data, "-m", MODEL, "--out", store, "--quiet", *more]
+def _build_args(model: Path, data: object, store: object, *more: object) -> list[object]:
+    """``prefixgen build`` of ``data`` into ``store`` with ``model`` (the schedule's), quiet, then ``more``."""
+    return ["build", data, "-m", model, "--out", store, "--quiet", *more]
+
+
+def _hybrid_model(path: Path) -> Path:
+    """A tiny Qwen3-Next (Gated DeltaNet layers beside attention, tests/kinds.py) with the stories
+    tokenizer: its stores keep recurrent states (``states/``) beside the KV."""
+    if not (path / "config.json").exists():
+        from tests.conftest import make_model
+        from tests.kinds import QWEN3_NEXT
+
+        make_model(path, "qwen3_next", seed=1, initializer_range=0.1, **QWEN3_NEXT)
+    return path
 
 
 def _tail(text: str, n: int = 600) -> str:
