@@ -315,25 +315,6 @@ def test_vllm_export_refuses_the_kinds_it_cannot_write(kind_model, kind_store, c
     assert "Traceback" not in result.output and not out.exists()
 
 
-def test_exports_refuse_recurrent_state(tmp_path, cli):
-    """No engine's per-page or per-chunk KV file holds a recurrent layer's state (a state per sequence): every
-    export refuses a store that has one, naming it, and makes no folder (build stores hybrids: tests/test_recurrent.py)."""
-    model = make_model(tmp_path / "qwen3_next", "qwen3_next", **QWEN3_NEXT)
-    data = write_jsonl(tmp_path / "d.jsonl", [{"text": p} for p in PROMPTS])
-    store = tmp_path / "store"
-    result = cli("build", data, "--model", model, "--out", store, "--device", "cpu", "--dtype", "float32", "--quiet")
-    if result.exit_code != 0:
-        assert "recurrent state" in result.stderr, result.stderr
-        pytest.skip("build does not store recurrent state yet")
-    for target in ("sglang", "lmcache", "vllm"):
-        out = tmp_path / target
-        result = cli("export", store, "--to", target, "--out", out, "--model-name", "m", "--hash-seed", "0")
-        assert result.exit_code not in (0, 1), result.output
-        assert "layers of recurrent state (linear attention / state space)" in result.stderr, result.stderr
-        assert "no export writes recurrent state" in result.stderr
-        assert "Traceback" not in result.output and not out.exists()
-
-
 def test_ls_names_the_layer_groups(kind_model, kind_store, cli):
     arch, _ = kind_model
     result = cli("ls", kind_store.path)

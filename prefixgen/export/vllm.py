@@ -74,6 +74,11 @@ class VLLMTarget:
     """
 
     name: ClassVar[str] = "vllm"
+    recurrent_refusal: ClassVar[str] = (
+        "vLLM 0.32.0's offloading has a canonical (topology-free) page only for attention layers "
+        "(offloading/config.py, spec_certifiable: a MambaSpec is not an AttentionSpec), so a hybrid's files are "
+        "each worker's raw state pages, which this export does not write"
+    )
 
     model_name: str
     block_size: int = 16
