@@ -300,17 +300,26 @@ def test_prefixgen_serve_answers_as_without_the_store(kind_model, kind_store):
 
 
 def test_vllm_export_refuses_the_kinds_it_cannot_write(kind_model, kind_store, cli, tmp_path):
-    """vLLM's offloading files are written for one full-attention KV cache group: a sliding-window, chunked or MLA
-    store gets one message naming its cache and what vLLM does with it, and no export folder. (SGLang and LMCache
-    export these kinds: tests_sglang/, tests_lmcache/.)"""
+    """vLLM's offloading files are written for one KV cache group: a sliding-window or chunked store gets one
+    message naming its cache and what vLLM does with it, and no export folder; an MLA store is exported (for a
+    TP-1 server: tests_vllm/test_vllm_export.py reads it) and refused for another TP size. (SGLang and LMCache
+    export every kind here: tests_sglang/, tests_lmcache/.)"""
     arch, _ = kind_model
     out = tmp_path / "vllm"
-    result = cli("export", kind_store.path, "--to", "vllm", "--out", out, "--model-name", "m", "--hash-seed", "0")
+    args = ["export", kind_store.path, "--to", "vllm", "--out", out, "--model-name", "m", "--hash-seed", "0", "--quiet"]
+    if arch.startswith("deepseek"):
+        result = cli(*args, "--tp-size", "2")
+        assert result.exit_code not in (0, 1) and "--tp-size 2 with an MLA latent" in result.stderr, result.output
+        assert "Traceback" not in result.output and not out.exists()
+        result = cli(*args)
+        assert result.exit_code == 0 and list(out.rglob("*.bin")), result.output
+        return
+    result = cli(*args)
     assert result.exit_code not in (0, 1), result.output
-    assert "--to vllm writes vLLM's offloading files for models whose every layer is full attention" in result.stderr
-    named = {"deepseek_v2": "an MLA latent", "deepseek_v3": "an MLA latent", "llama4_text": "chunked local attention"}
+    assert "--to vllm writes vLLM's offloading files for models with one KV cache group" in result.stderr
+    named = {"llama4_text": "chunked local attention"}
     assert f"vLLM keeps {named.get(arch, 'sliding-window attention')}" in result.stderr, result.stderr
-    described = {"deepseek_v2": "multi-head latent", "deepseek_v3": "multi-head latent", "llama4_text": "chunked local"}
+    described = {"llama4_text": "chunked local"}
     assert "stores a cache of " in result.stderr and described.get(arch, "sliding-window") + " attention" in result.stderr
     assert "Traceback" not in result.output and not out.exists()
 

@@ -77,7 +77,7 @@ def export(cli, store: Path, out: Path, model: Path, *args) -> None:
 class VLLMSide:
     """vLLM's scheduler-side offloading stack for a server started with ``extra`` as the connector's config."""
 
-    def __init__(self, model: Path, root: Path, layout: str, tp: int, block_size: int, extra: dict):
+    def __init__(self, model: Path, root: Path, layout: str, tp: int, block_size: int, extra: dict, spec=None, layers: int = 2):
         from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, ParallelConfig, VllmConfig
         from vllm.distributed.kv_transfer.kv_connector.v1.offloading.config import build_offloading_config
         from vllm.v1.attention.backends.utils import record_kv_cache_layout
@@ -104,11 +104,13 @@ class VLLMSide:
         record_kv_cache_layout(self.config.cache_config, layout)
         self.layout = layout
         # The spec one rank's attention layers report (FlashAttention and CPU attention alike): this rank's heads.
-        self.spec = FullAttentionSpec(block_size=block_size, num_kv_heads=max(1, 2 // tp), head_size=64, dtype=torch.float32)
-        self.names = [f"model.layers.{i}.self_attn.attn" for i in range(2)]
+        self.spec = spec or FullAttentionSpec(
+            block_size=block_size, num_kv_heads=max(1, 2 // tp), head_size=64, dtype=torch.float32
+        )
+        self.names = [f"model.layers.{i}.self_attn.attn" for i in range(layers)]
         page = self.spec.page_size_bytes
         self.tensor = KVCacheTensor(
-            size=page * NUM_BLOCKS * 2, layers=self.names, layer_stride=page * NUM_BLOCKS, block_stride=page
+            size=page * NUM_BLOCKS * layers, layers=self.names, layer_stride=page * NUM_BLOCKS, block_stride=page
         )
         self.kv_cache_config = KVCacheConfig(
             num_blocks=NUM_BLOCKS, kv_cache_tensors=[self.tensor], kv_cache_groups=[KVCacheGroupSpec(self.names, self.spec)]
@@ -255,5 +257,58 @@ def test_a_file_vllm_does_not_hash_to_is_a_miss(cli, setup, tmp_path, monkeypatc
     try:
         names = [Path(vllm_side.fs.file_mapper.get_file_name(h + bytes(4))) for h in vllm_side.block_hashes(records[0])]
         assert names and not any(n.exists() for n in names)
+    finally:
+        vllm_side.close()
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+def test_vllm_reads_an_mla_export_as_the_stores_latent(cli, tmp_path, monkeypatch, arch):
+    """An MLA store (one KV cache group of ``MLAAttentionSpec``) exported for a TP-1 server: vLLM's own offloading
+    config finds it parallelism-agnostic (``spec_certifiable``), its fs tier reads each file into a CPU-tier row,
+    and its canonical mapping places each layer's latent page in the GPU cache: the store's latent rows, the rope
+    key's pairs in vLLM's order for DeepSeek V3 (``rope_interleave``)."""
+    from transformers import AutoConfig
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+    from vllm.v1.kv_offload.base import make_offload_key
+
+    from prefixgen import BuildConfig, build
+    from prefixgen.model import load_tokenizer
+    from tests.conftest import make_model
+    from tests.test_cache_kinds import KINDS, interleaved_rope
+
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    model = make_model(tmp_path / arch, arch, seed=1, initializer_range=0.1, **{**KINDS[arch], "max_position_embeddings": 1024})
+    store = tmp_path / "store"
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in TEXTS])
+    build(BuildConfig(dataset=str(data), model=str(model), out=str(store), device="cpu", dtype="float32", quiet=True))
+    pstore = PrefixStore.open(store)
+    kv = pstore.manifest.kv
+    assert kv.kind == "mla" and kv.num_kv_heads == 1
+    root = tmp_path / "offload"
+    export(cli, store, root, model)
+    spec = MLAAttentionSpec(block_size=16, num_kv_heads=1, head_size=kv.head_dim, dtype=torch.float32)
+    vllm_side = VLLMSide(model, root, "LBNHC", 1, 16, {}, spec=spec, layers=kv.num_layers)
+    try:
+        # vLLM's own decision: one topology-free folder, one latent copy for every rank (replicated_layout, TP 1 too).
+        assert vllm_side.offloading.parallel.is_parallelism_agnostic and vllm_side.offloading.replicated_layout
+        mapper = vllm_side.fs.file_mapper
+        assert Path(mapper.get_config_file_path()).read_text() == json.dumps(mapper.get_run_config(), indent=2, sort_keys=True)
+        tok = load_tokenizer(str(model))
+        config = AutoConfig.from_pretrained(model)
+        expected: set[Path] = set()
+        for text in TEXTS:
+            ids = tok(text).input_ids
+            keys = [make_offload_key(h, 0) for h in vllm_side.block_hashes(ids)]
+            names = [Path(mapper.get_file_name(k)) for k in keys]
+            assert names and all(n.stat().st_size == vllm_side.fs._block_size for n in names)
+            expected |= set(names)
+            rows = vllm_side.load(keys)
+            tokens = len(keys) * 16
+            _, latent = pstore.read_prefix(pstore.keys(ids[:tokens]))  # [T, L, 1, 1, D]
+            want = interleaved_rope(latent[:, :, 0, 0], kv.latent_rank, config)  # [T, L, D], vLLM's rope order
+            for layer, page in enumerate(vllm_side.to_gpu_pages(rows, 1, 0)):
+                got = page[: tokens // 16].reshape(tokens, kv.head_dim)  # [blocks, 16, D]: MLA's GPU page
+                assert torch.equal(got.view(torch.int32), want[:, layer].contiguous().view(torch.int32)), (text, layer)
+        assert {p for p in root.rglob("*.bin")} == expected
     finally:
         vllm_side.close()

@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from prefixgen.cache_spec import MLA
 from prefixgen.errors import ExportError
 from prefixgen.export.base import StoreInfo
 from prefixgen.export.cbor import cbor
@@ -98,16 +99,25 @@ class VLLMTarget:
         """Refuse what this target cannot write exactly as vLLM would for the stated server."""
         if not self.model_name:
             raise ExportError("--model-name is empty: give the --model string the vLLM server is started with")
-        if info.groups:
+        self._mla = info.group_kinds() == {MLA}
+        if info.groups and not self._mla:
             # vLLM 0.32.0's offloading connector (SupportsHMA) offloads each KV cache group on its own: a sliding-window
-            # or chunked group beside the full one has files of its own (`_g<i>`) and rows of its own spec, and an MLA
-            # latent is a replicated canonical page (offloading/config.py) -- not the one full-attention group of
-            # per-head K/V pages this target writes and tests_vllm checks.
+            # or chunked group beside the full one has files of its own (`_g<i>`), and its rows hold, per shared KV
+            # cache tensor, the canonical page of the group's layer in that tensor -- a grouping vLLM derives
+            # (kv_cache_utils._get_kv_cache_groups_uniform_page_size), not the one group this target writes.
             raise ExportError(
                 f"{info.model_type} stores a cache of {info.describe()}: --to vllm writes vLLM's offloading files for "
-                "models whose every layer is full attention (one KV cache group of per-head K and V); vLLM keeps "
+                "models with one KV cache group (every layer full attention, or every layer MLA); vLLM keeps "
                 f"{_kind_words(info)} in KV cache groups and pages of their own, which this export does not write. "
                 "Export it --to sglang or --to lmcache, or serve it with prefixgen serve"
+            )
+        if self._mla and self.tp_size != 1:
+            # TP > 1: one latent copy for every rank in a folder of its own (replicated_layout, with the mp executor) or
+            # one per rank's row (other executors): offloading/config.py decides from the server's executor.
+            raise ExportError(
+                f"--tp-size {self.tp_size} with an MLA latent: vLLM keeps its offloaded latent per executor "
+                "(replicated_layout with the mp executor, a copy per rank otherwise), which this export does not "
+                "write; export with --tp-size 1 for a server with --tensor-parallel-size 1"
             )
         if self.block_size <= 0 or self.blocks_per_file <= 0:
             raise ExportError("--block-size and --blocks-per-file must be positive")
@@ -148,7 +158,7 @@ class VLLMTarget:
         self._info = info
         self._dtype = dtype
         rank_heads = max(1, info.num_kv_heads // self.tp_size)
-        token_bytes = 2 * info.head_dim * info.torch_dtype.itemsize  # K then V of one head
+        token_bytes = info.parts * info.head_dim * info.torch_dtype.itemsize  # K then V of one head, or one latent
         # Every worker's pages of a chunk: what the CPU tier's row holds (replicated heads counted per rank).
         worker_bytes = info.num_layers * rank_heads * self.block_size * token_bytes * self.blocks_per_file
         self._canonical_bytes = info.num_layers * info.num_kv_heads * self.unit_tokens * token_bytes
@@ -176,6 +186,9 @@ class VLLMTarget:
             "kv_cache_groups": [{"tokens_per_block": self.block_size, "layer_names": names}],
             "inference_engine": "vllm",
             "canonical_format": f"v{CANONICAL_FORMAT_VERSION}-{KV_LAYOUTS[self.kv_layout.upper()]}",
+            # An MLA latent is one copy for every rank: offloading/config.py sets replicated_layout for a canonical,
+            # parallelism-agnostic MLA group (TP 1 included), and FileMapper hashes the field in when it is set.
+            **({"replicated_layout": True} if self._mla else {}),
         }
 
     def extra_files(self) -> list[tuple[str, bytes]]:
@@ -207,6 +220,10 @@ class VLLMTarget:
         """The chunk's canonical pages as a view of ``kv`` (``[U, L, 2, H, D]``), one item per head's K or V:
         NHD ``[L, U, H, 2]``, HND ``[L, blocks, H, block, 2]``; C order is the row's byte order."""
         tokens, layers, _, heads, dim = kv.shape
+        if self._mla:  # MLAAttentionSpec's canonical page is the GPU page: [block, latent] (canonical_mapping.py)
+            kv = self._info.engine_mla_rows(kv)  # the rope key's pairs as vLLM's cache keeps them
+            rows = kv.contiguous().view(torch.uint8).numpy().reshape(tokens, layers, -1)
+            return rows.view(f"V{rows.shape[-1]}")[..., 0].transpose(1, 0)  # [L, U]: one latent row per item
         # One head's K (or V) is one run of D values in the store and in the page: moved as one opaque item.
         raw = kv.contiguous().view(torch.uint8).numpy().reshape(tokens, layers, 2, heads, -1)
         runs = raw.view(f"V{raw.shape[-1]}")[..., 0]  # [U, L, 2, H]
