@@ -330,7 +330,8 @@ def _layer_specs(config, names: str, heads: int, head_dim: int) -> dict:
 
     kw = dict(block_size=16, num_kv_heads=heads, head_size=head_dim, dtype=torch.float32)
     specs = {}
-    every = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"  # Mistral: one window, no layer_types
+    # Mistral: one window for every layer, no layer_types
+    every = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
     for i, kind in enumerate(getattr(config, "layer_types", None) or [every] * config.num_hidden_layers):
         if kind == "sliding_attention":
             spec = SlidingWindowSpec(sliding_window=config.sliding_window, **kw)
