@@ -20,6 +20,15 @@ so that an unmodified vLLM server serves them. Checked against **vLLM 0.32.0** (
   chunk rounded up to 4 KiB (``CPUOffloadingSpec``). A canonical page is ``[block_size, heads, K|V]``
   for the NHD family (``LBNHC``: FlashAttention's default) or ``[heads, block_size, K|V]`` for HND
   (``LBHNC``), K and V of one head and token adjacent, in the KV cache dtype.
+* **Sliding window** (several KV cache groups, the hybrid manager on): the layers grouped as vLLM groups them
+  (:func:`vllm_kv_cache_groups`); one file per group ``_g<i>`` and chunk (same hash); a group's row holds, per
+  KV cache tensor (the groups' ``j``-th layers share one, ``worker.py``: ``register_kv_caches``), the canonical
+  pages of its ``j``-th layer, zeros where a padded group has none.
+* **MLA**: one group; a layer's canonical page is its GPU page, the latent rows ``[block, latent]``
+  (``canonical_mapping._layer_mapping``), and the run config has ``replicated_layout`` (``offloading/config.py``
+  sets it for a canonical MLA group). TP 1 only.
+* **Refused**, with vLLM's reason: chunked local attention and recurrent state (``spec_certifiable``: no
+  canonical page for a ``ChunkedLocalAttentionSpec`` or a ``MambaSpec``).
 
 vLLM checks nothing inside a file but its length: a wrong layout, dtype or TP size is wrong KV (or a
 short read, after which vLLM deletes the file). The export folder's manifest records every parameter.
