@@ -18,50 +18,30 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import torch
-from common import ROOT, make_texts, write_jsonl
+from common import ROOT
+from serving import exported_prefix, post, start_server, stop
 from vllm_ttft import save_checkpoint
 
-from prefixgen import BuildConfig, build
 from prefixgen.config import ExportConfig
-from prefixgen.export import export_store
 
 PORT = 30123
 NAME = "bench/model"
 
 
-def post(path: str, body: dict) -> dict:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{PORT}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=600) as r:
-        return json.loads(r.read())
-
-
-def start(model: Path, storage: Path | None, log: Path) -> subprocess.Popen:
+def start(model: Path, storage: Path | None, log: Path):
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--served-model-name", NAME]
     cmd += ["--port", str(PORT), "--page-size", "16", "--dtype", "bfloat16", "--enable-cache-report"]
     env = dict(os.environ)
     if storage is not None:
         cmd += ["--enable-hierarchical-cache", "--hicache-storage-backend", "file", "--hicache-mem-layout", "page_first"]
         env["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = str(storage)
-    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    for _ in range(600):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=2):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"sglang exited: see {log}") from None
-            time.sleep(1)
-    proc.kill()
-    raise RuntimeError(f"sglang did not start in 10 minutes: see {log}")
+    return start_server(cmd, PORT, log, minutes=10, env=env)
 
 
 def ask(prompt: list[int]) -> tuple[float, int]:
@@ -69,7 +49,8 @@ def ask(prompt: list[int]) -> tuple[float, int]:
     server's device and host caches (``/flush_cache``; it leaves the storage folder alone)."""
     urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{PORT}/flush_cache", method="POST"), timeout=60).read()
     t = time.perf_counter()
-    r = post("/v1/completions", {"model": NAME, "prompt": prompt, "max_tokens": 1, "return_cached_tokens_details": True})
+    body = {"model": NAME, "prompt": prompt, "max_tokens": 1, "return_cached_tokens_details": True}
+    r = post(PORT, "/v1/completions", body)
     details = ((r["choices"][0].get("sglext") or {}).get("cached_tokens_details")) or {}
     return time.perf_counter() - t, int(details.get("storage") or 0)
 
@@ -87,31 +68,19 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model)
     cases = []
     for p in args.prefix:
-        text = tok.decode(tok(make_texts(1, p, p, seed=p)[0]).input_ids[:p], skip_special_tokens=True)
-        store, hicache = args.out / f"store-{p}", args.out / f"hicache-{p}"
-        data = write_jsonl(args.out / f"prefix-{p}.jsonl", [text])
-        build(BuildConfig(dataset=str(data), model=str(model), out=str(store), overwrite=True, quiet=True, dtype="bfloat16"))
-        t = time.perf_counter()
-        s = export_store(
-            ExportConfig(store=str(store), to="sglang", out=str(hicache), model_name=NAME, kv_dtype="bfloat16", quiet=True)
-        )
-        prompts = [
-            tok(text + f" Question {i}: what happened next to the {i}th friend?").input_ids for i in range(2 * args.repeats + 2)
-        ]
-        cases.append((p, hicache, prompts, s, time.perf_counter() - t))
-    results = {
-        p: {"prefix": p, "export_files": s.files, "export_GB": round(s.bytes / 1e9, 3), "export_s": round(dt, 2)}
-        for p, _, _, s, dt in cases
-    }
+        hicache = args.out / f"hicache-{p}"
+        export = ExportConfig(to="sglang", out=str(hicache), model_name=NAME, kv_dtype="bfloat16", quiet=True)
+        cases.append((exported_prefix(tok, model, p, args.out, export, 2 * args.repeats + 2), hicache))
+    results = {prefix.tokens: prefix.row() for prefix, _ in cases}
     for label in ("computed", "from_export"):
-        for p, hicache, prompts, _, _ in cases:
+        for prefix, hicache in cases:
+            p = prefix.tokens
             proc = start(model, hicache if label == "from_export" else None, args.out / f"sglang-{label}-{p}.log")
             try:
-                ask(prompts[0])  # warm-up (a first request compiles and allocates)
-                runs = [ask(prompts[1 + i]) for i in range(args.repeats)]
+                ask(prefix.prompts[0])  # warm-up (a first request compiles and allocates)
+                runs = [ask(prefix.prompts[1 + i]) for i in range(args.repeats)]
             finally:
-                proc.terminate()
-                proc.wait(60)
+                stop(proc, 60)
             results[p][f"ttft_{label}_s"] = round(statistics.median(r[0] for r in runs), 4)
             results[p][f"storage_tokens_{label}"] = [r[1] for r in runs]
     for row in results.values():

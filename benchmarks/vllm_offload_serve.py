@@ -18,29 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
-from common import ROOT, make_texts, write_jsonl
+from common import ROOT
+from serving import exported_prefix, post, start_server, stop
 from vllm_ttft import save_checkpoint
 
-from prefixgen import BuildConfig, build
 from prefixgen.config import ExportConfig
-from prefixgen.export import export_store
 
 PORT = 30124
-
-
-def post(path: str, body: dict) -> dict:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{PORT}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=600) as r:
-        return json.loads(r.read())
 
 
 def kv_transfer_config(root: Path) -> dict:
@@ -57,29 +46,19 @@ def kv_transfer_config(root: Path) -> dict:
     }
 
 
-def start(model: Path, root: Path | None, log: Path, max_len: int) -> subprocess.Popen:
+def start(model: Path, root: Path | None, log: Path, max_len: int):
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--port", str(PORT)]
     cmd += ["--block-size", "16", "--dtype", "bfloat16", "--max-model-len", str(max_len), "--no-enable-prefix-caching"]
     cmd += ["--enable-prompt-tokens-details", "--seed", "0"]
     if root is not None:
         cmd += ["--kv-transfer-config", json.dumps(kv_transfer_config(root))]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    for _ in range(900):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=2):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm exited: see {log}") from None
-            time.sleep(1)
-    proc.kill()
-    raise RuntimeError(f"vllm did not start in 15 minutes: see {log}")
+    return start_server(cmd, PORT, log, minutes=15)
 
 
 def ask(model: Path, prompt: list[int], max_tokens: int) -> tuple[float, int, str]:
     """(seconds, cached prompt tokens, text) of one greedy completion."""
     t = time.perf_counter()
-    r = post("/v1/completions", {"model": str(model), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    r = post(PORT, "/v1/completions", {"model": str(model), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
     details = (r.get("usage") or {}).get("prompt_tokens_details") or {}
     return time.perf_counter() - t, int(details.get("cached_tokens") or 0), r["choices"][0]["text"]
 
@@ -97,29 +76,17 @@ def main() -> None:
     model = save_checkpoint(args.model, args.out / "model", torch.bfloat16, max_len)
     tok = AutoTokenizer.from_pretrained(model)
     for p in args.prefix:
-        text = tok.decode(tok(make_texts(1, p, p, seed=p)[0]).input_ids[:p], skip_special_tokens=True)
-        store, root = args.out / f"store-{p}", args.out / f"offload-{p}"
-        build(BuildConfig(dataset=str(write_jsonl(args.out / f"prefix-{p}.jsonl", [text])), model=str(model), out=str(store),
-                          overwrite=True, quiet=True, dtype="bfloat16"))  # fmt: skip
-        t = time.perf_counter()
-        s = export_store(ExportConfig(store=str(store), to="vllm", out=str(root), model_name=str(model), quiet=True))
-        row = {
-            "prefix": p,
-            "export_files": s.files,
-            "export_GB": round(s.bytes / 1e9, 3),
-            "export_s": round(time.perf_counter() - t, 2),
-        }
-        prompts = [
-            tok(text + f" Question {i}: what happened next to the {i}th friend?").input_ids for i in range(args.repeats + 1)
-        ]
+        root = args.out / f"offload-{p}"
+        export = ExportConfig(to="vllm", out=str(root), model_name=str(model), quiet=True)
+        prefix = exported_prefix(tok, model, p, args.out, export, args.repeats + 1)
+        row = prefix.row()
         for label, folder in (("computed", None), ("from_export", root), ("from_export_restarted", root)):
             proc = start(model, folder, args.out / f"vllm-{label}-{p}.log", max_len)
             try:
-                _, cached, text_out = ask(model, prompts[0], 16)
-                runs = [ask(model, prompts[1 + i], 1) for i in range(args.repeats)]
+                _, cached, text_out = ask(model, prefix.prompts[0], 16)
+                runs = [ask(model, prefix.prompts[1 + i], 1) for i in range(args.repeats)]
             finally:
-                proc.terminate()
-                proc.wait(120)
+                stop(proc, 120)
             row[f"cached_tokens_{label}"] = [cached] + [r[1] for r in runs]
             row[f"ttft_{label}_s"] = round(statistics.median(r[0] for r in runs), 4)
             row[f"greedy_{label}"] = text_out

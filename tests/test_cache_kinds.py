@@ -22,7 +22,7 @@ from prefixgen.maintain.verify import verify_store
 from prefixgen.model import config_kv_layout
 
 from .conftest import make_model, write_jsonl
-from .kinds import QWEN3_NEXT, build_text_store, load_float32, serve_answers, tiny_kind
+from .kinds import build_text_store, load_float32, serve_answers, tiny_kind
 
 # Longer than the window (8) and than two blocks (16): the cut falls past the window of every sliding layer.
 PROMPTS = [
@@ -265,39 +265,29 @@ def test_prefixgen_serve_answers_as_without_the_store(kind_model, kind_store):
     assert a.tokens == b.tokens
 
 
-def test_vllm_export_refuses_the_kinds_it_cannot_write(kind_model, kind_store, cli, tmp_path):
-    """vLLM's offloading files are written for one full-attention KV cache group: a sliding-window, chunked or MLA
-    store gets one message naming its cache and what vLLM does with it, and no export folder. (SGLang and LMCache
-    export these kinds: tests_sglang/, tests_lmcache/.)"""
+def test_vllm_export_writes_the_kinds_vllm_offloads_canonically(kind_model, kind_store, cli, tmp_path):
+    """vLLM's offloading files of each kind (tests_vllm/test_vllm_export.py reads them with vLLM's code): a
+    sliding-window store gets one file per KV cache group and chunk; an MLA store one per chunk, and a TP size
+    other than 1 is refused; a chunked store (no canonical page in vLLM) is refused naming the reason. A refusal
+    is one message and no export folder."""
     arch, _ = kind_model
     out = tmp_path / "vllm"
-    result = cli("export", kind_store.path, "--to", "vllm", "--out", out, "--model-name", "m", "--hash-seed", "0")
-    assert result.exit_code not in (0, 1), result.output
-    assert "--to vllm writes vLLM's offloading files for models whose every layer is full attention" in result.stderr
-    named = {"deepseek_v2": "an MLA latent", "deepseek_v3": "an MLA latent", "llama4_text": "chunked local attention"}
-    assert f"vLLM keeps {named.get(arch, 'sliding-window attention')}" in result.stderr, result.stderr
-    described = {"deepseek_v2": "multi-head latent", "deepseek_v3": "multi-head latent", "llama4_text": "chunked local"}
-    assert "stores a cache of " in result.stderr and described.get(arch, "sliding-window") + " attention" in result.stderr
-    assert "Traceback" not in result.output and not out.exists()
-
-
-def test_exports_refuse_recurrent_state(tmp_path, cli):
-    """No engine's per-page or per-chunk KV file holds a recurrent layer's state (a state per sequence): every
-    export refuses a store that has one, naming it, and makes no folder (build stores hybrids: tests/test_recurrent.py)."""
-    model = make_model(tmp_path / "qwen3_next", "qwen3_next", **QWEN3_NEXT)
-    data = write_jsonl(tmp_path / "d.jsonl", [{"text": p} for p in PROMPTS])
-    store = tmp_path / "store"
-    result = cli("build", data, "--model", model, "--out", store, "--device", "cpu", "--dtype", "float32", "--quiet")
-    if result.exit_code != 0:
-        assert "recurrent state" in result.stderr, result.stderr
-        pytest.skip("build does not store recurrent state yet")
-    for target in ("sglang", "lmcache", "vllm"):
-        out = tmp_path / target
-        result = cli("export", store, "--to", target, "--out", out, "--model-name", "m", "--hash-seed", "0")
+    args = ["export", kind_store.path, "--to", "vllm", "--out", out, "--model-name", "m", "--hash-seed", "0", "--quiet"]
+    if arch == "llama4_text":
+        result = cli(*args)
         assert result.exit_code not in (0, 1), result.output
-        assert "layers of recurrent state (linear attention / state space)" in result.stderr, result.stderr
-        assert "no export writes recurrent state" in result.stderr
+        assert "chunked local attention" in result.stderr and "a ChunkedLocalAttentionSpec is neither" in result.stderr
         assert "Traceback" not in result.output and not out.exists()
+        return
+    if arch.startswith("deepseek"):
+        result = cli(*args, "--tp-size", "2")
+        assert result.exit_code not in (0, 1) and "--tp-size 2 with an MLA latent" in result.stderr, result.output
+        assert "Traceback" not in result.output and not out.exists()
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    groups = {p.parent.name.split("_")[1] for p in out.rglob("*.bin")}
+    one_group = arch.startswith("deepseek") or arch == "mistral"  # every layer MLA, or every layer one window
+    assert groups == ({"g0"} if one_group else {"g0", "g1"}), groups
 
 
 def test_ls_names_the_layer_groups(kind_model, kind_store, cli):

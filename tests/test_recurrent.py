@@ -142,16 +142,49 @@ def test_a_damaged_state_is_refused(hybrid, hybrid_store, tmp_path):
     assert (copy / STATES_DIR).is_dir()
 
 
-def test_exports_refuse_a_hybrid_store(hybrid_store, cli, tmp_path):
-    """No export target writes recurrent states yet (issue 28): one message naming the kind, no export folder."""
-    for target in ("sglang", "lmcache", "vllm"):
+# Why each target without recurrent state refuses a hybrid, from the engines' code (prefixgen/export/*.py).
+RECURRENT_REFUSALS = {
+    "lmcache": "LMCache's in-process connector (LMCacheConnectorV1) is not SupportsHMA",
+    "vllm": "a MambaSpec is not an AttentionSpec",
+}
+
+
+def test_exports_refuse_a_hybrid_store_with_the_reason(hybrid_store, cli, tmp_path):
+    """LMCache's and vLLM's exports cannot hold recurrent state: one message naming the kind, the target and
+    the engine's reason, and no export folder. SGLang's can (tests_sglang/test_sglang_cache_kinds.py), but only
+    in the layouts and TP size its Mamba host pool takes: a clear message for the others."""
+    for target, reason in RECURRENT_REFUSALS.items():
         out = tmp_path / target
         result = cli("export", hybrid_store.path, "--to", target, "--out", out, "--model-name", "m", "--hash-seed", "0")
         assert result.exit_code not in (0, 1), result.output
-        assert "recurrent state" in result.stderr, result.stderr
+        assert "layers of recurrent state" in result.stderr and f"--to {target} cannot write recurrent state" in result.stderr
+        assert reason in result.stderr, result.stderr
+        assert "Traceback" not in result.output and not out.exists()
+    sglang = {
+        ("--layout", "layer_first"): "only with --hicache-mem-layout page_first or page_first_direct",
+        ("--tp-size", "2"): "--tp-size above 1 is not supported for a hybrid model's recurrent state",
+    }
+    for (flag, value), message in sglang.items():
+        out = tmp_path / f"sglang{value}"
+        cmd = ["export", hybrid_store.path, "--to", "sglang", "--out", out, "--model-name", "m", "--kv-dtype", "float32"]
+        result = cli(*cmd, flag, value)
+        assert result.exit_code not in (0, 1) and message in result.stderr, result.output
         assert "Traceback" not in result.output and not out.exists()
     listing = cli("ls", hybrid_store.path)
     assert listing.exit_code == 0 and "layers of recurrent state" in listing.output, listing.output
+
+
+def test_sglang_export_writes_a_state_where_a_page_ends_on_one(hybrid_store, cli, tmp_path):
+    """Every page's KV file, and a ``.mamba`` state file for exactly the pages that end on a stored state (the
+    stride and the records' ends), named as SGLang's HiCacheFile names them (tests_sglang reads them back)."""
+    out = tmp_path / "sglang"
+    result = cli("export", hybrid_store.path, "--to", "sglang", "--out", out, "--model-name", "org/m", "--kv-dtype", "float32")
+    assert result.exit_code == 0, result.output
+    kv = sorted(p.name for p in out.glob("*_org-m_0_1.bin") if ".mamba_" not in p.name)
+    states = sorted(p.name for p in out.glob("*.mamba_org-m_0_1.bin"))
+    stored = len(list((hybrid_store.path / STATES_DIR).glob("*.safetensors")))
+    assert kv and states and len(states) == stored  # page size 16 = block size: every stored state ends a page
+    assert {n.split(".")[0] for n in states} <= {n.split("_")[0] for n in kv}
 
 
 def _continues(store, model, ids, n):

@@ -27,11 +27,11 @@ import torch
 from tqdm import tqdm
 
 from prefixgen.analysis.count import max_blocks
-from prefixgen.cache_spec import RECURRENT
 from prefixgen.config import BuildConfig, ExportConfig
 from prefixgen.errors import ExportError
 from prefixgen.export.base import ExportSummary, ExportTarget, StoreInfo
 from prefixgen.export.outdir import ExportDir, ExportRecord
+from prefixgen.export.states import check_recurrent, write_states
 from prefixgen.export.walk import Blocks, MappedShards, Units, plan_units, read_blocks, read_tokens, select, unit_keys
 from prefixgen.store.reader import PrefixStore
 
@@ -120,14 +120,7 @@ def export(
     start = time.perf_counter()
     pstore = PrefixStore.open(store)
     info = StoreInfo.from_manifest(pstore.manifest)
-    recurrent = [g for g in info.groups if g.kind == RECURRENT]
-    if recurrent:
-        # A recurrent layer's cache is one state per sequence, not KV per token: no engine's per-page or
-        # per-chunk KV file holds it (SGLang keeps it in its Mamba pool, vLLM in its own state groups).
-        raise ExportError(
-            f"{store} holds a model whose cache has {recurrent[0].describe()}: no export writes recurrent state "
-            "(a state per sequence, not KV per token); serve the store with PrefixStore.load or prefixgen serve"
-        )
+    check_recurrent(store, target, info)  # a hybrid's states: only for targets that write them
     if target.unit_tokens % info.block_size:
         raise ExportError(
             f"the store's block size ({info.block_size}) does not divide the target's {target.unit_tokens} tokens per file: "
@@ -150,6 +143,7 @@ def export(
         keys = unit_keys(units, tokens.__getitem__, target.first_key, target.next_key)
         summary = ExportSummary(units=len(units), blocks=len(units) * k)
         _write_units(pstore, blocks, units, keys, target, info, outdir, summary, progress)
+        write_states(pstore, blocks, units, keys, target, outdir, summary)
     finally:
         outdir.close()
     summary.seconds = time.perf_counter() - start

@@ -188,6 +188,7 @@ class ExportSummary:
     seconds: float = 0.0
     units: int = 0  # units (pages, chunks) exported or found already exported
     blocks: int = 0  # store blocks the units cover
+    states: int = 0  # recurrent state files written by this run (a hybrid model's; prefixgen.export.states)
 
     @property
     def gb_per_s(self) -> float:

@@ -39,8 +39,13 @@ The other cache kinds (FORMAT.md, "Layer groups and MLA"):
   (``kv_cache_utils._promote_local_kv_cache_specs``): every layer keeps every token's K and V in one KV
   cache group, and LMCache saves and loads ``KV_2LTD`` over all layers, as for a full-attention model.
   The store holds every token's KV of every layer, so the chunk is the plain one.
-* **Recurrent state**: refused (by the export framework; vLLM with the hybrid manager off cannot serve a
-  Mamba hybrid at all).
+* **Recurrent state**: refused (``recurrent_refusal``). ``LMCacheConnectorV1``
+  (``vllm/distributed/kv_transfer/kv_connector/v1/lmcache_connector.py``) does not declare ``SupportsHMA``, so
+  vLLM 0.32.0 turns its hybrid KV cache manager off (``config/vllm.py``, ``VllmConfig.__post_init__``:
+  "hybrid SSM models (e.g. Jamba, Bamba) require HMA and will fail at startup without it"). LMCache's
+  multi-process connector (``LMCacheMPConnector``, ``lmcache_mp_connector.py``) is ``SupportsHMA`` and keeps
+  Mamba state in ``align`` mode (``validate_mamba_step_alignment``), but its chunks live in the LMCache
+  server's own storage, which this export does not write.
 """
 
 from __future__ import annotations
@@ -97,6 +102,12 @@ class LMCacheTarget:
     """
 
     name: ClassVar[str] = "lmcache"
+    recurrent_refusal: ClassVar[str] = (
+        "LMCache's in-process connector (LMCacheConnectorV1) is not SupportsHMA, so vLLM 0.32.0 turns its hybrid KV "
+        "cache manager off, and without it a hybrid SSM model fails at startup (vllm/config/vllm.py); LMCache's "
+        "multi-process connector (LMCacheMPConnector) does keep Mamba state, but in its server's own storage, "
+        "which this export does not write"
+    )
 
     model_name: str
     hash_seed: str | int | None = None

@@ -33,7 +33,20 @@ The other cache kinds (FORMAT.md, "Layer groups and MLA"):
 * **Sliding window / chunked, other architectures** (Gemma 2/3, Mistral with a window): SGLang keeps
   every token of every layer in one MHA pool and masks by the window, so a page is the plain layout over
   all layers, as for full attention.
-* **Recurrent state**: refused (by the export framework).
+* **Recurrent state** (hybrids: Qwen3-Next's Gated DeltaNet, Granite 4.0's Mamba2): SGLang keeps the KV of the
+  attention layers in the ``kv`` pool (the store's rows, which hold those layers only) and a state per prefix end
+  in its Mamba host pool (``MambaPoolHost``, ``PoolName.MAMBA``). ``HiCacheFile`` keeps the state after a page as
+  ``{key}.mamba`` plus the rank suffix (``_get_suffixed_key``: TP-sharded even for MLA models), read with hit
+  policy ``TRAILING_PAGES`` over the last page (``_sync_trailing_keys``: "for mamba (N=1) this is just the last
+  hit page hash"), so a prompt is restored up to the last page with a state file. The export writes one where
+  a page ends on a stored state (the build's stride and record ends). A state page is ``get_data_page``:
+  the temporal (SSM) state ``[R, 1, *temporal]`` in its dtype then the conv state ``[R, 1, channels, kernel - 1]``
+  (``_iter_page_tensors``, page-first layouts only: ``MambaPoolHost`` asserts ``page_first`` or
+  ``page_first_direct``), in SGLang's default state dtypes (``mamba2_state_dtype``: conv bfloat16 from
+  ``SGLANG_MAMBA_CONV_DTYPE``, SSM float32). Gated DeltaNet's state is ``[heads, value_dim, key_dim]`` in SGLang
+  (``Qwen3NextConfig.mamba2_cache_params``: ``head_dim`` the value dim, ``state_size`` the key dim) and
+  ``[heads, key_dim, value_dim]`` in transformers, so it is transposed; Mamba2's is ``[heads, head_dim, d_state]``
+  in both. One TP rank only (SGLang splits the conv channels per q/k/v block over ranks).
 
 SGLang checks nothing inside a file: a wrong layout or dtype is silently wrong KV (``HiCacheFile.get`` reads one
 host page's bytes and takes a longer file too). So the export writes the server's KV dtype (``kv_dtype``;
@@ -50,7 +63,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from prefixgen.cache_spec import CHUNKED, FULL, SLIDING
+from prefixgen.cache_spec import CHUNKED, FULL, RECURRENT, SLIDING
 from prefixgen.config import SGLANG_LAYOUTS
 from prefixgen.errors import ExportError
 from prefixgen.export.base import StoreInfo
@@ -84,6 +97,12 @@ HYBRID_SWA_ARCHITECTURES = frozenset(
     }
 )
 SWA_SUFFIX = ".swa"  # HiCacheFile._log_key: a page's key in the SWA pool (PoolName.SWA)
+MAMBA_SUFFIX = ".mamba"  # HiCacheFile._log_key: a page's key in the Mamba state pool (PoolName.MAMBA)
+# SGLang 0.5.23's mamba2_state_dtype defaults: SGLANG_MAMBA_CONV_DTYPE "bfloat16", the SSM state float32.
+STATE_DTYPES = {"conv": torch.bfloat16, "ssm": torch.float32}
+# The hybrids whose state layout in SGLang was checked against the store's (tests_sglang/test_sglang_cache_kinds.py):
+# model type -> whether SGLang's SSM state is the store's (transformers') with its last two axes swapped.
+STATE_TRANSPOSED = {"qwen3_next": True, "granitemoehybrid": False}
 
 
 @dataclass  # not slots: ``check`` keeps what it derives from the store on the instance
@@ -121,6 +140,8 @@ class SGLangTarget:
             raise ExportError(f"--kv-dtype {self.kv_dtype!r} is not one of {', '.join(SGLANG_KV_DTYPES)}")
         self._info = info
         self._mla = info.kind == "mla"
+        if RECURRENT in info.group_kinds():
+            self._check_states(info)
         if self._mla:
             self._pools = []  # one latent page file, replicated over the ranks
             return
@@ -132,6 +153,40 @@ class SGLangTarget:
             self._pools = [(suffix, layers) for suffix, layers in self._pools if layers]
         else:
             self._pools = [("", list(range(info.num_layers)))]
+
+    def _check_states(self, info: StoreInfo) -> None:
+        """Refuse a hybrid store whose states SGLang's Mamba host pool could not take as exported."""
+        if info.model_type not in STATE_TRANSPOSED:
+            raise ExportError(
+                f"{info.model_type}'s recurrent state layout in SGLang is not checked by this export (checked: "
+                f"{', '.join(sorted(STATE_TRANSPOSED))}): serve the store with PrefixStore.load or prefixgen serve"
+            )
+        if self.layout not in ("page_first", "page_first_direct"):
+            raise ExportError(
+                f"SGLang keeps a hybrid model's recurrent state only with --hicache-mem-layout page_first or "
+                f"page_first_direct (MambaPoolHost asserts it), not {self.layout}: export with --layout page_first"
+            )
+        if self.tp_size != 1:
+            raise ExportError(
+                "--tp-size above 1 is not supported for a hybrid model's recurrent state (SGLang splits its conv "
+                "channels per q/k/v block over the ranks): export with --tp-size 1"
+            )
+
+    def state_names(self, key: str) -> list[str]:
+        """The state file of the page ``key`` (``HiCacheFile._get_suffixed_key``: the rank suffix, rank 0 of 1)."""
+        return [f"{key}{MAMBA_SUFFIX}_{'-'.join(self.model_name.split('/'))}_0_{self.tp_size}.bin"]
+
+    def state_files(self, key: str, conv: torch.Tensor, ssm: torch.Tensor) -> Iterator[tuple[str, list[np.ndarray]]]:
+        """The state after the page ``key`` as ``MambaPoolHost.get_data_page`` holds it: the SSM state
+        ``[R, 1, *temporal]`` (Gated DeltaNet's last two axes swapped) then the conv state ``[R, 1, channels,
+        kernel - 1]``, each in SGLang's default state dtype. ``conv``/``ssm`` as the store keeps them."""
+        if STATE_TRANSPOSED[self._info.model_type]:
+            ssm = ssm.transpose(-1, -2)  # [R, heads, key_dim, value_dim] -> SGLang's [R, heads, value_dim, key_dim]
+        parts = [
+            t.to(STATE_DTYPES[name]).contiguous().view(torch.uint8).reshape(-1).numpy()
+            for name, t in (("ssm", ssm), ("conv", conv))
+        ]
+        yield self.state_names(key)[0], parts
 
     def first_key(self) -> str | None:
         return None  # SGLang's first page is unseeded (requests without extra_key or cache_salt)

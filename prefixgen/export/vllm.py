@@ -20,6 +20,15 @@ so that an unmodified vLLM server serves them. Checked against **vLLM 0.32.0** (
   chunk rounded up to 4 KiB (``CPUOffloadingSpec``). A canonical page is ``[block_size, heads, K|V]``
   for the NHD family (``LBNHC``: FlashAttention's default) or ``[heads, block_size, K|V]`` for HND
   (``LBHNC``), K and V of one head and token adjacent, in the KV cache dtype.
+* **Sliding window** (several KV cache groups, the hybrid manager on): the layers grouped as vLLM groups them
+  (:func:`vllm_kv_cache_groups`); one file per group ``_g<i>`` and chunk (same hash); a group's row holds, per
+  KV cache tensor (the groups' ``j``-th layers share one, ``worker.py``: ``register_kv_caches``), the canonical
+  pages of its ``j``-th layer, zeros where a padded group has none.
+* **MLA**: one group; a layer's canonical page is its GPU page, the latent rows ``[block, latent]``
+  (``canonical_mapping._layer_mapping``), and the run config has ``replicated_layout`` (``offloading/config.py``
+  sets it for a canonical MLA group). TP 1 only.
+* **Refused**, with vLLM's reason: chunked local attention and recurrent state (``spec_certifiable``: no
+  canonical page for a ``ChunkedLocalAttentionSpec`` or a ``MambaSpec``).
 
 vLLM checks nothing inside a file but its length: a wrong layout, dtype or TP size is wrong KV (or a
 short read, after which vLLM deletes the file). The export folder's manifest records every parameter.
@@ -38,6 +47,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from prefixgen.cache_spec import CHUNKED, FULL, MLA, SLIDING
 from prefixgen.errors import ExportError
 from prefixgen.export.base import StoreInfo
 from prefixgen.export.cbor import cbor
@@ -74,6 +84,11 @@ class VLLMTarget:
     """
 
     name: ClassVar[str] = "vllm"
+    recurrent_refusal: ClassVar[str] = (
+        "vLLM 0.32.0's offloading has a canonical (topology-free) page only for attention layers "
+        "(offloading/config.py, spec_certifiable: a MambaSpec is not an AttentionSpec), so a hybrid's files are "
+        "each worker's raw state pages, which this export does not write"
+    )
 
     model_name: str
     block_size: int = 16
@@ -93,16 +108,27 @@ class VLLMTarget:
         """Refuse what this target cannot write exactly as vLLM would for the stated server."""
         if not self.model_name:
             raise ExportError("--model-name is empty: give the --model string the vLLM server is started with")
-        if info.groups:
-            # vLLM 0.32.0's offloading connector (SupportsHMA) offloads each KV cache group on its own: a sliding-window
-            # or chunked group beside the full one has files of its own (`_g<i>`) and rows of its own spec, and an MLA
-            # latent is a replicated canonical page (offloading/config.py) -- not the one full-attention group of
-            # per-head K/V pages this target writes and tests_vllm checks.
+        self._mla = info.group_kinds() == {MLA}
+        if MLA in info.group_kinds() and not self._mla:
             raise ExportError(
-                f"{info.model_type} stores a cache of {info.describe()}: --to vllm writes vLLM's offloading files for "
-                "models whose every layer is full attention (one KV cache group of per-head K and V); vLLM keeps "
-                f"{_kind_words(info)} in KV cache groups and pages of their own, which this export does not write. "
-                "Export it --to sglang or --to lmcache, or serve it with prefixgen serve"
+                f"{info.model_type} stores a cache of {info.describe()}: --to vllm writes an MLA latent only for models "
+                "whose every layer is MLA. Export it --to sglang or --to lmcache, or serve it with prefixgen serve"
+            )
+        if CHUNKED in info.group_kinds():
+            raise ExportError(
+                f"{info.model_type} stores a cache of {info.describe()}: vLLM 0.32.0's offloading has no canonical "
+                "(topology-free) page for chunked local attention (offloading/config.py, spec_certifiable: a "
+                "ChunkedLocalAttentionSpec is neither a FullAttentionSpec nor a SlidingWindowSpec), so its files are "
+                "each worker's own pages, which this export does not write. Export it --to sglang or --to lmcache, "
+                "or serve it with prefixgen serve"
+            )
+        if self._mla and self.tp_size != 1:
+            # TP > 1: one latent copy for every rank in a folder of its own (replicated_layout, with the mp executor) or
+            # one per rank's row (other executors): offloading/config.py decides from the server's executor.
+            raise ExportError(
+                f"--tp-size {self.tp_size} with an MLA latent: vLLM keeps its offloaded latent per executor "
+                "(replicated_layout with the mp executor, a copy per rank otherwise), which this export does not "
+                "write; export with --tp-size 1 for a server with --tensor-parallel-size 1"
             )
         if self.block_size <= 0 or self.blocks_per_file <= 0:
             raise ExportError("--block-size and --blocks-per-file must be positive")
@@ -143,10 +169,14 @@ class VLLMTarget:
         self._info = info
         self._dtype = dtype
         rank_heads = max(1, info.num_kv_heads // self.tp_size)
-        token_bytes = 2 * info.head_dim * info.torch_dtype.itemsize  # K then V of one head
+        token_bytes = info.parts * info.head_dim * info.torch_dtype.itemsize  # K then V of one head, or one latent
+        self._groups = vllm_kv_cache_groups(info)
+        # A row has one area per KV cache tensor, which each group's i-th layer shares (groups overlay one
+        # allocation): as many as the largest group has layers; a group with fewer leaves its last ones zero.
+        tensors = max(len(g) for g in self._groups)
         # Every worker's pages of a chunk: what the CPU tier's row holds (replicated heads counted per rank).
-        worker_bytes = info.num_layers * rank_heads * self.block_size * token_bytes * self.blocks_per_file
-        self._canonical_bytes = info.num_layers * info.num_kv_heads * self.unit_tokens * token_bytes
+        worker_bytes = tensors * rank_heads * self.block_size * token_bytes * self.blocks_per_file
+        self._page_bytes = info.num_kv_heads * self.unit_tokens * token_bytes  # one layer's canonical pages of a chunk
         self._row_bytes = -(-worker_bytes * self.tp_size // ROW_ALIGNMENT) * ROW_ALIGNMENT
         self._base = _base_path(self.run_config())
 
@@ -158,7 +188,9 @@ class VLLMTarget:
     def run_config(self) -> dict[str, Any]:
         """The fields ``FileMapper`` hashes into the folder name (and writes to config.json), as the fs
         tier of the stated server builds them (after ``check``)."""
-        names = [self.layer_names.format(i=i) for i in range(self._info.num_layers)]
+        groups = [
+            {"tokens_per_block": self.block_size, "layer_names": [self.layer_names.format(i=i) for i in g]} for g in self._groups
+        ]
         return {
             "model_name": self.model_name,
             "tokens_per_hash": self.block_size,
@@ -168,9 +200,12 @@ class VLLMTarget:
             "pcp_size": 1,
             "dcp_size": 1,
             "dtype": self._dtype,
-            "kv_cache_groups": [{"tokens_per_block": self.block_size, "layer_names": names}],
+            "kv_cache_groups": groups,
             "inference_engine": "vllm",
             "canonical_format": f"v{CANONICAL_FORMAT_VERSION}-{KV_LAYOUTS[self.kv_layout.upper()]}",
+            # An MLA latent is one copy for every rank: offloading/config.py sets replicated_layout for a canonical,
+            # parallelism-agnostic MLA group (TP 1 included), and FileMapper hashes the field in when it is set.
+            **({"replicated_layout": True} if self._mla else {}),
         }
 
     def extra_files(self) -> list[tuple[str, bytes]]:
@@ -189,19 +224,28 @@ class VLLMTarget:
         return h
 
     def names(self, key: bytes) -> list[str]:
-        """``FileMapper.get_file_name`` of the chunk's key (group 0, rank 0), relative to the root."""
+        """``FileMapper.get_file_name`` of the chunk's key for each KV cache group (rank 0), relative to the root."""
         hx = key.hex()
-        return [f"{self._base}_r0/{hx[:3]}/{hx[3:5]}_g0/{hx}.bin"]
+        groups = len(getattr(self, "_groups", None) or [()])
+        return [f"{self._base}_r0/{hx[:3]}/{hx[3:5]}_g{g}/{hx}.bin" for g in range(groups)]
 
     def files(self, key: bytes, kv: torch.Tensor) -> Iterator[tuple[str, list]]:
-        """The chunk's CPU-tier row: per layer its canonical pages, then zeros. ``kv`` is ``[U, L, 2, H, D]``;
-        the pages are a strided view of it, written run by run (``prefixgen.export.iov``)."""
-        yield self.names(key)[0], [self.canonical(kv), _zeros(self._row_bytes - self._canonical_bytes)]
+        """The chunk's CPU-tier row of each KV cache group: per layer of the group its canonical pages, then zeros.
+        ``kv`` is ``[U, L, 2, H, D]``; the pages are a strided view of it, written run by run
+        (``prefixgen.export.iov``)."""
+        everything = len(self._groups) == 1 and len(self._groups[0]) == kv.shape[1]
+        for name, layers in zip(self.names(key), self._groups):
+            pages = self.canonical(kv if everything else kv[:, layers])
+            yield name, [pages, _zeros(self._row_bytes - len(layers) * self._page_bytes)]
 
     def canonical(self, kv: torch.Tensor) -> np.ndarray:
         """The chunk's canonical pages as a view of ``kv`` (``[U, L, 2, H, D]``), one item per head's K or V:
         NHD ``[L, U, H, 2]``, HND ``[L, blocks, H, block, 2]``; C order is the row's byte order."""
         tokens, layers, _, heads, dim = kv.shape
+        if self._mla:  # MLAAttentionSpec's canonical page is the GPU page: [block, latent] (canonical_mapping.py)
+            kv = self._info.engine_mla_rows(kv)  # the rope key's pairs as vLLM's cache keeps them
+            rows = kv.contiguous().view(torch.uint8).numpy().reshape(tokens, layers, -1)
+            return rows.view(f"V{rows.shape[-1]}")[..., 0].transpose(1, 0)  # [L, U]: one latent row per item
         # One head's K (or V) is one run of D values in the store and in the page: moved as one opaque item.
         raw = kv.contiguous().view(torch.uint8).numpy().reshape(tokens, layers, 2, heads, -1)
         runs = raw.view(f"V{raw.shape[-1]}")[..., 0]  # [U, L, 2, H]
@@ -216,13 +260,36 @@ class VLLMTarget:
         return hashlib.sha256(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).digest()  # vllm.utils.hashing.sha256
 
 
-def _kind_words(info: StoreInfo) -> str:
-    """The store's non-full-attention cache kinds, named: "sliding-window attention and attention sinks"."""
-    words = {"sliding": "sliding-window attention", "chunked": "chunked local attention", "mla": "an MLA latent"}
-    named = [words[k] for k in sorted(info.group_kinds()) if k in words]
-    if any(g.sinks for g in info.groups):
-        named.append("attention sinks")
-    return " and ".join(named) or "this cache"
+def vllm_kv_cache_groups(info: StoreInfo) -> list[list[int]]:
+    """The store's layers in vLLM 0.32.0's KV cache groups, for a server whose hybrid KV cache manager is on (the
+    ``OffloadingConnector`` is ``SupportsHMA``): one group of every layer when they share one spec; otherwise
+    ``kv_cache_utils._get_kv_cache_groups_uniform_page_size``: layers bucketed by spec in order of first
+    appearance, every bucket cut into groups of the smallest bucket's size (the largest's when it is under 1.5
+    times that), the ``i``-th of a bucket's ``n`` groups its layers ``i::n`` (a sliding window of another size is
+    a spec of its own).
+
+    Example:
+        >>> vllm_kv_cache_groups(gemma3_info)  # sliding 0-4 and 6-10, full 5 and 11  # doctest: +SKIP
+        [[0, 6], [1, 7], [2, 8], [3, 9], [4, 10], [5, 11]]
+    """
+    if not info.groups:
+        return [list(range(info.num_layers))]
+    spec: dict[int, tuple] = {}
+    for g in info.groups:
+        key = (g.kind, g.window) if g.kind == SLIDING else (FULL,)
+        spec.update((i, key) for i in g.layers)
+    buckets: dict[tuple, list[int]] = {}
+    for i in sorted(spec):
+        buckets.setdefault(spec[i], []).append(i)
+    if len(buckets) == 1:
+        return [sorted(spec)]
+    sizes = [len(b) for b in buckets.values()]
+    size = max(sizes) if max(sizes) < min(sizes) * 1.5 else min(sizes)
+    groups = []
+    for layers in buckets.values():
+        n = -(-len(layers) // size)
+        groups += [layers[i::n] for i in range(n)]
+    return groups
 
 
 @lru_cache(maxsize=4)
