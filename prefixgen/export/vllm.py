@@ -108,6 +108,12 @@ class VLLMTarget:
         """Refuse what this target cannot write exactly as vLLM would for the stated server."""
         if not self.model_name:
             raise ExportError("--model-name is empty: give the --model string the vLLM server is started with")
+        self._check_kinds(info)
+        self._check_options(info)
+        self._lay_out(info)
+
+    def _check_kinds(self, info: StoreInfo) -> None:
+        """The cache kinds vLLM's offloading has a canonical page for: full, sliding and (TP 1) MLA."""
         self._mla = info.group_kinds() == {MLA}
         if MLA in info.group_kinds() and not self._mla:
             raise ExportError(
@@ -130,6 +136,9 @@ class VLLMTarget:
                 "(replicated_layout with the mp executor, a copy per rank otherwise), which this export does not "
                 "write; export with --tp-size 1 for a server with --tensor-parallel-size 1"
             )
+
+    def _check_options(self, info: StoreInfo) -> None:
+        """The server options this export must match: block size, hash, layout, names, dtype, TP."""
         if self.block_size <= 0 or self.blocks_per_file <= 0:
             raise ExportError("--block-size and --blocks-per-file must be positive")
         if self.block_size % info.block_size:
@@ -166,8 +175,11 @@ class VLLMTarget:
             raise ExportError(
                 f"--tp-size {self.tp_size} does not split the model's {info.num_kv_heads} KV heads: vLLM cannot serve it"
             )
+
+    def _lay_out(self, info: StoreInfo) -> None:
+        """The groups, page and row sizes of the files, and the folder they go in."""
         self._info = info
-        self._dtype = dtype
+        self._dtype = self.dtype or info.kv_dtype
         rank_heads = max(1, info.num_kv_heads // self.tp_size)
         token_bytes = info.parts * info.head_dim * info.torch_dtype.itemsize  # K then V of one head, or one latent
         self._groups = vllm_kv_cache_groups(info)
