@@ -102,6 +102,26 @@ def prepare_store(path: Path, manifest: Manifest, mode: str) -> Manifest:
     """
     if mode not in WRITE_MODES:
         raise StoreError(f"unknown write mode {mode!r}; expected one of {', '.join(WRITE_MODES)}")
+    has_manifest = _check_folder(path, mode)
+    if has_manifest and mode == "overwrite":
+        _empty_store(path)
+        has_manifest = False
+    for sub in (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR, LOCKS_DIR):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    # Exactly one of several processes starting on an empty folder at once creates the manifest
+    # (each from its own temporary file); the others go on as if they had found the store.
+    if not has_manifest and create_once(path / MANIFEST_FILE, [manifest.to_json().encode()]):
+        return manifest
+    if not has_manifest and mode == "new":
+        raise StoreError(f"another process created a store in {path} at the same moment; pass --append to add to it")
+    existing = Manifest.from_json((path / MANIFEST_FILE).read_text(), path / MANIFEST_FILE)
+    _check_same_model(path, existing, manifest)
+    return existing
+
+
+def _check_folder(path: Path, mode: str) -> bool:
+    """Refuse a ``path`` that is a file, a folder that is not a store, or a store under ``new``;
+    return whether it holds a manifest."""
     if path.exists() and not path.is_dir():
         raise StoreError(f"{path} is a file, not a store folder; choose another --out")
     entries = sorted(p.name for p in path.iterdir()) if path.exists() else []
@@ -116,35 +136,33 @@ def prepare_store(path: Path, manifest: Manifest, mode: str) -> Manifest:
             f"{path} already holds a store; pass --append to add a dataset to it, --resume to finish "
             "an interrupted build, or --overwrite to replace it"
         )
-    if has_manifest and mode == "overwrite":
-        try:  # a store this prefixgen cannot read is not ours to delete (a damaged one may go)
-            Manifest.from_json((path / MANIFEST_FILE).read_text(), path / MANIFEST_FILE)
-        except NewerFormatError as exc:
-            raise StoreError(
-                f"--overwrite refused: {exc}. A store of a newer format is deleted by hand (rm -r {path}), not by --overwrite"
-            ) from None
-        except CorruptStoreError:
-            pass
-        # Data first, manifest last: a crash part-way leaves a smaller store, never a broken one.
-        live = live_writers(path)
-        if live:
-            raise StoreError(
-                f"{path} is being written by {len(live)} running process(es) (writer {live[0]}); "
-                "wait for them to finish before --overwrite"
-            )
-        for sub in (INDEX_DIR, COUNTS_DIR, BUILDS_DIR, SHARDS_DIR):
-            shutil.rmtree(path / sub, ignore_errors=True)
-        (path / MANIFEST_FILE).unlink()
-        has_manifest = False
-    for sub in (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR, LOCKS_DIR):
-        (path / sub).mkdir(parents=True, exist_ok=True)
-    # Exactly one of several processes starting on an empty folder at once creates the manifest
-    # (each from its own temporary file); the others go on as if they had found the store.
-    if not has_manifest and create_once(path / MANIFEST_FILE, [manifest.to_json().encode()]):
-        return manifest
-    if not has_manifest and mode == "new":
-        raise StoreError(f"another process created a store in {path} at the same moment; pass --append to add to it")
-    existing = Manifest.from_json((path / MANIFEST_FILE).read_text(), path / MANIFEST_FILE)
+    return has_manifest
+
+
+def _empty_store(path: Path) -> None:
+    """--overwrite: remove the store at ``path`` (not one of a newer format, nor one being written)."""
+    try:  # a store this prefixgen cannot read is not ours to delete (a damaged one may go)
+        Manifest.from_json((path / MANIFEST_FILE).read_text(), path / MANIFEST_FILE)
+    except NewerFormatError as exc:
+        raise StoreError(
+            f"--overwrite refused: {exc}. A store of a newer format is deleted by hand (rm -r {path}), not by --overwrite"
+        ) from None
+    except CorruptStoreError:
+        pass
+    # Data first, manifest last: a crash part-way leaves a smaller store, never a broken one.
+    live = live_writers(path)
+    if live:
+        raise StoreError(
+            f"{path} is being written by {len(live)} running process(es) (writer {live[0]}); "
+            "wait for them to finish before --overwrite"
+        )
+    for sub in (INDEX_DIR, COUNTS_DIR, BUILDS_DIR, SHARDS_DIR):
+        shutil.rmtree(path / sub, ignore_errors=True)
+    (path / MANIFEST_FILE).unlink()
+
+
+def _check_same_model(path: Path, existing: Manifest, manifest: Manifest) -> None:
+    """Refuse to add ``manifest``'s blocks to a store of another model, block size or KV layout."""
     problems = existing.model.differences(manifest.model)
     if existing.block_size != manifest.block_size:
         problems.append(f"block_size: store has {existing.block_size}, build asks for {manifest.block_size}")
@@ -156,7 +174,6 @@ def prepare_store(path: Path, manifest: Manifest, mode: str) -> Manifest:
             f"{path} was built for another model or layout:\n  " + "\n  ".join(problems) + "\n"
             "use the same --model, --dtype, --kv-dtype and --block-size, or write to a new --out"
         )
-    return existing
 
 
 def _being_created(entries: list[str]) -> bool:
