@@ -15,7 +15,8 @@ of its own per request (``KVCacheBlocks.blocks[g]``, ``KVCacheConfig.kv_cache_gr
 The scheduler hands each load the request's block table per group with null blocks as ``-1``
 (:func:`block_tables`); a worker writes a layer's tokens only into its own group's real blocks
 (:func:`group_span`), so a sliding layer gets only the window's blocks. :func:`write_layer` writes a layer's
-rows with the layer's own cache-write op, K/V or MLA latent.
+rows with the layer's own cache-write op, K/V or MLA latent; :func:`slot_mapping` gives the slots of a block table
+without null blocks.
 """
 
 from __future__ import annotations
@@ -125,6 +126,17 @@ def block_tables(blocks: Any) -> list[list[int]]:
         [[5, 9, 12], [-1, 7, 13]]
     """
     return [[NULL if b.is_null else b.block_id for b in group] for group in blocks.blocks]
+
+
+def slot_mapping(block_ids: Sequence[int], block_size: int, start: int, end: int) -> torch.Tensor:
+    """vLLM cache slots of tokens ``[start, end)`` of a request whose block table is ``block_ids``.
+
+    Example:
+        >>> slot_mapping([7, 3], 4, 2, 6).tolist()
+        [30, 31, 12, 13]
+    """
+    pos = torch.arange(start, end)
+    return torch.as_tensor(block_ids, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
 
 
 def group_span(block_ids: Sequence[int], block_size: int, start: int, end: int) -> tuple[int, torch.Tensor]:
