@@ -79,8 +79,6 @@ LONGEST = 60
 LONG_ALLOWED: dict[str, str] = {
     "cli.build": "a typer signature, one option a parameter (62 lines); the body: parse, build, print",
     "cli.export": "a typer signature, one option a parameter (63 lines); the body: parse, export, print",
-    "builder.pipeline.build": "TODO: issue 30, branch k30pipe",
-    "builder.shares.make_plan": "TODO: issue 30, branch k30pipe",
 }
 
 
@@ -124,3 +122,53 @@ if __name__ == "__main__":  # the table in docs/architecture.md
     for wing in reversed(FLOORS):
         below = sorted(table.get(wing, ()), key=FLOORS.index, reverse=True)
         print(f"{wing:<13} -> {', '.join(below) or '(nothing of prefixgen)'}")
+
+
+# The distributed build's modules: the pipeline hands a distributed build over to them, it does not thread through them.
+DISTRIBUTED = ("prefixgen.builder.distributed", "prefixgen.builder.shares", "prefixgen.builder.claims")
+PIPELINE = ("builder/pipeline.py", "builder/steps.py")  # build, and the steps it chains
+
+
+def entries_into_distributed(source: str) -> list[str]:
+    """Where code enters the distributed modules: each call of a name imported from them (or of a method of an
+    object such a call returned, e.g. ``ranks = Ranks.from_config(cfg)``), and each attribute of such an object
+    read (a property runs their code too), as ``line: expression``."""
+    tree = ast.parse(source)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module in DISTRIBUTED:
+            names.update(a.asname or a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module == "prefixgen.builder":
+            names.update(a.asname or a.name for a in node.names if f"prefixgen.builder.{a.name}" in DISTRIBUTED)
+        elif isinstance(node, ast.Import):
+            names.update(a.asname or a.name for a in node.names if a.name in DISTRIBUTED)
+
+    def root(node: ast.AST) -> str | None:
+        while isinstance(node, (ast.Attribute, ast.Call)):
+            node = node.func if isinstance(node, ast.Call) else node.value
+        return node.id if isinstance(node, ast.Name) else None
+
+    found = []
+    funcs = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    tops = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    tops = [f for f in tops if not any(f is not g and f in ast.walk(g) for g in tops)]  # outermost functions
+    for top in tops:
+        held = set(names)  # and, within this function (its closures too), what such a call returned
+        for node in ast.walk(top):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and root(node.value) in names:
+                held.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        for node in ast.walk(top):
+            call = isinstance(node, ast.Call) and not isinstance(node.func, ast.Call) and root(node.func) in held
+            read = isinstance(node, ast.Attribute) and id(node) not in funcs and isinstance(node.value, ast.Name)
+            if call or (read and node.value.id in held):
+                found.append(f"{node.lineno}: {ast.unparse(node)[:60]}")
+    return sorted(found, key=lambda s: int(s.split(":")[0]))
+
+
+def test_the_pipeline_enters_the_distributed_code_at_most_twice():
+    # One process's build reads top to bottom in builder/pipeline.py: ranks wrap the chain (count in shares -> plan ->
+    # the same chain on a rank's share -> merge) instead of threading through it.
+    found = {path: entries_into_distributed((PACKAGE / path).read_text()) for path in PIPELINE if (PACKAGE / path).exists()}
+    total = sum(len(v) for v in found.values())
+    assert total <= 2, f"the pipeline enters the distributed code {total} times: {found}"
+    assert not found.get("builder/steps.py"), "the steps of the chain must know nothing of ranks"

@@ -5,8 +5,10 @@ from the environment; ``torch.distributed`` only to agree on the store and the r
 ``--rank R --world-size N`` (Slurm arrays, any scheduler: ranks never talk, they coordinate through
 the store). One process is rank 0 of 1: it streams the dataset straight into the pipeline.
 
-:class:`Ranks` is the one place the pipeline meets ranks: it prepares the store, plans, hands the
-pipeline this rank's records, and merges. For N > 1 ranks, one plan, then shares:
+:meth:`Ranks.build` wraps the pipeline's chain (``builder.steps``): a rank prepares the store with
+the others, counts in shares, plans, prefills the shared prefixes, runs the same chain as one process
+on the records the plan gives it, and merges. ``pipeline.build`` enters this module twice only (to
+learn whether the build is distributed, and to hand it over). For N > 1 ranks, one plan, then shares:
 
 1. **Count, in shares.** Share ``s`` is about 1/N of the records, a pure function of the dataset,
    N and ``--limit`` (``data.source.read_share``: a byte range of local .jsonl/.txt files, a row
@@ -48,7 +50,8 @@ pipeline this rank's records, and merges. For N > 1 ranks, one plan, then shares
    system; NFS frees a dead client's locks after its lease) or its lease goes stale.
 
 This module is the rank lifecycle (:class:`Ranks`: join the store, count, plan, heads, route,
-merge); the share and plan files are ``builder.shares``'s, claims and leases ``builder.claims``'s.
+merge); the share and plan files are ``builder.shares``'s, claims and leases ``builder.claims``'s,
+what a ``--resume`` removes of another launch's run ``builder.resume``'s.
 """
 
 from __future__ import annotations
@@ -80,11 +83,25 @@ from prefixgen.builder.claims import (
     head_ranges,
 )
 from prefixgen.builder.plan import PrefillTask, chunk_task
-from prefixgen.builder.selection import Selection
+from prefixgen.builder.resume import drop_other_launches, refuse_live_ranks
+from prefixgen.builder.selection import Selection, select_counts
 from prefixgen.builder.shares import Heads, _empty_heads, _share_tokens, count_share, load_npz, make_plan
+from prefixgen.builder.steps import (
+    Job,
+    Run,
+    build_record,
+    chain,
+    compact_run,
+    finished,
+    open_job,
+    open_writer,
+    prefill_batches,
+    recorded,
+    start_run,
+)
 from prefixgen.config import BuildConfig
-from prefixgen.data.records import RecordTokenizer, TokenizedRecord
-from prefixgen.data.source import Record, ShareRead, dataset_fingerprint
+from prefixgen.data.records import TokenizedRecord
+from prefixgen.data.source import ShareRead, dataset_fingerprint, read_share
 from prefixgen.errors import ConfigError, CorruptStoreError, DatasetError, StoreError
 from prefixgen.format import (
     BUILDS_DIR,
@@ -101,7 +118,7 @@ from prefixgen.format import (
 )
 from prefixgen.store.index import StoreIndex
 from prefixgen.store.reader import PrefixStore, read_builds
-from prefixgen.store.writer import new_id, prepare_store, remove_temp_files, utc_now, writer_is_live
+from prefixgen.store.writer import new_id, prepare_store, remove_temp_files, writer_is_live
 
 # Options that may differ between the ranks (or between a run and its --resume) of one build: they
 # change how the work runs, not the bytes stored.
@@ -111,11 +128,16 @@ _RUN_OPTIONS = (
 )  # fmt: skip
 
 
-class Ranks:
-    """This process's place in a build: rank, world size, how the ranks coordinate, and the plan.
+def launched(cfg: BuildConfig) -> Ranks | None:
+    """This process's rank when the build is distributed (torchrun, or ``--rank``/``--world-size``
+    with N > 1), else None: one process runs the pipeline with no rank at all."""
+    ranks = Ranks.from_config(cfg)
+    return ranks if ranks.distributed else None
 
-    A single process is rank 0 of 1: it prepares the store, streams every record and merges
-    nothing. The pipeline calls the same methods either way.
+
+class Ranks:
+    """This process's place in a distributed build: rank, world size, how the ranks coordinate,
+    and the plan. :meth:`build` runs the pipeline's steps for this rank.
 
     Example:
         >>> ranks = Ranks.from_config(BuildConfig(dataset="d", model="m", out="s", rank=1, world_size=4))
@@ -163,6 +185,30 @@ class Ranks:
             return f"cuda:{self.local_rank}"
         return requested
 
+    def build(self, cfg: BuildConfig, model: Any = None, tokenizer: Any = None) -> BuildRecord:
+        """This rank's part of the build: the store joined with the other ranks, then count in
+        shares -> plan -> shared prefixes -> the pipeline's chain on this rank's records -> merge.
+        Returns the merged record (torchrun: rank 0 waits for every rank) or this rank's."""
+        out = Path(cfg.out)
+        job = open_job(cfg, model, tokenizer, self.device(cfg.device) if model is None else cfg.device)
+        job.manifest, build_id = self.prepare_store(out, job.manifest, cfg, str(job.device))
+        store = PrefixStore.open(out)
+        record = build_record(store, cfg, build_id)
+        done = finished(store, record, cfg, rerun=True)  # scripts may rerun a rank's command: a no-op
+        if done is not None:
+            return done
+        writer = open_writer(job, record)
+        self.attach(out, record, writer, cfg.resume)
+        writer.drop_old_counts()  # a rank counts the records of its plan, which may not be those it counted before
+        quiet = cfg.quiet or (self.collective and self.rank > 0)  # torchrun: one bar, rank 0's
+        run = start_run(job, store, record, writer, quiet, total=None)  # a rank's records are known from its plan only
+        with recorded(run):
+            selection = self._prepare(job, run)
+            # The same chain as one process's; this rank's records come tokenized from the count shares.
+            prefill_batches(run, chain(run, iter(()), lambda _: self.tokenized(record, out), selection))
+        compact_run(run)
+        return self.finish(out, record)
+
     # ------------------------------------------------------------------ collectives (start-up only)
 
     def _init(self, device: str) -> None:
@@ -185,14 +231,9 @@ class Ranks:
     # ------------------------------------------------------------------ the store
 
     def prepare_store(self, out: Path, manifest: Manifest, cfg: BuildConfig, device: str) -> tuple[Manifest, str | None]:
-        """``writer.prepare_store`` for this rank; returns the store's manifest and, for a
-        distributed build, the build id every rank uses. Every rank fails with the same message
-        if one of them cannot use the store (not a hang)."""
-        if not self.distributed:
-            manifest = prepare_store(out, manifest, cfg.write_mode)
-            if cfg.resume:
-                remove_temp_files(out)
-            return manifest, None
+        """``writer.prepare_store`` for this rank; returns the store's manifest and the build id
+        every rank uses. Every rank fails with the same message if one of them cannot use the
+        store (not a hang)."""
         if self.collective:
             return self._prepare_together(out, manifest, cfg, device)
         if cfg.overwrite:
@@ -275,29 +316,12 @@ class Ranks:
                     return old.build_id
         return current
 
-    def finished(self, store: PrefixStore, build_id: str, cfg: BuildConfig, started_at: str) -> BuildRecord | None:
-        """The record of a run that has nothing to do, or None: ``--resume`` with no unfinished
-        build of the dataset, or a ``--rank`` rank whose build is already complete (rerunning the
-        command of a finished build is a no-op: its ranks' parts are not rewritten)."""
-        builds = {b.build_id: b for b in store.builds()}
-        done = builds.get(build_id)
-        if done is not None and done.status == "complete" and (self.distributed or cfg.resume):
-            return done
-        if cfg.resume and build_id not in builds:
-            same = [b for b in builds.values() if b.dataset == cfg.dataset]
-            if same:  # this run's record: it computed and wrote nothing
-                return BuildRecord(same[-1].build_id, cfg.dataset, "complete", started_at, utc_now(), options=cfg.options())
-        return None
-
     def attach(self, out: Path, record: BuildRecord, writer: Any, resume: bool) -> None:
         """Make ``writer`` write this rank's part of the build record (and write the build's base
-        record). On ``--resume``, first remove what an earlier run of the build launched another way
-        left: a single-process run's counts (or, resumed as one process, a distributed run's rank
-        parts and plan), so that records are counted once and the status can complete."""
+        record). On ``--resume``, first remove what an earlier single-process run of the build left
+        (its counts), so that records are counted once and the status can complete."""
         if resume:
-            self._drop_other_launches(out, record.build_id, record.writers[0])
-        if not self.distributed:
-            return
+            drop_other_launches(out, record.build_id, record.writers[0], distributed=True)
         record.world_size, record.rank = self.world_size, self.rank
         writer.part = self.part
         try:
@@ -351,73 +375,44 @@ class Ranks:
                 )
         return latest + 1
 
-    def _drop_other_launches(self, out: Path, build_id: str, me: str) -> None:
-        if self.distributed:  # counts of a single-process run: counts/<id>.<writer>.<n>.safetensors
-            prefix = f"{build_id}."
-            for p in (out / COUNTS_DIR).glob(f"{prefix}*safetensors"):
-                owner = p.name[len(prefix) :].split(".")[0]
-                if not owner.startswith("w") or "-r" not in owner:
-                    if owner != me and writer_is_live(out, owner):
-                        raise StoreError(f"build {build_id} is still running (writer {owner} is live): wait for it to finish")
-                    p.unlink(missing_ok=True)
-            return
-        # Resumed as one process: the rank parts would keep the build "running" forever, and the
-        # plan is no longer needed. (Rank parts' counts go with the build's own, in drop_old_counts.)
-        refuse_live_ranks(out, build_id, me)
-        shutil.rmtree(out / BUILDS_DIR / f"{build_id}{RANK_PARTS_SUFFIX}", ignore_errors=True)
-        shutil.rmtree(out / BUILDS_DIR / f"{build_id}{PLAN_SUFFIX}", ignore_errors=True)
-        shutil.rmtree(out / CLAIMS_DIR / build_id, ignore_errors=True)
-
     # ------------------------------------------------------------------ plan and heads
 
-    def prepare_work(
-        self,
-        out: Path,
-        manifest: Manifest,
-        records: Callable[[], Iterator[Record]],
-        tokenize: RecordTokenizer,
-        run: Callable[[list[PrefillTask], PrefixStore], None],
-        writer: Any,
-        record: BuildRecord,
-        batch_tokens: int,
-        timer: Callable[[str], Any],
-        select: Callable[[BlockCounts], Selection] | None = None,
-    ) -> PrefixStore | None:
+    def _prepare(self, job: Job, run: Run) -> Selection | None:
         """Count this rank's shares, make (or read) the plan, and prefill the heads this rank is
-        given or claims, level by level, until every head is stored. Returns the store reopened (it
-        holds every head), or None for a single process (nothing to do before its pipeline).
-
-        ``records(share, read)`` reads count share ``share`` of this run's ``world_size`` (adding what
-        it read to ``read``, a ``data.source.ShareRead``); ``run(tasks, store)`` prefills and queues
-        tasks as the pipeline does, loading pasts from ``store``; ``writer.flush()`` publishes them.
-        ``timer(name)`` times the count pass (``dist_count``, its wait for the other shares and the
-        plan included) and the head phase (``dist_heads``, waits for other ranks included).
-        ``select`` (``--min-records``/``--max-bytes``): the planner's choice of blocks to store from
-        the summed counts (see :func:`make_plan`); this rank's :attr:`selection` after."""
-        if not self.distributed:
-            return None
+        given or claims, level by level, until every head is stored; then point the run at the store
+        reopened (it holds every head). Returns the plan's choice of blocks to store
+        (``--min-records``/``--max-bytes``), or None. ``dist_count`` times the count pass (its wait
+        for the other shares and the plan included), ``dist_heads`` the head phase (waits included)."""
+        out, record, writer, timer = job.out, run.record, run.writer, run.timer
         folder = out / BUILDS_DIR / f"{record.build_id}{PLAN_SUFFIX}" / self.run
         folder.mkdir(parents=True, exist_ok=True)
+        select = _selector(job) if job.cfg.selects else None
         with timer("dist_count"):
-            self._count(folder, records, tokenize, manifest, writer, record)
-            self._read_plan(folder, out, manifest, writer, record, select)
+            self._count(folder, job, writer, record)
+            self._read_plan(folder, out, job.manifest, writer, record, select)
         meta = load_npz(folder / f"share-{self.rank}.npz")  # share R's skipped records are rank R's to report
         record.skipped_records, record.truncated_records = (int(n) for n in meta["stats"][:2])
         with timer("dist_heads"):
-            self._prefill_heads(out, manifest, run, writer, record, batch_tokens)
-        return _open_store(out)
+            self._prefill_heads(out, job.manifest, run.prefill_tasks, writer, record, run.budget.tokens)
+        store = run.source.store = _open_store(out)
+        run.planner.stored = store.index.contains
+        selection = self.selection
+        record.selection = selection.record() if selection else None
+        return selection
 
-    def _count(
-        self, folder: Path, records: Callable, tokenize: RecordTokenizer, manifest: Manifest, writer: Any, record: BuildRecord
-    ) -> None:
-        owner = writer.writer_id
+    def _count(self, folder: Path, job: Job, writer: Any, record: BuildRecord) -> None:
+        """Count this rank's share (torchrun) or claim shares until every share is counted (``--rank``)."""
+        owner, cfg, manifest = writer.writer_id, job.cfg, job.manifest
 
         def count(share: int) -> None:
             read = ShareRead()
+            # Numbered within the share: no rank reads the bytes before its share (the plan numbers them in the dataset).
+            records = read_share(
+                cfg.dataset, cfg.record_field, share, self.world_size, cfg.split, cfg.subset, cfg.limit, read, local_index=True
+            )
             stats = count_share(
-                records(share, read), tokenize, folder, share, manifest.root_key, manifest.block_size, owner,
-                fsync=writer.fsync,
-            )  # fmt: skip
+                records, job.tokenize, folder, share, manifest.root_key, manifest.block_size, owner, fsync=writer.fsync
+            )
             record.read_records += read.records
             record.read_bytes += read.bytes
             record.scanned_bytes += read.scanned_bytes
@@ -582,16 +577,9 @@ class Ranks:
 
     # ------------------------------------------------------------------ routing and merging
 
-    def tokenized(
-        self, tokenize: RecordTokenizer, records: Iterator[Record], record: BuildRecord, out: Path
-    ) -> Iterator[TokenizedRecord]:
-        """This rank's records, tokenized: one process tokenizes the stream; a rank of many reads
-        its records' token ids back from the count shares (tokenizing nothing more)."""
-        if not self.distributed:
-            for rec in tokenize(records):
-                record.tokenized_tokens += len(rec.ids)
-                yield rec
-            return
+    def tokenized(self, record: BuildRecord, out: Path) -> Iterator[TokenizedRecord]:
+        """The records the plan gives this rank, tokenized: their token ids read back from the count
+        shares (tokenizing nothing more)."""
         folder = out / BUILDS_DIR / f"{record.build_id}{PLAN_SUFFIX}" / self.run
         plan = self.plan
         mine = np.flatnonzero(plan["owner"] == self.rank)
@@ -612,8 +600,6 @@ class Ranks:
         """The merged record of the build. Under torchrun, rank 0 waits (through the store, without a
         timeout: a rank that dies ends the run under torch elastic) for every rank to finish; the
         rank that sees the build complete removes its plan."""
-        if not self.distributed:
-            return record
         merged = record
         while True:
             merged = next((b for b in read_builds(out) if b.build_id == record.build_id), record)
@@ -631,27 +617,6 @@ def _turn_ends(meta: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     ``ends[first[r]:first[r + 1]]`` (none in a share spilled before they were kept)."""
     counts = meta.get("end_counts", np.zeros(len(meta["lengths"]), np.int64))
     return meta.get("ends", np.zeros(0, np.int64)), np.concatenate([[0], np.cumsum(counts)])
-
-
-def refuse_live_ranks(out: Path, build_id: str, me: str | None, other_world: int | None = None) -> None:
-    """Raise if a rank of build ``build_id`` other than ``me`` still runs (its writer is live), of
-    any number of ranks (only of a number other than ``other_world`` when given): a resume or a
-    launch with another world size replaces the parts, counts and plan that rank still uses (its
-    records would be counted twice and the build never complete)."""
-    parts = out / BUILDS_DIR / f"{build_id}{RANK_PARTS_SUFFIX}"
-    for p in sorted(parts.glob("w*-r*.json")):
-        if other_world is not None and p.name.startswith(f"w{other_world}-"):
-            continue
-        try:
-            part = BuildRecord.from_dict(json.loads(p.read_text()))
-        except (OSError, ValueError, TypeError):
-            continue  # a damaged part names no writer we could wait for; _attempt reports it
-        live = [w for w in part.writers if w != me and writer_is_live(out, w)]
-        if live:
-            raise StoreError(
-                f"rank {part.rank} of {part.world_size} of build {build_id} is still running (writer {live[0]}): "
-                "wait for every rank to finish (or stop them), then relaunch with --resume"
-            )
 
 
 class _IndexWatch:
@@ -700,3 +665,8 @@ def _options_id(cfg: BuildConfig) -> str:
     options["dataset_fingerprint"] = dataset_fingerprint(cfg.dataset)
     digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
     return f"dist-{digest}"
+
+
+def _selector(job: Job) -> Callable[[BlockCounts], Selection]:
+    """The planner's choice of blocks to store from the summed count shares, by one process's rule."""
+    return lambda counts: select_counts(counts, job.cfg, job.manifest.kv, time.perf_counter())

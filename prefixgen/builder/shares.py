@@ -274,88 +274,18 @@ def make_plan(
     blocks (in two or more records) kept, 24 bytes each (with ``select``, every block: the choice
     ranks them all, as one process's build does); the shares' blocks are read PLAN_CHUNK_BLOCKS at
     a time, and each head block is kept once, not once per record holding it."""
-    bs = block_size
     shares = [load_npz(folder / f"share-{s}.npz", skip="counts_") for s in range(world)]
     _index_in_dataset(shares)
-    if select is not None:
-        counts = _merged_counts(folder, world)
-        selection = select(counts)
-        shared = counts.subset(np.flatnonzero(counts.records >= 2))
-        del counts
-    else:
-        selection, shared = None, _merged_counts(folder, world, keep=lambda part: np.flatnonzero(part.records >= 2))
-    seen = np.zeros(len(shared), bool)  # shared blocks already taken as heads (from an earlier record or share)
-    rec_share, rec_row, rec_index, rec_work = [], [], [], []
-    head_keys, head_parents, head_depth, head_tokens = [], [], [], []
-    for s, meta in enumerate(shares):
-        lengths = meta["lengths"]
-        full = lengths // bs
-        work = np.zeros(len(lengths), np.int64)
-        first_of = np.cumsum(full) - full  # each record's first block in share-S.keys
-        token_of = np.cumsum(lengths) - lengths  # and its first token in share-S.tokens
-        ids = np.memmap(folder / f"share-{s}.tokens", dtype="<u4", mode="r") if full.sum() else None
-        r = 0
-        while r < len(full):  # whole records, about PLAN_CHUNK_BLOCKS blocks at a time
-            end = max(r + 1, int(np.searchsorted(first_of, first_of[r] + PLAN_CHUNK_BLOCKS, side="right")))
-            end = min(end, len(full))
-            n = int(full[r:end].sum())
-            if not n:
-                r = end
-                continue
-            keys = _read_keys(folder / f"share-{s}.keys", int(first_of[r]), n)
-            owner_of = np.repeat(np.arange(end - r), full[r:end])  # record (row within the chunk) of each block
-            first_block = np.repeat(first_of[r:end] - first_of[r], full[r:end])
-            chosen = selection.chosen.find(keys) >= 0 if selection is not None else np.ones(n, bool)
-            row = shared.find(keys) if len(shared) else np.full(n, -1, np.int64)
-            is_head = (row >= 0) & chosen
-            lead = np.bincount(owner_of, weights=is_head, minlength=end - r).astype(np.int64)  # heads are prefix-closed
-            rest = np.flatnonzero(~is_head & chosen)
-            held = ~chosen  # a block not chosen is no work (the choice is prefix-closed too)
-            for part in np.array_split(rest, -(-len(rest) // (1 << 20))) if len(rest) else ():  # bounded lists of keys
-                held[part] = stored([keys[i].tobytes() for i in part])
-            done = np.bincount(owner_of, weights=held, minlength=end - r).astype(np.int64)
-            work[r:end] = (full[r:end] - lead - done) * bs
-            at = np.flatnonzero(is_head)
-            at = at[~seen[row[at]]]  # each head block once: its first occurrence
-            if len(at):
-                _, first = np.unique(row[at], return_index=True)
-                at = at[np.sort(first)]
-                seen[row[at]] = True
-                parents = np.where((at > first_block[at])[:, None], keys[np.maximum(at - 1, 0)], np.frombuffer(root, np.uint8))
-                token_at = token_of[r + owner_of[at]] + (at - first_block[at]) * bs
-                head_keys.append(keys[at])
-                head_parents.append(parents)
-                head_depth.append(at - first_block[at])
-                head_tokens.append(np.asarray(ids[token_at[:, None] + np.arange(bs)]))
-            r = end
-        rec_work.append(work)
-        rec_share.append(np.full(len(lengths), s, np.int32))
-        rec_row.append(np.arange(len(lengths), dtype=np.int64))
-        rec_index.append(meta["index"])
-    del shared, seen
-    if head_keys:
-        heads = Heads.build(*(np.concatenate(c) for c in (head_keys, head_parents, head_depth, head_tokens)))
-    else:
-        heads = _empty_heads(bs)
-    index, share, row, work = (np.concatenate(a) for a in (rec_index, rec_share, rec_row, rec_work))
+    selection, shared = _shared_counts(folder, world, select)
+    found = _HeadBlocks(len(shared), root, block_size)
+    records = [_share_work(folder, s, meta, shared, selection, stored, found) for s, meta in enumerate(shares)]
+    del shared
+    heads = found.heads()
+    index, share, row, work = (np.concatenate(a) for a in zip(*records))
     order = np.argsort(index, kind="stable")
     index, share, row, work = index[order], share[order], row[order], work[order]
-    loads = [0] * world
-    head_owner = np.full(len(heads), -1, np.int32)
-    for level in heads.segments():  # largest first, to the least loaded rank
-        for run in sorted(level, key=lambda r: (-len(r), heads.keys[r[0]].tobytes())):
-            rank = min(range(world), key=loads.__getitem__)
-            head_owner[run] = rank
-            loads[rank] += len(run) * bs
-    owner = (index % world).astype(np.int32)  # records with no work left: only counted
-    heap = [(load, rank) for rank, load in enumerate(loads)]
-    heapq.heapify(heap)
-    for i in np.lexsort((index, -work)):
-        if work[i] <= 0:
-            break
-        load, rank = heapq.heappop(heap)
-        owner[i] = rank
-        heapq.heappush(heap, (load + int(work[i]), rank))
+    head_owner, loads = _deal_heads(heads, world, block_size)
+    owner = _deal_records(index, work, loads)
     plan = {
         "index": index, "share": share, "row": row, "work": work, "owner": owner,
         "head_keys": heads.keys, "head_parent": heads.parent, "head_depth": heads.depth, "head_tokens": heads.tokens, "head_owner": head_owner,
@@ -367,6 +297,132 @@ def make_plan(
              selection.candidate_blocks, round(selection.count_seconds * 1e6)], np.int64,
         )  # fmt: skip
     return plan
+
+
+def _shared_counts(
+    folder: Path, world: int, select: Callable[[BlockCounts], Selection] | None
+) -> tuple[Selection | None, BlockCounts]:
+    """The choice of blocks to store (with ``select``: made from every block's summed count), and
+    the shared blocks (in two or more records) with their counts."""
+    if select is None:
+        return None, _merged_counts(folder, world, keep=lambda part: np.flatnonzero(part.records >= 2))
+    counts = _merged_counts(folder, world)
+    return select(counts), counts.subset(np.flatnonzero(counts.records >= 2))
+
+
+class _HeadBlocks:
+    """The head blocks the planner finds in the shares, each kept once (at its first occurrence):
+    its key, parent, depth in its record and token ids, to make :class:`Heads` from."""
+
+    def __init__(self, shared: int, root: BlockHash, block_size: int):
+        self.root, self.bs = np.frombuffer(root, np.uint8), block_size
+        self.seen = np.zeros(shared, bool)  # shared blocks already taken as heads (from an earlier record or share)
+        self.parts: tuple[list[np.ndarray], ...] = ([], [], [], [])  # keys, parents, depth, tokens
+
+    def add(
+        self, keys: np.ndarray, row: np.ndarray, is_head: np.ndarray, first_block: np.ndarray, tokens_at: np.ndarray,
+        owner_of: np.ndarray, ids: np.ndarray,
+    ) -> None:  # fmt: skip
+        """The heads among a chunk's blocks ``keys`` [n, 32] (``row``: each one's row in the shared
+        counts, ``first_block``: its record's first block in the chunk, ``owner_of``: its record;
+        ``tokens_at``: each record's first token in ``ids``, the share's token ids)."""
+        bs = self.bs
+        at = np.flatnonzero(is_head)
+        at = at[~self.seen[row[at]]]  # each head block once: its first occurrence
+        if not len(at):
+            return
+        _, first = np.unique(row[at], return_index=True)
+        at = at[np.sort(first)]
+        self.seen[row[at]] = True
+        parents = np.where((at > first_block[at])[:, None], keys[np.maximum(at - 1, 0)], self.root)
+        token_at = tokens_at[owner_of[at]] + (at - first_block[at]) * bs
+        for part, value in zip(
+            self.parts, (keys[at], parents, at - first_block[at], np.asarray(ids[token_at[:, None] + np.arange(bs)]))
+        ):
+            part.append(value)
+
+    def heads(self) -> Heads:
+        del self.seen
+        if not self.parts[0]:
+            return _empty_heads(self.bs)
+        return Heads.build(*(np.concatenate(c) for c in self.parts))
+
+
+def _share_work(
+    folder: Path, s: int, meta: dict[str, np.ndarray], shared: BlockCounts, selection: Selection | None,
+    stored: Callable[[list[bytes]], list[bool]], heads: _HeadBlocks,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Each record of share ``s``: its index, share, row in the share and work (tokens of its blocks
+    beyond its leading heads, not stored yet, chosen); the share's head blocks go to ``heads``."""
+    bs = heads.bs
+    lengths = meta["lengths"]
+    full = lengths // bs
+    work = np.zeros(len(lengths), np.int64)
+    first_of = np.cumsum(full) - full  # each record's first block in share-S.keys
+    token_of = np.cumsum(lengths) - lengths  # and its first token in share-S.tokens
+    ids = np.memmap(folder / f"share-{s}.tokens", dtype="<u4", mode="r") if full.sum() else None
+    for r, end in _chunks(first_of, full):  # whole records, about PLAN_CHUNK_BLOCKS blocks at a time
+        n = int(full[r:end].sum())
+        keys = _read_keys(folder / f"share-{s}.keys", int(first_of[r]), n)
+        owner_of = np.repeat(np.arange(end - r), full[r:end])  # record (row within the chunk) of each block
+        first_block = np.repeat(first_of[r:end] - first_of[r], full[r:end])
+        chosen = selection.chosen.find(keys) >= 0 if selection is not None else np.ones(n, bool)
+        row = shared.find(keys) if len(shared) else np.full(n, -1, np.int64)
+        is_head = (row >= 0) & chosen
+        lead = np.bincount(owner_of, weights=is_head, minlength=end - r).astype(np.int64)  # heads are prefix-closed
+        done = np.bincount(owner_of, weights=_held(keys, is_head, chosen, stored), minlength=end - r).astype(np.int64)
+        work[r:end] = (full[r:end] - lead - done) * bs
+        heads.add(keys, row, is_head, first_block, token_of[r:end], owner_of, ids)
+    return meta["index"], np.full(len(lengths), s, np.int32), np.arange(len(lengths), dtype=np.int64), work
+
+
+def _chunks(first_of: np.ndarray, full: np.ndarray) -> Iterator[tuple[int, int]]:
+    """Runs ``r:end`` of whole records of about PLAN_CHUNK_BLOCKS blocks (a record longer is one),
+    those with blocks only."""
+    r = 0
+    while r < len(full):
+        end = min(max(r + 1, int(np.searchsorted(first_of, first_of[r] + PLAN_CHUNK_BLOCKS, side="right"))), len(full))
+        if full[r:end].sum():
+            yield r, end
+        r = end
+
+
+def _held(keys: np.ndarray, is_head: np.ndarray, chosen: np.ndarray, stored: Callable[[list[bytes]], list[bool]]) -> np.ndarray:
+    """Which of a chunk's blocks are no work besides its heads: those not chosen (the choice is
+    prefix-closed too) and those the store holds (asked in bounded lists of keys)."""
+    rest = np.flatnonzero(~is_head & chosen)
+    held = ~chosen
+    for part in np.array_split(rest, -(-len(rest) // (1 << 20))) if len(rest) else ():
+        held[part] = stored([keys[i].tobytes() for i in part])
+    return held
+
+
+def _deal_heads(heads: Heads, world: int, block_size: int) -> tuple[np.ndarray, list[int]]:
+    """Each head run's rank: level by level, largest first, to the least loaded rank. Returns the
+    rank of each head block and each rank's load (tokens)."""
+    loads = [0] * world
+    head_owner = np.full(len(heads), -1, np.int32)
+    for level in heads.segments():
+        for run in sorted(level, key=lambda r: (-len(r), heads.keys[r[0]].tobytes())):
+            rank = min(range(world), key=loads.__getitem__)
+            head_owner[run] = rank
+            loads[rank] += len(run) * block_size
+    return head_owner, loads
+
+
+def _deal_records(index: np.ndarray, work: np.ndarray, loads: list[int]) -> np.ndarray:
+    """Each record's rank: largest work first, to the least loaded rank (``loads``: after the heads);
+    a record with no work left is only counted, by rank ``index % world``."""
+    owner = (index % len(loads)).astype(np.int32)
+    heap = [(load, rank) for rank, load in enumerate(loads)]
+    heapq.heapify(heap)
+    for i in np.lexsort((index, -work)):
+        if work[i] <= 0:
+            break
+        load, rank = heapq.heappop(heap)
+        owner[i] = rank
+        heapq.heappush(heap, (load + int(work[i]), rank))
+    return owner
 
 
 def _share_tokens(folder: Path, share: int, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
