@@ -82,5 +82,6 @@ def hybrid_cache(
         layer.conv_states[0].copy_(conv)
         layer.recurrent_states[0].copy_(ssm)
         layer.has_previous_state[0] = True  # the next forward prepends this conv state instead of zeros
-        layer.cumulative_length_linear.fill_(tokens)
+        if hasattr(layer, "cumulative_length_linear"):  # transformers 5.25 counts the tokens seen; 5.19 does not
+            layer.cumulative_length_linear.fill_(tokens)
     return cache

@@ -118,6 +118,7 @@ def run_vllm(
     loras: Sequence[object | None] = (),
     warm_up: bool = True,
     connector_extra: dict | None = None,
+    dtype: str = "float32",
     **engine_args,
 ) -> Run:
     """Start an engine (with the connector on ``store`` if given; vLLM's own prefix caching off unless asked;
@@ -131,7 +132,7 @@ def run_vllm(
     kv = None if store is None else connector_config(store, **(connector_extra or {}))
     llm = LLM(
         str(model),
-        dtype="float32",
+        dtype=dtype,
         enable_prefix_caching=prefix_caching,
         max_model_len=2048,
         seed=0,

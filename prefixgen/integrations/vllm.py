@@ -115,6 +115,7 @@ from prefixgen.integrations.vllm_groups import (
     vllm_groups,
     write_layer,
 )
+from prefixgen.integrations.vllm_states import StateLoads, store_row
 from prefixgen.model import (
     checkpoint_weights_digest,
     config_fingerprint,
@@ -160,6 +161,7 @@ class LoadSpec:
     first_block: int  # store block number of locations[0]
     locations: list[BlockLocation]
     block_ids: list[list[int]]  # the request's vLLM block table per KV cache group, null blocks -1 (vllm_groups.py)
+    state: bytes | None = None  # a hybrid model: the key of the block after which the recurrent state is (vllm_states.py)
 
 
 @dataclass
@@ -213,6 +215,9 @@ class LoadStats:
     # (those of the window), and tokens not written because vLLM holds no block for them (before the window).
     window_tokens: int = 0
     window_tokens_skipped: int = 0
+    states: int = 0  # recurrent states written (a hybrid model: one per load, into every recurrent layer)
+    state_bytes: int = 0
+    failed_states: int = 0  # states missing or damaged: vLLM recomputed the load whole
 
 
 @dataclass(slots=True)
@@ -362,6 +367,7 @@ def _counters_since(stats: LoadStats | ClaimStats, last: dict[str, int | float])
 class _Match:
     end: int  # tokens of the longest stored prefix of the prompt (but its last token)
     locations: list[BlockLocation]
+    state: bytes | None = None  # a hybrid model: the key of the last block, after which the state is stored
 
 
 class _Threads:
@@ -684,6 +690,7 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
         if problems:
             raise ConfigError("PrefixgenConnector cannot serve this engine:\n  " + "\n  ".join(problems))
         self._groups = vllm_groups(kv_cache_config)  # vLLM's KV cache groups: each request has a block table per group
+        self._states = StateLoads.for_engine(self.store, self._groups, kv_cache_config)  # a hybrid's recurrent state
         if role == KVConnectorRole.SCHEDULER:
             self._check_model(vllm_config, self.config.chat_template)
             self._gate = CheckGate(rate=self.config.check_rate)  # nothing is loaded until the live check passed
@@ -695,7 +702,7 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
             self._reported: dict[str, int | float] = {}
             # Lookups run on a thread of their own: schedule() never hashes a prompt or reads the index itself.
             self._lookup_threads = _Threads(1, "prefixgen-lookup")
-            self._recurrent = recurrent_skip_message(self._groups)  # why nothing is loaded for this model, or None
+            self._recurrent = None if self._states else recurrent_skip_message(self._groups)  # why nothing is loaded
             if self._recurrent:
                 logger.warning("PrefixgenConnector: %s", self._recurrent)
             self._lookups: dict[str, tuple[Future, float]] = {}  # request id -> its lookup and when it was asked for
@@ -761,6 +768,8 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
         group_of = {name: g.index for g in self._groups for name in g.layer_names}
         for name in kv_caches:
             layer = layers[name]
+            if self._states and self._states.take(name, layer, extract_layer_index(name)):
+                continue  # a recurrent layer: its state is written once a load's KV is (vllm_states.py)
             impl = getattr(layer, "impl", None)
             update = getattr(impl, "do_kv_cache_update", None)
             if update is None or ("key" not in inspect.signature(update).parameters and not is_mla(layer)):
@@ -769,7 +778,7 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
                     f"({type(impl).__name__}) has no key/value cache-write op; use a standard attention backend "
                     "(CPU_ATTN on CPU, FLASH_ATTN on CUDA)"
                 )
-            index = extract_layer_index(name)
+            index = store_row(kv, extract_layer_index(name))  # a hybrid's rows hold its attention layers only
             if not 0 <= index < kv.num_layers or layer.head_size != kv.head_dim or layer.num_kv_heads != len(self._heads):
                 raise IncompatibleStoreError(
                     f"{self.store.path}: vLLM layer {name} (KV heads {layer.num_kv_heads}, head size {layer.head_size}) "
@@ -832,12 +841,15 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
                     self.claim_stats.lookups_deferred += 1
                     return None, False  # vLLM keeps the request waiting and asks again next step
                 del self._lookups[request.request_id]
+                state = None
                 if lookup.done():
                     locations = self._usable(lookup.result())  # a bug in the lookup is raised here, not made a miss
+                    if self._states:  # a hybrid: up to the last block whose recurrent state vLLM can resume from
+                        locations, state = self._states.cut(lookup.result(), locations)
                 else:  # an index read that never returns: a miss, and another thread takes the lookups after it
                     locations = []
                     self._give_up_lookup(lookup)
-                match = _Match(len(locations) * self.store.block_size, locations)
+                match = _Match(len(locations) * self.store.block_size, locations, state)
                 if locations and not self._gate_allows(request, num_computed_tokens, locations):
                     match = _Match(0, [])  # vLLM computes it (a live check, or no check has passed)
             self._matches[request.request_id] = match
@@ -876,7 +888,10 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
         self._lookup_thread = threading.get_ident()
         self.claim_stats.lookups += 1
         try:
-            return stored_prefix(self.store, ids[:-1], max_run=LOOKUP_RUN)[0]
+            found = stored_prefix(self.store, ids[:-1], max_run=LOOKUP_RUN)[0]
+            if self._states:
+                return self._states.lookup(self.store.keys(ids[: len(found) * self.store.block_size]), found)
+            return found
         except STORE_FAULTS as exc:
             self.claim_stats.lookup_errors += 1
             _warn_once(self._logged, str(exc), "PrefixgenConnector: cannot search the store (%s); vLLM computes the prompt", exc)
@@ -904,6 +919,13 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
                 reason,
             )
 
+    def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
+        """No group's blocks for a load are left unzeroed: vLLM zeroes a new block of a hybrid model (its pages are
+        shared with the Mamba groups' float32 states) before the step's loads start (``_update_states`` comes before
+        ``start_load_kv``), and a load that ends inside a block writes only its head; the tail left as another group
+        wrote it read as bf16 is NaN, and vLLM's CPU attention multiplies it by the mask's 0 (vllm_states.py)."""
+        return ()
+
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         match = self._matches.pop(request.request_id, None)
         if num_external_tokens <= 0 or match is None:
@@ -911,7 +933,8 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
         bs = self.store.block_size
         start = match.end - num_external_tokens
         first = start // bs
-        self._pending.append(LoadSpec(request.request_id, start, match.end, first, match.locations[first:], block_tables(blocks)))
+        load = LoadSpec(request.request_id, start, match.end, first, match.locations[first:], block_tables(blocks), match.state)
+        self._pending.append(load)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         self._idle = scheduler_output.total_num_scheduled_tokens == 0
@@ -1263,10 +1286,27 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
             except Exception:
                 logger.exception("PrefixgenConnector: loading %s failed on the device", member.load.req_id)
                 member.written = member.load.start
+            if member.load.state is not None and member.written == member.load.end:
+                member.written = self._write_state(member.load)
             member.state = "done"
             with self._lock:
                 self._report_unwritten(member.load, member.written)
                 self.stats.requests += 1
+
+    def _write_state(self, load: LoadSpec) -> int:
+        """A hybrid's load whose KV is written: its recurrent state too (vllm_states.py); the tokens written (its
+        start if the state is missing or damaged: vLLM recomputes the load whole)."""
+        try:
+            nbytes = self._states.write(load.state, load.end, load.block_ids)
+        except STORE_FAULTS as exc:
+            _warn_once(self._logged, str(exc), "PrefixgenConnector: %s; vLLM computes the prompt", exc)
+            with self._lock:
+                self.stats.failed_states += 1
+            return load.start
+        with self._lock:
+            self.stats.states += 1
+            self.stats.state_bytes += nbytes
+        return load.end
 
     def _detach(self, loading: _Loading, read: int) -> None:
         """The followers of ``loading`` whose shared run ends within its first ``read`` locations (read and written) leave
