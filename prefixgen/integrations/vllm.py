@@ -1302,6 +1302,8 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
             _warn_once(self._logged, str(exc), "PrefixgenConnector: %s; vLLM computes the prompt", exc)
             with self._lock:
                 self.stats.failed_states += 1
+                last = load.locations[-1]  # not claimed again: the scheduler stops before it, at an earlier state
+                self._new_bad.bad_blocks.add((last.shard, last.slot))
             return load.start
         with self._lock:
             self.stats.states += 1
