@@ -1,4 +1,4 @@
-"""The connector's live check (integrations/vllm_check.py): the per-layer error it measures on correct and wrong
+"""The connector's live check (integrations/vllm/check.py): the per-layer error it measures on correct and wrong
 configurations, and what it costs. Run in the vLLM venv:
 
     python benchmarks/live_check.py                 # all cases
@@ -142,7 +142,7 @@ def run_case(name: str, work: Path, model: Path) -> dict:
         for prompt in PROMPTS:
             llm.generate(prompt, params, use_tqdm=False)
         wall = time.perf_counter() - t0
-        checks = list(scheduler._gate.history)
+        checks = list(scheduler.connector_scheduler._gate.history)
         return {
             "case": name,
             "checks": len(checks),
@@ -152,7 +152,7 @@ def run_case(name: str, work: Path, model: Path) -> dict:
             }
             if checks
             else {},
-            "limit": worker._limit,
+            "limit": worker.connector_worker._limit,
             "check_tokens": scheduler.claim_stats.check_tokens,
             "check_seconds": worker.stats.check_seconds,
             "wall_seconds": wall,

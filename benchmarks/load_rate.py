@@ -184,8 +184,13 @@ def connector_steps(conn, store, locations, dtype: torch.dtype, repeats: int) ->
     own load thread while the engine idles: the whole load (into free cache blocks), then its parts, then what
     the connector did before reading into a kept buffer and writing from views (a new tensor per piece, a
     permuted contiguous copy, per-layer writes from it)."""
-    from prefixgen.integrations.vllm import LoadSpec, _Loading, slot_mapping
+    from prefixgen.integrations.vllm import LoadSpec, slot_mapping
 
+    try:
+        from prefixgen.integrations.vllm.worker import Loading
+    except ImportError:  # a tree before the connector was split into a package (its connector is its worker side)
+        from prefixgen.integrations.vllm import _Loading as Loading
+    conn = getattr(conn, "connector_worker", None) or conn  # the worker side: its load, read and write steps
     end = len(locations) * store.block_size
     block_ids = list(range(1, end // conn.block_size + 2))  # free blocks: no request holds any while the engine idles
     spec = LoadSpec("bench", 0, end, 0, list(locations), [block_ids])
@@ -205,7 +210,7 @@ def connector_steps(conn, store, locations, dtype: torch.dtype, repeats: int) ->
         for layer, index in conn._layers:
             layer.impl.do_kv_cache_update(layer, per_layer[index, 0], per_layer[index, 1], layer.kv_cache, slots)
 
-    steps = {"load": lambda: conn._load(_Loading(spec, math.inf, written=0))}
+    steps = {"load": lambda: conn._load(Loading(spec, math.inf, written=0))}
     if buffer is not None:  # not in main's connector before issue 17 (PYTHONPATH=<its tree> times its load)
         steps |= {
             "read_into_buffer": read,

@@ -75,7 +75,7 @@ def main() -> None:
                 torch.zeros(len(part) * bs, kv.num_layers, 2, kv.num_kv_heads, kv.head_dim),
             )
     sched = connector(engine_config(model, out))
-    sched._idle = False  # a busy engine: the scheduler never waits for a lookup
+    sched.connector_scheduler._idle = False  # a busy engine: the scheduler never waits for a lookup
     prompts = {"stored": chain + [7], "cold": ([3, 9] * args.tokens)[: args.tokens]}
     store = sched.store
     for kind, ids in prompts.items():

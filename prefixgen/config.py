@@ -406,10 +406,10 @@ class ConnectorConfig:
     # then the store's rounded, not what vLLM computes, and outputs may differ from plain vLLM's (README, "KV dtype").
     cast_kv_dtype: bool = False
     # After the live check passed, the share of requests with a stored prefix that vLLM computes instead of loading,
-    # to compare its KV with the store's again (integrations/vllm_check.py); 0: only after start and each reset.
+    # to compare its KV with the store's again (integrations/vllm/check.py); 0: only after start and each reset.
     check_rate: float = 0.01
     # The largest per-layer relative RMS error of K or V a live check accepts; None: by the store's and engine's
-    # dtypes (vllm_check.TOLERANCE, measured in BENCHMARKS.md). Raising it lets KV further from vLLM's be served.
+    # dtypes (integrations.vllm.check.TOLERANCE, measured in BENCHMARKS.md). Raising it lets KV further from vLLM's be served.
     check_tolerance: float | None = None
 
     @classmethod

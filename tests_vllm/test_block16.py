@@ -71,7 +71,7 @@ def connectors(model, store, monkeypatch, **extra):
             num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(names, spec)]
         )
         scheduler = PrefixgenConnector(config, KVConnectorRole.SCHEDULER, kv_cache_config)
-        scheduler._gate.state = "passed"  # no engine computes KV here: the live check is test_live_check's
+        scheduler.connector_scheduler._gate.state = "passed"  # no engine computes KV here: the live check is test_live_check's
         worker = PrefixgenConnector(config, KVConnectorRole.WORKER, kv_cache_config)
         # CPU_ATTN's paged cache: [blocks, KV heads, block size, K head_dim | V head_dim]
         caches = {name: torch.full((NUM_BLOCKS, 2, VLLM_BLOCK, 2 * 64), float("nan")) for name in names}
@@ -137,7 +137,7 @@ def test_live_check_compares_the_claimed_tokens_at_their_slots(setup, monkeypatc
     """The live check's comparison (``compare_blocks``) reads vLLM's paged cache through the layers' own cache-write
     op and the cache's block dimension only: after a load at vLLM block size 16 from 24-token store blocks, the
     cache equals the store's KV (error 0 on every layer), and one changed key of layer 1 shows in layer 1's K only."""
-    from prefixgen.integrations.vllm_check import compare_blocks, relative_errors
+    from prefixgen.integrations.vllm.check import compare_blocks, relative_errors
 
     model, store, ids = setup
     opened = PrefixStore.open(store)
@@ -148,12 +148,12 @@ def test_live_check_compares_the_claimed_tokens_at_their_slots(setup, monkeypatc
         load(scheduler, worker, ids, 16, block_ids)
         start = STORE_BLOCK  # the first store block boundary after vLLM's hit of 16 tokens
         locations = opened.find_prefix(opened.keys(ids[:-1])).locations
-        kv, good = worker._read(locations[1:], worker._staging.acquire())
+        kv, good = worker.connector_worker._read(locations[1:], worker.connector_worker._staging.acquire())
         assert good == len(locations) - 1
         k_err, v_err = relative_errors(
-            compare_blocks(worker._layers, 0, kv, start, end, [(block_ids, VLLM_BLOCK)] * 2, NUM_BLOCKS)
+            compare_blocks(worker.connector_worker._layers, 0, kv, start, end, [(block_ids, VLLM_BLOCK)] * 2, NUM_BLOCKS)
         )
-        assert [index for _, index in worker._layers] == [0, 1] and k_err == [0.0, 0.0] and v_err == [0.0, 0.0]
+        assert [index for _, index in worker.connector_worker._layers] == [0, 1] and k_err == [0.0, 0.0] and v_err == [0.0, 0.0]
 
         layer, cache = caches[1]
         pos = start + 5  # one token's key in layer 1, written back changed through the layer's own op
@@ -163,7 +163,7 @@ def test_live_check_compares_the_claimed_tokens_at_their_slots(setup, monkeypatc
         value = token.values[0, :, pos : pos + 1].transpose(0, 1).contiguous()
         layer.impl.do_kv_cache_update(layer, key, value, cache, slot)
         k_err, v_err = relative_errors(
-            compare_blocks(worker._layers, 0, kv, start, end, [(block_ids, VLLM_BLOCK)] * 2, NUM_BLOCKS)
+            compare_blocks(worker.connector_worker._layers, 0, kv, start, end, [(block_ids, VLLM_BLOCK)] * 2, NUM_BLOCKS)
         )
         assert k_err[0] == 0.0 and v_err == [0.0, 0.0] and k_err[1] > 0.0
     finally:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefixgen.integrations.vllm import _StagingPool, _upload
+from prefixgen.integrations.vllm.staging import StagingPool, upload
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned staging path runs on CUDA only")
 
@@ -18,7 +18,7 @@ T, L, H, D = 48, 3, 4, 64  # tokens, layers, KV heads, head_dim of a piece
     ("heads", "layers"), [(range(0, 4), range(0, 3)), (range(2, 4), range(0, 3)), (range(1, 2), range(1, 3))]
 )
 def test_a_view_of_a_pinned_buffer_reaches_the_device_as_is(heads, layers):
-    pool = _StagingPool(T * L * 2 * H * D * 2, keep=1, pinned=True)
+    pool = StagingPool(T * L * 2 * H * D * 2, keep=1, pinned=True)
     staging = pool.acquire()
     assert staging.tensor.is_pinned()
     host = staging.tensor.view(torch.bfloat16).view(T, L, 2, H, D)
@@ -26,7 +26,7 @@ def test_a_view_of_a_pinned_buffer_reaches_the_device_as_is(heads, layers):
     view = host[8:40, layers.start : layers.stop, :, heads.start : heads.stop]  # [32, layers, 2, heads, D], strided
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        on_device = _upload(view, torch.device("cuda"))
+        on_device = upload(view, torch.device("cuda"))
         done = torch.cuda.Event()
         done.record(stream)
     pool.release(staging, done)

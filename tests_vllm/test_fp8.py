@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from prefixgen import BuildConfig, PrefixStore, build
 from prefixgen.format import SHARDS_DIR
-from prefixgen.integrations.vllm_check import TOLERANCE
+from prefixgen.integrations.vllm.check import TOLERANCE
 
 from .conftest import copy_store, rewrite_kv, run_vllm, tiny_model, write_jsonl
 

@@ -61,7 +61,7 @@ def connectors(model, store, monkeypatch, kinds: list[str]):
         layers[0].attn_backend.get_builder_cls()(groups[0].kv_cache_spec, names, config, torch.device("cpu"))  # kernel ISA
         kv_cache_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[], kv_cache_groups=groups)
         scheduler = PrefixgenConnector(config, KVConnectorRole.SCHEDULER, kv_cache_config)
-        scheduler._gate.state = "passed"  # no engine computes KV here: the live check is test_live_check's
+        scheduler.connector_scheduler._gate.state = "passed"  # no engine computes KV here: the live check is test_live_check's
         worker = PrefixgenConnector(config, KVConnectorRole.WORKER, kv_cache_config)
         caches = {layer.layer_name: torch.full((NUM_BLOCKS, 2, VLLM_BLOCK, 2 * 64), float("nan")) for layer in layers}
         for layer in layers:
@@ -129,7 +129,7 @@ def test_recurrent_model_loads_nothing_counted(setup, monkeypatch):  # noqa: F81
     model, store, ids = setup
     scheduler, worker, _ = connectors(model, store, monkeypatch, ["full", "mamba"])
     try:
-        assert "recurrent state (MambaSpec, 1 layers)" in scheduler._recurrent
+        assert "recurrent state (MambaSpec, 1 layers)" in scheduler.connector_scheduler._recurrent
         for i in range(3):
             assert claim(scheduler, Request(f"r{i}", ids, SamplingParams(max_tokens=1), None), 0) == (0, False)
         assert scheduler.claim_stats.skipped_recurrent == 3 and scheduler.claim_stats.lookups == 0

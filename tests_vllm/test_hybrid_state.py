@@ -3,7 +3,7 @@
 A tiny random ``qwen3_next`` (one Gated DeltaNet layer, one full-attention layer, MoE), bfloat16 (vLLM's CPU GDN
 kernel takes nothing else), built into a store whose states are kept every 128 tokens and where records end. vLLM's
 prefix caching is off, so ``mamba_cache_mode`` is "none": a request has one state block, and a load may end on any
-stored state (``vllm_states.py``).
+stored state (``integrations/vllm/states.py``).
 
 * Greedy outputs equal plain vLLM's for prompts whose stored prefix (256 or 320 tokens) is longer than the stride;
   each load ends on the last matched block with a stored state, and its state is written (``states``).

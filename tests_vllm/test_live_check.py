@@ -192,7 +192,8 @@ def test_weights_changed_in_place_give_plain_vllms_tokens(model, store, plain):
         loaded = worker.stats.tokens
         assert _generate(llm, PROMPTS) == changed
         assert worker.stats.tokens == loaded and scheduler.claim_stats.checks_failed == 2
-        assert scheduler._gate.state == "failed" and "a changed layer: layer 1's" in scheduler._gate.last_failure
+        gate = scheduler.connector_scheduler._gate
+        assert gate.state == "failed" and "a changed layer: layer 1's" in gate.last_failure
     finally:
         _shutdown(llm)
 
@@ -209,7 +210,7 @@ def test_bf16_store_in_bf16_engine_loads_without_false_alarm(tmp_path, model):
         _generate(llm, PROMPTS)
         _generate(llm, PROMPTS[::-1])
         claims = scheduler.claim_stats
-        assert claims.checks_failed == 0 and claims.checks_passed >= 4 and scheduler._gate.state == "passed"
+        assert claims.checks_failed == 0 and claims.checks_passed >= 4 and scheduler.connector_scheduler._gate.state == "passed"
         assert worker.stats.requests >= 4 and worker.stats.tokens >= 4 * 256
     finally:
         _shutdown(llm)

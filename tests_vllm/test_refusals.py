@@ -125,7 +125,7 @@ def test_layer_groups_are_served_and_an_unknown_kind_refused(model, store):
     served += [connector(config, kv_cache_config(mla)), connector(config, kv_cache_config(mamba))]
     assert all(supports_hma(c) for c in served)
     assert [g.kind for c in served for g in c._groups] == ["sliding", "full", "full", "full", "mla", "recurrent"]
-    assert served[-1]._recurrent and not any(c._recurrent for c in served[:-1])
+    assert served[-1].connector_scheduler._recurrent and not any(c.connector_scheduler._recurrent for c in served[:-1])
     for c in served:
         c.shutdown()
     with pytest.raises(ConfigError, match=r"a KV cache group of CrossAttentionSpec \(2 layers"):
@@ -149,7 +149,7 @@ def test_requests_the_store_cannot_serve_load_nothing_and_are_counted(model, sto
     from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
 
     sched = connector(engine_config(model, store))
-    sched._gate.state = "passed"  # no engine computes KV here (the live check is test_live_check's)
+    sched.connector_scheduler._gate.state = "passed"  # no engine computes KV here (the live check is test_live_check's)
     ids = load_tokenizer(str(model))(RECORD + " Then he").input_ids
     stored = PrefixStore.open(store).match(ids[:-1])
     assert stored >= 256
@@ -189,7 +189,7 @@ def test_a_lookup_whose_index_read_never_returns_is_a_miss_at_the_deadline(model
     config = engine_config(model, live)
     config.kv_transfer_config.kv_connector_extra_config.update(load_timeout_seconds=2.0, refresh_seconds=0)
     sched = connector(config)
-    sched._gate.state = "passed"  # no engine computes KV here (the live check is test_live_check's)
+    sched.connector_scheduler._gate.state = "passed"  # no engine computes KV here (the live check is test_live_check's)
     ids = load_tokenizer(str(model))(RECORD + " Then he").input_ids
     (segment,) = (live / INDEX_DIR).glob("*.safetensors")
     saved = segment.with_name("saved")

@@ -203,16 +203,17 @@ def test_requests_sharing_a_stored_prefix_share_one_read(engine, store, baseline
     eng, sched = engine.llm_engine, scheduler(engine)
     stats = worker(engine).stats
     before = dataclasses.replace(stats)
-    sched.connector._gate.credit = 0.0  # no sampled live check among them: each request loads
-    config = sched.connector.config  # the first step must not wait for a lookup: all three are answered on the next
-    sched.connector.config = dataclasses.replace(config, yield_seconds=0)
+    side = sched.connector.connector_scheduler
+    side._gate.credit = 0.0  # no sampled live check among them: each request loads
+    config = side.config  # the first step must not wait for a lookup: all three are answered on the next
+    side.config = dataclasses.replace(config, yield_seconds=0)
     k, n = 7, 3  # three ~310-token requests fill 9 of the 10 usable blocks
     for i in range(n):
         eng.add_request(f"shared-{i}", PROMPTS[k], SamplingParams(**PARAMS))
     eng.step()  # their lookups run in the background; they end before the next step, which then loads all three
-    assert len(sched.connector._lookups) == n
-    assert all(lookup.result(timeout=30) is not None for lookup, _ in list(sched.connector._lookups.values()))
-    sched.connector.config = config
+    assert len(side._lookups) == n
+    assert all(lookup.result(timeout=30) is not None for lookup, _ in list(side._lookups.values()))
+    side.config = config
     outputs = {}
     while eng.has_unfinished_requests():
         for out in eng.step():
@@ -271,12 +272,14 @@ def test_engine_waits_for_loads_only_on_steps_that_run_nothing(engine):
     """yield_seconds: on a step that schedules no token the engine thread waits for a load in flight (an in-process
     engine would otherwise spin holding the GIL); a step that runs a batch returns at once. The load here is held on
     an event released 2 s later, far inside a 60 s yield_seconds."""
-    from prefixgen.integrations.vllm import LoadSpec, PrefixgenConnectorMetadata, _Loading
+    from prefixgen.integrations.vllm import LoadSpec, PrefixgenConnectorMetadata
+    from prefixgen.integrations.vllm.worker import Loading
 
     conn = worker(engine)
-    config, release = conn.config, threading.Event()
-    conn.config = dataclasses.replace(config, yield_seconds=60.0)
-    conn._inflight["held"] = _Loading(LoadSpec("held", 0, 0, 0, [], []), math.inf, 0, future=conn._pool.submit(release.wait))
+    side = conn.connector_worker
+    config, release = side.config, threading.Event()
+    side.config = dataclasses.replace(config, yield_seconds=60.0)
+    side._inflight["held"] = Loading(LoadSpec("held", 0, 0, 0, [], []), math.inf, 0, future=side._pool.submit(release.wait))
     timer = threading.Timer(2.0, release.set)
     try:
         conn.bind_connector_metadata(PrefixgenConnectorMetadata(idle=False))
@@ -287,9 +290,9 @@ def test_engine_waits_for_loads_only_on_steps_that_run_nothing(engine):
     finally:
         release.set()
         timer.cancel()
-        conn._inflight.pop("held", None)
+        side._inflight.pop("held", None)
         conn.clear_connector_metadata()
-        conn.config = config
+        side.config = config
 
 
 def test_chunked_prefill_after_a_load(engine, store, baseline):

@@ -87,9 +87,9 @@ def test_loads_of_one_prefix_in_one_step_read_it_once(setup, monkeypatch):  # no
         # Every piece was read into the one kept buffer. A token-major store's is written from a view of it (no host
         # copy); a head-major one's (format 5, the default) is transposed to vLLM's token-major rows once, on the host.
         head_major = kv.heads_first
-        assert stats.converted_bytes == (stats.read_bytes if head_major else 0) and worker._staging.made == 1
-        staging = worker._staging.acquire()
-        piece, good = worker._read(opened.find_prefix(opened.keys(ids[:-1])).locations[:staging_blocks], staging)
+        assert stats.converted_bytes == (stats.read_bytes if head_major else 0) and worker.connector_worker._staging.made == 1
+        staging = worker.connector_worker._staging.acquire()
+        piece, good = worker.connector_worker._read(opened.find_prefix(opened.keys(ids[:-1])).locations[:staging_blocks], staging)
         in_buffer = piece.untyped_storage().data_ptr() == staging.tensor.untyped_storage().data_ptr()
         assert good == staging_blocks and in_buffer != head_major
     finally:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from prefixgen.format import Manifest
+from prefixgen.integrations.vllm.faults import logger
 from prefixgen.store.index import BlockLocation
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ class CheckSpec:
     end: int
     first_block: int  # store block number of locations[0]
     locations: list[BlockLocation]
-    block_ids: list[list[int]]  # per KV cache group, null blocks -1 (vllm_groups.block_tables)
+    block_ids: list[list[int]]  # per KV cache group, null blocks -1 (groups.block_tables)
 
 
 @dataclass(slots=True)
@@ -186,7 +187,7 @@ def compare_blocks(
     heads, D], host memory): ``[layers, 4]`` float64 rows (K error, K norm, V error, V norm), to be summed over pieces
     (:func:`relative_errors`). ``tables``: per layer, the request's block table in the layer's KV cache group (null
     blocks -1) and the group's block size; a sliding-window or chunked layer is compared on the tokens vLLM still
-    holds blocks for (its window). ``key_order``: as a load writes keys (``vllm_groups.key_order``).
+    holds blocks for (its window). ``key_order``: as a load writes keys (``groups.key_order``).
 
     The store's KV is written with each layer's own cache-write op (as a load writes it: the same cast and layout)
     into a scratch copy of the request's blocks, beside masks written the same way, so no backend's memory layout
@@ -196,7 +197,7 @@ def compare_blocks(
         >>> relative_errors(compare_blocks(self._layers, 0, kv, 0, 64, [([3, 7], 32)] * 2, 1024))  # doctest: +SKIP
         ([1.2e-07, 9.8e-08], [1.1e-07, 8.7e-08])
     """
-    from prefixgen.integrations.vllm_groups import group_span, write_layer
+    from prefixgen.integrations.vllm.groups import group_span, write_layer
 
     sums = torch.zeros(len(layers), 4, dtype=torch.float64)
     for row, ((layer, index), (block_ids, block_size)) in enumerate(zip(layers, tables)):
@@ -369,3 +370,66 @@ class CheckGate:
     def finished(self, req_id: str) -> None:
         """A request finished (or was aborted) before its prefix was computed: another is probed."""
         self.probes.pop(req_id, None)
+
+    def allows(self, request: Any, computed: int, locations: list[BlockLocation], block_size: int, stats: Any) -> bool:
+        """Whether ``request``'s stored prefix may be loaded; if not, vLLM computes it (and it may be compared).
+        ``stats``: the scheduler's ``ClaimStats``, counting the stored tokens computed for checks and the requests
+        not loaded for want of a passed check."""
+        if self.wants_probe() and self.probe(request, computed, locations, block_size):
+            stats.check_tokens += len(locations) * block_size - computed
+            stats.skipped_unchecked += not self.loads_allowed
+            return False
+        if self.loads_allowed:
+            return True
+        stats.skipped_unchecked += 1
+        return False
+
+    def take(self, checks: list[CheckResult], weights_changed: bool, stats: Any, store: Any) -> None:
+        """What the workers reported after a step: the weights found changed (the check starts again) and the live
+        checks measured (each rank its heads and layers), counted in ``stats`` (the scheduler's ``ClaimStats``)."""
+        if weights_changed and self.state == "passed":
+            stats.weights_changed += 1
+            logger.warning(
+                "PrefixgenConnector: the model's weights changed since the live check passed; nothing is loaded until "
+                "it passes again"
+            )
+            self.reset()
+        by_request: dict[str, list[CheckResult]] = {}
+        for result in checks:
+            by_request.setdefault(result.req_id, []).append(result)
+        for req_id, results in by_request.items():
+            if req_id not in self.sent:
+                continue  # sent before a reset: it measured another engine state
+            self.sent.discard(req_id)
+            if any(r.failed_read for r in results):
+                continue  # no verdict: another request is compared
+            self._verdict(req_id, results, stats, store)
+
+    def _verdict(self, req_id: str, results: list[CheckResult], stats: Any, store: Any) -> None:
+        """One request's checks, from every rank: passed (loads allowed) or failed (loading stops)."""
+        self.history.append((req_id, all(r.passed for r in results), worst_errors(results)))
+        if all(r.passed for r in results):
+            stats.checks_passed += 1
+            if self.state == "checking":
+                self.state = "passed"
+                logger.info("PrefixgenConnector: live check passed (%s): loading stored prefixes", errors_text(results))
+            return
+        stats.checks_failed += 1
+        self.state = "failed"
+        self.last_failure = likely_cause(results)
+        logger.error(
+            "PrefixgenConnector: the KV vLLM computed for request %s differs from the store's by more than "
+            "rounding explains (limit %.3g, relative RMS per layer: %s). Likely cause: %s. Nothing more is loaded "
+            "from %s until reset_prefix_cache(reset_connector=True) and a passing check",
+            req_id,
+            results[0].limit,
+            errors_text(results),
+            self.last_failure,
+            store,
+        )
+
+
+def errors_text(results: list[CheckResult]) -> str:
+    """Per layer, the largest relative RMS error of K and V over the ranks: ``layer 0 K 1.2e-07 V 9.8e-08, ...``."""
+    worst = worst_errors(results)
+    return ", ".join(f"layer {layer} K {k:.2g} V {v:.2g}" for layer, (k, v) in sorted(worst.items()))

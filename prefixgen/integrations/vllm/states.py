@@ -36,7 +36,7 @@ import torch
 
 from prefixgen.cache_spec import RECURRENT
 from prefixgen.format import BlockHash
-from prefixgen.integrations.vllm_groups import NULL, VllmGroup
+from prefixgen.integrations.vllm.groups import NULL, VllmGroup
 from prefixgen.store.index import BlockLocation
 from prefixgen.store.states import read_state, state_path
 

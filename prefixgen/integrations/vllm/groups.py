@@ -15,7 +15,8 @@ of its own per request (``KVCacheBlocks.blocks[g]``, ``KVCacheConfig.kv_cache_gr
 The scheduler hands each load the request's block table per group with null blocks as ``-1``
 (:func:`block_tables`); a worker writes a layer's tokens only into its own group's real blocks
 (:func:`group_span`), so a sliding layer gets only the window's blocks. :func:`write_layer` writes a layer's
-rows with the layer's own cache-write op, K/V or MLA latent.
+rows with the layer's own cache-write op, K/V or MLA latent; :func:`slot_mapping` gives the slots of a block table
+without null blocks.
 """
 
 from __future__ import annotations
@@ -99,20 +100,18 @@ def group_problems(groups: Sequence[VllmGroup]) -> list[str]:
 
 
 def recurrent_skip_message(groups: Sequence[VllmGroup]) -> str | None:
-    """Why nothing is loaded for a model with recurrent state (None when it has none).
+    """Why nothing is loaded for a model with recurrent state whose store keeps no states (None when it has none).
 
-    vLLM 0.32.0's connector API could take a state: ``MambaManager`` (``mamba_cache_mode`` "align") keeps one state
-    block per block boundary and allocates blocks for a connector's external tokens like any group
-    (``allocate_external_computed_blocks``), and a worker gets the groups' conv and SSM state tensors in
-    ``register_kv_caches`` (NIXL transfers them: ``ssm_conv_transfer_utils.py``). What is missing is the connector writing a store's states (``states/``) into
-    those blocks: a prefix's attention KV without the recurrent state at its end does not continue the sequence."""
+    A store that keeps them is loaded with its states (``states.py``: ``MambaManager`` allocates a state block for a
+    connector's tokens, the worker writes the stored state there); a prefix's attention KV without the recurrent
+    state at its end does not continue the sequence."""
     recurrent = [g for g in groups if g.kind == RECURRENT]
     if not recurrent:
         return None
     layers = sum(len(g.layer_names) for g in recurrent)
     return (
         f"this model has recurrent state ({recurrent[0].spec}, {layers} layers): a stored prefix continues only with "
-        "the state at its end, which this connector does not load yet; nothing is loaded, vLLM computes every prompt "
+        "the state at its end, which this store does not keep; nothing is loaded, vLLM computes every prompt "
         "(counted as skipped_recurrent)"
     )
 
@@ -125,6 +124,17 @@ def block_tables(blocks: Any) -> list[list[int]]:
         [[5, 9, 12], [-1, 7, 13]]
     """
     return [[NULL if b.is_null else b.block_id for b in group] for group in blocks.blocks]
+
+
+def slot_mapping(block_ids: Sequence[int], block_size: int, start: int, end: int) -> torch.Tensor:
+    """vLLM cache slots of tokens ``[start, end)`` of a request whose block table is ``block_ids``.
+
+    Example:
+        >>> slot_mapping([7, 3], 4, 2, 6).tolist()
+        [30, 31, 12, 13]
+    """
+    pos = torch.arange(start, end)
+    return torch.as_tensor(block_ids, dtype=torch.long)[pos // block_size] * block_size + pos % block_size
 
 
 def group_span(block_ids: Sequence[int], block_size: int, start: int, end: int) -> tuple[int, torch.Tensor]:
