@@ -27,7 +27,8 @@ import pytest
 from prefixgen import BuildConfig, PrefixStore, build
 from prefixgen.store.states import last_state, state_path
 
-from .conftest import CHAT_TEMPLATE, make_model, run_vllm, write_jsonl
+from .conftest import make_model, run_vllm, write_jsonl
+from .test_hybrid import BASE
 from .test_vllm_connector import PROMPTS, STORIES, SYSTEM  # a stored record + text, the system prompt only, ...
 
 # The live check's limit: vLLM's and transformers' bf16 K/V of the attention layer after the GDN layer differ by up to
@@ -36,11 +37,8 @@ from .test_vllm_connector import PROMPTS, STORIES, SYSTEM  # a stored record + t
 CHECK = {"check_tolerance": 0.1}
 STRIDE = 128  # the store's state stride for this model (cache_spec.state_stride_tokens): 1 state ~ 66 KiB ~ 66 tokens
 QWEN3_NEXT = dict(
-    hidden_size=256,
-    intermediate_size=256,
-    num_attention_heads=4,
+    BASE,  # test_hybrid's: vLLM's CPU attention head size, the chat template
     num_key_value_heads=4,
-    head_dim=64,  # vLLM's CPU attention kernels take head sizes 32, 64, 80, ...
     linear_num_key_heads=1,
     linear_num_value_heads=1,
     linear_key_head_dim=128,  # vLLM's CPU GDN prefill kernel takes 128 ("Unexpected head dim size, 32")
@@ -51,10 +49,8 @@ QWEN3_NEXT = dict(
     num_experts_per_tok=2,
     moe_intermediate_size=64,
     shared_expert_intermediate_size=64,
-    max_position_embeddings=2048,
     initializer_range=0.1,
     torch_dtype="bfloat16",
-    chat_template=CHAT_TEMPLATE,
 )
 
 
