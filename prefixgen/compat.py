@@ -88,7 +88,7 @@ def hybrid_cache(
         layer.conv_states[0].copy_(conv)
         layer.recurrent_states[0].copy_(ssm)
         layer.has_previous_state[0] = True  # the next forward prepends this conv state instead of zeros
-        if hasattr(layer, "cumulative_length_linear"):  # 5.25 counts the tokens seen; 5.17 does not
+        if hasattr(layer, "cumulative_length_linear"):  # 5.25 counts the tokens seen; 5.17 and 5.19 do not
             layer.cumulative_length_linear.fill_(tokens)
     return cache
 

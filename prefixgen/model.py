@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,23 +93,67 @@ def checkpoint_weights_digest(folder: str | Path, tie_word_embeddings: bool = Fa
             tensors[name] = (path, info, header.data_start)
     h = hashlib.sha256()
     maps: dict[Path, np.memmap] = {}
-    for name in sorted(tensors):
-        if name.endswith("rotary_emb.inv_freq") or (tie_word_embeddings and name == "lm_head.weight"):
-            continue
+
+    def flat_of(name: str) -> tuple[np.ndarray, str]:
         path, info, data_start = tensors[name]
         if info["dtype"] not in _CHECKPOINT_DTYPES:
             raise ModelError(f"{path}: tensor {name} has dtype {info['dtype']}, which the weights digest cannot read")
-        np_dtype, torch_dtype = _CHECKPOINT_DTYPES[info["dtype"]]
         if path not in maps:
             maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
         a, b = (data_start + o for o in info["data_offsets"])
-        flat = maps[path][a:b].view(np.dtype(np_dtype).newbyteorder("<"))
-        step = max(1, flat.shape[0] // _SAMPLES)
-        sample = torch.from_numpy(np.ascontiguousarray(flat[::step][:_SAMPLES]).astype(np_dtype)).view(torch_dtype)
+        return maps[path][a:b].view(np.dtype(_CHECKPOINT_DTYPES[info["dtype"]][0]).newbyteorder("<")), info["dtype"]
+
+    fused = _fused_experts(tensors)
+    for name in sorted(set(tensors) - {p for parts, _ in fused.values() for p in parts} | set(fused)):
+        if name.endswith("rotary_emb.inv_freq") or (tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        if name in fused:  # one tensor of transformers' made of the checkpoint's per-expert ones, end to end
+            parts, shape = fused[name]
+            flats = [flat_of(p) for p in parts]
+            sizes = np.cumsum([0] + [f.shape[0] for f, _ in flats])
+            step = max(1, int(sizes[-1]) // _SAMPLES)
+            at = np.arange(0, int(sizes[-1]), step)[:_SAMPLES]
+            which = np.searchsorted(sizes, at, side="right") - 1
+            np_dtype, torch_dtype = _CHECKPOINT_DTYPES[flats[0][1]]
+            picked = np.empty(len(at), dtype=np_dtype)
+            for i in np.unique(which):
+                picked[which == i] = flats[i][0][at[which == i] - sizes[i]]
+        else:
+            flat, stored = flat_of(name)
+            np_dtype, torch_dtype = _CHECKPOINT_DTYPES[stored]
+            step = max(1, flat.shape[0] // _SAMPLES)
+            picked, shape = flat[::step][:_SAMPLES], tuple(tensors[name][1]["shape"])
+        sample = torch.from_numpy(np.ascontiguousarray(picked).astype(np_dtype)).view(torch_dtype)
         if dtype is not None:
             sample = sample.to(dtype)  # as the server loads it (what build digested)
-        _digest_tensor(h, name, tuple(info["shape"]), sample)  # already strided: sampling again keeps it whole
+        _digest_tensor(h, name, shape, sample)  # already strided: sampling again keeps it whole
     return h.hexdigest()
+
+
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _fused_experts(tensors: dict[str, tuple[Path, dict[str, Any], int]]) -> dict[str, tuple[list[str], tuple[int, ...]]]:
+    """transformers 5's fused MoE parameters made from a checkpoint's per-expert tensors (its ``qwen2_moe`` weight
+    conversion, used by Qwen2/3-MoE, Qwen3-Next, DeepSeek and others: ``conversion_mapping.py``): ``experts.gate_up_proj``
+    ``[E, 2I, H]`` stacks each expert's ``gate_proj`` and ``up_proj`` rows, ``experts.down_proj`` ``[E, H, I]`` each
+    ``down_proj``. Row-major, the fused tensor is its parts end to end: name -> (parts in that order, its shape)."""
+    experts: dict[str, dict[int, dict[str, str]]] = {}
+    for name in tensors:
+        m = _EXPERT.match(name)
+        if m:
+            experts.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = name
+    fused: dict[str, tuple[list[str], tuple[int, ...]]] = {}
+    for prefix, by_expert in experts.items():
+        order = [by_expert[e] for e in sorted(by_expert)]
+        if all({"gate_proj", "up_proj"} <= set(x) for x in order):
+            rows, cols = tensors[order[0]["gate_proj"]][1]["shape"]
+            parts = [x[p] for x in order for p in ("gate_proj", "up_proj")]
+            fused[f"{prefix}.gate_up_proj"] = (parts, (len(order), 2 * rows, cols))
+        if all("down_proj" in x for x in order):
+            rows, cols = tensors[order[0]["down_proj"]][1]["shape"]
+            fused[f"{prefix}.down_proj"] = ([x["down_proj"] for x in order], (len(order), rows, cols))
+    return fused
 
 
 def tokenizer_digest(tokenizer: Any) -> str:

@@ -34,7 +34,7 @@ from prefixgen.cache_spec import RECURRENT
 from prefixgen.store.reader import PrefixStore
 from prefixgen.store.states import read_state, state_path
 from tests.conftest import make_model
-from tests.test_cache_kinds import QWEN3_NEXT, build_text_store
+from tests.kinds import QWEN3_NEXT, build_text_store
 from tests.test_recurrent import HYBRIDS, PROMPTS
 
 from .test_sglang_cache_kinds import export

@@ -154,6 +154,7 @@ def run_vllm(
     loras: Sequence[object | None] = (),
     warm_up: bool = True,
     connector_extra: dict | None = None,
+    dtype: str = "float32",
     **engine_args,
 ) -> Run:
     """Start an engine (with the connector on ``store`` if given; vLLM's own prefix caching off unless asked;
@@ -165,7 +166,10 @@ def run_vllm(
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
     llm = start_engine(
-        model, store, connector_extra, **{"enable_prefix_caching": prefix_caching, "max_model_len": 2048, **engine_args}
+        model,
+        store,
+        connector_extra,
+        **{"dtype": dtype, "enable_prefix_caching": prefix_caching, "max_model_len": 2048, **engine_args},
     )
     try:
         params = SamplingParams(max_tokens=12, temperature=0)

@@ -27,6 +27,7 @@ from prefixgen.integrations.vllm.metadata import PrefixgenConnectorMetadata
 from prefixgen.integrations.vllm.metrics import PrefixgenConnectorStats, PrefixgenPromMetrics
 from prefixgen.integrations.vllm.refusals import engine_fingerprint, unsupported_features
 from prefixgen.integrations.vllm.scheduler import PrefixgenScheduler
+from prefixgen.integrations.vllm.states import StateLoads
 from prefixgen.integrations.vllm.worker import PrefixgenWorker
 from prefixgen.store.reader import PrefixStore
 
@@ -82,15 +83,16 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
         if problems:
             raise ConfigError("PrefixgenConnector cannot serve this engine:\n  " + "\n  ".join(problems))
         self._groups = vllm_groups(kv_cache_config)  # vLLM's KV cache groups: each request has a block table per group
+        states = StateLoads.for_engine(self.store, self._groups, kv_cache_config)  # a hybrid's recurrent state, or None
         self.connector_scheduler: PrefixgenScheduler | None = None
         self.connector_worker: PrefixgenWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._check_model(vllm_config, self.config.chat_template)
-            self.connector_scheduler = PrefixgenScheduler(self.config, self.store, self._groups)
+            self.connector_scheduler = PrefixgenScheduler(self.config, self.store, self._groups, states)
             self.claim_stats = self.connector_scheduler.claim_stats  # the scheduler's counters (tests, benchmarks)
         else:
             self.connector_worker = PrefixgenWorker(
-                vllm_config, self.config, self.store, self._groups, kv_cache_config.num_blocks
+                vllm_config, self.config, self.store, self._groups, kv_cache_config.num_blocks, states
             )
             self.stats = self.connector_worker.stats  # this rank's counters (tests, benchmarks)
         logger.info(
@@ -120,6 +122,13 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
         asynchronously; None while the store is looked up (:meth:`PrefixgenScheduler.get_num_new_matched_tokens`)."""
         assert self.connector_scheduler is not None
         return self.connector_scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
+        """No group's blocks for a load are left unzeroed: vLLM zeroes a new block of a hybrid model (its pages are
+        shared with the Mamba groups' float32 states) before the step's loads start (``_update_states`` comes before
+        ``start_load_kv``), and a load that ends inside a block writes only its head; the tail left as another group
+        wrote it read as bf16 is NaN, and vLLM's CPU attention multiplies it by the mask's 0 (states.py)."""
+        return ()
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         assert self.connector_scheduler is not None

@@ -100,20 +100,18 @@ def group_problems(groups: Sequence[VllmGroup]) -> list[str]:
 
 
 def recurrent_skip_message(groups: Sequence[VllmGroup]) -> str | None:
-    """Why nothing is loaded for a model with recurrent state (None when it has none).
+    """Why nothing is loaded for a model with recurrent state whose store keeps no states (None when it has none).
 
-    vLLM 0.32.0's connector API could take a state: ``MambaManager`` (``mamba_cache_mode`` "align") keeps one state
-    block per block boundary and allocates blocks for a connector's external tokens like any group
-    (``allocate_external_computed_blocks``), and a worker gets the groups' conv and SSM state tensors in
-    ``register_kv_caches`` (NIXL transfers them: ``ssm_conv_transfer_utils.py``). What is missing is the connector writing a store's states (``states/``) into
-    those blocks: a prefix's attention KV without the recurrent state at its end does not continue the sequence."""
+    A store that keeps them is loaded with its states (``states.py``: ``MambaManager`` allocates a state block for a
+    connector's tokens, the worker writes the stored state there); a prefix's attention KV without the recurrent
+    state at its end does not continue the sequence."""
     recurrent = [g for g in groups if g.kind == RECURRENT]
     if not recurrent:
         return None
     layers = sum(len(g.layer_names) for g in recurrent)
     return (
         f"this model has recurrent state ({recurrent[0].spec}, {layers} layers): a stored prefix continues only with "
-        "the state at its end, which this connector does not load yet; nothing is loaded, vLLM computes every prompt "
+        "the state at its end, which this store does not keep; nothing is loaded, vLLM computes every prompt "
         "(counted as skipped_recurrent)"
     )
 

@@ -23,6 +23,7 @@ class LoadSpec:
     first_block: int  # store block number of locations[0]
     locations: list[BlockLocation]
     block_ids: list[list[int]]  # the request's vLLM block table per KV cache group, null blocks -1 (groups.py)
+    state: bytes | None = None  # a hybrid model: the key of the block after which the recurrent state is (states.py)
 
 
 @dataclass

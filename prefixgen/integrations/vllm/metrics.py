@@ -35,6 +35,9 @@ class LoadStats:
     # (those of the window), and tokens not written because vLLM holds no block for them (before the window).
     window_tokens: int = 0
     window_tokens_skipped: int = 0
+    states: int = 0  # recurrent states written (a hybrid model: one per load, into every recurrent layer; states.py)
+    state_bytes: int = 0
+    failed_states: int = 0  # states missing or damaged: vLLM recomputed the load whole, its block is reported bad
 
 
 @dataclass(slots=True)

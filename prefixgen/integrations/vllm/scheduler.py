@@ -19,6 +19,7 @@ from prefixgen.integrations.vllm.groups import VllmGroup, block_tables, recurren
 from prefixgen.integrations.vllm.metadata import LoadSpec, PrefixgenConnectorMetadata, PrefixgenWorkerMetadata
 from prefixgen.integrations.vllm.metrics import ClaimStats, PrefixgenConnectorStats, counters_since
 from prefixgen.integrations.vllm.refusals import skip_reason
+from prefixgen.integrations.vllm.states import StateLoads
 from prefixgen.integrations.vllm.threads import Threads
 from prefixgen.store.index import BlockLocation
 from prefixgen.store.reader import PrefixStore
@@ -38,6 +39,7 @@ LOOKUP_RUN = 128
 class _Match:
     end: int  # tokens of the longest stored prefix of the prompt (but its last token)
     locations: list[BlockLocation]
+    state: bytes | None = None  # a hybrid model: the key of the last block, after which the state is stored (states.py)
 
 
 def stored_prefix(store: PrefixStore, token_ids: Sequence[int], max_run: int | None = None) -> tuple[list[BlockLocation], int]:
@@ -78,7 +80,7 @@ def stored_prefix(store: PrefixStore, token_ids: Sequence[int], max_run: int | N
 class PrefixgenScheduler:
     """The connector in vLLM's scheduler process: claims stored prefixes and hands their loads to the workers."""
 
-    def __init__(self, config: ConnectorConfig, store: PrefixStore, groups: list[VllmGroup]):
+    def __init__(self, config: ConnectorConfig, store: PrefixStore, groups: list[VllmGroup], states: StateLoads | None = None):
         self.config = config
         self.store = store
         self._groups = groups
@@ -91,7 +93,8 @@ class PrefixgenScheduler:
         self._reported: dict[str, int | float] = {}
         # Lookups run on a thread of their own: schedule() never hashes a prompt or reads the index itself.
         self._lookup_threads = Threads(1, "prefixgen-lookup")
-        self._recurrent = recurrent_skip_message(self._groups)  # why nothing is loaded for this model, or None
+        self._states = states  # a hybrid model's recurrent state: claims end on a stored one (states.py)
+        self._recurrent = None if states else recurrent_skip_message(self._groups)  # why nothing is loaded, or None
         if self._recurrent:
             logger.warning("PrefixgenConnector: %s", self._recurrent)
         self._lookups: dict[str, tuple[Future, float]] = {}  # request id -> its lookup and when it was asked for
@@ -139,9 +142,12 @@ class PrefixgenScheduler:
         locations = self._lookup_result(request.request_id, lookup, since)
         if locations is None:
             return None
+        state = None
+        if self._states and locations:  # a hybrid: up to the last block whose recurrent state vLLM can resume from
+            locations, state = self._states.cut(lookup.result(), locations)
         if locations and not self._gate.allows(request, num_computed_tokens, locations, self.store.block_size, self.claim_stats):
             return _Match(0, [])  # vLLM computes it (a live check, or no check has passed)
-        return _Match(len(locations) * self.store.block_size, locations)
+        return _Match(len(locations) * self.store.block_size, locations, state)
 
     def _lookup_result(self, req_id: str, lookup: Future, since: float) -> list[BlockLocation] | None:
         """The usable locations ``lookup`` (asked for at ``since``) found, or None while it runs. On a step that runs
@@ -189,7 +195,10 @@ class PrefixgenScheduler:
         self._lookup_thread = threading.get_ident()
         self.claim_stats.lookups += 1
         try:
-            return stored_prefix(self.store, ids[:-1], max_run=LOOKUP_RUN)[0]
+            found = stored_prefix(self.store, ids[:-1], max_run=LOOKUP_RUN)[0]
+            if self._states:  # each matched block with a state vLLM can resume from (states.py)
+                return self._states.lookup(self.store.keys(ids[: len(found) * self.store.block_size]), found)
+            return found
         except STORE_FAULTS as exc:
             self.claim_stats.lookup_errors += 1
             warn_once(self._logged, str(exc), "PrefixgenConnector: cannot search the store (%s); vLLM computes the prompt", exc)
@@ -226,7 +235,8 @@ class PrefixgenScheduler:
         bs = self.store.block_size
         start = match.end - num_external_tokens
         first = start // bs
-        self._pending.append(LoadSpec(request.request_id, start, match.end, first, match.locations[first:], block_tables(blocks)))
+        load = LoadSpec(request.request_id, start, match.end, first, match.locations[first:], block_tables(blocks), match.state)
+        self._pending.append(load)
 
     def build_connector_meta(
         self, scheduler_output: SchedulerOutput, kv_cache_manager: KVCacheManager | None

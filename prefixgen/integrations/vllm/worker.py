@@ -35,6 +35,7 @@ from prefixgen.integrations.vllm.groups import VllmGroup, group_span, is_mla, ke
 from prefixgen.integrations.vllm.metadata import LoadSpec, PrefixgenConnectorMetadata, PrefixgenWorkerMetadata
 from prefixgen.integrations.vllm.metrics import LoadStats, PrefixgenConnectorStats, counters_since
 from prefixgen.integrations.vllm.staging import Staging, StagingPool, upload
+from prefixgen.integrations.vllm.states import StateLoads, store_row
 from prefixgen.integrations.vllm.threads import Threads
 from prefixgen.model import tp_kv_heads
 from prefixgen.store.index import BlockLocation
@@ -110,12 +111,14 @@ class PrefixgenWorker:
         store: PrefixStore,
         groups: list[VllmGroup],
         num_blocks: int,
+        states: StateLoads | None = None,
     ):
         self._vllm_config = vllm_config
         self.config = config
         self.store = store
         self.block_size = vllm_config.cache_config.block_size  # vLLM's block size, not the store's
         self._groups = groups
+        self._states = states  # a hybrid model's recurrent layers: a load's state is written into them (states.py)
         self._dtype = vllm_config.model_config.dtype
         self._layers: list[tuple[Any, int]] = []  # (vLLM attention layer, HF layer index)
         self._layer_groups: list[int] = []  # the KV cache group of each of self._layers
@@ -143,6 +146,7 @@ class PrefixgenWorker:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Map vLLM's attention layers to the store's layers and check each can take the store's KV."""
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+        from vllm.model_executor.models.utils import extract_layer_index
 
         kv = self.store.manifest.kv
         tp = self._vllm_config.parallel_config.tensor_parallel_size
@@ -151,6 +155,8 @@ class PrefixgenWorker:
         group_of = {name: g.index for g in self._groups for name in g.layer_names}
         for name in kv_caches:
             layer = layers[name]
+            if self._states and self._states.take(name, layer, extract_layer_index(name)):
+                continue  # a recurrent layer: its state is written once a load's KV is (states.py)
             self._layers.append((layer, self._layer_index(name, layer)))
             self._layer_groups.append(group_of[name])
         # A pipeline stage holds consecutive layers: only theirs are converted and uploaded.
@@ -176,7 +182,7 @@ class PrefixgenWorker:
                 f"({type(impl).__name__}) has no key/value cache-write op; use a standard attention backend "
                 "(CPU_ATTN on CPU, FLASH_ATTN on CUDA)"
             )
-        index = extract_layer_index(name)
+        index = store_row(kv, extract_layer_index(name))  # a hybrid's rows hold its attention layers only
         if not 0 <= index < kv.num_layers or layer.head_size != kv.head_dim or layer.num_kv_heads != len(self._heads):
             raise IncompatibleStoreError(
                 f"{self.store.path}: vLLM layer {name} (KV heads {layer.num_kv_heads}, head size {layer.head_size}) "
@@ -434,10 +440,31 @@ class PrefixgenWorker:
             except Exception:
                 logger.exception("PrefixgenConnector: loading %s failed on the device", member.load.req_id)
                 member.written = member.load.start
+            if member.load.state is not None and member.written == member.load.end:
+                member.written = self._write_state(member.load)
             member.state = "done"
             with self._lock:
                 self._report_unwritten(member.load, member.written)
                 self.stats.requests += 1
+
+    def _write_state(self, load: LoadSpec) -> int:
+        """A hybrid's load whose KV is written: its recurrent state too (states.py); the tokens written (its start if
+        the state is missing or damaged: vLLM recomputes the load whole, and its last block is reported bad, so that
+        later claims end on an earlier state)."""
+        assert self._states is not None
+        try:
+            nbytes = self._states.write(load.state, load.end, load.block_ids)
+        except STORE_FAULTS as exc:
+            warn_once(self._logged, str(exc), "PrefixgenConnector: %s; vLLM computes the prompt", exc)
+            with self._lock:
+                self.stats.failed_states += 1
+                last = load.locations[-1]
+                self._new_bad.bad_blocks.add((last.shard, last.slot))
+            return load.start
+        with self._lock:
+            self.stats.states += 1
+            self.stats.state_bytes += nbytes
+        return load.end
 
     def _detach(self, loading: Loading, read: int) -> None:
         """The followers of ``loading`` whose shared run ends within its first ``read`` locations (read and written) leave
@@ -572,7 +599,7 @@ class PrefixgenWorker:
 
     def _spans(self, block_ids: list[list[int]], start: int, end: int) -> list[tuple[int, torch.Tensor]]:
         """Per KV cache group, the tokens of ``[start, end)`` it holds blocks for: the offset of the first from
-        ``start`` and their slots (a sliding-window or chunked group: only its window's; vllm_groups.py)."""
+        ``start`` and their slots (a sliding-window or chunked group: only its window's; groups.py)."""
         return [group_span(ids, g.block_size, start, end) for g, ids in zip(self._groups, block_ids)]
 
     def _write(self, kv: torch.Tensor, spans: list[tuple[int, torch.Tensor]]) -> None:
