@@ -63,6 +63,19 @@ _CHECKPOINT_DTYPES = {
 }
 
 
+def _sample_concatenated(flats: list[np.ndarray], np_dtype) -> np.ndarray:
+    """[<= _SAMPLES] the strided sample of the 1-D arrays ``flats`` laid end to end, without concatenating them
+    (a fused expert tensor is every expert's checkpoint tensor in order)."""
+    sizes = np.cumsum([0] + [f.shape[0] for f in flats])
+    step = max(1, int(sizes[-1]) // _SAMPLES)
+    at = np.arange(0, int(sizes[-1]), step)[:_SAMPLES]
+    which = np.searchsorted(sizes, at, side="right") - 1
+    picked = np.empty(len(at), dtype=np_dtype)
+    for i in np.unique(which):
+        picked[which == i] = flats[i][at[which == i] - sizes[i]]
+    return picked
+
+
 def checkpoint_weights_digest(folder: str | Path, tie_word_embeddings: bool = False, dtype: torch.dtype | None = None) -> str:
     """The :func:`weights_digest` of the model transformers loads from the ``*.safetensors`` files in
     ``folder`` in ``dtype`` (None: the files' own), computed from the files alone (memory-mapped; only
@@ -110,14 +123,8 @@ def checkpoint_weights_digest(folder: str | Path, tie_word_embeddings: bool = Fa
         if name in fused:  # one tensor of transformers' made of the checkpoint's per-expert ones, end to end
             parts, shape = fused[name]
             flats = [flat_of(p) for p in parts]
-            sizes = np.cumsum([0] + [f.shape[0] for f, _ in flats])
-            step = max(1, int(sizes[-1]) // _SAMPLES)
-            at = np.arange(0, int(sizes[-1]), step)[:_SAMPLES]
-            which = np.searchsorted(sizes, at, side="right") - 1
             np_dtype, torch_dtype = _CHECKPOINT_DTYPES[flats[0][1]]
-            picked = np.empty(len(at), dtype=np_dtype)
-            for i in np.unique(which):
-                picked[which == i] = flats[i][0][at[which == i] - sizes[i]]
+            picked = _sample_concatenated([f for f, _ in flats], np_dtype)
         else:
             flat, stored = flat_of(name)
             np_dtype, torch_dtype = _CHECKPOINT_DTYPES[stored]
