@@ -1,6 +1,7 @@
 """CUDA only (skipped without a GPU; `benchmarks/gpu.sh` runs it): the connector reads a piece into a pinned staging
 buffer and the device copies it straight from there, on the load stream, this rank's heads and layers as the strided
-view they are of the buffer; the buffer is reused only once that copy is done."""
+view they are of the buffer; the buffer is reused only once that copy is done. A head-major piece goes up raw and is
+transposed (and dequantized) on the device."""
 
 from __future__ import annotations
 
@@ -35,3 +36,27 @@ def test_a_view_of_a_pinned_buffer_reaches_the_device_as_is(heads, layers):
     assert again is staging and not again.events and done.query()
     assert torch.equal(on_device.cpu(), view)
     assert pool.made == 1
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_a_head_major_piece_goes_up_raw_and_is_transposed_on_the_device(fp8):
+    """A head-major piece (format 5) leaves the pinned buffer as read; its transpose to vLLM's token-major rows (and
+    fp8's dequantization) is made on the device, equal bit for bit to the same made on the host."""
+    from prefixgen.store.reader import StoredKV
+
+    n, h, B = 3, 2, 16  # blocks, this rank's heads, block tokens
+    stored = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    pool = StagingPool(n * h * B * L * 2 * D * stored.itemsize, keep=1, pinned=True)
+    staging = pool.acquire()
+    raw = staging.tensor.view(stored).view(n, h, B, L, 2, D)  # as read: [blocks, heads, B, layers, 2, D]
+    raw.copy_(torch.randn(n, h, B, L, 2, D).to(stored))
+    scales = torch.rand(n, h, L, 2) + 0.5 if fp8 else None
+    read = StoredKV(raw, scales, True, B, None, range(1, 3))
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        on_device = read.to(upload(read.kv, torch.device("cuda")))
+        rows = on_device.rows(torch.bfloat16)
+    stream.synchronize()
+    assert on_device.kv.is_contiguous() and rows.device.type == "cuda"
+    assert rows.shape == (n * B, 2, 2, h, D)  # [tokens, layers 1-2, K/V, heads, D]
+    assert torch.equal(rows.cpu(), read.rows(torch.bfloat16))

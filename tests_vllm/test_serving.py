@@ -205,10 +205,12 @@ def test_requests_sharing_a_stored_prefix_share_one_read(engine, store, baseline
     kv = PrefixStore.open(store).manifest.kv
     assert stats.read_bytes - before.read_bytes == blocks * 16 * kv.bytes_per_token  # one prefix, not n
     assert stats.shared_loads - before.shared_loads == n - 1
-    # Read straight into the staging buffer: a token-major piece is written into vLLM's cache from there (no host
-    # copy), a head-major one (format 5) is transposed once to vLLM's token-major rows, for all the loads sharing it.
-    copied = stats.read_bytes - before.read_bytes if kv.heads_first else 0
-    assert stats.converted_bytes - before.converted_bytes == copied
+    # Read straight into the staging buffer and uploaded from there as read (no host copy): a token-major piece is
+    # written into vLLM's cache as it is, a head-major one (format 5) transposed once to vLLM's token-major rows on the
+    # cache's device (here the host), for all the loads sharing it.
+    permuted = stats.read_bytes - before.read_bytes if kv.heads_first else 0
+    assert stats.converted_bytes - before.converted_bytes == 0
+    assert stats.device_converted_bytes - before.device_converted_bytes == permuted
 
 
 def test_decodes_keep_running_while_a_prefix_loads(engine, store, baseline):

@@ -2,8 +2,8 @@
 of one stored prefix handed to the worker in one step read its blocks once, and each request's cache is bitwise what
 the layers' own cache-write op makes of the stored KV of its claimed tokens at its slots; a block that fails its
 checksum stops every load that shares the read at that block (vLLM recomputes each from there). Each piece is read
-into the worker's one kept staging buffer and written into vLLM's cache from there: no host copy of it is made
-from a token-major store, one transpose from a head-major one."""
+into the worker's one kept staging buffer and goes to the cache's device as read (no host copy of it is made); a
+head-major one's transpose to vLLM's rows is made there, once."""
 
 from __future__ import annotations
 
@@ -84,14 +84,16 @@ def test_loads_of_one_prefix_in_one_step_read_it_once(setup, monkeypatch):  # no
         assert stats.read_bytes == blocks * STORE_BLOCK * kv.bytes_per_token  # the prefix's bytes, once
         assert stats.shared_loads == 2 and stats.requests == 3
         assert stats.tokens == sum(claimed.values())
-        # Every piece was read into the one kept buffer. A token-major store's is written from a view of it (no host
-        # copy); a head-major one's (format 5, the default) is transposed to vLLM's token-major rows once, on the host.
+        # Every piece was read into the one kept buffer and goes to the cache's device as read: no host copy of it is
+        # made, whatever the store's order. A head-major one's (format 5, the default) is transposed to vLLM's
+        # token-major rows once, after that upload (on CPU the device is the host), for all the loads sharing it.
         head_major = kv.heads_first
-        assert stats.converted_bytes == (stats.read_bytes if head_major else 0) and worker.connector_worker._staging.made == 1
+        assert stats.converted_bytes == 0 and worker.connector_worker._staging.made == 1
+        assert stats.device_converted_bytes == (stats.read_bytes if head_major else 0)
         staging = worker.connector_worker._staging.acquire()
         piece, good = worker.connector_worker._read(opened.find_prefix(opened.keys(ids[:-1])).locations[:staging_blocks], staging)
-        in_buffer = piece.untyped_storage().data_ptr() == staging.tensor.untyped_storage().data_ptr()
-        assert good == staging_blocks and in_buffer != head_major
+        in_buffer = piece.kv.untyped_storage().data_ptr() == staging.tensor.untyped_storage().data_ptr()
+        assert good == staging_blocks and in_buffer
     finally:
         worker.shutdown()
 

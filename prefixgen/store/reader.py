@@ -289,16 +289,34 @@ class PrefixStore:
         threads: int = READ_THREADS,
         count: ReadCount | None = None,
     ) -> torch.Tensor:
-        """KV at ``locations``, back to back: ``[blocks * B, L, 2, H, D]`` on ``device``; only the KV
-        heads in ``heads`` if given (``H = len(heads)``, e.g. one tensor-parallel rank's), only the
-        layers in ``layers`` if given (``L = len(layers)``, e.g. one pipeline stage's).
+        """:meth:`read_stored`'s blocks as token-major KV rows ``[blocks * B, L, 2, H, D]`` in ``dtype`` (the
+        store's model dtype if None) on ``device``: see :meth:`read_stored` for the arguments. Without a conversion
+        (same dtype, not fp8) a token-major store's rows read into ``buffer`` are a view of it; a head-major store's
+        are a new tensor (transposed)."""
+        stored = self.read_stored(locations, device, verify, heads, buffer, layers, threads, count)
+        return stored.rows(dtype or TORCH_DTYPES[self.manifest.kv.dtype])
+
+    def read_stored(
+        self,
+        locations: Sequence[BlockLocation],
+        device: str | torch.device = "cpu",
+        verify: bool = True,
+        heads: range | None = None,
+        buffer: torch.Tensor | None = None,
+        layers: range | None = None,
+        threads: int = READ_THREADS,
+        count: ReadCount | None = None,
+    ) -> StoredKV:
+        """KV at ``locations``, back to back, as stored (:class:`StoredKV`: no transpose, no dtype
+        conversion; :meth:`StoredKV.rows` makes vLLM's token-major rows of it, on whatever device it was
+        moved to): on ``device``; only the KV heads in ``heads`` if given (e.g. one tensor-parallel
+        rank's), only the layers in ``layers`` if given (e.g. one pipeline stage's).
 
         ``buffer`` (CPU only): a contiguous host tensor of at least the blocks' stored bytes to read
         into instead of a new tensor, for a caller that reads piece after piece: a new tensor's pages
         are mapped (and zeroed by the kernel) on first touch, which costs more than reading a warm
-        page cache into them. Without a conversion (same dtype, not fp8) the result of a token-major
-        store is then a view of ``buffer``, valid until the next read into it (a head-major store's is
-        a new tensor: its blocks are transposed).
+        page cache into them. The result's ``kv`` is then a view of ``buffer`` (any order, any dtype),
+        valid until the next read into it: a caller uploads it raw and converts it on the device.
 
         A block that fails its CRC (``verify``) raises :class:`CorruptBlockError` saying which.
         A head-major store (format 5) reads only the heads in ``heads`` of each block (one read per
@@ -332,10 +350,9 @@ class PrefixStore:
         else:
             result = _host_result(buffer, raw_shape, stored, n * block_bytes)
             self._read_to_host(pieces, result, scales, verify, part, block_bytes, count, threads)
-        target = dtype or TORCH_DTYPES[layout.dtype]
-        if layout.heads_first:
-            return _from_head_major(result, scales, heads if part is None else None, layers, target, device)
-        return _from_token_major(result, scales, heads, layers, target, device, bs)
+        if layout.heads_first:  # heads and layers are picked out as it is transposed (StoredKV.rows)
+            return StoredKV(result, scales, True, bs, heads if part is None else None, layers)
+        return StoredKV(*_token_major_views(result, scales, heads, layers), False, bs)
 
     def _read_to_host(
         self,
@@ -608,26 +625,47 @@ def _host_result(buffer: torch.Tensor | None, shape: tuple[int, ...], stored: to
     return buffer.view(-1).view(torch.uint8)[:need].view(stored).view(shape)
 
 
-def _from_token_major(
-    result: torch.Tensor,
-    scales: torch.Tensor | None,
-    heads: range | None,
-    layers: range | None,
-    target: torch.dtype,
-    device: torch.device,
-    block_size: int,
-) -> torch.Tensor:
-    """Token-major blocks as read (``result`` [T, L, 2, H, D], fp8 ``scales`` [blocks, L, 2, H]) -> the ``heads``
-    and ``layers`` asked for, in ``target`` (views until the conversion)."""
+def _token_major_views(
+    result: torch.Tensor, scales: torch.Tensor | None, heads: range | None, layers: range | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-major blocks as read (``result`` [T, L, 2, H, D], fp8 ``scales`` [blocks, L, 2, H]) -> views of the
+    ``heads`` and ``layers`` asked for."""
     if heads is not None:  # [T, L, 2, len(heads), D]
         result = result[:, :, :, heads.start : heads.stop]
         scales = None if scales is None else scales[..., heads.start : heads.stop]
     if layers is not None:  # [T, len(layers), 2, H, D]
         result = result[:, layers.start : layers.stop]
         scales = None if scales is None else scales[:, layers.start : layers.stop]
-    if scales is not None:
-        return dequantize_fp8(result, scales.to(device), block_size, target)
-    return result.to(target)
+    return result, scales
+
+
+@dataclass
+class StoredKV:
+    """Blocks as read, before any transpose or dtype conversion (:meth:`PrefixStore.read_stored`): what a caller
+    uploads raw, so that the permute to token-major rows and the conversion run on the device (:meth:`rows`)."""
+
+    kv: torch.Tensor  # head-major [n, h, B, L, parts, D]; token-major [n * B, L, parts, H, D] (heads, layers picked: a view)
+    scales: torch.Tensor | None  # fp8: head-major [n, h, L, parts]; token-major [n, L, parts, H]
+    heads_first: bool
+    block_size: int
+    heads: range | None = None  # head-major: of kv's heads, those to keep (all when None)
+    layers: range | None = None  # head-major: of kv's layers, those to keep (all when None)
+
+    def to(self, kv: torch.Tensor) -> StoredKV:
+        """The same blocks with ``kv`` (a copy of :attr:`kv` on another device, same shape and strides) and the
+        scales moved there too."""
+        scales = None if self.scales is None else self.scales.to(kv.device, non_blocking=True)
+        return StoredKV(kv, scales, self.heads_first, self.block_size, self.heads, self.layers)
+
+    def rows(self, dtype: torch.dtype) -> torch.Tensor:
+        """Token-major KV ``[n * B, L, parts, H, D]`` in ``dtype``, on :attr:`kv`'s device: a head-major store's
+        transposed and converted (dequantized) in one pass into a new tensor; a token-major store's a view of
+        :attr:`kv` when there is nothing to convert."""
+        if self.heads_first:
+            return _from_head_major(self.kv, self.scales, self.heads, self.layers, dtype, self.kv.device)
+        if self.scales is not None:
+            return dequantize_fp8(self.kv, self.scales.to(self.kv.device), self.block_size, dtype)
+        return self.kv.to(dtype)
 
 
 def _from_head_major(

@@ -30,7 +30,10 @@ class LoadStats:
     timed_out_loads: int = 0  # loads given up at their deadline (load_timeout_seconds): vLLM recomputed the rest
     check_seconds: float = 0.0  # spent on live checks (reading the store's blocks, comparing them with vLLM's)
     shared_loads: int = 0  # loads written from another load's reads of the same stored blocks (single-flight), reading nothing
-    converted_bytes: int = 0  # host bytes of pieces copied out of their read buffer (a dtype conversion, fp8); 0 when none
+    converted_bytes: int = 0  # host bytes of pieces copied out of their read buffer before the upload: 0 (uploaded raw)
+    # Bytes of token-major rows made from pieces after their raw upload (a head-major store's transpose, a dtype
+    # conversion, fp8's dequantization), on the cache's device: on CPU, where the upload is the identity, the host.
+    device_converted_bytes: int = 0
     # Sliding-window and chunked groups (summed over such groups): tokens of the loads written into their blocks
     # (those of the window), and tokens not written because vLLM holds no block for them (before the window).
     window_tokens: int = 0
@@ -113,7 +116,11 @@ PROM_COUNTERS: dict[str, tuple[str, str]] = {
     "shared_loads": ("shared_loads", "Loads written from another load's read of the same stored blocks, reading nothing"),
     "converted_bytes": (
         "converted_bytes",
-        "Host bytes of read pieces copied for a conversion (fp8, cast_kv_dtype, a head-major store's transpose)",
+        "Host bytes of read pieces copied before their upload (none: pieces are uploaded as read)",
+    ),
+    "device_converted_bytes": (
+        "device_converted_bytes",
+        "Bytes of rows made on the cache's device from raw pieces (a head-major store's transpose, fp8, cast_kv_dtype)",
     ),
     "window_tokens": (
         "window_tokens",

@@ -39,7 +39,7 @@ from prefixgen.integrations.vllm.states import StateLoads, store_row
 from prefixgen.integrations.vllm.threads import Threads
 from prefixgen.model import tp_kv_heads
 from prefixgen.store.index import BlockLocation
-from prefixgen.store.reader import PrefixStore, ReadCount
+from prefixgen.store.reader import PrefixStore, ReadCount, StoredKV
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -378,12 +378,13 @@ class PrefixgenWorker:
             piece = spec.locations[i : i + step]
             staging = self._staging.acquire()
             try:
-                kv, good = self._read(piece, staging)  # [good * bs, this stage's layers, 2, this rank's heads, D]
+                read, good = self._read(piece, staging)
                 if good < len(piece):
                     sums = None
                     break
                 first = (spec.first_block + i) * bs
                 tables = [(spec.block_ids[g], self._groups[g].block_size) for g in self._layer_groups]
+                kv = read.rows(self._dtype)  # [good * bs, this stage's layers, 2, this rank's heads, D] on the host
                 part = compare_blocks(
                     self._layers, self._stage.start, kv, first, min(spec.end, first + good * bs), tables,
                     self._num_blocks, self._key_order,
@@ -527,7 +528,7 @@ class PrefixgenWorker:
             loading.reading = frozenset(loc.shard for loc in piece)
             staging = self._staging.acquire()
             try:
-                kv, good = self._read(piece, staging)  # [good * bs, this stage's layers, 2, this rank's heads, D] on the host
+                read, good = self._read(piece, staging)  # as stored: a view of the staging buffer
                 with self._lock:  # the loads that joined while it was read are written too; later ones join after it
                     members = list(loading.group or [loading])
                     loading.next_read = i + len(piece)
@@ -535,10 +536,11 @@ class PrefixgenWorker:
                     if last is not None:
                         last.synchronize()  # the previous piece is written: its device copy goes (one piece on the device)
                     with torch.cuda.stream(self._stream):
-                        kv = upload(kv, device)  # straight from the pinned read buffer
+                        read = read.to(upload(read.kv, device))  # raw, straight from the pinned read buffer
                         last = torch.cuda.Event()
                         last.record(self._stream)  # the buffer is free after it (the writes below come later)
-                        last.buffers = (kv,)  # type: ignore[attr-defined]  # the device copy, alive until it is waited for
+                        last.buffers = (read,)  # type: ignore[attr-defined]  # the device copy, alive until it is waited for
+                kv = self._rows(read, device) if good else None  # [good * bs, layers, 2, heads, D] on the cache's device
                 first = (load.first_block + i) * bs  # the piece's first token
                 for member in members if good else []:
                     last = self._write_piece(member, kv, first, first + good * bs, device) or last
@@ -549,6 +551,21 @@ class PrefixgenWorker:
             self._detach(loading, i + len(piece))  # followers whose shared run is read go on by themselves
         with self._lock:
             self.stats.seconds += time.perf_counter() - t0
+
+    def _rows(self, read: StoredKV, device: torch.device) -> torch.Tensor:
+        """vLLM's token-major rows of a piece ``read`` as stored, on the cache's device (where it was uploaded raw:
+        on CPU, where the upload is the identity, the host), permuted and converted there: a head-major piece's
+        transpose, a dtype conversion or fp8's dequantization is one pass on the device (on CUDA, on the load stream),
+        none on the host; a token-major piece with nothing to convert stays a view."""
+        if device.type == "cuda":
+            with torch.cuda.stream(self._stream):
+                kv = read.rows(self._dtype)
+        else:
+            kv = read.rows(self._dtype)
+        if kv.untyped_storage().data_ptr() != read.kv.untyped_storage().data_ptr():
+            with self._lock:
+                self.stats.device_converted_bytes += kv.numel() * kv.element_size()
+        return kv
 
     def _write_piece(self, member: Loading, kv: torch.Tensor, first: int, end: int, device: torch.device) -> Any:
         """Tokens ``[first, end)`` of a prompt (``kv``: [tokens, layers, 2, heads, D] on the host, or on the device on CUDA)
@@ -615,11 +632,11 @@ class PrefixgenWorker:
             if len(slots):
                 write_layer(layer, kv[offset:, index - first], layer.kv_cache, slots, self._key_order)
 
-    def _read(self, locations: list[BlockLocation], staging: Staging) -> tuple[torch.Tensor | None, int]:
-        """This rank's KV heads, in host memory, of the leading blocks of ``locations`` that read cleanly, and how many
-        they are; each fault is logged once per shard and reported to the scheduler. Read (pread) into ``staging``:
-        the result is a view of it unless vLLM's dtype differs from the store's, the store is fp8 or head-major (its
-        heads are transposed to vLLM's token-major rows): a converted copy then."""
+    def _read(self, locations: list[BlockLocation], staging: Staging) -> tuple[StoredKV | None, int]:
+        """This rank's KV heads and layers, as stored (:class:`StoredKV`: no transpose, no conversion), of the leading
+        blocks of ``locations`` that read cleanly, and how many they are; each fault is logged once per shard and
+        reported to the scheduler. Read (pread) into ``staging``: the result is a view of it, whatever the store's
+        order and dtype; the host does no per-byte work beyond the read (:meth:`_rows` converts it on the device)."""
         count = ReadCount()  # a head-major store gives this rank only its heads from disk
         try:
             return self._read_counted(locations, staging, count)
@@ -627,15 +644,12 @@ class PrefixgenWorker:
             with self._lock:
                 self.stats.read_bytes += count.bytes
 
-    def _read_counted(
-        self, locations: list[BlockLocation], staging: Staging, count: ReadCount
-    ) -> tuple[torch.Tensor | None, int]:
+    def _read_counted(self, locations: list[BlockLocation], staging: Staging, count: ReadCount) -> tuple[StoredKV | None, int]:
         while locations:
             try:
-                kv = self.store.read_locations(  # in this thread: a read that hangs holds up this load only
+                read = self.store.read_stored(  # in this thread: a read that hangs holds up this load only
                     locations,
                     "cpu",
-                    self._dtype,
                     heads=self._heads,
                     buffer=staging.tensor,
                     layers=self._stage,
@@ -645,9 +659,9 @@ class PrefixgenWorker:
                 with self._lock:
                     self.stats.pieces += 1
                     self.stats.max_piece_bytes = max(self.stats.max_piece_bytes, len(locations) * self._block_read_bytes())
-                    if kv.untyped_storage().data_ptr() != staging.tensor.untyped_storage().data_ptr():
-                        self.stats.converted_bytes += kv.numel() * kv.element_size()
-                return kv, len(locations)
+                    if read.kv.untyped_storage().data_ptr() != staging.tensor.untyped_storage().data_ptr():
+                        self.stats.converted_bytes += read.kv.numel() * read.kv.element_size()
+                return read, len(locations)
             except CorruptBlockError as exc:
                 bad = locations[exc.block]
                 with self._lock:
