@@ -117,6 +117,7 @@ class Run:
     claims: object | None = None  # the scheduler connector's ClaimStats
     rank_stats: list[dict] | None = None  # with workers in processes of their own (tensor parallel): each rank's LoadStats
     deltas: list[dict] = dataclasses.field(default_factory=list)  # in-process: per call, what its LoadStats counted
+    block_size: int = 0  # vLLM's block size as the engine ran (a hybrid in "align" mode: its Mamba groups' too)
 
 
 def connector_config(store: Path, **extra: Any):
@@ -200,6 +201,7 @@ def run_vllm(
             claims=_claim_stats(llm),
             rank_stats=[_since(end, start) for end, start in zip(llm.collective_rpc(rank_load_stats), warm)] if remote else None,
             deltas=deltas,
+            block_size=llm.llm_engine.vllm_config.cache_config.block_size,
         )
     finally:
         stop_engine(llm)

@@ -103,3 +103,23 @@ def test_damaged_state_is_not_loaded(hybrid, tmp_path):
     assert run.claims.skipped_bad_blocks >= 1
     assert run.loaded[1] == STRIDE and [d["states"] for d in run.deltas] == [1, 1, 1, 0]  # the state before it
     assert run.outputs == baseline.outputs
+
+
+def test_align_mode_loads_end_on_mamba_blocks(hybrid):
+    """vLLM's prefix caching on: ``mamba_cache_mode`` "align", where a resumed prefill reads the state of the Mamba
+    block ending at its computed tokens, so every load ends on a multiple of the group's block size (vLLM's block
+    size: the attention groups take the Mamba page's). The outputs equal plain vLLM's with its prefix caching on."""
+    model, store, _, _ = hybrid
+    baseline = run_vllm(model, PROMPTS, dtype="bfloat16", prefix_caching=True, mamba_cache_mode="align")
+    run = run_vllm(
+        model, PROMPTS, store=store, dtype="bfloat16", prefix_caching=True, mamba_cache_mode="align", connector_extra=CHECK
+    )
+    assert run.outputs == baseline.outputs
+    block = run.block_size
+    assert block > 1 and block % PrefixStore.open(store).block_size == 0
+    assert sum(run.loaded) > 0 and run.loaded[0] > 0  # the first prompt: nothing in vLLM's own cache yet
+    for loaded, cached, delta in zip(run.loaded, run.cached, run.deltas):
+        assert cached % block == 0  # vLLM's own hit and the load after it end on Mamba blocks
+        assert delta["states"] == (1 if loaded else 0)
+    assert run.claims.checks_failed == 0 and run.claims.skipped_recurrent == 0
+    assert all(d["failed_states"] == 0 for d in run.deltas)
