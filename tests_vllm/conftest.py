@@ -117,6 +117,9 @@ class Run:
     claims: object | None = None  # the scheduler connector's ClaimStats
     rank_stats: list[dict] | None = None  # with workers in processes of their own (tensor parallel): each rank's LoadStats
     deltas: list[dict] = dataclasses.field(default_factory=list)  # in-process: per call, what its LoadStats counted
+    first_logprobs: list[dict[int, float]] = dataclasses.field(
+        default_factory=list
+    )  # per prompt (``logprobs``): its first token's top ones
     block_size: int = 0  # vLLM's block size as the engine ran (a hybrid in "align" mode: its Mamba groups' too)
 
 
@@ -156,12 +159,14 @@ def run_vllm(
     warm_up: bool = True,
     connector_extra: dict | None = None,
     dtype: str = "float32",
+    logprobs: int | None = None,
     **engine_args,
 ) -> Run:
     """Start an engine (with the connector on ``store`` if given; vLLM's own prefix caching off unless asked;
     ``engine_args`` such as ``block_size`` or ``enable_lora`` go to ``LLM``), greedy-generate 12 tokens for each
     prompt (text or a vLLM prompt dict; ``loras[i]``, a vLLM ``LoRARequest`` or None, goes with prompt ``i``) and
-    then each chat, one call each, shut the engine down (``connector_extra``: more connector options). With a store, the connector's live check first passes on
+    then each chat, one call each, shut the engine down (``connector_extra``: more connector options; ``logprobs``: keep
+    that many of each first token's top log-probabilities). With a store, the connector's live check first passes on
     the same prompts (``warm_up``, :func:`warm_up_check`): nothing is loaded before it."""
     from vllm import SamplingParams
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
@@ -173,7 +178,7 @@ def run_vllm(
         **{"dtype": dtype, "enable_prefix_caching": prefix_caching, "max_model_len": 2048, **engine_args},
     )
     try:
-        params = SamplingParams(max_tokens=12, temperature=0)
+        params = SamplingParams(max_tokens=12, temperature=0, logprobs=logprobs)
         if store is not None and warm_up:
             warm_up_check(llm, prompts, chats)
         stats = get_kv_transfer_group().stats if has_kv_transfer_group() else None
@@ -201,6 +206,9 @@ def run_vllm(
             claims=_claim_stats(llm),
             rank_stats=[_since(end, start) for end, start in zip(llm.collective_rpc(rank_load_stats), warm)] if remote else None,
             deltas=deltas,
+            first_logprobs=[
+                {t: p.logprob for t, p in r.outputs[0].logprobs[0].items()} for r in results if r.outputs[0].logprobs
+            ],
             block_size=llm.llm_engine.vllm_config.cache_config.block_size,
         )
     finally:

@@ -20,6 +20,7 @@ caches, have no K/V cache-write op).
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -123,3 +124,70 @@ def test_align_mode_loads_end_on_mamba_blocks(hybrid):
         assert delta["states"] == (1 if loaded else 0)
     assert run.claims.checks_failed == 0 and run.claims.skipped_recurrent == 0
     assert all(d["failed_states"] == 0 for d in run.deltas)
+
+
+def slow_state_model(path, **config):
+    """The tiny Qwen3-Next with a Gated DeltaNet state that decays slowly, so that its greedy tokens depend on the
+    state. transformers draws the decay ``exp(-A * softplus(a + dt_bias))`` per token with ``A`` in [0.01, 16] and
+    ``dt_bias`` 1: seed 1's one head gets ``A`` 14.4, a state that keeps ~1e-8 of itself per token, so only the conv
+    state (3 tokens) carries the prefix. ``A`` 0.01 and ``dt_bias`` -4 keep ~99.98% per token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    make_model(path, "qwen3_next", seed=1, **config)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    for layer in model.model.layers:
+        if hasattr(layer, "linear_attn"):
+            layer.linear_attn.A_log.data.fill_(math.log(0.01))
+            layer.linear_attn.dt_bias.data.fill_(-4.0)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory):
+    """The slow-state model, its store, and plain vLLM's and the connector's runs of PROMPTS."""
+    tmp = tmp_path_factory.mktemp("slow")
+    model = slow_state_model(tmp / "model", **QWEN3_NEXT)
+    data = write_jsonl(tmp / "text.jsonl", [{"text": SYSTEM + s} for s in STORIES])
+    store = tmp / "store"
+    build(BuildConfig(dataset=str(data), model=str(model), out=str(store), device="cpu", dtype="bfloat16", quiet=True))
+    baseline = run_vllm(model, PROMPTS, dtype="bfloat16", logprobs=20)
+    with_store = run_vllm(model, PROMPTS, store=store, dtype="bfloat16", connector_extra=CHECK, logprobs=20)
+    return model, store, baseline, with_store
+
+
+def gap(run: dict[int, float], plain: dict[int, float]) -> float:
+    """The largest difference of a first token's log-probability between two runs, over the top tokens of both."""
+    return max(abs(run[t] - p) for t, p in plain.items() if t in run)
+
+
+def test_wrong_state_is_what_changes_outputs(slow, tmp_path):
+    """A negative control, on a model whose tokens depend on its state: prompt 0's state at 320 replaced by another
+    record's after as many tokens (prompt 2's, a valid file: its checksum and token count hold). Its attention KV is
+    right, so the live check (attention layers only) passes and the wrong state is loaded: the first token's
+    log-probabilities move 19 times as far from plain vLLM's as with the right state (0.64 against 0.034), and the
+    greedy tokens part from plain vLLM's at the 2nd token instead of the 6th.
+
+    With the right state this model's 12 greedy tokens do not all equal plain vLLM's: loading vLLM's own state after
+    the same 320 tokens gives the same tokens as the stored one, so what differs is the attention layer's bf16 K/V
+    (transformers' against vLLM's, up to 0.11 on a first-token log-probability), which flips near-ties (bf16 logits
+    of this random model tie within 0.06)."""
+    model, store, baseline, with_store = slow
+    assert with_store.loaded == [320, 256, 320, 0] and [d["states"] for d in with_store.deltas] == [1, 1, 1, 0]
+    assert all(d["state_bytes"] > 0 for d in with_store.deltas[:3])
+    assert with_store.claims.checks_passed >= 1 and with_store.claims.checks_failed == 0
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    opened = PrefixStore.open(copy)
+    assert [stated_prefix(opened, baseline.prompt_ids[i]) for i in (0, 2)] == [320, 320]
+    ours, other = (state_path(copy, opened.keys(baseline.prompt_ids[i])[320 // opened.block_size - 1]) for i in (0, 2))
+    shutil.copyfile(other, ours)
+    run = run_vllm(model, PROMPTS, store=copy, dtype="bfloat16", connector_extra=CHECK, logprobs=20)
+    assert run.loaded[0] == 320 and run.deltas[0]["states"] == 1 and run.deltas[0]["failed_states"] == 0
+    assert run.claims.checks_failed == 0  # the live check compares attention layers: it cannot see the state
+    right = gap(with_store.first_logprobs[0], baseline.first_logprobs[0])
+    wrong = gap(run.first_logprobs[0], baseline.first_logprobs[0])
+    assert wrong > 5 * right
+    assert with_store.outputs[0][:5] == baseline.outputs[0][:5] and run.outputs[0][:2] != baseline.outputs[0][:2]
+    assert run.outputs[1:] == with_store.outputs[1:]  # the other prompts' loads are as before

@@ -1,0 +1,55 @@
+"""A Mamba2 hybrid's stored prefix served by vLLM: Granite 4.0 (``granitemoehybrid``), one Mamba2 layer and one
+attention layer, float32 (vLLM 0.32.0's CPU build runs its Mamba2 layers with its PyTorch/C++ CPU ops:
+``ops/cpu/mamba_ssm.py``, ``ops/cpu/causal_conv1d.py``, ``selective_state_update_cpu``). vLLM's prefix caching
+off ("none"): a load may end on any stored state; the Mamba2 state is copied as the store keeps it
+(``[heads, head_dim, d_state]``, ``integrations/vllm/states.py``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from prefixgen import BuildConfig, build
+
+from .conftest import CHAT_TEMPLATE, make_model, run_vllm, write_jsonl
+from .test_vllm_connector import PROMPTS, STORIES, SYSTEM
+
+GRANITE = dict(
+    hidden_size=256,
+    intermediate_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # head_dim 64: vLLM's CPU attention kernels
+    max_position_embeddings=2048,
+    num_hidden_layers=2,
+    layer_types=["mamba", "attention"],
+    mamba_n_heads=8,
+    mamba_d_head=64,
+    mamba_n_groups=1,
+    mamba_d_state=16,
+    mamba_d_conv=4,
+    mamba_expand=2,
+    num_local_experts=0,
+    shared_intermediate_size=256,
+    initializer_range=0.1,
+    chat_template=CHAT_TEMPLATE,
+)
+
+
+@pytest.fixture(scope="module")
+def granite(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("granite")
+    model = make_model(tmp / "model", "granitemoehybrid", seed=1, **GRANITE)
+    data = write_jsonl(tmp / "text.jsonl", [{"text": SYSTEM + s} for s in STORIES])
+    store = tmp / "store"
+    build(BuildConfig(dataset=str(data), model=str(model), out=str(store), device="cpu", dtype="float32", quiet=True))
+    baseline = run_vllm(model, PROMPTS)
+    with_store = run_vllm(model, PROMPTS, store=store)
+    return store, baseline, with_store
+
+
+def test_mamba2_state_loads_same_tokens(granite):
+    _, baseline, with_store = granite
+    print("GRANITE", with_store.loaded, with_store.deltas, with_store.claims, with_store.outputs, baseline.outputs, flush=True)
+    assert with_store.outputs == baseline.outputs
+    assert with_store.loaded[0] > 0 and with_store.deltas[0]["states"] == 1 and with_store.deltas[0]["state_bytes"] > 0
+    assert all(d["failed_states"] == 0 for d in with_store.deltas)
+    assert with_store.claims.checks_failed == 0 and with_store.claims.skipped_recurrent == 0
