@@ -6,9 +6,12 @@ off ("none"): a load may end on any stored state; the Mamba2 state is copied as 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
-from prefixgen import BuildConfig, build
+from prefixgen import BuildConfig, PrefixStore, build
+from prefixgen.store.states import state_path
 
 from .conftest import CHAT_TEMPLATE, make_model, run_vllm, write_jsonl
 from .test_vllm_connector import PROMPTS, STORIES, SYSTEM
@@ -43,13 +46,28 @@ def granite(tmp_path_factory):
     build(BuildConfig(dataset=str(data), model=str(model), out=str(store), device="cpu", dtype="float32", quiet=True))
     baseline = run_vllm(model, PROMPTS)
     with_store = run_vllm(model, PROMPTS, store=store)
-    return store, baseline, with_store
+    return model, store, baseline, with_store
 
 
 def test_mamba2_state_loads_same_tokens(granite):
-    _, baseline, with_store = granite
-    print("GRANITE", with_store.loaded, with_store.deltas, with_store.claims, with_store.outputs, baseline.outputs, flush=True)
+    _, _, baseline, with_store = granite
     assert with_store.outputs == baseline.outputs
     assert with_store.loaded[0] > 0 and with_store.deltas[0]["states"] == 1 and with_store.deltas[0]["state_bytes"] > 0
     assert all(d["failed_states"] == 0 for d in with_store.deltas)
     assert with_store.claims.checks_failed == 0 and with_store.claims.skipped_recurrent == 0
+
+
+def test_wrong_mamba2_state_changes_outputs(granite, tmp_path):
+    """Prompt 0's state at 320 replaced by prompt 2's after as many tokens (a valid file): the live check (attention
+    layers) passes, the wrong state is loaded and prompt 0's greedy tokens are no longer plain vLLM's."""
+    model, store, baseline, with_store = granite
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    opened = PrefixStore.open(copy)
+    ours, other = (state_path(copy, opened.keys(baseline.prompt_ids[i])[320 // opened.block_size - 1]) for i in (0, 2))
+    shutil.copyfile(other, ours)
+    run = run_vllm(model, PROMPTS, store=copy)
+    print("GWRONG", run.outputs, baseline.outputs, flush=True)
+    assert run.loaded[0] == 320 and run.deltas[0]["states"] == 1 and run.claims.checks_failed == 0
+    assert run.outputs[0] != baseline.outputs[0]
+    assert run.outputs[1:] == baseline.outputs[1:]

@@ -9,9 +9,9 @@ stored state (``integrations/vllm/states.py``).
   each load ends on the last matched block with a stored state, and its state is written (``states``).
 * A damaged state (checksum) is not loaded: vLLM recomputes the prompt, and the outputs are plain vLLM's.
 
-This model's greedy tokens hardly depend on the recurrent state (a state of another prefix, or the right one times
--10, leaves the 12 tokens unchanged; the first token's logprob moves from -2.899 to -2.874): that the state is written
-where vLLM reads it, in its layout, was measured against vLLM's own state for the same prefix (README).
+This model's greedy tokens hardly depend on the delta-rule state (its one head's decay keeps ~1e-8 of the state per
+token): a model whose state decays slowly (:func:`slow_state_model`) is the negative control, where another record's
+state moves the outputs. With vLLM's prefix caching on ("align"), loads end on vLLM's Mamba block size.
 
 On the code before, the engine did not start with the connector for this model (the store's weights digest
 differed: transformers fuses the checkpoint's per-expert tensors; and the Gated DeltaNet layers, registered as KV
