@@ -10,11 +10,12 @@ import shutil
 
 import pytest
 
-from prefixgen import BuildConfig, PrefixStore, build
+from prefixgen import PrefixStore
 from prefixgen.store.states import state_path
 
-from .conftest import CHAT_TEMPLATE, make_model, run_vllm, write_jsonl
-from .test_vllm_connector import PROMPTS, STORIES, SYSTEM
+from .conftest import CHAT_TEMPLATE, make_model, run_vllm
+from .test_hybrid_state import stored_runs
+from .test_vllm_connector import PROMPTS
 
 GRANITE = dict(
     hidden_size=256,
@@ -39,14 +40,7 @@ GRANITE = dict(
 
 @pytest.fixture(scope="module")
 def granite(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("granite")
-    model = make_model(tmp / "model", "granitemoehybrid", seed=1, **GRANITE)
-    data = write_jsonl(tmp / "text.jsonl", [{"text": SYSTEM + s} for s in STORIES])
-    store = tmp / "store"
-    build(BuildConfig(dataset=str(data), model=str(model), out=str(store), device="cpu", dtype="float32", quiet=True))
-    baseline = run_vllm(model, PROMPTS)
-    with_store = run_vllm(model, PROMPTS, store=store)
-    return model, store, baseline, with_store
+    return stored_runs(make_model(tmp_path_factory.mktemp("granite") / "model", "granitemoehybrid", seed=1, **GRANITE), "float32")
 
 
 def test_mamba2_state_loads_same_tokens(granite):
@@ -59,7 +53,8 @@ def test_mamba2_state_loads_same_tokens(granite):
 
 def test_wrong_mamba2_state_changes_outputs(granite, tmp_path):
     """Prompt 0's state at 320 replaced by prompt 2's after as many tokens (a valid file): the live check (attention
-    layers) passes, the wrong state is loaded and prompt 0's greedy tokens are no longer plain vLLM's."""
+    layers) passes, the wrong state is loaded and prompt 0's greedy tokens part from plain vLLM's at the 3rd: the
+    outputs equal plain vLLM's above because the state the connector writes is the one vLLM reads."""
     model, store, baseline, with_store = granite
     copy = tmp_path / "store"
     shutil.copytree(store, copy)
@@ -67,7 +62,6 @@ def test_wrong_mamba2_state_changes_outputs(granite, tmp_path):
     ours, other = (state_path(copy, opened.keys(baseline.prompt_ids[i])[320 // opened.block_size - 1]) for i in (0, 2))
     shutil.copyfile(other, ours)
     run = run_vllm(model, PROMPTS, store=copy)
-    print("GWRONG", run.outputs, baseline.outputs, flush=True)
     assert run.loaded[0] == 320 and run.deltas[0]["states"] == 1 and run.claims.checks_failed == 0
     assert run.outputs[0] != baseline.outputs[0]
     assert run.outputs[1:] == baseline.outputs[1:]

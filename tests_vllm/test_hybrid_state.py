@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 
 from prefixgen import BuildConfig, PrefixStore, build
 from prefixgen.store.states import last_state, state_path
 
-from .conftest import make_model, run_vllm, write_jsonl
+from .conftest import Run, make_model, run_vllm, write_jsonl
 from .test_hybrid import BASE
 from .test_vllm_connector import PROMPTS, STORIES, SYSTEM  # a stored record + text, the system prompt only, ...
 
@@ -59,13 +60,18 @@ QWEN3_NEXT = dict(
 def hybrid(tmp_path_factory):
     """The model, its store, and plain vLLM's and the connector's runs of PROMPTS."""
     tmp = tmp_path_factory.mktemp("qwen3_next")
-    model = make_model(tmp / "model", "qwen3_next", seed=1, **QWEN3_NEXT)
-    data = write_jsonl(tmp / "text.jsonl", [{"text": SYSTEM + s} for s in STORIES])
-    store = tmp / "store"
-    build(BuildConfig(dataset=str(data), model=str(model), out=str(store), device="cpu", dtype="bfloat16", quiet=True))
-    baseline = run_vllm(model, PROMPTS, dtype="bfloat16")
-    with_store = run_vllm(model, PROMPTS, store=store, dtype="bfloat16", connector_extra=CHECK)
-    return model, store, baseline, with_store
+    return stored_runs(make_model(tmp / "model", "qwen3_next", seed=1, **QWEN3_NEXT), "bfloat16", connector_extra=CHECK)
+
+
+def stored_runs(model: Path, dtype: str, **run) -> tuple[Path, Path, Run, Run]:
+    """``model``, its store of the stories (``SYSTEM`` + each, a record; next to the model) and plain vLLM's and the
+    connector's runs of PROMPTS in ``dtype`` (``run``: more of :func:`run_vllm`'s arguments for both)."""
+    data = write_jsonl(model.parent / "text.jsonl", [{"text": SYSTEM + s} for s in STORIES])
+    store = model.parent / "store"
+    build(BuildConfig(dataset=str(data), model=str(model), out=str(store), device="cpu", dtype=dtype, quiet=True))
+    extra = run.pop("connector_extra", None)
+    baseline = run_vllm(model, PROMPTS, dtype=dtype, **run)
+    return model, store, baseline, run_vllm(model, PROMPTS, store=store, dtype=dtype, connector_extra=extra, **run)
 
 
 def stated_prefix(store: PrefixStore, ids: list[int]) -> int:
@@ -147,14 +153,8 @@ def slow_state_model(path, **config):
 @pytest.fixture(scope="module")
 def slow(tmp_path_factory):
     """The slow-state model, its store, and plain vLLM's and the connector's runs of PROMPTS."""
-    tmp = tmp_path_factory.mktemp("slow")
-    model = slow_state_model(tmp / "model", **QWEN3_NEXT)
-    data = write_jsonl(tmp / "text.jsonl", [{"text": SYSTEM + s} for s in STORIES])
-    store = tmp / "store"
-    build(BuildConfig(dataset=str(data), model=str(model), out=str(store), device="cpu", dtype="bfloat16", quiet=True))
-    baseline = run_vllm(model, PROMPTS, dtype="bfloat16", logprobs=20)
-    with_store = run_vllm(model, PROMPTS, store=store, dtype="bfloat16", connector_extra=CHECK, logprobs=20)
-    return model, store, baseline, with_store
+    model = slow_state_model(tmp_path_factory.mktemp("slow") / "model", **QWEN3_NEXT)
+    return stored_runs(model, "bfloat16", connector_extra=CHECK, logprobs=20)
 
 
 def gap(run: dict[int, float], plain: dict[int, float]) -> float:
