@@ -346,3 +346,43 @@ def test_a_batch_runs_as_its_tasks_one_at_a_time(hybrid, tmp_path):
     for name in names:
         a, b = (read_state_file(tmp_path / d / STATES_DIR / name) for d in ("together", "alone"))
         assert all((x - y).abs().max().item() < 1e-5 for x, y in zip(a, b)), name
+
+
+@torch.inference_mode()
+def test_a_held_state_survives_the_groups_that_run_before_it(hybrid, tmp_path):
+    """A task that continues where an earlier batch's task ended (a chunk of a long record) starts from that
+    state, held in memory only (not a stride boundary, so never written). Its batch first runs more than
+    RECENT_STATES tasks from the start, whose ends would evict it: the continuation still starts from it
+    (its KV equals a run of the whole prefix), and a state asked for where it ends with no new token is written."""
+    from prefixgen.builder.plan import Batch, PrefillTask
+    from prefixgen.builder.recurrent import RECENT_STATES, RecurrentPrefiller
+    from prefixgen.format import block_keys
+    from prefixgen.model import probe_kv_layout
+
+    _, model_dir = hybrid
+    model, _ = load_float32(model_dir)
+    layout, bs, root = probe_kv_layout(model), 16, b"\0" * 32
+    store = tmp_path / "store"
+    store.mkdir()
+    past_kv: dict[bytes, torch.Tensor] = {}
+    prefiller = RecurrentPrefiller(
+        model, torch.device("cpu"), lambda keys: past_kv[bytes(keys[-1])], layout, store, bs, fsync=False
+    )
+    assert prefiller.stride == 2  # block 3 below is no stride boundary: its state is held, not stored
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(1, 200, (3 * bs,), generator=g).tolist()
+    ka = block_keys(a, bs, root)
+    (past_kv[bytes(ka[-1])],) = prefiller.run(Batch([PrefillTask(0, a, 0, ka, bs, None, ())]))
+    assert not state_path(store, ka[-1]).exists()
+    b = a + torch.randint(1, 200, (bs,), generator=g).tolist()
+    shorts = [torch.randint(1, 200, (bs,), generator=g).tolist() for _ in range(RECENT_STATES + 1)]
+    tasks = [PrefillTask(10 + i, t, 0, block_keys(t, bs, root), bs, None, ()) for i, t in enumerate(shorts)]
+    tasks.append(PrefillTask(1, b, 3 * bs, block_keys(b, bs, root), bs, bytes(ka[-1]), ()))
+    tasks.append(PrefillTask(2, a, 3 * bs, ka, bs, bytes(ka[-1]), (3,)))  # no new token; a state asked at its end
+    out = prefiller.run(Batch(tasks))
+    assert out[-1].shape[0] == 0 and state_path(store, ka[-1]).exists()
+    alone = RecurrentPrefiller(model, torch.device("cpu"), None, layout, tmp_path / "alone", bs, fsync=False)
+    (tmp_path / "alone").mkdir()
+    (whole,) = alone.run(Batch([PrefillTask(0, b, 0, block_keys(b, bs, root), bs, None, ())]))
+    expect = whole[3 * bs :]  # the batch-equivalence bound of tests/test_distributed.py
+    assert out[-2].shape == expect.shape and (out[-2] - expect).abs().max().item() <= 1e-5 * max(1.0, expect.abs().max().item())
