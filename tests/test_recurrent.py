@@ -386,3 +386,14 @@ def test_a_held_state_survives_the_groups_that_run_before_it(hybrid, tmp_path):
     (whole,) = alone.run(Batch([PrefillTask(0, b, 0, block_keys(b, bs, root), bs, None, ())]))
     expect = whole[3 * bs :]  # the batch-equivalence bound of tests/test_distributed.py
     assert out[-2].shape == expect.shape and (out[-2] - expect).abs().max().item() <= 1e-5 * max(1.0, expect.abs().max().item())
+
+
+def test_overwrite_removes_the_old_runs_states(hybrid, tmp_path):
+    """``--overwrite`` starts an empty store, states included: a state the old run kept would be kept by the
+    new one too (a build writes a state only where none is), though it holds other records (or another dtype)."""
+    _, model_dir = hybrid
+    store = build_text_store(model_dir, PROMPTS, tmp_path).path
+    old = _state_keys(store)
+    store = build_text_store(model_dir, PROMPTS[1:], tmp_path, overwrite=True).path
+    new = _state_keys(store)
+    assert new and old - new and all(PrefixStore.open(store).index.contains(list(new))) and verify_store(store).ok
