@@ -397,3 +397,43 @@ def test_overwrite_removes_the_old_runs_states(hybrid, tmp_path):
     store = build_text_store(model_dir, PROMPTS[1:], tmp_path, overwrite=True).path
     new = _state_keys(store)
     assert new and old - new and all(PrefixStore.open(store).index.contains(list(new))) and verify_store(store).ok
+
+
+def test_verify_beside_a_gc_removing_states(tmp_path):
+    """verify lists ``states/`` and then reads each file; a gc (or prune) that removes an orphan state in
+    between is no fault: the file vanished after the listing (on the code before, verify reported the store
+    damaged). Real gcs on real files, repeated beside verify until they have overlapped."""
+    import os
+    import shutil
+    import threading
+
+    from prefixgen.maintain.gc import remove_orphan_states
+    from prefixgen.store.writer import maintenance_lock
+
+    model_dir = make_model(tmp_path / "m", "qwen3_next", seed=1, initializer_range=0.1, **HYBRIDS["qwen3_next"])
+    store = build_text_store(model_dir, PROMPTS[:1], tmp_path).path
+    first = next((store / STATES_DIR).iterdir())
+    faults, notes, stop = [], [], threading.Event()
+
+    def verify_loop():
+        while not stop.is_set():
+            report = verify_store(store)
+            faults.extend(report.faults)
+            notes.extend(n for n in report.notes if "removed while verify ran" in n)
+
+    reader = threading.Thread(target=verify_loop)
+    reader.start()
+    try:
+        for round in range(20):
+            for i in range(100):  # orphans: states of blocks no index holds, older than the gc
+                orphan = state_path(store, bytes([round, i]) * 16)
+                shutil.copyfile(first, orphan)
+                os.utime(orphan, (1e9, 1e9))
+            with maintenance_lock(store, "gc") as me:
+                assert len(remove_orphan_states(store, me)[0]) == 100
+            if len(notes) >= 3:  # verify met a removed file a few times: the race was run
+                break
+    finally:
+        stop.set()
+        reader.join()
+    assert not faults and notes
