@@ -43,6 +43,11 @@ class MissingShardError(CorruptStoreError):
     removed it after the index was read), or it was deleted by hand."""
 
 
+class MissingStateError(CorruptStoreError):
+    """A recurrent state file is gone: a gc or prune removed it (or moved it aside) after the reader
+    looked, or it was deleted by hand. The block it follows is not at fault."""
+
+
 class CorruptBlockError(CorruptStoreError):
     """One stored block fails its checksum. ``block`` is its position in the locations asked for,
     so a reader can still use the blocks before it."""

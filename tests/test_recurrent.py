@@ -346,3 +346,96 @@ def test_a_batch_runs_as_its_tasks_one_at_a_time(hybrid, tmp_path):
     for name in names:
         a, b = (read_state_file(tmp_path / d / STATES_DIR / name) for d in ("together", "alone"))
         assert all((x - y).abs().max().item() < 1e-5 for x, y in zip(a, b)), name
+
+
+@torch.inference_mode()
+def test_a_held_state_survives_the_groups_that_run_before_it(hybrid, tmp_path):
+    """A task that continues where an earlier batch's task ended (a chunk of a long record) starts from that
+    state, held in memory only (not a stride boundary, so never written). Its batch first runs more than
+    RECENT_STATES tasks from the start, whose ends would evict it: the continuation still starts from it
+    (its KV equals a run of the whole prefix), and a state asked for where it ends with no new token is written."""
+    from prefixgen.builder.plan import Batch, PrefillTask
+    from prefixgen.builder.recurrent import RECENT_STATES, RecurrentPrefiller
+    from prefixgen.format import block_keys
+    from prefixgen.model import probe_kv_layout
+
+    _, model_dir = hybrid
+    model, _ = load_float32(model_dir)
+    layout, bs, root = probe_kv_layout(model), 16, b"\0" * 32
+    store = tmp_path / "store"
+    store.mkdir()
+    past_kv: dict[bytes, torch.Tensor] = {}
+    prefiller = RecurrentPrefiller(
+        model, torch.device("cpu"), lambda keys: past_kv[bytes(keys[-1])], layout, store, bs, fsync=False
+    )
+    assert prefiller.stride == 2  # block 3 below is no stride boundary: its state is held, not stored
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(1, 200, (3 * bs,), generator=g).tolist()
+    ka = block_keys(a, bs, root)
+    (past_kv[bytes(ka[-1])],) = prefiller.run(Batch([PrefillTask(0, a, 0, ka, bs, None, ())]))
+    assert not state_path(store, ka[-1]).exists()
+    b = a + torch.randint(1, 200, (bs,), generator=g).tolist()
+    shorts = [torch.randint(1, 200, (bs,), generator=g).tolist() for _ in range(RECENT_STATES + 1)]
+    tasks = [PrefillTask(10 + i, t, 0, block_keys(t, bs, root), bs, None, ()) for i, t in enumerate(shorts)]
+    tasks.append(PrefillTask(1, b, 3 * bs, block_keys(b, bs, root), bs, bytes(ka[-1]), ()))
+    tasks.append(PrefillTask(2, a, 3 * bs, ka, bs, bytes(ka[-1]), (3,)))  # no new token; a state asked at its end
+    out = prefiller.run(Batch(tasks))
+    assert out[-1].shape[0] == 0 and state_path(store, ka[-1]).exists()
+    alone = RecurrentPrefiller(model, torch.device("cpu"), None, layout, tmp_path / "alone", bs, fsync=False)
+    (tmp_path / "alone").mkdir()
+    (whole,) = alone.run(Batch([PrefillTask(0, b, 0, block_keys(b, bs, root), bs, None, ())]))
+    expect = whole[3 * bs :]  # the batch-equivalence bound of tests/test_distributed.py
+    assert out[-2].shape == expect.shape and (out[-2] - expect).abs().max().item() <= 1e-5 * max(1.0, expect.abs().max().item())
+
+
+def test_overwrite_removes_the_old_runs_states(hybrid, tmp_path):
+    """``--overwrite`` starts an empty store, states included: a state the old run kept would be kept by the
+    new one too (a build writes a state only where none is), though it holds other records (or another dtype)."""
+    _, model_dir = hybrid
+    store = build_text_store(model_dir, PROMPTS, tmp_path).path
+    old = _state_keys(store)
+    store = build_text_store(model_dir, PROMPTS[1:], tmp_path, overwrite=True).path
+    new = _state_keys(store)
+    assert new and old - new and all(PrefixStore.open(store).index.contains(list(new))) and verify_store(store).ok
+
+
+def test_verify_beside_a_gc_removing_states(tmp_path):
+    """verify lists ``states/`` and then reads each file; a gc (or prune) that removes an orphan state in
+    between is no fault: the file vanished after the listing (on the code before, verify reported the store
+    damaged). Real gcs on real files, repeated beside verify until they have overlapped."""
+    import os
+    import shutil
+    import threading
+
+    from prefixgen.maintain.gc import remove_orphan_states
+    from prefixgen.store.writer import maintenance_lock
+
+    model_dir = make_model(tmp_path / "m", "qwen3_next", seed=1, initializer_range=0.1, **HYBRIDS["qwen3_next"])
+    store = build_text_store(model_dir, PROMPTS[:1], tmp_path).path
+    first = next((store / STATES_DIR).iterdir())
+    faults, notes, stop = [], [], threading.Event()
+
+    def verify_loop():
+        while not stop.is_set():
+            report = verify_store(store)
+            faults.extend(report.faults)
+            notes.extend(n for n in report.notes if "removed while verify ran" in n)
+
+    reader = threading.Thread(target=verify_loop)
+    reader.start()
+    try:
+        for round in range(200):
+            for i in range(100):  # orphans: states of blocks no index holds, older than the gc
+                staged = tmp_path / "orphan"  # written whole, then renamed in (as write_state does)
+                shutil.copyfile(first, staged)
+                os.utime(staged, (1e9, 1e9))
+                os.rename(staged, state_path(store, bytes([round, i]) * 16))
+            with maintenance_lock(store, "gc") as me:
+                assert len(remove_orphan_states(store, me)[0]) == 100
+            if notes:  # verify met a removed file: the race was run
+                break
+    finally:
+        stop.set()
+        reader.join()
+    assert not faults, faults[:3]
+    assert notes

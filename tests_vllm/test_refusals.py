@@ -212,3 +212,36 @@ def test_a_lookup_whose_index_read_never_returns_is_a_miss_at_the_deadline(model
         os.rename(saved, segment)
     assert claim(sched, request("after", ids), 0) == (PrefixStore.open(live).match(ids[:-1]), True)
     sched.shutdown()
+
+
+@pytest.mark.parametrize("role", ["SCHEDULER", "WORKER"])
+def test_recurrent_state_at_tensor_parallelism_is_refused(tmp_path, role):
+    """A hybrid store's states hold each recurrent layer whole; vLLM at tensor parallelism 2 gives each rank half
+    of a Gated DeltaNet layer's conv channels and heads: refused at start, naming the setting and the fix (on the
+    code before, the connector started, and a load's ``copy_`` of a whole state into a rank's half is a RuntimeError,
+    not a store fault). The same engine at tensor parallelism 1 is served."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, MambaSpec
+
+    from .conftest import make_model
+    from .test_hybrid_state import QWEN3_NEXT
+
+    model = make_model(tmp_path / "model", "qwen3_next", seed=1, **QWEN3_NEXT)
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": RECORD}])
+    build(
+        BuildConfig(dataset=str(data), model=str(model), out=str(tmp_path / "store"), device="cpu", dtype="bfloat16", quiet=True)
+    )
+    attention = FullAttentionSpec(block_size=16, num_kv_heads=4, head_size=QWEN3_NEXT["head_dim"], dtype=torch.bfloat16)
+    state = MambaSpec(16, ((3, 384), (1, 128, 128)), (torch.bfloat16, torch.float32))
+    kv = KVCacheConfig(
+        num_blocks=64,
+        kv_cache_tensors=[],
+        kv_cache_groups=[
+            KVCacheGroupSpec(["model.layers.1.self_attn.attn"], attention),
+            KVCacheGroupSpec(["model.layers.0.linear_attn"], state),
+        ],
+    )
+    with pytest.raises(
+        ConfigError, match=r"recurrent state with tensor parallelism \(tensor_parallel_size=2\).*tensor_parallel_size 1"
+    ):
+        connector(engine_config(model, tmp_path / "store", dtype="bfloat16", tensor_parallel_size=2), kv, role)
+    connector(engine_config(model, tmp_path / "store", dtype="bfloat16"), kv, role)

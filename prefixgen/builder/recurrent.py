@@ -107,31 +107,42 @@ class RecurrentPrefiller:
         start from the beginning or from the same stride boundary."""
         out: list = [None] * len(batch.tasks)
         groups: dict[int, list[int]] = {}
+        held: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, t in enumerate(batch.tasks):
-            groups.setdefault(self._resume_point(t), []).append(i)
+            start = self._resume_point(t)
+            groups.setdefault(start, []).append(i)
+            if start:
+                # Taken now: the groups before this task's may finish more than RECENT_STATES tasks, whose
+                # states evict the one it starts from (it was chosen because it is held; none is stored).
+                key = bytes(t.keys[start - 1])
+                if key in self.recent:
+                    held[key] = self.recent[key]
         for start, rows in groups.items():
-            for i, kv in zip(rows, self._together([batch.tasks[i] for i in rows], start)):
+            for i, kv in zip(rows, self._together([batch.tasks[i] for i in rows], start, held)):
                 out[i] = kv
         return out
 
-    def _together(self, tasks: list[PrefillTask], start: int) -> list[torch.Tensor]:
+    def _together(
+        self, tasks: list[PrefillTask], start: int, held: dict[bytes, tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[torch.Tensor]:
         """Run ``tasks`` from block ``start`` in lockstep, with no padding: each forward takes every task
         still running up to the next boundary of any of them (a stride boundary, a state asked for, a
         task's end), so each task's forwards end at least at its own boundaries (and its state there is
-        that of a forward ending there); a task that ends leaves the batch."""
+        that of a forward ending there); a task that ends leaves the batch. ``held``: the states at the
+        tasks' starts that this run holds in memory, taken before any group of the batch ran."""
         bs = self.block_size
         blocks = [len(t.tokens) // bs for t in tasks]
         out: list = [None] * len(tasks)
         for r, t in enumerate(tasks):  # nothing to compute: a state asked for is in this run's memory or stored
             if blocks[r] == start:
-                held = self.recent.get(bytes(t.keys[start - 1])) if start in t.states else None
-                if held is not None:
-                    self.states_written += write_state(self.store, t.keys[start - 1], start * bs, *held, self.fsync)
+                state = held.get(bytes(t.keys[start - 1])) if start in t.states else None
+                if state is not None:
+                    self.states_written += write_state(self.store, t.keys[start - 1], start * bs, *state, self.fsync)
                 out[r] = torch.empty(0, *self.layout.token_shape, dtype=self.model.dtype, device=self.device)
         live = [r for r in range(len(tasks)) if blocks[r] > start]  # the cache's rows, in order
         if not live:
             return out
-        cache = self._cache_at([tasks[r] for r in live], start)
+        cache = self._cache_at([tasks[r] for r in live], start, held)
         at = start
         while live:
             # The next boundary of any task: the stride's (the same for all), a state asked for, a task's end.
@@ -177,16 +188,16 @@ class RecurrentPrefiller:
                 return b
         return 0
 
-    def _cache_at(self, tasks: list[PrefillTask], start: int):
+    def _cache_at(self, tasks: list[PrefillTask], start: int, held: dict[bytes, tuple[torch.Tensor, torch.Tensor]]):
         """The cache of ``tasks`` (one row each) after block ``start``: empty at 0; else each one's past KV
-        and its state there (this run's memory, else the stored file)."""
+        and its state there (``held``: this run's memory when the batch began, else the stored file)."""
         if not start:
             return new_cache(self.model.config)
         tokens = start * self.block_size
         kvs, convs, ssms = [], [], []
         for t in tasks:
-            held = self.recent.get(bytes(t.keys[start - 1]))
-            conv, ssm = held if held is not None else read_state(self.store, t.keys[start - 1], tokens)
+            state = held.get(bytes(t.keys[start - 1]))
+            conv, ssm = state if state is not None else read_state(self.store, t.keys[start - 1], tokens)
             kvs.append(self.past(t.keys[:start]).to(self.device))  # [tokens, L, parts, H, D]
             convs.append(conv.to(self.device))
             ssms.append(ssm.to(self.device))

@@ -129,6 +129,14 @@ def remove_orphan_states(path: Path, me: str, dry_run: bool = False) -> tuple[li
         return [f"{STATES_DIR}/{n}" for n in found], sum(sizes.values()), []
     moved = dict(_trash_name(n) for n in trash)  # a killed job's: back under their names or removed, as below
     for n in found:
+        # The index once more right before each move: a block stored since the first look keeps its state. This
+        # narrows, not closes, the window in which a gc killed after a move leaves a stored block without its
+        # state (a build that kept the file commits its block between the move and the look below; README).
+        if index.changed():
+            index = index.reopened()
+        if index.contains([_state_key(n)])[0]:
+            del sizes[n]
+            continue
         aside = f".gc-{me}-{n}"
         with contextlib.suppress(FileNotFoundError):  # another gc took it first
             os.rename(folder / n, folder / aside)

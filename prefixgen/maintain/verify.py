@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from prefixgen.errors import PrefixgenError
+from prefixgen.errors import MissingStateError, PrefixgenError
 from prefixgen.format import (
     BUILDS_DIR,
     INDEX_DIR,
@@ -140,6 +140,8 @@ def _verify_states(path: Path, report: VerifyReport, quick: bool) -> None:
         elif not quick:
             try:
                 read_state_file(path / STATES_DIR / name)
+            except MissingStateError:  # listed, then removed (or moved aside) by a gc or prune: nothing to check
+                report.notes.append(f"{STATES_DIR}/{name}: removed while verify ran (a gc or prune), skipped")
             except PrefixgenError as exc:
                 report.faults.append(str(exc))
 

@@ -26,7 +26,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from prefixgen.checksum import crc32c
-from prefixgen.errors import CorruptStoreError
+from prefixgen.errors import CorruptStoreError, MissingStateError
 from prefixgen.format import BlockHash, create_once
 
 STATES_DIR = "states"
@@ -68,16 +68,20 @@ def read_state(store: Path, key: BlockHash, tokens: int) -> tuple[torch.Tensor, 
 
 
 def read_state_file(path: Path, tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(conv, ssm) of the state file ``path``, checked against its CRC32C (and ``tokens``, if given)."""
+    """(conv, ssm) of the state file ``path``, checked against its CRC32C (and ``tokens``, if given). Raises
+    ``MissingStateError`` (a ``CorruptStoreError``) where the file is gone."""
     try:
         data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise MissingStateError(f"{path}: the recurrent state is missing ({exc})") from None
+    try:
         tensors = st_load(data)
         header_len = int(np.frombuffer(data[:8], dtype="<u8")[0])
         metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
         conv, ssm = tensors["conv"], tensors["ssm"]
         ok = int(metadata["tokens"]) == (tokens or int(metadata["tokens"])) and int(metadata["crc32c"]) == _crc(conv, ssm)
     except (OSError, KeyError, ValueError) as exc:
-        raise CorruptStoreError(f"{path}: the recurrent state is missing or damaged ({exc})") from None
+        raise CorruptStoreError(f"{path}: the recurrent state is damaged ({exc})") from None
     except Exception as exc:  # safetensors' own errors for a truncated or garbled file
         raise CorruptStoreError(f"{path}: the recurrent state is damaged ({exc})") from None
     if not ok:

@@ -75,6 +75,7 @@ from prefixgen.format import (
 )
 from prefixgen.store.index import StoreIndex
 from prefixgen.store.keyset import KeySet
+from prefixgen.store.states import STATES_DIR
 
 WRITE_MODES = ("new", "append", "resume", "overwrite")
 RECORD_RESERVE_BYTES = 64 << 10  # kept free for a build's last record: a few KiB of JSON, with room to spare
@@ -149,7 +150,9 @@ def _empty_store(path: Path) -> None:
             f"{path} is being written by {len(live)} running process(es) (writer {live[0]}); "
             "wait for them to finish before --overwrite"
         )
-    for sub in (INDEX_DIR, COUNTS_DIR, BUILDS_DIR, SHARDS_DIR):
+    # states/ too: a build keeps a state file it finds (write_state creates one only where none is), so
+    # the old run's states (another --dtype, other records) would outlive it.
+    for sub in (INDEX_DIR, COUNTS_DIR, BUILDS_DIR, SHARDS_DIR, STATES_DIR):
         shutil.rmtree(path / sub, ignore_errors=True)
     (path / MANIFEST_FILE).unlink()
 

@@ -25,7 +25,7 @@ from prefixgen.integrations.vllm.faults import logger
 from prefixgen.integrations.vllm.groups import vllm_groups
 from prefixgen.integrations.vllm.metadata import PrefixgenConnectorMetadata
 from prefixgen.integrations.vllm.metrics import PrefixgenConnectorStats, PrefixgenPromMetrics
-from prefixgen.integrations.vllm.refusals import engine_fingerprint, unsupported_features
+from prefixgen.integrations.vllm.refusals import engine_fingerprint, state_problems, unsupported_features
 from prefixgen.integrations.vllm.scheduler import PrefixgenScheduler
 from prefixgen.integrations.vllm.states import StateLoads
 from prefixgen.integrations.vllm.worker import PrefixgenWorker
@@ -84,6 +84,9 @@ class PrefixgenConnector(KVConnectorBase_V1, SupportsHMA):
             raise ConfigError("PrefixgenConnector cannot serve this engine:\n  " + "\n  ".join(problems))
         self._groups = vllm_groups(kv_cache_config)  # vLLM's KV cache groups: each request has a block table per group
         states = StateLoads.for_engine(self.store, self._groups, kv_cache_config)  # a hybrid's recurrent state, or None
+        problems = state_problems(vllm_config) if states else []
+        if problems:
+            raise ConfigError("PrefixgenConnector cannot serve this engine:\n  " + "\n  ".join(problems))
         self.connector_scheduler: PrefixgenScheduler | None = None
         self.connector_worker: PrefixgenWorker | None = None
         if role == KVConnectorRole.SCHEDULER:

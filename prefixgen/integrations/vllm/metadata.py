@@ -44,6 +44,9 @@ class PrefixgenWorkerMetadata(KVConnectorWorkerMetadata):
     bad_shards: set[str] = field(default_factory=set)  # shards missing, truncated or unreadable
     checks: list[CheckResult] = field(default_factory=list)  # live checks measured (each rank its heads and layers)
     weights_changed: bool = False  # the model's weights differ from when the check passed: loads refused
+    # Recurrent states (by their block's key) missing or damaged: a claim ends on another one. Its block's KV
+    # is not at fault (a gc or prune may remove a state whose block is kept): later claims still load it.
+    bad_states: set[bytes] = field(default_factory=set)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, PrefixgenWorkerMetadata)
@@ -52,4 +55,5 @@ class PrefixgenWorkerMetadata(KVConnectorWorkerMetadata):
             self.bad_shards | other.bad_shards,
             self.checks + other.checks,
             self.weights_changed or other.weights_changed,
+            self.bad_states | other.bad_states,
         )

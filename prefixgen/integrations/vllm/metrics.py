@@ -40,7 +40,7 @@ class LoadStats:
     window_tokens_skipped: int = 0
     states: int = 0  # recurrent states written (a hybrid model: one per load, into every recurrent layer; states.py)
     state_bytes: int = 0
-    failed_states: int = 0  # states missing or damaged: vLLM recomputed the load whole, its block is reported bad
+    failed_states: int = 0  # states missing or damaged: vLLM recomputed the load whole, the state is reported bad
 
 
 @dataclass(slots=True)

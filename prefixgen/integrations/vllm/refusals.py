@@ -95,6 +95,23 @@ def unsupported_features(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig
     return problems
 
 
+def state_problems(vllm_config: VllmConfig) -> list[str]:
+    """Why the connector cannot load a hybrid store's recurrent states into this engine (empty when it can).
+
+    At tensor parallelism above 1 vLLM 0.32.0 gives each rank a slice of every Mamba/GDN layer's conv channels and
+    heads (``mamba_utils.MambaStateShapeCalculator``: ``divide(conv_dim, tp_world_size)``, ``divide(num_heads,
+    tp_world_size)``; Mamba2 also repeats its groups over the ranks, ``extra_groups_for_head_shards``); a store keeps
+    the whole layer's state, which the connector writes as it is (``states.py``)."""
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if tp > 1:
+        return [
+            f"recurrent state with tensor parallelism (tensor_parallel_size={tp}): vLLM splits each Mamba/GDN layer's "
+            "state over the ranks, and the connector writes a stored state whole; run with tensor_parallel_size 1, "
+            "or serve this model without the connector"
+        ]
+    return []
+
+
 def skip_reason(request: Request) -> str | None:
     """Why the store cannot serve ``request`` (vLLM's own block hashes include these, the store's keys hash
     token ids of the base model only), or None. The reasons are the ``skipped_<reason>`` fields of :class:`ClaimStats`.

@@ -144,7 +144,7 @@ class PrefixgenScheduler:
             return None
         state = None
         if self._states and locations:  # a hybrid: up to the last block whose recurrent state vLLM can resume from
-            locations, state = self._states.cut(lookup.result(), locations)
+            locations, state = self._states.cut(lookup.result(), locations, self._bad.bad_states)
         if locations and not self._gate.allows(request, num_computed_tokens, locations, self.store.block_size, self.claim_stats):
             return _Match(0, [])  # vLLM computes it (a live check, or no check has passed)
         return _Match(len(locations) * self.store.block_size, locations, state)
@@ -258,6 +258,7 @@ class PrefixgenScheduler:
         if isinstance(reported, PrefixgenWorkerMetadata):
             self._bad.bad_blocks |= reported.bad_blocks
             self._bad.bad_shards |= reported.bad_shards
+            self._bad.bad_states |= reported.bad_states
             self._gate.take(reported.checks, reported.weights_changed, self.claim_stats, self.store.path)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:

@@ -111,10 +111,13 @@ class StateLoads:
         return out
 
     @staticmethod
-    def cut(found: list[BlockLocation], usable: list[BlockLocation]) -> tuple[list[BlockLocation], BlockHash | None]:
-        """``usable`` (a prefix of a lookup's ``found``) up to its last block with a state, and that state's key."""
+    def cut(
+        found: list[BlockLocation], usable: list[BlockLocation], bad: set[bytes] = frozenset()
+    ) -> tuple[list[BlockLocation], BlockHash | None]:
+        """``usable`` (a prefix of a lookup's ``found``) up to its last block with a state not in ``bad`` (states a
+        worker could not load), and that state's key."""
         ends = getattr(found, "ends", {})
-        n = max((e for e in ends if e <= len(usable)), default=0)
+        n = max((e for e in ends if e <= len(usable) and bytes(ends[e]) not in bad), default=0)
         return usable[:n], ends.get(n)
 
     # ------------------------------------------------------------------ worker side

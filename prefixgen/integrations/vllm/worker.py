@@ -341,7 +341,8 @@ class PrefixgenWorker:
         and shards found bad since the last step, the live checks of this step's forward, weights found changed."""
         checks = self._run_checks(meta)  # after this step's forward: the KV it computed is in the cache
         with self._lock:
-            if not (self._new_bad.bad_blocks or self._new_bad.bad_shards or checks or self._weights_changed):
+            bad = self._new_bad
+            if not (bad.bad_blocks or bad.bad_shards or bad.bad_states or checks or self._weights_changed):
                 return None
             reported, self._new_bad = self._new_bad, PrefixgenWorkerMetadata()
         reported.checks, reported.weights_changed, self._weights_changed = checks, self._weights_changed, False
@@ -450,8 +451,8 @@ class PrefixgenWorker:
 
     def _write_state(self, load: LoadSpec) -> int:
         """A hybrid's load whose KV is written: its recurrent state too (states.py); the tokens written (its start if
-        the state is missing or damaged: vLLM recomputes the load whole, and its last block is reported bad, so that
-        later claims end on an earlier state)."""
+        the state is missing or damaged: vLLM recomputes the load whole, and the state is reported bad, so that later
+        claims end on another state; its block's KV is fine and stays claimable)."""
         assert self._states is not None
         try:
             nbytes = self._states.write(load.state, load.end, load.block_ids)
@@ -459,8 +460,7 @@ class PrefixgenWorker:
             warn_once(self._logged, str(exc), "PrefixgenConnector: %s; vLLM computes the prompt", exc)
             with self._lock:
                 self.stats.failed_states += 1
-                last = load.locations[-1]
-                self._new_bad.bad_blocks.add((last.shard, last.slot))
+                self._new_bad.bad_states.add(bytes(load.state))
             return load.start
         with self._lock:
             self.stats.states += 1
