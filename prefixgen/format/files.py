@@ -95,6 +95,38 @@ def create_once(path: Path, chunks: Iterable[bytes], fsync: bool = True, owner: 
     return True
 
 
+def keep_room(path: Path, size: int) -> None:
+    """Allocate ``size`` bytes as the file ``path`` (a temporary name of its writer's): room that
+    :func:`write_into_room` turns into a file later, however full the disk is by then. Raises
+    OSError (ENOSPC) and leaves nothing if the disk cannot hold it now."""
+    try:
+        with open(path, "wb") as f:
+            f.write(bytes(size))  # written, not truncated: a sparse file keeps no room
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def write_into_room(room: Path, path: Path, data: bytes, fsync: bool = True) -> None:
+    """Write ``data`` over the start of ``room`` (a file of :func:`keep_room`, at least ``len(data)``
+    bytes), cut it to that length and rename it to ``path``: atomic like :func:`atomic_write`, but it
+    overwrites pages already allocated instead of asking for new ones (freeing the room first would let
+    another process take it before the write). ``room`` is gone afterwards, whatever happens."""
+    try:
+        with open(room, "r+b") as f:
+            f.write(data)
+            f.truncate()
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(room, path)
+    except BaseException:
+        room.unlink(missing_ok=True)
+        raise
+    if fsync:
+        fsync_dir(path.parent)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
