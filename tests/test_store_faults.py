@@ -257,10 +257,12 @@ def test_verify_and_open_beside_a_compaction_of_many_segments(tmp_path, stories)
 
 
 def test_gc_removes_dead_writers_temporary_files_everywhere(tmp_path, half_built):
-    # Item 12: gc skipped builds/*.ranks/, plan folders, claims/ and the store's own folder.
+    # Item 12: gc skipped builds/*.ranks/, plan folders, claims/ and the store's own folder (and
+    # states/: torture seed 4242 left a killed hybrid build's state file there).
     _, out, build_id = half_built
     dead = new_id()
     leftovers = [
+        out / "states" / f"{'ab' * 32}.safetensors.{dead}.tmp",
         out / BUILDS_DIR / f"{build_id}{RANK_PARTS_SUFFIX}" / f"w2-r1.json.{dead}.tmp",
         next((out / BUILDS_DIR / f"{build_id}{PLAN_SUFFIX}").iterdir()) / f"share-1.npz.{dead}.tmp",
         out / CLAIMS_DIR / build_id / f"abc.{dead}.tmp",

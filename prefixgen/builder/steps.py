@@ -375,7 +375,9 @@ def start_run(
 def _prefiller(job: Job, source: PastSource) -> Prefiller | RecurrentPrefiller:
     kv = job.manifest.kv
     if recurrent_layers(kv):  # a hybrid: keeping the recurrent states at the boundaries a store keeps
-        return RecurrentPrefiller(job.model, job.device, source.get, kv, job.out, job.manifest.block_size, job.cfg.fsync)
+        return RecurrentPrefiller(
+            job.model, job.device, source.get, kv, job.out, job.manifest.block_size, job.cfg.fsync, source.writer.writer_id
+        )
     return Prefiller(job.model, job.device, source.get, kv)
 
 

@@ -77,6 +77,7 @@ from prefixgen.format import (
 )
 from prefixgen.store.index import StoreIndex
 from prefixgen.store.keyset import KeySet
+from prefixgen.store.states import STATES_DIR
 
 WRITE_MODES = ("new", "append", "resume", "overwrite")
 RECORD_RESERVE_BYTES = 64 << 10  # kept free for a build's last record: a few KiB of JSON, with room to spare
@@ -938,7 +939,7 @@ def remove_lock_if_dead(store: Path, owner: str) -> bool:
 CLOCK_PREFIX = ".clock-"  # claims/<...>/.clock-<owner>: a rank's probe of the file system's clock
 ANONYMOUS_TEMP_SECONDS = 600.0  # a temporary file named for no writer (a manifest's creator) older than this is left over
 # Everything gc looks in: the store's folders and its own (temporary manifests).
-REMOVE_DIRS = (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR, CLAIMS_DIR, MANIFEST_FILE)
+REMOVE_DIRS = (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR, CLAIMS_DIR, STATES_DIR, MANIFEST_FILE)
 
 
 def _age(p: Path) -> float:
