@@ -32,18 +32,21 @@ def temp_path(path: Path, owner: str | None = None) -> Path:
 
 
 @contextmanager
-def atomic_file(path: Path, fsync: bool = True, owner: str | None = None) -> Iterator[BinaryIO]:
+def atomic_file(path: Path, fsync: bool = True, owner: str | None = None, room: Path | None = None) -> Iterator[BinaryIO]:
     """A file opened for writing under :func:`temp_path` and renamed to ``path`` (after an fsync) when the block
     ends: readers see the whole file or none of it. If the block raises, the temporary file is removed.
+    ``room``: write over that file (of :func:`keep_room`) instead, cut to what was written.
 
     Example:
         >>> with atomic_file(Path("store/shards/w-000000.safetensors"), owner="w") as f:  # doctest: +SKIP
         ...     os.pwrite(f.fileno(), b"...", 0)
     """
-    tmp = temp_path(path, owner)
+    tmp = room or temp_path(path, owner)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "r+b" if room else "wb") as f:
             yield f
+            if room:
+                f.truncate()
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -112,19 +115,8 @@ def write_into_room(room: Path, path: Path, data: bytes, fsync: bool = True) -> 
     bytes), cut it to that length and rename it to ``path``: atomic like :func:`atomic_write`, but it
     overwrites pages already allocated instead of asking for new ones (freeing the room first would let
     another process take it before the write). ``room`` is gone afterwards, whatever happens."""
-    try:
-        with open(room, "r+b") as f:
-            f.write(data)
-            f.truncate()
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(room, path)
-    except BaseException:
-        room.unlink(missing_ok=True)
-        raise
-    if fsync:
-        fsync_dir(path.parent)
+    with atomic_file(path, fsync, room=room) as f:
+        f.write(data)
 
 
 def fsync_dir(path: Path) -> None:
