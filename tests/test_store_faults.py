@@ -257,10 +257,12 @@ def test_verify_and_open_beside_a_compaction_of_many_segments(tmp_path, stories)
 
 
 def test_gc_removes_dead_writers_temporary_files_everywhere(tmp_path, half_built):
-    # Item 12: gc skipped builds/*.ranks/, plan folders, claims/ and the store's own folder.
+    # Item 12: gc skipped builds/*.ranks/, plan folders, claims/ and the store's own folder (and
+    # states/: torture seed 4242 left a killed hybrid build's state file there).
     _, out, build_id = half_built
     dead = new_id()
     leftovers = [
+        out / "states" / f"{'ab' * 32}.safetensors.{dead}.tmp",
         out / BUILDS_DIR / f"{build_id}{RANK_PARTS_SUFFIX}" / f"w2-r1.json.{dead}.tmp",
         next((out / BUILDS_DIR / f"{build_id}{PLAN_SUFFIX}").iterdir()) / f"share-1.npz.{dead}.tmp",
         out / CLAIMS_DIR / build_id / f"abc.{dead}.tmp",
@@ -350,6 +352,64 @@ def test_a_build_whose_disk_fills_up_records_how_it_ended(tmp_path, stories, sma
     (record,) = read_builds(out)
     assert record.status == "failed" and record.stored_tokens > 0
     assert not list(out.rglob("*.tmp"))
+
+
+def _fill(disk: Path, name: str, leave: int = 0) -> None:
+    """Take the free pages of ``disk`` but ``leave`` bytes, as another writer would (a file ``name``)."""
+    fd = os.open(disk / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while (lambda st: st.f_bavail * st.f_frsize)(os.statvfs(disk)) > leave:
+            os.write(fd, bytes(4096))
+    except OSError:
+        pass  # the disk is full
+    finally:
+        os.close(fd)
+
+
+def _records_left_running(store: Path) -> list[str]:
+    """Build records (a rank's parts included) that say "running" though a writer of theirs wrote them."""
+    left = []
+    for p in sorted((store / BUILDS_DIR).glob("**/*.json")):
+        rec = json.loads(p.read_text())
+        if rec.get("writers") and rec.get("status") == "running":
+            left.append(str(p.relative_to(store)))
+    return left
+
+
+@pytest.mark.parametrize("free", ["16KiB", "roomy"])
+def test_a_rank_whose_disk_is_full_records_how_it_ended(tmp_path, stories, small_disk, free):
+    # Torture seed 4242: three --rank ranks started on a disk with 16 KiB free. Rank 1 wrote its
+    # part "running", could not keep room for its last record, met the full disk and could not write
+    # that record either: its part stayed "running". A rank keeps the room before any record exists
+    # (16KiB: it fails at once, leaving no record), and writes its last record into it ("roomy": the
+    # disk fills while the rank runs).
+    data = _dataset(tmp_path / "d.jsonl", 300)
+    out = small_disk / "store"
+    if free == "16KiB":
+        _fill(small_disk, "other", leave=16 << 10)
+    cmd = [sys.executable, "-m", "prefixgen", "build", data, "--model", stories, "--out", out, *CPU]
+    proc = subprocess.Popen([str(c) for c in [*cmd, "--rank", 1, "--world-size", 2]], env=ENV, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not list((out / BUILDS_DIR).glob(f"*{RANK_PARTS_SUFFIX}/w2-r1.json")):
+        threading.Event().wait(0.02)  # until the rank's part says "running"
+    _fill(small_disk, "hog")  # then every page left goes to another writer
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, "the rank finished before the disk filled: give it more records"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "is full" in err and "Traceback" not in err, err
+    assert _records_left_running(out) == []
+    assert not list(out.rglob("*.tmp"))
+    if free == "roomy":
+        (part,) = (out / BUILDS_DIR).glob(f"*{RANK_PARTS_SUFFIX}/w2-r1.json")
+        assert json.loads(part.read_text())["status"] == "failed"
+
+
+def test_a_claim_that_meets_a_full_disk_is_not_left_empty(small_disk):
+    # An empty claim names no holder: the other ranks would wait out its whole lease (120 s) for it.
+    (small_disk / "claims").mkdir()
+    _fill(small_disk, "hog")
+    with pytest.raises(OSError, match="No space left"):
+        _claim(small_disk / "claims" / "share-1", new_id())
+    assert not (small_disk / "claims" / "share-1").exists()
 
 
 def test_a_count_share_that_fails_leaves_no_temporary_file(tmp_path, stories):

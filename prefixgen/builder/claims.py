@@ -173,6 +173,12 @@ def _claim(
             return current == owner  # a taker before us rewrote it (and may have died: its own marker next)
         atomic_write(path, [line], fsync=False, owner=owner)
         return True
-    with os.fdopen(fd, "wb") as f:
-        f.write(line)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(line)
+    except BaseException:
+        # A full disk: an empty claim names no holder, so no one could tell it dead and every other
+        # rank would wait out its whole lease. Nobody else writes a claim this fresh: remove it.
+        path.unlink(missing_ok=True)
+        raise
     return True

@@ -97,6 +97,7 @@ from prefixgen.builder.steps import (
     open_writer,
     prefill_batches,
     recorded,
+    released_on_error,
     start_run,
 )
 from prefixgen.config import BuildConfig
@@ -198,10 +199,11 @@ class Ranks:
         if done is not None:
             return done
         writer = open_writer(job, record)
-        self.attach(out, record, writer, cfg.resume)
-        writer.drop_old_counts()  # a rank counts the records of its plan, which may not be those it counted before
-        quiet = cfg.quiet or (self.collective and self.rank > 0)  # torchrun: one bar, rank 0's
-        run = start_run(job, store, record, writer, quiet, total=None)  # a rank's records are known from its plan only
+        with released_on_error(writer):  # until the run's record takes over
+            self.attach(out, record, writer, cfg.resume)
+            writer.drop_old_counts()  # a rank counts the records of its plan, which may not be those it counted before
+            quiet = cfg.quiet or (self.collective and self.rank > 0)  # torchrun: one bar, rank 0's
+            run = start_run(job, store, record, writer, quiet, total=None)  # a rank's records are known from its plan only
         with recorded(run):
             selection = self._prepare(job, run)
             # The same chain as one process's; this rank's records come tokenized from the count shares.

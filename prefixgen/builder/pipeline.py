@@ -35,6 +35,7 @@ from prefixgen.builder.steps import (
     open_writer,
     prefill_batches,
     recorded,
+    released_on_error,
     start_run,
 )
 from prefixgen.config import BuildConfig
@@ -76,13 +77,14 @@ def build(cfg: BuildConfig, model: torch.nn.Module | None = None, tokenizer: Any
     if done is not None:
         return done
     writer = open_writer(job, record)
-    if selection is not None:
-        record.tokenized_tokens += selection.tokenized_tokens
-    if cfg.resume:  # the resumed build counts its records again from the start
-        drop_other_launches(out, record.build_id, writer.writer_id, distributed=False)
-        writer.drop_old_counts()
-    total = None if cfg.quiet else lambda: count_records(cfg.dataset, cfg.limit)  # the progress bar's
-    run = start_run(job, store, record, writer, cfg.quiet, total)
+    with released_on_error(writer):  # until the run's record takes over (it releases the writer however it ends)
+        if selection is not None:
+            record.tokenized_tokens += selection.tokenized_tokens
+        if cfg.resume:  # the resumed build counts its records again from the start
+            drop_other_launches(out, record.build_id, writer.writer_id, distributed=False)
+            writer.drop_old_counts()
+        total = None if cfg.quiet else lambda: count_records(cfg.dataset, cfg.limit)  # the progress bar's
+        run = start_run(job, store, record, writer, cfg.quiet, total)
     with recorded(run):
         prefill_batches(run, chain(run, job.records, run.tokenize, selection))
     compact_run(run)

@@ -90,9 +90,11 @@ class RecurrentPrefiller:
         store: Path,
         block_size: int,
         fsync: bool = True,
+        owner: str | None = None,
     ):
         self.model, self.device, self.past, self.layout = model, device, past, layout
         self.store, self.block_size, self.fsync = Path(store), block_size, fsync
+        self.owner = owner  # the run's writer: its state files' temporary names carry it (gc)
         self.stride = stride_blocks(layout, block_size)
         self.states_written = 0
         # States where recent tasks ended, not stored (see the module's docstring), by their last block's
@@ -137,7 +139,7 @@ class RecurrentPrefiller:
             if blocks[r] == start:
                 state = held.get(bytes(t.keys[start - 1])) if start in t.states else None
                 if state is not None:
-                    self.states_written += write_state(self.store, t.keys[start - 1], start * bs, *state, self.fsync)
+                    self.states_written += write_state(self.store, t.keys[start - 1], start * bs, *state, self.fsync, self.owner)
                 out[r] = torch.empty(0, *self.layout.token_shape, dtype=self.model.dtype, device=self.device)
         live = [r for r in range(len(tasks)) if blocks[r] > start]  # the cache's rows, in order
         if not live:
@@ -158,7 +160,9 @@ class RecurrentPrefiller:
                 t = tasks[r]
                 # The stride's boundaries among this task's new blocks, and those the planner asked for.
                 if (cut % self.stride == 0 and cut * bs > t.cached) or cut in t.states:
-                    self.states_written += write_state(self.store, t.keys[cut - 1], cut * bs, conv[j], ssm[j], self.fsync)
+                    self.states_written += write_state(
+                        self.store, t.keys[cut - 1], cut * bs, conv[j], ssm[j], self.fsync, self.owner
+                    )
                 if blocks[r] == cut:
                     # The attention layers hold every token from 0: the task's new tokens are its rows from `cached`.
                     out[r] = kv[j, t.cached :]

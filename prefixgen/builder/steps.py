@@ -288,8 +288,21 @@ def open_writer(job: Job, record: BuildRecord) -> StoreWriter:
     """This run's writer (its lock taken: the run is live from here), named in ``record``."""
     cfg = job.cfg
     writer = StoreWriter(job.out, job.manifest, record.build_id, cfg.shard_bytes, cfg.write_threads, cfg.fsync, device=job.device)
+    with released_on_error(writer):  # a disk too full for the room fails the run here, with no record "running"
+        writer.keep_record_room()  # before any record of the run (a rank's base record too) exists
     record.writers.append(writer.writer_id)
     return writer
+
+
+@contextmanager
+def released_on_error(writer: StoreWriter) -> Iterator[None]:
+    """Release ``writer`` (its lock and the room kept for its record) if the block raises: the steps
+    between :func:`open_writer` and :func:`recorded`, which releases it however the run ends."""
+    try:
+        yield
+    except BaseException:
+        writer.release()
+        raise
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -362,7 +375,9 @@ def start_run(
 def _prefiller(job: Job, source: PastSource) -> Prefiller | RecurrentPrefiller:
     kv = job.manifest.kv
     if recurrent_layers(kv):  # a hybrid: keeping the recurrent states at the boundaries a store keeps
-        return RecurrentPrefiller(job.model, job.device, source.get, kv, job.out, job.manifest.block_size, job.cfg.fsync)
+        return RecurrentPrefiller(
+            job.model, job.device, source.get, kv, job.out, job.manifest.block_size, job.cfg.fsync, source.writer.writer_id
+        )
     return Prefiller(job.model, job.device, source.get, kv)
 
 
@@ -521,12 +536,17 @@ def _finish(writer: StoreWriter, record: BuildRecord, planner: Planner, started:
     try:
         if record.status != "complete":
             # The record first: it is small and tells a resume (and people) what happened, even when
-            # the disk is too full for the counts (the failed write's temporary file is gone by now).
+            # the disk is too full for the counts (it goes into the room the writer kept for it).
             with contextlib.suppress(OSError, StoreError):
                 writer.write_build(record)
         _checkpoint(writer, record, planner, time.perf_counter() - started, timer)
     except (OSError, StoreError):
         if record.status == "complete":
+            # The last counts did not fit: the build is not complete (a resume counts again), and its
+            # record must not stay "running".
+            record.status = "failed"
+            with contextlib.suppress(OSError, StoreError):
+                writer.write_build(record)
             raise
     finally:
         writer.release()

@@ -43,7 +43,9 @@ from prefixgen.format.files import (
     atomic_write,
     create_once,
     fsync_dir,
+    keep_room,
     temp_path,
+    write_into_room,
 )
 from prefixgen.format.keys import HASH_ALGORITHM, ROOT_DOMAIN, BlockHash, block_keys, hash_block, key64, root_key
 from prefixgen.format.manifest import (
@@ -162,6 +164,7 @@ __all__ = [
     "head_row_crcs",
     "fsync_dir",
     "hash_block",
+    "keep_room",
     "key64",
     "key64_chunks",
     "key64_chunks_of",
@@ -179,4 +182,5 @@ __all__ = [
     "shard_tensors",
     "temp_path",
     "token_major",
+    "write_into_room",
 ]

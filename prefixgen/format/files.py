@@ -32,18 +32,21 @@ def temp_path(path: Path, owner: str | None = None) -> Path:
 
 
 @contextmanager
-def atomic_file(path: Path, fsync: bool = True, owner: str | None = None) -> Iterator[BinaryIO]:
+def atomic_file(path: Path, fsync: bool = True, owner: str | None = None, room: Path | None = None) -> Iterator[BinaryIO]:
     """A file opened for writing under :func:`temp_path` and renamed to ``path`` (after an fsync) when the block
     ends: readers see the whole file or none of it. If the block raises, the temporary file is removed.
+    ``room``: write over that file (of :func:`keep_room`) instead, cut to what was written.
 
     Example:
         >>> with atomic_file(Path("store/shards/w-000000.safetensors"), owner="w") as f:  # doctest: +SKIP
         ...     os.pwrite(f.fileno(), b"...", 0)
     """
-    tmp = temp_path(path, owner)
+    tmp = room or temp_path(path, owner)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "r+b" if room else "wb") as f:
             yield f
+            if room:
+                f.truncate()
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -93,6 +96,27 @@ def create_once(path: Path, chunks: Iterable[bytes], fsync: bool = True, owner: 
     if fsync:
         fsync_dir(path.parent)
     return True
+
+
+def keep_room(path: Path, size: int) -> None:
+    """Allocate ``size`` bytes as the file ``path`` (a temporary name of its writer's): room that
+    :func:`write_into_room` turns into a file later, however full the disk is by then. Raises
+    OSError (ENOSPC) and leaves nothing if the disk cannot hold it now."""
+    try:
+        with open(path, "wb") as f:
+            f.write(bytes(size))  # written, not truncated: a sparse file keeps no room
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def write_into_room(room: Path, path: Path, data: bytes, fsync: bool = True) -> None:
+    """Write ``data`` over the start of ``room`` (a file of :func:`keep_room`, at least ``len(data)``
+    bytes), cut it to that length and rename it to ``path``: atomic like :func:`atomic_write`, but it
+    overwrites pages already allocated instead of asking for new ones (freeing the room first would let
+    another process take it before the write). ``room`` is gone afterwards, whatever happens."""
+    with atomic_file(path, fsync, room=room) as f:
+        f.write(data)
 
 
 def fsync_dir(path: Path) -> None:

@@ -45,14 +45,23 @@ def _crc(conv: torch.Tensor, ssm: torch.Tensor) -> int:
     return value
 
 
-def write_state(store: Path, key: BlockHash, tokens: int, conv: torch.Tensor, ssm: torch.Tensor, fsync: bool = True) -> bool:
+def write_state(
+    store: Path,
+    key: BlockHash,
+    tokens: int,
+    conv: torch.Tensor,
+    ssm: torch.Tensor,
+    fsync: bool = True,
+    owner: str | None = None,
+) -> bool:
     """Keep the state after ``tokens`` tokens (block ``key``'s end): ``conv`` ``[R, channels, kernel - 1]``,
-    ``ssm`` ``[R, ...]``. False if it was there already (another build wrote the same prefix's state)."""
+    ``ssm`` ``[R, ...]``. False if it was there already (another build wrote the same prefix's state).
+    ``owner``: the writer whose temporary file it is while written (gc removes it if that writer dies)."""
     conv, ssm = conv.detach().to("cpu").contiguous(), ssm.detach().to("cpu").contiguous()
     metadata = {"tokens": str(tokens), "crc32c": str(_crc(conv, ssm))}
     path = state_path(store, key)
     path.parent.mkdir(exist_ok=True)
-    return create_once(path, [st_save({"conv": conv, "ssm": ssm}, metadata=metadata)], fsync=fsync)
+    return create_once(path, [st_save({"conv": conv, "ssm": ssm}, metadata=metadata)], fsync=fsync, owner=owner)
 
 
 def last_state(store: Path, keys: Sequence[BlockHash]) -> int:

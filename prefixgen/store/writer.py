@@ -64,6 +64,7 @@ from prefixgen.format import (
     dequantize_fp8,
     encode_safetensors_header,
     encode_segment,
+    keep_room,
     quantize_fp8,
     read_safetensors_header,
     read_shard_blocks,
@@ -72,6 +73,7 @@ from prefixgen.format import (
     shard_tensors,
     temp_path,
     token_major,
+    write_into_room,
 )
 from prefixgen.store.index import StoreIndex
 from prefixgen.store.keyset import KeySet
@@ -237,6 +239,7 @@ class StoreWriter:
             raise
         self._counts_seq = 0
         self._reserve: Path | None = None  # room kept for the last record (see write_build)
+        self._reserved = False  # room was kept once: a later "running" record does not keep it again
         layout = manifest.kv
         self._bs = manifest.block_size
         self._block_bytes = layout.bytes_per_token * self._bs
@@ -580,45 +583,49 @@ class StoreWriter:
 
     # ------------------------------------------------------------------ build records
 
+    def keep_record_room(self) -> None:
+        """Keep RECORD_RESERVE_BYTES for the record that will say how this writer's run ended:
+        ``builds/<build_id>.json.reserve.<writer>.tmp``, a temporary file of this writer's (gc
+        removes it if the writer dies) that :meth:`write_build` turns into that record, however
+        full the disk is by then (another process may take its last page meanwhile). Call it
+        before any record of the run exists: a disk too full for it (OSError, ENOSPC) then fails
+        the run with no record left "running". Once per writer."""
+        if self._reserved:
+            return
+        room = temp_path(self.path / BUILDS_DIR / f"{self.build_id}.json.reserve", self.writer_id)
+        room.parent.mkdir(exist_ok=True)
+        keep_room(room, RECORD_RESERVE_BYTES)
+        self._reserve, self._reserved = room, True
+
     def write_build(self, record: BuildRecord) -> None:
-        """Atomically (re)write ``builds/<build_id>.json`` (a rank's: ``builds/<build_id>.ranks/<part>.json``)."""
-        data = json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n"
+        """Atomically (re)write ``builds/<build_id>.json`` (a rank's: ``builds/<build_id>.ranks/<part>.json``).
+
+        A "running" record must be followed by one that says how the run ended, even on a disk
+        that is full by then: the first record that is not "running" goes into the room kept by
+        :meth:`keep_record_room` (kept here, before the first "running" record, if the caller did
+        not). A checkpoint ("running") that meets a full disk fails without touching that room."""
+        data = (json.dumps(record.to_dict(), indent=2, sort_keys=True) + "\n").encode()
         path = self.path / BUILDS_DIR / f"{record.build_id}.json"
         if self.part:
             path = path.with_name(record.build_id + RANK_PARTS_SUFFIX) / f"{self.part}.json"
             path.parent.mkdir(exist_ok=True)
-        try:
-            atomic_write(path, [data.encode()], self.fsync, owner=self.writer_id)
-        except OSError as e:
-            # A disk that filled up during the build must still take the record that says how it
-            # ended (else it stays "running"): give back the room kept for it and write again.
-            if e.errno != errno.ENOSPC or not self._drop_reserve():
-                raise
-            atomic_write(path, [data.encode()], self.fsync, owner=self.writer_id)
-        if record.status == "running" and self._reserve is None:
-            self._keep_reserve(path)
-        elif record.status != "running":
-            self._drop_reserve()
-
-    def _keep_reserve(self, record_path: Path) -> None:
-        """Allocate RECORD_RESERVE_BYTES beside the record (a temporary file of this writer's, which
-        gc removes if the writer dies), for :meth:`write_build` to free on a full disk."""
-        path = temp_path(record_path.with_name(record_path.name + ".reserve"), self.writer_id)
-        try:
-            with open(path, "wb") as f:
-                f.write(bytes(RECORD_RESERVE_BYTES))  # written, not truncated: a sparse file keeps no room
-        except OSError:
-            path.unlink(missing_ok=True)  # the disk is already too full to keep room: go on without
+        if record.status == "running":
+            self.keep_record_room()
+            atomic_write(path, [data], self.fsync, owner=self.writer_id)
             return
-        self._reserve = path
+        room, self._reserve = self._reserve, None
+        if room is not None and len(data) <= RECORD_RESERVE_BYTES:
+            write_into_room(room, path, data, self.fsync)
+            return
+        if room is not None:
+            room.unlink(missing_ok=True)
+        atomic_write(path, [data], self.fsync, owner=self.writer_id)
 
-    def _drop_reserve(self) -> bool:
-        """Free the room kept for the last record; False if none was kept."""
+    def _drop_reserve(self) -> None:
+        """Free the room kept for the last record (the writer writes no record any more)."""
         path, self._reserve = self._reserve, None
-        if path is None:
-            return False
-        path.unlink(missing_ok=True)
-        return True
+        if path is not None:
+            path.unlink(missing_ok=True)
 
     def write_counts(self, keys: np.ndarray, records: np.ndarray) -> None:
         """Append the record counts of blocks counted since the last call, as a new file
@@ -934,7 +941,7 @@ def remove_lock_if_dead(store: Path, owner: str) -> bool:
 CLOCK_PREFIX = ".clock-"  # claims/<...>/.clock-<owner>: a rank's probe of the file system's clock
 ANONYMOUS_TEMP_SECONDS = 600.0  # a temporary file named for no writer (a manifest's creator) older than this is left over
 # Everything gc looks in: the store's folders and its own (temporary manifests).
-REMOVE_DIRS = (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR, CLAIMS_DIR, MANIFEST_FILE)
+REMOVE_DIRS = (SHARDS_DIR, INDEX_DIR, BUILDS_DIR, COUNTS_DIR, CLAIMS_DIR, STATES_DIR, MANIFEST_FILE)
 
 
 def _age(p: Path) -> float:
