@@ -111,7 +111,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "build")
     ap.add_argument("--skip-plain", action="store_true")
     ap.add_argument(
-        "--profile", action="store_true", help="torch.profiler over the prefixgen build: the ops that took its time, GPU busy share"
+        "--profile",
+        action="store_true",
+        help="torch.profiler over the prefixgen build: the ops that took its time, GPU busy share",
     )
     args = ap.parse_args()
 
@@ -215,7 +217,9 @@ def profile_summary(prof: torch.profiler.profile, wall: float, top: int = 15) ->
     return {
         "device_busy_share": round(device_us / 1e6 / wall, 3),
         "self_cpu_s": {e.key[:80]: [round(e.self_cpu_time_total / 1e6, 3), e.count] for e in by_cpu},
-        "self_device_s": {e.key[:80]: [round(e.self_device_time_total / 1e6, 3), e.count] for e in by_device if e.self_device_time_total},
+        "self_device_s": {
+            e.key[:80]: [round(e.self_device_time_total / 1e6, 3), e.count] for e in by_device if e.self_device_time_total
+        },
     }
 
 
