@@ -54,7 +54,9 @@ HERE = Path(__file__).resolve().parent
 MODEL = REPO / "models" / "stories260K"
 SMALL_SHARDS = ("20KiB", "64KiB", "1MiB")  # 1, 3 and ~50 blocks of stories260K per shard
 HYBRID_SHARE = 1 / 3  # schedules whose model is a hybrid (recurrent states in states/)
-COVER_MAX_STEPS = 10  # --cover: steps a schedule may take to meet everything (a forced kill may land after its process ended)
+COVER_MAX_STEPS = 10  # --cover: steps a schedule may take to meet everything (a forced target may be refused before its lock)
+HOLD_OPS = 60  # --cover's forced kill: at most this many operations under the store after the lock (else at the release)
+FAIL_OPS = 12  # --cover's forced fault: the k-th write or fsync after the lock, k at most this
 TOLERANCE = 1e-5  # float32 batch equivalence, as tests/test_distributed.py's assert_same_kv
 WORDS = "the cat sat on a mat and ran to the big red dog who saw tim and lily play with a ball in the park".split()
 
@@ -101,6 +103,20 @@ class Report:
 
 
 @dataclass
+class Planned:
+    """A child of a step before it starts: ``--cover`` picks among them whom to kill and fault."""
+
+    name: str
+    cmd: list
+    role: str
+    faults: bool
+    rates: dict
+    kill_after: float | None
+    dataset: str | None = None
+    hold: Path | None = None
+
+
+@dataclass
 class Child:
     name: str
     cmd: list[str]
@@ -110,7 +126,8 @@ class Child:
     role: str  # build | ranks | maint | verify | reader | cleaner | serve
     dataset: str | None = None
     locked_at: float | None = None
-    killed: bool = False
+    hold: Path | None = None  # --cover's forced kill: the shim creates it where it holds the process for its kill
+    killed: bool = False  # a kill -9 ended it (not sent to one that had ended on its own)
     out: str = ""
     err: str = ""
 
@@ -222,7 +239,16 @@ class Torture:
             )
         return env
 
-    def _start(self, name: str, cmd: list, role: str, env: dict, kill_after: float | None, dataset: str | None = None) -> Child:
+    def _start(
+        self,
+        name: str,
+        cmd: list,
+        role: str,
+        env: dict,
+        kill_after: float | None,
+        dataset: str | None = None,
+        hold: Path | None = None,
+    ) -> Child:
         # Output to files, read when the process has ended: a pipe nobody drains would block it.
         n = self.report.processes
         out, err = self.work / "logs" / f"{n}.out", self.work / "logs" / f"{n}.err"
@@ -233,7 +259,7 @@ class Torture:
                 [str(c) for c in cmd], env=env, stdout=fo, stderr=fe, text=True, start_new_session=True, cwd=self.code
             )
         self.report.processes += 1
-        child = Child(name, [str(c) for c in cmd], proc, time.monotonic(), kill_after, role, dataset)
+        child = Child(name, [str(c) for c in cmd], proc, time.monotonic(), kill_after, role, dataset, hold=hold)
         child.files = (out, err)  # type: ignore[attr-defined]
         return child
 
@@ -323,17 +349,10 @@ class Torture:
             )
             self._ran("faults")
         faulty = lambda: rng.random() < 0.6  # noqa: E731  (some processes of a step without faults)
-        children: list[Child] = []
-        force_kill = self.cover and not self.report.kills
+        planned: list[Planned] = []
 
         def kill(p: float) -> float | None:  # seconds after it took its lock, or None
-            nonlocal force_kill
-            if rng.random() < p or force_kill:
-                if force_kill:
-                    self._ran("forced kill")
-                force_kill = False  # --cover: one kill forced until a kill -9 happened
-                return rng.uniform(0.0, 2.5)
-            return None
+            return rng.uniform(0.0, 2.5) if rng.random() < p else None
 
         stop = self.work / f"stop-{self.number}-{name.replace(' ', '')}"
         stop.unlink(missing_ok=True)
@@ -376,9 +395,7 @@ class Torture:
                 args = _build_args(self.model, data, store, "--shard-bytes", shard(), *([mode] if mode else []))
                 if rng.random() < 0.3:
                     args.append("--no-fsync")
-                children.append(
-                    self._start("build", self._cli(*args), "build", self._env(faulty(), store, rates), kill(0.4), data_name)
-                )
+                planned.append(Planned("build", self._cli(*args), "build", faulty(), rates, kill(0.4), data_name))
             elif kind in ("ranks", "ranks-other-world"):
                 world = self.world if kind == "ranks" else rng.choice([w for w in (1, 2, 3) if w != self.world])
                 resume = ["--resume"] if (exists and rng.random() < 0.6) or kind == "ranks-other-world" else []
@@ -386,16 +403,8 @@ class Torture:
                 for r in range(world):
                     args = _build_args(self.model, data, store, "--shard-bytes", shard(), *resume)
                     args += ["--rank", r, "--world-size", world]
-                    children.append(
-                        self._start(
-                            f"rank {r}/{world}",
-                            _after(later, self._cli(*args)),
-                            "ranks",
-                            self._env(faulty(), store, rates),
-                            kill(0.3),
-                            data_name,
-                        )
-                    )
+                    cmd = _after(later, self._cli(*args))
+                    planned.append(Planned(f"rank {r}/{world}", cmd, "ranks", faulty(), rates, kill(0.3), data_name))
                 if kind == "ranks":
                     self.world = world
             elif kind == "maint":
@@ -409,34 +418,23 @@ class Torture:
                     if job == "prune":
                         self.pruned = True
                     role = "verify" if job == "verify" else "maint"
-                    children.append(
-                        self._start(
-                            job,
-                            self._cli(*args),
-                            role,
-                            self._env(faulty() and role != "verify", store, rates),
-                            kill(0.3) if role != "verify" else None,
-                        )
-                    )
+                    faults = faulty() and role != "verify"
+                    planned.append(Planned(job, self._cli(*args), role, faults, rates, kill(0.3) if role != "verify" else None))
             elif kind == "cleaners":
                 code = "import sys,time\nfrom prefixgen.maintain.gc import collect_garbage\nfrom prefixgen.errors import PrefixgenError\nend=time.time()+float(sys.argv[2])\nwhile time.time()<end:\n    try: collect_garbage(sys.argv[1])\n    except PrefixgenError as e: print('error:', e, file=sys.stderr); time.sleep(0.2)\n"
                 for i in range(3):
                     cmd = [sys.executable, "-c", code, store, "12"]
-                    children.append(
-                        self._start(
-                            f"cleaner {i}",
-                            cmd,
-                            "cleaner",
-                            self._env(True, store, {"TORTURE_DELAY_US": max(delay, 100_000)}),
-                            None,
-                        )
-                    )
-        children.append(
-            self._start(
-                "reader", [sys.executable, HERE / "reader.py", store, self.prompts, stop], "reader", self._env(False), None
-            )
+                    planned.append(Planned(f"cleaner {i}", cmd, "cleaner", True, {"TORTURE_DELAY_US": max(delay, 100_000)}, None))
+        planned.append(
+            Planned("reader", [sys.executable, HERE / "reader.py", store, self.prompts, stop], "reader", False, {}, None)
         )
         self._ran("reader")
+        if self.cover:
+            self._force(planned, delay)
+        children = [
+            self._start(p.name, p.cmd, p.role, self._env(p.faults, store, p.rates), p.kill_after, p.dataset, p.hold)
+            for p in planned
+        ]
         serve = None
         if exists and rng.random() < 0.15:
             serve = self._serve(store)
@@ -446,6 +444,49 @@ class Torture:
         if squeeze:
             subprocess.run(["mount", "-o", "remount,size=64m", str(self.tmpfs)], check=False)
         self._check_step(children, name)
+
+    def _force(self, planned: list[Planned], delay: int) -> None:
+        """--cover: make what has not happened yet happen in this step, whatever the machine's speed,
+        at a point the seed draws. A kill -9 (until one ended a process): the shim holds a writer at
+        its n-th operation under the store after it took its lock, or at its lock's release if that
+        comes first, until the harness, seeing the hold, kills it: alive, lock held, mid-job, however
+        fast it runs or slowly the harness polls. An injected fault (until one was): the shim fails
+        another writer's k-th write or fsync after its lock (the same one's, before its hold, when
+        it is the only writer). A target refused before its lock meets neither: the next step forces
+        again."""
+        # Writers first; ranks started late (a resume of another world size) may be refused at once.
+        writers = sorted(
+            (p for p in planned if p.role in ("build", "ranks", "maint")),
+            key=lambda p: (p.cmd[0] == "sh", ("build", "ranks", "maint").index(p.role)),
+        )
+        if not writers:
+            return
+        rng, step = self.rng, self.report.steps
+        victim = None
+        if not self.report.kills:
+            victim = writers[0]
+            self._ran("forced kill")
+            if self.shim is None:  # no shim to hold it: killed as soon as its lock is seen
+                victim.kill_after = 0.0
+            else:
+                victim.kill_after, victim.faults = None, True
+                victim.hold = self.work / "logs" / f"hold-{self.number}-{step}"
+                victim.hold.unlink(missing_ok=True)
+                victim.rates = {
+                    "TORTURE_DELAY_US": delay,
+                    "TORTURE_HOLD": rng.randint(2, HOLD_OPS),
+                    "TORTURE_HOLD_FILE": victim.hold,
+                }
+        if not self._faults_hit() and self.shim is not None:
+            target = next((p for p in writers if p is not victim), victim)
+            fail_at = rng.randint(1, FAIL_OPS)
+            if target is victim:  # its fault first, its kill after
+                fail_at = min(fail_at, int(victim.rates["TORTURE_HOLD"]) - 1)
+            target.faults, target.rates = True, {**target.rates, "TORTURE_FAIL_AT": fail_at}
+            self._ran("forced fault")
+            self.log(f"  forced: an EIO at {target.name}'s write or fsync {fail_at} after its lock")
+        if victim is not None:
+            self.log(f"  forced: kill -9 of {victim.name} at its operation {victim.rates.get('TORTURE_HOLD')} after its lock")
 
     COVER = ("build", "ranks", "ranks-other-world", "cleaners", "maint", "compact", "prune", "gc", "faults")
 
@@ -501,6 +542,7 @@ class Torture:
         if serve is not None:
             serve_thread = threading.Thread(target=self._drive_serve, args=(serve, stop, serve_errors), daemon=True)
             serve_thread.start()
+        scheduled: set[int] = set()  # pids sent their kill -9 on schedule (not for a hang)
         limit = time.monotonic() + 240
         while time.monotonic() < limit:
             now = time.monotonic()
@@ -509,10 +551,14 @@ class Torture:
                     continue
                 if c.locked_at is None and self._holds_lock(c.proc.pid):
                     c.locked_at = now
-                if c.kill_after is not None and c.locked_at is not None and now - c.locked_at >= c.kill_after:
+                due = c.kill_after is not None and c.locked_at is not None and now - c.locked_at >= c.kill_after
+                held = c.hold is not None and c.hold.exists()
+                if due or held:
+                    if held:
+                        self.log(f"  {step}: kill -9 {c.name}, held at {' '.join(c.hold.read_text().split()[1:])}")
                     os.killpg(c.proc.pid, signal.SIGKILL)
                     c.killed = True
-                    self.report.kills += 1
+                    scheduled.add(c.proc.pid)
                 for target in self._deleted_locks(c.proc.pid):
                     deleted.setdefault((c.proc.pid, target), []).append(now)
             if all(c.proc.poll() is not None for c in workers) and all(
@@ -535,6 +581,11 @@ class Torture:
                 if c.role != "serve":
                     self._violate(step, "hang", f"{c.name} ({' '.join(c.cmd[2:])}) still ran after 240 s")
             c.out, c.err = (p.read_text(errors="replace") for p in c.files)  # type: ignore[attr-defined]
+        for c in children:
+            # A kill sent just after the process ended on its own (its status not read yet) is no
+            # kill -9: it is checked as a process that ended, and --cover forces another.
+            c.killed = c.killed and c.proc.returncode == -signal.SIGKILL
+            self.report.kills += c.killed and c.proc.pid in scheduled
         for (pid, target), seen in deleted.items():
             if len(seen) >= 3 and seen[-1] - seen[0] >= 0.5:
                 self._violate(
