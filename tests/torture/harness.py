@@ -557,7 +557,7 @@ class Torture:
                     c.locked_at = now
                 due = c.kill_after is not None and c.locked_at is not None and now - c.locked_at >= c.kill_after
                 held = c.hold is not None and c.hold.exists()
-                if due or held:
+                if (due or held) and not c.killed:  # (a killed one may take a poll or two to end)
                     if held:
                         self.log(f"  {step}: kill -9 {c.name}, held at {' '.join(c.hold.read_text().split()[1:])}")
                     os.killpg(c.proc.pid, signal.SIGKILL)
