@@ -25,7 +25,10 @@ block the index holds.
 
 Faults: ``faultshim.c`` (LD_PRELOAD, compiled here) fails writes and fsyncs under the store with EIO
 or ENOSPC, shortens writes, and delays flock/unlink/rename/link to widen race windows; a schedule
-on a small tmpfs (mounted here when the machine allows it) meets a real full disk.
+on a small tmpfs (mounted here when the machine allows it) meets a real full disk. With ``--cover``
+(CI's slice) the shim also fails one chosen writer's k-th write after its lock, and holds another at
+its n-th store operation after its lock until the harness kills it: the slice meets an injected
+fault and a kill -9 of a live writer mid-job on a loaded machine as on a quiet one.
 
 Run: ``python -m tests.torture.harness --seed 1 --minutes 10 [--code DIR]`` (``--code``: the
 prefixgen checkout the children run, e.g. an older one; the harness itself checks with its own).
