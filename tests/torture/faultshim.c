@@ -143,7 +143,8 @@ static int is_lock(const char *path) {
     return under(path) && strstr(path + prefix_len, "/locks/") && n > 5 && strcmp(path + n - 5, ".lock") == 0;
 }
 
-/* A write to a lock file arms the scripted count: the process holds its writer lock from then on. */
+/* A write to a lock file (tried: it may fail) arms the scripted count: the process holds its
+ * writer lock (flock) from then on. */
 static void arm(const char *path) {
     if (!armed && is_lock(path)) armed = 1;
 }
@@ -204,27 +205,25 @@ static void scripted_path(const char *what, const char *path) {
 ssize_t write(int fd, const void *buf, size_t count) {
     REAL(write, ssize_t, int, const void *, size_t)
     int e = scripted_fd(fd, "write", 1);
+    arm_fd(fd); /* after its count: the lock line's write is the count's start, not its first */
     if (!e) e = fault(fd, "write");
     if (e) {
         errno = e;
         return -1;
     }
-    ssize_t r = real_write(fd, buf, shorten(fd, count));
-    arm_fd(fd);
-    return r;
+    return real_write(fd, buf, shorten(fd, count));
 }
 
 ssize_t pwrite64(int fd, const void *buf, size_t count, off_t off) {
     REAL(pwrite64, ssize_t, int, const void *, size_t, off_t)
     int e = scripted_fd(fd, "pwrite", 1);
+    arm_fd(fd); /* after its count: the lock line's write is the count's start, not its first */
     if (!e) e = fault(fd, "pwrite");
     if (e) {
         errno = e;
         return -1;
     }
-    ssize_t r = real_pwrite64(fd, buf, shorten(fd, count), off);
-    arm_fd(fd);
-    return r;
+    return real_pwrite64(fd, buf, shorten(fd, count), off);
 }
 
 ssize_t pwrite(int fd, const void *buf, size_t count, off_t off) { return pwrite64(fd, buf, count, off); }
@@ -232,14 +231,13 @@ ssize_t pwrite(int fd, const void *buf, size_t count, off_t off) { return pwrite
 ssize_t pwritev(int fd, const struct iovec *iov, int n, off_t off) {
     REAL(pwritev, ssize_t, int, const struct iovec *, int, off_t)
     int e = scripted_fd(fd, "pwritev", 1);
+    arm_fd(fd); /* after its count: the lock line's write is the count's start, not its first */
     if (!e) e = fault(fd, "pwritev");
     if (e) {
         errno = e;
         return -1;
     }
-    ssize_t r = real_pwritev(fd, iov, n, off);
-    arm_fd(fd);
-    return r;
+    return real_pwritev(fd, iov, n, off);
 }
 
 int fsync(int fd) {

@@ -373,6 +373,8 @@ class Torture:
             chosen.insert(0, "ranks")  # a resume of another world size beside ranks that run
         if "cleaners" in chosen and "build" not in chosen:
             chosen.append("build")  # cleaners race the lock of a writer that starts
+        if self.cover and not self.report.kills and "build" not in chosen:
+            chosen.append("build")  # the forced kill's writer (see _force)
         self.log(f"  {name}: {', '.join(chosen)}; delays up to {delay} us, faults {rates}")
         for kind in chosen:
             self._ran(kind)
@@ -457,17 +459,24 @@ class Torture:
         another writer's k-th write or fsync after its lock (the same one's, before its hold, when
         it is the only writer). A target refused before its lock meets neither: the next step forces
         again."""
-        # Writers first; ranks started late (a resume of another world size) may be refused at once.
-        writers = sorted(
-            (p for p in planned if p.role in ("build", "ranks", "maint")),
-            key=lambda p: (p.cmd[0] == "sh", ("build", "ranks", "maint").index(p.role)),
-        )
+
+        # Those sure to take their lock first: a build that appends (a --resume may find nothing to
+        # do, a new build finds the store another process made, a rank rerun of a complete build is a
+        # no-op: all before their lock), ranks that start at once, maintenance jobs; late ranks last.
+        def rank(p: Planned) -> tuple:
+            late, resumes = p.cmd[0] == "sh", "--resume" in p.cmd
+            return (late, ("build", "ranks", "maint").index(p.role), p.role == "build" and "--append" not in p.cmd, resumes)
+
+        writers = sorted((p for p in planned if p.role in ("build", "ranks", "maint")), key=rank)
         if not writers:
             return
         rng, step = self.rng, self.report.steps
         victim = None
         if not self.report.kills:
-            victim = writers[0]
+            # An --append build (step() adds one if the step has none): it always takes its lock.
+            victim = next((p for p in planned if p.role == "build"), writers[0])
+            if victim.role == "build" and "--append" not in victim.cmd:
+                victim.cmd = [c for c in victim.cmd if c != "--resume"] + ["--append"]
             self._ran("forced kill")
             if self.shim is None:  # no shim to hold it: killed as soon as its lock is seen
                 victim.kill_after = 0.0
