@@ -611,7 +611,8 @@ class Ranks:
     def finish(self, out: Path, record: BuildRecord) -> BuildRecord:
         """The merged record of the build. Under torchrun, rank 0 waits (through the store, without a
         timeout: a rank that dies ends the run under torch elastic) for every rank to finish; the
-        rank that sees the build complete removes its plan."""
+        rank that sees the build complete removes its plan (leaving it to gc while a writer of the
+        build that has written no last record yet, a rank relaunched meanwhile, still runs)."""
         merged = record
         while True:
             merged = next((b for b in read_builds(out) if b.build_id == record.build_id), record)
@@ -620,8 +621,9 @@ class Ranks:
             time.sleep(0.5)
         # Not while a writer of the build that has not written its last record runs (a rank relaunched
         # with --resume as the others completed): it may be counting into the plan's folder.
-        starting = [w for w in record_rooms(out, record.build_id) if w not in record.writers and writer_is_live(out, w)]
-        if merged.status == "complete" and not starting:
+        if merged.status == "complete" and not any(
+            w not in record.writers and writer_is_live(out, w) for w in record_rooms(out, record.build_id)
+        ):
             shutil.rmtree(out / BUILDS_DIR / f"{record.build_id}{PLAN_SUFFIX}", ignore_errors=True)
             shutil.rmtree(out / CLAIMS_DIR / record.build_id, ignore_errors=True)
         return merged if self.collective else record
