@@ -666,6 +666,31 @@ def test_a_resume_on_another_world_size_is_refused_while_a_rank_holds_only_its_l
     assert not list(out.glob("builds/*.plan")) and verify_store(out).ok
 
 
+@pytest.mark.slow
+def test_gc_keeps_the_plan_of_a_dead_build_while_a_rank_resuming_it_holds_only_its_lock(tmp_path, cli, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=400, seed=6)
+    out = tmp_path / "store"
+    args = ["build", data, "--model", stories, "--out", out, *CPU]
+    with rank_0_waiting_for_a_live_rank_1(tmp_path, args) as (me, other):
+        for proc in (me, other):
+            proc.kill()
+            proc.wait()
+    (plan,) = out.glob("builds/*.plan")  # every rank dead, none complete: garbage, until a rank resumes it
+    held, go = tmp_path / "held", tmp_path / "go"
+    rank_1 = patched_rank_1(tmp_path, HELD_AFTER_ITS_LOCK.format(held=str(held), go=str(go)), [*args, "--resume"])
+    try:
+        deadline = time.monotonic() + 120
+        while not held.exists():
+            assert time.monotonic() < deadline and rank_1.poll() is None, "rank 1 never took its lock"
+            time.sleep(0.05)
+        result = cli("gc", out)  # (the killed ranks' temporary files go)
+        assert result.exit_code == 0 and "(plan of a dead distributed build)" not in result.stdout, result.output
+        assert (plan / "w2" / "share-0.npz").is_file()  # the resuming rank's plan is kept
+    finally:
+        rank_1.kill()
+        rank_1.wait()
+
+
 WRAPPER = """
 import os, sys
 from prefixgen.cli import main
