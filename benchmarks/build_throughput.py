@@ -17,10 +17,12 @@ prefixgen's time went.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -108,6 +110,11 @@ def main() -> None:
     ap.add_argument("--write-threads", type=int, default=4)
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "build")
     ap.add_argument("--skip-plain", action="store_true")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="torch.profiler over the prefixgen build: the ops that took its time, GPU busy share",
+    )
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -146,7 +153,8 @@ def main() -> None:
     )
     sync(device)
     t = time.perf_counter()
-    record = build(cfg, model=model, tokenizer=tokenizer)
+    with profiled(args.profile, device) as prof:
+        record = build(cfg, model=model, tokenizer=tokenizer)
     wall = time.perf_counter() - t
     prefixgen = record.prefilled_tokens / record.seconds
     bare = (bare_before + bare_records(model, ids, batch_tokens, device)) / 2  # before and after: machine drift
@@ -180,7 +188,39 @@ def main() -> None:
         "kv_bytes_per_token": round(kv_bytes_per_token, 1),
         "stage_seconds": record.stage_seconds,
     }
+    if prof is not None:
+        result["profile"] = profile_summary(prof, wall)
     print(json.dumps(result))
+
+
+@contextlib.contextmanager
+def profiled(on: bool, device: torch.device) -> Iterator[torch.profiler.profile | None]:
+    """torch.profiler over the block (CPU ops of every thread, and CUDA kernels and copies on CUDA), or nothing."""
+    if not on:
+        yield None
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        yield prof
+
+
+def profile_summary(prof: torch.profiler.profile, wall: float, top: int = 15) -> dict:
+    """Where the build's time went: the ops with the most self CPU time (all threads), the kernels and copies
+    with the most device time, and the share of the wall time the device was busy (kernels and copies summed:
+    an upper bound when they overlap)."""
+    events = prof.key_averages()
+    by_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    by_device = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:top]
+    device_us = sum(e.self_device_time_total for e in events)
+    return {
+        "device_busy_share": round(device_us / 1e6 / wall, 3),
+        "self_cpu_s": {e.key[:80]: [round(e.self_cpu_time_total / 1e6, 3), e.count] for e in by_cpu},
+        "self_device_s": {
+            e.key[:80]: [round(e.self_device_time_total / 1e6, 3), e.count] for e in by_device if e.self_device_time_total
+        },
+    }
 
 
 if __name__ == "__main__":

@@ -176,6 +176,24 @@ def test_max_bytes_counts_head_checksums_so_build_and_prune_stay_within_the_budg
     assert set(_store_blocks(built)) == set(_store_blocks(pruned))
 
 
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+@pytest.mark.parametrize("order_flag", [[], ["--kv-order", "tokens"]])
+def test_max_bytes_of_an_append_to_a_token_major_store_counts_no_head_checksums(
+    tmp_path, cli, stories, mixed, kv_dtype, order_flag
+):
+    """An append keeps a token-major store's order (no head_crc rows), with or without --kv-order tokens: the count
+    pass charges each block exactly what the build writes, so a budget of exactly 37 such blocks holds 37. Before: an
+    append without --kv-order was counted as head-major (4 B per KV head too many), and held 36."""
+    block = _block_cost(stories, kv_dtype) - 4 * load_config(str(stories)).num_key_value_heads  # no head_crc row
+    out = tmp_path / "store"
+    short = write_jsonl(tmp_path / "short.jsonl", [{"text": "Hi."}])  # under one block: a token-major store, empty
+    _build(cli, short, stories, out, "--kv-order", "tokens", "--kv-dtype", kv_dtype)
+    summary = _build(cli, mixed, stories, out, "--append", "--max-bytes", str(37 * block), "--kv-dtype", kv_dtype, *order_flag)
+    assert PrefixStore.open(out).manifest.kv.order == "tokens"
+    selected = summary["builds"][-1]["selection"]["selected_blocks"]
+    assert selected * block == _kv_bytes(out) == 37 * block  # predicted == written == the budget
+
+
 def test_analyze_figures_equal_the_builds_they_describe(tmp_path, cli, stories, mixed):
     report = _analyze(cli, mixed, stories, "--holdout", "0")
     ids = _ids(stories, _texts(mixed))

@@ -53,3 +53,35 @@ def test_buffer_too_small_or_strided_is_refused(store_and_ids):
     for bad in (torch.empty(need - 1, dtype=torch.uint8), torch.empty(need, 2, dtype=torch.uint8)[:, 0]):
         with pytest.raises(ValueError, match=f"contiguous host tensor of at least {need} bytes"):
             store.read_locations(locations, buffer=bad)
+
+
+@pytest.mark.parametrize("kv_order", ["heads", "tokens"])
+def test_fp8_read_stages_its_bytes_and_scales_in_the_buffer(tmp_path, stories, kv_order):
+    """An fp8 store's blocks land in the buffer as stored, a byte a value, and their float32 scales with them (the
+    vLLM connector pins one buffer per piece and dequantizes on the device): ``staged_bytes`` is exactly what a read
+    needs, a byte less is refused, and the rows made from the buffer equal a plain read's."""
+    out = tmp_path / "fp8"
+    data = str(write_jsonl(tmp_path / "s.jsonl", ROWS))
+    build(
+        BuildConfig(dataset=data, model=str(stories), out=str(out), device="cpu", quiet=True, kv_dtype="fp8", kv_order=kv_order)
+    )
+    store = PrefixStore.open(out)
+    kv, bs = store.manifest.kv, store.block_size
+    locations = store.find_prefix(store.keys(AutoTokenizer.from_pretrained(stories)(ROWS[0]["text"]).input_ids)).locations
+    n = len(locations)
+    assert n >= 2 and kv.storage == "fp8"
+    need = n * (bs * kv.values_per_token + 4 * kv.num_layers * kv.parts * kv.num_kv_heads)  # fp8 bytes + scales
+    assert store.staged_bytes(n) == need == n * kv.block_bytes(bs)
+    buffer = torch.empty(need, dtype=torch.uint8)
+    stored = store.read_stored(locations, buffer=buffer)
+    for part in (stored.kv, stored.scales):  # both views of the buffer: nothing else allocated on the host
+        assert part.untyped_storage().data_ptr() == buffer.data_ptr()
+    assert stored.kv.dtype == torch.float8_e4m3fn and stored.scales.dtype == torch.float32
+    assert torch.equal(stored.rows(torch.float32), store.read_locations(locations, dtype=torch.float32))
+    if kv.heads_first:  # a head-major store stages only the heads asked for, and their scales
+        h = range(1, 2)
+        assert store.staged_bytes(n, h) == need // kv.num_kv_heads
+        part = store.read_stored(locations, heads=h, buffer=torch.empty(need // kv.num_kv_heads, dtype=torch.uint8))
+        assert torch.equal(part.rows(torch.float32), store.read_locations(locations, dtype=torch.float32)[:, :, :, 1:2])
+    with pytest.raises(ValueError, match=f"contiguous host tensor of at least {need} bytes"):
+        store.read_stored(locations, buffer=torch.empty(need - 1, dtype=torch.uint8))

@@ -43,7 +43,7 @@ from prefixgen.maintain.compact import compact_store
 from prefixgen.model import fingerprint, load_model, probe_kv_layout
 from prefixgen.store.blockcache import BlockCache
 from prefixgen.store.index import StoreIndex
-from prefixgen.store.reader import PrefixStore
+from prefixgen.store.reader import PrefixStore, read_manifest
 from prefixgen.store.writer import StoreWriter, new_id, utc_now, writer_is_live
 
 CHECKPOINT_SECONDS = 30.0
@@ -232,10 +232,19 @@ def _manifest(cfg: BuildConfig, model: torch.nn.Module, tokenizer) -> Manifest:
     layout = probe_kv_layout(model)
     if cfg.kv_dtype == "fp8":
         layout = layout.with_storage("fp8")
-    layout = dataclasses.replace(layout, order=cfg.kv_order)
+    layout = dataclasses.replace(layout, order=_stored_order(cfg))
     fp = fingerprint(model, tokenizer, layout, name=cfg.model)
     root = root_key(fp.weights_digest).hex()
     return Manifest(cfg.block_size, fp, layout, root, format_version=layout.format_version, created_at=utc_now())
+
+
+def _stored_order(cfg: BuildConfig) -> str:
+    """The block order the build writes: an append or resume keeps the store's (``prepare_store``), so the count
+    pass, which runs before it, charges each block what it will take (format 5's ``head_crc`` row or none)."""
+    if cfg.write_mode in ("append", "resume"):
+        with contextlib.suppress(PrefixgenError):  # no store yet, or a damaged one: prepare_store says what is wrong
+            return read_manifest(cfg.out).kv.order
+    return cfg.kv_order
 
 
 def count_pass(job: Job) -> Selection:

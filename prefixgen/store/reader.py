@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -340,19 +341,33 @@ class PrefixStore:
         # A head-major store gives a rank its own heads straight from disk; a token-major one has them side by side
         # in every token, so it reads every head and drops the others in memory.
         part = heads if layout.heads_first and heads is not None and len(heads) < H else None
-        raw_shape, scales = _read_shapes(layout, bs, n, len(part) if part is not None else H)
+        raw_shape, scale_shape = _read_shapes(layout, bs, n, len(part) if part is not None else H)
         block_bytes = layout.bytes_per_token * bs * (len(part) if part is not None else H) // H  # bytes read per block
         pieces = _pieces(_runs(locations), max(1, PIECE_BYTES // (layout.bytes_per_token * bs)))
         if device.type == "cuda":
             result = torch.empty(raw_shape, dtype=stored, device=device)
+            scales = None if scale_shape is None else torch.empty(scale_shape)
             with self._staging_lock:  # another thread's read would overwrite a slot between its CRC check and its copy
                 self._read_to_device(pieces, result, scales, verify, part, block_bytes, count)
         else:
-            result = _host_result(buffer, raw_shape, stored, n * block_bytes)
+            result, scales = _host_result(buffer, raw_shape, stored, scale_shape, self.staged_bytes(n, heads))
             self._read_to_host(pieces, result, scales, verify, part, block_bytes, count, threads)
         if layout.heads_first:  # heads and layers are picked out as it is transposed (StoredKV.rows)
             return StoredKV(result, scales, True, bs, heads if part is None else None, layers)
         return StoredKV(*_token_major_views(result, scales, heads, layers), False, bs)
+
+    def staged_bytes(self, blocks: int, heads: range | None = None) -> int:
+        """Host bytes :meth:`read_stored` puts in a caller's ``buffer`` for ``blocks`` blocks of the KV heads in
+        ``heads`` (all if None): their KV as stored (fp8: a byte a value; a head-major store: only those heads, a
+        token-major one every head, side by side in each token) and, for fp8, their scales.
+
+        Example:
+            >>> store.staged_bytes(4)  # an fp8 store: 4 blocks' fp8 bytes and float32 scales  # doctest: +SKIP
+            21120
+        """
+        layout, H = self.manifest.kv, self.manifest.kv.num_kv_heads
+        h = len(heads) if layout.heads_first and heads is not None and len(heads) < H else H
+        return blocks * h * (layout.head_bytes(self.block_size) + layout.head_scale_bytes())
 
     def _read_to_host(
         self,
@@ -605,24 +620,37 @@ def kv_to_cache(kv: torch.Tensor, layout: KVLayout | None = None) -> DynamicCach
     return rows_to_cache(kv, layout)
 
 
-def _read_shapes(layout: KVLayout, block_size: int, n: int, h: int) -> tuple[tuple[int, ...], torch.Tensor | None]:
+def _read_shapes(layout: KVLayout, block_size: int, n: int, h: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
     """The shape ``n`` blocks of ``h`` heads are read in, as stored (head-major [n, h, B, L, P, D], token-major
-    [n * B, L, P, H, D]), and a tensor for their fp8 scales (None unless fp8)."""
+    [n * B, L, P, H, D]), and that of their fp8 scales (None unless fp8)."""
     L, P, _, D = layout.token_shape
     fp8 = layout.storage == "fp8"
     if layout.heads_first:
-        return (n, h, block_size, L, P, D), torch.empty((n, h, L, P)) if fp8 else None
-    return (n * block_size, *layout.token_shape), torch.empty((n, *layout.token_shape[:3])) if fp8 else None
+        return (n, h, block_size, L, P, D), (n, h, L, P) if fp8 else None
+    return (n * block_size, *layout.token_shape), (n, *layout.token_shape[:3]) if fp8 else None
 
 
-def _host_result(buffer: torch.Tensor | None, shape: tuple[int, ...], stored: torch.dtype, need: int) -> torch.Tensor:
-    """Where a CPU read lands: a new tensor of ``shape``, or the blocks as stored (this rank's heads of a head-major
-    store) at the start of the caller's ``buffer`` (``need`` bytes of it)."""
+def _host_result(
+    buffer: torch.Tensor | None,
+    shape: tuple[int, ...],
+    stored: torch.dtype,
+    scale_shape: tuple[int, ...] | None,
+    need: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Where a CPU read lands: new tensors of ``shape`` (and ``scale_shape``, fp8's float32 scales), or the blocks as
+    stored (this rank's heads of a head-major store) in the caller's ``buffer`` (``need`` bytes of it: the scales
+    first, 4-byte aligned, then the KV), so that one buffer holds everything a piece stages on the host."""
     if buffer is None:
-        return torch.empty(shape, dtype=stored)
+        return torch.empty(shape, dtype=stored), None if scale_shape is None else torch.empty(scale_shape)
     if buffer.device.type != "cpu" or not buffer.is_contiguous() or buffer.nbytes < need:
         raise ValueError(f"read_locations: buffer must be a contiguous host tensor of at least {need} bytes")
-    return buffer.view(-1).view(torch.uint8)[:need].view(stored).view(shape)
+    flat = buffer.view(-1).view(torch.uint8)
+    scales = None
+    at = 0
+    if scale_shape is not None:
+        at = 4 * math.prod(scale_shape)
+        scales = flat[:at].view(torch.float32).view(scale_shape)
+    return flat[at:need].view(stored).view(shape), scales
 
 
 def _token_major_views(

@@ -245,9 +245,6 @@ class StoreWriter:
         self._block_bytes = layout.bytes_per_token * self._bs
         self._capacity = max(1, shard_bytes // (self._block_bytes + layout.scale_bytes_per_block()))
         self._pin = torch.device(device).type == "cuda"
-        # Device-to-host copies run on a stream of their own, so that they overlap the next batch's
-        # forward instead of queueing behind it on the compute stream (made on the first CUDA block).
-        self._copy_stream: torch.cuda.Stream | None = None
         self._fp8 = layout.storage == "fp8"
         self._pool = ThreadPoolExecutor(max_workers=max(1, write_threads), thread_name_prefix="prefixgen-write")
         self._free: queue.Queue[_Shard] = queue.Queue()
@@ -295,35 +292,7 @@ class StoreWriter:
             # there (CUDA copies a strided source through a device temporary) before the one copy to host memory.
             kv = kv.permute(0, 4, 1, 2, 3, 5)
             scale = None if scale is None else scale.permute(0, 3, 1, 2)  # [n, H, L, 2]
-        with self._on_copy_stream(kv, scale):
-            self._fill(keys, parents, depths, tokens, kv, scale)
-
-    @contextmanager
-    def _on_copy_stream(self, kv: torch.Tensor, scale: torch.Tensor | None) -> Iterator[None]:
-        """Run the block copies of ``kv`` (and ``scale``) on the copy stream, after the work that made them."""
-        if not (self._pin and kv.is_cuda):
-            yield
-            return
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(kv.device)
-        self._copy_stream.wait_stream(torch.cuda.current_stream(kv.device))  # kv is complete before it is copied
-        for t in (kv, scale):
-            if t is not None:
-                t.record_stream(self._copy_stream)  # its memory is not reused by the next forward before the copy read it
-        with torch.cuda.stream(self._copy_stream):
-            yield
-
-    def _fill(
-        self,
-        keys: list[BlockHash],
-        parents: list[BlockHash],
-        depths: list[int],
-        tokens: np.ndarray,
-        kv: torch.Tensor,
-        scale: torch.Tensor | None,
-    ) -> None:
-        """Copy ``n`` blocks (kv [n, *block_shape], scale [n, *scale_shape]) into shard buffers, submitting full ones."""
-        n, done = len(keys), 0
+        done = 0
         while done < n:
             shard = self._current or self._new_shard()
             take = min(n - done, self._capacity - shard.blocks)
@@ -438,8 +407,8 @@ class StoreWriter:
         if shard is not None:
             if shard.event is not None:
                 shard.event.synchronize()
-            elif self._copy_stream is not None:
-                self._copy_stream.synchronize()  # its non-blocking copies may be in flight
+            elif self._pin:
+                torch.cuda.current_stream().synchronize()  # its non-blocking copies may be in flight
             kv = shard.kv[slot : slot + 1]
             scale = shard.scale[slot : slot + 1] if shard.scale is not None else None
         else:
@@ -510,9 +479,9 @@ class StoreWriter:
         return _Shard(seq=-1, kv=kv, scale=scale, tokens=tokens, keys=keys, parents=parents, depths=depths)
 
     def _submit(self, shard: _Shard) -> None:
-        if self._copy_stream is not None:
+        if self._pin:
             shard.event = torch.cuda.Event()
-            shard.event.record(self._copy_stream)  # after the copies into it (they ran on the copy stream)
+            shard.event.record()
         self._current = None
         previous, self._last_commit = self._last_commit, _Commit()
         self._futures.append(self._pool.submit(self._write_shard, shard, previous, self._last_commit))

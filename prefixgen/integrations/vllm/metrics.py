@@ -26,7 +26,7 @@ class LoadStats:
     failed_loads: int = 0  # loads that stopped early on a store fault (vLLM recomputed the rest)
     failed_shards: int = 0  # shards found missing, truncated or unreadable
     pieces: int = 0  # staging pieces read and written
-    max_piece_bytes: int = 0  # the largest piece read (all heads, as dequantized): at most staging_bytes
+    max_piece_bytes: int = 0  # the largest piece read, as staged on the host (fp8: its bytes and scales): at most staging_bytes
     timed_out_loads: int = 0  # loads given up at their deadline (load_timeout_seconds): vLLM recomputed the rest
     check_seconds: float = 0.0  # spent on live checks (reading the store's blocks, comparing them with vLLM's)
     shared_loads: int = 0  # loads written from another load's reads of the same stored blocks (single-flight), reading nothing

@@ -20,7 +20,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransfe
 
 from prefixgen.config import ConnectorConfig
 from prefixgen.errors import ConfigError, CorruptBlockError, IncompatibleStoreError
-from prefixgen.format import TORCH_DTYPES
 from prefixgen.integrations.vllm.check import (
     CheckResult,
     CheckSpec,
@@ -164,7 +163,7 @@ class PrefixgenWorker:
         if indices and indices == list(range(indices[0], indices[-1] + 1)):
             self._stage = range(indices[0], indices[-1] + 1)
         cuda = bool(self._layers) and self._layers[0][0].kv_cache.device.type == "cuda"
-        piece = self._piece_blocks() * self.store.block_size * kv.bytes_per_token  # a piece's bytes as stored
+        piece = self._piece_blocks() * self._block_read_bytes()  # a piece as staged: at most staging_bytes
         self._staging = StagingPool(piece, self.config.staging_buffers, pinned=cuda)
         self._find_model()
 
@@ -608,11 +607,9 @@ class PrefixgenWorker:
         return max(1, self.config.staging_bytes // self._block_read_bytes())
 
     def _block_read_bytes(self) -> int:
-        """Host bytes of one store block as read: every head (the store keeps them side by side), fp8 as the
-        float32 it is dequantized in."""
-        kv = self.store.manifest.kv
-        item = 4 if kv.storage == "fp8" else TORCH_DTYPES[kv.stored_dtype].itemsize
-        return self.store.block_size * kv.num_layers * kv.parts * kv.num_kv_heads * kv.head_dim * item
+        """Host bytes one store block takes in a read buffer: this rank's heads as stored (a token-major store's every
+        head, side by side in each token), fp8 as its bytes and scales (dequantized on the cache's device, :meth:`_rows`)."""
+        return self.store.staged_bytes(1, self._heads)
 
     def _spans(self, block_ids: list[list[int]], start: int, end: int) -> list[tuple[int, torch.Tensor]]:
         """Per KV cache group, the tokens of ``[start, end)`` it holds blocks for: the offset of the first from
