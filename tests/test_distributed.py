@@ -600,6 +600,97 @@ def test_gc_removes_the_plan_of_a_killed_distributed_build_and_keeps_a_live_ones
     assert verify_store(out).ok
 
 
+HELD_AFTER_ITS_LOCK = """
+import sys, time
+from pathlib import Path
+from prefixgen.builder import distributed
+from prefixgen.cli import main
+attach = distributed.Ranks.attach
+def held(self, *args, **kwargs):  # its writer lock taken, its record room kept; no part, no claim of it yet
+    Path({held!r}).touch()
+    while not Path({go!r}).exists():
+        time.sleep(0.05)
+    return attach(self, *args, **kwargs)
+distributed.Ranks.attach = held
+sys.argv = ["prefixgen", *sys.argv[1:]]
+main()
+"""
+
+
+def _files(out: Path) -> dict[str, int]:
+    """Every file of the store's build records, count shares, plans, claims and counts, with its size."""
+    return {
+        str(p.relative_to(out)): p.stat().st_size
+        for d in ("builds", "counts", "claims")
+        for p in (out / d).rglob("*")
+        if p.is_file()
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 3], ids=["one-process", "3-ranks"])
+def test_a_resume_on_another_world_size_is_refused_while_a_rank_holds_only_its_lock(tmp_path, cli, stories, world):
+    """A rank that holds its writer lock but has written no part yet is live: a --resume with another
+    number of ranks (or as one process) is refused, and removes nothing the rank will use."""
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=120, seed=7)
+    out = tmp_path / "store"
+    args = ["build", data, "--model", stories, "--out", out, *CPU]
+    finish(rank_process(0, 2, *args))  # rank 0 of 2 alone: counts every share, plans, builds its records
+    held, go = tmp_path / "held", tmp_path / "go"
+    rank_1 = patched_rank_1(tmp_path, HELD_AFTER_ITS_LOCK.format(held=str(held), go=str(go)), args)
+    try:
+        deadline = time.monotonic() + 120
+        while not held.exists():
+            assert time.monotonic() < deadline and rank_1.poll() is None, "rank 1 never took its lock"
+            time.sleep(0.05)
+        before = _files(out)
+        assert any(".w2-r1.json.reserve." in name for name in before), before  # rank 1's room: all there is of it
+        ranks = ["--rank", "0", "--world-size", str(world)] if world > 1 else []
+        other = subprocess.run(
+            [sys.executable, "-m", "prefixgen", *map(str, args), "--resume", *ranks],
+            capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300,
+        )  # fmt: skip
+        assert other.returncode != 0 and "rank 1 of 2 of build" in other.stderr and "still running" in other.stderr, (
+            other.stdout + other.stderr
+        )
+        assert "Traceback" not in other.stderr, other.stderr
+        assert _files(out) == before  # nothing of the live launch removed (nor anything of the refused one left)
+        go.touch()
+        finish(rank_1)
+    finally:
+        if rank_1.poll() is None:
+            rank_1.kill()
+            rank_1.wait()
+    (b,) = ls_json(cli, out)["builds"]  # rank 1 built by the plan it was given: the build of 2 ranks completes
+    assert b["status"] == "complete" and b["world_size"] == 2 and b["records"] == 120, b
+    assert not list(out.glob("builds/*.plan")) and verify_store(out).ok
+
+
+@pytest.mark.slow
+def test_gc_keeps_the_plan_of_a_dead_build_while_a_rank_resuming_it_holds_only_its_lock(tmp_path, cli, stories):
+    data = system_prompt_dataset(tmp_path / "d.jsonl", n=400, seed=6)
+    out = tmp_path / "store"
+    args = ["build", data, "--model", stories, "--out", out, *CPU]
+    with rank_0_waiting_for_a_live_rank_1(tmp_path, args) as (me, other):
+        for proc in (me, other):
+            proc.kill()
+            proc.wait()
+    (plan,) = out.glob("builds/*.plan")  # every rank dead, none complete: garbage, until a rank resumes it
+    held, go = tmp_path / "held", tmp_path / "go"
+    rank_1 = patched_rank_1(tmp_path, HELD_AFTER_ITS_LOCK.format(held=str(held), go=str(go)), [*args, "--resume"])
+    try:
+        deadline = time.monotonic() + 120
+        while not held.exists():
+            assert time.monotonic() < deadline and rank_1.poll() is None, "rank 1 never took its lock"
+            time.sleep(0.05)
+        result = cli("gc", out)  # (the killed ranks' temporary files go)
+        assert result.exit_code == 0 and "(plan of a dead distributed build)" not in result.stdout, result.output
+        assert (plan / "w2" / "share-0.npz").is_file()  # the resuming rank's plan is kept
+    finally:
+        rank_1.kill()
+        rank_1.wait()
+
+
 WRAPPER = """
 import os, sys
 from prefixgen.cli import main

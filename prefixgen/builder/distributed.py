@@ -119,7 +119,7 @@ from prefixgen.format import (
 )
 from prefixgen.store.index import StoreIndex
 from prefixgen.store.reader import PrefixStore, read_builds
-from prefixgen.store.writer import new_id, prepare_store, remove_temp_files, writer_is_live
+from prefixgen.store.writer import new_id, prepare_store, record_rooms, remove_temp_files, writer_is_live
 
 # Options that may differ between the ranks (or between a run and its --resume) of one build: they
 # change how the work runs, not the bytes stored.
@@ -198,9 +198,12 @@ class Ranks:
         done = finished(store, record, cfg, rerun=True)  # scripts may rerun a rank's command: a no-op
         if done is not None:
             return done
-        writer = open_writer(job, record)
+        writer = open_writer(job, record, self.part)  # live, and seen by other launches, from here
         with released_on_error(writer):  # until the run's record takes over
-            self.attach(out, record, writer, cfg.resume)
+            done = self.attach(out, record, writer, cfg.resume)
+            if done is not None:  # completed while this rank started: its plan may be going (finish)
+                writer.release()
+                return done
             writer.drop_old_counts()  # a rank counts the records of its plan, which may not be those it counted before
             quiet = cfg.quiet or (self.collective and self.rank > 0)  # torchrun: one bar, rank 0's
             run = start_run(job, store, record, writer, quiet, total=None)  # a rank's records are known from its plan only
@@ -318,20 +321,27 @@ class Ranks:
                     return old.build_id
         return current
 
-    def attach(self, out: Path, record: BuildRecord, writer: Any, resume: bool) -> None:
+    def attach(self, out: Path, record: BuildRecord, writer: Any, resume: bool) -> BuildRecord | None:
         """Make ``writer`` write this rank's part of the build record (and write the build's base
         record). On ``--resume``, first remove what an earlier single-process run of the build left
-        (its counts), so that records are counted once and the status can complete."""
+        (its counts), so that records are counted once and the status can complete. Returns the
+        build's record, doing nothing, if it is complete by now."""
         if resume:
             drop_other_launches(out, record.build_id, record.writers[0], distributed=True)
         record.world_size, record.rank = self.world_size, self.rank
         writer.part = self.part
         try:
-            # Parts of another number of ranks are replaced below: never while one of those ranks runs.
+            # Parts of another number of ranks are replaced below: never while one of those ranks runs
+            # (or only holds its lock: it is seen by the room it keeps for its record, as this rank is).
             refuse_live_ranks(out, record.build_id, record.writers[0], other_world=self.world_size)
         except StoreError:
             writer.release()
             raise
+        # Looked at once more now that this rank is seen: a rank finishing the build either saw this
+        # rank's room and kept the plan, or completed the build before this look (and removes the plan).
+        done = next((b for b in read_builds(out) if b.build_id == record.build_id), None)
+        if done is not None and done.status == "complete":
+            return done
         for p in (out / COUNTS_DIR).glob(f"{record.build_id}.w*-r*.*safetensors"):
             if not p.name.startswith(f"{record.build_id}.w{self.world_size}-"):
                 p.unlink(missing_ok=True)  # an earlier attempt with another world size: replaced by this one
@@ -601,14 +611,19 @@ class Ranks:
     def finish(self, out: Path, record: BuildRecord) -> BuildRecord:
         """The merged record of the build. Under torchrun, rank 0 waits (through the store, without a
         timeout: a rank that dies ends the run under torch elastic) for every rank to finish; the
-        rank that sees the build complete removes its plan."""
+        rank that sees the build complete removes its plan (leaving it to gc while a writer of the
+        build that has written no last record yet, a rank relaunched meanwhile, still runs)."""
         merged = record
         while True:
             merged = next((b for b in read_builds(out) if b.build_id == record.build_id), record)
             if not self.collective or self.rank != 0 or merged.status != "running":
                 break
             time.sleep(0.5)
-        if merged.status == "complete":
+        # Not while a writer of the build that has not written its last record runs (a rank relaunched
+        # with --resume as the others completed): it may be counting into the plan's folder.
+        if merged.status == "complete" and not any(
+            w not in record.writers and writer_is_live(out, w) for w in record_rooms(out, record.build_id)
+        ):
             shutil.rmtree(out / BUILDS_DIR / f"{record.build_id}{PLAN_SUFFIX}", ignore_errors=True)
             shutil.rmtree(out / CLAIMS_DIR / record.build_id, ignore_errors=True)
         return merged if self.collective else record

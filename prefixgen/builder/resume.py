@@ -10,28 +10,43 @@ from pathlib import Path
 
 from prefixgen.errors import StoreError
 from prefixgen.format import BUILDS_DIR, CLAIMS_DIR, COUNTS_DIR, PLAN_SUFFIX, RANK_PARTS_SUFFIX, BuildRecord
-from prefixgen.store.writer import writer_is_live
+from prefixgen.store.writer import record_rooms, writer_is_live
 
 
 def refuse_live_ranks(out: Path, build_id: str, me: str | None, other_world: int | None = None) -> None:
     """Raise if a rank of build ``build_id`` other than ``me`` still runs (its writer is live), of
-    any number of ranks (only of a number other than ``other_world`` when given): a resume or a
-    launch with another world size replaces the parts, counts and plan that rank still uses (its
-    records would be counted twice and the build never complete)."""
+    any number of ranks (only of a number other than ``other_world`` when given; a rank passes it,
+    and is then refused beside a live one-process run of the build too): a resume or a launch with
+    another world size replaces the parts, counts and plan that rank still uses (its records would
+    be counted twice and the build never complete). A writer counts from the moment it holds its
+    lock and keeps the room for its record (``store.writer.record_rooms``), before any part of it
+    exists; the caller keeps its own room before calling, so of two launches that start at once
+    the one that looks second sees the other."""
     parts = out / BUILDS_DIR / f"{build_id}{RANK_PARTS_SUFFIX}"
+    running: dict[str, str | None] = {}  # writer -> its rank part (None: one process)
     for p in sorted(parts.glob("w*-r*.json")):
-        if other_world is not None and p.name.startswith(f"w{other_world}-"):
-            continue
         try:
             part = BuildRecord.from_dict(json.loads(p.read_text()))
         except (OSError, ValueError, TypeError):
             continue  # a damaged part names no writer we could wait for; _attempt reports it
-        live = [w for w in part.writers if w != me and writer_is_live(out, w)]
-        if live:
+        running.update((w, p.stem) for w in part.writers)
+    running.update((w, part) for w, part in record_rooms(out, build_id).items() if part or other_world is not None)
+    for writer, part in sorted(running.items(), key=lambda item: item[1] or ""):
+        if writer == me or (other_world is not None and part is not None and part.startswith(f"w{other_world}-")):
+            continue  # itself, or a rank of its own launch
+        if writer_is_live(out, writer):
             raise StoreError(
-                f"rank {part.rank} of {part.world_size} of build {build_id} is still running (writer {live[0]}): "
+                f"{_who(part)} of build {build_id} is still running (writer {writer}): "
                 "wait for every rank to finish (or stop them), then relaunch with --resume"
             )
+
+
+def _who(part: str | None) -> str:
+    """``w2-r1`` -> "rank 1 of 2"; None -> "a one-process run"."""
+    if part is None:
+        return "a one-process run"
+    world, _, rank = part[1:].partition("-r")
+    return f"rank {rank} of {world}"
 
 
 def drop_other_launches(out: Path, build_id: str, me: str, distributed: bool) -> None:

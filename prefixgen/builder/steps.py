@@ -293,10 +293,12 @@ def finished(store: PrefixStore, record: BuildRecord, cfg: BuildConfig, rerun: b
     return None
 
 
-def open_writer(job: Job, record: BuildRecord) -> StoreWriter:
-    """This run's writer (its lock taken: the run is live from here), named in ``record``."""
+def open_writer(job: Job, record: BuildRecord, part: str | None = None) -> StoreWriter:
+    """This run's writer (its lock taken: the run is live from here), named in ``record``; ``part``:
+    a rank's name (its room is named for it: other launches of the build see the rank from here)."""
     cfg = job.cfg
     writer = StoreWriter(job.out, job.manifest, record.build_id, cfg.shard_bytes, cfg.write_threads, cfg.fsync, device=job.device)
+    writer.part = part
     with released_on_error(writer):  # a disk too full for the room fails the run here, with no record "running"
         writer.keep_record_room()  # before any record of the run (a rank's base record too) exists
     record.writers.append(writer.writer_id)

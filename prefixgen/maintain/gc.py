@@ -39,7 +39,15 @@ from prefixgen.format import BUILDS_DIR, CLAIMS_DIR, INDEX_DIR, LOCKS_DIR, PLAN_
 from prefixgen.store.index import StoreIndex
 from prefixgen.store.reader import read_builds, read_manifest
 from prefixgen.store.states import STATE_SUFFIX, STATES_DIR
-from prefixgen.store.writer import ID_PATTERN, live_writers, lock_role, maintenance_lock, remove_temp_files, writer_is_live
+from prefixgen.store.writer import (
+    ID_PATTERN,
+    live_writers,
+    lock_role,
+    maintenance_lock,
+    record_rooms,
+    remove_temp_files,
+    writer_is_live,
+)
 
 
 @dataclass(slots=True)
@@ -224,8 +232,9 @@ def abandoned_plans(path: Path) -> list[Path]:
     builds = {b.build_id: b for b in read_builds(path)}
     for build_id in sorted(plans.keys() | claims.keys()):
         build = builds.get(build_id)
-        if build is not None and any(writer_is_live(path, w) for w in build.writers):
-            continue  # a live build's
+        writers = (build.writers if build is not None else []) + list(record_rooms(path, build_id))
+        if any(writer_is_live(path, w) for w in writers):
+            continue  # a live build's (a writer that holds its lock but wrote no record yet keeps a room of the build's)
         if _abandoned(build):
             found += [p for p in (plans.get(build_id), claims.get(build_id)) if p is not None]
         elif build_id in plans and build.ranks:  # runs of another number of ranks: superseded

@@ -585,14 +585,15 @@ class StoreWriter:
 
     def keep_record_room(self) -> None:
         """Keep RECORD_RESERVE_BYTES for the record that will say how this writer's run ended:
-        ``builds/<build_id>.json.reserve.<writer>.tmp``, a temporary file of this writer's (gc
+        ``builds/<build_id>.json.reserve.<writer>.tmp`` (a rank's ``builds/<build_id>.<part>.json.reserve.<writer>.tmp``:
+        set :attr:`part` first), a temporary file of this writer's (gc
         removes it if the writer dies) that :meth:`write_build` turns into that record, however
         full the disk is by then (another process may take its last page meanwhile). Call it
         before any record of the run exists: a disk too full for it (OSError, ENOSPC) then fails
         the run with no record left "running". Once per writer."""
         if self._reserved:
             return
-        room = temp_path(self.path / BUILDS_DIR / f"{self.build_id}.json.reserve", self.writer_id)
+        room = temp_path(self.path / BUILDS_DIR / record_room_name(self.build_id, self.part), self.writer_id)
         room.parent.mkdir(exist_ok=True)
         keep_room(room, RECORD_RESERVE_BYTES)
         self._reserve, self._reserved = room, True
@@ -656,6 +657,27 @@ class StoreWriter:
                 self.release()
                 raise StoreError(f"build {self.build_id} is still running (writer {owner} is live): wait for it to finish")
             p.unlink(missing_ok=True)
+
+
+def record_room_name(build_id: str, part: str | None) -> str:
+    """The name (before ``.<writer>.tmp``) of the room a writer of build ``build_id`` keeps for its
+    last record (:meth:`StoreWriter.keep_record_room`): ``<build_id>[.<part>].json.reserve``."""
+    return f"{build_id}.{part + '.' if part else ''}json.reserve"
+
+
+def record_rooms(store: Path, build_id: str) -> dict[str, str | None]:
+    """The writers of build ``build_id`` that keep a room for their last record, each with its rank
+    part (None: one process). A writer keeps it from right after it takes its lock until its last
+    record is written: with its record (a rank's part), this names every writer of the build that
+    may still use the build's files, even one that has not written any record yet."""
+    rooms: dict[str, str | None] = {}
+    for p in (Path(store) / BUILDS_DIR).glob(f"{build_id}.*json.reserve.*{TMP_SUFFIX}"):
+        owner = temp_owner(p.name)
+        end = f"json.reserve.{owner}{TMP_SUFFIX}"
+        if owner is not None and ID_PATTERN.fullmatch(owner) and p.name.endswith(end):
+            middle = p.name[len(build_id) + 1 : -len(end)]  # "" (one process) or "<part>."
+            rooms[owner] = middle[:-1] or None
+    return rooms
 
 
 def _segment_holds(cols: dict[str, np.ndarray], slot: int, key: bytes) -> bool:
