@@ -281,6 +281,7 @@ class PrefixgenWorker:
                 logger.exception("PrefixgenConnector: loading %s failed on the device", member.load.req_id)
                 member.written = member.load.start
             if member.load.state is not None and member.written == member.load.end:
+                assert self._states is not None
                 member.written = write_state(self._states, member.load, self._reports)
             member.state = "done"
             with self._lock:
