@@ -25,7 +25,10 @@ block the index holds.
 
 Faults: ``faultshim.c`` (LD_PRELOAD, compiled here) fails writes and fsyncs under the store with EIO
 or ENOSPC, shortens writes, and delays flock/unlink/rename/link to widen race windows; a schedule
-on a small tmpfs (mounted here when the machine allows it) meets a real full disk.
+on a small tmpfs (mounted here when the machine allows it) meets a real full disk. With ``--cover``
+(CI's slice) the shim also fails one chosen writer's k-th write after its lock, and holds another at
+its n-th store operation after its lock until the harness kills it: the slice meets an injected
+fault and a kill -9 of a live writer mid-job on a loaded machine as on a quiet one.
 
 Run: ``python -m tests.torture.harness --seed 1 --minutes 10 [--code DIR]`` (``--code``: the
 prefixgen checkout the children run, e.g. an older one; the harness itself checks with its own).
@@ -54,7 +57,9 @@ HERE = Path(__file__).resolve().parent
 MODEL = REPO / "models" / "stories260K"
 SMALL_SHARDS = ("20KiB", "64KiB", "1MiB")  # 1, 3 and ~50 blocks of stories260K per shard
 HYBRID_SHARE = 1 / 3  # schedules whose model is a hybrid (recurrent states in states/)
-COVER_MAX_STEPS = 10  # --cover: steps a schedule may take to meet everything (a forced kill may land after its process ended)
+COVER_MAX_STEPS = 10  # --cover: steps a schedule may take to meet everything (a forced target may be refused before its lock)
+HOLD_OPS = 60  # --cover's forced kill: at most this many operations under the store after the lock (else at the release)
+FAIL_OPS = 12  # --cover's forced fault: the k-th write or fsync after the lock, k at most this
 TOLERANCE = 1e-5  # float32 batch equivalence, as tests/test_distributed.py's assert_same_kv
 WORDS = "the cat sat on a mat and ran to the big red dog who saw tim and lily play with a ball in the park".split()
 
@@ -101,6 +106,20 @@ class Report:
 
 
 @dataclass
+class Planned:
+    """A child of a step before it starts: ``--cover`` picks among them whom to kill and fault."""
+
+    name: str
+    cmd: list
+    role: str
+    faults: bool
+    rates: dict
+    kill_after: float | None
+    dataset: str | None = None
+    hold: Path | None = None
+
+
+@dataclass
 class Child:
     name: str
     cmd: list[str]
@@ -110,7 +129,8 @@ class Child:
     role: str  # build | ranks | maint | verify | reader | cleaner | serve
     dataset: str | None = None
     locked_at: float | None = None
-    killed: bool = False
+    hold: Path | None = None  # --cover's forced kill: the shim creates it where it holds the process for its kill
+    killed: bool = False  # a kill -9 ended it (not sent to one that had ended on its own)
     out: str = ""
     err: str = ""
 
@@ -222,7 +242,16 @@ class Torture:
             )
         return env
 
-    def _start(self, name: str, cmd: list, role: str, env: dict, kill_after: float | None, dataset: str | None = None) -> Child:
+    def _start(
+        self,
+        name: str,
+        cmd: list,
+        role: str,
+        env: dict,
+        kill_after: float | None,
+        dataset: str | None = None,
+        hold: Path | None = None,
+    ) -> Child:
         # Output to files, read when the process has ended: a pipe nobody drains would block it.
         n = self.report.processes
         out, err = self.work / "logs" / f"{n}.out", self.work / "logs" / f"{n}.err"
@@ -233,7 +262,7 @@ class Torture:
                 [str(c) for c in cmd], env=env, stdout=fo, stderr=fe, text=True, start_new_session=True, cwd=self.code
             )
         self.report.processes += 1
-        child = Child(name, [str(c) for c in cmd], proc, time.monotonic(), kill_after, role, dataset)
+        child = Child(name, [str(c) for c in cmd], proc, time.monotonic(), kill_after, role, dataset, hold=hold)
         child.files = (out, err)  # type: ignore[attr-defined]
         return child
 
@@ -323,17 +352,10 @@ class Torture:
             )
             self._ran("faults")
         faulty = lambda: rng.random() < 0.6  # noqa: E731  (some processes of a step without faults)
-        children: list[Child] = []
-        force_kill = self.cover and not self.report.kills
+        planned: list[Planned] = []
 
         def kill(p: float) -> float | None:  # seconds after it took its lock, or None
-            nonlocal force_kill
-            if rng.random() < p or force_kill:
-                if force_kill:
-                    self._ran("forced kill")
-                force_kill = False  # --cover: one kill forced until a kill -9 happened
-                return rng.uniform(0.0, 2.5)
-            return None
+            return rng.uniform(0.0, 2.5) if rng.random() < p else None
 
         stop = self.work / f"stop-{self.number}-{name.replace(' ', '')}"
         stop.unlink(missing_ok=True)
@@ -351,6 +373,8 @@ class Torture:
             chosen.insert(0, "ranks")  # a resume of another world size beside ranks that run
         if "cleaners" in chosen and "build" not in chosen:
             chosen.append("build")  # cleaners race the lock of a writer that starts
+        if self.cover and not self.report.kills and "build" not in chosen:
+            chosen.append("build")  # the forced kill's writer (see _force)
         self.log(f"  {name}: {', '.join(chosen)}; delays up to {delay} us, faults {rates}")
         for kind in chosen:
             self._ran(kind)
@@ -376,9 +400,7 @@ class Torture:
                 args = _build_args(self.model, data, store, "--shard-bytes", shard(), *([mode] if mode else []))
                 if rng.random() < 0.3:
                     args.append("--no-fsync")
-                children.append(
-                    self._start("build", self._cli(*args), "build", self._env(faulty(), store, rates), kill(0.4), data_name)
-                )
+                planned.append(Planned("build", self._cli(*args), "build", faulty(), rates, kill(0.4), data_name))
             elif kind in ("ranks", "ranks-other-world"):
                 world = self.world if kind == "ranks" else rng.choice([w for w in (1, 2, 3) if w != self.world])
                 resume = ["--resume"] if (exists and rng.random() < 0.6) or kind == "ranks-other-world" else []
@@ -386,16 +408,8 @@ class Torture:
                 for r in range(world):
                     args = _build_args(self.model, data, store, "--shard-bytes", shard(), *resume)
                     args += ["--rank", r, "--world-size", world]
-                    children.append(
-                        self._start(
-                            f"rank {r}/{world}",
-                            _after(later, self._cli(*args)),
-                            "ranks",
-                            self._env(faulty(), store, rates),
-                            kill(0.3),
-                            data_name,
-                        )
-                    )
+                    cmd = _after(later, self._cli(*args))
+                    planned.append(Planned(f"rank {r}/{world}", cmd, "ranks", faulty(), rates, kill(0.3), data_name))
                 if kind == "ranks":
                     self.world = world
             elif kind == "maint":
@@ -409,34 +423,23 @@ class Torture:
                     if job == "prune":
                         self.pruned = True
                     role = "verify" if job == "verify" else "maint"
-                    children.append(
-                        self._start(
-                            job,
-                            self._cli(*args),
-                            role,
-                            self._env(faulty() and role != "verify", store, rates),
-                            kill(0.3) if role != "verify" else None,
-                        )
-                    )
+                    faults = faulty() and role != "verify"
+                    planned.append(Planned(job, self._cli(*args), role, faults, rates, kill(0.3) if role != "verify" else None))
             elif kind == "cleaners":
                 code = "import sys,time\nfrom prefixgen.maintain.gc import collect_garbage\nfrom prefixgen.errors import PrefixgenError\nend=time.time()+float(sys.argv[2])\nwhile time.time()<end:\n    try: collect_garbage(sys.argv[1])\n    except PrefixgenError as e: print('error:', e, file=sys.stderr); time.sleep(0.2)\n"
                 for i in range(3):
                     cmd = [sys.executable, "-c", code, store, "12"]
-                    children.append(
-                        self._start(
-                            f"cleaner {i}",
-                            cmd,
-                            "cleaner",
-                            self._env(True, store, {"TORTURE_DELAY_US": max(delay, 100_000)}),
-                            None,
-                        )
-                    )
-        children.append(
-            self._start(
-                "reader", [sys.executable, HERE / "reader.py", store, self.prompts, stop], "reader", self._env(False), None
-            )
+                    planned.append(Planned(f"cleaner {i}", cmd, "cleaner", True, {"TORTURE_DELAY_US": max(delay, 100_000)}, None))
+        planned.append(
+            Planned("reader", [sys.executable, HERE / "reader.py", store, self.prompts, stop], "reader", False, {}, None)
         )
         self._ran("reader")
+        if self.cover:
+            self._force(planned, delay)
+        children = [
+            self._start(p.name, p.cmd, p.role, self._env(p.faults, store, p.rates), p.kill_after, p.dataset, p.hold)
+            for p in planned
+        ]
         serve = None
         if exists and rng.random() < 0.15:
             serve = self._serve(store)
@@ -447,14 +450,68 @@ class Torture:
             subprocess.run(["mount", "-o", "remount,size=64m", str(self.tmpfs)], check=False)
         self._check_step(children, name)
 
+    def _force(self, planned: list[Planned], delay: int) -> None:
+        """--cover: make what has not happened yet happen in this step, whatever the machine's speed,
+        at a point the seed draws. A kill -9 (until one ended a process): the shim holds a writer at
+        its n-th operation under the store after it took its lock, or at its lock's release if that
+        comes first, until the harness, seeing the hold, kills it: alive, lock held, mid-job, however
+        fast it runs or slowly the harness polls. An injected fault (until one was): the shim fails
+        another writer's k-th write or fsync after its lock (the same one's, before its hold, when
+        it is the only writer). A target refused before its lock meets neither: the next step forces
+        again."""
+
+        # Those sure to take their lock first: a build that appends (a --resume may find nothing to
+        # do, a new build finds the store another process made, a rank rerun of a complete build is a
+        # no-op: all before their lock), ranks that start at once, maintenance jobs; late ranks last.
+        def rank(p: Planned) -> tuple:
+            late, resumes = p.cmd[0] == "sh", "--resume" in p.cmd
+            return (late, ("build", "ranks", "maint").index(p.role), p.role == "build" and "--append" not in p.cmd, resumes)
+
+        writers = sorted((p for p in planned if p.role in ("build", "ranks", "maint")), key=rank)
+        if not writers:
+            return
+        rng, step = self.rng, self.report.steps
+        victim = None
+        if not self.report.kills:
+            # An --append build (step() adds one if the step has none): it always takes its lock.
+            victim = next((p for p in planned if p.role == "build"), writers[0])
+            if victim.role == "build" and "--append" not in victim.cmd:
+                victim.cmd = [c for c in victim.cmd if c != "--resume"] + ["--append"]
+            self._ran("forced kill")
+            if self.shim is None:  # no shim to hold it: killed as soon as its lock is seen
+                victim.kill_after = 0.0
+            else:
+                victim.kill_after, victim.faults = None, True
+                victim.hold = self.work / "logs" / f"hold-{self.number}-{step}"
+                victim.hold.unlink(missing_ok=True)
+                victim.rates = {
+                    "TORTURE_DELAY_US": delay,
+                    "TORTURE_HOLD": rng.randint(2, HOLD_OPS),
+                    "TORTURE_HOLD_FILE": victim.hold,
+                }
+        if not self._faults_hit() and self.shim is not None:
+            target = next((p for p in writers if p is not victim and p.cmd[0] != "sh"), victim or writers[0])
+            fail_at = rng.randint(1, FAIL_OPS)
+            if target is victim:  # its fault first, its kill after
+                fail_at = min(fail_at, int(victim.rates["TORTURE_HOLD"]) - 1)
+            target.faults, target.rates = True, {**target.rates, "TORTURE_FAIL_AT": fail_at}
+            self._ran("forced fault")
+            self.log(f"  forced: an EIO at {target.name}'s write or fsync {fail_at} after its lock")
+        if victim is not None:
+            self.log(f"  forced: kill -9 of {victim.name} at its operation {victim.rates.get('TORTURE_HOLD')} after its lock")
+
     COVER = ("build", "ranks", "ranks-other-world", "cleaners", "maint", "compact", "prune", "gc", "faults")
 
     def _covered(self) -> bool:
         """Whether every kind of step, maintenance job and injected fault has run, and a kill -9 (and
         a full disk, where a tmpfs could be mounted)."""
-        full = self.report.ran.get("full-disk") or not self._on_tmpfs()
-        ran = all(self.report.ran.get(k) for k in self.COVER)
-        return ran and self.report.kills > 0 and self._faults_hit() > 0 and bool(full)
+        return not self._missing()
+
+    def _missing(self) -> list[str]:
+        """What ``--cover`` has not met yet (see :meth:`_covered`)."""
+        missing = [k for k in self.COVER if not self.report.ran.get(k)]
+        missing += ["kill -9"] * (not self.report.kills) + ["an injected fault"] * (not self._faults_hit())
+        return missing + ["full disk"] * (self._on_tmpfs() and not self.report.ran.get("full-disk"))
 
     def _faults_hit(self) -> int:
         """Faults the shim injected so far (a step drawn with fault rates may happen to inject none)."""
@@ -501,6 +558,7 @@ class Torture:
         if serve is not None:
             serve_thread = threading.Thread(target=self._drive_serve, args=(serve, stop, serve_errors), daemon=True)
             serve_thread.start()
+        scheduled: set[int] = set()  # pids sent their kill -9 on schedule (not for a hang)
         limit = time.monotonic() + 240
         while time.monotonic() < limit:
             now = time.monotonic()
@@ -509,10 +567,14 @@ class Torture:
                     continue
                 if c.locked_at is None and self._holds_lock(c.proc.pid):
                     c.locked_at = now
-                if c.kill_after is not None and c.locked_at is not None and now - c.locked_at >= c.kill_after:
+                due = c.kill_after is not None and c.locked_at is not None and now - c.locked_at >= c.kill_after
+                held = c.hold is not None and c.hold.exists()
+                if (due or held) and not c.killed:  # (a killed one may take a poll or two to end)
+                    if held:
+                        self.log(f"  {step}: kill -9 {c.name}, held at {' '.join(c.hold.read_text().split()[1:])}")
                     os.killpg(c.proc.pid, signal.SIGKILL)
                     c.killed = True
-                    self.report.kills += 1
+                    scheduled.add(c.proc.pid)
                 for target in self._deleted_locks(c.proc.pid):
                     deleted.setdefault((c.proc.pid, target), []).append(now)
             if all(c.proc.poll() is not None for c in workers) and all(
@@ -535,6 +597,11 @@ class Torture:
                 if c.role != "serve":
                     self._violate(step, "hang", f"{c.name} ({' '.join(c.cmd[2:])}) still ran after 240 s")
             c.out, c.err = (p.read_text(errors="replace") for p in c.files)  # type: ignore[attr-defined]
+        for c in children:
+            # A kill sent just after the process ended on its own (its status not read yet) is no
+            # kill -9: it is checked as a process that ended, and --cover forces another.
+            c.killed = c.killed and c.proc.returncode == -signal.SIGKILL
+            self.report.kills += c.killed and c.proc.pid in scheduled
         for (pid, target), seen in deleted.items():
             if len(seen) >= 3 and seen[-1] - seen[0] >= 0.5:
                 self._violate(
@@ -842,7 +909,10 @@ def main() -> None:
     finally:
         torture.close()
     print(report.summary())
-    sys.exit(1 if report.violations else 0)
+    missing = args.cover and torture._missing()
+    if missing:  # over the whole run (a schedule draws first what the run has not met)
+        print(f"  --cover: not met: {', '.join(missing)}")
+    sys.exit(1 if report.violations or missing else 0)
 
 
 if __name__ == "__main__":
