@@ -152,7 +152,7 @@ def run_case(name: str, work: Path, model: Path) -> dict:
             }
             if checks
             else {},
-            "limit": worker.connector_worker._limit,
+            "limit": worker.connector_worker._checks.limit,
             "check_tokens": scheduler.claim_stats.check_tokens,
             "check_seconds": worker.stats.check_seconds,
             "wall_seconds": wall,

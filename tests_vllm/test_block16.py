@@ -148,13 +148,17 @@ def test_live_check_compares_the_claimed_tokens_at_their_slots(setup, monkeypatc
         load(scheduler, worker, ids, 16, block_ids)
         start = STORE_BLOCK  # the first store block boundary after vLLM's hit of 16 tokens
         locations = opened.find_prefix(opened.keys(ids[:-1])).locations
-        read, good = worker.connector_worker._read(locations[1:], worker.connector_worker._staging.acquire())
+        read, good = worker.connector_worker._loader.read(locations[1:], worker.connector_worker._loader.staging.acquire())
         assert good == len(locations) - 1
-        kv = read.rows(worker.connector_worker._dtype)  # as the live check makes them
+        kv = read.rows(worker.connector_worker._loader.dtype)  # as the live check makes them
         k_err, v_err = relative_errors(
-            compare_blocks(worker.connector_worker._layers, 0, kv, start, end, [(block_ids, VLLM_BLOCK)] * 2, NUM_BLOCKS)
+            compare_blocks(worker.connector_worker._loader.layers, 0, kv, start, end, [(block_ids, VLLM_BLOCK)] * 2, NUM_BLOCKS)
         )
-        assert [index for _, index in worker.connector_worker._layers] == [0, 1] and k_err == [0.0, 0.0] and v_err == [0.0, 0.0]
+        assert (
+            [index for _, index in worker.connector_worker._loader.layers] == [0, 1]
+            and k_err == [0.0, 0.0]
+            and v_err == [0.0, 0.0]
+        )
 
         layer, cache = caches[1]
         pos = start + 5  # one token's key in layer 1, written back changed through the layer's own op
@@ -164,7 +168,7 @@ def test_live_check_compares_the_claimed_tokens_at_their_slots(setup, monkeypatc
         value = token.values[0, :, pos : pos + 1].transpose(0, 1).contiguous()
         layer.impl.do_kv_cache_update(layer, key, value, cache, slot)
         k_err, v_err = relative_errors(
-            compare_blocks(worker.connector_worker._layers, 0, kv, start, end, [(block_ids, VLLM_BLOCK)] * 2, NUM_BLOCKS)
+            compare_blocks(worker.connector_worker._loader.layers, 0, kv, start, end, [(block_ids, VLLM_BLOCK)] * 2, NUM_BLOCKS)
         )
         assert k_err[0] == 0.0 and v_err == [0.0, 0.0] and k_err[1] > 0.0
     finally:

@@ -61,7 +61,7 @@ def test_fp8_pieces_hold_the_blocks_their_staged_bytes_fit(fp8_setup, monkeypatc
         stats = worker.stats
         assert stats.pieces == math.ceil(blocks / PIECE_BLOCKS)
         assert stats.max_piece_bytes == PIECE_BLOCKS * block <= staging_bytes
-        pool = worker.connector_worker._staging
+        pool = worker.connector_worker._loader.staging
         assert pool.made == 1 and pool.nbytes == PIECE_BLOCKS * block  # the whole piece, scales and all, in one buffer
         assert stats.converted_bytes == 0  # read into the buffer as stored: dequantized only on the cache's device
         assert stats.device_converted_bytes == end * kv.values_per_token * 4  # the float32 rows made from it

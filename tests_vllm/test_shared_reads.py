@@ -88,10 +88,12 @@ def test_loads_of_one_prefix_in_one_step_read_it_once(setup, monkeypatch):  # no
         # made, whatever the store's order. A head-major one's (format 5, the default) is transposed to vLLM's
         # token-major rows once, after that upload (on CPU the device is the host), for all the loads sharing it.
         head_major = kv.heads_first
-        assert stats.converted_bytes == 0 and worker.connector_worker._staging.made == 1
+        assert stats.converted_bytes == 0 and worker.connector_worker._loader.staging.made == 1
         assert stats.device_converted_bytes == (stats.read_bytes if head_major else 0)
-        staging = worker.connector_worker._staging.acquire()
-        piece, good = worker.connector_worker._read(opened.find_prefix(opened.keys(ids[:-1])).locations[:staging_blocks], staging)
+        staging = worker.connector_worker._loader.staging.acquire()
+        piece, good = worker.connector_worker._loader.read(
+            opened.find_prefix(opened.keys(ids[:-1])).locations[:staging_blocks], staging
+        )
         in_buffer = piece.kv.untyped_storage().data_ptr() == staging.tensor.untyped_storage().data_ptr()
         assert good == staging_blocks and in_buffer
     finally:

@@ -64,13 +64,18 @@ The package, one job a module (vLLM v1's split of a connector into its scheduler
 
 * :mod:`.connector`: ``PrefixgenConnector``, the class vLLM builds: start-up checks, then each call handed to its side;
 * :mod:`.scheduler`: lookups, claims, index refresh, the loads handed to the workers, the live check's verdicts;
-* :mod:`.worker`: load threads, shared reads, deadlines, writes into vLLM's caches, the workers' live checks;
+* :mod:`.worker`: ``PrefixgenWorker``, the worker side vLLM calls: loads handed to load threads, shared reads,
+  deadlines, what finished or failed; :mod:`.loading`: one load (``Loading``), between its thread and the engine's;
+* :mod:`.loader`: the load pipeline: pieces read into staging, rows on the device, writes into vLLM's caches;
+* :mod:`.reads`: a worker's store reads, each fault a cache miss; :mod:`.reports`: what its load threads report;
+* :mod:`.probes`: the workers' half of the live check (vLLM's KV against the store's, the weights watch);
 * :mod:`.staging`: the reused (pinned) read buffers and the copy of a piece to the device;
 * :mod:`.metadata`: what the two sides tell each other each step;
 * :mod:`.metrics`: :class:`LoadStats`, :class:`ClaimStats`, vLLM's stats and the Prometheus counters;
 * :mod:`.refusals`: engine features and requests the connector refuses, the model fingerprint it checks;
 * :mod:`.check`: the live check and the engine identity beyond the fingerprint;
 * :mod:`.groups`: vLLM's KV cache groups, block tables and slots, each layer's cache write;
+* :mod:`.states`: a hybrid model's recurrent states, written once a load's KV is;
 * :mod:`.faults` and :mod:`.threads`: store faults as cache misses, logged once; threads a hung read cannot hold up.
 """
 

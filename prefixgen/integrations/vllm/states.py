@@ -36,7 +36,10 @@ import torch
 
 from prefixgen.cache_spec import RECURRENT
 from prefixgen.format import BlockHash
+from prefixgen.integrations.vllm.faults import STORE_FAULTS, warn_once
 from prefixgen.integrations.vllm.groups import NULL, VllmGroup
+from prefixgen.integrations.vllm.metadata import LoadSpec
+from prefixgen.integrations.vllm.reports import Reports
 from prefixgen.store.index import BlockLocation
 from prefixgen.store.states import read_state, state_path
 
@@ -160,6 +163,24 @@ class StateLoads:
 
     def _block_size(self, group: int) -> int:
         return next(g.block_size for g in self.groups if g.index == group)
+
+
+def write_state(states: StateLoads, load: LoadSpec, reports: Reports) -> int:
+    """A hybrid's load whose KV is written: its recurrent state too (:meth:`StateLoads.write`); the tokens written (its
+    start if the state is missing or damaged: vLLM recomputes the load whole, and the state is reported bad, so that
+    later claims end on another state; its block's KV is fine and stays claimable)."""
+    try:
+        nbytes = states.write(load.state, load.end, load.block_ids)
+    except STORE_FAULTS as exc:
+        warn_once(reports.logged, str(exc), "PrefixgenConnector: %s; vLLM computes the prompt", exc)
+        with reports.lock:
+            reports.stats.failed_states += 1
+            reports.bad.bad_states.add(bytes(load.state))
+        return load.start
+    with reports.lock:
+        reports.stats.states += 1
+        reports.stats.state_bytes += nbytes
+    return load.end
 
 
 def _is_gdn(layer: Any) -> bool:
