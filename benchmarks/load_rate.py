@@ -195,8 +195,12 @@ def connector_steps(conn, store, locations, dtype: torch.dtype, repeats: int) ->
     block_ids = list(range(1, end // conn.block_size + 2))  # free blocks: no request holds any while the engine idles
     spec = LoadSpec("bench", 0, end, 0, list(locations), [block_ids])
     slots = slot_mapping(block_ids, conn.block_size, 0, end)
-    heads = conn._heads
-    buffer = conn._staging.acquire().tensor if hasattr(conn, "_staging") else None  # the connector's kept read buffer
+    # Since the worker was split by job its load steps live on its Loader (worker._loader); before, on the worker.
+    loader = getattr(conn, "_loader", None)
+    heads = loader.heads if loader is not None else conn._heads
+    layers = loader.layers if loader is not None else conn._layers
+    staging = loader.staging if loader is not None else getattr(conn, "_staging", None)
+    buffer = staging.acquire().tensor if staging is not None else None  # the connector's kept read buffer
 
     def read(verify=True, kept=True):
         if not kept:
@@ -207,15 +211,21 @@ def connector_steps(conn, store, locations, dtype: torch.dtype, repeats: int) ->
     per_layer = kv.permute(1, 2, 0, 3, 4).contiguous()  # [L, 2, T, H, D]
 
     def write_copies():
-        for layer, index in conn._layers:
+        for layer, index in layers:
             layer.impl.do_kv_cache_update(layer, per_layer[index, 0], per_layer[index, 1], layer.kv_cache, slots)
 
-    steps = {"load": lambda: conn._load(Loading(spec, math.inf, written=0))}
+    if loader is not None:
+        load = lambda: loader.load(Loading(spec, math.inf, written=0), conn._detach)  # noqa: E731
+        write_views = lambda: loader.write(kv, [(0, slots)])  # noqa: E731
+    else:
+        load = lambda: conn._load(Loading(spec, math.inf, written=0))  # noqa: E731
+        write_views = lambda: conn._write(kv, [(0, slots)])  # noqa: E731
+    steps = {"load": load}
     if buffer is not None:  # not in main's connector before issue 17 (PYTHONPATH=<its tree> times its load)
         steps |= {
             "read_into_buffer": read,
             "read_into_buffer_unverified": lambda: read(False),
-            "write_views": lambda: conn._write(kv, [(0, slots)]),
+            "write_views": write_views,
         }
     steps |= {
         "before_read_new_tensor": lambda: read(True, False),

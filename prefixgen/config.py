@@ -394,7 +394,8 @@ class ConnectorConfig:
     chat_template: str | None = None  # the Jinja file the store was built with, for tokenizers without one
     # Host bytes of stored KV one load stages (reads and uploads) at a time, as stored (fp8: its bytes and
     # scales; head-major: this rank's heads): each load thread keeps one read buffer of this size, whatever
-    # the load's length (plus, on CPU, a converted copy of a piece when vLLM's dtype differs from the store's, or fp8).
+    # the load's length (plus, on CPU, a converted copy of a piece when vLLM's dtype differs from the store's, it is
+    # fp8 or head-major: fp8 converts to 2-4x its bytes; on CUDA that copy is on the device, beside the uploaded piece).
     staging_bytes: int = 64 << 20
     load_threads: int = 2  # requests loaded at the same time, each on its own thread
     # Read buffers (of staging_bytes each) kept for reuse between pieces: pinned on CUDA, so the device copies

@@ -13,11 +13,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prefixgen import PrefixStore
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy stream is used on CUDA only")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA build: pinned buffers, non-blocking copies")
 
 
 @pytest.mark.parametrize("order", ["heads", "tokens"])
 def test_cuda_build_stores_the_kv_the_model_computes(tmp_path, cli, stories, text_dataset, order):
+    """Every record's stored KV equals the model's forward over it alone, on the same device."""
     out = tmp_path / "store"
     # Small batches and 3-block shards: many batches in flight, host buffers reused many times over.
     args = ["--batch-tokens", "128", "--shard-bytes", "64KiB", "--write-threads", "2", "--kv-order", order]
@@ -38,6 +39,7 @@ def test_cuda_build_stores_the_kv_the_model_computes(tmp_path, cli, stories, tex
         with torch.inference_mode():
             alone = model(torch.tensor([ids[:n]], device="cuda"), use_cache=True)
         alone_cache = alone["cache"] if "cache" in alone else alone["past_key_values"]
+        assert len(loaded.layers) == len(alone_cache.layers) == model.config.num_hidden_layers
         for got, want in zip(loaded.layers, alone_cache.layers):
             # fp32 on both sides; batched and alone differ by reassociation only (~1e-6), another batch's KV by ~1.
             assert (got.keys - want.keys).abs().max() < 1e-4

@@ -51,7 +51,7 @@ def test_buffer_too_small_or_strided_is_refused(store_and_ids):
     locations = store.find_prefix(store.keys(ids[0])).locations
     need = len(locations) * store.block_size * store.manifest.kv.bytes_per_token
     for bad in (torch.empty(need - 1, dtype=torch.uint8), torch.empty(need, 2, dtype=torch.uint8)[:, 0]):
-        with pytest.raises(ValueError, match=f"contiguous host tensor of at least {need} bytes"):
+        with pytest.raises(ValueError, match=f"aligned host tensor of at least {need} bytes"):
             store.read_locations(locations, buffer=bad)
 
 
@@ -83,5 +83,7 @@ def test_fp8_read_stages_its_bytes_and_scales_in_the_buffer(tmp_path, stories, k
         assert store.staged_bytes(n, h) == need // kv.num_kv_heads
         part = store.read_stored(locations, heads=h, buffer=torch.empty(need // kv.num_kv_heads, dtype=torch.uint8))
         assert torch.equal(part.rows(torch.float32), store.read_locations(locations, dtype=torch.float32)[:, :, :, 1:2])
-    with pytest.raises(ValueError, match=f"contiguous host tensor of at least {need} bytes"):
+    with pytest.raises(ValueError, match=f"aligned host tensor of at least {need} bytes"):
         store.read_stored(locations, buffer=torch.empty(need - 1, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="4-byte aligned"):  # the scales come first, viewed as float32
+        store.read_stored(locations, buffer=torch.empty(need + 4, dtype=torch.uint8)[1 : need + 1])

@@ -622,11 +622,19 @@ class Ranks:
         # Not while a writer of the build that has not written its last record runs (a rank relaunched
         # with --resume as the others completed): it may be counting into the plan's folder.
         if merged.status == "complete" and not any(
-            w not in record.writers and writer_is_live(out, w) for w in record_rooms(out, record.build_id)
+            w not in record.writers and _maybe_live(out, w) for w in record_rooms(out, record.build_id)
         ):
             shutil.rmtree(out / BUILDS_DIR / f"{record.build_id}{PLAN_SUFFIX}", ignore_errors=True)
             shutil.rmtree(out / CLAIMS_DIR / record.build_id, ignore_errors=True)
         return merged if self.collective else record
+
+
+def _maybe_live(out: Path, writer: str) -> bool:
+    """Whether ``writer`` may still run: live, or its lock cannot be probed (then its files are left to gc)."""
+    try:
+        return writer_is_live(out, writer)
+    except StoreError:
+        return True
 
 
 def _turn_ends(meta: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

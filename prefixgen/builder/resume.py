@@ -30,7 +30,9 @@ def refuse_live_ranks(out: Path, build_id: str, me: str | None, other_world: int
         except (OSError, ValueError, TypeError):
             continue  # a damaged part names no writer we could wait for; _attempt reports it
         running.update((w, p.stem) for w in part.writers)
-    running.update((w, part) for w, part in record_rooms(out, build_id).items() if part or other_world is not None)
+    for w, part in record_rooms(out, build_id).items():
+        if part or other_world is not None:
+            running.setdefault(w, part)  # a writer its part names keeps that name (an older rank's room has no part)
     for writer, part in sorted(running.items(), key=lambda item: item[1] or ""):
         if writer == me or (other_world is not None and part is not None and part.startswith(f"w{other_world}-")):
             continue  # itself, or a rank of its own launch

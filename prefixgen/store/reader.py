@@ -313,11 +313,11 @@ class PrefixStore:
         moved to): on ``device``; only the KV heads in ``heads`` if given (e.g. one tensor-parallel
         rank's), only the layers in ``layers`` if given (e.g. one pipeline stage's).
 
-        ``buffer`` (CPU only): a contiguous host tensor of at least the blocks' stored bytes to read
-        into instead of a new tensor, for a caller that reads piece after piece: a new tensor's pages
+        ``buffer`` (CPU only): a contiguous, 4-byte aligned host tensor of at least :meth:`staged_bytes`
+        (the blocks' stored bytes, and an fp8 store's scales) to read into instead of new tensors, for a caller that reads piece after piece: a new tensor's pages
         are mapped (and zeroed by the kernel) on first touch, which costs more than reading a warm
-        page cache into them. The result's ``kv`` is then a view of ``buffer`` (any order, any dtype),
-        valid until the next read into it: a caller uploads it raw and converts it on the device.
+        page cache into them. The result's ``kv`` (and fp8 ``scale``) is then a view of ``buffer`` (any order,
+        any dtype), valid until the next read into it: a caller uploads it raw and converts it on the device.
 
         A block that fails its CRC (``verify``) raises :class:`CorruptBlockError` saying which.
         A head-major store (format 5) reads only the heads in ``heads`` of each block (one read per
@@ -642,8 +642,8 @@ def _host_result(
     first, 4-byte aligned, then the KV), so that one buffer holds everything a piece stages on the host."""
     if buffer is None:
         return torch.empty(shape, dtype=stored), None if scale_shape is None else torch.empty(scale_shape)
-    if buffer.device.type != "cpu" or not buffer.is_contiguous() or buffer.nbytes < need:
-        raise ValueError(f"read_locations: buffer must be a contiguous host tensor of at least {need} bytes")
+    if buffer.device.type != "cpu" or not buffer.is_contiguous() or buffer.nbytes < need or buffer.data_ptr() % 4:
+        raise ValueError(f"read_locations: buffer must be a contiguous, 4-byte aligned host tensor of at least {need} bytes")
     flat = buffer.view(-1).view(torch.uint8)
     scales = None
     at = 0

@@ -168,6 +168,7 @@ static void hold(const char *what, const char *path) {
         nanosleep(&ts, NULL);
     }
     hold_at = 0; /* not killed in time: go on (the step then ends with no kill, and the next forces one) */
+    holding = 0;
 }
 
 /* One operation under the prefix, once armed: hold, or fail (EIO) a write or fsync, when scripted. */
