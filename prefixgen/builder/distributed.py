@@ -323,11 +323,9 @@ class Ranks:
 
     def attach(self, out: Path, record: BuildRecord, writer: Any, resume: bool) -> BuildRecord | None:
         """Make ``writer`` write this rank's part of the build record (and write the build's base
-        record). On ``--resume``, first remove what an earlier single-process run of the build left
-        (its counts), so that records are counted once and the status can complete. Returns the
-        build's record, doing nothing, if it is complete by now."""
-        if resume:
-            drop_other_launches(out, record.build_id, record.writers[0], distributed=True)
+        record). On ``--resume``, once the build is seen not complete, remove what an earlier single-process
+        run of it left (its counts), so that records are counted once and the status can complete. Returns
+        the build's record, doing nothing, if it is complete by now."""
         record.world_size, record.rank = self.world_size, self.rank
         writer.part = self.part
         try:
@@ -342,6 +340,12 @@ class Ranks:
         done = next((b for b in read_builds(out) if b.build_id == record.build_id), None)
         if done is not None and done.status == "complete":
             return done
+        if resume:  # after that look: a complete build's counts are never dropped
+            try:
+                drop_other_launches(out, record.build_id, record.writers[0], distributed=True)
+            except StoreError:
+                writer.release()
+                raise
         for p in (out / COUNTS_DIR).glob(f"{record.build_id}.w*-r*.*safetensors"):
             if not p.name.startswith(f"{record.build_id}.w{self.world_size}-"):
                 p.unlink(missing_ok=True)  # an earlier attempt with another world size: replaced by this one
