@@ -180,13 +180,13 @@ def _write_units(
     first = units.blocks[:, 0]
     order = np.lexsort((blocks.slot[first], blocks.shard[first]))
     per_batch = max(1, BATCH_BYTES // unit_bytes)
-    stored_unit_bytes = target.unit_tokens * store.manifest.kv.bytes_per_token  # as read (fp8: before dequantizing)
     # fp8: two kept read buffers, used in turn: a batch is read into one while the other's files are written. A
     # new tensor per batch costs its pages' faults and zeroing, about a third of the read.
     # Views of mapped pages need token-major blocks: a head-major store's (format 5) are read and transposed.
     kv_layout = store.manifest.kv
     mapped = MappedShards(store, blocks) if kv_layout.storage == "native" and not kv_layout.heads_first else None
-    buffers = [] if mapped else [torch.empty(min(per_batch, len(units)) * stored_unit_bytes, dtype=torch.uint8) for _ in range(2)]
+    batch_bytes = store.staged_bytes(min(per_batch, len(units)) * units.blocks.shape[1])  # as read: fp8 bytes and scales
+    buffers = [] if mapped else [torch.empty(batch_bytes, dtype=torch.uint8) for _ in range(2)]
     reads = 0
     bar = tqdm(total=len(units) * unit_bytes, unit="B", unit_scale=True, desc="export", disable=not progress)
     with bar, ThreadPoolExecutor(WRITE_THREADS) as pool:
